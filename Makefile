@@ -1,0 +1,41 @@
+# 一条命令装好并跑完课程（make course），一条命令跑测试（make test）。需要 Python 3.11（3.10+ 亦可）。
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup models course course-full test test-fast lint clean
+
+setup: $(STAMP)
+
+# torch 先单独装：CPU 机器上 torch==2.13.0 取 CPU 轮子；GPU 用户请先装好对应 CUDA 版本的 torch 2.13.0
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -r requirements.txt
+	$(BIN)/pip install --no-deps -r requirements-nodeps.txt
+	$(BIN)/pip install --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# 构建极小模型 + 把 smollm2-135m 的 GGUF 转成 safetensors 缓存（离线，约 1 分钟，只做一次）
+models: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m common.models
+
+course: models
+	HF_HUB_OFFLINE=1 $(BIN)/python course.py --smoke
+
+course-full: models
+	HF_HUB_OFFLINE=1 $(BIN)/python course.py
+
+test: models lint
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast: models
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not needs_service"
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,105 @@
+"""命令行：dataclass 参数 + HfArgumentParser，优先级 默认值 < --config YAML < 命令行。"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from common.errors import UserError
+
+T = TypeVar("T")
+
+
+def arg(default: Any, help: str, **kw: Any) -> Any:
+    """一行声明一个参数：默认值 + 帮助文本（HfArgumentParser 在 --help 里显示 metadata）。"""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class CommonArgs:
+    """每个课程脚本都有的参数。"""
+
+    model: str = arg(None, "模型：tiny-qwen2 / tiny-llama / tiny-glm / smollm2-135m / 本地目录 / hub id；"
+                           "不填时默认 smollm2-135m，--smoke 时默认极小模型")
+    source: str = arg("auto", "模型来源：auto（内置名或本地目录）/ hf / modelscope（需联网）")
+    smoke: bool = arg(False, "冒烟模式：极小模型 + 极少步数，约 30 秒跑完（CI 用）")
+    data: str = arg(None, "用自己的数据文件（JSON/JSONL，格式见 data/README.md）代替内置数据")
+    output_dir: str = arg(None, "输出目录；默认 outputs/<lesson>/<NN_topic>/")
+    seed: int = arg(42, "随机种子：同一种子同样结果")
+    report_to: str = arg("none", "实验跟踪：none / tensorboard / mlflow / wandb（wandb 默认离线）")
+    device: str = arg("auto", "auto / cpu / cuda")
+    dtype: str = arg("auto", "auto / float32 / bfloat16 / float16；auto：GPU 用 bf16，支持 bf16 的 CPU 也可用")
+    trust_remote_code: bool = arg(False, "允许执行模型仓库里的代码（只对你信任的模型打开）")
+    config: str = arg(None, "YAML 配置文件；其中的键必须是本脚本的参数名")
+
+    # 脚本可覆盖：--smoke 时默认用哪个极小模型
+    smoke_model = "tiny-qwen2"
+    default_model = "smollm2-135m"
+
+    def resolved_model(self) -> str:
+        """没写 --model 时，按运行模式选默认模型。"""
+        if self.model:
+            return self.model
+        return self.smoke_model if self.smoke else self.default_model
+
+
+def _yaml_defaults(path: str, cls: type) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path}: 文件不存在")
+    try:
+        cfg = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f"{path}:{line + 1}" if line is not None else path
+        raise UserError(f"{where}: YAML 无法解析（{getattr(e, 'problem', e)}）") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: 顶层必须是 键: 值 映射")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - names)
+    if unknown:
+        raise UserError(f"{path}: 未知的键 {unknown}；可用的键：{sorted(names - {'config'})}")
+    return cfg
+
+
+def _excepthook(exc_type, exc, tb):  # noqa: ANN001
+    if issubclass(exc_type, UserError):
+        print(f"错误: {exc}", file=sys.stderr)
+        sys.exit(2)
+    sys.__excepthook__(exc_type, exc, tb)
+
+
+def load_config(cls: type[T], path: str, **overrides: Any) -> T:
+    """把 YAML 配置解析成参数对象（测试用它检查每个 YAML 都合法）。"""
+    cfg = _yaml_defaults(path, cls)
+    cfg.update(overrides)
+    return cls(**cfg)
+
+
+def parse(cls: type[T], argv: list[str] | None = None) -> T:
+    """解析命令行；之后任何 UserError 都变成一行错误 + 退出码 2（不是 traceback）。"""
+    from transformers import HfArgumentParser
+
+    sys.excepthook = _excepthook
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(cls, description=(sys.modules["__main__"].__doc__ or None))
+    parser.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
+    # 先只取 --config，把 YAML 当作默认值，命令行再覆盖它
+    pre, _ = parser.parse_known_args(argv)
+    if getattr(pre, "config", None):
+        try:
+            parser.set_defaults(**_yaml_defaults(pre.config, cls))
+        except UserError as e:
+            print(f"错误: {e}", file=sys.stderr)
+            sys.exit(2)
+    try:
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    except SystemExit as e:  # argparse 已经打印了哪一个参数错了；统一退出码为 2
+        raise SystemExit(2 if e.code else 0) from None
+    return args

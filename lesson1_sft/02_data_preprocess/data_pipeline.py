@@ -1,0 +1,302 @@
+"""SFT 数据预处理流水线：原始文档 → 清洗 → 指令记录 → 对话格式 → train/val JSONL + 数据卡。
+
+微调的上限由数据决定。本脚本把一堆"脏"文档（HTML 样板、全角与零宽字符、重复与近重复段落、
+手机号/邮箱/身份证号、其它语言）变成第 1 课训练脚本可以直接读取的对话数据，每条规则删了多少、
+改了多少都计数，最后写一份数据卡（data_card.md）说明这份数据从哪来、经过了什么。
+
+运行：
+  python lesson1_sft/02_data_preprocess/data_pipeline.py            # CPU，另用 smollm2 分词器统计 token 长度，约 10 秒
+  python lesson1_sft/02_data_preprocess/data_pipeline.py --smoke    # 同一条流水线，不加载分词器，约 3 秒
+  python lesson1_sft/02_data_preprocess/data_pipeline.py --docs my_docs/ --minhash-threshold 0.8 \
+      --model Qwen/Qwen2.5-7B-Instruct --source hf --config configs/lesson1/data_pipeline.yaml
+      # 自己的文档（.txt/.md/.html/.pdf）+ 目标模型的分词器统计 token 长度（流水线本身只用 CPU）
+
+你会看到：每条规则（完全重复、近重复、过短、过长、非中英文）删掉的段落数都 > 0，
+records_out = records_in - 删除总数；手机号/邮箱/身份证号按类型计数并替换成 <PHONE>/<EMAIL>/<ID_CARD>；
+输出目录里有 train.jsonl、val.jsonl（chat messages 格式，common.data.load_sft 可直接读）、
+data_card.md 和 funnel.png（每一步之后还剩多少段落）。
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import statistics
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+
+from common import cli, data, models, run
+from common.errors import UserError
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    docs: str = cli.arg(None, "原始文档文件夹（.txt/.md/.html，装了 pypdf 时还有 .pdf）；默认 data/raw/。"
+                              "--data 指向文件夹时效果相同")
+    min_chars: int = cli.arg(20, "短于此字符数的段落删除（标题、导航残片、'点击这里'之类）")
+    max_chars: int = cli.arg(1500, "长于此字符数的段落删除（整页粘贴、日志、表格转储；也超出小模型的上下文）")
+    minhash_threshold: float = cli.arg(0.7, "近重复阈值：两段 5-gram 集合的 Jaccard 相似度 ≥ 它就算近重复")
+    num_perm: int = cli.arg(128, "MinHash 的哈希函数个数：越多估计越准，越慢")
+    shingle_size: int = cli.arg(5, "字符 n-gram 的 n（中文没有空格，所以按字符切而不是按词）")
+    keep_langs: str = cli.arg("zh,en", "保留的语言（langdetect 代码，zh 包括 zh-cn/zh-tw），逗号分隔")
+    val_fraction: float = cli.arg(0.1, "验证集比例")
+
+
+# ---- 清洗规则：这些正则就是本课的内容 ----
+ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")   # 零宽空格/连接符、BOM、软连字符：肉眼看不见
+CJK = "\u4e00-\u9fff"
+# NFKC 会把中文全角标点"，：；！？"也变成半角；紧跟在汉字后面的，还原成全角，中文读起来才自然
+CJK_PUNCT = {",": "，", ":": "：", ";": "；", "!": "！", "?": "？"}
+PII = {
+    # 18 位身份证：6 位地区码 + 出生日期 YYYYMMDD + 3 位顺序码 + 校验位（0-9 或 X）
+    "id_card": re.compile(r"(?<![0-9A-Za-z])[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"
+                          r"\d{3}[\dXx](?![0-9A-Za-z])"),
+    # 大陆手机号：1[3-9] 开头 11 位；可带 +86 / 0086 / (+86) 前缀，可写成 138-1234-5678 或 138 1234 5678
+    "phone": re.compile(r"(?<![\d+])(?:(?:\+|00)?86[-\s]?|\(\+?86\)\s?)?1[3-9]\d(?:[-\s]?\d{4}){2}(?!\d)"),
+    "email": re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
+}
+MASK = {"id_card": "<ID_CARD>", "phone": "<PHONE>", "email": "<EMAIL>"}
+QA = re.compile(r"^(?:Q|问|问题)\s*[:：]\s*(?P<q>.+?)\s*(?:A|答|回答)\s*[:：]\s*(?P<a>.+)$", re.S)
+SENT_END = re.compile(r"(?<=[。！？])|(?<=[.!?])\s+")
+
+
+def id_checksum_ok(s: str) -> bool:
+    """GB 11643 校验：前 17 位加权求和 mod 11 决定第 18 位。随机的 18 位订单号 10 个里约 9 个过不了。"""
+    weights = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+    return "10X98765432"[sum(int(c) * w for c, w in zip(s[:17], weights)) % 11] == s[17].upper()
+
+
+def normalize(text: str) -> str:
+    """NFKC（全角字母数字→半角，\\u3000/nbsp→空格）+ 去零宽字符 + 合并空白 + 汉字之间不留空格。"""
+    t = ZERO_WIDTH.sub("", unicodedata.normalize("NFKC", text))
+    t = re.sub(r"\s+", " ", t).strip()
+    t = re.sub(rf"(?<=[{CJK}]) (?=[{CJK}])", "", t)          # 硬换行拼回来的中文行，中间不该有空格
+    return re.sub(rf"(?<=[{CJK}])[,:;!?]", lambda m: CJK_PUNCT[m.group()], t)
+
+
+def split_paragraphs(doc: data.Document) -> list[str]:
+    """txt/md 按空行分段；html 的可见文本已按块级元素分行，每行一段。"""
+    sep = r"\n" if doc.path.suffix.lower() in (".html", ".htm") else r"\n\s*\n"
+    return [p for p in re.split(sep, doc.text) if p.strip()]
+
+
+def lang_of(text: str) -> str:
+    """langdetect（固定种子，同一段文字每次同一结果）；zh-cn/zh-tw 合并为 zh。"""
+    from langdetect import DetectorFactory, LangDetectException, detect
+
+    DetectorFactory.seed = 0          # langdetect 内部有随机采样：不固定种子，短文本的结果会逐次变化
+    try:
+        code = detect(text)
+    except LangDetectException:       # 全是数字/符号，没有可判断的字符
+        return "unknown"
+    return "zh" if code.startswith("zh") else code
+
+
+def mask_pii(text: str, counts: Counter) -> str:
+    """按类型替换个人信息；身份证号先过校验位，过不了的多半是订单号，不动它但计数。"""
+    def id_repl(m: re.Match) -> str:
+        if id_checksum_ok(m.group()):
+            counts["id_card"] += 1
+            return MASK["id_card"]
+        counts["id_card_bad_checksum_kept"] += 1
+        return m.group()
+
+    text = PII["id_card"].sub(id_repl, text)     # 先身份证：它的 18 位数字里可能嵌着像手机号的片段
+    for kind in ("phone", "email"):
+        text, n = PII[kind].subn(MASK[kind], text)
+        counts[kind] += n
+    return text
+
+
+def to_record(para: str, lang: str, source: str) -> dict:
+    """确定性地把一段话变成一条指令记录：有 Q/A（问/答）结构就是问答，否则"一句话概括"，
+    用首句当答案（新闻摘要里的 Lead-1 基线：首句往往就是主题句），不需要任何模型。"""
+    m = QA.match(para)
+    if m:
+        user, answer, task = m.group("q"), m.group("a"), "qa"
+    else:
+        first = SENT_END.split(para, maxsplit=1)[0].strip()
+        ask = "请用一句话概括下面这段话的要点。" if lang == "zh" else "Summarize the following paragraph in one sentence."
+        user, answer, task = f"{ask}\n\n{para}", first, "summary"
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+            "meta": {"source": source, "task": task, "lang": lang}}
+
+
+def stats(values: list[int]) -> dict:
+    """最小 / 中位 / 均值 / p95 / 最大。"""
+    v = sorted(values)
+    return {"min": v[0], "p50": v[len(v) // 2], "mean": round(statistics.mean(v), 1),
+            "p95": v[min(len(v) - 1, int(len(v) * 0.95))], "max": v[-1]}
+
+
+def main(args: Args) -> dict:
+    out = run.start(__file__, args)
+    folder = args.docs or args.data or data.DATA_DIR / "raw"
+    keep_langs = {x.strip() for x in args.keep_langs.split(",") if x.strip()}
+    if not 0 < args.minhash_threshold <= 1:
+        raise UserError(f"--minhash-threshold {args.minhash_threshold}: 应在 (0, 1] 之间")
+
+    # 1. 读文档并分段：一段 = 一条候选记录（records_in）
+    docs = data.load_documents(folder)          # 坏文件（非 UTF-8、读不了的 PDF）在这里报错退出，不悄悄跳过
+    paras = [(d.id, p) for d in docs for p in split_paragraphs(d)]
+    out.log.info(f"{len(docs)} 个文档（{dict(Counter(d.path.suffix.lower() for d in docs))}）→ {len(paras)} 个段落")
+    removed: dict[str, int] = {}
+    funnel = [("读入", len(paras))]
+
+    # 2. Unicode 归一化：必须在去重之前，否则全角版、带零宽字符的副本看起来"不一样"，去重就漏掉它们
+    norm_stats = Counter()
+    items = []
+    for src, p in paras:
+        t = normalize(p)
+        norm_stats["zero_width_chars"] += len(ZERO_WIDTH.findall(p))
+        norm_stats["changed_paragraphs"] += t != re.sub(r"\s+", " ", p).strip()
+        items.append((src, t))
+
+    # 3. 完全重复：对归一化文本取哈希，O(n) 一遍扫完，不用两两比较
+    seen, kept = set(), []
+    for src, t in items:
+        h = hashlib.md5(t.encode("utf-8")).hexdigest()
+        if h not in seen:
+            seen.add(h)
+            kept.append((src, t))
+    removed["exact_duplicate"], items = len(items) - len(kept), kept
+    funnel.append(("完全去重", len(items)))
+
+    # 4. 近重复：MinHash 估计 Jaccard 相似度，LSH 分桶只比较可能相似的候选，n 很大时也不用 O(n²)
+    from datasketch import MinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=args.minhash_threshold, num_perm=args.num_perm)
+    sigs, kept = {}, []
+    for i, (src, t) in enumerate(items):
+        s = t.lower().replace(" ", "")
+        mh = MinHash(num_perm=args.num_perm, seed=args.seed)
+        mh.update_batch(s[j:j + args.shingle_size].encode("utf-8")
+                        for j in range(max(1, len(s) - args.shingle_size + 1)))
+        # LSH 只给"可能相似"的候选；再用签名估计的 Jaccard 复核一遍，减少误删
+        if any(mh.jaccard(sigs[k]) >= args.minhash_threshold for k in lsh.query(mh)):
+            continue
+        lsh.insert(i, mh)
+        sigs[i] = mh
+        kept.append((src, t))
+    removed["near_duplicate"], items = len(items) - len(kept), kept
+    funnel.append(("近重复去重", len(items)))
+
+    # 5. 长度过滤：太短的没有可学的内容，太长的多是转储或会被截断
+    removed["too_short"] = sum(len(t) < args.min_chars for _, t in items)
+    removed["too_long"] = sum(len(t) > args.max_chars for _, t in items)
+    items = [(src, t) for src, t in items if args.min_chars <= len(t) <= args.max_chars]
+    funnel.append(("长度过滤", len(items)))
+
+    # 6. 语言过滤：只留 zh/en；被删掉的语言也记下来，写进数据卡
+    langs = [lang_of(t) for _, t in items]
+    other = Counter(lg for lg in langs if lg not in keep_langs)
+    removed["language"] = sum(other.values())
+    items = [(src, t, lg) for (src, t), lg in zip(items, langs) if lg in keep_langs]
+    funnel.append(("语言过滤", len(items)))
+
+    # 7. 个人信息脱敏：不删段落，只把号码换成占位符（模型学到"这里有个电话"，而不是某个人的电话）
+    pii = Counter()
+    items = [(src, mask_pii(t, pii), lg) for src, t, lg in items]
+    funnel.append(("脱敏", len(items)))
+    if not items:
+        raise UserError(f"{folder}: 清洗后一个段落也没剩下；检查 --min-chars/--max-chars/--keep-langs")
+
+    # 8. 段落 → 指令记录 → chat messages，切 train/val 写 JSONL
+    records = [to_record(t, lg, src) for src, t, lg in items]
+    train, val = data.split(records, args.val_fraction, args.seed)
+    for name, part in (("train.jsonl", train), ("val.jsonl", val)):
+        out.path(name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
+    # 自检：用训练脚本同一个读取函数读回来，格式不对就在这里失败，而不是等到训练时
+    n_loaded = len(data.load_sft(out.path("train.jsonl"))) + len(data.load_sft(out.path("val.jsonl")))
+    assert n_loaded == len(records)
+
+    # 9. 统计：字符长度；默认模式再用目标模型的分词器数 token（决定训练时的 max_length）
+    lengths = {"input_chars": stats([len(t) for _, t, _ in items]),
+               "output_chars": stats([len(r["messages"][-1]["content"]) for r in records])}
+    if not args.smoke or args.model:
+        tok = models.load_tokenizer(args.resolved_model(), args.source, args.trust_remote_code)
+        n_tok = [len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
+                 for r in records]
+        lengths["chat_tokens"] = stats(n_tok)
+
+    metrics = {
+        "records_in": len(paras), "records_out": len(records), "removed_by_rule": removed,
+        "pii_masked": {k: pii[k] for k in MASK}, "pii_masked_total": sum(pii[k] for k in MASK),
+        "id_bad_checksum_kept": pii["id_card_bad_checksum_kept"], "normalized": dict(norm_stats),
+        "documents": len(docs), "train_records": len(train), "val_records": len(val),
+        "languages": dict(Counter(lg for _, _, lg in items)), "removed_languages": dict(other),
+        "tasks": dict(Counter(r["meta"]["task"] for r in records)), "lengths": lengths,
+    }
+    write_card(out, metrics, funnel, records, folder)
+    fig, save = out.plot("funnel.png")
+    ax = fig.add_subplot(111)
+    ax.bar([n for n, _ in funnel], [c for _, c in funnel], color="#4c72b0")
+    for x, (_, c) in enumerate(funnel):
+        ax.text(x, c, str(c), ha="center", va="bottom")
+    ax.set_ylabel("剩余段落数")
+    ax.set_title("清洗漏斗：每一步之后还剩多少段落")
+    save()
+    return out.finish(metrics, summary=f"{len(paras)} 段 → {len(records)} 条记录（train {len(train)} / val "
+                                       f"{len(val)}），删除 {removed}，脱敏 {metrics['pii_masked']}")
+
+
+def write_card(out: run.Run, m: dict, funnel: list, records: list[dict], folder) -> None:
+    """数据卡：数据从哪来、每条规则删了多少、语言与长度分布、两条样例。"""
+    rows = "\n".join(f"| {k} | {v} |" for k, v in m["removed_by_rule"].items())
+    steps = "\n".join(f"| {n} | {c} |" for n, c in funnel)
+    pii = "\n".join(f"| {k} | {v} |" for k, v in m["pii_masked"].items())
+    length = "\n".join(f"| {k} | " + " | ".join(str(v[s]) for s in ("min", "p50", "mean", "p95", "max")) + " |"
+                       for k, v in m["lengths"].items())
+    examples = "\n\n".join("```json\n" + json.dumps(r, ensure_ascii=False, indent=1)[:800] + "\n```"
+                           for r in records[:2])
+    out.path("data_card.md").write_text(f"""# 数据卡：{folder}
+
+由 `lesson1_sft/02_data_preprocess/data_pipeline.py` 生成（{m['documents']} 个文档）。
+格式：chat `messages`（user → assistant），`meta` 记录来源文档、任务类型与语言。
+
+## 记录数
+
+读入 {m['records_in']} 段 → 输出 {m['records_out']} 条（train {m['train_records']} / val {m['val_records']}）；
+任务：{m['tasks']}。
+
+| 步骤 | 剩余 |
+|---|---|
+{steps}
+
+| 删除规则 | 删除段落数 |
+|---|---|
+{rows}
+
+归一化：{m['normalized']}
+
+## 个人信息脱敏（替换为占位符，不删段落）
+
+| 类型 | 替换次数 |
+|---|---|
+{pii}
+
+校验位不对、保留未动的 18 位数字：{m['id_bad_checksum_kept']}
+
+## 语言
+
+保留：{m['languages']}；删除（langdetect 判定）：{m['removed_languages']}
+
+## 长度
+
+| 字段 | min | p50 | mean | p95 | max |
+|---|---|---|---|---|---|
+{length}
+
+## 样例
+
+{examples}
+
+## 局限
+
+指令由规则生成：问答段落直接取问与答；其它段落的"概括"答案是首句（Lead-1 基线），不是人写的摘要。
+""", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))

@@ -1,0 +1,52 @@
+"""测试公共设施：强制 CPU + 离线，会话级构建极小模型一次，子进程运行脚本的帮手。"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# 与 CI 一致：不联网、不用 GPU、不上报
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, Path]:
+    """三个极小模型（首次构建约 30 秒，之后读缓存）。"""
+    from common import models, tiny
+
+    return {name: models.resolve(name) for name in tiny.TINY_NAMES}
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """以子进程运行一个课程脚本（像学生那样），返回 CompletedProcess。"""
+
+    def _run(rel: str, *args: str, timeout: int = 600, check: bool = False) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, str(REPO / rel), *args], capture_output=True, text=True,
+                              timeout=timeout, cwd=str(REPO / "tests"))   # 故意不在仓库根目录运行
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{rel} 退出码 {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+    return _run
+
+
+def load_script(rel: str):
+    """按路径导入一个课程脚本模块（文件夹名以数字开头，不能直接 import）。"""
+    import importlib.util
+
+    path = REPO / rel
+    spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
