@@ -29,13 +29,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLM_COURSE_CACHE", Path.home() / ".cache" / "llm-course"))
 
 
-def _locked_build(target: Path, build) -> Path:
+def _locked_build(target: Path, build, marker: str = "config.json") -> Path:
     """多进程同时首次使用时只构建一次：文件锁 + 先写临时目录再原子改名。"""
     from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if (target / "config.json").exists():
+        if (target / marker).exists():
             return target
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -48,10 +48,13 @@ def tiny_path(name: str) -> Path:
     """极小模型的本地目录（没有就现在构建）。"""
     from common import tiny
 
-    target = cache_dir() / "tiny" / f"{name}-{tiny.corpus_hash()}"
+    h = tiny.corpus_hash()
+    target = cache_dir() / "tiny" / f"{name}-{h}"
     if (target / "config.json").exists():
         return target
-    return _locked_build(target, lambda tmp: tiny.build(name, tmp, log=get_logger().info))
+    # 三个模型共用一个分词器：先（加锁）训练一次，再构建模型
+    tok_dir = _locked_build(cache_dir() / "tiny" / f"tokenizer-{h}", tiny.build_tokenizer, marker="tokenizer.json")
+    return _locked_build(target, lambda tmp: tiny.build(name, tmp, log=get_logger().info, tok_dir=tok_dir))
 
 
 def smollm_gguf() -> Path:

@@ -18,8 +18,8 @@ from common import data as cdata
 TINY_NAMES = ("tiny-qwen2", "tiny-llama", "tiny-glm")
 VOCAB_SIZE = 3072          # 字节级 BPE：256 个字节打底，中文常用字/词靠合并得到
 SEQ_LEN = 128
-PRETRAIN_STEPS = 240       # 约 10 秒/模型（2 核 CPU）；足够学会模板和常见词
-BATCH = 16
+PRETRAIN_STEPS = 200       # 2 核 CPU 上约 10 秒/模型；足够学会对话模板和常见词
+BATCH = 8
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # ChatML 模板；{% generation %} 标出助手回复，apply_chat_template(return_assistant_tokens_mask=True)
@@ -101,8 +101,14 @@ def corpus_hash() -> str:
     return h.hexdigest()[:12]
 
 
-def build(name: str, out_dir: Path, seed: int = 0, log=print) -> Path:
-    """构建一个极小模型（分词器 + 配置 + 预训练）并保存到 out_dir。"""
+def build_tokenizer(out_dir: Path) -> Path:
+    """在项目语料上训练字节级 BPE 分词器并保存（三个极小模型共用）。"""
+    _train_tokenizer(corpus_texts()).save_pretrained(out_dir)
+    return out_dir
+
+
+def build(name: str, out_dir: Path, seed: int = 0, log=print, tok_dir: Path | None = None) -> Path:
+    """构建一个极小模型（配置 + 预训练）并保存到 out_dir；tok_dir 为已训练好的分词器（不给则现训）。"""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -111,13 +117,12 @@ def build(name: str, out_dir: Path, seed: int = 0, log=print) -> Path:
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     texts = corpus_texts()
-    tok_dir = out_dir.parent / f"tokenizer-{out_dir.name.split('-')[-1]}"
-    if (tok_dir / "tokenizer.json").exists():     # 三个模型共用同一个分词器：只训练一次
+    if tok_dir is not None:
         from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(tok_dir)
     else:
         tok = _train_tokenizer(texts)
-        tok.save_pretrained(tok_dir)
     ids = {s: tok.convert_tokens_to_ids(s) for s in SPECIAL}
     config = _arch_config(name, len(tok), ids)
     model = AutoModelForCausalLM.from_config(config)

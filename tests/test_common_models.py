@@ -26,7 +26,8 @@ def test_tiny_build_is_deterministic(tiny_models, tmp_path):
     """同一种子、同一语料 => 完全相同的权重（重新构建一次与缓存比较）。"""
     from transformers import AutoModelForCausalLM
 
-    fresh = tiny.build("tiny-llama", tmp_path / "tiny-llama-x", seed=0, log=lambda *_: None)
+    tok_dir = tiny.build_tokenizer(tmp_path / "tok")
+    fresh = tiny.build("tiny-llama", tmp_path / "tiny-llama-x", seed=0, log=lambda *_: None, tok_dir=tok_dir)
     a = AutoModelForCausalLM.from_pretrained(fresh).state_dict()
     b = AutoModelForCausalLM.from_pretrained(tiny_models["tiny-llama"]).state_dict()
     assert a.keys() == b.keys()
