@@ -99,7 +99,11 @@ def parse(cls: type[T], argv: list[str] | None = None) -> T:
             print(f"错误: {e}", file=sys.stderr)
             sys.exit(2)
     try:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+        args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True,
+                                                        look_for_args_file=False)
     except SystemExit as e:  # argparse 已经打印了哪一个参数错了；统一退出码为 2
         raise SystemExit(2 if e.code else 0) from None
+    if rest:
+        print(f"错误: 未知参数 {' '.join(rest)}（用 --help 查看可用参数）", file=sys.stderr)
+        sys.exit(2)
     return args
