@@ -16,7 +16,6 @@ records_out = records_in - 删除总数；手机号/邮箱/身份证号按类型
 输出目录里有 train.jsonl、val.jsonl（chat messages 格式，common.data.load_sft 可直接读）、
 data_card.md 和 funnel.png（每一步之后还剩多少段落）。
 """
-from __future__ import annotations
 
 import hashlib
 import json
@@ -35,44 +34,55 @@ class Args(cli.CommonArgs):
     docs: str = cli.arg(None, "原始文档文件夹（.txt/.md/.html，装了 pypdf 时还有 .pdf）；默认 data/raw/。"
                               "--data 指向文件夹时效果相同")
     min_chars: int = cli.arg(20, "短于此字符数的段落删除（标题、导航残片、'点击这里'之类）")
-    max_chars: int = cli.arg(1500, "长于此字符数的段落删除（整页粘贴、日志、表格转储；也超出小模型的上下文）")
-    minhash_threshold: float = cli.arg(0.7, "近重复阈值：两段 5-gram 集合的 Jaccard 相似度 ≥ 它就算近重复")
-    num_perm: int = cli.arg(128, "MinHash 的哈希函数个数：越多估计越准，越慢")
-    shingle_size: int = cli.arg(5, "字符 n-gram 的 n（中文没有空格，所以按字符切而不是按词）")
+    max_chars: int = cli.arg(1000, "长于此字符数的段落删除（整页粘贴、不换行的流水账；也超出小模型的上下文）")
+    minhash_threshold: float = cli.arg(0.5, "近重复阈值：两段字符 n-gram 集合的 Jaccard 相似度 ≥ 它就算近重复")
+    shingle_size: int = cli.arg(3, "字符 n-gram 的 n：中文没有空格，按字符切；n 越大，改一个字损失的 n-gram 越多")
+    num_perm: int = cli.arg(128, "MinHash 的哈希函数个数：越多 Jaccard 估计越准（误差约 1/sqrt(num_perm)），越慢")
     keep_langs: str = cli.arg("zh,en", "保留的语言（langdetect 代码，zh 包括 zh-cn/zh-tw），逗号分隔")
     val_fraction: float = cli.arg(0.1, "验证集比例")
 
 
 # ---- 清洗规则：这些正则就是本课的内容 ----
-ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")   # 零宽空格/连接符、BOM、软连字符：肉眼看不见
-CJK = "\u4e00-\u9fff"
-# NFKC 会把中文全角标点"，：；！？"也变成半角；紧跟在汉字后面的，还原成全角，中文读起来才自然
+ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")   # 零宽空格/连接符、BOM、软连字符：看不见但会打断匹配
+HAN = "\u4e00-\u9fff"
+# NFKC 会把中文全角标点"，：；！？"也变成半角；挨着汉字的，还原成全角，中文读起来才自然
 CJK_PUNCT = {",": "，", ":": "：", ";": "；", "!": "！", "?": "？"}
 PII = {
-    # 18 位身份证：6 位地区码 + 出生日期 YYYYMMDD + 3 位顺序码 + 校验位（0-9 或 X）
+    # 18 位身份证：6 位地区码 + 出生日期 YYYYMMDD + 3 位顺序码 + 校验位（0-9 或 X）；前后不能紧挨字母数字
     "id_card": re.compile(r"(?<![0-9A-Za-z])[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"
                           r"\d{3}[\dXx](?![0-9A-Za-z])"),
-    # 大陆手机号：1[3-9] 开头 11 位；可带 +86 / 0086 / (+86) 前缀，可写成 138-1234-5678 或 138 1234 5678
+    # 大陆手机号：1[3-9] 开头共 11 位；可带 +86 / 0086 / 86 / (+86) 前缀，可写成 138-1234-5678 或 138 1234 5678
     "phone": re.compile(r"(?<![\d+])(?:(?:\+|00)?86[-\s]?|\(\+?86\)\s?)?1[3-9]\d(?:[-\s]?\d{4}){2}(?!\d)"),
     "email": re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
 }
 MASK = {"id_card": "<ID_CARD>", "phone": "<PHONE>", "email": "<EMAIL>"}
-QA = re.compile(r"^(?:Q|问|问题)\s*[:：]\s*(?P<q>.+?)\s*(?:A|答|回答)\s*[:：]\s*(?P<a>.+)$", re.S)
-SENT_END = re.compile(r"(?<=[。！？])|(?<=[.!?])\s+")
+# 问答结构：Q:/A:、问：/答：，以及客服聊天记录里的"[10:02:11] 用户(尾号5678)：……客服小云：……"
+_TS = r"(?:\[\d{1,2}:\d{2}(?::\d{2})?\]\s*)?"
+_ASK = r"(?:Q|问|问题|用户(?:\([^)]{0,12}\))?)"
+_ANS = rf"(?:A|答|回答|客服[{HAN}]{{0,3}})"
+QA = re.compile(rf"(?<![A-Za-z0-9]){_TS}{_ASK}\s*[:：]\s*(?P<q>.+?)\s*{_TS}(?<![A-Za-z0-9]){_ANS}\s*[:：]\s*(?P<a>.+?)"
+                rf"\s*(?=(?<![A-Za-z0-9]){_TS}(?:{_ASK}|{_ANS}|系统)\s*[:：]|$)", re.S)
+SENT_END = re.compile(r"(?<=[。！？])|(?<=[.!?])\s+(?=[A-Z\"“])")   # 英文句号后接大写才断句："1. 家用" 不断
+# 样板段落（C4 清洗规则的思路）：一个句末标点都没有的（导航、分页、标题、邮件头），或含典型样板词的
+HAS_SENTENCE = re.compile(r"[。！？!?]|\.(?:\s|$)")
+BOILERPLATE = re.compile(r"cookie|javascript|点击这里|click here|read more|【广告】|all rights reserved|版权所有", re.I)
 
 
 def id_checksum_ok(s: str) -> bool:
-    """GB 11643 校验：前 17 位加权求和 mod 11 决定第 18 位。随机的 18 位订单号 10 个里约 9 个过不了。"""
+    """GB 11643 校验：前 17 位加权求和 mod 11 决定第 18 位。"""
     weights = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
     return "10X98765432"[sum(int(c) * w for c, w in zip(s[:17], weights)) % 11] == s[17].upper()
 
 
 def normalize(text: str) -> str:
-    """NFKC（全角字母数字→半角，\\u3000/nbsp→空格）+ 去零宽字符 + 合并空白 + 汉字之间不留空格。"""
+    """NFKC（全角字母数字→半角，\\u3000/nbsp→空格）+ 去零宽字符 + 合并空白 + 去 Markdown 链接语法。"""
     t = ZERO_WIDTH.sub("", unicodedata.normalize("NFKC", text))
+    t = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", t)                # [文字](链接) → 文字
+    t = re.sub(r"(?m)^\s*>\s?", "", t)                                # 邮件/Markdown 引用符号 >
     t = re.sub(r"\s+", " ", t).strip()
-    t = re.sub(rf"(?<=[{CJK}]) (?=[{CJK}])", "", t)          # 硬换行拼回来的中文行，中间不该有空格
-    return re.sub(rf"(?<=[{CJK}])[,:;!?]", lambda m: CJK_PUNCT[m.group()], t)
+    t = re.sub(rf"(?<=[{HAN}])[,:;!?]+|[,:;!?]+(?=[{HAN}])", lambda m: "".join(CJK_PUNCT[c] for c in m.group()), t)
+    wide = f"{HAN}\u3000-\u303f\uff01-\uff5e"                        # 汉字 + 中文标点
+    return re.sub(rf"(?<=[{wide}]) (?=[{wide}])", "", t)             # 硬换行拼回来的中文行，中间不该有空格
 
 
 def split_paragraphs(doc: data.Document) -> list[str]:
@@ -82,25 +92,28 @@ def split_paragraphs(doc: data.Document) -> list[str]:
 
 
 def lang_of(text: str) -> str:
-    """langdetect（固定种子，同一段文字每次同一结果）；zh-cn/zh-tw 合并为 zh。"""
+    """langdetect（固定种子）+ 文字系统复核；zh-cn/zh-tw 合并为 zh。"""
     from langdetect import DetectorFactory, LangDetectException, detect
 
-    DetectorFactory.seed = 0          # langdetect 内部有随机采样：不固定种子，短文本的结果会逐次变化
+    DetectorFactory.seed = 0          # langdetect 内部有随机采样：不固定种子，同一段话每次结果可能不同
     try:
         code = detect(text)
     except LangDetectException:       # 全是数字/符号，没有可判断的字符
         return "unknown"
+    # langdetect 按字符 n-gram 打分，中英混排的短句会被判成 ko/vi（实测"L5 使用 8 节 AA 碱性电池……"→ ko）。
+    # 有汉字、却没有假名和谚文的文本只可能是中文：用文字系统纠正
+    if re.search(f"[{HAN}]", text) and not re.search("[\u3040-\u30ff\uac00-\ud7af]", text):
+        return "zh"
     return "zh" if code.startswith("zh") else code
 
 
 def mask_pii(text: str, counts: Counter) -> str:
-    """按类型替换个人信息；身份证号先过校验位，过不了的多半是订单号，不动它但计数。"""
+    """按类型把个人信息替换成占位符并计数；身份证号另记校验位是否正确。"""
     def id_repl(m: re.Match) -> str:
-        if id_checksum_ok(m.group()):
-            counts["id_card"] += 1
-            return MASK["id_card"]
-        counts["id_card_bad_checksum_kept"] += 1
-        return m.group()
+        counts["id_card"] += 1
+        # 校验位不对的也照样遮盖：可能只是抄错一位，漏遮一个真号码的代价远大于多遮一个订单号
+        counts["id_card_checksum_ok"] += id_checksum_ok(m.group())
+        return MASK["id_card"]
 
     text = PII["id_card"].sub(id_repl, text)     # 先身份证：它的 18 位数字里可能嵌着像手机号的片段
     for kind in ("phone", "email"):
@@ -109,18 +122,29 @@ def mask_pii(text: str, counts: Counter) -> str:
     return text
 
 
-def to_record(para: str, lang: str, source: str) -> dict:
-    """确定性地把一段话变成一条指令记录：有 Q/A（问/答）结构就是问答，否则"一句话概括"，
-    用首句当答案（新闻摘要里的 Lead-1 基线：首句往往就是主题句），不需要任何模型。"""
-    m = QA.match(para)
+def to_record(para: dict) -> dict:
+    """确定性地把一段话变成一条指令记录：有问答结构就是问答（取第一问和紧随的第一答），否则"一句话概括"，
+    用首句当答案（摘要里的 Lead-1 基线：首句往往就是主题句）。不需要任何模型。"""
+    text, lang = para["text"], para["lang"]
+    m = QA.search(text)
     if m:
         user, answer, task = m.group("q"), m.group("a"), "qa"
     else:
-        first = SENT_END.split(para, maxsplit=1)[0].strip()
+        first = SENT_END.split(text, maxsplit=1)[0].strip()
         ask = "请用一句话概括下面这段话的要点。" if lang == "zh" else "Summarize the following paragraph in one sentence."
-        user, answer, task = f"{ask}\n\n{para}", first, "summary"
+        user, answer, task = f"{ask}\n\n{text}", first, "summary"
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
-            "meta": {"source": source, "task": task, "lang": lang}}
+            "meta": {"source": para["source"], "task": task, "lang": lang}}
+
+
+def minhash(text: str, args: Args):
+    """一段话的 MinHash 签名：字符 n-gram（去空格、小写）集合。"""
+    from datasketch import MinHash
+
+    s = text.lower().replace(" ", "")
+    mh = MinHash(num_perm=args.num_perm, seed=args.seed)
+    mh.update_batch(s[i:i + args.shingle_size].encode("utf-8") for i in range(max(1, len(s) - args.shingle_size + 1)))
+    return mh
 
 
 def stats(values: list[int]) -> dict:
@@ -136,96 +160,103 @@ def main(args: Args) -> dict:
     keep_langs = {x.strip() for x in args.keep_langs.split(",") if x.strip()}
     if not 0 < args.minhash_threshold <= 1:
         raise UserError(f"--minhash-threshold {args.minhash_threshold}: 应在 (0, 1] 之间")
+    removed, audit = {}, []
+
+    def step(rule: str, items: list[dict], keep) -> list[dict]:
+        """按顺序对每段调用一次 keep；删掉的计数并记入审计文件 removed.jsonl。"""
+        flags = [keep(it) for it in items]
+        removed[rule] = flags.count(False)
+        audit.extend({"rule": rule, **it} for it, f in zip(items, flags) if not f)
+        return [it for it, f in zip(items, flags) if f]
 
     # 1. 读文档并分段：一段 = 一条候选记录（records_in）
     docs = data.load_documents(folder)          # 坏文件（非 UTF-8、读不了的 PDF）在这里报错退出，不悄悄跳过
-    paras = [(d.id, p) for d in docs for p in split_paragraphs(d)]
+    paras = [{"source": d.id, "text": p} for d in docs for p in split_paragraphs(d)]
     out.log.info(f"{len(docs)} 个文档（{dict(Counter(d.path.suffix.lower() for d in docs))}）→ {len(paras)} 个段落")
-    removed: dict[str, int] = {}
-    funnel = [("读入", len(paras))]
+    funnel = [("read", len(paras))]             # 图里用英文标签：不是每台机器都装了中文字体
 
     # 2. Unicode 归一化：必须在去重之前，否则全角版、带零宽字符的副本看起来"不一样"，去重就漏掉它们
-    norm_stats = Counter()
-    items = []
-    for src, p in paras:
-        t = normalize(p)
-        norm_stats["zero_width_chars"] += len(ZERO_WIDTH.findall(p))
-        norm_stats["changed_paragraphs"] += t != re.sub(r"\s+", " ", p).strip()
-        items.append((src, t))
+    norm = Counter()
+    for p in paras:
+        norm["nfkc_changed_paragraphs"] += unicodedata.normalize("NFKC", p["text"]) != p["text"]
+        norm["zero_width_chars_removed"] += len(ZERO_WIDTH.findall(p["text"]))
+        p["text"] = normalize(p["text"])
 
-    # 3. 完全重复：对归一化文本取哈希，O(n) 一遍扫完，不用两两比较
-    seen, kept = set(), []
-    for src, t in items:
-        h = hashlib.md5(t.encode("utf-8")).hexdigest()
-        if h not in seen:
-            seen.add(h)
-            kept.append((src, t))
-    removed["exact_duplicate"], items = len(items) - len(kept), kept
-    funnel.append(("完全去重", len(items)))
+    # 3. 完全重复：对归一化后的文本取哈希，一遍扫完（O(n)），不用两两比较
+    seen: set[str] = set()
 
-    # 4. 近重复：MinHash 估计 Jaccard 相似度，LSH 分桶只比较可能相似的候选，n 很大时也不用 O(n²)
-    from datasketch import MinHash, MinHashLSH
+    def first_time(it: dict) -> bool:
+        h = hashlib.md5(it["text"].encode("utf-8")).hexdigest()
+        new = h not in seen
+        seen.add(h)
+        return new
 
-    lsh = MinHashLSH(threshold=args.minhash_threshold, num_perm=args.num_perm)
-    sigs, kept = {}, []
-    for i, (src, t) in enumerate(items):
-        s = t.lower().replace(" ", "")
-        mh = MinHash(num_perm=args.num_perm, seed=args.seed)
-        mh.update_batch(s[j:j + args.shingle_size].encode("utf-8")
-                        for j in range(max(1, len(s) - args.shingle_size + 1)))
-        # LSH 只给"可能相似"的候选；再用签名估计的 Jaccard 复核一遍，减少误删
+    items = step("exact_duplicate", paras, first_time)
+    funnel.append(("exact dedup", len(items)))
+
+    # 4. 长度与样板过滤（便宜的过滤先做，最贵的近重复检测只处理剩下的）
+    items = step("too_short", items, lambda it: len(it["text"]) >= args.min_chars)
+    items = step("too_long", items, lambda it: len(it["text"]) <= args.max_chars)
+    items = step("boilerplate", items,
+                 lambda it: bool(HAS_SENTENCE.search(it["text"])) and not BOILERPLATE.search(it["text"]))
+    funnel.append(("length+boilerplate", len(items)))
+
+    # 5. 语言过滤：只留 zh/en；删掉的是什么语言也记下来，写进数据卡
+    for it in items:
+        it["lang"] = lang_of(it["text"])
+    items = step("language", items, lambda it: it["lang"] in keep_langs)
+    funnel.append(("language", len(items)))
+
+    # 6. 近重复：MinHash 估计 Jaccard 相似度，LSH 分桶只拿"可能相似"的候选来比，n 很大时也不用 O(n²)
+    from datasketch import MinHashLSH
+
+    # weights 偏向少漏检：LSH 多给几个候选没关系，下面还会用 Jaccard 复核（默认 0.5/0.5 时，相似度 0.56 的一对有 1/4 会漏掉）
+    lsh = MinHashLSH(threshold=args.minhash_threshold, num_perm=args.num_perm, weights=(0.1, 0.9))
+    sigs = {}
+
+    def not_near_dup(it: dict) -> bool:
+        mh = minhash(it["text"], args)
+        # LSH 的候选可能有假阳性：再用签名估计的 Jaccard 复核一遍，减少误删
         if any(mh.jaccard(sigs[k]) >= args.minhash_threshold for k in lsh.query(mh)):
-            continue
-        lsh.insert(i, mh)
-        sigs[i] = mh
-        kept.append((src, t))
-    removed["near_duplicate"], items = len(items) - len(kept), kept
-    funnel.append(("近重复去重", len(items)))
+            return False
+        key = str(len(sigs))
+        lsh.insert(key, mh)
+        sigs[key] = mh
+        return True
 
-    # 5. 长度过滤：太短的没有可学的内容，太长的多是转储或会被截断
-    removed["too_short"] = sum(len(t) < args.min_chars for _, t in items)
-    removed["too_long"] = sum(len(t) > args.max_chars for _, t in items)
-    items = [(src, t) for src, t in items if args.min_chars <= len(t) <= args.max_chars]
-    funnel.append(("长度过滤", len(items)))
-
-    # 6. 语言过滤：只留 zh/en；被删掉的语言也记下来，写进数据卡
-    langs = [lang_of(t) for _, t in items]
-    other = Counter(lg for lg in langs if lg not in keep_langs)
-    removed["language"] = sum(other.values())
-    items = [(src, t, lg) for (src, t), lg in zip(items, langs) if lg in keep_langs]
-    funnel.append(("语言过滤", len(items)))
-
-    # 7. 个人信息脱敏：不删段落，只把号码换成占位符（模型学到"这里有个电话"，而不是某个人的电话）
-    pii = Counter()
-    items = [(src, mask_pii(t, pii), lg) for src, t, lg in items]
-    funnel.append(("脱敏", len(items)))
+    items = step("near_duplicate", items, not_near_dup)
+    funnel.append(("near dedup", len(items)))
     if not items:
         raise UserError(f"{folder}: 清洗后一个段落也没剩下；检查 --min-chars/--max-chars/--keep-langs")
 
-    # 8. 段落 → 指令记录 → chat messages，切 train/val 写 JSONL
-    records = [to_record(t, lg, src) for src, t, lg in items]
+    # 7. 个人信息脱敏：不删段落，把号码换成占位符（模型学到"这里有个电话"，而不是某个人的电话）
+    pii = Counter()
+    for it in items:
+        it["text"] = mask_pii(it["text"], pii)
+
+    # 8. 段落 → 指令记录 → chat messages，切 train/val 写 JSONL；被删的段落写进 removed.jsonl 供抽查
+    records = [to_record(it) for it in items]
     train, val = data.split(records, args.val_fraction, args.seed)
-    for name, part in (("train.jsonl", train), ("val.jsonl", val)):
+    for name, part in (("train.jsonl", train), ("val.jsonl", val), ("removed.jsonl", audit)):
         out.path(name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
     # 自检：用训练脚本同一个读取函数读回来，格式不对就在这里失败，而不是等到训练时
-    n_loaded = len(data.load_sft(out.path("train.jsonl"))) + len(data.load_sft(out.path("val.jsonl")))
-    assert n_loaded == len(records)
+    assert len(data.load_sft(out.path("train.jsonl"))) + len(data.load_sft(out.path("val.jsonl"))) == len(records)
 
-    # 9. 统计：字符长度；默认模式再用目标模型的分词器数 token（决定训练时的 max_length）
-    lengths = {"input_chars": stats([len(t) for _, t, _ in items]),
+    # 9. 长度统计：字符数；默认模式再用目标模型的分词器数 token（据此选训练时的 max_length）
+    lengths = {"input_chars": stats([len(it["text"]) for it in items]),
                "output_chars": stats([len(r["messages"][-1]["content"]) for r in records])}
     if not args.smoke or args.model:
         tok = models.load_tokenizer(args.resolved_model(), args.source, args.trust_remote_code)
-        n_tok = [len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
-                 for r in records]
-        lengths["chat_tokens"] = stats(n_tok)
+        lengths["chat_tokens"] = stats([len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)
+                                            ["input_ids"]) for r in records])
 
     metrics = {
         "records_in": len(paras), "records_out": len(records), "removed_by_rule": removed,
         "pii_masked": {k: pii[k] for k in MASK}, "pii_masked_total": sum(pii[k] for k in MASK),
-        "id_bad_checksum_kept": pii["id_card_bad_checksum_kept"], "normalized": dict(norm_stats),
-        "documents": len(docs), "train_records": len(train), "val_records": len(val),
-        "languages": dict(Counter(lg for _, _, lg in items)), "removed_languages": dict(other),
+        "id_card_checksum_ok": pii["id_card_checksum_ok"], "normalized": dict(norm), "documents": len(docs),
+        "train_records": len(train), "val_records": len(val),
+        "languages": dict(Counter(it["lang"] for it in items)),
+        "removed_languages": dict(Counter(a["lang"] for a in audit if a["rule"] == "language")),
         "tasks": dict(Counter(r["meta"]["task"] for r in records)), "lengths": lengths,
     }
     write_card(out, metrics, funnel, records, folder)
@@ -234,8 +265,7 @@ def main(args: Args) -> dict:
     ax.bar([n for n, _ in funnel], [c for _, c in funnel], color="#4c72b0")
     for x, (_, c) in enumerate(funnel):
         ax.text(x, c, str(c), ha="center", va="bottom")
-    ax.set_ylabel("剩余段落数")
-    ax.set_title("清洗漏斗：每一步之后还剩多少段落")
+    ax.set(ylabel="paragraphs left", title="cleaning funnel: paragraphs left after each step")
     save()
     return out.finish(metrics, summary=f"{len(paras)} 段 → {len(records)} 条记录（train {len(train)} / val "
                                        f"{len(val)}），删除 {removed}，脱敏 {metrics['pii_masked']}")
@@ -276,7 +306,7 @@ def write_card(out: run.Run, m: dict, funnel: list, records: list[dict], folder)
 |---|---|
 {pii}
 
-校验位不对、保留未动的 18 位数字：{m['id_bad_checksum_kept']}
+其中校验位正确的身份证号：{m['id_card_checksum_ok']}（校验位不对的也遮盖：可能只是抄错一位）
 
 ## 语言
 

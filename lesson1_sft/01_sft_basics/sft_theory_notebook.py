@@ -1,0 +1,226 @@
+"""SFT 到底在优化什么：只在助手回复上算损失 vs 整段序列都算损失。
+
+这是一个 jupytext（percent 格式）笔记本，也是一个普通脚本：
+  jupytext --to notebook lesson1_sft/01_sft_basics/sft_theory_notebook.py   # 转成 .ipynb 在 Jupyter 里逐格运行
+
+运行：
+  python lesson1_sft/01_sft_basics/sft_theory_notebook.py            # CPU，smollm2-135m，两次各 40 步，约 4 分钟
+  python lesson1_sft/01_sft_basics/sft_theory_notebook.py --smoke    # 极小模型，几步，约 20 秒
+  python lesson1_sft/01_sft_basics/sft_theory_notebook.py \
+      --model Qwen/Qwen2.5-0.5B-Instruct --source hf --config configs/lesson1/sft_theory_notebook.yaml   # GPU
+
+你会看到：一条对话按模板渲染后，只有约 1/3 的 token（助手回复）带 loss（label_token_fraction）；
+同一初始化、同样步数、同样数据顺序训练两次，只在助手回复上算 loss 的模型，
+在留出集上的"回复 token 损失"更低（assistant_only_eval_loss < full_sequence_eval_loss）；
+整段训练的模型则把力气花在了学写用户问题和系统提示上（它的 prompt 损失降得更多）。
+曲线图 curves.png：左边训练损失，右边留出集回复损失。
+"""
+
+# %% [markdown]
+# # SFT 到底在优化什么
+#
+# 监督微调（SFT）就是在"对话模板渲染后的 token 序列"上做下一个 token 预测。区别只在**哪些位置计入损失**：
+#
+# $$\mathcal{L} = -\frac{1}{|A|}\sum_{t \in A} \log p_\theta(x_t \mid x_{<t})$$
+#
+# - **assistant-only**：$A$ = 助手回复的 token（其余位置的 label 设为 -100，交叉熵忽略它们）；
+# - **full-sequence**：$A$ = 全部 token（系统提示、用户问题、模板标记也要预测）。
+#
+# 我们关心的是模型"回答得好不好"，所以两种做法都用同一把尺子衡量：**留出集上只算回复 token 的损失**。
+
+# %%
+
+from dataclasses import dataclass
+
+from common import cli, data, models, run
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    max_steps: int = cli.arg(40, "每种做法训练的步数（--smoke 时为 8）")
+    per_device_train_batch_size: int = cli.arg(4, "每步几条对话")
+    learning_rate: float = cli.arg(5e-5, "学习率（--smoke 的极小模型用 1e-3：参数少、从头预训练不久，容得下大步长）")
+    max_length: int = cli.arg(256, "每条对话最多多少 token（超出截断）")
+    val_fraction: float = cli.arg(0.15, "留出多少对话做评估（不参与训练）")
+    eval_every: int = cli.arg(10, "每隔多少步在留出集上量一次回复损失（画右图）")
+
+
+# %% [markdown]
+# ## 1. 对话模板与损失掩码
+#
+# `common.data.tokenize_chat` 用"前缀差分"找出助手回复的 token：分别渲染"到这条回复之前 + 生成提示"
+# 和"到这条回复为止"，两者长度之差就是回复所占的区间。它对任何对话模板都成立。
+# 下面把一条对话逐 token 上色：**绿色**的 token 在 assistant-only 模式下计入损失，灰色的只在 full-sequence 模式下计入。
+
+# %%
+def show_loss_mask(tok, messages: list[dict], max_length: int) -> None:
+    """逐 token 上色打印一条对话：绿色 = 助手回复（assistant-only 下计入损失），灰色 = 其余。"""
+    from rich.console import Console
+    from rich.text import Text
+
+    enc = data.tokenize_chat(tok, messages, max_length)
+    text = Text()
+    for tid, m in zip(enc["input_ids"], enc["assistant_masks"]):
+        piece = tok.decode([tid]).replace("\n", "⏎\n")
+        text.append(piece, style="bold black on green3" if m else "grey50")
+    console = Console(width=119)
+    console.rule("一条对话按模板渲染后的 token（绿色 = 计入 assistant-only 损失）")
+    console.print(text)
+    n, k = len(enc["input_ids"]), sum(enc["assistant_masks"])
+    console.print(f"共 {n} 个 token：assistant-only 只在 {k} 个上算损失（{k / n:.0%}），full-sequence 在全部 {n} 个上算。")
+
+
+# %% [markdown]
+# ## 2. 两份训练集：token 完全相同，只有 labels 不同
+#
+# TRL 的 `SFTConfig(assistant_only_loss=True)` 靠模板里的 `{% generation %}` 标记找回复；SmolLM2 的模板没有这个标记，
+# TRL 1.16 也没有它的训练版模板。所以我们自己算好掩码，交给 `SFTTrainer` 一份已分词的数据：
+# 带 `assistant_masks` 列时 TRL 据此把回复以外的 label 设为 -100（与 `assistant_only_loss=True` 内部做法相同），
+# 不带时 label = input_ids（填充位置由 collator 设为 -100）。这样两次训练看到的 token 一模一样，唯一的变量是损失掩码。
+
+# %%
+def build_datasets(tok, convs: list[list[dict]], max_length: int):
+    """-> (assistant-only 数据集, full-sequence 数据集, 带损失 token 的比例)。"""
+    from datasets import Dataset
+
+    encs = [data.tokenize_chat(tok, c, max_length) for c in convs]
+    encs = [e for e in encs if sum(e["assistant_masks"]) > 0]     # 回复被截断光了的对话没有可学的 token
+    assistant_only = Dataset.from_list([{"input_ids": e["input_ids"], "assistant_masks": e["assistant_masks"]}
+                                        for e in encs])
+    full = Dataset.from_list([{"input_ids": e["input_ids"]} for e in encs])
+    fraction = sum(sum(e["assistant_masks"]) for e in encs) / sum(len(e["input_ids"]) for e in encs)
+    return assistant_only, full, fraction
+
+
+# %% [markdown]
+# ## 3. 同一把尺子：留出集上的回复损失
+#
+# 只在留出对话的助手 token 上求平均交叉熵（按 token 加权）；顺便也量一下 prompt 部分（系统提示 + 用户问题）的损失，
+# 看看 full-sequence 训练把力气花在了哪里。
+
+# %%
+def heldout_losses(model, tok, encs: list[dict], batch_size: int = 8) -> tuple[float, float]:
+    """-> (回复 token 平均损失, prompt token 平均损失)，encs 来自 tokenize_chat，按 token 加权平均。"""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    sums, counts = [0.0, 0.0], [0, 0]
+    pad = tok.pad_token_id
+    with torch.no_grad():
+        for i in range(0, len(encs), batch_size):
+            batch = encs[i:i + batch_size]
+            width = max(len(e["input_ids"]) for e in batch)
+            ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in batch])
+            att = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in batch])
+            resp = torch.tensor([e["assistant_masks"] + [0] * (width - len(e["input_ids"])) for e in batch])
+            logits = model(input_ids=ids.to(model.device), attention_mask=att.to(model.device)).logits.float()
+            # 第 t 个位置的 logits 预测第 t+1 个 token：错开一位
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(model.device), reduction="none").cpu()
+            valid, resp = att[:, 1:].bool(), resp[:, 1:].bool()
+            for j, sel in enumerate((valid & resp, valid & ~resp)):
+                sums[j] += nll[sel].sum().item()
+                counts[j] += int(sel.sum())
+    model.train(was_training)
+    return sums[0] / max(counts[0], 1), sums[1] / max(counts[1], 1)
+
+
+# %% [markdown]
+# ## 4. 训练两次：同一初始化、同样步数、同样数据顺序
+#
+# 每次都从磁盘重新加载同一份权重；`seed`/`data_seed` 相同，所以两次训练的批次顺序一模一样。
+# 回调每隔 `eval_every` 步用上面那把尺子量一次，画出右边的曲线。
+
+# %%
+def train_once(args: Args, out: run.Run, name: str, dataset, tok, held_out: list[dict], steps: int,
+               lr: float) -> dict:
+    """用 TRL SFTTrainer 训练一次，返回训练损失曲线与留出集回复损失曲线。"""
+    import torch
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    model, _ = models.load(args.resolved_model(), args.source, args.device, args.dtype, args.trust_remote_code,
+                           for_training=True)
+    curve = {"step": [0], "response_loss": [heldout_losses(model, tok, held_out)[0]]}
+
+    class HeldOut(TrainerCallback):
+        def on_step_end(self, targs, state, control, model=None, **kw):  # noqa: ANN001
+            if state.global_step % args.eval_every == 0 or state.global_step == steps:
+                curve["step"].append(state.global_step)
+                curve["response_loss"].append(heldout_losses(model, tok, held_out)[0])
+
+    on_gpu = model.device.type == "cuda"
+    config = SFTConfig(
+        output_dir=str(out.path(f"ckpt-{name}")), max_steps=steps, learning_rate=lr,
+        per_device_train_batch_size=args.per_device_train_batch_size, max_length=args.max_length,
+        logging_steps=1, save_strategy="no", report_to=out.trainer_report_to(), seed=args.seed, data_seed=args.seed,
+        # CPU 上 bf16 多半是模拟的、反而更慢；小模型也不需要梯度检查点（它用计算换显存）
+        bf16=on_gpu and torch.cuda.is_bf16_supported(), gradient_checkpointing=False,
+        use_cpu=not on_gpu, disable_tqdm=False, run_name=name,
+    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok,
+                         callbacks=[HeldOut()])
+    trainer.train()
+    train_loss = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    resp, prompt = heldout_losses(model, tok, held_out)
+    out.log.info(f"{name}: 留出集回复损失 {curve['response_loss'][0]:.3f} → {resp:.3f}，prompt 损失 {prompt:.3f}")
+    return {"train_loss": train_loss, "curve": curve, "response_loss": resp, "prompt_loss": prompt}
+
+
+# %% [markdown]
+# ## 5. 主流程
+#
+# 在笔记本里运行时，最后一格用 `Args(smoke=True)` 跑极小模型；去掉 `smoke=True` 就是默认的 smollm2-135m。
+
+# %%
+def main(args: Args) -> dict:
+    out = run.start(globals().get("__file__", run.REPO_ROOT / "lesson1_sft/01_sft_basics/sft_theory_notebook.py"),
+                    args)
+    steps = 8 if args.smoke else args.max_steps
+    lr = 1e-3 if args.smoke and args.learning_rate == 5e-5 else args.learning_rate
+
+    # 1. 数据：默认 alpaca 格式 + chat 格式各一份（load_sft 两种都认），切出留出集
+    paths = [args.data] if args.data else [data.DATA_DIR / "sft" / "alpaca.jsonl", data.DATA_DIR / "sft" / "chat.jsonl"]
+    convs = [c for p in paths for c in data.load_sft(p)]
+    train_convs, held_out = data.split(convs, args.val_fraction, args.seed)
+    tok = models.load_tokenizer(args.resolved_model(), args.source, args.trust_remote_code)
+    out.log.info(f"{len(train_convs)} 条训练对话，{len(held_out)} 条留出")
+    held_enc = [data.tokenize_chat(tok, c, args.max_length) for c in held_out]
+
+    # 2. 看一条对话：哪些 token 带损失
+    show_loss_mask(tok, train_convs[0], args.max_length)
+    assistant_only_ds, full_ds, fraction = build_datasets(tok, train_convs, args.max_length)
+
+    # 3. 两种掩码各训练一次（同一初始化、同样步数、同样数据顺序），用同一把尺子量
+    runs = {name: train_once(args, out, name, ds, tok, held_enc, steps, lr)
+            for name, ds in (("assistant_only", assistant_only_ds), ("full_sequence", full_ds))}
+
+    # 4. 曲线：左边各自的训练损失（分母不同，不能直接比），右边同一把尺子量的留出集回复损失
+    fig, save = out.plot("curves.png")
+    left, right = fig.subplots(1, 2)
+    for name, r in runs.items():
+        left.plot(range(1, len(r["train_loss"]) + 1), r["train_loss"], label=name)
+        right.plot(r["curve"]["step"], r["curve"]["response_loss"], marker="o", label=name)
+    left.set(title="training loss (own objective)", xlabel="step", ylabel="loss")
+    right.set(title="held-out response-token loss", xlabel="step")
+    left.legend()
+    right.legend()
+    save()
+
+    a, f = runs["assistant_only"], runs["full_sequence"]
+    return out.finish({
+        "assistant_only_eval_loss": round(a["response_loss"], 4), "full_sequence_eval_loss": round(f["response_loss"], 4),
+        "eval_loss_before": round(a["curve"]["response_loss"][0], 4), "label_token_fraction": round(fraction, 4),
+        "assistant_only_prompt_loss": round(a["prompt_loss"], 4), "full_sequence_prompt_loss": round(f["prompt_loss"], 4),
+        "steps": steps, "train_conversations": len(train_convs), "held_out_conversations": len(held_out),
+    }, summary=f"留出集回复损失：assistant-only {a['response_loss']:.3f} vs full-sequence {f['response_loss']:.3f}"
+               f"（训练前 {a['curve']['response_loss'][0]:.3f}）；带损失 token 比例 {fraction:.1%}")
+
+
+# %%
+if __name__ == "__main__":
+    import sys
+
+    # 在 Jupyter 里 sys.argv 是内核的参数，不是本脚本的：笔记本里直接用冒烟配置运行
+    main(Args(smoke=True) if "ipykernel" in sys.modules else cli.parse(Args))

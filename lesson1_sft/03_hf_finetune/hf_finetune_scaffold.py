@@ -1,0 +1,196 @@
+"""全参数 SFT 脚手架：用 YAML 配置驱动 TRL SFTTrainer，学会一次"靠谱训练"该有的工程零件。
+
+零件：每 N 步在验证集上评估 -> 按 eval_loss 保留最好的检查点（load_best_model_at_end）-> 验证损失
+连续不降就早停（EarlyStoppingCallback）-> 进程被杀后 --resume 从最后一个检查点续训，结果与没中断时一致
+-> --report-to tensorboard|mlflow|wandb 把曲线写到输出目录（mlflow 用本地 sqlite，wandb 离线）。
+
+超参数来自 YAML：默认读 configs/lesson1/hf_finetune_scaffold.yaml（CPU 规模，与下面 Args 的默认值相同），
+--config 换成别的配置；命令行参数再覆盖 YAML。
+
+运行：
+  python lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py            # CPU，smollm2-135m 全参数微调，约 5 分钟
+  python lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py --smoke    # 极小模型，约 20 秒
+  python lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py --model Qwen/Qwen2.5-0.5B-Instruct --source hf \\
+      --config configs/lesson1/hf_finetune_scaffold_gpu.yaml --report-to tensorboard     # GPU，bf16 混合精度
+  演练断点续训：先加 --stop-after-steps 10（第 10 步的检查点写完就硬退出，像被 kill），再加 --resume 接着跑。
+
+你会看到：eval_loss 从训练前约 1.9 降到约 1.4（smollm2-135m，20 步）；best_checkpoint 指向验证损失最低的
+检查点；train_tokens_per_s 是纯训练吞吐（CPU 上约 200 token/s）。
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import cli, data, models, run
+from common.errors import UserError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "lesson1" / "hf_finetune_scaffold.yaml"
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    config: str = cli.arg(str(DEFAULT_CONFIG), "YAML 配置（默认就是 CPU 规模的那份）；键必须是本脚本的参数名")
+    learning_rate: float = cli.arg(5e-5, "峰值学习率：全参数微调要比 LoRA 小一个数量级，否则会冲掉预训练知识")
+    lr_scheduler_type: str = cli.arg("cosine", "学习率调度：cosine / linear / constant ...")
+    warmup_steps: int = cli.arg(2, "预热步数：AdamW 的二阶矩估计刚开始不准，先用小步长")
+    max_steps: int = cli.arg(20, "优化器步数；<=0 时改按 num_train_epochs 训练")
+    num_train_epochs: float = cli.arg(1.0, "max_steps<=0 时训练几轮")
+    per_device_train_batch_size: int = cli.arg(4, "每步每卡几条样本（受内存限制）")
+    gradient_accumulation_steps: int = cli.arg(2, "梯度累积：有效 batch = 单步 batch x 累积步数 x 卡数")
+    max_length: int = cli.arg(256, "每条样本最多多少 token（CPU 上越短越快）")
+    eval_steps: int = cli.arg(5, "每多少步评估一次验证集（同时存一次检查点，best 检查点才有得选）")
+    logging_steps: int = cli.arg(1, "每多少步记一次训练损失")
+    save_total_limit: int = cli.arg(1, "最多留几个检查点；load_best 时另外保证 best 不被删")
+    early_stopping_patience: int = cli.arg(2, "验证损失连续几次评估没有变好就停")
+    early_stopping_threshold: float = cli.arg(0.0, "变好多少才算变好（绝对值）")
+    val_fraction: float = cli.arg(0.1, "切多少比例作验证集")
+    max_eval_samples: int = cli.arg(32, "验证集最多多少条（评估也要花时间）")
+    gradient_checkpointing: bool = cli.arg(False, "用重算换显存：大模型在 GPU 上打开，CPU 小模型关着更快")
+    resume: bool = cli.arg(False, "从输出目录里最后一个 checkpoint-* 续训（优化器、调度器、随机数状态一起恢复）")
+    stop_after_steps: int = cli.arg(0, "演练崩溃：第 N 步的检查点写完后立刻硬退出进程（os._exit，像被 kill）；0=不演练")
+
+
+# --smoke：极小模型上几秒钟能看到效果的规模；小网络承受得住大得多的学习率
+SMOKE = dict(learning_rate=2e-3, max_steps=12, eval_steps=4, max_length=128, per_device_train_batch_size=4,
+             gradient_accumulation_steps=1, max_eval_samples=16, warmup_steps=1)
+
+
+def load_conversations(args: Args) -> list[list[dict]]:
+    """默认：data/sft/*.jsonl + data/identity/train.jsonl；--data：用户自己的文件。"""
+    files = [Path(args.data)] if args.data else [*sorted((data.DATA_DIR / "sft").glob("*.jsonl")),
+                                                 data.DATA_DIR / "identity" / "train.jsonl"]
+    return [conv for f in files for conv in data.load_sft(f)]
+
+
+def main(args: Args) -> dict:
+    import torch
+    from transformers import EarlyStoppingCallback, TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    if args.smoke:
+        args = dataclasses.replace(args, **SMOKE)
+    out = run.start(__file__, args)
+    if args.smoke:
+        out.log.info(f"--smoke：改用小规模超参数 {SMOKE}")
+
+    # 1. 断点续训还是从头开始：从头开始时清掉旧检查点，免得和这次的混在一起被"续"上
+    last_ckpt = get_last_checkpoint(out.dir) if out.dir.is_dir() else None
+    if args.resume and last_ckpt is None:
+        raise UserError(f"--resume: {out.dir} 里没有 checkpoint-* 目录；先不带 --resume 训练一次")
+    if not args.resume:
+        for old in out.dir.glob("checkpoint-*"):
+            shutil.rmtree(old)
+        last_ckpt = None
+
+    # 2. 数据：对话模板渲染，只在助手回复上算损失（labels 其余位置为 -100）
+    convs = load_conversations(args)
+    model, tok = models.load(out.model_name, source=args.source, device=args.device, dtype=args.dtype,
+                             trust_remote_code=args.trust_remote_code, for_training=True)
+    train_convs, eval_convs = data.split(convs, args.val_fraction, args.seed)
+    eval_convs = eval_convs[: args.max_eval_samples]
+
+    def encode(convs: list[list[dict]]):
+        from datasets import Dataset
+
+        rows = [data.tokenize_chat(tok, c, args.max_length) for c in convs]
+        kept = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows if any(x != -100 for x in r["labels"])]
+        if len(kept) < len(rows):   # 助手回复整段被截断的样本没有损失可算，说明 max_length 太短
+            out.log.warning(f"{len(rows) - len(kept)} 条样本的助手回复被 max_length={args.max_length} 截掉，已跳过")
+        return Dataset.from_list(kept)
+
+    train_ds, eval_ds = encode(train_convs), encode(eval_convs)
+    out.log.info(f"训练 {len(train_ds)} 条，验证 {len(eval_ds)} 条（来自 {args.data or 'data/sft + data/identity'}）")
+
+    # 3. 训练配置：评估与保存同频（best 检查点只能从存过的检查点里选），数据顺序由 seed/data_seed 固定
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    bf16 = on_gpu and torch.cuda.is_bf16_supported()
+    if not on_gpu:
+        out.log.info("CPU 训练：fp32，不开 bf16 混合精度与梯度检查点以外的 CUDA 选项")
+    cfg = SFTConfig(
+        output_dir=str(out.dir), run_name=out.dir.name, seed=args.seed, data_seed=args.seed,
+        learning_rate=args.learning_rate, lr_scheduler_type=args.lr_scheduler_type, warmup_steps=args.warmup_steps,
+        max_steps=args.max_steps if args.max_steps > 0 else -1, num_train_epochs=args.num_train_epochs,
+        per_device_train_batch_size=args.per_device_train_batch_size, per_device_eval_batch_size=8,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, max_length=args.max_length,
+        eval_strategy="steps", eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.eval_steps,
+        save_total_limit=args.save_total_limit, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+        greater_is_better=False, restore_callback_states_from_checkpoint=True,   # 早停计数也随检查点恢复
+        logging_steps=args.logging_steps, report_to=out.trainer_report_to(), bf16=bf16,
+        gradient_checkpointing=args.gradient_checkpointing, use_cpu=not on_gpu,
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, disable_tqdm=False,
+    )
+
+    class Throughput(TrainerCallback):
+        """只计前向+反向+优化器的时间（不含评估和存盘），这才是"训练吞吐"。"""
+
+        seconds, tokens = 0.0, 0
+
+        def on_step_begin(self, a, state, control, **kw):
+            self.t, self.n = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_step_end(self, a, state, control, **kw):
+            self.seconds += time.perf_counter() - self.t
+            self.tokens += state.num_input_tokens_seen - self.n
+
+    class CrashAfterStep(TrainerCallback):
+        """模拟进程被杀：检查点落盘之后直接 os._exit，不走任何清理（不写 metrics、不关 tracker）。"""
+
+        def on_save(self, a, state, control, **kw):
+            if args.stop_after_steps and state.global_step >= args.stop_after_steps:
+                print(f"[stop_after_steps] 第 {state.global_step} 步检查点已保存，模拟崩溃退出", flush=True)
+                os._exit(3)
+
+    speed = Throughput()
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
+                         callbacks=[EarlyStoppingCallback(args.early_stopping_patience, args.early_stopping_threshold),
+                                    speed, CrashAfterStep()])
+
+    # 4. 训练前先量一次验证损失：没有"之前"，就说不清训练带来了什么
+    before = trainer.evaluate()["eval_loss"]
+    out.log.info(f"训练前 eval_loss = {before:.4f}")
+
+    # 5. 训练（--resume 时从最后一个检查点恢复权重、优化器、调度器、随机数与已跳过的数据）
+    if last_ckpt:
+        out.log.info(f"--resume：从 {last_ckpt} 续训")
+    trainer.train(resume_from_checkpoint=last_ckpt)
+    state = trainer.state
+    if state.global_step < (args.max_steps if args.max_steps > 0 else state.max_steps):
+        out.log.info(f"早停：第 {state.global_step} 步停下（验证损失连续 {args.early_stopping_patience} 次没有变好）")
+
+    # 6. 训练后：load_best_model_at_end 已把最好的检查点装回来，用同一把尺子再量一次
+    after = trainer.evaluate()["eval_loss"]
+    trainer.save_model(str(out.path("best_model")))
+    best = Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None
+    train_losses = [h["loss"] for h in state.log_history if "loss" in h]
+
+    # 7. 曲线：训练损失与每次评估的验证损失
+    fig, save = out.plot("loss_curve.png")
+    ax = fig.add_subplot(111)
+    ax.plot([h["step"] for h in state.log_history if "loss" in h], train_losses, label="train loss", alpha=0.7)
+    evals = [(h["step"], h["eval_loss"]) for h in state.log_history if "eval_loss" in h][:-1]   # 去掉训练后那次
+    ax.plot(*zip(*([(0, before)] + evals)), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"全参数 SFT：{out.model_name}（best = {best}）")
+    ax.legend()
+    save()
+
+    return out.finish({
+        "eval_loss_before": round(before, 4), "eval_loss_after": round(after, 4),
+        "train_loss_last": round(train_losses[-1], 4) if train_losses else None,
+        "train_tokens_per_s": round(speed.tokens / speed.seconds, 1) if speed.seconds else None,
+        "global_step": state.global_step, "best_checkpoint": best,
+        "best_eval_loss": round(state.best_metric, 4) if state.best_metric is not None else None,
+        "resumed_from": Path(last_ckpt).name if last_ckpt else None, "report_to": out.report_to,
+        "train_examples": len(train_ds), "eval_examples": len(eval_ds),
+    }, summary=f"eval_loss {before:.3f} -> {after:.3f}，{state.global_step} 步，best = {best}")
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))

@@ -1,0 +1,169 @@
+"""LoRA 为什么可行：全参数微调的权重增量 ΔW 本身就是"低秩"的。
+
+做法：先全参数微调几步，对每个注意力/MLP 矩阵取 ΔW = W_after - W_before，做奇异值分解
+（torch.linalg.svdvals），看前 r 个奇异值占了多少能量（sum σ_i² 的占比）。再拿同形状的随机高斯矩阵
+和预训练权重 W 本身作对照：ΔW 的能量集中在极少几个方向上，随机噪声和 W 都不是。
+所以用 B·A（秩 r）去近似 ΔW 损失很小，而参数量只有 r·(d_in + d_out)：本脚本用 PEFT 的 LoraConfig +
+get_peft_model 真实构建 r = 1..64 的模型清点可训练参数，并与公式逐一核对。
+
+运行：
+  python lesson1_sft/04_lora_theory/lora_parameter_viz.py            # CPU，smollm2-135m，约 3 分钟
+  python lesson1_sft/04_lora_theory/lora_parameter_viz.py --smoke    # 极小模型，约 15 秒
+  python lesson1_sft/04_lora_theory/lora_parameter_viz.py --model Qwen/Qwen2.5-0.5B-Instruct --source hf \\
+      --config configs/lesson1/lora_parameter_viz.yaml                      # GPU，更多步数
+  
+你会看到：ΔW 前 8 个奇异值的能量占比（delta_energy_top8）远高于同形状随机矩阵（random_energy_top8）
+和预训练权重本身（weight_energy_top8）；LoRA 参数量随 r 线性增长，r=8 时只占全量参数的约 1%。
+图：delta_w_spectrum.png（奇异值谱，对数坐标）、energy_vs_rank.png（前 r 个方向捕获的能量）。
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import cli, data, models, run
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    steps: int = cli.arg(12, "全参数微调多少步（只为得到一个真实的 ΔW，不追求训练好）")
+    learning_rate: float = cli.arg(5e-5, "全参数微调的学习率")
+    per_device_train_batch_size: int = cli.arg(4, "每步几条样本")
+    max_length: int = cli.arg(192, "每条样本最多多少 token")
+    max_rank: int = cli.arg(64, "LoRA 参数量清点到多大的秩（1, 2, 4, ... 直到它）")
+    target_modules: str = cli.arg("all-linear", "LoRA 注入哪些层：all-linear（除 lm_head 外所有 Linear）或逗号分隔的名字")
+
+
+SMOKE = dict(steps=10, learning_rate=1e-3, max_length=128)   # 极小模型：小网络承受得住大学习率
+
+
+TOP_R = 8   # 报告前 8 个奇异值的能量：r=8 是 LoRA 最常用的秩
+
+
+def energy_top(sv, r: int) -> float:
+    """前 r 个奇异值的能量占比 sum(σ_i², i<r) / sum(σ_i²)：秩 r 近似能保留的 Frobenius 范数平方比例。"""
+    e = sv.double() ** 2
+    return float(e[:r].sum() / e.sum())
+
+
+def main(args: Args) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from trl import SFTConfig, SFTTrainer
+
+    if args.smoke:
+        args = dataclasses.replace(args, **SMOKE)
+    out = run.start(__file__, args)
+    model, tok = models.load(out.model_name, source=args.source, device=args.device, dtype=args.dtype,
+                             trust_remote_code=args.trust_remote_code, for_training=True)
+    full_params = sum(p.numel() for p in model.parameters())   # parameters() 对共享（tied）权重只算一次
+
+    # 1. 用 PEFT 真实构建 r = 1, 2, 4, ... 的 LoRA 模型，清点可训练参数，并与公式 r·(d_in + d_out) 核对
+    targets = "all-linear" if args.target_modules == "all-linear" else args.target_modules.split(",")
+    ranks = [2 ** i for i in range(args.max_rank.bit_length()) if 2 ** i <= args.max_rank]
+    lora_params, analytic, injected = {}, {}, {}
+    for r in ranks:
+        pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
+        lora_params[str(r)] = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+        injected = {n.removeprefix("base_model.model."): (m.in_features, m.out_features)
+                    for n, m in pm.named_modules() if hasattr(m, "lora_A") and hasattr(m, "in_features")}
+        analytic[str(r)] = sum(r * (i + o) for i, o in injected.values())
+        del pm
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in injected})
+    out.log.info(f"target_modules={args.target_modules}: adapter 注入 {len(injected)} 个 Linear，"
+                 f"类型 {kinds}；例如 {list(injected)[:len(kinds)]}")
+    for r in ranks:
+        out.log.info(f"  r={r:<3d} LoRA 可训练参数 {lora_params[str(r)]:>10,d}（公式 {analytic[str(r)]:,d}），"
+                     f"占全量 {full_params:,d} 的 {lora_params[str(r)] / full_params:.3%}")
+
+    # 2. 记下微调前的权重：只看 LoRA 会注入的那些矩阵
+    params = dict(model.named_parameters())
+    before = {n: params[n + ".weight"].detach().clone() for n in injected}
+
+    # 3. 全参数微调几步（所有参数都在动，ΔW 没有任何低秩约束）
+    files = [Path(args.data)] if args.data else [*sorted((data.DATA_DIR / "sft").glob("*.jsonl")),
+                                                 data.DATA_DIR / "identity" / "train.jsonl"]
+    rows = [data.tokenize_chat(tok, c, args.max_length) for f in files for c in data.load_sft(f)]
+    from datasets import Dataset
+
+    ds = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows
+                            if any(x != -100 for x in r["labels"])])
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    cfg = SFTConfig(output_dir=str(out.path("trainer")), max_steps=args.steps, learning_rate=args.learning_rate,
+                    per_device_train_batch_size=args.per_device_train_batch_size, max_length=args.max_length,
+                    lr_scheduler_type="constant", weight_decay=0.0,   # 不要衰减：ΔW 只来自梯度
+                    logging_steps=1, save_strategy="no", report_to=out.trainer_report_to(), seed=args.seed,
+                    bf16=on_gpu and torch.cuda.is_bf16_supported(), gradient_checkpointing=False, use_cpu=not on_gpu)
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    # 4. 对每个矩阵的 ΔW 做 SVD；对照组：同形状的随机高斯矩阵、预训练权重 W 本身
+    gen = torch.Generator().manual_seed(args.seed)
+    spectra, rand_spectra, weight_spectra = {}, {}, {}
+    for n, w0 in before.items():
+        w1 = params[n + ".weight"].detach()
+        spectra[n] = torch.linalg.svdvals((w1 - w0).float().cpu())
+        weight_spectra[n] = torch.linalg.svdvals(w0.float().cpu())
+        if w0.shape not in rand_spectra:   # 随机矩阵的谱只取决于形状，每种形状算一次
+            rand_spectra[w0.shape] = torch.linalg.svdvals(torch.randn(*w0.shape, generator=gen))
+
+    def mean_energy(specs: dict, r: int) -> float:
+        return sum(energy_top(s, r) for s in specs.values()) / len(specs)
+
+    shapes = {n: before[n].shape for n in before}
+    rand_by_matrix = {n: rand_spectra[shapes[n]] for n in before}
+    curve = {name: [mean_energy(s, r) for r in ranks] for name, s in
+             (("ΔW", spectra), ("W", weight_spectra), ("random", rand_by_matrix))}
+    by_kind = {k: round(sum(energy_top(s, TOP_R) for n, s in spectra.items() if n.endswith("." + k))
+                        / sum(n.endswith("." + k) for n in spectra), 4) for k in kinds}
+
+    # 5. 画图：一层里各矩阵的奇异值谱（归一化到 σ_1，对数坐标）+ 前 r 个方向捕获的能量
+    mid = getattr(model.config, "num_hidden_layers", 2) // 2
+    layer_names = [n for n in spectra if f".layers.{mid}." in n] or list(spectra)[: len(kinds)]
+    fig, save = out.plot("delta_w_spectrum.png")
+    ax = fig.add_subplot(111)
+    for n in layer_names:
+        s = spectra[n]
+        ax.semilogy(range(1, len(s) + 1), (s / s[0]).numpy(), label=f"ΔW {n.rsplit('.', 2)[-2]}.{n.rsplit('.', 1)[-1]}")
+    s = rand_by_matrix[layer_names[0]]
+    ax.semilogy(range(1, len(s) + 1), (s / s[0]).numpy(), "k--", label="随机高斯矩阵")
+    ax.axvline(TOP_R, color="gray", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("奇异值序号 i")
+    ax.set_ylabel("σ_i / σ_1")
+    ax.set_title(f"第 {mid} 层 ΔW 的奇异值谱（{out.model_name}，全参数微调 {args.steps} 步）")
+    ax.legend(fontsize=7)
+    save()
+    fig, save = out.plot("energy_vs_rank.png")
+    ax = fig.add_subplot(111)
+    for name, ys in curve.items():
+        ax.plot(ranks, ys, "o-", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("秩 r")
+    ax.set_ylabel("前 r 个奇异值的能量占比（所有矩阵平均）")
+    ax.set_title("ΔW 的能量集中在前几个方向：这就是 LoRA 用低秩 B·A 的依据")
+    ax.legend()
+    save()
+
+    ref = str(TOP_R) if str(TOP_R) in lora_params else str(ranks[-1])
+    return out.finish({
+        "delta_energy_top8": round(mean_energy(spectra, TOP_R), 4),
+        "random_energy_top8": round(mean_energy(rand_by_matrix, TOP_R), 4),
+        "weight_energy_top8": round(mean_energy(weight_spectra, TOP_R), 4),
+        "delta_energy_top8_by_module": by_kind,
+        "delta_energy_by_rank": dict(zip(map(str, ranks), [round(x, 4) for x in curve["ΔW"]])),
+        "lora_params": lora_params, "lora_params_match_formula": lora_params == analytic,
+        "full_params": full_params, f"trainable_ratio_r{ref}": round(lora_params[ref] / full_params, 5),
+        "lora_target_modules": kinds, "lora_injected_count": len(injected), "matrices_analyzed": len(spectra),
+        "train_loss_first": round(losses[0], 4), "train_loss_last": round(losses[-1], 4),
+    }, summary=f"ΔW top-{TOP_R} 能量 {mean_energy(spectra, TOP_R):.1%} vs 随机 "
+               f"{mean_energy(rand_by_matrix, TOP_R):.1%}；LoRA r={ref} 参数 {lora_params[ref]:,d} = 全量的 "
+               f"{lora_params[ref] / full_params:.2%}")
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))

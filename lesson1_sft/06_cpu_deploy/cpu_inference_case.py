@@ -1,0 +1,213 @@
+"""CPU 推理部署：把"快多少、差多少"并排量出来——批大小、KV 缓存、fp32/bf16/int8、线程数。
+
+运行：
+  python lesson1_sft/06_cpu_deploy/cpu_inference_case.py           # smollm2-135m，2 核 CPU 约 3-6 分钟
+  python lesson1_sft/06_cpu_deploy/cpu_inference_case.py --smoke   # 极小模型，约 20 秒
+  python lesson1_sft/06_cpu_deploy/cpu_inference_case.py \
+      --model Qwen/Qwen2.5-0.5B-Instruct --source hf --config configs/lesson1/cpu_inference_case.yaml
+      # 更大的模型，仍在 CPU 上测（本课讲 CPU 部署；有 GPU 也固定用 CPU）
+
+每个配置先预热一次，再轮流计时 --repeats 轮取中位数：机器上别的进程忽快忽慢时，轮流测能让各配置
+受到同样的干扰，中位数再去掉偶发的尖峰。每次生成固定 --max-new-tokens 个 token（min_new_tokens 同值），
+吞吐 = 批大小 × 新 token 数 / 总用时；首 token 延迟（TTFT）用一个 streamer 记下第一个新 token 出现的时刻。
+
+你会看到（smollm2-135m，2 核）：关掉 KV 缓存慢约 2-4 倍（kv_cache_speedup > 1）；动态 int8 比 fp32 快、
+模型小约 3 倍，困惑度只升高约 1-3%；批大小 8 的总吞吐是批大小 1 的数倍，但每个请求的首 token 更晚；
+2 线程比 1 线程快但不到 2 倍；bf16 只有 CPU 有原生 bf16 指令（AVX512-BF16/AMX）时才可能更快。
+"""
+from __future__ import annotations
+
+import copy
+import io
+import math
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+
+from common import cli, data, models, run
+from common.errors import UserError
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    batch_sizes: list[int] = cli.arg([1, 2, 4, 8], "要比较的批大小（fp32 + KV 缓存下测）")
+    max_new_tokens: int = cli.arg(48, "每次生成的新 token 数：越长，KV 缓存的好处越明显")
+    repeats: int = cli.arg(3, "每个配置计时几轮，取中位数（另有 1 轮预热不计）")
+    ppl_samples: int = cli.arg(24, "算困惑度用的样本条数（fp32 / bf16 / int8 用同一批）")
+    max_length: int = cli.arg(256, "算困惑度时每条样本最多多少 token")
+
+    smoke_model = "tiny-llama"
+
+
+class FirstTokenTimer:
+    """generate 的 streamer：第一次 put 是提示词，第二次 put 才是第一个新 token，记下那一刻。"""
+
+    def __init__(self) -> None:
+        self.calls, self.first = 0, None
+
+    def put(self, value) -> None:  # noqa: ANN001 - transformers 传入 token 张量
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def timed_generate(model, enc: dict, new_tokens: int, use_cache: bool) -> tuple[float, float, int]:
+    """生成一次，返回 (总秒数, 首 token 秒数, 新 token 总数)。"""
+    import torch
+
+    streamer = FirstTokenTimer()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             use_cache=use_cache, streamer=streamer)
+    total = time.perf_counter() - t0
+    n_new = (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+    return total, (streamer.first or time.perf_counter()) - t0, n_new
+
+
+def perplexity(model, tok, convs: list[list[dict]], max_length: int) -> float:
+    """只在助手回复的 token 上算平均负对数似然，再取 exp：同一批数据、同一个函数量每种精度。"""
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for msgs in convs:
+            ex = data.tokenize_chat(tok, msgs, max_length)
+            n = sum(1 for x in ex["labels"][1:] if x != -100)   # 模型内部会把 labels 右移一位
+            if n == 0:
+                continue
+            ids = torch.tensor([ex["input_ids"]])
+            loss = model(input_ids=ids, labels=torch.tensor([ex["labels"]])).loss
+            nll, count = nll + float(loss) * n, count + n
+    return math.exp(nll / max(count, 1))
+
+
+def size_mb(model) -> float:
+    """把 state_dict 序列化一次量大小：这就是部署时要加载的权重体积。"""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell() / 2**20
+
+
+def main(args: Args) -> dict:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    out = run.start(__file__, args)
+    log = out.log
+    if args.smoke:   # 冒烟：少几种批大小、少几条困惑度样本；新 token 数保持够长，KV 缓存的差别才量得出来
+        args.batch_sizes, args.ppl_samples = [1, 4], 8
+    if not args.batch_sizes or min(args.batch_sizes) < 1 or args.max_new_tokens < 2 or args.repeats < 1:
+        raise UserError("--batch-sizes 要 ≥1，--max-new-tokens 要 ≥2，--repeats 要 ≥1")
+
+    # 1. 加载 fp32 基线。本课讲 CPU 部署：即使有 GPU 也固定在 CPU 上测
+    if args.device == "cuda" or torch.cuda.is_available():
+        log.info("本课测量 CPU 推理：忽略 GPU，全部在 CPU 上运行")
+    if args.dtype not in ("auto", "float32", "fp32"):
+        log.info(f"--dtype {args.dtype}: 本脚本把 fp32、bf16、int8 都测一遍，基线固定 fp32")
+    name = args.resolved_model()
+    model, tok = models.load(name, source=args.source, device="cpu", dtype="float32",
+                             trust_remote_code=args.trust_remote_code)
+    model.eval()
+    tok.padding_side = "left"   # 仅解码器模型批量生成时要左填充，新 token 才紧接在各自提示词后面
+    convs = data.load_sft(args.data or data.DATA_DIR / "domain" / "sft.jsonl")
+    prompts = [data.prompt_text(tok, c) for c in convs]
+    max_threads = torch.get_num_threads()
+    log.info(f"{len(convs)} 条对话；torch 默认 {max_threads} 个线程；CPU 原生 bf16：{models.cpu_has_bf16()}")
+
+    # 2. 准备三种精度：fp32（基线）、bf16（权重和计算减半位宽）、动态 int8（Linear 权重 int8，激活运行时量化）
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    if not models.cpu_has_bf16():
+        log.warning("这颗 CPU 没有原生 bf16 指令：bf16 计算是模拟的，多半比 fp32 慢（内存减半仍成立）")
+    # torch 2.10 起 torch.ao.quantization 被标记为弃用，官方建议迁移到 torchao 的 quantize_(...)；
+    # 但 torchao 的 int8 在 CPU 上要配合 torch.compile 才快，eager 模式下比 fp32 慢一个数量级（见 README）。
+    # torch 2.13 里 quantize_dynamic 仍然可用、仍走 fbgemm/oneDNN 的 int8 GEMM，所以这里继续用它并屏蔽弃用警告。
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        int8 = quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    log.info("int8：torch.ao.quantization.quantize_dynamic（已弃用但在 torch 2.13 可用；迁移目标是 torchao.quantize_）")
+    variants = {"fp32": model, "bf16": bf16, "int8": int8}
+
+    # 3. 配置表：每行只改一个变量，其余与基线（fp32、批 1、KV 缓存、全部线程）相同
+    configs = {"fp32": ("fp32", 1, True, max_threads), "fp32_no_kv": ("fp32", 1, False, max_threads),
+               "bf16": ("bf16", 1, True, max_threads), "int8": ("int8", 1, True, max_threads)}
+    for bs in args.batch_sizes:
+        if bs > 1:
+            configs[f"fp32_bs{bs}"] = ("fp32", bs, True, max_threads)
+    if max_threads > 1:
+        configs["fp32_1thread"] = ("fp32", 1, True, 1)
+    encs = {bs: tok([prompts[i % len(prompts)] for i in range(bs)], return_tensors="pt", padding=True)
+            for bs in {c[1] for c in configs.values()}}
+
+    # 4. 计时：先每个配置预热一次（分配内存、选 GEMM 内核），再按轮次轮流测，取中位数
+    times: dict[str, list[tuple[float, float, int]]] = {k: [] for k in configs}
+    for rnd in range(args.repeats + 1):
+        for cname, (variant, bs, use_cache, threads) in configs.items():
+            torch.set_num_threads(threads)
+            res = timed_generate(variants[variant], dict(encs[bs]), args.max_new_tokens, use_cache)
+            if rnd > 0:
+                times[cname].append(res)
+        torch.set_num_threads(max_threads)
+        log.info(f"{'预热' if rnd == 0 else f'第 {rnd}/{args.repeats} 轮计时'}完成")
+    tps = {k: round(statistics.median(n / t for t, _, n in v), 2) for k, v in times.items()}
+    ttft = {k: round(statistics.median(f for _, f, _ in v) * 1000, 1) for k, v in times.items()}
+    new_tokens = {k: v[-1][2] for k, v in times.items()}
+
+    # 5. 精度代价：同一批留出文本上的困惑度（int8/bf16 相对 fp32 升高多少）
+    held = convs[: args.ppl_samples]
+    ppl = {k: round(perplexity(m, tok, held, args.max_length), 4) for k, m in variants.items()}
+    sizes = {k: round(size_mb(m), 1) for k, m in variants.items()}
+
+    # 6. 表格 + 图
+    table = Table(title=f"CPU 推理对比（{name}，每次 {args.max_new_tokens} 个新 token，{args.repeats} 轮中位数）")
+    for col in ("配置", "精度", "批", "KV", "线程", "tokens/s", "首 token ms", "相对 fp32"):
+        table.add_column(col, justify="right" if col not in ("配置", "精度") else "left")
+    for cname, (variant, bs, use_cache, threads) in configs.items():
+        table.add_row(cname, variant, str(bs), "开" if use_cache else "关", str(threads), f"{tps[cname]:.1f}",
+                      f"{ttft[cname]:.0f}", f"{tps[cname] / tps['fp32']:.2f}x")
+    Console(width=119).print(table)
+    log.info(f"困惑度 {ppl}；权重体积 MB {sizes}")
+
+    fig, save = out.plot("cpu_inference.png")
+    fig.set_size_inches(11, 4.2)
+    names = list(configs)
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    ax1.barh(names, [tps[k] for k in names], color="tab:blue")
+    ax1.set_xlabel("tokens/s（越高越好）")
+    ax1.invert_yaxis()
+    ax2.barh(names, [ttft[k] for k in names], color="tab:orange")
+    ax2.set_xlabel("首 token 延迟 ms（越低越好）")
+    ax2.invert_yaxis()
+    fig.suptitle(f"{name} CPU 推理：吞吐与首 token 延迟")
+    save()
+
+    return out.finish({
+        "tokens_per_s": tps,
+        "first_token_ms": ttft,
+        "new_tokens": new_tokens,
+        "kv_cache_speedup": round(tps["fp32"] / tps["fp32_no_kv"], 3),
+        "int8_speedup": round(tps["int8"] / tps["fp32"], 3),
+        "bf16_speedup": round(tps["bf16"] / tps["fp32"], 3),
+        "thread_speedup": round(tps["fp32"] / tps["fp32_1thread"], 3) if "fp32_1thread" in tps else None,
+        "batch_throughput_gain": round(tps[f"fp32_bs{max(args.batch_sizes)}"] / tps["fp32"], 3)
+        if max(args.batch_sizes) > 1 else None,
+        "perplexity": ppl,
+        "int8_ppl_delta": round(ppl["int8"] - ppl["fp32"], 4),
+        "int8_ppl_delta_pct": round(100 * (ppl["int8"] / ppl["fp32"] - 1), 2),
+        "size_mb": sizes,
+    }, summary=f"KV 缓存 {tps['fp32'] / tps['fp32_no_kv']:.2f}x，int8 {tps['int8'] / tps['fp32']:.2f}x"
+               f"（困惑度 {ppl['fp32']:.2f}→{ppl['int8']:.2f}），bf16 {tps['bf16'] / tps['fp32']:.2f}x，"
+               f"fp32 {tps['fp32']:.1f} tok/s，首 token {ttft['fp32']:.0f} ms")
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))

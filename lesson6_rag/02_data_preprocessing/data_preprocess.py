@@ -1,0 +1,289 @@
+"""RAG 数据预处理：加载 → 清洗 → 四种切块策略并排比较 → 向量化 → 数据质量报告 → 每种切块的检索 recall@5。
+
+切块决定了检索的上限：块太碎，答案被拆开；块太大，向量被稀释、还会超出向量模型的长度被截断。
+本脚本对同一份客服知识库（data/kb，中英双语）用四种策略切块：
+  fixed      固定字符窗口（不管句子，硬切）
+  recursive  LangChain RecursiveCharacterTextSplitter（段落 > 行 > 句 > 词，逐级退让）
+  sentence   中文句子感知：按 。！？；/ . ! ? 断句，再把句子装箱到目标长度
+  semantic   语义切块（手写）：相邻句子的向量余弦相似度跌到本文档的低分位数以下时切开
+每个块都记下它在原文中的起点，用 common.retrieval.is_hit（与金标段落的区间重叠）判定检索是否命中。
+
+运行：
+  python lesson6_rag/02_data_preprocessing/data_preprocess.py            # CPU，all-MiniLM-L6-v2，约 1 分钟
+  python lesson6_rag/02_data_preprocessing/data_preprocess.py --smoke    # 只取 1/4 文档，约 20 秒
+  python lesson6_rag/02_data_preprocessing/data_preprocess.py --embedding-model BAAI/bge-small-zh-v1.5 \\
+      --device cuda --config configs/lesson6/data_preprocess.yaml   # GPU + 中文向量模型（需联网下载一次）
+
+你会看到：四种策略的块都覆盖了全部文档（coverage = 1.0）、块的起点都与原文对得上；质量报告（quality_report.md）
+里 fixed 的过短块与截断块最多；每种策略两列 recall@5：dense（MiniLM + FAISS）与 BM25（jieba 分词）。
+MiniLM 是英文模型，中文问题上 dense 明显弱于 BM25（看 by_lang），所以两列都报，不要只看 dense。
+"""
+from __future__ import annotations
+
+import re
+import statistics
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+
+from common import cli, data, models, retrieval, run
+from common.errors import UserError
+from common.retrieval import Chunk
+
+K = 5   # recall@5：RAG 通常把前 5 个块交给大模型
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    docs: str = cli.arg(None, "知识库文件夹（.txt/.md/.html/.pdf）；默认 data/kb/docs")
+    qa: str = cli.arg(None, "检索问答 JSONL {question, answer, doc_id, gold_passage}；默认 data/kb/qa.jsonl")
+    embedding_model: str = cli.arg(None, "sentence-transformers 模型（本地目录或 hub id）；默认 all-MiniLM-L6-v2")
+    chunk_size: int = cli.arg(300, "目标块长（字符）：四种策略用同一个上限，比较才公平")
+    chunk_overlap: int = cli.arg(50, "fixed / recursive 相邻块重叠的字符数（防止答案正好被切在边界上）")
+    semantic_percentile: float = cli.arg(25.0, "语义切块：相邻句相似度低于本文档第 p 百分位时切开（p 越大块越碎）")
+    semantic_min_chars: int = cli.arg(60, "语义切块：当前块不足这么多字符时不在话题转折处切（否则标题会被单独切出来）")
+    min_chunk_chars: int = cli.arg(20, "质量报告：短于此字符数算过短块（孤立的标题、半句话）")
+
+    def resolved_model(self) -> str:
+        """本脚本不用大模型：metrics.json 里的 model 记录向量模型。"""
+        return self.embedding_model or "all-MiniLM-L6-v2"
+
+
+# ---- 清洗：NFKC 把全角字母数字、全角空格变成半角；中文标点再还原成全角，中文读起来才自然 ----
+ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+CJK_PUNCT = {",": "，", ":": "：", ";": "；", "!": "！", "?": "？"}
+
+
+def clean_text(text: str) -> str:
+    """NFKC + 去零宽/控制字符 + 行内空白合并 + 最多保留一个空行（段落结构要留给 recursive 切块用）。"""
+    t = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
+    t = CONTROL.sub("", ZERO_WIDTH.sub("", t))
+    t = re.sub(r"[ \t]+", " ", t)
+    t = re.sub(r" *\n *", "\n", t)
+    t = re.sub(r"\n{3,}", "\n\n", t)
+    t = re.sub(r"(?<=[\u4e00-\u9fff])[,:;!?]|[,:;!?](?=[\u4e00-\u9fff])", lambda m: CJK_PUNCT[m.group()], t)
+    return t.strip()
+
+
+# ---- 断句：中文句末标点后直接断；英文句点要求后面是空白，才不会把 3.5 或 v1.2 切开；换行也是边界 ----
+SENT_END = re.compile(r"[。！？；!?;]+[”’\"')）]*|\.(?=\s)|\n")
+
+
+def split_sentences(text: str) -> list[tuple[int, int]]:
+    """返回每个句子在原文中的 (start, end)，已去掉首尾空白。"""
+    spans, s = [], 0
+    for m in SENT_END.finditer(text):
+        spans.append((s, m.end()))
+        s = m.end()
+    spans.append((s, len(text)))
+    out = []
+    for a, b in spans:
+        seg = text[a:b]
+        if seg.strip():
+            a += len(seg) - len(seg.lstrip())
+            out.append((a, a + len(seg.strip())))
+    return out
+
+
+def pack(doc: data.Document, sents: list[tuple[int, int]], size: int, cut_before: set[int] = frozenset(),
+         min_len: int = 0):
+    """把句子按顺序装箱：装不下、或遇到切点且当前块已有 min_len 字符，就另起一块；单句超长时按字符硬切。"""
+    chunks, cur = [], None
+
+    def flush():
+        if cur:
+            chunks.append(Chunk(f"{doc.id}#{len(chunks)}", doc.id, doc.text[cur[0]:cur[1]], cur[0]))
+
+    for i, (a, b) in enumerate(sents):
+        if cur and (b - cur[0] > size or (i in cut_before and cur[1] - cur[0] >= min_len)):
+            flush()
+            cur = None
+        if b - a > size:
+            for s in range(a, b, size):
+                cur = (s, min(b, s + size))
+                flush()
+            cur = None
+            continue
+        cur = (cur[0] if cur else a, b)
+    flush()
+    return chunks
+
+
+def fixed_chunks(docs, size: int, overlap: int) -> list[Chunk]:
+    """固定字符窗口：最简单，也最容易把一句话、一个数字切成两半。"""
+    step = size - overlap
+    return [Chunk(f"{d.id}#{i}", d.id, d.text[s:s + size], s)
+            for d in docs for i, s in enumerate(range(0, max(1, len(d.text) - overlap), step))]
+
+
+def semantic_chunks(docs, embedder, size: int, percentile: float, min_len: int):
+    """语义切块：相邻两句的余弦相似度低于本文档的第 p 百分位 = 话题转折，在这里切。返回 (块, 相似度列表)。"""
+    import numpy as np
+
+    per_doc = [split_sentences(d.text) for d in docs]
+    texts = [d.text[a:b] for d, sents in zip(docs, per_doc) for a, b in sents]
+    vecs = retrieval.embed(embedder, texts)          # 已归一化：内积就是余弦
+    chunks, all_sims, pos = [], [], 0
+    for d, sents in zip(docs, per_doc):
+        v = vecs[pos:pos + len(sents)]
+        pos += len(sents)
+        sims = (v[:-1] * v[1:]).sum(axis=1)          # sims[i] = sim(第 i 句, 第 i+1 句)
+        # 阈值按文档各自算：不同文档（中/英、FAQ/手册）的相似度基线不同，用全局阈值会让某些文档切不动
+        cut = set()
+        if len(sims):
+            thr = float(np.percentile(sims, percentile))
+            cut = {i + 1 for i, s in enumerate(sims) if s < thr}
+            all_sims.extend(float(s) for s in sims)
+        # 标题与正文的相似度往往也低：不设最短长度，标题会被单独切成一个过短块
+        chunks += pack(d, sents, size, cut, min_len)
+    return chunks, all_sims
+
+
+def lang_of(text: str) -> str:
+    """按字符粗分 zh / en / mixed：汉字占（汉字 + 拉丁字母）的比例 ≥ 0.7 为 zh，≤ 0.1 为 en。"""
+    cjk = sum("\u4e00" <= c <= "\u9fff" for c in text)
+    lat = sum(c.isascii() and c.isalpha() for c in text)
+    if cjk + lat == 0:
+        return "mixed"
+    share = cjk / (cjk + lat)
+    return "zh" if share >= 0.7 else "en" if share <= 0.1 else "mixed"
+
+
+def coverage(docs, chunks: list[Chunk]) -> float:
+    """文档里非空白字符被至少一个块覆盖的比例（切块不能丢内容）。"""
+    covered = {d.id: bytearray(len(d.text)) for d in docs}
+    for c in chunks:
+        covered[c.doc_id][c.start:c.end] = b"\x01" * len(c.text)
+    total = hit = 0
+    for d in docs:
+        for ch, flag in zip(d.text, covered[d.id]):
+            if not ch.isspace():
+                total += 1
+                hit += flag
+    return hit / max(1, total)
+
+
+def quality(chunks: list[Chunk], tokenizer, max_tokens: int, min_chars: int) -> dict:
+    """数据质量计数：空块、重复块、过短块、超过向量模型长度（会被截断）的块、语言分布、长度分布。"""
+    norm = [re.sub(r"\s+", " ", c.text).strip() for c in chunks]
+    lens = [len(c.text) for c in chunks]
+    ntok = [len(ids) for ids in tokenizer([c.text for c in chunks], add_special_tokens=True)["input_ids"]]
+    seen, dup = set(), 0
+    for t in norm:
+        dup += t in seen and bool(t)
+        seen.add(t)
+    langs = Counter(lang_of(c.text) for c in chunks)
+    return {"chunks": len(chunks), "avg_len": round(statistics.mean(lens), 1), "max_len": max(lens),
+            "empty": sum(not t for t in norm), "duplicate": dup,
+            "too_short": sum(0 < len(t) < min_chars for t in norm),
+            "too_long": sum(n > max_tokens for n in ntok),
+            "lang": {k: langs.get(k, 0) for k in ("zh", "en", "mixed")}}
+
+
+def main(args: Args) -> dict:
+    out = run.start(__file__, args)
+    log = out.log
+    if args.model:
+        log.warning(f"--model {args.model}: 本脚本不用大模型，已忽略；换向量模型请用 --embedding-model")
+    if args.chunk_overlap >= args.chunk_size:
+        raise UserError(f"--chunk-overlap {args.chunk_overlap} 必须小于 --chunk-size {args.chunk_size}")
+
+    # 1. 加载：txt/md/html/pdf 统一成纯文本（common.data.load_documents）；问答集检查 gold_passage 确在原文里
+    raw_docs, _, qas = retrieval.load_kb(args.docs, args.qa or args.data)
+    if args.smoke:   # 冒烟：只取四分之一文档（以及问它们的问题），流程完全一样
+        raw_docs = raw_docs[::4]
+        keep = {d.id for d in raw_docs}
+        qas = [q for q in qas if q["doc_id"] in keep or not q["doc_id"]]
+    log.info(f"加载 {len(raw_docs)} 篇文档、{len(qas)} 个问题：{dict(Counter(d.path.suffix for d in raw_docs))}")
+
+    # 2. 清洗：NFKC、零宽/控制字符、空白；金标段落用同一个函数清洗，区间判定才对得上
+    nfkc_changed = sum(unicodedata.normalize("NFKC", c) != c for d in raw_docs for c in d.text)
+    docs = [data.Document(d.id, clean_text(d.text), d.path) for d in raw_docs]
+    by_id = {d.id: d for d in docs}
+    qas = [{**q, "gold_passage": clean_text(q["gold_passage"]) if q["gold_passage"] else None} for q in qas]
+    gold_found = sum(q["gold_passage"] in by_id[q["doc_id"]].text for q in qas if q["gold_passage"] and q["doc_id"])
+    clean_stats = {"chars_before": sum(len(d.text) for d in raw_docs), "chars_after": sum(len(d.text) for d in docs),
+                   "nfkc_changed_chars": nfkc_changed, "gold_found_after_cleaning": gold_found}
+    log.info(f"清洗：{clean_stats}")
+
+    # 3. 切块：四种策略，同一个长度上限
+    device = str(models.pick_device(args.device))
+    embedder = retrieval.load_embedder(args.embedding_model, device)
+    strategies = {"fixed": fixed_chunks(docs, args.chunk_size, args.chunk_overlap),
+                  "recursive": retrieval.chunk_documents(docs, args.chunk_size, args.chunk_overlap),
+                  "sentence": [c for d in docs for c in pack(d, split_sentences(d.text), args.chunk_size)]}
+    strategies["semantic"], sims = semantic_chunks(docs, embedder, args.chunk_size, args.semantic_percentile,
+                                                  args.semantic_min_chars)
+    log.info("块数：" + ", ".join(f"{k}={len(v)}" for k, v in strategies.items()))
+
+    # 4. 向量化（Sentence-BERT）+ FAISS 精确检索，对照 BM25；每种策略同一批问题、同一个命中判定
+    qvecs = retrieval.embed(embedder, [q["question"] for q in qas])
+    max_tokens = embedder.max_seq_length   # 超过它的部分编码时被截断：块的后半段对向量检索是"隐形"的
+    results = {}
+    for name, chunks in strategies.items():
+        rep = quality(chunks, embedder.tokenizer, max_tokens, args.min_chunk_chars)
+        rep["coverage"] = round(coverage(docs, chunks), 4)
+        rep["offset_errors"] = sum(by_id[c.doc_id].text[c.start:c.end] != c.text for c in chunks)
+        texts = [c.text for c in chunks]
+        dense = retrieval.DenseIndex(retrieval.embed(embedder, texts))
+        dense_ranked = [[i for i, _ in r] for r in dense.search_vectors(qvecs, K)]
+        bm25 = retrieval.BM25Index(texts)
+        bm25_ranked = [[i for i, _ in bm25.search(q["question"], K)] for q in qas]
+        hits = {"dense": retrieval.hits_matrix(dense_ranked, qas, chunks, by_id),
+                "bm25": retrieval.hits_matrix(bm25_ranked, qas, chunks, by_id)}
+        rep["recall_at_5"] = round(retrieval.recall_at_k(hits["dense"], K), 4)
+        rep["bm25_recall_at_5"] = round(retrieval.recall_at_k(hits["bm25"], K), 4)
+        rep["by_lang"] = {lang: {kind: round(retrieval.recall_at_k([h for h, q in zip(hs, qas) if q["lang"] == lang],
+                                                                   K), 4) for kind, hs in hits.items()}
+                          for lang in sorted({q["lang"] for q in qas})}
+        results[name] = rep
+        log.info(f"{name:9s} dense recall@{K}={rep['recall_at_5']:.3f}  bm25={rep['bm25_recall_at_5']:.3f}  "
+                 f"{rep['by_lang']}")
+
+        # 长度直方图：看分布的形状——fixed 是一根柱子，句子/语义切块是一片
+        fig, save = out.plot(f"length_hist_{name}.png")
+        ax = fig.gca()
+        ax.hist([len(c.text) for c in chunks], bins=30, color="#4C72B0")
+        ax.axvline(args.chunk_size, color="gray", ls="--", label=f"chunk_size={args.chunk_size}")
+        ax.set(title=f"{name}: {len(chunks)} chunks, avg {rep['avg_len']} chars", xlabel="chunk length (chars)",
+               ylabel="count")
+        ax.legend()
+        save()
+
+    # 5. 质量报告：一张表 + 名词解释，写成 markdown
+    lines = ["# 切块数据质量报告", "", f"文档 {len(docs)} 篇，问题 {len(qas)} 个；向量模型 {args.resolved_model()}"
+             f"（最长 {max_tokens} token）；清洗：{clean_stats}", "",
+             "| 策略 | 块数 | 平均长度 | 最长 | 空 | 重复 | 过短 | 超长(截断) | zh/en/mixed | 覆盖率 "
+             f"| dense R@{K} | BM25 R@{K} |", "|" + "---|" * 12]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['chunks']} | {r['avg_len']} | {r['max_len']} | {r['empty']} | {r['duplicate']} "
+                     f"| {r['too_short']} | {r['too_long']} | {r['lang']['zh']}/{r['lang']['en']}/{r['lang']['mixed']} "
+                     f"| {r['coverage']} | {r['recall_at_5']} | {r['bm25_recall_at_5']} |")
+    lines += ["", f"- 过短：去掉空白后少于 {args.min_chunk_chars} 个字符；超长：分词后超过向量模型的 {max_tokens} token，"
+              "编码时尾部被截断。", "- zh/en/mixed：汉字占（汉字+拉丁字母）≥0.7 为 zh，≤0.1 为 en，其余 mixed。",
+              "- dense = 向量检索（FAISS IndexFlatIP，余弦）；BM25 = jieba 分词后的关键词检索。",
+              f"- 分语言 recall@{K}：" + "; ".join(f"{n} {r['by_lang']}" for n, r in results.items())]
+    out.path("quality_report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    fig, save = out.plot("recall_by_strategy.png")
+    ax = fig.gca()
+    xs = range(len(results))
+    ax.bar([x - 0.2 for x in xs], [r["recall_at_5"] for r in results.values()], 0.4, label="dense (MiniLM+FAISS)")
+    ax.bar([x + 0.2 for x in xs], [r["bm25_recall_at_5"] for r in results.values()], 0.4, label="BM25 (jieba)")
+    ax.set_xticks(list(xs), list(results))
+    ax.set(ylim=(0, 1.05), ylabel=f"recall@{K}", title="recall by chunking strategy")
+    ax.legend()
+    save()
+
+    best = max(results, key=lambda k: results[k]["bm25_recall_at_5"] + results[k]["recall_at_5"])
+    summary = (f"{len(docs)} docs; " + ", ".join(f"{k}: {r['chunks']} chunks dense={r['recall_at_5']:.2f} "
+                                                 f"bm25={r['bm25_recall_at_5']:.2f}" for k, r in results.items())
+               + f"; best={best}")
+    return out.finish({"documents": len(docs), "questions": len(qas), "cleaning": clean_stats,
+                       "semantic_sim_mean": round(statistics.mean(sims), 4) if sims else None,
+                       "strategies": results, "best_strategy": best}, summary)
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))

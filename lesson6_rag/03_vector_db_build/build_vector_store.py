@@ -1,0 +1,244 @@
+"""构建可增量维护的向量库：FAISS 索引 + SQLite 元数据，按文档哈希做增、改、删，不必每次全量重建。
+
+知识库天天在变：新文档上线、旧文档修订、过期文档下架。每次都把全部文档重新向量化太慢，
+但增量维护一旦做错，就会出现"已删除的文档还能被搜到""改过的文档搜出旧内容"。本脚本演示正确做法：
+  - 分批向量化、分批写入 faiss.IndexIDMap2(IndexFlatIP)，每个块的 id 是稳定的 int64：
+    sha1("文档id#块序号") 的前 8 字节、截成 63 位（SQLite 的 INTEGER 主键也能放下），两次运行 id 不变；
+  - 元数据（id → 文档 id、块文本、文档内容哈希）存在 SQLite 里，和索引文件一起保存；
+  - 同步时逐篇算内容哈希：没变 → 跳过；变了 → remove_ids 删掉旧块再加新块；文档没了 → remove_ids。
+演示流程：把知识库复制到输出目录里的工作文件夹 → 建库 → 在副本上新增 2 篇、修改 2 篇、删除 1 篇
+→ 增量同步，并与同一最终状态的全量重建（--rebuild 走的那条路）比较耗时和检索结果，最后做一致性检查。
+
+运行：
+  python lesson6_rag/03_vector_db_build/build_vector_store.py            # CPU，44 篇文档，约 1-2 分钟
+  python lesson6_rag/03_vector_db_build/build_vector_store.py --smoke    # 12 篇文档，约 20 秒
+  python lesson6_rag/03_vector_db_build/build_vector_store.py --docs my_docs/ --qa my_qa.jsonl \
+      --embedding-model BAAI/bge-small-zh-v1.5 --config configs/lesson6/build_vector_store.yaml   # 自己的文档（在副本上演示）
+  加 --rebuild：第 1 步的初次建库强制全量（默认会复用输出目录里上次的库，只同步有变化的文档）。
+
+你会看到：added=2、updated=2、deleted=1，其余文档 skipped；增量同步只向量化变化文档的块，
+比全量重建快数倍（incremental_vs_rebuild_speedup > 1）；一致性检查全部通过（consistent=True）：
+每个块用自己的向量搜索时第 1 名是它自己、任何查询都搜不到已删除或过期的 id、ntotal 等于元数据条数、
+增量库与重建库对同一批查询给出相同结果。
+"""
+
+import hashlib
+import os
+import shutil
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import cli, data, models, retrieval, run
+from common.errors import UserError
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    docs: str = cli.arg(None, "知识库文件夹（.txt/.md/.html/.pdf）；默认 data/kb/docs。演示的增删改只发生在它的副本上")
+    qa: str = cli.arg(None, "检索问答集 JSONL（只用其中的问题做一致性检查的查询）；默认随 data/kb/qa.jsonl")
+    embedding_model: str = cli.arg(None, "sentence-transformers 模型名或目录；默认离线 all-MiniLM-L6-v2")
+    chunk_size: int = cli.arg(300, "切块字符数")
+    chunk_overlap: int = cli.arg(50, "相邻块重叠的字符数")
+    batch_size: int = cli.arg(32, "每批向量化并写入索引的块数：大库一次全算会占满内存，分批还能显示进度")
+    max_docs: int = cli.arg(0, "只用其中 N 篇文档（均匀抽取，0 = 全部）；--smoke 时默认 12")
+    rebuild: bool = cli.arg(False, "初次建库强制全量重建（默认：输出目录里已有上次的库时只做增量同步）")
+
+
+NEW_DOCS = {  # 演示"新增 2 篇"：一款新产品的中英文 FAQ
+    "demo_new_s9_doorbell_faq_zh.md": "# 云帆 S9 智能门铃常见问题\n\nS9 门铃使用 2 节 18650 充电电池，满电可待机约 6 个月。"
+    "门铃检测到有人停留超过 10 秒会推送提醒，录像保存在云端 7 天，可在 App 的「访客记录」中查看。\n\n"
+    "安装时请先在 App 中添加设备，再用附带的双面胶或螺丝固定在门框旁，离地约 1.4 米效果最好。",
+    "demo_new_s9_doorbell_faq_en.md": "# Yunfan S9 Smart Doorbell FAQ\n\nThe S9 doorbell runs on two "
+    "rechargeable 18650 cells; a full charge lasts about 6 months on standby. When someone lingers for more than "
+    "10 seconds the app sends an alert, and recordings are kept in the cloud for 7 days under Visitor History."
+    "\n\nMount it about 1.4 m above the floor, next to the door frame, after adding the device in the app.",
+}
+EDIT = {"zh": "更新说明：自 2026 年 12 月 1 日起，本文所述服务新增视频远程指导，可在云帆智能 App 中提交工单预约。",
+        "en": "Update: from 1 December 2026 remote video guidance is available for this service; book it in the app."}
+
+
+def chunk_key(chunk_id: str) -> int:
+    """稳定的 int64 id：sha1("文档id#块序号") 前 8 字节，截成 63 位非负数（FAISS 与 SQLite 都能存）。"""
+    return int.from_bytes(hashlib.sha1(chunk_id.encode("utf-8")).digest()[:8], "big") & (2**63 - 1)
+
+
+def sync(docs_dir: Path, store: Path, embedder, args: Args, rebuild: bool, log) -> dict:
+    """让 store（index.faiss + meta.sqlite）与 docs_dir 一致：按文档哈希增、改、删；rebuild=True 时全量重建。"""
+    import faiss
+    import numpy as np
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    store.mkdir(parents=True, exist_ok=True)
+    index_path, model_name = store / "index.faiss", args.embedding_model or "all-MiniLM-L6-v2"
+    current = {d.id: (d, hashlib.sha256(d.text.encode("utf-8")).hexdigest()) for d in data.load_documents(docs_dir)}
+    con = sqlite3.connect(store / "meta.sqlite")
+    con.execute("CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY, doc_id TEXT NOT NULL, "
+                "chunk_no INTEGER NOT NULL, text TEXT NOT NULL, doc_hash TEXT NOT NULL)")
+    con.execute("CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT)")
+    index = faiss.read_index(str(index_path)) if index_path.exists() and not rebuild else None
+    count = con.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+    # 换了向量模型、或上次写到一半（索引条数与元数据对不上），旧向量都不能再用：只能全量重建
+    why = ("--rebuild" if rebuild else "还没有库" if index is None
+           else "向量模型变了" if dict(con.execute("SELECT key, value FROM info")).get("model") != model_name
+           else f"索引 {index.ntotal} 条 ≠ 元数据 {count} 条" if index.ntotal != count else None)
+    if why:
+        log.info("%s：全量构建 %s", why, store.name)
+        con.execute("DELETE FROM chunks")
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(embedder.get_embedding_dimension()))
+    stored = dict(con.execute("SELECT DISTINCT doc_id, doc_hash FROM chunks"))
+    new = [d for d in current if d not in stored]
+    changed = [d for d in current if d in stored and stored[d] != current[d][1]]
+    deleted = [d for d in stored if d not in current]
+
+    # 删：已删除文档和已修改文档的旧块，一起按 id 从索引和元数据里拿掉
+    for doc_id in deleted + changed:
+        ids = np.array([r[0] for r in con.execute("SELECT id FROM chunks WHERE doc_id = ?", (doc_id,))], "int64")
+        index.remove_ids(ids)
+        con.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
+    # 加：只有新文档和修改过的文档需要切块、向量化（这是最贵的一步，也是增量省下的时间）
+    todo = retrieval.chunk_documents([current[d][0] for d in changed + new], args.chunk_size, args.chunk_overlap)
+    for s in tqdm(range(0, len(todo), args.batch_size), desc=f"向量化 {store.name}", disable=len(todo) < 100):
+        batch = todo[s:s + args.batch_size]
+        ids = np.array([chunk_key(c.id) for c in batch], dtype="int64")
+        index.add_with_ids(retrieval.embed(embedder, [c.text for c in batch]), ids)
+        con.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?)",
+                        [(int(i), c.doc_id, int(c.id.rsplit("#", 1)[1]), c.text, current[c.doc_id][1])
+                         for i, c in zip(ids, batch)])
+    con.execute("INSERT OR REPLACE INTO info VALUES ('model', ?)", (model_name,))
+    # 先原子地换掉索引文件，再提交元数据：中途崩溃时两者条数对不上，下次启动会被上面的检查发现并重建
+    faiss.write_index(index, str(index_path) + ".tmp")
+    os.replace(str(index_path) + ".tmp", index_path)
+    con.commit()
+    con.close()
+    return {"added": len(new), "updated": len(changed), "deleted": len(deleted),
+            "skipped": len(current) - len(new) - len(changed), "chunks_embedded": len(todo),
+            "vectors": int(index.ntotal), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def load_store(store: Path):
+    """读回索引和元数据：(index, {id: (doc_id, text)})。"""
+    import faiss
+
+    con = sqlite3.connect(store / "meta.sqlite")
+    meta = {i: (doc_id, text) for i, doc_id, text in con.execute("SELECT id, doc_id, text FROM chunks")}
+    con.close()
+    return faiss.read_index(str(store / "index.faiss")), meta
+
+
+def main(args: Args) -> dict:
+    import faiss
+    import numpy as np
+
+    out = run.start(__file__, args)
+    log = out.log
+    max_docs = args.max_docs or (12 if args.smoke else 0)
+
+    # 1. 把知识库复制到输出目录里的工作文件夹：演示的增删改只动副本，不碰你的原始文档
+    docs_dir = args.docs or args.data   # --data 指向文件夹时与 --docs 相同
+    src = data.load_documents(docs_dir or data.DATA_DIR / "kb" / "docs")
+    if max_docs and len(src) > max_docs:
+        src = src[:: len(src) // max_docs][:max_docs]
+    if len(src) < 3:
+        raise UserError(f"--docs {docs_dir}: 演示要修改 2 篇、删除 1 篇，至少需要 3 篇文档（现在 {len(src)} 篇）")
+    work = out.path("work_kb")
+    shutil.rmtree(work, ignore_errors=True)
+    for d in src:
+        (work / d.id).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(d.path, work / d.id)
+    # 一致性检查用的查询：问答集里的问题（默认知识库自带；自己的 --docs 配 --qa），再加上新文档相关的问题
+    qa_path = args.qa or (None if docs_dir else data.DATA_DIR / "kb" / "qa.jsonl")
+    queries = [q["question"] for q in data.load_qa(qa_path)] if qa_path else [d.text[:80] for d in src]
+    queries = (queries[:20] if args.smoke else queries) + ["S9 门铃的录像在云端保存几天？", "How high to mount the S9?"]
+
+    embedder = retrieval.load_embedder(args.embedding_model, str(models.pick_device(args.device)))   # 只有向量化用 GPU
+    store, rebuilt = out.path("store"), out.path("store_rebuilt")
+    initial = sync(work, store, embedder, args, args.rebuild, log)
+    log.info("建库（输出目录里有上次的库时是增量同步）：%d 篇文档 → %d 个向量，%.2fs，%s", len(src), initial["vectors"],
+             initial["seconds"], {k: initial[k] for k in ("added", "updated", "deleted", "skipped")})
+
+    # 2. 在副本上新增 2 篇、修改 2 篇（一篇末尾追加、一篇开头插入：后者让所有块都错位）、删除 1 篇
+    editable = [d for d in src if d.path.suffix.lower() in (".md", ".txt")] or src
+    first_per_lang = list({data.detect_lang(d.text): d for d in reversed(editable)}.values())   # 中英文各改一篇
+    edited = (first_per_lang + [d for d in editable if d not in first_per_lang])[:2]
+    removed = next(d for d in reversed(src) if d not in edited)
+    for i, d in enumerate(edited):
+        note = EDIT[data.detect_lang(d.text)]
+        text = (work / d.id).read_text(encoding="utf-8")
+        (work / d.id).write_text(text.rstrip() + "\n\n" + note + "\n" if i == 0 else note + "\n\n" + text,
+                                 encoding="utf-8")
+    (work / removed.id).unlink()
+    for name, text in NEW_DOCS.items():
+        (work / name).write_text(text, encoding="utf-8")
+    _, old_meta = load_store(store)
+    log.info("副本上的改动：新增 %s，修改 %s，删除 %s", list(NEW_DOCS), [d.id for d in edited], removed.id)
+
+    # 3. 增量同步 vs 同一最终状态的全量重建（--rebuild 那条路），同一个向量模型、同样的写盘
+    inc = sync(work, store, embedder, args, False, log)
+    full = sync(work, rebuilt, embedder, args, True, log)
+    speedup = full["seconds"] / max(inc["seconds"], 1e-9)
+    log.info("增量同步 %.2fs（向量化 %d 块） vs 全量重建 %.2fs（向量化 %d 块）：快 %.1f 倍", inc["seconds"],
+             inc["chunks_embedded"], full["seconds"], full["chunks_embedded"], speedup)
+
+    # 4. 一致性检查：每一项都是增量维护最容易出错的地方
+    index, meta = load_store(store)
+    index_full, meta_full = load_store(rebuilt)
+    live = np.array(sorted(meta), dtype="int64")
+    own = np.stack([index.reconstruct(int(i)) for i in live])
+    scores, top = index.search(own, 2)
+    # 第 1 名应是它自己；若另有一块文本完全相同（向量相同、分数并列），也算对
+    self_top1 = all(t[0] == i or abs(s[0] - s[1]) < 1e-6 and i in t for i, t, s in zip(live, top, scores))
+    # 过期 id：被删文档的块 + 修改后不复存在的尾部块。修改文档的其余块沿用原 id（位置没变），
+    # 旧内容有没有残留，靠下面 same_vectors_as_rebuild（同一 id 的向量与重建库逐一比较）来查
+    stale = set(old_meta) - set(meta)
+    qvecs = retrieval.embed(embedder, queries)
+    s_inc, i_inc = index.search(qvecs, 10)
+    s_full, i_full = index_full.search(qvecs, 10)
+    returned = {int(i) for i in i_inc.ravel() if i >= 0}
+    own_full = np.stack([index_full.reconstruct(int(i)) for i in live]) if set(meta) == set(meta_full) else None
+    checks = {
+        "ntotal_equals_metadata": index.ntotal == len(meta) == index_full.ntotal == len(meta_full),
+        "self_search_top1": bool(self_top1),
+        "no_stale_ids_returned": not (returned & stale) and returned <= set(meta),
+        "same_ids_as_rebuild": set(meta) == set(meta_full),
+        "same_vectors_as_rebuild": own_full is not None and bool(np.allclose(own, own_full, atol=1e-4)),
+        "same_results_as_rebuild": bool(np.allclose(s_inc, s_full, atol=1e-4))
+        and all(set(a) == set(b) for a, b in zip(i_inc[:, :5].tolist(), i_full[:, :5].tolist())),
+        "deleted_doc_gone": all(doc != removed.id for doc, _ in meta.values()),
+    }
+    consistent = all(checks.values())
+    for k, v in checks.items():
+        (log.info if v else log.error)("一致性检查 %-24s %s", k, "通过" if v else "失败")
+    log.info("%d 个过期 id（删除/修改前的旧块）在 %d 个查询的 top-10 里出现 %d 次", len(stale), len(queries),
+             len(returned & stale))
+
+    # 5. 耗时对比图
+    fig, save = out.plot("sync_vs_rebuild.png")
+    ax = fig.subplots()
+    names = ["step 1: build (or sync)", "incremental sync", "full rebuild"]
+    runs = [initial, inc, full]
+    bars = ax.bar(names, [r["seconds"] for r in runs], color=["#999999", "#2a9d8f", "#e76f51"])
+    for b, r in zip(bars, runs):
+        ax.annotate(f"{r['seconds']:.2f}s\n{r['chunks_embedded']} chunks embedded",
+                    (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("seconds")
+    ax.set_title(f"FAISS IndexIDMap2: incremental is {speedup:.1f}x faster than rebuild")
+    ax.margins(y=0.25)
+    save()
+
+    return out.finish({
+        "vectors": inc["vectors"], "added": inc["added"], "updated": inc["updated"], "deleted": inc["deleted"],
+        "skipped": inc["skipped"], "consistent": consistent, "checks": checks,
+        "incremental_s": inc["seconds"], "rebuild_s": full["seconds"], "initial_build_s": initial["seconds"],
+        "incremental_vs_rebuild_speedup": round(speedup, 2), "chunks_embedded_incremental": inc["chunks_embedded"],
+        "chunks_embedded_rebuild": full["chunks_embedded"], "stale_ids": len(stale), "queries": len(queries),
+        "index_bytes": (store / "index.faiss").stat().st_size, "faiss_version": faiss.__version__,
+        "embedding_model": args.embedding_model or "all-MiniLM-L6-v2"},
+        summary=f"+{inc['added']} ~{inc['updated']} -{inc['deleted']} 篇，{inc['vectors']} 个向量；增量 {inc['seconds']:.2f}s "
+                f"vs 重建 {full['seconds']:.2f}s（{speedup:.1f}x）；consistent={consistent}")
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))
