@@ -154,7 +154,7 @@ def build(name: str, out_dir: Path, seed: int = 0, log=print, tok_dir: Path | No
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     info = {"name": name, "params": sum(p.numel() for p in model.parameters()), "tokens": len(stream),
-            "final_pretrain_loss": round(float(loss), 4), "build_seconds": round(time.perf_counter() - t0, 2)}
+            "final_pretrain_loss": round(loss.item(), 4), "build_seconds": round(time.perf_counter() - t0, 2)}
     (out_dir / "course_build.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     log(f"构建 {name}: {info['params'] / 1e6:.2f}M 参数，预训练 {PRETRAIN_STEPS} 步，"
         f"loss {info['final_pretrain_loss']}，用时 {info['build_seconds']} 秒")
