@@ -10,7 +10,6 @@
 你会看到：没有服务时一行"RAGFlow 不可达"，compose_ok=True、client_ok=True、docs_ready=知识库文件数；
 连上服务时再给出 RAGFlow 自己切块 + 混合检索的 recall_at_5，以及它的对话助手的 answer_accuracy。
 """
-from __future__ import annotations
 
 import inspect
 import os
@@ -205,7 +204,7 @@ def main(args: Args) -> dict:
         return out.finish(metrics)
     u = urlparse(url)
     try:
-        u.port
+        _ = u.port   # 端口不是数字时 urlparse 在这里才报 ValueError
     except ValueError:
         raise UserError(f"--ragflow-url {url!r}: 端口不是数字") from None
     if u.scheme not in ("http", "https") or not u.hostname:
@@ -228,7 +227,7 @@ def main(args: Args) -> dict:
         raise UserError("compose 或 ragflow-sdk 检查未通过（见上面的错误），先修好再连服务")
 
     # 5. 建知识库、上传、异步解析；轮询解析状态，带截止时间
-    from ragflow_sdk import RAGFlow, Chat
+    from ragflow_sdk import Chat, RAGFlow
 
     rag = RAGFlow(api_key=key, base_url=url)
     ds, chat = None, None
