@@ -30,6 +30,7 @@
 
 # %%
 
+import dataclasses
 from dataclasses import dataclass
 
 from common import cli, data, models, run
@@ -37,12 +38,18 @@ from common import cli, data, models, run
 
 @dataclass
 class Args(cli.CommonArgs):
-    max_steps: int = cli.arg(40, "每种做法训练的步数（--smoke 时为 8）")
+    max_steps: int = cli.arg(20, "每种做法训练的步数（--smoke 时为 10）")
     per_device_train_batch_size: int = cli.arg(4, "每步几条对话")
     learning_rate: float = cli.arg(5e-5, "学习率（--smoke 的极小模型用 1e-3：参数少、从头预训练不久，容得下大步长）")
     max_length: int = cli.arg(256, "每条对话最多多少 token（超出截断）")
     val_fraction: float = cli.arg(0.15, "留出多少对话做评估（不参与训练）")
     eval_every: int = cli.arg(10, "每隔多少步在留出集上量一次回复损失（画右图）")
+    max_eval_samples: int = cli.arg(32, "留出集最多用多少条对话来量损失（评估也要花时间）")
+
+
+# --smoke：极小模型几秒内能看出差别的规模；1M 参数、预训练很短的小网络承受得住大得多的学习率
+SMOKE = dict(max_steps=10, learning_rate=1e-3, per_device_train_batch_size=8, max_length=128, eval_every=5,
+             max_eval_samples=32)
 
 
 # %% [markdown]
@@ -175,10 +182,11 @@ def train_once(args: Args, out: run.Run, name: str, dataset, tok, held_out: list
 
 # %%
 def main(args: Args) -> dict:
+    if args.smoke:
+        args = dataclasses.replace(args, **SMOKE)
     out = run.start(globals().get("__file__", run.REPO_ROOT / "lesson1_sft/01_sft_basics/sft_theory_notebook.py"),
                     args)
-    steps = 8 if args.smoke else args.max_steps
-    lr = 1e-3 if args.smoke and args.learning_rate == 5e-5 else args.learning_rate
+    steps, lr = args.max_steps, args.learning_rate
 
     # 1. 数据：默认 alpaca 格式 + chat 格式各一份（load_sft 两种都认），切出留出集
     paths = [args.data] if args.data else [data.DATA_DIR / "sft" / "alpaca.jsonl", data.DATA_DIR / "sft" / "chat.jsonl"]
@@ -186,7 +194,7 @@ def main(args: Args) -> dict:
     train_convs, held_out = data.split(convs, args.val_fraction, args.seed)
     tok = models.load_tokenizer(args.resolved_model(), args.source, args.trust_remote_code)
     out.log.info(f"{len(train_convs)} 条训练对话，{len(held_out)} 条留出")
-    held_enc = [data.tokenize_chat(tok, c, args.max_length) for c in held_out]
+    held_enc = [data.tokenize_chat(tok, c, args.max_length) for c in held_out[: args.max_eval_samples]]
 
     # 2. 看一条对话：哪些 token 带损失
     show_loss_mask(tok, train_convs[0], args.max_length)
