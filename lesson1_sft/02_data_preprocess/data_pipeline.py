@@ -5,8 +5,8 @@
 改了多少都计数，最后写一份数据卡（data_card.md）说明这份数据从哪来、经过了什么。
 
 运行：
-  python lesson1_sft/02_data_preprocess/data_pipeline.py            # CPU，另用 smollm2 分词器统计 token 长度，约 10 秒
-  python lesson1_sft/02_data_preprocess/data_pipeline.py --smoke    # 同一条流水线，不加载分词器，约 3 秒
+  python lesson1_sft/02_data_preprocess/data_pipeline.py            # CPU，另用 smollm2 分词器统计 token 长度，约 5-10 秒
+  python lesson1_sft/02_data_preprocess/data_pipeline.py --smoke    # 同一条流水线，不加载分词器，约 5 秒
   python lesson1_sft/02_data_preprocess/data_pipeline.py --docs my_docs/ --minhash-threshold 0.8 \
       --model Qwen/Qwen2.5-7B-Instruct --source hf --config configs/lesson1/data_pipeline.yaml
       # 自己的文档（.txt/.md/.html/.pdf）+ 目标模型的分词器统计 token 长度（流水线本身只用 CPU）
