@@ -17,8 +17,6 @@
 你会看到：eval_loss 从训练前约 1.9 降到约 1.4（smollm2-135m，20 步）；best_checkpoint 指向验证损失最低的
 检查点；train_tokens_per_s 是纯训练吞吐（CPU 上约 200 token/s）。
 """
-from __future__ import annotations
-
 import dataclasses
 import os
 import shutil
@@ -38,18 +36,18 @@ class Args(cli.CommonArgs):
     learning_rate: float = cli.arg(5e-5, "峰值学习率：全参数微调要比 LoRA 小一个数量级，否则会冲掉预训练知识")
     lr_scheduler_type: str = cli.arg("cosine", "学习率调度：cosine / linear / constant ...")
     warmup_steps: int = cli.arg(2, "预热步数：AdamW 的二阶矩估计刚开始不准，先用小步长")
-    max_steps: int = cli.arg(20, "优化器步数；<=0 时改按 num_train_epochs 训练")
+    max_steps: int = cli.arg(12, "优化器步数；<=0 时改按 num_train_epochs 训练")
     num_train_epochs: float = cli.arg(1.0, "max_steps<=0 时训练几轮")
     per_device_train_batch_size: int = cli.arg(4, "每步每卡几条样本（受内存限制）")
-    gradient_accumulation_steps: int = cli.arg(2, "梯度累积：有效 batch = 单步 batch x 累积步数 x 卡数")
+    gradient_accumulation_steps: int = cli.arg(1, "梯度累积：有效 batch = 单步 batch x 累积步数 x 卡数")
     max_length: int = cli.arg(256, "每条样本最多多少 token（CPU 上越短越快）")
-    eval_steps: int = cli.arg(5, "每多少步评估一次验证集（同时存一次检查点，best 检查点才有得选）")
+    eval_steps: int = cli.arg(4, "每多少步评估一次验证集（同时存一次检查点，best 检查点才有得选）")
     logging_steps: int = cli.arg(1, "每多少步记一次训练损失")
     save_total_limit: int = cli.arg(1, "最多留几个检查点；load_best 时另外保证 best 不被删")
     early_stopping_patience: int = cli.arg(2, "验证损失连续几次评估没有变好就停")
     early_stopping_threshold: float = cli.arg(0.0, "变好多少才算变好（绝对值）")
     val_fraction: float = cli.arg(0.1, "切多少比例作验证集")
-    max_eval_samples: int = cli.arg(32, "验证集最多多少条（评估也要花时间）")
+    max_eval_samples: int = cli.arg(16, "验证集最多多少条（评估也要花时间）")
     gradient_checkpointing: bool = cli.arg(False, "用重算换显存：大模型在 GPU 上打开，CPU 小模型关着更快")
     resume: bool = cli.arg(False, "从输出目录里最后一个 checkpoint-* 续训（优化器、调度器、随机数状态一起恢复）")
     stop_after_steps: int = cli.arg(0, "演练崩溃：第 N 步的检查点写完后立刻硬退出进程（os._exit，像被 kill）；0=不演练")
@@ -73,8 +71,11 @@ def main(args: Args) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
+    threads = torch.get_num_threads()
     if args.smoke:
         args = dataclasses.replace(args, **SMOKE)
+        # 极小模型（hidden 128）的矩阵太小，多线程同步的开销比并行省下的还多；核被别的进程占着时尤其如此
+        torch.set_num_threads(1)
     out = run.start(__file__, args)
     if args.smoke:
         out.log.info(f"--smoke：改用小规模超参数 {SMOKE}")
@@ -168,6 +169,7 @@ def main(args: Args) -> dict:
     trainer.save_model(str(out.path("best_model")))
     best = Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None
     train_losses = [h["loss"] for h in state.log_history if "loss" in h]
+    torch.set_num_threads(threads)   # 还原：同一进程里接着跑的代码（测试）不受影响
 
     # 7. 曲线：训练损失与每次评估的验证损失
     fig, save = out.plot("loss_curve.png")
@@ -177,7 +179,7 @@ def main(args: Args) -> dict:
     ax.plot(*zip(*([(0, before)] + evals)), "o-", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(f"全参数 SFT：{out.model_name}（best = {best}）")
+    ax.set_title(f"full-parameter SFT: {out.model_name} (best = {best})")   # 英文标签：不依赖系统里有中文字体
     ax.legend()
     save()
 
