@@ -11,13 +11,11 @@ get_peft_model 真实构建 r = 1..64 的模型清点可训练参数，并与公
   python lesson1_sft/04_lora_theory/lora_parameter_viz.py --smoke    # 极小模型，约 15 秒
   python lesson1_sft/04_lora_theory/lora_parameter_viz.py --model Qwen/Qwen2.5-0.5B-Instruct --source hf \\
       --config configs/lesson1/lora_parameter_viz.yaml                      # GPU，更多步数
-  
+
 你会看到：ΔW 前 8 个奇异值的能量占比（delta_energy_top8）远高于同形状随机矩阵（random_energy_top8）
 和预训练权重本身（weight_energy_top8）；LoRA 参数量随 r 线性增长，r=8 时只占全量参数的约 1%。
 图：delta_w_spectrum.png（奇异值谱，对数坐标）、energy_vs_rank.png（前 r 个方向捕获的能量）。
 """
-from __future__ import annotations
-
 import copy
 import dataclasses
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from common import cli, data, models, run
 
 @dataclass
 class Args(cli.CommonArgs):
-    steps: int = cli.arg(12, "全参数微调多少步（只为得到一个真实的 ΔW，不追求训练好）")
+    steps: int = cli.arg(8, "全参数微调多少步（只为得到一个真实的 ΔW，不追求训练好）")
     learning_rate: float = cli.arg(5e-5, "全参数微调的学习率")
     per_device_train_batch_size: int = cli.arg(4, "每步几条样本")
     max_length: int = cli.arg(192, "每条样本最多多少 token")
@@ -53,9 +51,16 @@ def main(args: Args) -> dict:
     from peft import LoraConfig, get_peft_model
     from trl import SFTConfig, SFTTrainer
 
+    threads = torch.get_num_threads()
     if args.smoke:
         args = dataclasses.replace(args, **SMOKE)
+        # 极小模型（hidden 128）的矩阵太小，多线程同步的开销比并行省下的还多；核被别的进程占着时尤其如此
+        torch.set_num_threads(1)
     out = run.start(__file__, args)
+    # 先读数据：--data 有坏行时在加载模型之前就报错
+    files = [Path(args.data)] if args.data else [*sorted((data.DATA_DIR / "sft").glob("*.jsonl")),
+                                                 data.DATA_DIR / "identity" / "train.jsonl"]
+    convs = [c for f in files for c in data.load_sft(f)]
     model, tok = models.load(out.model_name, source=args.source, device=args.device, dtype=args.dtype,
                              trust_remote_code=args.trust_remote_code, for_training=True)
     full_params = sum(p.numel() for p in model.parameters())   # parameters() 对共享（tied）权重只算一次
@@ -84,9 +89,7 @@ def main(args: Args) -> dict:
     before = {n: params[n + ".weight"].detach().clone() for n in injected}
 
     # 3. 全参数微调几步（所有参数都在动，ΔW 没有任何低秩约束）
-    files = [Path(args.data)] if args.data else [*sorted((data.DATA_DIR / "sft").glob("*.jsonl")),
-                                                 data.DATA_DIR / "identity" / "train.jsonl"]
-    rows = [data.tokenize_chat(tok, c, args.max_length) for f in files for c in data.load_sft(f)]
+    rows = [data.tokenize_chat(tok, c, args.max_length) for c in convs]
     from datasets import Dataset
 
     ds = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows
@@ -100,6 +103,7 @@ def main(args: Args) -> dict:
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    torch.set_num_threads(threads)   # 还原：同一进程里接着跑的代码（测试）不受影响
 
     # 4. 对每个矩阵的 ΔW 做 SVD；对照组：同形状的随机高斯矩阵、预训练权重 W 本身
     gen = torch.Generator().manual_seed(args.seed)
@@ -130,12 +134,12 @@ def main(args: Args) -> dict:
         s = spectra[n]
         ax.semilogy(range(1, len(s) + 1), (s / s[0]).numpy(), label=f"ΔW {n.rsplit('.', 2)[-2]}.{n.rsplit('.', 1)[-1]}")
     s = rand_by_matrix[layer_names[0]]
-    ax.semilogy(range(1, len(s) + 1), (s / s[0]).numpy(), "k--", label="随机高斯矩阵")
+    ax.semilogy(range(1, len(s) + 1), (s / s[0]).numpy(), "k--", label="random Gaussian")
     ax.axvline(TOP_R, color="gray", lw=0.8, ls=":")
     ax.set_xscale("log")
-    ax.set_xlabel("奇异值序号 i")
+    ax.set_xlabel("singular value index i")
     ax.set_ylabel("σ_i / σ_1")
-    ax.set_title(f"第 {mid} 层 ΔW 的奇异值谱（{out.model_name}，全参数微调 {args.steps} 步）")
+    ax.set_title(f"ΔW singular values, layer {mid} ({out.model_name}, {args.steps} full-FT steps)")
     ax.legend(fontsize=7)
     save()
     fig, save = out.plot("energy_vs_rank.png")
@@ -143,9 +147,9 @@ def main(args: Args) -> dict:
     for name, ys in curve.items():
         ax.plot(ranks, ys, "o-", label=name)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("秩 r")
-    ax.set_ylabel("前 r 个奇异值的能量占比（所有矩阵平均）")
-    ax.set_title("ΔW 的能量集中在前几个方向：这就是 LoRA 用低秩 B·A 的依据")
+    ax.set_xlabel("rank r")
+    ax.set_ylabel("energy in top-r singular values (mean over matrices)")
+    ax.set_title("ΔW energy sits in a few directions: why low-rank B·A works")
     ax.legend()
     save()
 
