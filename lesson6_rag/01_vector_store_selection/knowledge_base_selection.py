@@ -95,8 +95,9 @@ def start_chroma_server(path: Path, log_file: Path, log, deadline_s: float = 60.
         log.warning("找不到 chroma 命令行（应在 %s 旁边）：跳过 HTTP 服务模式，只测嵌入式 Chroma", sys.executable)
         return None
     port = free_port()
-    proc = subprocess.Popen([exe, "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=log_file.open("w"), stderr=subprocess.STDOUT)
+    with log_file.open("w") as fh:   # 子进程继承了文件描述符，父进程这边可以马上关掉
+        proc = subprocess.Popen([exe, "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(port)],
+                                stdout=fh, stderr=subprocess.STDOUT)
     t0 = time.monotonic()
     while time.monotonic() - t0 < deadline_s:
         if proc.poll() is not None:
