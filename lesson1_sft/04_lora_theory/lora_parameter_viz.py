@@ -7,13 +7,15 @@
 get_peft_model 真实构建 r = 1..64 的模型清点可训练参数，并与公式逐一核对。
 
 运行：
-  python lesson1_sft/04_lora_theory/lora_parameter_viz.py            # CPU，smollm2-135m，约 3 分钟
-  python lesson1_sft/04_lora_theory/lora_parameter_viz.py --smoke    # 极小模型，约 15 秒
+  python lesson1_sft/04_lora_theory/lora_parameter_viz.py            # CPU，smollm2-135m，全参数 8 步，2 核约 4-10 分钟
+  python lesson1_sft/04_lora_theory/lora_parameter_viz.py --smoke    # 极小模型，约 35 秒
   python lesson1_sft/04_lora_theory/lora_parameter_viz.py --model Qwen/Qwen2.5-0.5B-Instruct --source hf \\
       --config configs/lesson1/lora_parameter_viz.yaml                      # GPU，更多步数
 
-你会看到：ΔW 前 8 个奇异值的能量占比（delta_energy_top8）远高于同形状随机矩阵（random_energy_top8）
-和预训练权重本身（weight_energy_top8）；LoRA 参数量随 r 线性增长，r=8 时只占全量参数的约 1%。
+你会看到（smollm2-135m 实测）：ΔW 前 8 个奇异值的能量占比 delta_energy_top8 ≈ 0.43，远高于同形状随机矩阵
+（random_energy_top8 ≈ 0.06）和预训练权重本身（weight_energy_top8 ≈ 0.11）；注意力的 k/v/o_proj（0.53-0.59）
+比 MLP（0.27-0.32）更集中。LoRA 参数量随 r 线性增长（与公式 r·(d_in + d_out) 逐一相等），
+all-linear 注入 210 个 Linear，r=8 时 2,442,240 个参数，只占全量 134,515,008 的 1.82%。
 图：delta_w_spectrum.png（奇异值谱，对数坐标）、energy_vs_rank.png（前 r 个方向捕获的能量）。
 """
 import copy
