@@ -10,16 +10,16 @@ B·A 合进原权重并存成 safetensors -> 核对合并前后 logits 一致 ->
   python lesson1_sft/05_lora_finetune/lora_chatglm_demo.py            # CPU，smollm2-135m，约 5 分钟
   python lesson1_sft/05_lora_finetune/lora_chatglm_demo.py --smoke    # tiny-glm（GLM-4 架构极小模型），约 25 秒
   python lesson1_sft/05_lora_finetune/lora_chatglm_demo.py --model THUDM/glm-4-9b-chat-hf --source hf \\
-      --config configs/lesson1/lora_chatglm_demo_gpu.yaml                     # GPU，bf16
+      --config configs/lesson1/lora_chatglm_demo_gpu.yaml                 # GPU，bf16
   （zai-org/chatglm3-6b 这类带自定义代码的仓库再加 --trust-remote-code；adapter 注入 query_key_value 等层）
 
 你会看到（smollm2-135m，2 核 CPU，实测）：可训练参数占 3.1%；留出身份问题的准确率 0.00 -> 1.00
 （训练前它自称 SmolLM）；eval_loss 2.77 -> 0.93；合并模型与 adapter 的 logits 最大差 ~1e-5（fp32 舍入）。
 --smoke（tiny-glm）：准确率 0.00 -> 0.95，eval_loss 4.9 -> 2.1。图：loss_curve.png。
 """
-from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,17 +34,17 @@ class Args(cli.CommonArgs):
     lora_dropout: float = cli.arg(0.05, "adapter 输入上的 dropout：数据只有几百条，防止死记")
     target_modules: str = cli.arg("auto", "注入哪些层：auto（按架构选，见 TARGETS）/ all-linear / 逗号分隔的名字")
     learning_rate: float = cli.arg(1e-3, "LoRA 学习率：只训练从零开始的小矩阵，可比全参数微调大 10-100 倍")
-    max_steps: int = cli.arg(60, "优化器步数")
+    max_steps: int = cli.arg(30, "优化器步数（CPU 默认规模：约 1 个 epoch，smollm2 已足够记住身份）")
     per_device_train_batch_size: int = cli.arg(8, "每步几条样本")
-    warmup_steps: int = cli.arg(5, "预热步数")
+    warmup_steps: int = cli.arg(3, "预热步数")
     max_length: int = cli.arg(256, "每条样本最多多少 token")
-    eval_steps: int = cli.arg(15, "每多少步量一次验证损失（画曲线用）")
+    eval_steps: int = cli.arg(10, "每多少步量一次验证损失（画曲线用）")
     val_fraction: float = cli.arg(0.1, "从训练数据里留出多少比例，和留出的身份问题一起算 eval_loss")
     identity_repeat: int = cli.arg(2, "身份数据重复几遍再和领域数据混合：几十条身份样本混在上百条领域样本里容易被淹没")
     eval_data: str = cli.arg(None, "留出的身份问题（alpaca/chat 格式）；默认 data/identity/eval.jsonl")
     identity_keywords: str = cli.arg("灵犀,Lingxi", "身份关键词（逗号分隔）：回答里出现期望答案所含的那个才算对")
     max_new_tokens: int = cli.arg(40, "生成回答的最大长度（贪心解码）")
-    num_threads: int = cli.arg(0, "CPU 线程数；0 = torch 默认。极小模型用 1：矩阵太小，多线程同步比计算还贵")
+    num_threads: int = cli.arg(0, "CPU 线程数；0 = 自动（机器负载超过核数时用 1，否则 torch 默认）")
     gradient_checkpointing: bool = cli.arg(False, "用重算换显存：GPU 上的大模型打开；CPU 上忽略")
 
     smoke_model = "tiny-glm"   # 冒烟用 GLM-4 架构的极小模型，与课名里的 ChatGLM 对应
@@ -106,8 +106,11 @@ def main(args: Args) -> dict:
         defaults = {f.name: f.default for f in dataclasses.fields(Args)}
         args = dataclasses.replace(args, **{k: v for k, v in SMOKE.items() if getattr(args, k) == defaults[k]})
     out = run.start(__file__, args)
-    if args.num_threads > 0:   # 机器被别的进程占着时，2 个线程互等能让极小模型慢几十倍
-        torch.set_num_threads(args.num_threads)
+    # 机器被别的进程占着时，torch 的多个线程互相等待，实测能慢几十倍；极小模型的矩阵太小，单线程反而最快
+    busy = os.getloadavg()[0] > (os.cpu_count() or 1)
+    if args.num_threads > 0 or busy:
+        torch.set_num_threads(args.num_threads or 1)
+        out.log.info(f"CPU 线程数 = {torch.get_num_threads()}" + ("（机器负载高于核数，自动改用 1）" if busy else ""))
 
     # 1. 数据：训练 = 身份 + 领域（或 --data），留出一部分；另有一份从没见过的身份问法
     if args.data:
