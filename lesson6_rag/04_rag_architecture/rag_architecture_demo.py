@@ -9,7 +9,7 @@
 
 运行：
   python lesson6_rag/04_rag_architecture/rag_architecture_demo.py           # CPU，smollm2-135m，约 5 分钟
-  python lesson6_rag/04_rag_architecture/rag_architecture_demo.py --smoke   # 极小模型 + 极短重排训练，约 40 秒
+  python lesson6_rag/04_rag_architecture/rag_architecture_demo.py --smoke   # 极小模型 + 1/4 文档 + 5 步重排训练，约 55 秒
   python lesson6_rag/04_rag_architecture/rag_architecture_demo.py --model Qwen/Qwen3-0.6B --source hf \\
       --config configs/lesson6/rag_architecture_demo.yaml                  # GPU，可加 --reranker BAAI/bge-reranker-base
 
@@ -17,7 +17,6 @@
 RAG 的答案准确率明显高于闭卷（smollm2 是英文小模型，英文问题上好得多，见分语言的数字）；
 引用准确率 = 第一个引用 [n] 指向的段落确实是金标段落的比例，小模型常常不引用，照实报告。
 """
-from __future__ import annotations
 
 import hashlib
 import json
@@ -45,13 +44,15 @@ class Args(cli.CommonArgs):
     chunk_size: int = cli.arg(300, "切块长度（字符）")
     chunk_overlap: int = cli.arg(50, "相邻块重叠（字符）")
     test_fraction: float = cli.arg(0.3, "按问题切出的测试集比例：重排器只在其余问题上训练")
-    max_eval: int = cli.arg(40, "测试集最多评测多少个问题（生成最慢，CPU 上控制总时长）")
-    candidates: int = cli.arg(20, "第一阶段召回多少个候选交给重排器")
+    max_eval: int = cli.arg(30, "测试集最多评测多少个问题（生成最慢，CPU 上控制总时长）")
+    candidates: int = cli.arg(10, "第一阶段召回多少个候选交给重排器（CPU 上交叉编码器每对都要过一遍模型，候选越多越慢）")
     first_stage: str = cli.arg("hybrid", "第一阶段：bm25 / dense / hybrid（RRF 融合）")
     dense_weight: float = cli.arg(None, "RRF 中向量一路的权重（BM25 为 1）；不填则在训练集上从网格里挑")
-    rerank_epochs: int = cli.arg(2, "重排器训练轮数")
-    rerank_negatives: int = cli.arg(7, "每个训练问题取多少个难负例（第一阶段召回但不是金标的块）")
-    rerank_lr: float = cli.arg(5e-5, "重排器学习率")
+    rerank_epochs: int = cli.arg(1, "重排器训练轮数")
+    rerank_negatives: int = cli.arg(3, "每个训练问题取多少个难负例（第一阶段召回但不是金标的块）")
+    rerank_lr: float = cli.arg(1e-4, "重排器学习率（底层冻结、只训上层与分类头，可以比全量微调大一些）")
+    rerank_max_length: int = cli.arg(160, "重排器输入（问题 + 块）的最多 token 数：CPU 上训练与打分的耗时与它成正比")
+    rerank_freeze_layers: int = cli.arg(3, "冻结 MiniLM 词嵌入与最底下 N 层（共 6 层）：反向传播只走上面几层，CPU 上快近一倍")
     context_k: int = cli.arg(3, "交给大模型的段落数")
     max_new_tokens: int = cli.arg(48, "生成长度上限：答案要简短")
     batch_size: int = cli.arg(8, "生成的批大小")
@@ -78,7 +79,7 @@ def first_stage(qas, chunks, bm25, dense, embedder, depth: int, weight: float | 
     return out
 
 
-def train_reranker(args, out, train_q, ranked, chunks, by_id, device, epochs: int, negatives: int):
+def train_reranker(args, out, train_q, ranked, chunks, by_id, device, epochs: int, negatives: int, max_length: int):
     """用 CrossEncoderTrainer 把 MiniLM 训练成重排器：(问题, 块) -> 是否金标。有匹配的缓存就直接加载。"""
     from datasets import Dataset
     from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
@@ -94,28 +95,36 @@ def train_reranker(args, out, train_q, ranked, chunks, by_id, device, epochs: in
             rows["query"].append(q["question"])
             rows["passage"].append(c.text)
             rows["label"].append(y)
-    key = hashlib.sha256(json.dumps([base, rows, epochs, args.rerank_lr, args.seed]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([base, rows, epochs, args.rerank_lr, args.seed, max_length,
+                                     args.rerank_freeze_layers]).encode()).hexdigest()
     cache = out.path("reranker")
     if (cache / "fingerprint.txt").exists() and (cache / "fingerprint.txt").read_text() == key:
         out.log.info(f"重排器：训练数据与参数未变，直接加载缓存 {cache}")
-        return CrossEncoder(str(cache), device=device), 0
+        return CrossEncoder(str(cache), max_length=max_length, device=device), 0, None
     n_pos = sum(rows["label"])
     out.log.info(f"重排器：从 MiniLM 初始化，训练对 {len(rows['label'])} 个（正 {n_pos:.0f} / 负 "
                  f"{len(rows['label']) - n_pos:.0f}），{epochs} 轮")
     import torch
 
-    model = CrossEncoder(base, num_labels=1, max_length=256, device=device)
+    model = CrossEncoder(base, num_labels=1, max_length=max_length, device=device)
+    # 冻结词嵌入和底层：底层学的是通用的词法/句法，小数据上主要靠上层学"问题与段落是否匹配"
+    frozen = ("embeddings.",) + tuple(f"layer.{i}." for i in range(args.rerank_freeze_layers))
+    for name, p in model.model.named_parameters():
+        if any(f in name for f in frozen):
+            p.requires_grad = False
     # 正负例约 1:4，给正例加权，免得模型学会"全判负"
     loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor((len(rows["label"]) - n_pos) / max(1.0, n_pos)))
     targs = CrossEncoderTrainingArguments(
         output_dir=str(out.path("reranker_ckpt")), num_train_epochs=epochs, learning_rate=args.rerank_lr,
-        per_device_train_batch_size=16, warmup_ratio=0.1, save_strategy="no", logging_steps=10, seed=args.seed,
-        report_to=out.trainer_report_to(), bf16=device.startswith("cuda"))
+        per_device_train_batch_size=16, warmup_steps=0.1, save_strategy="no", logging_steps=5, seed=args.seed,
+        report_to=out.trainer_report_to(), bf16=device.startswith("cuda"), dataloader_pin_memory=device != "cpu")
     trainer = CrossEncoderTrainer(model=model, args=targs, train_dataset=Dataset.from_dict(rows), loss=loss)
-    trainer.train()
+    result = trainer.train()
+    # 每 logging_steps 步记一次的损失；步数太少没记到时，用整轮的平均损失
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [result.training_loss]
     model.save_pretrained(str(cache))
     (cache / "fingerprint.txt").write_text(key)
-    return model, len(rows["label"])
+    return model, len(rows["label"]), losses
 
 
 def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -143,10 +152,15 @@ def main(args: Args) -> dict:
 
     # 1. 知识库切块、建两种索引；问题按题目随机切成训练 / 测试（同一种子同样切分）
     docs, by_id, qas = retrieval.load_kb(args.docs, args.qa or args.data)
+    if args.smoke:   # 冒烟：四分之一的文档（及问它们的题）、少量训练 / 测试题，流程完全一样
+        docs = docs[::4]
+        by_id = {d.id: d for d in docs}
+        qas = [q for q in qas if (q["doc_id"] in by_id if q["doc_id"] else any(q["gold_passage"] in d.text
+                                                                               for d in docs))]
     chunks = retrieval.chunk_documents(docs, args.chunk_size, args.chunk_overlap)
     train_q, test_q = data.split(qas, args.test_fraction, args.seed)
-    if args.smoke:   # 冒烟：少量训练题 + 少量测试题，流程完全一样
-        train_q, test_q = train_q[:40], test_q[:16]
+    if args.smoke:
+        train_q, test_q = train_q[:24], test_q[:10]
     test_q = test_q[:args.max_eval]
     embedder = retrieval.load_embedder(args.embedding_model, device)
     bm25 = retrieval.BM25Index([c.text for c in chunks])
@@ -173,31 +187,61 @@ def main(args: Args) -> dict:
             for lang in sorted({q["lang"] for q in test_q})}}
         log.info(f"{name:6s} 测试集 {retrievers[name]}")
 
-    # 3. 重排：训练（或加载）cross-encoder，只给第一阶段前 N 个候选重新打分
+    # 3. 重排：训练（或加载）cross-encoder，只给第一阶段前 N 个候选重新打分。
+    #    训练题再留出一份 dev：重排器学得好不好要在没见过的题上量，融合权重也在 dev 上挑
+    candidates = min(args.candidates, 8) if args.smoke else args.candidates
+    fit_i, dev_i = data.split(list(range(len(train_q))), 0.25, args.seed)
     if args.reranker:
         from sentence_transformers.cross_encoder import CrossEncoder
 
         try:
-            reranker, n_pairs = CrossEncoder(args.reranker, device=device), 0
+            reranker, n_pairs, losses = CrossEncoder(args.reranker, device=device), 0, None
         except Exception as e:  # noqa: BLE001 - 离线找不到之类，统一成一行
             raise UserError(f"--reranker {args.reranker}: 无法加载（{type(e).__name__}: {str(e)[:150]}）") from None
     else:
-        # 冒烟：1 轮、每题 3 个负例，十几秒训完
-        epochs, negatives = (1, 3) if args.smoke else (args.rerank_epochs, args.rerank_negatives)
-        reranker, n_pairs = train_reranker(args, out, train_q, [r[:args.candidates] for r in tr[args.first_stage]],
-                                           chunks, by_id, device, epochs, negatives)
-    before = [r[:args.candidates] for r in te[args.first_stage]]
-    after = []
-    for q, cand in zip(test_q, before):
-        scores = reranker.predict([(q["question"], chunks[i].text) for i in cand], show_progress_bar=False)
-        after.append([cand[j] for j in sorted(range(len(cand)), key=lambda j: -float(scores[j]))])
+        # 冒烟：1 轮、每题 2 个负例、输入截到 64 token，十几秒训完（学不到多少，只走通流程）
+        epochs, negatives, max_len = ((1, 2, 64) if args.smoke else
+                                      (args.rerank_epochs, args.rerank_negatives, args.rerank_max_length))
+        reranker, n_pairs, losses = train_reranker(args, out, [train_q[i] for i in fit_i],
+                                                   [tr[args.first_stage][i][:candidates] for i in fit_i],
+                                                   chunks, by_id, device, epochs, negatives, max_len)
+
+    def rerank(qs, ranked):
+        """交叉编码器给每个候选打分，按分数重新排序。"""
+        out_rank = []
+        for q, cand in zip(qs, ranked):
+            scores = reranker.predict([(q["question"], chunks[i].text) for i in cand], show_progress_bar=False)
+            out_rank.append([cand[j] for j in sorted(range(len(cand)), key=lambda j: -float(scores[j]))])
+        return out_rank
+
+    def fuse(first, reranked, w: float):
+        """RRF 融合第一阶段与重排器的名次：w=0 只信第一阶段，w 很大时只信重排器。"""
+        return [retrieval.rrf([f, r], [1.0, w], k=5) for f, r in zip(first, reranked)]
+
+    # 重排器权重在 dev 上挑（含 0 = 不用重排器）：小数据训出的重排器可能不如 BM25，不能默认它更好
+    dev_q = [train_q[i] for i in dev_i]
+    dev_first = [tr[args.first_stage][i][:candidates] for i in dev_i]
+    dev_rr = rerank(dev_q, dev_first)
+    dev_grid = {w: retrieval.hits_matrix(fuse(dev_first, dev_rr, w), dev_q, chunks, by_id)
+                for w in (0.0, 0.5, 1.0, 2.0, 100.0)}
+    dev_score = {w: (round(retrieval.mrr(h), 4), round(retrieval.recall_at_k(h, 5), 4)) for w, h in dev_grid.items()}
+    rerank_weight = max(dev_score, key=lambda w: (dev_score[w], w))   # 并列时取更信重排器的
+    log.info(f"重排器融合权重（dev {len(dev_q)} 题，(MRR, recall@5)）：{dev_score} -> {rerank_weight}")
+
+    before = [r[:candidates] for r in te[args.first_stage]]
+    reranked = rerank(test_q, before)
+    after = fuse(before, reranked, rerank_weight)
     h_before = retrieval.hits_matrix(before, test_q, chunks, by_id)
     h_after = retrieval.hits_matrix(after, test_q, chunks, by_id)
+    h_only = retrieval.hits_matrix(reranked, test_q, chunks, by_id)
     rr = {"recall_at_5_before_rerank": round(retrieval.recall_at_k(h_before, 5), 4),
           "recall_at_5_after_rerank": round(retrieval.recall_at_k(h_after, 5), 4),
           "mrr_before_rerank": round(retrieval.mrr(h_before), 4), "mrr_after_rerank": round(retrieval.mrr(h_after), 4),
-          "candidate_recall": round(retrieval.recall_at_k(h_before, args.candidates), 4)}
-    log.info(f"重排（{args.first_stage} 前 {args.candidates} 个候选）：{rr}")
+          "recall_at_5_reranker_only": round(retrieval.recall_at_k(h_only, 5), 4),
+          "mrr_reranker_only": round(retrieval.mrr(h_only), 4), "rerank_weight": rerank_weight,
+          "rerank_dev": {str(w): v for w, v in dev_score.items()},
+          "candidate_recall": round(retrieval.recall_at_k(h_before, candidates), 4)}
+    log.info(f"重排（{args.first_stage} 前 {candidates} 个候选）：{rr}")
 
     # 4. 生成：同一个模型，闭卷 vs 带编号资料（RAG）
     model, tok = models.load(args.resolved_model(), source=args.source, device=args.device, dtype=args.dtype,
@@ -257,6 +301,7 @@ def main(args: Args) -> dict:
                            for lang in langs},
                "retrievers": retrievers, "first_stage": args.first_stage, "dense_weight": weight,
                "reranker": args.reranker or "MiniLM cross-encoder (trained here)", "reranker_train_pairs": n_pairs,
+               "reranker_loss": None if not losses else {"first": losses[0], "last": losses[-1]},
                "train_questions": len(train_q), "test_questions": len(test_q), "chunks": len(chunks)}
     summary = (f"recall@5 {rr['recall_at_5_before_rerank']:.2f}->{rr['recall_at_5_after_rerank']:.2f}, "
                f"MRR {rr['mrr_before_rerank']:.2f}->{rr['mrr_after_rerank']:.2f} after rerank; answer accuracy "
