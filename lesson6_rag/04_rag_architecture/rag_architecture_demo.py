@@ -44,7 +44,7 @@ class Args(cli.CommonArgs):
     chunk_size: int = cli.arg(300, "切块长度（字符）")
     chunk_overlap: int = cli.arg(50, "相邻块重叠（字符）")
     test_fraction: float = cli.arg(0.3, "按问题切出的测试集比例：重排器只在其余问题上训练")
-    max_eval: int = cli.arg(30, "测试集最多评测多少个问题（生成最慢，CPU 上控制总时长）")
+    max_eval: int = cli.arg(16, "测试集最多评测多少个问题（生成最慢，CPU 上控制总时长）")
     candidates: int = cli.arg(10, "第一阶段召回多少个候选交给重排器（CPU 上交叉编码器每对都要过一遍模型，候选越多越慢）")
     first_stage: str = cli.arg("hybrid", "第一阶段：bm25 / dense / hybrid（RRF 融合）")
     dense_weight: float = cli.arg(None, "RRF 中向量一路的权重（BM25 为 1）；不填则在训练集上从网格里挑")
@@ -53,9 +53,9 @@ class Args(cli.CommonArgs):
     rerank_lr: float = cli.arg(1e-4, "重排器学习率（底层冻结、只训上层与分类头，可以比全量微调大一些）")
     rerank_max_length: int = cli.arg(160, "重排器输入（问题 + 块）的最多 token 数：CPU 上训练与打分的耗时与它成正比")
     rerank_freeze_layers: int = cli.arg(3, "冻结 MiniLM 词嵌入与最底下 N 层（共 6 层）：反向传播只走上面几层，CPU 上快近一倍")
-    context_k: int = cli.arg(3, "交给大模型的段落数")
-    max_new_tokens: int = cli.arg(48, "生成长度上限：答案要简短")
-    batch_size: int = cli.arg(8, "生成的批大小")
+    context_k: int = cli.arg(2, "交给大模型的段落数（CPU 上提示越长生成越慢）")
+    max_new_tokens: int = cli.arg(32, "生成长度上限：答案要简短")
+    batch_size: int = cli.arg(4, "生成的批大小")
 
 
 def norm(s: str) -> str:

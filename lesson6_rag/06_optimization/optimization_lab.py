@@ -8,7 +8,7 @@
   - 回归告警：与同目录 baseline_<mode>.json 比，任一指标掉得超过 --tolerance 就打印红色 ALERT，regression=true。
 
 运行：
-  python lesson6_rag/06_optimization/optimization_lab.py            # CPU：7 种切块 × 3 检索器，smollm2-135m 生成 15 题
+  python lesson6_rag/06_optimization/optimization_lab.py            # CPU：7 种切块 × 3 检索器，smollm2-135m 生成 8 题
   python lesson6_rag/06_optimization/optimization_lab.py --smoke    # 1/4 文档、3 种切块，极小模型生成 5 题，约 50 秒
   python lesson6_rag/06_optimization/optimization_lab.py --model Qwen/Qwen2.5-1.5B-Instruct --source hf \
       --embedding-model BAAI/bge-small-zh-v1.5 --reranker BAAI/bge-reranker-base \
@@ -46,9 +46,9 @@ class Args(cli.CommonArgs):
     dev_fraction: float = cli.arg(0.5, "问答集中划给 dev（选配置）的比例，其余为 test")
     reranker: str = cli.arg(None, "交叉编码器目录或 hub id（如第 04 节训练出的）；不给时重排一轴用 MMR")
     mmr_lambda: float = cli.arg(0.8, "MMR 中相关性的权重（1 = 不考虑多样性）")
-    gen_questions: int = cli.arg(15, "对最优配置用 LLM 生成答案的题数（--smoke 时 5）")
+    gen_questions: int = cli.arg(8, "对最优配置用 LLM 生成答案的题数（--smoke 时 5）")
     gen_top_k: int = cli.arg(3, "生成时放进提示词的块数")
-    gen_context_chars: int = cli.arg(1200, "提示词里资料的最多字符数（小模型在 CPU 上，提示越长越慢）")
+    gen_context_chars: int = cli.arg(800, "提示词里资料的最多字符数（小模型在 CPU 上，提示越长越慢）")
     max_new_tokens: int = cli.arg(48, "生成答案的最多 token 数")
     tolerance: float = cli.arg(0.02, "回归告警阈值：任一指标比基线低这么多就告警")
     baseline: str = cli.arg(None, "基线 JSON；默认同目录 baseline_<mode>.json（mode = smoke/default/custom）")
