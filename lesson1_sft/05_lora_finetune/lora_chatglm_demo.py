@@ -52,8 +52,8 @@ class Args(cli.CommonArgs):
 
 
 # --smoke：tiny-glm 只有约 1M 参数，承受得住大学习率；步数刚好让身份关键词稳定地学会
-SMOKE = dict(learning_rate=1e-2, max_steps=120, eval_steps=30, num_threads=1, lora_r=16, lora_alpha=32, max_new_tokens=24,
-             per_device_train_batch_size=16, identity_repeat=3, lora_dropout=0.0, warmup_steps=4)
+SMOKE = dict(learning_rate=1e-2, max_steps=120, eval_steps=30, num_threads=1, lora_r=16, lora_alpha=32,
+             max_new_tokens=24, per_device_train_batch_size=16, identity_repeat=3, lora_dropout=0.0, warmup_steps=4)
 # 按架构选注入层：注意力 + MLP 的全部投影（只挂 q/v 对"记住新事实"太弱）。名字来自各模型的实现
 TARGETS = {
     "chatglm": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],  # ChatGLM2/3（自定义代码）
@@ -122,7 +122,8 @@ def main(args: Args) -> dict:
         train_convs = data.load_sft(data.DATA_DIR / "identity" / "train.jsonl") * args.identity_repeat + domain_train
     eval_path = Path(args.eval_data) if args.eval_data else data.DATA_DIR / "identity" / "eval.jsonl"
     id_convs = data.load_sft(eval_path)
-    targets = identity_targets(eval_path, id_convs, [k.strip() for k in args.identity_keywords.split(",") if k.strip()])
+    keywords = [k.strip() for k in args.identity_keywords.split(",") if k.strip()]
+    targets = identity_targets(eval_path, id_convs, keywords)
     model, tok = models.load(out.model_name, source=args.source, device=args.device, dtype=args.dtype,
                              trust_remote_code=args.trust_remote_code, for_training=True)
 
