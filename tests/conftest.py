@@ -48,5 +48,7 @@ def load_script(rel: str):
     path = REPO / rel
     spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
     mod = importlib.util.module_from_spec(spec)
+    # 先登记到 sys.modules：dataclass 解析字符串注解（from __future__ import annotations）时要按模块名找回它
+    sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
