@@ -13,9 +13,10 @@
   python lesson6_rag/04_rag_architecture/rag_architecture_demo.py --model Qwen/Qwen3-0.6B --source hf \\
       --config configs/lesson6/rag_architecture_demo.yaml                  # GPU，可加 --reranker BAAI/bge-reranker-base
 
-你会看到：三种检索各自的 recall@5 / MRR（中文上 BM25 远强于 MiniLM 向量检索）；重排后测试集 MRR 与 recall@5 上升；
-RAG 的答案准确率明显高于闭卷（smollm2 是英文小模型，英文问题上好得多，见分语言的数字）；
-引用准确率 = 第一个引用 [n] 指向的段落确实是金标段落的比例，小模型常常不引用，照实报告。
+你会看到（默认运行实测，16 道测试题）：中文为主的知识库上 BM25 远强于 MiniLM 向量检索（recall@5 0.94 对 0.69），
+RRF 挑出的向量权重为 0；单用现场训练的重排器更差（MRR 0.40），按 dev 挑出的权重与第一阶段融合后
+recall@5 0.94 → 1.00、MRR 0.78 → 0.79；资料里有答案的比例 0.875，但 smollm2-135m 闭卷与 RAG 的准确率都是 0、
+从不写引用——小模型答不出，"RAG 高于闭卷" 要用 --model Qwen/Qwen3-0.6B 之类的模型看。
 """
 
 import hashlib
