@@ -82,6 +82,17 @@ def load_config(cls: type[T], path: str, **overrides: Any) -> T:
     return cls(**cfg)
 
 
+def with_smoke(args: T, overrides: dict) -> T:
+    """--smoke 时换成脚本给的小规模参数；只替换用户没改过的（--smoke --learning-rate 1e-2 仍然生效）。"""
+    if not getattr(args, "smoke", False):
+        return args
+    defaults = {f.name: f.default for f in dataclasses.fields(args)}
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise KeyError(f"SMOKE 里有 Args 没有的字段：{unknown}")   # 脚本自己的 bug，不是用户错误
+    return dataclasses.replace(args, **{k: v for k, v in overrides.items() if getattr(args, k) == defaults[k]})
+
+
 def parse(cls: type[T], argv: list[str] | None = None) -> T:
     """解析命令行；之后任何 UserError 都变成一行错误 + 退出码 2（不是 traceback）。"""
     from transformers import HfArgumentParser

@@ -69,7 +69,7 @@ def _jsonable(o: Any) -> Any:
 class Run:
     """脚本的一次运行：run.start() 创建，out.finish(metrics) 收尾。"""
 
-    def __init__(self, script: str, args: Any):
+    def __init__(self, script: str, args: Any, smoke_threads: int | None = None):
         self.script = Path(script)
         self.args = args
         self.dir = Path(args.output_dir) if getattr(args, "output_dir", None) else default_output_dir(script)
@@ -82,6 +82,14 @@ class Run:
         if self.report_to not in TRACKERS:
             raise UserError(f"--report-to {self.report_to}: 只支持 {', '.join(TRACKERS)}")
         seed_everything(getattr(args, "seed", 42))
+        self._threads = None
+        if self.mode == "smoke" and smoke_threads:
+            # 极小模型（hidden 128）的矩阵太小，多线程同步的开销比并行省下的还多；核被别的进程占着时
+            # 实测能慢几倍到几十倍。冒烟时用 smoke_threads 个线程，finish() 时还原（同一进程里接着跑的测试不受影响）
+            import torch
+
+            self._threads = torch.get_num_threads()
+            torch.set_num_threads(smoke_threads)
         if is_main_process():
             # 记录命令行与解析后的配置：结果可以原样复现
             (self.dir / "argv.txt").write_text(" ".join([sys.executable, *sys.argv]) + "\n", encoding="utf-8")
@@ -131,6 +139,10 @@ class Run:
         """写 metrics.json（加上 model / mode / seconds），打印结果表和一行总结。"""
         metrics = {**metrics, "model": self.model_name, "mode": self.mode,
                    "seconds": round(time.perf_counter() - self.t0, 2)}
+        if self._threads:
+            import torch
+
+            torch.set_num_threads(self._threads)
         if is_main_process():
             (self.dir / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2,
                                                               default=_jsonable), encoding="utf-8")
@@ -158,6 +170,6 @@ def _print_table(metrics: dict, title: str) -> None:
     Console(width=119).print(t)
 
 
-def start(script: str, args: Any) -> Run:
-    """开始一次运行：建输出目录、固定种子、保存 argv 与配置。"""
-    return Run(script, args)
+def start(script: str, args: Any, smoke_threads: int | None = None) -> Run:
+    """开始一次运行：建输出目录、固定种子、保存 argv 与配置；smoke_threads：冒烟时的 CPU 线程数。"""
+    return Run(script, args, smoke_threads)

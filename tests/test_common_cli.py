@@ -87,3 +87,23 @@ def test_good_run_writes_metrics(tmp_path):
 def test_default_output_dir_follows_script_location():
     d = run.default_output_dir(run.REPO_ROOT / "lesson1_sft" / "05_lora_finetune" / "x.py")
     assert d == run.REPO_ROOT / "outputs" / "lesson1_sft" / "05_lora_finetune"
+
+
+def test_with_smoke_keeps_user_choices_and_threads_restore(tmp_path):
+    import torch
+
+    from common import run
+
+    @dataclass
+    class A(cli.CommonArgs):
+        steps: int = cli.arg(100, "步数")
+        lr: float = cli.arg(1e-4, "学习率")
+
+    a = cli.with_smoke(A(smoke=True, lr=5e-3), {"steps": 5, "lr": 1e-2})
+    assert (a.steps, a.lr) == (5, 5e-3)                      # 用户写了 --lr 就保留
+    assert cli.with_smoke(A(), {"steps": 5}).steps == 100     # 不是冒烟就不动
+    before = torch.get_num_threads()
+    out = run.start(str(tmp_path / "demo.py"), A(smoke=True, output_dir=str(tmp_path)), smoke_threads=1)
+    assert torch.get_num_threads() == 1
+    out.finish({"x": 1})
+    assert torch.get_num_threads() == before

@@ -34,7 +34,6 @@ prompt 远长于回复的数据上才显出来——这正是 TRL 默认 complet
 
 # %%
 
-import dataclasses
 from dataclasses import dataclass
 
 from common import cli, data, models, run
@@ -186,15 +185,10 @@ def train_once(args: Args, out: run.Run, name: str, dataset, tok, held_out: list
 
 # %%
 def main(args: Args) -> dict:
-    import torch
 
-    threads = torch.get_num_threads()
-    if args.smoke:
-        args = dataclasses.replace(args, **SMOKE)
-        # 极小模型（hidden 128）的矩阵太小，多线程同步的开销比并行省下的还多；核被别的进程占着时尤其如此
-        torch.set_num_threads(1)
+    args = cli.with_smoke(args, SMOKE)   # 冒烟：小规模超参数（只换你没改过的），单线程（见 common.run）
     out = run.start(globals().get("__file__", run.REPO_ROOT / "lesson1_sft/01_sft_basics/sft_theory_notebook.py"),
-                    args)
+                    args, smoke_threads=1)
     steps, lr = args.max_steps, args.learning_rate
 
     # 1. 数据：默认 alpaca 格式 + chat 格式各一份（load_sft 两种都认），切出留出集
@@ -226,7 +220,6 @@ def main(args: Args) -> dict:
     save()
 
     a, f = runs["assistant_only"], runs["full_sequence"]
-    torch.set_num_threads(threads)   # 还原：在同一进程里接着跑的代码（测试、笔记本）不受影响
     return out.finish({
         "assistant_only_eval_loss": round(a["response_loss"], 4), "full_sequence_eval_loss": round(f["response_loss"], 4),
         "eval_loss_before": round(a["curve"]["response_loss"][0], 4), "label_token_fraction": round(fraction, 4),

@@ -18,7 +18,6 @@
 实测（smollm2-135m 默认配置，12 步，264 秒，2 核与别的任务共用）：eval_loss 2.477 -> 2.143，best = checkpoint-12，
 train_tokens_per_s 约 24。--smoke（tiny-qwen2，12 步）：5.429 -> 5.335，best = checkpoint-8，约 35 秒。
 """
-import dataclasses
 import os
 import shutil
 import time
@@ -72,12 +71,8 @@ def main(args: Args) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
-    threads = torch.get_num_threads()
-    if args.smoke:
-        args = dataclasses.replace(args, **SMOKE)
-        # 极小模型（hidden 128）的矩阵太小，多线程同步的开销比并行省下的还多；核被别的进程占着时尤其如此
-        torch.set_num_threads(1)
-    out = run.start(__file__, args)
+    args = cli.with_smoke(args, SMOKE)   # 冒烟：小规模超参数（只换你没改过的），单线程（见 common.run）
+    out = run.start(__file__, args, smoke_threads=1)
     if args.smoke:
         out.log.info(f"--smoke：改用小规模超参数 {SMOKE}")
 
@@ -170,7 +165,6 @@ def main(args: Args) -> dict:
     trainer.save_model(str(out.path("best_model")))
     best = Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None
     train_losses = [h["loss"] for h in state.log_history if "loss" in h]
-    torch.set_num_threads(threads)   # 还原：同一进程里接着跑的代码（测试）不受影响
 
     # 7. 曲线：训练损失与每次评估的验证损失
     fig, save = out.plot("loss_curve.png")

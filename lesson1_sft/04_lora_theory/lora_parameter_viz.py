@@ -19,7 +19,6 @@ all-linear 注入 210 个 Linear，r=8 时 2,442,240 个参数，只占全量 13
 图：delta_w_spectrum.png（奇异值谱，对数坐标）、energy_vs_rank.png（前 r 个方向捕获的能量）。
 """
 import copy
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,12 +52,8 @@ def main(args: Args) -> dict:
     from peft import LoraConfig, get_peft_model
     from trl import SFTConfig, SFTTrainer
 
-    threads = torch.get_num_threads()
-    if args.smoke:
-        args = dataclasses.replace(args, **SMOKE)
-        # 极小模型（hidden 128）的矩阵太小，多线程同步的开销比并行省下的还多；核被别的进程占着时尤其如此
-        torch.set_num_threads(1)
-    out = run.start(__file__, args)
+    args = cli.with_smoke(args, SMOKE)   # 冒烟：小规模超参数（只换你没改过的），单线程（见 common.run）
+    out = run.start(__file__, args, smoke_threads=1)
     # 先读数据：--data 有坏行时在加载模型之前就报错
     files = [Path(args.data)] if args.data else [*sorted((data.DATA_DIR / "sft").glob("*.jsonl")),
                                                  data.DATA_DIR / "identity" / "train.jsonl"]
@@ -105,7 +100,6 @@ def main(args: Args) -> dict:
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    torch.set_num_threads(threads)   # 还原：同一进程里接着跑的代码（测试）不受影响
 
     # 4. 对每个矩阵的 ΔW 做 SVD；对照组：同形状的随机高斯矩阵、预训练权重 W 本身
     gen = torch.Generator().manual_seed(args.seed)

@@ -19,8 +19,6 @@ B·A 合进原权重并存成 safetensors -> 核对合并前后 logits 一致 ->
 --smoke（tiny-glm，实测 33 秒）：可训练 11.1%，准确率 0.00 -> 0.60，eval_loss 5.59 -> 4.38。图：loss_curve.png。
 """
 
-import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,14 +43,14 @@ class Args(cli.CommonArgs):
     eval_data: str = cli.arg(None, "留出的身份问题（alpaca/chat 格式）；默认 data/identity/eval.jsonl")
     identity_keywords: str = cli.arg("灵犀,Lingxi", "身份关键词（逗号分隔）：回答里出现期望答案所含的那个才算对")
     max_new_tokens: int = cli.arg(40, "生成回答的最大长度（贪心解码）")
-    num_threads: int = cli.arg(0, "CPU 线程数；0 = 自动（机器负载超过核数时用 1，否则 torch 默认）")
+    num_threads: int = cli.arg(0, "CPU 线程数；0 = torch 默认（= 核数）；机器很忙时 1 往往更快（--smoke 自动用 1）")
     gradient_checkpointing: bool = cli.arg(False, "用重算换显存：GPU 上的大模型打开；CPU 上忽略")
 
     smoke_model = "tiny-glm"   # 冒烟用 GLM-4 架构的极小模型，与课名里的 ChatGLM 对应
 
 
 # --smoke：tiny-glm 只有约 1M 参数，承受得住大学习率；步数刚好让身份关键词稳定地学会
-SMOKE = dict(learning_rate=1e-2, max_steps=120, eval_steps=30, num_threads=1, lora_r=16, lora_alpha=32,
+SMOKE = dict(learning_rate=1e-2, max_steps=120, eval_steps=30, lora_r=16, lora_alpha=32,
              max_new_tokens=24, per_device_train_batch_size=16, identity_repeat=3, lora_dropout=0.0, warmup_steps=4)
 # 按架构选注入层：注意力 + MLP 的全部投影（只挂 q/v 对"记住新事实"太弱）。名字来自各模型的实现
 TARGETS = {
@@ -103,15 +101,11 @@ def main(args: Args) -> dict:
     from peft import LoraConfig, PeftModel, get_peft_model
     from trl import SFTConfig, SFTTrainer
 
-    if args.smoke:   # 只改用户没动过的参数：--smoke --learning-rate 1e-2 仍然生效
-        defaults = {f.name: f.default for f in dataclasses.fields(Args)}
-        args = dataclasses.replace(args, **{k: v for k, v in SMOKE.items() if getattr(args, k) == defaults[k]})
-    out = run.start(__file__, args)
-    # 机器被别的进程占着时，torch 的多个线程互相等待，实测能慢几十倍；极小模型的矩阵太小，单线程反而最快
-    busy = os.getloadavg()[0] > (os.cpu_count() or 1)
-    if args.num_threads > 0 or busy:
-        torch.set_num_threads(args.num_threads or 1)
-        out.log.info(f"CPU 线程数 = {torch.get_num_threads()}" + ("（机器负载高于核数，自动改用 1）" if busy else ""))
+    args = cli.with_smoke(args, SMOKE)   # 冒烟：小规模超参数（只换你没改过的：--smoke --learning-rate 1e-2 仍生效）
+    out = run.start(__file__, args, smoke_threads=1)   # 极小模型的矩阵太小，单线程反而最快（见 common.run）
+    if args.num_threads > 0:   # 机器被别的进程占着时，torch 的多个线程互相等待，实测能慢几十倍：可手动改成 1
+        torch.set_num_threads(args.num_threads)
+        out.log.info(f"CPU 线程数 = {torch.get_num_threads()}")
 
     # 1. 数据：训练 = 身份 + 领域（或 --data），留出一部分；另有一份从没见过的身份问法
     if args.data:
