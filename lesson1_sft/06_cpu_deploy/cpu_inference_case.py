@@ -1,8 +1,8 @@
 """CPU 推理部署：把"快多少、差多少"并排量出来——批大小、KV 缓存、fp32/bf16/int8、线程数。
 
 运行：
-  python lesson1_sft/06_cpu_deploy/cpu_inference_case.py           # smollm2-135m，2 核 CPU 空闲时约 5 分钟
-  python lesson1_sft/06_cpu_deploy/cpu_inference_case.py --smoke   # 极小模型，约 25 秒
+  python lesson1_sft/06_cpu_deploy/cpu_inference_case.py           # smollm2-135m，2 核 CPU 约 1 分钟
+  python lesson1_sft/06_cpu_deploy/cpu_inference_case.py --smoke   # 极小模型，约 5 秒
   python lesson1_sft/06_cpu_deploy/cpu_inference_case.py \
       --model Qwen/Qwen2.5-0.5B-Instruct --source hf --config configs/lesson1/cpu_inference_case.yaml
       # 更大的模型，仍在 CPU 上测（本课讲 CPU 部署；有 GPU 也固定用 CPU）
@@ -11,11 +11,11 @@
 受到同样的干扰，中位数再去掉偶发的尖峰。每次生成固定 --max-new-tokens 个 token（min_new_tokens 同值），
 吞吐 = 批大小 × 新 token 数 / 总用时；首 token 延迟（TTFT）用一个 streamer 记下第一个新 token 出现的时刻。
 
-你会看到（smollm2-135m 实测，--batch-sizes 1 4 --max-new-tokens 16 --repeats 1 --ppl-samples 8，2 核同时被另外约 8 个
-进程占着，所以绝对吞吐很低）：关掉 KV 缓存慢 7.4 倍（kv_cache_speedup 7.38）；动态 int8 快 2.9 倍、权重 513→237 MB，
-但困惑度 15.15→40.77（int8_ppl_delta +25.6，+169%；不量化 lm_head 也还有 38.5）：135M 的小模型按张量量化激活损失很大，
-部署前一定要量精度；bf16 困惑度几乎不变（15.157），这颗 CPU 有原生 bf16，快 1.34 倍；批 4 的总吞吐是批 1 的 3.4 倍；
-机器被占满时 1 线程反而比 2 线程快 6 倍（线程互相等待）。--smoke（tiny-llama）：KV 缓存快数倍（测试要求 >1.5），int8 困惑度变化 <5%。
+你会看到（smollm2-135m，默认参数，2 核 CPU 实测 54 秒）：fp32 批 1 约 27 token/s、首 token 115 ms；关掉 KV 缓存慢 3.5 倍
+（kv_cache_speedup 3.47）；bf16 快 1.9 倍、困惑度不变（19.20→19.09；这颗 CPU 有原生 bf16）；动态 int8 快 3.2 倍、
+权重 513→237 MB，但困惑度 19.20→56.72（+195%）：135M 的小模型按张量量化激活损失很大，部署前一定要量精度；
+批 8 的总吞吐是批 1 的 4.1 倍，但首 token 从 115 ms 变成 655 ms；2 线程只比 1 线程快 5%（逐 token 解码受内存带宽限制）。
+--smoke（tiny-llama，约 5 秒，128 个新 token）：KV 缓存快约 2.7 倍（测试要求 >1.5），int8 困惑度变化 <1%。
 """
 import copy
 import io
