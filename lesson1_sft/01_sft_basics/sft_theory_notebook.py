@@ -4,18 +4,19 @@
   jupytext --to notebook lesson1_sft/01_sft_basics/sft_theory_notebook.py   # 转成 .ipynb 在 Jupyter 里逐格运行
 
 运行：
-  python lesson1_sft/01_sft_basics/sft_theory_notebook.py            # CPU，smollm2-135m，两次各 8 步（空闲 2 核约 4 分钟）
+  python lesson1_sft/01_sft_basics/sft_theory_notebook.py            # CPU，smollm2-135m，两次各 8 步（空闲 2 核约 80 秒）
   python lesson1_sft/01_sft_basics/sft_theory_notebook.py --smoke    # 极小模型，各 10 步，约 50 秒
   python lesson1_sft/01_sft_basics/sft_theory_notebook.py \
       --model Qwen/Qwen2.5-0.5B-Instruct --source hf --config configs/lesson1/sft_theory_notebook.yaml   # GPU
 
 你会看到：一条对话按模板渲染后，只有约 1/3 的 token（助手回复）带 loss（smollm2 实测 label_token_fraction = 0.35）；
 同一初始化、同样步数、同样数据顺序训练两次，用同一把尺子（留出集上只算回复 token 的损失）量。
-实测（smollm2-135m，--max-steps 4 --per-device-train-batch-size 2 --max-eval-samples 8，2 核被另外约 8 个进程占着）：
-回复损失 2.480 → assistant-only 2.436、full-sequence 2.387；prompt 损失 assistant-only 3.960、full-sequence 2.359。
-也就是说：full-sequence 的力气大多花在了学写用户问题和系统提示上（prompt 损失降了 1.6），而这么短的训练里
-它的回复损失并不比 assistant-only 高（模板标记、格式这些共有的东西两边都学）；assistant-only 的优势要在更长的训练、
-prompt 远长于回复的数据上才显出来——这正是 TRL 默认 completion/assistant-only loss 的理由。自己加步数验证。
+实测（smollm2-135m，空闲 2 核）：默认 8 步（79 秒）回复损失 2.287 → assistant-only 2.030、full-sequence 2.063；
+prompt 损失 assistant-only 4.06、full-sequence 1.67。加到 --max-steps 24（3.4 分钟）：回复损失 1.904 对 1.895，
+prompt 损失 3.97 对 1.24。也就是说：full-sequence 的力气大多花在学写用户问题和系统提示上，而在这份"回复比提示长"的数据上
+它的回复损失与 assistant-only 几乎一样（模板标记、格式、领域词两边都在学，差距在噪声量级、谁领先会随步数换）。
+assistant-only 真正的好处是不去模仿用户（prompt 损失留在 4 附近），以及 prompt 远长于回复（RAG、长系统提示）时
+梯度不被 prompt 稀释——这正是 TRL 默认 completion/assistant-only loss 的理由。
 --smoke（tiny-qwen2，10 步）：回复损失 5.553 → assistant-only 5.521、full-sequence 5.538。
 曲线图 curves.png：左边训练损失，右边留出集回复损失。
 """
