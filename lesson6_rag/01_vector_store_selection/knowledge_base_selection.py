@@ -6,8 +6,8 @@
 却常常在中文上更准（默认向量模型 all-MiniLM-L6-v2 是英文模型）。每个库单独报告，不预设谁更好。
 
 运行：
-  python lesson6_rag/01_vector_store_selection/knowledge_base_selection.py           # CPU，全部 44 篇文档，约 2 分钟
-  python lesson6_rag/01_vector_store_selection/knowledge_base_selection.py --smoke   # 12 篇文档、少量问题，约 30 秒
+  python lesson6_rag/01_vector_store_selection/knowledge_base_selection.py           # CPU，全部 44 篇文档，空闲 2 核约 20 秒
+  python lesson6_rag/01_vector_store_selection/knowledge_base_selection.py --smoke   # 12 篇文档、少量问题，约 12 秒
   python lesson6_rag/01_vector_store_selection/knowledge_base_selection.py \
       --embedding-model BAAI/bge-small-zh-v1.5 --es-url http://127.0.0.1:9200 \
       --config configs/lesson6/knowledge_base_selection.yaml     # 中文向量模型 + 真实 Elasticsearch（需要能联网/有服务）

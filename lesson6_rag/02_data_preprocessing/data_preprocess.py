@@ -9,12 +9,12 @@
 每个块都记下它在原文中的起点，用 common.retrieval.is_hit（与金标段落的区间重叠）判定检索是否命中。
 
 运行：
-  python lesson6_rag/02_data_preprocessing/data_preprocess.py            # CPU，all-MiniLM-L6-v2，约 1 分钟
-  python lesson6_rag/02_data_preprocessing/data_preprocess.py --smoke    # 只取 1/6 文档，约 35 秒
+  python lesson6_rag/02_data_preprocessing/data_preprocess.py            # CPU，all-MiniLM-L6-v2，空闲 2 核约 35 秒
+  python lesson6_rag/02_data_preprocessing/data_preprocess.py --smoke    # 只取 1/6 文档，约 14 秒
   python lesson6_rag/02_data_preprocessing/data_preprocess.py --embedding-model BAAI/bge-small-zh-v1.5 \\
       --device cuda --config configs/lesson6/data_preprocess.yaml   # GPU + 中文向量模型（需联网下载一次）
 
-你会看到（默认运行实测：44 篇文档、135 题，2 核 CPU 与其它任务共用，约 3 分钟）：四种策略的块都覆盖全部文档
+你会看到（默认运行实测：44 篇文档、135 题，空闲 2 核 CPU 约 35 秒）：四种策略的块都覆盖全部文档
 （coverage = 1.0）、块的起点都与原文对得上（offset_errors = 0）；块数 fixed 167 / recursive 189 / sentence 165 /
 semantic 235；fixed 硬切出的超长块（> 256 token，向量化时被截断）最多（16 个，其余 3-6 个）；
 recall@5 dense 0.43 / 0.50 / 0.47 / 0.49，BM25 0.78 / 0.81 / 0.72 / 0.76，recursive 两列都最好。

@@ -9,8 +9,8 @@
         闭卷 = 同一模型、同一问题、不给资料。
 
 运行：
-  python lesson6_rag/04_rag_architecture/rag_architecture_demo.py           # CPU，smollm2-135m，约 4 分钟
-  python lesson6_rag/04_rag_architecture/rag_architecture_demo.py --smoke   # 极小模型 + 1/4 文档 + 5 步重排训练，约 55 秒
+  python lesson6_rag/04_rag_architecture/rag_architecture_demo.py           # CPU，smollm2-135m，空闲 2 核约 1 分钟
+  python lesson6_rag/04_rag_architecture/rag_architecture_demo.py --smoke   # 极小模型 + 1/4 文档 + 5 步重排训练，约 12 秒
   python lesson6_rag/04_rag_architecture/rag_architecture_demo.py --model Qwen/Qwen3-0.6B --source hf \\
       --config configs/lesson6/rag_architecture_demo.yaml                  # GPU，可加 --reranker BAAI/bge-reranker-base
 

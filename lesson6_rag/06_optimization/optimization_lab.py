@@ -8,8 +8,8 @@
   - 回归告警：与同目录 baseline_<mode>.json 比，任一指标掉得超过 --tolerance 就打印红色 ALERT，regression=true。
 
 运行：
-  python lesson6_rag/06_optimization/optimization_lab.py            # CPU：7 种切块 × 3 检索器，smollm2-135m 生成 8 题
-  python lesson6_rag/06_optimization/optimization_lab.py --smoke    # 1/4 文档、3 种切块，极小模型生成 5 题，约 50 秒
+  python lesson6_rag/06_optimization/optimization_lab.py            # CPU：7 种切块 × 3 检索器，smollm2-135m 生成 8 题，空闲 2 核约 45 秒
+  python lesson6_rag/06_optimization/optimization_lab.py --smoke    # 1/4 文档、3 种切块，极小模型生成 5 题，约 11 秒
   python lesson6_rag/06_optimization/optimization_lab.py --model Qwen/Qwen2.5-1.5B-Instruct --source hf \
       --embedding-model BAAI/bge-small-zh-v1.5 --reranker BAAI/bge-reranker-base \
       --config configs/lesson6/optimization_lab.yaml                # GPU：加中文向量模型与交叉编码器重排
