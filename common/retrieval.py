@@ -6,8 +6,19 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import cli
 from common.data import Document
 from common.errors import UserError
+
+
+@dataclass
+class KBArgs(cli.CommonArgs):
+    """检索类脚本共有的参数：知识库、问答集、向量模型（第 6、7 课）。"""
+
+    docs: str = cli.arg(None, "知识库文件夹（.txt/.md/.html/.pdf，id = 相对路径）；默认 data/kb/docs")
+    qa: str = cli.arg(None, "检索问答 JSONL {question, answer, doc_id 和/或 gold_passage}；默认 data/kb/qa.jsonl")
+    embedding_model: str = cli.arg(None, "sentence-transformers 模型名或目录；默认离线 all-MiniLM-L6-v2"
+                                         "（英文模型，中文弱；中文用 BAAI/bge-small-zh-v1.5）")
 
 # 中英文混排的切分优先级：段落 > 行 > 句末标点 > 分句标点 > 空格 > 字符
 SEPARATORS = ["\n\n", "\n", "。", "！", "？", ". ", "! ", "? ", "；", "; ", "，", ", ", " ", ""]

@@ -37,10 +37,7 @@ from common.errors import UserError
 
 
 @dataclass
-class Args(cli.CommonArgs):
-    docs: str = cli.arg(None, "知识库文件夹（.txt/.md/.html/.pdf）；默认 data/kb/docs")
-    qa: str = cli.arg(None, "检索问答集 JSONL {question, answer, doc_id 和/或 gold_passage}；默认 data/kb/qa.jsonl")
-    embedding_model: str = cli.arg(None, "sentence-transformers 模型名或目录；默认离线 all-MiniLM-L6-v2（英文模型，中文弱）")
+class Args(retrieval.KBArgs):
     chunk_size: int = cli.arg(200, "切块字符数：切小一点向量多一些，IVF/HNSW 的取舍才看得出来")
     chunk_overlap: int = cli.arg(30, "相邻块重叠的字符数")
     max_docs: int = cli.arg(0, "只用其中 N 篇文档（均匀抽取，0 = 全部）；--smoke 时默认 12")

@@ -36,10 +36,7 @@ K = 5   # recall@5：RAG 通常把前 5 个块交给大模型
 
 
 @dataclass
-class Args(cli.CommonArgs):
-    docs: str = cli.arg(None, "知识库文件夹（.txt/.md/.html/.pdf）；默认 data/kb/docs")
-    qa: str = cli.arg(None, "检索问答 JSONL {question, answer, doc_id, gold_passage}；默认 data/kb/qa.jsonl")
-    embedding_model: str = cli.arg(None, "sentence-transformers 模型（本地目录或 hub id）；默认 all-MiniLM-L6-v2")
+class Args(retrieval.KBArgs):
     chunk_size: int = cli.arg(300, "目标块长（字符）：四种策略用同一个上限，比较才公平")
     chunk_overlap: int = cli.arg(50, "fixed / recursive 相邻块重叠的字符数（防止答案正好被切在边界上）")
     semantic_percentile: float = cli.arg(25.0, "语义切块：相邻句相似度低于本文档第 p 百分位时切开（p 越大块越碎）")

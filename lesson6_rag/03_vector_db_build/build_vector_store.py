@@ -36,10 +36,7 @@ from common.errors import UserError
 
 
 @dataclass
-class Args(cli.CommonArgs):
-    docs: str = cli.arg(None, "知识库文件夹（.txt/.md/.html/.pdf）；默认 data/kb/docs。演示的增删改只发生在它的副本上")
-    qa: str = cli.arg(None, "检索问答集 JSONL（只用其中的问题做一致性检查的查询）；默认随 data/kb/qa.jsonl")
-    embedding_model: str = cli.arg(None, "sentence-transformers 模型名或目录；默认离线 all-MiniLM-L6-v2")
+class Args(retrieval.KBArgs):
     chunk_size: int = cli.arg(300, "切块字符数")
     chunk_overlap: int = cli.arg(50, "相邻块重叠的字符数")
     batch_size: int = cli.arg(32, "每批向量化并写入索引的块数：大库一次全算会占满内存，分批还能显示进度")

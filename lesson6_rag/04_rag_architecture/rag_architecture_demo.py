@@ -41,10 +41,7 @@ PROMPTS = {  # (RAG 提示, 闭卷提示, RAG 回答的开头)：中文问题用
 
 
 @dataclass
-class Args(cli.CommonArgs):
-    docs: str = cli.arg(None, "知识库文件夹（.txt/.md/.html/.pdf）；默认 data/kb/docs")
-    qa: str = cli.arg(None, "检索问答 JSONL {question, answer, doc_id, gold_passage}；默认 data/kb/qa.jsonl")
-    embedding_model: str = cli.arg(None, "sentence-transformers 向量模型；默认 all-MiniLM-L6-v2（英文模型）")
+class Args(retrieval.KBArgs):
     reranker: str = cli.arg(None, "现成的 cross-encoder（本地目录或 hub id，如 BAAI/bge-reranker-base）；不填则现场训练")
     chunk_size: int = cli.arg(300, "切块长度（字符）")
     chunk_overlap: int = cli.arg(50, "相邻块重叠（字符）")

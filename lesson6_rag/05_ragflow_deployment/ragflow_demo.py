@@ -42,9 +42,7 @@ SDK_CALLS = [("RAGFlow", "__init__", ("api_key", "base_url")),
 
 
 @dataclass
-class Args(cli.CommonArgs):
-    docs: str = cli.arg(None, "知识库文件夹（.txt/.md/.html/.pdf）；默认 data/kb/docs")
-    qa: str = cli.arg(None, "问答集 JSONL {question, answer, doc_id?, gold_passage?}；默认 data/kb/qa.jsonl")
+class Args(retrieval.KBArgs):
     embedding_model: str = cli.arg(None, "RAGFlow 里的向量模型名（如 BAAI/bge-large-zh-v1.5@BAAI）；不填用服务端默认")
     ragflow_url: str = cli.arg(None, "RAGFlow HTTP API 地址（SVR_HTTP_PORT，如 http://127.0.0.1:9380）；或环境变量 RAGFLOW_URL")
     api_key: str = cli.arg(None, "RAGFlow API key（网页右上角头像 → API）；或环境变量 RAGFLOW_API_KEY")

@@ -37,9 +37,7 @@ STOP = set("的 了 是 在 和 与 及 或 为 有 我 你 您 请 可以 可 �
 
 
 @dataclass
-class Args(cli.CommonArgs):
-    docs: str = cli.arg(None, "知识库文件夹（.txt/.md/.html/.pdf）；默认 data/kb/docs")
-    qa: str = cli.arg(None, "检索问答集 JSONL {question, answer, doc_id?, gold_passage?}；默认 data/kb/qa.jsonl")
+class Args(retrieval.KBArgs):
     embedding_model: str = cli.arg(None, "再加一个向量模型参与比较（本地目录或 hub id，如 BAAI/bge-small-zh-v1.5）")
     chunk_sizes: list[int] = cli.arg([100, 200, 300, 500], "要扫的切块大小（字符）")
     chunk_overlaps: list[int] = cli.arg([0, 50], "要扫的重叠（字符）；≥ 切块一半的组合跳过")
