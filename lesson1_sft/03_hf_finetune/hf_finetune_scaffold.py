@@ -8,15 +8,15 @@
 --config 换成别的配置；命令行参数再覆盖 YAML。
 
 运行：
-  python lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py            # CPU，smollm2-135m 全参数 12 步（2 核约 4-5 分钟）
-  python lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py --smoke    # 极小模型，约 35 秒
+  python lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py            # CPU，smollm2-135m 全参数 12 步（空闲 2 核约 90 秒）
+  python lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py --smoke    # 极小模型，约 8 秒
   python lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py --model Qwen/Qwen2.5-0.5B-Instruct --source hf \\
       --config configs/lesson1/hf_finetune_scaffold_gpu.yaml --report-to tensorboard     # GPU，bf16 混合精度
   演练断点续训：先加 --stop-after-steps 8（第 8 步的检查点写完就硬退出，像被 kill），再加 --resume 接着跑。
 
 你会看到：eval_loss 下降，best_checkpoint 指向验证损失最低的检查点，train_tokens_per_s 是纯训练吞吐。
-实测（smollm2-135m 默认配置，12 步，264 秒，2 核与别的任务共用）：eval_loss 2.477 -> 2.143，best = checkpoint-12，
-train_tokens_per_s 约 24。--smoke（tiny-qwen2，12 步）：5.429 -> 5.335，best = checkpoint-8，约 35 秒。
+实测（smollm2-135m 默认配置，12 步，空闲 2 核 89 秒）：eval_loss 2.477 -> 2.143，best = checkpoint-12，
+train_tokens_per_s 约 90。--smoke（tiny-qwen2，12 步）：5.429 -> 5.335，best = checkpoint-8，约 8 秒。
 """
 import os
 import shutil

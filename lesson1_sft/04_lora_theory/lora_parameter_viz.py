@@ -7,8 +7,8 @@
 get_peft_model 真实构建 r = 1..64 的模型清点可训练参数，并与公式逐一核对。
 
 运行：
-  python lesson1_sft/04_lora_theory/lora_parameter_viz.py            # CPU，smollm2-135m，全参数 8 步，2 核约 4-10 分钟
-  python lesson1_sft/04_lora_theory/lora_parameter_viz.py --smoke    # 极小模型，约 35 秒
+  python lesson1_sft/04_lora_theory/lora_parameter_viz.py            # CPU，smollm2-135m，全参数 8 步，空闲 2 核约 50 秒
+  python lesson1_sft/04_lora_theory/lora_parameter_viz.py --smoke    # 极小模型，约 8 秒
   python lesson1_sft/04_lora_theory/lora_parameter_viz.py --model Qwen/Qwen2.5-0.5B-Instruct --source hf \\
       --config configs/lesson1/lora_parameter_viz.yaml                      # GPU，更多步数
 
