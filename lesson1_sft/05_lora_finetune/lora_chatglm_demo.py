@@ -205,8 +205,8 @@ def main(args: Args) -> dict:
     ax.plot([h["step"] for h in hist if "loss" in h], [h["loss"] for h in hist if "loss" in h], label="train loss")
     ax.plot(*zip(*[(h["step"], h["eval_loss"]) for h in hist if "eval_loss" in h]), "o-", label="eval loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss（只算助手回复）")
-    ax.set_title(f"LoRA SFT：{out.model_name}，r={args.lora_r}，身份准确率 {acc_before:.2f} -> {acc_after:.2f}")
+    ax.set_ylabel("loss (assistant tokens only)")   # 英文标签：不依赖系统里有中文字体（CI 与很多服务器没有）
+    ax.set_title(f"LoRA SFT: {out.model_name}, r={args.lora_r}, identity accuracy {acc_before:.2f} -> {acc_after:.2f}")
     ax.legend()
     save()
 
