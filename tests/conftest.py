@@ -52,3 +52,11 @@ def load_script(rel: str):
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """坏输入的统一约定：退出码 2、没有 traceback、stderr 里点名了 needles（`文件:行`、参数名……）。"""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for n in needles:
+        assert n in proc.stderr, f"stderr 里没有 {n!r}：{proc.stderr[-2000:]}"

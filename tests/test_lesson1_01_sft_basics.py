@@ -2,7 +2,7 @@
 import json
 
 from common import data, models
-from tests.conftest import load_script
+from tests.conftest import assert_user_error, load_script
 
 SCRIPT = "lesson1_sft/01_sft_basics/sft_theory_notebook.py"
 
@@ -39,5 +39,4 @@ def test_bad_data_line_is_one_line_error(tmp_path, run_script):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "你好", "output": "你好！"}\n{"instruction": "坏行", \n', encoding="utf-8")
     p = run_script(SCRIPT, "--smoke", "--data", str(bad), "--output-dir", str(tmp_path / "out"), timeout=180)
-    assert p.returncode == 2, p.stderr[-2000:]
-    assert f"{bad}:2" in p.stderr and "Traceback" not in p.stderr
+    assert_user_error(p, f"{bad}:2")

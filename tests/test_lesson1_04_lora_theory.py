@@ -1,7 +1,7 @@
 """第 1 课 04：LoRA 为什么可行。全参数微调的 ΔW 能量集中在前几个奇异方向；LoRA 参数量随秩线性增长。"""
 import json
 
-from tests.conftest import load_script
+from tests.conftest import assert_user_error, load_script
 
 SCRIPT = "lesson1_sft/04_lora_theory/lora_parameter_viz.py"
 
@@ -30,5 +30,4 @@ def test_bad_data_line_is_one_line_error(tmp_path, run_script):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "你好", "output": "你好！"}\n{"instruction": "少了 output"}\n', encoding="utf-8")
     p = run_script(SCRIPT, "--smoke", "--data", str(bad), "--output-dir", str(tmp_path / "out"), timeout=180)
-    assert p.returncode == 2, p.stderr[-2000:]
-    assert f"{bad}:2" in p.stderr and "output" in p.stderr and "Traceback" not in p.stderr
+    assert_user_error(p, f"{bad}:2", "output")

@@ -1,7 +1,7 @@
 """第 1 课 05：LoRA 微调 GLM 架构对话模型。损失下降、身份准确率上升、adapter 与合并模型一致、坏数据一行报错。"""
 import json
 
-from tests.conftest import load_script
+from tests.conftest import assert_user_error, load_script
 
 SCRIPT = "lesson1_sft/05_lora_finetune/lora_chatglm_demo.py"
 
@@ -35,5 +35,4 @@ def test_malformed_jsonl_is_one_line_error(tmp_path, run_script):
     bad.write_text('{"instruction": "你是谁？", "output": "我是小助手。"}\n{"instruction": "坏行", "output": \n',
                    encoding="utf-8")
     proc = run_script(SCRIPT, "--smoke", "--data", str(bad), "--output-dir", str(tmp_path / "out"), timeout=180)
-    assert proc.returncode == 2, proc.stderr
-    assert f"{bad}:2" in proc.stderr and "Traceback" not in proc.stderr
+    assert_user_error(proc, f"{bad}:2")

@@ -1,7 +1,7 @@
 """第 1 课 06：CPU 推理取舍。KV 缓存更快、int8 困惑度几乎不变、每个配置都量到了吞吐与首 token 延迟。"""
 import json
 
-from tests.conftest import load_script
+from tests.conftest import assert_user_error, load_script
 
 SCRIPT = "lesson1_sft/06_cpu_deploy/cpu_inference_case.py"
 
@@ -29,5 +29,4 @@ def test_bad_data_line_is_one_line_error(tmp_path, run_script):
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
                    'not json at all\n', encoding="utf-8")
     p = run_script(SCRIPT, "--smoke", "--data", str(bad), "--output-dir", str(tmp_path / "out"), timeout=180)
-    assert p.returncode == 2, p.stderr[-2000:]
-    assert f"{bad}:2" in p.stderr and "Traceback" not in p.stderr
+    assert_user_error(p, f"{bad}:2")

@@ -1,7 +1,7 @@
 """第 6 课 02：四种切块策略都覆盖全文、起点对得上原文；质量报告与每种策略的 recall@5；坏输入一行报错。"""
 import json
 
-from tests.conftest import load_script
+from tests.conftest import assert_user_error, load_script
 
 SCRIPT = "lesson6_rag/02_data_preprocessing/data_preprocess.py"
 
@@ -41,7 +41,7 @@ def test_bad_qa_line_and_missing_docs(tmp_path, run_script):
     bad.write_text('{"question": "客服几点下班？", "answer": "21:00", "doc_id": "faq/general_faq_zh.md"}\n'
                    '{"question": "坏行", \n', encoding="utf-8")
     proc = run_script(SCRIPT, "--smoke", "--qa", str(bad), "--output-dir", str(tmp_path / "out"))
-    assert proc.returncode == 2 and f"{bad}:2" in proc.stderr and "Traceback" not in proc.stderr
+    assert_user_error(proc, f"{bad}:2")
     proc = run_script(SCRIPT, "--smoke", "--docs", str(tmp_path / "no_such_folder"), "--output-dir",
                       str(tmp_path / "out"))
-    assert proc.returncode == 2 and "no_such_folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert_user_error(proc, "no_such_folder")

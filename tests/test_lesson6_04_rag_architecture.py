@@ -7,7 +7,7 @@
 """
 import json
 
-from tests.conftest import load_script
+from tests.conftest import assert_user_error, load_script
 
 SCRIPT = "lesson6_rag/04_rag_architecture/rag_architecture_demo.py"
 
@@ -43,9 +43,9 @@ def test_bad_inputs_exit_2(tmp_path, run_script):
     bad.write_text('{"question": "客服几点下班？", "answer": "21:00", "doc_id": "faq/general_faq_zh.md"}\n'
                    '{"question": "坏行" "answer": 1}\n', encoding="utf-8")
     proc = run_script(SCRIPT, "--smoke", "--qa", str(bad), "--output-dir", str(tmp_path / "out"))
-    assert proc.returncode == 2 and f"{bad}:2" in proc.stderr and "Traceback" not in proc.stderr
+    assert_user_error(proc, f"{bad}:2")
     proc = run_script(SCRIPT, "--smoke", "--docs", str(tmp_path / "missing_docs"), "--output-dir",
                       str(tmp_path / "out"))
-    assert proc.returncode == 2 and "missing_docs" in proc.stderr and "Traceback" not in proc.stderr
+    assert_user_error(proc, "missing_docs")
     proc = run_script(SCRIPT, "--smoke", "--first-stage", "colbert", "--output-dir", str(tmp_path / "out"))
-    assert proc.returncode == 2 and "--first-stage" in proc.stderr and "Traceback" not in proc.stderr
+    assert_user_error(proc, "--first-stage")
