@@ -86,7 +86,8 @@ def with_smoke(args: T, overrides: dict) -> T:
     """--smoke 时换成脚本给的小规模参数；只替换用户没改过的（--smoke --learning-rate 1e-2 仍然生效）。"""
     if not getattr(args, "smoke", False):
         return args
-    defaults = {f.name: f.default for f in dataclasses.fields(args)}
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(args)}   # 列表参数的默认值在 default_factory 里
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise KeyError(f"SMOKE 里有 Args 没有的字段：{unknown}")   # 脚本自己的 bug，不是用户错误

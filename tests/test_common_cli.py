@@ -107,3 +107,12 @@ def test_with_smoke_keeps_user_choices_and_threads_restore(tmp_path):
     assert torch.get_num_threads() == 1
     out.finish({"x": 1})
     assert torch.get_num_threads() == before
+
+
+def test_with_smoke_replaces_list_defaults():
+    @dataclass
+    class B(cli.CommonArgs):
+        sizes: list[int] = cli.arg([1, 2, 4], "批大小")
+
+    assert cli.with_smoke(B(smoke=True), {"sizes": [1]}).sizes == [1]
+    assert cli.with_smoke(B(smoke=True, sizes=[8]), {"sizes": [1]}).sizes == [8]

@@ -100,11 +100,12 @@ def main(args: Args) -> dict:
     from rich.console import Console
     from rich.table import Table
 
+    # 冒烟：少几种批大小、少几条困惑度样本；极小模型每步开销以 Python 调度为主，要生成 128 个新 token，
+    # 不开 KV 缓存时"每步重算整段前文"的平方级代价才压过固定开销（24 个 token 时只快约 1.5 倍）。
+    # 先换参数再 run.start：config.json 记下的是实际跑的参数。线程数不在冒烟时改：本脚本自己比较线程数
+    args = cli.with_smoke(args, dict(batch_sizes=[1, 4], ppl_samples=8, max_new_tokens=128, repeats=2))
     out = run.start(__file__, args)
     log = out.log
-    if args.smoke:   # 冒烟：少几种批大小、少几条困惑度样本；极小模型每步开销以 Python 调度为主，要生成 128 个
-        # 新 token，不开 KV 缓存时"每步重算整段前文"的平方级代价才压过固定开销（24 个 token 时只快约 1.5 倍）
-        args.batch_sizes, args.ppl_samples, args.max_new_tokens, args.repeats = [1, 4], 8, 128, 2
     if not args.batch_sizes or min(args.batch_sizes) < 1 or args.max_new_tokens < 2 or args.repeats < 1:
         raise UserError("--batch-sizes 要 ≥1，--max-new-tokens 要 ≥2，--repeats 要 ≥1")
 
