@@ -1,8 +1,11 @@
 """命令行：dataclass 参数 + HfArgumentParser，优先级 默认值 < --config YAML < 命令行。"""
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,11 +17,49 @@ from common.errors import UserError
 T = TypeVar("T")
 
 
-def arg(default: Any, help: str, **kw: Any) -> Any:
-    """一行声明一个参数：默认值 + 帮助文本（HfArgumentParser 在 --help 里显示 metadata）。"""
+BOUNDS = ("min", "max")   # 取值范围写在 metadata 里；argparse 不认识它们，交给 validate() 检查
+
+
+def arg(default: Any, help: str, *, min: float | None = None, max: float | None = None, **kw: Any) -> Any:
+    """一行声明一个参数：默认值 + 帮助文本 + 可选的取值范围（闭区间，列表参数逐个元素检查）。
+
+    例：cli.arg(60, "训练步数", min=1)；cli.arg(0.1, "留出比例", min=0, max=1)。
+    choices=[...] 原样交给 argparse。范围在命令行和 YAML 里都由 validate() 统一检查。
+    """
+    meta = {"help": help, **kw}
+    if min is not None:
+        meta["min"] = min
+    if max is not None:
+        meta["max"] = max
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag_name(name: str) -> str:
+    """字段名 -> 命令行参数名（max_steps -> --max-steps）。"""
+    return "--" + name.replace("_", "-")
+
+
+def validate(args: Any, where: str | None = None) -> Any:
+    """按每个字段声明的范围检查参数（NaN/inf 一律拒绝）；出错时 UserError 点名参数（或 YAML 的 文件: 键）。"""
+    for f in dataclasses.fields(args):
+        v = getattr(args, f.name)
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        name = f"{where}: 键 {f.name}" if where else flag_name(f.name)
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                continue
+            if isinstance(x, float) and not math.isfinite(x):
+                raise UserError(f"{name} {x}: 必须是有限的数")
+            if lo is not None and x < lo:
+                raise UserError(f"{name} {x}: 必须 ≥ {lo}")
+            if hi is not None and x > hi:
+                raise UserError(f"{name} {x}: 必须 ≤ {hi}")
+        choices = f.metadata.get("choices")
+        if choices and v is not None and not isinstance(v, (list, tuple)) and v not in choices:
+            raise UserError(f"{name} {v}: 只能是 {' / '.join(map(str, choices))}")
+    return args
 
 
 @dataclass
@@ -78,8 +119,9 @@ def _excepthook(exc_type, exc, tb):  # noqa: ANN001
 def load_config(cls: type[T], path: str, **overrides: Any) -> T:
     """把 YAML 配置解析成参数对象（测试用它检查每个 YAML 都合法）。"""
     cfg = _yaml_defaults(path, cls)
+    validate(cls(**cfg), where=path)   # YAML 里的值与命令行同样检查范围，报错点名 文件: 键
     cfg.update(overrides)
-    return cls(**cfg)
+    return validate(cls(**cfg))
 
 
 def with_smoke(args: T, overrides: dict) -> T:
@@ -94,19 +136,35 @@ def with_smoke(args: T, overrides: dict) -> T:
     return dataclasses.replace(args, **{k: v for k, v in overrides.items() if getattr(args, k) == defaults[k]})
 
 
-def parse(cls: type[T], argv: list[str] | None = None) -> T:
-    """解析命令行；之后任何 UserError 都变成一行错误 + 退出码 2（不是 traceback）。"""
+def _parser_class():
     from transformers import HfArgumentParser
 
+    class Parser(HfArgumentParser):
+        """HfArgumentParser 把 metadata 全部交给 add_argument；先去掉它不认识的 min/max。"""
+
+        @staticmethod
+        def _parse_dataclass_field(parser, fld):  # noqa: ANN001
+            fld = copy.copy(fld)
+            fld.metadata = types.MappingProxyType({k: v for k, v in fld.metadata.items() if k not in BOUNDS})
+            HfArgumentParser._parse_dataclass_field(parser, fld)
+
+    return Parser
+
+
+def parse(cls: type[T], argv: list[str] | None = None) -> T:
+    """解析命令行；之后任何 UserError 都变成一行错误 + 退出码 2（不是 traceback）。"""
+    _Parser = _parser_class()
     sys.excepthook = _excepthook
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(cls, description=(sys.modules["__main__"].__doc__ or None))
+    parser = _Parser(cls, description=(sys.modules["__main__"].__doc__ or None))
     parser.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
     # 先只取 --config，把 YAML 当作默认值，命令行再覆盖它
     pre, _ = parser.parse_known_args(argv)
     if getattr(pre, "config", None):
         try:
-            parser.set_defaults(**_yaml_defaults(pre.config, cls))
+            cfg = _yaml_defaults(pre.config, cls)
+            validate(cls(**cfg), where=pre.config)
+            parser.set_defaults(**cfg)
         except UserError as e:
             print(f"错误: {e}", file=sys.stderr)
             sys.exit(2)
@@ -118,4 +176,8 @@ def parse(cls: type[T], argv: list[str] | None = None) -> T:
     if rest:
         print(f"错误: 未知参数 {' '.join(rest)}（用 --help 查看可用参数）", file=sys.stderr)
         sys.exit(2)
-    return args
+    try:
+        return validate(args)
+    except UserError as e:
+        print(f"错误: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -145,9 +145,8 @@ def pick_device(device: str = "auto"):
 
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device {device}: 只能是 auto / cpu / cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        get_logger().warning("--device cuda: 没有可用的 CUDA，改用 CPU")
-        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():   # 明确要求却做不到：报错，而不是悄悄换成 CPU
+        raise UserError("--device cuda: 这台机器没有可用的 CUDA（去掉 --device 或用 --device cpu）")
     return torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
 
@@ -212,6 +211,39 @@ def load(name: str, source: str = "auto", device: str = "auto", dtype: str = "au
     get_logger().info(f"模型 {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M 参数，"
                       f"{dev.type} {str(dt).replace('torch.', '')}{why}，加载 {time.perf_counter() - t0:.1f} 秒")
     return model, tok
+
+
+def load_args(args, name: str | None = None, for_training: bool = False, **model_kwargs):
+    """按脚本参数（--model/--source/--device/--dtype/--trust-remote-code）加载 (model, tokenizer)。"""
+    return load(name or args.resolved_model(), source=args.source, device=args.device, dtype=args.dtype,
+                trust_remote_code=args.trust_remote_code, for_training=for_training, **model_kwargs)
+
+
+def generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 8,
+             max_prompt_tokens: int | None = None) -> list[str]:
+    """批量贪心生成，只返回新生成的文本；左填充（生成要接在最后一个真实 token 后面），结束后还原 padding_side。
+
+    prompts 是已经套好对话模板的字符串（data.prompt_text）；太长的提示从左边截掉，保留离回答最近的部分。
+    """
+    import torch
+
+    side, tside = tok.padding_side, getattr(tok, "truncation_side", "right")
+    tok.padding_side, tok.truncation_side = "left", "left"
+    limit = max_prompt_tokens or max(8, getattr(model.config, "max_position_embeddings", 4096) - max_new_tokens)
+    was_training, outs = model.training, []
+    model.eval()
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=limit,
+                      add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id)
+            outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tok.padding_side, tok.truncation_side = side, tside
+        model.train(was_training)
+    return [o.strip() for o in outs]
 
 
 def describe(name: str) -> dict:

@@ -70,8 +70,10 @@ class Run:
     """脚本的一次运行：run.start() 创建，out.finish(metrics) 收尾。"""
 
     def __init__(self, script: str, args: Any, smoke_threads: int | None = None):
+        from common import cli
+
         self.script = Path(script)
-        self.args = args
+        self.args = cli.validate(args)   # 直接调用 main(Args(...)) 时也检查范围（命令行/YAML 已在 parse 里查过）
         self.dir = Path(args.output_dir) if getattr(args, "output_dir", None) else default_output_dir(script)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log = get_logger()
