@@ -9,12 +9,13 @@ STAMP  := $(VENV)/.installed
 setup: $(STAMP)
 
 # torch 先单独装：CPU 机器上 torch==2.13.0 取 CPU 轮子；GPU 用户请先装好对应 CUDA 版本的 torch 2.13.0
-$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt requirements-nobuildiso.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -r requirements.txt
 	$(BIN)/pip install --no-deps -r requirements-nodeps.txt
+	$(BIN)/pip install --no-build-isolation -r requirements-nobuildiso.txt
 	$(BIN)/pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
