@@ -44,10 +44,10 @@ def test_killed_then_resumed_matches_uninterrupted(uninterrupted, tmp_path, run_
 
 
 def test_resume_without_checkpoint_and_bad_data_are_one_line_errors(tmp_path, run_script):
-    p = run_script(SCRIPT, "--smoke", "--resume", "--output-dir", str(tmp_path / "empty"), timeout=180)
+    p = run_script(SCRIPT, "--smoke", "--resume", "--output-dir", str(tmp_path / "empty"), timeout=600)
     assert_user_error(p, "--resume")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
                    '{"messages": [}\n', encoding="utf-8")
-    p = run_script(SCRIPT, "--smoke", "--data", str(bad), "--output-dir", str(tmp_path / "out"), timeout=180)
+    p = run_script(SCRIPT, "--smoke", "--data", str(bad), "--output-dir", str(tmp_path / "out"), timeout=600)
     assert_user_error(p, f"{bad}:2")

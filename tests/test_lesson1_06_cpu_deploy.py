@@ -53,5 +53,5 @@ def test_bad_data_line_is_one_line_error(tmp_path, run_script):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
                    'not json at all\n', encoding="utf-8")
-    p = run_script(SCRIPT, "--smoke", "--data", str(bad), "--output-dir", str(tmp_path / "out"), timeout=180)
+    p = run_script(SCRIPT, "--smoke", "--data", str(bad), "--output-dir", str(tmp_path / "out"), timeout=600)
     assert_user_error(p, f"{bad}:2")

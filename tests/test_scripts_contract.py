@@ -62,9 +62,9 @@ def test_help_and_bad_flags(rel, capsys):
 def test_help_and_bad_flag_in_a_real_process(run_script):
     """样本：真实子进程里的 --help 与坏参数，和进程内检查的结论一致。"""
     rel = SCRIPTS[0]
-    p = run_script(rel, "--help", timeout=180)
+    p = run_script(rel, "--help", timeout=600)
     assert p.returncode == 0 and "--smoke" in p.stdout and "运行" in p.stdout
-    assert_user_error(run_script(rel, "--smoke", "--report-to", "comet", timeout=180), "--report-to")
+    assert_user_error(run_script(rel, "--smoke", "--report-to", "comet", timeout=600), "--report-to")
 
 
 @pytest.mark.parametrize("rel", SCRIPTS)

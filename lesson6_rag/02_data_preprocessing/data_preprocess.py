@@ -183,6 +183,56 @@ def quality(chunks: list[Chunk], tokenizer, max_tokens: int, min_chars: int) -> 
             "lang": {k: langs.get(k, 0) for k in ("zh", "en", "mixed")}}
 
 
+def evaluate_strategy(name: str, chunks: list[Chunk], args: Args, out: run.Run, docs, by_id, qas, qvecs,
+                      embedder) -> dict:
+    """一种切块策略：质量计数、覆盖率与起点核对、dense / BM25 的 recall@5（分语言），以及长度直方图。"""
+    rep = quality(chunks, embedder.tokenizer, embedder.max_seq_length, args.min_chunk_chars)
+    rep["coverage"] = round(coverage(docs, chunks), 4)
+    rep["offset_errors"] = sum(by_id[c.doc_id].text[c.start:c.end] != c.text for c in chunks)
+    texts = [c.text for c in chunks]
+    dense = retrieval.DenseIndex(retrieval.embed(embedder, texts))
+    dense_ranked = [[i for i, _ in r] for r in dense.search_vectors(qvecs, K)]
+    bm25 = retrieval.BM25Index(texts)
+    bm25_ranked = [[i for i, _ in bm25.search(q["question"], K)] for q in qas]
+    hits = {"dense": retrieval.hits_matrix(dense_ranked, qas, chunks, by_id),
+            "bm25": retrieval.hits_matrix(bm25_ranked, qas, chunks, by_id)}
+    rep["recall_at_5"] = round(retrieval.recall_at_k(hits["dense"], K), 4)
+    rep["bm25_recall_at_5"] = round(retrieval.recall_at_k(hits["bm25"], K), 4)
+    per_kind = {kind: retrieval.recall_by_lang(hs, qas, K) for kind, hs in hits.items()}
+    rep["by_lang"] = {lang: {kind: per_kind[kind][lang] for kind in hits} for lang in per_kind["dense"]}
+    out.log.info(f"{name:9s} dense recall@{K}={rep['recall_at_5']:.3f}  bm25={rep['bm25_recall_at_5']:.3f}  "
+                 f"{rep['by_lang']}")
+    # 长度直方图：看分布的形状——fixed 是一根柱子，句子/语义切块是一片
+    fig, save = out.plot(f"length_hist_{name}.png")
+    ax = fig.gca()
+    ax.hist([len(c.text) for c in chunks], bins=30, color="#4C72B0")
+    ax.axvline(args.chunk_size, color="gray", ls="--", label=f"chunk_size={args.chunk_size}")
+    ax.set(title=f"{name}: {len(chunks)} chunks, avg {rep['avg_len']} chars", xlabel="chunk length (chars)",
+           ylabel="count")
+    ax.legend()
+    save()
+    return rep
+
+
+def write_report(out: run.Run, args: Args, results: dict, n_docs: int, n_qas: int, max_tokens: int,
+                 clean_stats: dict) -> None:
+    """质量报告：一张表 + 名词解释，写成 quality_report.md。"""
+    lines = ["# 切块数据质量报告", "", f"文档 {n_docs} 篇，问题 {n_qas} 个；向量模型 {args.resolved_model()}"
+             f"（最长 {max_tokens} token）；清洗：{clean_stats}", "",
+             "| 策略 | 块数 | 平均长度 | 最长 | 空 | 重复 | 过短 | 超长(截断) | zh/en/mixed | 覆盖率 "
+             f"| dense R@{K} | BM25 R@{K} |", "|" + "---|" * 12]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['chunks']} | {r['avg_len']} | {r['max_len']} | {r['empty']} | {r['duplicate']} "
+                     f"| {r['too_short']} | {r['too_long']} | {r['lang']['zh']}/{r['lang']['en']}/{r['lang']['mixed']} "
+                     f"| {r['coverage']} | {r['recall_at_5']} | {r['bm25_recall_at_5']} |")
+    lines += ["", f"- 过短：去掉空白后少于 {args.min_chunk_chars} 个字符；超长：分词后超过向量模型的 {max_tokens} token，"
+              "编码时尾部被截断。", "- zh/en/mixed：汉字占（汉字+拉丁字母）≥0.7 为 zh，≤0.1 为 en，其余 mixed。",
+              "- dense = 向量检索（FAISS IndexFlatIP，余弦）；BM25 = jieba 分词后的关键词检索。",
+              f"- 分语言 recall@{K}：" + "; ".join(f"{n} {r['by_lang']}" for n, r in results.items())]
+    out.path("quality_report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+
 def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
@@ -219,50 +269,11 @@ def main(args: Args) -> dict:
     # 4. 向量化（Sentence-BERT）+ FAISS 精确检索，对照 BM25；每种策略同一批问题、同一个命中判定
     qvecs = retrieval.embed(embedder, [q["question"] for q in qas])
     max_tokens = embedder.max_seq_length   # 超过它的部分编码时被截断：块的后半段对向量检索是"隐形"的
-    results = {}
-    for name, chunks in strategies.items():
-        rep = quality(chunks, embedder.tokenizer, max_tokens, args.min_chunk_chars)
-        rep["coverage"] = round(coverage(docs, chunks), 4)
-        rep["offset_errors"] = sum(by_id[c.doc_id].text[c.start:c.end] != c.text for c in chunks)
-        texts = [c.text for c in chunks]
-        dense = retrieval.DenseIndex(retrieval.embed(embedder, texts))
-        dense_ranked = [[i for i, _ in r] for r in dense.search_vectors(qvecs, K)]
-        bm25 = retrieval.BM25Index(texts)
-        bm25_ranked = [[i for i, _ in bm25.search(q["question"], K)] for q in qas]
-        hits = {"dense": retrieval.hits_matrix(dense_ranked, qas, chunks, by_id),
-                "bm25": retrieval.hits_matrix(bm25_ranked, qas, chunks, by_id)}
-        rep["recall_at_5"] = round(retrieval.recall_at_k(hits["dense"], K), 4)
-        rep["bm25_recall_at_5"] = round(retrieval.recall_at_k(hits["bm25"], K), 4)
-        per_kind = {kind: retrieval.recall_by_lang(hs, qas, K) for kind, hs in hits.items()}
-        rep["by_lang"] = {lang: {kind: per_kind[kind][lang] for kind in hits} for lang in per_kind["dense"]}
-        results[name] = rep
-        log.info(f"{name:9s} dense recall@{K}={rep['recall_at_5']:.3f}  bm25={rep['bm25_recall_at_5']:.3f}  "
-                 f"{rep['by_lang']}")
-
-        # 长度直方图：看分布的形状——fixed 是一根柱子，句子/语义切块是一片
-        fig, save = out.plot(f"length_hist_{name}.png")
-        ax = fig.gca()
-        ax.hist([len(c.text) for c in chunks], bins=30, color="#4C72B0")
-        ax.axvline(args.chunk_size, color="gray", ls="--", label=f"chunk_size={args.chunk_size}")
-        ax.set(title=f"{name}: {len(chunks)} chunks, avg {rep['avg_len']} chars", xlabel="chunk length (chars)",
-               ylabel="count")
-        ax.legend()
-        save()
+    results = {name: evaluate_strategy(name, chunks, args, out, docs, by_id, qas, qvecs, embedder)
+               for name, chunks in strategies.items()}
 
     # 5. 质量报告：一张表 + 名词解释，写成 markdown
-    lines = ["# 切块数据质量报告", "", f"文档 {len(docs)} 篇，问题 {len(qas)} 个；向量模型 {args.resolved_model()}"
-             f"（最长 {max_tokens} token）；清洗：{clean_stats}", "",
-             "| 策略 | 块数 | 平均长度 | 最长 | 空 | 重复 | 过短 | 超长(截断) | zh/en/mixed | 覆盖率 "
-             f"| dense R@{K} | BM25 R@{K} |", "|" + "---|" * 12]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['chunks']} | {r['avg_len']} | {r['max_len']} | {r['empty']} | {r['duplicate']} "
-                     f"| {r['too_short']} | {r['too_long']} | {r['lang']['zh']}/{r['lang']['en']}/{r['lang']['mixed']} "
-                     f"| {r['coverage']} | {r['recall_at_5']} | {r['bm25_recall_at_5']} |")
-    lines += ["", f"- 过短：去掉空白后少于 {args.min_chunk_chars} 个字符；超长：分词后超过向量模型的 {max_tokens} token，"
-              "编码时尾部被截断。", "- zh/en/mixed：汉字占（汉字+拉丁字母）≥0.7 为 zh，≤0.1 为 en，其余 mixed。",
-              "- dense = 向量检索（FAISS IndexFlatIP，余弦）；BM25 = jieba 分词后的关键词检索。",
-              f"- 分语言 recall@{K}：" + "; ".join(f"{n} {r['by_lang']}" for n, r in results.items())]
-    out.path("quality_report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_report(out, args, results, len(docs), len(qas), max_tokens, clean_stats)
 
     fig, save = out.plot("recall_by_strategy.png")
     ax = fig.gca()

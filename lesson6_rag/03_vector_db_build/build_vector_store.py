@@ -146,9 +146,56 @@ def copy_kb(args: Args, work: Path) -> tuple[list, list[str]]:
     return src, queries + ["S9 门铃的录像在云端保存几天？", "How high to mount the S9?"]
 
 
+def edit_copy(work: Path, src: list) -> tuple[list, object]:
+    """在副本上新增 2 篇、修改 2 篇（一篇末尾追加、一篇开头插入：后者让所有块都错位）、删除 1 篇。返回 (改过的, 删掉的)。"""
+    editable = [d for d in src if d.path.suffix.lower() in (".md", ".txt")] or src
+    first_per_lang = list({data.detect_lang(d.text): d for d in reversed(editable)}.values())   # 中英文各改一篇
+    edited = (first_per_lang + [d for d in editable if d not in first_per_lang])[:2]
+    removed = next(d for d in reversed(src) if d not in edited)
+    for i, d in enumerate(edited):
+        note = EDIT[data.detect_lang(d.text)]
+        text = (work / d.id).read_text(encoding="utf-8")
+        (work / d.id).write_text(text.rstrip() + "\n\n" + note + "\n" if i == 0 else note + "\n\n" + text,
+                                 encoding="utf-8")
+    (work / removed.id).unlink()
+    for name, text in NEW_DOCS.items():
+        (work / name).write_text(text, encoding="utf-8")
+    return edited, removed
+
+
+def check_consistency(store: Path, rebuilt: Path, old_meta: dict, removed_id: str, qvecs) -> tuple[dict, set, set]:
+    """一致性检查：每一项都是增量维护最容易出错的地方。返回 (各项结果, 过期 id, 查询返回过的 id)。"""
+    import numpy as np
+
+    index, meta = load_store(store)
+    index_full, meta_full = load_store(rebuilt)
+    live = np.array(sorted(meta), dtype="int64")
+    own = np.stack([index.reconstruct(int(i)) for i in live])
+    scores, top = index.search(own, 2)
+    # 第 1 名应是它自己；若另有一块文本完全相同（向量相同、分数并列），也算对
+    self_top1 = all(t[0] == i or abs(s[0] - s[1]) < 1e-6 and i in t for i, t, s in zip(live, top, scores))
+    # 过期 id：被删文档的块 + 修改后不复存在的尾部块。修改文档的其余块沿用原 id（位置没变），
+    # 旧内容有没有残留，靠下面 same_vectors_as_rebuild（同一 id 的向量与重建库逐一比较）来查
+    stale = set(old_meta) - set(meta)
+    s_inc, i_inc = index.search(qvecs, 10)
+    s_full, i_full = index_full.search(qvecs, 10)
+    returned = {int(i) for i in i_inc.ravel() if i >= 0}
+    own_full = np.stack([index_full.reconstruct(int(i)) for i in live]) if set(meta) == set(meta_full) else None
+    checks = {
+        "ntotal_equals_metadata": index.ntotal == len(meta) == index_full.ntotal == len(meta_full),
+        "self_search_top1": bool(self_top1),
+        "no_stale_ids_returned": not (returned & stale) and returned <= set(meta),
+        "same_ids_as_rebuild": set(meta) == set(meta_full),
+        "same_vectors_as_rebuild": own_full is not None and bool(np.allclose(own, own_full, atol=1e-4)),
+        "same_results_as_rebuild": bool(np.allclose(s_inc, s_full, atol=1e-4))
+        and all(set(a) == set(b) for a, b in zip(i_inc[:, :5].tolist(), i_full[:, :5].tolist())),
+        "deleted_doc_gone": all(doc != removed_id for doc, _ in meta.values()),
+    }
+    return checks, stale, returned
+
+
 def main(args: Args) -> dict:
     import faiss
-    import numpy as np
 
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
@@ -164,18 +211,7 @@ def main(args: Args) -> dict:
              initial["seconds"], {k: initial[k] for k in ("added", "updated", "deleted", "skipped")})
 
     # 2. 在副本上新增 2 篇、修改 2 篇（一篇末尾追加、一篇开头插入：后者让所有块都错位）、删除 1 篇
-    editable = [d for d in src if d.path.suffix.lower() in (".md", ".txt")] or src
-    first_per_lang = list({data.detect_lang(d.text): d for d in reversed(editable)}.values())   # 中英文各改一篇
-    edited = (first_per_lang + [d for d in editable if d not in first_per_lang])[:2]
-    removed = next(d for d in reversed(src) if d not in edited)
-    for i, d in enumerate(edited):
-        note = EDIT[data.detect_lang(d.text)]
-        text = (work / d.id).read_text(encoding="utf-8")
-        (work / d.id).write_text(text.rstrip() + "\n\n" + note + "\n" if i == 0 else note + "\n\n" + text,
-                                 encoding="utf-8")
-    (work / removed.id).unlink()
-    for name, text in NEW_DOCS.items():
-        (work / name).write_text(text, encoding="utf-8")
+    edited, removed = edit_copy(work, src)
     _, old_meta = load_store(store)
     log.info("副本上的改动：新增 %s，修改 %s，删除 %s", list(NEW_DOCS), [d.id for d in edited], removed.id)
 
@@ -187,31 +223,8 @@ def main(args: Args) -> dict:
              inc["chunks_embedded"], full["seconds"], full["chunks_embedded"], speedup)
 
     # 4. 一致性检查：每一项都是增量维护最容易出错的地方
-    index, meta = load_store(store)
-    index_full, meta_full = load_store(rebuilt)
-    live = np.array(sorted(meta), dtype="int64")
-    own = np.stack([index.reconstruct(int(i)) for i in live])
-    scores, top = index.search(own, 2)
-    # 第 1 名应是它自己；若另有一块文本完全相同（向量相同、分数并列），也算对
-    self_top1 = all(t[0] == i or abs(s[0] - s[1]) < 1e-6 and i in t for i, t, s in zip(live, top, scores))
-    # 过期 id：被删文档的块 + 修改后不复存在的尾部块。修改文档的其余块沿用原 id（位置没变），
-    # 旧内容有没有残留，靠下面 same_vectors_as_rebuild（同一 id 的向量与重建库逐一比较）来查
-    stale = set(old_meta) - set(meta)
-    qvecs = retrieval.embed(embedder, queries)
-    s_inc, i_inc = index.search(qvecs, 10)
-    s_full, i_full = index_full.search(qvecs, 10)
-    returned = {int(i) for i in i_inc.ravel() if i >= 0}
-    own_full = np.stack([index_full.reconstruct(int(i)) for i in live]) if set(meta) == set(meta_full) else None
-    checks = {
-        "ntotal_equals_metadata": index.ntotal == len(meta) == index_full.ntotal == len(meta_full),
-        "self_search_top1": bool(self_top1),
-        "no_stale_ids_returned": not (returned & stale) and returned <= set(meta),
-        "same_ids_as_rebuild": set(meta) == set(meta_full),
-        "same_vectors_as_rebuild": own_full is not None and bool(np.allclose(own, own_full, atol=1e-4)),
-        "same_results_as_rebuild": bool(np.allclose(s_inc, s_full, atol=1e-4))
-        and all(set(a) == set(b) for a, b in zip(i_inc[:, :5].tolist(), i_full[:, :5].tolist())),
-        "deleted_doc_gone": all(doc != removed.id for doc, _ in meta.values()),
-    }
+    checks, stale, returned = check_consistency(store, rebuilt, old_meta, removed.id,
+                                                retrieval.embed(embedder, queries))
     consistent = all(checks.values())
     for k, v in checks.items():
         (log.info if v else log.error)("一致性检查 %-24s %s", k, "通过" if v else "失败")

@@ -8,7 +8,7 @@
 
 运行：
   python lesson6_rag/06_optimization/optimization_lab.py            # CPU：7 种切块 × 3 检索器，smollm2-135m 生成 8 题，空闲 2 核约 45 秒
-  python lesson6_rag/06_optimization/optimization_lab.py --smoke    # 1/4 文档、4 种切块，极小模型生成 5 题（SMOKE），约 11 秒
+  python lesson6_rag/06_optimization/optimization_lab.py --smoke    # 1/4 文档、3 种切块，极小模型生成 5 题（SMOKE），约 11 秒
   python lesson6_rag/06_optimization/optimization_lab.py --model Qwen/Qwen2.5-1.5B-Instruct --source hf \
       --embedding-model BAAI/bge-small-zh-v1.5 --reranker BAAI/bge-reranker-base \
       --config configs/lesson6/optimization_lab.yaml                # GPU：加中文向量模型与交叉编码器重排
@@ -55,8 +55,8 @@ class Args(retrieval.KBArgs):
     update_baseline: bool = cli.arg(False, "把本次结果写成基线（改动确认是改进后再用）")
 
 
-# 冒烟：1/4 的文档（及问它们的题）、2 种切块 × 2 种重叠，极小模型生成 5 题
-SMOKE = dict(max_docs=11, chunk_sizes=[200, 500], gen_questions=5)
+# 冒烟：1/4 的文档（及问它们的题）；切块 200/500 × 重叠 0/100，按"重叠 < 切块一半"的规则剩 3 种；极小模型生成 5 题
+SMOKE = dict(max_docs=11, chunk_sizes=[200, 500], chunk_overlaps=[0, 100], gen_questions=5)
 
 
 def extract_answer(question: str, chunk_text: str) -> str:
