@@ -11,7 +11,9 @@ from tests.conftest import REPO
 
 @pytest.mark.slow   # 子进程里真的跑一个脚本
 def test_course_runs_selected_scripts_offline(tmp_path, tiny_models):
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests" / "netguard"), "NETGUARD_LOG": str(tmp_path / "net.log")}
+    # netguard 拦截联网；REPO 放进 PYTHONPATH：子进程里的 common 必须是这份代码（而不是别处 pip install -e 的那份）
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "netguard"), str(REPO)]),
+           "NETGUARD_LOG": str(tmp_path / "net.log")}
     outputs = tmp_path / "outputs"
     # 只挑一个最快的脚本跑一遍 course.py --smoke（全部脚本各自的冒烟测试在 test_lessonN_* 里）
     p = subprocess.run([sys.executable, "course.py", "--smoke", "--only", "01_sft_basics", "--outputs", str(outputs)],
