@@ -38,5 +38,5 @@ def test_smoke_compares_both_objectives_on_same_ruler(tmp_path, tiny_models):
 def test_bad_data_line_is_one_line_error(tmp_path, run_script):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "你好", "output": "你好！"}\n{"instruction": "坏行", \n', encoding="utf-8")
-    p = run_script(SCRIPT, "--smoke", "--data", str(bad), "--output-dir", str(tmp_path / "out"), timeout=180)
+    p = run_script(SCRIPT, "--smoke", "--data", str(bad), "--output-dir", str(tmp_path / "out"), timeout=600)
     assert_user_error(p, f"{bad}:2")

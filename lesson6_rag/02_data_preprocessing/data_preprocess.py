@@ -10,7 +10,7 @@
 
 运行：
   python lesson6_rag/02_data_preprocessing/data_preprocess.py            # CPU，all-MiniLM-L6-v2，空闲 2 核约 35 秒
-  python lesson6_rag/02_data_preprocessing/data_preprocess.py --smoke    # 只取 1/6 文档，约 14 秒
+  python lesson6_rag/02_data_preprocessing/data_preprocess.py --smoke    # 均匀抽 8 篇文档（SMOKE），约 14 秒
   python lesson6_rag/02_data_preprocessing/data_preprocess.py --embedding-model BAAI/bge-small-zh-v1.5 \\
       --device cuda --config configs/lesson6/data_preprocess.yaml   # GPU + 中文向量模型（需联网下载一次）
 
@@ -33,15 +33,18 @@ from common.errors import UserError
 from common.retrieval import Chunk
 
 K = 5   # recall@5：RAG 通常把前 5 个块交给大模型
+SMOKE = dict(max_docs=8)   # 冒烟：均匀抽 8 篇文档（以及问它们的题），流程完全一样
 
 
 @dataclass
 class Args(retrieval.KBArgs):
-    chunk_size: int = cli.arg(300, "目标块长（字符）：四种策略用同一个上限，比较才公平")
-    chunk_overlap: int = cli.arg(50, "fixed / recursive 相邻块重叠的字符数（防止答案正好被切在边界上）")
-    semantic_percentile: float = cli.arg(25.0, "语义切块：相邻句相似度低于本文档第 p 百分位时切开（p 越大块越碎）")
-    semantic_min_chars: int = cli.arg(60, "语义切块：当前块不足这么多字符时不在话题转折处切（否则标题会被单独切出来）")
-    min_chunk_chars: int = cli.arg(20, "质量报告：短于此字符数算过短块（孤立的标题、半句话）")
+    chunk_size: int = cli.arg(300, "目标块长（字符）：四种策略用同一个上限，比较才公平", min=1)
+    chunk_overlap: int = cli.arg(50, "fixed / recursive 相邻块重叠的字符数（防止答案正好被切在边界上）", min=0)
+    semantic_percentile: float = cli.arg(25.0, "语义切块：相邻句相似度低于本文档第 p 百分位时切开（p 越大块越碎）",
+                                         min=0, max=100)
+    semantic_min_chars: int = cli.arg(60, "语义切块：当前块不足这么多字符时不在话题转折处切（否则标题会被单独切出来）",
+                                      min=0)
+    min_chunk_chars: int = cli.arg(20, "质量报告：短于此字符数算过短块（孤立的标题、半句话）", min=0)
 
     def resolved_model(self) -> str:
         """本脚本不用大模型：metrics.json 里的 model 记录向量模型。"""
@@ -180,7 +183,58 @@ def quality(chunks: list[Chunk], tokenizer, max_tokens: int, min_chars: int) -> 
             "lang": {k: langs.get(k, 0) for k in ("zh", "en", "mixed")}}
 
 
+def evaluate_strategy(name: str, chunks: list[Chunk], args: Args, out: run.Run, docs, by_id, qas, qvecs,
+                      embedder) -> dict:
+    """一种切块策略：质量计数、覆盖率与起点核对、dense / BM25 的 recall@5（分语言），以及长度直方图。"""
+    rep = quality(chunks, embedder.tokenizer, embedder.max_seq_length, args.min_chunk_chars)
+    rep["coverage"] = round(coverage(docs, chunks), 4)
+    rep["offset_errors"] = sum(by_id[c.doc_id].text[c.start:c.end] != c.text for c in chunks)
+    texts = [c.text for c in chunks]
+    dense = retrieval.DenseIndex(retrieval.embed(embedder, texts))
+    dense_ranked = [[i for i, _ in r] for r in dense.search_vectors(qvecs, K)]
+    bm25 = retrieval.BM25Index(texts)
+    bm25_ranked = [[i for i, _ in bm25.search(q["question"], K)] for q in qas]
+    hits = {"dense": retrieval.hits_matrix(dense_ranked, qas, chunks, by_id),
+            "bm25": retrieval.hits_matrix(bm25_ranked, qas, chunks, by_id)}
+    rep["recall_at_5"] = round(retrieval.recall_at_k(hits["dense"], K), 4)
+    rep["bm25_recall_at_5"] = round(retrieval.recall_at_k(hits["bm25"], K), 4)
+    per_kind = {kind: retrieval.recall_by_lang(hs, qas, K) for kind, hs in hits.items()}
+    rep["by_lang"] = {lang: {kind: per_kind[kind][lang] for kind in hits} for lang in per_kind["dense"]}
+    out.log.info(f"{name:9s} dense recall@{K}={rep['recall_at_5']:.3f}  bm25={rep['bm25_recall_at_5']:.3f}  "
+                 f"{rep['by_lang']}")
+    # 长度直方图：看分布的形状——fixed 是一根柱子，句子/语义切块是一片
+    fig, save = out.plot(f"length_hist_{name}.png")
+    ax = fig.gca()
+    ax.hist([len(c.text) for c in chunks], bins=30, color="#4C72B0")
+    ax.axvline(args.chunk_size, color="gray", ls="--", label=f"chunk_size={args.chunk_size}")
+    ax.set(title=f"{name}: {len(chunks)} chunks, avg {rep['avg_len']} chars", xlabel="chunk length (chars)",
+           ylabel="count")
+    ax.legend()
+    save()
+    return rep
+
+
+def write_report(out: run.Run, args: Args, results: dict, n_docs: int, n_qas: int, max_tokens: int,
+                 clean_stats: dict) -> None:
+    """质量报告：一张表 + 名词解释，写成 quality_report.md。"""
+    lines = ["# 切块数据质量报告", "", f"文档 {n_docs} 篇，问题 {n_qas} 个；向量模型 {args.resolved_model()}"
+             f"（最长 {max_tokens} token）；清洗：{clean_stats}", "",
+             "| 策略 | 块数 | 平均长度 | 最长 | 空 | 重复 | 过短 | 超长(截断) | zh/en/mixed | 覆盖率 "
+             f"| dense R@{K} | BM25 R@{K} |", "|" + "---|" * 12]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['chunks']} | {r['avg_len']} | {r['max_len']} | {r['empty']} | {r['duplicate']} "
+                     f"| {r['too_short']} | {r['too_long']} | {r['lang']['zh']}/{r['lang']['en']}/{r['lang']['mixed']} "
+                     f"| {r['coverage']} | {r['recall_at_5']} | {r['bm25_recall_at_5']} |")
+    lines += ["", f"- 过短：去掉空白后少于 {args.min_chunk_chars} 个字符；超长：分词后超过向量模型的 {max_tokens} token，"
+              "编码时尾部被截断。", "- zh/en/mixed：汉字占（汉字+拉丁字母）≥0.7 为 zh，≤0.1 为 en，其余 mixed。",
+              "- dense = 向量检索（FAISS IndexFlatIP，余弦）；BM25 = jieba 分词后的关键词检索。",
+              f"- 分语言 recall@{K}：" + "; ".join(f"{n} {r['by_lang']}" for n, r in results.items())]
+    out.path("quality_report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+
 def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
     log = out.log
     if args.model:
@@ -189,11 +243,7 @@ def main(args: Args) -> dict:
         raise UserError(f"--chunk-overlap {args.chunk_overlap} 必须小于 --chunk-size {args.chunk_size}")
 
     # 1. 加载：txt/md/html/pdf 统一成纯文本（common.data.load_documents）；问答集检查 gold_passage 确在原文里
-    raw_docs, _, qas = retrieval.load_kb(args.docs, args.qa or args.data)
-    if args.smoke:   # 冒烟：只取六分之一文档（以及问它们的问题），流程完全一样
-        raw_docs = raw_docs[::6]
-        keep = {d.id for d in raw_docs}
-        qas = [q for q in qas if q["doc_id"] in keep or not q["doc_id"]]
+    raw_docs, _, qas = retrieval.load_kb(args.docs, args.qa, args.max_docs, args.max_questions)
     log.info(f"加载 {len(raw_docs)} 篇文档、{len(qas)} 个问题：{dict(Counter(d.path.suffix for d in raw_docs))}")
 
     # 2. 清洗：NFKC、零宽/控制字符、空白；金标段落用同一个函数清洗，区间判定才对得上
@@ -219,51 +269,11 @@ def main(args: Args) -> dict:
     # 4. 向量化（Sentence-BERT）+ FAISS 精确检索，对照 BM25；每种策略同一批问题、同一个命中判定
     qvecs = retrieval.embed(embedder, [q["question"] for q in qas])
     max_tokens = embedder.max_seq_length   # 超过它的部分编码时被截断：块的后半段对向量检索是"隐形"的
-    results = {}
-    for name, chunks in strategies.items():
-        rep = quality(chunks, embedder.tokenizer, max_tokens, args.min_chunk_chars)
-        rep["coverage"] = round(coverage(docs, chunks), 4)
-        rep["offset_errors"] = sum(by_id[c.doc_id].text[c.start:c.end] != c.text for c in chunks)
-        texts = [c.text for c in chunks]
-        dense = retrieval.DenseIndex(retrieval.embed(embedder, texts))
-        dense_ranked = [[i for i, _ in r] for r in dense.search_vectors(qvecs, K)]
-        bm25 = retrieval.BM25Index(texts)
-        bm25_ranked = [[i for i, _ in bm25.search(q["question"], K)] for q in qas]
-        hits = {"dense": retrieval.hits_matrix(dense_ranked, qas, chunks, by_id),
-                "bm25": retrieval.hits_matrix(bm25_ranked, qas, chunks, by_id)}
-        rep["recall_at_5"] = round(retrieval.recall_at_k(hits["dense"], K), 4)
-        rep["bm25_recall_at_5"] = round(retrieval.recall_at_k(hits["bm25"], K), 4)
-        rep["by_lang"] = {lang: {kind: round(retrieval.recall_at_k([h for h, q in zip(hs, qas) if q["lang"] == lang],
-                                                                   K), 4) for kind, hs in hits.items()}
-                          for lang in sorted({q["lang"] for q in qas})}
-        results[name] = rep
-        log.info(f"{name:9s} dense recall@{K}={rep['recall_at_5']:.3f}  bm25={rep['bm25_recall_at_5']:.3f}  "
-                 f"{rep['by_lang']}")
-
-        # 长度直方图：看分布的形状——fixed 是一根柱子，句子/语义切块是一片
-        fig, save = out.plot(f"length_hist_{name}.png")
-        ax = fig.gca()
-        ax.hist([len(c.text) for c in chunks], bins=30, color="#4C72B0")
-        ax.axvline(args.chunk_size, color="gray", ls="--", label=f"chunk_size={args.chunk_size}")
-        ax.set(title=f"{name}: {len(chunks)} chunks, avg {rep['avg_len']} chars", xlabel="chunk length (chars)",
-               ylabel="count")
-        ax.legend()
-        save()
+    results = {name: evaluate_strategy(name, chunks, args, out, docs, by_id, qas, qvecs, embedder)
+               for name, chunks in strategies.items()}
 
     # 5. 质量报告：一张表 + 名词解释，写成 markdown
-    lines = ["# 切块数据质量报告", "", f"文档 {len(docs)} 篇，问题 {len(qas)} 个；向量模型 {args.resolved_model()}"
-             f"（最长 {max_tokens} token）；清洗：{clean_stats}", "",
-             "| 策略 | 块数 | 平均长度 | 最长 | 空 | 重复 | 过短 | 超长(截断) | zh/en/mixed | 覆盖率 "
-             f"| dense R@{K} | BM25 R@{K} |", "|" + "---|" * 12]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['chunks']} | {r['avg_len']} | {r['max_len']} | {r['empty']} | {r['duplicate']} "
-                     f"| {r['too_short']} | {r['too_long']} | {r['lang']['zh']}/{r['lang']['en']}/{r['lang']['mixed']} "
-                     f"| {r['coverage']} | {r['recall_at_5']} | {r['bm25_recall_at_5']} |")
-    lines += ["", f"- 过短：去掉空白后少于 {args.min_chunk_chars} 个字符；超长：分词后超过向量模型的 {max_tokens} token，"
-              "编码时尾部被截断。", "- zh/en/mixed：汉字占（汉字+拉丁字母）≥0.7 为 zh，≤0.1 为 en，其余 mixed。",
-              "- dense = 向量检索（FAISS IndexFlatIP，余弦）；BM25 = jieba 分词后的关键词检索。",
-              f"- 分语言 recall@{K}：" + "; ".join(f"{n} {r['by_lang']}" for n, r in results.items())]
-    out.path("quality_report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_report(out, args, results, len(docs), len(qas), max_tokens, clean_stats)
 
     fig, save = out.plot("recall_by_strategy.png")
     ax = fig.gca()
