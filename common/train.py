@@ -1,4 +1,13 @@
-"""训练的公共机械：按设备选 TrainingArguments 开关（bf16 / use_cpu / 梯度检查点），以及测峰值内存。"""
+"""训练的公共机械：按设备选 TrainingArguments 开关（bf16 / use_cpu / 梯度检查点），以及测峰值内存。
+
+用自己的数据训练时（第 1 课 05 起，第 2-4 课可复用；第 3 课的加速实验用同一套开关做并排对比）：
+  length_stats / describe_lengths / truncate   长度统计、超过 max_length 的条数与处理（截断 / 丢弃），一行说明
+  pack / PackedCollator / packed_vs_padded_loss padding-free 打包（BFD 装行、position_ids 标边界）与等价性核对
+  activation_gb / memory_budget_gb / auto_checkpointing   激活内存估计、预算、超预算自动开梯度检查点
+  step_peak_mb                                  实测一步前向 + 反向的峰值内存（开 / 关检查点对比）
+  eval_interval / step_timer                    评估开销 ≤ 10% 的间隔；第 1 步计时估计总时长、训练吞吐
+按验证损失留最好的一步用 transformers 自带的 load_best_model_at_end + EarlyStoppingCallback（PEFT 下只存 / 装回 adapter）。
+"""
 from __future__ import annotations
 
 import math
@@ -246,7 +255,8 @@ def auto_checkpointing(config: Any, tokens: int, rows: int, width: int, budget_g
     ckpt = activation_gb(config, tokens, rows, width, True, bytes_per)
     est = f"一步约 {tokens} token，激活内存估计 {full:.2f} GB（开检查点 {ckpt:.2f} GB），预算 {budget_gb:.1f} GB"
     if requested in ("on", "off"):
-        return requested == "on", f"{est} -> 梯度检查点{'开' if requested == 'on' else '关'}（--gradient-checkpointing {requested}）"
+        state = "开" if requested == "on" else "关"
+        return requested == "on", f"{est} -> 梯度检查点{state}（--gradient-checkpointing {requested}）"
     on = full > budget_gb
     return on, f"{est} -> 梯度检查点{'自动打开：用约 30% 的重算换激活内存' if on else '不需要，关'}"
 

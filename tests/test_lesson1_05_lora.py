@@ -148,5 +148,6 @@ def test_malformed_jsonl_is_one_line_error(tmp_path, run_script):
 
 
 def test_bad_gradient_checkpointing_value_is_one_line_error(tmp_path, run_script):
-    proc = run_script(SCRIPT, "--smoke", "--gradient-checkpointing", "maybe", "--output-dir", str(tmp_path), timeout=120)
+    proc = run_script(SCRIPT, "--smoke", "--gradient-checkpointing", "maybe", "--output-dir", str(tmp_path),
+                      timeout=120)
     assert_user_error(proc, "--gradient-checkpointing")
