@@ -92,7 +92,7 @@ def load_data(args: Args, keywords: list[str]):
         extra = data.load_sft(args.eval_data) if args.eval_data else []
         is_identity = identity_targets(train_convs, keywords) is not None   # 训练的就是身份数据
         ident = extra if identity_targets(extra, keywords) else (held if is_identity else [])
-        return train_convs, held + ([] if ident is held else extra), ident
+        return train_convs, held + extra, ident
     domain_train, held = data.split(data.load_sft(data.DATA_DIR / "domain" / "sft.jsonl"), args.val_fraction,
                                     args.seed)   # 领域数据留出一部分算 eval_loss；身份数据另有一份从没见过的问法
     train_convs = data.load_sft(data.DATA_DIR / "identity" / "train.jsonl") * args.identity_repeat + domain_train
