@@ -1,6 +1,16 @@
-"""训练的公共机械：按设备选 TrainingArguments 开关（bf16 / use_cpu / 梯度检查点），以及测峰值内存。"""
+"""训练的公共机械：按设备选 TrainingArguments 开关（bf16 / use_cpu / 梯度检查点），以及测峰值内存。
+
+用自己的数据训练时（第 1 课 05 起，第 2-4 课可复用；第 3 课的加速实验用同一套开关做并排对比）：
+  length_stats / describe_lengths / truncate   长度统计、超过 max_length 的条数与处理（截断 / 丢弃），一行说明
+  pack / PackedCollator / packed_vs_padded_loss padding-free 打包（BFD 装行、position_ids 标边界）与等价性核对
+  activation_gb / memory_budget_gb / auto_checkpointing   激活内存估计、预算、超预算自动开梯度检查点
+  step_peak_mb                                  实测一步前向 + 反向的峰值内存（开 / 关检查点对比）
+  eval_interval / step_timer                    评估开销 ≤ 10% 的间隔；第 1 步计时估计总时长、训练吞吐
+按验证损失留最好的一步用 transformers 自带的 load_best_model_at_end + EarlyStoppingCallback（PEFT 下只存 / 装回 adapter）。
+"""
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Any
@@ -97,3 +107,217 @@ def peak_rss_mb() -> float:
 
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 2**20 if sys.platform == "darwin" else r / 1024
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 用自己的数据训练时的机械（issue 16）：长度统计、padding-free 打包、激活内存估计、评估间隔、按验证损失留最好的一步
+# ---------------------------------------------------------------------------------------------------------------
+
+def length_stats(rows: list[dict], max_length: int) -> dict:
+    """已编码样本（input_ids 未截断、labels 里 -100 以外是回答）-> 长度统计与超长情况。
+
+    超过 max_length 的样本被截断时，丢掉的是尾部——对 SFT 来说恰好是回答的结尾：模型永远学不到怎么收尾。
+    """
+    lens = sorted(len(r["input_ids"]) for r in rows)
+    over = [r for r in rows if len(r["input_ids"]) > max_length]
+    cut_answer = sum(sum(x != -100 for x in r["labels"][max_length:]) for r in over)
+    return {"records": len(rows), "tokens_mean": round(sum(lens) / max(1, len(lens)), 1),
+            "tokens_p90": lens[min(len(lens) - 1, int(len(lens) * 0.9))] if lens else 0,
+            "tokens_max": lens[-1] if lens else 0, "over_max_length": len(over),
+            "answer_tokens_cut": int(cut_answer), "answer_tokens": int(sum(sum(x != -100 for x in r["labels"])
+                                                                             for r in rows))}
+
+
+def describe_lengths(stats: dict, max_length: int, policy: str) -> str:
+    """一行中文：条数、token 平均 / p90 / 最大、多少条超过 --max-length、它们会怎样、怎么办。"""
+    s = stats
+    line = (f"训练数据 {s['records']} 条；token 平均 {s['tokens_mean']:.0f} / p90 {s['tokens_p90']} / "
+            f"最大 {s['tokens_max']}；超过 --max-length {max_length} 的 {s['over_max_length']} 条")
+    if not s["over_max_length"]:
+        return line + "（没有被截断的）"
+    if policy == "drop":
+        return line + "：已丢弃（--over-length drop）"
+    return line + (f"：截断，丢掉回答结尾 {s['answer_tokens_cut']} 个 token（占回答 token 的 "
+                   f"{s['answer_tokens_cut'] / max(1, s['answer_tokens']):.0%}）；要保留请调大 --max-length "
+                   f"{min(4096, 1 << (s['tokens_max'] - 1).bit_length())}，或 --over-length drop 丢掉这些样本")
+
+
+def truncate(rows: list[dict], max_length: int, policy: str = "truncate") -> list[dict]:
+    """按策略处理超长样本（truncate：截到 max_length；drop：整条丢掉）；只剩提示、没有回答 token 的样本去掉。"""
+    if policy == "drop":
+        rows = [r for r in rows if len(r["input_ids"]) <= max_length]
+    rows = [{"input_ids": r["input_ids"][:max_length], "labels": r["labels"][:max_length]} for r in rows]
+    return [r for r in rows if any(x != -100 for x in r["labels"])]
+
+
+def pack(rows: list[dict], max_length: int):
+    """把样本按 Best-Fit-Decreasing 装进长度 ≤ max_length 的行（TRL 的 pack_dataset，"bfd"）。
+
+    每行记下各段长度 seq_lengths，PackedCollator 据此给出每段从 0 开始的 position_ids：模型靠它区分段落边界。
+    """
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    ds = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+    return pack_dataset(ds, max_length, strategy="bfd")
+
+
+class PackedCollator:
+    """打包后的行 -> 批：input_ids / labels / position_ids，不给 attention_mask。
+
+    没有 attention_mask、position_ids 在段落边界处归零时，transformers 会自己识别"打包序列"：
+    sdpa / eager（CPU 也一样）构造块对角的因果掩码，flash-attention 用 position_ids 算出 cu_seqlens 走变长核；
+    两种情况下每段只看得见自己，和单独一条一条算完全等价。前提是模型不建 KV 缓存（model.config.use_cache = False，
+    否则 transformers 跳过打包识别、整行当成一段，悄悄算错）。每行第一个 token 的 label 置 -100：它在移位后
+    会被上一段的最后一个 token "预测"，那不是要学的东西。各行末尾补的少量 pad 也各自成段、不算损失。
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        width = max(len(e["input_ids"]) for e in examples)
+        ids, labels, pos = [], [], []
+        for e in examples:
+            n = len(e["input_ids"])
+            p = [i for L in e.get("seq_lengths", [n]) for i in range(L)]
+            lab = [-100 if q == 0 else x for x, q in zip(e["labels"], p)]
+            ids.append(list(e["input_ids"]) + [self.pad] * (width - n))
+            labels.append(lab + [-100] * (width - n))
+            pos.append(p + [0] * (width - n))
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos)}
+
+
+def padded_batch(rows: list[dict], pad_token_id: int) -> dict:
+    """普通做法：右填充到批内最长，attention_mask 标出真实 token。"""
+    import torch
+
+    width = max(len(r["input_ids"]) for r in rows)
+    return {"input_ids": torch.tensor([r["input_ids"] + [pad_token_id] * (width - len(r["input_ids"])) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
+                                            for r in rows]),
+            "labels": torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])}
+
+
+def packed_vs_padded_loss(model, rows: list[dict], pad_token_id: int) -> tuple[float, float]:
+    """同一批样本：填充成矩形算一次损失，首尾相接打包成一行再算一次。两者应相等（fp32 下差 ~1e-6）。"""
+    import torch
+
+    packed = PackedCollator(pad_token_id)([{"input_ids": sum((r["input_ids"] for r in rows), []),
+                                            "labels": sum((r["labels"] for r in rows), []),
+                                            "seq_lengths": [len(r["input_ids"]) for r in rows]}])
+    padded = padded_batch(rows, pad_token_id)
+    dev = device_of(model)
+    was_training = model.training
+    model.eval()   # 关掉 dropout：两次前向要可比
+    with torch.no_grad():
+        # use_cache=False：有 KV 缓存时 transformers 不会按 position_ids 识别打包（训练时也要关，见 PackedCollator）
+        a = model(**{k: v.to(dev) for k, v in padded.items()}, use_cache=False).loss.item()
+        b = model(**{k: v.to(dev) for k, v in packed.items()}, use_cache=False).loss.item()
+    model.train(was_training)
+    return a, b
+
+
+def activation_gb(config: Any, tokens: int, rows: int, width: int, checkpointing: bool = False,
+                  bytes_per: int = 4) -> float:
+    """一步前向 + 反向要留着的激活量的粗估（GB）：决定要不要开梯度检查点。
+
+    每层每 token 存约 10·hidden + 4·intermediate 个数（归一化输入、q/k/v、注意力输出、MLP 的 gate/up/激活/乘积…），
+    外加注意力分数 heads·width² 每行（带掩码时 CPU 的 sdpa 走显式实现，要存概率矩阵），再加 logits 及其梯度
+    约 3·tokens·vocab 个数。梯度检查点只保留每层的输入（hidden 个数/token），反向时一次重算一层。
+    """
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h, layers = c.hidden_size, c.num_hidden_layers
+    inter = getattr(c, "intermediate_size", 4 * h) or 4 * h
+    heads = c.num_attention_heads
+    per_layer = tokens * (10 * h + 4 * inter) + 2 * rows * heads * width * width
+    logits = 3 * tokens * c.vocab_size
+    total = (layers * tokens * h + per_layer if checkpointing else layers * per_layer) + logits
+    return total * bytes_per / 2**30
+
+
+def memory_budget_gb(requested: float = 0.0) -> float:
+    """激活内存预算：用户给了就用；否则取本机当前可用内存（psutil）的四分之一——其余留给权重、优化器、
+    分配器碎片（实测 RSS 峰值约为激活估计的 1.2-1.5 倍）和同一台机器上的别的程序。"""
+    if requested and requested > 0:
+        return float(requested)
+    import psutil
+
+    return psutil.virtual_memory().available / 2**30 / 4
+
+
+def auto_checkpointing(config: Any, tokens: int, rows: int, width: int, budget_gb: float, requested: str = "auto",
+                       bytes_per: int = 4) -> tuple[bool, str]:
+    """按预算决定是否开梯度检查点；返回 (开不开, 一行说明)。requested：auto / on / off（用户强制时照办）。"""
+    full = activation_gb(config, tokens, rows, width, False, bytes_per)
+    ckpt = activation_gb(config, tokens, rows, width, True, bytes_per)
+    est = f"一步约 {tokens} token，激活内存估计 {full:.2f} GB（开检查点 {ckpt:.2f} GB），预算 {budget_gb:.1f} GB"
+    if requested in ("on", "off"):
+        state = "开" if requested == "on" else "关"
+        return requested == "on", f"{est} -> 梯度检查点{state}（--gradient-checkpointing {requested}）"
+    on = full > budget_gb
+    return on, f"{est} -> 梯度检查点{'自动打开：用约 30% 的重算换激活内存' if on else '不需要，关'}"
+
+
+def eval_interval(eval_tokens: int, step_tokens: int, max_fraction: float = 0.1) -> int:
+    """每隔几步评估一次，评估开销才 ≤ max_fraction：评估只有前向（≈ 训练一步同样 token 的 1/3 计算量）。"""
+    return max(1, math.ceil(eval_tokens / (3 * step_tokens * max_fraction)))
+
+
+def step_peak_mb(model, batch: dict, checkpointing: bool) -> float:
+    """在 CPU/GPU 上实测一次前向 + 反向的峰值内存增量（MB），对比开 / 关梯度检查点用。"""
+    # transformers 5 把它改名为 activation_checkpointing_*（旧名仍可用但会告警）
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    if checkpointing:
+        enable({"use_reentrant": False})
+    else:
+        disable()
+    model.train()
+    dev = device_of(model)
+    with PeakMemory(dev) as m:
+        loss = model(**{k: v.to(dev) for k, v in batch.items()}).loss
+        loss.backward()
+        del loss
+    model.zero_grad(set_to_none=True)
+    disable()
+    return m.peak_mb
+
+
+def step_timer(tokens_per_epoch: int, note: str = ""):
+    """训练回调：第 1 步结束时按实测时间估计总时长（一行日志），并记下评估花了多少时间。
+
+    tokens_per_epoch：训练集的真实 token 数（不含填充）；.tokens_per_s(epochs) = 训练过的真实 token / 训练墙钟时间。
+    """
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.first_step_s = self.train_s = self.eval_s = 0.0
+            self.t0 = self.t_step = self.t_end = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t_step = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.t_end = time.perf_counter()
+            if state.global_step == 1:
+                self.first_step_s = self.t_end - self.t_step
+                get_logger().info(f"{note}第 1 步实测 {self.first_step_s:.1f} 秒 -> 最多 {state.max_steps} 步，预计约 "
+                                  f"{self.first_step_s * state.max_steps / 60:.1f} 分钟（不含评估；提前停止会更短）")
+
+        def on_evaluate(self, args, state, control, **kw):
+            self.eval_s += time.perf_counter() - self.t_end
+
+        def on_train_end(self, args, state, control, **kw):
+            self.train_s = time.perf_counter() - self.t0
+
+        def tokens_per_s(self, epochs: float) -> float:
+            return tokens_per_epoch * epochs / max(self.train_s - self.eval_s, 1e-9)
+
+    return StepTimer()

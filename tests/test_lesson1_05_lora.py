@@ -1,9 +1,39 @@
-"""第 1 课 05：LoRA 微调 GLM 架构对话模型。损失下降、身份准确率上升、adapter 与合并模型一致、坏数据一行报错。"""
-import json
+"""第 1 课 05：LoRA 微调 GLM 架构对话模型。
 
-from tests.conftest import assert_user_error, load_script
+损失下降、身份准确率上升、adapter 与合并模型一致；用自己的数据时：不报身份准确率、超长条数进日志和 metrics.json、
+留下验证损失最低的一步而不是最后一步；打包与填充损失相同；梯度检查点在 CPU 上实测降低峰值内存；坏数据一行报错。
+"""
+import json
+import logging
+
+import pytest
+
+from tests.conftest import REPO, assert_user_error, load_script
 
 SCRIPT = "lesson1_sft/05_lora_finetune/lora_chatglm_demo.py"
+LONG = REPO / "data" / "longform" / "sft_long.jsonl"   # 学生式长回答数据（data/longform/build.py 生成）
+
+
+class _Capture(logging.Handler):
+    """收集课程日志（common.run 的 logger 不向 root 传播，caplog 抓不到）。"""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def course_log():
+    from common.run import get_logger
+
+    h = _Capture()
+    log = get_logger()   # 先让 common.run 装好它自己的 handler 和 INFO 级别，再挂上收集器
+    log.addHandler(h)
+    yield h.lines
+    log.removeHandler(h)
 
 
 def test_lora_identity_finetune_and_merge(tmp_path, tiny_models):
@@ -11,7 +41,8 @@ def test_lora_identity_finetune_and_merge(tmp_path, tiny_models):
     m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     for key in ("eval_loss_before", "eval_loss_after", "identity_accuracy_before", "identity_accuracy_after",
-                "trainable_ratio", "merged_matches_adapter", "samples"):
+                "trainable_ratio", "merge_max_abs_logit_diff", "merge_matches_adapter", "samples", "peak_rss_mb",
+                "kept_step", "train_tokens_per_s", "over_max_length"):
         assert key in saved, key
     assert m["model"] == "tiny-glm"
     # 训练的效果：验证损失下降（固定种子下约 5.6 -> 4.4），留出身份问题的准确率明显上升（0 -> 0.6）
@@ -21,7 +52,11 @@ def test_lora_identity_finetune_and_merge(tmp_path, tiny_models):
     assert 0 < m["trainable_ratio"] < 0.2
     assert set(m["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"}
     # fp32 下合并只差浮点舍入；重新加载的 adapter 与训练中的模型完全一致
-    assert m["merged_matches_adapter"] < 1e-3 and m["adapter_reload_max_diff"] < 1e-5
+    assert m["merge_max_abs_logit_diff"] < 1e-3 and m["merge_matches_adapter"] is True
+    assert m["adapter_reload_max_diff"] < 1e-5
+    # 打包（position_ids 标边界、没有 attention_mask）与填充在同一批上损失相同
+    assert m["packing"] and m["packed_vs_padded_loss_diff"] <= 1e-4
+    assert m["peak_rss_mb"] > 100 and m["train_tokens_per_s"] > 0
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert list((tmp_path / "merged").glob("*.safetensors")) and (tmp_path / "merged" / "config.json").is_file()
@@ -30,9 +65,108 @@ def test_lora_identity_finetune_and_merge(tmp_path, tiny_models):
     assert all(s["before"] != s["after"] for s in m["samples"])
 
 
+def test_own_data_no_identity_and_over_length_counted(tmp_path, tiny_models, course_log):
+    """--data 是学生自己的长回答数据：不出现身份准确率；超过 --max-length 的条数写进日志和 metrics.json；
+    --gradient-checkpointing on 在 CPU 上真的打开并能训练。"""
+    mod = load_script(SCRIPT)
+    m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path), data=str(LONG), max_length=128, max_steps=6,
+                          eval_steps=3, gradient_checkpointing="on", per_device_train_batch_size=4))
+    assert "identity_accuracy_before" not in m and "identity_accuracy_after" not in m, m
+    # 长回答数据在 tiny 分词器下平均约 250 token：128 截断时绝大多数都超长
+    assert m["records"] == 198 and m["over_max_length"] > 150, m
+    assert m["answer_tokens_cut"] > 0
+    line = next(x for x in course_log if "超过 --max-length 128" in x)
+    assert f"的 {m['over_max_length']} 条" in line and "--over-length drop" in line, line
+    assert m["gradient_checkpointing"] is True and m["steps"] == 6
+    assert any("第 1 步实测" in x for x in course_log)
+    assert m["packed_vs_padded_loss_diff"] <= 1e-4
+
+
+def test_keeps_best_adapter_not_last_and_stops_early(tmp_path, tiny_models):
+    """10 条训练样本反复训：验证损失先降（学会格式和常见词）后升（死记这 10 条）。保留的是最低点那一步，
+    不是最后一步；连续 2 次评估没有改善就提前停（固定种子下：第 15 步最低 ≈5.88，第 25 步停，≈5.94）。"""
+    lines = LONG.read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp_path / "train.jsonl").write_text("".join(lines[:10]), encoding="utf-8")
+    (tmp_path / "eval.jsonl").write_text("".join(lines[99:139]), encoding="utf-8")
+    mod = load_script(SCRIPT)
+    m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path / "out"), data=str(tmp_path / "train.jsonl"),
+                          eval_data=str(tmp_path / "eval.jsonl"), max_length=128, max_steps=60, eval_steps=5,
+                          learning_rate=5e-3, early_stopping_patience=2, per_device_train_batch_size=4))
+    losses = [loss for _, loss in m["eval_history"]]
+    assert losses[-1] > min(losses) + 0.03, losses   # 末尾过拟合：验证损失比最低点高
+    assert m["kept_step"] < m["steps"] and m["eval_loss_after"] < m["eval_loss_before"] - 0.1, m
+    assert m["eval_loss_after"] == pytest.approx(min(losses), abs=1e-3)   # 装回的就是最低点那一步
+    assert m["stopped_early"] and m["steps"] < 60 and m["kept_step"] == m["steps"] - 2 * 5, m
+    assert "identity_accuracy_after" not in m
+
+
+@pytest.mark.parametrize("name", ["tiny-glm", "tiny-llama", "tiny-qwen2"])
+def test_packed_loss_equals_padded_loss(name, tiny_models):
+    from common import data, models, train
+
+    model, tok = models.load(name, for_training=True)
+    model.config.use_cache = False
+    convs = data.load_sft(LONG)[:6]
+    rows = train.truncate([data.tokenize_chat(tok, c, 10**9) for c in convs], 200)
+    padded, packed = train.packed_vs_padded_loss(model, rows, tok.pad_token_id)
+    assert abs(padded - packed) <= 1e-4, (padded, packed)
+    # 对照：如果位置不归零（边界丢了），后面的段落看得见前面的段落，损失就不一样了——这个检查是能失败的
+    import torch
+
+    batch = train.PackedCollator(tok.pad_token_id)([{"input_ids": sum((r["input_ids"] for r in rows), []),
+                                                     "labels": sum((r["labels"] for r in rows), []),
+                                                     "seq_lengths": [len(r["input_ids"]) for r in rows]}])
+    with torch.no_grad():
+        wrong = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss.item()
+    assert abs(wrong - padded) > 1e-3
+
+
+_STEP_MEMORY = """
+import sys, torch
+from common import models, train
+model, tok = models.load("tiny-llama", for_training=True)
+model.config.use_cache = False
+torch.manual_seed(0)
+ids = torch.randint(10, tok.vocab_size - 1, (16, 512))
+batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+print("PEAK_MB", train.step_peak_mb(model, batch, checkpointing=sys.argv[1] == "on"))
+"""
+
+
+def test_checkpointing_lowers_peak_memory_on_cpu(tiny_models):
+    """一次前向 + 反向的实测峰值内存（RSS 采样）：开梯度检查点明显更低。每种设置在一个新进程里测——
+    同一进程里先测的那次释放的内存会留在分配器里，后测的那次就"不用涨 RSS"，比较就不公平了。"""
+    import os
+    import subprocess
+    import sys
+
+    from common import models, train
+
+    def peak(mode: str) -> float:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        p = subprocess.run([sys.executable, "-c", _STEP_MEMORY, mode], capture_output=True, text=True, env=env,
+                           cwd=str(REPO), timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return float(next(x for x in p.stdout.splitlines() if x.startswith("PEAK_MB")).split()[1])
+
+    with_ckpt, without = peak("on"), peak("off")
+    config = models.load("tiny-llama")[0].config
+    est_full = train.activation_gb(config, 16 * 512, 16, 512, False) * 1024
+    est_ckpt = train.activation_gb(config, 16 * 512, 16, 512, True) * 1024
+    # 固定种子下实测约 without ≈ 1.1 GB、with ≈ 0.4 GB 量级；估计值只要求方向与量级对
+    assert without > with_ckpt * 1.3 and without - with_ckpt > 50, (without, with_ckpt, est_full, est_ckpt)
+    assert est_full > est_ckpt
+
+
 def test_malformed_jsonl_is_one_line_error(tmp_path, run_script):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "你是谁？", "output": "我是小助手。"}\n{"instruction": "坏行", "output": \n',
                    encoding="utf-8")
     proc = run_script(SCRIPT, "--smoke", "--data", str(bad), "--output-dir", str(tmp_path / "out"), timeout=180)
     assert_user_error(proc, f"{bad}:2")
+
+
+def test_bad_gradient_checkpointing_value_is_one_line_error(tmp_path, run_script):
+    proc = run_script(SCRIPT, "--smoke", "--gradient-checkpointing", "maybe", "--output-dir", str(tmp_path),
+                      timeout=120)
+    assert_user_error(proc, "--gradient-checkpointing")
