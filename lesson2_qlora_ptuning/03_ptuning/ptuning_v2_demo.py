@@ -20,7 +20,9 @@
   python lesson2_qlora_ptuning/03_ptuning/ptuning_v2_demo.py --model Qwen/Qwen2.5-1.5B-Instruct --source hf \\
       --config configs/lesson2/ptuning_v2_demo_gpu.yaml                   # GPU
 
-你会看到：见 lesson2_qlora_ptuning/03_ptuning/README.md（实测的准确率、可训练参数、用时表）。图：methods.png。
+你会看到（--smoke，tiny-llama，25 步，实测）：P-Tuning v2 留出准确率 0.417 -> 0.550（只训练 8,192 个参数），
+v1 0.417 -> 0.500（22,784），LoRA 0.417 -> 0.450（74,752）；同设置跑五种时 v2+projection 0.583、Prompt Tuning 0.300。
+smollm2-135m 的表见 README。图：methods.png。
 """
 import time
 from dataclasses import dataclass
