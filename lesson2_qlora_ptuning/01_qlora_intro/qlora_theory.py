@@ -75,10 +75,12 @@ def blockwise(w, blocksize: int):
 
 def quant_nf4(w, code, blocksize: int):
     """NF4：块内 absmax 归一化到 [-1,1]，取最近的码值。返回 (码 uint8, absmax, 反量化张量)。"""
+    import torch
+
     blocks, absmax, n = blockwise(w, blocksize)
     idx = (blocks / absmax).unsqueeze(-1).sub(code).abs().argmin(dim=-1)   # 最近码值的下标 0..15
     deq = (code[idx] * absmax).reshape(-1)[:n].view_as(w)
-    return idx.reshape(-1)[:n].to(dtype=__import__("torch").uint8), absmax.reshape(-1), deq
+    return idx.reshape(-1)[:n].to(torch.uint8), absmax.reshape(-1), deq
 
 
 def quant_linear(w, bits: int, blocksize: int):

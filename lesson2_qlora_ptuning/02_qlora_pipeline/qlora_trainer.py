@@ -117,6 +117,7 @@ def footprint(model) -> tuple[float, int]:
 
 
 def main(args: Args) -> dict:
+    import torch
     from datasets import Dataset
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
@@ -187,8 +188,6 @@ def main(args: Args) -> dict:
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)   # 与训练时同样的精度
     reloaded = PeftModel.from_pretrained(base, adapter_dir).eval()
     probe = eval_ds[:4]["input_ids"]
-    import torch
-
     with torch.no_grad():
         model.eval()
         ids = torch.tensor([p[:32] for p in probe if len(p) >= 32] or [probe[0]], device=train.device_of(model))
