@@ -19,7 +19,7 @@
 与 bitsandbytes 一致（4-bit 码 99.99986% 相同，只差恰在中点的 1 个元素；码相同处反量化差 3e-8）；bit/参数 4.5 -> 4.127，
 4-bit 加载后实测 4.500 / 4.1285；梯度检查点让一步训练的峰值内存 157 -> 83 MB（0.53 倍）。
 bitsandbytes 0.50 的 CPU 反量化内核在行长不是 64 倍数时（tiny 的 down_proj）算错，脚本会指出（GPU 没有这个问题）。
-smollm2-135m 的数字见 README。图：nf4_levels.png（权重分布与两种 4-bit 码值）。
+smollm2-135m 的默认运行还没有在空闲机器上测过（见 README）。图：nf4_levels.png（权重分布与两种 4-bit 码值）。
 """
 import copy
 import ctypes

@@ -17,7 +17,7 @@
 
 你会看到（--smoke，tiny-llama，实测）：fp32 ppl 527.5 / 4.33 MB；结构化剪枝 60% 删到 2.63 MB 但 ppl 631；非结构化剪枝
 大小不变；动态 int8 2.62 MB、bnb int8 2.26 MB、NF4 2.55 MB，ppl 都在 ±0.3% 内；同 40 步的 2 层学生 KD ppl 367 vs 纯 CE 684
-（distill_gain 1.87）。smollm2-135m 的表见 README。图：ppl_vs_size.png。
+（distill_gain 1.87）。smollm2-135m 的默认运行还没有在空闲机器上测过（见 README）。图：ppl_vs_size.png。
 """
 import copy
 import io
