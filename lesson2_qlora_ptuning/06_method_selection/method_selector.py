@@ -134,18 +134,24 @@ def build(name: str, method: str, args: Args):
 
 
 def measure(name: str, method: str, args: Args) -> float:
-    """实测：加载前的 RSS 为基线，到一个完整训练步（前向 + 反向 + AdamW 更新）结束时的峰值（MB）。"""
+    """实测：加载前的 RSS 为基线，一个完整训练步（前向 + 反向 + AdamW 更新）期间的峰值（MB）。
+
+    峰值只在训练步里采样：加载时的瞬时占用（读 safetensors 的 mmap 页、4-bit 量化前的 fp32 副本）不属于训练，
+    但加载后常驻的权重算在里面（基线取在加载之前）。
+    """
     import psutil
     import torch
 
     gc.collect()
     trim()
     rss0 = psutil.Process().memory_info().rss
+    model = build(name, method, args)
+    model.train()
+    gc.collect()
+    trim()
+    batch = torch.randint(0, model.config.vocab_size, (args.measure_batch, args.measure_seq))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False)
     with train.PeakMemory("cpu") as mem:
-        model = build(name, method, args)
-        model.train()
-        batch = torch.randint(0, model.config.vocab_size, (args.measure_batch, args.measure_seq))
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False)
         model(input_ids=batch, labels=batch).loss.backward()
         opt.step()
     peak = (mem.peak_abs_mb * 2**20 - rss0) / 2**20
