@@ -18,9 +18,9 @@
       --data-size 5000 --goal quality                                            # 你的情况
   （实测总在 CPU 上做：fp32、进程 RSS 采样；建议表按 GPU 的 bf16 + AdamW 混合精度 + 梯度检查点估算）
 
-你会看到（--smoke，tiny-llama batch 8×256，实测）：公式误差 full +8.4%、LoRA +6.7%、QLoRA +3.1%、P-Tuning v2 +11.2%；
+你会看到（--smoke，tiny-llama batch 8×256，实测）：公式误差 full +8.6%、LoRA +5.7%、QLoRA +2.3%、P-Tuning v2 +11.7%；
 建议：7B/1×24GB -> LoRA，7B/1×80GB -> LoRA（全参数估 107 GB），70B/8×80GB -> LoRA，70B/1×48GB -> QLoRA（估 41 GB）。
-smollm2-135m 上的误差见 README。图：estimate_vs_measured.png。
+默认运行 smollm2-135m（2×128）：full +10%、LoRA +8%、P-Tuning v2 +9%，QLoRA −32%（实测多出约 330 MB，见 README）。图：estimate_vs_measured.png。
 """
 import ctypes
 import gc
