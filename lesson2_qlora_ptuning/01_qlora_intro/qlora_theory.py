@@ -1,0 +1,280 @@
+"""QLoRA 的三块基石，从零写一遍再和 bitsandbytes 对账：NF4 量化、分块 absmax、双重量化，外加梯度检查点。
+
+1. NF4（4-bit NormalFloat）：预训练权重近似正态分布，所以 16 个码值取标准正态的分位数（而不是等间距），
+   每个码值覆盖同样多的权重；每 64 个权重一块、各自除以块内 absmax 归一到 [-1, 1]，再取最近的码值。
+   对照：同样分块的等间距 int4（-7..7）与 int8（-127..127）。在模型真实的 Linear 权重上量重建误差（MSE）。
+2. 与 bitsandbytes 对账：bitsandbytes.functional.quantize_4bit / dequantize_4bit（quant_type="nf4"）
+   在同样的权重上得到的码本、4-bit 码、反量化张量必须和我们的一致。
+3. 每参数比特：4 + 32/64 = 4.5（每块一个 fp32 absmax）；双重量化把 absmax 再按 256 个一块量化成 8 bit：
+   4 + 8/64 + 32/(64·256) ≈ 4.127。再用 BitsAndBytesConfig 真的 4-bit 加载模型，数 Linear4bit 里存了多少字节来核对。
+4. 梯度检查点：同一个训练步（前向 + 反向）开/关 gradient checkpointing 的峰值内存（common.train.PeakMemory 实测）。
+
+运行：
+  python lesson2_qlora_ptuning/01_qlora_intro/qlora_theory.py            # smollm2-135m（210 个 Linear），CPU
+  python lesson2_qlora_ptuning/01_qlora_intro/qlora_theory.py --smoke    # tiny-llama，约 10 秒
+  python lesson2_qlora_ptuning/01_qlora_intro/qlora_theory.py --model Qwen/Qwen2.5-7B-Instruct --source hf \\
+      --config configs/lesson2/qlora_theory_gpu.yaml                       # GPU：峰值内存用 CUDA 精确统计
+
+你会看到（--smoke，tiny-llama 的 28 个 Linear，实测）：MSE NF4 7.08e-6 < int4 9.50e-6（低 25%），int8 2.89e-8；
+与 bitsandbytes 一致（4-bit 码 99.99986% 相同，只差恰在中点的 1 个元素；码相同处反量化差 3e-8）；bit/参数 4.5 -> 4.127，
+4-bit 加载后实测 4.500 / 4.1285；梯度检查点让一步训练的峰值内存 157 -> 83 MB（0.53 倍）。
+bitsandbytes 0.50 的 CPU 反量化内核在行长不是 64 倍数时（tiny 的 down_proj）算错，脚本会指出（GPU 没有这个问题）。
+smollm2-135m 的默认运行还没有在空闲机器上测过（见 README）。图：nf4_levels.png（权重分布与两种 4-bit 码值）。
+"""
+import copy
+import ctypes
+import math
+from dataclasses import dataclass
+
+from common import cli, models, run, train
+from common.errors import UserError
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    blocksize: int = cli.arg(64, "分块大小：每块一个 absmax（QLoRA 论文与 bitsandbytes 默认 64）",
+                             choices=[64, 128, 256, 512, 1024, 2048, 4096])
+    dq_blocksize: int = cli.arg(256, "双重量化时 absmax 常数的分块大小（论文：256 个一块量化成 8 bit）", min=2)
+    max_matrices: int = cli.arg(0, "只取前多少个 Linear 权重算误差；0 = 全部", min=0)
+    batch_size: int = cli.arg(2, "梯度检查点实验的批大小", min=1)
+    seq_len: int = cli.arg(256, "梯度检查点实验的序列长度：激活内存 ∝ 批 × 长度 × 层数", min=8)
+
+    smoke_model = "tiny-llama"
+
+
+# 极小模型每层激活很小：加大批和长度，让激活在峰值里占大头，检查点的效果才量得出来
+SMOKE = dict(batch_size=4, seq_len=512)
+
+
+def nf4_codebook():
+    """QLoRA 附录的构造：正半轴取 8 个、负半轴取 7 个标准正态分位数，加上精确的 0，再除以最大值归一化。
+
+    offset = 0.9677 = (1 - 1/(2·15) + 1 - 1/(2·16)) / 2：不取 0.5→1 的两端（Φ⁻¹(1) = ∞），让两端的码值有限。
+    正半轴多一个码值（非对称），这样 0 能被精确表示（padding、被剪枝的权重都是 0）。
+    """
+    import torch
+
+    normal = torch.distributions.Normal(0.0, 1.0)
+    offset = 0.9677083
+    pos = normal.icdf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])   # 8 个正值
+    neg = -normal.icdf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])  # 7 个负值
+    v = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+    return (v / v.max()).float()
+
+
+def blockwise(w, blocksize: int):
+    """把权重展平、按 blocksize 分块（末块补 0），返回 (块矩阵, 每块 absmax, 原元素数)。"""
+    import torch
+
+    flat = w.detach().float().reshape(-1)
+    n = flat.numel()
+    pad = (-n) % blocksize
+    blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, blocksize)
+    return blocks, blocks.abs().amax(dim=1, keepdim=True).clamp_min(1e-12), n
+
+
+def quant_nf4(w, code, blocksize: int):
+    """NF4：块内 absmax 归一化到 [-1,1]，取最近的码值。返回 (码 uint8, absmax, 反量化张量)。"""
+    import torch
+
+    blocks, absmax, n = blockwise(w, blocksize)
+    idx = (blocks / absmax).unsqueeze(-1).sub(code).abs().argmin(dim=-1)   # 最近码值的下标 0..15
+    deq = (code[idx] * absmax).reshape(-1)[:n].view_as(w)
+    return idx.reshape(-1)[:n].to(torch.uint8), absmax.reshape(-1), deq
+
+
+def quant_linear(w, bits: int, blocksize: int):
+    """等间距对称整数量化（int4: -7..7，int8: -127..127），同样分块 absmax，返回反量化张量。"""
+    blocks, absmax, n = blockwise(w, blocksize)
+    qmax = 2 ** (bits - 1) - 1
+    q = (blocks / absmax * qmax).round().clamp(-qmax, qmax)
+    return (q / qmax * absmax).reshape(-1)[:n].view_as(w)
+
+
+def linear_weights(model, limit: int) -> list:
+    """解码层里全部 nn.Linear 的权重（不含 embedding / lm_head：bitsandbytes 4-bit 加载也不量化它们）。"""
+    import torch
+
+    ws = [(n, m.weight) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    if not ws:
+        raise UserError(f"--model {model.config.name_or_path}: 没有找到 nn.Linear 层，无法演示权重量化")
+    return ws[:limit] if limit else ws
+
+
+def compare_with_bnb(ws, code, blocksize: int, log) -> dict:
+    """在同样的权重上跑 bitsandbytes 的 NF4，逐元素对比码本、4-bit 码、absmax 与反量化值。"""
+    import bitsandbytes.functional as bnbF
+    import torch
+
+    same = total = kernel_bad = 0
+    max_diff = absmax_diff = 0.0
+    for name, w in ws:
+        w = w.detach().float().contiguous()
+        packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+        p = packed.reshape(-1)   # bitsandbytes 把两个 4-bit 码装进一个字节：前一个元素在高 4 位
+        bnb_idx = torch.stack([p >> 4, p & 0x0F], dim=1).reshape(-1)[:w.numel()]
+        idx, absmax, deq = quant_nf4(w, code, blocksize)
+        eq = bnb_idx == idx   # 不一致的只会是恰好落在两个码值中点上的元素（浮点舍入方向不同）
+        same += eq.sum().item()
+        total += w.numel()
+        absmax_diff = max(absmax_diff, (state.absmax - absmax).abs().max().item())
+        # 分块是在展平后的张量上连续切的；按 (块数, blocksize) 的形状反量化，就是逐块 code[i]·absmax
+        flat_state = copy.copy(state)
+        flat_state.shape = torch.Size([w.numel() // blocksize, blocksize]) if w.numel() % blocksize == 0 else state.shape
+        bnb_deq = bnbF.dequantize_4bit(packed, flat_state).reshape(w.shape)
+        max_diff = max(max_diff, (bnb_deq - deq).reshape(-1)[eq.reshape(-1)].abs().max().item())
+        # 按原形状反量化：bitsandbytes 0.50 的 CPU 内核假设每行长度是 blocksize 的整数倍（GPU 内核按展平处理）
+        if (bnbF.dequantize_4bit(packed, state) - deq).abs().max().item() > 1e-5:
+            kernel_bad += 1
+            if kernel_bad == 1:
+                log.info(f"注意：{name} {tuple(w.shape)} 每行 {w.shape[-1]} 个元素不是 {blocksize} 的整数倍，"
+                         "bitsandbytes 的 CPU 反量化内核按行处理算错了（码与 absmax 都一致；按展平形状反量化则一致）")
+    code_diff = (state.code.float() - code).abs().max().item()
+    agree = same / total
+    log.info(f"与 bitsandbytes 对账：码本最大差 {code_diff:.2e}，4-bit 码一致 {agree:.6%}，absmax 最大差 {absmax_diff:.2e}，"
+             f"码相同处反量化最大差 {max_diff:.2e}")
+    return {"codebook_max_diff": code_diff, "code_agreement": agree, "absmax_max_diff": absmax_diff,
+            "dequant_max_diff": max_diff, "bnb_cpu_kernel_mismatch_matrices": kernel_bad}
+
+
+def double_quant_bits(blocksize: int, dq_blocksize: int) -> tuple[float, float]:
+    """每参数比特：4 bit 码 + 每块 fp32 absmax；双重量化后 absmax 变 8 bit，每 dq_blocksize 个再配一个 fp32 常数。"""
+    return 4 + 32 / blocksize, 4 + 8 / blocksize + 32 / (blocksize * dq_blocksize)
+
+
+def measured_bits(args: Args, double_quant: bool, log) -> float:
+    """真的 4-bit 加载模型，数 Linear4bit 里实际存储的字节（码 + absmax + 二级常数）÷ 原参数个数。"""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=torch.float32)
+    model, _ = models.load_args(args, quantization_config=qcfg,
+                                device_map="cuda" if torch.cuda.is_available() else "cpu")
+    bits = params = consts = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            st = m.weight.quant_state
+            if st.blocksize != args.blocksize:
+                log.info(f"注意：bitsandbytes 加载用的分块是 {st.blocksize}（不是 --blocksize {args.blocksize}）")
+            params += math.prod(st.shape)
+            nbytes = m.weight.numel() * m.weight.element_size() + st.absmax.numel() * st.absmax.element_size()
+            if st.nested:   # 二级：absmax 的 absmax（fp32）+ 减掉的均值 offset（1 个 fp32）
+                nbytes += st.state2.absmax.numel() * st.state2.absmax.element_size() + 4
+                consts += st.state2.code.numel() * 4
+            consts += st.code.numel() * 4
+            bits += nbytes * 8
+    del model
+    if not params:
+        raise UserError("bitsandbytes 4-bit 加载后没有 Linear4bit 层")
+    # 码表（NF4 的 16 个值、8-bit 动态码的 256 个值）是所有张量都一样的常数，不随参数量增长，不计入
+    log.info(f"4-bit 加载（double_quant={double_quant}）：{params:,d} 个被量化参数，实测 {bits / params:.4f} bit/参数"
+             f"（另有每张量一份的码表 {consts / 2**10:.1f} KB，不计入）")
+    return bits / params
+
+
+def trim_malloc() -> None:
+    """把 glibc 缓存的空闲内存还给系统，并固定 mmap 阈值：否则上一次实验留下的空闲块会让下一次的 RSS 峰值偏小。"""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)   # M_MMAP_THRESHOLD = 64 KB：大张量都走 mmap，释放即归还
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):   # 非 glibc（macOS 等）：RSS 读数仍可用，只是噪声大一点
+        pass
+
+
+def step_peak(model, batch, ckpt: bool, device) -> float:
+    """一个训练步（前向 + 反向，梯度写进 .grad）的峰值内存增量（MB）。优化器状态两种情况一样大，不放进来。"""
+    if ckpt:   # 非重入实现：只存每层输入，反向时逐层重算前向
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.activation_checkpointing_disable()
+    model.train()
+    model.zero_grad(set_to_none=True)
+    trim_malloc()
+    with train.PeakMemory(device) as mem:
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        del loss
+    model.zero_grad(set_to_none=True)
+    return mem.peak_mb
+
+
+def main(args: Args) -> dict:
+    import torch
+
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args, smoke_threads=1)
+
+    # 1. NF4 码本：16 个标准正态分位数（从零构造）
+    code = nf4_codebook()
+    out.log.info("NF4 码本：" + " ".join(f"{c:+.4f}" for c in code.tolist()))
+
+    # 2. 在模型真实的 Linear 权重上比较 NF4 / int4 / int8 的重建误差（同样的分块 absmax）
+    model, tok = models.load_args(args, for_training=True)   # CPU：fp32 主权重；GPU：bf16（量化误差仍按 fp32 算）
+    ws = linear_weights(model, args.max_matrices)
+    sq = {"nf4": 0.0, "int4": 0.0, "int8": 0.0}
+    numel = 0
+    for _, w in ws:
+        w = w.detach().float()
+        sq["nf4"] += (quant_nf4(w, code, args.blocksize)[2] - w).pow(2).sum().item()
+        sq["int4"] += (quant_linear(w, 4, args.blocksize) - w).pow(2).sum().item()
+        sq["int8"] += (quant_linear(w, 8, args.blocksize) - w).pow(2).sum().item()
+        numel += w.numel()
+    mse = {k: v / numel for k, v in sq.items()}
+    out.log.info(f"{len(ws)} 个 Linear、{numel:,d} 个权重的 MSE：NF4 {mse['nf4']:.3e}，int4 {mse['int4']:.3e}，"
+                 f"int8 {mse['int8']:.3e}（NF4 比 int4 低 {1 - mse['nf4'] / mse['int4']:.1%}）")
+
+    # 3. 与 bitsandbytes 对账：码本、每个 4-bit 码、反量化值
+    check = compare_with_bnb(ws, code, args.blocksize, out.log)
+    matches = (check["codebook_max_diff"] < 1e-6 and check["code_agreement"] > 0.9999 and check["absmax_max_diff"] < 1e-6
+               and check["dequant_max_diff"] < 1e-5)
+
+    # 4. 每参数比特：公式 vs 4-bit 加载后实际存储
+    bpp, bpp_dq = double_quant_bits(args.blocksize, args.dq_blocksize)
+    meas, meas_dq = measured_bits(args, False, out.log), measured_bits(args, True, out.log)
+    out.log.info(f"bit/参数：公式 {bpp:.3f} / 双重量化 {bpp_dq:.3f}；实测 {meas:.3f} / {meas_dq:.3f}")
+
+    # 5. 梯度检查点：同一批数据、同一个模型，一步训练的峰值内存（先开后关，顺序对 RSS 更公平：后一步更大）
+    dev = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(args.seed)
+    batch = torch.randint(0, len(tok), (args.batch_size, args.seq_len), generator=gen).to(dev)
+    step_peak(model, batch, True, dev)   # 预热一次：第一次前向会分配一次性的缓冲区，不算进对比
+    peak_ckpt = step_peak(model, batch, True, dev)
+    peak_full = step_peak(model, batch, False, dev)
+    ratio = peak_ckpt / peak_full
+    out.log.info(f"一步训练（batch {args.batch_size} × {args.seq_len}）峰值内存：不开检查点 {peak_full:.0f} MB，"
+                 f"开 {peak_ckpt:.0f} MB（{ratio:.2f} 倍）；{'CUDA 精确统计' if dev.type == 'cuda' else 'CPU 进程 RSS 采样'}")
+
+    # 6. 图：归一化后的权重分布 + NF4 / int4 码值：NF4 在 0 附近更密，正是权重最多的地方
+    blocks, absmax, _ = blockwise(ws[0][1], args.blocksize)
+    normed = (blocks / absmax).reshape(-1).numpy()
+    fig, save = out.plot("nf4_levels.png")
+    ax = fig.add_subplot(111)
+    ax.hist(normed, bins=120, density=True, color="#9bb", label=f"weights / block absmax ({ws[0][0]})")
+    for i, c in enumerate(code.tolist()):
+        ax.axvline(c, color="C3", lw=1, ls="-", label="NF4 levels" if i == 0 else None)
+    for i, c in enumerate(torch.arange(-7, 8).div(7).tolist()):
+        ax.axvline(c, color="C0", lw=1, ls=":", label="int4 levels" if i == 0 else None)
+    ax.set_xlabel("normalized weight")
+    ax.set_ylabel("density")
+    ax.set_title(f"NF4 MSE {mse['nf4']:.2e} vs int4 {mse['int4']:.2e} ({out.model_name})")
+    ax.legend(fontsize=8)
+    save()
+
+    return out.finish({
+        "nf4_mse": mse["nf4"], "int4_mse": mse["int4"], "int8_mse": mse["int8"],
+        "nf4_vs_int4_error_reduction": round(1 - mse["nf4"] / mse["int4"], 4),
+        "matches_bitsandbytes": bool(matches), **check,
+        "bits_per_param": round(bpp, 4), "bits_per_param_double_quant": round(bpp_dq, 4),
+        "measured_bits_per_param": round(meas, 4), "measured_bits_per_param_double_quant": round(meas_dq, 4),
+        "grad_ckpt_peak_mem_ratio": round(ratio, 4), "peak_mem_mb_no_ckpt": round(peak_full, 1),
+        "peak_mem_mb_ckpt": round(peak_ckpt, 1), "linear_matrices": len(ws), "quantized_weights": numel,
+        "codebook": [round(c, 6) for c in code.tolist()],
+    }, summary=f"NF4 MSE {mse['nf4']:.2e} < int4 {mse['int4']:.2e}；与 bitsandbytes 一致={matches}；"
+               f"bit/参数 {bpp:.3f} -> {bpp_dq:.3f}（实测 {meas:.3f} / {meas_dq:.3f}）；梯度检查点峰值内存 ×{ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))

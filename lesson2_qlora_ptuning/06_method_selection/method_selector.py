@@ -1,0 +1,230 @@
+"""选哪种微调方法：全参数 / LoRA / QLoRA / P-Tuning v2。先用公式估显存，再在本机实测峰值内存验证公式，最后给建议表。
+
+显存公式（每张卡，字节；P = 参数量，P_t = 可训练参数量，T = batch × 序列长度，L 层，隐藏维 h，MLP 维 i，词表 V）：
+  权重     全参数 / LoRA / P-Tuning v2：P × w（w = 权重字节：GPU bf16 = 2，CPU fp32 = 4）
+           QLoRA：P_linear × 4.127/8（NF4 + 双重量化，见 01）+ 其余参数 × w
+  梯度     P_t × w
+  优化器   AdamW：P_t × 8（fp32 的 m 与 v）；GPU 混合精度再加 P_t × 4 的 fp32 主权重
+  激活     L × T × (10h + 4i) × a + 3 × T × V × 4（a = 激活字节；每层存下的张量：norm 的输入输出、q/k/v/注意力输出、
+           MLP 的 gate/up/激活/乘积；最后是 fp32 logits 及其 log_softmax 与梯度）；
+           打开梯度检查点时每层只存输入：L × T × h × a，加上重算中的一层
+  多卡 ZeRO-3：权重、梯度、优化器状态按卡数平分（激活不分）。
+架构只给了参数量时按 h = (128·P/12)^(1/3)、L = h/128、i = 8h/3 估（Llama 类的比例）。
+
+运行：
+  python lesson2_qlora_ptuning/06_method_selection/method_selector.py            # 在 tiny-llama 与 smollm2-135m 上实测验证
+  python lesson2_qlora_ptuning/06_method_selection/method_selector.py --smoke    # 只测 tiny-llama
+  python lesson2_qlora_ptuning/06_method_selection/method_selector.py --params 7e9 --gpu-mem-gb 24 --gpus 1 \\
+      --data-size 5000 --goal quality                                            # 你的情况
+  （实测总在 CPU 上做：fp32、进程 RSS 采样；建议表按 GPU 的 bf16 + AdamW 混合精度 + 梯度检查点估算）
+
+你会看到（--smoke，tiny-llama batch 8×256，实测）：公式误差 full +8.6%、LoRA +5.7%、QLoRA +2.3%、P-Tuning v2 +11.7%；
+建议：7B/1×24GB -> LoRA，7B/1×80GB -> LoRA（全参数估 107 GB），70B/8×80GB -> LoRA，70B/1×48GB -> QLoRA（估 41 GB）。
+默认运行 smollm2-135m（2×128）：full +10%、LoRA +8%、P-Tuning v2 +9%，QLoRA −32%（实测多出约 330 MB，见 README）。图：estimate_vs_measured.png。
+"""
+import ctypes
+import gc
+from dataclasses import dataclass
+
+from common import cli, models, run, train
+
+METHODS = ("full", "lora", "qlora", "ptuning_v2")
+GOALS = ("quality", "memory", "multitask")
+# 典型情况：(说明, 参数量, 每卡显存 GB, 卡数)
+CASES = [("7B on 1x24GB", 7e9, 24, 1), ("7B on 1x80GB", 7e9, 80, 1), ("70B on 8x80GB", 70e9, 80, 8),
+         ("70B on 1x48GB", 70e9, 48, 1)]
+# 已知架构：Llama-2 7B / 70B 的 (h, L, i, V, kv 维)
+SHAPES = {7e9: (4096, 32, 11008, 32000, 4096), 70e9: (8192, 80, 28672, 32000, 1024)}
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    params: float = cli.arg(7e9, "要微调的模型参数量（例如 7e9）", min=1e6)
+    gpu_mem_gb: float = cli.arg(24.0, "每张卡的显存（GB）", min=1)
+    gpus: int = cli.arg(1, "卡数（多卡时按 ZeRO-3 平分权重/梯度/优化器状态）", min=1)
+    data_size: int = cli.arg(5000, "训练样本数：很少时（<1000）全参数微调容易过拟合，优先参数高效方法", min=1)
+    goal: str = cli.arg("quality", "目标：quality（效果优先）/ memory（省显存）/ multitask（一个底座服务很多任务）",
+                        choices=list(GOALS))
+    seq_len: int = cli.arg(1024, "估算用的序列长度", min=8)
+    batch_size: int = cli.arg(1, "估算用的每卡微批大小（大模型常用 1 + 梯度累积）", min=1)
+    lora_r: int = cli.arg(16, "LoRA / QLoRA 的秩", min=1)
+    num_virtual_tokens: int = cli.arg(32, "P-Tuning v2 每层前缀长度", min=1)
+    measure_models: list[str] = cli.arg(["tiny-llama", "smollm2-135m"], "在哪些模型上实测峰值内存来验证公式")
+    measure_batch: int = cli.arg(2, "实测用的批大小", min=1)
+    measure_seq: int = cli.arg(128, "实测用的序列长度", min=8)
+
+    smoke_model = "tiny-llama"
+
+
+# --smoke：只在 tiny-llama 上实测；加大批和长度，让激活占峰值的大头（公式里最难估的一项也被检验到）
+SMOKE = dict(measure_models=["tiny-llama"], measure_batch=8, measure_seq=256)
+
+
+def shape_of(cfg) -> dict:
+    """从 transformers config 取公式需要的维度。"""
+    kv = cfg.hidden_size // cfg.num_attention_heads * getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    return dict(h=cfg.hidden_size, L=cfg.num_hidden_layers, i=cfg.intermediate_size, V=cfg.vocab_size, kv=kv)
+
+
+def shape_from_params(p: float) -> dict:
+    """只知道参数量时：已知的 7B/70B 用真实形状，否则按 Llama 比例推。"""
+    if p in SHAPES:
+        h, L, i, V, kv = SHAPES[p]
+    else:
+        h = int(round((128 * p / 12) ** (1 / 3) / 128) * 128) or 128
+        L, i, V, kv = max(1, round(p / (12 * h * h))), int(8 * h / 3), 32000, h
+    return dict(h=h, L=L, i=i, V=V, kv=kv)
+
+
+def estimate(s: dict, method: str, batch: int, seq: int, r: int, n_virtual: int, gpu: bool, gpus: int = 1,
+             ckpt: bool = False) -> dict:
+    """按文档里的公式估一个训练步的峰值内存（字节），分四项返回。"""
+    h, L, i, V, kv = s["h"], s["L"], s["i"], s["V"], s["kv"]
+    p_lin = L * (h * (2 * h + 2 * kv) + 3 * h * i)
+    p_all = p_lin + V * h + L * 2 * h + h      # embedding 与 lm_head 绑定时只算一次
+    w = 2 if gpu else 4
+    trainable = {"full": p_all, "lora": L * r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3),
+                 "qlora": L * r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3),
+                 "ptuning_v2": L * 2 * n_virtual * kv}[method]
+    weights = p_lin * 4.127 / 8 + (p_all - p_lin) * w if method == "qlora" else p_all * w
+    grads = trainable * w
+    optim = trainable * (12 if gpu else 8)
+    T = batch * seq
+    per_layer = T * h * w if ckpt else T * (10 * h + 4 * i) * w
+    acts = L * per_layer + (T * (10 * h + 4 * i) * w if ckpt else 0) + 3 * T * V * 4
+    shard = gpus if gpus > 1 else 1
+    return {"weights": weights / shard, "grads": grads / shard, "optimizer": optim / shard, "activations": acts,
+            "total": (weights + grads + optim) / shard + acts}
+
+
+def trim() -> None:
+    """把空闲内存还给系统，固定 mmap 阈值（同 01）：前一次实验的缓存不影响下一次的 RSS。"""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def build(name: str, method: str, args: Args):
+    """按方法加载并包装模型（与 02/03 相同的做法）。"""
+    import torch
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoConfig, BitsAndBytesConfig
+
+    kw = {}
+    if method == "qlora":
+        cfg = AutoConfig.from_pretrained(models.resolve(name))
+        skip = ["lm_head"] + (["down_proj"] if cfg.intermediate_size % 64 else [])   # bitsandbytes CPU 内核的限制，见 01
+        kw = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                         bnb_4bit_use_double_quant=True,
+                                                         bnb_4bit_compute_dtype=torch.float32,
+                                                         llm_int8_skip_modules=skip), device_map={"": "cpu"})
+    model, _ = models.load(name, device="cpu", dtype="float32", **kw)
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if method in ("lora", "qlora"):
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    if method == "ptuning_v2":
+        model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                         num_virtual_tokens=args.num_virtual_tokens))
+    return model
+
+
+def measure(name: str, method: str, args: Args) -> float:
+    """实测：加载前的 RSS 为基线，一个完整训练步（前向 + 反向 + AdamW 更新）期间的峰值（MB）。
+
+    峰值只在训练步里采样：加载时的瞬时占用（读 safetensors 的 mmap 页、4-bit 量化前的 fp32 副本）不属于训练，
+    但加载后常驻的权重算在里面（基线取在加载之前）。
+    """
+    import psutil
+    import torch
+
+    gc.collect()
+    trim()
+    rss0 = psutil.Process().memory_info().rss
+    model = build(name, method, args)
+    model.train()
+    gc.collect()
+    trim()
+    batch = torch.randint(0, model.config.vocab_size, (args.measure_batch, args.measure_seq))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False)
+    with train.PeakMemory("cpu") as mem:
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+    peak = (mem.peak_abs_mb * 2**20 - rss0) / 2**20
+    del model, opt
+    gc.collect()
+    trim()
+    return peak
+
+
+def recommend(p: float, gpu_mem_gb: float, gpus: int, data_size: int, goal: str, args: Args) -> dict:
+    """对每种方法估显存（GPU、bf16、梯度检查点），按目标的偏好顺序选第一个放得下的。"""
+    s = shape_from_params(p)
+    est = {m: estimate(s, m, args.batch_size, args.seq_len, args.lora_r, args.num_virtual_tokens, gpu=True,
+                       gpus=gpus, ckpt=True)["total"] / 1e9 for m in METHODS}
+    order = {"quality": ["full", "lora", "qlora", "ptuning_v2"], "memory": ["qlora", "lora", "ptuning_v2", "full"],
+             "multitask": ["ptuning_v2", "lora", "qlora", "full"]}[goal]
+    if data_size < 1000 and goal == "quality":   # 数据太少：全参数微调容易过拟合，低秩约束反而是正则
+        order = ["lora", "qlora", "full", "ptuning_v2"]
+    fits = [m for m in order if est[m] <= 0.9 * gpu_mem_gb]   # 留 10% 给 CUDA 上下文与碎片
+    choice = fits[0] if fits else "none (add GPUs or CPU offload)"
+    return {"method": choice, "estimate_gb": {m: round(v, 1) for m, v in est.items()}}
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args, smoke_threads=1)
+    from transformers import AutoConfig
+
+    # 1. 用公式估，再在本机实测，比较每种方法的误差
+    errors, rows = {m: [] for m in METHODS}, []
+    # 预热一次（结果丢掉）：进程里第一次训练步会一次性分配库的缓存、线程池，算进哪个方法都不公平
+    measure(args.measure_models[0], "lora", args)
+    for name in args.measure_models:
+        s = shape_of(AutoConfig.from_pretrained(models.resolve(name)))
+        for m in METHODS:
+            est = estimate(s, m, args.measure_batch, args.measure_seq, args.lora_r, args.num_virtual_tokens,
+                           gpu=False)["total"] / 2**20
+            meas = measure(name, m, args)
+            err = (est - meas) / meas * 100
+            errors[m].append(err)
+            rows.append({"model": name, "method": m, "estimate_mb": round(est, 1), "measured_mb": round(meas, 1),
+                         "error_pct": round(err, 1)})
+            out.log.info(f"{name:14s} {m:11s} 公式 {est:8.1f} MB  实测 {meas:8.1f} MB  误差 {err:+6.1f}%")
+    worst = {m: round(max(v, key=abs), 1) for m, v in errors.items()}
+
+    # 2. 典型情况的建议表 + 你的情况
+    recs = [{"case": c, "goal": "quality", **recommend(p, g, n, 10000, "quality", args)} for c, p, g, n in CASES]
+    for r in recs:
+        out.log.info(f"{r['case']:16s} -> {r['method']:10s} 估计显存 GB {r['estimate_gb']}")
+    mine = recommend(args.params, args.gpu_mem_gb, args.gpus, args.data_size, args.goal, args)
+    out.log.info(f"你的情况 {args.params:.3g} 参数、{args.gpus}×{args.gpu_mem_gb:g} GB、{args.data_size} 条、"
+                 f"目标 {args.goal} -> {mine['method']}")
+
+    fig, save = out.plot("estimate_vs_measured.png")
+    ax = fig.add_subplot(111)
+    for r in rows:
+        ax.scatter(r["measured_mb"], r["estimate_mb"], label=f"{r['model']} {r['method']}")
+    lim = max(max(r["measured_mb"], r["estimate_mb"]) for r in rows) * 1.1
+    ax.plot([0, lim], [0, lim], "k:", label="y = x")
+    ax.plot([0, lim], [0, lim * 1.25], "C7", lw=0.5)
+    ax.plot([0, lim], [0, lim * 0.75], "C7", lw=0.5)
+    ax.set_xlabel("measured peak (MB)")
+    ax.set_ylabel("formula estimate (MB)")
+    ax.set_title("Memory formula vs measured peak (one training step, CPU fp32)")
+    ax.legend(fontsize=6)
+    save()
+    within = all(abs(e) <= 25 for v in errors.values() for e in v)
+    return out.finish({"estimate_error_pct": worst, "within_25pct": within, "measurements": rows,
+                       "recommendations": recs, "your_case": {"params": args.params, "gpu_mem_gb": args.gpu_mem_gb,
+                                                              "gpus": args.gpus, "goal": args.goal, **mine}},
+                      summary="公式误差（最差）" + "，".join(f"{m} {e:+.0f}%" for m, e in worst.items())
+                              + "；" + "；".join(f"{r['case']} -> {r['method']}" for r in recs))
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))
