@@ -33,7 +33,10 @@ def batches(tok, path: str, micro: int, max_length: int, rank: int, world: int, 
         for i in range(0, len(rows) - micro + 1, micro):
             chunk = rows[i:i + micro]
             n = max(len(r["input_ids"]) for r in chunk)
-            pad = lambda xs, v: [x + [v] * (n - len(x)) for x in xs]   # noqa: E731
+
+            def pad(xs, v, n=n):
+                return [x + [v] * (n - len(x)) for x in xs]
+
             yield {"input_ids": torch.tensor(pad([r["input_ids"] for r in chunk], tok.pad_token_id)),
                    "attention_mask": torch.tensor(pad([r["attention_mask"] for r in chunk], 0)),
                    "labels": torch.tensor(pad([r["labels"] for r in chunk], -100))}
