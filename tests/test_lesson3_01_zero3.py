@@ -73,7 +73,9 @@ def test_wrong_train_batch_size_is_one_line_error(tmp_path, run_script):
 
 
 def test_shipped_deepspeed_configs_pass_deepspeed_parser():
-    """configs/deepspeed/*.json（8 卡单节点的现成配置）都能被 DeepSpeed 接受，batch 公式按 8 张卡成立。"""
+    """configs/deepspeed/*.json 都能被 DeepSpeed 按目标卡数接受（文件名 _16gpu = 16 卡，否则 8 卡），batch 公式成立。"""
+    import re
+
     from tests.conftest import REPO
 
     mod = load_script(SCRIPT)
@@ -81,5 +83,8 @@ def test_shipped_deepspeed_configs_pass_deepspeed_parser():
     assert len(files) >= 3
     for f in files:
         cfg = json.loads(f.read_text(encoding="utf-8"))
-        mod.validate_ds_config(cfg, 8, f.name)
-        assert cfg["train_batch_size"] == cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * 8
+        world = int(m.group(1)) if (m := re.search(r"_(\d+)gpu", f.stem)) else 8
+        mod.validate_ds_config(cfg, world, f.name)
+        assert cfg["train_batch_size"] == cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * world
+        with pytest.raises(UserError):   # 同一份配置换一个卡数就不成立：这正是公开仓库常犯的错
+            mod.validate_ds_config(cfg, world * 2, f.name)
