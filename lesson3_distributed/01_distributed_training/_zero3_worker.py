@@ -60,9 +60,11 @@ def main() -> None:
     import psutil
     import torch
     import torch.distributed as dist
+    from deepspeed.utils import logger as ds_logger
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
+    ds_logger.setLevel("INFO")   # DeepSpeed 默认只打 WARNING；INFO 里有每步的 step/lr（第 3 课 04 读这份日志）
     on_gpu = torch.cuda.is_available()
     # 1. 进程组：GPU 用 NCCL；CPU 上 DeepSpeed 走 gloo（同一份 JSON，不改一个键）
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")

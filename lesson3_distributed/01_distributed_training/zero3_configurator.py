@@ -173,7 +173,8 @@ def validate_ds_config(cfg: dict, world_size: int, where: str = "ds_config") -> 
 def launch(args: Args, out: run.Run, cfg: dict) -> dict:
     """用 torchrun 拉起 run_ranks 个进程跑 _zero3_worker.py；CPU 上每个进程 1 个线程（2 核机器正好一人一核）。"""
     cfg_path = out.path("ds_config_run.json")
-    cfg_path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    # 每步打印一次 step/lr：run.log 就是一份真实的 DeepSpeed 日志，第 3 课 04 的日志体检默认会读到它
+    cfg_path.write_text(json.dumps({**cfg, "steps_per_print": 1}, indent=2), encoding="utf-8")
     result = out.path("run_result.json")
     result.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.run_ranks),
