@@ -35,7 +35,7 @@ def test_zero3_two_ranks_hold_half_the_params(tmp_path, tiny_models):
     # run.log 是一份真实的 DeepSpeed 日志（每步的 step/lr 行）：第 3 课 04 的日志体检能读它
     log_mod = load_script("lesson3_distributed/04_log_analysis/training_log_inspector.py")
     series = log_mod.read_deepspeed(tmp_path / "run.log")
-    assert [s for s, _ in series["lr"]] == list(range(1, 7)), series
+    assert {s for s, _ in series["lr"]} >= set(range(1, 7)), series
 
 
 @pytest.mark.parametrize("psi,largest", [(7_000_000_000, 131_000_000), (70_000_000_000, 1_050_000_000),

@@ -64,7 +64,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
-    ds_logger.setLevel("INFO")   # DeepSpeed 默认只打 WARNING；INFO 里有每步的 step/lr（第 3 课 04 读这份日志）
+    for h in [ds_logger, *ds_logger.handlers]:   # DeepSpeed 默认只打 WARNING；INFO 里有每步的 step/lr（第 3 课 04 读它）
+        h.setLevel("INFO")
     on_gpu = torch.cuda.is_available()
     # 1. 进程组：GPU 用 NCCL；CPU 上 DeepSpeed 走 gloo（同一份 JSON，不改一个键）
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
