@@ -199,6 +199,7 @@ def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
     world = args.num_gpus * args.num_nodes
+    build_config(args, world)   # 先查 batch 公式：填错的 --train-batch-size 在任何计算之前就报错
 
     # 1. 模型有多大：meta 设备上建模型，只数参数，不读权重
     psi, largest, arch = count_params(args)

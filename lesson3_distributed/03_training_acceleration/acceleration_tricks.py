@@ -9,7 +9,7 @@ torch.compile；线程数。MFU = 模型 FLOPs（每 token 6N + 注意力 12·�
 --data 可换成任何 SFT 文件：长短越不齐，打包越赚。
 
 运行：
-  python lesson3_distributed/03_training_acceleration/acceleration_tricks.py           # smollm2-135m，CPU
+  python lesson3_distributed/03_training_acceleration/acceleration_tricks.py           # smollm2-135m，8 条，CPU
   python lesson3_distributed/03_training_acceleration/acceleration_tricks.py --smoke   # tiny-llama，约 30 秒
   python lesson3_distributed/03_training_acceleration/acceleration_tricks.py --model Qwen/Qwen2.5-0.5B-Instruct \\
       --source hf --config configs/lesson3/acceleration_tricks_gpu.yaml   # GPU：bf16、flash_attention_2、compile
@@ -33,10 +33,12 @@ TRICKS = ["padded", "packed", "packed_ckpt", "padding_free", "padded_eager", "pa
 
 @dataclass
 class Args(cli.CommonArgs):
-    tricks: list[str] = cli.arg([t for t in TRICKS if t != "packed_flash_attn2"], "要比较的招数（见 TRICKS）")
-    n_samples: int = cli.arg(16, "每招训练多少条样本（同一批样本，过一遍）", min=2)
+    tricks: list[str] = cli.arg([t for t in TRICKS if t not in ("packed_flash_attn2", "packed_compile", "packed_1thread")],
+                                "要比较的招数（见 TRICKS；packed_compile 在 2 核上编译要几分钟，packed_1thread 需多核才有意义，"
+                                "默认不跑，用 --tricks 加上）")
+    n_samples: int = cli.arg(8, "每招训练多少条样本（同一批样本，过一遍；smollm2 在 2 核上每招约 1-2 分钟）", min=2)
     per_device_train_batch_size: int = cli.arg(4, "填充时每批几条样本；打包时每批的行数按相同 token 数折算", min=1)
-    max_length: int = cli.arg(512, "每条样本截断长度 = 打包行长度", min=16)
+    max_length: int = cli.arg(384, "每条样本截断长度 = 打包行长度", min=16)
     learning_rate: float = cli.arg(1e-5, "学习率（这里比速度，不比效果）", min=0)
     matmul_size: int = cli.arg(1024, "测峰值用的方阵边长", min=64)
 
@@ -44,7 +46,7 @@ class Args(cli.CommonArgs):
 
 
 # 冒烟：极小模型 + 64 条；不测 compile（2 核上编译要几十秒）和单线程（冒烟本来就是单线程）
-SMOKE = dict(n_samples=32, per_device_train_batch_size=8,
+SMOKE = dict(n_samples=32, per_device_train_batch_size=8, max_length=512,
              tricks=["padded", "packed", "packed_ckpt", "padding_free", "padded_eager", "packed_accum"])
 
 
