@@ -38,7 +38,8 @@ class Args(cli.CommonArgs):
                                 "默认不跑，用 --tricks 加上）")
     n_samples: int = cli.arg(8, "每招训练多少条样本（同一批样本，过一遍；smollm2 在 2 核上每招约 1-2 分钟）", min=2)
     per_device_train_batch_size: int = cli.arg(4, "填充时每批几条样本；打包时每批的行数按相同 token 数折算", min=1)
-    max_length: int = cli.arg(384, "每条样本截断长度 = 打包行长度", min=16)
+    max_length: int = cli.arg(1024, "每条样本截断长度 = 打包行长度；要大于数据里大多数样本，否则截断抹平了长短差异，"
+                                    "打包就没什么可省的（smollm2 分词下长回答 100-800 token）", min=16)
     learning_rate: float = cli.arg(1e-5, "学习率（这里比速度，不比效果）", min=0)
     matmul_size: int = cli.arg(1024, "测峰值用的方阵边长", min=64)
 
