@@ -1,0 +1,130 @@
+"""第 3 课 01 的训练进程：由 torchrun / deepspeed 启动器拉起，每个 rank 一个（不单独运行）。
+
+  python -m torch.distributed.run --nproc_per_node 2 _zero3_worker.py --ds-config ds.json --model-path DIR \\
+      --data data/domain/sft.jsonl --steps 4 --out result.json
+GPU 上同一个文件、同一份 JSON 用 `deepspeed --num_gpus 8 _zero3_worker.py ...` 启动（通信后端自动换成 NCCL）。
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+
+def batches(tok, path: str, micro: int, max_length: int, rank: int, world: int, seed: int, limit: int = 0):
+    """按 rank 交错切分数据（每个 rank 看不同的样本 = 数据并行），右填充成批，labels 只留助手回复。
+
+    limit > 0：每个 rank 只用前 limit 条反复训练。"同一批数据过拟合几步，loss 必须降"是检查分布式配置
+    没有把梯度弄丢（没 all-reduce、累积错了）的标准做法；换批次的 loss 抖动会把这个信号淹没。
+    """
+    import random
+
+    import torch
+
+    from common import data
+
+    convs = data.load_sft(path)
+    random.Random(seed).shuffle(convs)
+    rows = [data.tokenize_chat(tok, c, max_length) for c in convs[rank::world]]
+    rows = rows[:limit] if limit else rows
+    while True:
+        for i in range(0, len(rows) - micro + 1, micro):
+            chunk = rows[i:i + micro]
+            n = max(len(r["input_ids"]) for r in chunk)
+
+            def pad(xs, v, n=n):
+                return [x + [v] * (n - len(x)) for x in xs]
+
+            yield {"input_ids": torch.tensor(pad([r["input_ids"] for r in chunk], tok.pad_token_id)),
+                   "attention_mask": torch.tensor(pad([r["attention_mask"] for r in chunk], 0)),
+                   "labels": torch.tensor(pad([r["labels"] for r in chunk], -100))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--ds-config", required=True)
+    ap.add_argument("--model-path", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--learning-rate", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--fixed-batch", action="store_true", help="每个 rank 反复训练同一个全局 batch（检查配置用）")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+
+    import deepspeed
+    import psutil
+    import torch
+    import torch.distributed as dist
+    from deepspeed.utils import logger as ds_logger
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations import HfDeepSpeedConfig
+
+    for h in [ds_logger, *ds_logger.handlers]:   # DeepSpeed 默认只打 WARNING；INFO 里有每步的 step/lr（第 3 课 04 读它）
+        h.setLevel("INFO")
+    on_gpu = torch.cuda.is_available()
+    # 1. 进程组：GPU 用 NCCL；CPU 上 DeepSpeed 走 gloo（同一份 JSON，不改一个键）
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    torch.manual_seed(a.seed)
+    cfg = json.loads(Path(a.ds_config).read_text(encoding="utf-8"))
+    if not on_gpu:
+        # CPU 上没有 bf16/fp16 混合精度的意义（也没有 fused kernel）：用 fp32；
+        # offload 时 DeepSpeed 默认要 JIT 编译 DeepSpeedCPUAdam（几分钟），这里改用 torch 的 AdamW
+        cfg.pop("bf16", None), cfg.pop("fp16", None), cfg.pop("optimizer", None)
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    stage = cfg["zero_optimization"]["stage"]
+
+    # 2. 加载模型：ZeRO-3 时 HfDeepSpeedConfig 让 from_pretrained 走 zero.Init，
+    #    每个 rank 一边读权重一边只留自己那一片（70B 模型不会在每个进程里先完整地放一份）
+    keep = HfDeepSpeedConfig(cfg) if stage == 3 else None   # noqa: F841 - 必须活着，from_pretrained 才看得到
+    tok = AutoTokenizer.from_pretrained(a.model_path)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32)
+    if a.gradient_checkpointing:   # 激活检查点：反向时重算每层的前向，激活只存层边界
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    client_opt = None if "optimizer" in cfg else torch.optim.AdamW(params, lr=a.learning_rate, weight_decay=0.0)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=client_opt, config=cfg)
+
+    # 3. 每个 rank 实际持有多少参数：ZeRO-3 下 p.ds_tensor 是本 rank 的那一片，p.ds_numel 是完整大小
+    if stage == 3:
+        local = sum(p.ds_tensor.numel() for p in engine.module.parameters())
+        total = sum(p.ds_numel for p in engine.module.parameters())
+    else:   # ZeRO-1/2 只切优化器状态（和梯度），每个 rank 仍有完整的参数
+        local = total = sum(p.numel() for p in engine.module.parameters())
+
+    # 4. 训练几步：engine 负责梯度累积、reduce-scatter、优化器分片更新
+    micro, ga = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    it = batches(tok, a.data, micro, a.max_length, rank, world, a.seed, limit=micro * ga if a.fixed_batch else 0)
+    losses, t0 = [], time.perf_counter()
+    for _ in range(a.steps * ga):
+        batch = {k: v.to(engine.device) for k, v in next(it).items()}
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()   # 只在累积满 gradient_accumulation_steps 个微批时真正更新
+        avg = loss.detach().clone()
+        dist.all_reduce(avg)   # 各 rank 的损失取平均，才是全局 batch 的损失
+        losses.append(avg.item() / world)
+    secs = time.perf_counter() - t0
+
+    # 5. 汇总到 rank 0 写结果
+    mine = {"rank": rank, "params_local": local, "rss_mb": psutil.Process().memory_info().rss / 2**20}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        Path(a.out).write_text(json.dumps({
+            "world_size": world, "stage": stage, "total_params": total, "per_rank": gathered, "losses": losses,
+            "train_seconds": secs, "backend": dist.get_backend()}, indent=2), encoding="utf-8")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

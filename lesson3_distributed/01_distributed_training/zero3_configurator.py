@@ -1,0 +1,277 @@
+"""DeepSpeed ZeRO 配置器：按模型大小和硬件算出 ZeRO-1/2/3 每张卡要多少显存，生成经 DeepSpeed 校验的 JSON，
+再在本机用 2 个真实进程（gloo）跑几步 ZeRO-3 + CPU offload，亲眼看到参数被切成两半。
+
+显存从混合精度 Adam 的账本算起（每个参数 Ψ）：fp16/bf16 权重 2Ψ + 梯度 2Ψ + fp32 主权重/动量/方差 12Ψ = 16Ψ；
+ZeRO-1 把 12Ψ 切到 N 张卡，ZeRO-2 再切梯度，ZeRO-3 连权重也切。DeepSpeed 的实现还多两项（下文 IMPL 说明）：
+优化器前把梯度转成 fp32 的那一份（4Ψ/N），ZeRO-3 前向/反向时临时聚齐的最大一层（4·L）。估算与 DeepSpeed 自己的
+estimate_zero2/3_model_states_mem_needs_all_cold 对照。每份配置都交给 DeepSpeed 的配置解析器校验（未知键拒绝），
+并强制 train_batch_size = train_micro_batch_size_per_gpu × gradient_accumulation_steps × world_size。
+
+运行：
+  python lesson3_distributed/01_distributed_training/zero3_configurator.py           # smollm2-135m 的账本 + 2 进程 ZeRO-3
+  python lesson3_distributed/01_distributed_training/zero3_configurator.py --smoke   # tiny-llama，约 1 分钟（含 2 进程）
+  python lesson3_distributed/01_distributed_training/zero3_configurator.py --model Qwen/Qwen2.5-7B-Instruct \\
+      --source hf --config configs/lesson3/zero3_configurator_gpu.yaml   # 8×80GB 的方案；--run 在 GPU 上用 NCCL 跑
+  生成的 ds_config.json 在 GPU 上：deepspeed --num_gpus 8 lesson3_distributed/01_distributed_training/_zero3_worker.py \\
+      --ds-config outputs/.../ds_config.json --model-path <模型目录> --data data/domain/sft.jsonl --out r.json
+
+你会看到（--smoke，tiny-llama 1.13M 参数，2 个 gloo 进程）：每个 rank 持有 565,824 个参数 = 总数的一半；
+估算与 DeepSpeed 估算器相差 0%（实现项算进去；只用论文的 16Ψ 时 ZeRO-3 少算约 11%）；loss 在几步内下降。
+第一次运行时 DeepSpeed 会 JIT 编译它的 CPU 共享内存通信算子（约 1-3 分钟，缓存到 ~/.cache/torch_extensions）。
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+from common import cli, data, models, run, services
+from common.errors import UserError
+
+HERE = Path(__file__).resolve().parent
+GB = 2**30
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    zero_stage: int = cli.arg(3, "ZeRO 阶段：1 切优化器状态，2 再切梯度，3 再切参数", choices=[1, 2, 3])
+    num_gpus: int = cli.arg(8, "每个节点几张卡（规划用）", min=1)
+    num_nodes: int = cli.arg(1, "节点数（规划用）", min=1)
+    gpu_memory_gb: float = cli.arg(80.0, "每张卡显存 GB（判断放不放得下）", min=1)
+    precision: str = cli.arg("bf16", "混合精度：bf16（A100/H100）/ fp16（V100/T4，需要 loss scaling）",
+                             choices=["bf16", "fp16"])
+    offload_optimizer: bool = cli.arg(True, "把优化器状态（和 fp32 梯度）放到 CPU 内存：省显存，换 PCIe 带宽")
+    offload_param: bool = cli.arg(True, "ZeRO-3 时把参数分片也放到 CPU：最省显存，最慢")
+    train_micro_batch_size_per_gpu: int = cli.arg(4, "每张卡每个微批几条样本", min=1)
+    gradient_accumulation_steps: int = cli.arg(4, "梯度累积步数", min=1)
+    train_batch_size: int = cli.arg(0, "全局 batch；0 = 按公式推出；填了就必须等于 微批 × 累积 × 卡数", min=0)
+    reduce_bucket_size: float = cli.arg(5e8, "梯度通信桶大小（元素数）：大桶通信效率高，但要更多显存", min=1)
+    activation_checkpointing: bool = cli.arg(True, "激活检查点：用重算换激活显存（长序列/大模型必开）；"
+                                                   "transformers 模型用 gradient_checkpointing_enable() 打开")
+    run: bool = cli.arg(True, "真的启动多进程跑几步（CPU 上 gloo，GPU 上 NCCL）；--no-run 只生成配置")
+    run_ranks: int = cli.arg(2, "真实运行的进程数（CPU 上每个进程一个 rank）", min=1, max=16)
+    run_steps: int = cli.arg(4, "真实运行的优化器步数", min=1)
+    run_micro_batch: int = cli.arg(4, "真实运行的微批大小", min=1)
+    run_grad_accum: int = cli.arg(2, "真实运行的梯度累积步数", min=1)
+    max_length: int = cli.arg(128, "真实运行时每条样本最多多少 token", min=8)
+    learning_rate: float = cli.arg(1e-4, "真实运行的学习率", min=0)
+
+    smoke_model = "tiny-llama"
+
+
+# 极小模型承受得住大学习率：几步就能看到 loss 下降
+SMOKE = dict(learning_rate=1e-3, run_steps=6, max_length=96)
+# DeepSpeed 实现比论文多出的项（都按每个参数的字节数计）
+IMPL = {"fp32_grad_partition": 4,   # 优化器更新前把梯度分片转成 fp32：4Ψ/N（ZeRO-2/3 都有）
+        "gathered_layer": 4}        # ZeRO-3 前向/反向时把一层的 fp16 权重 + 梯度临时聚齐：4·L（L = 最大一层）
+# DeepSpeed 认识、但不在 runtime.constants 里的顶层配置节
+DS_SECTIONS = {"zero_optimization", "activation_checkpointing", "flops_profiler", "tensorboard", "wandb",
+               "csv_monitor", "comms_logger", "aio", "autotuning", "elasticity", "checkpoint", "data_efficiency",
+               "compression_training", "nebula", "monitor_config"}
+
+
+def count_params(args: Args) -> tuple[int, int, str]:
+    """在 meta 设备上按 config 建模型（不占内存、不读权重）：总参数量、最大一层的参数量、架构名。"""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(models.resolve(args.resolved_model(), args.source),
+                                     trust_remote_code=args.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=args.trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())   # parameters() 已去掉共享（tied）的权重
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return total, largest, cfg.model_type
+
+
+def estimate_gb(psi: int, largest: int, stage: int, n: int, off_opt: bool, off_param: bool, paper: bool = False):
+    """每张卡的模型状态显存（GB）。paper=True：只用 ZeRO 论文的 2Ψ+2Ψ+12Ψ；否则再加 DeepSpeed 实现项。"""
+    g32 = 0 if paper else IMPL["fp32_grad_partition"]
+    live = 0 if paper else IMPL["gathered_layer"] * largest
+    if stage == 1:
+        b = 2 * psi + 2 * psi + (0 if off_opt else (12 + g32) * psi / n)
+    elif stage == 2:
+        # offload 时梯度分片也搬到 CPU（优化器在 CPU 上更新），卡上只剩 fp16 权重
+        b = 2 * psi + (0 if off_opt else (2 + 12 + g32) * psi / n)
+    elif off_param:
+        b = live                           # 权重也在 CPU：卡上只有正在算的那一层
+    elif off_opt:
+        b = live + 2 * psi / n             # 卡上：fp16 权重分片
+    else:
+        # ZeRO-3 的 fp16 梯度 reduce-scatter 后直接进 fp32 分片（不再另存 2Ψ/N），所以是 2 + 4 + 12
+        b = live + (2 + (g32 if not paper else 2) + 12) * psi / n
+    return b / GB
+
+
+def deepspeed_gb(psi: int, largest: int, stage: int, n_gpu: int, n_node: int, off_opt: bool, off_param: bool):
+    """DeepSpeed 自己的估算器（ZeRO-1 没有单独的估算器，返回 None）。"""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    if stage == 2:
+        _, gpu = estimate_zero2_model_states_mem_needs(psi, n_gpu, n_node, cpu_offload=off_opt)
+    elif stage == 3:
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(psi, largest, n_gpu, n_node, cpu_offload=off_opt,
+                                                          cpu_offload_params=off_opt and off_param)
+    else:
+        return None
+    return gpu / GB
+
+
+def build_config(args: Args, world_size: int, stage: int | None = None) -> dict:
+    """生成 DeepSpeed JSON：batch 三个数自洽，ZeRO 各阶段只放它认识的键。"""
+    stage = stage or args.zero_stage
+    tbs = args.train_micro_batch_size_per_gpu * args.gradient_accumulation_steps * world_size
+    if args.train_batch_size and args.train_batch_size != tbs:
+        raise UserError(f"--train-batch-size {args.train_batch_size}: 必须等于 微批 {args.train_micro_batch_size_per_gpu}"
+                        f" × 累积 {args.gradient_accumulation_steps} × 卡数 {world_size} = {tbs}（或填 0 自动推出）")
+    zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
+            "reduce_bucket_size": int(args.reduce_bucket_size)}
+    if args.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if stage == 3:
+        # ZeRO-3 独有：预取下一层的桶、常驻阈值（小参数不切，省通信）、保存时把分片合成完整的 16 位权重
+        zero.update(stage3_prefetch_bucket_size=int(0.9 * args.reduce_bucket_size),
+                    stage3_param_persistence_threshold=int(10 * 4096), stage3_gather_16bit_weights_on_model_save=True)
+        if args.offload_param:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    else:
+        zero["allgather_bucket_size"] = int(args.reduce_bucket_size)
+    cfg = {"train_batch_size": tbs, "train_micro_batch_size_per_gpu": args.train_micro_batch_size_per_gpu,
+           "gradient_accumulation_steps": args.gradient_accumulation_steps, "gradient_clipping": 1.0,
+           args.precision: {"enabled": True} if args.precision == "bf16" else
+           {"enabled": True, "loss_scale": 0, "initial_scale_power": 16},   # fp16：动态 loss scaling
+           "optimizer": {"type": "AdamW", "params": {"lr": args.learning_rate, "weight_decay": 0.0}},
+           "zero_optimization": zero, "steps_per_print": 100, "wall_clock_breakdown": False}
+    # 注意：JSON 里的 "activation_checkpointing" 节只对调用 deepspeed.checkpointing 的（Megatron 式）模型生效；
+    # transformers 模型的激活检查点由 model.gradient_checkpointing_enable() 打开（worker 的 --gradient-checkpointing）
+    return cfg
+
+
+def validate_ds_config(cfg: dict, world_size: int, where: str = "ds_config") -> None:
+    """交给 DeepSpeed 自己的解析器：各节的 pydantic 模型拒绝未知键，batch 断言按目标卡数检查。"""
+    from deepspeed.runtime import config as ds_config
+    from deepspeed.runtime import constants
+
+    known = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)} | DS_SECTIONS
+    unknown = sorted(set(cfg) - known)
+    if unknown:   # 顶层未知键 DeepSpeed 只会默默忽略：那正是"配了却没生效"的来源
+        raise UserError(f"{where}: DeepSpeed 不认识的顶层键 {unknown}")
+    # 解析器从进程组读卡数；这里没有进程组，就告诉它目标集群有几张卡
+    with mock.patch.object(ds_config.dist, "get_world_size", return_value=world_size), \
+            mock.patch.object(ds_config.dist, "get_rank", return_value=0):
+        try:
+            ds_config.DeepSpeedConfig(json.loads(json.dumps(cfg)))
+        except (AssertionError, ValueError) as e:   # pydantic ValidationError 是 ValueError 的子类
+            raise UserError(f"{where}: DeepSpeed 拒绝了这份配置：{' '.join(str(e).split())[:300]}") from None
+
+
+def launch(args: Args, out: run.Run, cfg: dict) -> dict:
+    """用 torchrun 拉起 run_ranks 个进程跑 _zero3_worker.py；CPU 上每个进程 1 个线程（2 核机器正好一人一核）。"""
+    cfg_path = out.path("ds_config_run.json")
+    # 每步打印一次 step/lr：run.log 就是一份真实的 DeepSpeed 日志，第 3 课 04 的日志体检默认会读到它
+    cfg_path.write_text(json.dumps({**cfg, "steps_per_print": 1}, indent=2), encoding="utf-8")
+    result = out.path("run_result.json")
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.run_ranks),
+           "--master_addr", "127.0.0.1", "--master_port", str(services.free_port()), str(HERE / "_zero3_worker.py"),
+           "--ds-config", str(cfg_path), "--model-path", str(models.resolve(args.resolved_model(), args.source)),
+           "--data", str(args.data or data.DATA_DIR / "domain" / "sft.jsonl"), "--steps", str(args.run_steps),
+           "--max-length", str(args.max_length), "--learning-rate", str(args.learning_rate), "--seed", str(args.seed),
+           "--out", str(result), "--fixed-batch"] + (["--gradient-checkpointing"] if args.activation_checkpointing else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(run.REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out.log.info("启动：" + " ".join(cmd[:6]) + " ...")
+    log = out.path("run.log")
+    with log.open("w", encoding="utf-8") as f:
+        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=str(run.REPO_ROOT))
+    if proc.returncode != 0 or not result.exists():
+        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
+        raise RuntimeError(f"{args.run_ranks} 进程训练失败（退出码 {proc.returncode}），日志 {log}：\n" + "\n".join(tail))
+    return json.loads(result.read_text(encoding="utf-8"))
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+    world = args.num_gpus * args.num_nodes
+    build_config(args, world)   # 先查 batch 公式：填错的 --train-batch-size 在任何计算之前就报错
+
+    # 1. 模型有多大：meta 设备上建模型，只数参数，不读权重
+    psi, largest, arch = count_params(args)
+    out.log.info(f"{out.model_name}（{arch}）：{psi:,d} 参数，最大一层 {largest:,d}")
+
+    # 2. 每张卡的显存账本：论文公式、加上实现项后的估算、DeepSpeed 自己的估算器
+    table, plans = [], [(1, False, False), (2, False, False), (2, True, False), (3, False, False), (3, True, False),
+                        (3, True, True)]
+    for stage, oo, op in plans:
+        ours = estimate_gb(psi, largest, stage, world, oo, op)
+        paper = estimate_gb(psi, largest, stage, world, oo, op, paper=True)
+        ds = deepspeed_gb(psi, largest, stage, args.num_gpus, args.num_nodes, oo, op)
+        name = f"zero{stage}" + ("+offload_opt" if oo else "") + ("+offload_param" if op else "")
+        table.append({"plan": name, "ours_gb": ours, "paper_gb": paper, "deepspeed_gb": ds,
+                      "fits": ours < args.gpu_memory_gb,
+                      "vs_deepspeed_pct": None if ds is None else 100 * (ours - ds) / ds,
+                      "paper_vs_deepspeed_pct": None if ds is None else 100 * (paper - ds) / ds})
+        out.log.info(f"{name:28s} 估算 {ours:8.3f} GB  论文 {paper:8.3f}  DeepSpeed "
+                     f"{'   -   ' if ds is None else f'{ds:8.3f}'} GB")
+    chosen = next(t for t in table if t["plan"] == "zero{}{}{}".format(
+        args.zero_stage, "+offload_opt" if args.offload_optimizer else "",
+        "+offload_param" if args.offload_optimizer and args.offload_param and args.zero_stage == 3 else ""))
+
+    # 3. 生成并校验配置：三个阶段各一份（方便对照），外加本次选中的那份
+    for stage in (1, 2, 3):
+        c = build_config(args, world, stage)
+        validate_ds_config(c, world, f"ds_zero{stage}.json")
+        out.path(f"ds_zero{stage}.json").write_text(json.dumps(c, indent=2), encoding="utf-8")
+    cfg = build_config(args, world)
+    validate_ds_config(cfg, world, "ds_config.json")
+    out.path("ds_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    out.log.info(f"train_batch_size = {args.train_micro_batch_size_per_gpu} × {args.gradient_accumulation_steps} × "
+                 f"{world} = {cfg['train_batch_size']}；已通过 DeepSpeed 解析器校验")
+
+    # 4. 真的跑：同一套配置缩到 run_ranks 个进程（batch 公式按新的卡数重算，再校验一次）
+    metrics = {"total_params": psi, "largest_layer_params": largest, "plans": table,
+               "estimate_vs_deepspeed_pct": chosen["vs_deepspeed_pct"], "chosen_plan": chosen["plan"],
+               "mem_per_gpu_gb": chosen["ours_gb"], "train_batch_size": cfg["train_batch_size"]}
+    if args.run:
+        small = Args(**{**vars(args), "train_micro_batch_size_per_gpu": args.run_micro_batch,
+                        "gradient_accumulation_steps": args.run_grad_accum, "train_batch_size": 0})
+        run_cfg = build_config(small, args.run_ranks)
+        validate_ds_config(run_cfg, args.run_ranks, "ds_config_run.json")
+        res = launch(args, out, run_cfg)
+        per_rank = [r["params_local"] for r in sorted(res["per_rank"], key=lambda r: r["rank"])]
+        ga = args.run_grad_accum   # 每个优化器步 = ga 个微批：按步取平均
+        steps = [sum(res["losses"][i:i + ga]) / ga for i in range(0, len(res["losses"]), ga)]
+        out.log.info(f"{res['world_size']} 个 rank（{res['backend']}）各持有 {per_rank} 个参数，"
+                     f"总 {res['total_params']:,d}；loss {steps[0]:.3f} -> {steps[-1]:.3f}")
+        metrics.update(world_size=res["world_size"], params_per_rank=per_rank, loss_first=steps[0],
+                       loss_last=steps[-1], run_total_params=res["total_params"], run_losses=steps,
+                       run_rss_mb=[round(r["rss_mb"], 1) for r in res["per_rank"]],
+                       run_train_seconds=round(res["train_seconds"], 2))
+
+    # 5. 图：各方案每卡显存（对数轴），红线 = 卡的显存
+    fig, save = out.plot("zero_memory.png")
+    ax = fig.add_subplot(111)
+    x = range(len(table))
+    ax.bar([i - 0.2 for i in x], [t["ours_gb"] for t in table], 0.4, label="ours (paper + DeepSpeed impl. terms)")
+    ax.bar([i + 0.2 for i in x], [t["deepspeed_gb"] or 0 for t in table], 0.4, label="DeepSpeed estimator")
+    ax.axhline(args.gpu_memory_gb, color="red", ls="--", label=f"GPU memory {args.gpu_memory_gb:g} GB")
+    ax.set_xticks(list(x), [t["plan"].replace("+", "\n+") for t in table], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("model-state memory per GPU (GB)")
+    ax.set_title(f"{out.model_name}: {psi / 1e6:.1f}M params on {world} GPUs")
+    ax.legend(fontsize=7)
+    save()
+    extra = f"，{metrics['world_size']} 个 rank 各持有 {metrics['params_per_rank'][0]:,d}/{psi:,d} 参数，" \
+            f"loss {metrics['loss_first']:.3f} -> {metrics['loss_last']:.3f}" if args.run else ""
+    return out.finish(metrics, summary=f"{chosen['plan']} 每卡 {chosen['ours_gb']:.3g} GB（DeepSpeed 估算差 "
+                                       f"{chosen['vs_deepspeed_pct']:+.1f}%）{extra}")
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))

@@ -1,0 +1,246 @@
+"""超大模型的参考方案：DeepSeek-V3（671B MoE）与 Llama-3-70B（稠密）在 N 个节点 × 8 卡上用 ZeRO-3（± CPU offload）
+每卡要多少显存、每个节点要多少内存，哪些方案放不下、为什么；为放得下的方案生成 DeepSpeed JSON、hostfile、
+deepspeed / torchrun / accelerate launch 三种启动命令和 accelerate YAML，每份配置都交给 DeepSpeed / accelerate
+自己的解析器校验。
+
+参数量不是抄来的：用 transformers 的 DeepseekV3Config / LlamaConfig 在 meta 设备上把真实架构建出来数（不占内存），
+671,026,404,352 与 70,553,706,496 都是这样数出来的。显存账本（每个参数 Ψ 字节数）与第 3 课 01 相同：
+bf16 权重 2 + bf16 梯度 2 + fp32 主权重/动量/方差 12 + DeepSpeed 优化器前的 fp32 梯度 4，ZeRO-3 按 N×8 切分；
+另加 ZeRO-3 前向/反向时临时聚齐的最大一层（4·L），以及打开激活检查点后的激活：每层只存输入（2·s·b·h），
+再加一层重算时的工作集（Korthikanti et al. 2022 的 34·s·b·h，FlashAttention 省掉 s² 项；MLP 按实际中间维）和 fp32 logits。
+
+运行：
+  python lesson3_distributed/02_8gpu_config/ds_config_builder.py           # 全部方案（纯计算 + 建 meta 模型，约 10 秒）
+  python lesson3_distributed/02_8gpu_config/ds_config_builder.py --smoke   # 同样的计算，少几个节点数
+  python lesson3_distributed/02_8gpu_config/ds_config_builder.py --gpu-memory-gb 141 --node-memory-gb 2048 \\
+      --config configs/lesson3/ds_config_builder.yaml                      # 换成 H200 等你的硬件
+  生成的命令在 GPU 集群上直接用：deepspeed --hostfile outputs/.../hostfile ...（见输出目录的 launch_*.sh）
+
+你会看到（默认：80 GB 卡只用 90%、每节点 2048 GB 内存、序列 4096、微批 1、打开激活检查点；36 个方案 16 个放得下）：
+- Llama-3-70B（70.55B）：单节点 ZeRO-3 不 offload 每卡 179 GB（优化器分片 131 GB）放不下；offload 优化器后每卡 31 GB、
+  每节点内存 1183 GB，推荐；4 节点起不 offload 也放得下（每卡 56 GB）。
+- DeepSeek-V3（671.03B）：不 offload 时 32 节点（256 卡）也要每卡 99 GB——transformers 把一层 256 个专家合成一个张量
+  （11.27B 参数），ZeRO-3 聚齐这一层就要 42 GB；offload 优化器后 8 节点起放得下（每卡 70 GB，每节点内存 1406 GB），
+  4 节点时每节点要 2.8 TB 内存。这正是 671B MoE 实际用专家并行（EP）+ 流水线并行、而不是单靠 ZeRO-3 训练的原因。
+输出：mem_per_gpu.png，每个模型推荐方案的 ds_*.json、hostfile_*、accelerate_*.yaml、launch_*.sh。
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from unittest import mock
+
+import yaml
+
+from common import cli, run
+from common.errors import UserError
+
+GB = 2**30
+# 两个参考架构：字段名就是 transformers 配置类的参数名（DeepseekV3Config 的默认值即 DeepSeek-V3 的官方配置）
+ARCHS = {
+    "deepseek-v3-671b": ("DeepseekV3Config", {}),
+    "llama3-70b": ("LlamaConfig", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                       num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                                       max_position_embeddings=8192, rope_theta=500000.0)),
+}
+DS_SECTIONS = {"zero_optimization", "activation_checkpointing", "flops_profiler", "tensorboard", "wandb",
+               "csv_monitor", "comms_logger", "aio", "autotuning", "elasticity", "checkpoint", "data_efficiency",
+               "compression_training", "nebula", "monitor_config"}
+OFFLOADS = {"none": (False, False), "opt": (True, False), "opt+param": (True, True)}
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    models: list[str] = cli.arg(["deepseek-v3-671b", "llama3-70b"], "要规划的参考模型（见 ARCHS）")
+    nodes: list[int] = cli.arg([1, 2, 4, 8, 16, 32], "试哪些节点数（每节点 gpus_per_node 张卡）", min=1)
+    gpus_per_node: int = cli.arg(8, "每节点几张卡", min=1)
+    gpu_memory_gb: float = cli.arg(80.0, "每张卡显存 GB（A100/H100 80，H200 141）", min=1)
+    node_memory_gb: float = cli.arg(2048.0, "每个节点的 CPU 内存 GB（offload 用）", min=1)
+    headroom: float = cli.arg(0.9, "只用显存/内存的这个比例（CUDA 上下文、碎片、通信缓冲要留余量）", min=0.1, max=1)
+    seq_len: int = cli.arg(4096, "训练序列长度", min=1)
+    micro_batch: int = cli.arg(1, "每卡微批大小", min=1)
+    gradient_accumulation_steps: int = cli.arg(16, "梯度累积步数", min=1)
+    master_addr: str = cli.arg("node-1", "hostfile 与 torchrun 里第一个节点的主机名")
+
+    smoke_model = "tiny-llama"   # 本脚本不加载模型：--model 只影响 metrics 里记录的名字
+
+
+SMOKE = dict(nodes=[1, 4, 16])
+
+
+def count(arch: str) -> tuple[int, int, dict]:
+    """在 meta 设备上按真实架构建模型：总参数、最大一层（ZeRO-3 一次要聚齐的）、配置。"""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    if arch not in ARCHS:
+        raise UserError(f"--models {arch}: 只认识 {', '.join(ARCHS)}")
+    cls, kw = ARCHS[arch]
+    cfg = getattr(transformers, cls)(**kw)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return total, largest, cfg.to_dict()
+
+
+def activations_gb(cfg: dict, s: int, b: int) -> float:
+    """打开激活检查点后每卡的激活：每层存一份输入 + 一层重算的工作集 + fp32 logits 及其梯度。"""
+    h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    # MoE：每个 token 只走 k 个路由专家 + 共享专家，激活按"实际用到的中间维"算
+    inter = (cfg["moe_intermediate_size"] * (cfg["num_experts_per_tok"] + cfg.get("n_shared_experts", 0))
+             if cfg.get("n_routed_experts") else cfg["intermediate_size"])
+    checkpoints = layers * s * b * h * 2
+    one_layer = s * b * (34 * h + 3 * 2 * inter)   # 注意力/LayerNorm 34·s·b·h；SwiGLU 的 gate/up/act 各 2 字节
+    logits = 2 * s * b * vocab * 4
+    return (checkpoints + one_layer + logits) / GB
+
+
+def plan(args: Args, psi: int, largest: int, cfg: dict, nodes: int, offload: str) -> dict:
+    """一个方案每卡显存与每节点内存的明细，以及放不下的原因。"""
+    n = nodes * args.gpus_per_node
+    off_opt, off_param = OFFLOADS[offload]
+    weights, grads, optim = 2 * psi / n / GB, 2 * psi / n / GB, (12 + 4) * psi / n / GB
+    gpu = {"weights": 0.0 if off_param else weights, "grads": 0.0 if off_opt else grads,
+           "optimizer": 0.0 if off_opt else optim, "gathered_layer": 4 * largest / GB,
+           "activations": activations_gb(cfg, args.seq_len, args.micro_batch)}
+    cpu_per_gpu = (weights if off_param else 0) + ((grads + optim) if off_opt else 0)
+    mem, cpu_node = sum(gpu.values()), cpu_per_gpu * args.gpus_per_node
+    why = []
+    if mem > args.gpu_memory_gb * args.headroom:
+        top = max(gpu, key=gpu.get)
+        why.append(f"每卡 {mem:.0f} GB > {args.gpu_memory_gb * args.headroom:.0f} GB 可用（最大项 {top} {gpu[top]:.0f} GB）")
+    if cpu_node > args.node_memory_gb * args.headroom:
+        why.append(f"每节点 offload 需 {cpu_node:.0f} GB 内存 > {args.node_memory_gb * args.headroom:.0f} GB 可用")
+    return {"nodes": nodes, "gpus": n, "offload": offload, "mem_per_gpu_gb": round(mem, 2),
+            "cpu_per_node_gb": round(cpu_node, 1), "breakdown_gb": {k: round(v, 2) for k, v in gpu.items()},
+            "fits": not why, "why": "；".join(why) or "放得下"}
+
+
+def ds_config(args: Args, p: dict) -> dict:
+    """方案对应的 DeepSpeed JSON（train_batch_size 按 微批 × 累积 × 总卡数 推出）。"""
+    off_opt, off_param = OFFLOADS[p["offload"]]
+    zero = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 500_000_000,
+            "stage3_prefetch_bucket_size": 450_000_000, "stage3_param_persistence_threshold": 1_000_000,
+            "stage3_max_live_parameters": 1_000_000_000, "stage3_gather_16bit_weights_on_model_save": True}
+    if off_opt:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if off_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {"train_batch_size": args.micro_batch * args.gradient_accumulation_steps * p["gpus"],
+            "train_micro_batch_size_per_gpu": args.micro_batch,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "gradient_clipping": 1.0,
+            "bf16": {"enabled": True}, "zero_optimization": zero, "steps_per_print": 10, "wall_clock_breakdown": False}
+
+
+def validate_ds_config(cfg: dict, world_size: int, where: str) -> None:
+    """DeepSpeed 自己的解析器按目标卡数校验（未知键、batch 断言）；顶层未知键它只会忽略，这里拒绝。"""
+    from deepspeed.runtime import config as dsc
+    from deepspeed.runtime import constants
+
+    unknown = sorted(set(cfg) - ({v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)}
+                                 | DS_SECTIONS))
+    if unknown:
+        raise UserError(f"{where}: DeepSpeed 不认识的顶层键 {unknown}")
+    with mock.patch.object(dsc.dist, "get_world_size", return_value=world_size), \
+            mock.patch.object(dsc.dist, "get_rank", return_value=0):
+        try:
+            dsc.DeepSpeedConfig(json.loads(json.dumps(cfg)))
+        except (AssertionError, ValueError) as e:
+            raise UserError(f"{where}: DeepSpeed 拒绝了这份配置：{' '.join(str(e).split())[:300]}") from None
+
+
+def write_launch(args: Args, out: run.Run, name: str, p: dict) -> dict:
+    """hostfile + accelerate YAML + 三种启动命令；DeepSpeed 与 accelerate 各自解析一遍。"""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    stem = f"{name}_{p['nodes']}n_{p['offload'].replace('+', '_')}"
+    cfg = ds_config(args, p)
+    validate_ds_config(cfg, p["gpus"], f"{stem}.json")
+    ds_path = out.path(f"ds_{stem}.json")
+    ds_path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    hosts = [f"node-{i + 1}" if i else args.master_addr for i in range(p["nodes"])]
+    out.path(f"hostfile_{stem}").write_text("".join(f"{h} slots={args.gpus_per_node}\n" for h in hosts), encoding="utf-8")
+    acc = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED", "mixed_precision": "bf16",
+           "deepspeed_config": {"deepspeed_config_file": ds_path.name, "deepspeed_multinode_launcher": "pdsh",
+                                "deepspeed_hostfile": f"hostfile_{stem}", "zero3_init_flag": True},
+           "machine_rank": 0, "main_process_ip": args.master_addr, "main_process_port": 29500,
+           "num_machines": p["nodes"], "num_processes": p["gpus"], "rdzv_backend": "static", "same_network": True,
+           "main_training_function": "main", "use_cpu": False}
+    acc_path = out.path(f"accelerate_{stem}.yaml")
+    acc_path.write_text(yaml.safe_dump(acc, sort_keys=False), encoding="utf-8")
+    try:
+        ClusterConfig.from_yaml_file(str(acc_path))   # accelerate 拒绝未知键，缺键时报 TypeError
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{acc_path}: accelerate 拒绝了这份配置：{e}") from None
+    train = "train.py --deepspeed " + ds_path.name
+    cmds = {"deepspeed": f"deepspeed --hostfile hostfile_{stem} --num_nodes {p['nodes']} --num_gpus "
+                         f"{args.gpus_per_node} --master_addr {args.master_addr} {train}",
+            "torchrun": f"torchrun --nnodes {p['nodes']} --nproc_per_node {args.gpus_per_node} --node_rank $NODE_RANK "
+                        f"--rdzv_backend c10d --rdzv_endpoint {args.master_addr}:29500 {train}   # 每个节点各跑一次",
+            "accelerate": f"accelerate launch --config_file {acc_path.name} --machine_rank $NODE_RANK train.py"}
+    out.path(f"launch_{stem}.sh").write_text("#!/bin/bash\n# " + p["why"] + "\n" + "\n".join(
+        f"# {k}\n{v}" for k, v in cmds.items()) + "\n", encoding="utf-8")
+    return {"ds_config": ds_path.name, "accelerate": acc_path.name, "commands": cmds}
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+
+    # 1. 数参数：真实架构在 meta 设备上建出来
+    sizes = {}
+    for name in args.models:
+        psi, largest, cfg = count(name)
+        sizes[name] = (psi, largest, cfg)
+        out.log.info(f"{name}: {psi / 1e9:.2f}B 参数，最大一层 {largest / 1e9:.2f}B（ZeRO-3 一次要聚齐它）")
+
+    # 2. 每个（模型, 节点数, offload）方案的显存/内存账本
+    plans = {}
+    for name, (psi, largest, cfg) in sizes.items():
+        for nodes in args.nodes:
+            for off in OFFLOADS:
+                p = plan(args, psi, largest, cfg, nodes, off)
+                plans[f"{name}/{nodes}n/zero3+{off}"] = p
+                out.log.info(f"{name:18s} {nodes:3d} 节点 offload={off:9s} 每卡 {p['mem_per_gpu_gb']:8.1f} GB  "
+                             f"每节点内存 {p['cpu_per_node_gb']:8.0f} GB  {'✓' if p['fits'] else '✗ ' + p['why']}")
+
+    # 3. 每个模型选最省的可行方案：节点最少，同节点数下 offload 最少（offload 走 PCIe，慢）；生成启动文件
+    best = {}
+    for name in sizes:
+        ok = [(p["nodes"], list(OFFLOADS).index(p["offload"]), k) for k, p in plans.items()
+              if k.startswith(name + "/") and p["fits"]]
+        if not ok:
+            out.log.warning(f"{name}: 在给定的节点数 {args.nodes} 里没有放得下的 ZeRO-3 方案")
+            continue
+        key = min(ok)[2]
+        best[name] = {"plan": key, **write_launch(args, out, name, plans[key])}
+        out.log.info(f"{name}: 推荐 {key}\n  " + "\n  ".join(best[name]["commands"].values()))
+
+    # 4. 图：每卡显存随节点数（对数轴），虚线 = 可用显存
+    fig, save = out.plot("mem_per_gpu.png")
+    ax = fig.add_subplot(111)
+    for name in sizes:
+        for off in OFFLOADS:
+            pts = [(p["nodes"], p["mem_per_gpu_gb"]) for k, p in plans.items()
+                   if k.startswith(name + "/") and p["offload"] == off]
+            ax.plot(*zip(*pts), "o-", label=f"{name} zero3+{off}")
+    ax.axhline(args.gpu_memory_gb * args.headroom, color="red", ls="--", label="usable GPU memory")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"nodes (x{args.gpus_per_node} GPUs)")
+    ax.set_ylabel("memory per GPU (GB)")
+    ax.set_title(f"ZeRO-3 per-GPU memory, seq {args.seq_len}, micro-batch {args.micro_batch}")
+    ax.legend(fontsize=6)
+    save()
+    n_fit = sum(p["fits"] for p in plans.values())
+    return out.finish({"params": {k: v[0] for k, v in sizes.items()},
+                       "largest_layer_params": {k: v[1] for k, v in sizes.items()}, "plans": plans,
+                       "recommended": best, "plans_fit": n_fit, "plans_total": len(plans)},
+                      summary=f"{len(plans)} 个方案 {n_fit} 个放得下；推荐："
+                              + "；".join(f"{k} {v['plan']}" for k, v in best.items()))
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))

@@ -1,0 +1,255 @@
+"""训练日志体检：读 trainer_state.json、TensorBoard 事件文件、DeepSpeed 日志，画 loss / lr / grad-norm / 吞吐，
+并找出异常及其步数：loss 尖峰、NaN/inf、梯度范数爆炸、吞吐骤降、学习率调度错误、验证损失背离（过拟合）。
+
+判据都是"和自己最近的过去比"（前 window 个记录的中位数），而不是绝对阈值：不同模型的 loss 量级差很多，
+但"比最近的中位数高 50% 且偏离 5 个 MAD"在任何量级上都是尖峰。一份干净的日志不应报出任何异常。
+
+运行：
+  python lesson3_distributed/04_log_analysis/training_log_inspector.py           # 读 outputs/ 下课程之前的运行；没有就现训一段
+  python lesson3_distributed/04_log_analysis/training_log_inspector.py --smoke   # tiny-llama 现训 40 步再体检，约 30 秒
+  python lesson3_distributed/04_log_analysis/training_log_inspector.py --logs path/to/checkpoint-500 runs/ ds.log
+      # 你自己的日志：trainer_state.json、含 events.out.tfevents.* 的目录、DeepSpeed 的 stdout 日志，文件或目录都行
+
+你会看到：每个来源读到多少步，异常列表（kind, step, 来源, 说明），图 training_logs.png（异常处画红叉）。
+--smoke 现训的 tiny-llama 日志（40 步，真实 Trainer + TensorBoard）：0 个异常；测试往日志里注入六种故障，逐一在注入的步数被找到。
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import cli, data, models, run
+from common.errors import UserError
+
+# 各来源的指标名 -> 统一的名字
+ALIASES = {"loss": "loss", "train/loss": "loss", "eval_loss": "eval_loss", "eval/loss": "eval_loss",
+           "learning_rate": "lr", "train/learning_rate": "lr", "lr": "lr", "grad_norm": "grad_norm",
+           "train/grad_norm": "grad_norm", "samples_per_second": "throughput", "tokens_per_s": "throughput",
+           "CurrSamplesPerSec": "throughput", "train/throughput": "throughput"}
+DS_STEP = re.compile(r"step=(\d+), skipped=(\d+), lr=\[([^\]]+)\]")
+DS_TPUT = re.compile(r"global_step=(\d+), RunningAvgSamplesPerSec=([\d.eE+-]+|nan|inf), CurrSamplesPerSec=([\d.eE+-]+|nan|inf)")
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    logs: list[str] = cli.arg([], "日志文件或目录（可多个）；不填时读 outputs/ 下课程之前的运行，一个都没有就现训一段")
+    window: int = cli.arg(10, "和前多少个记录的中位数比", min=3)
+    spike_factor: float = cli.arg(1.5, "loss 比近期中位数高多少倍算尖峰（同时要偏离 spike_mads 个 MAD）", min=1)
+    spike_mads: float = cli.arg(5.0, "尖峰至少偏离近期中位数几个 MAD（中位数绝对偏差，抗噪）", min=0)
+    grad_factor: float = cli.arg(5.0, "梯度范数比近期中位数高多少倍算爆炸", min=1)
+    drop_factor: float = cli.arg(0.5, "吞吐低于近期中位数的这个比例算骤降", min=0, max=1)
+    overfit_tol: float = cli.arg(0.05, "验证损失比最低点高出这个比例、且训练损失还在降，算过拟合", min=0)
+    scan_outputs: bool = cli.arg(True, "没给 --logs 时读 outputs/ 下课程之前的运行（--smoke 关掉：结果不随机器上已有的输出变）")
+    demo_steps: int = cli.arg(60, "没有日志时现训多少步（真实 Trainer，logging_steps=1）", min=5)
+
+    smoke_model = "tiny-llama"
+
+
+SMOKE = dict(demo_steps=40, scan_outputs=False)
+
+
+def read_trainer_state(path: Path) -> dict[str, list]:
+    """transformers Trainer 的 trainer_state.json：log_history 里每条记录带 step。"""
+    try:
+        hist = json.loads(path.read_text(encoding="utf-8"))["log_history"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: 不是 trainer_state.json（{type(e).__name__}: {e}）") from None
+    series: dict[str, list] = {}
+    for rec in hist:
+        for k, v in rec.items():
+            if k in ALIASES and isinstance(v, (int, float)) and "step" in rec:
+                series.setdefault(ALIASES[k], []).append((int(rec["step"]), float(v)))
+    return series
+
+
+def read_tensorboard(folder: Path) -> dict[str, list]:
+    """TensorBoard 事件文件：用 tensorboard 自己的 EventAccumulator 读标量。"""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})   # 0 = 全读，不抽样
+    acc.Reload()
+    return {ALIASES[t]: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"] if t in ALIASES}
+
+
+def read_deepspeed(path: Path) -> dict[str, list]:
+    """DeepSpeed 引擎的 stdout：'step=N, skipped=S, lr=[...]' 与吞吐计时器的 'CurrSamplesPerSec=' 行。"""
+    series: dict[str, list] = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if m := DS_STEP.search(line):
+            series.setdefault("lr", []).append((int(m.group(1)), float(m.group(3).split(",")[0])))
+        if m := DS_TPUT.search(line):
+            series.setdefault("throughput", []).append((int(m.group(1)), float(m.group(3))))
+    return series
+
+
+def collect(paths: list[Path]) -> dict[str, dict[str, list]]:
+    """找出每个路径里能读的日志：{来源: {指标: [(step, value)]}}。"""
+    found: dict[str, dict[str, list]] = {}
+    for p in paths:
+        if not p.exists():
+            raise UserError(f"--logs {p}: 不存在")
+        files = [p] if p.is_file() else sorted(p.rglob("*"))
+        for f in files:
+            if f.name == "trainer_state.json":
+                found[str(f)] = read_trainer_state(f)
+            elif f.name.startswith("events.out.tfevents"):
+                found.setdefault(str(f.parent), read_tensorboard(f.parent))
+            elif f.suffix in (".log", ".txt") and f.is_file():
+                s = read_deepspeed(f)
+                if s:
+                    found[str(f)] = s
+    return {k: v for k, v in found.items() if any(v.values())}
+
+
+def _past(vals: list, i: int, w: int) -> list:
+    return [v for _, v in vals[max(0, i - w):i] if math.isfinite(v)]
+
+
+def detect(s: dict[str, list], a: Args) -> list[dict]:
+    """六种异常，每个都带发生的步数。"""
+    out = []
+    add = lambda kind, step, why: out.append({"kind": kind, "step": step, "detail": why})   # noqa: E731
+    for key in ("loss", "grad_norm", "eval_loss", "lr"):
+        for step, v in s.get(key, []):
+            if not math.isfinite(v):
+                add("nan_inf", step, f"{key} = {v}")
+    loss = s.get("loss", [])
+    for i, (step, v) in enumerate(loss):
+        past = _past(loss, i, a.window)
+        if len(past) >= 3 and math.isfinite(v):
+            med = statistics.median(past)
+            mad = statistics.median(abs(x - med) for x in past) * 1.4826 + 1e-8   # 1.4826·MAD ≈ 正态的 σ
+            if v > a.spike_factor * med and (v - med) / mad > a.spike_mads:
+                add("loss_spike", step, f"loss {v:.3g}，近期中位数 {med:.3g}")
+    gn = s.get("grad_norm", [])
+    for i, (step, v) in enumerate(gn):
+        past = _past(gn, i, a.window)
+        if len(past) >= 3 and math.isfinite(v) and v > a.grad_factor * statistics.median(past):
+            add("grad_norm_explosion", step, f"grad_norm {v:.3g}，近期中位数 {statistics.median(past):.3g}")
+    tp = s.get("throughput", [])
+    for i, (step, v) in enumerate(tp):
+        past = _past(tp, i, a.window)
+        if len(past) >= 3 and v < a.drop_factor * statistics.median(past):
+            add("throughput_drop", step, f"吞吐 {v:.3g}，近期中位数 {statistics.median(past):.3g}")
+    out += lr_mistakes(s.get("lr", []))
+    out += overfitting(s.get("eval_loss", []), loss, a.overfit_tol)
+    return sorted(out, key=lambda x: (x["step"], x["kind"]))
+
+
+def lr_mistakes(lr: list) -> list[dict]:
+    """学习率应当先升（预热）后降（衰减）：衰减开始后又升高 = 调度器被重置/续训时没恢复；
+    学习率提前降到 0 而训练还在继续 = 总步数配错，后面的步白跑。"""
+    out, decaying = [], False
+    vals = [(s, v) for s, v in lr if math.isfinite(v)]
+    for (_, v0), (s1, v1) in zip(vals, vals[1:]):
+        if v1 < v0 * (1 - 1e-6):
+            decaying = True
+        elif decaying and v1 > v0 * 1.01:
+            out.append({"kind": "lr_schedule", "step": s1, "detail": f"衰减中学习率又升高 {v0:.3g} -> {v1:.3g}"})
+            decaying = False
+    zeros = [i for i, (_, v) in enumerate(vals) if v == 0]
+    first = next((i for i in zeros if i > 0 and all(vals[j][1] == 0 for j in range(i, len(vals)))), None)
+    if first is not None and len(vals) - first >= 3:
+        out.append({"kind": "lr_schedule", "step": vals[first][0],
+                    "detail": f"学习率在第 {vals[first][0]} 步降到 0，之后 {len(vals) - first - 1} 个记录白训"})
+    return out
+
+
+def overfitting(ev: list, loss: list, tol: float) -> list[dict]:
+    """验证损失离开最低点上升超过 tol，而训练损失比那时更低：模型在背训练集。只报第一次。"""
+    best_s, best_v = None, math.inf
+    for step, v in ev:
+        if not math.isfinite(v):
+            continue
+        if v < best_v:
+            best_s, best_v = step, v
+        elif v > best_v * (1 + tol):
+            tr_then = [x for s, x in loss if s <= best_s][-3:]
+            tr_now = [x for s, x in loss if s <= step][-3:]
+            if tr_then and tr_now and statistics.mean(tr_now) < statistics.mean(tr_then):
+                return [{"kind": "eval_divergence", "step": step,
+                         "detail": f"eval_loss {v:.3g} > 最低 {best_v:.3g}（第 {best_s} 步），训练损失仍在降"}]
+    return []
+
+
+def demo_run(args: Args, out: run.Run) -> Path:
+    """没有日志可读时现训一段：真实 Trainer，每步记录 loss/lr/grad_norm，定期评估，写 TensorBoard。"""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from common import train
+
+    model, tok = models.load_args(args, for_training=True)
+    tr, ev = data.split(data.load_sft(args.data or data.DATA_DIR / "domain" / "sft.jsonl"), 0.15, args.seed)
+    enc = lambda cs: Dataset.from_list([data.tokenize_chat(tok, c, 256) for c in cs]).remove_columns(   # noqa: E731
+        ["assistant_masks"])
+    from transformers import DataCollatorForSeq2Seq
+
+    targs = TrainingArguments(output_dir=str(out.path("demo_run")), max_steps=args.demo_steps, learning_rate=5e-4,
+                              lr_scheduler_type="cosine", warmup_steps=3, per_device_train_batch_size=8,
+                              logging_steps=1, eval_strategy="steps", eval_steps=max(1, args.demo_steps // 8),
+                              save_strategy="no", report_to=["tensorboard"],
+                              seed=args.seed, dataloader_num_workers=0,
+                              **train.trainer_flags(model, log=False))
+    trainer = Trainer(model=model, args=targs, train_dataset=enc(tr), eval_dataset=enc(ev),
+                      data_collator=DataCollatorForSeq2Seq(tok, padding=True))
+    trainer.train()
+    trainer.state.save_to_json(str(out.path("demo_run/trainer_state.json")))   # 检查点里的同一份文件，不存权重
+    return out.path("demo_run")
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args, smoke_threads=1)
+
+    # 1. 找日志：--logs；否则 outputs/ 下课程之前的运行；都没有就现训一段
+    if args.logs:
+        sources = collect([Path(p) for p in args.logs])
+        if not sources:
+            raise UserError(f"--logs {' '.join(args.logs)}: 没找到 trainer_state.json / TensorBoard 事件 / DeepSpeed 日志")
+    else:
+        sources = collect([run.OUTPUTS]) if run.OUTPUTS.exists() and args.scan_outputs else {}
+        if not sources:
+            out.log.info("没有找到课程之前的训练日志：现训一段（真实 Trainer + TensorBoard）再体检")
+            sources = collect([demo_run(args, out)])
+    steps = {src: max((st for v in s.values() for st, _ in v), default=0) for src, s in sources.items()}
+
+    # 2. 逐个来源体检
+    anomalies = []
+    for src, s in sources.items():
+        found = detect(s, args)
+        anomalies += [{**a, "source": src} for a in found]
+        out.log.info(f"{src}: {', '.join(f'{k} {len(v)}' for k, v in s.items())} 个记录；异常 {len(found)} 个")
+        for a in found:
+            out.log.warning(f"  第 {a['step']} 步 {a['kind']}: {a['detail']}")
+    out.path("anomalies.json").write_text(json.dumps(anomalies, ensure_ascii=False, indent=2), encoding="utf-8")
+
+    # 3. 图：四个指标，异常处画红叉（只画第一个来源，多个来源时每个各画一张太挤）
+    src0 = next(iter(sources))
+    fig, save = out.plot("training_logs.png")
+    for i, key in enumerate(("loss", "lr", "grad_norm", "throughput")):
+        ax = fig.add_subplot(2, 2, i + 1)
+        pts = sources[src0].get(key, [])
+        if key == "loss" and sources[src0].get("eval_loss"):
+            ax.plot(*zip(*sources[src0]["eval_loss"]), "o-", ms=3, label="eval_loss")
+        if pts:
+            ax.plot(*zip(*pts), lw=1, label=key)
+            bad = {a["step"] for a in anomalies if a["source"] == src0}
+            marks = [(st, v) for st, v in pts if st in bad and math.isfinite(v)]
+            if marks:
+                ax.plot(*zip(*marks), "rx", ms=8)
+        ax.set_title(key, fontsize=8)
+        ax.tick_params(labelsize=6)
+        ax.legend(fontsize=6) if pts else ax.text(0.3, 0.5, "not logged", fontsize=8)
+    save()
+    return out.finish({"anomalies": [{"kind": a["kind"], "step": a["step"], "source": a["source"]} for a in anomalies],
+                       "n_anomalies": len(anomalies), "steps_read": sum(steps.values()), "sources": list(sources)},
+                      summary=f"读了 {len(sources)} 个日志共 {sum(steps.values())} 步，发现 {len(anomalies)} 个异常")
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))

@@ -1,0 +1,226 @@
+"""模型评估的一整套尺子：滑窗困惑度、闭式评估（给标签续写打分的零样本/少样本情感分类）、EM/F1、
+ROUGE-L 与 BLEU（中文先用 jieba 分词；用维护中的 rouge-score 与 sacrebleu，不手写）、LLM 评委两两比较
+（交换位置各判一次，只认两次一致的结论）和导出给人工评估的表格（CSV + HTML，答案盲化为 A/B）。
+
+几个容易踩的坑都在这里量给你看：
+- 困惑度：窗口不重叠时每个窗口开头几乎没有上文，困惑度偏高；按 stride 滑动、只对新 token 计损失才是标准做法；
+- rouge-score 默认分词器只保留 [a-z0-9]，中文整句被删光，ROUGE-L = 0：中文必须先用 jieba 分词；
+- LLM 评委有位置偏好：同一对答案换个顺序结论就变，位置一致率低于 1 时，"胜率"只能算一致的那部分。
+
+运行：
+  python lesson3_distributed/05_evaluation/evaluation_metrics.py           # smollm2-135m，CPU 几分钟
+  python lesson3_distributed/05_evaluation/evaluation_metrics.py --smoke   # tiny-llama，约 30 秒
+  python lesson3_distributed/05_evaluation/evaluation_metrics.py --model Qwen/Qwen2.5-7B-Instruct --source hf \\
+      --judge-model Qwen/Qwen2.5-7B-Instruct   # GPU：更强的评委
+  --data 换成你的 SFT 文件（生成 + ROUGE/BLEU/评委），--qa 换成你的问答文件（EM/F1）
+
+你会看到：metrics.json 里的 ppl（滑窗）与 ppl_no_overlap、sentiment_accuracy（少样本）与零样本、EM/F1、rougeL、bleu、
+judge_win_rate（参考答案 vs 模型答案，不一致算平局）与 judge_position_consistency；human_eval.csv / human_eval.html。
+"""
+from __future__ import annotations
+
+import csv
+import html
+import math
+import random
+from dataclasses import dataclass
+
+from common import cli, data, metrics, models, run
+from common.errors import UserError
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    qa: str = cli.arg(None, "问答文件（question/answer/gold_passage）算 EM/F1；默认 data/kb/qa.jsonl")
+    docs: str = cli.arg(None, "算困惑度的文档目录；默认 data/domain/docs")
+    classification: str = cli.arg(None, "情感分类文件（text/label）；默认 data/classification/sentiment.jsonl")
+    judge_model: str = cli.arg(None, "评委模型；默认与被评模型相同（小模型当评委偏差很大，这正是要量的）")
+    ppl_window: int = cli.arg(256, "困惑度窗口长度（token）", min=8)
+    ppl_stride: int = cli.arg(128, "滑动步长：< 窗口时重叠部分只当上文不计损失", min=1)
+    n_sentiment: int = cli.arg(80, "情感分类评多少条", min=4)
+    n_shots: int = cli.arg(4, "少样本提示里放几条示例（每类至少一条）", min=1)
+    n_qa: int = cli.arg(24, "EM/F1 评多少个问题", min=1)
+    n_gen: int = cli.arg(16, "ROUGE/BLEU/评委/人工表评多少条生成", min=2)
+    max_new_tokens: int = cli.arg(64, "生成长度", min=1)
+
+    smoke_model = "tiny-llama"
+
+
+SMOKE = dict(ppl_window=64, ppl_stride=32, n_sentiment=24, n_qa=8, n_gen=8, max_new_tokens=24)
+
+
+class JiebaTokenizer:
+    """给 rouge-score 用的分词器：jieba 切中文，英文按词，去掉空白与标点。"""
+
+    def tokenize(self, text: str) -> list[str]:
+        import jieba
+
+        return [w.lower() for w in jieba.lcut(text) if w.strip() and any(c.isalnum() for c in w)]
+
+
+def perplexity(model, tok, texts: list[str], window: int, stride: int) -> float:
+    """滑窗困惑度（transformers 文档的做法）：每个窗口只对最后 stride 个新 token 计损失，前面的只当上文。"""
+    import torch
+
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = tok(text, return_tensors="pt").input_ids.to(model.device)
+        prev_end = 0
+        for begin in range(0, ids.shape[1], stride):
+            end = min(begin + window, ids.shape[1])
+            target = ids[:, begin:end].clone()
+            target[:, :-(end - prev_end)] = -100   # 与上个窗口重叠的部分只当上文（整窗都是新 token 时切片为空）
+            with torch.no_grad():
+                loss = model(ids[:, begin:end], labels=target).loss
+            n = int((target[:, 1:] != -100).sum())
+            nll, count, prev_end = nll + loss.item() * n, count + n, end
+            if end == ids.shape[1]:
+                break
+    return math.exp(nll / max(count, 1))
+
+
+def continuation_logprob(model, tok, prompt: str, cont: str) -> float:
+    """log P(cont | prompt)：闭式评估不让模型自由生成，只比较候选答案的概率。"""
+    import torch
+
+    p = tok(prompt, add_special_tokens=False).input_ids
+    c = tok(cont, add_special_tokens=False).input_ids
+    ids = torch.tensor([p + c], device=model.device)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, len(p) - 1:-1].float(), -1)
+    return logp[torch.arange(len(c)), torch.tensor(c, device=model.device)].sum().item()
+
+
+def sentiment_accuracy(model, tok, rows: list[dict], labels: list[str], shots: list[dict]) -> float:
+    """零样本（shots 为空）或少样本：对每个标签续写打分，取概率最大的。"""
+    demo = "".join(f"Review: {s['text']}\nSentiment: {s['label']}\n\n" for s in shots)
+    right = 0
+    for r in rows:
+        prompt = f"{demo}Review: {r['text']}\nSentiment:"
+        scores = {lab: continuation_logprob(model, tok, prompt, " " + lab) for lab in labels}
+        right += max(scores, key=scores.get) == r["label"]
+    return right / len(rows)
+
+
+def judge_pair(model, tok, question: str, a: str, b: str) -> str:
+    """评委：看 "A" 与 "B" 作为下一个词的概率，哪个大选哪个。"""
+    msg = [{"role": "user", "content": f"Question: {question}\n\nAnswer A: {a}\n\nAnswer B: {b}\n\n"
+                                       "Which answer is more correct and helpful? Reply with a single letter, A or B."}]
+    prompt = data.prompt_text(tok, msg)
+    return "A" if continuation_logprob(model, tok, prompt, "A") >= continuation_logprob(model, tok, prompt, "B") else "B"
+
+
+def pairwise(judge, items: list[tuple[str, str, str]]) -> tuple[float, float]:
+    """每对 (问题, x, y) 判两次：x 在 A 位、x 在 B 位。两次都选 x 记 1，都选 y 记 0，不一致记平局 0.5。
+    返回 (x 的胜率, 位置一致率)。"""
+    wins, consistent = 0.0, 0
+    for q, x, y in items:
+        first, second = judge(q, x, y) == "A", judge(q, y, x) == "B"   # 两次是否都选了 x
+        if first == second:
+            consistent += 1
+            wins += first
+        else:
+            wins += 0.5
+    return wins / len(items), consistent / len(items)
+
+
+def export_human_sheet(out: run.Run, items: list[dict], seed: int) -> None:
+    """人工评估表：两个系统的答案随机放在 A/B（盲评），答案来源另存 human_eval_key.csv。"""
+    rnd = random.Random(seed)
+    rows, key = [], []
+    for i, it in enumerate(items):
+        flip = rnd.random() < 0.5
+        a, b = (it["model"], it["reference"]) if flip else (it["reference"], it["model"])
+        rows.append({"id": i, "question": it["question"], "A": a, "B": b, "better (A/B/tie)": "", "A score 1-5": "",
+                     "B score 1-5": "", "comment": ""})
+        key.append({"id": i, "A": "model" if flip else "reference", "B": "reference" if flip else "model"})
+    for name, recs in (("human_eval.csv", rows), ("human_eval_key.csv", key)):
+        with out.path(name).open("w", newline="", encoding="utf-8-sig") as f:   # utf-8-sig：Excel 打开中文不乱码
+            w = csv.DictWriter(f, fieldnames=list(recs[0]))
+            w.writeheader()
+            w.writerows(recs)
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[k]))}</td>" for k in ("id", "question", "A", "B"))
+                    + "<td><select><option></option><option>A</option><option>B</option><option>tie</option>"
+                      "</select></td></tr>" for r in rows)
+    out.path("human_eval.html").write_text(
+        "<!doctype html><meta charset='utf-8'><title>Human evaluation</title><style>td{border:1px solid #ccc;"
+        "padding:4px;vertical-align:top}</style><p>Answers are blinded; the key is in human_eval_key.csv.</p>"
+        f"<table><tr><th>id</th><th>question</th><th>A</th><th>B</th><th>better</th></tr>{cells}</table>",
+        encoding="utf-8")
+
+
+def main(args: Args) -> dict:
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args, smoke_threads=1)
+    # 先读完所有数据：坏文件在加载模型之前就报错
+    qa = data.load_qa(args.qa or data.DATA_DIR / "kb" / "qa.jsonl")[:args.n_qa]
+    if not all(q.get("gold_passage") for q in qa):
+        raise UserError(f"--qa {args.qa}: 算 EM/F1 需要每条都有 gold_passage（给模型的上下文）")
+    model, tok = models.load_args(args)
+    model.eval()
+
+    # 1. 困惑度：滑窗 vs 不重叠窗口（同一批文档、同样的窗口长度）
+    docs = [d.text for d in data.load_documents(args.docs or data.DATA_DIR / "domain" / "docs")]
+    ppl = perplexity(model, tok, docs, args.ppl_window, args.ppl_stride)
+    ppl_flat = perplexity(model, tok, docs, args.ppl_window, args.ppl_window)
+    out.log.info(f"困惑度：滑窗（stride {args.ppl_stride}）{ppl:.2f}，不重叠 {ppl_flat:.2f}")
+
+    # 2. 闭式评估：情感分类，零样本 vs 少样本（示例不在评测集里）
+    rows, labels = data.load_classification(args.classification or data.DATA_DIR / "classification" / "sentiment.jsonl")
+    rnd = random.Random(args.seed)
+    rnd.shuffle(rows)
+    shots = [next(r for r in rows if r["label"] == lab) for lab in labels]
+    shots += [r for r in rows if r not in shots][:max(0, args.n_shots - len(shots))]
+    test = [r for r in rows if r not in shots][:args.n_sentiment]
+    acc0 = sentiment_accuracy(model, tok, test, labels, [])
+    acc = sentiment_accuracy(model, tok, test, labels, shots)
+    out.log.info(f"情感分类（{len(test)} 条，标签 {labels}）：零样本 {acc0:.2f}，{len(shots)} 样本 {acc:.2f}")
+
+    # 3. EM / F1：给出含答案的段落，让模型抽取答案
+    prompts = [data.prompt_text(tok, [{"role": "user", "content": f"{q['gold_passage']}\n\n{q['question']}"
+                                       " Answer briefly."}]) for q in qa]
+    preds = models.generate(model, tok, prompts, max_new_tokens=16)
+    em = sum(metrics.exact_match(p, q["answer"]) for p, q in zip(preds, qa)) / len(qa)
+    f1 = sum(metrics.token_f1(p, q["answer"]) for p, q in zip(preds, qa)) / len(qa)
+
+    # 4. 生成任务：ROUGE-L / BLEU（jieba 分词）——参考答案 vs 模型答案
+    convs = data.load_sft(args.data or data.DATA_DIR / "domain" / "sft.jsonl")
+    random.Random(args.seed).shuffle(convs)
+    convs = convs[:args.n_gen]
+    refs = [c[-1]["content"] for c in convs]
+    hyps = models.generate(model, tok, [data.prompt_text(tok, c) for c in convs], args.max_new_tokens)
+    zh = JiebaTokenizer()
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=zh)
+    rouge_l = sum(scorer.score(r, h)["rougeL"].fmeasure for r, h in zip(refs, hyps)) / len(refs)
+    naive = rouge_scorer.RougeScorer(["rougeL"])   # 默认分词器：中文被当成非法字符删掉
+    zh_pairs = [(r, r) for r in refs if data.detect_lang(r) == "zh"]
+    naive_zh_self = sum(naive.score(r, h)["rougeL"].fmeasure for r, h in zh_pairs) / max(len(zh_pairs), 1)
+    seg = lambda s: " ".join(zh.tokenize(s))   # noqa: E731 - BLEU 同样用 jieba 分好的词，tokenize="none"
+    bleu = sacrebleu.corpus_bleu([seg(h) for h in hyps], [[seg(r) for r in refs]], tokenize="none").score
+    out.log.info(f"EM {em:.2f} F1 {f1:.2f}；ROUGE-L {rouge_l:.3f}，BLEU {bleu:.2f}；"
+                 f"rouge-score 默认分词器给中文参考答案与它自己打 ROUGE-L = {naive_zh_self:.2f}")
+
+    # 5. LLM 评委：参考答案 vs 模型答案，交换位置各判一次
+    judge_m, judge_t = (models.load_args(args, name=args.judge_model) if args.judge_model else (model, tok))
+    judge = lambda q, a, b: judge_pair(judge_m, judge_t, q, a, b)   # noqa: E731
+    items = [(c[-2]["content"], r, h) for c, r, h in zip(convs, refs, hyps)]
+    win, consistency = pairwise(judge, items)
+    out.log.info(f"评委（{args.judge_model or out.model_name}）：参考答案胜率 {win:.2f}，位置一致率 {consistency:.2f}")
+
+    # 6. 人工评估表
+    export_human_sheet(out, [{"question": q, "reference": r, "model": h} for q, r, h in items], args.seed)
+    samples = [{"question": q, "reference": r[:120], "model": h[:120]} for q, r, h in items[:3]]
+    return out.finish({"ppl": round(ppl, 3), "ppl_no_overlap": round(ppl_flat, 3),
+                       "sentiment_accuracy": acc, "sentiment_accuracy_zero_shot": acc0, "n_sentiment": len(test),
+                       "em": em, "f1": round(f1, 4), "rougeL": round(rouge_l, 4), "bleu": round(bleu, 3),
+                       "rougeL_default_tokenizer_zh_self": naive_zh_self,
+                       "judge_win_rate": win, "judge_position_consistency": consistency, "samples": samples},
+                      summary=f"ppl {ppl:.2f}（不重叠 {ppl_flat:.2f}），情感 {acc0:.2f}->{acc:.2f}（零->少样本），"
+                              f"F1 {f1:.2f}，ROUGE-L {rouge_l:.3f}，BLEU {bleu:.1f}，评委一致率 {consistency:.2f}")
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))
