@@ -95,10 +95,6 @@ def score_pairs(trainer, dataset) -> tuple[list[float], list[float]]:
 
 
 def main(args: Args) -> dict:
-    import torch
-    from datasets import Dataset
-    from trl import RewardConfig, RewardTrainer
-
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args, smoke_threads=1)
 
@@ -108,6 +104,9 @@ def main(args: Args) -> dict:
     if len(train_pairs) < 4 or len(eval_pairs) < 2:
         raise UserError(f"{path}: 偏好对太少（训练 {len(train_pairs)}、留出 {len(eval_pairs)}），至少需要约 10 对")
     out.log.info(f"偏好对：训练 {len(train_pairs)}，留出 {len(eval_pairs)}")
+    import torch  # 重的库在数据检查之后再导入：坏数据一秒内报错
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
 
     # 2. 模型：因果 LM + 打分头
     model, tok = load_reward_model(args, out.model_name)

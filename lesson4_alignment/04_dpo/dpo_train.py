@@ -104,9 +104,6 @@ def train_one(args: Args, out, init_model, tok, beta: float, train_ds, eval_ds):
 
 
 def main(args: Args) -> dict:
-    import torch
-    from datasets import Dataset
-
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args, smoke_threads=1)
 
@@ -115,6 +112,9 @@ def main(args: Args) -> dict:
     train_pairs, eval_pairs = data.split(data.load_preference(path), args.val_fraction, args.seed)
     if len(train_pairs) < 4 or len(eval_pairs) < 2:
         raise UserError(f"{path}: 偏好对太少（训练 {len(train_pairs)}、留出 {len(eval_pairs)}），至少需要约 10 对")
+    import torch  # 重的库在数据检查之后再导入：坏数据一秒内报错
+    from datasets import Dataset
+
     train_ds = Dataset.from_list(to_conversational(train_pairs))
     eval_ds = Dataset.from_list(to_conversational(eval_pairs))
     out.log.info(f"偏好对：训练 {len(train_pairs)}，留出 {len(eval_pairs)}")
