@@ -18,8 +18,9 @@ TRL 1.x 已经没有 PPOTrainer（旧教程的 `from trl import PPOTrainer` 会�
       --config configs/lesson4/rlhf_pipeline_gpu.yaml                          # GPU
   --reward-model DIR：直接用 03 训练好的奖励模型（跳过第 2 阶段）；--data：自己的偏好文件。
 
-你会看到：RM 留出准确率远高于 0.5；PPO 后留出 prompt 上的平均奖励高于 PPO 前，KL(actor‖ref) 保持在小范围；
-输出 ppo_curves.png（reward / KL / entropy 随迭代变化）。实测数字见同目录 README.md。
+你会看到（--smoke，tiny-llama，实测）：RM 留出准确率 0.925；PPO 12 次迭代后留出 prompt 贪心回答的平均 RM 分数
+−2.96 -> 2.24，每条回答的 KL(actor‖ref) 4.4 nat；GRPO 4 次迭代 −2.96 -> −2.77（KL 0.38）。
+输出 ppo_curves.png（reward / KL / entropy 随迭代变化）。详见同目录 README.md。
 """
 
 import copy

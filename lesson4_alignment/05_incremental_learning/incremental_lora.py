@@ -17,8 +17,9 @@
       --source hf --config configs/lesson4/incremental_lora_gpu.yaml              # GPU，bf16
   --data 任务 B 的 SFT 文件（alpaca/chat）；--task-a-data 任务 A 的分类文件（text/label）。
 
-你会看到：naive 的任务 A 分数在学完 B 后明显下降（forgetting > 0）；replay 与 separate 把 A 保住大半或全部；
-合并方法各有取舍。输出：incremental.png、adapters/。实测数字见同目录 README.md。
+你会看到（--smoke，tiny-qwen2，实测）：学完 A 时 A 0.88；naive 学完 B 后 A 掉到 0.27（forgetting 0.60）；
+replay 0.61（遗忘 0.26）；separate 0.88（不遗忘）；合并 linear / TIES / DARE 的 A 0.66 / 0.62 / 0.59，但 B 回落到 0.11-0.13。
+输出：incremental.png、adapters/。详见同目录 README.md。
 """
 
 import random
