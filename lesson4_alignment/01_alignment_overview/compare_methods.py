@@ -16,8 +16,9 @@
       --source hf --config configs/lesson4/compare_methods_gpu.yaml             # GPU，bf16
   --data 自己的偏好文件（prompt/chosen/rejected）；--methods dpo,orpo 只比其中几种。
 
-你会看到：四种方法的留出偏好准确率都高于 SFT 起点；不需要参考模型的 ORPO / SimPO 每步更快、内存更少。
-输出：compare_methods.png、results.md。实测数字见同目录 README.md。
+你会看到（--smoke，tiny-qwen2，实测）：留出偏好准确率 SFT 起点 0.66 -> DPO 0.81、KTO 0.78、ORPO 0.69、SimPO 0.87；
+训练内存峰值 DPO 262 MB（多一份参考模型）、KTO 73、ORPO 104、SimPO 82 MB。
+输出：compare_methods.png、results.md。详见同目录 README.md。
 """
 
 import copy
