@@ -20,7 +20,7 @@ def test_dpo_matches_manual_loss_and_learns(tmp_path, tiny_models):
     # β 越小，KL 约束越松，策略的 log π/π_ref 偏离越大
     sweep = m["beta_sweep"]
     assert set(sweep) == {"0.1", "0.5"}
-    assert sweep["0.1"]["mean_abs_logratio"] > sweep["0.5"]["mean_abs_logratio"] * 1.2, sweep
+    assert sweep["0.1"]["mean_abs_logratio"] > sweep["0.5"]["mean_abs_logratio"] * 1.1, sweep
     assert (tmp_path / "beta_sweep.png").stat().st_size > 0
 
 

@@ -17,8 +17,8 @@
       --config configs/lesson4/dpo_train_gpu.yaml          # GPU：bf16 + LoRA（参考模型 = 关掉 adapter 的同一个模型）
   --data 自己的偏好文件（prompt/chosen/rejected）：脚本自己切出留出集。
 
-你会看到：留出集隐式奖励准确率（β·Δ_c > β·Δ_r 的比例）明显高于 0.5，分差为正；手算与 TRL 的损失差 ~1e-7；
-β 越小，log π 偏离参考越远。输出：beta_sweep.png、dpo_model/。实测数字见同目录 README.md。
+你会看到（--smoke，tiny-qwen2，实测）：β=0.1 时留出隐式奖励准确率 0.89、分差 0.65；手算与 TRL 的损失差 1.2e-7；
+β=0.1 的 |log π/π_ref| 平均 3.40，β=0.5 只有 2.69（β 越小偏离参考越远）。输出：beta_sweep.png、dpo_model/。
 """
 
 import copy

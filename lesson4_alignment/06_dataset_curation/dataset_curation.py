@@ -20,7 +20,7 @@
   python lesson4_alignment/06_dataset_curation/dataset_curation.py --data my_pairs.jsonl --extra-data "" \\
       --graded "" --eval-data my_eval.jsonl                                    # 自己的数据（不需要 GPU）
 
-你会看到（实测）：379 -> 356 对；删除 有害 chosen 4、标注分歧 3、无信息对 2、精确重复 10、近似重复 4，翻转 1；
+你会看到（实测）：379 -> 356 对（训练 284 / 评估 72）；删除 有害 chosen 4、标注分歧 3、无信息对 2、精确重复 10、近似重复 4，翻转 1；
 长度偏置 0.46（在容差内）；随机切分时 7 个评估 prompt 泄漏，分组切分后 0。详见同目录 README.md。
 """
 
