@@ -11,7 +11,7 @@
 
 运行：
   python lesson4_alignment/01_alignment_overview/compare_methods.py            # CPU，smollm2-135m
-  python lesson4_alignment/01_alignment_overview/compare_methods.py --smoke    # tiny-qwen2，约 40 秒
+  python lesson4_alignment/01_alignment_overview/compare_methods.py --smoke    # tiny-qwen2（满载的 2 核机器上墙钟约 7 分钟）
   python lesson4_alignment/01_alignment_overview/compare_methods.py --model Qwen/Qwen2.5-1.5B-Instruct \\
       --source hf --config configs/lesson4/compare_methods_gpu.yaml             # GPU，bf16
   --data 自己的偏好文件（prompt/chosen/rejected）；--methods dpo,orpo 只比其中几种。

@@ -12,7 +12,7 @@ TRL 1.x 已经没有 PPOTrainer（旧教程的 `from trl import PPOTrainer` 会�
 
 运行：
   python lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py                 # CPU，smollm2-135m
-  python lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py --smoke         # tiny-llama，约 40 秒
+  python lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py --smoke         # tiny-llama（CPU 时间约 25 秒；满载时墙钟约 3 分钟）
   python lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py --smoke --algo grpo   # 同一 RM，TRL GRPO
   python lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py --model Qwen/Qwen2.5-1.5B-Instruct --source hf \\
       --config configs/lesson4/rlhf_pipeline_gpu.yaml                          # GPU

@@ -9,7 +9,7 @@ chosen/rejected 拼成一个批次（前一半 chosen、后一半 rejected）并
 
 运行：
   python lesson4_alignment/03_reward_model_training/train_reward_model.py            # CPU，smollm2-135m
-  python lesson4_alignment/03_reward_model_training/train_reward_model.py --smoke    # tiny-llama，约 20 秒
+  python lesson4_alignment/03_reward_model_training/train_reward_model.py --smoke    # tiny-llama（满载时墙钟约 80 秒）
   python lesson4_alignment/03_reward_model_training/train_reward_model.py --model Qwen/Qwen2.5-7B-Instruct \\
       --source hf --config configs/lesson4/train_reward_model_gpu.yaml                # GPU，bf16 + LoRA
   --data 自己的偏好文件（prompt/chosen/rejected，JSON/JSONL）：脚本自己切出留出集。

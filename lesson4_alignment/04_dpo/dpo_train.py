@@ -12,7 +12,7 @@
 
 运行：
   python lesson4_alignment/04_dpo/dpo_train.py            # CPU，smollm2-135m
-  python lesson4_alignment/04_dpo/dpo_train.py --smoke    # tiny-qwen2，约 30 秒
+  python lesson4_alignment/04_dpo/dpo_train.py --smoke    # tiny-qwen2（满载时墙钟约 2 分钟）
   python lesson4_alignment/04_dpo/dpo_train.py --model Qwen/Qwen2.5-7B-Instruct --source hf \\
       --config configs/lesson4/dpo_train_gpu.yaml          # GPU：bf16 + LoRA（参考模型 = 关掉 adapter 的同一个模型）
   --data 自己的偏好文件（prompt/chosen/rejected）：脚本自己切出留出集。

@@ -12,7 +12,7 @@
 
 运行：
   python lesson4_alignment/05_incremental_learning/incremental_lora.py            # CPU，smollm2-135m
-  python lesson4_alignment/05_incremental_learning/incremental_lora.py --smoke    # tiny-qwen2，约 30 秒
+  python lesson4_alignment/05_incremental_learning/incremental_lora.py --smoke    # tiny-qwen2（满载时墙钟约 2.5 分钟）
   python lesson4_alignment/05_incremental_learning/incremental_lora.py --model Qwen/Qwen2.5-7B-Instruct \\
       --source hf --config configs/lesson4/incremental_lora_gpu.yaml              # GPU，bf16
   --data 任务 B 的 SFT 文件（alpaca/chat）；--task-a-data 任务 A 的分类文件（text/label）。

@@ -16,7 +16,7 @@
 
 运行：
   python lesson4_alignment/06_dataset_curation/dataset_curation.py            # 项目自带数据 + data/preference_raw/
-  python lesson4_alignment/06_dataset_curation/dataset_curation.py --smoke    # 同样的数据，MinHash 位数减半，约 5 秒
+  python lesson4_alignment/06_dataset_curation/dataset_curation.py --smoke    # 同样的数据，MinHash 位数减半，几秒
   python lesson4_alignment/06_dataset_curation/dataset_curation.py --data my_pairs.jsonl --extra-data "" \\
       --graded "" --eval-data my_eval.jsonl                                    # 自己的数据（不需要 GPU）
 
