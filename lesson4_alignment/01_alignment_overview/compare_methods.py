@@ -1,0 +1,192 @@
+"""对齐方法横向比较：DPO、KTO、ORPO、SimPO，同一个 SFT 起点、同一份数据、同样步数，一张表看清差别。
+
+四种方法的损失（π = 策略，π_ref = 冻结的参考模型，σ = sigmoid，log π(y) = 回答各 token 的 log 概率之和）：
+  DPO   −log σ(β·[log π/π_ref(y_c) − log π/π_ref(y_r)])                         需要参考模型，成对数据
+  KTO   好回答：1 − σ(β·(log π/π_ref(y) − z))；坏回答：1 − σ(β·(z − log π/π_ref(y)))  需要参考模型，只要"好/坏"标签
+        （z = 策略与参考在不匹配回答上的 KL 估计；本脚本把偏好对拆成 (prompt, chosen, 好)、(prompt, rejected, 坏)）
+  ORPO  SFT 损失 + λ·(−log σ(log odds(y_c) − log odds(y_r)))，odds = p/(1−p)，p 为按长度平均的概率  不需要参考模型
+  SimPO −log σ(β/|y_c|·log π(y_c) − β/|y_r|·log π(y_r) − γ)（TRL 中 CPOTrainer, loss_type="simpo"）  不需要参考模型
+评估（同一把尺子）：留出偏好对上"策略给 chosen 的平均每 token log 概率高于 rejected"的比例（pref_accuracy）
+与平均差值（margin）；训练秒数；训练期间的峰值内存（CPU 为进程 RSS 增量，GPU 为显存峰值）。
+
+运行：
+  python lesson4_alignment/01_alignment_overview/compare_methods.py            # CPU，smollm2-135m
+  python lesson4_alignment/01_alignment_overview/compare_methods.py --smoke    # tiny-qwen2（满载的 2 核机器上墙钟约 7 分钟）
+  python lesson4_alignment/01_alignment_overview/compare_methods.py --model Qwen/Qwen2.5-1.5B-Instruct \\
+      --source hf --config configs/lesson4/compare_methods_gpu.yaml             # GPU，bf16
+  --data 自己的偏好文件（prompt/chosen/rejected）；--methods dpo,orpo 只比其中几种。
+
+你会看到（--smoke，tiny-qwen2，实测）：留出偏好准确率 SFT 起点 0.66 -> DPO 0.81、KTO 0.78、ORPO 0.69、SimPO 0.87；
+训练内存峰值 DPO 262 MB（多一份参考模型）、KTO 73、ORPO 104、SimPO 82 MB。
+输出：compare_methods.png、results.md。详见同目录 README.md。
+"""
+
+import copy
+import time
+from dataclasses import dataclass
+
+from common import cli, data, models, run, train
+from common.errors import UserError
+
+METHODS = ("dpo", "kto", "orpo", "simpo")
+NEEDS_REF = {"dpo": True, "kto": True, "orpo": False, "simpo": False}
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    methods: str = cli.arg("dpo,kto,orpo,simpo", "要比较的方法（逗号分隔）：dpo / kto / orpo / simpo")
+    sft_steps: int = cli.arg(30, "共同起点：先在 prompt+chosen 上 SFT 多少步（0 = 直接用原模型）", min=0)
+    max_steps: int = cli.arg(30, "每种方法训练多少步（都一样才公平）", min=1)
+    learning_rate: float = cli.arg(5e-6, "每种方法的学习率（都一样）", min=0)
+    sft_learning_rate: float = cli.arg(2e-5, "SFT 起点的学习率", min=0)
+    beta: float = cli.arg(0.1, "DPO/KTO/ORPO 的 β（ORPO 里是 λ）", min=1e-6)
+    simpo_beta: float = cli.arg(2.0, "SimPO 的 β：长度归一化后的奖励尺度要大得多（论文用 2-2.5）", min=1e-6)
+    simpo_gamma: float = cli.arg(0.5, "SimPO 的目标间隔 γ", min=0)
+    per_device_train_batch_size: int = cli.arg(8, "每步几对（KTO 每步同样条数的单条样本）", min=2)
+    max_length: int = cli.arg(256, "prompt+回答最多多少 token", min=8)
+    val_fraction: float = cli.arg(0.2, "留出比例", min=0.01, max=0.9)
+
+    smoke_model = "tiny-qwen2"
+
+
+SMOKE = dict(sft_steps=20, max_steps=12, learning_rate=5e-4, sft_learning_rate=1e-3, max_length=128)
+
+
+def conv(pairs: list[dict]) -> list[dict]:
+    def msgs(x, role):
+        return x if isinstance(x, list) else [{"role": role, "content": x}]
+    return [{"prompt": msgs(p["prompt"], "user"), "chosen": msgs(p["chosen"], "assistant"),
+             "rejected": msgs(p["rejected"], "assistant")} for p in pairs]
+
+
+def sft_start(model, tok, pairs, args, out):
+    """共同起点：TRL SFTTrainer 在 prompt + chosen 上训练（prompt-completion 格式，只在回答上算损失）。"""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    ds = Dataset.from_list([{"prompt": p["prompt"], "completion": p["chosen"]} for p in conv(pairs)])
+    cfg = SFTConfig(output_dir=str(out.path("sft")), seed=args.seed, max_steps=args.sft_steps,
+                    learning_rate=args.sft_learning_rate, per_device_train_batch_size=8, max_length=args.max_length,
+                    logging_steps=10, save_strategy="no", report_to=[], **train.trainer_flags(model, log=False))
+    SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok).train()
+    return model
+
+
+def make_trainer(method: str, model, tok, pairs, args, out):
+    """每种方法用 TRL 里对应的训练器；共同的超参数一样。"""
+    from datasets import Dataset
+
+    common = dict(output_dir=str(out.path(f"trainer_{method}")), seed=args.seed, max_steps=args.max_steps,
+                  learning_rate=args.learning_rate, per_device_train_batch_size=args.per_device_train_batch_size,
+                  max_length=args.max_length, logging_steps=5, save_strategy="no", report_to=out.trainer_report_to(),
+                  disable_dropout=True, **train.trainer_flags(model, log=False))
+    ds = Dataset.from_list(conv(pairs))
+    if method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        return DPOTrainer(model=model, ref_model=ref, args=DPOConfig(beta=args.beta, **common), train_dataset=ds,
+                          processing_class=tok)
+    if method == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        unpaired = [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
+                    for p in conv(pairs) for k in ("chosen", "rejected")]
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        return KTOTrainer(model=model, ref_model=ref, args=KTOConfig(beta=args.beta, **common),
+                          train_dataset=Dataset.from_list(unpaired), processing_class=tok)
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        return ORPOTrainer(model=model, args=ORPOConfig(beta=args.beta, **common), train_dataset=ds,
+                           processing_class=tok)
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    cfg = CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=args.simpo_beta, simpo_gamma=args.simpo_gamma, **common)
+    return CPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
+
+
+def preference_eval(model, tok, pairs, max_length: int) -> tuple[float, float]:
+    """留出对：平均每 token log π(chosen) − log π(rejected) > 0 的比例，以及平均差值（与训练方法无关的尺子）。"""
+    import torch
+
+    def avg_logp(p, resp):
+        prompt = data.prompt_text(tok, p["prompt"])
+        ids_p = tok(prompt, add_special_tokens=False).input_ids
+        ids = (ids_p + tok(resp[-1]["content"] + tok.eos_token, add_special_tokens=False).input_ids)[:max_length]
+        x = torch.tensor([ids], device=model.device)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
+        tgt = x[0, 1:]
+        lp = logp.gather(-1, tgt[:, None]).squeeze(-1)[len(ids_p) - 1:]
+        return lp.mean().item()
+
+    model.eval()
+    diffs = [avg_logp(p, p["chosen"]) - avg_logp(p, p["rejected"]) for p in conv(pairs)]
+    return sum(d > 0 for d in diffs) / len(diffs), sum(diffs) / len(diffs)
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args, smoke_threads=1)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise UserError(f"--methods {args.methods}: 只能从 {', '.join(METHODS)} 里选")
+
+    # 1. 数据：同一份偏好对，同一个留出集
+    path = args.data or data.DATA_DIR / "preference" / "pairs.jsonl"
+    train_pairs, eval_pairs = data.split(data.load_preference(path), args.val_fraction, args.seed)
+    if len(train_pairs) < 4 or len(eval_pairs) < 2:
+        raise UserError(f"{path}: 偏好对太少（训练 {len(train_pairs)}、留出 {len(eval_pairs)}）")
+
+    # 2. 共同的 SFT 起点
+    model, tok = models.load_args(args, for_training=True)
+    if args.sft_steps:
+        sft_start(model, tok, train_pairs, args, out)
+    start_acc, start_margin = preference_eval(model, tok, eval_pairs, args.max_length)
+    out.log.info(f"SFT 起点：留出偏好准确率 {start_acc:.3f}，平均 log π 差 {start_margin:.3f}")
+    init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    del model
+
+    # 3. 每种方法：从同一起点复制、训练、计时、测内存、同一把尺子评估
+    results = {}
+    for method in methods:
+        policy, _ = models.load_args(args, for_training=True)   # 新加载再装入起点权重：各方法互不影响
+        policy.load_state_dict(init_state)
+        trainer = make_trainer(method, policy, tok, train_pairs, args, out)
+        with train.PeakMemory(train.device_of(policy)) as mem:
+            t0 = time.perf_counter()
+            trainer.train()
+            secs = time.perf_counter() - t0
+        acc, margin = preference_eval(trainer.model, tok, eval_pairs, args.max_length)
+        results[method] = {"pref_accuracy": round(acc, 4), "margin": round(margin, 4), "seconds": round(secs, 2),
+                           "peak_mem_mb": round(mem.peak_mb, 1), "needs_ref_model": NEEDS_REF[method]}
+        out.log.info(f"{method.upper()}: 准确率 {acc:.3f}，差值 {margin:.3f}，{secs:.1f} 秒，峰值内存 +{mem.peak_mb:.0f} MB")
+        del trainer, policy
+
+    # 4. 表格与图
+    rows = ["| method | pref_accuracy | margin | seconds | peak_mem_mb | needs ref model |", "|---|---|---|---|---|---|",
+            f"| SFT start | {start_acc:.3f} | {start_margin:.3f} | - | - | - |"]
+    rows += [f"| {m.upper()} | {r['pref_accuracy']:.3f} | {r['margin']:.3f} | {r['seconds']:.1f} | "
+             f"{r['peak_mem_mb']:.0f} | {'yes' if r['needs_ref_model'] else 'no'} |" for m, r in results.items()]
+    out.path("results.md").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    print("\n".join(rows))
+    fig, save = out.plot("compare_methods.png")
+    names = ["SFT"] + [m.upper() for m in results]
+    for i, (key, vals) in enumerate((("held-out pref accuracy", [start_acc] + [r["pref_accuracy"] for r in results.values()]),
+                                     ("train seconds", [0] + [r["seconds"] for r in results.values()]))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.bar(names, vals, color=["gray"] + ["tab:blue" if NEEDS_REF[m] else "tab:orange" for m in results])
+        ax.set_title(key)
+    fig.suptitle(f"Same SFT start, {args.max_steps} steps each ({out.model_name}); blue = needs reference model")
+    save()
+    best = max(results, key=lambda m: results[m]["pref_accuracy"])
+    return out.finish({**results, "sft_start": {"pref_accuracy": round(start_acc, 4), "margin": round(start_margin, 4)}},
+                      summary=f"SFT 起点准确率 {start_acc:.2f}；" + "，".join(
+                          f"{m.upper()} {r['pref_accuracy']:.2f}/{r['seconds']:.0f}s" for m, r in results.items())
+                      + f"；最好 {best.upper()}")
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))

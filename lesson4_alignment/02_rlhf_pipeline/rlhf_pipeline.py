@@ -1,0 +1,338 @@
+"""RLHF 三阶段（DeepSpeed-Chat 的做法）：SFT -> 奖励模型 -> PPO；PPO 用 PyTorch 亲手写出来。
+
+TRL 1.x 已经没有 PPOTrainer（旧教程的 `from trl import PPOTrainer` 会直接失败），PPO 的每一步都在本文件里：
+  四个模型：actor（要训练的策略，来自 SFT）、reference（SFT 的冻结副本）、critic（价值头，用 RM 初始化）、冻结的 RM。
+  1) 经验生成：actor 对一批 prompt 采样回答；记下 actor 与 ref 的逐 token log π、critic 的逐 token V、RM 的序列分数；
+  2) 逐 token 奖励：r_t = −β·(log π(a_t) − log π_ref(a_t))，最后一个 token 再加上截断到 [−c, c] 的 RM 分数；
+  3) GAE：δ_t = r_t + γV_{t+1} − V_t，A_t = Σ (γλ)^k δ_{t+k}；回报 R_t = A_t + V_t；优势再做白化；
+  4) ppo_epochs 轮、每轮若干 minibatch：截断的策略损失 max(−A·ρ, −A·clip(ρ, 1±ε))，ρ = π_new/π_old；
+     截断的价值损失 ½·max((V−R)², (V_old + clip(V−V_old, ±ε_v) − R)²)。
+`--algo grpo|rloo`：换成 TRL 的 GRPOTrainer / RLOOTrainer（同一 RM），没有 critic，优势来自同一 prompt 的一组采样
+互相比较（所以不报 value_loss_last）。
+
+运行：
+  python lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py                 # CPU，smollm2-135m
+  python lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py --smoke         # tiny-llama（CPU 时间约 25 秒；满载时墙钟约 3 分钟）
+  python lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py --smoke --algo grpo   # 同一 RM，TRL GRPO
+  python lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py --model Qwen/Qwen2.5-1.5B-Instruct --source hf \\
+      --config configs/lesson4/rlhf_pipeline_gpu.yaml                          # GPU
+  --reward-model DIR：直接用 03 训练好的奖励模型（跳过第 2 阶段）；--data：自己的偏好文件。
+
+你会看到（--smoke，tiny-llama，实测）：RM 留出准确率 0.925；PPO 12 次迭代后留出 prompt 贪心回答的平均 RM 分数
+−2.96 -> 2.24，每条回答的 KL(actor‖ref) 4.4 nat；GRPO 4 次迭代 −2.96 -> −2.77（KL 0.38）。
+输出 ppo_curves.png（reward / KL / entropy 随迭代变化）。详见同目录 README.md。
+"""
+
+import copy
+import random
+from dataclasses import dataclass
+
+import torch
+
+from common import cli, data, models, run, train
+from common.errors import UserError
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    algo: str = cli.arg("ppo", "第 3 阶段算法：ppo（本文件手写）/ grpo / rloo（TRL）", choices=["ppo", "grpo", "rloo"])
+    sft_steps: int = cli.arg(30, "阶段 1：在 prompt+chosen 上 SFT 的步数（0 = 跳过）", min=0)
+    rm_steps: int = cli.arg(60, "阶段 2：奖励模型成对训练的步数", min=1)
+    reward_model: str = cli.arg(None, "已训练好的奖励模型目录（如 03 的 outputs/.../reward_model）；给了就跳过阶段 2")
+    ppo_steps: int = cli.arg(20, "阶段 3：迭代次数（每次 = 生成一批经验 + ppo_epochs 轮更新）", min=1)
+    rollout_batch: int = cli.arg(16, "每次迭代采样多少个 prompt 的回答", min=2)
+    ppo_epochs: int = cli.arg(2, "同一批经验重复用几轮（截断让它不至于走太远）", min=1)
+    mini_batch_size: int = cli.arg(8, "PPO minibatch 大小", min=1)
+    max_new_tokens: int = cli.arg(32, "回答最多多少个新 token", min=1)
+    kl_coef: float = cli.arg(0.05, "β：逐 token 的 KL 惩罚系数（GRPO/RLOO 的 beta）", min=0)
+    cliprange: float = cli.arg(0.2, "ε：策略比值 ρ 的截断范围", min=0, max=1)
+    cliprange_value: float = cli.arg(0.2, "ε_v：价值的截断范围", min=0)
+    reward_clip: float = cli.arg(5.0, "RM 分数截断到 [−c, c]，防止奖励黑客拿到极端分数", min=0)
+    gamma: float = cli.arg(1.0, "折扣因子 γ（回答很短，不打折）", min=0, max=1)
+    lam: float = cli.arg(0.95, "GAE 的 λ：偏差-方差折中", min=0, max=1)
+    learning_rate: float = cli.arg(1e-6, "actor 学习率", min=0)
+    critic_learning_rate: float = cli.arg(5e-6, "critic 学习率", min=0)
+    sft_learning_rate: float = cli.arg(2e-5, "阶段 1 学习率", min=0)
+    rm_learning_rate: float = cli.arg(5e-5, "阶段 2 学习率", min=0)
+    num_generations: int = cli.arg(4, "GRPO/RLOO：每个 prompt 采样几个回答互相比较", min=2)
+    max_length: int = cli.arg(256, "SFT/RM 样本最多多少 token", min=8)
+    val_fraction: float = cli.arg(0.2, "留出比例：RM 准确率与 PPO 前后奖励都在留出部分上量", min=0.01, max=0.9)
+
+    smoke_model = "tiny-llama"
+
+
+# 冒烟：极小模型承受大学习率；小批量、短回答，几十秒内跑完三个阶段
+SMOKE = dict(sft_steps=20, rm_steps=30, ppo_steps=12, rollout_batch=16, max_new_tokens=16, learning_rate=3e-4,
+             critic_learning_rate=1e-3, sft_learning_rate=1e-3, rm_learning_rate=1e-3, max_length=128)
+
+
+def user_msgs(prompt) -> list[dict]:   # 偏好数据的 prompt 可以是字符串或消息列表
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def text_of(x) -> str:
+    return x if isinstance(x, str) else x[-1]["content"]
+
+
+def positions(mask):   # 左填充时位置从第一个真实 token 起算（否则同一句话换个填充长度，输出就变了）
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def seq_scores(rm, ids, mask):
+    """奖励模型：主干隐状态 -> 最后一个真实 token -> score 头 = 一个标量。"""
+    h = getattr(rm, rm.base_model_prefix)(input_ids=ids, attention_mask=mask, position_ids=positions(mask))[0]
+    last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
+    return rm.score(h[torch.arange(len(ids)), last]).squeeze(-1).float()
+
+
+def token_values(critic, ids, mask):
+    """critic：同样的打分头作用在每个位置上 = 每个前缀的价值 V。"""
+    h = getattr(critic, critic.base_model_prefix)(input_ids=ids, attention_mask=mask, position_ids=positions(mask))[0]
+    return critic.score(h).squeeze(-1).float()
+
+
+def token_logprobs(model, ids, mask, start: int):
+    """回答部分每个 token 的 log π 与熵：位置 t 的 logits 预测 t+1 的 token。"""
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, start - 1:-1].float()
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, ids[:, start:, None]).squeeze(-1)
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+def sgd_step(opt, loss, params=None) -> float:
+    """反向传播 + （可选）梯度裁剪 + 一步更新。"""
+    loss.backward()
+    if params is not None:
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad()
+    return loss.item()
+
+
+def encode(tok, texts, device, max_length: int):
+    tok.padding_side = "right"
+    return tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+               add_special_tokens=False).to(device)
+
+
+def pair_texts(tok, pairs):
+    """RM 的输入：对话模板渲染的 prompt + 回答 + eos（与 PPO 生成的回答同一格式）。"""
+    pt = [data.prompt_text(tok, user_msgs(p["prompt"])) for p in pairs]
+    return ([a + text_of(p["chosen"]) + tok.eos_token for a, p in zip(pt, pairs)],
+            [a + text_of(p["rejected"]) + tok.eos_token for a, p in zip(pt, pairs)])
+
+
+def stage1_sft(actor, tok, pairs, args, rng, log):
+    """阶段 1：在 prompt + chosen 上做监督微调（只在回答 token 上算损失）。"""
+    rows = [data.tokenize_chat(tok, user_msgs(p["prompt"]) + [{"role": "assistant", "content": text_of(p["chosen"])}],
+                               args.max_length) for p in pairs]
+    opt = torch.optim.AdamW(actor.parameters(), lr=args.sft_learning_rate)
+    actor.train()
+    for step in range(args.sft_steps):
+        b = rng.sample(rows, min(8, len(rows)))
+        n = max(len(r["input_ids"]) for r in b)
+        cols = {key: torch.tensor([r[key] + [v] * (n - len(r[key])) for r in b], device=actor.device)
+                for key, v in (("input_ids", tok.pad_token_id), ("attention_mask", 0), ("labels", -100))}
+        loss = sgd_step(opt, actor(**cols).loss)
+        if step % 10 == 0 or step == args.sft_steps - 1:
+            log.info(f"[SFT] step {step + 1}/{args.sft_steps} loss {loss:.3f}")
+
+
+def pair_scores(rm, tok, pairs, max_length: int):
+    c, r = pair_texts(tok, pairs)
+    enc = encode(tok, c + r, rm.device, max_length)
+    return seq_scores(rm, enc.input_ids, enc.attention_mask).chunk(2)
+
+
+def stage2_reward_model(rm, tok, train_pairs, eval_pairs, args, rng, log) -> float:
+    """阶段 2：成对损失 −log σ(r_c − r_r)（同 03，手写循环）；返回留出准确率。"""
+    opt = torch.optim.AdamW(rm.parameters(), lr=args.rm_learning_rate)
+    rm.train()
+    for step in range(args.rm_steps):
+        sc, sr = pair_scores(rm, tok, rng.sample(train_pairs, min(8, len(train_pairs))), args.max_length)
+        loss = sgd_step(opt, -torch.nn.functional.logsigmoid(sc - sr).mean())
+        if step % 20 == 0 or step == args.rm_steps - 1:
+            log.info(f"[RM] step {step + 1}/{args.rm_steps} loss {loss:.3f}")
+    return rm_accuracy(rm, tok, eval_pairs, args.max_length)
+
+
+def rm_accuracy(rm, tok, pairs, max_length: int) -> float:
+    rm.eval()
+    with torch.no_grad():
+        hits = sum((torch.sub(*pair_scores(rm, tok, pairs[i:i + 16], max_length)) > 0).sum().item()
+                   for i in range(0, len(pairs), 16))
+    return hits / len(pairs)
+
+
+def rollout(actor, tok, prompts: list[str], max_new_tokens: int, greedy: bool = False):
+    """actor 生成回答；返回 (序列, 掩码, prompt 长度)。回答掩码保留到第一个 eos（含）为止。"""
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(actor.device)
+    actor.eval()
+    with torch.no_grad():
+        seq = actor.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy, top_k=0, top_p=1.0,
+                             pad_token_id=tok.pad_token_id)
+    start = enc.input_ids.shape[1]
+    is_eos = (seq[:, start:] == tok.eos_token_id).int()
+    resp_mask = ((is_eos.cumsum(1) - is_eos) == 0).long()   # 第一个 eos 之后的位置全是填充
+    return seq, torch.cat([enc.attention_mask, resp_mask], 1), start
+
+
+def mean_reward(actor, rm, tok, prompts, args) -> float:
+    """留出 prompt 上贪心回答的平均 RM 分数（PPO 前后用同一把尺子）。"""
+    scores = []
+    for i in range(0, len(prompts), 16):
+        seq, mask, _ = rollout(actor, tok, prompts[i:i + 16], args.max_new_tokens, greedy=True)
+        with torch.no_grad():
+            scores += seq_scores(rm, seq, mask).tolist()
+    return sum(scores) / len(scores)
+
+
+def make_experience(actor, ref, critic, rm, tok, prompts, args) -> dict:
+    """PPO 第 1-3 步：采样、打分、逐 token 奖励（KL 惩罚 + 末尾 RM 分数）、GAE。"""
+    seq, mask, start = rollout(actor, tok, prompts, args.max_new_tokens)
+    rmask = mask[:, start:].float()
+    with torch.no_grad():
+        logp, _ = token_logprobs(actor, seq, mask, start)
+        ref_logp, _ = token_logprobs(ref, seq, mask, start)
+        values = token_values(critic, seq, mask)[:, start - 1:-1] * rmask   # V(前缀)：生成第 t 个 token 之前
+        score = seq_scores(rm, seq, mask)
+    kl = (logp - ref_logp) * rmask
+    rewards = -args.kl_coef * kl
+    last = rmask.sum(1).long() - 1
+    rewards[torch.arange(len(seq)), last] += score.clamp(-args.reward_clip, args.reward_clip)
+    adv, gae = torch.zeros_like(rewards), torch.zeros(len(seq), device=seq.device)
+    for t in reversed(range(rewards.shape[1])):   # GAE 从后往前累加
+        next_v = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        gae = rewards[:, t] + args.gamma * next_v - values[:, t] + args.gamma * args.lam * gae
+        adv[:, t] = gae
+    returns = (adv + values) * rmask
+    mu = (adv * rmask).sum() / rmask.sum()
+    var = (((adv - mu) * rmask) ** 2).sum() / rmask.sum()
+    adv = (adv - mu) / (var.sqrt() + 1e-8) * rmask   # 白化：尺度稳定，学习率不必随奖励大小重调
+    return dict(seq=seq, mask=mask, start=start, rmask=rmask, logp=logp * rmask, values=values, returns=returns,
+                adv=adv, score=score.mean().item(), kl=kl.sum(1).mean().item())
+
+
+def ppo_update(actor, critic, opt_a, opt_c, exp, args) -> tuple[float, float, float]:
+    """PPO 第 4 步：ppo_epochs 轮 minibatch；截断的策略损失与价值损失。返回最后一个 minibatch 的损失与平均熵。"""
+    n, ents = len(exp["seq"]), []
+    actor.train()
+    critic.train()
+    for _ in range(args.ppo_epochs):
+        for idx in torch.randperm(n).split(args.mini_batch_size):
+            ids, mask, m = exp["seq"][idx], exp["mask"][idx], exp["rmask"][idx]
+            logp, ent = token_logprobs(actor, ids, mask, exp["start"])
+            ratio = torch.exp((logp - exp["logp"][idx]) * m)
+            adv = exp["adv"][idx]
+            pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
+            pg_loss = sgd_step(opt_a, (pg * m).sum() / m.sum(), actor.parameters())
+            v = token_values(critic, ids, mask)[:, exp["start"] - 1:-1]
+            old_v, ret = exp["values"][idx], exp["returns"][idx]
+            v_clip = old_v + (v - old_v).clamp(-args.cliprange_value, args.cliprange_value)
+            vf = 0.5 * (torch.max((v - ret) ** 2, (v_clip - ret) ** 2) * m).sum() / m.sum()
+            vf_loss = sgd_step(opt_c, vf, critic.parameters())
+            ents.append(((ent * m).sum() / m.sum()).item())
+    return pg_loss, vf_loss, sum(ents) / len(ents)
+
+
+def stage3_ppo(actor, ref, critic, rm, tok, prompts, args, rng, log) -> list[dict]:
+    opt_a = torch.optim.AdamW(actor.parameters(), lr=args.learning_rate)
+    opt_c = torch.optim.AdamW(critic.parameters(), lr=args.critic_learning_rate)
+    hist = []
+    for it in range(args.ppo_steps):
+        exp = make_experience(actor, ref, critic, rm, tok, rng.sample(prompts, min(args.rollout_batch, len(prompts))),
+                              args)
+        pg, vf, ent = ppo_update(actor, critic, opt_a, opt_c, exp, args)
+        hist.append(dict(step=it + 1, reward=exp["score"], kl=exp["kl"], entropy=ent, policy_loss=pg, value_loss=vf))
+        log.info(f"[PPO] iter {it + 1}/{args.ppo_steps} reward {exp['score']:.3f} KL {exp['kl']:.3f} "
+                 f"entropy {ent:.2f} policy_loss {pg:.4f} value_loss {vf:.4f}")
+    return hist
+
+
+def stage3_trl(algo, actor, tok, rm, prompts, args, out) -> list[dict]:
+    """对照：TRL 的 GRPO / RLOO，奖励函数就是同一个冻结 RM。"""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    def rm_reward(prompts, completions, **_):
+        enc = encode(tok, [p + c + tok.eos_token for p, c in zip(prompts, completions)], rm.device, 512)
+        with torch.no_grad():
+            return seq_scores(rm, enc.input_ids, enc.attention_mask).clamp(-args.reward_clip, args.reward_clip).tolist()
+
+    Config, Trainer = (GRPOConfig, GRPOTrainer) if algo == "grpo" else (RLOOConfig, RLOOTrainer)
+    bs = max(args.num_generations, args.rollout_batch // args.num_generations * args.num_generations)
+    cfg = Config(output_dir=str(out.path("trainer")), seed=args.seed, max_steps=args.ppo_steps, beta=args.kl_coef,
+                 learning_rate=args.learning_rate, per_device_train_batch_size=bs, num_generations=args.num_generations,
+                 max_completion_length=args.max_new_tokens, logging_steps=1, save_strategy="no",
+                 report_to=out.trainer_report_to(), top_k=0, **train.trainer_flags(actor, log=False))
+    trainer = Trainer(model=actor, reward_funcs=rm_reward, args=cfg, processing_class=tok,
+                      train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]))
+    trainer.train()
+    return [dict(step=h["step"], reward=h.get("reward", 0.0), kl=h.get("kl", 0.0), entropy=h.get("entropy", 0.0),
+                 policy_loss=h.get("loss", 0.0)) for h in trainer.state.log_history if "reward" in h]
+
+
+def main(args: Args) -> dict:
+    from transformers import AutoModelForSequenceClassification
+
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args, smoke_threads=1)
+    rng = random.Random(args.seed)
+
+    # 0. 数据：偏好对切成训练 / 留出；PPO 只用 prompt
+    path = args.data or data.DATA_DIR / "preference" / "pairs.jsonl"
+    train_pairs, eval_pairs = data.split(data.load_preference(path), args.val_fraction, args.seed)
+    if len(train_pairs) < 8 or len(eval_pairs) < 2:
+        raise UserError(f"{path}: 偏好对太少（训练 {len(train_pairs)}、留出 {len(eval_pairs)}）")
+    actor, tok = models.load_args(args, for_training=True)
+
+    # 1. 阶段 1：SFT
+    stage1_sft(actor, tok, train_pairs, args, rng, out.log)
+
+    # 2. 阶段 2：奖励模型（同一个起点加打分头；或直接用 --reward-model）
+    rm_path = args.reward_model or models.resolve(out.model_name, args.source)
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1, dtype=actor.dtype,
+                                                            use_safetensors=True).to(actor.device)
+    rm.config.pad_token_id = tok.pad_token_id
+    if args.reward_model:
+        rm_acc = rm_accuracy(rm, tok, eval_pairs, args.max_length)
+    else:
+        rm_acc = stage2_reward_model(rm, tok, train_pairs, eval_pairs, args, rng, out.log)
+    out.log.info(f"奖励模型留出准确率 {rm_acc:.3f}")
+    rm.eval().requires_grad_(False)
+
+    # 3. 阶段 3：PPO（或 GRPO / RLOO）。参考模型 = SFT 后的冻结副本；critic 用 RM 初始化（DeepSpeed-Chat 做法）
+    train_prompts = [data.prompt_text(tok, user_msgs(p["prompt"])) for p in train_pairs]
+    eval_prompts = [data.prompt_text(tok, user_msgs(p["prompt"])) for p in eval_pairs]
+    before = mean_reward(actor, rm, tok, eval_prompts, args)
+    out.log.info(f"PPO 前：留出 prompt 的平均奖励 {before:.3f}")
+    if args.algo == "ppo":
+        ref = copy.deepcopy(actor).eval().requires_grad_(False)
+        critic = copy.deepcopy(rm).requires_grad_(True)
+        hist = stage3_ppo(actor, ref, critic, rm, tok, train_prompts, args, rng, out.log)
+    else:
+        hist = stage3_trl(args.algo, actor, tok, rm, train_prompts, args, out)
+    after = mean_reward(actor, rm, tok, eval_prompts, args)
+    out.log.info(f"{args.algo.upper()} 后：留出 prompt 的平均奖励 {after:.3f}")
+
+    # 4. 曲线：奖励、KL、熵
+    fig, save = out.plot("ppo_curves.png")
+    for i, key in enumerate(("reward", "kl", "entropy")):
+        ax = fig.add_subplot(1, 3, i + 1)
+        ax.plot([h["step"] for h in hist], [h[key] for h in hist], "o-", ms=3)
+        ax.set_xlabel("iteration")
+        ax.set_title(key)
+    fig.suptitle(f"{args.algo.upper()} on {out.model_name}: held-out reward {before:.2f} -> {after:.2f}")
+    save()
+    last = {k: round(v, 5) for k, v in hist[-1].items() if k in ("kl", "policy_loss", "value_loss", "entropy")}
+    metrics = {"algo": args.algo, "rm_eval_accuracy": round(rm_acc, 4), "reward_before": round(before, 4),
+               "reward_after": round(after, 4), **{f"{k}_final" if k in ("kl", "entropy") else f"{k}_last": v
+                                                   for k, v in last.items()},
+               "rollout_reward_first": round(hist[0]["reward"], 4), "rollout_reward_last": round(hist[-1]["reward"], 4)}
+    return out.finish(metrics, summary=f"RM 准确率 {rm_acc:.2f}；{args.algo.upper()} 留出平均奖励 {before:.3f} -> "
+                                       f"{after:.3f}，最终 KL {hist[-1]['kl']:.3f}")
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))

@@ -1,0 +1,31 @@
+"""第 4 课 01：DPO / KTO / ORPO / SimPO 同起点比较。每种方法都让留出偏好准确率高于 SFT 起点、表格齐全、坏参数一行报错。"""
+import json
+
+from tests.conftest import assert_user_error, load_script
+
+SCRIPT = "lesson4_alignment/01_alignment_overview/compare_methods.py"
+
+
+def test_four_methods_same_start(tmp_path, tiny_models):
+    mod = load_script(SCRIPT)
+    m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
+    saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
+    start = m["sft_start"]["pref_accuracy"]
+    for method in ("dpo", "kto", "orpo", "simpo"):
+        r = saved[method]
+        for key in ("pref_accuracy", "margin", "seconds", "peak_mem_mb"):
+            assert key in r, (method, key)
+        assert r["seconds"] > 0
+    assert m["dpo"]["needs_ref_model"] and m["kto"]["needs_ref_model"]
+    assert not m["orpo"]["needs_ref_model"] and not m["simpo"]["needs_ref_model"]
+    # 偏好训练确实改变了策略：直接优化偏好的 DPO / SimPO 把留出准确率明显拉高
+    assert m["dpo"]["pref_accuracy"] >= start + 0.05, m
+    assert m["simpo"]["pref_accuracy"] >= start + 0.05, m
+    assert len({m[k]["pref_accuracy"] for k in ("dpo", "kto", "orpo", "simpo")}) > 1, "四种方法结果完全相同：没有各自训练"
+    assert (tmp_path / "results.md").read_text(encoding="utf-8").count("|") > 20
+    assert (tmp_path / "compare_methods.png").stat().st_size > 0
+
+
+def test_unknown_method_is_one_line_error(tmp_path, run_script):
+    proc = run_script(SCRIPT, "--smoke", "--methods", "dpo,ppo", "--output-dir", str(tmp_path), timeout=180)
+    assert_user_error(proc, "--methods")
