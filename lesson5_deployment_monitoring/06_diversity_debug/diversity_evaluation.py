@@ -110,7 +110,7 @@ def measure(groups: list[list[str]], embedder, args: Args) -> dict:  # noqa: ANN
          "self_bleu": float(np.mean([self_bleu(g) for g in groups])),
          "embedding_dispersion": float(np.mean(disp)),
          "repetition_rate": float(np.mean([repetition(t) for g in groups for t in g]))}
-    m = {k: round(v, 4) for k, v in m.items()}
+    m = {k: round(v, 4) + 0.0 for k, v in m.items()}   # + 0.0：把 -0.0 变成 0.0
     m["mode_collapse"] = m["distinct_2"] < args.collapse_distinct2 or m["self_bleu"] > args.collapse_self_bleu
     return m
 
