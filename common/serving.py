@@ -199,7 +199,11 @@ class Engine:
             self.metrics.queue_depth.set(self.queue.qsize() + len(self.carry))
             self.metrics.batch_size.observe(len(batch))
             self.batches += 1
-            await loop.run_in_executor(self.worker, self._generate, batch)
+            try:
+                await loop.run_in_executor(self.worker, self._generate, batch)
+            except RuntimeError as e:   # 线程池已关闭（服务正在停止）：告诉这批请求，别让它们挂着
+                for p in batch:
+                    p.emit("error", f"server shutting down: {e}")
 
     def _generate(self, batch: list[Pending]) -> None:
         """在生成线程里跑一次批量 generate；出错时每个请求都收到 error（→ 500），调度继续。"""
