@@ -29,7 +29,7 @@ def test_sft_and_feedback_loop_raise_compliance(tmp_path, tiny_models):
     assert m["feedback_pairs"] > 0, "反馈闭环应从 SFT 模型的失败里构造出偏好对"
     rows = [json.loads(x) for x in (tmp_path / "held_out_answers.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rows) == m["held_out"] and {r["type"] for r in rows} == {"in_scope", "out_of_scope", "escalation"}
-    assert sum(not r["violations"] for r in rows) / len(rows) == m["compliance_dpo"]
+    assert abs(sum(not r["violations"] for r in rows) / len(rows) - m["compliance_dpo"]) < 1e-3
 
 
 def test_bad_ticket_file_is_one_line_error(tmp_path, run_script):

@@ -57,12 +57,14 @@ class Args(cli.CommonArgs):
     max_new_tokens: int = cli.arg(64, "回答最多生成多少 token", min=1)
     held_out: float = cli.arg(0.25, "留出多少比例的工单算合规率", min=0.05, max=0.9)
     tickets: str = cli.arg(None, "额外工单（ticket/type/lang）；默认 data/support/tickets.jsonl")
+    feedback_tickets: int = cli.arg(0, "反馈闭环里让 SFT 模型回答多少条训练工单（0 = 全部）", min=0)
 
     smoke_model = "tiny-qwen2"
 
 
 # --smoke：极小模型、大学习率；SFT 步数足够学会政策话术；回答截短到 24 token
-SMOKE = dict(sft_steps=60, dpo_steps=10, learning_rate=1e-2, dpo_learning_rate=1e-3, max_new_tokens=24)
+SMOKE = dict(sft_steps=60, dpo_steps=10, learning_rate=1e-2, dpo_learning_rate=1e-3, max_new_tokens=24,
+             feedback_tickets=48)
 
 
 def build_tickets(args: Args) -> list[dict]:
@@ -181,10 +183,11 @@ def main(args: Args) -> dict:
     out.log.info(f"SFT：合规率 {c1:.2f}，违规 {dict(v1)}")
 
     # 4. 反馈闭环：SFT 模型在训练工单上的不合规回答 -> rejected，参考回复 -> chosen
-    train_ans = answer(model, tok, train_t, args)
+    fb = rng.sample(train_t, min(args.feedback_tickets, len(train_t))) if args.feedback_tickets else train_t
+    fb_ans = answer(model, tok, fb, args)
     pairs = [{"prompt": c[:2], "chosen": [{"role": "assistant", "content": t["reference"]}],
               "rejected": [{"role": "assistant", "content": a}]}
-             for t, a, c in zip(train_t, train_ans, convs(train_t, False)) if check(t, a)]
+             for t, a, c in zip(fb, fb_ans, convs(fb, False)) if check(t, a)]
     out.log.info(f"检查器在训练工单上抓到 {len(pairs)} 个不合规回答 -> 偏好对")
     if pairs:
         model = dpo(args, out, model, tok, pairs)
