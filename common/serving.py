@@ -528,7 +528,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     log.info(f"动态批处理：每批 ≤ {cfg.max_batch_size}，等待窗口 {cfg.batch_wait_ms} ms，队列上限 {cfg.max_queue}；"
              f"API key {'开' if cfg.api_key else '关'}；CPU 线程 {torch.get_num_threads()}")
-    uvicorn.run(create_app(engine), host=a.host, port=a.port, log_level="warning", access_log=False)
+    # 停止时最多等 5 秒让进行中的请求收尾（CPU 上一个长回答可能要几十秒，不能让 SIGTERM 挂住）
+    uvicorn.run(create_app(engine), host=a.host, port=a.port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=5)
 
 
 CHAT_PAGE = """<!doctype html>
