@@ -1,0 +1,190 @@
+"""从数据到上线，一次跑完：数据接入 -> LoRA SFT -> DPO -> 评估闸门 -> 合并 -> 注册到 MLflow -> 起聊天服务 -> 经 API 冒烟。
+
+每一步都是真的：TRL SFTTrainer / DPOTrainer（PEFT LoRA），闸门阈值来自 YAML（configs/lesson5/
+qwen_alignment_workflow.yaml），不过闸门就不注册、不上线；过了就 merge_and_unload 存成普通 safetensors 模型、
+在 MLflow 模型注册表（SQLite 后端，outputs/.../mlflow.db）里登记新版本并打上 champion 别名，然后用
+common.serving 真的启动 OpenAI 兼容服务、用官方 openai 客户端问一句。
+
+运行：
+  python lesson5_deployment_monitoring/01_qwen_workflow/qwen_alignment_workflow.py           # CPU，smollm2-135m
+  python lesson5_deployment_monitoring/01_qwen_workflow/qwen_alignment_workflow.py --smoke   # tiny-qwen2
+  python lesson5_deployment_monitoring/01_qwen_workflow/qwen_alignment_workflow.py \\
+      --model Qwen/Qwen2.5-7B-Instruct --source hf --config configs/lesson5/qwen_alignment_workflow_gpu.yaml  # GPU
+
+你会看到：SFT 的 eval_loss 下降、DPO 在留出偏好对上的 reward accuracy、闸门结论 gate_passed、注册的版本号
+registered_version，以及上线后经 API 拿到的回答 served_answer。实测数字见本目录 README.md。
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from common import cli, data, models, run, services, train
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    sft_steps: int = cli.arg(30, "SFT 步数", min=1)
+    dpo_steps: int = cli.arg(20, "DPO 步数", min=1)
+    learning_rate: float = cli.arg(5e-4, "SFT 学习率（LoRA）", min=0)
+    dpo_learning_rate: float = cli.arg(5e-5, "DPO 学习率：比 SFT 小，DPO 只做偏好微调", min=0)
+    beta: float = cli.arg(0.1, "DPO 的 beta：越大越贴近参考模型", min=0)
+    per_device_train_batch_size: int = cli.arg(4, "每步几条样本", min=1)
+    max_length: int = cli.arg(256, "每条样本最多多少 token", min=16)
+    lora_r: int = cli.arg(8, "LoRA 秩", min=1)
+    lora_alpha: int = cli.arg(16, "LoRA 缩放系数", min=1)
+    preference_data: str = cli.arg(None, "偏好对（prompt/chosen/rejected）；默认 data/preference/pairs.jsonl")
+    gate_min_sft_gain: float = cli.arg(0.0, "闸门：SFT 后 eval_loss 至少下降多少")
+    gate_min_dpo_accuracy: float = cli.arg(0.5, "闸门：DPO 后留出偏好对的 reward accuracy 下限", min=0, max=1)
+    registered_model: str = cli.arg("course-assistant", "MLflow 注册表里的模型名")
+    max_tokens: int = cli.arg(48, "上线后冒烟请求生成多少 token", min=1)
+    serve_threads: int = cli.arg(0, "聊天服务的 CPU 线程数（0 = 自动）", min=0)
+
+    smoke_model = "tiny-qwen2"
+
+
+# --smoke：极小模型用大学习率、少步数；DPO 步数够让留出偏好对的 accuracy 超过闸门
+SMOKE = dict(sft_steps=12, dpo_steps=12, learning_rate=1e-2, dpo_learning_rate=5e-3, max_length=128,
+             per_device_train_batch_size=8, max_tokens=16, serve_threads=1)
+PROBE = "云帆 App 怎么修改绑定手机号？"
+
+
+def ingest(args: Args) -> dict:
+    """数据接入：读入并校验（格式错误一行报错，点名文件和行），切出留出集。"""
+    sft_train, sft_eval = data.split(data.load_sft(args.data or data.DATA_DIR / "sft" / "chat.jsonl"), 0.1, args.seed)
+    pairs = data.load_preference(args.preference_data or data.DATA_DIR / "preference" / "pairs.jsonl")
+    pref_train, pref_eval = data.split(pairs, 0.1, args.seed)
+    return dict(sft_train=sft_train, sft_eval=sft_eval, pref_train=pref_train, pref_eval=pref_eval)
+
+
+def lora(args: Args):
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def sft(args: Args, out, model, tok, d: dict) -> tuple[object, dict]:  # noqa: ANN001
+    """LoRA SFT（只在助手回复上算损失），合并后返回新模型。"""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    ds = {k: Dataset.from_list([{"messages": c} for c in d[k]]) for k in ("sft_train", "sft_eval")}
+    cfg = SFTConfig(output_dir=str(out.path("sft")), max_steps=args.sft_steps, learning_rate=args.learning_rate,
+                    per_device_train_batch_size=args.per_device_train_batch_size, max_length=args.max_length,
+                    assistant_only_loss=False, completion_only_loss=None, logging_steps=5, save_strategy="no",
+                    eval_strategy="no", report_to=out.trainer_report_to(), seed=args.seed,
+                    **train.trainer_flags(model, log=False))
+    t = SFTTrainer(model=model, args=cfg, train_dataset=ds["sft_train"], eval_dataset=ds["sft_eval"],
+                   processing_class=tok, peft_config=lora(args))
+    before = t.evaluate()["eval_loss"]
+    t.train()
+    after = t.evaluate()["eval_loss"]
+    out.log.info(f"SFT eval_loss {before:.3f} -> {after:.3f}")
+    return t.model.merge_and_unload(), {"sft_eval_loss_before": round(before, 4), "sft_eval_loss_after": round(after, 4)}
+
+
+def dpo(args: Args, out, model, tok, d: dict) -> tuple[object, dict]:  # noqa: ANN001
+    """在 SFT 模型上做 DPO（LoRA；参考模型 = 关掉 adapter 的同一个模型，不用再存一份）。"""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    def conv(p: dict) -> dict:   # 转成对话格式：TRL 会套 chat template，与上线时的提示一致
+        return {"prompt": [{"role": "user", "content": p["prompt"]}],
+                "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                "rejected": [{"role": "assistant", "content": p["rejected"]}]}
+
+    cfg = DPOConfig(output_dir=str(out.path("dpo")), max_steps=args.dpo_steps, learning_rate=args.dpo_learning_rate,
+                    beta=args.beta, per_device_train_batch_size=args.per_device_train_batch_size,
+                    per_device_eval_batch_size=16, max_length=args.max_length, logging_steps=5, save_strategy="no",
+                    eval_strategy="no", report_to=out.trainer_report_to(), seed=args.seed,
+                    **train.trainer_flags(model, log=False))
+    t = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list([conv(p) for p in d["pref_train"]]),
+                   eval_dataset=Dataset.from_list([conv(p) for p in d["pref_eval"]]), processing_class=tok,
+                   peft_config=lora(args))
+    t.train()
+    ev = t.evaluate()
+    m = {"dpo_reward_accuracy": round(ev["eval_rewards/accuracies"], 4),
+         "dpo_reward_margin": round(ev["eval_rewards/margins"], 4)}
+    out.log.info(f"DPO 留出偏好对：reward accuracy {m['dpo_reward_accuracy']:.3f}，margin {m['dpo_reward_margin']:.3f}")
+    return t.model.merge_and_unload(), m
+
+
+def register(args: Args, out, merged_dir, metrics: dict) -> int:  # noqa: ANN001
+    """登记到 MLflow 模型注册表（SQLite 后端，无需服务器；第 04 节用真实服务器），别名 champion 指向新版本。"""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{out.path('mlflow.db')}"
+    client = MlflowClient(uri, uri)
+    exp = client.get_experiment_by_name("lesson5-workflow") or \
+        client.get_experiment(client.create_experiment("lesson5-workflow",
+                                                       artifact_location=out.path("mlartifacts").as_uri()))
+    r = client.create_run(exp.experiment_id, run_name="sft-dpo")
+    for k, v in metrics.items():
+        client.log_metric(r.info.run_id, k, float(v))
+    client.log_artifacts(r.info.run_id, str(merged_dir), "model")
+    client.set_terminated(r.info.run_id)
+    if not client.search_registered_models(f"name='{args.registered_model}'"):
+        client.create_registered_model(args.registered_model)
+    mv = client.create_model_version(args.registered_model, f"runs:/{r.info.run_id}/model", run_id=r.info.run_id)
+    client.set_registered_model_alias(args.registered_model, "champion", mv.version)
+    mlflow.set_tracking_uri(uri)
+    return int(mv.version)
+
+
+def serve_and_ask(args: Args, out, merged_dir) -> str:  # noqa: ANN001
+    """用 common.serving 起服务（合并后的目录就是普通模型），经官方 openai 客户端问一句。"""
+    import openai
+
+    cmd = [sys.executable, "-m", "common.serving", "--model", str(merged_dir), "--served-model-name",
+           args.registered_model, "--port", "{port}", "--threads", str(args.serve_threads), "--device", args.device]
+    with services.start(cmd, log_file=out.path("server.log"), deadline_s=300,
+                        env={"PYTHONPATH": str(run.REPO_ROOT)}) as svc:
+        client = openai.OpenAI(base_url=svc.url + "/v1", api_key="not-needed", max_retries=0, timeout=300)
+        r = client.chat.completions.create(model=args.registered_model, max_tokens=args.max_tokens,
+                                           messages=[{"role": "user", "content": PROBE}])
+    return r.choices[0].message.content
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args, smoke_threads=1)
+
+    # 1. 数据接入：校验 + 切分
+    d = ingest(args)
+    out.log.info("数据：" + "，".join(f"{k} {len(v)}" for k, v in d.items()))
+    model, tok = models.load_args(args, for_training=True)
+
+    # 2. LoRA SFT -> 合并
+    model, m_sft = sft(args, out, model, tok, d)
+    # 3. DPO（在 SFT 模型上）-> 合并
+    model, m_dpo = dpo(args, out, model, tok, d)
+    metrics = {**m_sft, **m_dpo, "sft_gain": round(m_sft["sft_eval_loss_before"] - m_sft["sft_eval_loss_after"], 4)}
+
+    # 4. 评估闸门：阈值来自配置；不过闸门就停在这里，不注册、不上线
+    checks = {"sft_gain": metrics["sft_gain"] >= args.gate_min_sft_gain,
+              "dpo_reward_accuracy": metrics["dpo_reward_accuracy"] >= args.gate_min_dpo_accuracy}
+    gate = all(checks.values())
+    out.log.info(f"闸门 {'通过' if gate else '未通过'}：{checks}")
+    if not gate:
+        return out.finish({**metrics, "gate_passed": False, "gate_checks": checks, "registered_version": 0,
+                           "served_answer": ""}, summary=f"闸门未通过 {checks}：不注册、不上线")
+
+    # 5. 合并后的模型存成普通 safetensors 目录（部署不再需要 PEFT）
+    merged_dir = out.path("merged")
+    model.save_pretrained(merged_dir, safe_serialization=True)
+    tok.save_pretrained(merged_dir)
+    # 6. 注册到 MLflow，别名 champion
+    version = register(args, out, merged_dir, metrics)
+    out.log.info(f"MLflow 注册 {args.registered_model} 版本 {version}（@champion）")
+    # 7. 上线：起聊天服务，经 API 冒烟
+    answer = serve_and_ask(args, out, merged_dir)
+    out.log.info(f"上线冒烟：{PROBE} -> {answer!r}")
+    return out.finish({**metrics, "gate_passed": True, "gate_checks": checks, "registered_version": version,
+                       "served_answer": answer},
+                      summary=f"SFT eval_loss {m_sft['sft_eval_loss_before']:.3f}->{m_sft['sft_eval_loss_after']:.3f}，"
+                              f"DPO acc {m_dpo['dpo_reward_accuracy']:.2f}，闸门通过，注册 v{version}，已上线并应答")
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))

@@ -1,0 +1,191 @@
+"""按 Hugging Face 平台的方式跑 DPO：TrlParser 读 YAML 配方、accelerate 启动配置、生成模型卡、--push 上传 Hub。
+
+与 TRL 官方 `trl/scripts/dpo.py`、alignment-handbook 同一套结构：配方 configs/lesson5/recipes/dpo_hf.yaml 一份 YAML
+同时填 ScriptArguments（数据）、DPOConfig（训练）、ModelConfig（模型与 LoRA），由 `trl.TrlParser` 解析；
+硬件写在 accelerate 配置 configs/lesson5/recipes/accelerate_single.yaml；训练完 trainer.save_model 写出
+Hub 仓库的目录（adapter + 分词器），再用 huggingface_hub 的 ModelCard / ModelCardData 生成 README.md（YAML 元数据
++ 数据、训练配方、指标表、预期用途与局限）。--push 时 HfApi.create_repo + upload_folder 推到 hub_model_id；
+离线（HF_HUB_OFFLINE=1，课程默认）则只写好仓库目录并说明怎样推送。
+
+运行：
+  python lesson5_deployment_monitoring/02_dpo_hf/dpo_hf_run.py            # CPU，smollm2-135m，配方里的 40 步
+  python lesson5_deployment_monitoring/02_dpo_hf/dpo_hf_run.py --smoke    # tiny-qwen2，几步
+  accelerate launch --config_file configs/lesson5/recipes/accelerate_single.yaml \\
+      lesson5_deployment_monitoring/02_dpo_hf/dpo_hf_run.py --model Qwen/Qwen2.5-7B-Instruct --source hf --push  # GPU
+
+你会看到：DPO 训练后 rewards/margins > 0、reward accuracy 上升；repo/README.md 模型卡（含指标表）；
+离线时 push_status=offline。实测数字见本目录 README.md。
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import cli, data, models, run, train
+from common.errors import UserError
+
+RECIPES = run.REPO_ROOT / "configs" / "lesson5" / "recipes"
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    recipe: str = cli.arg(str(RECIPES / "dpo_hf.yaml"), "TRL 配方 YAML（ScriptArguments + DPOConfig + ModelConfig 的字段）")
+    accelerate_config: str = cli.arg(str(RECIPES / "accelerate_single.yaml"), "accelerate 启动配置（写进模型卡）")
+    max_steps: int = cli.arg(0, "覆盖配方里的 max_steps（0 = 用配方的）", min=0)
+    learning_rate: float = cli.arg(0.0, "覆盖配方里的学习率（0 = 用配方的）", min=0)
+    push: bool = cli.arg(False, "训练完推到 Hub 的 hub_model_id（需联网与 HF_TOKEN；离线时只写目录）")
+    hub_model_id: str = cli.arg(None, "覆盖配方里的 hub_model_id")
+
+    smoke_model = "tiny-qwen2"
+
+
+# --smoke：极小模型承受大学习率；12 步足以让 rewards/margins 明显为正
+SMOKE = dict(max_steps=12, learning_rate=5e-3)
+
+
+def parse_recipe(args: Args, model_path: str, output_dir: Path, flags: dict):
+    """TrlParser：默认值 < 配方 YAML < 这里给的覆盖项（就像在命令行上追加 --max_steps 12）。"""
+    from trl import DPOConfig, ModelConfig, ScriptArguments, TrlParser
+
+    if not Path(args.recipe).is_file():
+        raise UserError(f"--recipe {args.recipe}: 文件不存在")
+    over = ["--model_name_or_path", model_path, "--output_dir", str(output_dir)]
+    for k, v in flags.items():
+        over += [f"--{k}", str(v).lower()]
+    if args.max_steps:
+        over += ["--max_steps", str(args.max_steps)]
+    if args.learning_rate:
+        over += ["--learning_rate", str(args.learning_rate)]
+    try:
+        return TrlParser((ScriptArguments, DPOConfig, ModelConfig)).parse_args_and_config(
+            args=["--config", args.recipe, *over])
+    except (SystemExit, ValueError) as e:
+        raise UserError(f"--recipe {args.recipe}: 配方里有 TRL 不认识或不合法的字段（{e}）") from None
+
+
+def load_pairs(script_args):  # noqa: ANN001
+    """datasets 加载：本地 JSONL 用 "json" 构建器（hub 数据集名则直接 load_dataset）；转成对话格式并切出测试集。"""
+    from datasets import load_dataset
+
+    name = script_args.dataset_name
+    local = (run.REPO_ROOT / name) if not Path(name).is_absolute() else Path(name)
+    if local.is_file():
+        data.load_preference(local)   # 先按课程格式校验：坏行报出 文件:行
+        ds = load_dataset("json", data_files=str(local), split="train")
+    else:
+        ds = load_dataset(name, script_args.dataset_config, split=script_args.dataset_train_split)
+    ds = ds.map(lambda p: {"prompt": [{"role": "user", "content": p["prompt"]}],
+                           "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                           "rejected": [{"role": "assistant", "content": p["rejected"]}]})
+    return ds.train_test_split(test_size=0.1, seed=42), name
+
+
+def model_card(args: Args, out, repo: Path, base: str, dataset: str, tcfg, metrics: dict) -> Path:  # noqa: ANN001
+    """huggingface_hub 的 ModelCardData（YAML 元数据）+ 正文：数据、配方、指标、预期用途与局限。"""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    meta = ModelCardData(language=["zh", "en"], license="apache-2.0", library_name="peft", base_model=base,
+                         tags=["trl", "dpo", "lora", "llm-course"], datasets=[dataset],
+                         pipeline_tag="text-generation")
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items())
+    body = f"""
+# {tcfg.hub_model_id or repo.name}
+
+用 TRL `DPOTrainer`（LoRA）在云帆客服/电动车领域的中英文偏好对上对 `{base}` 做的 DPO 微调。
+
+## 数据
+`{dataset}`：prompt / chosen / rejected 三元组（礼貌、准确、在政策内的回答为 chosen），90% 训练、10% 评估。
+
+## 训练配方
+- beta={tcfg.beta}，learning_rate={tcfg.learning_rate}，max_steps={tcfg.max_steps}，
+  batch={tcfg.per_device_train_batch_size}，max_length={tcfg.max_length}
+- 配方：`{Path(args.recipe).name}`；启动：`accelerate launch --config_file {Path(args.accelerate_config).name} ...`
+
+## 评估（留出偏好对）
+| 指标 | 数值 |
+|---|---|
+{rows}
+
+## 预期用途
+课程演示：客服场景的偏好对齐。上线前请先跑第 5 课 03 的偏见与安全扫描、用真实工单评估。
+
+## 局限
+训练步数与数据都很少；不保证事实正确；没有做过安全对齐，不应直接面向公众。
+"""
+    card = ModelCard(f"---\n{meta.to_yaml()}\n---\n{body}")
+    path = repo / "README.md"
+    card.save(path)
+    return path
+
+
+def push(args: Args, out, repo: Path, repo_id: str) -> str:  # noqa: ANN001
+    """--push：联网时真的上传；离线时说明并返回 offline。"""
+    if not args.push:
+        return "skipped"
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        out.log.info(f"离线模式（HF_HUB_OFFLINE=1）：不上传。仓库目录已写好：{repo}；联网后运行 "
+                     f"`huggingface-cli upload {repo_id} {repo}` 或去掉 HF_HUB_OFFLINE 再加 --push")
+        return "offline"
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True, private=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(repo), commit_message="DPO (llm-course lesson 5)")
+    return "pushed"
+
+
+def main(args: Args) -> dict:
+    from trl import DPOTrainer, get_peft_config
+
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args, smoke_threads=1)
+
+    # 1. 配方：TrlParser 解析 YAML（模型名按课程的三档解析成本地路径）
+    #    配方里的 model_name_or_path 被 --model（或课程默认模型）覆盖，与其它课程脚本一致
+    #    设备开关（bf16 / use_cpu）按模型实际所在设备决定，像命令行参数一样追加在配方之后
+    base = args.resolved_model()
+    model, tok = models.load_args(args, for_training=True)
+    flags = train.trainer_flags(model, log=True)
+    script_args, tcfg, model_args = parse_recipe(args, str(models.resolve(base, args.source)), out.path("trainer"),
+                                                 {k: v for k, v in flags.items() if isinstance(v, bool)})
+    tcfg.report_to = out.trainer_report_to()
+    out.log.info(f"配方 {Path(args.recipe).name}：beta={tcfg.beta}，lr={tcfg.learning_rate}，steps={tcfg.max_steps}，"
+                 f"LoRA r={model_args.lora_r}")
+
+    # 2. 数据：datasets 读取、转对话格式、切分
+    ds, dataset = load_pairs(script_args)
+
+    # 3. DPO：参考模型 = 关掉 LoRA 的同一个模型
+    trainer = DPOTrainer(model=model, args=tcfg, train_dataset=ds["train"], eval_dataset=ds["test"],
+                         processing_class=tok, peft_config=get_peft_config(model_args))
+    before = trainer.evaluate()
+    result = trainer.train()
+    after = trainer.evaluate()
+    metrics = {"train_loss": result.training_loss,
+               "eval_reward_accuracy_before": before["eval_rewards/accuracies"],
+               "eval_reward_accuracy": after["eval_rewards/accuracies"],
+               "eval_reward_margin_before": before["eval_rewards/margins"],
+               "eval_reward_margin": after["eval_rewards/margins"], "eval_loss": after["eval_loss"]}
+    out.log.info(f"DPO：留出 margin {metrics['eval_reward_margin_before']:.3f} -> {metrics['eval_reward_margin']:.3f}，"
+                 f"accuracy {metrics['eval_reward_accuracy_before']:.2f} -> {metrics['eval_reward_accuracy']:.2f}")
+
+    # 4. Hub 仓库目录：adapter + 分词器 + 模型卡 + 配方
+    repo = out.path("repo")
+    trainer.save_model(str(repo))
+    tok.save_pretrained(repo)
+    for f in (args.recipe, args.accelerate_config):
+        (repo / Path(f).name).write_text(Path(f).read_text(encoding="utf-8"), encoding="utf-8")
+    card = model_card(args, out, repo, base, dataset, tcfg, metrics)
+
+    # 5. 推送（--push；离线时说明）
+    repo_id = args.hub_model_id or tcfg.hub_model_id or f"llm-course/{Path(base).name}-dpo"
+    status = push(args, out, repo, repo_id)
+    return out.finish({**{k: round(float(v), 4) for k, v in metrics.items()}, "model_card_path": str(card),
+                       "repo_dir": str(repo), "push_status": status, "hub_model_id": repo_id},
+                      summary=f"DPO 留出 margin {metrics['eval_reward_margin_before']:.3f}->"
+                              f"{metrics['eval_reward_margin']:.3f}；模型卡 {card.name}；推送 {status}")
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))

@@ -1,0 +1,189 @@
+"""回答多样性诊断：不同解码设置（温度、top-p、top-k、重复惩罚）与不同模型（SFT vs DPO）下，同一个问题
+采样多次，回答彼此有多不一样？用它发现"模式坍缩"（对齐后模型对什么问题都给几乎同一套话）。
+
+指标（每个设置、每个问题采样 --num-samples 次，再对问题取平均）：
+- distinct-1 / distinct-2：所有回答里不同的 1-gram / 2-gram 占比（中文按字、英文按词）；
+- self-BLEU：每个回答以同一问题的其它回答为参考算 BLEU（sacrebleu，zh 分词），越高越雷同（0..1）；
+- 句向量离散度：同一问题各回答的 all-MiniLM 向量两两余弦距离的平均，语义层面的多样性；
+- 重复率：单个回答内部重复的 3-gram 占比（复读机）。
+模式坍缩标记：distinct-2 < --collapse-distinct2 或 self-BLEU > --collapse-self-bleu。
+SFT vs DPO：起点模型（smollm2-135m-Instruct 已做过 SFT）与在偏好对上用 TRL DPOTrainer 训练 --dpo-steps 步后的
+模型，用同一个解码设置比较；学习率过大的 DPO 是常见的坍缩来源。
+
+运行：
+  python lesson5_deployment_monitoring/06_diversity_debug/diversity_evaluation.py            # CPU，smollm2-135m
+  python lesson5_deployment_monitoring/06_diversity_debug/diversity_evaluation.py --smoke    # tiny-qwen2
+  python lesson5_deployment_monitoring/06_diversity_debug/diversity_evaluation.py --model Qwen/Qwen2.5-7B-Instruct \\
+      --source hf --config configs/lesson5/diversity_evaluation_gpu.yaml                     # GPU
+
+你会看到：贪心解码每次回答完全相同（distinct 最低、self-BLEU = 1，被标为坍缩）；温度越高、top-p/top-k
+越宽，distinct 越高、self-BLEU 越低；图 diversity.png。实测数字见本目录 README.md。
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+from common import cli, data, models, run, train
+
+SETTINGS = {   # 名字 -> generate 的采样参数
+    "greedy": dict(do_sample=False),
+    "temp_0.7": dict(do_sample=True, temperature=0.7),
+    "temp_1.0": dict(do_sample=True, temperature=1.0),
+    "top_p_0.9": dict(do_sample=True, temperature=1.0, top_p=0.9),
+    "top_k_20": dict(do_sample=True, temperature=1.0, top_k=20),
+    "rep_penalty_1.3": dict(do_sample=True, temperature=0.7, repetition_penalty=1.3),
+}
+_TOKEN = re.compile(r"[\u4e00-\u9fff]|[A-Za-z0-9']+")
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    num_prompts: int = cli.arg(8, "用多少个问题（取自 data/sft/chat.jsonl 的用户消息）", min=1)
+    num_samples: int = cli.arg(5, "每个问题采样几次", min=2)
+    max_new_tokens: int = cli.arg(48, "每个回答生成多少 token", min=1)
+    compare_setting: str = cli.arg("temp_1.0", "SFT vs DPO 比较用哪个解码设置", choices=list(SETTINGS))
+    dpo_steps: int = cli.arg(20, "DPO 训练步数（0 = 不比较模型）", min=0)
+    dpo_learning_rate: float = cli.arg(5e-5, "DPO 学习率", min=0)
+    beta: float = cli.arg(0.1, "DPO beta", min=0)
+    collapse_distinct2: float = cli.arg(0.3, "distinct-2 低于它算坍缩", min=0, max=1)
+    collapse_self_bleu: float = cli.arg(0.7, "self-BLEU 高于它算坍缩", min=0, max=1)
+
+    smoke_model = "tiny-qwen2"
+
+
+# --smoke：4 个问题 × 4 次采样、短回答；DPO 用大学习率几步（极小模型上足以看到分布变化）
+SMOKE = dict(num_prompts=4, num_samples=4, max_new_tokens=16, dpo_steps=8, dpo_learning_rate=5e-3)
+
+
+def tokens(text: str) -> list[str]:
+    return _TOKEN.findall(text.lower())
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    grams = [tuple(t[i:i + n]) for t in map(tokens, texts) for i in range(len(t) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def self_bleu(texts: list[str]) -> float:
+    import sacrebleu
+
+    scores = [sacrebleu.sentence_bleu(h, [r for j, r in enumerate(texts) if j != i], tokenize="zh").score / 100
+              for i, h in enumerate(texts)]
+    return sum(scores) / len(scores)
+
+
+def repetition(text: str) -> float:
+    g = [tuple(t) for t in zip(*[tokens(text)[i:] for i in range(3)])]
+    return 1 - len(set(g)) / len(g) if g else 0.0
+
+
+def sample(model, tok, prompts: list[str], n: int, max_new_tokens: int, kw: dict, seed: int) -> list[list[str]]:  # noqa: ANN001
+    """每个提示采样 n 次（num_return_sequences），固定种子可复现。"""
+    import torch
+
+    torch.manual_seed(seed)
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    with torch.no_grad():
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=n if kw["do_sample"] else 1,
+                             pad_token_id=tok.pad_token_id, **kw)
+    texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    tok.padding_side = "right"
+    if not kw["do_sample"]:   # 贪心：采样 n 次得到的就是同一个回答 n 遍
+        return [[t.strip()] * n for t in texts]
+    return [[t.strip() for t in texts[i * n:(i + 1) * n]] for i in range(len(prompts))]
+
+
+def measure(groups: list[list[str]], embedder, args: Args) -> dict:  # noqa: ANN001
+    import numpy as np
+
+    from common import retrieval
+
+    disp = []
+    for g in groups:
+        v = retrieval.embed(embedder, [t or "(empty)" for t in g])
+        disp.append(float(np.mean([1 - float(v[i] @ v[j]) for i, j in itertools.combinations(range(len(g)), 2)])))
+    m = {"distinct_1": float(np.mean([distinct_n(g, 1) for g in groups])),
+         "distinct_2": float(np.mean([distinct_n(g, 2) for g in groups])),
+         "self_bleu": float(np.mean([self_bleu(g) for g in groups])),
+         "embedding_dispersion": float(np.mean(disp)),
+         "repetition_rate": float(np.mean([repetition(t) for g in groups for t in g]))}
+    m = {k: round(v, 4) + 0.0 for k, v in m.items()}   # + 0.0：把 -0.0 变成 0.0
+    m["mode_collapse"] = m["distinct_2"] < args.collapse_distinct2 or m["self_bleu"] > args.collapse_self_bleu
+    return m
+
+
+def dpo_model(args: Args, out, model, tok):  # noqa: ANN001
+    """在课程偏好对上做几步 DPO（LoRA，合并后返回）。"""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    pairs = data.load_preference(data.DATA_DIR / "preference" / "pairs.jsonl")
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
+                             "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+    cfg = DPOConfig(output_dir=str(out.path("dpo")), max_steps=args.dpo_steps, learning_rate=args.dpo_learning_rate,
+                    beta=args.beta, per_device_train_batch_size=8, max_length=192, logging_steps=5,
+                    save_strategy="no", report_to=[], seed=args.seed, **train.trainer_flags(model, log=False))
+    t = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
+                   peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    t.train()
+    return t.model.merge_and_unload().eval()
+
+
+def plot(out, results: dict) -> None:  # noqa: ANN001
+    fig, save = out.plot("diversity.png")
+    names = list(results)
+    ax = fig.add_subplot(1, 1, 1)
+    w = 0.27
+    for i, key in enumerate(("distinct_2", "self_bleu", "embedding_dispersion")):
+        ax.bar([x + (i - 1) * w for x in range(len(names))], [results[n][key] for n in names], w, label=key)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="score", title="Answer diversity by decoding setting / model")
+    ax.legend()
+    save()
+
+
+def main(args: Args) -> dict:
+    from common import retrieval
+
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args, smoke_threads=1)
+    convs = data.load_sft(args.data or data.DATA_DIR / "sft" / "chat.jsonl")
+    model, tok = models.load_args(args, for_training=args.dpo_steps > 0)
+    questions = [[m for m in c if m["role"] == "user"][:1] for c in convs]
+    prompts = [data.prompt_text(tok, q) for q in questions if q][:args.num_prompts]
+    embedder = retrieval.load_embedder(None)
+
+    # 1. 同一个模型，六种解码设置
+    results = {}
+    for name, kw in SETTINGS.items():
+        groups = sample(model, tok, prompts, args.num_samples, args.max_new_tokens, kw, args.seed)
+        results[name] = measure(groups, embedder, args)
+        out.log.info(f"{name:>16}: {results[name]}；例：{groups[0][0][:40]!r}")
+
+    # 2. SFT vs DPO：同一解码设置下比较（DPO 学习率过大时常见坍缩）
+    models_cmp = {}
+    if args.dpo_steps:
+        models_cmp["sft"] = results[args.compare_setting]
+        dpo = dpo_model(args, out, model, tok)
+        groups = sample(dpo, tok, prompts, args.num_samples, args.max_new_tokens, SETTINGS[args.compare_setting],
+                        args.seed)
+        models_cmp["dpo"] = measure(groups, embedder, args)
+        results["dpo@" + args.compare_setting] = models_cmp["dpo"]
+        out.log.info(f"DPO @ {args.compare_setting}: {models_cmp['dpo']}；例：{groups[0][0][:40]!r}")
+
+    # 3. 结论
+    plot(out, results)
+    collapsed = [n for n, r in results.items() if r["mode_collapse"]]
+    return out.finish({**results, "models": models_cmp, "mode_collapse": bool(models_cmp.get("dpo", {}).get(
+        "mode_collapse", False)), "collapsed_settings": collapsed},
+        summary=f"distinct-2：greedy {results['greedy']['distinct_2']:.2f} / temp_1.0 {results['temp_1.0']['distinct_2']:.2f}"
+                f"；坍缩：{collapsed or '无'}")
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))

@@ -1,0 +1,204 @@
+"""把模型上线：OpenAI 兼容的聊天服务（FastAPI + uvicorn），用官方 openai 客户端调用，用 Prometheus 监控。
+
+服务本体在 common/serving.py（第 5 课 01、第 7 课也用它）：POST /v1/chat/completions（普通 + SSE 流式）、
+GET /v1/models、/health、/metrics、聊天网页 /；可选 Bearer API key；坏请求 4xx（OpenAI 的错误形状）；
+队列有界，满了 429。CPU 上让并发真正有用的是动态批处理：同时到达的请求在一个小等待窗口里凑成一批，
+一次 model.generate 生成（左填充，每步把各行的新 token 推给各自的请求）。
+
+本脚本：1) 用 common.services 真的启动服务子进程并等 /health；2) openai 客户端普通调用；3) 流式调用，
+量首 token 时间（TTFT）；4) 故意发坏请求看 4xx；5) 一次并发突发，统计状态码；6) 抓 /metrics 核对计数；7) 停服务。
+
+运行：
+  python lesson5_deployment_monitoring/07_serving/chat_server.py            # CPU，smollm2-135m
+  python lesson5_deployment_monitoring/07_serving/chat_server.py --smoke    # tiny-qwen2，约 20 秒
+  python lesson5_deployment_monitoring/07_serving/chat_server.py --serve --port 8000   # 一直服务，浏览器打开
+      http://127.0.0.1:8000/ 聊天，Ctrl-C 停止（--model 目录 --adapter LoRA 目录 可服务自己训练的模型）
+  python lesson5_deployment_monitoring/07_serving/chat_server.py --model Qwen/Qwen2.5-7B-Instruct --source hf \\
+      --config configs/lesson5/chat_server_gpu.yaml   # GPU；真正的高并发请换 vLLM：vllm serve <model>（同一套 API）
+
+你会看到（smoke，tiny-qwen2，忙碌的共享 2 核机上实测）：普通与流式回答都通过官方 openai 客户端拿到；
+max_tokens 超限得到 400、模型名错得到 404；24 个并发请求只有 200/429、没有 5xx；/metrics 里的计数与发出的一致。
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+
+from common import cli, run, services
+from common.errors import UserError
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    adapter: str = cli.arg(None, "LoRA adapter 目录：加载后合并进模型再服务")
+    port: int = cli.arg(0, "端口；0 = 自动找空闲端口（--serve 时默认 8000）", min=0, max=65535)
+    api_key: str = cli.arg(None, "Bearer API key（不填则不校验）；也可用环境变量 CHAT_API_KEY")
+    max_batch_size: int = cli.arg(8, "动态批处理：一次 generate 最多几个请求", min=1, max=256)
+    batch_wait_ms: float = cli.arg(15.0, "凑批等待窗口（毫秒）：越长批越满，单个请求多等这么久", min=0, max=1000)
+    max_queue: int = cli.arg(64, "排队上限：满了立刻回 429，不无限堆积", min=1)
+    max_tokens: int = cli.arg(48, "每个演示请求生成多少 token", min=1, max=512)
+    burst: int = cli.arg(24, "并发突发：同时发多少个请求", min=1, max=256)
+    serve: bool = cli.arg(False, "只启动服务并一直运行（Ctrl-C 停止），不跑演示")
+    host: str = cli.arg("127.0.0.1", "--serve 时的监听地址；对外开放请同时设 --api-key")
+
+    smoke_model = "tiny-qwen2"
+
+
+# --smoke：极小模型、短回答；队列上限小于突发数，429 一定会出现
+SMOKE = dict(max_tokens=16, burst=24, max_queue=8)
+QUESTIONS = ["云帆 App 怎么修改绑定手机号？", "How do I reset my password?"]
+
+
+def server_cmd(args: Args, port: str = "{port}") -> list[str]:
+    """启动服务的命令行（与 python -m common.serving 完全相同，也是第 7 课的用法）。"""
+    cmd = [sys.executable, "-m", "common.serving", "--model", args.resolved_model(), "--source", args.source,
+           "--port", port, "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
+           "--max-queue", str(args.max_queue), "--device", args.device, "--dtype", args.dtype]
+    if args.adapter:
+        cmd += ["--adapter", args.adapter]
+    if args.api_key:
+        cmd += ["--api-key", args.api_key]
+    return cmd
+
+
+def ask(client, model: str, q: str, max_tokens: int) -> tuple[str, float]:
+    """普通（非流式）调用：返回 (回答, 毫秒)。"""
+    t0 = time.perf_counter()
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}], max_tokens=max_tokens)
+    return r.choices[0].message.content, (time.perf_counter() - t0) * 1000
+
+
+def ask_stream(client, model: str, q: str, max_tokens: int) -> dict:
+    """流式调用：逐块收 token，量首 token 时间。"""
+    t0, ttft, parts = time.perf_counter(), None, []
+    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}],
+                                            max_tokens=max_tokens, stream=True)
+    for chunk in stream:
+        delta = chunk.choices[0].delta.content if chunk.choices else None
+        if delta:
+            ttft = ttft or (time.perf_counter() - t0) * 1000
+            parts.append(delta)
+    return {"answer": "".join(parts), "chunks": len(parts), "ttft_ms": ttft or 0.0,
+            "total_ms": (time.perf_counter() - t0) * 1000}
+
+
+def bad_requests(client, model: str) -> dict:
+    """坏请求：服务应回 4xx 和 OpenAI 形状的错误（openai 客户端据此抛出对应异常）。"""
+    import openai
+
+    codes = {}
+    cases = {"max_tokens_too_large": dict(model=model, max_tokens=100000),
+             "unknown_model": dict(model="no-such-model", max_tokens=4),
+             "empty_messages": dict(model=model, max_tokens=4, messages=[])}
+    for name, kw in cases.items():
+        kw.setdefault("messages", [{"role": "user", "content": "hi"}])
+        try:
+            client.chat.completions.create(**kw)
+            codes[name] = 200
+        except openai.APIStatusError as e:
+            codes[name] = e.status_code
+    return codes
+
+
+async def burst(url: str, model: str, n: int, max_tokens: int, api_key: str | None) -> dict:
+    """n 个请求同时发出（httpx，不重试），统计状态码。"""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(timeout=300, headers=headers) as c:
+        async def one(i: int) -> int:
+            r = await c.post(url + "/v1/chat/completions", json={
+                "model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": f"问题 {i}"}]})
+            return r.status_code
+
+        t0 = time.perf_counter()
+        codes = await asyncio.gather(*[one(i) for i in range(n)])
+    return {"ok": codes.count(200), "rejected_429": codes.count(429),
+            "server_errors": sum(c >= 500 for c in codes), "seconds": time.perf_counter() - t0}
+
+
+def scrape(url: str) -> dict:
+    """读 /metrics（Prometheus 文本格式），取出课程关心的几个数。"""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    by_code, out = {}, {}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for s in fam.samples:
+            if s.name == "chat_http_requests_total" and s.labels["route"] == "/v1/chat/completions":
+                by_code[s.labels["code"]] = by_code.get(s.labels["code"], 0) + int(s.value)
+            elif s.name in ("chat_generated_tokens_total", "chat_batch_size_sum", "chat_batch_size_count",
+                            "chat_time_to_first_token_seconds_count"):
+                out[s.name] = s.value
+    out["chat_requests_by_code"] = by_code
+    return out
+
+
+def serve_forever(args: Args) -> None:
+    """--serve：在本进程里运行服务，直到 Ctrl-C。"""
+    from common import serving
+
+    port = str(args.port or 8000)
+    argv = server_cmd(args, port)[3:] + ["--host", args.host]
+    run.get_logger().info(f"聊天网页：http://{args.host}:{port}/   OpenAI base_url：http://{args.host}:{port}/v1")
+    serving.main(argv)
+
+
+def main(args: Args) -> dict:
+    import openai
+
+    args = cli.with_smoke(args, SMOKE)
+    if args.serve:
+        return serve_forever(args) or {}
+    out = run.start(__file__, args, smoke_threads=1)
+    model = args.resolved_model()
+
+    # 1. 真的启动服务子进程：PYTHONPATH 指向本仓库，子进程用的就是这份 common/serving.py
+    env = {"PYTHONPATH": str(run.REPO_ROOT)}
+    try:
+        svc = services.start(server_cmd(args), ready_path="/health", log_file=out.path("server.log"),
+                             deadline_s=300, env=env, port=args.port or None)
+    except RuntimeError as e:
+        raise UserError(f"--model {model}: 服务没能启动（{str(e).splitlines()[0][:300]}）") from None
+    with svc:
+        client = openai.OpenAI(base_url=svc.url + "/v1", api_key=args.api_key or "not-needed", max_retries=0,
+                               timeout=300)
+        # 2. 官方 openai 客户端，普通调用：换个 base_url 就能指向 vLLM / TGI / OpenAI
+        answers = [ask(client, model, q, args.max_tokens) for q in QUESTIONS]
+        for q, (a, ms) in zip(QUESTIONS, answers):
+            out.log.info(f"{q} -> {a[:60]!r}（{ms:.0f} ms）")
+        # 3. 流式：SSE 一块块到达；首 token 时间（TTFT）是聊天界面"开始打字"的时刻
+        st = ask_stream(client, model, QUESTIONS[0], args.max_tokens)
+        out.log.info(f"流式：{st['chunks']} 块，TTFT {st['ttft_ms']:.0f} ms，总 {st['total_ms']:.0f} ms")
+        # 4. 坏请求 -> 4xx，服务不受影响
+        codes = bad_requests(client, model)
+        out.log.info(f"坏请求状态码：{codes}")
+        # 5. 并发突发：队列放得下的排队等批处理，放不下的立刻 429；绝不 5xx
+        b = asyncio.run(burst(svc.url, model, args.burst, args.max_tokens, args.api_key))
+        out.log.info(f"{args.burst} 个并发：200 ×{b['ok']}，429 ×{b['rejected_429']}，5xx ×{b['server_errors']}，"
+                     f"{b['seconds']:.1f} 秒")
+        # 6. 监控：/metrics 里的计数应与上面发出的请求一一对应
+        prom = scrape(svc.url)
+    sent = len(QUESTIONS) + 1 + len(codes) + args.burst
+    counted = sum(prom["chat_requests_by_code"].values())
+    batches = prom.get("chat_batch_size_count", 0)
+    mean_batch = prom.get("chat_batch_size_sum", 0) / max(batches, 1)
+    out.log.info(f"/metrics：chat 请求 {counted}（发出 {sent}），按状态码 {prom['chat_requests_by_code']}；"
+                 f"{batches:.0f} 次 generate，平均每批 {mean_batch:.2f} 个请求")
+
+    # 7. 服务已停（with 退出时 SIGTERM）；结果
+    return out.finish({
+        "answer": answers[0][0], "answer_en": answers[1][0], "latency_ms": round(answers[0][1], 1),
+        "stream_chunks": st["chunks"], "stream_answer": st["answer"], "ttft_ms": round(st["ttft_ms"], 1),
+        "bad_request_codes": codes, "burst_ok": b["ok"], "burst_429": b["rejected_429"],
+        "burst_5xx": b["server_errors"], "metrics_chat_requests": counted, "requests_sent": sent,
+        "metrics_by_code": prom["chat_requests_by_code"], "generated_tokens": prom.get("chat_generated_tokens_total", 0),
+        "mean_batch_size": round(mean_batch, 2)},
+        summary=f"服务应答正常；{args.burst} 并发 200×{b['ok']} 429×{b['rejected_429']} 5xx×{b['server_errors']}；"
+                f"TTFT {st['ttft_ms']:.0f} ms；平均每批 {mean_batch:.2f} 个请求")
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))

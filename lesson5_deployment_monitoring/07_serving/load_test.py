@@ -1,0 +1,200 @@
+"""压测 OpenAI 兼容的聊天服务：不同并发下的吞吐（req/s、tokens/s）、延迟 p50/p95、首 token 时间（TTFT）。
+
+做法：闭环压测，每个并发档位 c 用 c 个协程各自"发一个、等回来、再发下一个"，共 --requests-per-level 个请求
+（有上限，不会无限压）；全部用流式（SSE）请求，才量得到 TTFT；completion token 数取服务在最后一块里给的
+usage（stream_options.include_usage）。它只说 OpenAI API，所以原样可以压 vLLM / TGI：
+  vllm serve Qwen/Qwen2.5-7B-Instruct --port 8000      # GPU 上的扩展路径：连续批处理 + PagedAttention
+  python lesson5_deployment_monitoring/07_serving/load_test.py --base-url http://127.0.0.1:8000 \\
+      --model Qwen/Qwen2.5-7B-Instruct --concurrency 1,8,32,64
+只压本机（127.0.0.1 / localhost / ::1）：压测别人的服务等于攻击；远端机器请在那台机器上运行本脚本。
+
+batching_speedup_8 = 8 并发的吞吐（tokens/s）÷ 顺序（1 并发）的吞吐：动态批处理在 CPU 上带来多少。
+
+运行：
+  python lesson5_deployment_monitoring/07_serving/load_test.py            # 自己起服务（smollm2-135m），1,4,8 并发
+  python lesson5_deployment_monitoring/07_serving/load_test.py --smoke    # tiny-qwen2，约 40 秒
+  python lesson5_deployment_monitoring/07_serving/load_test.py --base-url http://127.0.0.1:8000 --concurrency 1,4,8
+
+你会看到：并发从 1 到 8，tokens/s 上升数倍（请求被凑成批，一次 generate 服务多个请求），单请求延迟略升；
+图 load_test.png。实测数字见 07_serving/README.md。
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from common import cli, data, run, services
+from common.errors import UserError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class Args(cli.CommonArgs):
+    base_url: str = cli.arg(None, "被压的服务地址（如 http://127.0.0.1:8000）；不填则自己用 common.serving 起一个")
+    concurrency: str = cli.arg("1,4,8", "并发档位，逗号分隔（每档 1-256；总会加上 1 作顺序基线）")
+    requests_per_level: int = cli.arg(32, "每个并发档位发多少个请求（有上限：压测要有边界）", min=1, max=1000)
+    max_tokens: int = cli.arg(32, "每个请求生成多少 token", min=1, max=2048)
+    api_key: str = cli.arg(None, "Bearer API key（被压服务要求时）")
+    max_batch_size: int = cli.arg(8, "自己起服务时：动态批处理的批大小上限", min=1, max=256)
+    timeout_s: float = cli.arg(300.0, "单个请求的超时（秒）", min=1)
+
+    smoke_model = "tiny-qwen2"
+
+
+# --smoke：每档 16 个短请求，够看出批处理的加速，又只要十几秒
+SMOKE = dict(requests_per_level=16, max_tokens=16)
+
+
+def parse_levels(text: str) -> list[int]:
+    """'1,4,8' -> [1, 4, 8]。"""
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--concurrency {text}: 应是逗号分隔的整数，如 1,4,8") from None
+    if not levels or any(not 1 <= c <= 256 for c in levels):
+        raise UserError(f"--concurrency {text}: 每个档位必须在 1-256 之间")
+    return sorted(set(levels) | {1})   # 1 并发 = 顺序基线，加速比以它为分母
+
+
+def check_target(url: str) -> str:
+    """只允许本机地址。"""
+    u = urlparse(url)
+    if u.scheme not in ("http", "https") or u.hostname not in LOOPBACK:
+        raise UserError(f"--base-url {url}: 只压本机服务（http://127.0.0.1:端口）；远端请在那台机器上运行")
+    return url.rstrip("/").removesuffix("/v1")
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """线性插值分位数（numpy 同口径）。"""
+    import numpy as np
+
+    return float(np.percentile(xs, q)) if xs else 0.0
+
+
+async def one(client, model: str, prompt: str, max_tokens: int) -> dict:
+    """一个流式请求：总延迟、TTFT、completion token 数。"""
+    import openai
+
+    t0, ttft, tokens, chunks = time.perf_counter(), None, 0, 0
+    try:
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, stream=True,
+            stream_options={"include_usage": True})
+        async for ch in stream:
+            if ch.choices and ch.choices[0].delta.content:
+                ttft = ttft or time.perf_counter() - t0
+                chunks += 1
+            if getattr(ch, "usage", None):
+                tokens = ch.usage.completion_tokens
+    except openai.APIStatusError as e:
+        return {"ok": False, "status": e.status_code}
+    except openai.APIError as e:
+        return {"ok": False, "status": type(e).__name__}
+    return {"ok": True, "latency": time.perf_counter() - t0, "ttft": ttft or 0.0, "tokens": tokens or chunks}
+
+
+async def level(client, model: str, prompts: list[str], c: int, n: int, max_tokens: int) -> dict:
+    """一个并发档位：c 个协程闭环发 n 个请求。"""
+    todo = iter(range(n))
+    results: list[dict] = []
+
+    async def worker() -> None:
+        for i in todo:   # 共享迭代器：协程之间自然分活，总数恰好 n
+            results.append(await one(client, model, prompts[i % len(prompts)], max_tokens))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(c)])
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r["ok"]]
+    lat, ttft = [r["latency"] * 1000 for r in ok], [r["ttft"] * 1000 for r in ok]
+    return {"rps": round(len(ok) / wall, 3), "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 2),
+            "p50_ms": round(percentile(lat, 50), 1), "p95_ms": round(percentile(lat, 95), 1),
+            "ttft_p50_ms": round(percentile(ttft, 50), 1), "ttft_p95_ms": round(percentile(ttft, 95), 1),
+            "ok": len(ok), "errors": len(results) - len(ok), "seconds": round(wall, 2)}
+
+
+async def sweep(url: str, args: Args, model: str, prompts: list[str], levels: list[int], log) -> dict:  # noqa: ANN001
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=args.api_key or "not-needed", max_retries=0,
+                                timeout=args.timeout_s)
+    await one(client, model, prompts[0], args.max_tokens)   # 预热：第一次请求含惰性初始化，不计入
+    out = {}
+    for c in levels:
+        out[c] = await level(client, model, prompts, c, args.requests_per_level, args.max_tokens)
+        r = out[c]
+        log.info(f"并发 {c:>3}：{r['rps']:.2f} req/s，{r['tokens_per_s']:.1f} tok/s，p50 {r['p50_ms']:.0f} ms，"
+                 f"p95 {r['p95_ms']:.0f} ms，TTFT p50 {r['ttft_p50_ms']:.0f} ms，失败 {r['errors']}")
+    await client.close()
+    return out
+
+
+def plot(out, results: dict) -> None:  # noqa: ANN001
+    fig, save = out.plot("load_test.png")
+    cs = list(results)
+    ax1 = fig.add_subplot(1, 2, 1)
+    ax1.plot(cs, [results[c]["tokens_per_s"] for c in cs], "o-")
+    ax1.set(xlabel="concurrency", ylabel="tokens / s", title="Throughput")
+    ax2 = fig.add_subplot(1, 2, 2)
+    for key in ("p50_ms", "p95_ms", "ttft_p50_ms"):
+        ax2.plot(cs, [results[c][key] for c in cs], "o-", label=key)
+    ax2.set(xlabel="concurrency", ylabel="ms", title="Latency")
+    ax2.legend()
+    save()
+
+
+def main(args: Args) -> dict:
+    import httpx
+
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args, smoke_threads=1)
+    levels = parse_levels(args.concurrency)
+
+    # 1. 目标：给了 --base-url 就压它（模型名从 /v1/models 读），否则自己起一个 common.serving
+    svc = None
+    if args.base_url:
+        url = check_target(args.base_url)
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        try:
+            served = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
+        except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+            raise UserError(f"--base-url {args.base_url}: 读不到 /v1/models（{type(e).__name__}）") from None
+        model = args.model or served
+    else:
+        model = args.resolved_model()
+        cmd = [sys.executable, "-m", "common.serving", "--model", model, "--source", args.source, "--port", "{port}",
+               "--max-batch-size", str(args.max_batch_size), "--max-queue", "512", "--device", args.device,
+               "--dtype", args.dtype]
+        svc = services.start(cmd, log_file=out.path("server.log"), deadline_s=300, env={"PYTHONPATH": str(run.REPO_ROOT)})
+        url = svc.url
+    out.log.info(f"压测 {url}（模型 {model}），并发 {levels}，每档 {args.requests_per_level} 个请求")
+
+    # 2. 问题：知识库问答集里的真实问题（中英混合），每档用同一批
+    prompts = [r["question"] for r in data.load_qa(data.DATA_DIR / "kb" / "qa.jsonl")][:64]
+
+    # 3. 逐档压测
+    try:
+        results = asyncio.run(sweep(url, args, model, prompts, levels, out.log))
+    finally:
+        if svc:
+            svc.stop()
+
+    # 4. 批处理加速比：并发 8（或最高档）对顺序的吞吐之比
+    metrics = {f"concurrency_{c}": r for c, r in results.items()}
+    top = 8 if 8 in results else levels[-1]
+    speedup = results[top]["tokens_per_s"] / max(results[levels[0]]["tokens_per_s"], 1e-9)
+    metrics[f"batching_speedup_{top}"] = round(speedup, 2)
+    metrics["errors"] = sum(r["errors"] for r in results.values())
+    metrics["target"] = "self-started common.serving" if svc else url
+    plot(out, results)
+    return out.finish(metrics, summary=f"并发 {levels[0]}→{top}：{results[levels[0]]['tokens_per_s']:.1f}→"
+                                       f"{results[top]['tokens_per_s']:.1f} tok/s（{speedup:.2f}×），p95 "
+                                       f"{results[levels[0]]['p95_ms']:.0f}→{results[top]['p95_ms']:.0f} ms")
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))

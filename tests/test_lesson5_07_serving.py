@@ -1,0 +1,251 @@
+"""第 5 课 07：聊天服务。官方 openai 客户端（普通 + 流式）、4xx、32 并发只有 200/429、/metrics 计数、
+真实无头 Chromium 里打字聊天、坏参数一行报错。服务都是真的子进程（python -m common.serving）。"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, assert_user_error, load_script
+
+SCRIPT = "lesson5_deployment_monitoring/07_serving/chat_server.py"
+KEY = "sk-course-test"
+MODEL = "tiny-qwen2"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, tmp_path_factory):
+    """一个带 API key 的服务：队列上限 8（32 并发时一定有 429），提示上限 64 token（好测超长提示）。"""
+    from common import services
+
+    log = tmp_path_factory.mktemp("serving") / "server.log"
+    cmd = [sys.executable, "-m", "common.serving", "--model", MODEL, "--port", "{port}", "--api-key", KEY,
+           "--max-queue", "8", "--max-prompt-tokens", "64", "--max-tokens-limit", "64"]
+    with services.start(cmd, log_file=log, deadline_s=300, env={"PYTHONPATH": str(REPO)}) as svc:
+        yield svc
+
+
+def prom(url: str) -> dict:
+    """/metrics -> {(样本名, 排好序的标签): 值}。"""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in fam.samples}
+
+
+def chat_counts(m: dict) -> dict:
+    return {dict(k[1])["code"]: v for k, v in m.items()
+            if k[0] == "chat_http_requests_total" and dict(k[1])["route"] == "/v1/chat/completions"}
+
+
+def test_chat_server_script(tmp_path, tiny_models):
+    mod = load_script(SCRIPT)
+    m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
+    saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
+    for key in ("answer", "stream_chunks", "ttft_ms", "bad_request_codes", "burst_ok", "burst_429", "burst_5xx",
+                "metrics_chat_requests", "requests_sent"):
+        assert key in saved, key
+    assert m["answer"].strip() and m["stream_chunks"] >= 2 and m["ttft_ms"] > 0
+    # 贪心解码：流式拼起来的文本与普通调用的回答完全相同
+    assert m["stream_answer"] == m["answer"]
+    assert m["bad_request_codes"] == {"max_tokens_too_large": 400, "unknown_model": 404, "empty_messages": 400}
+    # 24 个并发、队列上限 8：放得下的 200，放不下的 429，没有 5xx；/metrics 一个不少地数到了
+    assert m["burst_5xx"] == 0 and m["burst_ok"] >= 1 and m["burst_429"] >= 1
+    assert m["burst_ok"] + m["burst_429"] == 24
+    assert m["metrics_chat_requests"] == m["requests_sent"]
+    assert m["mean_batch_size"] > 1.5, "并发请求应被凑成批"
+    assert (tmp_path / "server.log").is_file()
+
+
+def test_openai_client_both_modes(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    assert [x.id for x in client.models.list().data] == [MODEL]
+    msgs = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "云帆 App 是什么？"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20)
+    text = r.choices[0].message.content
+    assert text.strip() and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 5 and 1 <= r.usage.completion_tokens <= 20
+    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) >= 2, "流式应分多块到达"
+    assert "".join(deltas) == text, "贪心解码下流式与普通调用的文本必须相同"
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    # max_tokens 真的限制长度
+    short = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2)
+    assert short.usage.completion_tokens <= 2
+
+
+@pytest.mark.parametrize("case,status,code", [
+    ("no_key", 401, "invalid_api_key"), ("wrong_key", 401, "invalid_api_key"),
+    ("bad_role", 400, None), ("zero_max_tokens", 400, None), ("huge_max_tokens", 400, None),
+    ("not_json", 400, None), ("long_prompt", 400, "context_length_exceeded"),
+    ("unknown_model", 404, "model_not_found"), ("n_2", 400, None), ("unknown_path", 404, "not_found"),
+])
+def test_bad_requests_get_4xx_in_openai_shape(server, case, status, code):
+    good = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"bad_role": {**good, "messages": [{"role": "robot", "content": "hi"}]},
+            "zero_max_tokens": {**good, "max_tokens": 0}, "huge_max_tokens": {**good, "max_tokens": 10000},
+            "long_prompt": {**good, "messages": [{"role": "user", "content": "很长的问题 " * 200}]},
+            "unknown_model": {**good, "model": "gpt-9"}, "n_2": {**good, "n": 2}}.get(case, good)
+    if case == "no_key":
+        headers = {}
+    elif case == "wrong_key":
+        headers = {"Authorization": "Bearer sk-wrong"}
+    path = "/v1/nothing" if case == "unknown_path" else "/v1/chat/completions"
+    if case == "not_json":
+        r = httpx.post(server.url + path, content=b"{not json", headers={**headers, "Content-Type": "application/json"})
+    else:
+        r = httpx.post(server.url + path, json=body, headers=headers)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] and (code is None or err["code"] == code), err
+    assert httpx.get(server.url + "/health").status_code == 200   # 服务不受影响
+
+
+def test_32_concurrent_only_200_or_429_and_metrics_count_them(server):
+    before = prom(server.url)
+
+    async def fire() -> list[int]:
+        async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as c:
+            async def one(i: int) -> int:
+                r = await c.post(server.url + "/v1/chat/completions", json={
+                    "model": MODEL, "max_tokens": 12, "messages": [{"role": "user", "content": f"question {i}"}]})
+                return r.status_code
+            return await asyncio.gather(*[one(i) for i in range(32)])
+
+    codes = asyncio.run(fire())
+    assert set(codes) <= {200, 429}, codes                 # 零 5xx，也没有挂起（超时会抛异常）
+    assert codes.count(200) >= 8 and codes.count(429) >= 1, codes   # 队列 8 个放得下，其余立刻 429
+    after = prom(server.url)
+    b, a = chat_counts(before), chat_counts(after)
+    assert a.get("200", 0) - b.get("200", 0) == codes.count(200)
+    assert a.get("429", 0) - b.get("429", 0) == codes.count(429)
+    # 动态批处理：这一波的 generate 次数少于成功请求数（请求被凑成了批）
+    calls = after[("chat_batch_size_count", ())] - before.get(("chat_batch_size_count", ()), 0)
+    served = after[("chat_batch_size_sum", ())] - before.get(("chat_batch_size_sum", ()), 0)
+    assert served == codes.count(200) and calls < served / 2, (calls, served)
+    assert after[("chat_requests_in_flight", ())] <= 1   # 只剩抓 /metrics 这一刻
+    assert after[("chat_generated_tokens_total", ())] > before.get(("chat_generated_tokens_total", ()), 0)
+    assert after[("chat_time_to_first_token_seconds_count", ())] >= codes.count(200)
+
+
+# ---------------------------------------------------------------- 浏览器：真实无头 Chromium
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian 的 chromium；没有就用 apt 装（CI 容器里是 root）；装不上才跳过，并说明原因。"""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path:
+        return path
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("没有 chromium，且不是 root/没有 apt-get，无法安装（apt-get install -y chromium）")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    p = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"], capture_output=True,
+                       text=True, env=env, timeout=900)
+    if p.returncode != 0:   # 软件源索引可能过期：更新一次再试
+        subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=600)
+        p = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"], capture_output=True,
+                           text=True, env=env, timeout=900)
+    path = shutil.which("chromium")
+    if not path:
+        pytest.skip(f"apt-get install chromium 失败：{(p.stderr or p.stdout)[-300:]}")
+    return path
+
+
+class CDP:
+    """最小的 Chrome DevTools Protocol 客户端（websocket 上的 JSON-RPC）。"""
+
+    def __init__(self, ws_url: str):
+        from websockets.sync.client import connect
+
+        self.ws, self.n = connect(ws_url, max_size=2**24), 0
+
+    def call(self, method: str, **params):
+        self.n += 1
+        self.ws.send(json.dumps({"id": self.n, "method": method, "params": params}))
+        while True:   # 跳过事件通知，等自己这条的回复
+            msg = json.loads(self.ws.recv(timeout=30))
+            if msg.get("id") == self.n:
+                if "error" in msg:
+                    raise RuntimeError(msg["error"])
+                return msg.get("result", {})
+
+    def js(self, expr: str):
+        return self.call("Runtime.evaluate", expression=expr, returnByValue=True)["result"].get("value")
+
+    def type(self, text: str) -> None:
+        self.call("Input.insertText", text=text)   # 像输入法提交文字一样输入到有焦点的框
+
+    def press_enter(self) -> None:
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13,
+                      nativeVirtualKeyCode=13, **({"text": "\r"} if kind == "keyDown" else {}))
+
+
+def wait_for(fn, deadline_s: float, what: str):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < deadline_s:
+        v = fn()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"{deadline_s:.0f} 秒内没有等到：{what}")
+
+
+@pytest.mark.needs_service
+@pytest.mark.slow
+def test_chat_page_in_headless_chromium(server, chromium, tmp_path):
+    profile = tmp_path / "profile"
+    proc = subprocess.Popen([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                             "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+                             "--remote-debugging-port=0", "--remote-allow-origins=*", server.url + "/"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        port_file = Path(profile) / "DevToolsActivePort"   # --remote-debugging-port=0：端口写在这里
+        port = wait_for(lambda: port_file.is_file() and port_file.read_text().split("\n")[0].strip(), 60,
+                        "DevToolsActivePort")
+        page = wait_for(lambda: [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json()
+                                 if t["type"] == "page" and t["url"].startswith(server.url)], 60, "页面目标")[0]
+        cdp = CDP(page["webSocketDebuggerUrl"])
+        wait_for(lambda: cdp.js("document.readyState === 'complete' && !!document.getElementById('input')"), 30,
+                 "页面加载")
+        question = "What is the Yunfan App?"
+        cdp.js("document.getElementById('key').focus()")
+        cdp.type(KEY)
+        cdp.js("document.getElementById('input').focus()")
+        cdp.type(question)
+        assert cdp.js("document.getElementById('input').value") == question
+        cdp.press_enter()   # 回车提交表单（浏览器的隐式提交），页面用 fetch 流式读 SSE
+        shown = wait_for(lambda: cdp.js("(() => { const a = document.querySelector('.msg.assistant');"
+                                        " return a && a.dataset.done === '1' ? a.textContent : null })()"), 90,
+                         "助手回答出现在页面上")
+        assert cdp.js("document.querySelector('.msg.user').textContent") == "You: " + question
+        # 屏幕上的回答 = 同一问题经 API 的贪心回答（页面用 max_tokens 64）
+        r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": question}]})
+        expected = r.json()["choices"][0]["message"]["content"]
+        assert expected.strip() and shown == "AI: " + expected, (shown, expected)
+        cdp.ws.close()
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+
+
+def test_bad_batch_size_is_one_line_error(tmp_path, run_script):
+    proc = run_script(SCRIPT, "--smoke", "--max-batch-size", "0", "--output-dir", str(tmp_path), timeout=180)
+    assert_user_error(proc, "--max-batch-size")
