@@ -321,3 +321,15 @@ def step_timer(tokens_per_epoch: int, note: str = ""):
             return tokens_per_epoch * epochs / max(self.train_s - self.eval_s, 1e-9)
 
     return StepTimer()
+
+
+def optimizer_step(opt: Any, loss: Any, params: Any = None, max_norm: float = 1.0) -> float:
+    """手写训练循环的一步：反向传播 +（给了 params 时）梯度裁剪 + 更新 + 清梯度；返回损失值。"""
+    import torch
+
+    loss.backward()
+    if params is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+    opt.zero_grad()
+    return loss.item()

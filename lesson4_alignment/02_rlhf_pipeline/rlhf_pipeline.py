@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import cli, data, models, run, train
+from common import cli, data, models, run, scoring, train
 from common.errors import UserError
 
 
@@ -74,52 +74,10 @@ def text_of(x) -> str:
     return x if isinstance(x, str) else x[-1]["content"]
 
 
-def positions(mask):   # 左填充时位置从第一个真实 token 起算（否则同一句话换个填充长度，输出就变了）
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def seq_scores(rm, ids, mask):
-    """奖励模型：主干隐状态 -> 最后一个真实 token -> score 头 = 一个标量。"""
-    h = getattr(rm, rm.base_model_prefix)(input_ids=ids, attention_mask=mask, position_ids=positions(mask))[0]
-    last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
-    return rm.score(h[torch.arange(len(ids)), last]).squeeze(-1).float()
-
-
-def token_values(critic, ids, mask):
-    """critic：同样的打分头作用在每个位置上 = 每个前缀的价值 V。"""
-    h = getattr(critic, critic.base_model_prefix)(input_ids=ids, attention_mask=mask, position_ids=positions(mask))[0]
-    return critic.score(h).squeeze(-1).float()
-
-
-def token_logprobs(model, ids, mask, start: int):
-    """回答部分每个 token 的 log π 与熵：位置 t 的 logits 预测 t+1 的 token。"""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, start - 1:-1].float()
-    logp_all = torch.log_softmax(logits, -1)
-    logp = logp_all.gather(-1, ids[:, start:, None]).squeeze(-1)
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
-
-
-def sgd_step(opt, loss, params=None) -> float:
-    """反向传播 + （可选）梯度裁剪 + 一步更新。"""
-    loss.backward()
-    if params is not None:
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    opt.zero_grad()
-    return loss.item()
-
-
 def encode(tok, texts, device, max_length: int):
     tok.padding_side = "right"
     return tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
                add_special_tokens=False).to(device)
-
-
-def pair_texts(tok, pairs):
-    """RM 的输入：对话模板渲染的 prompt + 回答 + eos（与 PPO 生成的回答同一格式）。"""
-    pt = [data.prompt_text(tok, user_msgs(p["prompt"])) for p in pairs]
-    return ([a + text_of(p["chosen"]) + tok.eos_token for a, p in zip(pt, pairs)],
-            [a + text_of(p["rejected"]) + tok.eos_token for a, p in zip(pt, pairs)])
 
 
 def stage1_sft(actor, tok, pairs, args, rng, log):
@@ -133,15 +91,17 @@ def stage1_sft(actor, tok, pairs, args, rng, log):
         n = max(len(r["input_ids"]) for r in b)
         cols = {key: torch.tensor([r[key] + [v] * (n - len(r[key])) for r in b], device=actor.device)
                 for key, v in (("input_ids", tok.pad_token_id), ("attention_mask", 0), ("labels", -100))}
-        loss = sgd_step(opt, actor(**cols).loss)
+        loss = train.optimizer_step(opt, actor(**cols).loss)
         if step % 10 == 0 or step == args.sft_steps - 1:
             log.info(f"[SFT] step {step + 1}/{args.sft_steps} loss {loss:.3f}")
 
 
 def pair_scores(rm, tok, pairs, max_length: int):
-    c, r = pair_texts(tok, pairs)
-    enc = encode(tok, c + r, rm.device, max_length)
-    return seq_scores(rm, enc.input_ids, enc.attention_mask).chunk(2)
+    """RM 的输入：对话模板渲染的 prompt + 回答 + eos（与 PPO 生成的回答同一格式）；返回 (chosen 分, rejected 分)。"""
+    pt = [data.prompt_text(tok, user_msgs(p["prompt"])) for p in pairs]
+    texts = [a + text_of(p[key]) + tok.eos_token for key in ("chosen", "rejected") for a, p in zip(pt, pairs)]
+    enc = encode(tok, texts, rm.device, max_length)
+    return scoring.last_token_scores(rm, enc.input_ids, enc.attention_mask).chunk(2)
 
 
 def stage2_reward_model(rm, tok, train_pairs, eval_pairs, args, rng, log) -> float:
@@ -150,7 +110,7 @@ def stage2_reward_model(rm, tok, train_pairs, eval_pairs, args, rng, log) -> flo
     rm.train()
     for step in range(args.rm_steps):
         sc, sr = pair_scores(rm, tok, rng.sample(train_pairs, min(8, len(train_pairs))), args.max_length)
-        loss = sgd_step(opt, -torch.nn.functional.logsigmoid(sc - sr).mean())
+        loss = train.optimizer_step(opt, -torch.nn.functional.logsigmoid(sc - sr).mean())
         if step % 20 == 0 or step == args.rm_steps - 1:
             log.info(f"[RM] step {step + 1}/{args.rm_steps} loss {loss:.3f}")
     return rm_accuracy(rm, tok, eval_pairs, args.max_length)
@@ -184,7 +144,7 @@ def mean_reward(actor, rm, tok, prompts, args) -> float:
     for i in range(0, len(prompts), 16):
         seq, mask, _ = rollout(actor, tok, prompts[i:i + 16], args.max_new_tokens, greedy=True)
         with torch.no_grad():
-            scores += seq_scores(rm, seq, mask).tolist()
+            scores += scoring.last_token_scores(rm, seq, mask).tolist()
     return sum(scores) / len(scores)
 
 
@@ -193,10 +153,10 @@ def make_experience(actor, ref, critic, rm, tok, prompts, args) -> dict:
     seq, mask, start = rollout(actor, tok, prompts, args.max_new_tokens)
     rmask = mask[:, start:].float()
     with torch.no_grad():
-        logp, _ = token_logprobs(actor, seq, mask, start)
-        ref_logp, _ = token_logprobs(ref, seq, mask, start)
-        values = token_values(critic, seq, mask)[:, start - 1:-1] * rmask   # V(前缀)：生成第 t 个 token 之前
-        score = seq_scores(rm, seq, mask)
+        logp, _ = scoring.response_logprobs(actor, seq, mask, start)
+        ref_logp, _ = scoring.response_logprobs(ref, seq, mask, start)
+        values = scoring.token_scores(critic, seq, mask)[:, start - 1:-1] * rmask   # V(前缀)：生成第 t 个 token 之前
+        score = scoring.last_token_scores(rm, seq, mask)
     kl = (logp - ref_logp) * rmask
     rewards = -args.kl_coef * kl
     last = rmask.sum(1).long() - 1
@@ -222,16 +182,16 @@ def ppo_update(actor, critic, opt_a, opt_c, exp, args) -> tuple[float, float, fl
     for _ in range(args.ppo_epochs):
         for idx in torch.randperm(n).split(args.mini_batch_size):
             ids, mask, m = exp["seq"][idx], exp["mask"][idx], exp["rmask"][idx]
-            logp, ent = token_logprobs(actor, ids, mask, exp["start"])
+            logp, ent = scoring.response_logprobs(actor, ids, mask, exp["start"])
             ratio = torch.exp((logp - exp["logp"][idx]) * m)
             adv = exp["adv"][idx]
             pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
-            pg_loss = sgd_step(opt_a, (pg * m).sum() / m.sum(), actor.parameters())
-            v = token_values(critic, ids, mask)[:, exp["start"] - 1:-1]
+            pg_loss = train.optimizer_step(opt_a, (pg * m).sum() / m.sum(), actor.parameters())
+            v = scoring.token_scores(critic, ids, mask)[:, exp["start"] - 1:-1]
             old_v, ret = exp["values"][idx], exp["returns"][idx]
             v_clip = old_v + (v - old_v).clamp(-args.cliprange_value, args.cliprange_value)
             vf = 0.5 * (torch.max((v - ret) ** 2, (v_clip - ret) ** 2) * m).sum() / m.sum()
-            vf_loss = sgd_step(opt_c, vf, critic.parameters())
+            vf_loss = train.optimizer_step(opt_c, vf, critic.parameters())
             ents.append(((ent * m).sum() / m.sum()).item())
     return pg_loss, vf_loss, sum(ents) / len(ents)
 
@@ -258,7 +218,8 @@ def stage3_trl(algo, actor, tok, rm, prompts, args, out) -> list[dict]:
     def rm_reward(prompts, completions, **_):
         enc = encode(tok, [p + c + tok.eos_token for p, c in zip(prompts, completions)], rm.device, 512)
         with torch.no_grad():
-            return seq_scores(rm, enc.input_ids, enc.attention_mask).clamp(-args.reward_clip, args.reward_clip).tolist()
+            scores = scoring.last_token_scores(rm, enc.input_ids, enc.attention_mask)
+        return scores.clamp(-args.reward_clip, args.reward_clip).tolist()
 
     Config, Trainer = (GRPOConfig, GRPOTrainer) if algo == "grpo" else (RLOOConfig, RLOOTrainer)
     bs = max(args.num_generations, args.rollout_batch // args.num_generations * args.num_generations)
