@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from common import cli, data, models, retrieval, run
 from common.errors import UserError
 
-SMOKE = dict(sizes=[1000, 4000], clients=[1, 4], requests=60, seconds_per_config=1.5, gen_tokens=16, doc_stride=4)
+SMOKE = dict(sizes=[1000, 4000], clients=[1, 4], requests=60, seconds_per_config=1.5, gen_tokens=16, doc_stride=4, serve=False)
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Args(retrieval.KBArgs):
     omp_threads: int = cli.arg(1, "FAISS 单个查询内部的 OpenMP 线程数：并发来自客户端，单查询再开多线程只会互相抢核", min=1)
     gen_tokens: int = cli.arg(32, "测生成速度时每次生成的 token 数", min=1)
     base_url: str = cli.arg(None, "已在运行的 OpenAI 兼容聊天服务（如第 5 课的服务），测端到端 RAG req/s")
-    serve: bool = cli.arg(False, "自己启动第 5 课的聊天服务（common.serving）再测端到端 RAG req/s")
+    serve: bool = cli.arg(True, "自己启动第 5 课的聊天服务（common.serving）再测端到端 RAG req/s（--smoke 时关）")
 
 
 def synth_vectors(base, n: int, noise: float, rng):
