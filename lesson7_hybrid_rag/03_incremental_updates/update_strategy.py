@@ -9,13 +9,13 @@
     然后重跑更新，检查索引与"干净重建"完全一致（块 id、文本、来源、向量），没有重复块也没有丢块，审计日志一致。
 
 运行：
-  python lesson7_hybrid_rag/03_incremental_updates/update_strategy.py            # CPU，全部文档，10 次崩溃试验，约 1 分钟
-  python lesson7_hybrid_rag/03_incremental_updates/update_strategy.py --smoke    # 1/4 文档，10 次崩溃试验，约 30 秒
+  python lesson7_hybrid_rag/03_incremental_updates/update_strategy.py            # CPU，全部文档，10 次崩溃试验
+  python lesson7_hybrid_rag/03_incremental_updates/update_strategy.py --smoke    # 1/4 文档，10 次崩溃试验
   python lesson7_hybrid_rag/03_incremental_updates/update_strategy.py --docs 你的文档目录 --crash-trials 30 \\
       --embedding-model BAAI/bge-small-zh-v1.5 --config configs/lesson7/update_strategy.yaml   # GPU / 自己的数据
 
-你会看到：第一次更新只重新向量化新增与改动的块（约占总块数一成多），无变化的更新 0 个，
-定期全量重建全部重算；10 次 SIGKILL 之后重跑，索引都与干净重建一致（consistent_after_crash = true）。
+你会看到（冒烟实测，57 块）：增量更新只重新向量化 4 / 57 块，无变化的更新 0 块，定期全量重建 57 块；
+10 次 SIGKILL（9 次真的杀在途中）之后重跑，索引都与干净重建一致（consistent_after_crash = true）。
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@
   - 画 log-log 图：单客户端 p50 延迟随语料规模的变化。
 
 运行：
-  python lesson7_hybrid_rag/06_performance_testing/performance_benchmark.py            # CPU：1k/10k/100k，约 3 分钟
-  python lesson7_hybrid_rag/06_performance_testing/performance_benchmark.py --smoke    # 1k/4k、1/4 客户端，约 30 秒
+  python lesson7_hybrid_rag/06_performance_testing/performance_benchmark.py            # CPU：1k/10k/100k
+  python lesson7_hybrid_rag/06_performance_testing/performance_benchmark.py --smoke    # 1k/4k、1/4 客户端
   python lesson7_hybrid_rag/06_performance_testing/performance_benchmark.py --sizes 1000 10000 100000 1000000 \\
       --config configs/lesson7/performance_benchmark.yaml                              # 大机器 / GPU 版 FAISS
 
