@@ -1,0 +1,341 @@
+"""知识库增量更新：增 / 改 / 删文档时只重新向量化变了的块，定期全量重建，追加式审计日志，进程被 SIGKILL 也不坏。
+
+做法（都是真实的库）：
+  - LangChain 索引 API `index(..., cleanup="full")` + `SQLRecordManager`（SQLite）记下每个块内容哈希，
+    向量库是 Chroma（langchain-chroma，本地持久化）；块 id = 内容哈希，没变的块直接跳过，不再向量化；
+  - 审计日志 audit.jsonl 只追加：每次更新先写本次的动作（time / doc_id / action / hash），索引写完再写一行 commit；
+    "已提交状态" = 按顺序回放有 commit 的更新，下一次更新就和它比（崩溃的那次没有 commit，重跑时会再做一遍）；
+  - 崩溃测试：子进程做更新，在随机点（一半在第 N 次写向量库/记录表/日志时，一半按随机时长）被 SIGKILL，
+    然后重跑更新，检查索引与"干净重建"完全一致（块 id、文本、来源、向量），没有重复块也没有丢块，审计日志一致。
+
+运行：
+  python lesson7_hybrid_rag/03_incremental_updates/update_strategy.py            # CPU，全部文档，10 次崩溃试验
+  python lesson7_hybrid_rag/03_incremental_updates/update_strategy.py --smoke    # 1/4 文档，10 次崩溃试验
+  python lesson7_hybrid_rag/03_incremental_updates/update_strategy.py --docs 你的文档目录 --crash-trials 30 \\
+      --embedding-model BAAI/bge-small-zh-v1.5 --config configs/lesson7/update_strategy.yaml   # GPU / 自己的数据
+
+你会看到（冒烟实测，57 块）：增量更新只重新向量化 4 / 57 块，无变化的更新 0 块，定期全量重建 57 块；
+10 次 SIGKILL（9 次真的杀在途中）之后重跑，索引都与干净重建一致（consistent_after_crash = true）。
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import cli, data, models, retrieval, run
+from common.errors import UserError
+
+SMOKE = dict(doc_stride=4)
+NEW_DOCS = {  # 第一次更新新增的两篇（项目自写，中英各一）
+    "faq/r5_presale_zh.md": "# 云帆扫地机器人 R5 预售说明\n\nR5 将于下月开启预售，预售价 2999 元，定金 100 元可抵 300 元。\n\n"
+                            "R5 支持自动集尘和热风烘干拖布，整机保修 2 年，电池保修 1 年。预售订单在正式发售后 3 天内发货。",
+    "faq/r5_presale_en.md": "# Yunfan R5 pre-sale\n\nThe R5 opens for pre-order next month at 2999 yuan. A 100 yuan deposit counts "
+                            "as 300 yuan at checkout.\n\nThe R5 adds an auto-empty dock and hot-air mop drying. Pre-orders ship "
+                            "within 3 days of the official launch.",
+}
+
+
+@dataclass
+class Args(retrieval.KBArgs):
+    chunk_size: int = cli.arg(300, "切块长度（字符）", min=50)
+    chunk_overlap: int = cli.arg(50, "相邻块重叠（字符）", min=0)
+    doc_stride: int = cli.arg(1, "每隔几篇取一篇文档（--smoke 时 4）", min=1)
+    batch_size: int = cli.arg(16, "索引 API 每批写入的块数（批越小，可崩溃的点越多）", min=1)
+    full_rebuild_every: int = cli.arg(3, "每多少次更新做一次定期全量重建（清空后重算）", min=1)
+    crash_trials: int = cli.arg(10, "SIGKILL 崩溃试验次数（随机点由 --seed 决定）", min=0)
+
+
+# ---------- 更新本身：在子进程里运行（Chroma 与 torch 都只在子进程里初始化，父进程 fork 才安全） ----------
+class Counting:
+    """包一层 LangChain Embeddings：数一数真正被向量化了多少段文本；模型第一次用到时才加载。"""
+
+    def __init__(self, name: str | None, cache_dir: Path | None = None):
+        self.name, self.cache_dir, self.count, self._inner = name, cache_dir, 0, None
+
+    def _model(self):
+        if self._inner is None:
+            from langchain_huggingface import HuggingFaceEmbeddings
+
+            self._inner = HuggingFaceEmbeddings(model_name=self.name or retrieval.default_embedding_model(),
+                                                encode_kwargs={"normalize_embeddings": True})
+        return self._inner
+
+    def langchain(self):
+        """返回 LangChain Embeddings；给了 cache_dir 时套上 CacheBackedEmbeddings（崩溃试验用，省得反复算同样的块）。"""
+        from langchain_core.embeddings import Embeddings
+
+        outer = self
+
+        class _E(Embeddings):
+            def embed_documents(self, texts):
+                outer.count += len(texts)
+                return outer._model().embed_documents(texts)
+
+            def embed_query(self, text):
+                return outer._model().embed_query(text)
+        if self.cache_dir is None:
+            return _E()
+        from langchain_classic.embeddings import CacheBackedEmbeddings
+        from langchain_classic.storage import LocalFileStore
+
+        return CacheBackedEmbeddings.from_bytes_store(_E(), LocalFileStore(str(self.cache_dir)), namespace="minilm",
+                                                      key_encoder="sha256")
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_audit(path: Path) -> tuple[list[dict], dict[str, str]]:
+    """读审计日志；最后一行可能被 SIGKILL 写了一半，跳过它。返回 (全部记录, 已提交状态 doc_id -> hash)。"""
+    if not path.exists():
+        return [], {}
+    recs = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    committed = {r["update"] for r in recs if r["action"] == "commit"}
+    state: dict[str, str] = {}
+    for r in recs:
+        if r["update"] in committed and r["action"] in ("add", "modify"):
+            state[r["doc_id"]] = r["hash"]
+        elif r["update"] in committed and r["action"] == "delete":
+            state.pop(r["doc_id"], None)
+        elif r["update"] in committed and r["action"] == "rebuild":
+            state = {}
+    return recs, state
+
+
+def append_audit(path: Path, rec: dict) -> None:
+    """追加一行并 fsync：日志只增不改，崩溃最多留下半行（读时跳过）。"""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_store(state: Path, embeddings):
+    """Chroma（本地持久化）+ SQLRecordManager（SQLite），都放在 state 目录里。"""
+    from langchain_chroma import Chroma
+    from langchain_classic.indexes import SQLRecordManager
+
+    vs = Chroma(collection_name="kb_chunks", embedding_function=embeddings, persist_directory=str(state / "chroma"))
+    rm = SQLRecordManager("chroma/kb_chunks", db_url=f"sqlite:///{state / 'records.db'}")
+    rm.create_schema()
+    return vs, rm
+
+
+def update(args: Args, docs_dir: Path, state: Path, embed: Counting, rebuild: bool = False, crash_at: int = 0) -> dict:
+    """一次更新：与已提交状态比出增/改/删 → 写审计 → LangChain index() 增量写入 → commit。crash_at>0：第 N 次写时自杀。"""
+    from langchain_classic.indexes import index
+    from langchain_core.documents import Document
+
+    state.mkdir(parents=True, exist_ok=True)
+    ops = [0]
+
+    def tick():
+        ops[0] += 1
+        if ops[0] == crash_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    docs = data.load_documents(docs_dir)
+    current = {d.id: sha(d.text) for d in docs}
+    audit = state / "audit.jsonl"
+    recs, committed = read_audit(audit)
+    uid = f"u{len({r['update'] for r in recs}) + 1}-{os.getpid()}"
+    actions = ([("rebuild", "*", "")] if rebuild else []) + \
+              [("add" if d not in committed else "modify", d, h) for d, h in current.items()
+               if rebuild or committed.get(d) != h] + \
+              [("delete", d, h) for d, h in committed.items() if d not in current]
+    for act, doc_id, h in actions:
+        append_audit(audit, {"time": time.time(), "update": uid, "doc_id": doc_id, "action": act, "hash": h})
+        tick()
+    vs, rm = open_store(state, embed.langchain())
+    for obj, names in ((vs, ("add_documents", "delete")), (rm, ("update", "delete_keys"))):
+        for n in names:   # 在每次真正写盘之前都可能被杀
+            orig = getattr(obj, n)
+            setattr(obj, n, lambda *a, _o=orig, **k: (tick(), _o(*a, **k))[1])
+    if rebuild:
+        vs.delete_collection()
+        rm.delete_keys(rm.list_keys())
+        vs, rm = open_store(state, embed.langchain())
+    chunks = retrieval.chunk_documents(docs, args.chunk_size, args.chunk_overlap)
+    lc_docs = [Document(page_content=c.text, metadata={"source": c.doc_id}) for c in chunks]
+    before = embed.count
+    res = index(lc_docs, rm, vs, cleanup="full", source_id_key="source", batch_size=args.batch_size,
+                key_encoder="sha256")
+    append_audit(audit, {"time": time.time(), "update": uid, "doc_id": "*", "action": "commit", "hash": ""})
+    tick()
+    return {**res, "reembedded": embed.count - before, "actions": len(actions), "ops": ops[0], "chunks": len(chunks)}
+
+
+def snapshot(state: Path) -> dict:
+    """索引的内容：块 id、来源、文本哈希、向量（四舍五入后哈希），以及记录表里的键。"""
+    vs, rm = open_store(state, Counting(None).langchain())
+    got = vs.get(include=["documents", "metadatas", "embeddings"])
+    rows = sorted([i, m["source"], sha(t)] for i, t, m in zip(got["ids"], got["documents"], got["metadatas"]))
+    vecs = {i: [float(x) for x in e] for i, e in zip(got["ids"], got["embeddings"])}
+    return {"rows": rows, "vectors": vecs, "record_keys": sorted(rm.list_keys())}
+
+
+def same_index(a: dict, b: dict) -> bool:
+    """块（id、来源、文本）完全相同，向量逐元素差 < 1e-4（不同批大小下矩阵乘法的舍入会差 1e-7 量级）。"""
+    return a["rows"] == b["rows"] and all(
+        max(abs(x - y) for x, y in zip(a["vectors"][i], b["vectors"][i])) < 1e-4 for i, *_ in a["rows"])
+
+
+def rerun_and_snapshot(args, docs_dir: Path, state: Path, embed: Counting) -> dict:
+    """崩溃之后：重跑同一次更新，再取索引快照（同一个子进程里做，省一次启动）。"""
+    update(args, docs_dir, state, embed)
+    return snapshot(state)
+
+
+def in_child(fn, *a, kill_after: float | None = None) -> dict | None:
+    """fork 一个子进程跑 fn，结果经 JSON 文件带回；kill_after 秒后由父进程 SIGKILL（None = 等它跑完）。"""
+    import tempfile
+
+    res = Path(tempfile.mkstemp(suffix=".json")[1])
+
+    def target():
+        res.write_text(json.dumps(fn(*a)), encoding="utf-8")
+    p = mp.get_context("fork").Process(target=target)
+    p.start()
+    p.join(kill_after)
+    if p.is_alive():
+        os.kill(p.pid, signal.SIGKILL)
+        p.join()
+    text = res.read_text(encoding="utf-8")
+    res.unlink()
+    if p.exitcode not in (0, -signal.SIGKILL):
+        raise RuntimeError(f"更新子进程异常退出（退出码 {p.exitcode}）")
+    return json.loads(text) if p.exitcode == 0 and text else None
+
+
+def apply_changes(live: Path) -> dict:
+    """第一次更新的改动：新增 2 篇、改 2 篇（改一个数字、补一段）、删 1 篇。"""
+    files = sorted(p for p in live.rglob("*") if p.is_file())
+    for rel, text in NEW_DOCS.items():
+        (live / rel).parent.mkdir(parents=True, exist_ok=True)
+        (live / rel).write_text(text + "\n", encoding="utf-8")
+    a, b, c = files[0], files[len(files) // 2], files[-1]
+    a.write_text(a.read_text(encoding="utf-8").replace("1", "2", 1), encoding="utf-8")
+    b.write_text(b.read_text(encoding="utf-8") + "\n\n补充说明 / Note: 本条款自 2027 年 1 月 1 日起生效。\n", encoding="utf-8")
+    c.unlink()
+    return {"added": list(NEW_DOCS), "modified": [str(a.relative_to(live)), str(b.relative_to(live))],
+            "deleted": [str(c.relative_to(live))]}
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args, smoke_threads=1)
+    log = out.log
+    models.pick_device(args.device)
+    if args.chunk_overlap >= args.chunk_size:
+        raise UserError(f"--chunk-overlap {args.chunk_overlap}: 必须小于 --chunk-size {args.chunk_size}")
+    import langchain_chroma  # noqa: F401 - 先在父进程里导入（不建客户端），fork 出的子进程直接复用
+    import langchain_classic.indexes  # noqa: F401
+    import langchain_huggingface  # noqa: F401
+
+    # 1. 准备一份"活的"知识库副本（v0），以及它的改动版本（v1）
+    docs, _, _ = retrieval.load_kb(args.docs, args.qa)
+    v0, v1 = out.path("kb_v0"), out.path("kb_v1")
+    for d in (v0, v1):
+        shutil.rmtree(d, ignore_errors=True)
+    for doc in docs[::args.doc_stride]:
+        (v0 / doc.id).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(doc.path, v0 / doc.id)
+    shutil.copytree(v0, v1)
+    changes = apply_changes(v1)
+    log.info(f"v0 {sum(1 for _ in v0.rglob('*.*'))} 篇文档；v1 改动：{changes}")
+
+    # 2. 初次建库 → 增量更新 → 无变化的更新 → 定期全量重建（每 --full-rebuild-every 次）
+    state = out.path("index_state")
+    shutil.rmtree(state, ignore_errors=True)
+    plain = Counting(args.embedding_model)
+    history = []
+    for n, (name, folder) in enumerate([("initial", v0), ("incremental", v1), ("no_change", v1), ("again", v1)], 1):
+        rebuild = n > 1 and (n - 1) % args.full_rebuild_every == 0        # 第 N 次更新：定期全量重建
+        name = "scheduled_rebuild" if rebuild else name
+        r = in_child(update, args, folder, state, plain, rebuild)
+        history.append({"round": name, "rebuild": rebuild, **r})
+        log.info(f"更新 {n}（{name}{'，全量重建' if rebuild else ''}）：新增 {r['num_added']}、跳过 {r['num_skipped']}、"
+                 f"删除 {r['num_deleted']}，重新向量化 {r['reembedded']} / {r['chunks']} 块")
+    incr = history[1]
+
+    # 3. 干净重建：同样的 v1 从零建一个索引，作为崩溃试验的"标准答案"
+    cache, pristine, clean = out.path("embed_cache"), out.path("state_v0"), out.path("state_clean")
+    for d in (cache, pristine, clean):
+        shutil.rmtree(d, ignore_errors=True)
+    cached = Counting(args.embedding_model, cache)
+    in_child(update, args, v0, pristine, cached)
+    in_child(update, args, v1, clean, cached)
+    want = in_child(snapshot, clean)
+    final = in_child(snapshot, state)
+    same_as_rebuild = same_index(final, want)
+
+    # 4. 崩溃试验：从 v0 的索引出发更新到 v1，在随机点 SIGKILL，重跑，再与干净重建比
+    rng = random.Random(args.seed)
+    t = time.perf_counter()
+    total_ops = in_child(update, args, v1, trial_dir(out, -1, pristine), cached)["ops"]
+    full_s = time.perf_counter() - t                                     # 一次完整更新（含子进程启动）的用时
+    shutil.rmtree(out.path("trial_-1"), ignore_errors=True)
+    trials = []
+    for t in range(args.crash_trials):
+        d = trial_dir(out, t, pristine)
+        if t % 2 == 0:   # 在第 N 次写之前自杀（覆盖每一种"写了一半"的中间状态）
+            point = rng.randint(1, total_ops)
+            killed = in_child(update, args, v1, d, cached, False, point) is None
+        else:            # 按随机时长从外面杀（可能正好在 Chroma / SQLite 写盘途中）
+            point = round(rng.uniform(0.2, 1.0) * full_s, 3)
+            killed = in_child(update, args, v1, d, cached, kill_after=point) is None
+        snap = in_child(rerun_and_snapshot, args, v1, d, cached)              # 重跑，再取快照
+        recs, committed = read_audit(d / "audit.jsonl")
+        audit_ok = committed == {p.relative_to(v1).as_posix(): sha(data.read_document(p))
+                                 for p in sorted(v1.rglob("*.*"))}
+        ids = [r[0] for r in snap["rows"]]
+        ok = (same_index(snap, want) and len(ids) == len(set(ids)) and snap["record_keys"] == sorted(ids)
+              and audit_ok)
+        trials.append({"trial": t, "kind": "op" if t % 2 == 0 else "timer", "point": point, "killed": killed,
+                       "consistent": ok, "chunks": len(ids), "audit_lines": len(recs)})
+        log.info(f"崩溃试验 {t}：{f'第 {point} 次写' if t % 2 == 0 else f'{point:.2f} 秒'} "
+                 f"{'被杀' if killed else '（已跑完）'} → 重跑后{'一致' if ok else '不一致！'}")
+        shutil.rmtree(d, ignore_errors=True)
+
+    fig, save = out.plot("reembedded_per_round.png")
+    ax = fig.add_subplot(111)
+    ax.bar([h["round"] for h in history], [h["reembedded"] for h in history], label="re-embedded chunks")
+    ax.plot([h["round"] for h in history], [h["chunks"] for h in history], "k--o", label="total chunks")
+    ax.set(ylabel="chunks", title="chunks embedded per update round")
+    ax.legend()
+    save()
+    consistent = all(t["consistent"] for t in trials) and same_as_rebuild
+    return out.finish({"reembedded": incr["reembedded"], "total_chunks": incr["chunks"],
+                       "crash_trials": len(trials), "consistent_after_crash": consistent,
+                       "killed_trials": sum(bool(t["killed"]) for t in trials), "incremental_equals_rebuild": same_as_rebuild,
+                       "rounds": history, "trials": trials, "changes": changes, "total_ops": total_ops},
+                      summary=f"增量更新只重算 {incr['reembedded']}/{incr['chunks']} 块；{len(trials)} 次 SIGKILL 试验"
+                              f"（{sum(bool(t['killed']) for t in trials)} 次真的杀在途中）后重跑，"
+                              f"与干净重建一致={consistent}")
+
+
+def trial_dir(out, t: int, pristine: Path) -> Path:
+    """每次试验从 v0 索引的一份拷贝出发（v0 由已退出的子进程写完，文件是关着的）。"""
+    d = out.path(f"trial_{t}")
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(pristine, d)
+    return d
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))

@@ -1,0 +1,46 @@
+"""第 7 课 05：服务中途被 SIGKILL，请求切到本地备用模型一个不丢；熔断器 断开 → 半开 → 重新闭合；库外问题拒答。"""
+import pytest
+
+from tests.conftest import assert_user_error, load_script
+
+SCRIPT = "lesson7_hybrid_rag/05_hybrid_inference/hybrid_inference.py"
+
+
+@pytest.mark.needs_service
+def test_failover_and_circuit_breaker(tmp_path, tiny_models):
+    mod = load_script(SCRIPT)
+    m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
+    assert m["correct"] + m["abstained"] + m["wrong"] == len(m["rows"])
+    assert m["failover_worked"] is True, m["rows"]
+    assert m["failover_ms"] > 0
+    assert m["served_by"]["server"] > 0 and m["served_by"]["fallback"] > 0
+    states = m["breaker_states"]
+    assert "open" in states and "half_open" in states and states[-1] == "closed", states
+    assert m["breaker_reclosed"] is True and m["server_after_restart"] > 0
+    # 置信度路由：库外问题至少有一半被拒答/转人工
+    assert m["abstained_out_of_kb"] >= m["out_of_kb"] / 2, m["rows"]
+
+
+def test_breaker_state_machine():
+    mod = load_script(SCRIPT)
+    b = mod.CircuitBreaker(threshold=2, reset_timeout=0.05)
+    assert b.allow()
+    b.failure()
+    assert b.allow() and b.state == "closed"
+    b.failure()
+    assert not b.allow() and b.state == "open"
+    import time
+    time.sleep(0.06)
+    assert b.allow() and b.state == "half_open"
+    b.failure()                                        # 半开时试探失败：立即再断开
+    assert b.state == "open" and not b.allow()
+    time.sleep(0.06)
+    assert b.allow()
+    b.success()
+    assert b.state == "closed" and [s["state"] for s in b.log] == ["open", "half_open", "open", "half_open", "closed"]
+
+
+def test_bad_thresholds_are_one_line_error(run_script, tmp_path):
+    proc = run_script(SCRIPT, "--smoke", "--abstain-threshold", "0.9", "--rag-threshold", "0.5",
+                      "--output-dir", str(tmp_path))
+    assert_user_error(proc, "--abstain-threshold")
