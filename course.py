@@ -6,6 +6,7 @@
   python course.py --lesson 1 --smoke    # 只跑第 1 课
   python course.py --only lora           # 只跑路径里含 lora 的脚本（也可用通配符 '*rag*'）
   python course.py --report-only         # 不运行，只用已有结果重新生成报告
+  python course.py --smoke --outputs /tmp/course   # 输出（每个脚本的目录、日志、报告）写到别处
 
 你会看到：每个脚本的通过/失败与用时表，以及一份自包含（图片内嵌）的 HTML 报告；有脚本失败时退出码非 0。
 """
@@ -22,8 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+from common import run as common_run
+
 REPO = Path(__file__).resolve().parent
-OUTPUTS = REPO / "outputs"
+OUTPUTS = common_run.outputs_root()   # 默认 outputs/；--outputs 改它（并通过环境变量传给每个脚本）
 
 
 def discover(lessons: list[int] | None = None, only: str | None = None) -> list[Path]:
@@ -41,19 +44,20 @@ def discover(lessons: list[int] | None = None, only: str | None = None) -> list[
     return scripts
 
 
-def out_dir_of(script: Path) -> Path:
-    """脚本的默认输出目录（与 common.run.default_output_dir 相同的约定）。"""
-    return OUTPUTS / script.parent.relative_to(REPO)
+def out_dir_of(script: Path, outputs: Path | None = None) -> Path:
+    """脚本的默认输出目录：就是脚本自己用的 common.run.default_output_dir（根目录 outputs）。"""
+    return common_run.default_output_dir(script, outputs or OUTPUTS)
 
 
-def run_one(script: Path, smoke: bool, timeout: int) -> dict:
-    """在独立进程里运行一个脚本，日志写到 outputs/logs/。"""
+def run_one(script: Path, smoke: bool, timeout: int, outputs: Path | None = None) -> dict:
+    """在独立进程里运行一个脚本，日志写到 <outputs>/logs/；脚本的输出目录也在 outputs 下（经环境变量告诉它）。"""
+    outputs = outputs or OUTPUTS
     rel = script.relative_to(REPO).as_posix()
-    log = OUTPUTS / "logs" / (rel.replace("/", "__") + ".log")
+    log = outputs / "logs" / (rel.replace("/", "__") + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(script)] + (["--smoke"] if smoke else [])
     t0 = time.perf_counter()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", common_run.OUTPUTS_ENV: str(outputs)}
     try:
         proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               timeout=timeout, env=env)
@@ -65,7 +69,7 @@ def run_one(script: Path, smoke: bool, timeout: int) -> dict:
     log.write_text(text, encoding="utf-8")
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return {"script": rel, "ok": code == 0, "code": code, "seconds": round(secs, 1),
-            "summary": lines[-1][:300] if lines else "", "log": str(log.relative_to(REPO))}
+            "summary": lines[-1][:300] if lines else "", "log": str(log)}
 
 
 def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -94,7 +98,7 @@ margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;vertica
 margin:.5em 0}code{background:#f5f5f5;padding:1px 4px}.metrics td:first-child{font-family:monospace}"""
 
 
-def write_report(results: list[dict], scripts: list[Path], path: Path) -> Path:
+def write_report(results: list[dict], scripts: list[Path], path: Path, outputs: Path | None = None) -> Path:
     """把每个脚本的 metrics.json 与 PNG 汇总成一个自包含的 HTML 页面。"""
     by_script = {r["script"]: r for r in results}
     parts = [f"<!doctype html><html lang='zh'><meta charset='utf-8'><title>LLM 课程运行报告</title>"
@@ -115,7 +119,7 @@ def write_report(results: list[dict], scripts: list[Path], path: Path) -> Path:
     parts.append("</table>")
     for s in scripts:
         rel = s.relative_to(REPO).as_posix()
-        d = out_dir_of(s)
+        d = out_dir_of(s, outputs)
         parts.append(f"<h2 id='{html.escape(rel)}'>{html.escape(rel)}</h2>")
         mfile = d / "metrics.json"
         if mfile.exists():
@@ -145,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="只跑路径匹配的脚本（子串或通配符）")
     ap.add_argument("--timeout", type=int, default=1800, help="单个脚本的超时秒数")
     ap.add_argument("--report-only", action="store_true", help="不运行，只用已有结果生成报告")
+    ap.add_argument("--outputs", help="输出根目录（默认 outputs/，或环境变量 LLM_COURSE_OUTPUTS）")
     args = ap.parse_args(argv)
+    outputs = Path(args.outputs).resolve() if args.outputs else OUTPUTS
 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -162,12 +168,12 @@ def main(argv: list[str] | None = None) -> int:
             task = bar.add_task("课程", total=len(scripts))
             for s in scripts:
                 bar.update(task, description=f"运行 {s.relative_to(REPO)}")
-                r = run_one(s, args.smoke, args.timeout)
+                r = run_one(s, args.smoke, args.timeout, outputs)
                 results.append(r)
                 mark = "[green]通过[/]" if r["ok"] else f"[red]失败 ({r['code']})，日志 {r['log']}[/]"
                 bar.console.print(f"{r['script']}: {mark} {r['seconds']} 秒")
                 bar.advance(task)
-    report = write_report(results, discover(args.lesson, args.only), OUTPUTS / "report.html")
+    report = write_report(results, discover(args.lesson, args.only), outputs / "report.html", outputs)
     t = Table(title="课程运行结果")
     for col in ("脚本", "状态", "秒"):
         t.add_column(col)
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         t.add_row(r["script"], "[green]通过[/]" if r["ok"] else "[red]失败[/]", f"{r['seconds']}")
     console.print(t)
     failed = [r for r in results if not r["ok"]]
-    console.print(f"报告：{report.relative_to(REPO)}；{len(results) - len(failed)}/{len(results)} 通过，"
+    console.print(f"报告：{report}；{len(results) - len(failed)}/{len(results)} 通过，"
                   f"共 {sum(r['seconds'] for r in results):.0f} 秒")
     return 1 if failed else 0
 

@@ -213,10 +213,15 @@ def load(name: str, source: str = "auto", device: str = "auto", dtype: str = "au
     return model, tok
 
 
-def load_args(args, name: str | None = None, for_training: bool = False, **model_kwargs):
-    """按脚本参数（--model/--source/--device/--dtype/--trust-remote-code）加载 (model, tokenizer)。"""
-    return load(name or args.resolved_model(), source=args.source, device=args.device, dtype=args.dtype,
-                trust_remote_code=args.trust_remote_code, for_training=for_training, **model_kwargs)
+def load_args(args, name: str | None = None, for_training: bool = False, device: str | None = None,
+              dtype: str | None = None, **model_kwargs):
+    """按脚本参数（--model/--source/--device/--dtype/--trust-remote-code）加载 (model, tokenizer)。
+
+    device / dtype：脚本要固定设备或精度时覆盖参数（例如 CPU 推理课固定 cpu + float32 作基线）。
+    """
+    return load(name or args.resolved_model(), source=args.source, device=device or args.device,
+                dtype=dtype or args.dtype, trust_remote_code=args.trust_remote_code, for_training=for_training,
+                **model_kwargs)
 
 
 def generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 8,

@@ -19,6 +19,14 @@ class KBArgs(cli.CommonArgs):
     qa: str = cli.arg(None, "检索问答 JSONL {question, answer, doc_id 和/或 gold_passage}；默认 data/kb/qa.jsonl")
     embedding_model: str = cli.arg(None, "sentence-transformers 模型名或目录；默认离线 all-MiniLM-L6-v2"
                                          "（英文模型，中文弱；中文用 BAAI/bge-small-zh-v1.5）")
+    max_docs: int = cli.arg(0, "只用其中 N 篇文档（均匀抽取，问答只留问这些文档的题；0 = 全部）", min=0)
+    max_questions: int = cli.arg(0, "最多用多少个问题（0 = 全部）", min=0)
+    data: str = cli.arg(None, "检索脚本不用它：文档用 --docs，问答用 --qa")
+
+    def __post_init__(self) -> None:
+        # 一个参数一个意思：--data 在别的课是训练数据文件，这里数据分成文档与问答两份
+        if self.data:
+            raise UserError(f"--data {self.data}: 检索脚本的数据分两份，请用 --docs <文档文件夹> 和 --qa <问答 JSONL>")
 
 # 中英文混排的切分优先级：段落 > 行 > 句末标点 > 分句标点 > 空格 > 字符
 SEPARATORS = ["\n\n", "\n", "。", "！", "？", ". ", "! ", "? ", "；", "; ", "，", ", ", " ", ""]
@@ -136,6 +144,24 @@ class DenseIndex:
         return [[(int(i), float(s)) for i, s in zip(row_i, row_s) if i >= 0] for row_i, row_s in zip(ids, scores)]
 
 
+def load_cross_encoder(name: str, device: str | None = None, max_length: int | None = None):
+    """加载交叉编码器（重排器）：本地目录或 hub id；加载不了（离线、路径不对）时一行 UserError 点名 --reranker。"""
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    try:
+        return CrossEncoder(name, device=device or "cpu", max_length=max_length)
+    except Exception as e:  # noqa: BLE001 - 离线找不到之类，统一成一行
+        raise UserError(f"--reranker {name}: 无法加载（{type(e).__name__}: {str(e).splitlines()[0][:150]}）") from None
+
+
+def rerank(cross_encoder, query: str, candidates: list[int], texts: list[str]) -> list[int]:
+    """交叉编码器给每个 (问题, 候选块) 打分，按分数从高到低重排：只改顺序，不增删候选（并列时保持原顺序）。"""
+    if not candidates:
+        return []
+    scores = cross_encoder.predict([(query, texts[i]) for i in candidates], show_progress_bar=False)
+    return [candidates[j] for j in sorted(range(len(candidates)), key=lambda j: -float(scores[j]))]
+
+
 def rrf(rankings: list[list[int]], weights: list[float] | None = None, k: int = 60) -> list[int]:
     """倒数排名融合（RRF）：score = Σ w / (k + rank)。只看名次，不怕两路分数尺度不同。"""
     weights = weights or [1.0] * len(rankings)
@@ -172,6 +198,12 @@ def recall_at_k(hits: list[list[bool]], k: int) -> float:
     return sum(any(h[:k]) for h in hits) / max(1, len(hits))
 
 
+def recall_by_lang(hits: list[list[bool]], qas: list[dict], k: int = 5) -> dict[str, float]:
+    """按问题语言（qa["lang"]）分别算 recall@k：中英文混合的知识库上，向量模型常常只在一种语言上好。"""
+    return {lang: round(recall_at_k([h for h, q in zip(hits, qas) if q.get("lang") == lang], k), 4)
+            for lang in sorted({q.get("lang") for q in qas if q.get("lang")})}
+
+
 def mrr(hits: list[list[bool]], k: int = 10) -> float:
     """平均倒数排名：第一个命中出现得越早越好。"""
     total = 0.0
@@ -184,7 +216,8 @@ def mrr(hits: list[list[bool]], k: int = 10) -> float:
 
 
 def ndcg_at_k(hits: list[list[bool]], k: int = 10) -> float:
-    """nDCG@k（二元相关，理想排序为一个相关块排第一）。"""
+    """nDCG@k，二元相关：DCG = Σ 1/log2(名次+1)（名次从 1 起）；理想 DCG 把前 k 里的命中块全部排在最前
+    （总共有几个相关块并不知道，以检索到的为准；一个命中也没有时按 1 个相关块算，该题得 0）。"""
     total = 0.0
     for h in hits:
         dcg = sum(1.0 / math.log2(r + 2) for r, ok in enumerate(h[:k]) if ok)
@@ -201,12 +234,112 @@ def evaluate(hits: list[list[bool]], ks: tuple[int, ...] = (1, 5, 10)) -> dict:
     return out
 
 
-def load_kb(docs_dir: str | Path | None, qa_path: str | Path | None):
-    """知识库 + 问答集（默认项目自带的客服知识库），并检查问答引用的文档都在。"""
+def subsample(docs: list[Document], qas: list[dict], max_docs: int = 0, max_questions: int = 0):
+    """唯一的抽样规则：文档均匀抽 max_docs 篇（中英文、各类文档都留一些），问答只留问到这些文档的题，
+    再取前 max_questions 题。0 = 不抽。返回 (docs, by_id, qas)。"""
+    if max_docs and len(docs) > max_docs:
+        docs = docs[:: len(docs) // max_docs][:max_docs]
+        keep = {d.id for d in docs}
+        qas = [q for q in qas if (q.get("doc_id") in keep if q.get("doc_id")
+                                  else any(q.get("gold_passage") and q["gold_passage"] in d.text for d in docs))]
+    if max_questions:
+        qas = qas[:max_questions]
+    return docs, {d.id: d for d in docs}, qas
+
+
+def load_kb(docs_dir: str | Path | None, qa_path: str | Path | None, max_docs: int = 0, max_questions: int = 0):
+    """知识库 + 问答集（默认项目自带的客服知识库），检查问答引用的文档都在；max_docs / max_questions 见 subsample。"""
     from common import data
 
     docs_dir = Path(docs_dir) if docs_dir else data.DATA_DIR / "kb" / "docs"
     qa_path = Path(qa_path) if qa_path else data.DATA_DIR / "kb" / "qa.jsonl"
     docs = data.load_documents(docs_dir)
-    by_id = {d.id: d for d in docs}
-    return docs, by_id, data.load_qa(qa_path, by_id)
+    docs, by_id, qas = subsample(docs, data.load_qa(qa_path, {d.id: d for d in docs}), max_docs, max_questions)
+    if not qas:
+        raise UserError(f"--max-docs {max_docs}: 抽到的 {len(docs)} 篇文档没有任何问答（{qa_path}）；请调大或设为 0")
+    return docs, by_id, qas
+
+
+# ---- 全文检索后端（第 6 课 01 对比、第 7 课混合检索可用）：都按 jieba 预分词后的词建索引，search 返回 [(块下标, 分数)] ----
+def _match_query(query: str) -> str:
+    """FTS5 查询串：每个词加引号再 OR（FTS5 默认 AND；不加引号时 "-"、":" 会被当成查询语法）。"""
+    return " OR ".join('"' + w.replace('"', '""') + '"' for w in bm25_tokens(query))
+
+
+class FTS5Index:
+    """SQLite FTS5：单个 .sqlite 文件，bm25() 排序（分数越小越相关，这里取负号，越大越好）。"""
+
+    def __init__(self, texts: list[str], db_path: str | Path):
+        import sqlite3
+
+        self.path = Path(db_path)
+        self.path.unlink(missing_ok=True)
+        self.con = sqlite3.connect(self.path, check_same_thread=False)
+        self.con.execute("CREATE VIRTUAL TABLE fts USING fts5(text)")
+        self.con.executemany("INSERT INTO fts(rowid, text) VALUES (?, ?)",
+                             ((i, " ".join(bm25_tokens(t))) for i, t in enumerate(texts)))
+        self.con.commit()
+
+    @property
+    def bytes(self) -> int:
+        """库文件大小。"""
+        return self.path.stat().st_size
+
+    def search(self, query: str, k: int = 10) -> list[tuple[int, float]]:
+        """按 bm25() 取前 k；查询没有可用的词时返回空。"""
+        match = _match_query(query)
+        sql = "SELECT rowid, bm25(fts) FROM fts WHERE fts MATCH ? ORDER BY bm25(fts) LIMIT ?"
+        return [(int(i), -float(s)) for i, s in self.con.execute(sql, (match, k))] if match else []
+
+
+class ElasticIndex:
+    """Elasticsearch（REST API，httpx）：whitespace 分析器 + jieba 预分词，不依赖 IK 之类的中文分词插件。"""
+
+    def __init__(self, url: str, texts: list[str], name: str = "course-kb"):
+        import json
+
+        import httpx
+
+        self.http, self.name = httpx.Client(base_url=url.rstrip("/"), timeout=60), name   # 认证写进 URL
+        try:
+            self.http.get("/").raise_for_status()
+        except httpx.HTTPError as e:
+            raise UserError(f"--es-url {url}: 连不上 Elasticsearch（{type(e).__name__}: {e}）") from None
+        self.http.delete(f"/{name}")   # 上次留下的同名索引（不存在时 404，无妨）
+        self.http.put(f"/{name}", json={"settings": {"number_of_shards": 1, "number_of_replicas": 0},
+                                        "mappings": {"properties": {"text": {"type": "text", "analyzer": "whitespace"}}}}
+                      ).raise_for_status()
+        bulk = "".join(json.dumps({"index": {"_id": str(i)}}) + "\n" +
+                       json.dumps({"text": " ".join(bm25_tokens(t))}, ensure_ascii=False) + "\n"
+                       for i, t in enumerate(texts))
+        r = self.http.post(f"/{name}/_bulk?refresh=true", content=bulk.encode(),
+                           headers={"Content-Type": "application/x-ndjson"})
+        r.raise_for_status()
+        if r.json().get("errors"):
+            raise UserError(f"--es-url {url}: _bulk 写入有错误：{str(r.json()['items'][:1])[:200]}")
+
+    @property
+    def bytes(self) -> int:
+        """主分片在磁盘上的大小。"""
+        stats = self.http.get(f"/{self.name}/_stats/store").json()
+        return stats["indices"][self.name]["primaries"]["store"]["size_in_bytes"]
+
+    def search(self, query: str, k: int = 10) -> list[tuple[int, float]]:
+        """match 查询取前 k。"""
+        body = {"size": k, "_source": False, "query": {"match": {"text": " ".join(bm25_tokens(query))}}}
+        hits = self.http.post(f"/{self.name}/_search", json=body).json()["hits"]["hits"]
+        return [(int(h["_id"]), float(h["_score"])) for h in hits]
+
+
+def time_queries(search, n_queries: int, repeats: int) -> tuple[list[list[int]], list[float]]:
+    """search(i) -> 第 i 个问题的排序结果。先每题查一次（预热，顺便拿结果），再计时 repeats 轮；返回 (结果, 每次延迟 ms)。"""
+    import time
+
+    ranked = [search(i) for i in range(n_queries)]
+    lat = []
+    for _ in range(repeats):
+        for i in range(n_queries):
+            t = time.perf_counter()
+            search(i)
+            lat.append((time.perf_counter() - t) * 1000)
+    return ranked, lat

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -46,14 +47,51 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def default_output_dir(script: str | Path) -> Path:
-    """outputs/<lesson>/<NN_topic>/，由脚本所在位置决定，与当前工作目录无关。"""
+OUTPUTS_ENV = "LLM_COURSE_OUTPUTS"   # course.py --outputs 用它把每个脚本的默认输出目录整体挪到别处
+
+
+def outputs_root() -> Path:
+    """所有输出的根目录：环境变量 LLM_COURSE_OUTPUTS，默认仓库里的 outputs/。"""
+    return Path(os.environ[OUTPUTS_ENV]) if os.environ.get(OUTPUTS_ENV) else OUTPUTS
+
+
+def default_output_dir(script: str | Path, root: str | Path | None = None) -> Path:
+    """<root>/<lesson>/<NN_topic>/（root 默认 outputs_root()），由脚本所在位置决定，与当前工作目录无关。"""
     p = Path(script).resolve()
     try:
         rel = p.parent.relative_to(REPO_ROOT)
     except ValueError:
         rel = Path(p.stem)
-    return OUTPUTS / rel
+    return Path(root or outputs_root()) / rel
+
+
+def make_output_dir(path: Path, flag: str = "--output-dir") -> Path:
+    """建输出目录；它是个文件、或建不了（没有权限、上级是文件）时给一行错误，而不是 traceback。"""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: 已存在同名文件，不是目录")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: 无法创建或写入（{e.strerror or type(e).__name__}）") from None
+    return path
+
+
+def finite_or_none(metrics: Any, path: str = "", bad: list[str] | None = None) -> Any:
+    """把 NaN / ±inf 换成 None（JSON 的 null）：标准 JSON 没有 NaN，写进去别的程序就读不了；bad 收集出问题的键。"""
+    if isinstance(metrics, dict):
+        return {k: finite_or_none(v, f"{path}{k}.", bad) for k, v in metrics.items()}
+    if isinstance(metrics, (list, tuple)):
+        return [finite_or_none(v, f"{path}{i}.", bad) for i, v in enumerate(metrics)]
+    if hasattr(metrics, "item") and callable(metrics.item) and getattr(metrics, "ndim", 0) == 0:
+        metrics = metrics.item()   # numpy / torch 标量
+    if isinstance(metrics, float) and not math.isfinite(metrics):
+        if bad is not None:
+            bad.append(path.rstrip("."))
+        return None
+    return metrics
 
 
 def _jsonable(o: Any) -> Any:
@@ -74,8 +112,8 @@ class Run:
 
         self.script = Path(script)
         self.args = cli.validate(args)   # 直接调用 main(Args(...)) 时也检查范围（命令行/YAML 已在 parse 里查过）
-        self.dir = Path(args.output_dir) if getattr(args, "output_dir", None) else default_output_dir(script)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = make_output_dir(Path(args.output_dir) if getattr(args, "output_dir", None)
+                                   else default_output_dir(script))
         self.log = get_logger()
         self.t0 = time.perf_counter()
         self.mode = "smoke" if getattr(args, "smoke", False) else ("default" if not getattr(args, "model", None)
@@ -138,15 +176,21 @@ class Run:
         return fig, save
 
     def finish(self, metrics: dict, summary: str | None = None) -> dict:
-        """写 metrics.json（加上 model / mode / seconds），打印结果表和一行总结。"""
-        metrics = {**metrics, "model": self.model_name, "mode": self.mode,
-                   "seconds": round(time.perf_counter() - self.t0, 2)}
+        """写 metrics.json（加上 model / mode / seconds），打印结果表和一行总结。
+
+        NaN / inf 不是合法 JSON：换成 null 并在日志里点名是哪个指标（不整个拒绝：跑了很久的结果其余部分仍有用）。
+        """
+        bad: list[str] = []
+        metrics = finite_or_none({**metrics, "model": self.model_name, "mode": self.mode,
+                                  "seconds": round(time.perf_counter() - self.t0, 2)}, bad=bad)
+        if bad:
+            self.log.warning(f"指标 {bad} 不是有限的数（NaN/inf），metrics.json 里记为 null")
         if self._threads:
             import torch
 
             torch.set_num_threads(self._threads)
         if is_main_process():
-            (self.dir / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2,
+            (self.dir / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2, allow_nan=False,
                                                               default=_jsonable), encoding="utf-8")
             _print_table(metrics, self.script.name)
             line = summary or ", ".join(f"{k}={_short(v)}" for k, v in metrics.items()

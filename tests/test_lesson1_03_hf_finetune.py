@@ -27,6 +27,7 @@ def test_eval_loss_falls_and_best_checkpoint_kept(uninterrupted):
     assert (out / "best_model" / "config.json").is_file() and (out / "loss_curve.png").stat().st_size > 0
 
 
+@pytest.mark.slow   # 一次子进程训练 + 一次续训
 def test_killed_then_resumed_matches_uninterrupted(uninterrupted, tmp_path, run_script):
     ref, _ = uninterrupted
     # 1. 第 4 步的检查点写完后进程硬退出（os._exit，像被 kill）：没有 metrics.json，只有检查点

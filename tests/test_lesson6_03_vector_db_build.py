@@ -13,8 +13,9 @@ def test_incremental_sync_matches_rebuild(tmp_path):
     m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
     assert (m["added"], m["updated"], m["deleted"]) == (2, 2, 1)   # 演示里新增 2、修改 2、删除 1
     assert m["consistent"] is True and all(m["checks"].values())
-    assert m["incremental_vs_rebuild_speedup"] > 1
-    assert m["chunks_embedded_incremental"] < m["chunks_embedded_rebuild"] == m["vectors"]
+    # 省下的是计算量（与机器快慢无关）：增量只向量化改动文档的块，重建要把全部块重新向量化
+    assert m["chunks_embedded_rebuild"] == m["vectors"]
+    assert 0 < m["chunks_embedded_incremental"] < m["chunks_embedded_rebuild"] / 2
     # 稳定 id：每一行元数据的 id 都等于 sha1("文档id#块序号") 前 8 字节截成 63 位
     con = sqlite3.connect(tmp_path / "store" / "meta.sqlite")
     rows = con.execute("SELECT id, doc_id, chunk_no FROM chunks").fetchall()

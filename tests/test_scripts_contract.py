@@ -1,14 +1,36 @@
-"""每个课程脚本都守同一份约定：--help 显示文档、坏参数退出码 2 不带 traceback、YAML 配置都能解析。"""
+"""每个课程脚本都守同一份约定（CONTRIBUTING.md）：--help 显示文档、坏参数退出码 2 不带 traceback、
+声明的取值范围真的被检查、--smoke 只经过 SMOKE + cli.with_smoke、config.json 记下的就是实际运行的参数、
+脚本不超过 300 行、只 import common 不 import 别的课、YAML 配置都能解析。
+
+为了 CI 的时间，--help 与坏参数在进程内用 cli.parse 检查（每个脚本启动子进程要几秒）；
+只留一个真实子进程的样本，证明进程内的结论和学生在命令行上看到的一样。
+"""
+import ast
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
 import course
-from common import cli
-from tests.conftest import REPO, load_script
+from common import cli, retrieval, run
+from tests.conftest import REPO, assert_user_error, load_script
 
 SCRIPTS = [s.relative_to(REPO).as_posix() for s in course.discover()]
 CONFIGS = sorted((REPO / "configs").glob("lesson*/*.yaml"))
+MAX_LINES = 300
+
+
+def _tree(rel: str) -> ast.Module:
+    return ast.parse((REPO / rel).read_text(encoding="utf-8"), rel)
+
+
+def _parse_exit(mod, argv: list[str], capsys) -> tuple[int, str, str]:
+    """进程内跑 cli.parse（就是 `python 脚本 argv` 做的事），返回 (退出码, stdout, stderr)。"""
+    with pytest.raises(SystemExit) as e:
+        cli.parse(mod.Args, argv)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
 
 
 def test_every_script_listed_in_readme():
@@ -21,16 +43,99 @@ def test_every_script_listed_in_readme():
 
 
 @pytest.mark.parametrize("rel", SCRIPTS)
-def test_help_and_bad_flags(rel, run_script):
+def test_help_and_bad_flags(rel, capsys):
+    mod = load_script(rel)
+    code, out, _ = _parse_exit(mod, ["--help"], capsys)
+    assert code == 0 and "--smoke" in out and "运行" in out        # 说明 = 脚本的模块文档
+    code, _, err = _parse_exit(mod, ["--smoke", "--report-to", "comet"], capsys)
+    assert code == 2 and "--report-to" in err
+    # 每个声明了范围的数值参数：越界一格就退出码 2，错误点名这个参数
+    for f in dataclasses.fields(mod.Args):
+        for bound, step in (("min", -1), ("max", 1)):
+            if bound not in f.metadata:
+                continue
+            flag, bad = cli.flag_name(f.name), f.metadata[bound] + step
+            code, _, err = _parse_exit(mod, [flag, str(bad)], capsys)
+            assert code == 2 and flag in err, (flag, bad, err)
+
+
+def test_help_and_bad_flag_in_a_real_process(run_script):
+    """样本：真实子进程里的 --help 与坏参数，和进程内检查的结论一致。"""
+    rel = SCRIPTS[0]
     p = run_script(rel, "--help", timeout=180)
     assert p.returncode == 0 and "--smoke" in p.stdout and "运行" in p.stdout
-    p = run_script(rel, "--smoke", "--report-to", "comet", timeout=180)
-    assert p.returncode == 2 and "Traceback" not in p.stderr and "--report-to" in p.stderr
+    assert_user_error(run_script(rel, "--smoke", "--report-to", "comet", timeout=180), "--report-to")
+
+
+@pytest.mark.parametrize("rel", SCRIPTS)
+def test_smoke_only_through_with_smoke(rel):
+    """--smoke 只有一种做法：模块级 SMOKE + main 开头的 cli.with_smoke；之后没人再读 args.smoke、改 args。"""
+    tree = _tree(rel)
+    reads = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "smoke"]
+    assert not reads, f"{rel}:{reads[0]}: 读了 .smoke；冒烟规模写进 SMOKE，由 cli.with_smoke 统一替换"
+    writes = [n.lineno for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+              for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+              if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "args"]
+    assert not writes, f"{rel}:{writes[0]}: 改了 args 的字段；config.json 就不再等于实际运行的参数"
+    assert any(isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "SMOKE" for t in n.targets)
+               for n in tree.body), f"{rel}: 缺少模块级 SMOKE = dict(...)"
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    body = [s for s in main.body if not isinstance(s, (ast.Import, ast.ImportFrom)) and
+            not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    assert "cli.with_smoke(args, SMOKE)" in ast.unparse(body[0]), f"{rel}: main 的第一步应是 cli.with_smoke"
+    assert "run.start(" in ast.unparse(body[1]), f"{rel}: with_smoke 之后紧接着 run.start"
+
+
+@pytest.mark.parametrize("rel", SCRIPTS)
+def test_smoke_config_json_is_what_runs(rel, tmp_path, monkeypatch):
+    """冒烟运行的 config.json = 实际交给 main 后续步骤的参数 = Args(smoke=True) 经 SMOKE 替换的结果。
+    只跑到 run.start 为止（之后抛出哨兵异常），所以每个脚本不到一秒。"""
+    mod = load_script(rel)
+    seen, real_init = {}, run.Run.__init__
+
+    class Stop(Exception):
+        pass
+
+    def spy(self, script, args, smoke_threads=None):
+        real_init(self, script, args, smoke_threads)
+        seen["args"] = args
+        if self._threads:   # 不让冒烟的单线程设置漏到同一进程里的其它测试
+            import torch
+
+            torch.set_num_threads(self._threads)
+        raise Stop
+
+    monkeypatch.setattr(run.Run, "__init__", spy)
+    with pytest.raises(Stop):
+        mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
+    expected = cli.with_smoke(mod.Args(smoke=True, output_dir=str(tmp_path)), mod.SMOKE)
+    assert seen["args"] == expected
+    saved = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
+    assert saved == json.loads(json.dumps(dataclasses.asdict(expected), default=str))
+    assert all(saved[k] == v for k, v in mod.SMOKE.items()), "SMOKE 里的值没有进 config.json"
+
+
+@pytest.mark.parametrize("rel", SCRIPTS)
+def test_script_shape(rel):
+    """≤ 300 行；只 import 标准库、第三方库与 common（课与课之间不互相 import）。"""
+    lines = (REPO / rel).read_text(encoding="utf-8").count("\n")
+    assert lines <= MAX_LINES, f"{rel}: {lines} 行 > {MAX_LINES}；按步骤拆成具名函数，共用机械放进 common/"
+    for n in ast.walk(_tree(rel)):
+        names = [a.name for a in n.names] if isinstance(n, ast.Import) else \
+            [n.module or ""] if isinstance(n, ast.ImportFrom) else []
+        assert not [m for m in names if m.startswith(("lesson", "tests"))], f"{rel}:{n.lineno}: 不要 import 别的课或测试"
+
+
+@pytest.mark.parametrize("rel", [s for s in SCRIPTS if issubclass(load_script(s).Args, retrieval.KBArgs)])
+def test_rag_scripts_refuse_data(rel, capsys):
+    """检索脚本的数据分两份（--docs / --qa）：--data 一行报错并提示该用什么。"""
+    code, _, err = _parse_exit(load_script(rel), ["--data", "qa.jsonl"], capsys)
+    assert code == 2 and "--data" in err and "--docs" in err and "--qa" in err
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_every_yaml_config_parses(cfg: Path):
-    """configs/<lesson>/<script>.yaml 的键必须都是该脚本 Args 的字段。"""
+    """configs/<lesson>/<script>.yaml 的键必须都是该脚本 Args 的字段，值的类型与范围也要对。"""
     stem = cfg.stem
     matches = [s for s in SCRIPTS if Path(s).stem == stem or stem.startswith(Path(s).stem)]
     assert matches, f"{cfg} 找不到对应的脚本（文件名应以脚本名开头）"

@@ -37,18 +37,18 @@ assistant-only 真正的好处是不去模仿用户（prompt 损失留在 4 附�
 
 from dataclasses import dataclass
 
-from common import cli, data, models, run
+from common import cli, data, models, run, train
 
 
 @dataclass
 class Args(cli.CommonArgs):
-    max_steps: int = cli.arg(8, "每种做法训练的步数（--smoke 时为 10）")
-    per_device_train_batch_size: int = cli.arg(4, "每步几条对话")
-    learning_rate: float = cli.arg(5e-5, "学习率（--smoke 的极小模型用 1e-3：参数少、从头预训练不久，容得下大步长）")
-    max_length: int = cli.arg(256, "每条对话最多多少 token（超出截断）")
-    val_fraction: float = cli.arg(0.15, "留出多少对话做评估（不参与训练）")
-    eval_every: int = cli.arg(4, "每隔多少步在留出集上量一次回复损失（画右图）")
-    max_eval_samples: int = cli.arg(16, "留出集最多用多少条对话来量损失（评估也要花时间）")
+    max_steps: int = cli.arg(8, "每种做法训练的步数（--smoke 时为 10）", min=1)
+    per_device_train_batch_size: int = cli.arg(4, "每步几条对话", min=1)
+    learning_rate: float = cli.arg(5e-5, "学习率（--smoke 的极小模型用 1e-3：参数少、从头预训练不久，容得下大步长）", min=0)
+    max_length: int = cli.arg(256, "每条对话最多多少 token（超出截断）", min=8)
+    val_fraction: float = cli.arg(0.15, "留出多少对话做评估（不参与训练）", min=0.01, max=0.9)
+    eval_every: int = cli.arg(4, "每隔多少步在留出集上量一次回复损失（画右图）", min=1)
+    max_eval_samples: int = cli.arg(16, "留出集最多用多少条对话来量损失（评估也要花时间）", min=1)
 
 
 # --smoke：极小模型几秒内能看出差别的规模；1M 参数、预训练很短的小网络承受得住大得多的学习率
@@ -147,12 +147,10 @@ def heldout_losses(model, tok, encs: list[dict], batch_size: int = 8) -> tuple[f
 def train_once(args: Args, out: run.Run, name: str, dataset, tok, held_out: list[dict], steps: int,
                lr: float) -> dict:
     """用 TRL SFTTrainer 训练一次，返回训练损失曲线与留出集回复损失曲线。"""
-    import torch
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    model, _ = models.load(args.resolved_model(), args.source, args.device, args.dtype, args.trust_remote_code,
-                           for_training=True)
+    model, _ = models.load_args(args, for_training=True)
     curve = {"step": [0], "response_loss": [heldout_losses(model, tok, held_out)[0]]}
 
     class HeldOut(TrainerCallback):
@@ -161,14 +159,13 @@ def train_once(args: Args, out: run.Run, name: str, dataset, tok, held_out: list
                 curve["step"].append(state.global_step)
                 curve["response_loss"].append(heldout_losses(model, tok, held_out)[0])
 
-    on_gpu = model.device.type == "cuda"
     config = SFTConfig(
         output_dir=str(out.path(f"ckpt-{name}")), max_steps=steps, learning_rate=lr,
         per_device_train_batch_size=args.per_device_train_batch_size, max_length=args.max_length,
         logging_steps=1, save_strategy="no", report_to=out.trainer_report_to(), seed=args.seed, data_seed=args.seed,
-        # CPU 上 bf16 多半是模拟的、反而更慢；小模型也不需要梯度检查点（它用计算换显存）
-        bf16=on_gpu and torch.cuda.is_bf16_supported(), gradient_checkpointing=False,
-        use_cpu=not on_gpu, disable_tqdm=False, run_name=name,
+        disable_tqdm=False, run_name=name,
+        # 设备开关（bf16 只在支持的 GPU 上开、use_cpu……）；小模型不需要梯度检查点（它用计算换显存）
+        **train.trainer_flags(model, gradient_checkpointing=False, log=name == "assistant_only"),
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok,
                          callbacks=[HeldOut()])

@@ -6,7 +6,7 @@
 
 运行：
   python lesson1_sft/02_data_preprocess/data_pipeline.py            # CPU，另用 smollm2 分词器统计 token 长度，约 5-10 秒
-  python lesson1_sft/02_data_preprocess/data_pipeline.py --smoke    # 同一条流水线，不加载分词器，约 5 秒
+  python lesson1_sft/02_data_preprocess/data_pipeline.py --smoke    # 同一条流水线，不数 token（SMOKE），约 5 秒
   python lesson1_sft/02_data_preprocess/data_pipeline.py --docs my_docs/ --minhash-threshold 0.8 \
       --model Qwen/Qwen2.5-7B-Instruct --source hf --config configs/lesson1/data_pipeline.yaml
       # 自己的文档（.txt/.md/.html/.pdf）+ 目标模型的分词器统计 token 长度（流水线本身只用 CPU）
@@ -24,6 +24,7 @@ import statistics
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from common import cli, data, models, run
 from common.errors import UserError
@@ -33,13 +34,17 @@ from common.errors import UserError
 class Args(cli.CommonArgs):
     docs: str = cli.arg(None, "原始文档文件夹（.txt/.md/.html，装了 pypdf 时还有 .pdf）；默认 data/raw/。"
                               "--data 指向文件夹时效果相同")
-    min_chars: int = cli.arg(20, "短于此字符数的段落删除（标题、导航残片、'点击这里'之类）")
-    max_chars: int = cli.arg(1000, "长于此字符数的段落删除（整页粘贴、不换行的流水账；也超出小模型的上下文）")
-    minhash_threshold: float = cli.arg(0.5, "近重复阈值：两段字符 n-gram 集合的 Jaccard 相似度 ≥ 它就算近重复")
-    shingle_size: int = cli.arg(3, "字符 n-gram 的 n：中文没有空格，按字符切；n 越大，改一个字损失的 n-gram 越多")
-    num_perm: int = cli.arg(128, "MinHash 的哈希函数个数：越多 Jaccard 估计越准（误差约 1/sqrt(num_perm)），越慢")
+    min_chars: int = cli.arg(20, "短于此字符数的段落删除（标题、导航残片、'点击这里'之类）", min=0)
+    max_chars: int = cli.arg(1000, "长于此字符数的段落删除（整页粘贴、不换行的流水账；也超出小模型的上下文）", min=1)
+    minhash_threshold: float = cli.arg(0.5, "近重复阈值：两段字符 n-gram 集合的 Jaccard 相似度 ≥ 它就算近重复", min=0.01, max=1)
+    shingle_size: int = cli.arg(3, "字符 n-gram 的 n：中文没有空格，按字符切；n 越大，改一个字损失的 n-gram 越多", min=1)
+    num_perm: int = cli.arg(128, "MinHash 的哈希函数个数：越多 Jaccard 估计越准（误差约 1/sqrt(num_perm)），越慢", min=2)
     keep_langs: str = cli.arg("zh,en", "保留的语言（langdetect 代码，zh 包括 zh-cn/zh-tw），逗号分隔")
-    val_fraction: float = cli.arg(0.1, "验证集比例")
+    val_fraction: float = cli.arg(0.1, "验证集比例", min=0.01, max=0.9)
+    count_tokens: bool = cli.arg(True, "用目标模型的分词器统计对话的 token 长度（据此选训练时的 max_length）")
+
+
+SMOKE = dict(count_tokens=False)   # 冒烟：流水线完全一样，只是不加载分词器数 token
 
 
 # ---- 清洗规则：这些正则就是本课的内容 ----
@@ -154,60 +159,34 @@ def stats(values: list[int]) -> dict:
             "p95": v[min(len(v) - 1, int(len(v) * 0.95))], "max": v[-1]}
 
 
-def main(args: Args) -> dict:
-    out = run.start(__file__, args)
-    folder = args.docs or args.data or data.DATA_DIR / "raw"
-    keep_langs = {x.strip() for x in args.keep_langs.split(",") if x.strip()}
-    if not 0 < args.minhash_threshold <= 1:
-        raise UserError(f"--minhash-threshold {args.minhash_threshold}: 应在 (0, 1] 之间")
-    removed, audit = {}, []
+class Funnel:
+    """按顺序过每条规则：记下每条规则删了多少段（removed）、删掉的是哪些（audit），以及每一步之后还剩多少。"""
 
-    def step(rule: str, items: list[dict], keep) -> list[dict]:
-        """按顺序对每段调用一次 keep；删掉的计数并记入审计文件 removed.jsonl。"""
+    def __init__(self, n: int):
+        self.removed: dict[str, int] = {}
+        self.audit: list[dict] = []
+        self.steps = [("read", n)]             # 图里用英文标签：不是每台机器都装了中文字体
+
+    def step(self, rule: str, items: list[dict], keep, after: str | None = None) -> list[dict]:
+        """对每段按顺序调用一次 keep(段)；删掉的计数并记入审计文件 removed.jsonl；after：漏斗图上这一步的名字。"""
         flags = [keep(it) for it in items]
-        removed[rule] = flags.count(False)
-        audit.extend({"rule": rule, **it} for it, f in zip(items, flags) if not f)
-        return [it for it, f in zip(items, flags) if f]
+        self.removed[rule] = flags.count(False)
+        self.audit.extend({"rule": rule, **it} for it, f in zip(items, flags) if not f)
+        kept = [it for it, f in zip(items, flags) if f]
+        if after:
+            self.steps.append((after, len(kept)))
+        return kept
 
-    # 1. 读文档并分段：一段 = 一条候选记录（records_in）
-    docs = data.load_documents(folder)          # 坏文件（非 UTF-8、读不了的 PDF）在这里报错退出，不悄悄跳过
-    paras = [{"source": d.id, "text": p} for d in docs for p in split_paragraphs(d)]
-    out.log.info(f"{len(docs)} 个文档（{dict(Counter(d.path.suffix.lower() for d in docs))}）→ {len(paras)} 个段落")
-    funnel = [("read", len(paras))]             # 图里用英文标签：不是每台机器都装了中文字体
 
-    # 2. Unicode 归一化：必须在去重之前，否则全角版、带零宽字符的副本看起来"不一样"，去重就漏掉它们
-    norm = Counter()
-    for p in paras:
-        norm["nfkc_changed_paragraphs"] += unicodedata.normalize("NFKC", p["text"]) != p["text"]
-        norm["zero_width_chars_removed"] += len(ZERO_WIDTH.findall(p["text"]))
-        p["text"] = normalize(p["text"])
+def exact_dedup(items: list[dict], funnel: Funnel) -> list[dict]:
+    """完全重复：对归一化后的文本取哈希，一遍扫完（O(n)），不用两两比较。"""
+    seen: set[str] = set()   # set.add 返回 None：第一次见到的哈希加进去并保留（not None 为 True）
+    return funnel.step("exact_duplicate", items, lambda it: (h := hashlib.md5(it["text"].encode("utf-8")).hexdigest())
+                       not in seen and not seen.add(h), after="exact dedup")
 
-    # 3. 完全重复：对归一化后的文本取哈希，一遍扫完（O(n)），不用两两比较
-    seen: set[str] = set()
 
-    def first_time(it: dict) -> bool:
-        h = hashlib.md5(it["text"].encode("utf-8")).hexdigest()
-        new = h not in seen
-        seen.add(h)
-        return new
-
-    items = step("exact_duplicate", paras, first_time)
-    funnel.append(("exact dedup", len(items)))
-
-    # 4. 长度与样板过滤（便宜的过滤先做，最贵的近重复检测只处理剩下的）
-    items = step("too_short", items, lambda it: len(it["text"]) >= args.min_chars)
-    items = step("too_long", items, lambda it: len(it["text"]) <= args.max_chars)
-    items = step("boilerplate", items,
-                 lambda it: bool(HAS_SENTENCE.search(it["text"])) and not BOILERPLATE.search(it["text"]))
-    funnel.append(("length+boilerplate", len(items)))
-
-    # 5. 语言过滤：只留 zh/en；删掉的是什么语言也记下来，写进数据卡
-    for it in items:
-        it["lang"] = lang_of(it["text"])
-    items = step("language", items, lambda it: it["lang"] in keep_langs)
-    funnel.append(("language", len(items)))
-
-    # 6. 近重复：MinHash 估计 Jaccard 相似度，LSH 分桶只拿"可能相似"的候选来比，n 很大时也不用 O(n²)
+def near_dedup(items: list[dict], args: Args, funnel: Funnel) -> list[dict]:
+    """近重复：MinHash 估计 Jaccard 相似度，LSH 分桶只拿"可能相似"的候选来比，n 很大时也不用 O(n²)。"""
     from datasketch import MinHashLSH
 
     # weights 偏向少漏检：LSH 多给几个候选没关系，下面还会用 Jaccard 复核（默认 0.5/0.5 时，相似度 0.56 的一对有 1/4 会漏掉）
@@ -224,108 +203,94 @@ def main(args: Args) -> dict:
         sigs[key] = mh
         return True
 
-    items = step("near_duplicate", items, not_near_dup)
-    funnel.append(("near dedup", len(items)))
+    return funnel.step("near_duplicate", items, not_near_dup, after="near dedup")
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+    folder = args.docs or args.data or data.DATA_DIR / "raw"
+    keep_langs = {x.strip() for x in args.keep_langs.split(",") if x.strip()}
+    # 1. 读文档并分段：一段 = 一条候选记录（records_in）
+    docs = data.load_documents(folder)          # 坏文件（非 UTF-8、读不了的 PDF）在这里报错退出，不悄悄跳过
+    paras = [{"source": d.id, "text": p} for d in docs for p in split_paragraphs(d)]
+    out.log.info(f"{len(docs)} 个文档（{dict(Counter(d.path.suffix.lower() for d in docs))}）→ {len(paras)} 个段落")
+    funnel = Funnel(len(paras))
+    # 2. Unicode 归一化：必须在去重之前，否则全角版、带零宽字符的副本看起来"不一样"，去重就漏掉它们
+    norm = Counter()
+    for p in paras:
+        norm["nfkc_changed_paragraphs"] += unicodedata.normalize("NFKC", p["text"]) != p["text"]
+        norm["zero_width_chars_removed"] += len(ZERO_WIDTH.findall(p["text"]))
+        p["text"] = normalize(p["text"])
+    # 3. 完全重复
+    items = exact_dedup(paras, funnel)
+    # 4. 长度与样板过滤（便宜的过滤先做，最贵的近重复检测只处理剩下的）
+    items = funnel.step("too_short", items, lambda it: len(it["text"]) >= args.min_chars)
+    items = funnel.step("too_long", items, lambda it: len(it["text"]) <= args.max_chars)
+    items = funnel.step("boilerplate", items, lambda it: bool(HAS_SENTENCE.search(it["text"]))
+                        and not BOILERPLATE.search(it["text"]), after="length+boilerplate")
+    # 5. 语言过滤：只留 zh/en；删掉的是什么语言也记下来，写进数据卡
+    for it in items:
+        it["lang"] = lang_of(it["text"])
+    items = funnel.step("language", items, lambda it: it["lang"] in keep_langs, after="language")
+    # 6. 近重复（MinHash + LSH）
+    items = near_dedup(items, args, funnel)
     if not items:
         raise UserError(f"{folder}: 清洗后一个段落也没剩下；检查 --min-chars/--max-chars/--keep-langs")
-
     # 7. 个人信息脱敏：不删段落，把号码换成占位符（模型学到"这里有个电话"，而不是某个人的电话）
     pii = Counter()
     for it in items:
         it["text"] = mask_pii(it["text"], pii)
-
     # 8. 段落 → 指令记录 → chat messages，切 train/val 写 JSONL；被删的段落写进 removed.jsonl 供抽查
     records = [to_record(it) for it in items]
     train, val = data.split(records, args.val_fraction, args.seed)
-    for name, part in (("train.jsonl", train), ("val.jsonl", val), ("removed.jsonl", audit)):
+    for name, part in (("train.jsonl", train), ("val.jsonl", val), ("removed.jsonl", funnel.audit)):
         out.path(name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
     # 自检：用训练脚本同一个读取函数读回来，格式不对就在这里失败，而不是等到训练时
     assert len(data.load_sft(out.path("train.jsonl"))) + len(data.load_sft(out.path("val.jsonl"))) == len(records)
-
-    # 9. 长度统计：字符数；默认模式再用目标模型的分词器数 token（据此选训练时的 max_length）
+    # 9. 长度统计：字符数；--count-tokens 时再用目标模型的分词器数 token（据此选训练时的 max_length）
     lengths = {"input_chars": stats([len(it["text"]) for it in items]),
                "output_chars": stats([len(r["messages"][-1]["content"]) for r in records])}
-    if not args.smoke or args.model:
+    if args.count_tokens:
         tok = models.load_tokenizer(args.resolved_model(), args.source, args.trust_remote_code)
         lengths["chat_tokens"] = stats([len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)
                                             ["input_ids"]) for r in records])
 
     metrics = {
-        "records_in": len(paras), "records_out": len(records), "removed_by_rule": removed,
+        "records_in": len(paras), "records_out": len(records), "removed_by_rule": funnel.removed,
         "pii_masked": {k: pii[k] for k in MASK}, "pii_masked_total": sum(pii[k] for k in MASK),
         "id_card_checksum_ok": pii["id_card_checksum_ok"], "normalized": dict(norm), "documents": len(docs),
         "train_records": len(train), "val_records": len(val),
         "languages": dict(Counter(it["lang"] for it in items)),
-        "removed_languages": dict(Counter(a["lang"] for a in audit if a["rule"] == "language")),
+        "removed_languages": dict(Counter(a["lang"] for a in funnel.audit if a["rule"] == "language")),
         "tasks": dict(Counter(r["meta"]["task"] for r in records)), "lengths": lengths,
     }
-    write_card(out, metrics, funnel, records, folder)
+    write_card(out, metrics, funnel.steps, records, folder)
     fig, save = out.plot("funnel.png")
     ax = fig.add_subplot(111)
-    ax.bar([n for n, _ in funnel], [c for _, c in funnel], color="#4c72b0")
-    for x, (_, c) in enumerate(funnel):
+    ax.bar([n for n, _ in funnel.steps], [c for _, c in funnel.steps], color="#4c72b0")
+    for x, (_, c) in enumerate(funnel.steps):
         ax.text(x, c, str(c), ha="center", va="bottom")
     ax.set(ylabel="paragraphs left", title="cleaning funnel: paragraphs left after each step")
     save()
     return out.finish(metrics, summary=f"{len(paras)} 段 → {len(records)} 条记录（train {len(train)} / val "
-                                       f"{len(val)}），删除 {removed}，脱敏 {metrics['pii_masked']}")
+                                       f"{len(val)}），删除 {funnel.removed}，脱敏 {metrics['pii_masked']}")
 
 
 def write_card(out: run.Run, m: dict, funnel: list, records: list[dict], folder) -> None:
-    """数据卡：数据从哪来、每条规则删了多少、语言与长度分布、两条样例。"""
-    rows = "\n".join(f"| {k} | {v} |" for k, v in m["removed_by_rule"].items())
-    steps = "\n".join(f"| {n} | {c} |" for n, c in funnel)
-    pii = "\n".join(f"| {k} | {v} |" for k, v in m["pii_masked"].items())
+    """数据卡：数据从哪来、每条规则删了多少、语言与长度分布、两条样例（模板见同目录 data_card_template.md）。"""
+    template = (Path(__file__).resolve().parent / "data_card_template.md").read_text(encoding="utf-8")
     length = "\n".join(f"| {k} | " + " | ".join(str(v[s]) for s in ("min", "p50", "mean", "p95", "max")) + " |"
                        for k, v in m["lengths"].items())
-    examples = "\n\n".join("```json\n" + json.dumps(r, ensure_ascii=False, indent=1)[:800] + "\n```"
-                           for r in records[:2])
-    out.path("data_card.md").write_text(f"""# 数据卡：{folder}
-
-由 `lesson1_sft/02_data_preprocess/data_pipeline.py` 生成（{m['documents']} 个文档）。
-格式：chat `messages`（user → assistant），`meta` 记录来源文档、任务类型与语言。
-
-## 记录数
-
-读入 {m['records_in']} 段 → 输出 {m['records_out']} 条（train {m['train_records']} / val {m['val_records']}）；
-任务：{m['tasks']}。
-
-| 步骤 | 剩余 |
-|---|---|
-{steps}
-
-| 删除规则 | 删除段落数 |
-|---|---|
-{rows}
-
-归一化：{m['normalized']}
-
-## 个人信息脱敏（替换为占位符，不删段落）
-
-| 类型 | 替换次数 |
-|---|---|
-{pii}
-
-其中校验位正确的身份证号：{m['id_card_checksum_ok']}（校验位不对的也遮盖：可能只是抄错一位）
-
-## 语言
-
-保留：{m['languages']}；删除（langdetect 判定）：{m['removed_languages']}
-
-## 长度
-
-| 字段 | min | p50 | mean | p95 | max |
-|---|---|---|---|---|---|
-{length}
-
-## 样例
-
-{examples}
-
-## 局限
-
-指令由规则生成：问答段落直接取问与答；其它段落的"概括"答案是首句（Lead-1 基线），不是人写的摘要。
-""", encoding="utf-8")
+    fields = {**{k: m[k] for k in ("documents", "records_in", "records_out", "train_records", "val_records", "tasks",
+                                   "normalized", "id_card_checksum_ok", "languages", "removed_languages")},
+              "folder": folder, "length": length,
+              "rows": "\n".join(f"| {k} | {v} |" for k, v in m["removed_by_rule"].items()),
+              "steps": "\n".join(f"| {n} | {c} |" for n, c in funnel),
+              "pii": "\n".join(f"| {k} | {v} |" for k, v in m["pii_masked"].items()),
+              "examples": "\n\n".join("```json\n" + json.dumps(r, ensure_ascii=False, indent=1)[:800] + "\n```"
+                                      for r in records[:2])}
+    out.path("data_card.md").write_text(template.split("-->\n", 1)[1].format(**fields), encoding="utf-8")
 
 
 if __name__ == "__main__":

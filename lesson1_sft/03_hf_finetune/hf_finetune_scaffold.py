@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import cli, data, models, run
+from common import cli, data, models, run, train
 from common.errors import UserError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "lesson1" / "hf_finetune_scaffold.yaml"
@@ -33,24 +33,24 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "lesson1" / "
 @dataclass
 class Args(cli.CommonArgs):
     config: str = cli.arg(str(DEFAULT_CONFIG), "YAML 配置（默认就是 CPU 规模的那份）；键必须是本脚本的参数名")
-    learning_rate: float = cli.arg(5e-5, "峰值学习率：全参数微调要比 LoRA 小一个数量级，否则会冲掉预训练知识")
+    learning_rate: float = cli.arg(5e-5, "峰值学习率：全参数微调要比 LoRA 小一个数量级，否则会冲掉预训练知识", min=0)
     lr_scheduler_type: str = cli.arg("cosine", "学习率调度：cosine / linear / constant ...")
-    warmup_steps: int = cli.arg(2, "预热步数：AdamW 的二阶矩估计刚开始不准，先用小步长")
-    max_steps: int = cli.arg(12, "优化器步数；<=0 时改按 num_train_epochs 训练")
-    num_train_epochs: float = cli.arg(1.0, "max_steps<=0 时训练几轮")
-    per_device_train_batch_size: int = cli.arg(4, "每步每卡几条样本（受内存限制）")
-    gradient_accumulation_steps: int = cli.arg(1, "梯度累积：有效 batch = 单步 batch x 累积步数 x 卡数")
-    max_length: int = cli.arg(256, "每条样本最多多少 token（CPU 上越短越快）")
-    eval_steps: int = cli.arg(4, "每多少步评估一次验证集（同时存一次检查点，best 检查点才有得选）")
-    logging_steps: int = cli.arg(1, "每多少步记一次训练损失")
-    save_total_limit: int = cli.arg(1, "最多留几个检查点；load_best 时另外保证 best 不被删")
-    early_stopping_patience: int = cli.arg(2, "验证损失连续几次评估没有变好就停")
-    early_stopping_threshold: float = cli.arg(0.0, "变好多少才算变好（绝对值）")
-    val_fraction: float = cli.arg(0.1, "切多少比例作验证集")
-    max_eval_samples: int = cli.arg(16, "验证集最多多少条（评估也要花时间）")
+    warmup_steps: int = cli.arg(2, "预热步数：AdamW 的二阶矩估计刚开始不准，先用小步长", min=0)
+    max_steps: int = cli.arg(12, "优化器步数；0 = 改按 num_train_epochs 训练", min=0)
+    num_train_epochs: float = cli.arg(1.0, "max_steps=0 时训练几轮", min=0.01)
+    per_device_train_batch_size: int = cli.arg(4, "每步每卡几条样本（受内存限制）", min=1)
+    gradient_accumulation_steps: int = cli.arg(1, "梯度累积：有效 batch = 单步 batch x 累积步数 x 卡数", min=1)
+    max_length: int = cli.arg(256, "每条样本最多多少 token（CPU 上越短越快）", min=8)
+    eval_steps: int = cli.arg(4, "每多少步评估一次验证集（同时存一次检查点，best 检查点才有得选）", min=1)
+    logging_steps: int = cli.arg(1, "每多少步记一次训练损失", min=1)
+    save_total_limit: int = cli.arg(1, "最多留几个检查点；load_best 时另外保证 best 不被删", min=1)
+    early_stopping_patience: int = cli.arg(2, "验证损失连续几次评估没有变好就停", min=1)
+    early_stopping_threshold: float = cli.arg(0.0, "变好多少才算变好（绝对值）", min=0)
+    val_fraction: float = cli.arg(0.1, "切多少比例作验证集", min=0.01, max=0.9)
+    max_eval_samples: int = cli.arg(16, "验证集最多多少条（评估也要花时间）", min=1)
     gradient_checkpointing: bool = cli.arg(False, "用重算换显存：大模型在 GPU 上打开，CPU 小模型关着更快")
     resume: bool = cli.arg(False, "从输出目录里最后一个 checkpoint-* 续训（优化器、调度器、随机数状态一起恢复）")
-    stop_after_steps: int = cli.arg(0, "演练崩溃：第 N 步的检查点写完后立刻硬退出进程（os._exit，像被 kill）；0=不演练")
+    stop_after_steps: int = cli.arg(0, "演练崩溃：第 N 步的检查点写完后立刻硬退出进程（os._exit，像被 kill）；0=不演练", min=0)
 
 
 # --smoke：极小模型上几秒钟能看到效果的规模；小网络承受得住大得多的学习率
@@ -66,15 +66,12 @@ def load_conversations(args: Args) -> list[list[dict]]:
 
 
 def main(args: Args) -> dict:
-    import torch
     from transformers import EarlyStoppingCallback, TrainerCallback
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
     args = cli.with_smoke(args, SMOKE)   # 冒烟：小规模超参数（只换你没改过的），单线程（见 common.run）
     out = run.start(__file__, args, smoke_threads=1)
-    if args.smoke:
-        out.log.info(f"--smoke：改用小规模超参数 {SMOKE}")
 
     # 1. 断点续训还是从头开始：从头开始时清掉旧检查点，免得和这次的混在一起被"续"上
     last_ckpt = get_last_checkpoint(out.dir) if out.dir.is_dir() else None
@@ -87,8 +84,7 @@ def main(args: Args) -> dict:
 
     # 2. 数据：对话模板渲染，只在助手回复上算损失（labels 其余位置为 -100）
     convs = load_conversations(args)
-    model, tok = models.load(out.model_name, source=args.source, device=args.device, dtype=args.dtype,
-                             trust_remote_code=args.trust_remote_code, for_training=True)
+    model, tok = models.load_args(args, for_training=True)
     train_convs, eval_convs = data.split(convs, args.val_fraction, args.seed)
     eval_convs = eval_convs[: args.max_eval_samples]
 
@@ -105,10 +101,6 @@ def main(args: Args) -> dict:
     out.log.info(f"训练 {len(train_ds)} 条，验证 {len(eval_ds)} 条（来自 {args.data or 'data/sft + data/identity'}）")
 
     # 3. 训练配置：评估与保存同频（best 检查点只能从存过的检查点里选），数据顺序由 seed/data_seed 固定
-    on_gpu = next(model.parameters()).device.type == "cuda"
-    bf16 = on_gpu and torch.cuda.is_bf16_supported()
-    if not on_gpu:
-        out.log.info("CPU 训练：fp32，不开 bf16 混合精度与梯度检查点以外的 CUDA 选项")
     cfg = SFTConfig(
         output_dir=str(out.dir), run_name=out.dir.name, seed=args.seed, data_seed=args.seed,
         learning_rate=args.learning_rate, lr_scheduler_type=args.lr_scheduler_type, warmup_steps=args.warmup_steps,
@@ -118,8 +110,8 @@ def main(args: Args) -> dict:
         eval_strategy="steps", eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.eval_steps,
         save_total_limit=args.save_total_limit, load_best_model_at_end=True, metric_for_best_model="eval_loss",
         greater_is_better=False, restore_callback_states_from_checkpoint=True,   # 早停计数也随检查点恢复
-        logging_steps=args.logging_steps, report_to=out.trainer_report_to(), bf16=bf16,
-        gradient_checkpointing=args.gradient_checkpointing, use_cpu=not on_gpu,
+        logging_steps=args.logging_steps, report_to=out.trainer_report_to(),
+        **train.trainer_flags(model, gradient_checkpointing=args.gradient_checkpointing),   # bf16 / use_cpu / 检查点
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, disable_tqdm=False,
     )
 

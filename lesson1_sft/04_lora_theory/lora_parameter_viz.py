@@ -22,16 +22,16 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import cli, data, models, run
+from common import cli, data, models, run, train
 
 
 @dataclass
 class Args(cli.CommonArgs):
-    steps: int = cli.arg(8, "全参数微调多少步（只为得到一个真实的 ΔW，不追求训练好）")
-    learning_rate: float = cli.arg(5e-5, "全参数微调的学习率")
-    per_device_train_batch_size: int = cli.arg(4, "每步几条样本")
-    max_length: int = cli.arg(192, "每条样本最多多少 token")
-    max_rank: int = cli.arg(64, "LoRA 参数量清点到多大的秩（1, 2, 4, ... 直到它）")
+    steps: int = cli.arg(8, "全参数微调多少步（只为得到一个真实的 ΔW，不追求训练好）", min=1)
+    learning_rate: float = cli.arg(5e-5, "全参数微调的学习率", min=0)
+    per_device_train_batch_size: int = cli.arg(4, "每步几条样本", min=1)
+    max_length: int = cli.arg(192, "每条样本最多多少 token", min=8)
+    max_rank: int = cli.arg(64, "LoRA 参数量清点到多大的秩（1, 2, 4, ... 直到它）", min=1)
     target_modules: str = cli.arg("all-linear", "LoRA 注入哪些层：all-linear（除 lm_head 外所有 Linear）或逗号分隔的名字")
 
 
@@ -58,8 +58,7 @@ def main(args: Args) -> dict:
     files = [Path(args.data)] if args.data else [*sorted((data.DATA_DIR / "sft").glob("*.jsonl")),
                                                  data.DATA_DIR / "identity" / "train.jsonl"]
     convs = [c for f in files for c in data.load_sft(f)]
-    model, tok = models.load(out.model_name, source=args.source, device=args.device, dtype=args.dtype,
-                             trust_remote_code=args.trust_remote_code, for_training=True)
+    model, tok = models.load_args(args, for_training=True)
     full_params = sum(p.numel() for p in model.parameters())   # parameters() 对共享（tied）权重只算一次
 
     # 1. 用 PEFT 真实构建 r = 1, 2, 4, ... 的 LoRA 模型，清点可训练参数，并与公式 r·(d_in + d_out) 核对
@@ -91,12 +90,11 @@ def main(args: Args) -> dict:
 
     ds = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows
                             if any(x != -100 for x in r["labels"])])
-    on_gpu = next(model.parameters()).device.type == "cuda"
     cfg = SFTConfig(output_dir=str(out.path("trainer")), max_steps=args.steps, learning_rate=args.learning_rate,
                     per_device_train_batch_size=args.per_device_train_batch_size, max_length=args.max_length,
                     lr_scheduler_type="constant", weight_decay=0.0,   # 不要衰减：ΔW 只来自梯度
                     logging_steps=1, save_strategy="no", report_to=out.trainer_report_to(), seed=args.seed,
-                    bf16=on_gpu and torch.cuda.is_bf16_supported(), gradient_checkpointing=False, use_cpu=not on_gpu)
+                    **train.trainer_flags(model))
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -10,7 +10,7 @@
 
 运行：
   python lesson6_rag/02_data_preprocessing/data_preprocess.py            # CPU，all-MiniLM-L6-v2，空闲 2 核约 35 秒
-  python lesson6_rag/02_data_preprocessing/data_preprocess.py --smoke    # 只取 1/6 文档，约 14 秒
+  python lesson6_rag/02_data_preprocessing/data_preprocess.py --smoke    # 均匀抽 8 篇文档（SMOKE），约 14 秒
   python lesson6_rag/02_data_preprocessing/data_preprocess.py --embedding-model BAAI/bge-small-zh-v1.5 \\
       --device cuda --config configs/lesson6/data_preprocess.yaml   # GPU + 中文向量模型（需联网下载一次）
 
@@ -33,15 +33,18 @@ from common.errors import UserError
 from common.retrieval import Chunk
 
 K = 5   # recall@5：RAG 通常把前 5 个块交给大模型
+SMOKE = dict(max_docs=8)   # 冒烟：均匀抽 8 篇文档（以及问它们的题），流程完全一样
 
 
 @dataclass
 class Args(retrieval.KBArgs):
-    chunk_size: int = cli.arg(300, "目标块长（字符）：四种策略用同一个上限，比较才公平")
-    chunk_overlap: int = cli.arg(50, "fixed / recursive 相邻块重叠的字符数（防止答案正好被切在边界上）")
-    semantic_percentile: float = cli.arg(25.0, "语义切块：相邻句相似度低于本文档第 p 百分位时切开（p 越大块越碎）")
-    semantic_min_chars: int = cli.arg(60, "语义切块：当前块不足这么多字符时不在话题转折处切（否则标题会被单独切出来）")
-    min_chunk_chars: int = cli.arg(20, "质量报告：短于此字符数算过短块（孤立的标题、半句话）")
+    chunk_size: int = cli.arg(300, "目标块长（字符）：四种策略用同一个上限，比较才公平", min=1)
+    chunk_overlap: int = cli.arg(50, "fixed / recursive 相邻块重叠的字符数（防止答案正好被切在边界上）", min=0)
+    semantic_percentile: float = cli.arg(25.0, "语义切块：相邻句相似度低于本文档第 p 百分位时切开（p 越大块越碎）",
+                                         min=0, max=100)
+    semantic_min_chars: int = cli.arg(60, "语义切块：当前块不足这么多字符时不在话题转折处切（否则标题会被单独切出来）",
+                                      min=0)
+    min_chunk_chars: int = cli.arg(20, "质量报告：短于此字符数算过短块（孤立的标题、半句话）", min=0)
 
     def resolved_model(self) -> str:
         """本脚本不用大模型：metrics.json 里的 model 记录向量模型。"""
@@ -181,6 +184,7 @@ def quality(chunks: list[Chunk], tokenizer, max_tokens: int, min_chars: int) -> 
 
 
 def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
     log = out.log
     if args.model:
@@ -189,11 +193,7 @@ def main(args: Args) -> dict:
         raise UserError(f"--chunk-overlap {args.chunk_overlap} 必须小于 --chunk-size {args.chunk_size}")
 
     # 1. 加载：txt/md/html/pdf 统一成纯文本（common.data.load_documents）；问答集检查 gold_passage 确在原文里
-    raw_docs, _, qas = retrieval.load_kb(args.docs, args.qa or args.data)
-    if args.smoke:   # 冒烟：只取六分之一文档（以及问它们的问题），流程完全一样
-        raw_docs = raw_docs[::6]
-        keep = {d.id for d in raw_docs}
-        qas = [q for q in qas if q["doc_id"] in keep or not q["doc_id"]]
+    raw_docs, _, qas = retrieval.load_kb(args.docs, args.qa, args.max_docs, args.max_questions)
     log.info(f"加载 {len(raw_docs)} 篇文档、{len(qas)} 个问题：{dict(Counter(d.path.suffix for d in raw_docs))}")
 
     # 2. 清洗：NFKC、零宽/控制字符、空白；金标段落用同一个函数清洗，区间判定才对得上
@@ -233,9 +233,8 @@ def main(args: Args) -> dict:
                 "bm25": retrieval.hits_matrix(bm25_ranked, qas, chunks, by_id)}
         rep["recall_at_5"] = round(retrieval.recall_at_k(hits["dense"], K), 4)
         rep["bm25_recall_at_5"] = round(retrieval.recall_at_k(hits["bm25"], K), 4)
-        rep["by_lang"] = {lang: {kind: round(retrieval.recall_at_k([h for h, q in zip(hs, qas) if q["lang"] == lang],
-                                                                   K), 4) for kind, hs in hits.items()}
-                          for lang in sorted({q["lang"] for q in qas})}
+        per_kind = {kind: retrieval.recall_by_lang(hs, qas, K) for kind, hs in hits.items()}
+        rep["by_lang"] = {lang: {kind: per_kind[kind][lang] for kind in hits} for lang in per_kind["dense"]}
         results[name] = rep
         log.info(f"{name:9s} dense recall@{K}={rep['recall_at_5']:.3f}  bm25={rep['bm25_recall_at_5']:.3f}  "
                  f"{rep['by_lang']}")

@@ -11,7 +11,7 @@
 
 运行：
   python lesson6_rag/03_vector_db_build/build_vector_store.py            # CPU，44 篇文档，空闲 2 核约 20 秒（首次全量建库最慢）
-  python lesson6_rag/03_vector_db_build/build_vector_store.py --smoke    # 12 篇文档，约 10 秒
+  python lesson6_rag/03_vector_db_build/build_vector_store.py --smoke    # 均匀抽 12 篇文档、20 个问题（SMOKE），约 10 秒
   python lesson6_rag/03_vector_db_build/build_vector_store.py --docs my_docs/ --qa my_qa.jsonl \
       --embedding-model BAAI/bge-small-zh-v1.5 --config configs/lesson6/build_vector_store.yaml   # 自己的文档（在副本上演示）
   加 --rebuild：第 1 步的初次建库强制全量（默认会复用输出目录里上次的库，只同步有变化的文档）。
@@ -37,11 +37,13 @@ from common.errors import UserError
 
 @dataclass
 class Args(retrieval.KBArgs):
-    chunk_size: int = cli.arg(300, "切块字符数")
-    chunk_overlap: int = cli.arg(50, "相邻块重叠的字符数")
-    batch_size: int = cli.arg(32, "每批向量化并写入索引的块数：大库一次全算会占满内存，分批还能显示进度")
-    max_docs: int = cli.arg(0, "只用其中 N 篇文档（均匀抽取，0 = 全部）；--smoke 时默认 12")
+    chunk_size: int = cli.arg(300, "切块字符数", min=1)
+    chunk_overlap: int = cli.arg(50, "相邻块重叠的字符数", min=0)
+    batch_size: int = cli.arg(32, "每批向量化并写入索引的块数：大库一次全算会占满内存，分批还能显示进度", min=1)
     rebuild: bool = cli.arg(False, "初次建库强制全量重建（默认：输出目录里已有上次的库时只做增量同步）")
+
+
+SMOKE = dict(max_docs=12, max_questions=20)   # 冒烟：均匀抽 12 篇文档；一致性检查只用前 20 个问题
 
 
 NEW_DOCS = {  # 演示"新增 2 篇"：一款新产品的中英文 FAQ
@@ -126,31 +128,35 @@ def load_store(store: Path):
     return faiss.read_index(str(store / "index.faiss")), meta
 
 
-def main(args: Args) -> dict:
-    import faiss
-    import numpy as np
-
-    out = run.start(__file__, args)
-    log = out.log
-    max_docs = args.max_docs or (12 if args.smoke else 0)
-
-    # 1. 把知识库复制到输出目录里的工作文件夹：演示的增删改只动副本，不碰你的原始文档
-    docs_dir = args.docs or args.data   # --data 指向文件夹时与 --docs 相同
-    src = data.load_documents(docs_dir or data.DATA_DIR / "kb" / "docs")
-    if max_docs and len(src) > max_docs:
-        src = src[:: len(src) // max_docs][:max_docs]
+def copy_kb(args: Args, work: Path) -> tuple[list, list[str]]:
+    """把知识库（--max-docs 均匀抽样）复制到工作文件夹：演示的增删改只动副本。返回 (文档, 一致性检查用的查询)。"""
+    if args.qa or not args.docs:   # 默认知识库自带问答；自己的 --docs 配 --qa
+        src, _, qas = retrieval.load_kb(args.docs, args.qa, args.max_docs, args.max_questions)
+        queries = [q["question"] for q in qas]
+    else:                          # 只给了 --docs：用每篇文档的开头当查询
+        src, _, _ = retrieval.subsample(data.load_documents(args.docs), [], args.max_docs)
+        queries = [d.text[:80] for d in src][: args.max_questions or None]
     if len(src) < 3:
-        raise UserError(f"--docs {docs_dir}: 演示要修改 2 篇、删除 1 篇，至少需要 3 篇文档（现在 {len(src)} 篇）")
-    work = out.path("work_kb")
+        raise UserError(f"--docs {args.docs}: 演示要修改 2 篇、删除 1 篇，至少需要 3 篇文档（现在 {len(src)} 篇）")
     shutil.rmtree(work, ignore_errors=True)
     for d in src:
         (work / d.id).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(d.path, work / d.id)
-    # 一致性检查用的查询：问答集里的问题（默认知识库自带；自己的 --docs 配 --qa），再加上新文档相关的问题
-    qa_path = args.qa or (None if docs_dir else data.DATA_DIR / "kb" / "qa.jsonl")
-    queries = [q["question"] for q in data.load_qa(qa_path)] if qa_path else [d.text[:80] for d in src]
-    queries = (queries[:20] if args.smoke else queries) + ["S9 门铃的录像在云端保存几天？", "How high to mount the S9?"]
+    # 再加上问新文档的问题：增量同步后它们应当搜得到新块
+    return src, queries + ["S9 门铃的录像在云端保存几天？", "How high to mount the S9?"]
 
+
+def main(args: Args) -> dict:
+    import faiss
+    import numpy as np
+
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+    log = out.log
+
+    # 1. 把知识库复制到输出目录里的工作文件夹：演示的增删改只动副本，不碰你的原始文档
+    work = out.path("work_kb")
+    src, queries = copy_kb(args, work)
     embedder = retrieval.load_embedder(args.embedding_model, str(models.pick_device(args.device)))   # 只有向量化用 GPU
     store, rebuilt = out.path("store"), out.path("store_rebuilt")
     initial = sync(work, store, embedder, args, args.rebuild, log)

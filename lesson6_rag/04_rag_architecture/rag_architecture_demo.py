@@ -1,16 +1,13 @@
 """RAG 三段式架构：检索（BM25 / 向量 / 混合）→ 重排（自己训练的 cross-encoder）→ 带引用的生成。
 
-  检索：BM25（jieba 分词）与向量检索（MiniLM + FAISS）各自的 recall 都报，再用 RRF 融合；
-        融合时向量一路的权重在训练集上挑（MiniLM 是英文模型，中文上弱，等权融合反而拖累 BM25）。
-  重排：没有现成的离线 reranker，就用 sentence-transformers 的 CrossEncoderTrainer 把 MiniLM 训练成一个：
-        训练集问题的金标块为正例、第一阶段召回的其它块为难负例；只在按问题切出的测试集上评测（不泄漏）。
-        训练好的模型缓存在输出目录里（训练集或参数变了会自动重训）；--reranker 可换成现成的模型。
-  生成：把前几段资料编号 [1] [2] … 交给大模型，回答开头预填 "According to passage ["，让它接着写出处和答案；
-        闭卷 = 同一模型、同一问题、不给资料。
+  检索：BM25（jieba 分词）与向量检索（MiniLM + FAISS）各自报告，再用 RRF 融合（向量权重在训练集上挑）。
+  重排：用 CrossEncoderTrainer 把 MiniLM 训练成交叉编码器（金标块为正例、第一阶段召回的其它块为难负例），
+        只在按问题切出的测试集上评测；训练好的模型缓存在输出目录里；--reranker 可换成现成的模型。
+  生成：前几段资料编号 [1] [2] … 交给大模型，回答开头预填 "According to passage ["；闭卷 = 同一模型不给资料。
 
 运行：
   python lesson6_rag/04_rag_architecture/rag_architecture_demo.py           # CPU，smollm2-135m，空闲 2 核约 1 分钟
-  python lesson6_rag/04_rag_architecture/rag_architecture_demo.py --smoke   # 极小模型 + 1/4 文档 + 5 步重排训练，约 12 秒
+  python lesson6_rag/04_rag_architecture/rag_architecture_demo.py --smoke   # 极小模型 + 1/4 文档 + 少量重排训练（SMOKE），约 12 秒
   python lesson6_rag/04_rag_architecture/rag_architecture_demo.py --model Qwen/Qwen3-0.6B --source hf \\
       --config configs/lesson6/rag_architecture_demo.yaml                  # GPU，可加 --reranker BAAI/bge-reranker-base
 
@@ -23,46 +20,51 @@ recall@5 0.94 → 1.00、MRR 0.78 → 0.79；资料里有答案的比例 0.875�
 import hashlib
 import json
 import re
-import unicodedata
 from dataclasses import dataclass
 
-from common import cli, data, models, retrieval, run
-from common.errors import UserError
+from common import cli, data, metrics, models, retrieval, run, train
 
 PROMPTS = {  # (RAG 提示, 闭卷提示, RAG 回答的开头)：中文问题用中文指令，英文问题用英文指令
     "en": ("Read the passages and answer the question.\n\n{ctx}\n\nQuestion: {q}", "Question: {q}\nGive a short answer.",
            "According to passage ["),
-    "zh": ("阅读下面的资料，回答问题。\n\n{ctx}\n\n问题：{q}", "问题：{q}\n请简短回答。", "根据资料 ["),
-}
-# 回答的开头（prefill）由我们替模型写好："According to passage [" 之后模型只能接一个编号再接答案。
-# 135M 的小模型听不懂"请注明出处"这种指令（实测几乎从不写引用、还常把问题复读一遍），但很会续写：
-# 把引用格式写进回答开头，引用率从约 0.1 升到约 1，答案也更常从资料里照抄。大模型同样适用（OpenAI/Claude 的
-# "assistant 预填"就是这个做法）；评分时开头算作回答的一部分。
+    "zh": ("阅读下面的资料，回答问题。\n\n{ctx}\n\n问题：{q}", "问题：{q}\n请简短回答。", "根据资料 [")}
+# 回答的开头（prefill）由我们替模型写好：135M 的小模型听不懂"请注明出处"（实测几乎从不写引用），但很会续写：
+# 把引用格式写进回答开头，引用率从约 0.1 升到约 1，答案也更常从资料里照抄（"assistant 预填"，大模型同样适用）；
+# 评分时开头算作回答的一部分。
 
 
 @dataclass
 class Args(retrieval.KBArgs):
     reranker: str = cli.arg(None, "现成的 cross-encoder（本地目录或 hub id，如 BAAI/bge-reranker-base）；不填则现场训练")
-    chunk_size: int = cli.arg(300, "切块长度（字符）")
-    chunk_overlap: int = cli.arg(50, "相邻块重叠（字符）")
-    test_fraction: float = cli.arg(0.3, "按问题切出的测试集比例：重排器只在其余问题上训练")
-    max_eval: int = cli.arg(16, "测试集最多评测多少个问题（生成最慢，CPU 上控制总时长）")
-    candidates: int = cli.arg(10, "第一阶段召回多少个候选交给重排器（CPU 上交叉编码器每对都要过一遍模型，候选越多越慢）")
-    first_stage: str = cli.arg("hybrid", "第一阶段：bm25 / dense / hybrid（RRF 融合）")
-    dense_weight: float = cli.arg(None, "RRF 中向量一路的权重（BM25 为 1）；不填则在训练集上从网格里挑")
-    rerank_epochs: int = cli.arg(1, "重排器训练轮数")
-    rerank_negatives: int = cli.arg(3, "每个训练问题取多少个难负例（第一阶段召回但不是金标的块）")
-    rerank_lr: float = cli.arg(1e-4, "重排器学习率（底层冻结、只训上层与分类头，可以比全量微调大一些）")
-    rerank_max_length: int = cli.arg(160, "重排器输入（问题 + 块）的最多 token 数：CPU 上训练与打分的耗时与它成正比")
-    rerank_freeze_layers: int = cli.arg(3, "冻结 MiniLM 词嵌入与最底下 N 层（共 6 层）：反向传播只走上面几层，CPU 上快近一倍")
-    context_k: int = cli.arg(2, "交给大模型的段落数（CPU 上提示越长生成越慢）")
-    max_new_tokens: int = cli.arg(32, "生成长度上限：答案要简短")
-    batch_size: int = cli.arg(4, "生成的批大小")
+    chunk_size: int = cli.arg(300, "切块长度（字符）", min=1)
+    chunk_overlap: int = cli.arg(50, "相邻块重叠（字符）", min=0)
+    test_fraction: float = cli.arg(0.3, "按问题切出的测试集比例：重排器只在其余问题上训练", min=0.01, max=0.99)
+    max_train: int = cli.arg(0, "最多用多少个训练问题（0 = 全部）", min=0)
+    max_eval: int = cli.arg(16, "测试集最多评测多少个问题（生成最慢，CPU 上控制总时长）", min=1)
+    candidates: int = cli.arg(10, "第一阶段召回多少个候选交给重排器（CPU 上交叉编码器每对都要过一遍模型，候选越多越慢）",
+                              min=1)
+    first_stage: str = cli.arg("hybrid", "第一阶段：bm25 / dense / hybrid（RRF 融合）", choices=["bm25", "dense", "hybrid"])
+    dense_weight: float = cli.arg(None, "RRF 中向量一路的权重（BM25 为 1）；不填则在训练集上从网格里挑", min=0)
+    rerank_epochs: int = cli.arg(1, "重排器训练轮数", min=1)
+    rerank_negatives: int = cli.arg(3, "每个训练问题取多少个难负例（第一阶段召回但不是金标的块）", min=1)
+    rerank_lr: float = cli.arg(1e-4, "重排器学习率（底层冻结、只训上层与分类头，可以比全量微调大一些）", min=0)
+    rerank_max_length: int = cli.arg(160, "重排器输入（问题 + 块）的最多 token 数：CPU 上训练与打分的耗时与它成正比",
+                                     min=8)
+    rerank_freeze_layers: int = cli.arg(3, "冻结 MiniLM 词嵌入与最底下 N 层（共 6 层）：反向传播只走上面几层，CPU 上快近一倍",
+                                        min=0, max=6)
+    context_k: int = cli.arg(2, "交给大模型的段落数（CPU 上提示越长生成越慢）", min=1)
+    max_new_tokens: int = cli.arg(32, "生成长度上限：答案要简短", min=1)
+    batch_size: int = cli.arg(4, "生成的批大小", min=1)
 
 
-def norm(s: str) -> str:
-    """答案比对用：NFKC、小写，去掉空格和标点（中文 '1 个工作日' 与 '1个工作日' 算同一个）。"""
-    return "".join(c for c in unicodedata.normalize("NFKC", s).lower() if c.isalnum())
+# 冒烟：1/4 的文档（及问它们的题）、少量训练 / 测试题；重排器每题 2 个负例、输入截到 64 token，十几秒训完
+SMOKE = dict(max_docs=11, max_train=24, max_eval=10, candidates=8, rerank_negatives=2, rerank_max_length=64)
+
+
+def chat(tok, text: str) -> str:
+    """一条用户消息的对话提示；enable_thinking=False：Qwen3 直接作答，其它模板忽略这个变量。"""
+    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
+                                   enable_thinking=False)
 
 
 def citations(text: str, k: int) -> list[int]:
@@ -81,18 +83,18 @@ def first_stage(qas, chunks, bm25, dense, embedder, depth: int, weight: float | 
     return out
 
 
-def train_reranker(args, out, train_q, ranked, chunks, by_id, device, epochs: int, negatives: int, max_length: int):
+def train_reranker(args: Args, out: run.Run, train_q: list[dict], ranked: list[list[int]], chunks, by_id, device: str):
     """用 CrossEncoderTrainer 把 MiniLM 训练成重排器：(问题, 块) -> 是否金标。有匹配的缓存就直接加载。"""
     from datasets import Dataset
     from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
-    base = retrieval.default_embedding_model()
+    base, epochs, max_length = retrieval.default_embedding_model(), args.rerank_epochs, args.rerank_max_length
     rows = {"query": [], "passage": [], "label": []}
     for q, rank in zip(train_q, ranked):
         # 正例：金标块（不在候选里也从整个库里找出来）；难负例：第一阶段排得靠前、却不是金标的块
         pos = [c for c in chunks if retrieval.is_hit(c, q, by_id)][:2]
-        neg = [chunks[i] for i in rank if not retrieval.is_hit(chunks[i], q, by_id)][:negatives]
+        neg = [chunks[i] for i in rank if not retrieval.is_hit(chunks[i], q, by_id)][:args.rerank_negatives]
         for c, y in [(c, 1.0) for c in pos] + [(c, 0.0) for c in neg]:
             rows["query"].append(q["question"])
             rows["passage"].append(c.text)
@@ -119,7 +121,7 @@ def train_reranker(args, out, train_q, ranked, chunks, by_id, device, epochs: in
     targs = CrossEncoderTrainingArguments(
         output_dir=str(out.path("reranker_ckpt")), num_train_epochs=epochs, learning_rate=args.rerank_lr,
         per_device_train_batch_size=16, warmup_steps=0.1, save_strategy="no", logging_steps=5, seed=args.seed,
-        report_to=out.trainer_report_to(), bf16=device.startswith("cuda"), dataloader_pin_memory=device != "cpu")
+        report_to=out.trainer_report_to(), **train.trainer_flags(model))
     trainer = CrossEncoderTrainer(model=model, args=targs, train_dataset=Dataset.from_dict(rows), loss=loss)
     result = trainer.train()
     # 每 logging_steps 步记一次的损失；步数太少没记到时，用整轮的平均损失
@@ -129,50 +131,25 @@ def train_reranker(args, out, train_q, ranked, chunks, by_id, device, epochs: in
     return model, len(rows["label"]), losses
 
 
-def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """批量贪心生成（左侧补齐），只返回新生成的部分。"""
-    import torch
-
-    tok.padding_side = "left"
-    limit = getattr(model.config, "max_position_embeddings", 4096) - max_new_tokens
-    outs = []
-    for i in range(0, len(prompts), batch_size):
-        enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=limit,
-                  add_special_tokens=False).to(model.device)
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [o.strip() for o in outs]
-
-
-def main(args: Args) -> dict:
-    out = run.start(__file__, args)
-    log = out.log
-    if args.first_stage not in ("bm25", "dense", "hybrid"):
-        raise UserError(f"--first-stage {args.first_stage}: 只能是 bm25 / dense / hybrid")
-    device = str(models.pick_device(args.device))
-
-    # 1. 知识库切块、建两种索引；问题按题目随机切成训练 / 测试（同一种子同样切分）
-    docs, by_id, qas = retrieval.load_kb(args.docs, args.qa or args.data)
-    if args.smoke:   # 冒烟：四分之一的文档（及问它们的题）、少量训练 / 测试题，流程完全一样
-        docs = docs[::4]
-        by_id = {d.id: d for d in docs}
-        qas = [q for q in qas if (q["doc_id"] in by_id if q["doc_id"] else any(q["gold_passage"] in d.text
-                                                                               for d in docs))]
+def load_kb(args: Args, device: str, log) -> dict:
+    """知识库切块、建两种索引；问题按题目随机切成训练 / 测试（同一种子同样切分）。"""
+    docs, by_id, qas = retrieval.load_kb(args.docs, args.qa, args.max_docs, args.max_questions)
     chunks = retrieval.chunk_documents(docs, args.chunk_size, args.chunk_overlap)
     train_q, test_q = data.split(qas, args.test_fraction, args.seed)
-    if args.smoke:
-        train_q, test_q = train_q[:24], test_q[:10]
-    test_q = test_q[:args.max_eval]
+    train_q, test_q = train_q[: args.max_train or None], test_q[: args.max_eval]
     embedder = retrieval.load_embedder(args.embedding_model, device)
-    bm25 = retrieval.BM25Index([c.text for c in chunks])
-    dense = retrieval.DenseIndex(retrieval.embed(embedder, [c.text for c in chunks]))
     log.info(f"{len(docs)} 篇文档 -> {len(chunks)} 块；问题 训练 {len(train_q)} / 测试 {len(test_q)}")
+    texts = [c.text for c in chunks]
+    return {"by_id": by_id, "chunks": chunks, "train_q": train_q, "test_q": test_q, "embedder": embedder,
+            "bm25": retrieval.BM25Index(texts), "dense": retrieval.DenseIndex(retrieval.embed(embedder, texts))}
 
-    # 2. 第一阶段召回：RRF 的向量权重只在训练集上挑，测试集只用来报告
+
+def retrieve(args: Args, kb: dict, log) -> tuple[dict, dict, float, dict]:
+    """第一阶段召回：RRF 的向量权重只在训练集上挑，测试集只用来报告。返回 (训练集排序, 测试集排序, 权重, 指标)。"""
+    chunks, by_id, train_q, test_q = kb["chunks"], kb["by_id"], kb["train_q"], kb["test_q"]
     depth = max(args.candidates, 50)
+    tr = first_stage(train_q, chunks, kb["bm25"], kb["dense"], kb["embedder"], depth, None)
     weight = args.dense_weight
-    tr = first_stage(train_q, chunks, bm25, dense, embedder, depth, None)
     if weight is None:
         grid = {w: retrieval.mrr(retrieval.hits_matrix([retrieval.rrf([b, d], [1.0, w]) for b, d in
                                                         zip(tr["bm25"], tr["dense"])], train_q, chunks, by_id))
@@ -180,115 +157,101 @@ def main(args: Args) -> dict:
         weight = max(grid, key=grid.get)
         log.info(f"RRF 向量权重（训练集 MRR）：{ {w: round(m, 3) for w, m in grid.items()} } -> {weight}")
     tr["hybrid"] = [retrieval.rrf([b, d], [1.0, weight])[:depth] for b, d in zip(tr["bm25"], tr["dense"])]
-    te = first_stage(test_q, chunks, bm25, dense, embedder, depth, weight)
+    te = first_stage(test_q, chunks, kb["bm25"], kb["dense"], kb["embedder"], depth, weight)
     retrievers = {}
     for name, ranked in te.items():
         hits = retrieval.hits_matrix(ranked, test_q, chunks, by_id)
-        retrievers[name] = {**retrieval.evaluate(hits), "by_lang": {
-            lang: round(retrieval.recall_at_k([h for h, q in zip(hits, test_q) if q["lang"] == lang], 5), 4)
-            for lang in sorted({q["lang"] for q in test_q})}}
+        retrievers[name] = {**retrieval.evaluate(hits), "by_lang": retrieval.recall_by_lang(hits, test_q, 5)}
         log.info(f"{name:6s} 测试集 {retrievers[name]}")
+    return tr, te, weight, retrievers
 
-    # 3. 重排：训练（或加载）cross-encoder，只给第一阶段前 N 个候选重新打分。
-    #    训练题再留出一份 dev：重排器学得好不好要在没见过的题上量，融合权重也在 dev 上挑
-    candidates = min(args.candidates, 8) if args.smoke else args.candidates
-    fit_i, dev_i = data.split(list(range(len(train_q))), 0.25, args.seed)
+
+def load_reranker(args: Args, out: run.Run, kb: dict, tr: dict, fit_i: list[int], device: str):
+    """--reranker 给了就加载现成的；否则在训练题（不含 dev）上现场训练。返回 (重排器, 训练对数, 损失曲线)。"""
     if args.reranker:
-        from sentence_transformers.cross_encoder import CrossEncoder
+        return retrieval.load_cross_encoder(args.reranker, device), 0, None
+    return train_reranker(args, out, [kb["train_q"][i] for i in fit_i],
+                          [tr[args.first_stage][i][:args.candidates] for i in fit_i], kb["chunks"], kb["by_id"], device)
 
-        try:
-            reranker, n_pairs, losses = CrossEncoder(args.reranker, device=device), 0, None
-        except Exception as e:  # noqa: BLE001 - 离线找不到之类，统一成一行
-            raise UserError(f"--reranker {args.reranker}: 无法加载（{type(e).__name__}: {str(e)[:150]}）") from None
-    else:
-        # 冒烟：1 轮、每题 2 个负例、输入截到 64 token，十几秒训完（学不到多少，只走通流程）
-        epochs, negatives, max_len = ((1, 2, 64) if args.smoke else
-                                      (args.rerank_epochs, args.rerank_negatives, args.rerank_max_length))
-        reranker, n_pairs, losses = train_reranker(args, out, [train_q[i] for i in fit_i],
-                                                   [tr[args.first_stage][i][:candidates] for i in fit_i],
-                                                   chunks, by_id, device, epochs, negatives, max_len)
 
-    def rerank(qs, ranked):
-        """交叉编码器给每个候选打分，按分数重新排序。"""
-        out_rank = []
-        for q, cand in zip(qs, ranked):
-            scores = reranker.predict([(q["question"], chunks[i].text) for i in cand], show_progress_bar=False)
-            out_rank.append([cand[j] for j in sorted(range(len(cand)), key=lambda j: -float(scores[j]))])
-        return out_rank
+def rerank(reranker, chunks, qs: list[dict], ranked: list[list[int]]) -> list[list[int]]:
+    """每个问题的候选交给交叉编码器重新排序（common.retrieval.rerank）。"""
+    texts = [c.text for c in chunks]
+    return [retrieval.rerank(reranker, q["question"], cand, texts) for q, cand in zip(qs, ranked)]
 
-    def fuse(first, reranked, w: float):
-        """RRF 融合第一阶段与重排器的名次：w=0 只信第一阶段，w 很大时只信重排器。"""
-        return [retrieval.rrf([f, r], [1.0, w], k=5) for f, r in zip(first, reranked)]
 
-    # 重排器权重在 dev 上挑（含 0 = 不用重排器）：小数据训出的重排器可能不如 BM25，不能默认它更好
-    dev_q = [train_q[i] for i in dev_i]
-    dev_first = [tr[args.first_stage][i][:candidates] for i in dev_i]
-    dev_rr = rerank(dev_q, dev_first)
-    dev_grid = {w: retrieval.hits_matrix(fuse(dev_first, dev_rr, w), dev_q, chunks, by_id)
-                for w in (0.0, 0.5, 1.0, 2.0, 100.0)}
-    dev_score = {w: (round(retrieval.mrr(h), 4), round(retrieval.recall_at_k(h, 5), 4)) for w, h in dev_grid.items()}
-    rerank_weight = max(dev_score, key=lambda w: (dev_score[w], w))   # 并列时取更信重排器的
-    log.info(f"重排器融合权重（dev {len(dev_q)} 题，(MRR, recall@5)）：{dev_score} -> {rerank_weight}")
+def fuse(first: list[list[int]], reranked: list[list[int]], w: float) -> list[list[int]]:
+    """RRF 融合第一阶段与重排器的名次：w=0 只信第一阶段，w 很大时只信重排器。"""
+    return [retrieval.rrf([f, r], [1.0, w], k=5) for f, r in zip(first, reranked)]
 
-    before = [r[:candidates] for r in te[args.first_stage]]
-    reranked = rerank(test_q, before)
-    after = fuse(before, reranked, rerank_weight)
-    h_before = retrieval.hits_matrix(before, test_q, chunks, by_id)
-    h_after = retrieval.hits_matrix(after, test_q, chunks, by_id)
-    h_only = retrieval.hits_matrix(reranked, test_q, chunks, by_id)
+
+def rerank_stage(args: Args, out: run.Run, kb: dict, tr: dict, te: dict, device: str) -> tuple[list, dict]:
+    """重排：训练（或加载）cross-encoder，只给第一阶段前 N 个候选重新打分；与第一阶段融合的权重在 dev 上挑。"""
+    chunks, by_id, train_q, test_q, n = kb["chunks"], kb["by_id"], kb["train_q"], kb["test_q"], args.candidates
+    # 训练题再留出一份 dev：重排器学得好不好要在没见过的题上量
+    fit_i, dev_i = data.split(list(range(len(train_q))), 0.25, args.seed)
+    reranker, n_pairs, losses = load_reranker(args, out, kb, tr, fit_i, device)
+    # 权重网格含 0 = 不用重排器：小数据训出的重排器可能不如 BM25，不能默认它更好
+    dev_q, dev_first = [train_q[i] for i in dev_i], [tr[args.first_stage][i][:n] for i in dev_i]
+    dev_rr = rerank(reranker, chunks, dev_q, dev_first)
+    dev_score = {w: (round(retrieval.mrr(h), 4), round(retrieval.recall_at_k(h, 5), 4)) for w, h in
+                 ((w, retrieval.hits_matrix(fuse(dev_first, dev_rr, w), dev_q, chunks, by_id))
+                  for w in (0.0, 0.5, 1.0, 2.0, 100.0))}
+    weight = max(dev_score, key=lambda w: (dev_score[w], w))   # 并列时取更信重排器的
+    out.log.info(f"重排器融合权重（dev {len(dev_q)} 题，(MRR, recall@5)）：{dev_score} -> {weight}")
+
+    before = [r[:n] for r in te[args.first_stage]]
+    reranked = rerank(reranker, chunks, test_q, before)
+    after = fuse(before, reranked, weight)
+    h_before, h_after, h_only = (retrieval.hits_matrix(r, test_q, chunks, by_id) for r in (before, after, reranked))
     rr = {"recall_at_5_before_rerank": round(retrieval.recall_at_k(h_before, 5), 4),
           "recall_at_5_after_rerank": round(retrieval.recall_at_k(h_after, 5), 4),
           "mrr_before_rerank": round(retrieval.mrr(h_before), 4), "mrr_after_rerank": round(retrieval.mrr(h_after), 4),
           "recall_at_5_reranker_only": round(retrieval.recall_at_k(h_only, 5), 4),
-          "mrr_reranker_only": round(retrieval.mrr(h_only), 4), "rerank_weight": rerank_weight,
+          "mrr_reranker_only": round(retrieval.mrr(h_only), 4), "rerank_weight": weight,
           "rerank_dev": {str(w): v for w, v in dev_score.items()},
-          "candidate_recall": round(retrieval.recall_at_k(h_before, candidates), 4)}
-    log.info(f"重排（{args.first_stage} 前 {candidates} 个候选）：{rr}")
+          "candidate_recall": round(retrieval.recall_at_k(h_before, n), 4), "reranker_train_pairs": n_pairs,
+          "reranker_loss": None if not losses else {"first": losses[0], "last": losses[-1]}}
+    out.log.info(f"重排（{args.first_stage} 前 {n} 个候选）：{rr}")
+    return after, rr
 
-    # 4. 生成：同一个模型，闭卷 vs 带编号资料（RAG）
-    model, tok = models.load(args.resolved_model(), source=args.source, device=args.device, dtype=args.dtype,
-                             trust_remote_code=args.trust_remote_code)
 
-    def chat(text: str) -> str:   # enable_thinking=False：Qwen3 直接作答；其它模板忽略这个变量
-        return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                       add_generation_prompt=True, enable_thinking=False)
-
+def answer(args: Args, kb: dict, after: list[list[int]]) -> list[dict]:
+    """生成并打分：同一个模型闭卷 vs 带编号资料（RAG）；答案是否包含标准答案、第一个引用是否指向金标段落。"""
+    model, tok = models.load_args(args)
+    test_q, chunks, by_id = kb["test_q"], kb["chunks"], kb["by_id"]
     ctx = [[chunks[i] for i in r[:args.context_k]] for r in after]
-    rag_prompts, closed_prompts = [], []
+    rag_prompts, closed_prompts, prefixes = [], [], []
     for q, passages in zip(test_q, ctx):
         rag_tpl, closed_tpl, prefix = PROMPTS.get(q["lang"], PROMPTS["en"])
         # 去掉 Markdown 标题的 #：小模型看到 "# 标题" 容易接着写一篇新文档
         text = "\n\n".join(f"[{n}] " + re.sub(r"(?m)^#+\s*", "", c.text) for n, c in enumerate(passages, 1))
-        rag_prompts.append(chat(rag_tpl.format(ctx=text, q=q["question"])) + prefix)
-        closed_prompts.append(chat(closed_tpl.format(q=q["question"])))
-    closed = generate(model, tok, closed_prompts, args.max_new_tokens, args.batch_size)
-    prefixes = [PROMPTS.get(q["lang"], PROMPTS["en"])[2] for q in test_q]
-    rag = [p + a for p, a in zip(prefixes, generate(model, tok, rag_prompts, args.max_new_tokens, args.batch_size))]
-
-    # 5. 打分：答案是否包含标准答案；第一个引用是否指向金标段落；引用的段落里是否真有答案
+        rag_prompts.append(chat(tok, rag_tpl.format(ctx=text, q=q["question"])) + prefix)
+        closed_prompts.append(chat(tok, closed_tpl.format(q=q["question"])))
+        prefixes.append(prefix)
+    closed = models.generate(model, tok, closed_prompts, args.max_new_tokens, args.batch_size)
+    rag = [p + a for p, a in zip(prefixes, models.generate(model, tok, rag_prompts, args.max_new_tokens,
+                                                           args.batch_size))]
     rows = []
     for q, passages, c_ans, r_ans in zip(test_q, ctx, closed, rag):
         cited = citations(r_ans, len(passages))
         rows.append({"question": q["question"], "answer": q["answer"], "lang": q["lang"], "closed_book": c_ans,
-                     "rag": r_ans, "cited": cited, "closed_ok": norm(q["answer"]) in norm(c_ans),
-                     "rag_ok": norm(q["answer"]) in norm(r_ans),
+                     "rag": r_ans, "cited": cited, "closed_ok": metrics.contains_answer(c_ans, q["answer"]),
+                     "rag_ok": metrics.contains_answer(r_ans, q["answer"]),
                      "citation_ok": bool(cited) and retrieval.is_hit(passages[cited[0] - 1], q, by_id),
-                     "support_ok": any(norm(q["answer"]) in norm(passages[n - 1].text) for n in cited),
-                     "context_has_answer": any(norm(q["answer"]) in norm(c.text) for c in passages)})
-    with out.path("answers.jsonl").open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+                     "support_ok": any(metrics.contains_answer(passages[n - 1].text, q["answer"]) for n in cited),
+                     "context_has_answer": any(metrics.contains_answer(c.text, q["answer"]) for c in passages)})
+    return rows
 
-    def rate(key: str, lang: str | None = None) -> float:
-        sel = [r[key] for r in rows if lang in (None, r["lang"])]
-        return round(sum(sel) / max(1, len(sel)), 4)
+
+def show_examples(rows: list[dict]) -> None:
+    """每种语言各挑两题，闭卷与 RAG 的回答并排打印。"""
+    from rich.console import Console
+    from rich.table import Column, Table
 
     langs = sorted({r["lang"] for r in rows})
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="闭卷 vs RAG（测试集示例）", show_lines=True)
-    for col in ("问题", "标准答案", "闭卷", "RAG（带引用）"):
-        table.add_column(col, overflow="fold")
+    table = Table(*[Column(c, overflow="fold") for c in ("问题", "标准答案", "闭卷", "RAG（带引用）")],
+                  title="闭卷 vs RAG（测试集示例）", show_lines=True)
     examples = [r for lang in langs for r in rows if r["lang"] == lang][:2] + \
         [r for lang in reversed(langs) for r in rows if r["lang"] == lang][:2]
     for r in examples:
@@ -296,22 +259,41 @@ def main(args: Args) -> dict:
                       f"{'✓' if r['rag_ok'] else '✗'} {r['rag']}")
     Console(width=119).print(table)
 
-    metrics = {**rr, "answer_accuracy_closed_book": rate("closed_ok"), "answer_accuracy_rag": rate("rag_ok"),
-               "citation_accuracy": rate("citation_ok"), "support_accuracy": rate("support_ok"),
-               "citation_rate": round(sum(bool(r["cited"]) for r in rows) / max(1, len(rows)), 4),
-               "context_answer_rate": rate("context_has_answer"),
-               "by_lang": {lang: {"closed_book": rate("closed_ok", lang), "rag": rate("rag_ok", lang),
-                                  "citation": rate("citation_ok", lang), "n": sum(r["lang"] == lang for r in rows)}
-                           for lang in langs},
-               "retrievers": retrievers, "first_stage": args.first_stage, "dense_weight": weight,
-               "reranker": args.reranker or "MiniLM cross-encoder (trained here)", "reranker_train_pairs": n_pairs,
-               "reranker_loss": None if not losses else {"first": losses[0], "last": losses[-1]},
-               "train_questions": len(train_q), "test_questions": len(test_q), "chunks": len(chunks)}
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+    device = str(models.pick_device(args.device))
+    # 1. 知识库切块、建 BM25 与向量索引；问题切成训练 / 测试
+    kb = load_kb(args, device, out.log)
+    # 2. 第一阶段召回：BM25 / 向量 / RRF 混合，各自报告
+    tr, te, weight, retrievers = retrieve(args, kb, out.log)
+    # 3. 重排：交叉编码器给前 N 个候选重新打分，与第一阶段的融合权重在 dev 上挑
+    after, rr = rerank_stage(args, out, kb, tr, te, device)
+    # 4. 生成与打分：闭卷 vs 带编号资料（RAG）
+    rows = answer(args, kb, after)
+    out.path("answers.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    show_examples(rows)
+
+    # 5. 汇总：准确率、引用准确率，按语言分开
+    def rate(key: str, lang: str | None = None) -> float:   # 满足 key 的题目比例（lang 给定时只算该语言）
+        return round(sum(sel := [r[key] for r in rows if lang in (None, r["lang"])]) / max(1, len(sel)), 4)
+
+    m = {**rr, "answer_accuracy_closed_book": rate("closed_ok"), "answer_accuracy_rag": rate("rag_ok"),
+         "citation_accuracy": rate("citation_ok"), "support_accuracy": rate("support_ok"),
+         "citation_rate": round(sum(bool(r["cited"]) for r in rows) / max(1, len(rows)), 4),
+         "context_answer_rate": rate("context_has_answer"),
+         "by_lang": {lang: {"closed_book": rate("closed_ok", lang), "rag": rate("rag_ok", lang),
+                            "citation": rate("citation_ok", lang), "n": sum(r["lang"] == lang for r in rows)}
+                     for lang in sorted({r["lang"] for r in rows})},
+         "retrievers": retrievers, "first_stage": args.first_stage, "dense_weight": weight,
+         "reranker": args.reranker or "MiniLM cross-encoder (trained here)",
+         "train_questions": len(kb["train_q"]), "test_questions": len(kb["test_q"]), "chunks": len(kb["chunks"])}
     summary = (f"recall@5 {rr['recall_at_5_before_rerank']:.2f}->{rr['recall_at_5_after_rerank']:.2f}, "
                f"MRR {rr['mrr_before_rerank']:.2f}->{rr['mrr_after_rerank']:.2f} after rerank; answer accuracy "
-               f"closed-book {metrics['answer_accuracy_closed_book']:.2f} vs RAG {metrics['answer_accuracy_rag']:.2f}; "
-               f"citation accuracy {metrics['citation_accuracy']:.2f}")
-    return out.finish(metrics, summary)
+               f"closed-book {m['answer_accuracy_closed_book']:.2f} vs RAG {m['answer_accuracy_rag']:.2f}; "
+               f"citation accuracy {m['citation_accuracy']:.2f}")
+    return out.finish(m, summary)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ import inspect
 import os
 import re
 import time
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from common import cli, retrieval, run
+from common import cli, metrics, retrieval, run
 from common.errors import UserError
 
 HERE = Path(__file__).resolve().parent
@@ -47,15 +46,17 @@ class Args(retrieval.KBArgs):
     ragflow_url: str = cli.arg(None, "RAGFlow HTTP API 地址（SVR_HTTP_PORT，如 http://127.0.0.1:9380）；或环境变量 RAGFLOW_URL")
     api_key: str = cli.arg(None, "RAGFlow API key（网页右上角头像 → API）；或环境变量 RAGFLOW_API_KEY")
     dataset_name: str = cli.arg("llm-course-kb", "在 RAGFlow 里新建的知识库名前缀（会加上时间戳）")
-    top_k: int = cli.arg(5, "每题取回的块数（recall@5 需要 ≥5）")
-    max_questions: int = cli.arg(0, "最多问多少题；0 = 全部（--smoke 时 5）")
-    parse_timeout: float = cli.arg(900.0, "等待 RAGFlow 解析完全部文档的最长秒数")
-    connect_timeout: float = cli.arg(3.0, "探测服务是否可达的超时秒数")
+    top_k: int = cli.arg(5, "每题取回的块数（recall@5 需要 ≥5）", min=1)
+    parse_timeout: float = cli.arg(900.0, "等待 RAGFlow 解析完全部文档的最长秒数", min=1)
+    connect_timeout: float = cli.arg(3.0, "探测服务是否可达的超时秒数", min=0.1)
     keep_dataset: bool = cli.arg(False, "评测后保留知识库和对话助手（默认删掉，避免越积越多）")
 
     # 这里的"模型"是 RAGFlow 对话助手用的 LLM（在服务端配置），本机不加载任何模型
     smoke_model = "ragflow-server-default"
     default_model = "ragflow-server-default"
+
+
+SMOKE = dict(max_questions=5)   # 冒烟：连上服务时只问 5 题
 
 
 def read_env(path: Path) -> dict[str, str]:
@@ -137,18 +138,12 @@ def check_client() -> tuple[list[str], str]:
     return problems, ragflow_sdk.__version__
 
 
-def squash(text: str) -> str:
-    """比较用的规范化：NFKC（全角转半角）、小写、去掉空白和标点。"""
-    text = unicodedata.normalize("NFKC", text).lower()
-    return "".join(ch for ch in text if not (ch.isspace() or unicodedata.category(ch).startswith("P")))
-
-
 def is_hit(chunk, qa: dict, rid_to_doc: dict[str, str]) -> bool:
-    """RAGFlow 自己切的块：来自金标文档，且与金标段落（去空白标点后）互相包含。"""
+    """RAGFlow 自己切的块：来自金标文档，且与金标段落（SQuAD 式规范化后）互相包含。"""
     if qa.get("doc_id") and rid_to_doc.get(chunk.document_id) != qa["doc_id"]:
         return False
     gold = qa.get("gold_passage")
-    return not gold or squash(gold) in squash(chunk.content) or squash(chunk.content) in squash(gold)
+    return not gold or metrics.contains_answer(chunk.content, gold) or metrics.contains_answer(gold, chunk.content)
 
 
 def list_all(ds) -> list:
@@ -163,6 +158,7 @@ def list_all(ds) -> list:
 
 
 def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
     log = out.log
 
@@ -180,16 +176,14 @@ def main(args: Args) -> dict:
     # 3. 真的构建上传内容：读出知识库每个文件的字节，按 SDK 的 multipart 格式编码（不发送）
     import requests
 
-    docs, _, qas = retrieval.load_kb(args.docs, args.qa)
+    docs, _, qas = retrieval.load_kb(args.docs, args.qa, max_questions=args.max_questions)
     payload = [{"display_name": d.id.replace("/", "__"), "blob": d.path.read_bytes()} for d in docs]
     name_to_doc = {p["display_name"]: d.id for p, d in zip(payload, docs)}
     body = requests.Request("POST", "http://ragflow.invalid/api/v1/datasets/x/documents",
                             files=[("file", (p["display_name"], p["blob"])) for p in payload]).prepare().body
-    limit = args.max_questions or (5 if args.smoke else len(qas))
-    qas = qas[:limit]
     log.info(f"知识库 {len(payload)} 个文件 {sum(len(p['blob']) for p in payload)} 字节（multipart {len(body)} 字节），"
              f"问答 {len(qas)} 题")
-    metrics = {"reachable": False, "compose_ok": not compose_problems, "client_ok": not client_problems,
+    result = {"reachable": False, "compose_ok": not compose_problems, "client_ok": not client_problems,
                "docs_ready": len(payload), "docs_bytes": sum(len(p["blob"]) for p in payload),
                "upload_body_bytes": len(body), "questions": len(qas), "ragflow_sdk": sdk_version,
                "compose": compose_info}
@@ -199,7 +193,7 @@ def main(args: Args) -> dict:
     key = args.api_key or os.environ.get("RAGFLOW_API_KEY")
     if not url:
         log.info("RAGFlow 不可达：没有给 --ragflow-url（或环境变量 RAGFLOW_URL）；按 README 用 docker compose 启动后再试")
-        return out.finish(metrics)
+        return out.finish(result)
     u = urlparse(url)
     try:
         _ = u.port   # 端口不是数字时 urlparse 在这里才报 ValueError
@@ -212,7 +206,7 @@ def main(args: Args) -> dict:
                              headers={"Authorization": f"Bearer {key or ''}"})
     except requests.RequestException as e:
         log.info(f"RAGFlow 不可达：{url}（{type(e).__name__}）；服务起来了吗？docker compose ps 看看")
-        return out.finish({**metrics, "ragflow_url": url})
+        return out.finish({**result, "ragflow_url": url})
     try:
         code, message = probe.json().get("code"), probe.json().get("message")
     except ValueError:
@@ -220,7 +214,7 @@ def main(args: Args) -> dict:
                         "应指向 SVR_HTTP_PORT（默认 9380），不是网页端口") from None
     if not key or code != 0:
         raise UserError(f"--api-key: RAGFlow 拒绝了请求（{message or '没有给 key'}）；在网页右上角头像 → API 里生成")
-    metrics["reachable"] = True
+    result["reachable"] = True
     if compose_problems or client_problems:
         raise UserError("compose 或 ragflow-sdk 检查未通过（见上面的错误），先修好再连服务")
 
@@ -248,7 +242,7 @@ def main(args: Args) -> dict:
         parsed = sum(r == "DONE" or p >= 1.0 for r, p in states.values())
         if len(finished) < len(uploaded):
             log.warning(f"解析超过 --parse-timeout {args.parse_timeout:.0f} 秒：只用已解析的 {parsed} 篇评测")
-        metrics.update(docs_parsed=parsed, parse_seconds=round(time.monotonic() - t0, 1))
+        result.update(docs_parsed=parsed, parse_seconds=round(time.monotonic() - t0, 1))
 
         # 6. 检索：RAGFlow 的混合检索（关键词 + 向量），按金标段落 / 文档判命中
         hits = []
@@ -256,7 +250,7 @@ def main(args: Args) -> dict:
             chunks = rag.retrieve(dataset_ids=[ds.id], question=qa["question"], page_size=args.top_k,
                                   similarity_threshold=0.0, top_k=1024)
             hits.append([is_hit(c, qa, rid_to_doc) for c in chunks[:args.top_k]])
-        metrics.update(recall_at_5=round(retrieval.recall_at_k(hits, 5), 4), mrr=round(retrieval.mrr(hits), 4))
+        result.update(recall_at_5=round(retrieval.recall_at_k(hits, 5), 4), mrr=round(retrieval.mrr(hits), 4))
 
         # 7. 问答：RAGFlow 的对话助手（LLM 在服务端配置）；答案规范化后包含金标答案即算对
         try:
@@ -264,11 +258,11 @@ def main(args: Args) -> dict:
             chat = rag.create_chat(name=f"{ds.name}-chat", dataset_ids=[ds.id], llm=llm)
             session = chat.create_session("course-eval")
             answers = [next(iter(session.ask(qa["question"], stream=False))).content for qa in qas]
-            metrics["answer_accuracy"] = round(sum(squash(qa["answer"]) in squash(a)
-                                                   for qa, a in zip(qas, answers)) / max(1, len(qas)), 4)
+            result["answer_accuracy"] = round(sum(metrics.contains_answer(a, qa["answer"])
+                                                  for qa, a in zip(qas, answers)) / max(1, len(qas)), 4)
         except Exception as e:  # noqa: BLE001 - 最常见：服务端还没配置默认对话模型
             log.warning(f"对话助手不可用（{str(e)[:150]}）：在网页的 模型供应商 里配置 LLM 后再试")
-            metrics["answer_accuracy"] = None
+            result["answer_accuracy"] = None
     except Exception as e:  # noqa: BLE001 - SDK 把服务端的拒绝原因放在异常消息里，换成一行
         raise UserError(f"RAGFlow 返回错误：{str(e)[:200]}") from None
     finally:
@@ -277,9 +271,9 @@ def main(args: Args) -> dict:
                 rag.delete_chats(ids=[chat.id])
             if ds is not None:
                 rag.delete_datasets(ids=[ds.id])
-    return out.finish({**metrics, "ragflow_url": url},
-                      summary=f"recall@5={metrics['recall_at_5']}, answer_accuracy={metrics['answer_accuracy']}, "
-                              f"docs_parsed={metrics['docs_parsed']}/{len(payload)}")
+    return out.finish({**result, "ragflow_url": url},
+                      summary=f"recall@5={result['recall_at_5']}, answer_accuracy={result['answer_accuracy']}, "
+                              f"docs_parsed={result['docs_parsed']}/{len(payload)}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """RAG 调优实验室：扫一遍 切块大小 × 重叠 × 检索器（BM25 / 向量 / 混合 RRF）× top-k × 重排，在 dev 上选、在 test 上报。
 
-为什么这样做：调参必须"在 dev 上选、在 test 上报"，否则选出来的数字是偏高的；每个检索器都要单独报，
-因为 all-MiniLM-L6-v2 是英文模型，在中文上明显弱于 jieba 分词的 BM25 —— 混合检索的权重也在 dev 上调，不假设向量更好。
+在 test 上选会让数字偏高；每个检索器单独报（MiniLM 是英文模型，中文上弱于 jieba BM25），混合权重也在 dev 上调。
   - 检索指标：recall@k、MRR、nDCG@10（common.retrieval.evaluate，命中 = 块覆盖金标段落至少一半）；
   - 抽取式阅读器：取第 1 名的块，选与问题词重叠最多的那一句作答案，按 SQuAD 规范化算 EM / F1（中文按字）；
   - 忠实度：只对最优配置，用 LLM 依据检索到的资料生成答案，统计答案实词出现在资料里的比例；
@@ -9,11 +8,11 @@
 
 运行：
   python lesson6_rag/06_optimization/optimization_lab.py            # CPU：7 种切块 × 3 检索器，smollm2-135m 生成 8 题，空闲 2 核约 45 秒
-  python lesson6_rag/06_optimization/optimization_lab.py --smoke    # 1/4 文档、3 种切块，极小模型生成 5 题，约 11 秒
+  python lesson6_rag/06_optimization/optimization_lab.py --smoke    # 1/4 文档、4 种切块，极小模型生成 5 题（SMOKE），约 11 秒
   python lesson6_rag/06_optimization/optimization_lab.py --model Qwen/Qwen2.5-1.5B-Instruct --source hf \
       --embedding-model BAAI/bge-small-zh-v1.5 --reranker BAAI/bge-reranker-base \
       --config configs/lesson6/optimization_lab.yaml                # GPU：加中文向量模型与交叉编码器重排
-  加 --update-baseline 把本次结果写成新的基线。
+  （加 --update-baseline 把本次结果写成新的基线）
 
 你会看到（默认运行实测）：BM25 在 dev 上明显好于 MiniLM 向量检索，调过权重的混合检索最好
 （best_config = hybrid_cs500_ov0，test recall@5 0.90、MRR 0.59、nDCG@10 0.67；同切块 BM25 0.85、向量 0.42）；
@@ -23,11 +22,10 @@
 
 import json
 import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import cli, data, models, retrieval, run
+from common import cli, data, metrics, models, retrieval, run
 from common.errors import UserError
 
 HERE = Path(__file__).resolve().parent
@@ -39,34 +37,26 @@ STOP = set("的 了 是 在 和 与 及 或 为 有 我 你 您 请 可以 可 �
 @dataclass
 class Args(retrieval.KBArgs):
     embedding_model: str = cli.arg(None, "再加一个向量模型参与比较（本地目录或 hub id，如 BAAI/bge-small-zh-v1.5）")
-    chunk_sizes: list[int] = cli.arg([100, 200, 300, 500], "要扫的切块大小（字符）")
-    chunk_overlaps: list[int] = cli.arg([0, 50], "要扫的重叠（字符）；≥ 切块一半的组合跳过")
-    fusion_weights: list[float] = cli.arg([0.2, 0.35, 0.5, 0.65, 0.8], "混合检索里向量一路的 RRF 权重候选（在 dev 上选）")
-    ks: list[int] = cli.arg([1, 3, 5, 10], "top-k 轴：报告 recall@k 的 k")
-    dev_fraction: float = cli.arg(0.5, "问答集中划给 dev（选配置）的比例，其余为 test")
+    chunk_sizes: list[int] = cli.arg([100, 200, 300, 500], "要扫的切块大小（字符）", min=1)
+    chunk_overlaps: list[int] = cli.arg([0, 50], "要扫的重叠（字符）；≥ 切块一半的组合跳过", min=0)
+    fusion_weights: list[float] = cli.arg([0.2, 0.35, 0.5, 0.65, 0.8], "混合检索里向量一路的 RRF 权重候选（在 dev 上选）",
+                                          min=0, max=1)
+    ks: list[int] = cli.arg([1, 3, 5, 10], "top-k 轴：报告 recall@k 的 k（5 总会算）", min=1)
+    dev_fraction: float = cli.arg(0.5, "问答集中划给 dev（选配置）的比例，其余为 test", min=0.01, max=0.99)
     reranker: str = cli.arg(None, "交叉编码器目录或 hub id（如第 04 节训练出的）；不给时重排一轴用 MMR")
-    mmr_lambda: float = cli.arg(0.8, "MMR 中相关性的权重（1 = 不考虑多样性）")
-    gen_questions: int = cli.arg(8, "对最优配置用 LLM 生成答案的题数（--smoke 时 5）")
-    gen_top_k: int = cli.arg(3, "生成时放进提示词的块数")
-    gen_context_chars: int = cli.arg(800, "提示词里资料的最多字符数（小模型在 CPU 上，提示越长越慢）")
-    max_new_tokens: int = cli.arg(48, "生成答案的最多 token 数")
-    tolerance: float = cli.arg(0.02, "回归告警阈值：任一指标比基线低这么多就告警")
+    mmr_lambda: float = cli.arg(0.8, "MMR 中相关性的权重（1 = 不考虑多样性）", min=0, max=1)
+    gen_questions: int = cli.arg(8, "对最优配置用 LLM 生成答案的题数", min=1)
+    gen_top_k: int = cli.arg(3, "生成时放进提示词的块数", min=1)
+    gen_context_chars: int = cli.arg(800, "提示词里资料的最多字符数（小模型在 CPU 上，提示越长越慢）", min=1)
+    max_new_tokens: int = cli.arg(48, "生成答案的最多 token 数", min=1)
+    batch_size: int = cli.arg(4, "生成的批大小", min=1)
+    tolerance: float = cli.arg(0.02, "回归告警阈值：任一指标比基线低这么多就告警", min=0)
     baseline: str = cli.arg(None, "基线 JSON；默认同目录 baseline_<mode>.json（mode = smoke/default/custom）")
     update_baseline: bool = cli.arg(False, "把本次结果写成基线（改动确认是改进后再用）")
 
 
-def squad_tokens(text: str) -> list[str]:
-    """SQuAD 式规范化后切词：小写、去标点与英文冠词；中文按字，英文/数字按词（CMRC 的混合切分）。"""
-    text = re.sub(r"\b(a|an|the)\b", " ", text.lower())
-    return re.findall(r"[\u4e00-\u9fff]|[a-z0-9]+", text)
-
-
-def em_f1(pred: str, gold: str) -> tuple[float, float]:
-    """精确匹配与词（字）级 F1。"""
-    p, g = squad_tokens(pred), squad_tokens(gold)
-    same = sum((Counter(p) & Counter(g)).values())
-    f1 = 0.0 if same == 0 else 2 * same / (len(p) + len(g))
-    return float(p == g), f1
+# 冒烟：1/4 的文档（及问它们的题）、2 种切块 × 2 种重叠，极小模型生成 5 题
+SMOKE = dict(max_docs=11, chunk_sizes=[200, 500], gen_questions=5)
 
 
 def extract_answer(question: str, chunk_text: str) -> str:
@@ -79,8 +69,9 @@ def extract_answer(question: str, chunk_text: str) -> str:
 def score(ranked: list[list[int]], qas: list[dict], chunks, by_id, ks) -> dict:
     """一组排序结果的检索指标 + 抽取式答案的 EM/F1。"""
     out = retrieval.evaluate(retrieval.hits_matrix([r[:max(10, *ks)] for r in ranked], qas, chunks, by_id), tuple(ks))
-    ems, f1s = zip(*(em_f1(extract_answer(qa["question"], chunks[r[0]].text), qa["answer"])
-                     for r, qa in zip(ranked, qas)))
+    preds = [extract_answer(qa["question"], chunks[r[0]].text) for r, qa in zip(ranked, qas)]
+    ems = [metrics.exact_match(p, qa["answer"]) for p, qa in zip(preds, qas)]
+    f1s = [metrics.token_f1(p, qa["answer"]) for p, qa in zip(preds, qas)]
     return {**out, "answer_em": round(sum(ems) / len(ems), 4), "answer_f1": round(sum(f1s) / len(f1s), 4)}
 
 
@@ -115,68 +106,30 @@ def compare_baseline(path: Path, fingerprint: dict, current: dict, tolerance: fl
     return drops
 
 
-def main(args: Args) -> dict:
-    out = run.start(__file__, args)
-    log = out.log
-    args.ks = sorted(set(args.ks) | {5})                               # recall@5 是选型与告警的主指标，总要算
-    if not 0 < args.dev_fraction < 1:
-        raise UserError(f"--dev-fraction {args.dev_fraction}: 应在 0 与 1 之间")
-    grid = [(cs, ov) for cs in args.chunk_sizes for ov in args.chunk_overlaps if 0 <= ov < cs / 2]
-    if args.smoke:   # 冒烟：一个小切块（无重叠）+ 一个大切块（两种重叠），共 3 种切块 × 3 个检索器
-        small, large = args.chunk_sizes[1::2][:2]
-        grid = [(cs, ov) for cs, ov in grid if (cs, ov) == (small, 0) or cs == large][:3]
-    if not grid:
-        raise UserError("--chunk-sizes / --chunk-overlaps 没有有效组合（重叠必须小于切块的一半）")
-
-    # 1. 数据：知识库 + 问答，按种子切成 dev（选配置）与 test（报告）
-    docs, by_id, qas = retrieval.load_kb(args.docs, args.qa)
-    if args.smoke:   # 冒烟：四分之一的文档（及问它们的题）；CPU 上向量化是最贵的一步
-        docs = docs[::4]
-        by_id = {d.id: d for d in docs}
-        qas = [q for q in qas if (q["doc_id"] in by_id if q["doc_id"] else any(q["gold_passage"] in d.text
-                                                                               for d in docs))]
-    test, dev = data.split(qas, args.dev_fraction, args.seed)
-    log.info(f"{len(docs)} 篇文档，问答 dev {len(dev)} / test {len(test)}；扫 {len(grid)} 种切块")
-
-    # 2. 向量模型：默认 MiniLM，--embedding-model 再加一个；同一段文本只编码一次（不同切块常有相同的块）
-    device = models.pick_device(args.device).type
-    embedders = {"dense": retrieval.load_embedder(None, device)}
-    if args.embedding_model:
-        slug = re.sub(r"[^a-z0-9]+", "-", Path(args.embedding_model).name.lower()).strip("-")
-        embedders[f"dense-{slug}"] = retrieval.load_embedder(args.embedding_model, device)
-    cache: dict[tuple[str, str], object] = {}
-
-    def vectors(name: str, texts: list[str]):
-        todo = [t for t in dict.fromkeys(texts) if (name, t) not in cache]
-        for t, v in zip(todo, retrieval.embed(embedders[name], todo) if todo else []):
-            cache[name, t] = v
-        import numpy as np
-        return np.stack([cache[name, t] for t in texts])
-
-    # 3. 扫描：每种切块建 BM25 与向量索引；混合检索的向量权重在 dev 上调
-    depth = 50                                                        # 每路取前 50 供融合与重排
+def sweep(args: Args, kb: dict, grid: list, ks: list[int], log) -> tuple[dict, dict, str]:
+    """每种切块建 BM25 与向量索引（混合检索的向量权重在 dev 上调），全部配置在 dev 上打分，选出最好的。"""
+    dev, test, by_id, depth = kb["dev"], kb["test"], kb["by_id"], 50   # 每路取前 50 供融合与重排
     configs, runs, best = {}, {}, None
     for cs, ov in grid:
-        chunks = retrieval.chunk_documents(docs, cs, ov)
+        chunks = retrieval.chunk_documents(kb["docs"], cs, ov)
         bm25 = retrieval.BM25Index([c.text for c in chunks])
         rank = {"bm25": {sp: [[i for i, _ in bm25.search(q["question"], depth)] for q in qs]
                          for sp, qs in (("dev", dev), ("test", test))}}
-        for name in embedders:
-            index = retrieval.DenseIndex(vectors(name, [c.text for c in chunks]))
+        for name in kb["embedders"]:
+            index = retrieval.DenseIndex(kb["vectors"](name, [c.text for c in chunks]))
             rank[name] = {sp: [[i for i, _ in r] for r in index.search_vectors(
-                vectors(name, [q["question"] for q in qs]), min(depth, len(chunks)))]
+                kb["vectors"](name, [q["question"] for q in qs]), min(depth, len(chunks)))]
                 for sp, qs in (("dev", dev), ("test", test))}
             fused = {w: [retrieval.rrf([d, b], [w, 1 - w]) for d, b in zip(rank[name]["dev"], rank["bm25"]["dev"])]
                      for w in args.fusion_weights}
-            w_best = max(args.fusion_weights, key=lambda w: tuple(score(fused[w], dev, chunks, by_id, args.ks)[k]
+            w_best = max(args.fusion_weights, key=lambda w: tuple(score(fused[w], dev, chunks, by_id, ks)[k]
                                                                   for k in ("recall_at_5", "mrr")))
-            hyb = name.replace("dense", "hybrid")
-            rank[hyb] = {"dev": fused[w_best], "test": [retrieval.rrf([d, b], [w_best, 1 - w_best])
-                                                        for d, b in zip(rank[name]["test"], rank["bm25"]["test"])],
-                         "weight": w_best}
+            test_fused = [retrieval.rrf([d, b], [w_best, 1 - w_best]) for d, b in zip(rank[name]["test"],
+                                                                                      rank["bm25"]["test"])]
+            rank[name.replace("dense", "hybrid")] = {"dev": fused[w_best], "test": test_fused, "weight": w_best}
         for retr, r in rank.items():
             key = f"{retr}_cs{cs}_ov{ov}"
-            configs[key] = {**score(r["dev"], dev, chunks, by_id, args.ks), "retriever": retr, "chunk_size": cs,
+            configs[key] = {**score(r["dev"], dev, chunks, by_id, ks), "retriever": retr, "chunk_size": cs,
                             "chunk_overlap": ov, **({"fusion_weight_dense": r["weight"]} if "weight" in r else {})}
             runs[key] = (chunks, r)
             if better(configs[key], configs.get(best)):
@@ -184,79 +137,59 @@ def main(args: Args) -> dict:
         log.info(f"切块 {cs}/{ov}（{len(chunks)} 块）：" + "，".join(
             f"{k.split('_cs')[0]} R@5={v['recall_at_5']:.3f}" for k, v in configs.items()
             if k.endswith(f"_cs{cs}_ov{ov}")))
+    return configs, runs, best
 
-    # 4. 最优配置（dev 上选出）在 test 上的成绩；同一切块下每个检索器单独报告
-    chunks, r = runs[best]
-    cs, ov = configs[best]["chunk_size"], configs[best]["chunk_overlap"]
-    best_test = score(r["test"], test, chunks, by_id, args.ks)
-    by_retriever = {k.split("_cs")[0]: score(runs[k][1]["test"], test, chunks, by_id, args.ks)
-                    for k in configs if k.endswith(f"_cs{cs}_ov{ov}")}
-    log.info(f"最优配置（dev）：{best}；test recall@5={best_test['recall_at_5']}, MRR={best_test['mrr']}")
 
-    # 5. 重排一轴：给了交叉编码器就用它，否则用 MMR（都只重排前 20 名）；dev 上更好才采用
+def rerank_axis(args: Args, kb: dict, chunks, r: dict, device: str, log) -> tuple[str, dict]:
+    """给了 --reranker 就用交叉编码器，否则用 MMR（都只重排前 20 名）。返回 (方法, {dev/test: 排序})。"""
     if args.reranker:
-        from sentence_transformers import CrossEncoder
-        try:
-            ce = CrossEncoder(args.reranker, device=device)
-        except Exception as e:  # noqa: BLE001 - 路径不对 / 离线找不到，统一成一行
-            raise UserError(f"--reranker {args.reranker}: 无法加载（{type(e).__name__}）") from None
-        method = "cross-encoder"
-
-        def rerank(cands, q):
-            s = ce.predict([(q["question"], chunks[c].text) for c in cands], show_progress_bar=False)
-            return [c for _, c in sorted(zip(s, cands), key=lambda t: -t[0])]
+        ce, texts, method = retrieval.load_cross_encoder(args.reranker, device), [c.text for c in chunks], "cross-encoder"
+        rerank = lambda cands, q: retrieval.rerank(ce, q["question"], cands, texts)  # noqa: E731
     else:
         log.info(f"没有 --reranker：重排一轴用 MMR（lambda={args.mmr_lambda}，向量取自 MiniLM）")
-        method, vecs = "mmr", vectors("dense", [c.text for c in chunks])
+        method, vecs = "mmr", kb["vectors"]("dense", [c.text for c in chunks])
+        rerank = lambda cands, q: mmr(cands, vecs, args.mmr_lambda, len(cands))  # noqa: E731
+    return method, {sp: [rerank(x[:20], q) + x[20:] for x, q in zip(r[sp], kb[sp])] for sp in ("dev", "test")}
 
-        def rerank(cands, q):
-            return mmr(cands, vecs, args.mmr_lambda, len(cands))
-    rr = {sp: [rerank(x[:20], q) + x[20:] for x, q in zip(r[sp], qs)] for sp, qs in (("dev", dev), ("test", test))}
-    rr_dev, rr_test = score(rr["dev"], dev, chunks, by_id, args.ks), score(rr["test"], test, chunks, by_id, args.ks)
-    use_rerank = better(rr_dev, configs[best])
-    log.info(f"重排（{method}）dev recall@5 {configs[best]['recall_at_5']} → {rr_dev['recall_at_5']}，"
-             f"{'采用' if use_rerank else '不采用'}")
-    final, final_test = (rr, rr_test) if use_rerank else (r, best_test)
 
-    # 6. 忠实度：LLM 只看检索到的资料作答，答案里的实词有多少能在资料里找到（抽取式阅读器按定义为 1，没有意义）
-    model, tok = models.load(args.resolved_model(), args.source, args.device, args.dtype, args.trust_remote_code)
-    n_gen = min(len(test), 5 if args.smoke else args.gen_questions)
-    faith, gen_f1 = [], []
-    for ranked, qa in list(zip(final["test"], test))[:n_gen]:
-        context = "\n".join(chunks[i].text for i in ranked[:args.gen_top_k])[:args.gen_context_chars]
-        msgs = [{"role": "system", "content": "只根据给出的资料回答问题，简短作答。"},
-                {"role": "user", "content": f"资料：\n{context}\n\n问题：{qa['question']}"}]
-        enc = tok(data.prompt_text(tok, msgs), return_tensors="pt", add_special_tokens=False).to(model.device)
-        gen = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        answer = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+def faithfulness(args: Args, kb: dict, chunks, ranked: list[list[int]]) -> tuple[float, float, int]:
+    """LLM 只看检索到的资料作答，答案里的实词有多少能在资料里找到（抽取式阅读器按定义为 1，没有意义）。"""
+    model, tok = models.load_args(args)
+    items = list(zip(ranked, kb["test"]))[:args.gen_questions]
+    contexts = ["\n".join(chunks[i].text for i in r[:args.gen_top_k])[:args.gen_context_chars] for r, _ in items]
+    prompts = [data.prompt_text(tok, [{"role": "system", "content": "只根据给出的资料回答问题，简短作答。"},
+                                      {"role": "user", "content": f"资料：\n{c}\n\n问题：{qa['question']}"}])
+               for c, (_, qa) in zip(contexts, items)]
+    answers = models.generate(model, tok, prompts, args.max_new_tokens, args.batch_size)
+    faith, f1 = [], []
+    for answer, context, (_, qa) in zip(answers, contexts, items):
         words = [w for w in retrieval.bm25_tokens(answer) if w not in STOP]
         if words:
             faith.append(sum(w in context.lower() for w in words) / len(words))
-        gen_f1.append(em_f1(answer, qa["answer"])[1])
-    faithfulness = round(sum(faith) / max(1, len(faith)), 4)
-    log.info(f"生成 {n_gen} 题：faithfulness={faithfulness}（{len(faith)} 个非空答案），answer_f1={sum(gen_f1) / n_gen:.3f}")
+        f1.append(metrics.token_f1(answer, qa["answer"]))
+    return round(sum(faith) / max(1, len(faith)), 4), round(sum(f1) / max(1, len(f1)), 4), len(items)
 
-    # 7. 回归告警：与同一模式的基线比较（数据或扫描范围不同的基线不可比，跳过）
+
+def check_baseline(args: Args, out: run.Run, fingerprint: dict, best: str, current: dict) -> tuple[Path, bool, list]:
+    """与同一模式的基线比较（数据或扫描范围不同的基线不可比，跳过）；--update-baseline 时写新基线。"""
     path = Path(args.baseline) if args.baseline else HERE / f"baseline_{out.mode}.json"
-    fingerprint = {"docs": len(docs), "qa": len(qas), "seed": args.seed, "grid": grid, "ks": args.ks,
-                   "embedding_models": sorted(embedders), "rerank": method, "dev_fraction": args.dev_fraction}
-    current = {k: final_test[k] for k in COMPARED}
-    regression, drops = False, []
     if args.update_baseline:
         path.write_text(json.dumps({"mode": out.mode, "fingerprint": fingerprint, "best_config": best,
                                     "metrics": current}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        log.info(f"已把本次结果写成基线：{path}")
-    elif not path.is_file():
-        log.info(f"没有基线 {path.name}：跳过回归比较（加 --update-baseline 生成）")
-    else:
-        drops = compare_baseline(path, fingerprint, current, args.tolerance)
-        if drops is None:
-            log.warning(f"基线 {path.name} 是在另一份数据或扫描范围上记录的，不可比：跳过回归比较")
-        regression = bool(drops)
-        drops = drops or []
+        out.log.info(f"已把本次结果写成基线：{path}")
+        return path, False, []
+    if not path.is_file():
+        out.log.info(f"没有基线 {path.name}：跳过回归比较（加 --update-baseline 生成）")
+        return path, False, []
+    drops = compare_baseline(path, fingerprint, current, args.tolerance)
+    if drops is None:
+        out.log.warning(f"基线 {path.name} 是在另一份数据或扫描范围上记录的，不可比：跳过回归比较")
+    return path, bool(drops), drops or []
 
-    # 8. 画图：recall@5 随切块大小（每个检索器取各重叠中最好的）、全部配置的热力图、test 上的 recall@k
-    #    （图内文字用英文：很多机器没有中文字体，中文会画成方框）
+
+def plots(out: run.Run, configs: dict, grid: list, ks: list[int], by_retriever: dict, cs: int, ov: int) -> None:
+    """recall@5 随切块大小（每个检索器取各重叠中最好的）、全部配置的热力图、test 上的 recall@k。
+    （图内文字用英文：很多机器没有中文字体，中文会画成方框）"""
     retrievers = list(dict.fromkeys(v["retriever"] for v in configs.values()))
     fig, save = out.plot("recall_vs_chunk_size.png")
     ax = fig.add_subplot(111)
@@ -276,31 +209,91 @@ def main(args: Args) -> dict:
         for j, v in enumerate(row):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
     ax.set(xticks=range(len(cols)), yticks=range(len(retrievers)), title="dev recall@5: retriever x size/overlap")
-    ax.set_xticklabels(cols, rotation=60, fontsize=7)
-    ax.set_yticklabels(retrievers)
+    ax.set_xticklabels(cols, rotation=60, fontsize=7), ax.set_yticklabels(retrievers)
     fig.colorbar(im)
     save()
     fig, save = out.plot("recall_at_k.png")
     ax = fig.add_subplot(111)
     for retr, m in by_retriever.items():
-        ax.plot(args.ks, [m[f"recall_at_{k}"] for k in args.ks], marker="o", label=retr)
+        ax.plot(ks, [m[f"recall_at_{k}"] for k in ks], marker="o", label=retr)
     ax.set(xlabel="top-k", ylabel="test recall@k", title=f"top-k axis (chunk {cs}/{ov}, test split)")
     ax.legend()
     save()
+
+
+def load_data(args: Args, log) -> dict:
+    """知识库 + 问答（--max-docs 均匀抽样），按种子切成 dev（选配置）与 test（报告）；向量模型与向量缓存。"""
+    docs, by_id, qas = retrieval.load_kb(args.docs, args.qa, args.max_docs, args.max_questions)
+    test, dev = data.split(qas, args.dev_fraction, args.seed)
+    # 向量模型：默认 MiniLM，--embedding-model 再加一个；同一段文本只编码一次（不同切块常有相同的块）
+    device = models.pick_device(args.device).type
+    embedders = {"dense": retrieval.load_embedder(None, device)}
+    if args.embedding_model:
+        slug = re.sub(r"[^a-z0-9]+", "-", Path(args.embedding_model).name.lower()).strip("-")
+        embedders[f"dense-{slug}"] = retrieval.load_embedder(args.embedding_model, device)
+    cache: dict[tuple[str, str], object] = {}
+
+    def vectors(name: str, texts: list[str]):
+        import numpy as np
+
+        todo = [t for t in dict.fromkeys(texts) if (name, t) not in cache]
+        for t, v in zip(todo, retrieval.embed(embedders[name], todo) if todo else []):
+            cache[name, t] = v
+        return np.stack([cache[name, t] for t in texts])
+
+    log.info(f"{len(docs)} 篇文档，问答 dev {len(dev)} / test {len(test)}")
+    return {"docs": docs, "by_id": by_id, "qas": qas, "dev": dev, "test": test, "embedders": embedders,
+            "vectors": vectors, "device": device}
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+    ks = sorted(set(args.ks) | {5})                               # recall@5 是选型与告警的主指标，总要算
+    grid = [(cs, ov) for cs in args.chunk_sizes for ov in args.chunk_overlaps if ov < cs / 2]
+    if not grid:   # 重叠 ≥ 切块一半的组合跳过
+        raise UserError("--chunk-sizes / --chunk-overlaps 没有有效组合（重叠必须小于切块的一半）")
+    # 1. 数据：知识库 + 问答，切成 dev 与 test；向量模型
+    kb = load_data(args, out.log)
+    by_id, test = kb["by_id"], kb["test"]
+    # 2. 扫描：每种切块 × 每个检索器，在 dev 上打分、选最好的
+    configs, runs, best = sweep(args, kb, grid, ks, out.log)
+    # 3. 最优配置（dev 上选出）在 test 上的成绩；同一切块下每个检索器单独报告
+    chunks, r = runs[best]
+    cs, ov = configs[best]["chunk_size"], configs[best]["chunk_overlap"]
+    best_test = score(r["test"], test, chunks, by_id, ks)
+    by_retriever = {k.split("_cs")[0]: score(runs[k][1]["test"], test, chunks, by_id, ks)
+                    for k in configs if k.endswith(f"_cs{cs}_ov{ov}")}
+    out.log.info(f"最优配置（dev）：{best}；test recall@5={best_test['recall_at_5']}, MRR={best_test['mrr']}")
+    # 4. 重排一轴：dev 上更好才采用
+    method, rr = rerank_axis(args, kb, chunks, r, kb["device"], out.log)
+    rr_dev, rr_test = score(rr["dev"], kb["dev"], chunks, by_id, ks), score(rr["test"], test, chunks, by_id, ks)
+    use_rerank = better(rr_dev, configs[best])
+    out.log.info(f"重排（{method}）dev recall@5 {configs[best]['recall_at_5']} → {rr_dev['recall_at_5']}，"
+             f"{'采用' if use_rerank else '不采用'}")
+    final, final_test = (rr, rr_test) if use_rerank else (r, best_test)
+    # 5. 忠实度：LLM 依据检索到的资料生成答案
+    faith, gen_f1, n_gen = faithfulness(args, kb, chunks, final["test"])
+    out.log.info(f"生成 {n_gen} 题：faithfulness={faith}，answer_f1={gen_f1:.3f}")
+    # 6. 回归告警：与同一模式的基线比较
+    fingerprint = {"docs": len(kb["docs"]), "qa": len(kb["qas"]), "seed": args.seed, "grid": grid, "ks": ks,
+                   "embedding_models": sorted(kb["embedders"]), "rerank": method, "dev_fraction": args.dev_fraction}
+    path, regression, drops = check_baseline(args, out, fingerprint, best, {k: final_test[k] for k in COMPARED})
+    # 7. 画图
+    plots(out, configs, grid, ks, by_retriever, cs, ov)
 
     return out.finish({"best_config": best, "best_dev": configs[best], "best_test": final_test,
                        "recall_at_5": final_test["recall_at_5"], "mrr": final_test["mrr"],
                        "ndcg_at_10": final_test["ndcg_at_10"], "answer_em": final_test["answer_em"],
                        "answer_f1": final_test["answer_f1"], "test_by_retriever": by_retriever,
                        "rerank": {"method": method, "used": use_rerank, "dev": rr_dev, "test": rr_test},
-                       "faithfulness": faithfulness, "gen_answer_f1": round(sum(gen_f1) / n_gen, 4),
-                       "gen_questions": n_gen, "regression": regression, "regression_details": drops,
-                       "baseline": str(path), "fingerprint": fingerprint, "dev_questions": len(dev), "test_questions": len(test),
+                       "faithfulness": faith, "gen_answer_f1": gen_f1, "gen_questions": n_gen,
+                       "regression": regression, "regression_details": drops, "baseline": str(path),
+                       "fingerprint": fingerprint, "dev_questions": len(kb["dev"]), "test_questions": len(test),
                        "configs": configs},
                       summary=f"best={best}{'+' + method if use_rerank else ''}, "
                               f"test recall@5={final_test['recall_at_5']}, MRR={final_test['mrr']}, "
-                              f"answer_f1={final_test['answer_f1']}, "
-                              f"faithfulness={faithfulness}, regression={regression}")
+                              f"answer_f1={final_test['answer_f1']}, faithfulness={faith}, regression={regression}")
 
 
 if __name__ == "__main__":
