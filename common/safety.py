@@ -186,7 +186,12 @@ def defuse(text: str) -> str:
                         .replace("[", "⟦").replace("]", "⟧"), text)
 
 
-def as_data(passages: list[str], lang: str = "en") -> str:
-    """把检索到的段落包成编号的 <document> 块，前面声明它们只是资料（段落先经 defuse 处理）。"""
+def as_data(passages: list[str], lang: str = "en", mark: bool = True) -> str:
+    """把检索到的段落包成编号的 <document> 块，前面声明它们只是资料（段落先经 defuse 处理）。
+
+    mark=False：不设防的老写法 "[1] 原文"（只为对比注入成功率）。
+    """
+    if not mark:
+        return "\n\n".join(f"[{n}] {p}" for n, p in enumerate(passages, 1))
     blocks = "\n\n".join(f"[{n}] <document>\n{defuse(p).strip()}\n</document>" for n, p in enumerate(passages, 1))
     return f"{DATA_RULE.get(lang, DATA_RULE['en'])}\n\n{blocks}"
