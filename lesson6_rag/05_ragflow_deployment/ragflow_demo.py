@@ -158,9 +158,8 @@ def list_all(ds) -> list:
 
 
 def main(args: Args) -> dict:
-    args = cli.with_smoke(args, SMOKE)
-    # 秘密不落盘：--api-key 的值先拿走（sys.argv 里也抹成 ***），argv.txt / config.json / 日志里都不会有它
-    args, secret = safety.scrub(args)
+    # 秘密不落盘：--api-key 与 URL 里的账号密码先拿走（sys.argv 里也抹成 ***），argv.txt / config.json / 日志里都没有
+    args, secret = safety.scrub(cli.with_smoke(args, SMOKE))
     out = run.start(__file__, args)
     log = out.log
 
