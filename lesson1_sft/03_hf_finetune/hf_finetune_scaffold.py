@@ -146,7 +146,15 @@ def main(args: Args) -> dict:
     # 5. 训练（--resume 时从最后一个检查点恢复权重、优化器、调度器、随机数与已跳过的数据）
     if last_ckpt:
         out.log.info(f"--resume：从 {last_ckpt} 续训")
-    trainer.train(resume_from_checkpoint=last_ckpt)
+    if last_ckpt and int(Path(last_ckpt).name.split("-")[1]) >= cfg.max_steps > 0:
+        # 上次被杀在最后一步存盘之后（最终评估 / 保存时）：Trainer 从这样的检查点"续训"会多走一步，这里直接装回状态与最好的权重
+        from transformers import TrainerState
+
+        trainer.state = TrainerState.load_from_json(str(Path(last_ckpt) / "trainer_state.json"))
+        trainer._load_from_checkpoint(last_ckpt)
+        trainer._load_best_model()
+    else:
+        trainer.train(resume_from_checkpoint=last_ckpt)
     state = trainer.state
     if state.global_step < (args.max_steps if args.max_steps > 0 else state.max_steps):
         out.log.info(f"早停：第 {state.global_step} 步停下（验证损失连续 {args.early_stopping_patience} 次没有变好）")
