@@ -25,10 +25,10 @@ KILLS = 7
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_models):
-    """不中断的参照运行（--smoke：12 步，每 4 步评估 + 存检查点）。"""
+    """不中断的参照运行（--smoke：12 步，每 4 步评估 + 存检查点；留下全部 3 个检查点，截断测试要用到更早的那个）。"""
     out = tmp_path_factory.mktemp("ref")
     mod = load_script(SCRIPT)
-    return mod.main(mod.Args(smoke=True, output_dir=str(out))), out
+    return mod.main(mod.Args(smoke=True, output_dir=str(out), save_total_limit=3)), out
 
 
 def _spawn(out, resume: bool, log):
@@ -105,7 +105,7 @@ def test_truncated_last_checkpoint_is_skipped_for_the_previous_intact_one(refere
     shutil.copytree(ref_out, out, symlinks=True)
     (out / "metrics.json").unlink()
     steps = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
-    assert len(steps) >= 2, steps            # save_total_limit=1 时仍保留 best + 最后一个
+    assert len(steps) >= 2, steps
     last = out / f"checkpoint-{steps[-1]}" / "model.safetensors"
     with open(last, "r+b") as f:             # 被 kill 在写权重半途时留下的样子
         f.truncate(last.stat().st_size // 2)
