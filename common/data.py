@@ -11,8 +11,13 @@
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
+import re
+import stat
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,7 @@ from common.errors import UserError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 ROLES = ("system", "user", "assistant")
+LANGS = ("zh", "en")
 
 
 @dataclass
@@ -32,38 +38,154 @@ class Document:
     path: Path
 
 
-def read_records(path: str | Path) -> list[tuple[int, dict]]:
-    """读取 JSON（对象列表）或 JSONL；返回 [(行号, 记录)]，坏行报 `文件:行: 原因`。"""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: 文件不存在（--data/--qa 需要一个 JSON 或 JSONL 文件）")
+def _stat(p: Path, what: str, noun: str = "文件") -> tuple[os.stat_result | None, str | None]:
+    """stat 一个路径（跟随符号链接）；出问题时返回一行准确的原因：不存在 / 断开的链接 / 链接成环 / 无权限。"""
     try:
-        raw = p.read_text(encoding="utf-8")
+        return p.stat(), None
+    except FileNotFoundError:
+        if p.is_symlink():
+            return None, f"{p}: 是断开的符号链接（指向 {os.readlink(p)}，目标不存在）"
+        return None, f"{p}: {noun}不存在（{what}）"
+    except NotADirectoryError:
+        return None, f"{p}: 路径中间有一段是文件而不是文件夹（{what}）"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None, f"{p}: 符号链接成环（链接绕一圈又指回自己），读不到任何东西"
+        return None, f"{p}: 无法访问（{e.strerror}）"
+
+
+def _not_a_file(p: Path, what: str) -> str | None:
+    """p 不是一个可读的普通文件时，返回一行准确的原因（不存在 / 是文件夹 / 链接成环 / FIFO ……）；是就返回 None。"""
+    st, why = _stat(p, what)
+    if why:
+        return why
+    if stat.S_ISDIR(st.st_mode):
+        return f"{p}: 是一个文件夹，不是文件（{what}）"
+    if stat.S_ISFIFO(st.st_mode):
+        return f"{p}: 是命名管道（FIFO），不是普通文件：读它会一直等写入方，所以不读"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{p}: 是设备或套接字之类的特殊文件，不是普通文件"
+    return None
+
+
+def _not_a_dir(p: Path, what: str) -> str | None:
+    """p 不是一个文件夹时返回一行原因；是就返回 None。"""
+    st, why = _stat(p, what, "文件夹")
+    if why:
+        return why
+    return None if stat.S_ISDIR(st.st_mode) else f"{p}: 不是文件夹（{what}）"
+
+
+def _read_text(p: Path) -> str:
+    """读 UTF-8 文本（开头的 BOM 会被去掉，Windows 记事本爱加它）；读不了就一行说清原因。"""
+    try:
+        return p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise UserError(f"{p}: 不是 UTF-8 文本（{e.reason}，字节位置 {e.start}）") from None
-    stripped = raw.lstrip()
-    if p.suffix == ".json" or stripped.startswith("["):
+        line = e.object[: e.start].count(b"\n") + 1
+        raise UserError(f"{p}:{line}: 不是 UTF-8 文本（{e.reason}，字节位置 {e.start}）") from None
+    except OSError as e:
+        raise UserError(f"{p}: 读取失败（{e.strerror or e}）") from None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_WS = re.compile(r"[ \t\n\r]*")
+TOO_DEEP = "JSON 嵌套太深（超过 Python 的递归上限，正常的数据不会嵌套上千层）"
+
+
+def _check_strings(p: Path, no: int, rec: Any) -> None:
+    """孤立的代理字符（JSON 里的 "\\ud800"）能通过 json 解析，却不是合法 Unicode：分词器和写 UTF-8 时才崩，这里先拦下。"""
+    stack = [("", rec)]
+    while stack:                       # 用显式栈而不是递归：嵌套再深也不会 RecursionError
+        where, x = stack.pop()
+        if isinstance(x, str):
+            m = _SURROGATE.search(x)
+            if m:
+                raise UserError(f"{p}:{no}: 字段 {where or '(值)'} 含孤立的代理字符 \\u{ord(m.group()):04x}"
+                                "（不是合法的 Unicode 字符，多半是截断的 emoji 转义）")
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                k_safe = k.encode("utf-8", "backslashreplace").decode("utf-8")   # 键名本身也可能带坏字符
+                name = f"{where}.{k_safe}" if where else repr(k_safe)
+                stack += [(f"{name} 的键名", k), (name, v)]
+        elif isinstance(x, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(x))
+
+
+def _json_array(p: Path, raw: str) -> list[tuple[int, Any]]:
+    """逐个元素解析 JSON 数组，记下每条记录开始的真实行号（报错时能指到行）。"""
+    dec = json.JSONDecoder()
+    i = _WS.match(raw, 0).end()
+    if not raw.startswith("[", i):
         try:
-            obj = json.loads(raw)
+            json.loads(raw)
         except json.JSONDecodeError as e:
             raise UserError(f"{p}:{e.lineno}: JSON 无法解析（{e.msg}）") from None
-        if not isinstance(obj, list):
-            raise UserError(f"{p}:1: JSON 文件顶层应为记录列表 [...]")
-        recs = [(i + 1, r) for i, r in enumerate(obj)]   # JSON 数组里用"第几条"代替行号
+        except RecursionError:
+            raise UserError(f"{p}:1: {TOO_DEEP}") from None
+        raise UserError(f"{p}:1: JSON 文件顶层应为记录列表 [...]（每行一个对象的文件请用 .jsonl 后缀）")
+    recs, pos, line = [], 0, 1
+
+    def line_at(k: int) -> int:
+        nonlocal pos, line
+        line += raw.count("\n", pos, k)
+        pos = k
+        return line
+
+    i = _WS.match(raw, i + 1).end()
+    if raw.startswith("]", i):
+        i += 1
+    else:
+        while True:
+            try:
+                obj, end = dec.raw_decode(raw, i)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{p}:{e.lineno}: JSON 无法解析（{e.msg}）") from None
+            except RecursionError:
+                raise UserError(f"{p}:{line_at(i)}: {TOO_DEEP}") from None
+            recs.append((line_at(i), obj))
+            i = _WS.match(raw, end).end()
+            if raw.startswith(",", i):
+                i = _WS.match(raw, i + 1).end()
+            elif raw.startswith("]", i):
+                i += 1
+                break
+            else:
+                raise UserError(f"{p}:{line_at(min(i, len(raw)))}: JSON 无法解析（数组元素之间应是逗号，或以 ] 结束）")
+    if _WS.match(raw, i).end() != len(raw):
+        raise UserError(f"{p}:{line_at(i)}: JSON 无法解析（数组 ] 之后还有多余内容）")
+    return recs
+
+
+def read_records(path: str | Path) -> list[tuple[int, dict]]:
+    """读取 JSON（对象列表）或 JSONL；返回 [(行号, 记录)]，坏行报 `文件:行: 原因`。
+
+    JSONL 只按 \\n 分行（\\r\\n 也行）：str.splitlines 还会在 U+2028、\\x0b、\\x1c 等字符处断行，
+    而这些字符可以合法地出现在 JSON 字符串里，那样会把一条好记录劈成两半。
+    """
+    p = Path(path)
+    why = _not_a_file(p, "--data/--qa 需要一个 JSON 或 JSONL 文件")
+    if why:
+        raise UserError(why)
+    raw = _read_text(p)
+    if p.suffix.lower() == ".json" or raw.lstrip().startswith("["):
+        recs = _json_array(p, raw)
     else:
         recs = []
-        for no, line in enumerate(raw.splitlines(), 1):
+        for no, line in enumerate(raw.split("\n"), 1):
             if not line.strip():
                 continue
             try:
                 recs.append((no, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise UserError(f"{p}:{no}: 不是合法的 JSON 行（{e.msg}，第 {e.colno} 列）") from None
+            except RecursionError:
+                raise UserError(f"{p}:{no}: {TOO_DEEP}") from None
     if not recs:
         raise UserError(f"{p}: 文件里没有任何记录")
     for no, r in recs:
         if not isinstance(r, dict):
             raise UserError(f"{p}:{no}: 每条记录应为 JSON 对象 {{...}}，得到 {type(r).__name__}")
+        _check_strings(p, no, r)
     return recs
 
 
@@ -87,7 +209,7 @@ def _messages(p: Path, no: int, msgs: Any, key: str = "messages") -> list[dict]:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise UserError(f"{p}:{no}: {key}[{i}] 需要 'role' 和 'content' 两个字段")
         if m["role"] not in ROLES:
-            raise UserError(f"{p}:{no}: {key}[{i}].role = {m['role']!r}，只能是 {'/'.join(ROLES)}")
+            raise UserError(f"{p}:{no}: {key}[{i}].role = {_short_repr(m['role'])}，只能是 {'/'.join(ROLES)}")
         if not isinstance(m["content"], str):
             raise UserError(f"{p}:{no}: {key}[{i}].content 应为字符串")
         out.append({"role": m["role"], "content": m["content"]})
@@ -144,7 +266,7 @@ def load_kto(path: str | Path) -> list[dict]:
     for no, r in read_records(p):
         rec = {k: _need_str(p, no, r, k) for k in ("prompt", "completion")}
         if not isinstance(r.get("label"), bool):
-            raise UserError(f"{p}:{no}: 字段 'label' 应为 true/false，得到 {r.get('label')!r}")
+            raise UserError(f"{p}:{no}: 字段 'label' 应为 true/false，得到 {_short_repr(r.get('label'))}")
         out.append({**rec, "label": r["label"]})
     return out
 
@@ -172,12 +294,25 @@ def load_qa(path: str | Path, docs: dict[str, Document] | None = None) -> list[d
             raise UserError(f"{p}:{no}: 需要 'doc_id' 或 'gold_passage' 至少一个（用来判断检索是否命中）")
         if docs is not None and rec["doc_id"]:
             if rec["doc_id"] not in docs:
-                raise UserError(f"{p}:{no}: doc_id {rec['doc_id']!r} 不在文档集合里（id 是相对 --docs 的路径）")
+                raise UserError(f"{p}:{no}: doc_id {_short_repr(rec['doc_id'])} 不在文档集合里（id 是相对 --docs 的路径）")
             if rec["gold_passage"] and rec["gold_passage"] not in docs[rec["doc_id"]].text:
                 raise UserError(f"{p}:{no}: gold_passage 不是文档 {rec['doc_id']} 原文的片段")
+        # data/README.md 的约定：answer 逐字出现在 gold_passage 里（EM/F1 与"答案是否被检索到"都靠它）
+        if rec["gold_passage"] and rec["answer"] not in rec["gold_passage"]:
+            raise UserError(f"{p}:{no}: answer {_short_repr(rec['answer'])} 没有逐字出现在 gold_passage 里"
+                            "（gold_passage 应是包含答案的原文片段）")
+        if r.get("lang") is not None and r["lang"] not in LANGS:
+            raise UserError(f"{p}:{no}: 字段 'lang' = {_short_repr(r['lang'])}，只能是 {' / '.join(LANGS)}"
+                            "（或者不写，按问题文字自动判断）")
         rec["lang"] = r.get("lang") or detect_lang(rec["question"])
         out.append(rec)
     return out
+
+
+def _short_repr(x: Any, n: int = 60) -> str:
+    """报错里引用用户的值：太长就截断（一条 5 MB 的记录不该把整段塞进一行错误）。"""
+    s = repr(x)
+    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def detect_lang(text: str) -> str:
@@ -197,33 +332,117 @@ def html_to_text(html: str) -> str:
 
 
 def read_document(path: Path) -> str:
-    """读取一个文档的纯文本（txt/md 原样；html 取可见文本；pdf 用 pypdf）。"""
+    """读取一个文档的纯文本（txt/md 原样；html 取可见文本；pdf 用 pypdf）；读不了就一行说清哪个文件、为什么。"""
     suf = path.suffix.lower()
+    why = _not_a_file(path, "文档应是普通文件")
+    if why:
+        raise UserError(why)
     if suf == ".pdf":
         try:
             from pypdf import PdfReader
         except ImportError:
             raise UserError(f"{path}: 读取 PDF 需要 pypdf（pip install pypdf）") from None
-        return "\n".join(page.extract_text() or "" for page in PdfReader(path).pages)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: 不是 UTF-8 文本（字节位置 {e.start}）") from None
-    return html_to_text(text) if suf in (".html", ".htm") else text
+        try:
+            text = "\n".join(page.extract_text() or "" for page in PdfReader(path).pages)
+        except Exception as e:  # noqa: BLE001 - pypdf 对坏文件抛的异常五花八门（PdfReadError、KeyError、ValueError……）
+            msg = str(e).splitlines()[0][:150] if str(e) else ""
+            raise UserError(f"{path}: PDF 无法解析，文件可能损坏、被截断或加密（{type(e).__name__}: {msg}）") from None
+    else:
+        text = _read_text(path)
+        if suf in (".html", ".htm"):
+            try:
+                text = html_to_text(text)
+            except RecursionError:
+                raise UserError(f"{path}: HTML 标签嵌套太深，无法解析") from None
+    m = _SURROGATE.search(text)
+    if m:   # PDF 抽出的文字偶尔带孤立代理字符：后面分词、写 UTF-8 都会崩
+        raise UserError(f"{path}: 含孤立的代理字符 \\u{ord(m.group()):04x}（不是合法的 Unicode 字符）")
+    return text
 
 
 DOC_SUFFIXES = (".txt", ".md", ".html", ".htm", ".pdf")
 
 
-def load_documents(folder: str | Path) -> list[Document]:
-    """读取文件夹里所有文档（递归，按路径排序，id 为相对路径）。"""
+def _is_blank(text: str) -> bool:
+    """清洗后是否什么都没剩：只有空白和不可见的格式字符（零宽空格、BOM 等）。"""
+    return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text)
+
+
+def _link_note(link: Path, root: Path, is_dir: bool) -> str:
+    """文件夹里的符号链接怎么处理，以及为什么（一行，写进日志）。"""
+    try:
+        target = link.resolve(strict=True)
+    except FileNotFoundError:
+        return f"{link}: 断开的符号链接（指向 {os.readlink(link)}），跳过"
+    except (OSError, RuntimeError):
+        return f"{link}: 符号链接成环，跳过"
+    if not target.is_relative_to(root):
+        return f"{link}: 指向文档文件夹之外（{target}），出于安全不跟随，跳过"
+    kind = "文件夹" if is_dir else "文件"
+    return f"{link}: 指向文件夹内的{kind} {target.relative_to(root).as_posix()}，它按自己的路径读入一次，链接跳过（不重复入库）"
+
+
+def load_documents(folder: str | Path, skipped: list[tuple[str, str]] | None = None) -> list[Document]:
+    """读取文件夹里所有文档（递归，按路径排序，id 为相对路径）。
+
+    跳过并在日志里逐条说明（若给了 skipped，也把 (路径, 原因) 追加进去）：
+    - 符号链接：指向文件夹之外的不跟随（否则 --docs 会把别处的文件读进知识库）；指向文件夹之内的是别名，
+      目标已按自己的路径读入，链接本身跳过，这样文件和子文件夹的链接一视同仁，也不会重复、不会成环；
+    - 不是普通文件的（FIFO、设备）；
+    - 清洗后是空的文档（空文件、只有空白、HTML 只有样板）：入库只会产生空块。
+    其余读不了的（非 UTF-8、坏 PDF）直接报错退出：不悄悄丢数据。
+    """
     root = Path(folder)
-    if not root.is_dir():
-        raise UserError(f"{root}: 文件夹不存在（--docs 需要一个装有 .txt/.md/.html/.pdf 的文件夹）")
-    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in DOC_SUFFIXES)
-    if not files:
-        raise UserError(f"{root}: 没有找到 {'/'.join(DOC_SUFFIXES)} 文档")
-    return [Document(f.relative_to(root).as_posix(), read_document(f), f) for f in files]
+    why = _not_a_dir(root, "--docs 需要一个装有 .txt/.md/.html/.pdf 的文件夹")
+    if why:
+        raise UserError(why)
+    real_root = root.resolve()
+    files, notes = [], []
+
+    def walk_error(e: OSError) -> None:
+        raise UserError(f"{e.filename}: 无法读取文件夹（{e.strerror}）")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=walk_error, followlinks=False):
+        base = Path(dirpath)
+        for name in dirnames:                 # os.walk 不进入链接的子文件夹，但会把它列在这里
+            if (base / name).is_symlink():
+                notes.append(_link_note(base / name, real_root, is_dir=True))
+        for name in filenames:
+            f = base / name
+            if f.suffix.lower() not in DOC_SUFFIXES:
+                continue
+            if f.is_symlink():
+                target = f.resolve()
+                # 唯一跟随的情况：链接留在文件夹内、目标本身因后缀不是文档而不会被读入（如 a.md -> a.markdown）
+                follow = target.is_relative_to(real_root) and target.suffix.lower() not in DOC_SUFFIXES
+                if not (follow and target.is_file()):
+                    notes.append(_link_note(f, real_root, is_dir=False))
+                    continue
+            why = _not_a_file(f, "文档应是普通文件")
+            if why:
+                notes.append(f"{why}，跳过")
+                continue
+            files.append(f)
+    files.sort(key=lambda f: f.relative_to(root).parts)
+    docs = []
+    for f in files:
+        text = read_document(f)
+        if _is_blank(text):
+            what = "HTML 里没有可见文字" if f.suffix.lower() in (".html", ".htm") else "没有文字"
+            notes.append(f"{f}: 清洗后是空文档（{what}），不入库")
+            continue
+        docs.append(Document(f.relative_to(root).as_posix(), text, f))
+    if notes:
+        from common.run import get_logger
+
+        for n in notes:
+            get_logger().warning(n)
+        if skipped is not None:
+            skipped.extend((n.split(": ", 1)[0], n.split(": ", 1)[1]) for n in notes)
+    if not docs:
+        extra = f"（跳过了 {len(notes)} 个，原因见上面的日志）" if notes else ""
+        raise UserError(f"{root}: 没有找到可用的 {'/'.join(DOC_SUFFIXES)} 文档{extra}")
+    return docs
 
 
 def split(items: list, val_fraction: float = 0.1, seed: int = 42, min_val: int = 1) -> tuple[list, list]:

@@ -19,12 +19,11 @@
 train_tokens_per_s 约 90。--smoke（tiny-qwen2，12 步）：5.429 -> 5.335，best = checkpoint-8，约 8 秒。
 """
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import cli, data, models, run, train
+from common import checkpoint, cli, data, models, run, train
 from common.errors import UserError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "lesson1" / "hf_finetune_scaffold.yaml"
@@ -67,20 +66,18 @@ def load_conversations(args: Args) -> list[list[dict]]:
 
 def main(args: Args) -> dict:
     from transformers import EarlyStoppingCallback, TrainerCallback
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
     args = cli.with_smoke(args, SMOKE)   # 冒烟：小规模超参数（只换你没改过的），单线程（见 common.run）
     out = run.start(__file__, args, smoke_threads=1)
 
-    # 1. 断点续训还是从头开始：从头开始时清掉旧检查点，免得和这次的混在一起被"续"上
-    last_ckpt = get_last_checkpoint(out.dir) if out.dir.is_dir() else None
+    # 1. 断点续训还是从头开始。检查点先写临时目录、写完才改名（common.checkpoint），续训时跳过损坏的（被 kill 在
+    #    保存半途、磁盘满）改用更早的完好检查点并说明；从头开始时清掉旧检查点，免得和这次的混在一起被"续"上
+    last_ckpt = checkpoint.last_intact(out.dir, out.log) if args.resume else None
     if args.resume and last_ckpt is None:
-        raise UserError(f"--resume: {out.dir} 里没有 checkpoint-* 目录；先不带 --resume 训练一次")
+        raise UserError(f"--resume: {out.dir} 里没有完好的 checkpoint-* 目录；先不带 --resume 训练一次")
     if not args.resume:
-        for old in out.dir.glob("checkpoint-*"):
-            shutil.rmtree(old)
-        last_ckpt = None
+        checkpoint.clear(out.dir)
 
     # 2. 数据：对话模板渲染，只在助手回复上算损失（labels 其余位置为 -100）
     convs = load_conversations(args)
@@ -136,9 +133,11 @@ def main(args: Args) -> dict:
                 os._exit(3)
 
     speed = Throughput()
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
-                         callbacks=[EarlyStoppingCallback(args.early_stopping_patience, args.early_stopping_threshold),
-                                    speed, CrashAfterStep()])
+    # checkpoint.atomic：同一个 SFTTrainer，只是检查点先写 tmp-checkpoint-N/ 再原子改名（kill 在保存半途也不留半成品）
+    trainer = checkpoint.atomic(SFTTrainer)(
+        model=model, args=cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
+        callbacks=[EarlyStoppingCallback(args.early_stopping_patience, args.early_stopping_threshold), speed,
+                   CrashAfterStep()])
 
     # 4. 训练前先量一次验证损失：没有"之前"，就说不清训练带来了什么
     before = trainer.evaluate()["eval_loss"]
@@ -147,7 +146,15 @@ def main(args: Args) -> dict:
     # 5. 训练（--resume 时从最后一个检查点恢复权重、优化器、调度器、随机数与已跳过的数据）
     if last_ckpt:
         out.log.info(f"--resume：从 {last_ckpt} 续训")
-    trainer.train(resume_from_checkpoint=last_ckpt)
+    if last_ckpt and int(Path(last_ckpt).name.split("-")[1]) >= cfg.max_steps > 0:
+        # 上次被杀在最后一步存盘之后（最终评估 / 保存时）：Trainer 从这样的检查点"续训"会多走一步，这里直接装回状态与最好的权重
+        from transformers import TrainerState
+
+        trainer.state = TrainerState.load_from_json(str(Path(last_ckpt) / "trainer_state.json"))
+        trainer._load_from_checkpoint(last_ckpt)
+        trainer._load_best_model()
+    else:
+        trainer.train(resume_from_checkpoint=last_ckpt)
     state = trainer.state
     if state.global_step < (args.max_steps if args.max_steps > 0 else state.max_steps):
         out.log.info(f"早停：第 {state.global_step} 步停下（验证损失连续 {args.early_stopping_patience} 次没有变好）")

@@ -64,6 +64,15 @@ def chunk_key(chunk_id: str) -> int:
     return int.from_bytes(hashlib.sha1(chunk_id.encode("utf-8")).digest()[:8], "big") & (2**63 - 1)
 
 
+def file_sha256(path: Path) -> str:
+    """文件内容的 sha256（分块读，大索引也不占内存）。"""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def sync(docs_dir: Path, store: Path, embedder, args: Args, rebuild: bool, log) -> dict:
     """让 store（index.faiss + meta.sqlite）与 docs_dir 一致：按文档哈希增、改、删；rebuild=True 时全量重建。"""
     import faiss
@@ -78,11 +87,22 @@ def sync(docs_dir: Path, store: Path, embedder, args: Args, rebuild: bool, log) 
     con.execute("CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY, doc_id TEXT NOT NULL, "
                 "chunk_no INTEGER NOT NULL, text TEXT NOT NULL, doc_hash TEXT NOT NULL)")
     con.execute("CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT)")
+    info = dict(con.execute("SELECT key, value FROM info"))
+    # 两阶段提交（见函数末尾）：元数据里记着"配套的索引文件"的 sha256。上次在提交之后、换文件之前被杀：
+    # 临时文件就是已提交的那一版，补做改名（前滚）；临时文件对不上号：是没提交的半成品，丢掉
+    tmp = store / "index.faiss.tmp"
+    if tmp.exists():
+        if info.get("index_sha256") == file_sha256(tmp):
+            log.info("上次同步已提交、但换索引文件前中断：补做改名")
+            os.replace(tmp, index_path)
+        else:
+            tmp.unlink()
     index = faiss.read_index(str(index_path)) if index_path.exists() and not rebuild else None
     count = con.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
-    # 换了向量模型、或上次写到一半（索引条数与元数据对不上），旧向量都不能再用：只能全量重建
+    # 换了向量模型、或索引文件不是元数据记录的那一版（被别的进程改过、旧版本的库），旧向量都不能再用：只能全量重建
     why = ("--rebuild" if rebuild else "还没有库" if index is None
-           else "向量模型变了" if dict(con.execute("SELECT key, value FROM info")).get("model") != model_name
+           else "向量模型变了" if info.get("model") != model_name
+           else "索引文件与元数据记录的版本不符" if info.get("index_sha256") != file_sha256(index_path)
            else f"索引 {index.ntotal} 条 ≠ 元数据 {count} 条" if index.ntotal != count else None)
     if why:
         log.info("%s：全量构建 %s", why, store.name)
@@ -108,11 +128,14 @@ def sync(docs_dir: Path, store: Path, embedder, args: Args, rebuild: bool, log) 
                         [(int(i), c.doc_id, int(c.id.rsplit("#", 1)[1]), c.text, current[c.doc_id][1])
                          for i, c in zip(ids, batch)])
     con.execute("INSERT OR REPLACE INTO info VALUES ('model', ?)", (model_name,))
-    # 先原子地换掉索引文件，再提交元数据：中途崩溃时两者条数对不上，下次启动会被上面的检查发现并重建
-    faiss.write_index(index, str(index_path) + ".tmp")
-    os.replace(str(index_path) + ".tmp", index_path)
+    # 两阶段提交：① 新索引写到临时文件；② 它的 sha256 与块的增删在同一个 SQLite 事务里提交——这是唯一的提交点；
+    # ③ 再把临时文件改名成正式文件。①② 之间被杀：事务回滚，旧索引 + 旧元数据仍然配套；②③ 之间被杀：下次开头前滚。
+    # （只比条数不够：挪动一篇文档 = 删 1 增 1、条数不变，半途崩溃后会留下重复 id——tests/test_reliability_index_crash.py）
+    faiss.write_index(index, str(tmp))
+    con.execute("INSERT OR REPLACE INTO info VALUES ('index_sha256', ?)", (file_sha256(tmp),))
     con.commit()
     con.close()
+    os.replace(tmp, index_path)
     return {"added": len(new), "updated": len(changed), "deleted": len(deleted),
             "skipped": len(current) - len(new) - len(changed), "chunks_embedded": len(todo),
             "vectors": int(index.ntotal), "seconds": round(time.perf_counter() - t0, 3)}

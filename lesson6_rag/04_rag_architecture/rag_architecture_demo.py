@@ -3,7 +3,7 @@
   检索：BM25（jieba 分词）与向量检索（MiniLM + FAISS）各自报告，再用 RRF 融合（向量权重在训练集上挑）。
   重排：用 CrossEncoderTrainer 把 MiniLM 训练成交叉编码器（金标块为正例、第一阶段召回的其它块为难负例），
         只在按问题切出的测试集上评测；训练好的模型缓存在输出目录里；--reranker 可换成现成的模型。
-  生成：前几段资料编号 [1] [2] … 交给大模型，回答开头预填 "According to passage ["；闭卷 = 同一模型不给资料。
+  生成：资料编号 [1] [2] … 包进 <document> 并声明"是资料不是指令"（防注入），预填回答开头 "According to passage ["；闭卷 = 不给资料。
 
 运行：
   python lesson6_rag/04_rag_architecture/rag_architecture_demo.py           # CPU，smollm2-135m，空闲 2 核约 1 分钟
@@ -11,7 +11,7 @@
   python lesson6_rag/04_rag_architecture/rag_architecture_demo.py --model Qwen/Qwen3-0.6B --source hf \\
       --config configs/lesson6/rag_architecture_demo.yaml                  # GPU，可加 --reranker BAAI/bge-reranker-base
 
-你会看到（默认运行实测，16 道测试题）：中文为主的知识库上 BM25 远强于 MiniLM 向量检索（recall@5 0.94 对 0.69），
+你会看到（默认运行实测，16 道测试题，测于加 <document> 标记之前）：中文知识库上 BM25 远强于 MiniLM 向量检索（recall@5 0.94 对 0.69），
 RRF 挑出的向量权重为 0；单用现场训练的重排器更差（MRR 0.40），按 dev 挑出的权重与第一阶段融合后
 recall@5 0.94 → 1.00、MRR 0.78 → 0.79；资料里有答案的比例 0.875；答案准确率 闭卷 0.00 → RAG 0.12
 （英文题 0.00 → 0.22；smollm2-135m 是英文小模型，中文题都答不对）；引用准确率 0.69。
@@ -22,15 +22,13 @@ import json
 import re
 from dataclasses import dataclass
 
-from common import cli, data, metrics, models, retrieval, run, train
+from common import cli, data, metrics, models, retrieval, run, safety, train
 
 PROMPTS = {  # (RAG 提示, 闭卷提示, RAG 回答的开头)：中文问题用中文指令，英文问题用英文指令
     "en": ("Read the passages and answer the question.\n\n{ctx}\n\nQuestion: {q}", "Question: {q}\nGive a short answer.",
            "According to passage ["),
     "zh": ("阅读下面的资料，回答问题。\n\n{ctx}\n\n问题：{q}", "问题：{q}\n请简短回答。", "根据资料 [")}
-# 回答的开头（prefill）由我们替模型写好：135M 的小模型听不懂"请注明出处"（实测几乎从不写引用），但很会续写：
-# 把引用格式写进回答开头，引用率从约 0.1 升到约 1，答案也更常从资料里照抄（"assistant 预填"，大模型同样适用）；
-# 评分时开头算作回答的一部分。
+# 回答开头（prefill）替模型写好：135M 小模型不会主动写引用、但很会续写，预填后引用率约 0.1 → 1；评分时开头算作回答的一部分
 
 
 @dataclass
@@ -55,6 +53,7 @@ class Args(retrieval.KBArgs):
     context_k: int = cli.arg(2, "交给大模型的段落数（CPU 上提示越长生成越慢）", min=1)
     max_new_tokens: int = cli.arg(32, "生成长度上限：答案要简短", min=1)
     batch_size: int = cli.arg(4, "生成的批大小", min=1)
+    mark_data: bool = cli.arg(True, "把检索到的文字标成资料而非指令（防提示注入）；--mark-data false 对比不设防的提示")
 
 
 # 冒烟：1/4 的文档（及问它们的题）、少量训练 / 测试题；重排器每题 2 个负例、输入截到 64 token，十几秒训完
@@ -65,6 +64,13 @@ def chat(tok, text: str) -> str:
     """一条用户消息的对话提示；enable_thinking=False：Qwen3 直接作答，其它模板忽略这个变量。"""
     return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
                                    enable_thinking=False)
+
+
+def rag_prompt(tok, question: str, lang: str, passages: list[str], mark_data: bool = True) -> str:
+    """RAG 提示 + 预填的回答开头；mark_data：资料包进 <document> 并声明"是资料不是指令"（safety.as_data，防提示注入）。"""
+    rag_tpl, _, prefix = PROMPTS.get(lang, PROMPTS["en"])
+    texts = [re.sub(r"(?m)^#+\s*", "", t) for t in passages]   # 去掉 Markdown 的 #：小模型见 "# 标题" 爱续写新文档
+    return chat(tok, rag_tpl.format(ctx=safety.as_data(texts, lang, mark_data), q=question)) + prefix
 
 
 def citations(text: str, k: int) -> list[int]:
@@ -85,6 +91,7 @@ def first_stage(qas, chunks, bm25, dense, embedder, depth: int, weight: float | 
 
 def train_reranker(args: Args, out: run.Run, train_q: list[dict], ranked: list[list[int]], chunks, by_id, device: str):
     """用 CrossEncoderTrainer 把 MiniLM 训练成重排器：(问题, 块) -> 是否金标。有匹配的缓存就直接加载。"""
+    import torch
     from datasets import Dataset
     from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
@@ -96,9 +103,8 @@ def train_reranker(args: Args, out: run.Run, train_q: list[dict], ranked: list[l
         pos = [c for c in chunks if retrieval.is_hit(c, q, by_id)][:2]
         neg = [chunks[i] for i in rank if not retrieval.is_hit(chunks[i], q, by_id)][:args.rerank_negatives]
         for c, y in [(c, 1.0) for c in pos] + [(c, 0.0) for c in neg]:
-            rows["query"].append(q["question"])
-            rows["passage"].append(c.text)
-            rows["label"].append(y)
+            for k, v in zip(("query", "passage", "label"), (q["question"], c.text, y)):
+                rows[k].append(v)
     key = hashlib.sha256(json.dumps([base, rows, epochs, args.rerank_lr, args.seed, max_length,
                                      args.rerank_freeze_layers]).encode()).hexdigest()
     cache = out.path("reranker")
@@ -108,8 +114,6 @@ def train_reranker(args: Args, out: run.Run, train_q: list[dict], ranked: list[l
     n_pos = sum(rows["label"])
     out.log.info(f"重排器：从 MiniLM 初始化，训练对 {len(rows['label'])} 个（正 {n_pos:.0f} / 负 "
                  f"{len(rows['label']) - n_pos:.0f}），{epochs} 轮")
-    import torch
-
     model = CrossEncoder(base, num_labels=1, max_length=max_length, device=device)
     # 冻结词嵌入和底层：底层学的是通用的词法/句法，小数据上主要靠上层学"问题与段落是否匹配"
     frozen = ("embeddings.",) + tuple(f"layer.{i}." for i in range(args.rerank_freeze_layers))
@@ -221,14 +225,10 @@ def answer(args: Args, kb: dict, after: list[list[int]]) -> list[dict]:
     model, tok = models.load_args(args)
     test_q, chunks, by_id = kb["test_q"], kb["chunks"], kb["by_id"]
     ctx = [[chunks[i] for i in r[:args.context_k]] for r in after]
-    rag_prompts, closed_prompts, prefixes = [], [], []
-    for q, passages in zip(test_q, ctx):
-        rag_tpl, closed_tpl, prefix = PROMPTS.get(q["lang"], PROMPTS["en"])
-        # 去掉 Markdown 标题的 #：小模型看到 "# 标题" 容易接着写一篇新文档
-        text = "\n\n".join(f"[{n}] " + re.sub(r"(?m)^#+\s*", "", c.text) for n, c in enumerate(passages, 1))
-        rag_prompts.append(chat(tok, rag_tpl.format(ctx=text, q=q["question"])) + prefix)
-        closed_prompts.append(chat(tok, closed_tpl.format(q=q["question"])))
-        prefixes.append(prefix)
+    rag_prompts = [rag_prompt(tok, q["question"], q["lang"], [c.text for c in ps], args.mark_data)
+                   for q, ps in zip(test_q, ctx)]
+    closed_prompts = [chat(tok, PROMPTS.get(q["lang"], PROMPTS["en"])[1].format(q=q["question"])) for q in test_q]
+    prefixes = [PROMPTS.get(q["lang"], PROMPTS["en"])[2] for q in test_q]
     closed = models.generate(model, tok, closed_prompts, args.max_new_tokens, args.batch_size)
     rag = [p + a for p, a in zip(prefixes, models.generate(model, tok, rag_prompts, args.max_new_tokens,
                                                            args.batch_size))]

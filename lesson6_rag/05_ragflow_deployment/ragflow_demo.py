@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from common import cli, metrics, retrieval, run
+from common import cli, metrics, retrieval, run, safety
 from common.errors import UserError
 
 HERE = Path(__file__).resolve().parent
@@ -158,7 +158,8 @@ def list_all(ds) -> list:
 
 
 def main(args: Args) -> dict:
-    args = cli.with_smoke(args, SMOKE)
+    # 秘密不落盘：--api-key 与 URL 里的账号密码先拿走（sys.argv 里也抹成 ***），argv.txt / config.json / 日志里都没有
+    args, secret = safety.scrub(cli.with_smoke(args, SMOKE))
     out = run.start(__file__, args)
     log = out.log
 
@@ -189,8 +190,9 @@ def main(args: Args) -> dict:
                "compose": compose_info}
 
     # 4. 服务可达吗？没给地址 / 连不上：一行说明，退出码 0（离线也能跑完这一课的检查部分）
-    url = (args.ragflow_url or os.environ.get("RAGFLOW_URL") or "").rstrip("/")
-    key = args.api_key or os.environ.get("RAGFLOW_API_KEY")
+    url = (secret.get("ragflow_url") or args.ragflow_url or os.environ.get("RAGFLOW_URL") or "").rstrip("/")
+    key = secret.get("api_key") or os.environ.get("RAGFLOW_API_KEY")
+    shown = safety.redact_url(url)   # http://user:密码@host 里的账号密码同样是秘密：日志和 metrics 只写 ***
     if not url:
         log.info("RAGFlow 不可达：没有给 --ragflow-url（或环境变量 RAGFLOW_URL）；按 README 用 docker compose 启动后再试")
         return out.finish(result)
@@ -198,19 +200,19 @@ def main(args: Args) -> dict:
     try:
         _ = u.port   # 端口不是数字时 urlparse 在这里才报 ValueError
     except ValueError:
-        raise UserError(f"--ragflow-url {url!r}: 端口不是数字") from None
+        raise UserError(f"--ragflow-url {shown!r}: 端口不是数字") from None
     if u.scheme not in ("http", "https") or not u.hostname:
-        raise UserError(f"--ragflow-url {url!r}: 应形如 http://127.0.0.1:9380")
+        raise UserError(f"--ragflow-url {shown!r}: 应形如 http://127.0.0.1:9380")
     try:
         probe = requests.get(f"{url}/api/v1/datasets", params={"page_size": 1}, timeout=args.connect_timeout,
                              headers={"Authorization": f"Bearer {key or ''}"})
     except requests.RequestException as e:
-        log.info(f"RAGFlow 不可达：{url}（{type(e).__name__}）；服务起来了吗？docker compose ps 看看")
-        return out.finish({**result, "ragflow_url": url})
+        log.info(f"RAGFlow 不可达：{shown}（{type(e).__name__}）；服务起来了吗？docker compose ps 看看")
+        return out.finish({**result, "ragflow_url": shown})
     try:
         code, message = probe.json().get("code"), probe.json().get("message")
     except ValueError:
-        raise UserError(f"--ragflow-url {url}: 有应答（HTTP {probe.status_code}）但不是 RAGFlow API；"
+        raise UserError(f"--ragflow-url {shown}: 有应答（HTTP {probe.status_code}）但不是 RAGFlow API；"
                         "应指向 SVR_HTTP_PORT（默认 9380），不是网页端口") from None
     if not key or code != 0:
         raise UserError(f"--api-key: RAGFlow 拒绝了请求（{message or '没有给 key'}）；在网页右上角头像 → API 里生成")
@@ -271,7 +273,7 @@ def main(args: Args) -> dict:
                 rag.delete_chats(ids=[chat.id])
             if ds is not None:
                 rag.delete_datasets(ids=[ds.id])
-    return out.finish({**result, "ragflow_url": url},
+    return out.finish({**result, "ragflow_url": shown},
                       summary=f"recall@5={result['recall_at_5']}, answer_accuracy={result['answer_accuracy']}, "
                               f"docs_parsed={result['docs_parsed']}/{len(payload)}")
 

@@ -1,0 +1,62 @@
+"""可靠性 · 可复现（issue 8 第 11 项）：同一种子跑两次，第 1、6 课每个脚本的 metrics.json 数字相同（计时除外）。
+
+两次运行是两个独立进程，并且 PYTHONHASHSEED 不同：如果哪里的结果依赖 set/dict 里字符串的遍历顺序，
+这里就会露馅。两个进程同时跑（省一半时间；计时类指标本来就排除在外）。
+会变的键只有计时类（秒、吞吐、加速比、延迟、内存峰值），由 TIMING 正则排除；其余任何一个键不同都算失败，
+并列出是哪个键、两次的值。
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+SCRIPTS = sorted(p.relative_to(REPO).as_posix() for d in ("lesson1_sft", "lesson6_rag")
+                 for p in (REPO / d).glob("[0-9][0-9]_*/*.py") if not p.name.startswith(("_", "test")))
+# 计时类：墙钟时间、吞吐、加速比、延迟、内存峰值——同一台机器两次跑也会不同，按定义不可复现
+TIMING = re.compile(r"(seconds|_s$|_s\.|_ms|per_s|speedup|latency|throughput|qps|tokens_per_sec|rss|peak_mb|"
+                    r"memory_mb|wall|elapsed|_time)", re.I)
+
+
+def flatten(d, prefix: str = "") -> dict:
+    if isinstance(d, dict):
+        return {k2: v2 for k, v in d.items() for k2, v2 in flatten(v, f"{prefix}{k}.").items()}
+    if isinstance(d, list):
+        return {k2: v2 for i, v in enumerate(d) for k2, v2 in flatten(v, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): d}
+
+
+def differing_keys(a: dict, b: dict) -> dict:
+    fa, fb = flatten(a), flatten(b)
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
+            if not TIMING.search(k) and fa.get(k) != fb.get(k)}
+
+
+def test_timing_filter_only_drops_timing_keys():
+    a = {"seconds": 1.0, "eval_loss": 2.0, "t": {"prefill_ms": 3, "recall_at_5": 0.5}, "train_tokens_per_s": 9}
+    b = {"seconds": 2.0, "eval_loss": 2.5, "t": {"prefill_ms": 4, "recall_at_5": 0.5}, "train_tokens_per_s": 8}
+    assert differing_keys(a, b) == {"eval_loss": (2.0, 2.5)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rel", SCRIPTS)
+def test_same_seed_same_metrics(rel, tmp_path, tiny_models):
+    procs = []
+    for run, hashseed in (("a", "1"), ("b", "2")):
+        env = {**os.environ, "PYTHONHASHSEED": hashseed}
+        out = tmp_path / run
+        log = open(tmp_path / f"{run}.log", "wb")
+        procs.append((out, log, subprocess.Popen([sys.executable, str(REPO / rel), "--smoke", "--output-dir", str(out)],
+                                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path))))
+    metrics = []
+    for out, log, p in procs:
+        code = p.wait(timeout=900)
+        log.close()
+        assert code == 0, (tmp_path / f"{out.name}.log").read_text(errors="replace")[-3000:]
+        metrics.append(json.loads((out / "metrics.json").read_text(encoding="utf-8")))
+    diff = differing_keys(*metrics)
+    assert not diff, f"{rel}：同一种子两次运行这些键不同：{diff}"

@@ -1,0 +1,190 @@
+"""可靠性 · 读数据（issue 8 第 4 项）：恶意或意外的输入文件只得到一行 `文件:行: 原因`，绝不是 traceback。
+
+每个用例都是一个真实用户会碰到的坑：万层嵌套的 JSON、JSON 字符串里合法的 U+2028、截断的 emoji 转义（孤立代理字符）、
+坏 PDF、指到文件夹外面的符号链接、清洗后为空的文档、答案不在 gold_passage 里的问答、把文件夹/FIFO/成环链接当文件、
+Windows 记事本写出的 BOM。
+"""
+import json
+import os
+
+import pytest
+
+from common import data
+from common.errors import UserError
+
+ALPACA = {"instruction": "你是谁？", "output": "我是灵犀。"}
+
+
+def write(path, text: str):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def user_error(fn, *a) -> str:
+    with pytest.raises(UserError) as e:
+        fn(*a)
+    msg = str(e.value)
+    assert "\n" not in msg, msg           # 一行
+    return msg
+
+
+@pytest.mark.parametrize("name,body,line", [
+    ("deep.jsonl", lambda deep: json.dumps(ALPACA) + "\n" + '{"x": ' + deep + "}\n", 2),
+    ("deep.json", lambda deep: "[\n" + json.dumps(ALPACA) + ",\n" + deep + "\n]", 3),
+])
+def test_ten_thousand_levels_of_nesting_is_one_line_not_recursion_error(tmp_path, name, body, line):
+    p = write(tmp_path / name, body("[" * 10_000 + "]" * 10_000))
+    msg = user_error(data.load_sft, p)
+    assert f"{p}:{line}:" in msg and "嵌套太深" in msg
+
+
+def test_line_separator_inside_a_json_string_does_not_split_the_line(tmp_path):
+    # U+2028/U+2029、\x0b、\x1c、\x85 都能原样出现在 JSON 字符串里；str.splitlines 会在它们那里断行
+    odd = "第一句\u2028第二句\u2029\x0b\x0c\x1c\x1d\x1e\x85end"
+    recs = [{"instruction": odd, "output": "好"}, ALPACA]
+    p = write(tmp_path / "ok.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\r\n")
+    convs = data.load_sft(p)
+    assert len(convs) == 2 and convs[0][0]["content"] == odd
+
+
+def test_lone_surrogate_is_rejected_with_file_and_line(tmp_path):
+    p = write(tmp_path / "s.jsonl", json.dumps(ALPACA) + "\n" + '{"instruction": "hi", "output": "\\ud83d"}\n')
+    msg = user_error(data.load_sft, p)
+    assert f"{p}:2:" in msg and "代理字符" in msg and "'output'" in msg
+    p = write(tmp_path / "k.json", '[\n{"prompt": "a", "completion": "b", "label": true, "\\udc00": 1}\n]')
+    assert f"{p}:2:" in user_error(data.load_kto, p)      # 键名里的也算；JSON 数组报真实行号
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_text(json.dumps(ALPACA, ensure_ascii=False) + "\n", encoding="utf-8-sig")
+    assert data.load_sft(p)[0][-1]["content"] == "我是灵犀。"
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# 标题\n正文", encoding="utf-8-sig")
+    assert data.load_documents(docs)[0].text.startswith("# 标题")
+
+
+def test_json_array_errors_point_at_the_real_line(tmp_path):
+    p = write(tmp_path / "a.json", "[\n" + json.dumps(ALPACA) + ",\n\n" + '{"instruction": "x"}\n]')
+    assert f"{p}:4: 缺少字段 'output'" in user_error(data.load_sft, p)
+    p = write(tmp_path / "b.json", "[\n" + json.dumps(ALPACA) + "\n" + json.dumps(ALPACA) + "\n]")
+    assert f"{p}:3:" in user_error(data.load_sft, p)        # 少了逗号
+    p = write(tmp_path / "c.json", '{"instruction": "a", "output": "b"}')
+    assert "顶层应为记录列表" in user_error(data.load_sft, p)
+
+
+def test_non_utf8_names_the_line(tmp_path):
+    p = tmp_path / "gbk.jsonl"
+    p.write_bytes((json.dumps(ALPACA) + "\n").encode() + json.dumps({"instruction": "你好", "output": "好"},
+                                                                      ensure_ascii=False).encode("gbk"))
+    assert f"{p}:2: 不是 UTF-8" in user_error(data.load_sft, p)
+
+
+@pytest.mark.parametrize("kind,needle", [("dir", "是一个文件夹，不是文件"), ("fifo", "命名管道（FIFO）"),
+                                         ("loop", "符号链接成环"), ("broken", "断开的符号链接"),
+                                         ("missing", "文件不存在"), ("under_file", "中间有一段是文件")])
+def test_directory_fifo_or_link_loop_given_as_a_file_gets_an_accurate_message(tmp_path, kind, needle):
+    p = tmp_path / "x.jsonl"
+    if kind == "dir":
+        p.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(p)                       # 读它会永远阻塞：必须在读之前认出来
+    elif kind == "loop":
+        os.symlink(tmp_path / "y.jsonl", p)
+        os.symlink(p, tmp_path / "y.jsonl")
+    elif kind == "broken":
+        os.symlink(tmp_path / "gone.jsonl", p)
+    elif kind == "under_file":
+        write(tmp_path / "f", "")
+        p = tmp_path / "f" / "x.jsonl"
+    msg = user_error(data.load_sft, p)
+    assert msg.startswith(f"{p}: ") and needle in msg
+    if kind in ("dir", "missing"):
+        assert needle in user_error(data.load_qa, p)
+
+
+def test_docs_folder_that_is_a_file_or_a_loop(tmp_path):
+    f = write(tmp_path / "f.md", "x")
+    assert "不是文件夹" in user_error(data.load_documents, f)
+    os.symlink(tmp_path / "b", tmp_path / "a")
+    os.symlink(tmp_path / "a", tmp_path / "b")
+    assert "符号链接成环" in user_error(data.load_documents, tmp_path / "a")
+    assert "文件夹不存在" in user_error(data.load_documents, tmp_path / "nope")
+
+
+def test_corrupt_pdf_is_one_line(tmp_path):
+    pytest.importorskip("pypdf")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    write(docs / "ok.md", "fine")
+    (docs / "broken.pdf").write_bytes(b"%PDF-1.7\n1 0 obj << /Type /Catalog /Pages 2 0 R >>\nendobj\n" + b"\x00" * 64)
+    msg = user_error(data.load_documents, docs)
+    assert msg.startswith(f"{docs / 'broken.pdf'}: PDF 无法解析")
+
+
+def test_symlinks_never_leave_the_docs_folder_and_aliases_are_read_once(tmp_path):
+    docs, outside = tmp_path / "docs", tmp_path / "outside"
+    (docs / "sub").mkdir(parents=True)
+    outside.mkdir()
+    write(docs / "a.md", "alpha")
+    write(docs / "sub" / "b.txt", "beta")
+    write(outside / "secret.md", "TOP SECRET")
+    os.symlink(outside / "secret.md", docs / "leak.md")       # 文件链接指向外面
+    os.symlink(outside, docs / "leakdir")                      # 文件夹链接指向外面
+    os.symlink(docs / "sub", docs / "alias_dir")               # 文件夹内的别名
+    os.symlink(docs / "a.md", docs / "alias.md")
+    os.symlink(docs, docs / "sub" / "loop")                    # 成环
+    skipped = []
+    docs_read = data.load_documents(docs, skipped)
+    assert [d.id for d in docs_read] == ["a.md", "sub/b.txt"]
+    assert all("SECRET" not in d.text for d in docs_read)
+    why = dict(skipped)
+    assert "文件夹之外" in why[str(docs / "leak.md")] and "文件夹之外" in why[str(docs / "leakdir")]
+    assert "不重复入库" in why[str(docs / "alias_dir")] and "不重复入库" in why[str(docs / "alias.md")]
+    assert str(docs / "sub" / "loop") in why
+
+
+def test_documents_empty_after_cleaning_are_reported_not_indexed(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    write(docs / "real.md", "真正的内容")
+    write(docs / "blank.txt", " \n\t\u200b\ufeff\n")
+    write(docs / "boiler.html", "<html><head><title>t</title></head><nav>菜单</nav><script>x()</script>"
+                                "<footer>版权</footer></html>")
+    skipped = []
+    assert [d.id for d in data.load_documents(docs, skipped)] == ["real.md"]
+    assert {os.path.basename(p) for p, why in skipped if "清洗后是空文档" in why} == {"blank.txt", "boiler.html"}
+    (docs / "real.md").unlink()
+    assert "没有找到可用的" in user_error(data.load_documents, docs)
+
+
+def test_fifo_inside_docs_is_skipped_not_waited_on(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    write(docs / "a.md", "alpha")
+    os.mkfifo(docs / "pipe.md")
+    skipped = []
+    assert [d.id for d in data.load_documents(docs, skipped)] == ["a.md"]
+    assert "FIFO" in dict(skipped)[str(docs / "pipe.md")]
+
+
+def test_qa_fields_are_checked(tmp_path):
+    ok = {"question": "热线是多少？", "answer": "400-820-3366", "gold_passage": "客服热线 400-820-3366，全年无休。"}
+    p = write(tmp_path / "qa.jsonl", json.dumps(ok, ensure_ascii=False) + "\n"
+              + json.dumps({**ok, "answer": "400-000-0000"}, ensure_ascii=False) + "\n")
+    msg = user_error(data.load_qa, p)
+    assert f"{p}:2:" in msg and "gold_passage" in msg
+    p = write(tmp_path / "lang.jsonl", json.dumps({**ok, "lang": "zh"}) + "\n" + json.dumps({**ok, "lang": "cn"}) + "\n")
+    msg = user_error(data.load_qa, p)
+    assert f"{p}:2: 字段 'lang'" in msg and "zh / en" in msg
+    p = write(tmp_path / "lang2.jsonl", json.dumps({**ok, "lang": ["zh"]}) + "\n")
+    assert f"{p}:1: 字段 'lang'" in user_error(data.load_qa, p)
+    assert data.load_qa(write(tmp_path / "auto.jsonl", json.dumps(ok) + "\n"))[0]["lang"] == "zh"
+
+
+def test_shipped_data_still_loads_unchanged():
+    """新检查不误伤项目自带的数据（44 篇文档、135 条问答）。"""
+    docs = data.load_documents(data.DATA_DIR / "kb" / "docs")
+    qa = data.load_qa(data.DATA_DIR / "kb" / "qa.jsonl", {d.id: d for d in docs})
+    assert len(docs) == 44 and len(qa) == 135
