@@ -179,7 +179,11 @@ def load_tokenizer(name: str, source: str = "auto", trust_remote_code: bool = Fa
     """只加载分词器。"""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve(name, source), trust_remote_code=trust_remote_code)
+    from common import safety
+
+    path = resolve(name, source)
+    safety.check_model_dir(path, trust_remote_code)   # 自定义代码没授权、只有 pickle 权重：一行拒绝
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -190,7 +194,10 @@ def load(name: str, source: str = "auto", device: str = "auto", dtype: str = "au
     """加载 (model, tokenizer)，并在日志里说明选了什么设备和精度。额外参数原样交给 from_pretrained。"""
     from transformers import AutoModelForCausalLM
 
+    from common import safety
+
     path = resolve(name, source)
+    safety.check_model_dir(path, trust_remote_code)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev, for_training)
     t0 = time.perf_counter()

@@ -132,8 +132,11 @@ class Run:
             torch.set_num_threads(smoke_threads)
         if is_main_process():
             # 记录命令行与解析后的配置：结果可以原样复现
-            (self.dir / "argv.txt").write_text(" ".join([sys.executable, *sys.argv]) + "\n", encoding="utf-8")
-            (self.dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), ensure_ascii=False,
+            from common import safety  # 秘密（--api-key、URL 里的密码、环境变量里的 token）不落盘
+
+            (self.dir / "argv.txt").write_text(" ".join([sys.executable, *safety.redact_argv(sys.argv)]) + "\n",
+                                               encoding="utf-8")
+            (self.dir / "config.json").write_text(json.dumps(safety.redacted_config(args), ensure_ascii=False,
                                                              indent=2, default=_jsonable), encoding="utf-8")
 
     @property

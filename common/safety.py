@@ -87,6 +87,17 @@ def redact_argv(argv: list[str], secret_flags: list[str] | None = None) -> list[
     return out
 
 
+def redacted_config(args: Any) -> dict:
+    """写 config.json 用的参数字典：秘密字段的值换成 ***，带账号密码的 URL 脱敏。"""
+    cfg = dataclasses.asdict(args)
+    for k, v in cfg.items():
+        if v and is_secret_name(k):
+            cfg[k] = MASK
+        elif isinstance(v, str):
+            cfg[k] = redact_url(v)
+    return cfg
+
+
 def scrub(args: Any) -> tuple[Any, dict[str, str]]:
     """run.start 之前调用：把秘密字段从参数里拿走（换成 None），并就地改掉 sys.argv 里的值。
 

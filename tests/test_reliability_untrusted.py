@@ -45,11 +45,6 @@ def test_remote_code_is_refused_unless_asked_and_the_message_names_the_flag(evil
     safety.check_model_dir(d, trust_remote_code=True)      # 明确要求时放行
 
 
-HOOK = ("common/models.py 的 load()/load_tokenizer() 加载前还没调用 safety.check_model_dir(path, trust_remote_code)："
-        "transformers 的拒绝消息不提 --trust-remote-code。加上这一行后删掉本标记")
-
-
-@pytest.mark.xfail(strict=True, reason=HOOK)
 def test_models_load_names_the_flag(evil_model):
     d, _ = evil_model
     with pytest.raises(UserError) as e:
@@ -57,7 +52,6 @@ def test_models_load_names_the_flag(evil_model):
     assert "--trust-remote-code" in str(e.value), str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason=HOOK)
 def test_remote_code_refusal_end_to_end(evil_model, run_script, tmp_path):
     """像用户那样从命令行跑：退出码 2、一行、点名 --trust-remote-code，不写 metrics.json。"""
     d, marker = evil_model
