@@ -343,3 +343,39 @@ def time_queries(search, n_queries: int, repeats: int) -> tuple[list[list[int]],
             search(i)
             lat.append((time.perf_counter() - t) * 1000)
     return ranked, lat
+
+
+class CountingEmbeddings:
+    """包一层 LangChain Embeddings：数一数真正被向量化了多少段文本；模型第一次用到时才加载。"""
+
+    def __init__(self, name: str | None, cache_dir: Path | None = None):
+        self.name, self.cache_dir, self.count, self._inner = name, cache_dir, 0, None
+
+    def _model(self):
+        if self._inner is None:
+            from langchain_huggingface import HuggingFaceEmbeddings
+
+            self._inner = HuggingFaceEmbeddings(model_name=self.name or default_embedding_model(),
+                                                encode_kwargs={"normalize_embeddings": True})
+        return self._inner
+
+    def langchain(self):
+        """返回 LangChain Embeddings；给了 cache_dir 时套上 CacheBackedEmbeddings（崩溃试验用，省得反复算同样的块）。"""
+        from langchain_core.embeddings import Embeddings
+
+        outer = self
+
+        class _E(Embeddings):
+            def embed_documents(self, texts):
+                outer.count += len(texts)
+                return outer._model().embed_documents(texts)
+
+            def embed_query(self, text):
+                return outer._model().embed_query(text)
+        if self.cache_dir is None:
+            return _E()
+        from langchain_classic.embeddings import CacheBackedEmbeddings
+        from langchain_classic.storage import LocalFileStore
+
+        return CacheBackedEmbeddings.from_bytes_store(_E(), LocalFileStore(str(self.cache_dir)), namespace="minilm",
+                                                      key_encoder="sha256")

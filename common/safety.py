@@ -20,7 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 from common.errors import UserError
 
 # 字段名或环境变量名里带这些词的，值就是秘密
-SECRET_NAME = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.I)
+# "token" 只在名字末尾算（HF_TOKEN、api_token）；max_new_tokens / num_virtual_tokens 是长度，不是秘密
+SECRET_NAME = re.compile(r"(api[_-]?key|secret|password|passwd|credential|(^|[_-])token$)", re.I)
 # 课程里会用到的服务的秘密环境变量（SECRET_NAME 也能匹配到其中大部分；列出来是为了测试与文档）
 SECRET_ENV = ("RAGFLOW_API_KEY", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
               "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MODELSCOPE_API_TOKEN", "OPENAI_API_KEY")

@@ -19,7 +19,7 @@ SCRIPTS = sorted(p.relative_to(REPO).as_posix() for d in ("lesson1_sft", "lesson
                  for p in (REPO / d).glob("[0-9][0-9]_*/*.py") if not p.name.startswith(("_", "test")))
 # 计时类：墙钟时间、吞吐、加速比、延迟、内存峰值——同一台机器两次跑也会不同，按定义不可复现
 TIMING = re.compile(r"(seconds|_s$|_s\.|_ms|per_s|speedup|latency|throughput|qps|tokens_per_sec|rss|peak_mb|"
-                    r"memory_mb|wall|elapsed|_time)", re.I)
+                    r"memory_mb|mem_mb|wall|elapsed|_time)", re.I)
 
 
 def flatten(d, prefix: str = "") -> dict:

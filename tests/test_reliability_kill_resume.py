@@ -71,27 +71,31 @@ def _kill_at(proc, out, moment, deadline: float = 600) -> str:
 def test_sigkill_at_seeded_moments_then_resume_matches_uninterrupted(reference, tmp_path):
     ref, _ = reference
     rng = random.Random(SEED)
-    # 抽出 KILLS 个时刻：保存途中（等 0–30 ms）、刚存完后的训练/评估中（等 0–3 s）、启动阶段（2–12 s）
-    kinds = ["save", "train", "save", "startup", "save", "train", "save"][:KILLS]
-    moments = [(k, rng.uniform(0, 0.03) if k == "save" else rng.uniform(0, 3) if k == "train" else rng.uniform(2, 12))
-               for k in kinds]
-    out = tmp_path / "run"
-    where, log = [], open(tmp_path / "runs.log", "wb")
-    for moment in moments:
+    # 按种子抽时刻：保存途中（等 0–30 ms）、刚存完后的训练/评估中（等 0–3 s）、启动阶段（1–8 s）。
+    # 机器快慢不同，有的时刻会落在运行结束之后（'finished'）：那就换一个新目录从头再来，直到真正杀中 KILLS 次
+    kinds = ["save", "train", "save", "startup", "save", "train", "save"]
+    out, where, log = tmp_path / "run0", [], open(tmp_path / "runs.log", "wb")
+    for attempt in range(4 * KILLS):
+        if sum(w != "finished" for w in where) >= KILLS - 2:   # 至少 5 次真正杀中
+            break
+        k = kinds[attempt % len(kinds)]
+        moment = (k, rng.uniform(0, 0.03) if k == "save" else rng.uniform(0, 3) if k == "train" else rng.uniform(1, 8))
         # 有检查点（或保存到一半的临时目录）就 --resume，交给脚本自己收拾；一个完好的都没有时脚本报错退出 2，改为从头跑
         resume = bool(_published(out) or _staging(out))
         w = _kill_at(_spawn(out, resume, log), out, moment)
         if w == "finished" and resume and checkpoint.last_intact(out) is None:
             w = _kill_at(_spawn(out, False, log), out, moment)
         where.append(w)
+        if w == "finished":   # 这一轮已经跑完：换新目录，后面的 kill 才有意义
+            out = tmp_path / f"run{attempt + 1}"
     # 最后一次不杀：从最新的完好检查点续训到底
     p = _spawn(out, bool(_published(out) or _staging(out)), log)
     assert p.wait(timeout=600) == 0, (tmp_path / "runs.log").read_text(errors="replace")[-3000:]
     log.close()
     m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    print(f"\n{len(moments)} 次 SIGKILL：{where}；最终 step {m['global_step']}，eval_loss {m['eval_loss_after']} "
+    print(f"\n{len(where)} 次尝试 SIGKILL：{where}；最终 step {m['global_step']}，eval_loss {m['eval_loss_after']} "
           f"vs 不中断 {ref['eval_loss_after']}（差 {abs(m['eval_loss_after'] / ref['eval_loss_after'] - 1):.3%}）")
-    assert sum(w != "finished" for w in where) >= 5, where
+    assert sum(w != "finished" for w in where) >= KILLS - 2, where
     assert "save" in where, f"没有一次杀在保存途中：{where}"
     assert m["global_step"] == ref["global_step"]
     assert m["eval_loss_after"] == pytest.approx(ref["eval_loss_after"], rel=0.01)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import course
-from common import cli, retrieval, run
+from common import cli, retrieval, run, safety
 from tests.conftest import REPO, assert_user_error, load_script
 
 SCRIPTS = [s.relative_to(REPO).as_posix() for s in course.discover()]
@@ -111,7 +111,8 @@ def test_smoke_config_json_is_what_runs(rel, tmp_path, monkeypatch):
     expected = cli.with_smoke(mod.Args(smoke=True, output_dir=str(tmp_path)), mod.SMOKE)
     assert seen["args"] == expected
     saved = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
-    assert saved == json.loads(json.dumps(dataclasses.asdict(expected), default=str))
+    # 秘密字段（api_key 等）在 config.json 里是 ***（common.safety），其余与实际参数逐项相同
+    assert saved == json.loads(json.dumps(safety.redacted_config(expected), default=str))
     assert all(saved[k] == v for k, v in mod.SMOKE.items()), "SMOKE 里的值没有进 config.json"
 
 

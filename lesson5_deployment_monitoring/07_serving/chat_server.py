@@ -140,6 +140,7 @@ def serve_forever(args: Args) -> None:
     """--serve：在本进程里运行服务，直到 Ctrl-C。"""
     from common import serving
 
+    args = cli.with_smoke(args, SMOKE)
     port = str(args.port or 8000)
     argv = server_cmd(args, port)[3:] + ["--host", args.host]
     run.get_logger().info(f"聊天网页：http://{args.host}:{port}/   OpenAI base_url：http://{args.host}:{port}/v1")
@@ -150,8 +151,6 @@ def main(args: Args) -> dict:
     import openai
 
     args = cli.with_smoke(args, SMOKE)
-    if args.serve:
-        return serve_forever(args) or {}
     out = run.start(__file__, args, smoke_threads=1)
     model = args.resolved_model()
 
@@ -201,4 +200,5 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(cli.parse(Args))
+    cli_args = cli.parse(Args)
+    serve_forever(cli_args) if cli_args.serve else main(cli_args)   # --serve：只当服务用，不跑演示与测量

@@ -38,7 +38,7 @@ class Args(retrieval.KBArgs):
     chunk_overlap: int = cli.arg(50, "相邻块重叠（字符）", min=0)
     test_fraction: float = cli.arg(0.3, "按问题切出的测试集比例：重排器只在其余问题上训练", min=0.01, max=0.99)
     max_train: int = cli.arg(0, "最多用多少个训练问题（0 = 全部）", min=0)
-    max_eval: int = cli.arg(16, "测试集最多评测多少个问题（生成最慢，CPU 上控制总时长）", min=1)
+    max_eval: int = cli.arg(16, "最多生成多少个测试问题的回答（生成最慢，CPU 上控制总时长；检索指标总用全部测试题）", min=1)
     candidates: int = cli.arg(10, "第一阶段召回多少个候选交给重排器（CPU 上交叉编码器每对都要过一遍模型，候选越多越慢）",
                               min=1)
     first_stage: str = cli.arg("hybrid", "第一阶段：bm25 / dense / hybrid（RRF 融合）", choices=["bm25", "dense", "hybrid"])
@@ -140,7 +140,7 @@ def load_kb(args: Args, device: str, log) -> dict:
     docs, by_id, qas = retrieval.load_kb(args.docs, args.qa, args.max_docs, args.max_questions)
     chunks = retrieval.chunk_documents(docs, args.chunk_size, args.chunk_overlap)
     train_q, test_q = data.split(qas, args.test_fraction, args.seed)
-    train_q, test_q = train_q[: args.max_train or None], test_q[: args.max_eval]
+    train_q = train_q[: args.max_train or None]   # 测试题不截断：检索与重排指标在整个测试集上算
     embedder = retrieval.load_embedder(args.embedding_model, device)
     log.info(f"{len(docs)} 篇文档 -> {len(chunks)} 块；问题 训练 {len(train_q)} / 测试 {len(test_q)}")
     texts = [c.text for c in chunks]
@@ -223,8 +223,8 @@ def rerank_stage(args: Args, out: run.Run, kb: dict, tr: dict, te: dict, device:
 def answer(args: Args, kb: dict, after: list[list[int]]) -> list[dict]:
     """生成并打分：同一个模型闭卷 vs 带编号资料（RAG）；答案是否包含标准答案、第一个引用是否指向金标段落。"""
     model, tok = models.load_args(args)
-    test_q, chunks, by_id = kb["test_q"], kb["chunks"], kb["by_id"]
-    ctx = [[chunks[i] for i in r[:args.context_k]] for r in after]
+    test_q, chunks, by_id = kb["test_q"][:args.max_eval], kb["chunks"], kb["by_id"]   # 只有生成受 --max-eval 限制
+    ctx = [[chunks[i] for i in r[:args.context_k]] for r in after[:args.max_eval]]
     rag_prompts = [rag_prompt(tok, q["question"], q["lang"], [c.text for c in ps], args.mark_data)
                    for q, ps in zip(test_q, ctx)]
     closed_prompts = [chat(tok, PROMPTS.get(q["lang"], PROMPTS["en"])[1].format(q=q["question"])) for q in test_q]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import random
 import shutil
@@ -30,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import cli, data, models, retrieval, run
+from common import cli, crash, data, models, retrieval, run
 from common.errors import UserError
 
 SMOKE = dict(doc_stride=4)
@@ -54,42 +53,6 @@ class Args(retrieval.KBArgs):
 
 
 # ---------- 更新本身：在子进程里运行（Chroma 与 torch 都只在子进程里初始化，父进程 fork 才安全） ----------
-class Counting:
-    """包一层 LangChain Embeddings：数一数真正被向量化了多少段文本；模型第一次用到时才加载。"""
-
-    def __init__(self, name: str | None, cache_dir: Path | None = None):
-        self.name, self.cache_dir, self.count, self._inner = name, cache_dir, 0, None
-
-    def _model(self):
-        if self._inner is None:
-            from langchain_huggingface import HuggingFaceEmbeddings
-
-            self._inner = HuggingFaceEmbeddings(model_name=self.name or retrieval.default_embedding_model(),
-                                                encode_kwargs={"normalize_embeddings": True})
-        return self._inner
-
-    def langchain(self):
-        """返回 LangChain Embeddings；给了 cache_dir 时套上 CacheBackedEmbeddings（崩溃试验用，省得反复算同样的块）。"""
-        from langchain_core.embeddings import Embeddings
-
-        outer = self
-
-        class _E(Embeddings):
-            def embed_documents(self, texts):
-                outer.count += len(texts)
-                return outer._model().embed_documents(texts)
-
-            def embed_query(self, text):
-                return outer._model().embed_query(text)
-        if self.cache_dir is None:
-            return _E()
-        from langchain_classic.embeddings import CacheBackedEmbeddings
-        from langchain_classic.storage import LocalFileStore
-
-        return CacheBackedEmbeddings.from_bytes_store(_E(), LocalFileStore(str(self.cache_dir)), namespace="minilm",
-                                                      key_encoder="sha256")
-
-
 def sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -137,7 +100,7 @@ def open_store(state: Path, embeddings):
     return vs, rm
 
 
-def update(args: Args, docs_dir: Path, state: Path, embed: Counting, rebuild: bool = False, crash_at: int = 0) -> dict:
+def update(args: Args, docs_dir: Path, state: Path, embed: retrieval.CountingEmbeddings, rebuild: bool = False, crash_at: int = 0) -> dict:
     """一次更新：与已提交状态比出增/改/删 → 写审计 → LangChain index() 增量写入 → commit。crash_at>0：第 N 次写时自杀。"""
     from langchain_classic.indexes import index
     from langchain_core.documents import Document
@@ -182,7 +145,7 @@ def update(args: Args, docs_dir: Path, state: Path, embed: Counting, rebuild: bo
 
 def snapshot(state: Path) -> dict:
     """索引的内容：块 id、来源、文本哈希、向量（四舍五入后哈希），以及记录表里的键。"""
-    vs, rm = open_store(state, Counting(None).langchain())
+    vs, rm = open_store(state, retrieval.CountingEmbeddings(None).langchain())
     got = vs.get(include=["documents", "metadatas", "embeddings"])
     rows = sorted([i, m["source"], sha(t)] for i, t, m in zip(got["ids"], got["documents"], got["metadatas"]))
     vecs = {i: [float(x) for x in e] for i, e in zip(got["ids"], got["embeddings"])}
@@ -195,31 +158,10 @@ def same_index(a: dict, b: dict) -> bool:
         max(abs(x - y) for x, y in zip(a["vectors"][i], b["vectors"][i])) < 1e-4 for i, *_ in a["rows"])
 
 
-def rerun_and_snapshot(args, docs_dir: Path, state: Path, embed: Counting) -> dict:
+def rerun_and_snapshot(args, docs_dir: Path, state: Path, embed: retrieval.CountingEmbeddings) -> dict:
     """崩溃之后：重跑同一次更新，再取索引快照（同一个子进程里做，省一次启动）。"""
     update(args, docs_dir, state, embed)
     return snapshot(state)
-
-
-def in_child(fn, *a, kill_after: float | None = None) -> dict | None:
-    """fork 一个子进程跑 fn，结果经 JSON 文件带回；kill_after 秒后由父进程 SIGKILL（None = 等它跑完）。"""
-    import tempfile
-
-    res = Path(tempfile.mkstemp(suffix=".json")[1])
-
-    def target():
-        res.write_text(json.dumps(fn(*a)), encoding="utf-8")
-    p = mp.get_context("fork").Process(target=target)
-    p.start()
-    p.join(kill_after)
-    if p.is_alive():
-        os.kill(p.pid, signal.SIGKILL)
-        p.join()
-    text = res.read_text(encoding="utf-8")
-    res.unlink()
-    if p.exitcode not in (0, -signal.SIGKILL):
-        raise RuntimeError(f"更新子进程异常退出（退出码 {p.exitcode}）")
-    return json.loads(text) if p.exitcode == 0 and text else None
 
 
 def apply_changes(live: Path) -> dict:
@@ -262,12 +204,12 @@ def main(args: Args) -> dict:
     # 2. 初次建库 → 增量更新 → 无变化的更新 → 定期全量重建（每 --full-rebuild-every 次）
     state = out.path("index_state")
     shutil.rmtree(state, ignore_errors=True)
-    plain = Counting(args.embedding_model)
+    plain = retrieval.CountingEmbeddings(args.embedding_model)
     history = []
     for n, (name, folder) in enumerate([("initial", v0), ("incremental", v1), ("no_change", v1), ("again", v1)], 1):
         rebuild = n > 1 and (n - 1) % args.full_rebuild_every == 0        # 第 N 次更新：定期全量重建
         name = "scheduled_rebuild" if rebuild else name
-        r = in_child(update, args, folder, state, plain, rebuild)
+        r = crash.run_in_child(update, args, folder, state, plain, rebuild)
         history.append({"round": name, "rebuild": rebuild, **r})
         log.info(f"更新 {n}（{name}{'，全量重建' if rebuild else ''}）：新增 {r['num_added']}、跳过 {r['num_skipped']}、"
                  f"删除 {r['num_deleted']}，重新向量化 {r['reembedded']} / {r['chunks']} 块")
@@ -277,17 +219,17 @@ def main(args: Args) -> dict:
     cache, pristine, clean = out.path("embed_cache"), out.path("state_v0"), out.path("state_clean")
     for d in (cache, pristine, clean):
         shutil.rmtree(d, ignore_errors=True)
-    cached = Counting(args.embedding_model, cache)
-    in_child(update, args, v0, pristine, cached)
-    in_child(update, args, v1, clean, cached)
-    want = in_child(snapshot, clean)
-    final = in_child(snapshot, state)
+    cached = retrieval.CountingEmbeddings(args.embedding_model, cache)
+    crash.run_in_child(update, args, v0, pristine, cached)
+    crash.run_in_child(update, args, v1, clean, cached)
+    want = crash.run_in_child(snapshot, clean)
+    final = crash.run_in_child(snapshot, state)
     same_as_rebuild = same_index(final, want)
 
     # 4. 崩溃试验：从 v0 的索引出发更新到 v1，在随机点 SIGKILL，重跑，再与干净重建比
     rng = random.Random(args.seed)
     t = time.perf_counter()
-    total_ops = in_child(update, args, v1, trial_dir(out, -1, pristine), cached)["ops"]
+    total_ops = crash.run_in_child(update, args, v1, trial_dir(out, -1, pristine), cached)["ops"]
     full_s = time.perf_counter() - t                                     # 一次完整更新（含子进程启动）的用时
     shutil.rmtree(out.path("trial_-1"), ignore_errors=True)
     trials = []
@@ -295,11 +237,11 @@ def main(args: Args) -> dict:
         d = trial_dir(out, t, pristine)
         if t % 2 == 0:   # 在第 N 次写之前自杀（覆盖每一种"写了一半"的中间状态）
             point = rng.randint(1, total_ops)
-            killed = in_child(update, args, v1, d, cached, False, point) is None
+            killed = crash.run_in_child(update, args, v1, d, cached, False, point) is None
         else:            # 按随机时长从外面杀（可能正好在 Chroma / SQLite 写盘途中）
             point = round(rng.uniform(0.2, 1.0) * full_s, 3)
-            killed = in_child(update, args, v1, d, cached, kill_after=point) is None
-        snap = in_child(rerun_and_snapshot, args, v1, d, cached)              # 重跑，再取快照
+            killed = crash.run_in_child(update, args, v1, d, cached, kill_after=point) is None
+        snap = crash.run_in_child(rerun_and_snapshot, args, v1, d, cached)              # 重跑，再取快照
         recs, committed = read_audit(d / "audit.jsonl")
         audit_ok = committed == {p.relative_to(v1).as_posix(): sha(data.read_document(p))
                                  for p in sorted(v1.rglob("*.*"))}
