@@ -57,9 +57,10 @@ def test_chat_server_script(tmp_path, tiny_models):
     # 贪心解码：流式拼起来的文本与普通调用的回答完全相同
     assert m["stream_answer"] == m["answer"]
     assert m["bad_request_codes"] == {"max_tokens_too_large": 400, "unknown_model": 404, "empty_messages": 400}
-    # 24 个并发、队列上限 8：放得下的 200，放不下的 429，没有 5xx；/metrics 一个不少地数到了
-    assert m["burst_5xx"] == 0 and m["burst_ok"] >= 1 and m["burst_429"] >= 1
-    assert m["burst_ok"] + m["burst_429"] == 24
+    # 32 个并发、队列上限 8：放得下的 200，放不下的 429（机器快时生成线程来得及清队列，可能一个 429 也没有），
+    # 绝没有 5xx、也没有挂起；/metrics 一个不少地数到了。一定出现 429 的情形见 test_32_concurrent_...
+    assert m["burst_5xx"] == 0 and m["burst_ok"] >= 8
+    assert m["burst_ok"] + m["burst_429"] == 32
     assert m["metrics_chat_requests"] == m["requests_sent"]
     assert m["mean_batch_size"] > 1.5, "并发请求应被凑成批"
     assert (tmp_path / "server.log").is_file()

@@ -17,7 +17,7 @@ GET /v1/models、/health、/metrics、聊天网页 /；可选 Bearer API key；�
       --config configs/lesson5/chat_server_gpu.yaml   # GPU；真正的高并发请换 vLLM：vllm serve <model>（同一套 API）
 
 你会看到（smoke，tiny-qwen2，忙碌的共享 2 核机上实测）：普通与流式回答都通过官方 openai 客户端拿到；
-max_tokens 超限得到 400、模型名错得到 404；24 个并发请求只有 200/429、没有 5xx；/metrics 里的计数与发出的一致。
+max_tokens 超限得到 400、模型名错得到 404；32 个并发请求只有 200/429（队列满时 429）、没有 5xx；/metrics 里的计数与发出的一致。
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class Args(cli.CommonArgs):
     batch_wait_ms: float = cli.arg(15.0, "凑批等待窗口（毫秒）：越长批越满，单个请求多等这么久", min=0, max=1000)
     max_queue: int = cli.arg(64, "排队上限：满了立刻回 429，不无限堆积", min=1)
     max_tokens: int = cli.arg(48, "每个演示请求生成多少 token", min=1, max=512)
-    burst: int = cli.arg(24, "并发突发：同时发多少个请求", min=1, max=256)
+    burst: int = cli.arg(32, "并发突发：同时发多少个请求", min=1, max=256)
     serve: bool = cli.arg(False, "只启动服务并一直运行（Ctrl-C 停止），不跑演示")
     host: str = cli.arg("127.0.0.1", "--serve 时的监听地址；对外开放请同时设 --api-key")
 
@@ -47,7 +47,7 @@ class Args(cli.CommonArgs):
 
 
 # --smoke：极小模型、短回答；队列上限小于突发数，429 一定会出现
-SMOKE = dict(max_tokens=16, burst=24, max_queue=8)
+SMOKE = dict(max_tokens=16, burst=32, max_queue=8)
 QUESTIONS = ["云帆 App 怎么修改绑定手机号？", "How do I reset my password?"]
 
 
