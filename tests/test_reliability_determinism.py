@@ -2,7 +2,7 @@
 
 两次运行是两个独立进程，并且 PYTHONHASHSEED 不同：如果哪里的结果依赖 set/dict 里字符串的遍历顺序，
 这里就会露馅。两个进程同时跑（省一半时间；计时类指标本来就排除在外）。
-会变的键只有计时类（秒、吞吐、加速比、延迟、内存峰值），由 TIMING 正则排除；其余任何一个键不同都算失败，
+会变的键只有计时类（秒、吞吐、加速比、延迟）与内存类（峰值、按本机空闲内存定的预算），由 TIMING 正则排除；其余任何一个键不同都算失败，
 并列出是哪个键、两次的值。
 """
 import json
@@ -19,7 +19,7 @@ SCRIPTS = sorted(p.relative_to(REPO).as_posix() for d in ("lesson1_sft", "lesson
                  for p in (REPO / d).glob("[0-9][0-9]_*/*.py") if not p.name.startswith(("_", "test")))
 # 计时类：墙钟时间、吞吐、加速比、延迟、内存峰值——同一台机器两次跑也会不同，按定义不可复现
 TIMING = re.compile(r"(seconds|_s$|_s\.|_ms|per_s|speedup|latency|throughput|qps|tokens_per_sec|rss|peak_mb|"
-                    r"memory_mb|mem_mb|wall|elapsed|_time)", re.I)
+                    r"memory_mb|mem_mb|budget_gb|wall|elapsed|_time)", re.I)
 
 
 def flatten(d, prefix: str = "") -> dict:
