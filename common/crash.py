@@ -12,7 +12,7 @@ import signal
 from pathlib import Path
 
 
-def run_in_child(fn, *a, kill_after: float | None = None) -> dict | None:
+def run_in_child(fn, *a, kill_after: float | None = None, hang_s: float = 600) -> dict | None:
     """fork 一个子进程跑 fn，结果经 JSON 文件带回；kill_after 秒后由父进程 SIGKILL（None = 等它跑完）。"""
     import tempfile
 
@@ -22,10 +22,12 @@ def run_in_child(fn, *a, kill_after: float | None = None) -> dict | None:
         res.write_text(json.dumps(fn(*a)), encoding="utf-8")
     p = mp.get_context("fork").Process(target=target)
     p.start()
-    p.join(kill_after)
-    if p.is_alive():
+    p.join(kill_after if kill_after is not None else hang_s)
+    if p.is_alive():   # 到点（或卡死超过 hang_s 秒）就杀掉，绝不无限等
         os.kill(p.pid, signal.SIGKILL)
         p.join()
+        if kill_after is None:
+            raise RuntimeError(f"子进程 {hang_s:.0f} 秒没有结束（fork 前进程里若有别的线程持锁，子进程可能死锁）")
     text = res.read_text(encoding="utf-8")
     res.unlink()
     if p.exitcode not in (0, -signal.SIGKILL):
