@@ -333,3 +333,26 @@ def optimizer_step(opt: Any, loss: Any, params: Any = None, max_norm: float = 1.
     opt.step()
     opt.zero_grad()
     return loss.item()
+
+
+def launch(cmd: list[str], log_path: Any, result_path: Any, what: str = "多进程训练") -> dict:
+    """以子进程运行一个多 rank 启动命令（torchrun / deepspeed），输出进日志文件；返回 rank 0 写的结果 JSON。
+
+    每个 rank 只用 1 个线程（2 核上两个 rank 不互相抢），PYTHONPATH 指向本仓库，rank 里 import 的就是这份 common。
+    """
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from common.run import REPO_ROOT
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log_path, result_path = Path(log_path), Path(result_path)
+    with log_path.open("w", encoding="utf-8") as f:
+        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT))
+    if proc.returncode != 0 or not result_path.exists():
+        tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
+        raise RuntimeError(f"{what}失败（退出码 {proc.returncode}），日志 {log_path}：\n" + "\n".join(tail))
+    return json.loads(result_path.read_text(encoding="utf-8"))

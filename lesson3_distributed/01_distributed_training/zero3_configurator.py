@@ -22,14 +22,12 @@ estimate_zero2/3_model_states_mem_needs_all_cold 对照。每份配置都交给 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
-from common import cli, data, models, run, services
+from common import cli, data, models, run, services, train
 from common.errors import UserError
 
 HERE = Path(__file__).resolve().parent
@@ -183,16 +181,8 @@ def launch(args: Args, out: run.Run, cfg: dict) -> dict:
            "--data", str(args.data or data.DATA_DIR / "domain" / "sft.jsonl"), "--steps", str(args.run_steps),
            "--max-length", str(args.max_length), "--learning-rate", str(args.learning_rate), "--seed", str(args.seed),
            "--out", str(result), "--fixed-batch"] + (["--gradient-checkpointing"] if args.activation_checkpointing else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(run.REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     out.log.info("启动：" + " ".join(cmd[:6]) + " ...")
-    log = out.path("run.log")
-    with log.open("w", encoding="utf-8") as f:
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=str(run.REPO_ROOT))
-    if proc.returncode != 0 or not result.exists():
-        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
-        raise RuntimeError(f"{args.run_ranks} 进程训练失败（退出码 {proc.returncode}），日志 {log}：\n" + "\n".join(tail))
-    return json.loads(result.read_text(encoding="utf-8"))
+    return train.launch(cmd, out.path("run.log"), result)
 
 
 def main(args: Args) -> dict:

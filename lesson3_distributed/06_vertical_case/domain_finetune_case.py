@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import cli, data, models, run, services
+from common import cli, data, models, run, services, train
 from common.errors import UserError
 
 HERE = Path(__file__).resolve().parent
@@ -105,17 +103,9 @@ def launch(args: Args, out: run.Run, texts: dict) -> dict:
            "--ds-config", str(cfg_path), "--mix", *map(str, args.mix), "--cpt-steps", str(args.cpt_steps),
            "--sft-steps", str(args.sft_steps), "--block-size", str(args.block_size),
            "--learning-rate", str(args.learning_rate), "--seed", str(args.seed), "--out", str(result)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(run.REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     out.log.info(f"启动 {args.ranks} 个进程（DeepSpeed ZeRO-2）：混合比例 {args.mix}，CPT {args.cpt_steps} 步 + "
                  f"SFT {args.sft_steps} 步")
-    log = out.path("train.log")
-    with log.open("w", encoding="utf-8") as f:
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=str(run.REPO_ROOT))
-    if proc.returncode != 0 or not result.exists():
-        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
-        raise RuntimeError(f"训练失败（退出码 {proc.returncode}），日志 {log}：\n" + "\n".join(tail))
-    return json.loads(result.read_text(encoding="utf-8"))
+    return train.launch(cmd, out.path("train.log"), result)
 
 
 def main(args: Args) -> dict:
