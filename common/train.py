@@ -4,7 +4,8 @@
   length_stats / describe_lengths / truncate   长度统计、超过 max_length 的条数与处理（截断 / 丢弃），一行说明
   pack / PackedCollator / packed_vs_padded_loss padding-free 打包（BFD 装行、position_ids 标边界）与等价性核对
   activation_gb / memory_budget_gb / auto_checkpointing   激活内存估计、预算、超预算自动开梯度检查点
-  step_peak_mb                                  实测一步前向 + 反向的峰值内存（开 / 关检查点对比）
+  measure_step / step_peak_mb                   实测一步前向 + 反向的时间与峰值内存（开 / 关检查点对比）
+  micro_batches / budget_steps                  一次前向的 token 上限 -> 梯度累积；时间预算内能跑几步
   eval_interval / step_timer                    评估开销 ≤ 10% 的间隔；第 1 步计时估计总时长、训练吞吐
 按验证损失留最好的一步用 transformers 自带的 load_best_model_at_end + EarlyStoppingCallback（PEFT 下只存 / 装回 adapter）。
 """
@@ -98,6 +99,21 @@ class PeakMemory:
             peak = max(self._max, psutil.Process().memory_info().rss)
         self.peak_abs_mb = peak / 2**20
         self.peak_mb = (peak - self._start) / 2**20
+
+
+def release_memory() -> None:
+    """gc + 把空闲的堆内存还给系统（glibc malloc_trim）：大张量释放后 glibc 常把内存留在进程里，RSS 不降，
+    下一段代码的峰值就叠在上面。顺便固定 mmap 阈值（64 KB），之后的大块分配用完即还。非 glibc 平台什么也不做。"""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)   # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def peak_rss_mb() -> float:
@@ -266,8 +282,10 @@ def eval_interval(eval_tokens: int, step_tokens: int, max_fraction: float = 0.1)
     return max(1, math.ceil(eval_tokens / (3 * step_tokens * max_fraction)))
 
 
-def step_peak_mb(model, batch: dict, checkpointing: bool) -> float:
-    """在 CPU/GPU 上实测一次前向 + 反向的峰值内存增量（MB），对比开 / 关梯度检查点用。"""
+def measure_step(model, batch: dict, checkpointing: bool, repeats: int = 1, loss_fn=None) -> tuple[float, float]:
+    """实测一次前向 + 反向：-> (秒, 峰值内存增量 MB)。repeats > 1 时先空跑几次（第一次有分配器、线程池的预热开销），
+    取最后一次。loss_fn(model, batch) 默认 model(**batch).loss；训练器的 compute_loss 也可以（见 trainer_step_seconds）。
+    开 / 关梯度检查点对比内存用它；训练前按它估计一步要多久、时间预算内能跑几步。"""
     # transformers 5 把它改名为 activation_checkpointing_*（旧名仍可用但会告警）
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
@@ -275,15 +293,60 @@ def step_peak_mb(model, batch: dict, checkpointing: bool) -> float:
         enable({"use_reentrant": False})
     else:
         disable()
+    was_training = model.training
     model.train()
     dev = device_of(model)
-    with PeakMemory(dev) as m:
-        loss = model(**{k: v.to(dev) for k, v in batch.items()}).loss
-        loss.backward()
-        del loss
-    model.zero_grad(set_to_none=True)
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    for _ in range(repeats):
+        with PeakMemory(dev) as m:
+            t0 = time.perf_counter()
+            loss = loss_fn(model, dict(batch)) if loss_fn else model(**batch, use_cache=False).loss
+            loss.backward()
+            del loss
+            if m.cuda:
+                import torch
+
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+        model.zero_grad(set_to_none=True)
     disable()
-    return m.peak_mb
+    model.train(was_training)
+    return seconds, m.peak_mb
+
+
+def step_peak_mb(model, batch: dict, checkpointing: bool) -> float:
+    """在 CPU/GPU 上实测一次前向 + 反向的峰值内存增量（MB），对比开 / 关梯度检查点用。"""
+    return measure_step(model, batch, checkpointing)[1]
+
+
+def trainer_step_seconds(trainer, batch: dict, accum: int, checkpointing: bool) -> float:
+    """训练前实测训练器的一步（秒）：用它自己的 compute_loss（TRL 的分块 lm_head、token 级指标都在里面，
+    实测比裸的 model(**batch).loss 慢 10-30%）做两次前向 + 反向取后一次，乘以梯度累积次数。
+    量的是训练的第一个批次、参数还没更新，TRL 顺手记下的指标与第 1 步自己算的相同。"""
+    return measure_step(trainer.model, batch, checkpointing, repeats=2,
+                        loss_fn=lambda m, b: trainer.compute_loss(m, b))[0] * accum
+
+
+def micro_batches(rows_per_step: int, width: int, micro_batch_tokens: int) -> tuple[int, int]:
+    """一步要看 rows_per_step 行（每行 ≤ width token）；一次前向最多 micro_batch_tokens 个 token
+    -> (每次前向几行, 梯度累积几次)。累积不改变一步的梯度（损失按整步的有效 token 数归一），只把激活内存
+    （尤其是 token 数 × 词表大小的 logits）按次数切小：CPU 上它决定峰值内存，GPU 上它决定放不放得下。"""
+    per_fwd = max(1, min(rows_per_step, micro_batch_tokens // max(1, width)))
+    accum = -(-rows_per_step // per_fwd)
+    return -(-rows_per_step // accum), accum
+
+
+def eval_interval_measured(eval_s: float, step_s: float, max_fraction: float = 0.1) -> int:
+    """按实测的一次评估秒数与一步训练秒数，评估开销 ≤ max_fraction 要隔几步（比按 token 数估更准：评估批次小、
+    TRL 还顺手算熵和 token 准确率，实测每 token 并不比训练便宜多少）。"""
+    return max(1, math.ceil(eval_s / (max_fraction * step_s)))
+
+
+def budget_steps(step_s: float, minutes: float, eval_fraction: float = 0.1) -> int:
+    """时间预算（分钟）内能跑几步：每步实测 step_s 秒，评估再占 eval_fraction。minutes <= 0 表示不限。"""
+    if minutes <= 0:
+        return 10**9
+    return max(1, int(minutes * 60 / (step_s * (1 + eval_fraction))))
 
 
 def step_timer(tokens_per_epoch: int, note: str = ""):
@@ -321,6 +384,74 @@ def step_timer(tokens_per_epoch: int, note: str = ""):
             return tokens_per_epoch * epochs / max(self.train_s - self.eval_s, 1e-9)
 
     return StepTimer()
+
+
+def eval_schedule(steps: int, interval: int, round_steps: bool = True) -> tuple[int, int]:
+    """-> (步数, 评估间隔)：至少每 interval 步才评估一次（开销 ≤ 10%，见 eval_interval / eval_interval_measured），
+    且至少评估 2 次；round_steps 时步数取间隔的整数倍——load_best_model_at_end 只在评估点之间挑，最后一次评估之后
+    多训的步会被白白丢掉。"""
+    n = max(2, steps // max(1, interval))
+    every = max(1, steps // n)
+    return (every * n if round_steps and steps >= n else steps), every
+
+
+def describe_budget(step_s: float, steps: int, planned: int, epochs: float, minutes: float, every: int) -> str:
+    """一行中文：实测一步多久、预计总时长（含 ≤10% 的评估）、是否因 --max-train-minutes 减了步数。"""
+    capped = (f"；{planned} 步要约 {planned * step_s * 1.1 / 60:.0f} 分钟，超过 --max-train-minutes {minutes:g}，"
+              f"减到 {steps} 步 ≈ {epochs:.2f} 个 epoch（要训满：加大它或换 GPU）" if steps < planned else "")
+    return (f"训练前实测一步 {step_s:.1f} 秒 -> {steps} 步预计约 {steps * step_s * 1.1 / 60:.1f} 分钟（含评估）{capped}"
+            f"；每 {every} 步评估一次")
+
+
+def lora_config(r: int, alpha: int, task: str = "CAUSAL_LM"):
+    """r > 0 -> PEFT LoraConfig（所有线性层；task="SEQ_CLS" 时打分头 score 仍全参数训练）；r = 0 -> None（全参数）。"""
+    if not r:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", task_type=task)
+
+
+def with_lora(model: Any, r: int, alpha: int, task: str = "CAUSAL_LM") -> Any:
+    """手写训练循环用：r > 0 时挂上 LoRA（原权重冻结），否则原样返回（全参数训练）。"""
+    if not r:
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(r, alpha, task))
+
+
+def merge_lora(model: Any) -> Any:
+    """LoRA 的增量 scale·B·A 合并进权重、去掉包装，返回普通模型（不是 LoRA 时原样返回）。"""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def trainable_params(model: Any) -> list:
+    """requires_grad 的参数（LoRA 时只有 adapter 与 modules_to_save）：交给优化器的就是它们。"""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def time_budget(minutes: float):
+    """训练回调：训练墙钟（含评估）超过 minutes 分钟就在这一步停下，并在停之前评估 + 保存一次——
+    配合 load_best_model_at_end，最后装回的仍是验证损失最低的那一步。minutes <= 0 表示不限。
+    训练前按实测的一步估计步数（budget_steps）是主要手段；这是兜底：Trainer 的一步比单独实测的前向 + 反向
+    多出优化器、指标和调度的开销，机器忙起来时也会变慢。"""
+    from transformers import TrainerCallback
+
+    class TimeBudget(TrainerCallback):
+        hit = False
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if minutes > 0 and time.perf_counter() - self.t0 > minutes * 60 and state.global_step < state.max_steps:
+                self.hit = True
+                control.should_training_stop = control.should_evaluate = control.should_save = True
+                get_logger().info(f"训练已用满 --max-train-minutes {minutes:g}：停在第 {state.global_step} 步"
+                                  f"（计划 {state.max_steps} 步），先评估 + 保存这一步再从最好的一步收尾")
+
+    return TimeBudget()
 
 
 def optimizer_step(opt: Any, loss: Any, params: Any = None, max_norm: float = 1.0) -> float:

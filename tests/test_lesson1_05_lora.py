@@ -100,6 +100,43 @@ def test_keeps_best_adapter_not_last_and_stops_early(tmp_path, tiny_models):
     assert "identity_accuracy_after" not in m
 
 
+def test_time_budget_caps_steps_and_micro_batches(tmp_path, tiny_models, course_log):
+    """--max-train-minutes：训练前实测一步，自动步数减到预算以内，日志说出原计划、预计用时和减到几步；
+    --micro-batch-tokens 小于一步的 token 数时分几次前向累积梯度。"""
+    mod = load_script(SCRIPT)
+    # 不用 --smoke（它固定了 120 步，给了步数就不按预算减）：直接指定极小模型
+    m = mod.main(mod.Args(model="tiny-glm", num_threads=1, output_dir=str(tmp_path), data=str(LONG), max_length=128,
+                          max_train_minutes=0.01, micro_batch_tokens=128, num_train_epochs=2, max_new_tokens=8))
+    assert m["steps_before_time_budget"] > m["planned_steps"] >= m["steps"] >= 1, m
+    assert m["measured_step_seconds"] > 0 and m["gradient_accumulation_steps"] > 1, m
+    line = next(x for x in course_log if x.startswith("训练前实测一步"))
+    assert "超过 --max-train-minutes 0.01" in line and f"减到 {m['planned_steps']} 步" in line, line
+
+
+def test_time_budget_callback_stops_with_a_final_eval_and_save():
+    """兜底回调：训练墙钟超过预算就停在这一步，并要求先评估 + 保存（load_best_model_at_end 才看得到它）。"""
+    import time
+    from types import SimpleNamespace
+
+    from common import train
+
+    cb = train.time_budget(0.0001)   # 6 毫秒
+    state, control = SimpleNamespace(global_step=3, max_steps=10), SimpleNamespace(
+        should_training_stop=False, should_evaluate=False, should_save=False)
+    cb.on_train_begin(None, state, control)
+    cb.on_step_end(None, state, control)
+    assert not control.should_training_stop   # 还没到预算
+    time.sleep(0.02)
+    cb.on_step_end(None, state, control)
+    assert control.should_training_stop and control.should_evaluate and control.should_save and cb.hit
+    off = train.time_budget(0)
+    control.should_training_stop = False
+    off.on_train_begin(None, state, control)
+    time.sleep(0.01)
+    off.on_step_end(None, state, control)
+    assert not control.should_training_stop and not off.hit
+
+
 @pytest.mark.parametrize("name", ["tiny-glm", "tiny-llama", "tiny-qwen2"])
 def test_packed_loss_equals_padded_loss(name, tiny_models):
     from common import data, models, train
