@@ -259,6 +259,24 @@ def load_preference(path: str | Path) -> list[dict]:
     return out
 
 
+def preference_split(path: str | Path | None, val_fraction: float, seed: int = 42,
+                     min_train: int = 4) -> tuple[list[dict], list[dict]]:
+    """偏好对 -> (训练, 留出)；path 为 None 时用项目自带的 data/preference/pairs.jsonl。对太少时一行报错。"""
+    path = path or DATA_DIR / "preference" / "pairs.jsonl"
+    train, held = split(load_preference(path), val_fraction, seed)
+    if len(train) < min_train or len(held) < 2:
+        raise UserError(f"{path}: 偏好对太少（训练 {len(train)}、留出 {len(held)}），至少需要约 {min_train + 6} 对")
+    return train, held
+
+
+def preference_conversational(pairs: list[dict]) -> list[dict]:
+    """字符串偏好对 -> TRL 的对话格式（prompt 是 user 消息，chosen/rejected 是 assistant 消息），模板由 TRL 套。"""
+    def msgs(x: Any, role: str) -> list[dict]:
+        return x if isinstance(x, list) else [{"role": role, "content": x}]
+    return [{"prompt": msgs(p["prompt"], "user"), "chosen": msgs(p["chosen"], "assistant"),
+             "rejected": msgs(p["rejected"], "assistant")} for p in pairs]
+
+
 def load_kto(path: str | Path) -> list[dict]:
     """KTO 记录 {prompt, completion, label: bool}。"""
     p = Path(path)

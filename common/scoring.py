@@ -11,8 +11,14 @@ def positions(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def _base(model):
+    """LoRA 包装（PeftModel）-> 里面注入了 adapter 的 transformers 模型；普通模型原样返回。"""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _hidden(model, ids, mask):
     """序列分类模型的主干隐状态（不经过打分头）。"""
+    model = _base(model)
     return getattr(model, model.base_model_prefix)(input_ids=ids, attention_mask=mask, position_ids=positions(mask))[0]
 
 
@@ -22,12 +28,12 @@ def last_token_scores(rm, ids, mask):
 
     h = _hidden(rm, ids, mask)
     last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
-    return rm.score(h[torch.arange(len(ids)), last]).squeeze(-1).float()
+    return _base(rm).score(h[torch.arange(len(ids)), last]).squeeze(-1).float()
 
 
 def token_scores(model, ids, mask):
     """同一个打分头作用在每个位置上（PPO 的 critic：每个前缀的价值 V）。"""
-    return model.score(_hidden(model, ids, mask)).squeeze(-1).float()
+    return _base(model).score(_hidden(model, ids, mask)).squeeze(-1).float()
 
 
 def response_logprobs(model, ids, mask, start: int):

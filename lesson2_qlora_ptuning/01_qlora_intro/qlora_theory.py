@@ -22,7 +22,6 @@ bitsandbytes 0.50 的 CPU 反量化内核在行长不是 64 倍数时（tiny 的
 smollm2-135m 的默认运行还没有在空闲机器上测过（见 README）。图：nf4_levels.png（权重分布与两种 4-bit 码值）。
 """
 import copy
-import ctypes
 import math
 from dataclasses import dataclass
 
@@ -174,15 +173,6 @@ def measured_bits(args: Args, double_quant: bool, log) -> float:
     return bits / params
 
 
-def trim_malloc() -> None:
-    """把 glibc 缓存的空闲内存还给系统，并固定 mmap 阈值：否则上一次实验留下的空闲块会让下一次的 RSS 峰值偏小。"""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 16)   # M_MMAP_THRESHOLD = 64 KB：大张量都走 mmap，释放即归还
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):   # 非 glibc（macOS 等）：RSS 读数仍可用，只是噪声大一点
-        pass
-
 
 def step_peak(model, batch, ckpt: bool, device) -> float:
     """一个训练步（前向 + 反向，梯度写进 .grad）的峰值内存增量（MB）。优化器状态两种情况一样大，不放进来。"""
@@ -192,7 +182,7 @@ def step_peak(model, batch, ckpt: bool, device) -> float:
         model.activation_checkpointing_disable()
     model.train()
     model.zero_grad(set_to_none=True)
-    trim_malloc()
+    train.release_memory()
     with train.PeakMemory(device) as mem:
         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()

@@ -17,7 +17,6 @@ DeepSpeed：deepspeed.init_inference 在 CUDA 上用 replace_with_kernel_inject=
 你会看到（--smoke，tiny-llama，实测）：bf16 与 fp32 输出完全一致（agreement 1.00），bnb int8 0.84、NF4 0.89，
 困惑度变化都 < 0.3%；CPU 上的 DeepSpeed（不注入）与 fp32 完全一致。smollm2-135m 的默认运行还没有在空闲机器上测过（见 README）。图：latency_vs_agreement.png。
 """
-import ctypes
 import gc
 import math
 import time
@@ -42,15 +41,6 @@ class Args(cli.CommonArgs):
 
 SMOKE = dict(num_prompts=6, max_new_tokens=16)
 
-
-def trim() -> None:
-    """把空闲内存还给系统（同 01）：上一个变体释放的内存不影响下一个的 RSS 峰值。"""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 16)
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def load_variant(args: Args, variant: str, cuda: bool, log):
@@ -153,7 +143,7 @@ def main(args: Args) -> dict:
     table, ref = {}, None
     for v in ["fp32"] + [x for x in args.variants if x != "fp32"]:
         gc.collect()
-        trim()
+        train.release_memory()
         rss0 = psutil.Process().memory_info().rss
         with train.PeakMemory("cuda" if cuda else "cpu") as mem:
             model, tok = load_variant(args, v, cuda, out.log)

@@ -18,15 +18,16 @@
       --data-size 5000 --goal quality                                            # 你的情况
   （实测总在 CPU 上做：fp32、进程 RSS 采样；建议表按 GPU 的 bf16 + AdamW 混合精度 + 梯度检查点估算）
 
-你会看到（--smoke，tiny-llama batch 8×256，实测）：公式误差 full +8.6%、LoRA +5.7%、QLoRA +2.3%、P-Tuning v2 +11.7%；
-建议：7B/1×24GB -> LoRA，7B/1×80GB -> LoRA（全参数估 107 GB），70B/8×80GB -> LoRA，70B/1×48GB -> QLoRA（估 41 GB）。
-默认运行 smollm2-135m（2×128）：full +10%、LoRA +8%、P-Tuning v2 +9%，QLoRA −32%（实测多出约 330 MB，见 README）。图：estimate_vs_measured.png。
+你会看到（默认：tiny-llama 8×256 与 smollm2-135m 2×128，实测）：公式误差最差 full +10%、LoRA +8%、QLoRA +13%、
+P-Tuning v2 +12%（都在 ±25% 内）；建议：7B/1×24GB -> LoRA，7B/1×80GB -> LoRA（全参数估 107 GB），70B/8×80GB -> LoRA，
+70B/1×48GB -> QLoRA（估 41 GB）。QLoRA 实测先要把仍映射在 safetensors 文件上的权重复制进内存（见 build），否则
+4-bit 加载读遍的 fp32 文件页会多算 ~400 MB。图：estimate_vs_measured.png。
 """
-import ctypes
 import gc
 from dataclasses import dataclass
 
 from common import cli, models, run, train
+from common.errors import UserError
 
 METHODS = ("full", "lora", "qlora", "ptuning_v2")
 GOALS = ("quality", "memory", "multitask")
@@ -49,15 +50,17 @@ class Args(cli.CommonArgs):
     batch_size: int = cli.arg(1, "估算用的每卡微批大小（大模型常用 1 + 梯度累积）", min=1)
     lora_r: int = cli.arg(16, "LoRA / QLoRA 的秩", min=1)
     num_virtual_tokens: int = cli.arg(32, "P-Tuning v2 每层前缀长度", min=1)
-    measure_models: list[str] = cli.arg(["tiny-llama", "smollm2-135m"], "在哪些模型上实测峰值内存来验证公式")
-    measure_batch: int = cli.arg(2, "实测用的批大小", min=1)
-    measure_seq: int = cli.arg(128, "实测用的序列长度", min=8)
+    measure_models: list[str] = cli.arg(["tiny-llama:8x256", "smollm2-135m:2x128"],
+                                        "在哪些模型上实测峰值内存来验证公式；名字:批大小x序列长度（不写就用下面两项）。"
+                                        "tiny 用大批：只有 20 MB 时库的固定开销占大头，百分比没有意义")
+    measure_batch: int = cli.arg(2, "实测用的批大小（measure_models 里没写时）", min=1)
+    measure_seq: int = cli.arg(128, "实测用的序列长度（measure_models 里没写时）", min=8)
 
     smoke_model = "tiny-llama"
 
 
 # --smoke：只在 tiny-llama 上实测；加大批和长度，让激活占峰值的大头（公式里最难估的一项也被检验到）
-SMOKE = dict(measure_models=["tiny-llama"], measure_batch=8, measure_seq=256)
+SMOKE = dict(measure_models=["tiny-llama:8x256"])
 
 
 def shape_of(cfg) -> dict:
@@ -97,15 +100,6 @@ def estimate(s: dict, method: str, batch: int, seq: int, r: int, n_virtual: int,
             "total": (weights + grads + optim) / shard + acts}
 
 
-def trim() -> None:
-    """把空闲内存还给系统，固定 mmap 阈值（同 01）：前一次实验的缓存不影响下一次的 RSS。"""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 16)
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
 
 def build(name: str, method: str, args: Args):
     """按方法加载并包装模型（与 02/03 相同的做法）。"""
@@ -122,6 +116,11 @@ def build(name: str, method: str, args: Args):
                                                          bnb_4bit_compute_dtype=torch.float32,
                                                          llm_int8_skip_modules=skip), device_map={"": "cpu"})
     model, _ = models.load(name, device="cpu", dtype="float32", **kw)
+    # 仍映射在 safetensors 文件上的权重复制进进程内存：4-bit 加载时读遍了整个 fp32 文件，只要还有一个张量（绑定的
+    # embedding）引用这个映射，文件的页就一直算在 RSS 里（实测多 ~400 MB 的 RssFile），那不是训练占用的内存
+    for p in model.parameters():
+        if p.dtype.is_floating_point:
+            p.data = p.data.clone()
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if method in ("lora", "qlora"):
@@ -133,7 +132,17 @@ def build(name: str, method: str, args: Args):
     return model
 
 
-def measure(name: str, method: str, args: Args) -> float:
+def measure_spec(spec: str, args: Args) -> tuple[str, int, int]:
+    """"smollm2-135m:2x128" -> (名字, 批大小, 序列长度)；没写形状就用 --measure-batch / --measure-seq。"""
+    name, _, shape = spec.partition(":")
+    try:
+        b, t = (int(x) for x in shape.lower().split("x")) if shape else (args.measure_batch, args.measure_seq)
+    except ValueError:
+        raise UserError(f"--measure-models {spec}: 形状要写成 批大小x序列长度，例如 smollm2-135m:2x128") from None
+    return name, b, t
+
+
+def measure(name: str, method: str, args: Args, batch_size: int, seq: int) -> float:
     """实测：加载前的 RSS 为基线，一个完整训练步（前向 + 反向 + AdamW 更新）期间的峰值（MB）。
 
     峰值只在训练步里采样：加载时的瞬时占用（读 safetensors 的 mmap 页、4-bit 量化前的 fp32 副本）不属于训练，
@@ -143,13 +152,13 @@ def measure(name: str, method: str, args: Args) -> float:
     import torch
 
     gc.collect()
-    trim()
+    train.release_memory()
     rss0 = psutil.Process().memory_info().rss
     model = build(name, method, args)
     model.train()
     gc.collect()
-    trim()
-    batch = torch.randint(0, model.config.vocab_size, (args.measure_batch, args.measure_seq))
+    train.release_memory()
+    batch = torch.randint(0, model.config.vocab_size, (batch_size, seq))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False)
     with train.PeakMemory("cpu") as mem:
         model(input_ids=batch, labels=batch).loss.backward()
@@ -157,7 +166,7 @@ def measure(name: str, method: str, args: Args) -> float:
     peak = (mem.peak_abs_mb * 2**20 - rss0) / 2**20
     del model, opt
     gc.collect()
-    trim()
+    train.release_memory()
     return peak
 
 
@@ -183,16 +192,17 @@ def main(args: Args) -> dict:
     # 1. 用公式估，再在本机实测，比较每种方法的误差
     errors, rows = {m: [] for m in METHODS}, []
     # 预热一次（结果丢掉）：进程里第一次训练步会一次性分配库的缓存、线程池，算进哪个方法都不公平
-    measure(args.measure_models[0], "lora", args)
-    for name in args.measure_models:
+    specs = [measure_spec(x, args) for x in args.measure_models]
+    measure(specs[0][0], "lora", args, *specs[0][1:])
+    for name, b, t in specs:
         s = shape_of(AutoConfig.from_pretrained(models.resolve(name)))
         for m in METHODS:
-            est = estimate(s, m, args.measure_batch, args.measure_seq, args.lora_r, args.num_virtual_tokens,
+            est = estimate(s, m, b, t, args.lora_r, args.num_virtual_tokens,
                            gpu=False)["total"] / 2**20
-            meas = measure(name, m, args)
+            meas = measure(name, m, args, b, t)
             err = (est - meas) / meas * 100
             errors[m].append(err)
-            rows.append({"model": name, "method": m, "estimate_mb": round(est, 1), "measured_mb": round(meas, 1),
+            rows.append({"model": name, "batch": f"{b}x{t}", "method": m, "estimate_mb": round(est, 1), "measured_mb": round(meas, 1),
                          "error_pct": round(err, 1)})
             out.log.info(f"{name:14s} {m:11s} 公式 {est:8.1f} MB  实测 {meas:8.1f} MB  误差 {err:+6.1f}%")
     worst = {m: round(max(v, key=abs), 1) for m, v in errors.items()}
