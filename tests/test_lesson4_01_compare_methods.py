@@ -26,6 +26,13 @@ def test_four_methods_same_start(tmp_path, tiny_models):
     assert (tmp_path / "compare_methods.png").stat().st_size > 0
 
 
+def test_lora_default_path(tmp_path, tiny_models):
+    """CPU 默认走 LoRA：SFT 起点训练 adapter 后合并；DPO 的参考模型 = 关掉 adapter；ORPO 不需要参考模型。"""
+    mod = load_script(SCRIPT)
+    m = mod.main(mod.Args(smoke=True, lora_r=8, methods="dpo,orpo", sft_steps=4, max_steps=3, output_dir=str(tmp_path)))
+    assert set(m) >= {"dpo", "orpo", "sft_start"} and m["dpo"]["seconds"] > 0, m
+
+
 def test_unknown_method_is_one_line_error(tmp_path, run_script):
     proc = run_script(SCRIPT, "--smoke", "--methods", "dpo,ppo", "--output-dir", str(tmp_path), timeout=180)
     assert_user_error(proc, "--methods")

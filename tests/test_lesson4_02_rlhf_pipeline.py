@@ -21,6 +21,15 @@ def test_ppo_raises_reward_with_bounded_kl(tmp_path, tiny_models):
     assert (tmp_path / "ppo_curves.png").stat().st_size > 0
 
 
+def test_lora_default_path_runs_all_three_stages(tmp_path, tiny_models):
+    """CPU 默认走 LoRA：阶段 1、2 训练 adapter 后合并；阶段 3 的 actor 与 critic（打分头全参数）各挂 adapter。"""
+    mod = load_script(SCRIPT)
+    m = mod.main(mod.Args(smoke=True, lora_r=8, sft_steps=4, rm_steps=6, ppo_steps=2, output_dir=str(tmp_path)))
+    for key in ("rm_eval_accuracy", "reward_before", "reward_after", "kl_final", "value_loss_last"):
+        assert math.isfinite(m[key]), (key, m)
+    assert m["kl_final"] != 0 or m["policy_loss_last"] != 0   # actor 的 adapter 真的在训练
+
+
 def test_grpo_with_same_reward_model(tmp_path, tiny_models):
     mod = load_script(SCRIPT)
     m = mod.main(mod.Args(smoke=True, algo="grpo", ppo_steps=2, sft_steps=5, rm_steps=10, output_dir=str(tmp_path)))

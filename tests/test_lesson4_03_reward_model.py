@@ -23,6 +23,18 @@ def test_reward_model_learns_preferences(tmp_path, tiny_models):
     assert (tmp_path / "reward_model" / "config.json").is_file()
 
 
+def test_lora_default_path_matches_manual_loss_and_saves_a_merged_model(tmp_path, tiny_models):
+    """CPU 默认（smollm2）走 LoRA：打分头全参数、主干只训 adapter；手算损失仍与 TRL 一致，保存的是合并后的普通模型。"""
+    from transformers import AutoModelForSequenceClassification
+
+    mod = load_script(SCRIPT)
+    m = mod.main(mod.Args(smoke=True, lora_r=8, learning_rate=5e-3, max_steps=8, output_dir=str(tmp_path)))
+    assert m["manual_loss_matches"] is True, m
+    rm_dir = tmp_path / "reward_model"
+    assert not (rm_dir / "adapter_config.json").exists()
+    AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1)   # 02 的 --reward-model 能直接加载
+
+
 def test_missing_field_is_one_line_error(tmp_path, run_script):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1=?", "chosen": "2", "rejected": "3"}\n{"prompt": "2+2=?", "chosen": "4"}\n',

@@ -24,6 +24,13 @@ def test_dpo_matches_manual_loss_and_learns(tmp_path, tiny_models):
     assert (tmp_path / "beta_sweep.png").stat().st_size > 0
 
 
+def test_lora_default_path_matches_manual_loss(tmp_path, tiny_models):
+    """CPU 默认走 LoRA：参考模型 = 关掉 adapter 的同一个模型；手算损失仍与 TRL 一致。"""
+    mod = load_script(SCRIPT)
+    m = mod.main(mod.Args(smoke=True, lora_r=8, learning_rate=5e-3, max_steps=4, output_dir=str(tmp_path)))
+    assert m["manual_vs_trl_abs_diff"] <= 1e-4 and m["manual_loss"] > 1e-4, m
+
+
 def test_bad_beta_is_one_line_error(tmp_path, run_script):
     proc = run_script(SCRIPT, "--smoke", "--beta", "0", "--output-dir", str(tmp_path), timeout=180)
     assert_user_error(proc, "--beta")

@@ -25,19 +25,18 @@ import copy
 from dataclasses import dataclass
 
 from common import cli, data, models, run, train
-from common.errors import UserError
 
 
 @dataclass
 class Args(cli.CommonArgs):
     beta: float = cli.arg(0.1, "主实验的 β：KL 约束强度（隐式奖励 = β·log π/π_ref）", min=1e-6)
     betas: list[float] = cli.arg([0.03, 0.1, 0.5], "β 扫描的取值（主实验的 β 自动加入）", min=1e-6)
-    learning_rate: float = cli.arg(5e-6, "学习率：DPO 对全参数模型要很小，否则很快偏离参考、说胡话", min=0)
-    max_steps: int = cli.arg(40, "每个 β 训练多少步（同一起点、同样步数才可比）", min=1)
-    per_device_train_batch_size: int = cli.arg(8, "每步几对偏好", min=1)
+    learning_rate: float = cli.arg(1e-4, "学习率：LoRA 的量级；全参数（--lora-r 0）要小得多（~5e-6），否则很快偏离参考、说胡话", min=0)
+    max_steps: int = cli.arg(10, "每个 β 训练多少步（同一起点、同样步数才可比）", min=1)
+    per_device_train_batch_size: int = cli.arg(4, "每步几对偏好", min=1)
     max_length: int = cli.arg(256, "prompt+回答最多多少 token", min=8)
     val_fraction: float = cli.arg(0.2, "留出多少比例的偏好对做评估", min=0.01, max=0.9)
-    lora_r: int = cli.arg(0, "0 = 全参数；>0 用 LoRA（参考模型 = 关掉 adapter，省一份显存）", min=0)
+    lora_r: int = cli.arg(16, "LoRA 秩（参考模型 = 关掉 adapter，不另占一份权重）；0 = 全参数（参考模型是一份冻结副本）", min=0)
     lora_alpha: int = cli.arg(32, "LoRA 缩放系数", min=1)
     gradient_checkpointing: bool = cli.arg(False, "用重算换显存（大模型 GPU 上打开）")
 
@@ -45,15 +44,8 @@ class Args(cli.CommonArgs):
 
 
 # 冒烟：极小模型承受大学习率；β=0.1（主实验）与 0.5 两次训练足以看出"β 小 -> 偏离参考大"
-SMOKE = dict(learning_rate=5e-4, max_steps=12, per_device_train_batch_size=8, max_length=128, betas=[0.5])
+SMOKE = dict(lora_r=0, learning_rate=5e-4, max_steps=12, per_device_train_batch_size=8, max_length=128, betas=[0.5])
 
-
-def to_conversational(pairs: list[dict]) -> list[dict]:
-    """字符串偏好对 -> TRL 对话格式；TRL 用 tokenizer 的对话模板拼 prompt 与回答。"""
-    def msgs(x, role):
-        return x if isinstance(x, list) else [{"role": role, "content": x}]
-    return [{"prompt": msgs(p["prompt"], "user"), "chosen": msgs(p["chosen"], "assistant"),
-             "rejected": msgs(p["rejected"], "assistant")} for p in pairs]
 
 
 def sequence_logps(model, batch):
@@ -71,7 +63,11 @@ def manual_dpo_loss(policy, ref, batch, beta: float):
 
     with torch.no_grad():
         pc, pr = sequence_logps(policy, batch).chunk(2)
-        rc, rr = sequence_logps(ref, batch).chunk(2)
+        if ref is None:   # LoRA：参考模型 = 同一个模型关掉 adapter
+            with policy.disable_adapter():
+                rc, rr = sequence_logps(policy, batch).chunk(2)
+        else:
+            rc, rr = sequence_logps(ref, batch).chunk(2)
     return -torch.nn.functional.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()
 
 
@@ -80,17 +76,9 @@ def train_one(args: Args, out, init_model, tok, beta: float, train_ds, eval_ds):
     from trl import DPOConfig, DPOTrainer
 
     model = copy.deepcopy(init_model)
-    ref = None
-    peft_config = None
-    if args.lora_r > 0:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules="all-linear",
-                                 task_type="CAUSAL_LM")
-    else:
-        ref = copy.deepcopy(init_model).eval()   # 冻结的参考模型 π_ref = 训练起点
-        for p in ref.parameters():
-            p.requires_grad_(False)
+    peft_config = train.lora_config(args.lora_r, args.lora_alpha)   # LoRA：参考模型 = 关掉 adapter
+    # 全参数：冻结的参考模型 π_ref = 训练起点的一份副本
+    ref = None if peft_config else copy.deepcopy(init_model).eval().requires_grad_(False)
     cfg = DPOConfig(
         output_dir=str(out.path(f"trainer_beta{beta:g}")), seed=args.seed, beta=beta, max_steps=args.max_steps,
         learning_rate=args.learning_rate, lr_scheduler_type="linear", warmup_steps=0,
@@ -108,15 +96,12 @@ def main(args: Args) -> dict:
     out = run.start(__file__, args, smoke_threads=1)
 
     # 1. 数据：偏好对 -> 训练 / 留出
-    path = args.data or data.DATA_DIR / "preference" / "pairs.jsonl"
-    train_pairs, eval_pairs = data.split(data.load_preference(path), args.val_fraction, args.seed)
-    if len(train_pairs) < 4 or len(eval_pairs) < 2:
-        raise UserError(f"{path}: 偏好对太少（训练 {len(train_pairs)}、留出 {len(eval_pairs)}），至少需要约 10 对")
+    train_pairs, eval_pairs = data.preference_split(args.data, args.val_fraction, args.seed)
     import torch  # 重的库在数据检查之后再导入：坏数据一秒内报错
     from datasets import Dataset
 
-    train_ds = Dataset.from_list(to_conversational(train_pairs))
-    eval_ds = Dataset.from_list(to_conversational(eval_pairs))
+    train_ds = Dataset.from_list(data.preference_conversational(train_pairs))
+    eval_ds = Dataset.from_list(data.preference_conversational(eval_pairs))
     out.log.info(f"偏好对：训练 {len(train_pairs)}，留出 {len(eval_pairs)}")
 
     # 2. 起点模型（也是参考模型）：smollm2 已经过指令微调，正是 DPO 的常规起点（SFT 之后）
@@ -147,10 +132,6 @@ def main(args: Args) -> dict:
     policy = trainer.model.eval()
     with torch.no_grad():
         trl_loss = trainer.compute_loss(policy, dict(batch)).item()
-    if ref is None:   # LoRA：参考模型 = 同一个模型关掉 adapter
-        with policy.disable_adapter():
-            ref_copy = copy.deepcopy(policy).eval()
-        ref = ref_copy
     manual = manual_dpo_loss(policy, ref, batch, args.beta).item()
     diff = abs(manual - trl_loss)
     out.log.info(f"一个批次：手算 DPO 损失 {manual:.6f}，TRL {trl_loss:.6f}，差 {diff:.2e}")
