@@ -18,7 +18,8 @@ QLoRA 配方（Dettmers et al. 2023）的每一项都在这里：
 
 你会看到（实测）：smollm2-135m 的 4-bit 权重 106 MB，bf16 257 MB，fp32 513 MB（footprint_ratio_4bit = 0.207）。
 --smoke（tiny-llama）：footprint 0.317，eval_loss 5.59 -> 5.02，峰值内存 +69 MB，adapter 0.30 MB 装回新 4-bit 底座后
-max|Δlogit| ≈ 1e-2。默认运行的训练部分还没有在空闲机器上测过（见 README）。图：loss_curve.png。
+max|Δlogit| ≈ 1e-2。默认（smollm2，30 步，空闲 2 核 CPU 4 分钟）：eval_loss 3.76 -> 2.09，峰值内存 +926 MB，46 token/s，
+adapter 9.4 MB 装回新 4-bit 底座后 max|Δlogit| 6e-3。图：loss_curve.png。
 """
 import math
 import time
