@@ -17,8 +17,9 @@
       --config configs/lesson4/dpo_train_gpu.yaml          # GPU：bf16 + LoRA（参考模型 = 关掉 adapter 的同一个模型）
   --data 自己的偏好文件（prompt/chosen/rejected）：脚本自己切出留出集。
 
-你会看到（--smoke，tiny-qwen2，实测）：β=0.1 时留出隐式奖励准确率 0.89、分差 0.65；手算与 TRL 的损失差 1.2e-7；
-β=0.1 的 |log π/π_ref| 平均 3.40，β=0.5 只有 2.69（β 越小偏离参考越远）。输出：beta_sweep.png、dpo_model/。
+你会看到（默认，smollm2-135m + LoRA，每个 β 10 步，空闲 2 核 CPU 6.6 分钟）：留出隐式奖励准确率 0.875，β=0.03/0.1/0.5 的
+|log π/π_ref| 1.16/1.12/1.06（β 越小偏离参考越远）；手算与 TRL 的损失差 3.6e-7。--smoke（tiny-qwen2，全参数）：
+准确率 0.89，|log π/π_ref| β=0.1 3.40 vs β=0.5 2.69。输出：beta_sweep.png、dpo_model/。
 """
 
 import copy
