@@ -14,8 +14,8 @@
 
 你会看到（smollm2-135m，空闲 2 核 CPU）：默认 60 步，可训练参数 1.78%，留出身份问题准确率 0.00 -> 0.90，eval_loss
 3.35 -> 1.37，合并 vs adapter max|Δlogit| 1.7e-4。--data data/longform/sft_long.jsonl（198 条，平均 385 / p90 600 token，
-43 条超过 512 被截断）：78 步要 24 分钟 -> 按 6 分钟预算减到 18 步，eval_loss 1.84 -> 1.53，209 token/s，峰值 RSS
-3.6 GB，整个脚本 6 分钟；没有身份准确率。--smoke：身份准确率 0.00 -> 0.60。图：loss_curve.png（竖线 = 保留的那一步）。
+43 条超过 512 被截断）：78 步要 24 分钟 -> 按 6 分钟预算减到 18 步，eval_loss 1.94 -> 1.61，221 token/s，峰值 RSS
+3.6 GB，整个脚本 6 分 16 秒；没有身份准确率。--smoke：身份准确率 0.00 -> 0.60。图：loss_curve.png（竖线 = 保留的那一步）。
 """
 
 import shutil
