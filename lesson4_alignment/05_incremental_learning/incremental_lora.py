@@ -32,10 +32,10 @@ from common.errors import UserError
 @dataclass
 class Args(cli.CommonArgs):
     task_a_data: str = cli.arg(None, "任务 A 的分类数据（text/label）；默认 data/classification/sentiment.jsonl")
-    steps_a: int = cli.arg(60, "任务 A 训练步数", min=1)
-    steps_b: int = cli.arg(60, "任务 B 训练步数", min=1)
+    steps_a: int = cli.arg(36, "任务 A 训练步数", min=1)
+    steps_b: int = cli.arg(36, "任务 B 训练步数", min=1)
     batch_size: int = cli.arg(8, "每步几条样本", min=1)
-    learning_rate: float = cli.arg(3e-4, "LoRA 学习率", min=0)
+    learning_rate: float = cli.arg(5e-4, "LoRA 学习率", min=0)
     lora_r: int = cli.arg(8, "LoRA 秩", min=1)
     lora_alpha: int = cli.arg(16, "LoRA 缩放系数", min=1)
     replay_fraction: float = cli.arg(0.25, "replay：训 B 时每批里 A 旧样本的比例", min=0, max=0.9)
