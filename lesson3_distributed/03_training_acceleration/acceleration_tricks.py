@@ -169,7 +169,7 @@ def measure(trick: str, base, rows: list[dict], args: Args, tok, out: run.Run) -
 
     step(0, bs[0])   # 预热一步（compile 的编译、线程池、分配器）：不计时
     opt.zero_grad(set_to_none=True)
-    release_freed_memory()
+    train.release_memory()
     with train.PeakMemory(dev) as mem:
         t0 = time.perf_counter()
         losses = [step(i, b) for i, b in enumerate(bs)]
@@ -182,18 +182,6 @@ def measure(trick: str, base, rows: list[dict], args: Args, tok, out: run.Run) -
     return {"tokens_per_s": real / secs, "seconds": secs, "peak_mem_mb": mem.peak_mb, "steps": len(bs),
             "padding_fraction": 1 - real / slots, "loss_mean": sum(losses) / len(losses), "attn": attn}
 
-
-def release_freed_memory() -> None:
-    """CPU 上峰值内存按进程 RSS 采样：前一招释放的内存留在 glibc 的堆里不还给系统，会让后一招看起来"不占内存"。
-    malloc_trim(0) 把空闲的堆还回去，各招从同样的起点量起（非 glibc 系统上什么也不做）。"""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _has_flash_attn() -> bool:
