@@ -63,7 +63,8 @@ def run_one(script: Path, smoke: bool, timeout: int, outputs: Path | None = None
                               timeout=timeout, env=env)
         code, text = proc.returncode, proc.stdout
     except subprocess.TimeoutExpired as e:
-        code, text = 124, (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        raw = e.stdout or ""
+        code, text = 124, raw.decode(errors="replace") if isinstance(raw, bytes) else raw
         text += f"\n超时：超过 {timeout} 秒\n"
     secs = time.perf_counter() - t0
     log.write_text(text, encoding="utf-8")

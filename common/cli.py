@@ -15,10 +15,10 @@ import yaml
 
 from common.errors import UserError
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
-BOUNDS = ("min", "max")   # 取值范围写在 metadata 里；argparse 不认识它们，交给 validate() 检查
+_BOUNDS = ("min", "max")   # 取值范围写在 metadata 里；argparse 不认识它们，交给 validate() 检查
 
 
 def arg(default: Any, help: str, *, min: float | None = None, max: float | None = None, **kw: Any) -> Any:
@@ -37,7 +37,7 @@ def arg(default: Any, help: str, *, min: float | None = None, max: float | None 
     return field(default=default, metadata=meta)
 
 
-def flag_name(name: str) -> str:
+def _flag_name(name: str) -> str:
     """字段名 -> 命令行参数名（max_steps -> --max-steps）。"""
     return "--" + name.replace("_", "-")
 
@@ -47,7 +47,7 @@ def validate(args: Any, where: str | None = None) -> Any:
     for f in dataclasses.fields(args):
         v = getattr(args, f.name)
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
-        name = f"{where}: 键 {f.name}" if where else flag_name(f.name)
+        name = f"{where}: 键 {f.name}" if where else _flag_name(f.name)
         for x in (v if isinstance(v, (list, tuple)) else [v]):
             if isinstance(x, bool) or not isinstance(x, (int, float)):
                 continue
@@ -177,14 +177,14 @@ def _excepthook(exc_type, exc, tb):  # noqa: ANN001
     sys.__excepthook__(exc_type, exc, tb)
 
 
-def load_config(cls: type[T], path: str, **overrides: Any) -> T:
+def _load_config(cls: type[_T], path: str, **overrides: Any) -> _T:
     """把 YAML 配置解析成参数对象（测试用它检查每个 YAML 都合法）。"""
     cfg = _yaml_defaults(path, cls)   # 类型转换 + 范围检查，报错点名 文件: 键
     cfg.update(overrides)
     return validate(cls(**cfg))
 
 
-def with_smoke(args: T, overrides: dict) -> T:
+def with_smoke(args: _T, overrides: dict) -> _T:
     """--smoke 时换成脚本给的小规模参数；只替换用户没改过的（--smoke --learning-rate 1e-2 仍然生效）。"""
     if not getattr(args, "smoke", False):
         return args
@@ -205,7 +205,7 @@ def _parser_class():
         @staticmethod
         def _parse_dataclass_field(parser, fld):  # noqa: ANN001
             fld = copy.copy(fld)
-            fld.metadata = types.MappingProxyType({k: v for k, v in fld.metadata.items() if k not in BOUNDS})
+            fld.metadata = types.MappingProxyType({k: v for k, v in fld.metadata.items() if k not in _BOUNDS})
             HfArgumentParser._parse_dataclass_field(parser, fld)
 
     return Parser
@@ -217,7 +217,7 @@ def _description(cls: type) -> str | None:
     return (getattr(mod, "__doc__", None) or getattr(sys.modules.get("__main__"), "__doc__", None)) or None
 
 
-def parse(cls: type[T], argv: list[str] | None = None) -> T:
+def parse(cls: type[_T], argv: list[str] | None = None) -> _T:
     """解析命令行；之后任何 UserError 都变成一行错误 + 退出码 2（不是 traceback）。"""
     import argparse
 

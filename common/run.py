@@ -16,10 +16,10 @@ from common.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS = REPO_ROOT / "outputs"
-TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
+_TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
 
 
-def is_main_process() -> bool:
+def _is_main_process() -> bool:
     """分布式时只有 rank 0 打印和写文件。"""
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -32,12 +32,12 @@ def get_logger(name: str = "course") -> logging.Logger:
 
         h = RichHandler(show_path=False, show_time=False, markup=False, rich_tracebacks=False)
         log.addHandler(h)
-        log.setLevel(logging.INFO if is_main_process() else logging.WARNING)
+        log.setLevel(logging.INFO if _is_main_process() else logging.WARNING)
         log.propagate = False
     return log
 
 
-def seed_everything(seed: int) -> None:
+def _seed_everything(seed: int) -> None:
     """固定 python / numpy / torch 的随机性：同一种子同样结果。"""
     import numpy as np
     import torch
@@ -65,7 +65,7 @@ def default_output_dir(script: str | Path, root: str | Path | None = None) -> Pa
     return Path(root or outputs_root()) / rel
 
 
-def make_output_dir(path: Path, flag: str = "--output-dir") -> Path:
+def _make_output_dir(path: Path, flag: str = "--output-dir") -> Path:
     """建输出目录；它是个文件、或建不了（没有权限、上级是文件）时给一行错误，而不是 traceback。"""
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path}: 已存在同名文件，不是目录")
@@ -79,12 +79,12 @@ def make_output_dir(path: Path, flag: str = "--output-dir") -> Path:
     return path
 
 
-def finite_or_none(metrics: Any, path: str = "", bad: list[str] | None = None) -> Any:
+def _finite_or_none(metrics: Any, path: str = "", bad: list[str] | None = None) -> Any:
     """把 NaN / ±inf 换成 None（JSON 的 null）：标准 JSON 没有 NaN，写进去别的程序就读不了；bad 收集出问题的键。"""
     if isinstance(metrics, dict):
-        return {k: finite_or_none(v, f"{path}{k}.", bad) for k, v in metrics.items()}
+        return {k: _finite_or_none(v, f"{path}{k}.", bad) for k, v in metrics.items()}
     if isinstance(metrics, (list, tuple)):
-        return [finite_or_none(v, f"{path}{i}.", bad) for i, v in enumerate(metrics)]
+        return [_finite_or_none(v, f"{path}{i}.", bad) for i, v in enumerate(metrics)]
     if hasattr(metrics, "item") and callable(metrics.item) and getattr(metrics, "ndim", 0) == 0:
         metrics = metrics.item()   # numpy / torch 标量
     if isinstance(metrics, float) and not math.isfinite(metrics):
@@ -107,21 +107,21 @@ def _jsonable(o: Any) -> Any:
 class Run:
     """脚本的一次运行：run.start() 创建，out.finish(metrics) 收尾。"""
 
-    def __init__(self, script: str, args: Any, smoke_threads: int | None = None):
+    def __init__(self, script: str, args: Any, smoke_threads: int | None = 1):
         from common import cli
 
         self.script = Path(script)
         self.args = cli.validate(args)   # 直接调用 main(Args(...)) 时也检查范围（命令行/YAML 已在 parse 里查过）
-        self.dir = make_output_dir(Path(args.output_dir) if getattr(args, "output_dir", None)
+        self.dir = _make_output_dir(Path(args.output_dir) if getattr(args, "output_dir", None)
                                    else default_output_dir(script))
         self.log = get_logger()
         self.t0 = time.perf_counter()
         self.mode = "smoke" if getattr(args, "smoke", False) else ("default" if not getattr(args, "model", None)
                                                                      else "custom")
         self.report_to = getattr(args, "report_to", "none") or "none"
-        if self.report_to not in TRACKERS:
-            raise UserError(f"--report-to {self.report_to}: 只支持 {', '.join(TRACKERS)}")
-        seed_everything(getattr(args, "seed", 42))
+        if self.report_to not in _TRACKERS:
+            raise UserError(f"--report-to {self.report_to}: 只支持 {', '.join(_TRACKERS)}")
+        _seed_everything(getattr(args, "seed", 42))
         self._threads = None
         if self.mode == "smoke" and smoke_threads:
             # 极小模型（hidden 128）的矩阵太小，多线程同步的开销比并行省下的还多；核被别的进程占着时
@@ -130,7 +130,7 @@ class Run:
 
             self._threads = torch.get_num_threads()
             torch.set_num_threads(smoke_threads)
-        if is_main_process():
+        if _is_main_process():
             # 记录命令行与解析后的配置：结果可以原样复现
             from common import safety  # 秘密（--api-key、URL 里的密码、环境变量里的 token）不落盘
 
@@ -184,7 +184,7 @@ class Run:
         NaN / inf 不是合法 JSON：换成 null 并在日志里点名是哪个指标（不整个拒绝：跑了很久的结果其余部分仍有用）。
         """
         bad: list[str] = []
-        metrics = finite_or_none({**metrics, "model": self.model_name, "mode": self.mode,
+        metrics = _finite_or_none({**metrics, "model": self.model_name, "mode": self.mode,
                                   "seconds": round(time.perf_counter() - self.t0, 2)}, bad=bad)
         if bad:
             self.log.warning(f"指标 {bad} 不是有限的数（NaN/inf），metrics.json 里记为 null")
@@ -192,7 +192,7 @@ class Run:
             import torch
 
             torch.set_num_threads(self._threads)
-        if is_main_process():
+        if _is_main_process():
             (self.dir / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2, allow_nan=False,
                                                               default=_jsonable), encoding="utf-8")
             _print_table(metrics, self.script.name)
@@ -219,6 +219,26 @@ def _print_table(metrics: dict, title: str) -> None:
     Console(width=119).print(t)
 
 
-def start(script: str, args: Any, smoke_threads: int | None = None) -> Run:
-    """开始一次运行：建输出目录、固定种子、保存 argv 与配置；smoke_threads：冒烟时的 CPU 线程数。"""
+def start(script: str, args: Any, smoke_threads: int | None = 1) -> Run:
+    """开始一次运行：建输出目录、固定种子、保存 argv 与配置。
+
+    smoke_threads：冒烟时的 CPU 线程数（默认 1：极小模型的矩阵太小，多线程同步比并行省下的还多；None = 不改）。"""
     return Run(script, args, smoke_threads)
+
+
+def import_sibling(script: str | Path, name: str) -> Any:
+    """导入脚本旁边的 _name.py（只属于这一课的代码，如 lesson5 07 的 _serving.py）：按路径加载，不改 sys.path。
+
+    课程文件夹名以数字开头，不能写成包的 import；同名模块只加载一次（登记在 sys.modules，键含文件夹路径）。
+    """
+    import hashlib
+    import importlib.util
+
+    path = Path(script).resolve().parent / f"{name}.py"
+    key = f"_lesson_{hashlib.md5(str(path.parent).encode()).hexdigest()[:8]}_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod   # 先登记：dataclass 等按模块名回查
+        spec.loader.exec_module(mod)
+    return sys.modules[key]

@@ -16,15 +16,15 @@ from pathlib import Path
 from common import data as cdata
 
 TINY_NAMES = ("tiny-qwen2", "tiny-llama", "tiny-glm")
-VOCAB_SIZE = 3072          # 字节级 BPE：256 个字节打底，中文常用字/词靠合并得到
-SEQ_LEN = 128
-PRETRAIN_STEPS = 200       # 2 核 CPU 上约 10 秒/模型；足够学会对话模板和常见词
-BATCH = 8
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_VOCAB_SIZE = 3072          # 字节级 BPE：256 个字节打底，中文常用字/词靠合并得到
+_SEQ_LEN = 128
+_PRETRAIN_STEPS = 200       # 2 核 CPU 上约 10 秒/模型；足够学会对话模板和常见词
+_BATCH = 8
+_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # ChatML 模板；{% generation %} 标出助手回复，apply_chat_template(return_assistant_tokens_mask=True)
 # 与 TRL 的 assistant_only_loss 都靠它找出"哪些 token 计算损失"
-CHAT_TEMPLATE = (
+_CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if message['role'] == 'assistant' %}"
     "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
@@ -37,7 +37,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def corpus_texts() -> list[str]:
+def _corpus_texts() -> list[str]:
     """预训练语料：通用 SFT 对话（按对话模板渲染）+ 领域文档 + 客服知识库。身份数据不放进来，
     这样第 1 课"身份问答准确率从 0 升上去"在极小模型上也成立。"""
     texts: list[str] = []
@@ -82,12 +82,12 @@ def _train_tokenizer(texts: list[str]):
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=_VOCAB_SIZE, special_tokens=_SPECIAL, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(texts, trainer=trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=None, eos_token="<|im_end|>",
                                   pad_token="<|endoftext|>", unk_token=None)
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = _CHAT_TEMPLATE
     tok.model_max_length = 1024
     return tok
 
@@ -95,15 +95,15 @@ def _train_tokenizer(texts: list[str]):
 def corpus_hash() -> str:
     """语料 + 构建参数的指纹：数据或超参数一变，缓存自动失效。"""
     h = hashlib.sha256()
-    for t in corpus_texts():
+    for t in _corpus_texts():
         h.update(t.encode("utf-8"))
-    h.update(json.dumps([VOCAB_SIZE, SEQ_LEN, PRETRAIN_STEPS, BATCH, CHAT_TEMPLATE, 2]).encode())
+    h.update(json.dumps([_VOCAB_SIZE, _SEQ_LEN, _PRETRAIN_STEPS, _BATCH, _CHAT_TEMPLATE, 2]).encode())
     return h.hexdigest()[:12]
 
 
 def build_tokenizer(out_dir: Path) -> Path:
     """在项目语料上训练字节级 BPE 分词器并保存（三个极小模型共用）。"""
-    _train_tokenizer(corpus_texts()).save_pretrained(out_dir)
+    _train_tokenizer(_corpus_texts()).save_pretrained(out_dir)
     return out_dir
 
 
@@ -116,31 +116,31 @@ def build(name: str, out_dir: Path, seed: int = 0, log=print, tok_dir: Path | No
         raise ValueError(name)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    texts = corpus_texts()
+    texts = _corpus_texts()
     if tok_dir is not None:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tok_dir)
     else:
         tok = _train_tokenizer(texts)
-    ids = {s: tok.convert_tokens_to_ids(s) for s in SPECIAL}
+    ids = {s: tok.convert_tokens_to_ids(s) for s in _SPECIAL}
     config = _arch_config(name, len(tok), ids)
     model = AutoModelForCausalLM.from_config(config)
 
-    # 预训练：所有文本拼成一条流，切成 SEQ_LEN 的块，标准的下一个 token 预测
+    # 预训练：所有文本拼成一条流，切成 _SEQ_LEN 的块，标准的下一个 token 预测
     stream: list[int] = []
     for t in texts:
         stream.extend(tok(t, add_special_tokens=False)["input_ids"] + [ids["<|endoftext|>"]])
-    n = len(stream) // SEQ_LEN
-    blocks = torch.tensor(stream[: n * SEQ_LEN]).view(n, SEQ_LEN)
+    n = len(stream) // _SEQ_LEN
+    blocks = torch.tensor(stream[: n * _SEQ_LEN]).view(n, _SEQ_LEN)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)  # 小网络容忍大学习率
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / PRETRAIN_STEPS)))
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / _PRETRAIN_STEPS)))
     model.train()
     loss = torch.tensor(float("nan"))
-    for _ in range(PRETRAIN_STEPS):
-        batch = blocks[torch.randint(0, n, (BATCH,), generator=g)]
+    for _ in range(_PRETRAIN_STEPS):
+        batch = blocks[torch.randint(0, n, (_BATCH,), generator=g)]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -156,6 +156,6 @@ def build(name: str, out_dir: Path, seed: int = 0, log=print, tok_dir: Path | No
     info = {"name": name, "params": sum(p.numel() for p in model.parameters()), "tokens": len(stream),
             "final_pretrain_loss": round(loss.item(), 4), "build_seconds": round(time.perf_counter() - t0, 2)}
     (out_dir / "course_build.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-    log(f"构建 {name}: {info['params'] / 1e6:.2f}M 参数，预训练 {PRETRAIN_STEPS} 步，"
+    log(f"构建 {name}: {info['params'] / 1e6:.2f}M 参数，预训练 {_PRETRAIN_STEPS} 步，"
         f"loss {info['final_pretrain_loss']}，用时 {info['build_seconds']} 秒")
     return out_dir

@@ -18,7 +18,7 @@ def test_tiny_model_loads_and_generates(tiny_models, name):
         out = model.generate(**enc, max_new_tokens=8, do_sample=False)
     assert torch.isfinite(logits).all()
     assert out.shape[1] > enc["input_ids"].shape[1]
-    info = models.describe(name)
+    info = models._describe(name)
     assert info["final_pretrain_loss"] < 6.0, "预训练后 loss 应明显低于随机初始化（ln 3072 ≈ 8.0）"
 
 

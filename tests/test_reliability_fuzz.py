@@ -155,10 +155,10 @@ def _fuzz_flags(modules, n):
     @given(case=bad_flag(modules))
     def run(case):
         rel, name, values, kind = case
-        code, err, _ = call_parse(modules[rel], ["--smoke", cli.flag_name(name), *values])
+        code, err, _ = call_parse(modules[rel], ["--smoke", cli._flag_name(name), *values])
         # 列表参数里排在后面的 "-inf"：argparse 不认它是负数，当成了一个新参数名，报"未知参数 -inf"——也点名了坏值
         late = [v for v in values[1:] if v.startswith("-") and not re.match(r"^-\d+$|^-\d*\.\d+$", v)]
-        assert_refused(code, err, *(late or [cli.flag_name(name)]))
+        assert_refused(code, err, *(late or [cli._flag_name(name)]))
         CASES["flag_cli"] += 1
 
     run()
@@ -178,8 +178,8 @@ def test_declared_ranges_are_closed_and_consistent(modules):
             for edge in (lo, hi):
                 if edge is None:
                     continue
-                code, err, args = call_parse(mod, [cli.flag_name(name), str(elem(edge))])
-                assert code is None, f"{rel} {cli.flag_name(name)} {edge}（边界）被拒绝：{err}"
+                code, err, args = call_parse(mod, [cli._flag_name(name), str(elem(edge))])
+                assert code is None, f"{rel} {cli._flag_name(name)} {edge}（边界）被拒绝：{err}"
 
 
 # ---------------------------------------------------------------- 2. 数值参数：YAML（同样的检查，点名 文件 与 键）
@@ -256,16 +256,16 @@ def _fuzz_direct(modules, tmp_path, n):
         mod = modules[rel]
         with pytest.raises(UserError) as e:
             mod.main(mod.Args(smoke=True, output_dir=str(out), **{name: bad}))
-        assert cli.flag_name(name) in str(e.value) and "\n" not in str(e.value)
+        assert cli._flag_name(name) in str(e.value) and "\n" not in str(e.value)
         assert not (out / "metrics.json").exists() and not (out / "config.json").exists()
         CASES["flag_direct"] += 1
 
     run()
 
 
-# ---------------------------------------------------------------- 4. 读数据的函数：任意内容 → 正常返回，或一行点名文件的 UserError
+# ------------------------------------------- 4. 读数据的函数：任意内容 → 正常返回，或一行点名文件的 UserError
 READERS = {"read_records": data.read_records, "load_sft": data.load_sft, "load_preference": data.load_preference,
-           "load_kto": data.load_kto, "load_classification": data.load_classification, "load_qa": data.load_qa}
+           "load_kto": data._load_kto, "load_classification": data.load_classification, "load_qa": data.load_qa}
 KEYS = ["instruction", "input", "output", "system", "messages", "role", "content", "prompt", "chosen", "rejected",
         "completion", "label", "text", "question", "answer", "doc_id", "gold_passage", "lang"]
 ODD_TEXT = st.text(st.characters(codec="utf-8") | st.sampled_from(["\u2028", "\u2029", "\x85", "\ufeff", "\x00",
@@ -466,7 +466,7 @@ def _fuzz_docs(tmp_path, n):
     run()
 
 
-# ---------------------------------------------------------------- 7. 每个脚本读文件的参数：端到端，退出码 2、点名文件:行、不写 metrics.json
+# ------------------------------------------- 7. 每个脚本读文件的参数：端到端，退出码 2、点名文件:行、不写 metrics.json
 # 各脚本的 --data 是什么：SFT 文件、文档文件夹，还是问答文件（其余参数按名字：--docs 文件夹，--qa / --eval-data 文件）
 DATA_KIND = {"lesson1_sft/02_data_preprocess/data_pipeline.py": "docs",
              "lesson6_rag/01_vector_store_selection/knowledge_base_selection.py": "docs",
@@ -533,7 +533,7 @@ def test_every_file_flag_of_every_script_end_to_end_slow(rel, modules, tmp_path,
 def _fuzz_script_files(rel, mod, tmp_path, n):
     flags = file_flags(rel, mod)
     for flag, kind in flags:
-        _fuzz_one_file_flag(mod, flag, kind, tmp_path, n, [cli.flag_name(f) for f, _ in flags])
+        _fuzz_one_file_flag(mod, flag, kind, tmp_path, n, [cli._flag_name(f) for f, _ in flags])
 
 
 def _fuzz_one_file_flag(mod, flag, kind, tmp_path, n, flag_names):
@@ -546,7 +546,7 @@ def _fuzz_one_file_flag(mod, flag, kind, tmp_path, n, flag_names):
     def run(data_):
         value, needle = data_.draw(bad_input_for(kind, tmp_path / "in"))
         out = tmp_path / "out"
-        code, err, args = call_parse(mod, ["--smoke", "--output-dir", str(out), cli.flag_name(flag), value])
+        code, err, args = call_parse(mod, ["--smoke", "--output-dir", str(out), cli._flag_name(flag), value])
         if code is None:
             try:
                 mod.main(args)

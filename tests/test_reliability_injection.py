@@ -37,7 +37,8 @@ def test_defence_turns_fake_control_tokens_into_plain_text():
         passages = [c["injected"], c["gold_passage"]]
         count = {}
         for mark in (False, True):
-            ids = tok(mod.rag_prompt(tok, c["question"], c["lang"], passages, mark), add_special_tokens=False)["input_ids"]
+            prompt = mod.rag_prompt(tok, c["question"], c["lang"], passages, mark)
+            ids = tok(prompt, add_special_tokens=False)["input_ids"]
             count[mark] = sum(i in special for i in ids)
         clean_ids = tok(mod.rag_prompt(tok, c["question"], c["lang"], [c["gold_passage"]], True),
                         add_special_tokens=False)["input_ids"]
@@ -47,7 +48,7 @@ def test_defence_turns_fake_control_tokens_into_plain_text():
             assert count[False] > clean_n, c["id"]        # 不设防：伪造的角色标记成了真的控制 token
         defended = mod.rag_prompt(tok, c["question"], c["lang"], passages, True)
         assert "<!--" not in defended and defended.count("</document>") == 2
-        assert safety.DATA_RULE[c["lang"]] in defended
+        assert safety._DATA_RULE[c["lang"]] in defended
 
 
 @pytest.mark.slow

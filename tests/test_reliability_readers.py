@@ -52,7 +52,7 @@ def test_lone_surrogate_is_rejected_with_file_and_line(tmp_path):
     msg = user_error(data.load_sft, p)
     assert f"{p}:2:" in msg and "代理字符" in msg and "'output'" in msg
     p = write(tmp_path / "k.json", '[\n{"prompt": "a", "completion": "b", "label": true, "\\udc00": 1}\n]')
-    assert f"{p}:2:" in user_error(data.load_kto, p)      # 键名里的也算；JSON 数组报真实行号
+    assert f"{p}:2:" in user_error(data._load_kto, p)      # 键名里的也算；JSON 数组报真实行号
 
 
 def test_utf8_bom_is_accepted(tmp_path):
@@ -175,7 +175,8 @@ def test_qa_fields_are_checked(tmp_path):
               + json.dumps({**ok, "answer": "400-000-0000"}, ensure_ascii=False) + "\n")
     msg = user_error(data.load_qa, p)
     assert f"{p}:2:" in msg and "gold_passage" in msg
-    p = write(tmp_path / "lang.jsonl", json.dumps({**ok, "lang": "zh"}) + "\n" + json.dumps({**ok, "lang": "cn"}) + "\n")
+    p = write(tmp_path / "lang.jsonl",
+              json.dumps({**ok, "lang": "zh"}) + "\n" + json.dumps({**ok, "lang": "cn"}) + "\n")
     msg = user_error(data.load_qa, p)
     assert f"{p}:2: 字段 'lang'" in msg and "zh / en" in msg
     p = write(tmp_path / "lang2.jsonl", json.dumps({**ok, "lang": ["zh"]}) + "\n")

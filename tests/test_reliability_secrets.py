@@ -23,8 +23,8 @@ def test_redaction_helpers():
                                         "c.yaml"]
     url = f"http://alice:{PLANTED_PW}@127.0.0.1:9380/api/v1"
     assert safety.redact_url(url) == "http://***@127.0.0.1:9380/api/v1"
-    assert PLANTED_PW not in safety.redact_text(f"连不上 {url}")
-    assert safety.is_secret_name("WANDB_API_KEY") and safety.is_secret_name("MLFLOW_TRACKING_PASSWORD")
+    assert PLANTED_PW not in safety._redact_text(f"连不上 {url}")
+    assert safety._is_secret_name("WANDB_API_KEY") and safety._is_secret_name("MLFLOW_TRACKING_PASSWORD")
 
 
 def test_scrub_removes_secret_fields_and_argv(monkeypatch):
@@ -53,7 +53,7 @@ def test_ragflow_key_from_flag_and_url_never_reach_the_outputs(tmp_path):
               "--ragflow-url", url, "--output-dir", str(out)], {}, tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert (out / "metrics.json").is_file() and (out / "argv.txt").is_file()
-    assert safety.leaks(out, [PLANTED, PLANTED_PW]) == []
+    assert safety._leaks(out, [PLANTED, PLANTED_PW]) == []
     assert PLANTED not in p.stdout + p.stderr and PLANTED_PW not in p.stdout + p.stderr
     assert "--api-key ***" in (out / "argv.txt").read_text(encoding="utf-8")
 
@@ -62,11 +62,11 @@ def test_ragflow_key_from_flag_and_url_never_reach_the_outputs(tmp_path):
 def test_tracking_keys_from_env_never_reach_the_outputs(tmp_path, tiny_models):
     """W&B / MLflow / HF / RAGFlow 的 key 放在环境变量里，跑一次带 mlflow 跟踪的训练：输出里找不到它们。"""
     out = tmp_path / "out"
-    env = {k: f"{PLANTED}-{k.lower()}" for k in safety.SECRET_ENV}
+    env = {k: f"{PLANTED}-{k.lower()}" for k in safety._SECRET_ENV}
     env["WANDB_MODE"] = "offline"
     p = _run([str(REPO / "lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py"), "--smoke", "--max-steps", "4",
               "--report-to", "mlflow", "--output-dir", str(out)], env, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (out / "metrics.json").is_file() and (out / "mlflow.db").is_file()
-    assert safety.leaks(out, list(env.values())[:-1]) == []
+    assert safety._leaks(out, list(env.values())[:-1]) == []
     assert PLANTED not in p.stdout + p.stderr

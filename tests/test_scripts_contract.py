@@ -54,7 +54,7 @@ def test_help_and_bad_flags(rel, capsys):
         for bound, step in (("min", -1), ("max", 1)):
             if bound not in f.metadata:
                 continue
-            flag, bad = cli.flag_name(f.name), f.metadata[bound] + step
+            flag, bad = cli._flag_name(f.name), f.metadata[bound] + step
             code, _, err = _parse_exit(mod, [flag, str(bad)], capsys)
             assert code == 2 and flag in err, (flag, bad, err)
 
@@ -124,7 +124,8 @@ def test_script_shape(rel):
     for n in ast.walk(_tree(rel)):
         names = [a.name for a in n.names] if isinstance(n, ast.Import) else \
             [n.module or ""] if isinstance(n, ast.ImportFrom) else []
-        assert not [m for m in names if m.startswith(("lesson", "tests"))], f"{rel}:{n.lineno}: 不要 import 别的课或测试"
+        bad = [m for m in names if m.startswith(("lesson", "tests"))]
+        assert not bad, f"{rel}:{n.lineno}: 不要 import 别的课或测试"
 
 
 @pytest.mark.parametrize("rel", [s for s in SCRIPTS if issubclass(load_script(s).Args, retrieval.KBArgs)])
@@ -141,4 +142,4 @@ def test_every_yaml_config_parses(cfg: Path):
     matches = [s for s in SCRIPTS if Path(s).stem == stem or stem.startswith(Path(s).stem)]
     assert matches, f"{cfg} 找不到对应的脚本（文件名应以脚本名开头）"
     mod = load_script(matches[0])
-    cli.load_config(mod.Args, str(cfg))
+    cli._load_config(mod.Args, str(cfg))

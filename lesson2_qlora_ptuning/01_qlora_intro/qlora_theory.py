@@ -120,7 +120,8 @@ def compare_with_bnb(ws, code, blocksize: int, log) -> dict:
         absmax_diff = max(absmax_diff, (state.absmax - absmax).abs().max().item())
         # 分块是在展平后的张量上连续切的；按 (块数, blocksize) 的形状反量化，就是逐块 code[i]·absmax
         flat_state = copy.copy(state)
-        flat_state.shape = torch.Size([w.numel() // blocksize, blocksize]) if w.numel() % blocksize == 0 else state.shape
+        if w.numel() % blocksize == 0:
+            flat_state.shape = torch.Size([w.numel() // blocksize, blocksize])
         bnb_deq = bnbF.dequantize_4bit(packed, flat_state).reshape(w.shape)
         max_diff = max(max_diff, (bnb_deq - deq).reshape(-1)[eq.reshape(-1)].abs().max().item())
         # 按原形状反量化：bitsandbytes 0.50 的 CPU 内核假设每行长度是 blocksize 的整数倍（GPU 内核按展平处理）
@@ -131,8 +132,8 @@ def compare_with_bnb(ws, code, blocksize: int, log) -> dict:
                          "bitsandbytes 的 CPU 反量化内核按行处理算错了（码与 absmax 都一致；按展平形状反量化则一致）")
     code_diff = (state.code.float() - code).abs().max().item()
     agree = same / total
-    log.info(f"与 bitsandbytes 对账：码本最大差 {code_diff:.2e}，4-bit 码一致 {agree:.6%}，absmax 最大差 {absmax_diff:.2e}，"
-             f"码相同处反量化最大差 {max_diff:.2e}")
+    log.info(f"与 bitsandbytes 对账：码本最大差 {code_diff:.2e}，4-bit 码一致 {agree:.6%}，"
+             f"absmax 最大差 {absmax_diff:.2e}，码相同处反量化最大差 {max_diff:.2e}")
     return {"codebook_max_diff": code_diff, "code_agreement": agree, "absmax_max_diff": absmax_diff,
             "dequant_max_diff": max_diff, "bnb_cpu_kernel_mismatch_matrices": kernel_bad}
 
@@ -192,54 +193,43 @@ def step_peak(model, batch, ckpt: bool, device) -> float:
     return mem.peak_mb
 
 
-def main(args: Args) -> dict:
-    import torch
+def reconstruction_mse(ws, code, blocksize: int) -> tuple[dict, int]:
+    """三种 4/8-bit 格式在同一批权重上的重建均方误差（按元素总数平均，大矩阵权重大）。
 
-    args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
-
-    # 1. NF4 码本：16 个标准正态分位数（从零构造）
-    code = nf4_codebook()
-    out.log.info("NF4 码本：" + " ".join(f"{c:+.4f}" for c in code.tolist()))
-
-    # 2. 在模型真实的 Linear 权重上比较 NF4 / int4 / int8 的重建误差（同样的分块 absmax）
-    model, tok = models.load_args(args, for_training=True)   # CPU：fp32 主权重；GPU：bf16（量化误差仍按 fp32 算）
-    ws = linear_weights(model, args.max_matrices)
+    分块 absmax 完全相同，唯一的差别是码值放在哪：这样 MSE 的差只能来自"分位数 vs 等间距"。
+    """
     sq = {"nf4": 0.0, "int4": 0.0, "int8": 0.0}
     numel = 0
     for _, w in ws:
-        w = w.detach().float()
-        sq["nf4"] += (quant_nf4(w, code, args.blocksize)[2] - w).pow(2).sum().item()
-        sq["int4"] += (quant_linear(w, 4, args.blocksize) - w).pow(2).sum().item()
-        sq["int8"] += (quant_linear(w, 8, args.blocksize) - w).pow(2).sum().item()
+        w = w.detach().float()   # GPU 上加载的是 bf16：误差要按 fp32 算，否则 int8 的 1e-8 级误差被舍入淹没
+        sq["nf4"] += (quant_nf4(w, code, blocksize)[2] - w).pow(2).sum().item()
+        sq["int4"] += (quant_linear(w, 4, blocksize) - w).pow(2).sum().item()
+        sq["int8"] += (quant_linear(w, 8, blocksize) - w).pow(2).sum().item()
         numel += w.numel()
-    mse = {k: v / numel for k, v in sq.items()}
-    out.log.info(f"{len(ws)} 个 Linear、{numel:,d} 个权重的 MSE：NF4 {mse['nf4']:.3e}，int4 {mse['int4']:.3e}，"
-                 f"int8 {mse['int8']:.3e}（NF4 比 int4 低 {1 - mse['nf4'] / mse['int4']:.1%}）")
+    return {k: v / numel for k, v in sq.items()}, numel
 
-    # 3. 与 bitsandbytes 对账：码本、每个 4-bit 码、反量化值
-    check = compare_with_bnb(ws, code, args.blocksize, out.log)
-    matches = (check["codebook_max_diff"] < 1e-6 and check["code_agreement"] > 0.9999 and check["absmax_max_diff"] < 1e-6
-               and check["dequant_max_diff"] < 1e-5)
 
-    # 4. 每参数比特：公式 vs 4-bit 加载后实际存储
-    bpp, bpp_dq = double_quant_bits(args.blocksize, args.dq_blocksize)
-    meas, meas_dq = measured_bits(args, False, out.log), measured_bits(args, True, out.log)
-    out.log.info(f"bit/参数：公式 {bpp:.3f} / 双重量化 {bpp_dq:.3f}；实测 {meas:.3f} / {meas_dq:.3f}")
+def grad_ckpt_peaks(model, tok, args: Args) -> tuple[float, float]:
+    """同一批随机 token、同一个模型：一步训练的峰值内存（不开检查点, 开检查点），单位 MB。
 
-    # 5. 梯度检查点：同一批数据、同一个模型，一步训练的峰值内存（先开后关，顺序对 RSS 更公平：后一步更大）
+    先开后关：CPU 上量的是进程 RSS，分配器只涨不退，后测的一方天然吃亏，让"不开"后测就不会夸大检查点的收益。
+    """
+    import torch
+
     dev = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)   # 独立的生成器：批的内容不受前面步骤用掉多少随机数影响
     batch = torch.randint(0, len(tok), (args.batch_size, args.seq_len), generator=gen).to(dev)
     step_peak(model, batch, True, dev)   # 预热一次：第一次前向会分配一次性的缓冲区，不算进对比
     peak_ckpt = step_peak(model, batch, True, dev)
     peak_full = step_peak(model, batch, False, dev)
-    ratio = peak_ckpt / peak_full
-    out.log.info(f"一步训练（batch {args.batch_size} × {args.seq_len}）峰值内存：不开检查点 {peak_full:.0f} MB，"
-                 f"开 {peak_ckpt:.0f} MB（{ratio:.2f} 倍）；{'CUDA 精确统计' if dev.type == 'cuda' else 'CPU 进程 RSS 采样'}")
+    return peak_full, peak_ckpt
 
-    # 6. 图：归一化后的权重分布 + NF4 / int4 码值：NF4 在 0 附近更密，正是权重最多的地方
-    blocks, absmax, _ = blockwise(ws[0][1], args.blocksize)
+
+def plot_levels(out, ws, code, mse: dict, blocksize: int) -> None:
+    """第一个 Linear 的归一化权重分布 + NF4 / int4 码值：一眼看出 NF4 在 0 附近更密，正是权重最多的地方。"""
+    import torch
+
+    blocks, absmax, _ = blockwise(ws[0][1], blocksize)
     normed = (blocks / absmax).reshape(-1).numpy()
     fig, save = out.plot("nf4_levels.png")
     ax = fig.add_subplot(111)
@@ -254,6 +244,42 @@ def main(args: Args) -> dict:
     ax.legend(fontsize=8)
     save()
 
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+
+    # 1. NF4 码本：16 个标准正态分位数（从零构造）；码值放在权重密的地方，同样 4 bit 误差更小
+    code = nf4_codebook()
+    out.log.info("NF4 码本：" + " ".join(f"{c:+.4f}" for c in code.tolist()))
+
+    # 2. 在模型真实的 Linear 权重上比较 NF4 / int4 / int8 的重建误差（同样的分块 absmax）：
+    #    随机正态矩阵会让 NF4 显得更好，真实权重有离群值，才是它要面对的分布
+    model, tok = models.load_args(args, for_training=True)   # CPU：fp32 主权重；GPU：bf16（量化误差仍按 fp32 算）
+    ws = linear_weights(model, args.max_matrices)
+    mse, numel = reconstruction_mse(ws, code, args.blocksize)
+    out.log.info(f"{len(ws)} 个 Linear、{numel:,d} 个权重的 MSE：NF4 {mse['nf4']:.3e}，int4 {mse['int4']:.3e}，"
+                 f"int8 {mse['int8']:.3e}（NF4 比 int4 低 {1 - mse['nf4'] / mse['int4']:.1%}）")
+
+    # 3. 与 bitsandbytes 对账：码本、每个 4-bit 码、反量化值。只比 MSE 证明不了"我们写的就是 QLoRA 的 NF4"
+    check = compare_with_bnb(ws, code, args.blocksize, out.log)
+    matches = (check["codebook_max_diff"] < 1e-6 and check["code_agreement"] > 0.9999
+               and check["absmax_max_diff"] < 1e-6 and check["dequant_max_diff"] < 1e-5)
+
+    # 4. 每参数比特：公式 vs 4-bit 加载后实际存储（公式漏算一项常数，实测就对不上 4.127）
+    bpp, bpp_dq = double_quant_bits(args.blocksize, args.dq_blocksize)
+    meas, meas_dq = measured_bits(args, False, out.log), measured_bits(args, True, out.log)
+    out.log.info(f"bit/参数：公式 {bpp:.3f} / 双重量化 {bpp_dq:.3f}；实测 {meas:.3f} / {meas_dq:.3f}")
+
+    # 5. 梯度检查点：QLoRA 把权重压到 4 bit 之后，激活成了显存的大头，检查点省的正是它
+    peak_full, peak_ckpt = grad_ckpt_peaks(model, tok, args)
+    ratio = peak_ckpt / peak_full
+    where = "CUDA 精确统计" if next(model.parameters()).device.type == "cuda" else "CPU 进程 RSS 采样"
+    out.log.info(f"一步训练（batch {args.batch_size} × {args.seq_len}）峰值内存：不开检查点 {peak_full:.0f} MB，"
+                 f"开 {peak_ckpt:.0f} MB（{ratio:.2f} 倍）；{where}")
+
+    # 6. 图：归一化后的权重分布 + NF4 / int4 码值
+    plot_levels(out, ws, code, mse, args.blocksize)
     return out.finish({
         "nf4_mse": mse["nf4"], "int4_mse": mse["int4"], "int8_mse": mse["int8"],
         "nf4_vs_int4_error_reduction": round(1 - mse["nf4"] / mse["int4"], 4),
@@ -264,7 +290,8 @@ def main(args: Args) -> dict:
         "peak_mem_mb_ckpt": round(peak_ckpt, 1), "linear_matrices": len(ws), "quantized_weights": numel,
         "codebook": [round(c, 6) for c in code.tolist()],
     }, summary=f"NF4 MSE {mse['nf4']:.2e} < int4 {mse['int4']:.2e}；与 bitsandbytes 一致={matches}；"
-               f"bit/参数 {bpp:.3f} -> {bpp_dq:.3f}（实测 {meas:.3f} / {meas_dq:.3f}）；梯度检查点峰值内存 ×{ratio:.2f}")
+               f"bit/参数 {bpp:.3f} -> {bpp_dq:.3f}（实测 {meas:.3f} / {meas_dq:.3f}）；"
+               f"梯度检查点峰值内存 ×{ratio:.2f}")
 
 
 if __name__ == "__main__":

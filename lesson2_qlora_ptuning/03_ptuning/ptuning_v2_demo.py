@@ -22,8 +22,8 @@
 
 你会看到（--smoke，tiny-llama，25 步，实测）：P-Tuning v2 留出准确率 0.417 -> 0.550（只训练 8,192 个参数），
 v1 0.417 -> 0.500（22,784），LoRA 0.417 -> 0.450（74,752）；同设置跑五种时 v2+projection 0.583、Prompt Tuning 0.300。
-默认（smollm2-135m，20 步，空闲 2 核 CPU 9 分钟；零样本 0.667）：v2 0.467 -> 0.517，v2+projection 0.517 -> 0.517，v1 0.600
--> 0.667，Prompt Tuning 0.617 -> 0.633，LoRA 0.667 -> 0.983。图：methods.png。
+默认（smollm2-135m，20 步，空闲 2 核 CPU 9 分钟；零样本 0.667）：v2 0.467 -> 0.517，v2+projection 0.517 -> 0.517，
+v1 0.600 -> 0.667，Prompt Tuning 0.617 -> 0.633，LoRA 0.667 -> 0.983。图：methods.png。
 """
 import time
 from dataclasses import dataclass
@@ -39,7 +39,8 @@ class Args(cli.CommonArgs):
     methods: list[str] = cli.arg(list(METHODS), "要比较的方法：" + " / ".join(METHODS))
     num_virtual_tokens: int = cli.arg(16, "虚拟 token 数（前缀 / 软提示长度）", min=1)
     encoder_hidden_size: int = cli.arg(128, "prefix_projection 的 MLP 与 P-Tuning v1 编码器的隐藏维", min=1)
-    learning_rate: float = cli.arg(1e-3, "提示类方法的学习率（smollm2 上 1e-2 让 P-Tuning v2 的损失不降反升，1e-3 稳定）", min=0)
+    learning_rate: float = cli.arg(1e-3, "提示类方法的学习率"
+                                   "（smollm2 上 1e-2 让 P-Tuning v2 的损失不降反升，1e-3 稳定）", min=0)
     lora_learning_rate: float = cli.arg(1e-3, "LoRA 的学习率", min=0)
     lora_r: int = cli.arg(8, "LoRA 秩", min=1)
     lora_alpha: int = cli.arg(16, "LoRA 缩放系数", min=1)
@@ -52,13 +53,17 @@ class Args(cli.CommonArgs):
 
 
 # --smoke：1M 参数的模型承受得住大学习率；只比三种（v2 / 被误标成 v2 的 v1 / LoRA 参照），CI 约 30 秒
-SMOKE = dict(methods=["ptuning_v2", "ptuning_v1", "lora"], max_steps=25, learning_rate=5e-2, lora_learning_rate=1e-2, per_device_train_batch_size=16,
-             encoder_hidden_size=64)
+SMOKE = dict(methods=["ptuning_v2", "ptuning_v1", "lora"], max_steps=25, learning_rate=5e-2, lora_learning_rate=1e-2,
+             per_device_train_batch_size=16, encoder_hidden_size=64)
+# 英文模板：smollm2 / tiny-llama 的预训练语料以英文为主，"Sentiment:" 之后接情感词是它们见过的续写，零样本才有意义
 PROMPT = "Review: {text}\nSentiment:"
 
 
 def peft_config(method: str, args: Args):
-    """每种方法对应的 PEFT 配置。"""
+    """每种方法对应的 PEFT 配置。
+
+    task_type 都是 CAUSAL_LM：分类做成"续写标签"，四种方法用同一个打分函数，差别只剩可训练参数放在哪。
+    """
     from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
     n = args.num_virtual_tokens
@@ -72,11 +77,15 @@ def peft_config(method: str, args: Args):
                                    encoder_hidden_size=args.encoder_hidden_size)
     if method == "prompt_tuning":     # 只在输入层：直接训练软提示向量
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
+    # LoRA 参照挂在全部 Linear 上（QLoRA 论文的做法）：只挂 q/v 时它和提示类方法的差距会被低估
     return LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha, target_modules="all-linear")
 
 
 def encode(tok, records: list[dict], labels: list[str], max_length: int) -> list[dict]:
-    """每条样本：提示的 token + 每个标签的 token（标签前加空格，和自然续写一致）。"""
+    """每条样本：提示的 token + 每个标签的 token（标签前加空格，和自然续写一致）。
+
+    BPE 词表里冒号后的词带前导空格（" positive" 是一个 token）；不加空格就是在给预训练里少见的切法打分。
+    """
     label_ids = [tok(" " + lab, add_special_tokens=False)["input_ids"] for lab in labels]
     out = []
     for r in records:
@@ -87,29 +96,24 @@ def encode(tok, records: list[dict], labels: list[str], max_length: int) -> list
 
 
 def label_scores(model, batch: list[dict], label_ids: list[list[int]], pad_id: int, n_virtual: int):
-    """每条样本 × 每个标签：log p(标签 | 提示)（整串求和）。返回 (B, K)。"""
-    import torch
+    """每条样本 × 每个标签：log p(标签 | 提示)（整串求和）。返回 (B, K)。
 
-    seqs = [ex["prompt"] + lab for ex in batch for lab in label_ids]
-    starts = [len(ex["prompt"]) for ex in batch for _ in label_ids]
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    tgt = torch.zeros_like(ids, dtype=torch.bool)   # 哪些位置是标签 token
-    for i, (s, st) in enumerate(zip(seqs, starts)):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-        tgt[i, st:len(s)] = True
-    dev = next(model.parameters()).device
-    ids, mask, tgt = ids.to(dev), mask.to(dev), tgt.to(dev)
-    logits = model(input_ids=ids, attention_mask=mask).logits
+    整串求和而不是只看第一个 token：标签被切成多个 token、且首 token 相同（如中文标签）时，只看首 token 分不出来。
+    """
+    from common import lm
+
+    # 提示位置的 labels 记为 -100：pad_right 给的 labels 同时就是"哪些位置是标签 token"的掩码
+    rows = [{"input_ids": ex["prompt"] + lab, "labels": [-100] * len(ex["prompt"]) + lab}
+            for ex in batch for lab in label_ids]
+    b = {k: v.to(next(model.parameters()).device) for k, v in lm.pad_right(rows, pad_id).items()}
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     logits = logits[:, n_virtual:]   # 输入层提示（v1 / prompt tuning）的虚拟 token 也出现在 logits 里，去掉
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return (logp * tgt[:, 1:]).sum(-1).view(len(batch), len(label_ids))
+    logp = lm.token_logprobs(logits[:, :-1], b["input_ids"][:, 1:])
+    return (logp * (b["labels"][:, 1:] != -100)).sum(-1).view(len(batch), len(label_ids))
 
 
 def accuracy(model, exs: list[dict], label_ids, pad_id: int, n_virtual: int, bs: int = 16) -> float:
-    """留出集准确率：分数最高的标签即预测。"""
+    """留出集准确率：分数最高的标签即预测（不生成文本，所以模型说出标签以外的词也不影响评分）。"""
     import torch
 
     model.eval()
@@ -129,8 +133,8 @@ def train_method(method: str, args: Args, train_ex, eval_ex, label_ids, log) -> 
     import torch
     from peft import get_peft_model
 
-    torch.manual_seed(args.seed)
-    base, tok = models.load_args(args, for_training=True)
+    torch.manual_seed(args.seed)   # 前缀 / 软提示 / LoRA 的随机初始化每种方法都从同一个种子开始，可以复现
+    base, tok = models.load_args(args, for_training=True)   # 每种方法重新加载：上一种方法的改动不会带进来
     model = get_peft_model(base, peft_config(method, args))
     cfg = model.peft_config["default"]
     # 输入层提示的方法会把虚拟 token 的位置也算进输出；前缀（v2）进的是每层的 K/V，不占输出位置
@@ -138,9 +142,10 @@ def train_method(method: str, args: Args, train_ex, eval_ex, label_ids, log) -> 
     trainable, _ = model.get_nb_trainable_parameters()
     pad = tok.pad_token_id
     before = accuracy(model, eval_ex, label_ids, pad, n_virtual)
+    # 两组学习率：提示向量从随机初始化出发，需要的步长和 LoRA（B=0，从原模型出发）不同，共用一个会让一方吃亏
     lr = args.lora_learning_rate if method == "lora" else args.learning_rate
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    rng = random.Random(args.seed)
+    rng = random.Random(args.seed)   # 独立的随机源：每种方法看到的批次顺序完全一样
     order, losses, t0 = [], [], time.perf_counter()
     model.train()
     for _ in range(args.max_steps):
@@ -162,9 +167,22 @@ def train_method(method: str, args: Args, train_ex, eval_ex, label_ids, log) -> 
             "seconds": round(seconds, 2), "loss_curve": [round(x, 4) for x in losses]}
 
 
+def plot_curves(out, results: dict, zero_shot: float) -> None:
+    """各方法的训练损失曲线（图例带可训练参数量与训练后准确率），标题带零样本基线。"""
+    fig, save = out.plot("methods.png")
+    ax = fig.add_subplot(111)
+    for m, r in results.items():
+        ax.plot(r["loss_curve"], label=f"{m} ({r['trainable_params']:,} params, acc {r['accuracy_after']:.2f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("classification loss (CE over label scores)")
+    ax.set_title(f"PEFT methods on sentiment ({out.model_name}); zero-shot acc {zero_shot:.2f}")
+    ax.legend(fontsize=7)
+    save()
+
+
 def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
+    out = run.start(__file__, args)
     bad = [m for m in args.methods if m not in METHODS]
     if bad or not args.methods:
         raise UserError(f"--methods {' '.join(bad) or '(空)'}: 只能从 {' / '.join(METHODS)} 里选")
@@ -180,25 +198,17 @@ def main(args: Args) -> dict:
     out.log.info(f"{path}: 训练 {len(train_ex)} 条，留出 {len(eval_ex)} 条，标签 {labels}"
                  f"（token 数 {[len(x) for x in label_ids]}）；留出集多数类占 {majority:.2f}")
 
-    # 2. 冻结的原模型不训练时的零样本准确率（基线）
+    # 2. 冻结的原模型不训练时的零样本准确率（基线）：随机初始化的提示可能先把它拉低，不量就看不出训练是在"追回"
     base, _ = models.load_args(args)
     zero_shot = accuracy(base, eval_ex, label_ids, tok.pad_token_id, 0)
     del base
     out.log.info(f"原模型零样本准确率 {zero_shot:.3f}")
 
-    # 3. 每种方法：同一个冻结模型、同样的数据与步数
+    # 3. 每种方法：同一个冻结模型、同样的数据与步数（步数不同就比不出"参数放在哪"的差别）
     results = {m: train_method(m, args, train_ex, eval_ex, label_ids, out.log) for m in args.methods}
 
-    # 4. 一张表 + 一张图
-    fig, save = out.plot("methods.png")
-    ax = fig.add_subplot(111)
-    for m, r in results.items():
-        ax.plot(r["loss_curve"], label=f"{m} ({r['trainable_params']:,} params, acc {r['accuracy_after']:.2f})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("classification loss (CE over label scores)")
-    ax.set_title(f"PEFT methods on sentiment ({out.model_name}); zero-shot acc {zero_shot:.2f}")
-    ax.legend(fontsize=7)
-    save()
+    # 4. 一张表 + 一张图：损失曲线看得出学习率是否合适（不降反升时换学习率，而不是加步数）
+    plot_curves(out, results, zero_shot)
     metrics = {m: {k: v for k, v in r.items() if k != "loss_curve"} for m, r in results.items()}
     best = max(metrics, key=lambda m: metrics[m]["accuracy_after"])
     summary = "；".join(f"{m} {r['accuracy_before']:.2f}->{r['accuracy_after']:.2f}" for m, r in metrics.items())

@@ -4,7 +4,8 @@
   要稀疏格式 + 稀疏内核才省；
 - 结构化剪枝（prune.ln_structured，按输出行的 L2 范数）：整行置 0，可以真的删掉这些行，所以大小按剩下的行算；
 - 知识蒸馏：学生 = 老师隔一层取一层（层数减半，权重从老师拷贝），同样步数、同样数据，比较
-  ① 温度 T 下对老师 logits 的 KL（Hinton 2015，乘 T² 保持梯度量级）+ 交叉熵 与 ② 只用交叉熵；distill_gain = ②的困惑度 / ①的；
+  ① 温度 T 下对老师 logits 的 KL（Hinton 2015，乘 T² 保持梯度量级）+ 交叉熵 与 ② 只用交叉熵；
+  distill_gain = ②的困惑度 / ①的；
 - 动态 int8（torch.ao.quantization.quantize_dynamic）：Linear 权重按通道 int8，激活运行时量化；
 - bitsandbytes 8-bit（LLM.int8()）与 4-bit NF4（BitsAndBytesConfig）。
 大小 = state_dict 序列化后的字节（各方法同一把尺子）；延迟 = 贪心生成每个新 token 的毫秒数（中位数）。
@@ -15,20 +16,19 @@
   python lesson2_qlora_ptuning/04_model_compression/compression_lab.py --model Qwen/Qwen2.5-0.5B-Instruct \\
       --source hf --config configs/lesson2/compression_lab_gpu.yaml               # GPU
 
-你会看到（--smoke，tiny-llama，实测）：fp32 ppl 527.5 / 4.33 MB；结构化剪枝 60% 删到 2.63 MB 但 ppl 631；非结构化剪枝
-大小不变；动态 int8 2.62 MB、bnb int8 2.26 MB、NF4 2.55 MB，ppl 都在 ±0.3% 内；同 40 步的 2 层学生 KD ppl 367 vs 纯 CE 684
-（distill_gain 1.87）。默认（smollm2-135m，2 核 CPU 约 2.6 分钟）：fp32 ppl 36.4 / 513 MB；bnb int8 36.7 / 210 MB；
-NF4 47.7 / 161 MB；动态 int8 142 / 237 MB；结构化剪枝 30% 就崩（ppl 1.9e8）；KD 学生 832 vs CE 998（1.20）。图：ppl_vs_size.png。
+你会看到（--smoke，tiny-llama，实测）：fp32 ppl 527.5 / 4.33 MB；结构化剪枝 60% 删到 2.63 MB 但 ppl 631；
+非结构化剪枝大小不变；动态 int8 2.62 MB、bnb int8 2.26 MB、NF4 2.55 MB，ppl 都在 ±0.3% 内；
+同 40 步的 2 层学生 KD ppl 367 vs 纯 CE 684（distill_gain 1.87）。默认（smollm2-135m，2 核 CPU 约 2.6 分钟）：
+fp32 ppl 36.4 / 513 MB；bnb int8 36.7 / 210 MB；NF4 47.7 / 161 MB；动态 int8 142 / 237 MB；
+结构化剪枝 30% 就崩（ppl 1.9e8）；KD 学生 832 vs CE 998（1.20）。图：ppl_vs_size.png。
 """
 import copy
-import io
-import math
-import statistics
-import time
 import warnings
 from dataclasses import dataclass
 
-from common import cli, data, models, run, train
+from common import cli, data, models, run
+
+bench_lib = run.import_sibling(__file__, "_bench")   # 尺子（困惑度、大小、延迟）与图：每种方法量法完全相同
 
 
 @dataclass
@@ -53,57 +53,28 @@ SMOKE = dict(sparsities=[0.3, 0.6], distill_steps=40, learning_rate=3e-3, per_de
 
 
 def texts_from(path) -> tuple[list[str], list[str]]:
-    """SFT 对话 -> 完整文本（训练用 / 留出用）。"""
+    """SFT 对话 -> 完整文本（训练用 / 留出用）。
+
+    切分种子固定为 42（不随 --seed 变）：换种子比较蒸馏时，留出文本不变，困惑度才能跨运行比。
+    """
     convs = data.load_sft(path)
     train_c, held_c = data.split(convs, 0.2, 42)
     return (["\n".join(m["content"] for m in c) for c in train_c],
             ["\n".join(m["content"] for m in c) for c in held_c])
 
 
-def perplexity(model, batches) -> float:
-    """留出文本上逐 token 的困惑度 = exp(平均负对数似然)。"""
-    import torch
-
-    model.eval()
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for enc in batches:
-            enc = {k: v.to(train.device_of(model)) for k, v in enc.items()}
-            logits = model(**enc).logits[:, :-1].float()
-            tgt = enc["input_ids"][:, 1:]
-            m = enc["attention_mask"][:, 1:].bool()
-            nll += torch.nn.functional.cross_entropy(logits[m], tgt[m], reduction="sum").item()
-            n += m.sum().item()
-    return math.exp(nll / n)
-
-
-def size_mb(model) -> float:
-    """state_dict 序列化后的大小（共享的张量只存一次；量化模型含它的缩放常数）。"""
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.tell() / 2**20
-
-
-def latency_ms(model, tok, prompt: str, new_tokens: int, repeats: int) -> float:
-    """贪心生成每个新 token 的毫秒数（先预热一次，再取 repeats 次的中位数）。"""
-    import torch
-
-    enc = tok(prompt, return_tensors="pt").to(train.device_of(model))
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=tok.pad_token_id)
-            if i:
-                times.append((time.perf_counter() - t0) * 1000 / new_tokens)
-    return statistics.median(times)
+def token_batches(tok, texts: list[str], bs: int, max_length: int) -> list:
+    """学生训练用的批：批内右填充到最长（tokenizer 的默认），截断到 max_length 控制每步的计算量。"""
+    return [tok(texts[i:i + bs], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+            for i in range(0, len(texts), bs)]
 
 
 def prune_copy(model, amount: float, structured: bool):
-    """剪枝一个副本：prune 先挂 mask，prune.remove 再把 mask 乘进权重（变成普通张量）。"""
+    """剪枝一个副本：prune 先挂 mask，prune.remove 再把 mask 乘进权重（变成普通张量）。
+
+    不 remove 的话 state_dict 里同时有 weight_orig 与 weight_mask，大小反而翻倍，和别的方法没法比。
+    lm_head 不剪：它常和 embedding 绑定（tiny-llama、smollm2 都是），剪它等于把输入端的词向量也剪了。
+    """
     import torch
     from torch.nn.utils import prune
 
@@ -119,7 +90,10 @@ def prune_copy(model, amount: float, structured: bool):
 
 
 def structured_size_mb(model) -> float:
-    """结构化剪枝后真正删掉全零行能剩下多少（fp32）。"""
+    """结构化剪枝后真正删掉全零行能剩下多少（fp32）。
+
+    只数 Linear 权重里非零的行；其它参数照数。按 id 去重：绑定的 embedding / lm_head 只存一份。
+    """
     import torch
 
     total, seen = 0, set()
@@ -135,20 +109,47 @@ def structured_size_mb(model) -> float:
     return total * 4 / 2**20
 
 
+def prune_rows(model, bench, sparsities: list[float]) -> dict:
+    """每个剪枝比例两行：非结构化（稠密存储，大小不变）与结构化（删掉零行后的大小）。"""
+    rows = {}
+    for s in sparsities:
+        rows[f"prune_unstructured_{s:g}"] = bench.measure(f"prune_unstructured_{s:g}",
+                                                          prune_copy(model, s, structured=False))
+        pm = prune_copy(model, s, structured=True)
+        rows[f"prune_structured_{s:g}"] = bench.measure(f"prune_structured_{s:g}", pm, structured_size_mb(pm))
+    return rows
+
+
+def dynamic_int8(model):
+    """Linear 权重按通道 int8、激活运行时量化（副本，不动老师）。
+
+    torch 2.13 把 quantize_dynamic 标成弃用，但仍走 fbgemm/oneDNN 的 int8 GEMM；警告对学生没有信息，屏蔽掉。
+    """
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+
+
 def make_student(teacher):
-    """学生 = 老师的偶数层（层数减半），embedding/norm/lm_head 也从老师拷贝：蒸馏常用的初始化（DistilBERT）。"""
+    """学生 = 老师的偶数层（层数减半），embedding/norm/lm_head 也从老师拷贝：蒸馏常用的初始化（DistilBERT）。
+
+    随机初始化的学生要从零学语言，几十步内两种损失都还停在很高的困惑度；从老师拷贝层，起点就接近老师。
+    """
     import torch
 
     cfg = copy.deepcopy(teacher.config)
     keep = list(range(0, cfg.num_hidden_layers, 2))
     cfg.num_hidden_layers = len(keep)
-    if getattr(cfg, "layer_types", None):
+    if getattr(cfg, "layer_types", None):   # 新版 config 逐层记注意力类型，长度要跟着层数改
         cfg.layer_types = [cfg.layer_types[i] for i in keep]
     student = type(teacher)(cfg)
     sd = teacher.state_dict()
     remap = {}
     for k, v in sd.items():
-        if ".layers." in k:
+        if ".layers." in k:   # model.layers.<老师层号>.xxx -> model.layers.<学生层号>.xxx
             pre, rest = k.split(".layers.", 1)
             idx, tail = rest.split(".", 1)
             if int(idx) in keep:
@@ -156,12 +157,15 @@ def make_student(teacher):
         else:
             remap[k] = v.clone()
     student.load_state_dict(remap, strict=False)
-    student.tie_weights()
+    student.tie_weights()   # config 要求绑定时，让 lm_head 与 embedding 重新共用一个张量（与老师一致）
     return student.to(torch.float32)
 
 
 def train_student(teacher, student, batches, args: Args, use_kd: bool) -> list[float]:
-    """同样的批、同样的步数；use_kd 时损失 = α·T²·KL(老师_T ‖ 学生_T) + (1-α)·CE，否则只有 CE。"""
+    """同样的批、同样的步数；use_kd 时损失 = α·T²·KL(老师_T ‖ 学生_T) + (1-α)·CE，否则只有 CE。
+
+    乘 T²（Hinton 2015）：温度 T 下软目标的梯度缩小约 1/T²，不乘回来，KL 项在总损失里几乎不起作用。
+    """
     import torch
     import torch.nn.functional as F
 
@@ -170,10 +174,11 @@ def train_student(teacher, student, batches, args: Args, use_kd: bool) -> list[f
     losses = []
     for step in range(args.distill_steps):
         enc = batches[step % len(batches)]
+        # 填充位不算交叉熵：否则批内短文本后面的一串填充也在被"学"，步数花在了不是文本的 token 上
         out = student(**enc, labels=enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100))
         loss = out.loss
         if use_kd:
-            with torch.no_grad():
+            with torch.no_grad():   # 老师冻结：只要它的 logits，不为它建计算图、不存它的激活
                 t_logits = teacher(**enc).logits
             m = enc["attention_mask"].bool()
             T = args.temperature
@@ -185,6 +190,20 @@ def train_student(teacher, student, batches, args: Args, use_kd: bool) -> list[f
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses
+
+
+def distill_rows(teacher, tok, train_texts: list[str], bench, args: Args) -> dict:
+    """同一个半深度学生、同样的批与步数，训练两次：KD 与纯交叉熵。种子相同，差别只来自损失函数。"""
+    import torch
+
+    train_b = token_batches(tok, train_texts, args.per_device_train_batch_size, args.max_length)
+    rows = {}
+    for use_kd, name in ((True, "student_kd"), (False, "student_ce")):
+        torch.manual_seed(args.seed)
+        student = make_student(teacher)
+        train_student(teacher, student, train_b, args, use_kd)
+        rows[name] = bench.measure(name, student)
+    return rows
 
 
 def load_bnb(args: Args, bits: int, log):
@@ -204,87 +223,55 @@ def load_bnb(args: Args, bits: int, log):
             skip = ["lm_head"] + (["down_proj"] if c.intermediate_size % 64 else [])
             if len(skip) > 1:
                 log.info("CPU：bitsandbytes 0.50 的 CPU 反量化对行长不是 64 倍数的矩阵有错，down_proj 保持不量化")
+        # 双重量化：absmax 再量化成 8 bit，每参数 4.5 -> 4.127 bit（01 实测）；CPU 上按 fp32 计算，
+        # 与 fp32 基线同精度，表里的差只来自 4-bit 存储
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
                                llm_int8_skip_modules=skip)
-    model, _ = models.load(args.resolved_model(), source=args.source, device=args.device,
-                           dtype="float32" if args.dtype == "auto" else args.dtype,
-                           trust_remote_code=args.trust_remote_code, quantization_config=q,
-                           device_map={"": 0} if cuda else {"": "cpu"})
+    model, _ = models.load_args(args, dtype=fp32_unless_set(args), quantization_config=q,
+                                device_map={"": 0} if cuda else {"": "cpu"})
     return model
 
 
+def fp32_unless_set(args: Args) -> str:
+    """基线统一 fp32：auto 在 GPU（和有原生 bf16 的 CPU）上会选 bf16，"量化前"就已丢了精度，表里的差被低估。"""
+    return "float32" if args.dtype == "auto" else args.dtype
+
+
 def main(args: Args) -> dict:
-    import torch
-
     args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
+    out = run.start(__file__, args)
 
-    # 1. 同一份留出文本（领域问答，或 --data 的 SFT 数据）
+    # 1. 同一份留出文本（领域问答，或 --data 的 SFT 数据）与同一个 fp32 模型：每种方法都从它出发
     train_texts, held = texts_from(args.data or data.DATA_DIR / "domain" / "sft.jsonl")
-    model, tok = models.load(args.resolved_model(), source=args.source, device=args.device,   # 基线统一 fp32
-                             dtype="float32" if args.dtype == "auto" else args.dtype,
-                             trust_remote_code=args.trust_remote_code)
+    held = held[:args.eval_samples]
+    model, tok = models.load_args(args, dtype=fp32_unless_set(args))
+    rows = [{"input_ids": tok(t, truncation=True, max_length=args.max_length)["input_ids"]} for t in held]
+    bench = bench_lib.Bench(tok, rows, held[0][:200], args.max_new_tokens, args.repeats, out.log)
 
-    def batches(texts, bs):
-        return [tok(texts[i:i + bs], return_tensors="pt", padding=True, truncation=True, max_length=args.max_length)
-                for i in range(0, len(texts), bs)]
+    # 2. 基线 fp32：后面每一行都和它比
+    table = {"fp32": bench.measure("fp32", model)}
 
-    eval_b = batches(held[:args.eval_samples], 8)
-    prompt = held[0][:200]
-    table = {}
+    # 3. 剪枝：非结构化（大小不变）vs 结构化（删行后的大小）；同样的比例，看"省不省空间"与"伤不伤困惑度"
+    table.update(prune_rows(model, bench, args.sparsities))
 
-    def record(name, m, size=None):
-        table[name] = {"ppl": round(perplexity(m, eval_b), 3), "size_mb": round(size or size_mb(m), 2),
-                       "latency_ms": round(latency_ms(m, tok, prompt, args.max_new_tokens, args.repeats), 2)}
-        out.log.info(f"{name:24s} ppl {table[name]['ppl']:9.3f}  {table[name]['size_mb']:8.2f} MB  "
-                     f"{table[name]['latency_ms']:7.2f} ms/token")
+    # 4. 动态 int8：不用校准数据，激活的缩放在运行时算，所以能直接套在任何模型上
+    table["dynamic_int8"] = bench.measure("dynamic_int8", dynamic_int8(model))
 
-    # 2. 基线 fp32
-    record("fp32", model)
+    # 5. bitsandbytes 8-bit（LLM.int8()，离群维度保持 fp16）与 4-bit NF4（QLoRA 的存储格式）
+    table["bnb_int8"] = bench.measure("bnb_int8", load_bnb(args, 8, out.log))
+    table["bnb_nf4"] = bench.measure("bnb_nf4", load_bnb(args, 4, out.log))
 
-    # 3. 剪枝：非结构化（大小不变）vs 结构化（删行后的大小）
-    for s in args.sparsities:
-        record(f"prune_unstructured_{s:g}", prune_copy(model, s, structured=False))
-        pm = prune_copy(model, s, structured=True)
-        record(f"prune_structured_{s:g}", pm, structured_size_mb(pm))
-
-    # 4. 动态 int8（torch 2.13 标记弃用但仍走 fbgemm/oneDNN 的 int8 GEMM）
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        record("dynamic_int8", quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8))
-
-    # 5. bitsandbytes 8-bit 与 4-bit NF4
-    record("bnb_int8", load_bnb(args, 8, out.log))
-    record("bnb_nf4", load_bnb(args, 4, out.log))
-
-    # 6. 蒸馏：同一个半深度学生、同样的批与步数，KD vs 纯交叉熵
-    train_b = batches(train_texts, args.per_device_train_batch_size)
-    curves = {}
-    for use_kd, name in ((True, "student_kd"), (False, "student_ce")):
-        torch.manual_seed(args.seed)
-        student = make_student(model)
-        curves[name] = train_student(model, student, train_b, args, use_kd)
-        record(name, student)
+    # 6. 蒸馏：同一个半深度学生、同样的批与步数，KD vs 纯交叉熵（只比一种训练会分不清是"蒸馏"还是"多训练了"的功劳）
+    table.update(distill_rows(model, tok, train_texts, bench, args))
     gain = table["student_ce"]["ppl"] / table["student_kd"]["ppl"]
     out.log.info(f"蒸馏：学生困惑度 KD {table['student_kd']['ppl']:.2f} vs 纯 CE {table['student_ce']['ppl']:.2f}"
                  f"（distill_gain = {gain:.3f}，>1 表示 KD 更好）")
 
-    # 7. 图：困惑度 vs 大小
-    fig, save = out.plot("ppl_vs_size.png")
-    ax = fig.add_subplot(111)
-    for name, r in table.items():
-        ax.scatter(r["size_mb"], r["ppl"])
-        ax.annotate(name, (r["size_mb"], r["ppl"]), fontsize=7)
-    ax.set_xlabel("size (MB, serialized state_dict)")
-    ax.set_ylabel("perplexity on held-out text")
-    ax.set_yscale("log")
-    ax.set_title(f"Compression trade-offs: {out.model_name}")
-    save()
+    # 7. 图：困惑度 vs 大小；"最优"按 ppl×MB 选：只看一项，剪光或不压缩就会赢
+    bench_lib.plot_tradeoffs(out, table)
     best = min((n for n in table if n != "fp32"), key=lambda n: table[n]["ppl"] * table[n]["size_mb"])
-    return out.finish({**table, "distill_gain": round(gain, 4), "eval_samples": len(held[:args.eval_samples])},
+    return out.finish({**table, "distill_gain": round(gain, 4), "eval_samples": len(held)},
                       summary=f"fp32 ppl {table['fp32']['ppl']:.2f}/{table['fp32']['size_mb']:.1f} MB；"
                               f"nf4 {table['bnb_nf4']['ppl']:.2f}/{table['bnb_nf4']['size_mb']:.1f} MB；"
                               f"int8 {table['dynamic_int8']['ppl']:.2f}；distill_gain {gain:.3f}；ppl×MB 最优 {best}")

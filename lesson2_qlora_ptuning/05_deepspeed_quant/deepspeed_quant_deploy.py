@@ -1,4 +1,4 @@
-"""量化推理并排比：fp32、bf16、bitsandbytes int8 与 NF4、DeepSpeed init_inference——延迟、内存、和 fp32 的一致性、困惑度。
+"""量化推理并排比：fp32、bf16、bitsandbytes int8/NF4、DeepSpeed init_inference——延迟、内存、与 fp32 的一致性、困惑度。
 
 每个变体都重新加载同一个模型，在同样的提示上贪心生成同样多的 token：
 - 延迟：每个请求（一条提示生成 max_new_tokens 个 token）的毫秒数，取 p50 / p95；
@@ -16,14 +16,14 @@ DeepSpeed：deepspeed.init_inference 在 CUDA 上用 replace_with_kernel_inject=
 
 你会看到（--smoke，tiny-llama，实测）：bf16 与 fp32 输出完全一致（agreement 1.00），bnb int8 0.84、NF4 0.89，
 困惑度变化都 < 0.3%；CPU 上的 DeepSpeed（不注入）与 fp32 完全一致。默认（smollm2，1.4 分钟）：
-bf16 一致 0.58、int8 0.25（ppl +2%）、NF4 0.10（ppl +31%），DeepSpeed（CPU 不注入）与 fp32 相同。图：latency_vs_agreement.png。
+bf16 一致 0.58、int8 0.25（ppl +2%）、NF4 0.10（ppl +31%），DeepSpeed（CPU 不注入）与 fp32 相同。
+图：latency_vs_agreement.png。
 """
 import gc
-import math
 import time
 from dataclasses import dataclass
 
-from common import cli, data, models, run, train
+from common import cli, data, lm, models, run, train
 from common.errors import UserError
 
 VARIANTS = ("fp32", "bf16", "bnb_int8", "bnb_nf4", "deepspeed")
@@ -40,27 +40,31 @@ class Args(cli.CommonArgs):
     smoke_model = "tiny-llama"
 
 
+# --smoke：6 条请求 × 16 个新 token，tiny-llama 上每个变体几秒；仍够算 p95 和逐位置一致性
 SMOKE = dict(num_prompts=6, max_new_tokens=16)
 
 
-
 def load_variant(args: Args, variant: str, cuda: bool, log):
-    """按变体加载（每次都从磁盘重新加载，内存从零量起）。"""
+    """按变体加载（每次都从磁盘重新加载，内存从零量起）。
+
+    不从 fp32 模型转换：转换时 fp32 原件和量化副本同时在内存里，量到的峰值是"两份"，不是部署时的一份。
+    """
     import torch
     from transformers import AutoConfig, BitsAndBytesConfig
 
     name, kw = args.resolved_model(), {}
+    # DeepSpeed 在 CUDA 上用 bf16 内核；fp32 是一致性与困惑度的参照，所以其它变体都相对它量
     dtype = "bfloat16" if variant == "bf16" or (cuda and variant == "deepspeed") else "float32"
     if variant == "bnb_int8":
         kw = dict(quantization_config=BitsAndBytesConfig(load_in_8bit=True))
     if variant == "bnb_nf4":
-        skip = ["lm_head"]
+        skip = ["lm_head"]   # 输出层保持原精度（transformers 的 bitsandbytes 集成默认也如此）：它直接决定 argmax
         if not cuda and AutoConfig.from_pretrained(models.resolve(name, args.source)).intermediate_size % 64:
             skip.append("down_proj")   # bitsandbytes 0.50 CPU 反量化内核的限制（见 01）
         kw = dict(quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32, llm_int8_skip_modules=skip))
-    if kw:
+    if kw:   # bitsandbytes 在加载时逐层量化：放在哪台设备上要在加载时由 device_map 指定
         kw["device_map"] = {"": 0} if cuda else {"": "cpu"}
     model, tok = models.load(name, source=args.source, device=args.device, dtype=dtype,
                              trust_remote_code=args.trust_remote_code, **kw)
@@ -79,7 +83,11 @@ def load_variant(args: Args, variant: str, cuda: bool, log):
 
 
 def generate_timed(model, tok, prompts: list[str], new_tokens: int) -> tuple[list[list[int]], list[float]]:
-    """逐条请求贪心生成固定个数的新 token，返回 (新 token 序列, 每条耗时 ms)。"""
+    """逐条请求贪心生成固定个数的新 token，返回 (新 token 序列, 每条耗时 ms)。
+
+    逐条而不是成批：部署时的延迟是"一个用户等多久"；min_new_tokens 让每个变体生成同样多的 token，
+    提前遇到 EOS 的变体不会显得更快，逐位置比较一致性时两边也等长。
+    """
     import torch
 
     outs, times = [], []
@@ -94,23 +102,6 @@ def generate_timed(model, tok, prompts: list[str], new_tokens: int) -> tuple[lis
     return outs, times
 
 
-def perplexity(model, tok, texts: list[str], max_length: int) -> float:
-    """留出文本的困惑度。"""
-    import torch
-
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for t in texts:
-            ids = tok(t, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
-            ids = ids.to(train.device_of(model))
-            if ids.shape[1] < 2:
-                continue
-            logits = model(input_ids=ids).logits[0, :-1].float()
-            nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-            n += ids.shape[1] - 1
-    return math.exp(nll / n)
-
-
 def pct(xs: list[float], q: float) -> float:
     """分位数（线性插值）。"""
     import numpy as np
@@ -118,11 +109,55 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q))
 
 
-def main(args: Args) -> dict:
+def measure_variant(args: Args, v: str, cuda: bool, prompts: list[str], ppl_rows: list[dict], log):
+    """一个变体：加载 -> 预热 -> 逐条生成计时 -> 困惑度。返回 (延迟与内存, 困惑度, 生成的 token)。
+
+    峰值内存把加载也算在里面：量化模型部署时的内存就是"加载 + 推理"，只量推理会漏掉反量化的临时副本。
+    """
     import psutil
 
+    gc.collect()
+    train.release_memory()   # 上一个变体释放的内存还给系统，RSS 基线才不被它抬高
+    rss0 = psutil.Process().memory_info().rss
+    with train.PeakMemory("cuda" if cuda else "cpu") as mem:
+        model, tok = load_variant(args, v, cuda, log)
+        generate_timed(model, tok, prompts[:1], 2)   # 预热：第一次调用有一次性开销
+        outs, times = generate_timed(model, tok, prompts, args.max_new_tokens)
+    # 一条一条算（batch_size=1，不填充）：各变体的困惑度只差在权重上，不受批内填充与矩阵形状的影响
+    ppl = lm.perplexity(model, ppl_rows, batch_size=1, pad_token_id=tok.pad_token_id)
+    memory = mem.peak_mb if cuda else (mem.peak_abs_mb * 2**20 - rss0) / 2**20
+    del model
+    row = {"latency_ms_p50": round(pct(times, 50), 1), "latency_ms_p95": round(pct(times, 95), 1),
+           "memory_mb": round(memory, 1)}
+    return row, ppl, outs
+
+
+def agreement(outs: list[list[int]], ref: list[list[int]]) -> float:
+    """与 fp32 逐位置相同的 token 比例。
+
+    第一次分歧后的 token 接在不同的上文后面，多半也不同：所以这个数也反映"多早偏离"。
+    """
+    same = sum(a == b for o, r in zip(outs, ref) for a, b in zip(o, r))
+    return same / sum(len(r) for r in ref)
+
+
+def plot_variants(out, table: dict, args: Args, cuda: bool) -> None:
+    """延迟 vs 一致性（点的大小 = 内存）：右上角（又慢又不准）的变体没有理由部署。"""
+    fig, save = out.plot("latency_vs_agreement.png")
+    ax = fig.add_subplot(111)
+    top = max(r["memory_mb"] for r in table.values()) or 1
+    for v, r in table.items():   # 内存可能量出负数（RSS 采样期间库释放了缓存），画图时按 0 算
+        ax.scatter(r["latency_ms_p50"], r["agreement"], s=40 + 400 * max(r["memory_mb"], 0) / top)
+        ax.annotate(f"{v} (ppl {r['ppl']:.1f})", (r["latency_ms_p50"], r["agreement"]), fontsize=7)
+    ax.set_xlabel(f"latency p50 per request (ms, {args.max_new_tokens} new tokens)")
+    ax.set_ylabel("greedy agreement with fp32")
+    ax.set_title(f"Quantized inference: {out.model_name} ({'CUDA' if cuda else 'CPU'}); marker size = memory")
+    save()
+
+
+def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
+    out = run.start(__file__, args)
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad or "fp32" not in args.variants:
         raise UserError(f"--variants {' '.join(args.variants)}: 只能从 {' / '.join(VARIANTS)} 里选，且必须包含 fp32"
@@ -131,53 +166,34 @@ def main(args: Args) -> dict:
     if "deepspeed" in args.variants:
         import deepspeed  # noqa: F401 - 先导入：库本身的内存不算进 DeepSpeed 变体的峰值
 
-    # 1. 同样的请求（领域问题，套对话模板）与同样的留出文本
+    # 1. 同样的请求（领域问题，套对话模板：聊天模型部署时看到的就是这个格式）与同样的留出文本
     convs = data.load_sft(args.data or data.DATA_DIR / "domain" / "sft.jsonl")
     _, held = data.split(convs, 0.2, args.seed)
     tok = models.load_tokenizer(out.model_name, args.source, args.trust_remote_code)
     prompts = [data.prompt_text(tok, c[:-1]) for c in held[:args.num_prompts]]
     texts = ["\n".join(m["content"] for m in c) for c in held[:args.ppl_samples]]
+    ppl_rows = [{"input_ids": tok(t, truncation=True, max_length=args.max_length)["input_ids"]} for t in texts]
     if len(prompts) < 2:
         raise UserError(f"--data {args.data}: 留出部分不足 2 条对话，无法计时")
 
-    # 2. 每个变体：加载 -> 逐条生成计时 -> 困惑度；fp32 最先跑，作为参照
+    # 2. 每个变体：加载 -> 逐条生成计时 -> 困惑度；fp32 最先跑，作为一致性的参照
     table, ref = {}, None
     for v in ["fp32"] + [x for x in args.variants if x != "fp32"]:
-        gc.collect()
-        train.release_memory()
-        rss0 = psutil.Process().memory_info().rss
-        with train.PeakMemory("cuda" if cuda else "cpu") as mem:
-            model, tok = load_variant(args, v, cuda, out.log)
-            generate_timed(model, tok, prompts[:1], 2)   # 预热：第一次调用有一次性开销
-            outs, times = generate_timed(model, tok, prompts, args.max_new_tokens)
-        ppl = perplexity(model, tok, texts, args.max_length)
-        memory = mem.peak_mb if cuda else (mem.peak_abs_mb * 2**20 - rss0) / 2**20
-        if ref is None:
-            ref = outs
-        same = sum(a == b for o, r in zip(outs, ref) for a, b in zip(o, r))
-        agreement = same / sum(len(r) for r in ref)
-        table[v] = {"latency_ms_p50": round(pct(times, 50), 1), "latency_ms_p95": round(pct(times, 95), 1),
-                    "memory_mb": round(memory, 1), "agreement": round(agreement, 4), "ppl": round(ppl, 3)}
-        out.log.info(f"{v:10s} p50 {table[v]['latency_ms_p50']:8.1f} ms  p95 {table[v]['latency_ms_p95']:8.1f} ms  "
-                     f"内存 {memory:8.1f} MB  与 fp32 一致 {agreement:.3f}  ppl {ppl:.3f}")
-        del model
+        row, ppl, outs = measure_variant(args, v, cuda, prompts, ppl_rows, out.log)
+        ref = outs if ref is None else ref
+        same = agreement(outs, ref)
+        table[v] = {**row, "agreement": round(same, 4), "ppl": round(ppl, 3)}
+        out.log.info(f"{v:10s} p50 {row['latency_ms_p50']:8.1f} ms  p95 {row['latency_ms_p95']:8.1f} ms  "
+                     f"内存 {row['memory_mb']:8.1f} MB  与 fp32 一致 {same:.3f}  ppl {ppl:.3f}")
+    # 困惑度的差（而不是比值）：量化误差小时，差值在几位小数上就看得出来
     for r in table.values():
         r["ppl_delta"] = round(r["ppl"] - table["fp32"]["ppl"], 4)
 
     # 3. 图：延迟 vs 一致性（点的大小 = 内存）
-    fig, save = out.plot("latency_vs_agreement.png")
-    ax = fig.add_subplot(111)
-    top = max(r["memory_mb"] for r in table.values()) or 1
-    for v, r in table.items():
-        ax.scatter(r["latency_ms_p50"], r["agreement"], s=40 + 400 * max(r["memory_mb"], 0) / top)
-        ax.annotate(f"{v} (ppl {r['ppl']:.1f})", (r["latency_ms_p50"], r["agreement"]), fontsize=7)
-    ax.set_xlabel(f"latency p50 per request (ms, {args.max_new_tokens} new tokens)")
-    ax.set_ylabel("greedy agreement with fp32")
-    ax.set_title(f"Quantized inference: {out.model_name} ({'CUDA' if cuda else 'CPU'}); marker size = memory")
-    save()
+    plot_variants(out, table, args, cuda)
     return out.finish({**table, "device": "cuda" if cuda else "cpu", "requests": len(prompts)},
-                      summary="；".join(f"{v} p50 {r['latency_ms_p50']:.0f} ms/一致 {r['agreement']:.2f}/ppl {r['ppl']:.2f}"
-                                       for v, r in table.items()))
+                      summary="；".join(f"{v} p50 {r['latency_ms_p50']:.0f} ms/一致 {r['agreement']:.2f}"
+                                       f"/ppl {r['ppl']:.2f}" for v, r in table.items()))
 
 
 if __name__ == "__main__":

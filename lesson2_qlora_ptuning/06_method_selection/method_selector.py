@@ -12,7 +12,7 @@
 架构只给了参数量时按 h = (128·P/12)^(1/3)、L = h/128、i = 8h/3 估（Llama 类的比例）。
 
 运行：
-  python lesson2_qlora_ptuning/06_method_selection/method_selector.py            # 在 tiny-llama 与 smollm2-135m 上实测验证
+  python lesson2_qlora_ptuning/06_method_selection/method_selector.py            # tiny-llama 与 smollm2-135m 上实测
   python lesson2_qlora_ptuning/06_method_selection/method_selector.py --smoke    # 只测 tiny-llama
   python lesson2_qlora_ptuning/06_method_selection/method_selector.py --params 7e9 --gpu-mem-gb 24 --gpus 1 \\
       --data-size 5000 --goal quality                                            # 你的情况
@@ -64,13 +64,16 @@ SMOKE = dict(measure_models=["tiny-llama:8x256"])
 
 
 def shape_of(cfg) -> dict:
-    """从 transformers config 取公式需要的维度。"""
+    """从 transformers config 取公式需要的维度（kv 维单算：GQA 模型的 K/V 投影比 Q 小，参数和前缀都按它算）。"""
     kv = cfg.hidden_size // cfg.num_attention_heads * getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
     return dict(h=cfg.hidden_size, L=cfg.num_hidden_layers, i=cfg.intermediate_size, V=cfg.vocab_size, kv=kv)
 
 
 def shape_from_params(p: float) -> dict:
-    """只知道参数量时：已知的 7B/70B 用真实形状，否则按 Llama 比例推。"""
+    """只知道参数量时：已知的 7B/70B 用真实形状，否则按 Llama 比例推。
+
+    激活项 ∝ 层数 × 隐藏维，同样的参数量"宽而浅"与"窄而深"差好几倍；能用真实形状就不要用推出来的。
+    """
     if p in SHAPES:
         h, L, i, V, kv = SHAPES[p]
     else:
@@ -85,17 +88,18 @@ def estimate(s: dict, method: str, batch: int, seq: int, r: int, n_virtual: int,
     h, L, i, V, kv = s["h"], s["L"], s["i"], s["V"], s["kv"]
     p_lin = L * (h * (2 * h + 2 * kv) + 3 * h * i)
     p_all = p_lin + V * h + L * 2 * h + h      # embedding 与 lm_head 绑定时只算一次
-    w = 2 if gpu else 4
+    w = 2 if gpu else 4   # GPU 按 bf16 估；CPU 实测用 fp32——公式和实测同口径，验证才有意义
     trainable = {"full": p_all, "lora": L * r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3),
                  "qlora": L * r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3),
                  "ptuning_v2": L * 2 * n_virtual * kv}[method]
     weights = p_lin * 4.127 / 8 + (p_all - p_lin) * w if method == "qlora" else p_all * w
     grads = trainable * w
-    optim = trainable * (12 if gpu else 8)
+    optim = trainable * (12 if gpu else 8)   # AdamW 的 m、v 各一份 fp32；GPU 混合精度再加 fp32 主权重
     T = batch * seq
     per_layer = T * h * w if ckpt else T * (10 * h + 4 * i) * w
+    # 词表项按 fp32：logits 要在 fp32 下做 softmax 才不溢出；smollm2 的 49k 词表让这一项常是激活的大头
     acts = L * per_layer + (T * (10 * h + 4 * i) * w if ckpt else 0) + 3 * T * V * 4
-    shard = gpus if gpus > 1 else 1
+    shard = gpus if gpus > 1 else 1   # ZeRO-3 只切模型状态；激活是每张卡自己那份微批的，不切
     return {"weights": weights / shard, "grads": grads / shard, "optimizer": optim / shard, "activations": acts,
             "total": (weights + grads + optim) / shard + acts}
 
@@ -110,7 +114,9 @@ def build(name: str, method: str, args: Args):
     kw = {}
     if method == "qlora":
         cfg = AutoConfig.from_pretrained(models.resolve(name))
-        skip = ["lm_head"] + (["down_proj"] if cfg.intermediate_size % 64 else [])   # bitsandbytes CPU 内核的限制，见 01
+        # lm_head 不量化（bitsandbytes 4-bit 加载的惯例）；down_proj 行长不是 64 倍数时 bitsandbytes 的 CPU 内核
+        # 反量化算错（01 量出来的），这类层保持 fp32
+        skip = ["lm_head"] + (["down_proj"] if cfg.intermediate_size % 64 else [])
         kw = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                          bnb_4bit_use_double_quant=True,
                                                          bnb_4bit_compute_dtype=torch.float32,
@@ -184,12 +190,13 @@ def recommend(p: float, gpu_mem_gb: float, gpus: int, data_size: int, goal: str,
     return {"method": choice, "estimate_gb": {m: round(v, 1) for m, v in est.items()}}
 
 
-def main(args: Args) -> dict:
-    args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
+def validate_formula(args: Args, log) -> tuple[list[dict], dict]:
+    """每个实测模型 × 每种方法：公式估计 vs 实测峰值。返回 (逐行结果, 每种方法的各次误差 %)。
+
+    先在 CPU fp32 上验证公式（能实测的地方），再用同一个公式去估 GPU bf16 的情况：公式错了，建议表就跟着错。
+    """
     from transformers import AutoConfig
 
-    # 1. 用公式估，再在本机实测，比较每种方法的误差
     errors, rows = {m: [] for m in METHODS}, []
     # 预热一次（结果丢掉）：进程里第一次训练步会一次性分配库的缓存、线程池，算进哪个方法都不公平
     specs = [measure_spec(x, args) for x in args.measure_models]
@@ -197,24 +204,18 @@ def main(args: Args) -> dict:
     for name, b, t in specs:
         s = shape_of(AutoConfig.from_pretrained(models.resolve(name)))
         for m in METHODS:
-            est = estimate(s, m, b, t, args.lora_r, args.num_virtual_tokens,
-                           gpu=False)["total"] / 2**20
+            est = estimate(s, m, b, t, args.lora_r, args.num_virtual_tokens, gpu=False)["total"] / 2**20
             meas = measure(name, m, args, b, t)
-            err = (est - meas) / meas * 100
+            err = (est - meas) / meas * 100   # 相对实测：公式偏大为正（宁可高估，放不下比浪费一点显存更糟）
             errors[m].append(err)
-            rows.append({"model": name, "batch": f"{b}x{t}", "method": m, "estimate_mb": round(est, 1), "measured_mb": round(meas, 1),
-                         "error_pct": round(err, 1)})
-            out.log.info(f"{name:14s} {m:11s} 公式 {est:8.1f} MB  实测 {meas:8.1f} MB  误差 {err:+6.1f}%")
-    worst = {m: round(max(v, key=abs), 1) for m, v in errors.items()}
+            rows.append({"model": name, "batch": f"{b}x{t}", "method": m, "estimate_mb": round(est, 1),
+                         "measured_mb": round(meas, 1), "error_pct": round(err, 1)})
+            log.info(f"{name:14s} {m:11s} 公式 {est:8.1f} MB  实测 {meas:8.1f} MB  误差 {err:+6.1f}%")
+    return rows, errors
 
-    # 2. 典型情况的建议表 + 你的情况
-    recs = [{"case": c, "goal": "quality", **recommend(p, g, n, 10000, "quality", args)} for c, p, g, n in CASES]
-    for r in recs:
-        out.log.info(f"{r['case']:16s} -> {r['method']:10s} 估计显存 GB {r['estimate_gb']}")
-    mine = recommend(args.params, args.gpu_mem_gb, args.gpus, args.data_size, args.goal, args)
-    out.log.info(f"你的情况 {args.params:.3g} 参数、{args.gpus}×{args.gpu_mem_gb:g} GB、{args.data_size} 条、"
-                 f"目标 {args.goal} -> {mine['method']}")
 
+def plot_estimates(out, rows: list[dict]) -> None:
+    """公式估计 vs 实测峰值的散点，y = x 与 ±25% 两条参考线：点落在两线之间，公式就够用来选型。"""
     fig, save = out.plot("estimate_vs_measured.png")
     ax = fig.add_subplot(111)
     for r in rows:
@@ -228,6 +229,26 @@ def main(args: Args) -> dict:
     ax.set_title("Memory formula vs measured peak (one training step, CPU fp32)")
     ax.legend(fontsize=6)
     save()
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+
+    # 1. 用公式估，再在本机实测，比较每种方法的误差：没验证过的公式给出的建议不可信
+    rows, errors = validate_formula(args, out.log)
+    worst = {m: round(max(v, key=abs), 1) for m, v in errors.items()}
+
+    # 2. 典型情况的建议表 + 你的情况（典型情况固定 10000 条数据，只看显存放不放得下）
+    recs = [{"case": c, "goal": "quality", **recommend(p, g, n, 10000, "quality", args)} for c, p, g, n in CASES]
+    for r in recs:
+        out.log.info(f"{r['case']:16s} -> {r['method']:10s} 估计显存 GB {r['estimate_gb']}")
+    mine = recommend(args.params, args.gpu_mem_gb, args.gpus, args.data_size, args.goal, args)
+    out.log.info(f"你的情况 {args.params:.3g} 参数、{args.gpus}×{args.gpu_mem_gb:g} GB、{args.data_size} 条、"
+                 f"目标 {args.goal} -> {mine['method']}")
+
+    # 3. 图：公式 vs 实测；±25% 是选型够用的精度（显存档位 24/48/80 GB 之间差 2 倍左右）
+    plot_estimates(out, rows)
     within = all(abs(e) <= 25 for v in errors.values() for e in v)
     return out.finish({"estimate_error_pct": worst, "within_25pct": within, "measurements": rows,
                        "recommendations": recs, "your_case": {"params": args.params, "gpu_mem_gb": args.gpu_mem_gb,
