@@ -45,3 +45,27 @@ def test_bad_qa_reports_file_and_line(tmp_path, run_script):
     assert proc.returncode == 2
     assert f"{bad}:2" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_fts5_matches_any_word_and_time_queries_warms_up(tmp_path):
+    """_stores.FTS5Index 把问题的词用 OR 连起来：FTS5 默认的 AND 要求每个词都出现，自然语言的问题几乎搜不到。
+
+    基线在同一个测试里：同一个库、同样的词，按 FTS5 默认语法（AND）查，一条也没有。
+    """
+    from common import retrieval
+
+    stores = load_script(SCRIPT).stores
+    texts = ["退货政策：签收后七天内可无理由退货。", "客服热线每天九点到二十一点有人接听。",
+             "The S9 doorbell keeps clips for 7 days."]
+    index = stores.FTS5Index(texts, tmp_path / "fts.sqlite")
+    question = "客服热线几点下班？"
+    assert index.search(question, k=3)[0][0] == 1                            # OR：共享"客服""热线"的块排第一
+    and_query = " ".join(f'"{w}"' for w in retrieval.bm25_tokens(question))
+    rows = index.con.execute("SELECT rowid FROM fts WHERE fts MATCH ?", (and_query,)).fetchall()
+    assert rows == []                                                        # AND：问题里的"几点""下班"不在任何块里
+    assert index.search("？！", k=3) == []                                  # 没有可用的词：返回空而不是语法错误
+    calls = []
+    ranked, lat = stores.time_queries(lambda i: calls.append(i) or [i], n_queries=3, repeats=2)
+    assert ranked == [[0], [1], [2]] and len(lat) == 6                        # 每题 repeats 次计时
+    assert calls == [0, 1, 2] * 3                                            # 先预热一轮（不计时），再计时 2 轮
+

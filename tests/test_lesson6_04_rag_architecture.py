@@ -3,8 +3,9 @@
 冒烟用极小模型（约 1M 参数、只在课程语料上预训练过）：它答不出问题，所以这里不断言 "RAG > 闭卷"，
 而断言检索到的资料里确有答案（context_answer_rate）——这是 RAG 能赢的前提；"RAG 准确率 > 闭卷" 由默认运行
 （smollm2-135m）实测，见 README。
-重排：冒烟只训一小会儿，重排器很弱，dev 上挑出的融合权重常常是 0（= 不用它）；所以重排能带来什么，
-在第一阶段漏掉金标的真实案例上单独验证（test_rerank_lifts_gold_the_first_stage_missed）。
+重排：冒烟只训一小会儿，重排器很弱，dev 上挑出的融合权重常常是 0（= 不用它）；所以重排能带来什么、
+权重怎么挑，在第一阶段漏掉金标的真实案例上用"知道金标"的打分器单独验证（好的打分器必须被采用并抬高排名，
+坏的必须被权重 0 挡住：test_rerank_weight_follows_reranker_quality）。
 """
 import json
 import logging
@@ -18,11 +19,9 @@ SCRIPT = "lesson6_rag/04_rag_architecture/rag_architecture_demo.py"
 def test_retrieve_rerank_generate(tmp_path, tiny_models):
     mod = load_script(SCRIPT)
     m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
-    # 重排只改顺序：前 N 个候选的集合不变，所以 recall@N 不变；权重从 dev 网格里挑，w=0 时与第一阶段完全相同
-    assert m["rerank_weight"] in (0.0, 0.5, 1.0, 2.0, 100.0)
-    if m["rerank_weight"] == 0.0:
-        assert (m["mrr_after_rerank"], m["recall_at_5_after_rerank"]) == (m["mrr_before_rerank"],
-                                                                        m["recall_at_5_before_rerank"])
+    # 融合权重是 dev 网格上 (MRR, recall@5) 最好的那个（并列取更信重排器的）
+    dev = {float(w): tuple(v) for w, v in m["rerank_dev"].items()}
+    assert m["rerank_weight"] == max(dev, key=lambda w: (dev[w], w))
     assert m["reranker_train_pairs"] > 0 and m["reranker_loss"] is not None
     # 中文为主的知识库上 BM25 强于英文 MiniLM 向量检索
     assert m["retrievers"]["bm25"]["mrr"] > m["retrievers"]["dense"]["mrr"]
@@ -36,9 +35,13 @@ def test_retrieve_rerank_generate(tmp_path, tiny_models):
     assert saved["recall_at_5_after_rerank"] == m["recall_at_5_after_rerank"]
 
 
-def test_rerank_lifts_gold_the_first_stage_missed():
-    """第一阶段用中文上弱的向量检索、候选池取 20：有金标在池子里却不在前 5 的题。一个把金标打高分的交叉编码器
-    （这里用知道金标的打分器代替训练好的模型）经 rerank + fuse 后，recall@5 必须严格上升到池子的召回。"""
+def test_rerank_weight_follows_reranker_quality():
+    """第一阶段用中文上弱的向量检索、候选池取 20：有金标在池子里却不在前 5 的题。
+
+    好的打分器（把金标打高分）：rerank + fuse 后 recall@5 必须严格上升到池子的召回，dev 上挑出的权重 > 0。
+    坏的打分器（把金标打低分）：单用它 MRR 低于第一阶段，dev 上必须挑出权重 0，融合结果与第一阶段逐题相同。
+    两个打分器用的是同一批题、同一个池子：第一阶段就是对照。
+    """
     mod = load_script(SCRIPT)
     args = cli.with_smoke(mod.Args(smoke=True, first_stage="dense", candidates=20), mod.SMOKE)
     kb = mod.load_kb(args, "cpu", logging.getLogger("test"))
@@ -47,18 +50,29 @@ def test_rerank_lifts_gold_the_first_stage_missed():
                                             None)["dense"]]
     gold = {(q["question"], c.text) for q in qs for c in kb["chunks"] if retrieval.is_hit(c, q, kb["by_id"])}
 
-    class Oracle:   # 与 CrossEncoder.predict 同样的接口
-        def predict(self, pairs, show_progress_bar=False):
-            return [float(p in gold) for p in pairs]
+    class Scorer:   # 与 CrossEncoder.predict 同样的接口；sign=+1 偏爱金标，-1 把金标压到最后
+        def __init__(self, sign: float):
+            self.sign = sign
 
-    reranked = mod.rerank(Oracle(), kb["chunks"], qs, pool)
-    assert all(sorted(a) == sorted(b) for a, b in zip(reranked, pool))          # 只改顺序，不增删候选
-    assert mod.fuse(pool, reranked, 0.0) == pool                                 # 权重 0 = 只信第一阶段
+        def predict(self, pairs, show_progress_bar=False):
+            return [self.sign * float(p in gold) for p in pairs]
+
     hits = lambda ranked: retrieval.hits_matrix(ranked, qs, kb["chunks"], kb["by_id"])  # noqa: E731
     before, pool_recall = retrieval.recall_at_k(hits(pool), 5), retrieval.recall_at_k(hits(pool), 20)
     assert before < pool_recall, "这组设置下第一阶段应当有漏在 5 名之外的金标"
+
+    good = mod.rerank(Scorer(1.0), kb["chunks"], qs, pool)
+    assert all(sorted(a) == sorted(b) for a, b in zip(good, pool))             # 只改顺序，不增删候选
     for w in (1.0, 100.0):
-        assert retrieval.recall_at_k(hits(mod.fuse(pool, reranked, w)), 5) == pool_recall > before
+        assert retrieval.recall_at_k(hits(mod.fuse(pool, good, w)), 5) == pool_recall > before
+    weight, _ = mod.pick_weight(Scorer(1.0), kb["chunks"], kb["by_id"], qs, pool)
+    assert weight > 0
+
+    bad = mod.rerank(Scorer(-1.0), kb["chunks"], qs, pool)
+    assert retrieval.mrr(hits(bad)) < retrieval.mrr(hits(pool))               # 单用坏重排器：比第一阶段差
+    weight, score = mod.pick_weight(Scorer(-1.0), kb["chunks"], kb["by_id"], qs, pool)
+    assert weight == 0.0 and score[0.0] > score[100.0]
+    assert mod.fuse(pool, bad, weight) == pool                                  # 权重 0：坏重排器被完全挡住
 
 
 def test_citation_parsing():

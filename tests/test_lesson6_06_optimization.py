@@ -48,17 +48,17 @@ def test_inflated_baseline_fires_alert(smoke, tmp_path, capfd):
     """同一次冒烟的结果，对比一个虚高 0.2 的基线：必须报警；对比自带基线：不报警（不必再跑一遍扫描）。"""
     mod, m, _ = smoke
     base = json.loads((mod.HERE / "baseline_smoke.json").read_text(encoding="utf-8"))
-    current = {k: m["best_test"][k] for k in mod.COMPARED}
-    assert mod.compare_baseline(mod.HERE / "baseline_smoke.json", m["fingerprint"], current, 0.02) == []
+    current = {k: m["best_test"][k] for k in mod.guard.COMPARED}
+    assert mod.guard.compare_baseline(mod.HERE / "baseline_smoke.json", m["fingerprint"], current, 0.02) == []
     base["metrics"] = {k: min(1.0, v + 0.2) for k, v in base["metrics"].items()}   # 虚高 0.2，远超容差
     path = tmp_path / "inflated.json"
     path.write_text(json.dumps(base), encoding="utf-8")
-    drops = mod.compare_baseline(path, m["fingerprint"], current, 0.02)
+    drops = mod.guard.compare_baseline(path, m["fingerprint"], current, 0.02)
     assert drops and "recall_at_5" in drops[0]
     assert "ALERT" in capfd.readouterr().err
     base["fingerprint"]["docs"] += 1                                               # 另一份数据：不可比
     path.write_text(json.dumps(base), encoding="utf-8")
-    assert mod.compare_baseline(path, m["fingerprint"], current, 0.02) is None
+    assert mod.guard.compare_baseline(path, m["fingerprint"], current, 0.02) is None
 
 
 def test_bad_qa_file_names_line(run_script, tmp_path):

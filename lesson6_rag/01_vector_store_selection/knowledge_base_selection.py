@@ -4,17 +4,18 @@
 召回换速度，服务模式多一跳网络，全文检索不需要向量模型却常常在中文上更准（默认 MiniLM 是英文模型）。
 
 运行：
-  python lesson6_rag/01_vector_store_selection/knowledge_base_selection.py           # CPU，全部 44 篇文档，空闲 2 核约 20 秒
-  python lesson6_rag/01_vector_store_selection/knowledge_base_selection.py --smoke   # 12 篇文档（SMOKE），约 12 秒
+  python lesson6_rag/01_vector_store_selection/knowledge_base_selection.py          # CPU，全部 44 篇，空闲 2 核约 20 秒
+  python lesson6_rag/01_vector_store_selection/knowledge_base_selection.py --smoke  # 12 篇文档（SMOKE），约 12 秒
   python lesson6_rag/01_vector_store_selection/knowledge_base_selection.py \
       --embedding-model BAAI/bge-small-zh-v1.5 --es-url http://127.0.0.1:9200 \
-      --config configs/lesson6/knowledge_base_selection.yaml     # 中文向量模型 + 真实 Elasticsearch（需要能联网/有服务）
+      --config configs/lesson6/knowledge_base_selection.yaml   # 中文向量模型 + 真实 Elasticsearch（需联网/有服务）
 
 你会看到（默认运行：330 块、135 题）：FAISS Flat 相对精确检索的 recall@10 = 1.0（它就是精确检索）；
 HNSW ≈ 1.0（efSearch=32）；IVF 随 --nprobe 变化（nlist=18，nprobe=1/2/4 约 0.55/0.81/0.93，扫全部簇 = 1.0）；
 Chroma 嵌入式与 HTTP 服务召回都是 1.0，但每次查询 p50 约 0.6 / 1.4 毫秒（服务模式多一次 HTTP 往返），
-FAISS 只要约 10 微秒；全文检索（FTS5 / BM25）的 recall@10 是对照问答金标算的。任务召回（金标 recall@5）：MiniLM 向量检索约 0.45，
-其中中文只有约 0.2、英文约 0.8；FTS5 / BM25 约 0.68（中文约 0.74）—— 向量不一定更好，中文请换中文向量模型。
+FAISS 只要约 10 微秒；全文检索（FTS5 / BM25）的 recall@10 是对照问答金标算的。
+任务召回（金标 recall@5）：MiniLM 向量检索约 0.45，其中中文只有约 0.2、英文约 0.8；FTS5 / BM25 约 0.68
+（中文约 0.74）—— 向量不一定更好，中文请换中文向量模型。
 输出目录里有 metrics.json、features.md（功能对比表）和 stores.png（延迟、召回与旋钮扫描图）。
 """
 
@@ -42,19 +43,10 @@ class Args(retrieval.KBArgs):
 
 
 SMOKE = dict(max_docs=12, repeats=1)   # 冒烟：均匀抽 12 篇文档（问答跟着抽），延迟只测 1 轮
-K = 10
-FULLTEXT_FEATURES = {   # 全文检索引擎的功能（向量库的那几行由下面实测得出）
-    "elasticsearch": {"过滤": "bool/filter 查询", "持久化": "有（分片落盘）", "更新": "按 _id 覆盖写",
-                      "删除": "DELETE /_doc/<id>", "服务模式": "有（本身就是服务）"},
-    "sqlite_fts5": {"过滤": "SQL WHERE（可 JOIN 元数据表）", "持久化": "单个 .sqlite 文件", "更新": "UPDATE",
-                    "删除": "DELETE", "服务模式": "无（进程内的库）"},
-    "rank_bm25": {"过滤": "无（只能查完再筛）", "持久化": "无（自己 pickle）", "更新": "无：整体重建",
-                  "删除": "无：整体重建", "服务模式": "无（纯 Python 库）"}}
-
-
-def rss() -> int:
-    """本进程当前常驻内存（字节）。"""
-    return __import__("psutil").Process().memory_info().rss
+K = 10   # recall@10：RAG 常取前 5~10 块进提示词；比 10 块的重合，近似索引的"漏检"才看得出来
+# 全文检索后端（FTS5 / Elasticsearch）与计时只有这一课用：放在旁边的 _stores.py
+stores = run.import_sibling(__file__, "_stores")
+reporting = run.import_sibling(__file__, "_report")   # 功能对比表（features.md）与图（stores.png）
 
 
 class Bench:
@@ -65,8 +57,12 @@ class Bench:
         self.exact: list[list[int]] = []   # FAISS Flat 的精确 top-10：向量库召回的"标准答案"
 
     def vs_exact(self, ranked) -> float:
-        """每个问题的 top-10 与精确 top-10 的重合比例，取平均。"""
-        return round(sum(len(set(list(r)[:K]) & set(e)) / len(e) for r, e in zip(ranked, self.exact)) / len(ranked), 4)
+        """每个问题的 top-10 与精确 top-10 的重合比例，取平均。
+
+        向量库的召回对照精确检索而不是金标：近似索引丢的是"本该返回的近邻"，对照金标会把向量模型本身的错也算进来。
+        """
+        overlap = [len(set(list(r)[:K]) & set(e)) / len(e) for r, e in zip(ranked, self.exact)]
+        return round(sum(overlap) / len(ranked), 4)
 
     def record(self, name: str, ranked, lat, build_s, index_bytes, rss_delta, vector: bool) -> None:
         """一个库的全部指标：建库时间、延迟、召回（相对精确检索或对照金标）、任务召回@5、大小。"""
@@ -75,6 +71,7 @@ class Bench:
         qas = self.kb["qas"]
         hits = retrieval.hits_matrix(ranked, qas, self.kb["chunks"], self.kb["by_id"])
         gold10 = retrieval.recall_at_k(hits, K)
+        # p95 与 p50 一起报：服务模式偶尔一次慢请求（GC、网络抖动）只看平均是看不出来的
         r = self.results[name] = {
             "build_s": round(build_s, 4), "p50_ms": round(float(np.percentile(lat, 50)), 3),
             "p95_ms": round(float(np.percentile(lat, 95)), 3),
@@ -84,7 +81,8 @@ class Bench:
             "recall_at_5_gold_by_lang": retrieval.recall_by_lang(hits, qas, 5), "index_bytes": int(index_bytes),
             "rss_delta_bytes": None if rss_delta is None else int(rss_delta)}
         self.log.info("%-16s 建库 %.3fs  p50 %.2fms  p95 %.2fms  recall@10(%s)=%.3f  金标 recall@5=%.3f", name,
-                      r["build_s"], r["p50_ms"], r["p95_ms"], r["recall_kind"], r["recall_at_10"], r["recall_at_5_gold"])
+                      r["build_s"], r["p50_ms"], r["p95_ms"], r["recall_kind"], r["recall_at_10"],
+                      r["recall_at_5_gold"])
 
 
 def load_and_embed(args: Args, log) -> dict:
@@ -93,7 +91,8 @@ def load_and_embed(args: Args, log) -> dict:
         raise UserError("--docs 需要配套的 --qa（问题的 doc_id/gold_passage 要指向你的文档，才能算任务召回）")
     docs, by_id, qas = retrieval.load_kb(args.docs, args.qa, args.max_docs, args.max_questions)
     chunks = retrieval.chunk_documents(docs, args.chunk_size, args.chunk_overlap)
-    embedder = retrieval.load_embedder(args.embedding_model, str(models.pick_device(args.device)))   # 只有向量化用 GPU
+    # 只有向量化用 GPU；向量只算一次、各库共用：否则建库时间里混进了编码时间，比的就不是库了
+    embedder = retrieval.load_embedder(args.embedding_model, str(models.pick_device(args.device)))
     kb = {"docs": docs, "by_id": by_id, "qas": qas, "chunks": chunks,
           "vecs": retrieval.embed(embedder, [c.text for c in chunks]),
           "qvecs": retrieval.embed(embedder, [q["question"] for q in qas]),
@@ -103,20 +102,34 @@ def load_and_embed(args: Args, log) -> dict:
     return kb
 
 
+def faiss_features(faiss, index) -> dict:
+    """FAISS 索引的功能行；删除一栏是实测的：IVF/Flat 支持 remove_ids，HNSW 的图删点会断边，faiss 直接报错。"""
+    import numpy as np
+
+    try:   # 在索引的副本上试：原索引还要留给后面的旋钮扫描
+        ok = faiss.clone_index(index).remove_ids(np.array([0], dtype="int64")) >= 0
+    except RuntimeError:
+        ok = False
+    return {"过滤": "IDSelector（按 id 集合/区间，元数据要自己管）", "持久化": "write_index 写文件",
+            "更新": "无原地更新：remove_ids + 重新 add" if ok else "不支持：只能重建",
+            "删除": f"remove_ids（实测{'可用' if ok else '报错，只能重建'}）", "服务模式": "无（进程内的库）"}
+
+
 def bench_faiss(args: Args, kb: dict, bench: Bench) -> dict:
     """Flat 是精确检索（其它向量库的"标准答案"），IVF 先聚类再只搜 nprobe 个簇，HNSW 走近邻图；再扫两个旋钮。"""
     import faiss
-    import numpy as np
 
     vecs, qvecs, nq = kb["vecs"], kb["qvecs"], len(kb["qas"])
+    # nlist = √N：faiss wiki 建议 4√N~16√N 且每簇 ≥39 个训练点，几百个块时两条做不到一起；取 √N 让每簇还有约 √N 个点
     d, nlist = vecs.shape[1], max(1, round(len(kb["chunks"]) ** 0.5))
     ivf_quantizer = faiss.IndexFlatIP(d)   # IVF 持有它的指针，要活得和 IVF 一样久
+    # 向量已归一化，内积 = 余弦：三种索引用同一种相似度，召回差异才只来自"近似"本身
     builders = {"faiss_flat": lambda: faiss.IndexFlatIP(d),
                 "faiss_ivf": lambda: faiss.IndexIVFFlat(ivf_quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT),
                 "faiss_hnsw": lambda: faiss.IndexHNSWFlat(d, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)}
     indexes = {}
     for name, make in builders.items():
-        r0, t = rss(), time.perf_counter()
+        r0, t = stores.rss(), time.perf_counter()
         index = indexes[name] = make()
         if name == "faiss_ivf":
             index.train(vecs)   # 块数 < 39×nlist 时 faiss 会警告训练点不足：小库上 IVF 本就不划算，照实报告
@@ -124,26 +137,21 @@ def bench_faiss(args: Args, kb: dict, bench: Bench) -> dict:
         if name == "faiss_hnsw":
             index.hnsw.efSearch = args.ef_search
         index.add(vecs)
-        build_s, rss_delta = time.perf_counter() - t, rss() - r0
-        ranked, lat = retrieval.time_queries(lambda i, ix=index: ix.search(qvecs[i:i + 1], K)[1][0].tolist(), nq,
-                                             args.repeats)
+        build_s, rss_delta = time.perf_counter() - t, stores.rss() - r0
+        # 一次只查一个问题：线上是一个请求一个问题，批量查询的平均延迟会把单次延迟摊薄
+        ranked, lat = stores.time_queries(lambda i, ix=index: ix.search(qvecs[i:i + 1], K)[1][0].tolist(), nq,
+                                          args.repeats)
         if name == "faiss_flat":
             bench.exact = [[i for i in r if i >= 0] for r in ranked]
         bench.record(name, ranked, lat, build_s, faiss.serialize_index(index).nbytes, rss_delta, vector=True)
-        try:   # 实测：在索引的副本上调 remove_ids，看它支不支持删除
-            ok = faiss.clone_index(index).remove_ids(np.array([0], dtype="int64")) >= 0
-        except RuntimeError:
-            ok = False
-        bench.features[name] = {"过滤": "IDSelector（按 id 集合/区间，元数据要自己管）", "持久化": "write_index 写文件",
-                                "更新": "无原地更新：remove_ids + 重新 add" if ok else "不支持：只能重建",
-                                "删除": f"remove_ids（实测{'可用' if ok else '报错，只能重建'}）", "服务模式": "无（进程内的库）"}
+        bench.features[name] = faiss_features(faiss, index)
     # 旋钮扫描（放在计时之后）：近似索引的召回随 nprobe / efSearch 怎么变；nprobe = nlist 等于扫全部簇
     ivf, hnsw = indexes["faiss_ivf"], indexes["faiss_hnsw"]
     ivf_sweep, hnsw_sweep = {}, {}
     for v in [v for v in (1, 2, 4, 8, 16, 32) if v < nlist] + [nlist]:
         ivf.nprobe = v
         ivf_sweep[str(v)] = bench.vs_exact(ivf.search(qvecs, K)[1])
-    for v in (4, 8, 16, 32, 64):
+    for v in (4, 8, 16, 32, 64):   # 从比 K=10 还小扫起：候选队列越短，图上搜索越早停下，漏掉的近邻越多
         hnsw.hnsw.efSearch = v
         hnsw_sweep[str(v)] = bench.vs_exact(hnsw.search(qvecs, K)[1])
     bench.log.info("IVF nlist=%d：recall@10 随 nprobe %s；HNSW M=%d：随 efSearch %s", nlist, ivf_sweep, args.hnsw_m,
@@ -159,18 +167,20 @@ def bench_chroma_client(name: str, client, size_path: Path, server_pid: int | No
     chunks, langs, vecs, qvecs = kb["chunks"], kb["langs"], kb["vecs"], kb["qvecs"]
     proc = psutil.Process(server_pid) if server_pid else psutil.Process()
     r0, t = proc.memory_info().rss, time.perf_counter()
+    # embedding_function=None：向量我们自己给（与 FAISS 同一批），否则 Chroma 会用它的默认模型再编码一遍
     col = client.create_collection("kb_chunks", configuration={"hnsw": {"space": "cosine"}}, embedding_function=None)
-    step = client.get_max_batch_size()   # 单次 add 有上限，大库要分批
+    step = client.get_max_batch_size()   # 单次 add 有上限（超了直接报错），大库要分批
     for s in range(0, len(chunks), step):
         col.add(ids=[str(i) for i in range(s, min(s + step, len(chunks)))], embeddings=vecs[s:s + step],
                 documents=[c.text for c in chunks[s:s + step]],
                 metadatas=[{"doc_id": c.doc_id, "lang": lg} for c, lg in zip(chunks[s:s + step], langs[s:s + step])])
     build_s, rss_delta = time.perf_counter() - t, proc.memory_info().rss - r0   # 服务模式看的是服务进程的内存
-    ranked, lat = retrieval.time_queries(lambda i: [int(x) for x in col.query(query_embeddings=qvecs[i:i + 1],
-                                                                              n_results=K)["ids"][0]],
-                                         len(kb["qas"]), args.repeats)
+    ranked, lat = stores.time_queries(lambda i: [int(x) for x in col.query(query_embeddings=qvecs[i:i + 1],
+                                                                           n_results=K)["ids"][0]],
+                                      len(kb["qas"]), args.repeats)
     size = sum(f.stat().st_size for f in size_path.rglob("*") if f.is_file())   # 落盘目录的总字节数
     bench.record(name, ranked, lat, build_s, size, rss_delta, vector=True)
+    # 功能表不抄文档：过滤和删除都真的调一次，把结果写进表里（SDK 改了行为，这一栏会跟着变）
     filtered = col.query(query_embeddings=qvecs[:1], n_results=3, where={"lang": langs[0]},
                          include=["metadatas"])["metadatas"][0]
     before = col.count()
@@ -187,10 +197,12 @@ def bench_chroma(args: Args, out: run.Run, kb: dict, bench: Bench) -> None:
     import chromadb
 
     emb_dir = out.path("chroma_embedded")
-    shutil.rmtree(emb_dir, ignore_errors=True)
-    bench_chroma_client("chroma_embedded", chromadb.PersistentClient(path=str(emb_dir)), emb_dir, None, kb, args, bench)
+    shutil.rmtree(emb_dir, ignore_errors=True)   # 上次的集合还在时 create_collection 会报"已存在"
+    bench_chroma_client("chroma_embedded", chromadb.PersistentClient(path=str(emb_dir)), emb_dir, None, kb, args,
+                        bench)
     if not args.chroma_server:
         return
+    # 先找当前虚拟环境里的 chroma：PATH 上的可能是另一个版本，客户端与服务端版本不一致时 API 路径对不上
     exe = Path(sys.executable).parent / "chroma"
     exe = str(exe) if exe.exists() else shutil.which("chroma")
     if not exe:
@@ -212,7 +224,7 @@ def bench_chroma(args: Args, out: run.Run, kb: dict, bench: Bench) -> None:
 def build_es(url: str, kb: dict):
     """把同一批块写进 Elasticsearch；返回 (索引, 建库秒数)。"""
     t = time.perf_counter()
-    index = retrieval.ElasticIndex(url, [c.text for c in kb["chunks"]], "course-kb-selection")
+    index = stores.ElasticIndex(url, [c.text for c in kb["chunks"]], "course-kb-selection")
     return index, time.perf_counter() - t
 
 
@@ -222,71 +234,42 @@ def bench_fulltext(args: Args, out: run.Run, kb: dict, es, bench: Bench) -> None
     if es is not None:
         index, build_s = es
         # 内存花在远端的 ES 进程里，本进程看不到：rss_delta_bytes 记为 None
-        bench.record("elasticsearch", *retrieval.time_queries(lambda i: [j for j, _ in index.search(
+        bench.record("elasticsearch", *stores.time_queries(lambda i: [j for j, _ in index.search(
             qas[i]["question"], K)], nq, args.repeats), build_s, index.bytes, None, vector=False)
     else:
-        out.log.info("未给 --es-url：全文检索用 SQLite FTS5（jieba 分词后空格拼接建索引）和 rank-bm25（BM25Okapi）两种")
-    for name, make, size in (("sqlite_fts5", lambda: retrieval.FTS5Index(texts, out.path("fts5.sqlite")),
+        out.log.info("未给 --es-url：全文检索用 SQLite FTS5（jieba 分词后空格拼接建索引）"
+                     "和 rank-bm25（BM25Okapi）两种")
+    # rank-bm25 没有落盘格式，"索引大小"只能量 pickle 后的字节数；FTS5 量 .sqlite 文件
+    for name, make, size in (("sqlite_fts5", lambda: stores.FTS5Index(texts, out.path("fts5.sqlite")),
                               lambda ix: ix.bytes),
                              ("rank_bm25", lambda: retrieval.BM25Index(texts), lambda ix: len(pickle.dumps(ix.bm25)))):
-        r0, t = rss(), time.perf_counter()
+        r0, t = stores.rss(), time.perf_counter()
         index = make()
-        build_s, rss_delta = time.perf_counter() - t, rss() - r0
-        ranked, lat = retrieval.time_queries(lambda i, ix=index: [j for j, _ in ix.search(qas[i]["question"], K)],
-                                             nq, args.repeats)
+        build_s, rss_delta = time.perf_counter() - t, stores.rss() - r0
+        ranked, lat = stores.time_queries(lambda i, ix=index: [j for j, _ in ix.search(qas[i]["question"], K)],
+                                          nq, args.repeats)
         bench.record(name, ranked, lat, build_s, size(index), rss_delta, vector=False)
-    bench.features.update({k: v for k, v in FULLTEXT_FEATURES.items() if k in bench.results})
-
-
-def report(out: run.Run, bench: Bench, knobs: dict, hnsw_m: int) -> None:
-    """结果表、功能对比表（rich 打印 + features.md）与图（图里用英文：CI 机器上常常没有中文字体）。"""
-    import numpy as np
-
-    results, cols = bench.results, ["过滤", "持久化", "更新", "删除", "服务模式"]
-    md = ["| 库 | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
-    md += [f"| {name} | " + " | ".join(f[c] for c in cols) + " |" for name, f in bench.features.items()]
-    out.path("features.md").write_text("# 功能对比（带“实测”的是本次运行真的调用过的）\n\n" + "\n".join(md) + "\n",
-                                       encoding="utf-8")
-    names, xs = list(results), np.arange(len(results))
-    fig, save = out.plot("stores.png")
-    fig.set_size_inches(14, 4.4)
-    ax1, ax2, ax3 = fig.subplots(1, 3)
-    ax1.bar(xs - 0.2, [results[s]["p50_ms"] for s in names], 0.4, label="p50")
-    ax1.bar(xs + 0.2, [results[s]["p95_ms"] for s in names], 0.4, label="p95")
-    ax1.set(yscale="log", ylabel="query latency, ms (log)", title="latency per query")
-    ax2.bar(xs - 0.2, [results[s]["recall_at_10"] for s in names], 0.4,
-            label="recall@10 (vector: vs exact Flat; full-text: vs gold)")
-    ax2.bar(xs + 0.2, [results[s]["recall_at_5_gold"] for s in names], 0.4, label="task recall@5 vs gold")
-    ax2.set(ylim=(0, 1.15), title="recall")
-    for ax in (ax1, ax2):
-        ax.set_xticks(xs, names, rotation=30, ha="right", fontsize=8)
-        ax.legend(fontsize=7)
-    ivf, hnsw = knobs["ivf_nprobe_sweep"], knobs["hnsw_ef_search_sweep"]
-    ax3.plot([int(v) for v in ivf], list(ivf.values()), "o-", label=f"IVF (nlist={knobs['nlist']}): nprobe")
-    ax3.plot([int(v) for v in hnsw], list(hnsw.values()), "s-", label=f"HNSW (M={hnsw_m}): efSearch")
-    ax3.set(xscale="log", xlabel="knob value", ylabel="recall@10 vs exact", ylim=(0, 1.05),
-            title="approximate index knobs")
-    ax3.legend(fontsize=7)
-    save()
+    bench.features.update({k: v for k, v in stores.FULLTEXT_FEATURES.items() if k in bench.results})
 
 
 def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
 
-    # 1. 读知识库、切块、向量化
+    # 1. 读知识库、切块、向量化：所有库吃同一批块、同一批向量
     kb = load_and_embed(args, out.log)
-    es = build_es(args.es_url, kb) if args.es_url else None   # 先建 ES：连不上就一行错误退出，别等向量库测完才发现
+    # 先建 ES：连不上就一行错误退出，别等向量库测完才发现
+    es = build_es(args.es_url, kb) if args.es_url else None
     bench = Bench(kb, out.log)
 
-    # 2. FAISS：Flat（精确）/ IVF / HNSW，以及 nprobe / efSearch 旋钮扫描
+    # 2. FAISS：Flat（精确）/ IVF / HNSW，以及 nprobe / efSearch 旋钮扫描；Flat 先测，它的结果是其余向量库的标准答案
     knobs = bench_faiss(args, kb, bench)
-    # 3. Chroma：嵌入式与 HTTP 服务（chroma run 子进程）
+    # 3. Chroma：嵌入式与 HTTP 服务（chroma run 子进程）；同一个库两种部署，差出来的延迟就是一次 HTTP 往返
     bench_chroma(args, out, kb, bench)
-    # 4. 全文检索：Elasticsearch 或 SQLite FTS5，再加 rank-bm25
+    # 4. 全文检索：Elasticsearch 或 SQLite FTS5，再加 rank-bm25；不用向量模型，是向量检索该比过的基线
     bench_fulltext(args, out, kb, es, bench)
-    # 5. 功能对比表与图
-    report(out, bench, knobs, args.hnsw_m)
+    # 5. 功能对比表与图；"金标 recall@5 最高"只看任务召回，选型还要把延迟、运维（服务 / 嵌入式）一起权衡
+    reporting.report(out, bench, knobs, args.hnsw_m)
     results, best_gold = bench.results, max(bench.results, key=lambda s: bench.results[s]["recall_at_5_gold"])
     return out.finish({"stores": results, "features": bench.features, "chunks": len(kb["chunks"]),
                        "queries": len(kb["qas"]), **knobs, "nprobe": min(args.nprobe, knobs["nlist"]),

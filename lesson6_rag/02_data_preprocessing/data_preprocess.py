@@ -34,6 +34,8 @@ from common.retrieval import Chunk
 
 K = 5   # recall@5：RAG 通常把前 5 个块交给大模型
 SMOKE = dict(max_docs=8)   # 冒烟：均匀抽 8 篇文档（以及问它们的题），流程完全一样
+# 质量计数（空 / 重复 / 过短 / 超长、覆盖率）与 quality_report.md 只有这一课用：放在旁边的 _quality.py
+qc = run.import_sibling(__file__, "_quality")
 
 
 @dataclass
@@ -91,25 +93,19 @@ def split_sentences(text: str) -> list[tuple[int, int]]:
 def pack(doc: data.Document, sents: list[tuple[int, int]], size: int, cut_before: set[int] = frozenset(),
          min_len: int = 0):
     """把句子按顺序装箱：装不下、或遇到切点且当前块已有 min_len 字符，就另起一块；单句超长时按字符硬切。"""
-    chunks, cur = [], None
-
-    def flush():
-        if cur:
-            chunks.append(Chunk(f"{doc.id}#{len(chunks)}", doc.id, doc.text[cur[0]:cur[1]], cur[0]))
-
+    spans, cur = [], None   # 每块在原文中的 (start, end)；块直接取原文切片，起点天然对得上
     for i, (a, b) in enumerate(sents):
         if cur and (b - cur[0] > size or (i in cut_before and cur[1] - cur[0] >= min_len)):
-            flush()
+            spans.append(cur)
             cur = None
         if b - a > size:
-            for s in range(a, b, size):
-                cur = (s, min(b, s + size))
-                flush()
-            cur = None
+            # 一句话就超过上限（长表格行、没有标点的段落）：只能硬切，否则这一块会被向量模型截断
+            spans += [(s, min(b, s + size)) for s in range(a, b, size)]
             continue
         cur = (cur[0] if cur else a, b)
-    flush()
-    return chunks
+    if cur:
+        spans.append(cur)
+    return [Chunk(f"{doc.id}#{n}", doc.id, doc.text[s:e], s) for n, (s, e) in enumerate(spans)]
 
 
 def fixed_chunks(docs, size: int, overlap: int) -> list[Chunk]:
@@ -142,52 +138,11 @@ def semantic_chunks(docs, embedder, size: int, percentile: float, min_len: int):
     return chunks, all_sims
 
 
-def lang_of(text: str) -> str:
-    """按字符粗分 zh / en / mixed：汉字占（汉字 + 拉丁字母）的比例 ≥ 0.7 为 zh，≤ 0.1 为 en。"""
-    cjk = sum("\u4e00" <= c <= "\u9fff" for c in text)
-    lat = sum(c.isascii() and c.isalpha() for c in text)
-    if cjk + lat == 0:
-        return "mixed"
-    share = cjk / (cjk + lat)
-    return "zh" if share >= 0.7 else "en" if share <= 0.1 else "mixed"
-
-
-def coverage(docs, chunks: list[Chunk]) -> float:
-    """文档里非空白字符被至少一个块覆盖的比例（切块不能丢内容）。"""
-    covered = {d.id: bytearray(len(d.text)) for d in docs}
-    for c in chunks:
-        covered[c.doc_id][c.start:c.end] = b"\x01" * len(c.text)
-    total = hit = 0
-    for d in docs:
-        for ch, flag in zip(d.text, covered[d.id]):
-            if not ch.isspace():
-                total += 1
-                hit += flag
-    return hit / max(1, total)
-
-
-def quality(chunks: list[Chunk], tokenizer, max_tokens: int, min_chars: int) -> dict:
-    """数据质量计数：空块、重复块、过短块、超过向量模型长度（会被截断）的块、语言分布、长度分布。"""
-    norm = [re.sub(r"\s+", " ", c.text).strip() for c in chunks]
-    lens = [len(c.text) for c in chunks]
-    ntok = [len(ids) for ids in tokenizer([c.text for c in chunks], add_special_tokens=True, verbose=False)["input_ids"]]
-    seen, dup = set(), 0
-    for t in norm:
-        dup += t in seen and bool(t)
-        seen.add(t)
-    langs = Counter(lang_of(c.text) for c in chunks)
-    return {"chunks": len(chunks), "avg_len": round(statistics.mean(lens), 1), "max_len": max(lens),
-            "empty": sum(not t for t in norm), "duplicate": dup,
-            "too_short": sum(0 < len(t) < min_chars for t in norm),
-            "too_long": sum(n > max_tokens for n in ntok),
-            "lang": {k: langs.get(k, 0) for k in ("zh", "en", "mixed")}}
-
-
 def evaluate_strategy(name: str, chunks: list[Chunk], args: Args, out: run.Run, docs, by_id, qas, qvecs,
                       embedder) -> dict:
     """一种切块策略：质量计数、覆盖率与起点核对、dense / BM25 的 recall@5（分语言），以及长度直方图。"""
-    rep = quality(chunks, embedder.tokenizer, embedder.max_seq_length, args.min_chunk_chars)
-    rep["coverage"] = round(coverage(docs, chunks), 4)
+    rep = qc.quality(chunks, embedder.tokenizer, embedder.max_seq_length, args.min_chunk_chars)
+    rep["coverage"] = round(qc.coverage(docs, chunks), 4)
     rep["offset_errors"] = sum(by_id[c.doc_id].text[c.start:c.end] != c.text for c in chunks)
     texts = [c.text for c in chunks]
     dense = retrieval.DenseIndex(retrieval.embed(embedder, texts))
@@ -214,39 +169,11 @@ def evaluate_strategy(name: str, chunks: list[Chunk], args: Args, out: run.Run, 
     return rep
 
 
-def write_report(out: run.Run, args: Args, results: dict, n_docs: int, n_qas: int, max_tokens: int,
-                 clean_stats: dict) -> None:
-    """质量报告：一张表 + 名词解释，写成 quality_report.md。"""
-    lines = ["# 切块数据质量报告", "", f"文档 {n_docs} 篇，问题 {n_qas} 个；向量模型 {args.resolved_model()}"
-             f"（最长 {max_tokens} token）；清洗：{clean_stats}", "",
-             "| 策略 | 块数 | 平均长度 | 最长 | 空 | 重复 | 过短 | 超长(截断) | zh/en/mixed | 覆盖率 "
-             f"| dense R@{K} | BM25 R@{K} |", "|" + "---|" * 12]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['chunks']} | {r['avg_len']} | {r['max_len']} | {r['empty']} | {r['duplicate']} "
-                     f"| {r['too_short']} | {r['too_long']} | {r['lang']['zh']}/{r['lang']['en']}/{r['lang']['mixed']} "
-                     f"| {r['coverage']} | {r['recall_at_5']} | {r['bm25_recall_at_5']} |")
-    lines += ["", f"- 过短：去掉空白后少于 {args.min_chunk_chars} 个字符；超长：分词后超过向量模型的 {max_tokens} token，"
-              "编码时尾部被截断。", "- zh/en/mixed：汉字占（汉字+拉丁字母）≥0.7 为 zh，≤0.1 为 en，其余 mixed。",
-              "- dense = 向量检索（FAISS IndexFlatIP，余弦）；BM25 = jieba 分词后的关键词检索。",
-              f"- 分语言 recall@{K}：" + "; ".join(f"{n} {r['by_lang']}" for n, r in results.items())]
-    out.path("quality_report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+def clean_kb(raw_docs, qas: list[dict]) -> tuple[list, dict, list[dict], dict]:
+    """清洗全部文档与金标段落，返回 (文档, by_id, 问答, 清洗统计)。
 
-
-
-def main(args: Args) -> dict:
-    args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args)
-    log = out.log
-    if args.model:
-        log.warning(f"--model {args.model}: 本脚本不用大模型，已忽略；换向量模型请用 --embedding-model")
-    if args.chunk_overlap >= args.chunk_size:
-        raise UserError(f"--chunk-overlap {args.chunk_overlap} 必须小于 --chunk-size {args.chunk_size}")
-
-    # 1. 加载：txt/md/html/pdf 统一成纯文本（common.data.load_documents）；问答集检查 gold_passage 确在原文里
-    raw_docs, _, qas = retrieval.load_kb(args.docs, args.qa, args.max_docs, args.max_questions)
-    log.info(f"加载 {len(raw_docs)} 篇文档、{len(qas)} 个问题：{dict(Counter(d.path.suffix for d in raw_docs))}")
-
-    # 2. 清洗：NFKC、零宽/控制字符、空白；金标段落用同一个函数清洗，区间判定才对得上
+    金标段落必须用同一个函数清洗：文档里的全角逗号变了、金标里没变，区间判定就再也找不到它，recall 会假性归零。
+    """
     nfkc_changed = sum(unicodedata.normalize("NFKC", c) != c for d in raw_docs for c in d.text)
     docs = [data.Document(d.id, clean_text(d.text), d.path) for d in raw_docs]
     by_id = {d.id: d for d in docs}
@@ -254,27 +181,22 @@ def main(args: Args) -> dict:
     gold_found = sum(q["gold_passage"] in by_id[q["doc_id"]].text for q in qas if q["gold_passage"] and q["doc_id"])
     clean_stats = {"chars_before": sum(len(d.text) for d in raw_docs), "chars_after": sum(len(d.text) for d in docs),
                    "nfkc_changed_chars": nfkc_changed, "gold_found_after_cleaning": gold_found}
-    log.info(f"清洗：{clean_stats}")
+    return docs, by_id, qas, clean_stats
 
-    # 3. 切块：四种策略，同一个长度上限
-    device = str(models.pick_device(args.device))
-    embedder = retrieval.load_embedder(args.embedding_model, device)
+
+def chunk_all(docs, embedder, args: Args) -> tuple[dict[str, list[Chunk]], list[float]]:
+    """四种策略、同一个长度上限切块；返回 ({策略: 块}, 语义切块的相邻句相似度)。"""
     strategies = {"fixed": fixed_chunks(docs, args.chunk_size, args.chunk_overlap),
                   "recursive": retrieval.chunk_documents(docs, args.chunk_size, args.chunk_overlap),
+                  # 句子装箱不加重叠：块都停在句末，答案被切断的机会本来就小（tests 里实测每块都停在句末）
                   "sentence": [c for d in docs for c in pack(d, split_sentences(d.text), args.chunk_size)]}
     strategies["semantic"], sims = semantic_chunks(docs, embedder, args.chunk_size, args.semantic_percentile,
                                                   args.semantic_min_chars)
-    log.info("块数：" + ", ".join(f"{k}={len(v)}" for k, v in strategies.items()))
+    return strategies, sims
 
-    # 4. 向量化（Sentence-BERT）+ FAISS 精确检索，对照 BM25；每种策略同一批问题、同一个命中判定
-    qvecs = retrieval.embed(embedder, [q["question"] for q in qas])
-    max_tokens = embedder.max_seq_length   # 超过它的部分编码时被截断：块的后半段对向量检索是"隐形"的
-    results = {name: evaluate_strategy(name, chunks, args, out, docs, by_id, qas, qvecs, embedder)
-               for name, chunks in strategies.items()}
 
-    # 5. 质量报告：一张表 + 名词解释，写成 markdown
-    write_report(out, args, results, len(docs), len(qas), max_tokens, clean_stats)
-
+def plot_recall(out: run.Run, results: dict) -> None:
+    """每种策略 dense 与 BM25 的 recall@5 并排：只画 dense 会让人以为切块不重要（中文问题上 dense 本来就低）。"""
     fig, save = out.plot("recall_by_strategy.png")
     ax = fig.gca()
     xs = range(len(results))
@@ -285,6 +207,40 @@ def main(args: Args) -> dict:
     ax.legend()
     save()
 
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+    log = out.log
+    if args.model:
+        log.warning(f"--model {args.model}: 本脚本不用大模型，已忽略；换向量模型请用 --embedding-model")
+    if args.chunk_overlap >= args.chunk_size:   # 在加载模型之前检查：坏参数一秒内报错
+        raise UserError(f"--chunk-overlap {args.chunk_overlap} 必须小于 --chunk-size {args.chunk_size}")
+
+    # 1. 加载：txt/md/html/pdf 统一成纯文本（common.data.load_documents）；问答集检查 gold_passage 确在原文里
+    raw_docs, _, qas = retrieval.load_kb(args.docs, args.qa, args.max_docs, args.max_questions)
+    log.info(f"加载 {len(raw_docs)} 篇文档、{len(qas)} 个问题：{dict(Counter(d.path.suffix for d in raw_docs))}")
+
+    # 2. 清洗：NFKC、零宽/控制字符、空白；金标段落用同一个函数清洗，区间判定才对得上
+    docs, by_id, qas, clean_stats = clean_kb(raw_docs, qas)
+    log.info(f"清洗：{clean_stats}")
+
+    # 3. 切块：四种策略，同一个长度上限（上限不同，比的就是块长而不是策略）
+    embedder = retrieval.load_embedder(args.embedding_model, str(models.pick_device(args.device)))
+    strategies, sims = chunk_all(docs, embedder, args)
+    log.info("块数：" + ", ".join(f"{k}={len(v)}" for k, v in strategies.items()))
+
+    # 4. 向量化（Sentence-BERT）+ FAISS 精确检索，对照 BM25；每种策略同一批问题、同一个命中判定
+    qvecs = retrieval.embed(embedder, [q["question"] for q in qas])
+    max_tokens = embedder.max_seq_length   # 超过它的部分编码时被截断：块的后半段对向量检索是"隐形"的
+    results = {name: evaluate_strategy(name, chunks, args, out, docs, by_id, qas, qvecs, embedder)
+               for name, chunks in strategies.items()}
+
+    # 5. 质量报告：一张表 + 名词解释，写成 markdown；再画各策略的 recall@5
+    qc.write_report(out, args, results, len(docs), len(qas), max_tokens, clean_stats, K)
+    plot_recall(out, results)
+
+    # 两种检索的 recall 相加来挑"最好"：只看一种会偏向它擅长的语言（dense 偏英文、BM25 偏中文）
     best = max(results, key=lambda k: results[k]["bm25_recall_at_5"] + results[k]["recall_at_5"])
     summary = (f"{len(docs)} docs; " + ", ".join(f"{k}: {r['chunks']} chunks dense={r['recall_at_5']:.2f} "
                                                  f"bm25={r['bm25_recall_at_5']:.2f}" for k, r in results.items())

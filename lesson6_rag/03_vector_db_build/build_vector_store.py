@@ -10,10 +10,11 @@
 → 增量同步，并与同一最终状态的全量重建（--rebuild 走的那条路）比较耗时和检索结果，最后做一致性检查。
 
 运行：
-  python lesson6_rag/03_vector_db_build/build_vector_store.py            # CPU，44 篇文档，空闲 2 核约 20 秒（首次全量建库最慢）
-  python lesson6_rag/03_vector_db_build/build_vector_store.py --smoke    # 均匀抽 12 篇文档、20 个问题（SMOKE），约 10 秒
+  python lesson6_rag/03_vector_db_build/build_vector_store.py          # CPU，44 篇文档，空闲 2 核约 20 秒
+  python lesson6_rag/03_vector_db_build/build_vector_store.py --smoke  # 均匀抽 12 篇文档、20 个问题（SMOKE），约 10 秒
   python lesson6_rag/03_vector_db_build/build_vector_store.py --docs my_docs/ --qa my_qa.jsonl \
-      --embedding-model BAAI/bge-small-zh-v1.5 --config configs/lesson6/build_vector_store.yaml   # 自己的文档（在副本上演示）
+      --embedding-model BAAI/bge-small-zh-v1.5 \
+      --config configs/lesson6/build_vector_store.yaml                 # 自己的文档（在副本上演示）
   加 --rebuild：第 1 步的初次建库强制全量（默认会复用输出目录里上次的库，只同步有变化的文档）。
 
 你会看到：added=2、updated=2、deleted=1，其余文档 skipped；增量同步只向量化变化文档的块，
@@ -46,17 +47,8 @@ class Args(retrieval.KBArgs):
 SMOKE = dict(max_docs=12, max_questions=20)   # 冒烟：均匀抽 12 篇文档；一致性检查只用前 20 个问题
 
 
-NEW_DOCS = {  # 演示"新增 2 篇"：一款新产品的中英文 FAQ
-    "demo_new_s9_doorbell_faq_zh.md": "# 云帆 S9 智能门铃常见问题\n\nS9 门铃使用 2 节 18650 充电电池，满电可待机约 6 个月。"
-    "门铃检测到有人停留超过 10 秒会推送提醒，录像保存在云端 7 天，可在 App 的「访客记录」中查看。\n\n"
-    "安装时请先在 App 中添加设备，再用附带的双面胶或螺丝固定在门框旁，离地约 1.4 米效果最好。",
-    "demo_new_s9_doorbell_faq_en.md": "# Yunfan S9 Smart Doorbell FAQ\n\nThe S9 doorbell runs on two "
-    "rechargeable 18650 cells; a full charge lasts about 6 months on standby. When someone lingers for more than "
-    "10 seconds the app sends an alert, and recordings are kept in the cloud for 7 days under Visitor History."
-    "\n\nMount it about 1.4 m above the floor, next to the door frame, after adding the device in the app.",
-}
-EDIT = {"zh": "更新说明：自 2026 年 12 月 1 日起，本文所述服务新增视频远程指导，可在云帆智能 App 中提交工单预约。",
-        "en": "Update: from 1 December 2026 remote video guidance is available for this service; book it in the app."}
+# 演示用的"知识库变了"：新增 2 篇、修改 2 篇、删除 1 篇，在副本上做（内容与做法见旁边的 _edits.py）
+edits = run.import_sibling(__file__, "_edits")
 
 
 def chunk_key(chunk_id: str) -> int:
@@ -130,7 +122,8 @@ def sync(docs_dir: Path, store: Path, embedder, args: Args, rebuild: bool, log) 
     con.execute("INSERT OR REPLACE INTO info VALUES ('model', ?)", (model_name,))
     # 两阶段提交：① 新索引写到临时文件；② 它的 sha256 与块的增删在同一个 SQLite 事务里提交——这是唯一的提交点；
     # ③ 再把临时文件改名成正式文件。①② 之间被杀：事务回滚，旧索引 + 旧元数据仍然配套；②③ 之间被杀：下次开头前滚。
-    # （只比条数不够：挪动一篇文档 = 删 1 增 1、条数不变，半途崩溃后会留下重复 id——tests/test_reliability_index_crash.py）
+    # （只比条数不够：挪动一篇文档 = 删 1 增 1、条数不变，半途崩溃后会留下重复 id
+    #   ——tests/test_reliability_index_crash.py）
     faiss.write_index(index, str(tmp))
     con.execute("INSERT OR REPLACE INTO info VALUES ('index_sha256', ?)", (file_sha256(tmp),))
     con.commit()
@@ -151,13 +144,21 @@ def load_store(store: Path):
     return faiss.read_index(str(store / "index.faiss")), meta
 
 
+def every_nth(docs: list, max_docs: int) -> list:
+    """均匀抽 max_docs 篇（0 = 全部），与 retrieval.load_kb 的抽样规则相同。
+
+    等间隔而不是取前 N 篇：文档按路径排序，前 N 篇往往同一类（全是 faq/ 或全是中文），演示的增删改就偏了。
+    """
+    return docs[:: len(docs) // max_docs][:max_docs] if max_docs and len(docs) > max_docs else docs
+
+
 def copy_kb(args: Args, work: Path) -> tuple[list, list[str]]:
     """把知识库（--max-docs 均匀抽样）复制到工作文件夹：演示的增删改只动副本。返回 (文档, 一致性检查用的查询)。"""
     if args.qa or not args.docs:   # 默认知识库自带问答；自己的 --docs 配 --qa
         src, _, qas = retrieval.load_kb(args.docs, args.qa, args.max_docs, args.max_questions)
         queries = [q["question"] for q in qas]
     else:                          # 只给了 --docs：用每篇文档的开头当查询
-        src, _, _ = retrieval.subsample(data.load_documents(args.docs), [], args.max_docs)
+        src = every_nth(data.load_documents(args.docs), args.max_docs)
         queries = [d.text[:80] for d in src][: args.max_questions or None]
     if len(src) < 3:
         raise UserError(f"--docs {args.docs}: 演示要修改 2 篇、删除 1 篇，至少需要 3 篇文档（现在 {len(src)} 篇）")
@@ -167,23 +168,6 @@ def copy_kb(args: Args, work: Path) -> tuple[list, list[str]]:
         shutil.copy2(d.path, work / d.id)
     # 再加上问新文档的问题：增量同步后它们应当搜得到新块
     return src, queries + ["S9 门铃的录像在云端保存几天？", "How high to mount the S9?"]
-
-
-def edit_copy(work: Path, src: list) -> tuple[list, object]:
-    """在副本上新增 2 篇、修改 2 篇（一篇末尾追加、一篇开头插入：后者让所有块都错位）、删除 1 篇。返回 (改过的, 删掉的)。"""
-    editable = [d for d in src if d.path.suffix.lower() in (".md", ".txt")] or src
-    first_per_lang = list({data.detect_lang(d.text): d for d in reversed(editable)}.values())   # 中英文各改一篇
-    edited = (first_per_lang + [d for d in editable if d not in first_per_lang])[:2]
-    removed = next(d for d in reversed(src) if d not in edited)
-    for i, d in enumerate(edited):
-        note = EDIT[data.detect_lang(d.text)]
-        text = (work / d.id).read_text(encoding="utf-8")
-        (work / d.id).write_text(text.rstrip() + "\n\n" + note + "\n" if i == 0 else note + "\n\n" + text,
-                                 encoding="utf-8")
-    (work / removed.id).unlink()
-    for name, text in NEW_DOCS.items():
-        (work / name).write_text(text, encoding="utf-8")
-    return edited, removed
 
 
 def check_consistency(store: Path, rebuilt: Path, old_meta: dict, removed_id: str, qvecs) -> tuple[dict, set, set]:
@@ -217,6 +201,21 @@ def check_consistency(store: Path, rebuilt: Path, old_meta: dict, removed_id: st
     return checks, stale, returned
 
 
+def plot_timings(out: run.Run, runs: list[dict], speedup: float) -> None:
+    """三次同步（初次建库、增量、重建）的耗时柱状图，每根柱子标上向量化的块数。"""
+    fig, save = out.plot("sync_vs_rebuild.png")
+    ax = fig.subplots()
+    names = ["step 1: build (or sync)", "incremental sync", "full rebuild"]
+    bars = ax.bar(names, [r["seconds"] for r in runs], color=["#999999", "#2a9d8f", "#e76f51"])
+    for b, r in zip(bars, runs):
+        ax.annotate(f"{r['seconds']:.2f}s\n{r['chunks_embedded']} chunks embedded",
+                    (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("seconds")
+    ax.set_title(f"FAISS IndexIDMap2: incremental is {speedup:.1f}x faster than rebuild")
+    ax.margins(y=0.25)   # 给柱顶的标注留出空间，否则最高那根的文字会被图框切掉
+    save()
+
+
 def main(args: Args) -> dict:
     import faiss
 
@@ -234,9 +233,9 @@ def main(args: Args) -> dict:
              initial["seconds"], {k: initial[k] for k in ("added", "updated", "deleted", "skipped")})
 
     # 2. 在副本上新增 2 篇、修改 2 篇（一篇末尾追加、一篇开头插入：后者让所有块都错位）、删除 1 篇
-    edited, removed = edit_copy(work, src)
-    _, old_meta = load_store(store)
-    log.info("副本上的改动：新增 %s，修改 %s，删除 %s", list(NEW_DOCS), [d.id for d in edited], removed.id)
+    edited, removed = edits.edit_copy(work, src)
+    _, old_meta = load_store(store)   # 改动前的 id 留一份：同步后还能搜到其中已过期的，就是增量维护出了错
+    log.info("副本上的改动：新增 %s，修改 %s，删除 %s", list(edits.NEW_DOCS), [d.id for d in edited], removed.id)
 
     # 3. 增量同步 vs 同一最终状态的全量重建（--rebuild 那条路），同一个向量模型、同样的写盘
     inc = sync(work, store, embedder, args, False, log)
@@ -254,19 +253,8 @@ def main(args: Args) -> dict:
     log.info("%d 个过期 id（删除/修改前的旧块）在 %d 个查询的 top-10 里出现 %d 次", len(stale), len(queries),
              len(returned & stale))
 
-    # 5. 耗时对比图
-    fig, save = out.plot("sync_vs_rebuild.png")
-    ax = fig.subplots()
-    names = ["step 1: build (or sync)", "incremental sync", "full rebuild"]
-    runs = [initial, inc, full]
-    bars = ax.bar(names, [r["seconds"] for r in runs], color=["#999999", "#2a9d8f", "#e76f51"])
-    for b, r in zip(bars, runs):
-        ax.annotate(f"{r['seconds']:.2f}s\n{r['chunks_embedded']} chunks embedded",
-                    (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("seconds")
-    ax.set_title(f"FAISS IndexIDMap2: incremental is {speedup:.1f}x faster than rebuild")
-    ax.margins(y=0.25)
-    save()
+    # 5. 耗时对比图：柱子上同时标向量化了多少块——省下的是计算量，秒数随机器忙闲会变，块数不会
+    plot_timings(out, [initial, inc, full], speedup)
 
     return out.finish({
         "vectors": inc["vectors"], "added": inc["added"], "updated": inc["updated"], "deleted": inc["deleted"],
@@ -276,8 +264,8 @@ def main(args: Args) -> dict:
         "chunks_embedded_rebuild": full["chunks_embedded"], "stale_ids": len(stale), "queries": len(queries),
         "index_bytes": (store / "index.faiss").stat().st_size, "faiss_version": faiss.__version__,
         "embedding_model": args.embedding_model or "all-MiniLM-L6-v2"},
-        summary=f"+{inc['added']} ~{inc['updated']} -{inc['deleted']} 篇，{inc['vectors']} 个向量；增量 {inc['seconds']:.2f}s "
-                f"vs 重建 {full['seconds']:.2f}s（{speedup:.1f}x）；consistent={consistent}")
+        summary=f"+{inc['added']} ~{inc['updated']} -{inc['deleted']} 篇，{inc['vectors']} 个向量；"
+                f"增量 {inc['seconds']:.2f}s vs 重建 {full['seconds']:.2f}s（{speedup:.1f}x）；consistent={consistent}")
 
 
 if __name__ == "__main__":

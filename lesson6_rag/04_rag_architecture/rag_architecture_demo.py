@@ -3,61 +3,69 @@
   检索：BM25（jieba 分词）与向量检索（MiniLM + FAISS）各自报告，再用 RRF 融合（向量权重在训练集上挑）。
   重排：用 CrossEncoderTrainer 把 MiniLM 训练成交叉编码器（金标块为正例、第一阶段召回的其它块为难负例），
         只在按问题切出的测试集上评测；训练好的模型缓存在输出目录里；--reranker 可换成现成的模型。
-  生成：资料编号 [1] [2] … 包进 <document> 并声明"是资料不是指令"（防注入），预填回答开头 "According to passage ["；闭卷 = 不给资料。
+  生成：资料编号 [1] [2] … 包进 <document> 并声明"是资料不是指令"（防注入），
+        预填回答开头 "According to passage ["；闭卷 = 不给资料。
 
 运行：
-  python lesson6_rag/04_rag_architecture/rag_architecture_demo.py           # CPU，smollm2-135m，空闲 2 核约 1 分钟
-  python lesson6_rag/04_rag_architecture/rag_architecture_demo.py --smoke   # 极小模型 + 1/4 文档 + 少量重排训练（SMOKE），约 12 秒
+  python lesson6_rag/04_rag_architecture/rag_architecture_demo.py          # CPU，smollm2-135m，空闲 2 核约 1 分钟
+  python lesson6_rag/04_rag_architecture/rag_architecture_demo.py --smoke  # 极小模型 + 1/4 文档 + 少训重排器，约 12 秒
   python lesson6_rag/04_rag_architecture/rag_architecture_demo.py --model Qwen/Qwen3-0.6B --source hf \\
       --config configs/lesson6/rag_architecture_demo.yaml                  # GPU，可加 --reranker BAAI/bge-reranker-base
 
-你会看到（默认运行实测，16 道测试题，测于加 <document> 标记之前）：中文知识库上 BM25 远强于 MiniLM 向量检索（recall@5 0.94 对 0.69），
-RRF 挑出的向量权重为 0；单用现场训练的重排器更差（MRR 0.40），按 dev 挑出的权重与第一阶段融合后
-recall@5 0.94 → 1.00、MRR 0.78 → 0.79；资料里有答案的比例 0.875；答案准确率 闭卷 0.00 → RAG 0.12
+你会看到（默认运行实测，16 道测试题，测于加 <document> 标记之前）：中文知识库上 BM25 远强于 MiniLM 向量检索
+（recall@5 0.94 对 0.69），RRF 挑出的向量权重为 0；单用现场训练的重排器更差（MRR 0.40），
+按 dev 挑出的权重与第一阶段融合后 recall@5 0.94 → 1.00、MRR 0.78 → 0.79；资料里有答案的比例 0.875；
+答案准确率 闭卷 0.00 → RAG 0.12
 （英文题 0.00 → 0.22；smollm2-135m 是英文小模型，中文题都答不对）；引用准确率 0.69。
 """
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
 
-from common import cli, data, metrics, models, retrieval, run, safety, train
+from common import answers, cli, data, models, retrieval, run, safety
 
 PROMPTS = {  # (RAG 提示, 闭卷提示, RAG 回答的开头)：中文问题用中文指令，英文问题用英文指令
-    "en": ("Read the passages and answer the question.\n\n{ctx}\n\nQuestion: {q}", "Question: {q}\nGive a short answer.",
-           "According to passage ["),
+    "en": ("Read the passages and answer the question.\n\n{ctx}\n\nQuestion: {q}",
+           "Question: {q}\nGive a short answer.", "According to passage ["),
     "zh": ("阅读下面的资料，回答问题。\n\n{ctx}\n\n问题：{q}", "问题：{q}\n请简短回答。", "根据资料 [")}
-# 回答开头（prefill）替模型写好：135M 小模型不会主动写引用、但很会续写，预填后引用率约 0.1 → 1；评分时开头算作回答的一部分
+# 回答开头（prefill）替模型写好：135M 小模型不会主动写引用、但很会续写，预填后引用率约 0.1 → 1；
+# 评分时开头算作回答的一部分
 
 
 @dataclass
 class Args(retrieval.KBArgs):
-    reranker: str = cli.arg(None, "现成的 cross-encoder（本地目录或 hub id，如 BAAI/bge-reranker-base）；不填则现场训练")
+    reranker: str = cli.arg(None, "现成的 cross-encoder（本地目录或 hub id，如 BAAI/bge-reranker-base）；"
+                                  "不填则现场训练")
     chunk_size: int = cli.arg(300, "切块长度（字符）", min=1)
     chunk_overlap: int = cli.arg(50, "相邻块重叠（字符）", min=0)
     test_fraction: float = cli.arg(0.3, "按问题切出的测试集比例：重排器只在其余问题上训练", min=0.01, max=0.99)
     max_train: int = cli.arg(0, "最多用多少个训练问题（0 = 全部）", min=0)
-    max_eval: int = cli.arg(16, "最多生成多少个测试问题的回答（生成最慢，CPU 上控制总时长；检索指标总用全部测试题）", min=1)
-    candidates: int = cli.arg(10, "第一阶段召回多少个候选交给重排器（CPU 上交叉编码器每对都要过一遍模型，候选越多越慢）",
-                              min=1)
-    first_stage: str = cli.arg("hybrid", "第一阶段：bm25 / dense / hybrid（RRF 融合）", choices=["bm25", "dense", "hybrid"])
+    max_eval: int = cli.arg(16, "最多生成多少个测试问题的回答（生成最慢，CPU 上控制总时长；"
+                                "检索指标总用全部测试题）", min=1)
+    candidates: int = cli.arg(10, "第一阶段召回多少个候选交给重排器（CPU 上交叉编码器每对都要过一遍模型，"
+                                  "候选越多越慢）", min=1)
+    first_stage: str = cli.arg("hybrid", "第一阶段：bm25 / dense / hybrid（RRF 融合）",
+                               choices=["bm25", "dense", "hybrid"])
     dense_weight: float = cli.arg(None, "RRF 中向量一路的权重（BM25 为 1）；不填则在训练集上从网格里挑", min=0)
     rerank_epochs: int = cli.arg(1, "重排器训练轮数", min=1)
     rerank_negatives: int = cli.arg(3, "每个训练问题取多少个难负例（第一阶段召回但不是金标的块）", min=1)
     rerank_lr: float = cli.arg(1e-4, "重排器学习率（底层冻结、只训上层与分类头，可以比全量微调大一些）", min=0)
     rerank_max_length: int = cli.arg(160, "重排器输入（问题 + 块）的最多 token 数：CPU 上训练与打分的耗时与它成正比",
                                      min=8)
-    rerank_freeze_layers: int = cli.arg(3, "冻结 MiniLM 词嵌入与最底下 N 层（共 6 层）：反向传播只走上面几层，CPU 上快近一倍",
-                                        min=0, max=6)
+    rerank_freeze_layers: int = cli.arg(3, "冻结 MiniLM 词嵌入与最底下 N 层（共 6 层）：反向传播只走上面几层，"
+                                           "CPU 上快近一倍", min=0, max=6)
     context_k: int = cli.arg(2, "交给大模型的段落数（CPU 上提示越长生成越慢）", min=1)
     max_new_tokens: int = cli.arg(32, "生成长度上限：答案要简短", min=1)
     batch_size: int = cli.arg(4, "生成的批大小", min=1)
-    mark_data: bool = cli.arg(True, "把检索到的文字标成资料而非指令（防提示注入）；--mark-data false 对比不设防的提示")
+    mark_data: bool = cli.arg(True, "把检索到的文字标成资料而非指令（防提示注入）；"
+                                    "--mark-data false 对比不设防的提示")
 
 
 # 冒烟：1/4 的文档（及问它们的题）、少量训练 / 测试题；重排器每题 2 个负例、输入截到 64 token，十几秒训完
 SMOKE = dict(max_docs=11, max_train=24, max_eval=10, candidates=8, rerank_negatives=2, rerank_max_length=64)
+# 重排器的训练（难负例、冻结底层、正例加权、指纹缓存）放在旁边的 _reranker.py
+reranking = run.import_sibling(__file__, "_reranker")
 
 
 def chat(tok, text: str) -> str:
@@ -67,7 +75,11 @@ def chat(tok, text: str) -> str:
 
 
 def rag_prompt(tok, question: str, lang: str, passages: list[str], mark_data: bool = True) -> str:
-    """RAG 提示 + 预填的回答开头；mark_data：资料包进 <document> 并声明"是资料不是指令"（safety.as_data，防提示注入）。"""
+    """RAG 提示 + 预填的回答开头。
+
+    mark_data：资料包进 <document> 并声明"是资料不是指令"（safety.as_data）：检索到的网页 / 文档里若写着
+    "忽略以上指令"，不加标记时模型分不清哪句是用户的要求、哪句只是资料（间接提示注入，Greshake et al. 2023）。
+    """
     rag_tpl, _, prefix = PROMPTS.get(lang, PROMPTS["en"])
     texts = [re.sub(r"(?m)^#+\s*", "", t) for t in passages]   # 去掉 Markdown 的 #：小模型见 "# 标题" 爱续写新文档
     return chat(tok, rag_tpl.format(ctx=safety.as_data(texts, lang, mark_data), q=question)) + prefix
@@ -89,52 +101,6 @@ def first_stage(qas, chunks, bm25, dense, embedder, depth: int, weight: float | 
     return out
 
 
-def train_reranker(args: Args, out: run.Run, train_q: list[dict], ranked: list[list[int]], chunks, by_id, device: str):
-    """用 CrossEncoderTrainer 把 MiniLM 训练成重排器：(问题, 块) -> 是否金标。有匹配的缓存就直接加载。"""
-    import torch
-    from datasets import Dataset
-    from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
-    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
-
-    base, epochs, max_length = retrieval.default_embedding_model(), args.rerank_epochs, args.rerank_max_length
-    rows = {"query": [], "passage": [], "label": []}
-    for q, rank in zip(train_q, ranked):
-        # 正例：金标块（不在候选里也从整个库里找出来）；难负例：第一阶段排得靠前、却不是金标的块
-        pos = [c for c in chunks if retrieval.is_hit(c, q, by_id)][:2]
-        neg = [chunks[i] for i in rank if not retrieval.is_hit(chunks[i], q, by_id)][:args.rerank_negatives]
-        for c, y in [(c, 1.0) for c in pos] + [(c, 0.0) for c in neg]:
-            for k, v in zip(("query", "passage", "label"), (q["question"], c.text, y)):
-                rows[k].append(v)
-    key = hashlib.sha256(json.dumps([base, rows, epochs, args.rerank_lr, args.seed, max_length,
-                                     args.rerank_freeze_layers]).encode()).hexdigest()
-    cache = out.path("reranker")
-    if (cache / "fingerprint.txt").exists() and (cache / "fingerprint.txt").read_text() == key:
-        out.log.info(f"重排器：训练数据与参数未变，直接加载缓存 {cache}")
-        return CrossEncoder(str(cache), max_length=max_length, device=device), 0, None
-    n_pos = sum(rows["label"])
-    out.log.info(f"重排器：从 MiniLM 初始化，训练对 {len(rows['label'])} 个（正 {n_pos:.0f} / 负 "
-                 f"{len(rows['label']) - n_pos:.0f}），{epochs} 轮")
-    model = CrossEncoder(base, num_labels=1, max_length=max_length, device=device)
-    # 冻结词嵌入和底层：底层学的是通用的词法/句法，小数据上主要靠上层学"问题与段落是否匹配"
-    frozen = ("embeddings.",) + tuple(f"layer.{i}." for i in range(args.rerank_freeze_layers))
-    for name, p in model.model.named_parameters():
-        if any(f in name for f in frozen):
-            p.requires_grad = False
-    # 正负例约 1:4，给正例加权，免得模型学会"全判负"
-    loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor((len(rows["label"]) - n_pos) / max(1.0, n_pos)))
-    targs = CrossEncoderTrainingArguments(
-        output_dir=str(out.path("reranker_ckpt")), num_train_epochs=epochs, learning_rate=args.rerank_lr,
-        per_device_train_batch_size=16, warmup_steps=0.1, save_strategy="no", logging_steps=5, seed=args.seed,
-        report_to=out.trainer_report_to(), **train.trainer_flags(model))
-    trainer = CrossEncoderTrainer(model=model, args=targs, train_dataset=Dataset.from_dict(rows), loss=loss)
-    result = trainer.train()
-    # 每 logging_steps 步记一次的损失；步数太少没记到时，用整轮的平均损失
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [result.training_loss]
-    model.save_pretrained(str(cache))
-    (cache / "fingerprint.txt").write_text(key)
-    return model, len(rows["label"]), losses
-
-
 def load_kb(args: Args, device: str, log) -> dict:
     """知识库切块、建两种索引；问题按题目随机切成训练 / 测试（同一种子同样切分）。"""
     docs, by_id, qas = retrieval.load_kb(args.docs, args.qa, args.max_docs, args.max_questions)
@@ -151,6 +117,7 @@ def load_kb(args: Args, device: str, log) -> dict:
 def retrieve(args: Args, kb: dict, log) -> tuple[dict, dict, float, dict]:
     """第一阶段召回：RRF 的向量权重只在训练集上挑，测试集只用来报告。返回 (训练集排序, 测试集排序, 权重, 指标)。"""
     chunks, by_id, train_q, test_q = kb["chunks"], kb["by_id"], kb["train_q"], kb["test_q"]
+    # 每路取深一些（≥50）再融合：只在一路前 10 里出现的块，另一路若截得太浅就给它 0 分，RRF 退化成只看一路
     depth = max(args.candidates, 50)
     tr = first_stage(train_q, chunks, kb["bm25"], kb["dense"], kb["embedder"], depth, None)
     weight = args.dense_weight
@@ -174,8 +141,9 @@ def load_reranker(args: Args, out: run.Run, kb: dict, tr: dict, fit_i: list[int]
     """--reranker 给了就加载现成的；否则在训练题（不含 dev）上现场训练。返回 (重排器, 训练对数, 损失曲线)。"""
     if args.reranker:
         return retrieval.load_cross_encoder(args.reranker, device), 0, None
-    return train_reranker(args, out, [kb["train_q"][i] for i in fit_i],
-                          [tr[args.first_stage][i][:args.candidates] for i in fit_i], kb["chunks"], kb["by_id"], device)
+    return reranking.train_reranker(args, out, [kb["train_q"][i] for i in fit_i],
+                                    [tr[args.first_stage][i][:args.candidates] for i in fit_i], kb["chunks"],
+                                    kb["by_id"], device)
 
 
 def rerank(reranker, chunks, qs: list[dict], ranked: list[list[int]]) -> list[list[int]]:
@@ -185,8 +153,23 @@ def rerank(reranker, chunks, qs: list[dict], ranked: list[list[int]]) -> list[li
 
 
 def fuse(first: list[list[int]], reranked: list[list[int]], w: float) -> list[list[int]]:
-    """RRF 融合第一阶段与重排器的名次：w=0 只信第一阶段，w 很大时只信重排器。"""
+    """RRF 融合第一阶段与重排器的名次：w=0 只信第一阶段，w 很大时只信重排器。
+
+    k=5 而不是常用的 60：这里只有 N≤10 个候选，k=60 时第 1 名与第 10 名的分数只差约 13%，名次几乎不起作用。
+    """
     return [retrieval.rrf([f, r], [1.0, w], k=5) for f, r in zip(first, reranked)]
+
+
+def pick_weight(reranker, chunks, by_id, dev_q: list[dict], dev_first: list[list[int]]) -> tuple[float, dict]:
+    """在 dev 上挑重排器与第一阶段的融合权重：(MRR, recall@5) 最高的那个。返回 (权重, {权重: (MRR, recall@5)})。
+
+    权重网格含 0 = 不用重排器：小数据训出的重排器可能不如 BM25（冒烟时单用它 MRR 只有约 0.2），不能默认它更好。
+    """
+    dev_rr = rerank(reranker, chunks, dev_q, dev_first)
+    dev_score = {w: (round(retrieval.mrr(h), 4), round(retrieval.recall_at_k(h, 5), 4)) for w, h in
+                 ((w, retrieval.hits_matrix(fuse(dev_first, dev_rr, w), dev_q, chunks, by_id))
+                  for w in (0.0, 0.5, 1.0, 2.0, 100.0))}
+    return max(dev_score, key=lambda w: (dev_score[w], w)), dev_score   # 并列时取更信重排器的
 
 
 def rerank_stage(args: Args, out: run.Run, kb: dict, tr: dict, te: dict, device: str) -> tuple[list, dict]:
@@ -195,13 +178,8 @@ def rerank_stage(args: Args, out: run.Run, kb: dict, tr: dict, te: dict, device:
     # 训练题再留出一份 dev：重排器学得好不好要在没见过的题上量
     fit_i, dev_i = data.split(list(range(len(train_q))), 0.25, args.seed)
     reranker, n_pairs, losses = load_reranker(args, out, kb, tr, fit_i, device)
-    # 权重网格含 0 = 不用重排器：小数据训出的重排器可能不如 BM25，不能默认它更好
     dev_q, dev_first = [train_q[i] for i in dev_i], [tr[args.first_stage][i][:n] for i in dev_i]
-    dev_rr = rerank(reranker, chunks, dev_q, dev_first)
-    dev_score = {w: (round(retrieval.mrr(h), 4), round(retrieval.recall_at_k(h, 5), 4)) for w, h in
-                 ((w, retrieval.hits_matrix(fuse(dev_first, dev_rr, w), dev_q, chunks, by_id))
-                  for w in (0.0, 0.5, 1.0, 2.0, 100.0))}
-    weight = max(dev_score, key=lambda w: (dev_score[w], w))   # 并列时取更信重排器的
+    weight, dev_score = pick_weight(reranker, chunks, by_id, dev_q, dev_first)
     out.log.info(f"重排器融合权重（dev {len(dev_q)} 题，(MRR, recall@5)）：{dev_score} -> {weight}")
 
     before = [r[:n] for r in te[args.first_stage]]
@@ -229,6 +207,7 @@ def answer(args: Args, kb: dict, after: list[list[int]]) -> list[dict]:
                    for q, ps in zip(test_q, ctx)]
     closed_prompts = [chat(tok, PROMPTS.get(q["lang"], PROMPTS["en"])[1].format(q=q["question"])) for q in test_q]
     prefixes = [PROMPTS.get(q["lang"], PROMPTS["en"])[2] for q in test_q]
+    # 闭卷与 RAG 用同一个模型、同样的生成长度：两者之差才是"检索"带来的，而不是模型本来就知道
     closed = models.generate(model, tok, closed_prompts, args.max_new_tokens, args.batch_size)
     rag = [p + a for p, a in zip(prefixes, models.generate(model, tok, rag_prompts, args.max_new_tokens,
                                                            args.batch_size))]
@@ -236,16 +215,16 @@ def answer(args: Args, kb: dict, after: list[list[int]]) -> list[dict]:
     for q, passages, c_ans, r_ans in zip(test_q, ctx, closed, rag):
         cited = citations(r_ans, len(passages))
         rows.append({"question": q["question"], "answer": q["answer"], "lang": q["lang"], "closed_book": c_ans,
-                     "rag": r_ans, "cited": cited, "closed_ok": metrics.contains_answer(c_ans, q["answer"]),
-                     "rag_ok": metrics.contains_answer(r_ans, q["answer"]),
+                     "rag": r_ans, "cited": cited, "closed_ok": answers.contains_answer(c_ans, q["answer"]),
+                     "rag_ok": answers.contains_answer(r_ans, q["answer"]),
                      "citation_ok": bool(cited) and retrieval.is_hit(passages[cited[0] - 1], q, by_id),
-                     "support_ok": any(metrics.contains_answer(passages[n - 1].text, q["answer"]) for n in cited),
-                     "context_has_answer": any(metrics.contains_answer(c.text, q["answer"]) for c in passages)})
+                     "support_ok": any(answers.contains_answer(passages[n - 1].text, q["answer"]) for n in cited),
+                     "context_has_answer": any(answers.contains_answer(c.text, q["answer"]) for c in passages)})
     return rows
 
 
 def show_examples(rows: list[dict]) -> None:
-    """每种语言各挑两题，闭卷与 RAG 的回答并排打印。"""
+    """每种语言各挑两题，闭卷与 RAG 的回答并排打印：准确率只是一个数，看几条原文才知道错在检索还是生成。"""
     from rich.console import Console
     from rich.table import Column, Table
 
@@ -260,32 +239,44 @@ def show_examples(rows: list[dict]) -> None:
     Console(width=119).print(table)
 
 
+def rate(rows: list[dict], key: str, lang: str | None = None) -> float:
+    """满足 key 的题目比例（lang 给定时只算该语言）。"""
+    sel = [r[key] for r in rows if lang in (None, r["lang"])]
+    return round(sum(sel) / max(1, len(sel)), 4)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """准确率、引用准确率，整体与按语言分开。
+
+    按语言分开报：smollm2-135m 是英文小模型，中文题几乎全错，只看总数会把"英文题 RAG 明显有用"淹没掉。
+    引用准确率（第一个引用指向金标段落）与答案准确率分开：答对了却引错出处，用户点开引用照样会失去信任。
+    """
+    return {"answer_accuracy_closed_book": rate(rows, "closed_ok"), "answer_accuracy_rag": rate(rows, "rag_ok"),
+            "citation_accuracy": rate(rows, "citation_ok"), "support_accuracy": rate(rows, "support_ok"),
+            "citation_rate": round(sum(bool(r["cited"]) for r in rows) / max(1, len(rows)), 4),
+            "context_answer_rate": rate(rows, "context_has_answer"),
+            "by_lang": {lang: {"closed_book": rate(rows, "closed_ok", lang), "rag": rate(rows, "rag_ok", lang),
+                               "citation": rate(rows, "citation_ok", lang), "n": sum(r["lang"] == lang for r in rows)}
+                        for lang in sorted({r["lang"] for r in rows})}}
+
+
 def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
     device = str(models.pick_device(args.device))
-    # 1. 知识库切块、建 BM25 与向量索引；问题切成训练 / 测试
+    # 1. 知识库切块、建 BM25 与向量索引；问题切成训练 / 测试（重排器和 RRF 权重只在训练题上调，测试题只用来报告）
     kb = load_kb(args, device, out.log)
-    # 2. 第一阶段召回：BM25 / 向量 / RRF 混合，各自报告
+    # 2. 第一阶段召回：BM25 / 向量 / RRF 混合，各自报告——混合之前先知道每一路单独有多强
     tr, te, weight, retrievers = retrieve(args, kb, out.log)
-    # 3. 重排：交叉编码器给前 N 个候选重新打分，与第一阶段的融合权重在 dev 上挑
+    # 3. 重排：交叉编码器给前 N 个候选重新打分，与第一阶段的融合权重在 dev 上挑（权重 0 = 不用重排器）
     after, rr = rerank_stage(args, out, kb, tr, te, device)
-    # 4. 生成与打分：闭卷 vs 带编号资料（RAG）
+    # 4. 生成与打分：同一个模型闭卷 vs 带编号资料（RAG）——差值才是检索带来的，而不是模型本来就会
     rows = answer(args, kb, after)
     out.path("answers.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
     show_examples(rows)
 
     # 5. 汇总：准确率、引用准确率，按语言分开
-    def rate(key: str, lang: str | None = None) -> float:   # 满足 key 的题目比例（lang 给定时只算该语言）
-        return round(sum(sel := [r[key] for r in rows if lang in (None, r["lang"])]) / max(1, len(sel)), 4)
-
-    m = {**rr, "answer_accuracy_closed_book": rate("closed_ok"), "answer_accuracy_rag": rate("rag_ok"),
-         "citation_accuracy": rate("citation_ok"), "support_accuracy": rate("support_ok"),
-         "citation_rate": round(sum(bool(r["cited"]) for r in rows) / max(1, len(rows)), 4),
-         "context_answer_rate": rate("context_has_answer"),
-         "by_lang": {lang: {"closed_book": rate("closed_ok", lang), "rag": rate("rag_ok", lang),
-                            "citation": rate("citation_ok", lang), "n": sum(r["lang"] == lang for r in rows)}
-                     for lang in sorted({r["lang"] for r in rows})},
+    m = {**rr, **summarize(rows),
          "retrievers": retrievers, "first_stage": args.first_stage, "dense_weight": weight,
          "reranker": args.reranker or "MiniLM cross-encoder (trained here)",
          "train_questions": len(kb["train_q"]), "test_questions": len(kb["test_q"]), "chunks": len(kb["chunks"])}

@@ -1,8 +1,8 @@
 """RAGFlow 部署与评测：docker compose 起一套 RAGFlow，再用官方 ragflow-sdk 建知识库、上传、解析、检索、问答并打分。
 
 运行：
-  python lesson6_rag/05_ragflow_deployment/ragflow_demo.py            # 没有服务：检查 compose 与 SDK 接线，说明不可达，退出码 0
-  python lesson6_rag/05_ragflow_deployment/ragflow_demo.py --smoke    # 同上（连上服务时只问 5 题）
+  python lesson6_rag/05_ragflow_deployment/ragflow_demo.py          # 没有服务：检查 compose 与 SDK 接线，退出码 0
+  python lesson6_rag/05_ragflow_deployment/ragflow_demo.py --smoke  # 同上（连上服务时只问 5 题）
   python lesson6_rag/05_ragflow_deployment/ragflow_demo.py \
       --ragflow-url http://127.0.0.1:9380 --api-key ragflow-xxxx --model qwen-plus@Tongyi-Qianwen   # 真实服务
   （也可用环境变量 RAGFLOW_URL / RAGFLOW_API_KEY；服务怎么起见同目录 README.md）
@@ -11,39 +11,25 @@
 连上服务时再给出 RAGFlow 自己切块 + 混合检索的 recall_at_5，以及它的对话助手的 answer_accuracy。
 """
 
-import inspect
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from common import cli, metrics, retrieval, run, safety
+from common import answers, cli, retrieval, run, safety
 from common.errors import UserError
 
 HERE = Path(__file__).resolve().parent
-REQUIRED_SERVICES = ("ragflow-cpu", "mysql", "minio", "redis", "es01")
-FLOATING_TAGS = {"latest", "nightly", "dev", "main", "stable", "edge"}
-VAR = re.compile(r"\$\{(\w+)(:?-[^}]*)?\}")          # ${NAME} / ${NAME:-默认值} / ${NAME-默认值}
-# 本脚本要调用的 SDK 方法与会传的参数：SDK 升级改了签名时，在连服务之前就能发现
-SDK_CALLS = [("RAGFlow", "__init__", ("api_key", "base_url")),
-             ("RAGFlow", "create_dataset", ("name", "embedding_model", "chunk_method")),
-             ("DataSet", "upload_documents", ("document_list",)),
-             ("DataSet", "async_parse_documents", ("document_ids",)),
-             ("DataSet", "list_documents", ("page", "page_size")),
-             ("RAGFlow", "retrieve", ("dataset_ids", "question", "page_size", "similarity_threshold", "top_k")),
-             ("RAGFlow", "create_chat", ("name", "dataset_ids", "llm")),
-             ("Chat", "create_session", ("name",)),
-             ("Session", "ask", ("question", "stream")),
-             ("RAGFlow", "delete_chats", ("ids",)),
-             ("RAGFlow", "delete_datasets", ("ids",))]
+# 部署前检查（compose 文件、SDK 签名）放在旁边的 _preflight.py：不连服务也能跑，一秒内发现"一定会失败"的配置
+pre = run.import_sibling(__file__, "_preflight")
 
 
 @dataclass
 class Args(retrieval.KBArgs):
     embedding_model: str = cli.arg(None, "RAGFlow 里的向量模型名（如 BAAI/bge-large-zh-v1.5@BAAI）；不填用服务端默认")
-    ragflow_url: str = cli.arg(None, "RAGFlow HTTP API 地址（SVR_HTTP_PORT，如 http://127.0.0.1:9380）；或环境变量 RAGFLOW_URL")
+    ragflow_url: str = cli.arg(None, "RAGFlow HTTP API 地址（SVR_HTTP_PORT，如 http://127.0.0.1:9380）；"
+                                     "或环境变量 RAGFLOW_URL")
     api_key: str = cli.arg(None, "RAGFlow API key（网页右上角头像 → API）；或环境变量 RAGFLOW_API_KEY")
     dataset_name: str = cli.arg("llm-course-kb", "在 RAGFlow 里新建的知识库名前缀（会加上时间戳）")
     top_k: int = cli.arg(5, "每题取回的块数（recall@5 需要 ≥5）", min=1)
@@ -59,95 +45,19 @@ class Args(retrieval.KBArgs):
 SMOKE = dict(max_questions=5)   # 冒烟：连上服务时只问 5 题
 
 
-def read_env(path: Path) -> dict[str, str]:
-    """读 .env 模板（KEY=VALUE），按 compose 的规则展开 ${X:-默认值}。"""
-    env: dict[str, str] = {}
-    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if "=" not in line:
-            raise UserError(f"{path}:{no}: 应为 KEY=VALUE")
-        k, v = line.split("=", 1)
-        env[k.strip()] = expand(v.strip().strip("'\""), env)
-    return env
-
-
-def expand(text: str, env: dict[str, str]) -> str:
-    """展开 ${NAME} 与 ${NAME:-默认值}。"""
-    return VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) or "").lstrip(":-"), text)
-
-
-def check_compose(folder: Path) -> tuple[list[str], dict]:
-    """解析 docker-compose.yml：服务齐全、镜像钉死版本、端口、卷、引用的变量都在 .env.example 里。"""
-    import yaml
-
-    compose_path, env_path = folder / "docker-compose.yml", folder / ".env.example"
-    compose = yaml.safe_load(compose_path.read_text(encoding="utf-8"))
-    env = read_env(env_path)
-    problems = [f"缺少服务 {s}" for s in REQUIRED_SERVICES if s not in compose.get("services", {})]
-    for no, line in enumerate(compose_path.read_text(encoding="utf-8").splitlines(), 1):
-        for m in VAR.finditer(line.split(" #")[0] if not line.lstrip().startswith("#") else ""):
-            if m.group(2) is None and m.group(1) not in env:
-                problems.append(f"{compose_path.name}:{no}: ${{{m.group(1)}}} 不在 .env.example 里")
-    declared = set(compose.get("volumes") or {})
-    images = {}
-    for name, svc in compose.get("services", {}).items():
-        image = expand(svc.get("image", ""), env)
-        images[name] = image
-        tag = image.rsplit("/", 1)[-1].partition(":")[2]
-        if not tag or tag in FLOATING_TAGS:
-            problems.append(f"{name}: 镜像 {image!r} 没有钉死版本")
-        for p in svc.get("ports", []):
-            host, _, inside = expand(str(p), env).rpartition(":")
-            if not (host.isdigit() and inside.isdigit()):
-                problems.append(f"{name}: 端口映射 {p!r} 展开后不是 宿主:容器")
-        for v in svc.get("volumes", []):
-            src = v.split(":")[0]
-            if src.startswith("./"):
-                if Path(src).suffix and not (folder / src).is_file():   # 挂载的配置文件必须随文件夹提供
-                    problems.append(f"{name}: 挂载的 {src} 不存在")
-            elif src not in declared:
-                problems.append(f"{name}: 命名卷 {src} 没在顶层 volumes 里声明")
-        if svc.get("env_file", ".env") != ".env":
-            problems.append(f"{name}: env_file 应为 .env（由 .env.example 复制）")
-    api_ports = [expand(str(p), env) for p in compose["services"].get("ragflow-cpu", {}).get("ports", [])]
-    if not any(p.endswith(":9380") for p in api_ports):
-        problems.append("ragflow-cpu 没有映射 HTTP API 端口 9380")
-    return problems, {"services": sorted(compose.get("services", {})), "images": images,
-                      "api_port": env.get("SVR_HTTP_PORT"), "profiles": env.get("COMPOSE_PROFILES")}
-
-
-def check_client() -> tuple[list[str], str]:
-    """ragflow-sdk 能导入，本脚本要调的方法都在、参数名都对（inspect.signature）。"""
-    try:
-        import ragflow_sdk
-        from ragflow_sdk.modules.session import Session
-    except ImportError as e:
-        return [f"无法导入 ragflow_sdk（{e}）：pip install ragflow-sdk==0.22.1"], ""
-    classes = {"RAGFlow": ragflow_sdk.RAGFlow, "DataSet": ragflow_sdk.DataSet, "Chat": ragflow_sdk.Chat,
-               "Session": Session}
-    problems = []
-    for cls, meth, params in SDK_CALLS:
-        fn = getattr(classes[cls], meth, None)
-        if fn is None:
-            problems.append(f"{cls}.{meth} 不存在")
-            continue
-        missing = [p for p in params if p not in inspect.signature(fn).parameters]
-        if missing:
-            problems.append(f"{cls}.{meth} 缺少参数 {missing}")
-    return problems, ragflow_sdk.__version__
-
-
 def is_hit(chunk, qa: dict, rid_to_doc: dict[str, str]) -> bool:
-    """RAGFlow 自己切的块：来自金标文档，且与金标段落（SQuAD 式规范化后）互相包含。"""
+    """RAGFlow 自己切的块：来自金标文档，且与金标段落（SQuAD 式规范化后）互相包含。
+
+    不能用 common.retrieval.is_hit 的字符区间判定：RAGFlow 自己切块，不告诉我们块在原文里的起点。
+    """
     if qa.get("doc_id") and rid_to_doc.get(chunk.document_id) != qa["doc_id"]:
         return False
     gold = qa.get("gold_passage")
-    return not gold or metrics.contains_answer(chunk.content, gold) or metrics.contains_answer(gold, chunk.content)
+    return not gold or answers.contains_answer(chunk.content, gold) or answers.contains_answer(gold, chunk.content)
 
 
 def list_all(ds) -> list:
-    """分页列出知识库里的全部文档（解析状态在 run / progress 上）。"""
+    """分页列出知识库里的全部文档（解析状态在 run / progress 上）：只取第一页，文档多于一页时永远"解析不完"。"""
     out, page = [], 1
     while True:
         batch = ds.list_documents(page=page, page_size=100)
@@ -157,45 +67,46 @@ def list_all(ds) -> list:
         page += 1
 
 
-def main(args: Args) -> dict:
-    # 秘密不落盘：--api-key 与 URL 里的账号密码先拿走（sys.argv 里也抹成 ***），argv.txt / config.json / 日志里都没有
-    args, secret = safety.scrub(cli.with_smoke(args, SMOKE))
-    out = run.start(__file__, args)
-    log = out.log
-
-    # 1. 部署文件：compose 能解析、服务齐全、镜像版本钉死、变量都有定义
-    compose_problems, compose_info = check_compose(HERE)
+def preflight(log) -> dict:
+    """部署文件与客户端接线：compose 能解析、服务齐全、镜像钉死、变量有定义；SDK 方法签名与本脚本的调用一致。"""
+    compose_problems, compose_info = pre.check_compose(HERE)
     for p in compose_problems:
         log.error(f"compose: {p}")
-    log.info(f"compose: {len(compose_info['services'])} 个服务，RAGFlow 镜像 {compose_info['images'].get('ragflow-cpu')}")
-
-    # 2. 客户端接线：SDK 方法签名与本脚本的调用一致
-    client_problems, sdk_version = check_client()
+    log.info(f"compose: {len(compose_info['services'])} 个服务，"
+             f"RAGFlow 镜像 {compose_info['images'].get('ragflow-cpu')}")
+    client_problems, sdk_version = pre.check_client()
     for p in client_problems:
         log.error(f"ragflow-sdk: {p}")
+    return {"compose_ok": not compose_problems, "client_ok": not client_problems, "ragflow_sdk": sdk_version,
+            "compose": compose_info}
 
-    # 3. 真的构建上传内容：读出知识库每个文件的字节，按 SDK 的 multipart 格式编码（不发送）
+
+def build_upload(args: Args, log) -> tuple[list[dict], dict, list[dict], dict]:
+    """读出知识库每个文件的字节，按 SDK 的 multipart 格式编码（不发送）。返回 (上传内容, 文件名→文档 id, 问答, 大小)。
+
+    离线时也真的编码一遍：文件读不了、编码出错，在这里就暴露，而不是连上服务、建好知识库之后。
+    """
     import requests
 
     docs, _, qas = retrieval.load_kb(args.docs, args.qa, max_questions=args.max_questions)
+    # RAGFlow 的文档名不能带 "/"：子文件夹的相对路径换成 "__"，再用 name_to_doc 换回金标里的 doc_id
     payload = [{"display_name": d.id.replace("/", "__"), "blob": d.path.read_bytes()} for d in docs]
     name_to_doc = {p["display_name"]: d.id for p, d in zip(payload, docs)}
     body = requests.Request("POST", "http://ragflow.invalid/api/v1/datasets/x/documents",
                             files=[("file", (p["display_name"], p["blob"])) for p in payload]).prepare().body
-    log.info(f"知识库 {len(payload)} 个文件 {sum(len(p['blob']) for p in payload)} 字节（multipart {len(body)} 字节），"
-             f"问答 {len(qas)} 题")
-    result = {"reachable": False, "compose_ok": not compose_problems, "client_ok": not client_problems,
-               "docs_ready": len(payload), "docs_bytes": sum(len(p["blob"]) for p in payload),
-               "upload_body_bytes": len(body), "questions": len(qas), "ragflow_sdk": sdk_version,
-               "compose": compose_info}
+    log.info(f"知识库 {len(payload)} 个文件 {sum(len(p['blob']) for p in payload)} 字节"
+             f"（multipart {len(body)} 字节），问答 {len(qas)} 题")
+    return payload, name_to_doc, qas, {"docs_ready": len(payload), "docs_bytes": sum(len(p["blob"]) for p in payload),
+                                       "upload_body_bytes": len(body), "questions": len(qas)}
 
-    # 4. 服务可达吗？没给地址 / 连不上：一行说明，退出码 0（离线也能跑完这一课的检查部分）
-    url = (secret.get("ragflow_url") or args.ragflow_url or os.environ.get("RAGFLOW_URL") or "").rstrip("/")
-    key = secret.get("api_key") or os.environ.get("RAGFLOW_API_KEY")
-    shown = safety.redact_url(url)   # http://user:密码@host 里的账号密码同样是秘密：日志和 metrics 只写 ***
-    if not url:
-        log.info("RAGFlow 不可达：没有给 --ragflow-url（或环境变量 RAGFLOW_URL）；按 README 用 docker compose 启动后再试")
-        return out.finish(result)
+
+def probe(url: str, key: str | None, shown: str, timeout: float) -> str | None:
+    """服务可达且 key 有效时返回 None；连不上时返回异常类名（ConnectionError = 端口没人听，ConnectTimeout = 超时）。
+
+    地址写错、key 被拒是用户的错：UserError 一行说清；连不上则不是错——离线也要能跑完这一课的检查部分。
+    """
+    import requests
+
     u = urlparse(url)
     try:
         _ = u.port   # 端口不是数字时 urlparse 在这里才报 ValueError
@@ -204,75 +115,126 @@ def main(args: Args) -> dict:
     if u.scheme not in ("http", "https") or not u.hostname:
         raise UserError(f"--ragflow-url {shown!r}: 应形如 http://127.0.0.1:9380")
     try:
-        probe = requests.get(f"{url}/api/v1/datasets", params={"page_size": 1}, timeout=args.connect_timeout,
-                             headers={"Authorization": f"Bearer {key or ''}"})
+        resp = requests.get(f"{url}/api/v1/datasets", params={"page_size": 1}, timeout=timeout,
+                            headers={"Authorization": f"Bearer {key or ''}"})
     except requests.RequestException as e:
-        log.info(f"RAGFlow 不可达：{shown}（{type(e).__name__}）；服务起来了吗？docker compose ps 看看")
-        return out.finish({**result, "ragflow_url": shown})
+        return type(e).__name__
     try:
-        code, message = probe.json().get("code"), probe.json().get("message")
-    except ValueError:
-        raise UserError(f"--ragflow-url {shown}: 有应答（HTTP {probe.status_code}）但不是 RAGFlow API；"
+        code, message = resp.json().get("code"), resp.json().get("message")
+    except ValueError:   # 最常见：指到了网页端口（nginx 返回 HTML）
+        raise UserError(f"--ragflow-url {shown}: 有应答（HTTP {resp.status_code}）但不是 RAGFlow API；"
                         "应指向 SVR_HTTP_PORT（默认 9380），不是网页端口") from None
+    # RAGFlow 把结果码放在返回体的 code 里（0 = 成功）：只看 HTTP 状态码，会把"key 无效"当成可达
     if not key or code != 0:
         raise UserError(f"--api-key: RAGFlow 拒绝了请求（{message or '没有给 key'}）；在网页右上角头像 → API 里生成")
-    result["reachable"] = True
-    if compose_problems or client_problems:
-        raise UserError("compose 或 ragflow-sdk 检查未通过（见上面的错误），先修好再连服务")
+    return None
 
-    # 5. 建知识库、上传、异步解析；轮询解析状态，带截止时间
-    from ragflow_sdk import Chat, RAGFlow
 
-    rag = RAGFlow(api_key=key, base_url=url)
-    ds, chat = None, None
+def upload_and_parse(ds, payload: list[dict], name_to_doc: dict, timeout: float, log) -> tuple[dict, dict]:
+    """上传、异步解析，轮询解析状态直到全部结束或超过截止时间。返回 (RAGFlow 文档 id→doc_id, 解析统计)。"""
+    uploaded = []
+    for i in range(0, len(payload), 8):        # 分批上传，单个请求不至于太大
+        uploaded += ds.upload_documents(payload[i:i + 8])
+    rid_to_doc = {d.id: name_to_doc.get(d.name, d.name) for d in uploaded}
+    ds.async_parse_documents([d.id for d in uploaded])
+    # 解析（版面分析、切块、向量化）在服务端的任务队列里异步跑，CPU 上可能要几分钟：轮询 + 截止时间，不死等
+    t0, deadline = time.monotonic(), time.monotonic() + timeout
+    while True:
+        states = {d.id: (str(d.run).upper(), float(d.progress or 0)) for d in list_all(ds)}
+        finished = [i for i, (r, p) in states.items() if r in ("DONE", "FAIL", "CANCEL") or p >= 1.0]
+        if len(finished) >= len(uploaded) or time.monotonic() > deadline:
+            break
+        log.info(f"解析中 {len(finished)}/{len(uploaded)} …")
+        time.sleep(3)
+    parsed = sum(r == "DONE" or p >= 1.0 for r, p in states.values())
+    if len(finished) < len(uploaded):   # 超时不报错：用已解析的部分评测，日志里说清楚
+        log.warning(f"解析超过 --parse-timeout {timeout:.0f} 秒：只用已解析的 {parsed} 篇评测")
+    return rid_to_doc, {"docs_parsed": parsed, "parse_seconds": round(time.monotonic() - t0, 1)}
+
+
+def eval_retrieval(rag, ds, qas: list[dict], rid_to_doc: dict, top_k: int) -> dict:
+    """RAGFlow 的混合检索（关键词 + 向量），按金标段落 / 文档判命中，算 recall@5 与 MRR。"""
+    hits = []
+    for qa in qas:
+        # similarity_threshold=0：不让服务端先按分数滤掉块，否则 recall 量的是"阈值"而不是检索排序
+        chunks = rag.retrieve(dataset_ids=[ds.id], question=qa["question"], page_size=top_k,
+                              similarity_threshold=0.0, top_k=1024)
+        hits.append([is_hit(c, qa, rid_to_doc) for c in chunks[:top_k]])
+    return {"recall_at_5": round(retrieval.recall_at_k(hits, 5), 4), "mrr": round(retrieval.mrr(hits), 4)}
+
+
+def eval_chat(rag, ds, qas: list[dict], model: str | None, keep: bool, log) -> float | None:
+    """RAGFlow 的对话助手（LLM 在服务端配置）逐题作答；答案规范化后包含金标答案即算对。对话助手不可用时返回 None。"""
+    from ragflow_sdk import Chat
+
+    chat = None
+    try:
+        llm = Chat.LLM(rag, {"model_name": model}) if model else None
+        chat = rag.create_chat(name=f"{ds.name}-chat", dataset_ids=[ds.id], llm=llm)
+        session = chat.create_session("course-eval")
+        replies = [next(iter(session.ask(qa["question"], stream=False))).content for qa in qas]
+        return round(sum(answers.contains_answer(a, qa["answer"]) for qa, a in zip(qas, replies)) / max(1, len(qas)),
+                     4)
+    except Exception as e:  # noqa: BLE001 - 最常见：服务端还没配置默认对话模型；检索的结果照样有用，不整体失败
+        log.warning(f"对话助手不可用（{str(e)[:150]}）：在网页的 模型供应商 里配置 LLM 后再试")
+        return None
+    finally:
+        if chat is not None and not keep:   # 每次运行都建一个新助手：不删会在网页里越积越多
+            rag.delete_chats(ids=[chat.id])
+
+
+def evaluate_on_service(args: Args, url: str, key: str, payload: list[dict], name_to_doc: dict, qas: list[dict],
+                        log) -> dict:
+    """建知识库（名字带时间戳，不碰已有的）、上传解析、检索评测、问答评测；结束时删掉本次建的知识库。"""
+    from ragflow_sdk import RAGFlow
+
+    rag, ds = RAGFlow(api_key=key, base_url=url), None
     try:
         ds = rag.create_dataset(name=f"{args.dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                 embedding_model=args.embedding_model, chunk_method="naive")
-        uploaded = []
-        for i in range(0, len(payload), 8):        # 分批上传，单个请求不至于太大
-            uploaded += ds.upload_documents(payload[i:i + 8])
-        rid_to_doc = {d.id: name_to_doc.get(d.name, d.name) for d in uploaded}
-        ds.async_parse_documents([d.id for d in uploaded])
-        t0, deadline = time.monotonic(), time.monotonic() + args.parse_timeout
-        while True:
-            states = {d.id: (str(d.run).upper(), float(d.progress or 0)) for d in list_all(ds)}
-            finished = [i for i, (r, p) in states.items() if r in ("DONE", "FAIL", "CANCEL") or p >= 1.0]
-            if len(finished) >= len(uploaded) or time.monotonic() > deadline:
-                break
-            log.info(f"解析中 {len(finished)}/{len(uploaded)} …")
-            time.sleep(3)
-        parsed = sum(r == "DONE" or p >= 1.0 for r, p in states.values())
-        if len(finished) < len(uploaded):
-            log.warning(f"解析超过 --parse-timeout {args.parse_timeout:.0f} 秒：只用已解析的 {parsed} 篇评测")
-        result.update(docs_parsed=parsed, parse_seconds=round(time.monotonic() - t0, 1))
-
-        # 6. 检索：RAGFlow 的混合检索（关键词 + 向量），按金标段落 / 文档判命中
-        hits = []
-        for qa in qas:
-            chunks = rag.retrieve(dataset_ids=[ds.id], question=qa["question"], page_size=args.top_k,
-                                  similarity_threshold=0.0, top_k=1024)
-            hits.append([is_hit(c, qa, rid_to_doc) for c in chunks[:args.top_k]])
-        result.update(recall_at_5=round(retrieval.recall_at_k(hits, 5), 4), mrr=round(retrieval.mrr(hits), 4))
-
-        # 7. 问答：RAGFlow 的对话助手（LLM 在服务端配置）；答案规范化后包含金标答案即算对
-        try:
-            llm = Chat.LLM(rag, {"model_name": args.model}) if args.model else None
-            chat = rag.create_chat(name=f"{ds.name}-chat", dataset_ids=[ds.id], llm=llm)
-            session = chat.create_session("course-eval")
-            answers = [next(iter(session.ask(qa["question"], stream=False))).content for qa in qas]
-            result["answer_accuracy"] = round(sum(metrics.contains_answer(a, qa["answer"])
-                                                  for qa, a in zip(qas, answers)) / max(1, len(qas)), 4)
-        except Exception as e:  # noqa: BLE001 - 最常见：服务端还没配置默认对话模型
-            log.warning(f"对话助手不可用（{str(e)[:150]}）：在网页的 模型供应商 里配置 LLM 后再试")
-            result["answer_accuracy"] = None
+        rid_to_doc, parse_stats = upload_and_parse(ds, payload, name_to_doc, args.parse_timeout, log)
+        retrieval_stats = eval_retrieval(rag, ds, qas, rid_to_doc, args.top_k)
+        accuracy = eval_chat(rag, ds, qas, args.model, args.keep_dataset, log)
+        return {**parse_stats, **retrieval_stats, "answer_accuracy": accuracy}
     except Exception as e:  # noqa: BLE001 - SDK 把服务端的拒绝原因放在异常消息里，换成一行
         raise UserError(f"RAGFlow 返回错误：{str(e)[:200]}") from None
     finally:
-        if not args.keep_dataset:
-            if chat is not None:
-                rag.delete_chats(ids=[chat.id])
-            if ds is not None:
-                rag.delete_datasets(ids=[ds.id])
+        if ds is not None and not args.keep_dataset:
+            rag.delete_datasets(ids=[ds.id])
+
+
+def main(args: Args) -> dict:
+    # 秘密不落盘：--api-key 与 URL 里的账号密码先拿走（sys.argv 里也抹成 ***），argv.txt / config.json / 日志里都没有
+    args, secret = safety.scrub(cli.with_smoke(args, SMOKE))
+    out = run.start(__file__, args)
+    log = out.log
+
+    # 1. 部署文件与客户端接线：compose 能解析、服务齐全、镜像版本钉死、变量都有定义；SDK 签名与本脚本的调用一致
+    checks = preflight(log)
+
+    # 2. 真的构建上传内容：读出知识库每个文件的字节，按 SDK 的 multipart 格式编码（不发送）
+    payload, name_to_doc, qas, sizes = build_upload(args, log)
+    result = {"reachable": False, "compose_ok": checks["compose_ok"], "client_ok": checks["client_ok"], **sizes,
+              "ragflow_sdk": checks["ragflow_sdk"], "compose": checks["compose"]}
+
+    # 3. 服务可达吗？没给地址 / 连不上：一行说明，退出码 0（离线也能跑完这一课的检查部分）
+    url = (secret.get("ragflow_url") or args.ragflow_url or os.environ.get("RAGFLOW_URL") or "").rstrip("/")
+    key = secret.get("api_key") or os.environ.get("RAGFLOW_API_KEY")
+    shown = safety.redact_url(url)   # http://user:密码@host 里的账号密码同样是秘密：日志和 metrics 只写 ***
+    if not url:
+        log.info("RAGFlow 不可达：没有给 --ragflow-url（或环境变量 RAGFLOW_URL）；"
+                 "按 README 用 docker compose 启动后再试")
+        return out.finish(result)
+    error = probe(url, key, shown, args.connect_timeout)
+    if error:
+        log.info(f"RAGFlow 不可达：{shown}（{error}）；服务起来了吗？docker compose ps 看看")
+        return out.finish({**result, "ragflow_url": shown, "probe_error": error})
+    result["reachable"] = True
+    if not (checks["compose_ok"] and checks["client_ok"]):   # 配置有错还连服务，只会得到更难懂的错误
+        raise UserError("compose 或 ragflow-sdk 检查未通过（见上面的错误），先修好再连服务")
+
+    # 4. 在服务上评测：建知识库、上传、解析，RAGFlow 自己的混合检索与对话助手，各自打分
+    result.update(evaluate_on_service(args, url, key, payload, name_to_doc, qas, log))
     return out.finish({**result, "ragflow_url": shown},
                       summary=f"recall@5={result['recall_at_5']}, answer_accuracy={result['answer_accuracy']}, "
                               f"docs_parsed={result['docs_parsed']}/{len(payload)}")

@@ -7,8 +7,9 @@
   - 回归告警：与同目录 baseline_<mode>.json 比，任一指标掉得超过 --tolerance 就打印红色 ALERT，regression=true。
 
 运行：
-  python lesson6_rag/06_optimization/optimization_lab.py            # CPU：7 种切块 × 3 检索器，smollm2-135m 生成 8 题，空闲 2 核约 45 秒
-  python lesson6_rag/06_optimization/optimization_lab.py --smoke    # 1/4 文档、3 种切块，极小模型生成 5 题（SMOKE），约 11 秒
+  python lesson6_rag/06_optimization/optimization_lab.py          # CPU：7 种切块 × 3 检索器，smollm2-135m 生成 8 题，
+                                                                  #   空闲 2 核约 45 秒
+  python lesson6_rag/06_optimization/optimization_lab.py --smoke  # 1/4 文档、3 种切块，极小模型生成 5 题，约 11 秒
   python lesson6_rag/06_optimization/optimization_lab.py --model Qwen/Qwen2.5-1.5B-Instruct --source hf \
       --embedding-model BAAI/bge-small-zh-v1.5 --reranker BAAI/bge-reranker-base \
       --config configs/lesson6/optimization_lab.yaml                # GPU：加中文向量模型与交叉编码器重排
@@ -20,18 +21,19 @@
 与自带基线比 regression=false。
 """
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import cli, data, metrics, models, retrieval, run
+from common import answers, cli, data, models, retrieval, run
 from common.errors import UserError
 
 HERE = Path(__file__).resolve().parent
-COMPARED = ("recall_at_5", "mrr", "ndcg_at_10", "answer_f1")        # 回归告警比较的指标（都是确定性的）
-STOP = set("的 了 是 在 和 与 及 或 为 有 我 你 您 请 可以 可 会 就 都 也 这 那 a an the is are was be to of and or in on "
-           "for it this that with as by at you your i we".split())
+# 忠实度只数实词：停用词在任何资料里都找得到，算进来会把忠实度抬高、掩盖编造的内容
+STOP = set("的 了 是 在 和 与 及 或 为 有 我 你 您 请 可以 可 会 就 都 也 这 那 "
+           "a an the is are was be to of and or in on for it this that with as by at you your i we".split())
+figures = run.import_sibling(__file__, "_plots")   # 三张图（recall 随切块大小、配置热力图、recall@k）
+guard = run.import_sibling(__file__, "_regression")   # 回归告警：与同目录 baseline_<mode>.json 比较
 
 
 @dataclass
@@ -39,8 +41,8 @@ class Args(retrieval.KBArgs):
     embedding_model: str = cli.arg(None, "再加一个向量模型参与比较（本地目录或 hub id，如 BAAI/bge-small-zh-v1.5）")
     chunk_sizes: list[int] = cli.arg([100, 200, 300, 500], "要扫的切块大小（字符）", min=1)
     chunk_overlaps: list[int] = cli.arg([0, 50], "要扫的重叠（字符）；≥ 切块一半的组合跳过", min=0)
-    fusion_weights: list[float] = cli.arg([0.2, 0.35, 0.5, 0.65, 0.8], "混合检索里向量一路的 RRF 权重候选（在 dev 上选）",
-                                          min=0, max=1)
+    fusion_weights: list[float] = cli.arg([0.2, 0.35, 0.5, 0.65, 0.8],
+                                          "混合检索里向量一路的 RRF 权重候选（在 dev 上选）", min=0, max=1)
     ks: list[int] = cli.arg([1, 3, 5, 10], "top-k 轴：报告 recall@k 的 k（5 总会算）", min=1)
     dev_fraction: float = cli.arg(0.5, "问答集中划给 dev（选配置）的比例，其余为 test", min=0.01, max=0.99)
     reranker: str = cli.arg(None, "交叉编码器目录或 hub id（如第 04 节训练出的）；不给时重排一轴用 MMR")
@@ -60,7 +62,10 @@ SMOKE = dict(max_docs=11, chunk_sizes=[200, 500], chunk_overlaps=[0, 100], gen_q
 
 
 def extract_answer(question: str, chunk_text: str) -> str:
-    """抽取式阅读器：把块切成句子，取与问题（jieba/英文词）重叠最多的一句；并列取靠前的。"""
+    """抽取式阅读器：把块切成句子，取与问题（jieba/英文词）重叠最多的一句；并列取靠前的。
+
+    不用 LLM 是故意的：它确定、几毫秒一题，几十种配置都能算 EM/F1；答案质量的差异因此只来自检索。
+    """
     sents = [s.strip() for s in re.split(r"(?<=[。！？!?\n])|(?<=[.;])\s+", chunk_text) if s.strip()]
     q = set(retrieval.bm25_tokens(question))
     return max(sents or [chunk_text], key=lambda s: len(q & set(retrieval.bm25_tokens(s))))
@@ -68,20 +73,28 @@ def extract_answer(question: str, chunk_text: str) -> str:
 
 def score(ranked: list[list[int]], qas: list[dict], chunks, by_id, ks) -> dict:
     """一组排序结果的检索指标 + 抽取式答案的 EM/F1。"""
-    out = retrieval.evaluate(retrieval.hits_matrix([r[:max(10, *ks)] for r in ranked], qas, chunks, by_id), tuple(ks))
+    hits = retrieval.hits_matrix([r[:max(10, *ks)] for r in ranked], qas, chunks, by_id)   # nDCG@10 至少要 10 名
+    out = retrieval.evaluate(hits, tuple(ks))
+    # 阅读器只看第 1 名的块：这正是"MRR 高"在答案上兑现的地方
     preds = [extract_answer(qa["question"], chunks[r[0]].text) for r, qa in zip(ranked, qas)]
-    ems = [metrics.exact_match(p, qa["answer"]) for p, qa in zip(preds, qas)]
-    f1s = [metrics.token_f1(p, qa["answer"]) for p, qa in zip(preds, qas)]
+    ems = [answers.exact_match(p, qa["answer"]) for p, qa in zip(preds, qas)]
+    f1s = [answers.token_f1(p, qa["answer"]) for p, qa in zip(preds, qas)]
     return {**out, "answer_em": round(sum(ems) / len(ems), 4), "answer_f1": round(sum(f1s) / len(f1s), 4)}
 
 
 def better(a: dict, b: dict | None) -> bool:
-    """选型规则：dev 上 recall@5 优先，再比 MRR、nDCG@10。"""
+    """选型规则：dev 上 recall@5 优先，再比 MRR、nDCG@10。
+
+    recall@5 优先：前 5 块会整体交给 LLM，金标在第 1 还是第 4 对生成影响小，漏掉则无论如何答不对。
+    """
     return b is None or (a["recall_at_5"], a["mrr"], a["ndcg_at_10"]) > (b["recall_at_5"], b["mrr"], b["ndcg_at_10"])
 
 
 def mmr(cands: list[int], vecs, lam: float, k: int) -> list[int]:
-    """最大边际相关：相关性用第一阶段的名次（1→0 线性），多样性用块向量的余弦相似度。"""
+    """最大边际相关（Carbonell & Goldstein 1998）：相关性用第一阶段的名次（1→0 线性），多样性用块向量的余弦相似度。
+
+    用名次而不是原始分数当相关性：混合检索的 RRF 分数与余弦不在一个尺度上，直接相减没有意义。
+    """
     rel = {c: 1 - i / len(cands) for i, c in enumerate(cands)}
     chosen, rest = [], list(cands)
     while rest and len(chosen) < k:
@@ -90,20 +103,6 @@ def mmr(cands: list[int], vecs, lam: float, k: int) -> list[int]:
         chosen.append(best)
         rest.remove(best)
     return chosen + rest
-
-
-def compare_baseline(path: Path, fingerprint: dict, current: dict, tolerance: float) -> list[str] | None:
-    """与基线比：返回掉得超过 tolerance 的指标（有则打印红色 ALERT）；基线的数据/扫描范围不同则返回 None。"""
-    base = json.loads(path.read_text(encoding="utf-8"))
-    if base.get("fingerprint") != json.loads(json.dumps(fingerprint)):
-        return None
-    drops = [f"{k}: {base['metrics'][k]} → {current[k]}" for k in COMPARED
-             if k in base["metrics"] and current[k] < base["metrics"][k] - tolerance]
-    if drops:
-        from rich.console import Console
-        Console(stderr=True).print(f"ALERT 回归：比基线 {path.name} 下降超过 {tolerance}：" + "；".join(drops),
-                                   style="bold red")
-    return drops
 
 
 def sweep(args: Args, kb: dict, grid: list, ks: list[int], log) -> tuple[dict, dict, str]:
@@ -115,6 +114,7 @@ def sweep(args: Args, kb: dict, grid: list, ks: list[int], log) -> tuple[dict, d
         bm25 = retrieval.BM25Index([c.text for c in chunks])
         rank = {"bm25": {sp: [[i for i, _ in bm25.search(q["question"], depth)] for q in qs]
                          for sp, qs in (("dev", dev), ("test", test))}}
+        # 每个向量模型各自与 BM25 融合：融合权重是 (向量模型, 切块) 的属性，换了任何一个都要在 dev 上重新挑
         for name in kb["embedders"]:
             index = retrieval.DenseIndex(kb["vectors"](name, [c.text for c in chunks]))
             rank[name] = {sp: [[i for i, _ in r] for r in index.search_vectors(
@@ -143,12 +143,14 @@ def sweep(args: Args, kb: dict, grid: list, ks: list[int], log) -> tuple[dict, d
 def rerank_axis(args: Args, kb: dict, chunks, r: dict, device: str, log) -> tuple[str, dict]:
     """给了 --reranker 就用交叉编码器，否则用 MMR（都只重排前 20 名）。返回 (方法, {dev/test: 排序})。"""
     if args.reranker:
-        ce, texts, method = retrieval.load_cross_encoder(args.reranker, device), [c.text for c in chunks], "cross-encoder"
+        ce, texts, method = (retrieval.load_cross_encoder(args.reranker, device), [c.text for c in chunks],
+                             "cross-encoder")
         rerank = lambda cands, q: retrieval.rerank(ce, q["question"], cands, texts)  # noqa: E731
     else:
         log.info(f"没有 --reranker：重排一轴用 MMR（lambda={args.mmr_lambda}，向量取自 MiniLM）")
         method, vecs = "mmr", kb["vectors"]("dense", [c.text for c in chunks])
         rerank = lambda cands, q: mmr(cands, vecs, args.mmr_lambda, len(cands))  # noqa: E731
+    # 只重排前 20 名（其后原样接上）：交叉编码器每对都要过一遍模型，候选越多越慢，而金标很少落在 20 名以外
     return method, {sp: [rerank(x[:20], q) + x[20:] for x, q in zip(r[sp], kb[sp])] for sp in ("dev", "test")}
 
 
@@ -156,131 +158,96 @@ def faithfulness(args: Args, kb: dict, chunks, ranked: list[list[int]]) -> tuple
     """LLM 只看检索到的资料作答，答案里的实词有多少能在资料里找到（抽取式阅读器按定义为 1，没有意义）。"""
     model, tok = models.load_args(args)
     items = list(zip(ranked, kb["test"]))[:args.gen_questions]
+    # 资料截到 --gen-context-chars：忠实度的分母是"给了模型什么"，截掉的部分模型没看到，也不该算作依据
     contexts = ["\n".join(chunks[i].text for i in r[:args.gen_top_k])[:args.gen_context_chars] for r, _ in items]
     prompts = [data.prompt_text(tok, [{"role": "system", "content": "只根据给出的资料回答问题，简短作答。"},
                                       {"role": "user", "content": f"资料：\n{c}\n\n问题：{qa['question']}"}])
                for c, (_, qa) in zip(contexts, items)]
-    answers = models.generate(model, tok, prompts, args.max_new_tokens, args.batch_size)
+    replies = models.generate(model, tok, prompts, args.max_new_tokens, args.batch_size)
     faith, f1 = [], []
-    for answer, context, (_, qa) in zip(answers, contexts, items):
+    for answer, context, (_, qa) in zip(replies, contexts, items):
         words = [w for w in retrieval.bm25_tokens(answer) if w not in STOP]
         if words:
             faith.append(sum(w in context.lower() for w in words) / len(words))
-        f1.append(metrics.token_f1(answer, qa["answer"]))
+        f1.append(answers.token_f1(answer, qa["answer"]))
     return round(sum(faith) / max(1, len(faith)), 4), round(sum(f1) / max(1, len(f1)), 4), len(items)
 
 
-def check_baseline(args: Args, out: run.Run, fingerprint: dict, best: str, current: dict) -> tuple[Path, bool, list]:
-    """与同一模式的基线比较（数据或扫描范围不同的基线不可比，跳过）；--update-baseline 时写新基线。"""
-    path = Path(args.baseline) if args.baseline else HERE / f"baseline_{out.mode}.json"
-    if args.update_baseline:
-        path.write_text(json.dumps({"mode": out.mode, "fingerprint": fingerprint, "best_config": best,
-                                    "metrics": current}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        out.log.info(f"已把本次结果写成基线：{path}")
-        return path, False, []
-    if not path.is_file():
-        out.log.info(f"没有基线 {path.name}：跳过回归比较（加 --update-baseline 生成）")
-        return path, False, []
-    drops = compare_baseline(path, fingerprint, current, args.tolerance)
-    if drops is None:
-        out.log.warning(f"基线 {path.name} 是在另一份数据或扫描范围上记录的，不可比：跳过回归比较")
-    return path, bool(drops), drops or []
+class VectorCache:
+    """同一段文本只编码一次：不同切块方案常切出相同的块（短文档整篇就是一块），问题更是每种方案都要再编码一遍。"""
 
+    def __init__(self, embedders: dict):
+        self.embedders, self.cache = embedders, {}
 
-def plots(out: run.Run, configs: dict, grid: list, ks: list[int], by_retriever: dict, cs: int, ov: int) -> None:
-    """recall@5 随切块大小（每个检索器取各重叠中最好的）、全部配置的热力图、test 上的 recall@k。
-    （图内文字用英文：很多机器没有中文字体，中文会画成方框）"""
-    retrievers = list(dict.fromkeys(v["retriever"] for v in configs.values()))
-    fig, save = out.plot("recall_vs_chunk_size.png")
-    ax = fig.add_subplot(111)
-    for retr in retrievers:
-        xs = sorted({v["chunk_size"] for v in configs.values()})
-        ax.plot(xs, [max(v["recall_at_5"] for v in configs.values() if v["retriever"] == retr and v["chunk_size"] == x)
-                     for x in xs], marker="o", label=retr)
-    ax.set(xlabel="chunk size (chars)", ylabel="dev recall@5", title="recall@5 vs chunk size (best overlap)")
-    ax.legend()
-    save()
-    fig, save = out.plot("config_heatmap.png")
-    ax = fig.add_subplot(111)
-    cols = [f"{cs}/{ov}" for cs, ov in grid]
-    mat = [[configs[f"{retr}_cs{cs}_ov{ov}"]["recall_at_5"] for cs, ov in grid] for retr in retrievers]
-    im = ax.imshow(mat, cmap="viridis", aspect="auto", vmin=0, vmax=1)
-    for i, row in enumerate(mat):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
-    ax.set(xticks=range(len(cols)), yticks=range(len(retrievers)), title="dev recall@5: retriever x size/overlap")
-    ax.set_xticklabels(cols, rotation=60, fontsize=7), ax.set_yticklabels(retrievers)
-    fig.colorbar(im)
-    save()
-    fig, save = out.plot("recall_at_k.png")
-    ax = fig.add_subplot(111)
-    for retr, m in by_retriever.items():
-        ax.plot(ks, [m[f"recall_at_{k}"] for k in ks], marker="o", label=retr)
-    ax.set(xlabel="top-k", ylabel="test recall@k", title=f"top-k axis (chunk {cs}/{ov}, test split)")
-    ax.legend()
-    save()
+    def __call__(self, name: str, texts: list[str]):
+        """用名为 name 的向量模型编码 texts（按顺序堆成矩阵），没见过的文本才真的送进模型。"""
+        import numpy as np
+
+        todo = [t for t in dict.fromkeys(texts) if (name, t) not in self.cache]
+        for t, v in zip(todo, retrieval.embed(self.embedders[name], todo) if todo else []):
+            self.cache[name, t] = v
+        return np.stack([self.cache[name, t] for t in texts])
 
 
 def load_data(args: Args, log) -> dict:
     """知识库 + 问答（--max-docs 均匀抽样），按种子切成 dev（选配置）与 test（报告）；向量模型与向量缓存。"""
     docs, by_id, qas = retrieval.load_kb(args.docs, args.qa, args.max_docs, args.max_questions)
     test, dev = data.split(qas, args.dev_fraction, args.seed)
-    # 向量模型：默认 MiniLM，--embedding-model 再加一个；同一段文本只编码一次（不同切块常有相同的块）
+    # 向量模型：默认 MiniLM，--embedding-model 再加一个（不是替换：两者并排比，才知道换模型值不值）
     device = models.pick_device(args.device).type
     embedders = {"dense": retrieval.load_embedder(None, device)}
     if args.embedding_model:
         slug = re.sub(r"[^a-z0-9]+", "-", Path(args.embedding_model).name.lower()).strip("-")
         embedders[f"dense-{slug}"] = retrieval.load_embedder(args.embedding_model, device)
-    cache: dict[tuple[str, str], object] = {}
-
-    def vectors(name: str, texts: list[str]):
-        import numpy as np
-
-        todo = [t for t in dict.fromkeys(texts) if (name, t) not in cache]
-        for t, v in zip(todo, retrieval.embed(embedders[name], todo) if todo else []):
-            cache[name, t] = v
-        return np.stack([cache[name, t] for t in texts])
-
     log.info(f"{len(docs)} 篇文档，问答 dev {len(dev)} / test {len(test)}")
     return {"docs": docs, "by_id": by_id, "qas": qas, "dev": dev, "test": test, "embedders": embedders,
-            "vectors": vectors, "device": device}
+            "vectors": VectorCache(embedders), "device": device}
+
+
+def rerank_step(args: Args, kb: dict, chunks, r: dict, best_dev: dict, ks: list[int], log) -> tuple:
+    """重排一轴：在 dev 上比最优配置更好才采用。返回 (方法, 是否采用, dev 成绩, test 成绩, 重排后的排序)。"""
+    method, rr = rerank_axis(args, kb, chunks, r, kb["device"], log)
+    rr_dev = score(rr["dev"], kb["dev"], chunks, kb["by_id"], ks)
+    rr_test = score(rr["test"], kb["test"], chunks, kb["by_id"], ks)
+    use_rerank = better(rr_dev, best_dev)
+    log.info(f"重排（{method}）dev recall@5 {best_dev['recall_at_5']} → {rr_dev['recall_at_5']}，"
+             f"{'采用' if use_rerank else '不采用'}")
+    return method, use_rerank, rr_dev, rr_test, rr
 
 
 def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
     ks = sorted(set(args.ks) | {5})                               # recall@5 是选型与告警的主指标，总要算
+    # 重叠 ≥ 切块一半的组合跳过：那样每个字平均出现在两个以上的块里，top-5 里全是同一段话的变体
     grid = [(cs, ov) for cs in args.chunk_sizes for ov in args.chunk_overlaps if ov < cs / 2]
-    if not grid:   # 重叠 ≥ 切块一半的组合跳过
+    if not grid:
         raise UserError("--chunk-sizes / --chunk-overlaps 没有有效组合（重叠必须小于切块的一半）")
     # 1. 数据：知识库 + 问答，切成 dev 与 test；向量模型
     kb = load_data(args, out.log)
     by_id, test = kb["by_id"], kb["test"]
-    # 2. 扫描：每种切块 × 每个检索器，在 dev 上打分、选最好的
+    # 2. 扫描：每种切块 × 每个检索器，在 dev 上打分、选最好的（在 test 上选，报出来的数字就偏高了）
     configs, runs, best = sweep(args, kb, grid, ks, out.log)
-    # 3. 最优配置（dev 上选出）在 test 上的成绩；同一切块下每个检索器单独报告
+    # 3. 最优配置（dev 上选出）在 test 上的成绩；同一切块下每个检索器单独报告，看混合比单路好多少
     chunks, r = runs[best]
     cs, ov = configs[best]["chunk_size"], configs[best]["chunk_overlap"]
     best_test = score(r["test"], test, chunks, by_id, ks)
     by_retriever = {k.split("_cs")[0]: score(runs[k][1]["test"], test, chunks, by_id, ks)
                     for k in configs if k.endswith(f"_cs{cs}_ov{ov}")}
     out.log.info(f"最优配置（dev）：{best}；test recall@5={best_test['recall_at_5']}, MRR={best_test['mrr']}")
-    # 4. 重排一轴：dev 上更好才采用
-    method, rr = rerank_axis(args, kb, chunks, r, kb["device"], out.log)
-    rr_dev, rr_test = score(rr["dev"], kb["dev"], chunks, by_id, ks), score(rr["test"], test, chunks, by_id, ks)
-    use_rerank = better(rr_dev, configs[best])
-    out.log.info(f"重排（{method}）dev recall@5 {configs[best]['recall_at_5']} → {rr_dev['recall_at_5']}，"
-             f"{'采用' if use_rerank else '不采用'}")
+    # 4. 重排一轴：dev 上更好才采用——重排多一次模型调用，不更好就是白花的延迟
+    method, use_rerank, rr_dev, rr_test, rr = rerank_step(args, kb, chunks, r, configs[best], ks, out.log)
     final, final_test = (rr, rr_test) if use_rerank else (r, best_test)
-    # 5. 忠实度：LLM 依据检索到的资料生成答案
+    # 5. 忠实度：LLM 依据检索到的资料生成答案；检索指标好不等于答案有据可查，要单独量
     faith, gen_f1, n_gen = faithfulness(args, kb, chunks, final["test"])
     out.log.info(f"生成 {n_gen} 题：faithfulness={faith}，answer_f1={gen_f1:.3f}")
-    # 6. 回归告警：与同一模式的基线比较
+    # 6. 回归告警：与同一模式的基线比较；指纹记下数据与扫描范围，范围变了的基线不拿来比
     fingerprint = {"docs": len(kb["docs"]), "qa": len(kb["qas"]), "seed": args.seed, "grid": grid, "ks": ks,
                    "embedding_models": sorted(kb["embedders"]), "rerank": method, "dev_fraction": args.dev_fraction}
-    path, regression, drops = check_baseline(args, out, fingerprint, best, {k: final_test[k] for k in COMPARED})
+    path, regression, drops = guard.check_baseline(args, out, fingerprint, best,
+                                                   {k: final_test[k] for k in guard.COMPARED}, HERE)
     # 7. 画图
-    plots(out, configs, grid, ks, by_retriever, cs, ov)
+    figures.plots(out, configs, grid, ks, by_retriever, cs, ov)
 
     return out.finish({"best_config": best, "best_dev": configs[best], "best_test": final_test,
                        "recall_at_5": final_test["recall_at_5"], "mrr": final_test["mrr"],
