@@ -1,4 +1,8 @@
-"""第 1 课 06：CPU 推理取舍。KV 缓存更快、int8 困惑度几乎不变、每个配置都量到了吞吐与首 token 延迟。"""
+"""第 1 课 06：CPU 推理取舍。KV 缓存输出不变、省下前向计算；int8 困惑度几乎不变；每个配置都量到了吞吐与首 token 延迟。
+
+KV 缓存的墙钟加速比（脚本里 2 轮取中位数）在忙碌的 2 核上会被别的进程打乱，这里不断言它：
+改为数前向 token（与机器快慢无关）并核对开不开缓存生成的 token 完全相同。
+"""
 import json
 
 from tests.conftest import assert_user_error, load_script
@@ -6,18 +10,15 @@ from tests.conftest import assert_user_error, load_script
 SCRIPT = "lesson1_sft/06_cpu_deploy/cpu_inference_case.py"
 
 
-def test_kv_cache_faster_and_int8_keeps_quality(tmp_path, tiny_models):
+def test_every_config_measured_and_int8_keeps_quality(tmp_path, tiny_models):
     mod = load_script(SCRIPT)
     m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     for key in ("tokens_per_s", "kv_cache_speedup", "int8_speedup", "int8_ppl_delta"):
         assert key in saved
     assert {"fp32", "fp32_no_kv", "bf16", "int8", "fp32_bs4"} <= set(m["tokens_per_s"])
-    assert all(v > 0 for v in m["tokens_per_s"].values()) and all(v > 0 for v in m["first_token_ms"].values())
-    # 不开 KV 缓存，每个新 token 都要把整段前文重算一遍：安静的机器上快约 2.7 倍；这里只要求 1.2 倍，
-    # 忙碌的 CI 上两种配置交替计时、噪声大多相互抵消，2 倍的噪声也不至于翻转方向（省下的计算量见下一个测试）
-    assert m["kv_cache_speedup"] > 1.2, m["tokens_per_s"]
-    # 动态 int8 只量化 Linear 权重：困惑度变化在 5% 以内，权重体积变小
+    assert set(m["first_token_ms"]) == set(m["tokens_per_s"])
+    # 动态 int8 只量化 Linear 权重：困惑度相对 fp32 的变化在 5% 以内，权重体积变小
     assert abs(m["int8_ppl_delta_pct"]) < 5, m["perplexity"]
     assert m["size_mb"]["int8"] < m["size_mb"]["fp32"] and m["size_mb"]["bf16"] < m["size_mb"]["fp32"]
     # 批量生成：每个请求都拿到了同样多的新 token
@@ -25,8 +26,11 @@ def test_kv_cache_faster_and_int8_keeps_quality(tmp_path, tiny_models):
     assert (tmp_path / "cpu_inference.png").stat().st_size > 0
 
 
-def test_kv_cache_saves_counted_work(tiny_models):
-    """数真正送进模型前向的 token：有 KV 缓存时每步只算 1 个新 token，没有时每步重算整段前文（与机器快慢无关）。"""
+def test_kv_cache_same_tokens_less_work(tiny_models):
+    """数真正送进模型前向的 token：有 KV 缓存时每步只算 1 个新 token，没有时每步重算整段前文（与机器快慢无关）；
+    两种方式贪心生成的 token 一模一样：缓存只省计算，不改结果。首 token 计时器记的确实是第一个新 token。"""
+    import torch
+
     from common import models
 
     mod = load_script(SCRIPT)
@@ -35,15 +39,21 @@ def test_kv_cache_saves_counted_work(tiny_models):
     fed = []
     hook = model.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["input_ids"].shape[1]), with_kwargs=True)
     try:
-        counts = {}
+        counts, new = {}, {}
         for use_cache in (True, False):
             fed.clear()
             _, _, n_new = mod.timed_generate(model, dict(enc), 32, use_cache)
             counts[use_cache] = sum(fed)
+            assert n_new == 32
+            timer = mod.FirstTokenTimer()   # 首 token 计时器：第 1 次 put 是提示词，之后每个新 token 一次
+            with torch.inference_mode():
+                new[use_cache] = model.generate(**enc, max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                                                use_cache=use_cache, streamer=timer)
+            assert timer.calls == 1 + 32 and timer.first is not None
     finally:
         hook.remove()
     prompt = enc["input_ids"].shape[1]
-    assert n_new == 32
+    assert torch.equal(new[True], new[False])
     assert counts[True] == prompt + 31                                     # 提示词一次 + 每个新 token 一次
     assert counts[False] == sum(prompt + i for i in range(32))             # 每步都从头算：平方级
     assert counts[False] > 10 * counts[True]

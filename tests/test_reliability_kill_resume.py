@@ -15,10 +15,12 @@ import time
 
 import pytest
 
-from common import checkpoint
+from common import run
 from tests.conftest import REPO, load_script
 
 SCRIPT = "lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py"
+# 原子检查点只属于第 1 课 03：与脚本自己用的是同一个模块（import_sibling 按文件夹登记，只加载一次）
+checkpoints = run.import_sibling(REPO / SCRIPT, "_checkpoint")
 SEED = 20261202
 KILLS = 7
 
@@ -83,7 +85,7 @@ def test_sigkill_at_seeded_moments_then_resume_matches_uninterrupted(reference, 
         # 有检查点（或保存到一半的临时目录）就 --resume，交给脚本自己收拾；一个完好的都没有时脚本报错退出 2，改为从头跑
         resume = bool(_published(out) or _staging(out))
         w = _kill_at(_spawn(out, resume, log), out, moment)
-        if w == "finished" and resume and checkpoint.last_intact(out) is None:
+        if w == "finished" and resume and checkpoints.last_intact(out) is None:
             w = _kill_at(_spawn(out, False, log), out, moment)
         where.append(w)
         if w == "finished":   # 这一轮已经跑完：换新目录，后面的 kill 才有意义
@@ -113,7 +115,7 @@ def test_truncated_last_checkpoint_is_skipped_for_the_previous_intact_one(refere
     last = out / f"checkpoint-{steps[-1]}" / "model.safetensors"
     with open(last, "r+b") as f:             # 被 kill 在写权重半途时留下的样子
         f.truncate(last.stat().st_size // 2)
-    assert "截断" in checkpoint.problem(last.parent)
+    assert "截断" in checkpoints.problem(last.parent)
     mod = load_script(SCRIPT)
     m = mod.main(mod.Args(smoke=True, output_dir=str(out), resume=True))
     assert m["resumed_from"] == f"checkpoint-{steps[-2]}"
@@ -125,26 +127,26 @@ def test_truncated_last_checkpoint_is_skipped_for_the_previous_intact_one(refere
 def test_checkpoint_problems_are_named(tmp_path):
     d = tmp_path / "checkpoint-4"
     d.mkdir()
-    assert "trainer_state.json" in checkpoint.problem(d)
+    assert "trainer_state.json" in checkpoints.problem(d)
     (d / "trainer_state.json").write_text('{"global_step": 4', encoding="utf-8")
-    assert "不是合法 JSON" in checkpoint.problem(d)
+    assert "不是合法 JSON" in checkpoints.problem(d)
     (d / "trainer_state.json").write_text('{"global_step": 8}', encoding="utf-8")
-    assert "与目录名不符" in checkpoint.problem(d)
+    assert "与目录名不符" in checkpoints.problem(d)
     (d / "trainer_state.json").write_text('{"global_step": 4}', encoding="utf-8")
-    assert "safetensors" in checkpoint.problem(d)
+    assert "safetensors" in checkpoints.problem(d)
     import torch
     from safetensors.torch import save_file
 
     save_file({"w": torch.ones(64)}, d / "model.safetensors")
-    assert checkpoint.problem(d) is None
+    assert checkpoints.problem(d) is None
     torch.save({"x": torch.ones(64)}, d / "optimizer.pt")
-    assert checkpoint.problem(d) is None
+    assert checkpoints.problem(d) is None
     raw = (d / "optimizer.pt").read_bytes()
     (d / "optimizer.pt").write_bytes(raw[: len(raw) // 2])
-    assert "optimizer.pt" in checkpoint.problem(d)
+    assert "optimizer.pt" in checkpoints.problem(d)
     os.remove(d / "optimizer.pt")
     # 半途被杀的保存：链接 + 不完整的临时目录 → 续训时删掉，回到完好的 checkpoint-4
     (tmp_path / "tmp-checkpoint-8").mkdir()
     (tmp_path / "checkpoint-8").symlink_to("tmp-checkpoint-8")
-    assert checkpoint.last_intact(tmp_path) == str(d)
+    assert checkpoints.last_intact(tmp_path) == str(d)
     assert not (tmp_path / "checkpoint-8").exists() and not (tmp_path / "tmp-checkpoint-8").exists()

@@ -4,7 +4,7 @@
   jupytext --to notebook lesson1_sft/01_sft_basics/sft_theory_notebook.py   # 转成 .ipynb 在 Jupyter 里逐格运行
 
 运行：
-  python lesson1_sft/01_sft_basics/sft_theory_notebook.py            # CPU，smollm2-135m，两次各 8 步（空闲 2 核约 80 秒）
+  python lesson1_sft/01_sft_basics/sft_theory_notebook.py            # CPU，smollm2-135m，两次各 8 步，空闲 2 核约 80 秒
   python lesson1_sft/01_sft_basics/sft_theory_notebook.py --smoke    # 极小模型，各 10 步，约 50 秒
   python lesson1_sft/01_sft_basics/sft_theory_notebook.py \
       --model Qwen/Qwen2.5-0.5B-Instruct --source hf --config configs/lesson1/sft_theory_notebook.yaml   # GPU
@@ -37,14 +37,15 @@ assistant-only 真正的好处是不去模仿用户（prompt 损失留在 4 附�
 
 from dataclasses import dataclass
 
-from common import cli, data, models, run, train
+from common import cli, data, lm, models, run, train
 
 
 @dataclass
 class Args(cli.CommonArgs):
     max_steps: int = cli.arg(8, "每种做法训练的步数（--smoke 时为 10）", min=1)
     per_device_train_batch_size: int = cli.arg(4, "每步几条对话", min=1)
-    learning_rate: float = cli.arg(5e-5, "学习率（--smoke 的极小模型用 1e-3：参数少、从头预训练不久，容得下大步长）", min=0)
+    learning_rate: float = cli.arg(5e-5, "学习率（--smoke 的极小模型用 1e-3：参数少、从头预训练不久，"
+                                         "容得下大步长）", min=0)
     max_length: int = cli.arg(256, "每条对话最多多少 token（超出截断）", min=8)
     val_fraction: float = cli.arg(0.15, "留出多少对话做评估（不参与训练）", min=0.01, max=0.9)
     eval_every: int = cli.arg(4, "每隔多少步在留出集上量一次回复损失（画右图）", min=1)
@@ -78,7 +79,8 @@ def show_loss_mask(tok, messages: list[dict], max_length: int) -> None:
     console.rule("一条对话按模板渲染后的 token（绿色 = 计入 assistant-only 损失）")
     console.print(text)
     n, k = len(enc["input_ids"]), sum(enc["assistant_masks"])
-    console.print(f"共 {n} 个 token：assistant-only 只在 {k} 个上算损失（{k / n:.0%}），full-sequence 在全部 {n} 个上算。")
+    console.print(f"共 {n} 个 token：assistant-only 只在 {k} 个上算损失（{k / n:.0%}），"
+                  f"full-sequence 在全部 {n} 个上算。")
 
 
 # %% [markdown]
@@ -111,26 +113,24 @@ def build_datasets(tok, convs: list[list[dict]], max_length: int):
 
 # %%
 def heldout_losses(model, tok, encs: list[dict], batch_size: int = 8) -> tuple[float, float]:
-    """-> (回复 token 平均损失, prompt token 平均损失)，encs 来自 tokenize_chat，按 token 加权平均。"""
-    import torch
-    import torch.nn.functional as F
+    """-> (回复 token 平均损失, prompt token 平均损失)，encs 来自 tokenize_chat，按 token 加权平均。
 
-    was_training = model.training
+    一次前向同时量两部分：labels 不是 -100 的位置是回复，其余非填充位置是 prompt。
+    """
+    import torch
+
+    was_training = model.training   # 训练中途由回调调用：量完要恢复 train 模式，否则 dropout 等被悄悄关掉
     model.eval()
     sums, counts = [0.0, 0.0], [0, 0]
-    pad = tok.pad_token_id
     with torch.no_grad():
         for i in range(0, len(encs), batch_size):
-            batch = encs[i:i + batch_size]
-            width = max(len(e["input_ids"]) for e in batch)
-            ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in batch])
-            att = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in batch])
-            resp = torch.tensor([e["assistant_masks"] + [0] * (width - len(e["input_ids"])) for e in batch])
-            logits = model(input_ids=ids.to(model.device), attention_mask=att.to(model.device)).logits.float()
-            # 第 t 个位置的 logits 预测第 t+1 个 token：错开一位
-            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(model.device), reduction="none").cpu()
-            valid, resp = att[:, 1:].bool(), resp[:, 1:].bool()
-            for j, sel in enumerate((valid & resp, valid & ~resp)):
+            b = lm.pad_right([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in encs[i:i + batch_size]],
+                             tok.pad_token_id)
+            ids, att = b["input_ids"].to(model.device), b["attention_mask"].to(model.device)
+            # 第 t 个位置的 logits 预测第 t+1 个 token：错开一位（lm.token_logprobs 在 fp32 里算 log_softmax）
+            nll = -lm.token_logprobs(model(input_ids=ids, attention_mask=att).logits[:, :-1], ids[:, 1:]).cpu()
+            resp, valid = b["labels"][:, 1:] != -100, b["attention_mask"][:, 1:].bool()
+            for j, sel in enumerate((resp, valid & ~resp)):
                 sums[j] += nll[sel].sum().item()
                 counts[j] += int(sel.sum())
     model.train(was_training)
@@ -183,10 +183,10 @@ def train_once(args: Args, out: run.Run, name: str, dataset, tok, held_out: list
 
 # %%
 def main(args: Args) -> dict:
-
     args = cli.with_smoke(args, SMOKE)   # 冒烟：小规模超参数（只换你没改过的），单线程（见 common.run）
+    # 在 Jupyter 里没有 __file__：按仓库里的位置算输出目录，与命令行运行时写到同一处
     out = run.start(globals().get("__file__", run.REPO_ROOT / "lesson1_sft/01_sft_basics/sft_theory_notebook.py"),
-                    args, smoke_threads=1)
+                    args)
     steps, lr = args.max_steps, args.learning_rate
 
     # 1. 数据：默认 alpaca 格式 + chat 格式各一份（load_sft 两种都认），切出留出集
@@ -219,9 +219,11 @@ def main(args: Args) -> dict:
 
     a, f = runs["assistant_only"], runs["full_sequence"]
     return out.finish({
-        "assistant_only_eval_loss": round(a["response_loss"], 4), "full_sequence_eval_loss": round(f["response_loss"], 4),
+        "assistant_only_eval_loss": round(a["response_loss"], 4),
+        "full_sequence_eval_loss": round(f["response_loss"], 4),
         "eval_loss_before": round(a["curve"]["response_loss"][0], 4), "label_token_fraction": round(fraction, 4),
-        "assistant_only_prompt_loss": round(a["prompt_loss"], 4), "full_sequence_prompt_loss": round(f["prompt_loss"], 4),
+        "assistant_only_prompt_loss": round(a["prompt_loss"], 4),
+        "full_sequence_prompt_loss": round(f["prompt_loss"], 4),
         "steps": steps, "train_conversations": len(train_convs), "held_out_conversations": len(held_out),
     }, summary=f"留出集回复损失：assistant-only {a['response_loss']:.3f} vs full-sequence {f['response_loss']:.3f}"
                f"（训练前 {a['curve']['response_loss'][0]:.3f}）；带损失 token 比例 {fraction:.1%}")

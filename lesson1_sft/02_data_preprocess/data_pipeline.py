@@ -5,7 +5,7 @@
 改了多少都计数，最后写一份数据卡（data_card.md）说明这份数据从哪来、经过了什么。
 
 运行：
-  python lesson1_sft/02_data_preprocess/data_pipeline.py            # CPU，另用 smollm2 分词器统计 token 长度，约 5-10 秒
+  python lesson1_sft/02_data_preprocess/data_pipeline.py            # CPU，另用 smollm2 分词器数 token 长度，约 5-10 秒
   python lesson1_sft/02_data_preprocess/data_pipeline.py --smoke    # 同一条流水线，不数 token（SMOKE），约 5 秒
   python lesson1_sft/02_data_preprocess/data_pipeline.py --docs my_docs/ --minhash-threshold 0.8 \
       --model Qwen/Qwen2.5-7B-Instruct --source hf --config configs/lesson1/data_pipeline.yaml
@@ -20,14 +20,15 @@ data_card.md 和 funnel.png（每一步之后还剩多少段落）。
 import hashlib
 import json
 import re
-import statistics
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
-from common import cli, data, models, run
+from common import cli, data, run
 from common.errors import UserError
+
+# 数据卡与漏斗图（把计数写成人读的文档）放在旁边的 _report.py：这里只留清洗本身
+report = run.import_sibling(__file__, "_report")
 
 
 @dataclass
@@ -36,9 +37,12 @@ class Args(cli.CommonArgs):
                               "--data 指向文件夹时效果相同")
     min_chars: int = cli.arg(20, "短于此字符数的段落删除（标题、导航残片、'点击这里'之类）", min=0)
     max_chars: int = cli.arg(1000, "长于此字符数的段落删除（整页粘贴、不换行的流水账；也超出小模型的上下文）", min=1)
-    minhash_threshold: float = cli.arg(0.5, "近重复阈值：两段字符 n-gram 集合的 Jaccard 相似度 ≥ 它就算近重复", min=0.01, max=1)
-    shingle_size: int = cli.arg(3, "字符 n-gram 的 n：中文没有空格，按字符切；n 越大，改一个字损失的 n-gram 越多", min=1)
-    num_perm: int = cli.arg(128, "MinHash 的哈希函数个数：越多 Jaccard 估计越准（误差约 1/sqrt(num_perm)），越慢", min=2)
+    minhash_threshold: float = cli.arg(0.5, "近重复阈值：两段字符 n-gram 集合的 Jaccard 相似度 ≥ 它就算近重复",
+                                       min=0.01, max=1)
+    shingle_size: int = cli.arg(3, "字符 n-gram 的 n：中文没有空格，按字符切；n 越大，改一个字损失的 n-gram 越多",
+                                min=1)
+    num_perm: int = cli.arg(128, "MinHash 的哈希函数个数：越多 Jaccard 估计越准（误差约 1/sqrt(num_perm)），越慢",
+                            min=2)
     keep_langs: str = cli.arg("zh,en", "保留的语言（langdetect 代码，zh 包括 zh-cn/zh-tw），逗号分隔")
     val_fraction: float = cli.arg(0.1, "验证集比例", min=0.01, max=0.9)
     count_tokens: bool = cli.arg(True, "用目标模型的分词器统计对话的 token 长度（据此选训练时的 max_length）")
@@ -113,14 +117,12 @@ def lang_of(text: str) -> str:
 
 
 def mask_pii(text: str, counts: Counter) -> str:
-    """按类型把个人信息替换成占位符并计数；身份证号另记校验位是否正确。"""
-    def id_repl(m: re.Match) -> str:
-        counts["id_card"] += 1
-        # 校验位不对的也照样遮盖：可能只是抄错一位，漏遮一个真号码的代价远大于多遮一个订单号
-        counts["id_card_checksum_ok"] += id_checksum_ok(m.group())
-        return MASK["id_card"]
-
-    text = PII["id_card"].sub(id_repl, text)     # 先身份证：它的 18 位数字里可能嵌着像手机号的片段
+    """按类型把个人信息替换成占位符并计数（counts 累加）；身份证号另记校验位是否正确。"""
+    ids = PII["id_card"].findall(text)           # 先身份证：它的 18 位数字里可能嵌着像手机号的片段
+    counts["id_card"] += len(ids)
+    # 校验位不对的也照样遮盖：可能只是抄错一位，漏遮一个真号码的代价远大于多遮一个订单号
+    counts["id_card_checksum_ok"] += sum(id_checksum_ok(s) for s in ids)
+    text = PII["id_card"].sub(MASK["id_card"], text)
     for kind in ("phone", "email"):
         text, n = PII[kind].subn(MASK[kind], text)
         counts[kind] += n
@@ -136,7 +138,8 @@ def to_record(para: dict) -> dict:
         user, answer, task = m.group("q"), m.group("a"), "qa"
     else:
         first = SENT_END.split(text, maxsplit=1)[0].strip()
-        ask = "请用一句话概括下面这段话的要点。" if lang == "zh" else "Summarize the following paragraph in one sentence."
+        ask = ("请用一句话概括下面这段话的要点。" if lang == "zh"
+               else "Summarize the following paragraph in one sentence.")
         user, answer, task = f"{ask}\n\n{text}", first, "summary"
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
             "meta": {"source": para["source"], "task": task, "lang": lang}}
@@ -152,13 +155,6 @@ def minhash(text: str, args: Args):
     return mh
 
 
-def stats(values: list[int]) -> dict:
-    """最小 / 中位 / 均值 / p95 / 最大。"""
-    v = sorted(values)
-    return {"min": v[0], "p50": v[len(v) // 2], "mean": round(statistics.mean(v), 1),
-            "p95": v[min(len(v) - 1, int(len(v) * 0.95))], "max": v[-1]}
-
-
 class Funnel:
     """按顺序过每条规则：记下每条规则删了多少段（removed）、删掉的是哪些（audit），以及每一步之后还剩多少。"""
 
@@ -167,9 +163,11 @@ class Funnel:
         self.audit: list[dict] = []
         self.steps = [("read", n)]             # 图里用英文标签：不是每台机器都装了中文字体
 
-    def step(self, rule: str, items: list[dict], keep, after: str | None = None) -> list[dict]:
-        """对每段按顺序调用一次 keep(段)；删掉的计数并记入审计文件 removed.jsonl；after：漏斗图上这一步的名字。"""
-        flags = [keep(it) for it in items]
+    def step(self, rule: str, items: list[dict], flags: list[bool], after: str | None = None) -> list[dict]:
+        """flags[i] = 第 i 段是否留下；删掉的计数并记入审计文件 removed.jsonl；after：漏斗图上这一步的名字。
+
+        由调用方算好 flags（而不是传一个会改外部状态的回调进来）：去重要记住"见过谁"，状态留在调用方的循环里。
+        """
         self.removed[rule] = flags.count(False)
         self.audit.extend({"rule": rule, **it} for it, f in zip(items, flags) if not f)
         kept = [it for it, f in zip(items, flags) if f]
@@ -179,118 +177,115 @@ class Funnel:
 
 
 def exact_dedup(items: list[dict], funnel: Funnel) -> list[dict]:
-    """完全重复：对归一化后的文本取哈希，一遍扫完（O(n)），不用两两比较。"""
-    seen: set[str] = set()   # set.add 返回 None：第一次见到的哈希加进去并保留（not None 为 True）
-    return funnel.step("exact_duplicate", items, lambda it: (h := hashlib.md5(it["text"].encode("utf-8")).hexdigest())
-                       not in seen and not seen.add(h), after="exact dedup")
+    """完全重复：对归一化后的文本取哈希，一遍扫完（O(n)），不用两两比较；第一次出现的留下。"""
+    seen: set[str] = set()
+    flags = []
+    for it in items:
+        h = hashlib.md5(it["text"].encode("utf-8")).hexdigest()   # 只为判等、不为安全：md5 足够且快
+        flags.append(h not in seen)
+        seen.add(h)
+    return funnel.step("exact_duplicate", items, flags, after="exact dedup")
 
 
 def near_dedup(items: list[dict], args: Args, funnel: Funnel) -> list[dict]:
     """近重复：MinHash 估计 Jaccard 相似度，LSH 分桶只拿"可能相似"的候选来比，n 很大时也不用 O(n²)。"""
     from datasketch import MinHashLSH
 
-    # weights 偏向少漏检：LSH 多给几个候选没关系，下面还会用 Jaccard 复核（默认 0.5/0.5 时，相似度 0.56 的一对有 1/4 会漏掉）
+    # weights 偏向少漏检：LSH 多给几个候选没关系，下面还会用 Jaccard 复核
+    # （默认 0.5/0.5 时，相似度 0.56 的一对有 1/4 会漏掉）
     lsh = MinHashLSH(threshold=args.minhash_threshold, num_perm=args.num_perm, weights=(0.1, 0.9))
-    sigs = {}
-
-    def not_near_dup(it: dict) -> bool:
+    sigs, flags = {}, []
+    for it in items:
         mh = minhash(it["text"], args)
         # LSH 的候选可能有假阳性：再用签名估计的 Jaccard 复核一遍，减少误删
-        if any(mh.jaccard(sigs[k]) >= args.minhash_threshold for k in lsh.query(mh)):
-            return False
-        key = str(len(sigs))
-        lsh.insert(key, mh)
-        sigs[key] = mh
-        return True
+        dup = any(mh.jaccard(sigs[k]) >= args.minhash_threshold for k in lsh.query(mh))
+        flags.append(not dup)
+        if not dup:   # 只登记留下的段：近重复的一串里，后来者都和第一个比
+            key = str(len(sigs))
+            lsh.insert(key, mh)
+            sigs[key] = mh
+    return funnel.step("near_duplicate", items, flags, after="near dedup")
 
-    return funnel.step("near_duplicate", items, not_near_dup, after="near dedup")
+
+def read_paragraphs(folder) -> tuple[list, list[dict]]:
+    """读文档并分段：一段 = 一条候选记录（records_in）。坏文件（非 UTF-8、读不了的 PDF）在这里报错退出，不悄悄跳过。"""
+    docs = data.load_documents(folder)
+    return docs, [{"source": d.id, "text": p} for d in docs for p in split_paragraphs(d)]
+
+
+def normalize_all(paras: list[dict]) -> dict:
+    """就地归一化每段文本，返回改了多少（写进数据卡：读者要知道原文被动过哪些地方）。"""
+    norm = Counter()
+    for p in paras:
+        norm["nfkc_changed_paragraphs"] += unicodedata.normalize("NFKC", p["text"]) != p["text"]
+        norm["zero_width_chars_removed"] += len(ZERO_WIDTH.findall(p["text"]))
+        p["text"] = normalize(p["text"])
+    return dict(norm)
+
+
+def filter_paragraphs(items: list[dict], args: Args, funnel: Funnel) -> list[dict]:
+    """按顺序过每条删除规则：便宜的先做，最贵的近重复检测只处理剩下的。"""
+    items = exact_dedup(items, funnel)
+    # 长度与样板：过短的多是标题、导航残片；过长的是整页粘贴，也超出小模型的上下文
+    items = funnel.step("too_short", items, [len(it["text"]) >= args.min_chars for it in items])
+    items = funnel.step("too_long", items, [len(it["text"]) <= args.max_chars for it in items])
+    items = funnel.step("boilerplate", items, [bool(HAS_SENTENCE.search(it["text"]))
+                                               and not BOILERPLATE.search(it["text"]) for it in items],
+                        after="length+boilerplate")
+    # 语言：只留 --keep-langs；删掉的是什么语言也记下来，写进数据卡
+    keep_langs = {x.strip() for x in args.keep_langs.split(",") if x.strip()}
+    for it in items:
+        it["lang"] = lang_of(it["text"])
+    items = funnel.step("language", items, [it["lang"] in keep_langs for it in items], after="language")
+    return near_dedup(items, args, funnel)
+
+
+def write_splits(out: run.Run, records: list[dict], audit: list[dict], val_fraction: float, seed: int):
+    """切 train/val 写 JSONL；被删的段落写进 removed.jsonl 供抽查。-> (train, val)"""
+    train, val = data.split(records, val_fraction, seed)
+    for name, part in (("train.jsonl", train), ("val.jsonl", val), ("removed.jsonl", audit)):
+        out.path(name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
+    # 自检：用训练脚本同一个读取函数读回来，格式不对就在这里失败，而不是等到训练时
+    assert len(data.load_sft(out.path("train.jsonl"))) + len(data.load_sft(out.path("val.jsonl"))) == len(records)
+    return train, val
 
 
 def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
     folder = args.docs or args.data or data.DATA_DIR / "raw"
-    keep_langs = {x.strip() for x in args.keep_langs.split(",") if x.strip()}
-    # 1. 读文档并分段：一段 = 一条候选记录（records_in）
-    docs = data.load_documents(folder)          # 坏文件（非 UTF-8、读不了的 PDF）在这里报错退出，不悄悄跳过
-    paras = [{"source": d.id, "text": p} for d in docs for p in split_paragraphs(d)]
+    # 1. 读文档并分段
+    docs, paras = read_paragraphs(folder)
     out.log.info(f"{len(docs)} 个文档（{dict(Counter(d.path.suffix.lower() for d in docs))}）→ {len(paras)} 个段落")
     funnel = Funnel(len(paras))
     # 2. Unicode 归一化：必须在去重之前，否则全角版、带零宽字符的副本看起来"不一样"，去重就漏掉它们
-    norm = Counter()
-    for p in paras:
-        norm["nfkc_changed_paragraphs"] += unicodedata.normalize("NFKC", p["text"]) != p["text"]
-        norm["zero_width_chars_removed"] += len(ZERO_WIDTH.findall(p["text"]))
-        p["text"] = normalize(p["text"])
-    # 3. 完全重复
-    items = exact_dedup(paras, funnel)
-    # 4. 长度与样板过滤（便宜的过滤先做，最贵的近重复检测只处理剩下的）
-    items = funnel.step("too_short", items, lambda it: len(it["text"]) >= args.min_chars)
-    items = funnel.step("too_long", items, lambda it: len(it["text"]) <= args.max_chars)
-    items = funnel.step("boilerplate", items, lambda it: bool(HAS_SENTENCE.search(it["text"]))
-                        and not BOILERPLATE.search(it["text"]), after="length+boilerplate")
-    # 5. 语言过滤：只留 zh/en；删掉的是什么语言也记下来，写进数据卡
-    for it in items:
-        it["lang"] = lang_of(it["text"])
-    items = funnel.step("language", items, lambda it: it["lang"] in keep_langs, after="language")
-    # 6. 近重复（MinHash + LSH）
-    items = near_dedup(items, args, funnel)
+    norm = normalize_all(paras)
+    # 3-6. 完全重复 → 长度与样板 → 语言 → 近重复（MinHash + LSH）
+    items = filter_paragraphs(paras, args, funnel)
     if not items:
         raise UserError(f"{folder}: 清洗后一个段落也没剩下；检查 --min-chars/--max-chars/--keep-langs")
     # 7. 个人信息脱敏：不删段落，把号码换成占位符（模型学到"这里有个电话"，而不是某个人的电话）
     pii = Counter()
     for it in items:
         it["text"] = mask_pii(it["text"], pii)
-    # 8. 段落 → 指令记录 → chat messages，切 train/val 写 JSONL；被删的段落写进 removed.jsonl 供抽查
+    # 8. 段落 → 指令记录 → chat messages，切 train/val 写 JSONL
     records = [to_record(it) for it in items]
-    train, val = data.split(records, args.val_fraction, args.seed)
-    for name, part in (("train.jsonl", train), ("val.jsonl", val), ("removed.jsonl", funnel.audit)):
-        out.path(name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
-    # 自检：用训练脚本同一个读取函数读回来，格式不对就在这里失败，而不是等到训练时
-    assert len(data.load_sft(out.path("train.jsonl"))) + len(data.load_sft(out.path("val.jsonl"))) == len(records)
-    # 9. 长度统计：字符数；--count-tokens 时再用目标模型的分词器数 token（据此选训练时的 max_length）
-    lengths = {"input_chars": stats([len(it["text"]) for it in items]),
-               "output_chars": stats([len(r["messages"][-1]["content"]) for r in records])}
-    if args.count_tokens:
-        tok = models.load_tokenizer(args.resolved_model(), args.source, args.trust_remote_code)
-        lengths["chat_tokens"] = stats([len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)
-                                            ["input_ids"]) for r in records])
-
+    train, val = write_splits(out, records, funnel.audit, args.val_fraction, args.seed)
+    # 9. 长度统计，数据卡与漏斗图
     metrics = {
         "records_in": len(paras), "records_out": len(records), "removed_by_rule": funnel.removed,
         "pii_masked": {k: pii[k] for k in MASK}, "pii_masked_total": sum(pii[k] for k in MASK),
-        "id_card_checksum_ok": pii["id_card_checksum_ok"], "normalized": dict(norm), "documents": len(docs),
+        "id_card_checksum_ok": pii["id_card_checksum_ok"], "normalized": norm, "documents": len(docs),
         "train_records": len(train), "val_records": len(val),
         "languages": dict(Counter(it["lang"] for it in items)),
         "removed_languages": dict(Counter(a["lang"] for a in funnel.audit if a["rule"] == "language")),
-        "tasks": dict(Counter(r["meta"]["task"] for r in records)), "lengths": lengths,
+        "tasks": dict(Counter(r["meta"]["task"] for r in records)),
+        "lengths": report.length_stats(args, items, records),
     }
-    write_card(out, metrics, funnel.steps, records, folder)
-    fig, save = out.plot("funnel.png")
-    ax = fig.add_subplot(111)
-    ax.bar([n for n, _ in funnel.steps], [c for _, c in funnel.steps], color="#4c72b0")
-    for x, (_, c) in enumerate(funnel.steps):
-        ax.text(x, c, str(c), ha="center", va="bottom")
-    ax.set(ylabel="paragraphs left", title="cleaning funnel: paragraphs left after each step")
-    save()
+    report.write_card(out, metrics, funnel.steps, records, folder)
+    report.plot_funnel(out, funnel.steps)
     return out.finish(metrics, summary=f"{len(paras)} 段 → {len(records)} 条记录（train {len(train)} / val "
                                        f"{len(val)}），删除 {funnel.removed}，脱敏 {metrics['pii_masked']}")
-
-
-def write_card(out: run.Run, m: dict, funnel: list, records: list[dict], folder) -> None:
-    """数据卡：数据从哪来、每条规则删了多少、语言与长度分布、两条样例（模板见同目录 data_card_template.md）。"""
-    template = (Path(__file__).resolve().parent / "data_card_template.md").read_text(encoding="utf-8")
-    length = "\n".join(f"| {k} | " + " | ".join(str(v[s]) for s in ("min", "p50", "mean", "p95", "max")) + " |"
-                       for k, v in m["lengths"].items())
-    fields = {**{k: m[k] for k in ("documents", "records_in", "records_out", "train_records", "val_records", "tasks",
-                                   "normalized", "id_card_checksum_ok", "languages", "removed_languages")},
-              "folder": folder, "length": length,
-              "rows": "\n".join(f"| {k} | {v} |" for k, v in m["removed_by_rule"].items()),
-              "steps": "\n".join(f"| {n} | {c} |" for n, c in funnel),
-              "pii": "\n".join(f"| {k} | {v} |" for k, v in m["pii_masked"].items()),
-              "examples": "\n\n".join("```json\n" + json.dumps(r, ensure_ascii=False, indent=1)[:800] + "\n```"
-                                      for r in records[:2])}
-    out.path("data_card.md").write_text(template.split("-->\n", 1)[1].format(**fields), encoding="utf-8")
 
 
 if __name__ == "__main__":

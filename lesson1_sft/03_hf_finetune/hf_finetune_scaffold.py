@@ -8,7 +8,7 @@
 --config 换成别的配置；命令行参数再覆盖 YAML。
 
 运行：
-  python lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py            # CPU，smollm2-135m 全参数 12 步（空闲 2 核约 90 秒）
+  python lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py            # CPU，smollm2-135m 全参数 12 步，约 90 秒
   python lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py --smoke    # 极小模型，约 8 秒
   python lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py --model Qwen/Qwen2.5-0.5B-Instruct --source hf \\
       --config configs/lesson1/hf_finetune_scaffold_gpu.yaml --report-to tensorboard     # GPU，bf16 混合精度
@@ -23,9 +23,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import checkpoint, cli, data, models, run, train
+from common import cli, data, models, run, train
 from common.errors import UserError
 
+# 原子检查点只有这一课用：放在脚本旁边（_checkpoint.py），不在 common/
+checkpoints = run.import_sibling(__file__, "_checkpoint")
+# 默认就读这份 YAML：学生第一次运行看到的超参数，和他打开配置文件读到的是同一份
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "lesson1" / "hf_finetune_scaffold.yaml"
 
 
@@ -49,7 +52,8 @@ class Args(cli.CommonArgs):
     max_eval_samples: int = cli.arg(16, "验证集最多多少条（评估也要花时间）", min=1)
     gradient_checkpointing: bool = cli.arg(False, "用重算换显存：大模型在 GPU 上打开，CPU 小模型关着更快")
     resume: bool = cli.arg(False, "从输出目录里最后一个 checkpoint-* 续训（优化器、调度器、随机数状态一起恢复）")
-    stop_after_steps: int = cli.arg(0, "演练崩溃：第 N 步的检查点写完后立刻硬退出进程（os._exit，像被 kill）；0=不演练", min=0)
+    stop_after_steps: int = cli.arg(0, "演练崩溃：第 N 步的检查点写完后立刻硬退出进程（os._exit，像被 kill）；"
+                                       "0=不演练", min=0)
 
 
 # --smoke：极小模型上几秒钟能看到效果的规模；小网络承受得住大得多的学习率
@@ -64,41 +68,35 @@ def load_conversations(args: Args) -> list[list[dict]]:
     return [conv for f in files for conv in data.load_sft(f)]
 
 
-def main(args: Args) -> dict:
-    from transformers import EarlyStoppingCallback, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    args = cli.with_smoke(args, SMOKE)   # 冒烟：小规模超参数（只换你没改过的），单线程（见 common.run）
-    out = run.start(__file__, args, smoke_threads=1)
-
-    # 1. 断点续训还是从头开始。检查点先写临时目录、写完才改名（common.checkpoint），续训时跳过损坏的（被 kill 在
-    #    保存半途、磁盘满）改用更早的完好检查点并说明；从头开始时清掉旧检查点，免得和这次的混在一起被"续"上
-    last_ckpt = checkpoint.last_intact(out.dir, out.log) if args.resume else None
-    if args.resume and last_ckpt is None:
-        raise UserError(f"--resume: {out.dir} 里没有完好的 checkpoint-* 目录；先不带 --resume 训练一次")
+def prepare_checkpoints(args: Args, out: run.Run) -> str | None:
+    """--resume：返回最后一个完好的检查点；从头开始：清掉旧检查点，返回 None。"""
+    # 检查点先写临时目录、写完才改名（_checkpoint.py），续训时跳过损坏的（被 kill 在保存半途、磁盘满），
+    # 改用更早的完好检查点并说明；从头开始时清掉旧检查点，免得和这次的混在一起被"续"上
     if not args.resume:
-        checkpoint.clear(out.dir)
+        checkpoints.clear(out.dir)
+        return None
+    last = checkpoints.last_intact(out.dir, out.log)
+    if last is None:
+        raise UserError(f"--resume: {out.dir} 里没有完好的 checkpoint-* 目录；先不带 --resume 训练一次")
+    return last
 
-    # 2. 数据：对话模板渲染，只在助手回复上算损失（labels 其余位置为 -100）
-    convs = load_conversations(args)
-    model, tok = models.load_args(args, for_training=True)
-    train_convs, eval_convs = data.split(convs, args.val_fraction, args.seed)
-    eval_convs = eval_convs[: args.max_eval_samples]
 
-    def encode(convs: list[list[dict]]):
-        from datasets import Dataset
+def encode(tok, convs: list[list[dict]], max_length: int, log):
+    """对话 -> 已分词的数据集（labels 只在助手回复上，其余 -100）；回复被截光的样本跳过并提醒。"""
+    from datasets import Dataset
 
-        rows = [data.tokenize_chat(tok, c, args.max_length) for c in convs]
-        kept = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows if any(x != -100 for x in r["labels"])]
-        if len(kept) < len(rows):   # 助手回复整段被截断的样本没有损失可算，说明 max_length 太短
-            out.log.warning(f"{len(rows) - len(kept)} 条样本的助手回复被 max_length={args.max_length} 截掉，已跳过")
-        return Dataset.from_list(kept)
+    rows = [data.tokenize_chat(tok, c, max_length) for c in convs]
+    kept = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows if any(x != -100 for x in r["labels"])]
+    if len(kept) < len(rows):   # 助手回复整段被截断的样本没有损失可算，说明 max_length 太短
+        log.warning(f"{len(rows) - len(kept)} 条样本的助手回复被 max_length={max_length} 截掉，已跳过")
+    return Dataset.from_list(kept)
 
-    train_ds, eval_ds = encode(train_convs), encode(eval_convs)
-    out.log.info(f"训练 {len(train_ds)} 条，验证 {len(eval_ds)} 条（来自 {args.data or 'data/sft + data/identity'}）")
 
-    # 3. 训练配置：评估与保存同频（best 检查点只能从存过的检查点里选），数据顺序由 seed/data_seed 固定
-    cfg = SFTConfig(
+def sft_config(args: Args, out: run.Run, model):
+    """评估与保存同频（best 检查点只能从存过的检查点里选），数据顺序由 seed/data_seed 固定（续训才能对上）。"""
+    from trl import SFTConfig
+
+    return SFTConfig(
         output_dir=str(out.dir), run_name=out.dir.name, seed=args.seed, data_seed=args.seed,
         learning_rate=args.learning_rate, lr_scheduler_type=args.lr_scheduler_type, warmup_steps=args.warmup_steps,
         max_steps=args.max_steps if args.max_steps > 0 else -1, num_train_epochs=args.num_train_epochs,
@@ -109,12 +107,16 @@ def main(args: Args) -> dict:
         greater_is_better=False, restore_callback_states_from_checkpoint=True,   # 早停计数也随检查点恢复
         logging_steps=args.logging_steps, report_to=out.trainer_report_to(),
         **train.trainer_flags(model, gradient_checkpointing=args.gradient_checkpointing),   # bf16 / use_cpu / 检查点
+        # 只数非填充 token：吞吐按"真正学到的 token"算，批里填充多少不该让数字变好看
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, disable_tqdm=False,
     )
 
-    class Throughput(TrainerCallback):
-        """只计前向+反向+优化器的时间（不含评估和存盘），这才是"训练吞吐"。"""
 
+def throughput_meter():
+    """只计前向+反向+优化器的时间（不含评估和存盘）的回调：这才是"训练吞吐"，评估多几次不该让它变差。"""
+    from transformers import TrainerCallback  # 重的库在函数里导入：坏数据在加载 transformers 之前就报错
+
+    class Throughput(TrainerCallback):
         seconds, tokens = 0.0, 0
 
         def on_step_begin(self, a, state, control, **kw):
@@ -124,30 +126,30 @@ def main(args: Args) -> dict:
             self.seconds += time.perf_counter() - self.t
             self.tokens += state.num_input_tokens_seen - self.n
 
-    class CrashAfterStep(TrainerCallback):
-        """模拟进程被杀：检查点落盘之后直接 os._exit，不走任何清理（不写 metrics、不关 tracker）。"""
+    return Throughput()
 
+
+def crash_after(stop_after_steps: int):
+    """模拟进程被杀的回调：第 N 步检查点落盘之后直接 os._exit，不走任何清理（不写 metrics、不关 tracker）。"""
+    from transformers import TrainerCallback
+
+    class CrashAfterStep(TrainerCallback):
         def on_save(self, a, state, control, **kw):
-            if args.stop_after_steps and state.global_step >= args.stop_after_steps:
+            # os._exit 而不是 sys.exit：不跑 finally / atexit，和 kill -9 一样什么都来不及收拾
+            if stop_after_steps and state.global_step >= stop_after_steps:
                 print(f"[stop_after_steps] 第 {state.global_step} 步检查点已保存，模拟崩溃退出", flush=True)
                 os._exit(3)
 
-    speed = Throughput()
-    # checkpoint.atomic：同一个 SFTTrainer，只是检查点先写 tmp-checkpoint-N/ 再原子改名（kill 在保存半途也不留半成品）
-    trainer = checkpoint.atomic(SFTTrainer)(
-        model=model, args=cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
-        callbacks=[EarlyStoppingCallback(args.early_stopping_patience, args.early_stopping_threshold), speed,
-                   CrashAfterStep()])
+    return CrashAfterStep()
 
-    # 4. 训练前先量一次验证损失：没有"之前"，就说不清训练带来了什么
-    before = trainer.evaluate()["eval_loss"]
-    out.log.info(f"训练前 eval_loss = {before:.4f}")
 
-    # 5. 训练（--resume 时从最后一个检查点恢复权重、优化器、调度器、随机数与已跳过的数据）
+def train_or_restore(trainer, last_ckpt: str | None, max_steps: int, log) -> None:
+    """训练；--resume 时从检查点恢复权重、优化器、调度器、随机数与已跳过的数据。"""
     if last_ckpt:
-        out.log.info(f"--resume：从 {last_ckpt} 续训")
-    if last_ckpt and int(Path(last_ckpt).name.split("-")[1]) >= cfg.max_steps > 0:
-        # 上次被杀在最后一步存盘之后（最终评估 / 保存时）：Trainer 从这样的检查点"续训"会多走一步，这里直接装回状态与最好的权重
+        log.info(f"--resume：从 {last_ckpt} 续训")
+    if last_ckpt and int(Path(last_ckpt).name.split("-")[1]) >= max_steps > 0:
+        # 上次被杀在最后一步存盘之后（最终评估 / 保存时）：Trainer 从这样的检查点"续训"会多走一步，
+        # 这里直接装回状态与最好的权重
         from transformers import TrainerState
 
         trainer.state = TrainerState.load_from_json(str(Path(last_ckpt) / "trainer_state.json"))
@@ -155,6 +157,55 @@ def main(args: Args) -> dict:
         trainer._load_best_model()
     else:
         trainer.train(resume_from_checkpoint=last_ckpt)
+
+
+def plot_losses(out: run.Run, state, before: float, best: str | None) -> None:
+    """训练损失 + 每次评估的验证损失（第 0 步是训练前那次）：看得出 best 是哪一步、早停停在哪。"""
+    fig, save = out.plot("loss_curve.png")
+    ax = fig.add_subplot(111)
+    ax.plot([h["step"] for h in state.log_history if "loss" in h],
+            [h["loss"] for h in state.log_history if "loss" in h], label="train loss", alpha=0.7)
+    evals = [(h["step"], h["eval_loss"]) for h in state.log_history if "eval_loss" in h][:-1]   # 去掉训练后那次
+    ax.plot(*zip(*([(0, before)] + evals)), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"full-parameter SFT: {out.model_name} (best = {best})")   # 英文标签：不依赖系统里有中文字体
+    ax.legend()
+    save()
+
+
+def main(args: Args) -> dict:
+    from transformers import EarlyStoppingCallback
+    from trl import SFTTrainer
+
+    args = cli.with_smoke(args, SMOKE)   # 冒烟：小规模超参数（只换你没改过的），单线程（见 common.run）
+    out = run.start(__file__, args)
+
+    # 1. 断点续训还是从头开始：先处理检查点，--resume 却没有可用的检查点时，加载模型之前就报错
+    last_ckpt = prepare_checkpoints(args, out)
+
+    # 2. 数据：对话模板渲染，只在助手回复上算损失（labels 其余位置为 -100）
+    convs = load_conversations(args)
+    model, tok = models.load_args(args, for_training=True)
+    train_convs, eval_convs = data.split(convs, args.val_fraction, args.seed)
+    train_ds = encode(tok, train_convs, args.max_length, out.log)
+    eval_ds = encode(tok, eval_convs[: args.max_eval_samples], args.max_length, out.log)
+    out.log.info(f"训练 {len(train_ds)} 条，验证 {len(eval_ds)} 条（来自 {args.data or 'data/sft + data/identity'}）")
+
+    # 3. 训练器：评估与保存同频；早停；检查点先写 tmp-checkpoint-N/ 再原子改名（kill 在保存半途也不留半成品）
+    cfg = sft_config(args, out, model)
+    speed = throughput_meter()
+    trainer = checkpoints.atomic(SFTTrainer)(
+        model=model, args=cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
+        callbacks=[EarlyStoppingCallback(args.early_stopping_patience, args.early_stopping_threshold), speed,
+                   crash_after(args.stop_after_steps)])
+
+    # 4. 训练前先量一次验证损失：没有"之前"，就说不清训练带来了什么
+    before = trainer.evaluate()["eval_loss"]
+    out.log.info(f"训练前 eval_loss = {before:.4f}")
+
+    # 5. 训练（或续训）；步数没走满说明早停生效了：告诉学生为什么停
+    train_or_restore(trainer, last_ckpt, cfg.max_steps, out.log)
     state = trainer.state
     if state.global_step < (args.max_steps if args.max_steps > 0 else state.max_steps):
         out.log.info(f"早停：第 {state.global_step} 步停下（验证损失连续 {args.early_stopping_patience} 次没有变好）")
@@ -166,17 +217,7 @@ def main(args: Args) -> dict:
     train_losses = [h["loss"] for h in state.log_history if "loss" in h]
 
     # 7. 曲线：训练损失与每次评估的验证损失
-    fig, save = out.plot("loss_curve.png")
-    ax = fig.add_subplot(111)
-    ax.plot([h["step"] for h in state.log_history if "loss" in h], train_losses, label="train loss", alpha=0.7)
-    evals = [(h["step"], h["eval_loss"]) for h in state.log_history if "eval_loss" in h][:-1]   # 去掉训练后那次
-    ax.plot(*zip(*([(0, before)] + evals)), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"full-parameter SFT: {out.model_name} (best = {best})")   # 英文标签：不依赖系统里有中文字体
-    ax.legend()
-    save()
-
+    plot_losses(out, state, before, best)
     return out.finish({
         "eval_loss_before": round(before, 4), "eval_loss_after": round(after, 4),
         "train_loss_last": round(train_losses[-1], 4) if train_losses else None,

@@ -18,7 +18,6 @@ get_peft_model 真实构建 r = 1..64 的模型清点可训练参数，并与公
 all-linear 注入 210 个 Linear，r=8 时 2,442,240 个参数，只占全量 134,515,008 的 1.82%。
 图：delta_w_spectrum.png（奇异值谱，对数坐标）、energy_vs_rank.png（前 r 个方向捕获的能量）。
 """
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,8 @@ class Args(cli.CommonArgs):
     per_device_train_batch_size: int = cli.arg(4, "每步几条样本", min=1)
     max_length: int = cli.arg(192, "每条样本最多多少 token", min=8)
     max_rank: int = cli.arg(64, "LoRA 参数量清点到多大的秩（1, 2, 4, ... 直到它）", min=1)
-    target_modules: str = cli.arg("all-linear", "LoRA 注入哪些层：all-linear（除 lm_head 外所有 Linear）或逗号分隔的名字")
+    target_modules: str = cli.arg("all-linear", "LoRA 注入哪些层：all-linear（除 lm_head 外所有 Linear）"
+                                                "或逗号分隔的名字")
 
 
 SMOKE = dict(steps=10, learning_rate=1e-3, max_length=128)   # 极小模型：小网络承受得住大学习率
@@ -47,47 +47,45 @@ def energy_top(sv, r: int) -> float:
     return float(e[:r].sum() / e.sum())
 
 
-def main(args: Args) -> dict:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from trl import SFTConfig, SFTTrainer
-
-    args = cli.with_smoke(args, SMOKE)   # 冒烟：小规模超参数（只换你没改过的），单线程（见 common.run）
-    out = run.start(__file__, args, smoke_threads=1)
-    # 先读数据：--data 有坏行时在加载模型之前就报错
+def load_conversations(args: Args) -> list[list[dict]]:
+    """默认：data/sft/*.jsonl + data/identity/train.jsonl；--data：用户自己的文件。"""
     files = [Path(args.data)] if args.data else [*sorted((data.DATA_DIR / "sft").glob("*.jsonl")),
                                                  data.DATA_DIR / "identity" / "train.jsonl"]
-    convs = [c for f in files for c in data.load_sft(f)]
-    model, tok = models.load_args(args, for_training=True)
-    full_params = sum(p.numel() for p in model.parameters())   # parameters() 对共享（tied）权重只算一次
+    return [c for f in files for c in data.load_sft(f)]
 
-    # 1. 用 PEFT 真实构建 r = 1, 2, 4, ... 的 LoRA 模型，清点可训练参数，并与公式 r·(d_in + d_out) 核对
-    targets = "all-linear" if args.target_modules == "all-linear" else args.target_modules.split(",")
-    ranks = [2 ** i for i in range(args.max_rank.bit_length()) if 2 ** i <= args.max_rank]
+
+def count_lora_params(model, target_modules: str, ranks: list[int]) -> tuple[dict, dict, dict]:
+    """用 PEFT 真实构建每个秩的 LoRA 模型 -> (实际可训练参数, 公式 r·(d_in + d_out) 之和, 注入的 Linear 形状)。
+
+    不只信公式：all-linear 到底注入了哪些层（PEFT 跳过输出层 lm_head）要真建一次才知道；数出来与公式逐一相等，
+    公式才算验证过。
+    """
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if target_modules == "all-linear" else target_modules.split(",")
     lora_params, analytic, injected = {}, {}, {}
     for r in ranks:
+        # deepcopy：get_peft_model 会就地改模型，原模型后面还要做全参数微调
         pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
                                                              lora_dropout=0.0, task_type="CAUSAL_LM"))
         lora_params[str(r)] = sum(p.numel() for p in pm.parameters() if p.requires_grad)
         injected = {n.removeprefix("base_model.model."): (m.in_features, m.out_features)
                     for n, m in pm.named_modules() if hasattr(m, "lora_A") and hasattr(m, "in_features")}
+        # B: d_out×r，A: r×d_in -> 每个矩阵 r·(d_in + d_out)，与原矩阵的 d_in·d_out 相比是线性而非平方
         analytic[str(r)] = sum(r * (i + o) for i, o in injected.values())
         del pm
-    kinds = sorted({n.rsplit(".", 1)[-1] for n in injected})
-    out.log.info(f"target_modules={args.target_modules}: adapter 注入 {len(injected)} 个 Linear，"
-                 f"类型 {kinds}；例如 {list(injected)[:len(kinds)]}")
-    for r in ranks:
-        out.log.info(f"  r={r:<3d} LoRA 可训练参数 {lora_params[str(r)]:>10,d}（公式 {analytic[str(r)]:,d}），"
-                     f"占全量 {full_params:,d} 的 {lora_params[str(r)] / full_params:.3%}")
+    return lora_params, analytic, injected
 
-    # 2. 记下微调前的权重：只看 LoRA 会注入的那些矩阵
-    params = dict(model.named_parameters())
-    before = {n: params[n + ".weight"].detach().clone() for n in injected}
 
-    # 3. 全参数微调几步（所有参数都在动，ΔW 没有任何低秩约束）
-    rows = [data.tokenize_chat(tok, c, args.max_length) for c in convs]
+def full_finetune(args: Args, out: run.Run, model, tok, convs: list[list[dict]]) -> list[float]:
+    """全参数微调几步（所有参数都在动，ΔW 没有任何低秩约束），返回每步训练损失。"""
     from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
 
+    rows = [data.tokenize_chat(tok, c, args.max_length) for c in convs]
+    # 回复被截光的样本没有损失可算，留着只会产生 0 梯度的批次
     ds = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows
                             if any(x != -100 for x in r["labels"])])
     cfg = SFTConfig(output_dir=str(out.path("trainer")), max_steps=args.steps, learning_rate=args.learning_rate,
@@ -97,31 +95,32 @@ def main(args: Args) -> dict:
                     **train.trainer_flags(model))
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
     trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
-    # 4. 对每个矩阵的 ΔW 做 SVD；对照组：同形状的随机高斯矩阵、预训练权重 W 本身
-    gen = torch.Generator().manual_seed(args.seed)
-    spectra, rand_spectra, weight_spectra = {}, {}, {}
+
+def spectra_of(before: dict, params: dict, seed: int) -> tuple[dict, dict, dict]:
+    """-> (ΔW 的奇异值, 同形状随机高斯矩阵的奇异值, 预训练 W 的奇异值)，按矩阵名索引。"""
+    import torch
+
+    # 两个对照组：随机矩阵说明"能量集中"不是 SVD 本身的性质；W 本身说明集中的不是预训练权重，而是更新
+    gen = torch.Generator().manual_seed(seed)
+    spectra, rand_by_shape, weight_spectra = {}, {}, {}
     for n, w0 in before.items():
         w1 = params[n + ".weight"].detach()
-        spectra[n] = torch.linalg.svdvals((w1 - w0).float().cpu())
+        spectra[n] = torch.linalg.svdvals((w1 - w0).float().cpu())   # svdvals 只算奇异值，比完整 SVD 快得多
         weight_spectra[n] = torch.linalg.svdvals(w0.float().cpu())
-        if w0.shape not in rand_spectra:   # 随机矩阵的谱只取决于形状，每种形状算一次
-            rand_spectra[w0.shape] = torch.linalg.svdvals(torch.randn(*w0.shape, generator=gen))
+        if w0.shape not in rand_by_shape:   # 随机矩阵的谱只取决于形状，每种形状算一次
+            rand_by_shape[w0.shape] = torch.linalg.svdvals(torch.randn(*w0.shape, generator=gen))
+    return spectra, {n: rand_by_shape[before[n].shape] for n in before}, weight_spectra
 
-    def mean_energy(specs: dict, r: int) -> float:
-        return sum(energy_top(s, r) for s in specs.values()) / len(specs)
 
-    shapes = {n: before[n].shape for n in before}
-    rand_by_matrix = {n: rand_spectra[shapes[n]] for n in before}
-    curve = {name: [mean_energy(s, r) for r in ranks] for name, s in
-             (("ΔW", spectra), ("W", weight_spectra), ("random", rand_by_matrix))}
-    by_kind = {k: round(sum(energy_top(s, TOP_R) for n, s in spectra.items() if n.endswith("." + k))
-                        / sum(n.endswith("." + k) for n in spectra), 4) for k in kinds}
+def mean_energy(specs: dict, r: int) -> float:
+    """各矩阵前 r 个方向能量占比的平均：每个矩阵权重相同，大矩阵不至于淹没小矩阵。"""
+    return sum(energy_top(s, r) for s in specs.values()) / len(specs)
 
-    # 5. 画图：一层里各矩阵的奇异值谱（归一化到 σ_1，对数坐标）+ 前 r 个方向捕获的能量
-    mid = getattr(model.config, "num_hidden_layers", 2) // 2
-    layer_names = [n for n in spectra if f".layers.{mid}." in n] or list(spectra)[: len(kinds)]
+
+def plot_spectrum(out: run.Run, spectra: dict, rand_by_matrix: dict, layer_names: list[str], title: str) -> None:
+    """一层里各矩阵的奇异值谱（归一化到 σ_1，对数坐标）：ΔW 掉得陡，随机矩阵几乎是平的。"""
     fig, save = out.plot("delta_w_spectrum.png")
     ax = fig.add_subplot(111)
     for n in layer_names:
@@ -129,13 +128,17 @@ def main(args: Args) -> dict:
         ax.semilogy(range(1, len(s) + 1), (s / s[0]).numpy(), label=f"ΔW {n.rsplit('.', 2)[-2]}.{n.rsplit('.', 1)[-1]}")
     s = rand_by_matrix[layer_names[0]]
     ax.semilogy(range(1, len(s) + 1), (s / s[0]).numpy(), "k--", label="random Gaussian")
-    ax.axvline(TOP_R, color="gray", lw=0.8, ls=":")
+    ax.axvline(TOP_R, color="gray", lw=0.8, ls=":")   # 竖线标出 r=8：LoRA 最常用的秩落在谱的哪里
     ax.set_xscale("log")
     ax.set_xlabel("singular value index i")
     ax.set_ylabel("σ_i / σ_1")
-    ax.set_title(f"ΔW singular values, layer {mid} ({out.model_name}, {args.steps} full-FT steps)")
+    ax.set_title(title)
     ax.legend(fontsize=7)
     save()
+
+
+def plot_energy(out: run.Run, ranks: list[int], curve: dict) -> None:
+    """前 r 个方向捕获的能量随 r 的变化：ΔW 的曲线最先升起来，就是"低秩够用"的直观证据。"""
     fig, save = out.plot("energy_vs_rank.png")
     ax = fig.add_subplot(111)
     for name, ys in curve.items():
@@ -147,7 +150,47 @@ def main(args: Args) -> dict:
     ax.legend()
     save()
 
-    ref = str(TOP_R) if str(TOP_R) in lora_params else str(ranks[-1])
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)   # 冒烟：小规模超参数（只换你没改过的），单线程（见 common.run）
+    out = run.start(__file__, args)
+    convs = load_conversations(args)     # 先读数据：--data 有坏行时在加载模型之前就报错
+    model, tok = models.load_args(args, for_training=True)
+    full_params = sum(p.numel() for p in model.parameters())   # parameters() 对共享（tied）权重只算一次
+
+    # 1. 用 PEFT 真实构建 r = 1, 2, 4, ... 的 LoRA 模型，清点可训练参数，并与公式 r·(d_in + d_out) 核对
+    ranks = [2 ** i for i in range(args.max_rank.bit_length()) if 2 ** i <= args.max_rank]
+    lora_params, analytic, injected = count_lora_params(model, args.target_modules, ranks)
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in injected})
+    out.log.info(f"target_modules={args.target_modules}: adapter 注入 {len(injected)} 个 Linear，"
+                 f"类型 {kinds}；例如 {list(injected)[:len(kinds)]}")
+    for r in ranks:
+        out.log.info(f"  r={r:<3d} LoRA 可训练参数 {lora_params[str(r)]:>10,d}（公式 {analytic[str(r)]:,d}），"
+                     f"占全量 {full_params:,d} 的 {lora_params[str(r)] / full_params:.3%}")
+
+    # 2. 记下微调前的权重：只看 LoRA 会注入的那些矩阵（clone：训练会就地改参数）
+    params = dict(model.named_parameters())
+    before = {n: params[n + ".weight"].detach().clone() for n in injected}
+
+    # 3. 全参数微调几步：如果连不受约束的更新都是低秩的，用 B·A 去拟合它就不吃亏
+    losses = full_finetune(args, out, model, tok, convs)
+
+    # 4. 对每个矩阵的 ΔW 做 SVD；对照组：同形状的随机高斯矩阵、预训练权重 W 本身
+    spectra, rand_by_matrix, weight_spectra = spectra_of(before, params, args.seed)
+    curve = {name: [mean_energy(s, r) for r in ranks] for name, s in
+             (("ΔW", spectra), ("W", weight_spectra), ("random", rand_by_matrix))}
+    # 按矩阵类型分开平均：注意力和 MLP 的集中程度不同，决定 target_modules 时有用
+    by_kind = {k: round(sum(energy_top(s, TOP_R) for n, s in spectra.items() if n.endswith("." + k))
+                        / sum(n.endswith("." + k) for n in spectra), 4) for k in kinds}
+
+    # 5. 画图：中间一层的奇异值谱（首尾层紧挨嵌入与输出，不一定有代表性）+ 前 r 个方向捕获的能量
+    mid = getattr(model.config, "num_hidden_layers", 2) // 2
+    layer_names = [n for n in spectra if f".layers.{mid}." in n] or list(spectra)[: len(kinds)]
+    plot_spectrum(out, spectra, rand_by_matrix, layer_names,
+                  f"ΔW singular values, layer {mid} ({out.model_name}, {args.steps} full-FT steps)")
+    plot_energy(out, ranks, curve)
+
+    ref = str(TOP_R) if str(TOP_R) in lora_params else str(ranks[-1])   # --max-rank < 8 时退而报告最大的秩
     return out.finish({
         "delta_energy_top8": round(mean_energy(spectra, TOP_R), 4),
         "random_energy_top8": round(mean_energy(rand_by_matrix, TOP_R), 4),

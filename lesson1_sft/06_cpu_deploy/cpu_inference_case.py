@@ -15,17 +15,16 @@
 （kv_cache_speedup 3.47）；bf16 快 1.9 倍、困惑度不变（19.20→19.09；这颗 CPU 有原生 bf16）；动态 int8 快 3.2 倍、
 权重 513→237 MB，但困惑度 19.20→56.72（+195%）：135M 的小模型按张量量化激活损失很大，部署前一定要量精度；
 批 8 的总吞吐是批 1 的 4.1 倍，但首 token 从 115 ms 变成 655 ms；2 线程只比 1 线程快 5%（逐 token 解码受内存带宽限制）。
---smoke（tiny-llama，约 5 秒，128 个新 token）：KV 缓存快约 2.7 倍（测试数前向 token：不开缓存多算 10 倍以上），int8 困惑度变化 <1%。
+--smoke（tiny-llama，约 5 秒，128 个新 token）：KV 缓存快约 2.7 倍（测试数前向 token：不开缓存多算 10 倍以上），
+int8 困惑度变化 <1%。
 """
 import copy
-import io
-import math
 import statistics
 import time
 import warnings
 from dataclasses import dataclass
 
-from common import cli, data, models, run
+from common import cli, data, lm, models, run
 from common.errors import UserError
 
 
@@ -42,7 +41,8 @@ class Args(cli.CommonArgs):
 
 # 冒烟：少几种批大小、少几条困惑度样本；极小模型每步开销以 Python 调度为主，要生成 128 个新 token，
 # 不开 KV 缓存时"每步重算整段前文"的平方级代价才压过固定开销（24 个 token 时只快约 1.5 倍）。
-# 线程数不在冒烟时改（run.start 不传 smoke_threads）：本脚本自己比较线程数
+# 冒烟时 run.start 默认单线程（极小模型多线程反而慢）：max_threads 就是 1，不出现 fp32_1thread 这一行；
+# 默认运行才比较线程数
 SMOKE = dict(batch_sizes=[1, 4], ppl_samples=8, max_new_tokens=128, repeats=2)
 
 
@@ -75,60 +75,25 @@ def timed_generate(model, enc: dict, new_tokens: int, use_cache: bool) -> tuple[
     return total, (streamer.first or time.perf_counter()) - t0, n_new
 
 
-def perplexity(model, tok, convs: list[list[dict]], max_length: int) -> float:
-    """只在助手回复的 token 上算平均负对数似然，再取 exp：同一批数据、同一个函数量每种精度。"""
-    import torch
-
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for msgs in convs:
-            ex = data.tokenize_chat(tok, msgs, max_length)
-            n = sum(1 for x in ex["labels"][1:] if x != -100)   # 模型内部会把 labels 右移一位
-            if n == 0:
-                continue
-            ids = torch.tensor([ex["input_ids"]])
-            loss = model(input_ids=ids, labels=torch.tensor([ex["labels"]])).loss
-            nll, count = nll + float(loss) * n, count + n
-    return math.exp(nll / max(count, 1))
-
-
-def size_mb(model) -> float:
-    """把 state_dict 序列化一次量大小：这就是部署时要加载的权重体积。"""
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.tell() / 2**20
-
-
-def main(args: Args) -> dict:
-    import torch
-    from rich.console import Console
-    from rich.table import Table
-
-    args = cli.with_smoke(args, SMOKE)   # 先换参数再 run.start：config.json 记下的是实际跑的参数
-    out = run.start(__file__, args)
-    log = out.log
-    if not args.batch_sizes:
-        raise UserError("--batch-sizes: 至少给一个批大小")
-
-    # 1. 加载 fp32 基线。本课讲 CPU 部署：即使有 GPU 也固定在 CPU 上测
+def load_baseline(args: Args, log):
+    """fp32 基线模型 + 分词器 + 对话与提示词。本课讲 CPU 部署：即使有 GPU 也固定在 CPU 上测。"""
     if models.pick_device(args.device).type == "cuda":   # --device cuda 而没有 CUDA：一行错误（pick_device）
         log.info("本课测量 CPU 推理：忽略 GPU，全部在 CPU 上运行")
     if args.dtype not in ("auto", "float32", "fp32"):
         log.info(f"--dtype {args.dtype}: 本脚本把 fp32、bf16、int8 都测一遍，基线固定 fp32")
-    name = args.resolved_model()
     model, tok = models.load_args(args, device="cpu", dtype="float32")
     model.eval()
     # 仅解码器模型批量生成时要左填充，新 token 才紧接在各自提示词后面；超长的提示从左边截到 --max-length，
     # 保留离回答最近的部分（一条 5 MB 的记录不截断时要跑几分钟）
     tok.padding_side, tok.truncation_side = "left", "left"
     convs = data.load_sft(args.data or data.DATA_DIR / "domain" / "sft.jsonl")
-    prompts = [data.prompt_text(tok, c) for c in convs]
-    max_threads = torch.get_num_threads()
-    log.info(f"{len(convs)} 条对话；torch 默认 {max_threads} 个线程；CPU 原生 bf16：{models.cpu_has_bf16()}")
+    return model, tok, convs
 
-    # 2. 准备三种精度：fp32（基线）、bf16（权重和计算减半位宽）、动态 int8（Linear 权重 int8，激活运行时量化）
+
+def precision_variants(model, log) -> dict:
+    """fp32（基线）、bf16（权重和计算减半位宽）、动态 int8（Linear 权重 int8，激活运行时量化）。"""
+    import torch
+
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     if not models.cpu_has_bf16():
         log.warning("这颗 CPU 没有原生 bf16 指令：bf16 计算是模拟的，多半比 fp32 慢（内存减半仍成立）")
@@ -141,39 +106,56 @@ def main(args: Args) -> dict:
         warnings.simplefilter("ignore")
         int8 = quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
     log.info("int8：torch.ao.quantization.quantize_dynamic（已弃用但在 torch 2.13 可用；迁移目标是 torchao.quantize_）")
-    variants = {"fp32": model, "bf16": bf16, "int8": int8}
+    return {"fp32": model, "bf16": bf16, "int8": int8}
 
-    # 3. 配置表：每行只改一个变量，其余与基线（fp32、批 1、KV 缓存、全部线程）相同
+
+def config_table(batch_sizes: list[int], max_threads: int) -> dict[str, tuple[str, int, bool, int]]:
+    """名字 -> (精度, 批大小, KV 缓存, 线程数)。每行只改一个变量，其余与基线（fp32、批 1、KV 缓存、全部线程）相同：
+    同时改两样，快慢就分不清该归功于谁。"""
     configs = {"fp32": ("fp32", 1, True, max_threads), "fp32_no_kv": ("fp32", 1, False, max_threads),
                "bf16": ("bf16", 1, True, max_threads), "int8": ("int8", 1, True, max_threads)}
-    for bs in args.batch_sizes:
+    for bs in batch_sizes:
         if bs > 1:
             configs[f"fp32_bs{bs}"] = ("fp32", bs, True, max_threads)
-    if max_threads > 1:
+    if max_threads > 1:   # 只有一个线程可用时，"少用线程"这一行没有意义
         configs["fp32_1thread"] = ("fp32", 1, True, 1)
-    encs = {bs: tok([prompts[i % len(prompts)] for i in range(bs)], return_tensors="pt", padding=True,
-                    truncation=True, max_length=args.max_length) for bs in {c[1] for c in configs.values()}}
+    return configs
 
-    # 4. 计时：先每个配置预热一次（分配内存、选 GEMM 内核），再按轮次轮流测，取中位数
+
+def time_configs(args: Args, configs: dict, variants: dict, encs: dict, max_threads: int, log) -> dict:
+    """先每个配置预热一次（分配内存、选 GEMM 内核），再按轮次轮流测 -> {配置: [(总秒数, 首 token 秒数, 新 token 数)]}。
+
+    轮流而不是一个配置连测完：机器上别的进程忽快忽慢时，各配置受到同样的干扰，比值才可信。
+    """
+    import torch
+
     times: dict[str, list[tuple[float, float, int]]] = {k: [] for k in configs}
     for rnd in range(args.repeats + 1):
         for cname, (variant, bs, use_cache, threads) in configs.items():
             torch.set_num_threads(threads)
             res = timed_generate(variants[variant], dict(encs[bs]), args.max_new_tokens, use_cache)
-            if rnd > 0:
+            if rnd > 0:   # 第 0 轮是预热：首次调用要分配内存、挑内核，比稳态慢得多
                 times[cname].append(res)
         torch.set_num_threads(max_threads)
         log.info(f"{'预热' if rnd == 0 else f'第 {rnd}/{args.repeats} 轮计时'}完成")
-    tps = {k: round(statistics.median(n / t for t, _, n in v), 2) for k, v in times.items()}
-    ttft = {k: round(statistics.median(f for _, f, _ in v) * 1000, 1) for k, v in times.items()}
-    new_tokens = {k: v[-1][2] for k, v in times.items()}
+    return times
 
-    # 5. 精度代价：同一批留出文本上的困惑度（int8/bf16 相对 fp32 升高多少）
-    held = convs[: args.ppl_samples]
-    ppl = {k: round(perplexity(m, tok, held, args.max_length), 4) for k, m in variants.items()}
-    sizes = {k: round(size_mb(m), 1) for k, m in variants.items()}
 
-    # 6. 表格 + 图
+def perplexities(variants: dict, tok, convs: list[list[dict]], max_length: int) -> dict[str, float]:
+    """每种精度在同一批对话的助手回复上的困惑度（同一批数据、同一个函数，差别只来自精度）。"""
+    rows = [data.tokenize_chat(tok, c, max_length) for c in convs]
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+    # batch_size=1：动态 int8 按整个激活张量算量化尺度，几条拼成一批（含填充）会改变彼此的尺度，困惑度就不是单条的了
+    return {k: round(lm.perplexity(m, rows, batch_size=1, pad_token_id=tok.pad_token_id), 4)
+            for k, m in variants.items()}
+
+
+def report(out: run.Run, args: Args, configs: dict, tps: dict, ttft: dict) -> None:
+    """终端表格 + 吞吐/首 token 延迟的条形图（每个配置一行，与基线的比值一眼可读）。"""
+    from rich.console import Console
+    from rich.table import Table
+
+    name = args.resolved_model()
     table = Table(title=f"CPU 推理对比（{name}，每次 {args.max_new_tokens} 个新 token，{args.repeats} 轮中位数）")
     for col in ("配置", "精度", "批", "KV", "线程", "tokens/s", "首 token ms", "相对 fp32"):
         table.add_column(col, justify="right" if col not in ("配置", "精度") else "left")
@@ -181,7 +163,6 @@ def main(args: Args) -> dict:
         table.add_row(cname, variant, str(bs), "开" if use_cache else "关", str(threads), f"{tps[cname]:.1f}",
                       f"{ttft[cname]:.0f}", f"{tps[cname] / tps['fp32']:.2f}x")
     Console(width=119).print(table)
-    log.info(f"困惑度 {ppl}；权重体积 MB {sizes}")
 
     fig, save = out.plot("cpu_inference.png")
     fig.set_size_inches(11, 4.2)
@@ -196,6 +177,43 @@ def main(args: Args) -> dict:
     fig.suptitle(f"{name} on CPU: throughput and first-token latency")
     save()
 
+
+def main(args: Args) -> dict:
+    import torch
+
+    args = cli.with_smoke(args, SMOKE)   # 先换参数再 run.start：config.json 记下的是实际跑的参数
+    out = run.start(__file__, args)
+    if not args.batch_sizes:
+        raise UserError("--batch-sizes: 至少给一个批大小")
+
+    # 1. 加载 fp32 基线与数据
+    model, tok, convs = load_baseline(args, out.log)
+    prompts = [data.prompt_text(tok, c) for c in convs]
+    max_threads = torch.get_num_threads()
+    out.log.info(f"{len(convs)} 条对话；torch 默认 {max_threads} 个线程；CPU 原生 bf16：{models.cpu_has_bf16()}")
+
+    # 2. 准备三种精度
+    variants = precision_variants(model, out.log)
+
+    # 3. 配置表：每行只改一个变量；每种批大小的输入只编码一次，各配置喂的是同一批 token
+    configs = config_table(args.batch_sizes, max_threads)
+    encs = {bs: tok([prompts[i % len(prompts)] for i in range(bs)], return_tensors="pt", padding=True,
+                    truncation=True, max_length=args.max_length) for bs in {c[1] for c in configs.values()}}
+
+    # 4. 计时：预热后轮流测，取中位数（偶发的尖峰不影响中位数）
+    times = time_configs(args, configs, variants, encs, max_threads, out.log)
+    tps = {k: round(statistics.median(n / t for t, _, n in v), 2) for k, v in times.items()}
+    ttft = {k: round(statistics.median(f for _, f, _ in v) * 1000, 1) for k, v in times.items()}
+    new_tokens = {k: v[-1][2] for k, v in times.items()}
+
+    # 5. 精度代价：同一批留出文本上的困惑度（快了多少要和差了多少一起看）+ 部署时要加载的权重体积
+    ppl = perplexities(variants, tok, convs[: args.ppl_samples], args.max_length)
+    sizes = {k: round(lm.size_mb(m), 1) for k, m in variants.items()}
+
+    # 6. 表格 + 图
+    report(out, args, configs, tps, ttft)
+    out.log.info(f"困惑度 {ppl}；权重体积 MB {sizes}")
+    top_bs = max(args.batch_sizes)
     return out.finish({
         "tokens_per_s": tps,
         "first_token_ms": ttft,
@@ -204,8 +222,7 @@ def main(args: Args) -> dict:
         "int8_speedup": round(tps["int8"] / tps["fp32"], 3),
         "bf16_speedup": round(tps["bf16"] / tps["fp32"], 3),
         "thread_speedup": round(tps["fp32"] / tps["fp32_1thread"], 3) if "fp32_1thread" in tps else None,
-        "batch_throughput_gain": round(tps[f"fp32_bs{max(args.batch_sizes)}"] / tps["fp32"], 3)
-        if max(args.batch_sizes) > 1 else None,
+        "batch_throughput_gain": round(tps[f"fp32_bs{top_bs}"] / tps["fp32"], 3) if top_bs > 1 else None,
         "perplexity": ppl,
         "int8_ppl_delta": round(ppl["int8"] - ppl["fp32"], 4),
         "int8_ppl_delta_pct": round(100 * (ppl["int8"] / ppl["fp32"] - 1), 2),
