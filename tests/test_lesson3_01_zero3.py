@@ -14,7 +14,8 @@ def test_zero3_two_ranks_hold_half_the_params(tmp_path, tiny_models):
     mod = load_script(SCRIPT)
     m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
-    for key in ("estimate_vs_deepspeed_pct", "world_size", "params_per_rank", "total_params", "loss_first", "loss_last"):
+    for key in ("estimate_vs_deepspeed_pct", "world_size", "params_per_rank", "total_params", "loss_first",
+                "loss_last"):
         assert key in saved, key
     # 两个 gloo 进程真的跑了 ZeRO-3：每个 rank 只持有约一半参数（DeepSpeed 按 world_size 对齐，可能多几个填充元素）
     assert m["world_size"] == 2 and len(m["params_per_rank"]) == 2
@@ -89,6 +90,7 @@ def test_shipped_deepspeed_configs_pass_deepspeed_parser():
         cfg = json.loads(f.read_text(encoding="utf-8"))
         world = int(m.group(1)) if (m := re.search(r"_(\d+)gpu", f.stem)) else 8
         mod.validate_ds_config(cfg, world, f.name)
-        assert cfg["train_batch_size"] == cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * world
+        per_step = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"]
+        assert cfg["train_batch_size"] == per_step * world
         with pytest.raises(UserError):   # 同一份配置换一个卡数就不成立：这正是公开仓库常犯的错
             mod.validate_ds_config(cfg, world * 2, f.name)

@@ -1,4 +1,5 @@
-"""第 3 课 02：超大模型的 ZeRO-3 方案。参数从真实架构数出来、放不下的方案说明原因、生成的配置都被 DeepSpeed/accelerate 接受。"""
+"""第 3 课 02：超大模型的 ZeRO-3 方案。参数从真实架构数出来、放不下的方案说明原因、
+生成的配置都被 DeepSpeed/accelerate 接受。"""
 import json
 
 import pytest
@@ -25,7 +26,8 @@ def test_plans_for_671b_moe_and_70b_dense(tmp_path):
     # 节点越多每卡越省；offload 越多每卡越省，但每节点内存越多
     assert plans["llama3-70b/4n/zero3+none"]["mem_per_gpu_gb"] < plans["llama3-70b/1n/zero3+none"]["mem_per_gpu_gb"]
     assert plans["llama3-70b/1n/zero3+opt+param"]["mem_per_gpu_gb"] < plans["llama3-70b/1n/zero3+opt"]["mem_per_gpu_gb"]
-    assert plans["llama3-70b/1n/zero3+opt"]["cpu_per_node_gb"] > 0 == plans["llama3-70b/1n/zero3+none"]["cpu_per_node_gb"]
+    assert plans["llama3-70b/1n/zero3+opt"]["cpu_per_node_gb"] > 0 \
+        == plans["llama3-70b/1n/zero3+none"]["cpu_per_node_gb"]
     # 671B 在 1 节点即使全部 offload 显存够了，也因每节点内存不够而放不下
     assert "内存" in plans["deepseek-v3-671b/1n/zero3+opt+param"]["why"]
     # 推荐方案：生成的 DeepSpeed JSON 与 accelerate YAML 各自被原库接受
@@ -37,7 +39,8 @@ def test_plans_for_671b_moe_and_70b_dense(tmp_path):
         assert p["fits"]
         cfg = json.loads((tmp_path / rec["ds_config"]).read_text(encoding="utf-8"))
         mod.validate_ds_config(cfg, p["gpus"], rec["ds_config"])
-        assert cfg["train_batch_size"] == cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * p["gpus"]
+        per_step = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"]
+        assert cfg["train_batch_size"] == per_step * p["gpus"]
         acc = ClusterConfig.from_yaml_file(str(tmp_path / rec["accelerate"]))
         assert acc.num_processes == p["gpus"] and acc.num_machines == p["nodes"]
         hostfile = next(tmp_path.glob(f"hostfile_{name}_*")).read_text().splitlines()

@@ -21,28 +21,19 @@ def batches(tok, path: str, micro: int, max_length: int, rank: int, world: int, 
     """
     import random
 
-    import torch
-
-    from common import data
+    from common import data, lm
 
     convs = data.load_sft(path)
-    random.Random(seed).shuffle(convs)
+    random.Random(seed).shuffle(convs)   # 每个 rank 用同一个种子洗牌：洗出同一个顺序，再按 rank 交错切，互不重叠
     rows = [data.tokenize_chat(tok, c, max_length) for c in convs[rank::world]]
     rows = rows[:limit] if limit else rows
-    while True:
+    while True:   # 数据比步数少时从头再来：这里要的是"跑满 N 步"，不是"过一遍数据"
         for i in range(0, len(rows) - micro + 1, micro):
-            chunk = rows[i:i + micro]
-            n = max(len(r["input_ids"]) for r in chunk)
-
-            def pad(xs, v, n=n):
-                return [x + [v] * (n - len(x)) for x in xs]
-
-            yield {"input_ids": torch.tensor(pad([r["input_ids"] for r in chunk], tok.pad_token_id)),
-                   "attention_mask": torch.tensor(pad([r["attention_mask"] for r in chunk], 0)),
-                   "labels": torch.tensor(pad([r["labels"] for r in chunk], -100))}
+            yield lm.pad_right(rows[i:i + micro], tok.pad_token_id)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """启动器给每个 rank 同样的命令行：rank 号不在这里，由 torchrun 通过环境变量（RANK/LOCAL_RANK）告诉进程。"""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--ds-config", required=True)
     ap.add_argument("--model-path", required=True)
@@ -54,36 +45,42 @@ def main() -> None:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--fixed-batch", action="store_true", help="每个 rank 反复训练同一个全局 batch（检查配置用）")
     ap.add_argument("--out", required=True)
-    a = ap.parse_args()
+    return ap.parse_args()
 
+
+def init_process_group(a: argparse.Namespace) -> tuple[int, int, dict]:
+    """(rank, world, 本机可用的 DeepSpeed 配置)。GPU 用 NCCL；CPU 上 DeepSpeed 走 gloo（同一份 JSON，不改一个键）。"""
     import deepspeed
-    import psutil
     import torch
     import torch.distributed as dist
     from deepspeed.utils import logger as ds_logger
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.integrations import HfDeepSpeedConfig
 
-    for h in [ds_logger, *ds_logger.handlers]:   # DeepSpeed 默认只打 WARNING；INFO 里有每步的 step/lr（第 3 课 04 读它）
+    for h in [ds_logger, *ds_logger.handlers]:   # DeepSpeed 默认只打 WARNING；INFO 里有每步的 step/lr（3 课 04 读它）
         h.setLevel("INFO")
     on_gpu = torch.cuda.is_available()
-    # 1. 进程组：GPU 用 NCCL；CPU 上 DeepSpeed 走 gloo（同一份 JSON，不改一个键）
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if on_gpu:
+    if on_gpu:   # 每个进程只用自己那张卡：不设的话所有 rank 都挤在 cuda:0 上
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    torch.manual_seed(a.seed)
+    torch.manual_seed(a.seed)   # 各 rank 同一个种子：初始权重一致，数据并行才是在训"同一个模型"
     cfg = json.loads(Path(a.ds_config).read_text(encoding="utf-8"))
     if not on_gpu:
         # CPU 上没有 bf16/fp16 混合精度的意义（也没有 fused kernel）：用 fp32；
         # offload 时 DeepSpeed 默认要 JIT 编译 DeepSpeedCPUAdam（几分钟），这里改用 torch 的 AdamW
         cfg.pop("bf16", None), cfg.pop("fp16", None), cfg.pop("optimizer", None)
         cfg["zero_force_ds_cpu_optimizer"] = False
-    stage = cfg["zero_optimization"]["stage"]
+    return dist.get_rank(), dist.get_world_size(), cfg
 
-    # 2. 加载模型：ZeRO-3 时 HfDeepSpeedConfig 让 from_pretrained 走 zero.Init，
-    #    每个 rank 一边读权重一边只留自己那一片（70B 模型不会在每个进程里先完整地放一份）
-    keep = HfDeepSpeedConfig(cfg) if stage == 3 else None   # noqa: F841 - 必须活着，from_pretrained 才看得到
+
+def build_engine(a: argparse.Namespace, cfg: dict):
+    """(DeepSpeed 引擎, 分词器, HfDeepSpeedConfig)。ZeRO-3 时 HfDeepSpeedConfig 让 from_pretrained 走 zero.Init：
+    每个 rank 一边读权重一边只留自己那一片（70B 模型不会在每个进程里先完整地放一份，那要 280 GB 的 fp32）。"""
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # transformers 只用弱引用记住它：调用方要一直拿着，from_pretrained 与之后的 ZeRO-3 判断才看得到
+    keep = HfDeepSpeedConfig(cfg) if cfg["zero_optimization"]["stage"] == 3 else None
     tok = AutoTokenizer.from_pretrained(a.model_path)
     tok.pad_token = tok.pad_token or tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32)
@@ -92,29 +89,55 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     client_opt = None if "optimizer" in cfg else torch.optim.AdamW(params, lr=a.learning_rate, weight_decay=0.0)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=client_opt, config=cfg)
+    return engine, tok, keep
 
-    # 3. 每个 rank 实际持有多少参数：ZeRO-3 下 p.ds_tensor 是本 rank 的那一片，p.ds_numel 是完整大小
+
+def count_params(engine, stage: int) -> tuple[int, int]:
+    """(本 rank 持有的参数, 完整参数)：ZeRO-3 下 p.ds_tensor 是本 rank 的那一片，p.ds_numel 是完整大小。"""
     if stage == 3:
         local = sum(p.ds_tensor.numel() for p in engine.module.parameters())
-        total = sum(p.ds_numel for p in engine.module.parameters())
-    else:   # ZeRO-1/2 只切优化器状态（和梯度），每个 rank 仍有完整的参数
-        local = total = sum(p.numel() for p in engine.module.parameters())
+        return local, sum(p.ds_numel for p in engine.module.parameters())
+    total = sum(p.numel() for p in engine.module.parameters())   # ZeRO-1/2 只切优化器状态（和梯度），参数是完整的
+    return total, total
 
-    # 4. 训练几步：engine 负责梯度累积、reduce-scatter、优化器分片更新
-    micro, ga = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
-    it = batches(tok, a.data, micro, a.max_length, rank, world, a.seed, limit=micro * ga if a.fixed_batch else 0)
+
+def train_steps(engine, it, steps: int, world: int) -> tuple[list[float], float]:
+    """(每个微批的全局平均损失, 秒)。engine 负责梯度累积、reduce-scatter、优化器分片更新。"""
+    import torch.distributed as dist
+
     losses, t0 = [], time.perf_counter()
-    for _ in range(a.steps * ga):
+    for _ in range(steps * engine.gradient_accumulation_steps()):
         batch = {k: v.to(engine.device) for k, v in next(it).items()}
         loss = engine(**batch).loss
         engine.backward(loss)
         engine.step()   # 只在累积满 gradient_accumulation_steps 个微批时真正更新
         avg = loss.detach().clone()
-        dist.all_reduce(avg)   # 各 rank 的损失取平均，才是全局 batch 的损失
+        dist.all_reduce(avg)   # 各 rank 的损失取平均，才是全局 batch 的损失（每个 rank 只看到自己那份数据）
         losses.append(avg.item() / world)
-    secs = time.perf_counter() - t0
+    return losses, time.perf_counter() - t0
 
-    # 5. 汇总到 rank 0 写结果
+
+def main() -> None:
+    import psutil
+    import torch.distributed as dist
+
+    a = parse_args()
+    # 1. 进程组：GPU 用 NCCL；CPU 上 DeepSpeed 走 gloo
+    rank, world, cfg = init_process_group(a)
+    stage = cfg["zero_optimization"]["stage"]
+
+    # 2. 加载模型并交给 DeepSpeed：ZeRO-3 时边读边切
+    engine, tok, _hf_ds_config = build_engine(a, cfg)   # 第三项必须活到进程结束（见 build_engine）
+
+    # 3. 每个 rank 实际持有多少参数：ZeRO-3 下应约为完整大小 / world
+    local, total = count_params(engine, stage)
+
+    # 4. 训练几步；--fixed-batch 时每个 rank 反复训练同一个全局 batch，loss 必须降
+    micro, ga = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    it = batches(tok, a.data, micro, a.max_length, rank, world, a.seed, limit=micro * ga if a.fixed_batch else 0)
+    losses, secs = train_steps(engine, it, a.steps, world)
+
+    # 5. 汇总到 rank 0 写结果：每个 rank 的持有量与内存只有它自己知道，要 all_gather 一次
     mine = {"rank": rank, "params_local": local, "rss_mb": psutil.Process().memory_info().rss / 2**20}
     gathered = [None] * world
     dist.all_gather_object(gathered, mine)
@@ -122,7 +145,7 @@ def main() -> None:
         Path(a.out).write_text(json.dumps({
             "world_size": world, "stage": stage, "total_params": total, "per_rank": gathered, "losses": losses,
             "train_seconds": secs, "backend": dist.get_backend()}, indent=2), encoding="utf-8")
-    dist.barrier()
+    dist.barrier()   # 等 rank 0 写完再一起退出：否则 torchrun 可能在文件写完前就收掉整组进程
     dist.destroy_process_group()
 
 

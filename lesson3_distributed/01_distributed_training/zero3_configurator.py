@@ -8,11 +8,11 @@ estimate_zero2/3_model_states_mem_needs_all_cold 对照。每份配置都交给 
 并强制 train_batch_size = train_micro_batch_size_per_gpu × gradient_accumulation_steps × world_size。
 
 运行：
-  python lesson3_distributed/01_distributed_training/zero3_configurator.py           # smollm2-135m 的账本 + 2 进程 ZeRO-3
-  python lesson3_distributed/01_distributed_training/zero3_configurator.py --smoke   # tiny-llama，约 1 分钟（含 2 进程）
+  python lesson3_distributed/01_distributed_training/zero3_configurator.py           # smollm2-135m 账本 + 2 进程
+  python lesson3_distributed/01_distributed_training/zero3_configurator.py --smoke   # tiny-llama，约 1 分钟
   python lesson3_distributed/01_distributed_training/zero3_configurator.py --model Qwen/Qwen2.5-7B-Instruct \\
-      --source hf --config configs/lesson3/zero3_configurator_gpu.yaml   # 8×80GB 的方案；--run 在 GPU 上用 NCCL 跑
-  生成的 ds_config.json 在 GPU 上：deepspeed --num_gpus 8 lesson3_distributed/01_distributed_training/_zero3_worker.py \\
+      --source hf --config configs/lesson3/zero3_configurator_gpu.yaml   # 8×80GB 的方案；--run 用 NCCL 跑
+  GPU 上用生成的 ds_config.json：deepspeed --num_gpus 8 <本目录>/_zero3_worker.py \\
       --ds-config outputs/.../ds_config.json --model-path <模型目录> --data data/domain/sft.jsonl --out r.json
 
 你会看到（--smoke，tiny-llama 1.13M 参数，2 个 gloo 进程）：每个 rank 持有 565,824 个参数 = 总数的一半；
@@ -30,7 +30,7 @@ from unittest import mock
 from common import cli, data, models, run, services, train
 from common.errors import UserError
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent   # worker 按文件路径交给 torchrun：从任何工作目录运行都找得到
 GB = 2**30
 
 
@@ -125,8 +125,9 @@ def build_config(args: Args, world_size: int, stage: int | None = None) -> dict:
     stage = stage or args.zero_stage
     tbs = args.train_micro_batch_size_per_gpu * args.gradient_accumulation_steps * world_size
     if args.train_batch_size and args.train_batch_size != tbs:
-        raise UserError(f"--train-batch-size {args.train_batch_size}: 必须等于 微批 {args.train_micro_batch_size_per_gpu}"
-                        f" × 累积 {args.gradient_accumulation_steps} × 卡数 {world_size} = {tbs}（或填 0 自动推出）")
+        raise UserError(f"--train-batch-size {args.train_batch_size}: 必须等于 微批 "
+                        f"{args.train_micro_batch_size_per_gpu} × 累积 {args.gradient_accumulation_steps} × 卡数 "
+                        f"{world_size} = {tbs}（或填 0 自动推出）")
     zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
             "reduce_bucket_size": int(args.reduce_bucket_size)}
     if args.offload_optimizer:
@@ -180,22 +181,18 @@ def launch(args: Args, out: run.Run, cfg: dict) -> dict:
            "--ds-config", str(cfg_path), "--model-path", str(models.resolve(args.resolved_model(), args.source)),
            "--data", str(args.data or data.DATA_DIR / "domain" / "sft.jsonl"), "--steps", str(args.run_steps),
            "--max-length", str(args.max_length), "--learning-rate", str(args.learning_rate), "--seed", str(args.seed),
-           "--out", str(result), "--fixed-batch"] + (["--gradient-checkpointing"] if args.activation_checkpointing else [])
+           "--out", str(result), "--fixed-batch"]
+    if args.activation_checkpointing:   # transformers 模型的检查点要在模型上打开，JSON 里的那一节管不到它
+        cmd.append("--gradient-checkpointing")
     out.log.info("启动：" + " ".join(cmd[:6]) + " ...")
     return train.launch(cmd, out.path("run.log"), result)
 
 
-def main(args: Args) -> dict:
-    args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args)
-    world = args.num_gpus * args.num_nodes
-    build_config(args, world)   # 先查 batch 公式：填错的 --train-batch-size 在任何计算之前就报错
+def memory_table(args: Args, psi: int, largest: int, world: int, log) -> tuple[list[dict], dict]:
+    """(各方案每卡显存, 本次选中的方案)：论文公式、加上实现项后的估算、DeepSpeed 自己的估算器三列并排。
 
-    # 1. 模型有多大：meta 设备上建模型，只数参数，不读权重
-    psi, largest, arch = count_params(args)
-    out.log.info(f"{out.model_name}（{arch}）：{psi:,d} 参数，最大一层 {largest:,d}")
-
-    # 2. 每张卡的显存账本：论文公式、加上实现项后的估算、DeepSpeed 自己的估算器
+    三列一起看才知道差在哪：只用论文的 16Ψ，ZeRO-3 会少算聚齐的那一层和 fp32 梯度分片，上线后才 OOM。
+    """
     table, plans = [], [(1, False, False), (2, False, False), (2, True, False), (3, False, False), (3, True, False),
                         (3, True, True)]
     for stage, oo, op in plans:
@@ -207,13 +204,17 @@ def main(args: Args) -> dict:
                       "fits": ours < args.gpu_memory_gb,
                       "vs_deepspeed_pct": None if ds is None else 100 * (ours - ds) / ds,
                       "paper_vs_deepspeed_pct": None if ds is None else 100 * (paper - ds) / ds})
-        out.log.info(f"{name:28s} 估算 {ours:8.3f} GB  论文 {paper:8.3f}  DeepSpeed "
-                     f"{'   -   ' if ds is None else f'{ds:8.3f}'} GB")
+        log.info(f"{name:28s} 估算 {ours:8.3f} GB  论文 {paper:8.3f}  DeepSpeed "
+                 f"{'   -   ' if ds is None else f'{ds:8.3f}'} GB")
+    # 参数 offload 只在 ZeRO-3 且优化器也 offload 时才有（DeepSpeed 不支持只 offload 参数）
     chosen = next(t for t in table if t["plan"] == "zero{}{}{}".format(
         args.zero_stage, "+offload_opt" if args.offload_optimizer else "",
         "+offload_param" if args.offload_optimizer and args.offload_param and args.zero_stage == 3 else ""))
+    return table, chosen
 
-    # 3. 生成并校验配置：三个阶段各一份（方便对照），外加本次选中的那份
+
+def write_configs(args: Args, out: run.Run, world: int) -> dict:
+    """三个阶段各一份（方便对照），外加本次选中的那份；每份都先过 DeepSpeed 的解析器再落盘。"""
     for stage in (1, 2, 3):
         c = build_config(args, world, stage)
         validate_ds_config(c, world, f"ds_zero{stage}.json")
@@ -223,28 +224,32 @@ def main(args: Args) -> dict:
     out.path("ds_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     out.log.info(f"train_batch_size = {args.train_micro_batch_size_per_gpu} × {args.gradient_accumulation_steps} × "
                  f"{world} = {cfg['train_batch_size']}；已通过 DeepSpeed 解析器校验")
+    return cfg
 
-    # 4. 真的跑：同一套配置缩到 run_ranks 个进程（batch 公式按新的卡数重算，再校验一次）
-    metrics = {"total_params": psi, "largest_layer_params": largest, "plans": table,
-               "estimate_vs_deepspeed_pct": chosen["vs_deepspeed_pct"], "chosen_plan": chosen["plan"],
-               "mem_per_gpu_gb": chosen["ours_gb"], "train_batch_size": cfg["train_batch_size"]}
-    if args.run:
-        small = Args(**{**vars(args), "train_micro_batch_size_per_gpu": args.run_micro_batch,
-                        "gradient_accumulation_steps": args.run_grad_accum, "train_batch_size": 0})
-        run_cfg = build_config(small, args.run_ranks)
-        validate_ds_config(run_cfg, args.run_ranks, "ds_config_run.json")
-        res = launch(args, out, run_cfg)
-        per_rank = [r["params_local"] for r in sorted(res["per_rank"], key=lambda r: r["rank"])]
-        ga = args.run_grad_accum   # 每个优化器步 = ga 个微批：按步取平均
-        steps = [sum(res["losses"][i:i + ga]) / ga for i in range(0, len(res["losses"]), ga)]
-        out.log.info(f"{res['world_size']} 个 rank（{res['backend']}）各持有 {per_rank} 个参数，"
-                     f"总 {res['total_params']:,d}；loss {steps[0]:.3f} -> {steps[-1]:.3f}")
-        metrics.update(world_size=res["world_size"], params_per_rank=per_rank, loss_first=steps[0],
-                       loss_last=steps[-1], run_total_params=res["total_params"], run_losses=steps,
-                       run_rss_mb=[round(r["rss_mb"], 1) for r in res["per_rank"]],
-                       run_train_seconds=round(res["train_seconds"], 2))
 
-    # 5. 图：各方案每卡显存（对数轴），红线 = 卡的显存
+def run_for_real(args: Args, out: run.Run) -> dict:
+    """同一套配置缩到 run_ranks 个进程真的跑几步（batch 公式按新的卡数重算，再校验一次）。
+
+    估算只是账本；真跑才能看到 ZeRO-3 真把参数切成了 1/N、梯度确实经过 reduce-scatter 让 loss 下降。
+    """
+    small = Args(**{**vars(args), "train_micro_batch_size_per_gpu": args.run_micro_batch,
+                    "gradient_accumulation_steps": args.run_grad_accum, "train_batch_size": 0})
+    run_cfg = build_config(small, args.run_ranks)
+    validate_ds_config(run_cfg, args.run_ranks, "ds_config_run.json")
+    res = launch(args, out, run_cfg)
+    per_rank = [r["params_local"] for r in sorted(res["per_rank"], key=lambda r: r["rank"])]
+    ga = args.run_grad_accum   # worker 记的是每个微批的损失；每个优化器步 = ga 个微批，按步取平均
+    steps = [sum(res["losses"][i:i + ga]) / ga for i in range(0, len(res["losses"]), ga)]
+    out.log.info(f"{res['world_size']} 个 rank（{res['backend']}）各持有 {per_rank} 个参数，"
+                 f"总 {res['total_params']:,d}；loss {steps[0]:.3f} -> {steps[-1]:.3f}")
+    return dict(world_size=res["world_size"], params_per_rank=per_rank, loss_first=steps[0], loss_last=steps[-1],
+                run_total_params=res["total_params"], run_losses=steps,
+                run_rss_mb=[round(r["rss_mb"], 1) for r in res["per_rank"]],
+                run_train_seconds=round(res["train_seconds"], 2))
+
+
+def plot(args: Args, out: run.Run, table: list[dict], psi: int, world: int) -> None:
+    """各方案每卡显存（对数轴：方案之间差几个数量级），红线 = 卡的显存。"""
     fig, save = out.plot("zero_memory.png")
     ax = fig.add_subplot(111)
     x = range(len(table))
@@ -257,6 +262,33 @@ def main(args: Args) -> dict:
     ax.set_title(f"{out.model_name}: {psi / 1e6:.1f}M params on {world} GPUs")
     ax.legend(fontsize=7)
     save()
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+    world = args.num_gpus * args.num_nodes
+    build_config(args, world)   # 先查 batch 公式：填错的 --train-batch-size 在任何计算之前就报错
+
+    # 1. 模型有多大：meta 设备上建模型，只数参数，不读权重（70B 的模型也不占内存）
+    psi, largest, arch = count_params(args)
+    out.log.info(f"{out.model_name}（{arch}）：{psi:,d} 参数，最大一层 {largest:,d}")
+
+    # 2. 每张卡的显存账本：论文公式、加上实现项后的估算、DeepSpeed 自己的估算器
+    table, chosen = memory_table(args, psi, largest, world, out.log)
+
+    # 3. 生成并校验配置：配错的键 DeepSpeed 只会默默忽略，上了集群才发现"配了没生效"
+    cfg = write_configs(args, out, world)
+    metrics = {"total_params": psi, "largest_layer_params": largest, "plans": table,
+               "estimate_vs_deepspeed_pct": chosen["vs_deepspeed_pct"], "chosen_plan": chosen["plan"],
+               "mem_per_gpu_gb": chosen["ours_gb"], "train_batch_size": cfg["train_batch_size"]}
+
+    # 4. 真的跑：CPU 上 2 个 gloo 进程，GPU 上 NCCL；同一份 JSON
+    if args.run:
+        metrics.update(run_for_real(args, out))
+
+    # 5. 图：各方案每卡显存，红线 = 卡的显存
+    plot(args, out, table, psi, world)
     extra = f"，{metrics['world_size']} 个 rank 各持有 {metrics['params_per_rank'][0]:,d}/{psi:,d} 参数，" \
             f"loss {metrics['loss_first']:.3f} -> {metrics['loss_last']:.3f}" if args.run else ""
     return out.finish(metrics, summary=f"{chosen['plan']} 每卡 {chosen['ours_gb']:.3g} GB（DeepSpeed 估算差 "

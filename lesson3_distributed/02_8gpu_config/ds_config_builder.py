@@ -7,7 +7,8 @@ deepspeed / torchrun / accelerate launch 三种启动命令和 accelerate YAML�
 671,026,404,352 与 70,553,706,496 都是这样数出来的。显存账本（每个参数 Ψ 字节数）与第 3 课 01 相同：
 bf16 权重 2 + bf16 梯度 2 + fp32 主权重/动量/方差 12 + DeepSpeed 优化器前的 fp32 梯度 4，ZeRO-3 按 N×8 切分；
 另加 ZeRO-3 前向/反向时临时聚齐的最大一层（4·L），以及打开激活检查点后的激活：每层只存输入（2·s·b·h），
-再加一层重算时的工作集（Korthikanti et al. 2022 的 34·s·b·h，FlashAttention 省掉 s² 项；MLP 按实际中间维）和 fp32 logits。
+再加一层重算时的工作集（Korthikanti et al. 2022 的 34·s·b·h，FlashAttention 省掉 s² 项；MLP 按实际中间维）
+和 fp32 logits。
 
 运行：
   python lesson3_distributed/02_8gpu_config/ds_config_builder.py           # 全部方案（纯计算 + 建 meta 模型，约 10 秒）
@@ -43,9 +44,11 @@ ARCHS = {
                                        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
                                        max_position_embeddings=8192, rope_theta=500000.0)),
 }
+# DeepSpeed 认识、但不在 runtime.constants 里的顶层配置节（各自由子模块解析）：少了它们，合法配置会被误报为未知键
 DS_SECTIONS = {"zero_optimization", "activation_checkpointing", "flops_profiler", "tensorboard", "wandb",
                "csv_monitor", "comms_logger", "aio", "autotuning", "elasticity", "checkpoint", "data_efficiency",
                "compression_training", "nebula", "monitor_config"}
+# offload 的三档（优化器状态, 参数）：顺序 = 从快到慢，选方案时"同节点数下 offload 最少"就按这个顺序比
 OFFLOADS = {"none": (False, False), "opt": (True, False), "opt+param": (True, True)}
 
 
@@ -78,9 +81,11 @@ def count(arch: str) -> tuple[int, int, dict]:
         raise UserError(f"--models {arch}: 只认识 {', '.join(ARCHS)}")
     cls, kw = ARCHS[arch]
     cfg = getattr(transformers, cls)(**kw)
+    # meta 设备：只建形状不分配内存，671B 的模型在笔记本上也能数清参数（真分配要 1.3 TB 的 bf16）
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())   # parameters() 已去掉共享（tied）的权重，不会重复计数
+    # 最大一层 = 直接挂在某个模块上的参数之和：ZeRO-3 按模块聚齐参数，MoE 把一层所有专家合成一个张量时它就很大
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return total, largest, cfg.to_dict()
 
@@ -91,26 +96,30 @@ def activations_gb(cfg: dict, s: int, b: int) -> float:
     # MoE：每个 token 只走 k 个路由专家 + 共享专家，激活按"实际用到的中间维"算
     inter = (cfg["moe_intermediate_size"] * (cfg["num_experts_per_tok"] + cfg.get("n_shared_experts", 0))
              if cfg.get("n_routed_experts") else cfg["intermediate_size"])
+    # 检查点只存每层输入（bf16，2 字节）：反向时从它重算整层，这就是"用算力换显存"省下的地方
     checkpoints = layers * s * b * h * 2
     one_layer = s * b * (34 * h + 3 * 2 * inter)   # 注意力/LayerNorm 34·s·b·h；SwiGLU 的 gate/up/act 各 2 字节
+    # logits 与它的梯度都是 fp32（交叉熵要数值稳定）：词表 12.8 万时这一项能比所有层的检查点还大
     logits = 2 * s * b * vocab * 4
     return (checkpoints + one_layer + logits) / GB
 
 
 def plan(args: Args, psi: int, largest: int, cfg: dict, nodes: int, offload: str) -> dict:
     """一个方案每卡显存与每节点内存的明细，以及放不下的原因。"""
-    n = nodes * args.gpus_per_node
+    n = nodes * args.gpus_per_node   # ZeRO-3 在所有卡上切分：节点翻倍，每卡的模型状态减半
     off_opt, off_param = OFFLOADS[offload]
     weights, grads, optim = 2 * psi / n / GB, 2 * psi / n / GB, (12 + 4) * psi / n / GB
     gpu = {"weights": 0.0 if off_param else weights, "grads": 0.0 if off_opt else grads,
            "optimizer": 0.0 if off_opt else optim, "gathered_layer": 4 * largest / GB,
            "activations": activations_gb(cfg, args.seq_len, args.micro_batch)}
+    # offload 到 CPU 的东西不会凭空消失：搬走的每卡显存变成节点内存，8 卡的份额加起来常常超过 1 TB
     cpu_per_gpu = (weights if off_param else 0) + ((grads + optim) if off_opt else 0)
     mem, cpu_node = sum(gpu.values()), cpu_per_gpu * args.gpus_per_node
     why = []
     if mem > args.gpu_memory_gb * args.headroom:
-        top = max(gpu, key=gpu.get)
-        why.append(f"每卡 {mem:.0f} GB > {args.gpu_memory_gb * args.headroom:.0f} GB 可用（最大项 {top} {gpu[top]:.0f} GB）")
+        top = max(gpu, key=gpu.get)   # 点名最大的一项：知道是优化器还是聚齐的那一层，才知道该加节点还是该 offload
+        why.append(f"每卡 {mem:.0f} GB > {args.gpu_memory_gb * args.headroom:.0f} GB 可用"
+                   f"（最大项 {top} {gpu[top]:.0f} GB）")
     if cpu_node > args.node_memory_gb * args.headroom:
         why.append(f"每节点 offload 需 {cpu_node:.0f} GB 内存 > {args.node_memory_gb * args.headroom:.0f} GB 可用")
     return {"nodes": nodes, "gpus": n, "offload": offload, "mem_per_gpu_gb": round(mem, 2),
@@ -124,6 +133,7 @@ def ds_config(args: Args, p: dict) -> dict:
     zero = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 500_000_000,
             "stage3_prefetch_bucket_size": 450_000_000, "stage3_param_persistence_threshold": 1_000_000,
             "stage3_max_live_parameters": 1_000_000_000, "stage3_gather_16bit_weights_on_model_save": True}
+    # pin_memory：锁页内存让 CPU<->GPU 拷贝走 DMA，offload 时 PCIe 是瓶颈，不锁页的话再慢一截
     if off_opt:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if off_param:
@@ -143,6 +153,7 @@ def validate_ds_config(cfg: dict, world_size: int, where: str) -> None:
                                  | DS_SECTIONS))
     if unknown:
         raise UserError(f"{where}: DeepSpeed 不认识的顶层键 {unknown}")
+    # 解析器从进程组读卡数；这里没有进程组，就告诉它目标集群有几张卡（batch 断言按它检查）
     with mock.patch.object(dsc.dist, "get_world_size", return_value=world_size), \
             mock.patch.object(dsc.dist, "get_rank", return_value=0):
         try:
@@ -160,8 +171,10 @@ def write_launch(args: Args, out: run.Run, name: str, p: dict) -> dict:
     validate_ds_config(cfg, p["gpus"], f"{stem}.json")
     ds_path = out.path(f"ds_{stem}.json")
     ds_path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    # hostfile 的第一行是主节点：deepspeed 启动器从它发起 pdsh，与 --master_addr 必须一致
     hosts = [f"node-{i + 1}" if i else args.master_addr for i in range(p["nodes"])]
-    out.path(f"hostfile_{stem}").write_text("".join(f"{h} slots={args.gpus_per_node}\n" for h in hosts), encoding="utf-8")
+    out.path(f"hostfile_{stem}").write_text("".join(f"{h} slots={args.gpus_per_node}\n" for h in hosts),
+                                            encoding="utf-8")
     acc = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED", "mixed_precision": "bf16",
            "deepspeed_config": {"deepspeed_config_file": ds_path.name, "deepspeed_multinode_launcher": "pdsh",
                                 "deepspeed_hostfile": f"hostfile_{stem}", "zero3_init_flag": True},
@@ -177,7 +190,8 @@ def write_launch(args: Args, out: run.Run, name: str, p: dict) -> dict:
     train = "train.py --deepspeed " + ds_path.name
     cmds = {"deepspeed": f"deepspeed --hostfile hostfile_{stem} --num_nodes {p['nodes']} --num_gpus "
                          f"{args.gpus_per_node} --master_addr {args.master_addr} {train}",
-            "torchrun": f"torchrun --nnodes {p['nodes']} --nproc_per_node {args.gpus_per_node} --node_rank $NODE_RANK "
+            "torchrun": f"torchrun --nnodes {p['nodes']} --nproc_per_node {args.gpus_per_node} "
+                        f"--node_rank $NODE_RANK "
                         f"--rdzv_backend c10d --rdzv_endpoint {args.master_addr}:29500 {train}   # 每个节点各跑一次",
             "accelerate": f"accelerate launch --config_file {acc_path.name} --machine_rank $NODE_RANK train.py"}
     out.path(f"launch_{stem}.sh").write_text("#!/bin/bash\n# " + p["why"] + "\n" + "\n".join(
@@ -185,43 +199,27 @@ def write_launch(args: Args, out: run.Run, name: str, p: dict) -> dict:
     return {"ds_config": ds_path.name, "accelerate": acc_path.name, "commands": cmds}
 
 
-def main(args: Args) -> dict:
-    args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args)
+def recommend(args: Args, out: run.Run, name: str, plans: dict) -> dict | None:
+    """一个模型最省的可行方案：节点最少，同节点数下 offload 最少（offload 走 PCIe，每步慢几倍）；生成它的启动文件。
 
-    # 1. 数参数：真实架构在 meta 设备上建出来
-    sizes = {}
-    for name in args.models:
-        psi, largest, cfg = count(name)
-        sizes[name] = (psi, largest, cfg)
-        out.log.info(f"{name}: {psi / 1e9:.2f}B 参数，最大一层 {largest / 1e9:.2f}B（ZeRO-3 一次要聚齐它）")
+    先比节点数：多一个节点就多 8 张卡的租金，而 offload 只是慢；两者都能放下时，少花卡比跑得快更常见的约束。
+    """
+    ok = [(p["nodes"], list(OFFLOADS).index(p["offload"]), k) for k, p in plans.items()
+          if k.startswith(name + "/") and p["fits"]]
+    if not ok:
+        out.log.warning(f"{name}: 在给定的节点数 {args.nodes} 里没有放得下的 ZeRO-3 方案")
+        return None
+    key = min(ok)[2]
+    best = {"plan": key, **write_launch(args, out, name, plans[key])}
+    out.log.info(f"{name}: 推荐 {key}\n  " + "\n  ".join(best["commands"].values()))
+    return best
 
-    # 2. 每个（模型, 节点数, offload）方案的显存/内存账本
-    plans = {}
-    for name, (psi, largest, cfg) in sizes.items():
-        for nodes in args.nodes:
-            for off in OFFLOADS:
-                p = plan(args, psi, largest, cfg, nodes, off)
-                plans[f"{name}/{nodes}n/zero3+{off}"] = p
-                out.log.info(f"{name:18s} {nodes:3d} 节点 offload={off:9s} 每卡 {p['mem_per_gpu_gb']:8.1f} GB  "
-                             f"每节点内存 {p['cpu_per_node_gb']:8.0f} GB  {'✓' if p['fits'] else '✗ ' + p['why']}")
 
-    # 3. 每个模型选最省的可行方案：节点最少，同节点数下 offload 最少（offload 走 PCIe，慢）；生成启动文件
-    best = {}
-    for name in sizes:
-        ok = [(p["nodes"], list(OFFLOADS).index(p["offload"]), k) for k, p in plans.items()
-              if k.startswith(name + "/") and p["fits"]]
-        if not ok:
-            out.log.warning(f"{name}: 在给定的节点数 {args.nodes} 里没有放得下的 ZeRO-3 方案")
-            continue
-        key = min(ok)[2]
-        best[name] = {"plan": key, **write_launch(args, out, name, plans[key])}
-        out.log.info(f"{name}: 推荐 {key}\n  " + "\n  ".join(best[name]["commands"].values()))
-
-    # 4. 图：每卡显存随节点数（对数轴），虚线 = 可用显存
+def plot(args: Args, out: run.Run, names: list[str], plans: dict) -> None:
+    """每卡显存随节点数（双对数轴），虚线 = 可用显存：线穿过虚线的位置就是"至少要几个节点"。"""
     fig, save = out.plot("mem_per_gpu.png")
     ax = fig.add_subplot(111)
-    for name in sizes:
+    for name in names:
         for off in OFFLOADS:
             pts = [(p["nodes"], p["mem_per_gpu_gb"]) for k, p in plans.items()
                    if k.startswith(name + "/") and p["offload"] == off]
@@ -234,6 +232,34 @@ def main(args: Args) -> dict:
     ax.set_title(f"ZeRO-3 per-GPU memory, seq {args.seq_len}, micro-batch {args.micro_batch}")
     ax.legend(fontsize=6)
     save()
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+
+    # 1. 数参数：真实架构在 meta 设备上建出来（抄来的"671B"不告诉你最大一层有多大，而那一层决定 ZeRO-3 的下限）
+    sizes = {}
+    for name in args.models:
+        psi, largest, cfg = count(name)
+        sizes[name] = (psi, largest, cfg)
+        out.log.info(f"{name}: {psi / 1e9:.2f}B 参数，最大一层 {largest / 1e9:.2f}B（ZeRO-3 一次要聚齐它）")
+
+    # 2. 每个（模型, 节点数, offload）方案的显存/内存账本：放不下的也列出来，并写明哪一项超了
+    plans = {}
+    for name, (psi, largest, cfg) in sizes.items():
+        for nodes in args.nodes:
+            for off in OFFLOADS:
+                p = plan(args, psi, largest, cfg, nodes, off)
+                plans[f"{name}/{nodes}n/zero3+{off}"] = p
+                out.log.info(f"{name:18s} {nodes:3d} 节点 offload={off:9s} 每卡 {p['mem_per_gpu_gb']:8.1f} GB  "
+                             f"每节点内存 {p['cpu_per_node_gb']:8.0f} GB  {'✓' if p['fits'] else '✗ ' + p['why']}")
+
+    # 3. 每个模型选最省的可行方案，生成 DeepSpeed JSON、hostfile、accelerate YAML 与启动命令
+    best = {name: b for name in sizes if (b := recommend(args, out, name, plans)) is not None}
+
+    # 4. 图：每卡显存随节点数，虚线 = 可用显存
+    plot(args, out, list(sizes), plans)
     n_fit = sum(p["fits"] for p in plans.values())
     return out.finish({"params": {k: v[0] for k, v in sizes.items()},
                        "largest_layer_params": {k: v[1] for k, v in sizes.items()}, "plans": plans,

@@ -5,13 +5,14 @@
 但"比最近的中位数高 50% 且偏离 5 个 MAD"在任何量级上都是尖峰。一份干净的日志不应报出任何异常。
 
 运行：
-  python lesson3_distributed/04_log_analysis/training_log_inspector.py           # 读 outputs/ 下课程之前的运行；没有就现训一段
+  python lesson3_distributed/04_log_analysis/training_log_inspector.py           # 读 outputs/ 下的旧运行，没有就现训
   python lesson3_distributed/04_log_analysis/training_log_inspector.py --smoke   # tiny-llama 现训 40 步再体检，约 30 秒
   python lesson3_distributed/04_log_analysis/training_log_inspector.py --logs path/to/checkpoint-500 runs/ ds.log
       # 你自己的日志：trainer_state.json、含 events.out.tfevents.* 的目录、DeepSpeed 的 stdout 日志，文件或目录都行
 
 你会看到：每个来源读到多少步，异常列表（kind, step, 来源, 说明），图 training_logs.png（异常处画红叉）。
---smoke 现训的 tiny-llama 日志（40 步，真实 Trainer + TensorBoard）：0 个异常；测试往日志里注入六种故障，逐一在注入的步数被找到。
+--smoke 现训的 tiny-llama 日志（40 步，真实 Trainer + TensorBoard）：0 个异常；
+测试往日志里注入六种故障，逐一在注入的步数被找到。
 """
 from __future__ import annotations
 
@@ -25,13 +26,16 @@ from pathlib import Path
 from common import cli, data, models, run
 from common.errors import UserError
 
-# 各来源的指标名 -> 统一的名字
+# 各来源的指标名 -> 统一的名字：Trainer、TensorBoard、DeepSpeed 各叫各的，判据只写一遍，就得先把名字对齐
 ALIASES = {"loss": "loss", "train/loss": "loss", "eval_loss": "eval_loss", "eval/loss": "eval_loss",
            "learning_rate": "lr", "train/learning_rate": "lr", "lr": "lr", "grad_norm": "grad_norm",
            "train/grad_norm": "grad_norm", "samples_per_second": "throughput", "tokens_per_s": "throughput",
            "CurrSamplesPerSec": "throughput", "train/throughput": "throughput"}
 DS_STEP = re.compile(r"step=(\d+), skipped=(\d+), lr=\[([^\]]+)\]")
-DS_TPUT = re.compile(r"global_step=(\d+), RunningAvgSamplesPerSec=([\d.eE+-]+|nan|inf), CurrSamplesPerSec=([\d.eE+-]+|nan|inf)")
+# DeepSpeed 引擎每 steps_per_print 步打一行 step/lr；吞吐计时器（wall_clock_breakdown / 吞吐监控）打 SamplesPerSec。
+# nan|inf 也要匹配：日志里出现 nan 正是要报的异常，正则漏掉它就等于把最重要的一行丢了
+_NUM = r"([\d.eE+-]+|nan|inf)"
+DS_TPUT = re.compile(rf"global_step=(\d+), RunningAvgSamplesPerSec={_NUM}, CurrSamplesPerSec={_NUM}")
 
 
 @dataclass
@@ -43,12 +47,14 @@ class Args(cli.CommonArgs):
     grad_factor: float = cli.arg(5.0, "梯度范数比近期中位数高多少倍算爆炸", min=1)
     drop_factor: float = cli.arg(0.5, "吞吐低于近期中位数的这个比例算骤降", min=0, max=1)
     overfit_tol: float = cli.arg(0.05, "验证损失比最低点高出这个比例、且训练损失还在降，算过拟合", min=0)
-    scan_outputs: bool = cli.arg(True, "没给 --logs 时读 outputs/ 下课程之前的运行（--smoke 关掉：结果不随机器上已有的输出变）")
+    scan_outputs: bool = cli.arg(True, "没给 --logs 时读 outputs/ 下课程之前的运行"
+                                       "（--smoke 关掉：结果不随机器上已有的输出变）")
     demo_steps: int = cli.arg(60, "没有日志时现训多少步（真实 Trainer，logging_steps=1）", min=5)
 
     smoke_model = "tiny-llama"
 
 
+# 冒烟：现训 40 步（够 5 次评估、足以画出曲线），不扫 outputs/——否则测试结果取决于这台机器之前跑过什么
 SMOKE = dict(demo_steps=40, scan_outputs=False)
 
 
@@ -61,6 +67,7 @@ def read_trainer_state(path: Path) -> dict[str, list]:
     series: dict[str, list] = {}
     for rec in hist:
         for k, v in rec.items():
+            # 只收数值：log_history 里还有 epoch、total_flos、train_runtime 之类的汇总项，没有 step 的不是逐步记录
             if k in ALIASES and isinstance(v, (int, float)) and "step" in rec:
                 series.setdefault(ALIASES[k], []).append((int(rec["step"]), float(v)))
     return series
@@ -96,8 +103,10 @@ def collect(paths: list[Path]) -> dict[str, dict[str, list]]:
         for f in files:
             if f.name == "trainer_state.json":
                 found[str(f)] = read_trainer_state(f)
+            # 一个目录里可能有多个事件文件（续训会新开一个）：EventAccumulator 按目录读，一个目录只读一次
             elif f.name.startswith("events.out.tfevents"):
                 found.setdefault(str(f.parent), read_tensorboard(f.parent))
+            # 任何 .log/.txt 都试着按 DeepSpeed 格式读：读不出 step/lr 行的（普通文本）自然被跳过
             elif f.suffix in (".log", ".txt") and f.is_file():
                 s = read_deepspeed(f)
                 if s:
@@ -106,38 +115,50 @@ def collect(paths: list[Path]) -> dict[str, dict[str, list]]:
 
 
 def _past(vals: list, i: int, w: int) -> list:
+    """第 i 个记录之前 w 个有限值：NaN/inf 另有 nan_inf 报告，混进中位数会把后面的判断全带偏。"""
     return [v for _, v in vals[max(0, i - w):i] if math.isfinite(v)]
 
 
+def vs_recent(series: list, window: int, bad) -> list[tuple[int, float, float]]:
+    """(步数, 值, 近期中位数)：bad(值, 近期记录) 为真的那些记录。
+
+    近期不足 3 个记录时不判：开头几步没有"过去"可比，预热期 loss 本来就掉得飞快，判了全是误报。
+    """
+    hits = []
+    for i, (step, v) in enumerate(series):
+        past = _past(series, i, window)
+        if len(past) >= 3 and bad(v, past):
+            hits.append((step, v, statistics.median(past)))
+    return hits
+
+
+def is_spike(v: float, past: list, a: Args) -> bool:
+    """既比近期中位数高 spike_factor 倍，又偏离 spike_mads 个 MAD：只用倍数的话，loss 本来就抖的小模型满屏误报；
+    只用 MAD 的话，loss 平稳到几乎不动时（MAD≈0）一点点起伏都算尖峰。"""
+    med = statistics.median(past)
+    mad = statistics.median(abs(x - med) for x in past) * 1.4826 + 1e-8   # 1.4826·MAD ≈ 正态的 σ
+    return math.isfinite(v) and v > a.spike_factor * med and (v - med) / mad > a.spike_mads
+
+
 def detect(s: dict[str, list], a: Args) -> list[dict]:
-    """六种异常，每个都带发生的步数。"""
-    out = []
-    add = lambda kind, step, why: out.append({"kind": kind, "step": step, "detail": why})   # noqa: E731
-    for key in ("loss", "grad_norm", "eval_loss", "lr"):
-        for step, v in s.get(key, []):
-            if not math.isfinite(v):
-                add("nan_inf", step, f"{key} = {v}")
+    """六种异常，每个都带发生的步数（知道"第几步"才能回到那一步的数据和检查点去查原因）。"""
+    found = [{"kind": "nan_inf", "step": step, "detail": f"{key} = {v}"}
+             for key in ("loss", "grad_norm", "eval_loss", "lr") for step, v in s.get(key, []) if not math.isfinite(v)]
     loss = s.get("loss", [])
-    for i, (step, v) in enumerate(loss):
-        past = _past(loss, i, a.window)
-        if len(past) >= 3 and math.isfinite(v):
-            med = statistics.median(past)
-            mad = statistics.median(abs(x - med) for x in past) * 1.4826 + 1e-8   # 1.4826·MAD ≈ 正态的 σ
-            if v > a.spike_factor * med and (v - med) / mad > a.spike_mads:
-                add("loss_spike", step, f"loss {v:.3g}，近期中位数 {med:.3g}")
-    gn = s.get("grad_norm", [])
-    for i, (step, v) in enumerate(gn):
-        past = _past(gn, i, a.window)
-        if len(past) >= 3 and math.isfinite(v) and v > a.grad_factor * statistics.median(past):
-            add("grad_norm_explosion", step, f"grad_norm {v:.3g}，近期中位数 {statistics.median(past):.3g}")
-    tp = s.get("throughput", [])
-    for i, (step, v) in enumerate(tp):
-        past = _past(tp, i, a.window)
-        if len(past) >= 3 and v < a.drop_factor * statistics.median(past):
-            add("throughput_drop", step, f"吞吐 {v:.3g}，近期中位数 {statistics.median(past):.3g}")
-    out += lr_mistakes(s.get("lr", []))
-    out += overfitting(s.get("eval_loss", []), loss, a.overfit_tol)
-    return sorted(out, key=lambda x: (x["step"], x["kind"]))
+    found += [{"kind": "loss_spike", "step": st, "detail": f"loss {v:.3g}，近期中位数 {med:.3g}"}
+              for st, v, med in vs_recent(loss, a.window, lambda v, past: is_spike(v, past, a))]
+    # 梯度范数爆炸常在 loss 尖峰之前一两步出现：它是更早的警报（梯度裁剪会把它"藏"在 loss 曲线里）
+    found += [{"kind": "grad_norm_explosion", "step": st, "detail": f"grad_norm {v:.3g}，近期中位数 {med:.3g}"}
+              for st, v, med in vs_recent(s.get("grad_norm", []), a.window,
+                                          lambda v, past: math.isfinite(v)
+                                          and v > a.grad_factor * statistics.median(past))]
+    # 吞吐骤降：数据加载卡住、检查点写盘、别的进程抢卡——loss 看不出来，只有吞吐曲线能看出来
+    found += [{"kind": "throughput_drop", "step": st, "detail": f"吞吐 {v:.3g}，近期中位数 {med:.3g}"}
+              for st, v, med in vs_recent(s.get("throughput", []), a.window,
+                                          lambda v, past: v < a.drop_factor * statistics.median(past))]
+    found += lr_mistakes(s.get("lr", []))
+    found += overfitting(s.get("eval_loss", []), loss, a.overfit_tol)
+    return sorted(found, key=lambda x: (x["step"], x["kind"]))
 
 
 def lr_mistakes(lr: list) -> list[dict]:
@@ -177,18 +198,21 @@ def overfitting(ev: list, loss: list, tol: float) -> list[dict]:
 
 
 def demo_run(args: Args, out: run.Run) -> Path:
-    """没有日志可读时现训一段：真实 Trainer，每步记录 loss/lr/grad_norm，定期评估，写 TensorBoard。"""
+    """没有日志可读时现训一段：真实 Trainer，每步记录 loss/lr/grad_norm，定期评估，写 TensorBoard。
+
+    用真实 Trainer 而不是手造数字：日志的格式、字段名、评估穿插的节奏都和学生以后读到的一样。
+    """
     from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from common import train
 
     model, tok = models.load_args(args, for_training=True)
     tr, ev = data.split(data.load_sft(args.data or data.DATA_DIR / "domain" / "sft.jsonl"), 0.15, args.seed)
+    # assistant_masks 不是模型的输入：留着的话 collator 会把它一起补齐、传进 forward 报错
     enc = lambda cs: Dataset.from_list([data.tokenize_chat(tok, c, 256) for c in cs]).remove_columns(   # noqa: E731
         ["assistant_masks"])
-    from transformers import DataCollatorForSeq2Seq
-
+    # logging_steps=1：每步一个记录，尖峰才不会被平均掉；评估约 8 次，够画出验证曲线的走向
     targs = TrainingArguments(output_dir=str(out.path("demo_run")), max_steps=args.demo_steps, learning_rate=5e-4,
                               lr_scheduler_type="cosine", warmup_steps=3, per_device_train_batch_size=8,
                               logging_steps=1, eval_strategy="steps", eval_steps=max(1, args.demo_steps // 8),
@@ -202,23 +226,51 @@ def demo_run(args: Args, out: run.Run) -> Path:
     return out.path("demo_run")
 
 
-def main(args: Args) -> dict:
-    args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
-
-    # 1. 找日志：--logs；否则 outputs/ 下课程之前的运行；都没有就现训一段
+def find_logs(args: Args, out: run.Run) -> dict[str, dict[str, list]]:
+    """--logs 给的；否则输出根目录下课程之前的运行；都没有就现训一段。{来源: {指标: [(step, value)]}}。"""
     if args.logs:
         sources = collect([Path(p) for p in args.logs])
-        if not sources:
-            raise UserError(f"--logs {' '.join(args.logs)}: 没找到 trainer_state.json / TensorBoard 事件 / DeepSpeed 日志")
-    else:
-        sources = collect([run.OUTPUTS]) if run.OUTPUTS.exists() and args.scan_outputs else {}
-        if not sources:
-            out.log.info("没有找到课程之前的训练日志：现训一段（真实 Trainer + TensorBoard）再体检")
-            sources = collect([demo_run(args, out)])
+        if not sources:   # 给了路径却一个都读不出来：多半是路径指错了，静默地"0 个异常"会让人误以为训练很健康
+            raise UserError(f"--logs {' '.join(args.logs)}: 没找到 trainer_state.json / TensorBoard 事件 / "
+                            "DeepSpeed 日志")
+        return sources
+    # outputs_root()：course.py --outputs 把所有输出挪到别处时，这里跟着去那里找
+    root = run.outputs_root()
+    sources = collect([root]) if root.exists() and args.scan_outputs else {}
+    if not sources:
+        out.log.info("没有找到课程之前的训练日志：现训一段（真实 Trainer + TensorBoard）再体检")
+        sources = collect([demo_run(args, out)])
+    return sources
+
+
+def plot(out: run.Run, series: dict[str, list], bad_steps: set) -> None:
+    """四个指标各一格，异常处画红叉：异常列表告诉你"哪一步"，图告诉你"前后是什么样"（孤立尖峰还是趋势）。"""
+    fig, save = out.plot("training_logs.png")
+    for i, key in enumerate(("loss", "lr", "grad_norm", "throughput")):
+        ax = fig.add_subplot(2, 2, i + 1)
+        pts = series.get(key, [])
+        if key == "loss" and series.get("eval_loss"):
+            ax.plot(*zip(*series["eval_loss"]), "o-", ms=3, label="eval_loss")
+        if pts:
+            ax.plot(*zip(*pts), lw=1, label=key)
+            marks = [(st, v) for st, v in pts if st in bad_steps and math.isfinite(v)]   # NaN 画不出来
+            if marks:
+                ax.plot(*zip(*marks), "rx", ms=8)
+        ax.set_title(key, fontsize=8)
+        ax.tick_params(labelsize=6)
+        ax.legend(fontsize=6) if pts else ax.text(0.3, 0.5, "not logged", fontsize=8)
+    save()
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+
+    # 1. 找日志：--logs；否则 outputs/ 下课程之前的运行；都没有就现训一段
+    sources = find_logs(args, out)
     steps = {src: max((st for v in s.values() for st, _ in v), default=0) for src, s in sources.items()}
 
-    # 2. 逐个来源体检
+    # 2. 逐个来源体检：每个来源各自和自己的过去比，不同运行的 loss 量级不同，混在一起比没有意义
     anomalies = []
     for src, s in sources.items():
         found = detect(s, args)
@@ -230,22 +282,7 @@ def main(args: Args) -> dict:
 
     # 3. 图：四个指标，异常处画红叉（只画第一个来源，多个来源时每个各画一张太挤）
     src0 = next(iter(sources))
-    fig, save = out.plot("training_logs.png")
-    for i, key in enumerate(("loss", "lr", "grad_norm", "throughput")):
-        ax = fig.add_subplot(2, 2, i + 1)
-        pts = sources[src0].get(key, [])
-        if key == "loss" and sources[src0].get("eval_loss"):
-            ax.plot(*zip(*sources[src0]["eval_loss"]), "o-", ms=3, label="eval_loss")
-        if pts:
-            ax.plot(*zip(*pts), lw=1, label=key)
-            bad = {a["step"] for a in anomalies if a["source"] == src0}
-            marks = [(st, v) for st, v in pts if st in bad and math.isfinite(v)]
-            if marks:
-                ax.plot(*zip(*marks), "rx", ms=8)
-        ax.set_title(key, fontsize=8)
-        ax.tick_params(labelsize=6)
-        ax.legend(fontsize=6) if pts else ax.text(0.3, 0.5, "not logged", fontsize=8)
-    save()
+    plot(out, sources[src0], {a["step"] for a in anomalies if a["source"] == src0})
     return out.finish({"anomalies": [{"kind": a["kind"], "step": a["step"], "source": a["source"]} for a in anomalies],
                        "n_anomalies": len(anomalies), "steps_read": sum(steps.values()), "sources": list(sources)},
                       summary=f"读了 {len(sources)} 个日志共 {sum(steps.values())} 步，发现 {len(anomalies)} 个异常")

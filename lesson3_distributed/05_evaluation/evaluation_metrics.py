@@ -20,12 +20,12 @@ judge_win_rate（参考答案 vs 模型答案，不一致算平局）与 judge_p
 from __future__ import annotations
 
 import csv
+import functools
 import html
-import math
 import random
 from dataclasses import dataclass
 
-from common import cli, data, metrics, models, run
+from common import answers, cli, data, lm, models, run
 from common.errors import UserError
 
 
@@ -58,37 +58,43 @@ class JiebaTokenizer:
         return [w.lower() for w in jieba.lcut(text) if w.strip() and any(c.isalnum() for c in w)]
 
 
-def perplexity(model, tok, texts: list[str], window: int, stride: int) -> float:
-    """滑窗困惑度（transformers 文档的做法）：每个窗口只对最后 stride 个新 token 计损失，前面的只当上文。"""
-    import torch
+def sliding_windows(ids: list[int], window: int, stride: int) -> list[dict]:
+    """一篇文档切成窗口（transformers 文档的滑窗做法）：每个窗口只对最后 stride 个新 token 计损失，前面的只当上文。
 
-    nll, count = 0.0, 0
-    for text in texts:
-        ids = tok(text, return_tensors="pt").input_ids.to(model.device)
-        prev_end = 0
-        for begin in range(0, ids.shape[1], stride):
-            end = min(begin + window, ids.shape[1])
-            target = ids[:, begin:end].clone()
-            target[:, :-(end - prev_end)] = -100   # 与上个窗口重叠的部分只当上文（整窗都是新 token 时切片为空）
-            with torch.no_grad():
-                loss = model(ids[:, begin:end], labels=target).loss
-            n = int((target[:, 1:] != -100).sum())
-            nll, count, prev_end = nll + loss.item() * n, count + n, end
-            if end == ids.shape[1]:
-                break
-    return math.exp(nll / max(count, 1))
+    stride = window 时窗口互不重叠，每个窗口开头的 token 几乎没有上文、预测得差，困惑度就偏高——这正是要对照的坑。
+    """
+    rows, prev_end = [], 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + window, len(ids))
+        # 与上个窗口重叠的部分只当上文：labels 置 -100，不重复计分（stride > window 时整窗都是新 token）
+        new = min(end - prev_end, end - begin)
+        rows.append({"input_ids": ids[begin:end], "labels": [-100] * (end - begin - new) + ids[end - new:end]})
+        prev_end = end
+        if end == len(ids):
+            break
+    return rows
+
+
+def perplexity(model, tok, texts: list[str], window: int, stride: int) -> float:
+    """滑窗困惑度：所有文档的窗口按 token 加权汇总（lm.perplexity），长文档不会被短文档"平均掉"。"""
+    rows = [w for text in texts for w in sliding_windows(tok(text).input_ids, window, stride)]
+    return lm.perplexity(model, rows, batch_size=8, pad_token_id=tok.pad_token_id)
 
 
 def continuation_logprob(model, tok, prompt: str, cont: str) -> float:
-    """log P(cont | prompt)：闭式评估不让模型自由生成，只比较候选答案的概率。"""
+    """log P(cont | prompt)：闭式评估不让模型自由生成，只比较候选答案的概率。
+
+    prompt 与 cont 分开编码再拼接：一起编码时 BPE 可能把边界上的字合并成一个 token，续写就"对不齐"了。
+    """
     import torch
 
     p = tok(prompt, add_special_tokens=False).input_ids
     c = tok(cont, add_special_tokens=False).input_ids
     ids = torch.tensor([p + c], device=model.device)
     with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits[0, len(p) - 1:-1].float(), -1)
-    return logp[torch.arange(len(c)), torch.tensor(c, device=model.device)].sum().item()
+        # 第 len(p)-1 个位置的 logits 预测 cont 的第一个 token：左移一位对齐
+        logits = model(ids).logits[0, len(p) - 1:-1]
+    return lm.token_logprobs(logits, torch.tensor(c, device=model.device)).sum().item()
 
 
 def sentiment_accuracy(model, tok, rows: list[dict], labels: list[str], shots: list[dict]) -> float:
@@ -107,7 +113,9 @@ def judge_pair(model, tok, question: str, a: str, b: str) -> str:
     msg = [{"role": "user", "content": f"Question: {question}\n\nAnswer A: {a}\n\nAnswer B: {b}\n\n"
                                        "Which answer is more correct and helpful? Reply with a single letter, A or B."}]
     prompt = data.prompt_text(tok, msg)
-    return "A" if continuation_logprob(model, tok, prompt, "A") >= continuation_logprob(model, tok, prompt, "B") else "B"
+    # 只比下一个词是 A 还是 B 的概率：不让小模型自由生成，免得答案里根本找不到一个可解析的字母
+    logp_a, logp_b = (continuation_logprob(model, tok, prompt, letter) for letter in "AB")
+    return "A" if logp_a >= logp_b else "B"
 
 
 def pairwise(judge, items: list[tuple[str, str, str]]) -> tuple[float, float]:
@@ -149,44 +157,39 @@ def export_human_sheet(out: run.Run, items: list[dict], seed: int) -> None:
         encoding="utf-8")
 
 
-def main(args: Args) -> dict:
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
-    args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
-    # 先读完所有数据：坏文件在加载模型之前就报错
+def load_qa(args: Args) -> list[dict]:
+    """问答集（EM/F1 用）：在加载模型之前读完并检查，坏文件立刻报错，不必先等模型加载几十秒。"""
     qa = data.load_qa(args.qa or data.DATA_DIR / "kb" / "qa.jsonl")[:args.n_qa]
     if not all(q.get("gold_passage") for q in qa):
         raise UserError(f"--qa {args.qa}: 算 EM/F1 需要每条都有 gold_passage（给模型的上下文）")
-    model, tok = models.load_args(args)
-    model.eval()
+    return qa
 
-    # 1. 困惑度：滑窗 vs 不重叠窗口（同一批文档、同样的窗口长度）
-    docs = [d.text for d in data.load_documents(args.docs or data.DATA_DIR / "domain" / "docs")]
-    ppl = perplexity(model, tok, docs, args.ppl_window, args.ppl_stride)
-    ppl_flat = perplexity(model, tok, docs, args.ppl_window, args.ppl_window)
-    out.log.info(f"困惑度：滑窗（stride {args.ppl_stride}）{ppl:.2f}，不重叠 {ppl_flat:.2f}")
 
-    # 2. 闭式评估：情感分类，零样本 vs 少样本（示例不在评测集里）
-    rows, labels = data.load_classification(args.classification or data.DATA_DIR / "classification" / "sentiment.jsonl")
-    rnd = random.Random(args.seed)
-    rnd.shuffle(rows)
+def sentiment_split(args: Args) -> tuple[list[dict], list[str], list[dict]]:
+    """(评测集, 标签, 少样本示例)：示例每类至少一条，且不在评测集里——否则少样本就成了"偷看答案"。"""
+    rows, labels = data.load_classification(args.classification
+                                            or data.DATA_DIR / "classification" / "sentiment.jsonl")
+    random.Random(args.seed).shuffle(rows)
     shots = [next(r for r in rows if r["label"] == lab) for lab in labels]
     shots += [r for r in rows if r not in shots][:max(0, args.n_shots - len(shots))]
-    test = [r for r in rows if r not in shots][:args.n_sentiment]
-    acc0 = sentiment_accuracy(model, tok, test, labels, [])
-    acc = sentiment_accuracy(model, tok, test, labels, shots)
-    out.log.info(f"情感分类（{len(test)} 条，标签 {labels}）：零样本 {acc0:.2f}，{len(shots)} 样本 {acc:.2f}")
+    return [r for r in rows if r not in shots][:args.n_sentiment], labels, shots
 
-    # 3. EM / F1：给出含答案的段落，让模型抽取答案
+
+def qa_scores(model, tok, qa: list[dict]) -> tuple[float, float]:
+    """(EM, F1)：给出含答案的段落让模型抽取。EM 对"多一个标点"也判错，所以总要和按词重叠的 F1 一起看。"""
     prompts = [data.prompt_text(tok, [{"role": "user", "content": f"{q['gold_passage']}\n\n{q['question']}"
                                        " Answer briefly."}]) for q in qa]
     preds = models.generate(model, tok, prompts, max_new_tokens=16)
-    em = sum(metrics.exact_match(p, q["answer"]) for p, q in zip(preds, qa)) / len(qa)
-    f1 = sum(metrics.token_f1(p, q["answer"]) for p, q in zip(preds, qa)) / len(qa)
+    em = sum(answers.exact_match(p, q["answer"]) for p, q in zip(preds, qa)) / len(qa)
+    f1 = sum(answers.token_f1(p, q["answer"]) for p, q in zip(preds, qa)) / len(qa)
+    return em, f1
 
-    # 4. 生成任务：ROUGE-L / BLEU（jieba 分词）——参考答案 vs 模型答案
+
+def generation_scores(args: Args, model, tok) -> tuple[list[tuple[str, str, str]], dict]:
+    """生成 n_gen 条回答，与参考答案比 ROUGE-L / BLEU；返回 ((问题, 参考, 模型) 列表, 分数)。"""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
     convs = data.load_sft(args.data or data.DATA_DIR / "domain" / "sft.jsonl")
     random.Random(args.seed).shuffle(convs)
     convs = convs[:args.n_gen]
@@ -195,31 +198,60 @@ def main(args: Args) -> dict:
     zh = JiebaTokenizer()
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=zh)
     rouge_l = sum(scorer.score(r, h)["rougeL"].fmeasure for r, h in zip(refs, hyps)) / len(refs)
-    naive = rouge_scorer.RougeScorer(["rougeL"])   # 默认分词器：中文被当成非法字符删掉
+    # 对照：默认分词器把中文当非法字符删掉——中文参考答案和它自己比都拿不到 1，说明分词器用错了
+    naive = rouge_scorer.RougeScorer(["rougeL"])
     zh_pairs = [(r, r) for r in refs if data.detect_lang(r) == "zh"]
     naive_zh_self = sum(naive.score(r, h)["rougeL"].fmeasure for r, h in zh_pairs) / max(len(zh_pairs), 1)
-    seg = lambda s: " ".join(zh.tokenize(s))   # noqa: E731 - BLEU 同样用 jieba 分好的词，tokenize="none"
+    # BLEU 同样用 jieba 分好的词、tokenize="none"：sacrebleu 自带的 13a 分词器不切中文，整句算一个"词"
+    seg = lambda s: " ".join(zh.tokenize(s))   # noqa: E731
     bleu = sacrebleu.corpus_bleu([seg(h) for h in hyps], [[seg(r) for r in refs]], tokenize="none").score
-    out.log.info(f"EM {em:.2f} F1 {f1:.2f}；ROUGE-L {rouge_l:.3f}，BLEU {bleu:.2f}；"
-                 f"rouge-score 默认分词器给中文参考答案与它自己打 ROUGE-L = {naive_zh_self:.2f}")
-
-    # 5. LLM 评委：参考答案 vs 模型答案，交换位置各判一次
-    judge_m, judge_t = (models.load_args(args, name=args.judge_model) if args.judge_model else (model, tok))
-    judge = lambda q, a, b: judge_pair(judge_m, judge_t, q, a, b)   # noqa: E731
     items = [(c[-2]["content"], r, h) for c, r, h in zip(convs, refs, hyps)]
-    win, consistency = pairwise(judge, items)
+    return items, {"rougeL": rouge_l, "bleu": bleu, "rougeL_default_tokenizer_zh_self": naive_zh_self}
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+    qa = load_qa(args)
+    model, tok = models.load_args(args)
+    model.eval()   # 关掉 dropout：同一个问题两次打分必须一样，否则评委"位置不一致"里混进了随机性
+
+    # 1. 困惑度：滑窗 vs 不重叠窗口（同一批文档、同样的窗口长度）
+    docs = [d.text for d in data.load_documents(args.docs or data.DATA_DIR / "domain" / "docs")]
+    ppl = perplexity(model, tok, docs, args.ppl_window, args.ppl_stride)
+    ppl_flat = perplexity(model, tok, docs, args.ppl_window, args.ppl_window)
+    out.log.info(f"困惑度：滑窗（stride {args.ppl_stride}）{ppl:.2f}，不重叠 {ppl_flat:.2f}")
+
+    # 2. 闭式评估：情感分类，零样本 vs 少样本——同一批评测样本，只差提示里有没有示例
+    test, labels, shots = sentiment_split(args)
+    acc0 = sentiment_accuracy(model, tok, test, labels, [])
+    acc = sentiment_accuracy(model, tok, test, labels, shots)
+    out.log.info(f"情感分类（{len(test)} 条，标签 {labels}）：零样本 {acc0:.2f}，{len(shots)} 样本 {acc:.2f}")
+
+    # 3. EM / F1：给出含答案的段落，让模型抽取答案
+    em, f1 = qa_scores(model, tok, qa)
+
+    # 4. 生成任务：ROUGE-L / BLEU（jieba 分词）——参考答案 vs 模型答案
+    items, gen = generation_scores(args, model, tok)
+    out.log.info(f"EM {em:.2f} F1 {f1:.2f}；ROUGE-L {gen['rougeL']:.3f}，BLEU {gen['bleu']:.2f}；rouge-score 默认"
+                 f"分词器给中文参考答案与它自己打 ROUGE-L = {gen['rougeL_default_tokenizer_zh_self']:.2f}")
+
+    # 5. LLM 评委：参考答案 vs 模型答案，交换位置各判一次（只判一次的话，位置偏好会被当成"质量差"）
+    judge_m, judge_t = (models.load_args(args, name=args.judge_model) if args.judge_model else (model, tok))
+    win, consistency = pairwise(functools.partial(judge_pair, judge_m, judge_t), items)
     out.log.info(f"评委（{args.judge_model or out.model_name}）：参考答案胜率 {win:.2f}，位置一致率 {consistency:.2f}")
 
-    # 6. 人工评估表
+    # 6. 人工评估表：自动指标都和人的判断有差距，最后一道尺子是人（盲评，防止偏向"自家模型"）
     export_human_sheet(out, [{"question": q, "reference": r, "model": h} for q, r, h in items], args.seed)
     samples = [{"question": q, "reference": r[:120], "model": h[:120]} for q, r, h in items[:3]]
     return out.finish({"ppl": round(ppl, 3), "ppl_no_overlap": round(ppl_flat, 3),
                        "sentiment_accuracy": acc, "sentiment_accuracy_zero_shot": acc0, "n_sentiment": len(test),
-                       "em": em, "f1": round(f1, 4), "rougeL": round(rouge_l, 4), "bleu": round(bleu, 3),
-                       "rougeL_default_tokenizer_zh_self": naive_zh_self,
+                       "em": em, "f1": round(f1, 4), "rougeL": round(gen["rougeL"], 4), "bleu": round(gen["bleu"], 3),
+                       "rougeL_default_tokenizer_zh_self": gen["rougeL_default_tokenizer_zh_self"],
                        "judge_win_rate": win, "judge_position_consistency": consistency, "samples": samples},
                       summary=f"ppl {ppl:.2f}（不重叠 {ppl_flat:.2f}），情感 {acc0:.2f}->{acc:.2f}（零->少样本），"
-                              f"F1 {f1:.2f}，ROUGE-L {rouge_l:.3f}，BLEU {bleu:.1f}，评委一致率 {consistency:.2f}")
+                              f"F1 {f1:.2f}，ROUGE-L {gen['rougeL']:.3f}，BLEU {gen['bleu']:.1f}，"
+                              f"评委一致率 {consistency:.2f}")
 
 
 if __name__ == "__main__":
