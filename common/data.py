@@ -351,7 +351,7 @@ def _html_to_text(html: str) -> str:
     return "\n".join(ln for ln in lines if ln)
 
 
-def read_document(path: Path) -> str:
+def _read_document(path: Path) -> str:
     """读取一个文档的纯文本（txt/md 原样；html 取可见文本；pdf 用 pypdf）；读不了就一行说清哪个文件、为什么。"""
     suf = path.suffix.lower()
     why = _not_a_file(path, "文档应是普通文件")
@@ -447,7 +447,7 @@ def load_documents(folder: str | Path, skipped: list[tuple[str, str]] | None = N
     files.sort(key=lambda f: f.relative_to(root).parts)
     docs = []
     for f in files:
-        text = read_document(f)
+        text = _read_document(f)
         if _is_blank(text):
             what = "HTML 里没有可见文字" if f.suffix.lower() in (".html", ".htm") else "没有文字"
             notes.append(f"{f}: 清洗后是空文档（{what}），不入库")

@@ -15,7 +15,7 @@ from typing import Any
 from common.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-OUTPUTS = REPO_ROOT / "outputs"
+_OUTPUTS = REPO_ROOT / "outputs"
 _TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
 
 
@@ -52,7 +52,7 @@ OUTPUTS_ENV = "LLM_COURSE_OUTPUTS"   # course.py --outputs 用它把每个脚本
 
 def outputs_root() -> Path:
     """所有输出的根目录：环境变量 LLM_COURSE_OUTPUTS，默认仓库里的 outputs/。"""
-    return Path(os.environ[OUTPUTS_ENV]) if os.environ.get(OUTPUTS_ENV) else OUTPUTS
+    return Path(os.environ[OUTPUTS_ENV]) if os.environ.get(OUTPUTS_ENV) else _OUTPUTS
 
 
 def default_output_dir(script: str | Path, root: str | Path | None = None) -> Path:

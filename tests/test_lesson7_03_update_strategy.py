@@ -1,9 +1,30 @@
 """第 7 课 03：增量更新只重算变了的块；10 次随机 SIGKILL 后重跑，索引与干净重建一致、无重复无丢失、审计日志一致。"""
 import json
 
-from tests.conftest import assert_user_error
+from common import run
+from tests.conftest import REPO, assert_user_error
 
 SCRIPT = "lesson7_hybrid_rag/03_incremental_updates/update_strategy.py"
+KILL = run.import_sibling(REPO / SCRIPT, "_kill_child")
+
+
+def _write_lines(path, n: int, crash_at: int) -> int:
+    """子进程里：每写一行之前 tick 一次；返回数到的写动作数。"""
+    switch = KILL.KillSwitch(crash_at)
+    with open(path, "a", encoding="utf-8") as f:
+        for i in range(n):
+            switch.tick()
+            f.write(f"{i}\n")
+            f.flush()
+    return switch.ops
+
+
+def test_kill_switch_stops_the_child_right_before_the_nth_write(tmp_path):
+    """不杀：结果经 JSON 带回、5 行都在；第 3 次写之前自杀：run_in_child 返回 None，磁盘上只有前 2 行。"""
+    done, killed = tmp_path / "done.txt", tmp_path / "killed.txt"
+    assert KILL.run_in_child(_write_lines, done, 5, 0) == 5
+    assert KILL.run_in_child(_write_lines, killed, 5, 3) is None
+    assert done.read_text().split() == ["0", "1", "2", "3", "4"] and killed.read_text().split() == ["0", "1"]
 
 
 def test_incremental_and_crash_consistency(tmp_path, run_script):

@@ -7,20 +7,22 @@ os.replace）里抽 ≥10 个，在那个动作执行前杀掉子进程。然后
 子进程用 fork 得到（父进程已加载好向量模型）；子进程里的向量来自父进程用真实 MiniLM 算好的缓存，
 这样子进程不跑 torch（fork 后的 OpenMP 线程池不安全），被测的只有索引与元数据的写入顺序。
 """
+import functools
 import os
 import random
 import shutil
-import signal
 import sqlite3
 import sys
 
 import numpy as np
 import pytest
 
-from common import data, retrieval
-from tests.conftest import load_script
+from common import data, retrieval, run
+from tests.conftest import REPO, load_script
 
 SCRIPT = "lesson6_rag/03_vector_db_build/build_vector_store.py"
+# fork 子进程、按"第几次写"杀掉它的机械只写一次：借用第 7 课 03（增量更新的崩溃试验）旁边的 _kill_child.py
+KILL = run.import_sibling(REPO / "lesson7_hybrid_rag/03_incremental_updates/update_strategy.py", "_kill_child")
 SEED = 7
 TRIALS = 12
 WRITES = {"execute", "executemany", "commit", "replace", "write_index", "replacement_add_with_ids",
@@ -66,11 +68,12 @@ def setup(tmp_path_factory):
         shutil.copy(d.path, v1 / d.id)
     shutil.copytree(v1, v2)
     # 一次典型的增量更新：新增 2 篇、改 2 篇（一篇末尾追加、一篇开头插入：后者让所有块错位）、删 1 篇
-    for name, text in mod.NEW_DOCS.items():
+    edits = mod.edits   # 第 6 课 03 的改动素材（新增的两篇、追加的一段）在它旁边的 _edits.py
+    for name, text in edits.NEW_DOCS.items():
         (v2 / name).write_text(text, encoding="utf-8")
     a, b = docs[0].id, docs[1].id
-    (v2 / a).write_text((v2 / a).read_text(encoding="utf-8") + "\n\n" + mod.EDIT["zh"] + "\n", encoding="utf-8")
-    (v2 / b).write_text(mod.EDIT["en"] + "\n\n" + (v2 / b).read_text(encoding="utf-8"), encoding="utf-8")
+    (v2 / a).write_text((v2 / a).read_text(encoding="utf-8") + "\n\n" + edits.EDIT["zh"] + "\n", encoding="utf-8")
+    (v2 / b).write_text(edits.EDIT["en"] + "\n\n" + (v2 / b).read_text(encoding="utf-8"), encoding="utf-8")
     (v2 / docs[-1].id).unlink()
     # 另一种更新：把一篇文档挪到别的文件夹（= 删 1 篇 + 增 1 篇，块数不变：只比条数的一致性检查看不出半途崩溃）
     v3 = root / "v3"
@@ -95,46 +98,22 @@ def _snapshot(mod, store):
     return ids, meta, vecs
 
 
-def _count_writes(fn) -> int:
-    n = 0
+def _profile_writes(switch, frame, event, arg):
+    """sys.setprofile 的钩子：每个名字在 WRITES 里的调用（Python 或 C 函数）算一次写，交给 KillSwitch 数。"""
+    name = getattr(arg, "__name__", None) if event == "c_call" else frame.f_code.co_name
+    if event in ("call", "c_call") and name in WRITES:
+        switch.tick()
 
-    def prof(frame, event, arg):
-        nonlocal n
-        name = getattr(arg, "__name__", None) if event == "c_call" else frame.f_code.co_name
-        if event in ("call", "c_call") and name in WRITES:
-            n += 1
 
-    sys.setprofile(prof)
+def _sync_counting_writes(mod, target, store, emb, args, crash_at: int = 0) -> int:
+    """跑一次 sync，数出其中的写动作；crash_at > 0 时在第 crash_at 个写动作之前 SIGKILL 自己。"""
+    switch = KILL.KillSwitch(crash_at)
+    sys.setprofile(functools.partial(_profile_writes, switch))
     try:
-        fn()
+        mod.sync(target, store, emb, args, False, Log())
     finally:
         sys.setprofile(None)
-    return n
-
-
-def _run_killed_at(fn, k: int) -> int:
-    """fork 一个子进程执行 fn，在它第 k 个写动作之前 SIGKILL 自己；返回子进程的结束信号。"""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:   # 子进程
-        try:
-            n = 0
-
-            def prof(frame, event, arg):
-                nonlocal n
-                name = getattr(arg, "__name__", None) if event == "c_call" else frame.f_code.co_name
-                if event in ("call", "c_call") and name in WRITES:
-                    n += 1
-                    if n == k:
-                        os.kill(os.getpid(), signal.SIGKILL)
-
-            sys.setprofile(prof)
-            fn()
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+    return switch.ops
 
 
 @pytest.mark.slow
@@ -144,7 +123,7 @@ def test_sigkill_during_incremental_update_then_rerun_equals_rebuild(setup, tmp_
     v2, ref = refs[scenario]
     probe = tmp_path / "probe"
     shutil.copytree(base, probe)
-    total = _count_writes(lambda: mod.sync(v2, probe, emb, args, False, Log()))
+    total = _sync_counting_writes(mod, v2, probe, emb, args)
     rng = random.Random(SEED)
     # 均匀抽 TRIALS 个写动作，外加最后几个（写索引、改名、提交之间的窗口最危险）
     points = sorted(set(rng.sample(range(1, total + 1), min(TRIALS - 3, total)) + list(range(max(1, total - 2),
@@ -154,8 +133,9 @@ def test_sigkill_during_incremental_update_then_rerun_equals_rebuild(setup, tmp_
     for k in points:
         store = tmp_path / f"trial-{k}"
         shutil.copytree(base, store)
-        sig = _run_killed_at(lambda store=store: mod.sync(v2, store, emb, args, False, Log()), k)
-        assert sig == signal.SIGKILL, f"第 {k} 个写动作前没有被杀（信号 {sig}）"
+        # fork 出的子进程在第 k 个写动作前 SIGKILL 自己；run_in_child 对被杀的子进程返回 None
+        done = KILL.run_in_child(_sync_counting_writes, mod, v2, store, emb, args, k)
+        assert done is None, f"第 {k} 个写动作前没有被杀（子进程跑完了，共 {done} 个写动作）"
         res = mod.sync(v2, store, emb, args, False, Log())      # 崩溃后照常再跑一次
         ids, meta, vecs = _snapshot(mod, store)
         assert len(ids) == len(set(ids)), f"第 {k} 点：索引里有重复 id"
@@ -169,6 +149,6 @@ def test_sigkill_during_incremental_update_then_rerun_equals_rebuild(setup, tmp_
     con = sqlite3.connect(ref / "meta.sqlite")
     n_ref = con.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
     con.close()
-    print(f"\n[{scenario}] {len(points)} 次 SIGKILL（共 {total} 个写动作，杀在 {points}）；重跑后全部等于全量重建（{n_ref} 块），"
-          f"0 篇丢失、0 个重复 id；重跑时向量化的块数 {[c for _, c in report]}")
+    print(f"\n[{scenario}] {len(points)} 次 SIGKILL（共 {total} 个写动作，杀在 {points}）；"
+          f"重跑后全部等于全量重建（{n_ref} 块），0 篇丢失、0 个重复 id；重跑时向量化的块数 {[c for _, c in report]}")
     assert len(points) >= (10 if scenario == "update" else 5)

@@ -23,16 +23,17 @@
 """
 from __future__ import annotations
 
-import random
-import re
 from dataclasses import dataclass
 
 from common import cli, data, models, retrieval, run
 from common.errors import UserError
 
+# 冒烟：一半文档、每块一个伪问题、最多 32 个：训练各只走几步，看的是流程与"dev 调权不吃亏"，不是增益大小
 SMOKE = dict(doc_stride=2, pseudo_per_chunk=1, max_pseudo=32, batch_size=16, rerank_candidates=5, max_length=96,
              rerank_negatives=2)
 GRID = [round(x * 0.1, 1) for x in range(11)]           # 0 = 只用 BM25，1 = 只用向量
+# 伪问题（Inverse Cloze Task）与用它训练向量模型 / 重排器：只有本节用到，放在旁边的 _pseudo_queries.py
+ict = run.import_sibling(__file__, "_pseudo_queries")
 
 
 @dataclass
@@ -50,92 +51,19 @@ class Args(retrieval.KBArgs):
     adapt_epochs: int = cli.arg(1, "向量模型领域适配的轮数（0 = 不适配）", min=0)
     adapt_lr: float = cli.arg(3e-5, "领域适配学习率", min=0)
     batch_size: int = cli.arg(32, "适配时的批大小：批内其它块就是负例，批越大负例越多", min=2)
-    reranker: str = cli.arg(None, "现成的交叉编码器（本地目录或 hub id，如 BAAI/bge-reranker-base）；不填则用伪问题现场训练")
+    reranker: str = cli.arg(None, "现成的交叉编码器（本地目录或 hub id，如 BAAI/bge-reranker-base）；"
+                                  "不填则用伪问题现场训练")
     rerank_epochs: int = cli.arg(1, "重排器训练轮数", min=1)
     rerank_negatives: int = cli.arg(3, "每个伪问题取几个难负例（第一阶段召回、来自别的文档的块）", min=1)
     rerank_candidates: int = cli.arg(20, "交给重排器的候选数", min=2)
-    freeze_layers: int = cli.arg(3, "训练时冻结 MiniLM 词嵌入与最底下 N 层（共 6 层）：反向传播只走上层，CPU 上快近一倍",
-                                 min=0, max=6)
-
-
-def pseudo_queries(chunks, per_chunk: int, limit: int, seed: int) -> list[tuple[str, int]]:
-    """Inverse Cloze Task：从块里抽一句当"问题"，它所在的块就是正例。只用语料，不碰问答集（不泄漏）。"""
-    rng, out = random.Random(seed), []
-    for i, c in enumerate(chunks):
-        sents = [s.strip() for s in re.split(r"(?<=[。！？!?\n])|(?<=[.;])\s+", c.text) if len(s.strip()) >= 12]
-        for s in rng.sample(sents, min(per_chunk, len(sents))):
-            out.append((s, i))
-    rng.shuffle(out)
-    return out[:limit]
-
-
-def ict_positive(text: str, sent: str, rng: random.Random) -> str:
-    """正例通常去掉那句话本身（90%）：逼模型学"语义相关"而不是"原句照抄"。"""
-    rest = text.replace(sent, " ").strip()
-    return rest if rest and rng.random() < 0.9 else text
-
-
-def freeze(model, n: int) -> None:
-    """冻结词嵌入与底下 n 层：底层是通用的词法/句法，小数据上主要靠上层学"什么算相关"。"""
-    frozen = ("embeddings.",) + tuple(f"layer.{i}." for i in range(n))
-    for name, p in model.named_parameters():
-        if n and any(f in name for f in frozen):
-            p.requires_grad = False
-
-
-def adapt_embedder(args, out, pairs, chunks, device):
-    """用伪问题 + 批内负例（MultipleNegativesRankingLoss）微调向量模型。"""
-    from datasets import Dataset
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.losses import MultipleNegativesRankingLoss
-    from sentence_transformers.training_args import BatchSamplers
-
-    model = retrieval.load_embedder(args.embedding_model, device)
-    model.max_seq_length = args.max_length
-    freeze(model, args.freeze_layers)
-    rng = random.Random(args.seed)
-    ds = Dataset.from_dict({"anchor": [q for q, _ in pairs],
-                            "positive": [ict_positive(chunks[i].text, q, rng) for q, i in pairs]})
-    targs = SentenceTransformerTrainingArguments(
-        output_dir=str(out.path("adapt_ckpt")), num_train_epochs=args.adapt_epochs, learning_rate=args.adapt_lr,
-        per_device_train_batch_size=args.batch_size, warmup_steps=0.1, save_strategy="no", logging_steps=5,
-        seed=args.seed, report_to=out.trainer_report_to(), batch_sampler=BatchSamplers.NO_DUPLICATES,
-        use_cpu=device == "cpu", dataloader_pin_memory=False)
-    trainer = SentenceTransformerTrainer(model=model, args=targs, train_dataset=ds,
-                                         loss=MultipleNegativesRankingLoss(model))
-    trainer.train()
-    return model
-
-
-def train_reranker(args, out, pairs, chunks, first_stage, device):
-    """交叉编码器：伪问题 + 正例块（1）+ 第一阶段召回的难负例（0）。"""
-    import torch
-    from datasets import Dataset
-    from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
-    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
-
-    rows = {"query": [], "passage": [], "label": []}
-    for (q, i), cands in zip(pairs, first_stage):
-        negs = [c for c in cands if c != i and chunks[c].doc_id != chunks[i].doc_id][:args.rerank_negatives]   # 同文档的块可能也答得上，不当负例
-        for c, y in [(i, 1.0)] + [(c, 0.0) for c in negs]:
-            rows["query"].append(q)
-            rows["passage"].append(chunks[c].text)
-            rows["label"].append(y)
-    model = CrossEncoder(retrieval.default_embedding_model(), num_labels=1, max_length=args.max_length, device=device)
-    freeze(model, args.freeze_layers)
-    n_pos = sum(rows["label"])
-    loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor((len(rows["label"]) - n_pos) / max(1.0, n_pos)))
-    targs = CrossEncoderTrainingArguments(
-        output_dir=str(out.path("rerank_ckpt")), num_train_epochs=args.rerank_epochs, learning_rate=1e-4,
-        per_device_train_batch_size=16, warmup_steps=0.1, save_strategy="no", logging_steps=5, seed=args.seed,
-        report_to=out.trainer_report_to(), use_cpu=device == "cpu", dataloader_pin_memory=False)
-    CrossEncoderTrainer(model=model, args=targs, train_dataset=Dataset.from_dict(rows), loss=loss).train()
-    return model, len(rows["label"])
+    freeze_layers: int = cli.arg(3, "训练时冻结 MiniLM 词嵌入与最底下 N 层（共 6 层）：反向传播只走上层，"
+                                    "CPU 上快近一倍", min=0, max=6)
 
 
 def convex(bm25_run, dense_run, w: float) -> list[int]:
     """归一化分数的凸组合：每一路 min-max 到 [0,1]，score = w·dense + (1-w)·bm25（缺席记 0）。"""
     def norm(r):
+        # BM25 分数是几十、余弦在 0..1：不先各自归一化，权重 w 就失去了意义
         if not r:
             return {}
         lo, hi = min(s for _, s in r), max(s for _, s in r)
@@ -145,110 +73,113 @@ def convex(bm25_run, dense_run, w: float) -> list[int]:
     return sorted(score, key=lambda i: -score[i])
 
 
-def main(args: Args) -> dict:
-    args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
-    log, device = out.log, models.pick_device(args.device).type
-    if args.chunk_overlap >= args.chunk_size:
-        raise UserError(f"--chunk-overlap {args.chunk_overlap}: 必须小于 --chunk-size {args.chunk_size}")
+def dev_key(s: dict) -> tuple:
+    """在 dev 上比方法的顺序：先 recall@5（要放进提示词的前几块里有没有），再 MRR、nDCG@10 打破并列。"""
+    return s["recall_at_5"], s["mrr"], s["ndcg_at_10"]
 
-    # 1. 数据：知识库切块；问答按种子切成 dev（调权重、决定要不要重排）与 test（报告）
+
+@dataclass
+class Splits:
+    """dev / test 两份问题与判分所需的块、文档；score() 把每题的排名变成 recall@1/5/10、MRR、nDCG。"""
+
+    questions: dict
+    chunks: list
+    by_id: dict
+
+    def score(self, runs: dict) -> dict:
+        # 只看前 10 名：更深的名次既进不了提示词，也不影响这里报的任何指标
+        return {sp: retrieval.evaluate(retrieval.hits_matrix([r[:10] for r in runs[sp]], self.questions[sp],
+                                                             self.chunks, self.by_id), (1, 5, 10)) for sp in runs}
+
+
+def load_splits(args: Args) -> tuple[Splits, list, list]:
+    """知识库切块；问答按种子切成 dev（调权重、决定要不要重排）与 test（报告）。返回 (splits, dev, test)。"""
     docs, by_id, qas = retrieval.load_kb(args.docs, args.qa)
     docs = docs[::args.doc_stride]
     by_id = {d.id: d for d in docs}
+    # 抽掉一半文档后，问被抽掉文档的题答不出来：只留答案在所选文档里的题
     qas = [q for q in qas if (q["doc_id"] in by_id if q["doc_id"] else any(q["gold_passage"] in d.text for d in docs))]
     if len(qas) < 4:
         raise UserError(f"--qa: 只有 {len(qas)} 个问题能在所选文档里找到答案，不够切 dev/test")
     test, dev = data.split(qas, args.dev_fraction, args.seed)
     chunks = retrieval.chunk_documents(docs, args.chunk_size, args.chunk_overlap)
-    split_q = {"dev": dev, "test": test}
-    log.info(f"{len(docs)} 篇文档 → {len(chunks)} 块；问答 dev {len(dev)} / test {len(test)}")
+    return Splits({"dev": dev, "test": test}, chunks, by_id), dev, test
 
-    def evaluate(runs: dict) -> dict:
-        return {sp: retrieval.evaluate(retrieval.hits_matrix([r[:10] for r in runs[sp]], split_q[sp], chunks, by_id),
-                                       (1, 5, 10)) for sp in runs}
 
-    # 2. 单路检索：BM25（jieba 分词）与 MiniLM 向量（FAISS 精确内积），分数一并留着给凸组合用
-    depth = min(args.depth, len(chunks))
-    bm25 = retrieval.BM25Index([c.text for c in chunks])
-    scored = {"bm25": {sp: [bm25.search(q["question"], depth) for q in qs] for sp, qs in split_q.items()}}
+def dense_runs(model, sp: Splits, depth: int) -> dict:
+    """用一个向量模型检索 dev 与 test 的全部问题（FAISS 精确内积），保留分数给凸组合用。"""
+    index = retrieval.DenseIndex(retrieval.embed(model, [c.text for c in sp.chunks]))
+    return {name: index.search_vectors(retrieval.embed(model, [q["question"] for q in qs]), depth)
+            for name, qs in sp.questions.items()}
 
-    def dense_runs(model):
-        index = retrieval.DenseIndex(retrieval.embed(model, [c.text for c in chunks]))
-        return {sp: index.search_vectors(retrieval.embed(model, [q["question"] for q in qs]), depth)
-                for sp, qs in split_q.items()}
-    scored["dense"] = dense_runs(retrieval.load_embedder(args.embedding_model, device))
 
-    # 3. 离线领域适配：语料自己造伪问题，批内负例微调向量模型（问答集一条都不用）
-    pairs = pseudo_queries(chunks, args.pseudo_per_chunk, args.max_pseudo, args.seed)
+def single_retrievers(args: Args, out, sp: Splits, depth: int, device: str):
+    """BM25、MiniLM 向量、（可选）伪问题适配后的向量：各自检索，返回 (BM25 索引, 伪问题, 带分数的结果)。"""
+    bm25 = retrieval.BM25Index([c.text for c in sp.chunks])
+    scored = {"bm25": {name: [bm25.search(q["question"], depth) for q in qs] for name, qs in sp.questions.items()},
+              "dense": dense_runs(retrieval.load_embedder(args.embedding_model, device), sp, depth)}
+    pairs = ict.pseudo_queries(sp.chunks, args.pseudo_per_chunk, args.max_pseudo, args.seed)
     if args.adapt_epochs:
-        log.info(f"领域适配：{len(pairs)} 个伪问题，批大小 {args.batch_size}，{args.adapt_epochs} 轮")
-        scored["dense_adapted"] = dense_runs(adapt_embedder(args, out, pairs, chunks, device))
-    ranked = {m: {sp: [[i for i, _ in r] for r in rs] for sp, rs in v.items()} for m, v in scored.items()}
-    single = {m: evaluate(r) for m, r in ranked.items()}
-    for m, s in single.items():
-        log.info(f"{m:14s} dev R@5={s['dev']['recall_at_5']:.3f} MRR={s['dev']['mrr']:.3f} | "
-                 f"test R@5={s['test']['recall_at_5']:.3f} MRR={s['test']['mrr']:.3f}")
+        out.log.info(f"领域适配：{len(pairs)} 个伪问题，批大小 {args.batch_size}，{args.adapt_epochs} 轮")
+        scored["dense_adapted"] = dense_runs(ict.adapt_embedder(args, out, pairs, sp.chunks, device), sp, depth)
+    return bm25, pairs, scored
 
-    # 4. 融合：向量一路取 dev 上更好的那个（原始 / 适配后），两种融合的权重都在 dev 上从 0..1 网格挑
-    def key(s):
-        return s["recall_at_5"], s["mrr"], s["ndcg_at_10"]
-    dense_side = max((m for m in single if m.startswith("dense")), key=lambda m: key(single[m]["dev"]))
-    fusers = {"rrf": lambda sp, i, w: retrieval.rrf([ranked[dense_side][sp][i], ranked["bm25"][sp][i]], [w, 1 - w],
-                                                    args.rrf_k),
-              "convex": lambda sp, i, w: convex(scored["bm25"][sp][i], scored[dense_side][sp][i], w)}
-    fusion_weights, methods_runs = {}, {m: r for m, r in ranked.items()}
-    for name, fuse in fusers.items():
-        dev_scores = {w: evaluate({"dev": [fuse("dev", i, w) for i in range(len(dev))]})["dev"] for w in GRID}
-        w = max(GRID, key=lambda g: (key(dev_scores[g]), -abs(g - 0.5)))   # 并列时取更居中的权重
-        fusion_weights[name] = {"dense": w, "bm25": round(1 - w, 1), "dense_side": dense_side,
-                                "dev_recall_at_5_by_weight": {str(g): dev_scores[g]["recall_at_5"] for g in GRID}}
-        methods_runs[f"hybrid_{name}"] = {sp: [fuse(sp, i, w) for i in range(len(qs))] for sp, qs in split_q.items()}
-        log.info(f"{name} 融合：dev 选出向量权重 {w}（{dense_side}），dev R@5 {dev_scores[w]['recall_at_5']:.3f}")
-    fused = {m: evaluate(methods_runs[m]) for m in ("hybrid_rrf", "hybrid_convex")}
-    best_fusion = max(fused, key=lambda m: key(fused[m]["dev"]))
 
-    # 5. 重排：交叉编码器给前 N 个候选打分，再与第一阶段名次 RRF（权重在 dev 上挑，0 = 不重排）
-    first = methods_runs[best_fusion]
+def tune_fusion(args: Args, out, sp: Splits, scored: dict, ranked: dict, single: dict):
+    """向量一路取 dev 上更好的那个（原始 / 适配后），RRF 与凸组合的权重都在 dev 上从 0..1 网格挑。"""
+    dense_side = max((m for m in single if m.startswith("dense")), key=lambda m: dev_key(single[m]["dev"]))
+    fusers = {"rrf": lambda name, i, w: retrieval.rrf([ranked[dense_side][name][i], ranked["bm25"][name][i]],
+                                                      [w, 1 - w], args.rrf_k),
+              "convex": lambda name, i, w: convex(scored["bm25"][name][i], scored[dense_side][name][i], w)}
+    n_dev = len(sp.questions["dev"])
+    fusion_weights, methods_runs = {}, dict(ranked)
+    for fname, fuse in fusers.items():
+        dev_scores = {w: sp.score({"dev": [fuse("dev", i, w) for i in range(n_dev)]})["dev"] for w in GRID}
+        w = max(GRID, key=lambda g: (dev_key(dev_scores[g]), -abs(g - 0.5)))   # 并列时取更居中的权重
+        fusion_weights[fname] = {"dense": w, "bm25": round(1 - w, 1), "dense_side": dense_side,
+                                 "dev_recall_at_5_by_weight": {str(g): dev_scores[g]["recall_at_5"] for g in GRID}}
+        methods_runs[f"hybrid_{fname}"] = {name: [fuse(name, i, w) for i in range(len(qs))]
+                                           for name, qs in sp.questions.items()}
+        out.log.info(f"{fname} 融合：dev 选出向量权重 {w}（{dense_side}），dev R@5 {dev_scores[w]['recall_at_5']:.3f}")
+    return dense_side, fusion_weights, methods_runs
+
+
+def with_rerank(ce_rank: list[int], first: list[int], n: int, w: float, k: int) -> list[int]:
+    """重排名次与第一阶段名次做 RRF（w = 重排的权重），前 n 名之后的候选原样接在后面。"""
+    # 融合而不是直接换成重排名次：伪问题训练的重排器可能不如第一阶段，信它几分交给 dev 上挑的 w
+    return retrieval.rrf([ce_rank, first[:n]], [w, 1 - w], k) + first[n:]
+
+
+def load_or_train_reranker(args: Args, out, bm25, pairs, chunks, device: str):
+    """--reranker 给了就加载现成的交叉编码器；否则用伪问题现场训练（难负例来自 BM25 的前 8 名）。"""
     if args.reranker:
-        from sentence_transformers.cross_encoder import CrossEncoder
-        try:
-            ce, n_pairs = CrossEncoder(args.reranker, device=device), 0
-        except Exception as e:  # noqa: BLE001 - 路径不对 / 离线找不到，统一成一行
-            raise UserError(f"--reranker {args.reranker}: 无法加载（{type(e).__name__}）") from None
-    else:
-        pseudo_first = [[i for i, _ in bm25.search(q, 8)] for q, _ in pairs]
-        ce, n_pairs = train_reranker(args, out, pairs, chunks, pseudo_first, device)
-        log.info(f"重排器：伪问题训练对 {n_pairs} 个（正例 + 第一阶段召回的难负例）")
+        return retrieval.load_cross_encoder(args.reranker, device), 0
+    # 难负例取 BM25 的前 8 名：和真问题的第一阶段候选一样"看起来相关"，重排器才学得到细分
+    pseudo_first = [[i for i, _ in bm25.search(q, 8)] for q, _ in pairs]
+    ce, n_pairs = ict.train_reranker(args, out, pairs, chunks, pseudo_first, device)
+    out.log.info(f"重排器：伪问题训练对 {n_pairs} 个（正例 + 第一阶段召回的难负例）")
+    return ce, n_pairs
+
+
+def tune_rerank(args: Args, sp: Splits, ce, first: dict, depth: int) -> tuple[dict, float, int]:
+    """交叉编码器给前 n 个候选打分；与第一阶段名次 RRF 的权重在 dev 上挑（0 = 不重排）。
+
+    返回 (重排后的结果, 权重, n)。
+    """
     n = min(args.rerank_candidates, depth)
-    ce_rank = {sp: [] for sp in split_q}
-    for sp, qs in split_q.items():
-        for q, cands in zip(qs, first[sp]):
-            s = ce.predict([(q["question"], chunks[c].text) for c in cands[:n]], show_progress_bar=False)
-            ce_rank[sp].append([c for _, c in sorted(zip(s, cands[:n]), key=lambda t: -t[0])])
+    texts = [c.text for c in sp.chunks]
+    ce_rank = {name: [retrieval.rerank(ce, q["question"], cands[:n], texts) for q, cands in zip(qs, first[name])]
+               for name, qs in sp.questions.items()}
+    rr_dev = {w: sp.score({"dev": [with_rerank(ce_rank["dev"][i], first["dev"][i], n, w, args.rrf_k)
+                                   for i in range(len(first["dev"]))]})["dev"] for w in GRID}
+    w_rr = max(GRID, key=lambda g: (dev_key(rr_dev[g]), -g))     # 并列时取更小的重排权重（更省）
+    runs = {name: [with_rerank(ce_rank[name][i], first[name][i], n, w_rr, args.rrf_k) for i in range(len(qs))]
+            for name, qs in sp.questions.items()}
+    return runs, w_rr, n
 
-    def with_rerank(sp, i, w):
-        return retrieval.rrf([ce_rank[sp][i], first[sp][i][:n]], [w, 1 - w], args.rrf_k) + first[sp][i][n:]
-    rr_dev = {w: evaluate({"dev": [with_rerank("dev", i, w) for i in range(len(dev))]})["dev"] for w in GRID}
-    w_rr = max(GRID, key=lambda g: (key(rr_dev[g]), -g))                      # 并列时取更小的重排权重（更省）
-    methods_runs[f"{best_fusion}+rerank"] = {sp: [with_rerank(sp, i, w_rr) for i in range(len(qs))]
-                                             for sp, qs in split_q.items()}
-    fused[f"{best_fusion}+rerank"] = evaluate(methods_runs[f"{best_fusion}+rerank"])
-    fusion_weights["rerank"] = {"reranker": w_rr, "first_stage": round(1 - w_rr, 1), "candidates": n}
-    log.info(f"重排：dev 选出重排权重 {w_rr}" + ("（= 不重排：在 dev 上没有带来提升）" if w_rr == 0 else ""))
 
-    # 6. 汇总：test 上报告；best_method 按 dev 选出（不偷看 test）
-    all_scores = {**single, **fused}
-    methods = {m: {k: s["test"][k] for k in ("recall_at_1", "recall_at_5", "mrr", "ndcg_at_10")}
-               for m, s in all_scores.items()}
-    best_method = max(all_scores, key=lambda m: (key(all_scores[m]["dev"]), "+" not in m, m.startswith("hybrid")))
-    # 谁撑起了融合结果：test 上融合的第 1 名与哪一路的第 1 名相同的比例更高
-    agree = {m: round(sum(f[:1] == r[:1] for f, r in zip(methods_runs[best_fusion]["test"], ranked[m]["test"]))
-                      / len(test), 4) for m in ("bm25", dense_side)}
-    carrier = max(agree, key=agree.get)
-    adapted_gain = (round(methods["dense_adapted"]["recall_at_5"] - methods["dense"]["recall_at_5"], 4)
-                    if "dense_adapted" in methods else 0.0)
-    rerank_gain = round(methods[f"{best_fusion}+rerank"]["recall_at_1"] - methods[best_fusion]["recall_at_1"], 4)
+def plot_methods(out, methods: dict, n_test: int) -> None:
+    """test 上每种方法的 recall@1 / recall@5 / MRR 并排：一眼看出融合比单路多挣了多少。"""
     fig, save = out.plot("methods_test.png")
     ax = fig.add_subplot(111)
     names = list(methods)
@@ -256,18 +187,73 @@ def main(args: Args) -> dict:
         ax.bar([x + j * 0.27 for x in range(len(names))], [methods[m][k] for m in names], width=0.27, label=k)
     ax.set_xticks([x + 0.27 for x in range(len(names))])
     ax.set_xticklabels(names, rotation=20, fontsize=7)
-    ax.set(ylabel="test score", title=f"retrievers on the test split ({len(test)} questions)")
+    ax.set(ylabel="test score", title=f"retrievers on the test split ({n_test} questions)")
     ax.legend()
     save()
-    return out.finish({"methods": methods, "best_method": best_method, "fusion_weights": fusion_weights,
-                       "dense_adapted_gain": adapted_gain, "rerank_gain_r1": rerank_gain, "carried_by": carrier, "top1_agreement": agree,
-                       "dev_methods": {m: s["dev"] for m, s in all_scores.items()}, "pseudo_queries": len(pairs),
-                       "rerank_pairs": n_pairs, "chunks": len(chunks), "dev_questions": len(dev),
+
+
+def summarize(all_scores: dict, methods_runs: dict, ranked: dict, best_fusion: str, dense_side: str) -> dict:
+    """test 上的指标；best_method 按 dev 选出（不偷看 test）；融合结果主要靠哪一路；适配与重排各挣了多少。"""
+    methods = {m: {k: s["test"][k] for k in ("recall_at_1", "recall_at_5", "mrr", "ndcg_at_10")}
+               for m, s in all_scores.items()}
+    # dev 上并列时：不带重排的优先（更省），融合优先于单路
+    best_method = max(all_scores, key=lambda m: (dev_key(all_scores[m]["dev"]), "+" not in m, m.startswith("hybrid")))
+    # 谁撑起了融合结果：test 上融合的第 1 名与哪一路的第 1 名相同的比例更高
+    n_test = len(ranked["bm25"]["test"])
+    agree = {m: round(sum(f[:1] == r[:1] for f, r in zip(methods_runs[best_fusion]["test"], ranked[m]["test"]))
+                      / n_test, 4) for m in ("bm25", dense_side)}
+    adapted_gain = (round(methods["dense_adapted"]["recall_at_5"] - methods["dense"]["recall_at_5"], 4)
+                    if "dense_adapted" in methods else 0.0)
+    rerank_gain = round(methods[f"{best_fusion}+rerank"]["recall_at_1"] - methods[best_fusion]["recall_at_1"], 4)
+    return {"methods": methods, "best_method": best_method, "dense_adapted_gain": adapted_gain,
+            "rerank_gain_r1": rerank_gain, "carried_by": max(agree, key=agree.get), "top1_agreement": agree,
+            "dev_methods": {m: s["dev"] for m, s in all_scores.items()}}
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+    device = models.pick_device(args.device).type
+    if args.chunk_overlap >= args.chunk_size:
+        raise UserError(f"--chunk-overlap {args.chunk_overlap}: 必须小于 --chunk-size {args.chunk_size}")
+
+    # 1. 数据：知识库切块；问答按种子切成 dev（调权重、决定要不要重排）与 test（只用来报告，不参与任何选择）
+    sp, dev, test = load_splits(args)
+    out.log.info(f"{len(sp.by_id)} 篇文档 → {len(sp.chunks)} 块；问答 dev {len(dev)} / test {len(test)}")
+
+    # 2. 单路检索：BM25（jieba 分词）与 MiniLM 向量；3. 离线领域适配：语料自己造伪问题，问答集一条都不用
+    depth = min(args.depth, len(sp.chunks))
+    bm25, pairs, scored = single_retrievers(args, out, sp, depth, device)
+    ranked = {m: {name: [[i for i, _ in r] for r in rs] for name, rs in v.items()} for m, v in scored.items()}
+    single = {m: sp.score(r) for m, r in ranked.items()}
+    for m, s in single.items():
+        out.log.info(f"{m:14s} dev R@5={s['dev']['recall_at_5']:.3f} MRR={s['dev']['mrr']:.3f} | "
+                     f"test R@5={s['test']['recall_at_5']:.3f} MRR={s['test']['mrr']:.3f}")
+
+    # 4. 融合：权重网格含 0 和 1 两个端点（= 单用一路），所以 dev 上融合不可能比最好的单路差
+    dense_side, fusion_weights, methods_runs = tune_fusion(args, out, sp, scored, ranked, single)
+    fused = {m: sp.score(methods_runs[m]) for m in ("hybrid_rrf", "hybrid_convex")}
+    best_fusion = max(fused, key=lambda m: dev_key(fused[m]["dev"]))
+
+    # 5. 重排：交叉编码器给前 N 个候选打分，再与第一阶段名次 RRF；dev 上没有提升就选权重 0（不重排）
+    ce, n_pairs = load_or_train_reranker(args, out, bm25, pairs, sp.chunks, device)
+    rr_runs, w_rr, n = tune_rerank(args, sp, ce, methods_runs[best_fusion], depth)
+    methods_runs[f"{best_fusion}+rerank"] = rr_runs
+    fused[f"{best_fusion}+rerank"] = sp.score(rr_runs)
+    fusion_weights["rerank"] = {"reranker": w_rr, "first_stage": round(1 - w_rr, 1), "candidates": n}
+    out.log.info(f"重排：dev 选出重排权重 {w_rr}" + ("（= 不重排：在 dev 上没有带来提升）" if w_rr == 0 else ""))
+
+    # 6. 汇总：test 上报告；best_method 按 dev 选出（不偷看 test）
+    res = summarize({**single, **fused}, methods_runs, ranked, best_fusion, dense_side)
+    methods, best = res["methods"], res["best_method"]
+    plot_methods(out, methods, len(test))
+    return out.finish({**res, "fusion_weights": fusion_weights, "pseudo_queries": len(pairs),
+                       "rerank_pairs": n_pairs, "chunks": len(sp.chunks), "dev_questions": len(dev),
                        "test_questions": len(test)},
-                      summary=f"best={best_method}（dev 选出），test R@5={methods[best_method]['recall_at_5']}、"
-                              f"MRR={methods[best_method]['mrr']}；bm25 R@5={methods['bm25']['recall_at_5']}、"
-                              f"dense={methods['dense']['recall_at_5']}；主力={carrier}；"
-                              f"适配增益 {adapted_gain:+.3f}，重排 R@1 增益 {rerank_gain:+.3f}")
+                      summary=f"best={best}（dev 选出），test R@5={methods[best]['recall_at_5']}、"
+                              f"MRR={methods[best]['mrr']}；bm25 R@5={methods['bm25']['recall_at_5']}、"
+                              f"dense={methods['dense']['recall_at_5']}；主力={res['carried_by']}；"
+                              f"适配增益 {res['dense_adapted_gain']:+.3f}，重排 R@1 增益 {res['rerank_gain_r1']:+.3f}")
 
 
 if __name__ == "__main__":

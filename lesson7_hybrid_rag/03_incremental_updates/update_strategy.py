@@ -19,26 +19,24 @@
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import cli, crash, data, models, retrieval, run
+from common import cli, data, models, retrieval, run
 from common.errors import UserError
 
 SMOKE = dict(doc_stride=4)
 NEW_DOCS = {  # 第一次更新新增的两篇（项目自写，中英各一）
-    "faq/r5_presale_zh.md": "# 云帆扫地机器人 R5 预售说明\n\nR5 将于下月开启预售，预售价 2999 元，定金 100 元可抵 300 元。\n\n"
-                            "R5 支持自动集尘和热风烘干拖布，整机保修 2 年，电池保修 1 年。预售订单在正式发售后 3 天内发货。",
-    "faq/r5_presale_en.md": "# Yunfan R5 pre-sale\n\nThe R5 opens for pre-order next month at 2999 yuan. A 100 yuan deposit counts "
-                            "as 300 yuan at checkout.\n\nThe R5 adds an auto-empty dock and hot-air mop drying. Pre-orders ship "
-                            "within 3 days of the official launch.",
+    "faq/r5_presale_zh.md": "# 云帆扫地机器人 R5 预售说明\n\nR5 将于下月开启预售，预售价 2999 元，"
+                            "定金 100 元可抵 300 元。\n\nR5 支持自动集尘和热风烘干拖布，整机保修 2 年，"
+                            "电池保修 1 年。预售订单在正式发售后 3 天内发货。",
+    "faq/r5_presale_en.md": "# Yunfan R5 pre-sale\n\nThe R5 opens for pre-order next month at 2999 yuan. "
+                            "A 100 yuan deposit counts as 300 yuan at checkout.\n\nThe R5 adds an auto-empty dock "
+                            "and hot-air mop drying. Pre-orders ship within 3 days of the official launch.",
 }
 
 
@@ -52,41 +50,11 @@ class Args(retrieval.KBArgs):
     crash_trials: int = cli.arg(10, "SIGKILL 崩溃试验次数（随机点由 --seed 决定）", min=0)
 
 
-# ---------- 更新本身：在子进程里运行（Chroma 与 torch 都只在子进程里初始化，父进程 fork 才安全） ----------
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def read_audit(path: Path) -> tuple[list[dict], dict[str, str]]:
-    """读审计日志；最后一行可能被 SIGKILL 写了一半，跳过它。返回 (全部记录, 已提交状态 doc_id -> hash)。"""
-    if not path.exists():
-        return [], {}
-    recs = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            recs.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    committed = {r["update"] for r in recs if r["action"] == "commit"}
-    state: dict[str, str] = {}
-    for r in recs:
-        if r["update"] in committed and r["action"] in ("add", "modify"):
-            state[r["doc_id"]] = r["hash"]
-        elif r["update"] in committed and r["action"] == "delete":
-            state.pop(r["doc_id"], None)
-        elif r["update"] in committed and r["action"] == "rebuild":
-            state = {}
-    return recs, state
-
-
-def append_audit(path: Path, rec: dict) -> None:
-    """追加一行并 fsync：日志只增不改，崩溃最多留下半行（读时跳过）。"""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# 只有本节用到的机械放在旁边的文件里：_kill_child（两种杀法）、_audit（审计日志）、_counting（数向量化次数）
+kill = run.import_sibling(__file__, "_kill_child")
+audit_log = run.import_sibling(__file__, "_audit")
+# KillSwitch 在这些方法（向量库 / 记录表真正写盘的地方）之前各数一次：杀点能落在任意两次写之间
+VECTOR_WRITES, RECORD_WRITES = ("add_documents", "delete"), ("update", "delete_keys")
 
 
 def open_store(state: Path, embeddings):
@@ -95,59 +63,56 @@ def open_store(state: Path, embeddings):
     from langchain_classic.indexes import SQLRecordManager
 
     vs = Chroma(collection_name="kb_chunks", embedding_function=embeddings, persist_directory=str(state / "chroma"))
+    # 记录表记下每个块 id（内容哈希）属于哪篇文档、何时写入：index() 靠它判断跳过、新增还是清理
     rm = SQLRecordManager("chroma/kb_chunks", db_url=f"sqlite:///{state / 'records.db'}")
     rm.create_schema()
     return vs, rm
 
 
-def update(args: Args, docs_dir: Path, state: Path, embed: retrieval.CountingEmbeddings, rebuild: bool = False, crash_at: int = 0) -> dict:
-    """一次更新：与已提交状态比出增/改/删 → 写审计 → LangChain index() 增量写入 → commit。crash_at>0：第 N 次写时自杀。"""
+def update(args: Args, docs_dir: Path, state: Path, embed, rebuild: bool = False, crash_at: int = 0) -> dict:
+    """一次更新：与已提交状态比出增/改/删 → 写审计 → LangChain index() 增量写入 → commit。
+
+    crash_at > 0：第 N 次写之前 SIGKILL 自己（崩溃试验用）。
+    """
     from langchain_classic.indexes import index
     from langchain_core.documents import Document
 
     state.mkdir(parents=True, exist_ok=True)
-    ops = [0]
-
-    def tick():
-        ops[0] += 1
-        if ops[0] == crash_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+    switch = kill.KillSwitch(crash_at)
     docs = data.load_documents(docs_dir)
-    current = {d.id: sha(d.text) for d in docs}
     audit = state / "audit.jsonl"
-    recs, committed = read_audit(audit)
+    recs, committed = audit_log.read(audit)
+    # 每次更新一个新 id（含 pid）：被杀后重跑的那次与被杀的那次在日志里分得开
     uid = f"u{len({r['update'] for r in recs}) + 1}-{os.getpid()}"
-    actions = ([("rebuild", "*", "")] if rebuild else []) + \
-              [("add" if d not in committed else "modify", d, h) for d, h in current.items()
-               if rebuild or committed.get(d) != h] + \
-              [("delete", d, h) for d, h in committed.items() if d not in current]
-    for act, doc_id, h in actions:
-        append_audit(audit, {"time": time.time(), "update": uid, "doc_id": doc_id, "action": act, "hash": h})
-        tick()
-    vs, rm = open_store(state, embed.langchain())
-    for obj, names in ((vs, ("add_documents", "delete")), (rm, ("update", "delete_keys"))):
-        for n in names:   # 在每次真正写盘之前都可能被杀
-            orig = getattr(obj, n)
-            setattr(obj, n, lambda *a, _o=orig, **k: (tick(), _o(*a, **k))[1])
+    actions = audit_log.plan_actions(committed, {d.id: audit_log.sha(d.text) for d in docs}, rebuild)
+    for act, doc_id, h in actions:   # 先写"要做什么"再动索引（预写日志）：被杀时日志里看得出做到哪一步
+        audit_log.append(audit, {"time": time.time(), "update": uid, "doc_id": doc_id, "action": act, "hash": h})
+        switch.tick()
+    vs, rm = open_store(state, embed.for_index())
+    switch.guard(vs, VECTOR_WRITES)   # 向量库与记录表的每次真正写盘之前，都可能被杀
+    switch.guard(rm, RECORD_WRITES)
     if rebuild:
         vs.delete_collection()
         rm.delete_keys(rm.list_keys())
-        vs, rm = open_store(state, embed.langchain())
+        vs, rm = open_store(state, embed.for_index())
     chunks = retrieval.chunk_documents(docs, args.chunk_size, args.chunk_overlap)
+    # source 是文档 id：cleanup="full" 据此删掉"这次没出现的文档"的旧块，改了的文档旧块也随之清理
     lc_docs = [Document(page_content=c.text, metadata={"source": c.doc_id}) for c in chunks]
     before = embed.count
     res = index(lc_docs, rm, vs, cleanup="full", source_id_key="source", batch_size=args.batch_size,
                 key_encoder="sha256")
-    append_audit(audit, {"time": time.time(), "update": uid, "doc_id": "*", "action": "commit", "hash": ""})
-    tick()
-    return {**res, "reembedded": embed.count - before, "actions": len(actions), "ops": ops[0], "chunks": len(chunks)}
+    audit_log.append(audit, {"time": time.time(), "update": uid, "doc_id": "*", "action": "commit", "hash": ""})
+    switch.tick()
+    return {**res, "reembedded": embed.count - before, "actions": len(actions), "ops": switch.ops,
+            "chunks": len(chunks)}
 
 
 def snapshot(state: Path) -> dict:
-    """索引的内容：块 id、来源、文本哈希、向量（四舍五入后哈希），以及记录表里的键。"""
-    vs, rm = open_store(state, retrieval.CountingEmbeddings(None).langchain())
+    """索引的内容：块 id、来源、文本哈希、向量，以及记录表里的键（崩溃后与干净重建逐项比）。"""
+    counting = run.import_sibling(__file__, "_counting")
+    vs, rm = open_store(state, counting.CountingEmbeddings(None).for_index())   # 只读，不会真的加载模型
     got = vs.get(include=["documents", "metadatas", "embeddings"])
-    rows = sorted([i, m["source"], sha(t)] for i, t, m in zip(got["ids"], got["documents"], got["metadatas"]))
+    rows = sorted([i, m["source"], audit_log.sha(t)] for i, t, m in zip(got["ids"], got["documents"], got["metadatas"]))
     vecs = {i: [float(x) for x in e] for i, e in zip(got["ids"], got["embeddings"])}
     return {"rows": rows, "vectors": vecs, "record_keys": sorted(rm.list_keys())}
 
@@ -158,7 +123,7 @@ def same_index(a: dict, b: dict) -> bool:
         max(abs(x - y) for x, y in zip(a["vectors"][i], b["vectors"][i])) < 1e-4 for i, *_ in a["rows"])
 
 
-def rerun_and_snapshot(args, docs_dir: Path, state: Path, embed: retrieval.CountingEmbeddings) -> dict:
+def rerun_and_snapshot(args, docs_dir: Path, state: Path, embed) -> dict:
     """崩溃之后：重跑同一次更新，再取索引快照（同一个子进程里做，省一次启动）。"""
     update(args, docs_dir, state, embed)
     return snapshot(state)
@@ -171,25 +136,17 @@ def apply_changes(live: Path) -> dict:
         (live / rel).parent.mkdir(parents=True, exist_ok=True)
         (live / rel).write_text(text + "\n", encoding="utf-8")
     a, b, c = files[0], files[len(files) // 2], files[-1]
+    # 改一个数字：只有一两个块的哈希变了；末尾补一段：前面的块原样保留，只多出新块——两种都应只重算少数块
     a.write_text(a.read_text(encoding="utf-8").replace("1", "2", 1), encoding="utf-8")
-    b.write_text(b.read_text(encoding="utf-8") + "\n\n补充说明 / Note: 本条款自 2027 年 1 月 1 日起生效。\n", encoding="utf-8")
+    b.write_text(b.read_text(encoding="utf-8") + "\n\n补充说明 / Note: 本条款自 2027 年 1 月 1 日起生效。\n",
+                 encoding="utf-8")
     c.unlink()
     return {"added": list(NEW_DOCS), "modified": [str(a.relative_to(live)), str(b.relative_to(live))],
             "deleted": [str(c.relative_to(live))]}
 
 
-def main(args: Args) -> dict:
-    args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
-    log = out.log
-    models.pick_device(args.device)
-    if args.chunk_overlap >= args.chunk_size:
-        raise UserError(f"--chunk-overlap {args.chunk_overlap}: 必须小于 --chunk-size {args.chunk_size}")
-    import langchain_chroma  # noqa: F401 - 先在父进程里导入（不建客户端），fork 出的子进程直接复用
-    import langchain_classic.indexes  # noqa: F401
-    import langchain_huggingface  # noqa: F401
-
-    # 1. 准备一份"活的"知识库副本（v0），以及它的改动版本（v1）
+def prepare_versions(args: Args, out) -> tuple[Path, Path, dict]:
+    """一份"活的"知识库副本 v0，以及在它上面改出来的 v1（新增 / 修改 / 删除各有）。"""
     docs, _, _ = retrieval.load_kb(args.docs, args.qa)
     v0, v1 = out.path("kb_v0"), out.path("kb_v1")
     for d in (v0, v1):
@@ -198,77 +155,24 @@ def main(args: Args) -> dict:
         (v0 / doc.id).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(doc.path, v0 / doc.id)
     shutil.copytree(v0, v1)
-    changes = apply_changes(v1)
-    log.info(f"v0 {sum(1 for _ in v0.rglob('*.*'))} 篇文档；v1 改动：{changes}")
+    return v0, v1, apply_changes(v1)
 
-    # 2. 初次建库 → 增量更新 → 无变化的更新 → 定期全量重建（每 --full-rebuild-every 次）
-    state = out.path("index_state")
-    shutil.rmtree(state, ignore_errors=True)
-    plain = retrieval.CountingEmbeddings(args.embedding_model)
+
+def update_rounds(args: Args, out, v0: Path, v1: Path, state: Path) -> list[dict]:
+    """初次建库 → 增量更新 → 无变化的更新 → 定期全量重建（每 --full-rebuild-every 次），各记重新向量化的块数。"""
+    counting = run.import_sibling(__file__, "_counting")
+    plain = counting.CountingEmbeddings(args.embedding_model)   # 不带缓存：数出来的就是真实的向量化次数
     history = []
     for n, (name, folder) in enumerate([("initial", v0), ("incremental", v1), ("no_change", v1), ("again", v1)], 1):
-        rebuild = n > 1 and (n - 1) % args.full_rebuild_every == 0        # 第 N 次更新：定期全量重建
+        # 定期全量重建：防止长期漂移（比如换了切块参数、手工改过库），代价是这一轮全部重算
+        rebuild = n > 1 and (n - 1) % args.full_rebuild_every == 0
         name = "scheduled_rebuild" if rebuild else name
-        r = crash.run_in_child(update, args, folder, state, plain, rebuild)
+        r = kill.run_in_child(update, args, folder, state, plain, rebuild)
         history.append({"round": name, "rebuild": rebuild, **r})
-        log.info(f"更新 {n}（{name}{'，全量重建' if rebuild else ''}）：新增 {r['num_added']}、跳过 {r['num_skipped']}、"
-                 f"删除 {r['num_deleted']}，重新向量化 {r['reembedded']} / {r['chunks']} 块")
-    incr = history[1]
-
-    # 3. 干净重建：同样的 v1 从零建一个索引，作为崩溃试验的"标准答案"
-    cache, pristine, clean = out.path("embed_cache"), out.path("state_v0"), out.path("state_clean")
-    for d in (cache, pristine, clean):
-        shutil.rmtree(d, ignore_errors=True)
-    cached = retrieval.CountingEmbeddings(args.embedding_model, cache)
-    crash.run_in_child(update, args, v0, pristine, cached)
-    crash.run_in_child(update, args, v1, clean, cached)
-    want = crash.run_in_child(snapshot, clean)
-    final = crash.run_in_child(snapshot, state)
-    same_as_rebuild = same_index(final, want)
-
-    # 4. 崩溃试验：从 v0 的索引出发更新到 v1，在随机点 SIGKILL，重跑，再与干净重建比
-    rng = random.Random(args.seed)
-    t = time.perf_counter()
-    total_ops = crash.run_in_child(update, args, v1, trial_dir(out, -1, pristine), cached)["ops"]
-    full_s = time.perf_counter() - t                                     # 一次完整更新（含子进程启动）的用时
-    shutil.rmtree(out.path("trial_-1"), ignore_errors=True)
-    trials = []
-    for t in range(args.crash_trials):
-        d = trial_dir(out, t, pristine)
-        if t % 2 == 0:   # 在第 N 次写之前自杀（覆盖每一种"写了一半"的中间状态）
-            point = rng.randint(1, total_ops)
-            killed = crash.run_in_child(update, args, v1, d, cached, False, point) is None
-        else:            # 按随机时长从外面杀（可能正好在 Chroma / SQLite 写盘途中）
-            point = round(rng.uniform(0.2, 1.0) * full_s, 3)
-            killed = crash.run_in_child(update, args, v1, d, cached, kill_after=point) is None
-        snap = crash.run_in_child(rerun_and_snapshot, args, v1, d, cached)              # 重跑，再取快照
-        recs, committed = read_audit(d / "audit.jsonl")
-        audit_ok = committed == {p.relative_to(v1).as_posix(): sha(data.read_document(p))
-                                 for p in sorted(v1.rglob("*.*"))}
-        ids = [r[0] for r in snap["rows"]]
-        ok = (same_index(snap, want) and len(ids) == len(set(ids)) and snap["record_keys"] == sorted(ids)
-              and audit_ok)
-        trials.append({"trial": t, "kind": "op" if t % 2 == 0 else "timer", "point": point, "killed": killed,
-                       "consistent": ok, "chunks": len(ids), "audit_lines": len(recs)})
-        log.info(f"崩溃试验 {t}：{f'第 {point} 次写' if t % 2 == 0 else f'{point:.2f} 秒'} "
-                 f"{'被杀' if killed else '（已跑完）'} → 重跑后{'一致' if ok else '不一致！'}")
-        shutil.rmtree(d, ignore_errors=True)
-
-    fig, save = out.plot("reembedded_per_round.png")
-    ax = fig.add_subplot(111)
-    ax.bar([h["round"] for h in history], [h["reembedded"] for h in history], label="re-embedded chunks")
-    ax.plot([h["round"] for h in history], [h["chunks"] for h in history], "k--o", label="total chunks")
-    ax.set(ylabel="chunks", title="chunks embedded per update round")
-    ax.legend()
-    save()
-    consistent = all(t["consistent"] for t in trials) and same_as_rebuild
-    return out.finish({"reembedded": incr["reembedded"], "total_chunks": incr["chunks"],
-                       "crash_trials": len(trials), "consistent_after_crash": consistent,
-                       "killed_trials": sum(bool(t["killed"]) for t in trials), "incremental_equals_rebuild": same_as_rebuild,
-                       "rounds": history, "trials": trials, "changes": changes, "total_ops": total_ops},
-                      summary=f"增量更新只重算 {incr['reembedded']}/{incr['chunks']} 块；{len(trials)} 次 SIGKILL 试验"
-                              f"（{sum(bool(t['killed']) for t in trials)} 次真的杀在途中）后重跑，"
-                              f"与干净重建一致={consistent}")
+        out.log.info(f"更新 {n}（{name}{'，全量重建' if rebuild else ''}）：新增 {r['num_added']}、"
+                     f"跳过 {r['num_skipped']}、删除 {r['num_deleted']}，"
+                     f"重新向量化 {r['reembedded']} / {r['chunks']} 块")
+    return history
 
 
 def trial_dir(out, t: int, pristine: Path) -> Path:
@@ -277,6 +181,98 @@ def trial_dir(out, t: int, pristine: Path) -> Path:
     shutil.rmtree(d, ignore_errors=True)
     shutil.copytree(pristine, d)
     return d
+
+
+def crash_trial(args: Args, out, t: int, point, v1: Path, pristine: Path, cached, want: dict) -> dict:
+    """一次试验：从 v0 的索引更新到 v1，途中 SIGKILL；重跑后与干净重建比块、向量、记录表与审计日志。"""
+    d = trial_dir(out, t, pristine)
+    if t % 2 == 0:   # 在第 N 次写之前自杀（覆盖每一种"写了一半"的中间状态）
+        killed = kill.run_in_child(update, args, v1, d, cached, False, point) is None
+    else:            # 按随机时长从外面杀（可能正好在 Chroma / SQLite 写盘途中，是 tick 够不到的位置）
+        killed = kill.run_in_child(update, args, v1, d, cached, kill_after=point) is None
+    snap = kill.run_in_child(rerun_and_snapshot, args, v1, d, cached)
+    recs, committed = audit_log.read(d / "audit.jsonl")
+    # 审计日志回放出的状态必须等于磁盘上的文档：否则下次更新会漏掉（或重复）某篇的改动
+    audit_ok = committed == {doc.id: audit_log.sha(doc.text) for doc in data.load_documents(v1)}
+    ids = [r[0] for r in snap["rows"]]
+    ok = (same_index(snap, want) and len(ids) == len(set(ids)) and snap["record_keys"] == sorted(ids)
+          and audit_ok)
+    out.log.info(f"崩溃试验 {t}：{f'第 {point} 次写' if t % 2 == 0 else f'{point:.2f} 秒'} "
+                 f"{'被杀' if killed else '（已跑完）'} → 重跑后{'一致' if ok else '不一致！'}")
+    shutil.rmtree(d, ignore_errors=True)
+    return {"trial": t, "kind": "op" if t % 2 == 0 else "timer", "point": point, "killed": killed,
+            "consistent": ok, "chunks": len(ids), "audit_lines": len(recs)}
+
+
+def crash_trials(args: Args, out, v1: Path, pristine: Path, cached, want: dict) -> tuple[list[dict], int]:
+    """先完整跑一次数出写动作总数与用时，再按种子抽杀点：偶数次按"第几次写"，奇数次按"多少秒"。"""
+    rng = random.Random(args.seed)
+    t0 = time.perf_counter()
+    total_ops = kill.run_in_child(update, args, v1, trial_dir(out, -1, pristine), cached)["ops"]
+    full_s = time.perf_counter() - t0                                    # 一次完整更新（含子进程启动）的用时
+    shutil.rmtree(out.path("trial_-1"), ignore_errors=True)
+    trials = []
+    for t in range(args.crash_trials):
+        # 时长取完整用时的 20%..100%：太早只会杀在启动阶段（什么都还没写），看不出写了一半的问题
+        point = rng.randint(1, total_ops) if t % 2 == 0 else round(rng.uniform(0.2, 1.0) * full_s, 3)
+        trials.append(crash_trial(args, out, t, point, v1, pristine, cached, want))
+    return trials, total_ops
+
+
+def plot_rounds(out, history: list[dict]) -> None:
+    """每轮重新向量化的块数 vs 总块数：增量更新那一根柱子应远低于虚线。"""
+    fig, save = out.plot("reembedded_per_round.png")
+    ax = fig.add_subplot(111)
+    ax.bar([h["round"] for h in history], [h["reembedded"] for h in history], label="re-embedded chunks")
+    ax.plot([h["round"] for h in history], [h["chunks"] for h in history], "k--o", label="total chunks")
+    ax.set(ylabel="chunks", title="chunks embedded per update round")
+    ax.legend()
+    save()
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+    models.pick_device(args.device)
+    if args.chunk_overlap >= args.chunk_size:
+        raise UserError(f"--chunk-overlap {args.chunk_overlap}: 必须小于 --chunk-size {args.chunk_size}")
+    import langchain_chroma  # noqa: F401 - 先在父进程里导入（不建客户端），fork 出的子进程直接复用
+    import langchain_classic.indexes  # noqa: F401
+    import langchain_huggingface  # noqa: F401
+
+    # 1. 准备一份"活的"知识库副本（v0），以及它的改动版本（v1）
+    v0, v1, changes = prepare_versions(args, out)
+    out.log.info(f"v0 {sum(1 for _ in v0.rglob('*.*'))} 篇文档；v1 改动：{changes}")
+
+    # 2. 初次建库 → 增量更新 → 无变化的更新 → 定期全量重建：只有变了的块才重新向量化
+    state = out.path("index_state")
+    shutil.rmtree(state, ignore_errors=True)
+    history = update_rounds(args, out, v0, v1, state)
+    incr = history[1]
+
+    # 3. 干净重建：同样的 v1 从零建一个索引，作为崩溃试验的"标准答案"；增量更新的结果也要与它一致
+    cache, pristine, clean = out.path("embed_cache"), out.path("state_v0"), out.path("state_clean")
+    for d in (cache, pristine, clean):
+        shutil.rmtree(d, ignore_errors=True)
+    cached = run.import_sibling(__file__, "_counting").CountingEmbeddings(args.embedding_model, cache)
+    kill.run_in_child(update, args, v0, pristine, cached)
+    kill.run_in_child(update, args, v1, clean, cached)
+    want = kill.run_in_child(snapshot, clean)
+    same_as_rebuild = same_index(kill.run_in_child(snapshot, state), want)
+
+    # 4. 崩溃试验：从 v0 的索引出发更新到 v1，在随机点 SIGKILL，重跑，再与干净重建比
+    trials, total_ops = crash_trials(args, out, v1, pristine, cached, want)
+
+    # 5. 图与指标：一致性要求每次试验都一致，且增量结果等于干净重建（只看"没报错"证明不了崩溃安全）
+    plot_rounds(out, history)
+    consistent = all(t["consistent"] for t in trials) and same_as_rebuild
+    killed = sum(bool(t["killed"]) for t in trials)
+    return out.finish({"reembedded": incr["reembedded"], "total_chunks": incr["chunks"],
+                       "crash_trials": len(trials), "consistent_after_crash": consistent,
+                       "killed_trials": killed, "incremental_equals_rebuild": same_as_rebuild,
+                       "rounds": history, "trials": trials, "changes": changes, "total_ops": total_ops},
+                      summary=f"增量更新只重算 {incr['reembedded']}/{incr['chunks']} 块；{len(trials)} 次 SIGKILL 试验"
+                              f"（{killed} 次真的杀在途中）后重跑，与干净重建一致={consistent}")
 
 
 if __name__ == "__main__":

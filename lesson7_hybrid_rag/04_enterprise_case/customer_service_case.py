@@ -24,29 +24,33 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import cli, data, metrics, models, retrieval, run
+from common import answers, cli, data, models, retrieval, run
 from common.errors import UserError
 
 SMOKE = dict(max_new_tokens=16)
+# 转人工意图：投诉、要人工、钱的纠纷——这些对话里答得再准也不如尽快交给人
 HANDOFF = re.compile(r"投诉|人工|经理|退款.*投诉|报警|律师|赔偿|到底管不管|human|agent|complain|manager|lawyer|"
                      r"charged twice|refund.*now|bank", re.I)
+# 追问的样子：代词 / "那…" 开头、"…呢？" 结尾（省略了主语，单独拿去检索会找错）
 ELLIPSIS = re.compile(r"^(那|它|这个|整机|一般|锁定)|呢[？?]?$|\b(it|that|and|what about|this one)\b", re.I)
 ROUTES = ("faq", "rag", "handoff")
 
 
 @dataclass
 class Args(retrieval.KBArgs):
-    dialogues: str = cli.arg(None, "多轮对话 JSONL {id, turns: [{user, route, answer, doc_id}]}；默认 data/kb/dialogues.jsonl")
+    dialogues: str = cli.arg(None, "多轮对话 JSONL {id, turns: [{user, route, answer, doc_id}]}；"
+                                   "默认 data/kb/dialogues.jsonl")
     faq_threshold: float = cli.arg(0.5, "FAQ 直答的问题词重合度（Jaccard）阈值", min=0, max=1)
     min_overlap: float = cli.arg(0.2, "检索置信度下限：问题的词出现在首个块里的比例低于它就转人工", min=0, max=1)
     dense_weight: float = cli.arg(0.2, "RAG 检索里向量一路的 RRF 权重（BM25 为 1 - 它）", min=0, max=1)
     top_k: int = cli.arg(3, "放进提示词的块数", min=1)
-    condense: str = cli.arg("rules", "追问改写：rules（合并上一轮的独立问题）/ llm（让模型改写）/ none", choices=["rules", "llm", "none"])
+    condense: str = cli.arg("rules", "追问改写：rules（合并上一轮的独立问题）/ llm（让模型改写）/ none",
+                            choices=["rules", "llm", "none"])
     max_new_tokens: int = cli.arg(48, "回答长度上限", min=1)
 
 
 def load_dialogues(path: Path) -> list[dict]:
-    """读多轮对话并检查字段；坏行报 文件:行号。"""
+    """读多轮对话并检查字段；坏行报 文件:行号（读入时就报，而不是评测到一半抛 KeyError）。"""
     out = []
     for no, r in data.read_records(path):
         turns = r.get("turns")
@@ -66,10 +70,10 @@ def parse_faq(docs) -> list[dict]:
         if not d.id.startswith("faq/"):
             continue
         q, ans = None, []
-        for line in d.text.splitlines() + ["## END?"]:
+        for line in d.text.splitlines() + ["## END?"]:   # 末尾补一个假问题行：最后一条问答也能在循环里收进来
             s = line.strip().lstrip("#").strip()
             if s.endswith(("？", "?")) and len(s) < 80:
-                if q and ans:
+                if q and ans:   # 去掉"一、"之类的编号：它不是问题的一部分，留着会拉低与用户问题的 Jaccard
                     entries.append({"question": re.sub(r"^[一二三四五六七八九十]+、", "", q), "answer": " ".join(ans),
                                     "doc_id": d.id})
                 q, ans = s, []
@@ -79,6 +83,7 @@ def parse_faq(docs) -> list[dict]:
 
 
 def jaccard(a: str, b: str) -> float:
+    """两个问题的词重合度：BM25 只排先后，"最像的一条"可能根本不是同一个问题，直答前要一个绝对的门槛。"""
     x, y = set(retrieval.bm25_tokens(a)), set(retrieval.bm25_tokens(b))
     return len(x & y) / max(1, len(x | y))
 
@@ -87,78 +92,92 @@ def condense_rules(history: list[str], q: str) -> str:
     """规则改写：追问（省略主语/代词开头/很短）就接在上一轮的独立问题后面，让检索带上上文的主语。"""
     if not history:
         return q
+    # ≤ 3 个词的问题（"电池呢？""E05?"）单独检索常常找错文档：缺的正是上一轮的主语
     short = len(retrieval.bm25_tokens(q)) <= 3
     return f"{history[-1]} {q}" if ELLIPSIS.search(q.strip()) or short else q
 
 
-def main(args: Args) -> dict:
-    args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
-    log = out.log
+class ServiceDesk:
+    """客服台：FAQ 索引、知识库的 BM25 + 向量索引、回答用的模型；respond() 处理一轮对话。"""
 
-    # 1. 知识库、FAQ 条目、留出的多轮对话
-    docs, by_id, _ = retrieval.load_kb(args.docs, args.qa)
-    dialogues = load_dialogues(Path(args.dialogues) if args.dialogues else data.DATA_DIR / "kb" / "dialogues.jsonl")
-    faq = parse_faq(docs)
-    if not faq:
-        log.warning("知识库里没有 faq/ 文档：FAQ 直答这一路不会触发")
-    faq_bm25 = retrieval.BM25Index([f["question"] for f in faq] or ["∅"])
-    chunks = retrieval.chunk_documents(docs, 300, 50)
-    bm25 = retrieval.BM25Index([c.text for c in chunks])
-    embedder = retrieval.load_embedder(args.embedding_model, models.pick_device(args.device).type)
-    dense = retrieval.DenseIndex(retrieval.embed(embedder, [c.text for c in chunks]))
-    model, tok = models.load_args(args)
-    log.info(f"{len(docs)} 篇文档 → {len(chunks)} 块，{len(faq)} 条 FAQ；{len(dialogues)} 段对话 "
-             f"{sum(len(d['turns']) for d in dialogues)} 轮")
+    def __init__(self, args: Args, docs, faq: list[dict]):
+        self.args, self.faq = args, faq
+        # FAQ 为空时放一个占位问题：BM25Okapi 不接受空语料，respond() 里也会因 faq 为空而跳过这一路
+        self.faq_bm25 = retrieval.BM25Index([f["question"] for f in faq] or ["∅"])
+        self.chunks = retrieval.chunk_documents(docs, 300, 50)
+        self.bm25 = retrieval.BM25Index([c.text for c in self.chunks])
+        self.embedder = retrieval.load_embedder(args.embedding_model, models.pick_device(args.device).type)
+        self.dense = retrieval.DenseIndex(retrieval.embed(self.embedder, [c.text for c in self.chunks]))
+        self.model, self.tok = models.load_args(args)
 
-    def retrieve(q: str) -> list[int]:
-        b = [i for i, _ in bm25.search(q, 30)]
-        d = [i for i, _ in dense.search_vectors(retrieval.embed(embedder, [q]), 30)[0]]
-        return retrieval.rrf([b, d], [1 - args.dense_weight, args.dense_weight])[:args.top_k]
+    def retrieve(self, q: str) -> list[int]:
+        """BM25 与向量各取 30 个，按权重 RRF 融合后留前 top_k 块。"""
+        b = [i for i, _ in self.bm25.search(q, 30)]
+        d = [i for i, _ in self.dense.search_vectors(retrieval.embed(self.embedder, [q]), 30)[0]]
+        return retrieval.rrf([b, d], [1 - self.args.dense_weight, self.args.dense_weight])[:self.args.top_k]
 
-    def ask_llm(prompt: str) -> str:
-        return models.generate(model, tok, [data.prompt_text(tok, [{"role": "user", "content": prompt}])],
-                               args.max_new_tokens, 1)[0]
+    def ask_llm(self, prompt: str) -> str:
+        """贪心生成一个回答（批大小 1：一轮一问，客服场景本来就是逐条来的）。"""
+        chat = [data.prompt_text(self.tok, [{"role": "user", "content": prompt}])]
+        return models.generate(self.model, self.tok, chat, self.args.max_new_tokens, 1)[0]
 
-    # 2. 一轮的处理：转人工意图 → FAQ 直答 → （改写追问）RAG → 置信度太低转人工
-    def respond(history: list[str], q: str, condense: str) -> dict:
+    def standalone(self, history: list[str], q: str, condense: str) -> str:
+        """把追问改写成独立问题：--condense llm 让模型改写（大模型才改得好），rules 用规则，none 不改。"""
+        if condense == "llm" and history:
+            return self.ask_llm("把追问改写成一个独立、完整的问题，只输出问题。\n上文：" + " / ".join(history[-2:])
+                                + f"\n追问：{q}") or q
+        return condense_rules(history, q) if condense == "rules" else q
+
+    def respond(self, history: list[str], q: str, condense: str) -> dict:
+        """一轮：转人工意图 → FAQ 直答 → （改写追问）RAG → 置信度太低转人工。"""
+        # 先判转人工：投诉的客户最不该收到一段模型生成的套话，哪怕知识库里有相关内容
         if HANDOFF.search(q):
             return {"route": "handoff", "reason": "intent", "standalone": q}
-        if faq:
-            j, _ = faq_bm25.search(q, 1)[0]
-            if jaccard(q, faq[j]["question"]) >= args.faq_threshold:
-                return {"route": "faq", "answer": faq[j]["answer"], "sources": [faq[j]["doc_id"]], "standalone": q}
-        if condense == "llm" and history:
-            standalone = ask_llm("把追问改写成一个独立、完整的问题，只输出问题。\n上文：" + " / ".join(history[-2:])
-                                 + f"\n追问：{q}") or q
-        else:
-            standalone = condense_rules(history, q) if condense == "rules" else q
-        top = retrieve(standalone)
+        if self.faq:   # FAQ 直答：标准答案，不调模型，最快也不会说错
+            j, _ = self.faq_bm25.search(q, 1)[0]
+            if jaccard(q, self.faq[j]["question"]) >= self.args.faq_threshold:
+                return {"route": "faq", "answer": self.faq[j]["answer"], "sources": [self.faq[j]["doc_id"]],
+                        "standalone": q}
+        standalone = self.standalone(history, q, condense)
+        top = self.retrieve(standalone)
         words = set(retrieval.bm25_tokens(standalone))
-        if len(words & set(retrieval.bm25_tokens(chunks[top[0]].text))) < args.min_overlap * max(1, len(words)):
+        shared = words & set(retrieval.bm25_tokens(self.chunks[top[0]].text))
+        # 首个块与问题几乎没有共同词：知识库里多半没有答案，让模型硬答只会编，不如转人工
+        if len(shared) < self.args.min_overlap * max(1, len(words)):
             return {"route": "handoff", "reason": "low_confidence", "standalone": standalone}
-        ctx = "\n".join(f"[{n}] {chunks[i].text}" for n, i in enumerate(top, 1))
-        answer = ask_llm(f"只根据下面的资料回答客户的问题，简短作答。\n{ctx}\n\n问题：{standalone}")
-        return {"route": "rag", "answer": answer, "sources": [chunks[i].doc_id for i in top], "standalone": standalone}
+        # 来源按检索名次报全部 top_k 篇：客服要能点开核对，不只看模型最后用了哪段
+        ctx = "\n".join(f"[{n}] {self.chunks[i].text}" for n, i in enumerate(top, 1))
+        answer = self.ask_llm(f"只根据下面的资料回答客户的问题，简短作答。\n{ctx}\n\n问题：{standalone}")
+        return {"route": "rag", "answer": answer, "sources": [self.chunks[i].doc_id for i in top],
+                "standalone": standalone}
 
-    # 3. 逐段对话跑一遍（改写）与对照（不改写；只重跑 RAG 的追问，不用重新生成）
+
+def run_dialogues(desk: ServiceDesk, dialogues: list[dict], condense: str) -> list[dict]:
+    """逐段对话跑一遍（改写）与对照（不改写）；对照只重跑"改写确实改了问题"的 RAG 追问，其余轮与改写版相同。"""
     turns = []
     for dlg in dialogues:
         hist = []
         for n, t in enumerate(dlg["turns"]):
-            r = respond(hist, t["user"], args.condense)
-            plain = respond(hist, t["user"], "none") if n and r["route"] == "rag" and r["standalone"] != t["user"] \
-                else r
+            r = desk.respond(hist, t["user"], condense)
+            rewritten = n and r["route"] == "rag" and r["standalone"] != t["user"]
+            plain = desk.respond(hist, t["user"], "none") if rewritten else r
             turns.append({"dialogue": dlg["id"], "turn": n, "gold_route": t["route"], "gold": t.get("answer", ""),
                           "gold_doc": t.get("doc_id", ""), **r,
                           "plain_sources": plain.get("sources", []), "plain_route": plain["route"]})
+            # 历史里存改写后的独立问题：下一轮追问再接它时，主语已经在里面了
             hist.append(r["standalone"])
+    return turns
 
-    # 4. 指标：每个路由的占比与准确率、转人工精确率/召回率、改写对追问的帮助
-    def correct(t) -> bool:
-        if t["route"] == "handoff":
-            return t["gold_route"] == "handoff"
-        return bool(t["gold"]) and metrics.contains_answer(t["answer"], t["gold"])
+
+def correct(t: dict) -> bool:
+    """转人工：金标也是转人工才算对；直答 / RAG：回答包含标准答案（没有标准答案的轮不算对）。"""
+    if t["route"] == "handoff":
+        return t["gold_route"] == "handoff"
+    return bool(t["gold"]) and answers.contains_answer(t["answer"], t["gold"])
+
+
+def route_metrics(turns: list[dict]) -> dict:
+    """每个路由的占比与准确率、转人工的精确率/召回率、改写前后追问的检索来源准确率。"""
     per_route = {}
     for route in ROUTES:
         mine = [t for t in turns if t["route"] == route]
@@ -167,30 +186,59 @@ def main(args: Args) -> dict:
                             "source_accuracy": round(sum(t["gold_doc"] in t.get("sources", []) for t in mine)
                                                      / max(1, len(mine)), 4) if route != "handoff" else None,
                             "turns": len(mine)}
+    # 转人工两头都要看：精确率低 = 人工坐席被不必要的对话占满；召回率低 = 该转的愤怒客户被机器人挡住
     pred_h = [t["route"] == "handoff" for t in turns]
     gold_h = [t["gold_route"] == "handoff" for t in turns]
     tp = sum(p and g for p, g in zip(pred_h, gold_h))
     follow = [t for t in turns if t["turn"] > 0 and t["gold_route"] == "rag"]
-    src = round(sum(t["gold_doc"] in t.get("sources", []) for t in follow) / max(1, len(follow)), 4)
-    src_plain = round(sum(t["gold_doc"] in t["plain_sources"] for t in follow) / max(1, len(follow)), 4)
-    routing_acc = round(sum(t["route"] == t["gold_route"] for t in turns) / len(turns), 4)
-    log.info(f"路由准确率 {routing_acc}；追问的来源准确率：改写 {src} / 不改写 {src_plain}")
-    with out.path("transcript.jsonl").open("w", encoding="utf-8") as f:   # 逐轮记录：路由、改写后的问题、来源、回答
-        f.writelines(json.dumps(t, ensure_ascii=False) + "\n" for t in turns)
+    return {"routes": per_route, "handoff_precision": round(tp / max(1, sum(pred_h)), 4),
+            "handoff_recall": round(tp / max(1, sum(gold_h)), 4),
+            "routing_accuracy": round(sum(t["route"] == t["gold_route"] for t in turns) / len(turns), 4),
+            "followup_source_accuracy": round(sum(t["gold_doc"] in t.get("sources", []) for t in follow)
+                                              / max(1, len(follow)), 4),
+            "followup_source_accuracy_no_condense": round(sum(t["gold_doc"] in t["plain_sources"] for t in follow)
+                                                          / max(1, len(follow)), 4)}
+
+
+def plot_routes(out, per_route: dict, n_turns: int) -> None:
+    """每条路的占比与准确率并排：占比大而准确率低的那条路最值得先改。"""
     fig, save = out.plot("routes.png")
     ax = fig.add_subplot(111)
     ax.bar([r + " share" for r in ROUTES], [per_route[r]["share"] for r in ROUTES])
     ax.bar([r + " acc" for r in ROUTES], [per_route[r]["accuracy"] for r in ROUTES])
-    ax.set(ylim=(0, 1), title=f"routing on {len(turns)} held-out dialogue turns")
+    ax.set(ylim=(0, 1), title=f"routing on {n_turns} held-out dialogue turns")
     save()
-    return out.finish({"routes": per_route, "handoff_precision": round(tp / max(1, sum(pred_h)), 4),
-                       "handoff_recall": round(tp / max(1, sum(gold_h)), 4), "routing_accuracy": routing_acc,
-                       "followup_source_accuracy": src, "followup_source_accuracy_no_condense": src_plain,
-                       "condense": args.condense, "turns": len(turns), "dialogues": len(dialogues),
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+
+    # 1. 知识库、FAQ 条目、留出的多轮对话（阈值都没在这些对话上调过，报出来的才是真实表现）
+    docs, by_id, _ = retrieval.load_kb(args.docs, args.qa)
+    dialogues = load_dialogues(Path(args.dialogues) if args.dialogues else data.DATA_DIR / "kb" / "dialogues.jsonl")
+    faq = parse_faq(docs)
+    if not faq:
+        out.log.warning("知识库里没有 faq/ 文档：FAQ 直答这一路不会触发")
+    desk = ServiceDesk(args, docs, faq)
+    out.log.info(f"{len(docs)} 篇文档 → {len(desk.chunks)} 块，{len(faq)} 条 FAQ；{len(dialogues)} 段对话 "
+                 f"{sum(len(d['turns']) for d in dialogues)} 轮")
+
+    # 2. 逐轮处理：转人工意图 → FAQ 直答 → （改写追问）RAG → 置信度太低转人工；同时跑不改写的对照
+    turns = run_dialogues(desk, dialogues, args.condense)
+    with out.path("transcript.jsonl").open("w", encoding="utf-8") as f:   # 逐轮记录：路由、改写后的问题、来源、回答
+        f.writelines(json.dumps(t, ensure_ascii=False) + "\n" for t in turns)
+
+    # 3. 指标：每个路由的占比与准确率、转人工精确率/召回率、改写对追问的帮助
+    m = route_metrics(turns)
+    r, src, src_plain = m["routes"], m["followup_source_accuracy"], m["followup_source_accuracy_no_condense"]
+    out.log.info(f"路由准确率 {m['routing_accuracy']}；追问的来源准确率：改写 {src} / 不改写 {src_plain}")
+    plot_routes(out, r, len(turns))
+    return out.finish({**m, "condense": args.condense, "turns": len(turns), "dialogues": len(dialogues),
                        "faq_entries": len(faq)},
-                      summary=f"{len(turns)} 轮：路由准确率 {routing_acc}；FAQ 占 {per_route['faq']['share']}"
-                              f"（准确率 {per_route['faq']['accuracy']}），转人工 P/R "
-                              f"{tp / max(1, sum(pred_h)):.2f}/{tp / max(1, sum(gold_h)):.2f}；"
+                      summary=f"{len(turns)} 轮：路由准确率 {m['routing_accuracy']}；FAQ 占 {r['faq']['share']}"
+                              f"（准确率 {r['faq']['accuracy']}），转人工 P/R "
+                              f"{m['handoff_precision']:.2f}/{m['handoff_recall']:.2f}；"
                               f"追问来源准确率 {src_plain} → {src}（改写）")
 
 

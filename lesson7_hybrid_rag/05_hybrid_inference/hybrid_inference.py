@@ -1,7 +1,9 @@
-"""混合推理：按检索置信度在 闭卷 / RAG / 拒答转人工 之间路由；调用服务有超时、指数退避重试、熔断器，服务挂了切到本地备用模型。
+"""混合推理：按检索置信度在 闭卷 / RAG / 拒答转人工 之间路由；调用服务有超时、指数退避重试、熔断器，
+服务挂了切到本地备用模型。
 
   - 置信度：问题的词（jieba/英文词）按 BM25 的 idf 加权，有多少出现在检索到的前几块里（0..1）。
-    高于 --rag-threshold 走 RAG（资料 + 问题），介于两个阈值之间闭卷作答（模型自己的知识），低于 --abstain-threshold 拒答转人工；
+    高于 --rag-threshold 走 RAG（资料 + 问题），介于两个阈值之间闭卷作答（模型自己的知识），
+    低于 --abstain-threshold 拒答转人工；
   - 服务：第 5 课的 OpenAI 兼容聊天服务（common.serving）作为真实子进程启动；每次调用有超时，失败按指数退避 + 抖动重试；
   - 熔断器：连续失败 --failure-threshold 次就"断开"（之后的请求不再等超时，直接走本地备用模型），
     过 --reset-timeout 秒进入"半开"放一个试探请求，成功就重新闭合；
@@ -12,7 +14,8 @@
   python lesson7_hybrid_rag/05_hybrid_inference/hybrid_inference.py            # CPU，smollm2-135m（服务与备用同一个）
   python lesson7_hybrid_rag/05_hybrid_inference/hybrid_inference.py --smoke    # 极小模型
   python lesson7_hybrid_rag/05_hybrid_inference/hybrid_inference.py --base-url http://gpu-host:8000 \\
-      --model Qwen/Qwen2.5-7B-Instruct --fallback-model smollm2-135m --config configs/lesson7/hybrid_inference.yaml  # GPU 服务 + CPU 备用
+      --model Qwen/Qwen2.5-7B-Instruct --fallback-model smollm2-135m \\
+      --config configs/lesson7/hybrid_inference.yaml                     # GPU 服务 + CPU 备用
 
 你会看到（冒烟实测，繁忙的共享 2 核机器）：杀掉服务后没有一个请求失败（failover_worked = true），
 failover_ms 约 1700（含两次退避重试）；熔断器 closed → open → half_open → closed；correct / abstained / wrong 计数
@@ -27,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from common import cli, data, metrics, models, retrieval, run, services
+from common import answers, cli, data, models, retrieval, run, services
 from common.errors import UserError
 
 SMOKE = dict(questions=12, max_new_tokens=12, reset_timeout=1.0)
@@ -61,20 +64,24 @@ class CircuitBreaker:
         self.state, self.failures, self.opened_at, self.log = "closed", 0, 0.0, []
 
     def _to(self, state: str) -> None:
+        """状态变化记进 log：测试与 metrics 据此检查 closed → open → half_open → closed 走全了。"""
         self.state = state
         self.log.append({"t": round(time.monotonic(), 3), "state": state})
 
     def allow(self) -> bool:
+        """能不能发请求：断开时不发（不再白等超时）；冷却期一过转为半开，放一个试探请求。"""
         if self.state == "open" and time.monotonic() - self.opened_at >= self.reset_timeout:
             self._to("half_open")
         return self.state != "open"
 
     def success(self) -> None:
+        """成功一次就清零：熔断看的是"连续"失败，偶发的一次超时不该慢慢累积到断开。"""
         self.failures = 0
         if self.state != "closed":
             self._to("closed")
 
     def failure(self) -> None:
+        """半开时的试探失败立刻再断开：服务还没好，不能把整批请求放过去再等一轮超时。"""
         self.failures += 1
         if self.state == "half_open" or self.failures >= self.threshold:
             self.opened_at = time.monotonic()
@@ -95,7 +102,7 @@ def call_server(url: str, model: str, messages: list[dict], args, breaker: Circu
             r.raise_for_status()
             breaker.success()
             return r.json()["choices"][0]["message"]["content"] or ""
-        except (httpx.HTTPError, KeyError, ValueError):
+        except (httpx.HTTPError, KeyError, ValueError):   # 回答格式不对也算失败：返回错误页的服务和挂掉没区别
             breaker.failure()
             if attempt < args.max_retries:   # 指数退避 + 抖动：避免所有客户端同时重试把刚恢复的服务再压垮
                 time.sleep(args.backoff * 2 ** attempt * (0.5 + rng.random()))
@@ -106,100 +113,138 @@ def confidence(bm25: retrieval.BM25Index, q: str, top: list[int]) -> float:
     """idf 加权的问题词覆盖率：问题里"有信息量"的词，在最匹配的那一块里出现了多少（语料里没有的词按高 idf 计）。"""
     words = set(retrieval.bm25_tokens(q))
     idf = bm25.bm25.idf
+    # 语料里没出现过的词按最高 idf 计：问"股票代码"时，知识库里压根没有的"股票"恰恰是最说明问题的词
     unseen = max(idf.values()) if idf else 1.0
-    weight = {w: max(idf.get(w, unseen), 0.0) for w in words}
+    weight = {w: max(idf.get(w, unseen), 0.0) for w in words}   # 权重不为负，覆盖率才落在 0..1
     total = sum(weight.values())
-    return max((sum(weight[w] for w in words & set(bm25.tokens[i])) / total for i in top), default=0.0) if total else 0.0
+    if not total:
+        return 0.0
+    return max((sum(weight[w] for w in words & set(bm25.tokens[i])) / total for i in top), default=0.0)
 
 
-def main(args: Args) -> dict:
-    args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
-    log = out.log
-    if args.abstain_threshold > args.rag_threshold:
-        raise UserError(f"--abstain-threshold {args.abstain_threshold}: 不能大于 --rag-threshold {args.rag_threshold}")
-
-    # 1. 问题：知识库内的问答（有标准答案）+ 库外问题（应当拒答）；检索索引
+def load_items(args: Args) -> tuple[list[dict], list, retrieval.BM25Index]:
+    """知识库内的问答（有标准答案）+ 库外问题（应当拒答），打乱；知识库切块建 BM25。"""
     docs, by_id, qas = retrieval.load_kb(args.docs, args.qa)
     _, picked = data.split(qas, min(0.99, max(1, args.questions - len(OUT_OF_KB)) / len(qas)), args.seed)
+    # 库外问题约占四分之一：太少看不出拒答是否可靠，太多则服务 / 备用模型的切换演示没几题可看
     items = [{"question": q["question"], "gold": q["answer"]} for q in picked] + \
             [{"question": q, "gold": None} for q in OUT_OF_KB[:max(1, args.questions // 4)]]
-    random.Random(args.seed).shuffle(items)
+    random.Random(args.seed).shuffle(items)   # 打乱：杀服务的时刻不会总落在同一类问题上
     chunks = retrieval.chunk_documents(docs, 300, 50)
     bm25 = retrieval.BM25Index([c.text for c in chunks])
-    bm25.tokens = [retrieval.bm25_tokens(c.text) for c in chunks]
+    bm25.tokens = [retrieval.bm25_tokens(c.text) for c in chunks]   # 置信度要看每块有哪些词
+    return items, chunks, bm25
 
-    # 2. 服务（真实子进程）与本地备用模型（预先加载，切换时不用等加载）
-    model_name = args.resolved_model()
-    fb_model, fb_tok = models.load_args(args, name=args.fallback_model)
+
+def route_of(args: Args, conf: float) -> str:
+    """置信度高走 RAG；中等闭卷（检索到的资料不像答案，塞进提示词反而误导）；低则拒答转人工。"""
+    return "rag" if conf >= args.rag_threshold else ("closed_book" if conf >= args.abstain_threshold else "abstain")
+
+
+def ask(args: Args, url: str, fallback, item: dict, route: str, ctx: str, breaker, rng) -> tuple[str, str]:
+    """先问服务（超时 / 重试 / 熔断）；服务不可用时本地备用模型接手。返回 (回答, 谁答的)。"""
+    content = (f"只根据资料回答，简短作答。\n资料：\n{ctx}\n\n问题：{item['question']}" if route == "rag"
+               else f"请简短回答：{item['question']}")
+    msgs = [{"role": "user", "content": content}]
+    ans = call_server(url, args.resolved_model(), msgs, args, breaker, rng)
+    if ans is not None:
+        return ans, "server"
+    fb_model, fb_tok = fallback   # 备用模型早已加载好：切换的代价只是一次本地生成，不用等加载
+    return models.generate(fb_model, fb_tok, [data.prompt_text(fb_tok, msgs)], args.max_new_tokens, 1)[0], "fallback"
+
+
+def kill_server(svc, log, i: int) -> float:
+    """SIGKILL 整个服务进程组（连同它派生的子进程）：模拟 OOM / 宕机，进程来不及做任何收尾。"""
+    os.killpg(svc.proc.pid, signal.SIGKILL)
+    svc.proc.wait()
+    log.info(f"第 {i} 题前：SIGKILL 服务进程 pid {svc.proc.pid}")
+    return time.perf_counter()
+
+
+def answer_all(args: Args, out, items, chunks, bm25, fallback, cmd) -> tuple[list[dict], dict]:
+    """逐题：检索 → 置信度路由 → 调服务（重试/熔断）→ 失败则本地备用；中途杀掉服务、再在同一端口重启。"""
     svc, url = None, args.base_url
-    cmd = [sys.executable, "-m", "common.serving", "--model", model_name, "--port", "{port}"]
     if not url:
         svc = services.start(cmd, log_file=out.path("server.log"), deadline_s=180)
         url = svc.url
     breaker, rng = CircuitBreaker(args.failure_threshold, args.reset_timeout), random.Random(args.seed)
+    # 只杀自己启动的服务：--base-url 指向的是别人的服务，不能动
     kill_i = int(args.kill_at * len(items)) if args.kill_at and svc else None
     restart_i = int(args.restart_at * len(items)) if kill_i is not None and args.restart_at > args.kill_at else None
-
-    # 3. 逐题：检索 → 置信度路由 → 调服务（重试/熔断）→ 失败则本地备用
     rows, killed_t, failover_ms = [], None, None
     try:
         for i, it in enumerate(items):
             if i == kill_i:
-                os.killpg(svc.proc.pid, signal.SIGKILL)            # 真的杀掉服务进程（连同子进程）
-                svc.proc.wait()
-                killed_t = time.perf_counter()
-                log.info(f"第 {i} 题前：SIGKILL 服务进程 pid {svc.proc.pid}")
-            if i == restart_i:
+                killed_t = kill_server(svc, out.log, i)
+            if i == restart_i:   # 同一端口重启：客户端不换地址，靠熔断器半开试探发现服务回来了
                 svc = services.start(cmd, log_file=out.path("server_restart.log"), deadline_s=180, port=svc.port)
-                log.info(f"第 {i} 题前：服务已在同一端口 {svc.port} 重启")
+                out.log.info(f"第 {i} 题前：服务已在同一端口 {svc.port} 重启")
             top = [j for j, _ in bm25.search(it["question"], 3)]
             conf = confidence(bm25, it["question"], top)
-            route = "rag" if conf >= args.rag_threshold else ("closed_book" if conf >= args.abstain_threshold
-                                                               else "abstain")
+            route = route_of(args, conf)
             row = {**it, "confidence": round(conf, 3), "route": route, "served_by": None, "answer": ""}
             if route != "abstain":
-                ctx = "\n".join(chunks[j].text for j in top)
-                content = (f"只根据资料回答，简短作答。\n资料：\n{ctx}\n\n问题：{it['question']}" if route == "rag"
-                           else f"请简短回答：{it['question']}")
-                msgs = [{"role": "user", "content": content}]
                 t = time.perf_counter()
-                ans = call_server(url, model_name, msgs, args, breaker, rng)
-                row["served_by"] = "server"
-                if ans is None:   # 服务不可用（重试用完或熔断器断开）：本地备用模型接手
-                    ans = models.generate(fb_model, fb_tok, [data.prompt_text(fb_tok, msgs)], args.max_new_tokens, 1)[0]
-                    row["served_by"] = "fallback"
-                    if killed_t and failover_ms is None:
-                        failover_ms = round((time.perf_counter() - killed_t) * 1000, 1)
-                row["answer"], row["ms"] = ans, round((time.perf_counter() - t) * 1000, 1)
+                row["answer"], row["served_by"] = ask(args, url, fallback, it, route,
+                                                      "\n".join(chunks[j].text for j in top), breaker, rng)
+                row["ms"] = round((time.perf_counter() - t) * 1000, 1)
+                if row["served_by"] == "fallback" and killed_t and failover_ms is None:
+                    # 切换时间 = 从杀掉服务到第一个备用回答：含重试的退避等待，这正是用户多等的那段
+                    failover_ms = round((time.perf_counter() - killed_t) * 1000, 1)
             rows.append(row)
-            log.info(f"[{i:2d}] conf={conf:.2f} {route:11s} {row['served_by'] or '-':8s} {it['question'][:40]}")
+            out.log.info(f"[{i:2d}] conf={conf:.2f} {route:11s} {row['served_by'] or '-':8s} {it['question'][:40]}")
     finally:
         if svc:
             svc.stop()
+    return rows, {"kill_i": kill_i, "restart_i": restart_i, "failover_ms": failover_ms,
+                  "states": [s["state"] for s in breaker.log]}
 
-    # 4. 结果：correct / abstained / wrong；切换是否成功；熔断器状态记录
-    correct = sum(r["route"] != "abstain" and r["gold"] is not None and metrics.contains_answer(r["answer"], r["gold"])
+
+def summarize(rows: list[dict], run_info: dict) -> dict:
+    """correct / abstained / wrong；杀掉服务后的每个问题是否都有回答、是否由备用模型接住；重启后是否回到服务。"""
+    kill_i, restart_i, states = run_info["kill_i"], run_info["restart_i"], run_info["states"]
+    correct = sum(r["route"] != "abstain" and r["gold"] is not None and answers.contains_answer(r["answer"], r["gold"])
                   for r in rows)
     abstained = sum(r["route"] == "abstain" for r in rows)
     after_kill = rows[kill_i:restart_i] if kill_i is not None else []
     answered_after = [r for r in after_kill if r["route"] != "abstain"]
+    # 切换成功 = 杀掉之后该答的题一个不漏，而且确实有题是备用模型答的（否则说明根本没测到切换）
     failover_worked = bool(answered_after) and all(r["answer"] is not None and r["served_by"] for r in answered_after) \
         and any(r["served_by"] == "fallback" for r in answered_after)
     back = [r["served_by"] for r in rows[restart_i:] if r["served_by"]] if restart_i is not None else []
-    states = [s["state"] for s in breaker.log]
-    log.info(f"熔断器：{' → '.join(['closed'] + states)}；重启后由服务作答 {back.count('server')}/{len(back)}")
-    return out.finish({"correct": correct, "abstained": abstained, "wrong": len(rows) - correct - abstained,
-                       "abstained_out_of_kb": sum(r["route"] == "abstain" and r["gold"] is None for r in rows),
-                       "out_of_kb": sum(r["gold"] is None for r in rows), "routes": {
-                           k: sum(r["route"] == k for r in rows) for k in ("rag", "closed_book", "abstain")},
-                       "failover_worked": failover_worked, "failover_ms": failover_ms or 0.0,
-                       "breaker_states": states, "breaker_reclosed": "open" in states and states[-1] == "closed",
-                       "served_by": {k: sum(r["served_by"] == k for r in rows) for k in ("server", "fallback")},
-                       "server_after_restart": back.count("server"), "rows": rows, "questions": len(rows)},
-                      summary=f"{len(rows)} 题：correct {correct} / abstained {abstained} / wrong "
-                              f"{len(rows) - correct - abstained}；杀服务后切到本地备用 {failover_worked}"
-                              f"（{failover_ms} ms），熔断器 {' → '.join(['closed'] + states)}")
+    return {"correct": correct, "abstained": abstained, "wrong": len(rows) - correct - abstained,
+            "abstained_out_of_kb": sum(r["route"] == "abstain" and r["gold"] is None for r in rows),
+            "out_of_kb": sum(r["gold"] is None for r in rows),
+            "routes": {k: sum(r["route"] == k for r in rows) for k in ("rag", "closed_book", "abstain")},
+            "failover_worked": failover_worked, "failover_ms": run_info["failover_ms"] or 0.0,
+            "breaker_states": states, "breaker_reclosed": "open" in states and states[-1] == "closed",
+            "served_by": {k: sum(r["served_by"] == k for r in rows) for k in ("server", "fallback")},
+            "server_after_restart": back.count("server"), "rows": rows, "questions": len(rows)}
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+    if args.abstain_threshold > args.rag_threshold:
+        raise UserError(f"--abstain-threshold {args.abstain_threshold}: 不能大于 --rag-threshold {args.rag_threshold}")
+
+    # 1. 问题：知识库内的问答（有标准答案）+ 库外问题（应当拒答）；检索索引
+    items, chunks, bm25 = load_items(args)
+
+    # 2. 本地备用模型（预先加载，切换时不用等加载）；服务是第 5 课的聊天服务，作为真实子进程启动
+    fallback = models.load_args(args, name=args.fallback_model)
+    cmd = [sys.executable, "-m", "common.serving", "--model", args.resolved_model(), "--port", "{port}"]
+
+    # 3. 逐题：检索 → 置信度路由 → 调服务（重试/熔断）→ 失败则本地备用；中途 SIGKILL 服务再重启
+    rows, run_info = answer_all(args, out, items, chunks, bm25, fallback, cmd)
+
+    # 4. 结果：correct / abstained / wrong；切换是否成功；熔断器状态记录
+    m = summarize(rows, run_info)
+    states, fo = m["breaker_states"], run_info["failover_ms"]
+    out.log.info(f"熔断器：{' → '.join(['closed'] + states)}；重启后由服务作答 {m['server_after_restart']} 题")
+    return out.finish(m, summary=f"{len(rows)} 题：correct {m['correct']} / abstained {m['abstained']} / wrong "
+                                 f"{m['wrong']}；杀服务后切到本地备用 {m['failover_worked']}（{fo} ms），"
+                                 f"熔断器 {' → '.join(['closed'] + states)}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from common import cli, data, models, retrieval, run
 from common.errors import UserError
 
-SMOKE = dict(sizes=[1000, 4000], clients=[1, 4], requests=60, seconds_per_config=1.5, gen_tokens=16, doc_stride=4, serve=False)
+# 冒烟：两个规模足以看出"Flat / BM25 随规模变慢"；不起聊天服务（启动一次要几十秒，CI 里另有服务测试）
+SMOKE = dict(sizes=[1000, 4000], clients=[1, 4], requests=60, seconds_per_config=1.5, gen_tokens=16, doc_stride=4,
+             serve=False)
 
 
 @dataclass
@@ -42,7 +44,8 @@ class Args(retrieval.KBArgs):
     hnsw_m: int = cli.arg(32, "HNSW 每个节点的邻居数 M", min=4)
     hnsw_ef_search: int = cli.arg(64, "HNSW 查询时的候选数 efSearch（越大越准越慢）", min=10)
     ivf_nprobe: int = cli.arg(8, "IVF 查询时探测的簇数 nprobe", min=1)
-    omp_threads: int = cli.arg(1, "FAISS 单个查询内部的 OpenMP 线程数：并发来自客户端，单查询再开多线程只会互相抢核", min=1)
+    omp_threads: int = cli.arg(1, "FAISS 单个查询内部的 OpenMP 线程数：并发来自客户端，单查询再开多线程只会互相抢核",
+                               min=1)
     gen_tokens: int = cli.arg(32, "测生成速度时每次生成的 token 数", min=1)
     base_url: str = cli.arg(None, "已在运行的 OpenAI 兼容聊天服务（如第 5 课的服务），测端到端 RAG req/s")
     serve: bool = cli.arg(True, "自己启动第 5 课的聊天服务（common.serving）再测端到端 RAG req/s（--smoke 时关）")
@@ -53,30 +56,31 @@ def synth_vectors(base, n: int, noise: float, rng):
     import numpy as np
 
     idx = rng.integers(0, len(base), n)
+    # 噪声按 1/√d 缩放：不论维度多少，noise 都是"偏离真实向量的相对幅度"，近邻结构不会被噪声完全抹掉
     v = base[idx] + noise * rng.standard_normal((n, base.shape[1]), dtype="float32") / np.sqrt(base.shape[1])
     return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype("float32")
 
 
 def build(kind: str, vecs, token_lists, args):
-    """建一个索引，返回 search(query_index) 函数。"""
+    """建一个索引，返回 search(query_tokens, query_vector) -> 前 10 个下标；四种索引同一个接口，压测代码不分情况。"""
     import faiss
 
     d = vecs.shape[1]
     if kind == "flat":
-        index = faiss.IndexFlatIP(d)
+        index = faiss.IndexFlatIP(d)   # 暴力内积：每次查询扫全部 N 个向量，精确但 O(N)
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = args.hnsw_ef_search
+        index.hnsw.efSearch = args.hnsw_ef_search   # 图上贪心搜索：查询代价约 O(log N)，换来少量召回损失
     elif kind == "ivf":
         nlist = max(4, int(4 * len(vecs) ** 0.5))          # 常用经验值：簇数 ≈ 4·√N
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(vecs)
-        index.nprobe = args.ivf_nprobe
+        index.nprobe = args.ivf_nprobe   # 只扫最近的 nprobe 个簇：nprobe = nlist 时退化为精确检索
     else:
         import numpy as np
         from rank_bm25 import BM25Okapi
 
-        bm25 = BM25Okapi(token_lists)
+        bm25 = BM25Okapi(token_lists)   # get_scores 每个查询词都在 Python 里遍历全部文档：O(N) 且常数大
         return lambda q_tokens, q_vec: list(np.argsort(-bm25.get_scores(q_tokens))[:10])
     index.add(vecs)
     return lambda q_tokens, q_vec: list(index.search(q_vec[None, :], 10)[1][0])
@@ -86,32 +90,57 @@ def load_test(search, queries, clients: int, max_requests: int, max_seconds: flo
     """clients 个线程各自顺序发请求，直到总数或时间用完；返回延迟分位数与吞吐。"""
     import numpy as np
 
-    lat, stop = [], time.perf_counter() + max_seconds
+    stop = time.perf_counter() + max_seconds
     per_client = max(1, max_requests // clients)
-
-    def client(c: int):
-        import faiss
-
-        # OpenMP 的线程数是"每个线程自己的"设置：主线程里设的 1 管不到线程池里的客户端线程，
-        # 不在这里再设一次，每个查询都会在忙碌的机器上开满 OpenMP 线程互相自旋等待（实测 10k 块时慢几千倍）
-        faiss.omp_set_num_threads(omp_threads)
-        mine = []
-        for i in range(per_client):
-            if time.perf_counter() > stop:
-                break
-            qt, qv = queries[(c * 7919 + i) % len(queries)]
-            t = time.perf_counter()
-            search(qt, qv)
-            mine.append((time.perf_counter() - t) * 1000)
-        return mine
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as ex:
-        for m in ex.map(client, range(clients)):
-            lat += m
+        lat = [ms for mine in ex.map(lambda c: _client(search, queries, c, per_client, stop, omp_threads),
+                                     range(clients)) for ms in mine]
     wall = time.perf_counter() - t0
+    # 报分位数而不是平均：尾延迟（p99）决定最慢的那批用户等多久，平均值会被大量快请求掩盖
     p50, p95, p99 = np.percentile(lat, [50, 95, 99])
+    # min_ms：机器再忙也只会让请求变慢、不会变快，比较两个索引谁快时看最快的那次最稳
     return {"p50_ms": round(float(p50), 3), "p95_ms": round(float(p95), 3), "p99_ms": round(float(p99), 3),
-            "rps": round(len(lat) / wall, 1), "requests": len(lat)}
+            "min_ms": round(min(lat), 3), "rps": round(len(lat) / wall, 1), "requests": len(lat)}
+
+
+def _client(search, queries, c: int, per_client: int, stop: float, omp_threads: int) -> list[float]:
+    """一个客户端线程：顺序发请求，记下每个请求的毫秒数。"""
+    import faiss
+
+    # OpenMP 的线程数是"每个线程自己的"设置：主线程里设的 1 管不到线程池里的客户端线程，
+    # 不在这里再设一次，每个查询都会在忙碌的机器上开满 OpenMP 线程互相自旋等待（实测 10k 块时慢几千倍）
+    faiss.omp_set_num_threads(omp_threads)
+    mine = []
+    for i in range(per_client):
+        if time.perf_counter() > stop:
+            break
+        # 每个客户端从不同的问题起步（7919 是质数）：并发客户端不会同时查同一个问题、沾缓存的光
+        qt, qv = queries[(c * 7919 + i) % len(queries)]
+        t = time.perf_counter()
+        search(qt, qv)
+        mine.append((time.perf_counter() - t) * 1000)
+    return mine
+
+
+class ChatClient:
+    """经 HTTP 问聊天服务一个 RAG 问题；超时或出错记一次失败（压测要报错误数，而不是整个运行崩掉）。"""
+
+    def __init__(self, url: str, model: str, max_tokens: int):
+        self.url, self.model, self.max_tokens, self.errors = url.rstrip("/"), model, max_tokens, []
+
+    def ask(self, pair: tuple[str, str], _vec=None) -> None:
+        """与 build() 返回的 search 同一个签名 (查询, 向量)：load_test 不用分检索还是生成。"""
+        import httpx
+
+        c, q = pair
+        try:
+            r = httpx.post(self.url + "/v1/chat/completions", timeout=180, json={
+                "model": self.model, "max_tokens": self.max_tokens, "temperature": 0,
+                "messages": [{"role": "user", "content": f"资料：{c[:300]}\n问题：{q}"}]})
+            r.raise_for_status()
+        except httpx.HTTPError as e:
+            self.errors.append(type(e).__name__)
 
 
 def bench_generation(args, out, contexts: list[str], questions: list[str]) -> dict:
@@ -120,8 +149,10 @@ def bench_generation(args, out, contexts: list[str], questions: list[str]) -> di
     prompts = [data.prompt_text(tok, [{"role": "user", "content": f"资料：{c[:300]}\n问题：{q}"}])
                for c, q in zip(contexts, questions)][:4]
     t = time.perf_counter()
+    # 一批 4 条：报的是批量吞吐（tokens/s），不是单条请求的延迟
     outs = models.generate(model, tok, prompts, max_new_tokens=args.gen_tokens, batch_size=4)
     secs = time.perf_counter() - t
+    # 数实际生成的 token：遇到结束符提前停的回答不能按 gen_tokens 算满
     n_tok = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outs) or 1
     res = {"local_tokens_per_s": round(n_tok / secs, 1), "local_batch_seconds": round(secs, 2)}
     url, svc = args.base_url, None
@@ -133,80 +164,46 @@ def bench_generation(args, out, contexts: list[str], questions: list[str]) -> di
                               "{port}"], log_file=out.path("server.log"), deadline_s=180)
         url = svc.url
     if url:
-        import httpx
-        errors = []
         try:
-            def ask(c, q):   # 超时或出错记一次失败（压测要报错误数，而不是整个运行崩掉）
-                try:
-                    r = httpx.post(url.rstrip("/") + "/v1/chat/completions", timeout=180, json={
-                        "model": args.resolved_model(), "max_tokens": args.gen_tokens, "temperature": 0,
-                        "messages": [{"role": "user", "content": f"资料：{c[:300]}\n问题：{q}"}]})
-                    r.raise_for_status()
-                except httpx.HTTPError as e:
-                    errors.append(type(e).__name__)
-            e2e = load_test(lambda qt, qv: ask(*qt), [((c, q), None) for c, q in zip(contexts, questions)],
+            client = ChatClient(url, args.resolved_model(), args.gen_tokens)
+            # 2 个客户端、最多 8 个请求：CPU 上一次生成就要几秒，压测要有上限
+            e2e = load_test(client.ask, [((c, q), None) for c, q in zip(contexts, questions)],
                             2, 8, args.seconds_per_config * 4)
-            res["e2e_rag"] = {**e2e, "errors": len(errors)}
+            res["e2e_rag"] = {**e2e, "errors": len(client.errors)}
         finally:
             if svc:
                 svc.stop()
     return res
 
 
-def main(args: Args) -> dict:
-    args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
-    log = out.log
-    bad = sorted(set(args.indexes) - {"flat", "hnsw", "ivf", "bm25"})
-    if bad:
-        raise UserError(f"--indexes {' '.join(bad)}: 只能是 flat / hnsw / ivf / bm25")
-    import faiss
+def bench_size(args, n: int, base, base_tokens, queries, rng, prng) -> tuple[dict, dict, dict]:
+    """一个规模：合成语料 → 建各个索引 → 召回（对 Flat）→ 各并发下压测。返回 (configs, recall, build_s)。"""
     import numpy as np
 
-    faiss.omp_set_num_threads(args.omp_threads)
+    vecs = synth_vectors(base, n, args.noise, rng)
+    # BM25 一侧：随机拼接两块真实块的词表，词频分布像真语料，规模可以任意大
+    tokens = [prng.choice(base_tokens) + prng.choice(base_tokens) for _ in range(n)] if "bm25" in args.indexes \
+        else None
+    configs, recall, build_s, exact = {}, {}, {}, None
+    for kind in args.indexes:
+        t = time.perf_counter()
+        search = build(kind, vecs, tokens, args)
+        build_s[f"{kind}_n{n}"] = round(time.perf_counter() - t, 2)
+        if kind == "flat":   # 精确检索的前 10 个是近似索引的标准答案
+            exact = [set(search(qt, qv)) for qt, qv in queries]
+        elif kind in ("hnsw", "ivf") and exact is not None:
+            got = [set(search(qt, qv)) for qt, qv in queries]
+            recall[f"{kind}_n{n}"] = round(float(np.mean([len(g & e) / 10 for g, e in zip(got, exact)])), 4)
+        for c in args.clients:
+            m = load_test(search, queries, c, args.requests, args.seconds_per_config, args.omp_threads)
+            configs[f"{kind}_n{n}_c{c}"] = {**m, "index": kind, "size": n, "clients": c,
+                                            **({"recall_at_10": recall[f"{kind}_n{n}"]}
+                                               if f"{kind}_n{n}" in recall else {})}
+    return configs, recall, build_s
 
-    # 1. 真实种子：知识库切块、向量化；问答集的问题作为查询
-    docs, by_id, qas = retrieval.load_kb(args.docs, args.qa)
-    chunks = retrieval.chunk_documents(docs[::args.doc_stride], 300, 50)
-    embedder = retrieval.load_embedder(args.embedding_model, models.pick_device(args.device).type)
-    base = retrieval.embed(embedder, [c.text for c in chunks])
-    qas = qas[::args.doc_stride]
-    qvecs = retrieval.embed(embedder, [q["question"] for q in qas])
-    base_tokens = [retrieval.bm25_tokens(c.text) for c in chunks]
-    queries = [(retrieval.bm25_tokens(q["question"]), v) for q, v in zip(qas, qvecs)]
-    log.info(f"种子：{len(chunks)} 个真实块、{len(qas)} 个真实问题；合成规模 {args.sizes}，并发 {args.clients}")
 
-    # 2. 每个规模：合成语料 → 建各个索引 → 召回（对 Flat）→ 各并发下压测
-    rng, prng = np.random.default_rng(args.seed), random.Random(args.seed)
-    configs, recall, build_s = {}, {}, {}
-    for n in args.sizes:
-        vecs = synth_vectors(base, n, args.noise, rng)
-        tokens = [prng.choice(base_tokens) + prng.choice(base_tokens) for _ in range(n)] if "bm25" in args.indexes \
-            else None
-        exact = None
-        for kind in args.indexes:
-            t = time.perf_counter()
-            search = build(kind, vecs, tokens, args)
-            build_s[f"{kind}_n{n}"] = round(time.perf_counter() - t, 2)
-            if kind == "flat":
-                exact = [set(search(qt, qv)) for qt, qv in queries]
-            elif kind in ("hnsw", "ivf") and exact is not None:
-                got = [set(search(qt, qv)) for qt, qv in queries]
-                recall[f"{kind}_n{n}"] = round(float(np.mean([len(g & e) / 10 for g, e in zip(got, exact)])), 4)
-            for c in args.clients:
-                m = load_test(search, queries, c, args.requests, args.seconds_per_config, args.omp_threads)
-                configs[f"{kind}_n{n}_c{c}"] = {**m, "index": kind, "size": n, "clients": c,
-                                                **({"recall_at_10": recall[f"{kind}_n{n}"]}
-                                                   if f"{kind}_n{n}" in recall else {})}
-            log.info(f"{kind:5s} n={n:>7}: 建索引 {build_s[f'{kind}_n{n}']} 秒，单客户端 p50 "
-                     f"{configs[f'{kind}_n{n}_c{args.clients[0]}']['p50_ms']} ms"
-                     + (f"，recall@10 {recall[f'{kind}_n{n}']}" if f"{kind}_n{n}" in recall else ""))
-
-    # 3. 生成速度（本地模型），以及可选的经聊天服务的端到端 RAG
-    ctx = [chunks[int(np.argmax(base @ v))].text for v in qvecs[:8]]
-    generation = bench_generation(args, out, ctx, [q["question"] for q in qas[:8]])
-
-    # 4. log-log 图：单客户端 p50 延迟 vs 语料规模
+def plot_latency(out, args, configs: dict) -> None:
+    """log-log：斜率 ≈ 1 是线性增长（Flat、BM25），接近水平是次线性（HNSW），一眼看出谁撑得住规模。"""
     fig, save = out.plot("latency_vs_size.png")
     ax = fig.add_subplot(111)
     c0 = args.clients[0]
@@ -216,12 +213,55 @@ def main(args: Args) -> dict:
            title="retrieval latency vs corpus size (log-log)")
     ax.legend()
     save()
-    big = max(args.sizes)
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+    bad = sorted(set(args.indexes) - {"flat", "hnsw", "ivf", "bm25"})
+    if bad:
+        raise UserError(f"--indexes {' '.join(bad)}: 只能是 flat / hnsw / ivf / bm25")
+    import faiss
+    import numpy as np
+
+    faiss.omp_set_num_threads(args.omp_threads)   # 主线程也设：建索引、算召回都在主线程里
+
+    # 1. 真实种子：知识库切块、向量化；问答集的问题作为查询（合成的查询测不出真实的词分布）
+    docs, by_id, qas = retrieval.load_kb(args.docs, args.qa)
+    chunks = retrieval.chunk_documents(docs[::args.doc_stride], 300, 50)
+    embedder = retrieval.load_embedder(args.embedding_model, models.pick_device(args.device).type)
+    base = retrieval.embed(embedder, [c.text for c in chunks])
+    qas = qas[::args.doc_stride]
+    qvecs = retrieval.embed(embedder, [q["question"] for q in qas])
+    base_tokens = [retrieval.bm25_tokens(c.text) for c in chunks]
+    queries = [(retrieval.bm25_tokens(q["question"]), v) for q, v in zip(qas, qvecs)]
+    out.log.info(f"种子：{len(chunks)} 个真实块、{len(qas)} 个真实问题；合成规模 {args.sizes}，并发 {args.clients}")
+
+    # 2. 每个规模：合成语料 → 建各个索引 → 召回（对 Flat）→ 各并发下压测
+    # 两个随机数源都由 --seed 决定：同一种子每次合成出同样的语料，近似索引的召回可以复现
+    rng, prng = np.random.default_rng(args.seed), random.Random(args.seed)
+    configs, recall, build_s = {}, {}, {}
+    for n in args.sizes:
+        for acc, part in zip((configs, recall, build_s), bench_size(args, n, base, base_tokens, queries, rng, prng)):
+            acc.update(part)
+        for kind in args.indexes:
+            out.log.info(f"{kind:5s} n={n:>7}: 建索引 {build_s[f'{kind}_n{n}']} 秒，单客户端 p50 "
+                         f"{configs[f'{kind}_n{n}_c{args.clients[0]}']['p50_ms']} ms"
+                         + (f"，recall@10 {recall[f'{kind}_n{n}']}" if f"{kind}_n{n}" in recall else ""))
+
+    # 3. 生成速度（本地模型），以及可选的经聊天服务的端到端 RAG：检索再快，端到端也由生成决定
+    ctx = [chunks[int(np.argmax(base @ v))].text for v in qvecs[:8]]
+    generation = bench_generation(args, out, ctx, [q["question"] for q in qas[:8]])
+
+    # 4. log-log 图：单客户端 p50 延迟 vs 语料规模
+    plot_latency(out, args, configs)
+    big, c0 = max(args.sizes), args.clients[0]
     return out.finish({"configs": configs, "recall_at_10": recall, "build_seconds": build_s, "generation": generation,
                        "sizes": args.sizes, "clients": args.clients},
                       summary=f"n={big}：" + "，".join(f"{k} p95={configs[f'{k}_n{big}_c{c0}']['p95_ms']}ms"
                                                        for k in args.indexes)
-                              + "；" + "，".join(f"{k} recall@10={v}" for k, v in recall.items() if k.endswith(str(big)))
+                              + "；" + "，".join(f"{k} recall@10={v}" for k, v in recall.items()
+                                                if k.endswith(str(big)))
                               + f"；本地生成 {generation['local_tokens_per_s']} tok/s")
 
 
