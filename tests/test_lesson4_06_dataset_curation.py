@@ -1,4 +1,6 @@
-"""第 4 课 06：偏好数据治理。埋下的重复、近似重复、有害 chosen、标注分歧、长度偏置、泄漏都被对应规则处理；坏数据一行报错。"""
+"""第 4 课 06：偏好数据治理。埋下的重复、近似重复、有害 chosen、标注分歧、长度偏置、泄漏都被对应规则处理；
+坏数据一行报错。
+"""
 import json
 import random
 
@@ -41,6 +43,7 @@ def test_planted_problems_are_removed(tmp_path):
     assert rules["eval_leak"] == 2, rules
     # 长度偏置：0.8 -> 下采样 chosen 更长的对，回到 0.5 ± 0.1
     assert m["length_bias_before"] > 0.75 and abs(m["length_bias_after"] - 0.5) <= 0.1 + 1e-9, m
+    assert abs(m["length_bias_after"] - 0.5) < abs(m["length_bias_before"] - 0.5) - 0.15, m
     assert m["leaked_prompts_after"] == 0
     out = tmp_path / "out"
     kept = [json.loads(x) for x in (out / "pairs_clean.jsonl").read_text(encoding="utf-8").splitlines()]

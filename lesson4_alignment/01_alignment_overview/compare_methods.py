@@ -11,14 +11,14 @@
 
 运行：
   python lesson4_alignment/01_alignment_overview/compare_methods.py            # CPU，smollm2-135m
-  python lesson4_alignment/01_alignment_overview/compare_methods.py --smoke    # tiny-qwen2（满载的 2 核机器上墙钟约 7 分钟）
+  python lesson4_alignment/01_alignment_overview/compare_methods.py --smoke    # tiny-qwen2（满载 2 核上约 7 分钟）
   python lesson4_alignment/01_alignment_overview/compare_methods.py --model Qwen/Qwen2.5-1.5B-Instruct \\
       --source hf --config configs/lesson4/compare_methods_gpu.yaml             # GPU，bf16
   --data 自己的偏好文件（prompt/chosen/rejected）；--methods dpo,orpo 只比其中几种。
 
 你会看到（默认，smollm2-135m + LoRA，每种方法 12 步，空闲 2 核 CPU 7.8 分钟）：margin 0.065 -> DPO 0.151、KTO 0.136、
 ORPO 0.074、SimPO 0.155，准确率只有 SimPO 动了（0.627 -> 0.657）。--smoke（tiny-qwen2，全参数）：准确率 0.66 ->
-DPO 0.81、KTO 0.78、ORPO 0.69、SimPO 0.87；DPO 要多一份参考模型，内存最高。
+DPO 0.78、KTO 0.70、ORPO 0.69、SimPO 0.78；DPO 要多一份参考模型，内存最高。
 输出：compare_methods.png、results.md。详见同目录 README.md。
 """
 
@@ -26,10 +26,11 @@ import copy
 import time
 from dataclasses import dataclass
 
-from common import cli, data, models, run, train
+from common import cli, data, lm, models, run, train
 from common.errors import UserError
 
 METHODS = ("dpo", "kto", "orpo", "simpo")
+# 参考模型要多一次前向（全参数时还多一份权重）：这是 ORPO / SimPO 想省掉的成本
 NEEDS_REF = {"dpo": True, "kto": True, "orpo": False, "simpo": False}
 
 
@@ -53,55 +54,72 @@ class Args(cli.CommonArgs):
     smoke_model = "tiny-qwen2"
 
 
+# 冒烟：极小模型全参数训练，承受得住大学习率；12 步就能让四种方法彼此拉开
 SMOKE = dict(lora_r=0, sft_steps=20, max_steps=12, learning_rate=5e-4, sft_learning_rate=1e-3, max_length=128)
 
 
+def parse_methods(text: str) -> list[str]:
+    """--methods 解析成列表；拼错的方法名在加载模型之前一行报错，而不是训练到一半才失败。"""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods or [m for m in methods if m not in METHODS]:
+        raise UserError(f"--methods {text}: 只能从 {', '.join(METHODS)} 里选")
+    return methods
+
 
 def sft_start(model, tok, pairs, args, out):
-    """共同起点：TRL SFTTrainer 在 prompt + chosen 上训练（prompt-completion 格式，只在回答上算损失）。"""
+    """共同起点：TRL SFTTrainer 在 prompt + chosen 上训练（prompt-completion 格式，只在回答上算损失）。
+
+    偏好方法都假设策略已经会按格式回答（InstructGPT、Zephyr 都先 SFT）；从裸模型开始，比的就是谁先学会格式。
+    """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    ds = Dataset.from_list([{"prompt": p["prompt"], "completion": p["chosen"]} for p in data.preference_conversational(pairs)])
+    ds = Dataset.from_list([{"prompt": p["prompt"], "completion": p["chosen"]}
+                            for p in data.preference_conversational(pairs)])
     cfg = SFTConfig(output_dir=str(out.path("sft")), seed=args.seed, max_steps=args.sft_steps,
                     learning_rate=args.sft_learning_rate, per_device_train_batch_size=8, max_length=args.max_length,
                     logging_steps=10, save_strategy="no", report_to=[], **train.trainer_flags(model, log=False))
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=train.lora_config(args.lora_r, args.lora_alpha))
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
+                         peft_config=train.lora_config(args.lora_r, args.lora_alpha))
     trainer.train()
     # LoRA：把 SFT 的 adapter 合并进权重，得到一个普通模型作为所有方法的共同起点（各方法再各挂一个新 adapter）
-    return trainer.model.merge_and_unload() if args.lora_r else trainer.model
+    return train.merge_lora(trainer.model)
 
 
 def make_trainer(method: str, model, tok, pairs, args, out):
-    """每种方法用 TRL 里对应的训练器；共同的超参数一样。"""
+    """每种方法用 TRL 里对应的训练器；共同的超参数一样（差别只来自损失，比较才公平）。"""
     from datasets import Dataset
 
+    # disable_dropout：策略与参考模型的 log π 要在同一个确定的网络上算，否则比值里混进了 dropout 噪声
     common = dict(output_dir=str(out.path(f"trainer_{method}")), seed=args.seed, max_steps=args.max_steps,
                   learning_rate=args.learning_rate, per_device_train_batch_size=args.per_device_train_batch_size,
                   max_length=args.max_length, logging_steps=5, save_strategy="no", report_to=out.trainer_report_to(),
                   disable_dropout=True, **train.trainer_flags(model, log=False))
     ds = Dataset.from_list(data.preference_conversational(pairs))
+    peft = train.lora_config(args.lora_r, args.lora_alpha)
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         return DPOTrainer(model=model, ref_model=ref_copy(model, args), args=DPOConfig(beta=args.beta, **common),
-                          train_dataset=ds, processing_class=tok, peft_config=train.lora_config(args.lora_r, args.lora_alpha))
+                          train_dataset=ds, processing_class=tok, peft_config=peft)
     if method == "kto":
         from trl import KTOConfig, KTOTrainer
 
+        # KTO 只要"好/坏"标签（前景理论的损失，不需要成对）：把每个偏好对拆成两条单独的样本
         unpaired = [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
                     for p in data.preference_conversational(pairs) for k in ("chosen", "rejected")]
         return KTOTrainer(model=model, ref_model=ref_copy(model, args), args=KTOConfig(beta=args.beta, **common),
-                          train_dataset=Dataset.from_list(unpaired), processing_class=tok, peft_config=train.lora_config(args.lora_r, args.lora_alpha))
+                          train_dataset=Dataset.from_list(unpaired), processing_class=tok, peft_config=peft)
     if method == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
         return ORPOTrainer(model=model, args=ORPOConfig(beta=args.beta, **common), train_dataset=ds,
-                           processing_class=tok, peft_config=train.lora_config(args.lora_r, args.lora_alpha))
+                           processing_class=tok, peft_config=peft)
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
+    # SimPO = CPO 的损失换成长度归一化 + 目标间隔；cpo_alpha=0 去掉 CPO 附带的 SFT 项，才是论文里的 SimPO
     cfg = CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=args.simpo_beta, simpo_gamma=args.simpo_gamma, **common)
-    return CPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=train.lora_config(args.lora_r, args.lora_alpha))
+    return CPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft)
 
 
 def ref_copy(model, args):
@@ -109,83 +127,101 @@ def ref_copy(model, args):
     return None if args.lora_r else copy.deepcopy(model).eval().requires_grad_(False)
 
 
-def preference_eval(model, tok, pairs, max_length: int) -> tuple[float, float]:
-    """留出对：平均每 token log π(chosen) − log π(rejected) > 0 的比例，以及平均差值（与训练方法无关的尺子）。"""
+def avg_response_logp(model, tok, prompt: list[dict], response: list[dict], max_length: int) -> float:
+    """回答（含 eos）平均每个 token 的 log π：按长度平均，免得"回答越短 log 概率之和越高"替某个方法加分。"""
     import torch
 
-    def avg_logp(p, resp):
-        prompt = data.prompt_text(tok, p["prompt"])
-        ids_p = tok(prompt, add_special_tokens=False).input_ids
-        ids = (ids_p + tok(resp[-1]["content"] + tok.eos_token, add_special_tokens=False).input_ids)[:max_length]
-        x = torch.tensor([ids], device=model.device)
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
-        tgt = x[0, 1:]
-        lp = logp.gather(-1, tgt[:, None]).squeeze(-1)[len(ids_p) - 1:]
-        return lp.mean().item()
+    ids_p = tok(data.prompt_text(tok, prompt), add_special_tokens=False).input_ids
+    ids = (ids_p + tok(response[-1]["content"] + tok.eos_token, add_special_tokens=False).input_ids)[:max_length]
+    x = torch.tensor([ids], device=model.device)
+    with torch.no_grad():
+        # logits[t] 预测第 t+1 个 token：回答从第 len(ids_p) 个 token 起，所以从 len(ids_p) - 1 取
+        lp = lm.token_logprobs(model(input_ids=x).logits[0, :-1], x[0, 1:])[len(ids_p) - 1:]
+    return lp.mean().item()
 
+
+def preference_eval(model, tok, pairs, max_length: int) -> tuple[float, float]:
+    """留出对：平均每 token log π(chosen) − log π(rejected) > 0 的比例，以及平均差值。
+
+    与任何一种方法的训练目标都无关（DPO 的隐式奖励、SimPO 的间隔各有各的尺度），所以能横着比。
+    """
     model.eval()
-    diffs = [avg_logp(p, p["chosen"]) - avg_logp(p, p["rejected"]) for p in data.preference_conversational(pairs)]
+    diffs = [avg_response_logp(model, tok, p["prompt"], p["chosen"], max_length)
+             - avg_response_logp(model, tok, p["prompt"], p["rejected"], max_length)
+             for p in data.preference_conversational(pairs)]
     return sum(d > 0 for d in diffs) / len(diffs), sum(diffs) / len(diffs)
+
+
+def run_method(method: str, init_state: dict, tok, train_pairs, eval_pairs, args, out) -> dict:
+    """从同一起点的一份新副本训练一种方法，计时、量内存，再用同一把尺子评估。"""
+    policy, _ = models.load_args(args, for_training=True)   # 新加载再装入起点权重：各方法互不影响
+    policy.load_state_dict(init_state)
+    trainer = make_trainer(method, policy, tok, train_pairs, args, out)
+    # 只把 trainer.train() 包进去：建训练器、分词这些一次性开销不算进"方法的成本"
+    with train.PeakMemory(train.device_of(policy)) as mem:
+        t0 = time.perf_counter()
+        trainer.train()
+        secs = time.perf_counter() - t0
+    acc, margin = preference_eval(trainer.model, tok, eval_pairs, args.max_length)
+    out.log.info(f"{method.upper()}: 准确率 {acc:.3f}，差值 {margin:.3f}，{secs:.1f} 秒，"
+                 f"峰值内存 +{mem.peak_mb:.0f} MB")
+    return {"pref_accuracy": round(acc, 4), "margin": round(margin, 4), "seconds": round(secs, 2),
+            "peak_mem_mb": round(mem.peak_mb, 1), "needs_ref_model": NEEDS_REF[method]}
+
+
+def write_table(out, results: dict, start_acc: float, start_margin: float) -> None:
+    """results.md：SFT 起点一行在最上面——每种方法的数字只有和起点比才有意义。"""
+    rows = ["| method | pref_accuracy | margin | seconds | peak_mem_mb | needs ref model |",
+            "|---|---|---|---|---|---|", f"| SFT start | {start_acc:.3f} | {start_margin:.3f} | - | - | - |"]
+    rows += [f"| {m.upper()} | {r['pref_accuracy']:.3f} | {r['margin']:.3f} | {r['seconds']:.1f} | "
+             f"{r['peak_mem_mb']:.0f} | {'yes' if r['needs_ref_model'] else 'no'} |" for m, r in results.items()]
+    out.path("results.md").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    print("\n".join(rows))
+
+
+def plot_results(out, results: dict, start_acc: float, max_steps: int) -> None:
+    """准确率与训练秒数并排：颜色区分要不要参考模型，看"多一个模型"换来了什么。"""
+    fig, save = out.plot("compare_methods.png")
+    names = ["SFT"] + [m.upper() for m in results]
+    panels = (("held-out pref accuracy", [start_acc] + [r["pref_accuracy"] for r in results.values()]),
+              ("train seconds", [0] + [r["seconds"] for r in results.values()]))
+    for i, (key, vals) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.bar(names, vals, color=["gray"] + ["tab:blue" if NEEDS_REF[m] else "tab:orange" for m in results])
+        ax.set_title(key)
+    fig.suptitle(f"Same SFT start, {max_steps} steps each ({out.model_name}); blue = needs reference model")
+    save()
 
 
 def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise UserError(f"--methods {args.methods}: 只能从 {', '.join(METHODS)} 里选")
+    out = run.start(__file__, args)
+    methods = parse_methods(args.methods)
 
-    # 1. 数据：同一份偏好对，同一个留出集
+    # 1. 数据：同一份偏好对，同一个留出集（留出对谁都没训练过，准确率才不是背答案）
     train_pairs, eval_pairs = data.preference_split(args.data, args.val_fraction, args.seed)
 
-    # 2. 共同的 SFT 起点
+    # 2. 共同的 SFT 起点：各方法的差别只能来自损失本身，所以起点、数据、步数、学习率全都一样
     model, tok = models.load_args(args, for_training=True)
     if args.sft_steps:
         model = sft_start(model, tok, train_pairs, args, out)
     start_acc, start_margin = preference_eval(model, tok, eval_pairs, args.max_length)
     out.log.info(f"SFT 起点：留出偏好准确率 {start_acc:.3f}，平均 log π 差 {start_margin:.3f}")
+    # 存一份权重再删模型：四种方法依次训练时内存里只有一份起点，峰值内存才反映方法本身
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     del model
 
     # 3. 每种方法：从同一起点复制、训练、计时、测内存、同一把尺子评估
-    results = {}
-    for method in methods:
-        policy, _ = models.load_args(args, for_training=True)   # 新加载再装入起点权重：各方法互不影响
-        policy.load_state_dict(init_state)
-        trainer = make_trainer(method, policy, tok, train_pairs, args, out)
-        with train.PeakMemory(train.device_of(policy)) as mem:
-            t0 = time.perf_counter()
-            trainer.train()
-            secs = time.perf_counter() - t0
-        acc, margin = preference_eval(trainer.model, tok, eval_pairs, args.max_length)
-        results[method] = {"pref_accuracy": round(acc, 4), "margin": round(margin, 4), "seconds": round(secs, 2),
-                           "peak_mem_mb": round(mem.peak_mb, 1), "needs_ref_model": NEEDS_REF[method]}
-        out.log.info(f"{method.upper()}: 准确率 {acc:.3f}，差值 {margin:.3f}，{secs:.1f} 秒，峰值内存 +{mem.peak_mb:.0f} MB")
-        del trainer, policy
+    results = {m: run_method(m, init_state, tok, train_pairs, eval_pairs, args, out) for m in methods}
 
     # 4. 表格与图
-    rows = ["| method | pref_accuracy | margin | seconds | peak_mem_mb | needs ref model |", "|---|---|---|---|---|---|",
-            f"| SFT start | {start_acc:.3f} | {start_margin:.3f} | - | - | - |"]
-    rows += [f"| {m.upper()} | {r['pref_accuracy']:.3f} | {r['margin']:.3f} | {r['seconds']:.1f} | "
-             f"{r['peak_mem_mb']:.0f} | {'yes' if r['needs_ref_model'] else 'no'} |" for m, r in results.items()]
-    out.path("results.md").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    print("\n".join(rows))
-    fig, save = out.plot("compare_methods.png")
-    names = ["SFT"] + [m.upper() for m in results]
-    for i, (key, vals) in enumerate((("held-out pref accuracy", [start_acc] + [r["pref_accuracy"] for r in results.values()]),
-                                     ("train seconds", [0] + [r["seconds"] for r in results.values()]))):
-        ax = fig.add_subplot(1, 2, i + 1)
-        ax.bar(names, vals, color=["gray"] + ["tab:blue" if NEEDS_REF[m] else "tab:orange" for m in results])
-        ax.set_title(key)
-    fig.suptitle(f"Same SFT start, {args.max_steps} steps each ({out.model_name}); blue = needs reference model")
-    save()
+    write_table(out, results, start_acc, start_margin)
+    plot_results(out, results, start_acc, args.max_steps)
     best = max(results, key=lambda m: results[m]["pref_accuracy"])
-    return out.finish({**results, "sft_start": {"pref_accuracy": round(start_acc, 4), "margin": round(start_margin, 4)}},
-                      summary=f"SFT 起点准确率 {start_acc:.2f}；" + "，".join(
-                          f"{m.upper()} {r['pref_accuracy']:.2f}/{r['seconds']:.0f}s" for m, r in results.items())
-                      + f"；最好 {best.upper()}")
+    per_method = "，".join(f"{m.upper()} {r['pref_accuracy']:.2f}/{r['seconds']:.0f}s" for m, r in results.items())
+    start = {"pref_accuracy": round(start_acc, 4), "margin": round(start_margin, 4)}
+    return out.finish({**results, "sft_start": start},
+                      summary=f"SFT 起点准确率 {start_acc:.2f}；{per_method}；最好 {best.upper()}")
 
 
 if __name__ == "__main__":

@@ -12,24 +12,26 @@ TRL 1.x 已经没有 PPOTrainer（旧教程的 `from trl import PPOTrainer` 会�
 
 运行：
   python lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py                 # CPU，smollm2-135m
-  python lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py --smoke         # tiny-llama（CPU 时间约 25 秒；满载时墙钟约 3 分钟）
+  python lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py --smoke         # tiny-llama，CPU 约 25 秒（满载约 3 分钟）
   python lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py --smoke --algo grpo   # 同一 RM，TRL GRPO
   python lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py --model Qwen/Qwen2.5-1.5B-Instruct --source hf \\
       --config configs/lesson4/rlhf_pipeline_gpu.yaml                          # GPU
   --reward-model DIR：直接用 03 训练好的奖励模型（跳过第 2 阶段）；--data：自己的偏好文件。
 
 你会看到（默认，smollm2-135m + LoRA，空闲 2 核 CPU 9 分钟）：RM 留出准确率 0.91；PPO 12 次迭代后留出 prompt 贪心回答的
-平均 RM 分数 1.98 -> 2.89，KL 0.04 nat。--smoke（tiny-llama，全参数）：0.925；−2.96 -> 2.24，KL 4.4；GRPO −2.96 -> −2.77。
-输出 ppo_curves.png（reward / KL / entropy 随迭代变化）。详见同目录 README.md。
+平均 RM 分数 1.98 -> 2.89，KL 0.04 nat。--smoke（tiny-llama，全参数）：0.925；−2.72 -> 1.90，KL 5.4；
+GRPO（--ppo-steps 4）−2.72 -> −2.00。输出 ppo_curves.png（reward / KL / entropy 随迭代变化）。详见同目录 README.md。
 """
-
 import copy
 import random
 from dataclasses import dataclass
 
 import torch
 
-from common import cli, data, models, run, scoring, train
+from common import cli, data, lm, models, run, train
+
+# 只属于本课的打分原语（建 RM、回答的 log π 与熵、RM / critic 的打分头）：放在旁边的 _scoring.py，不进 common/
+scoring = run.import_sibling(__file__, "_scoring")
 
 
 @dataclass
@@ -53,8 +55,7 @@ class Args(cli.CommonArgs):
     critic_learning_rate: float = cli.arg(1e-4, "critic 学习率（LoRA + 全参数的打分头；全参数时 ~5e-6）", min=0)
     sft_learning_rate: float = cli.arg(2e-4, "阶段 1 学习率（LoRA；全参数 ~2e-5）", min=0)
     rm_learning_rate: float = cli.arg(2e-4, "阶段 2 学习率（LoRA；全参数 ~5e-5）", min=0)
-    lora_r: int = cli.arg(16, "LoRA 秩：阶段 1、2 训练 adapter 后合并进权重；阶段 3 的 actor 与 critic 各挂一个 adapter"
-                              "（critic 的打分头全参数训练）；0 = 全部全参数训练", min=0)
+    lora_r: int = cli.arg(16, "LoRA 秩：阶段 1、2 训练后合并；阶段 3 actor、critic 各挂一个；0 = 全参数", min=0)
     lora_alpha: int = cli.arg(32, "LoRA 缩放系数", min=1)
     num_generations: int = cli.arg(4, "GRPO/RLOO：每个 prompt 采样几个回答互相比较", min=2)
     max_length: int = cli.arg(256, "SFT/RM 样本最多多少 token", min=8)
@@ -65,72 +66,57 @@ class Args(cli.CommonArgs):
 
 # 冒烟：极小模型承受大学习率；小批量、短回答，几十秒内跑完三个阶段
 SMOKE = dict(lora_r=0, sft_steps=20, rm_steps=30, ppo_steps=12, rollout_batch=16, mini_batch_size=8, max_new_tokens=16,
-             learning_rate=3e-4, critic_learning_rate=1e-3, sft_learning_rate=1e-3, rm_learning_rate=1e-3, max_length=128)
+             learning_rate=3e-4, critic_learning_rate=1e-3, sft_learning_rate=1e-3, rm_learning_rate=1e-3,
+             max_length=128)
 
 
-def text_of(x) -> str:
-    return x if isinstance(x, str) else x[-1]["content"]
+def with_lora(model, args, task: str):
+    """手写循环用：r > 0 时挂上 LoRA（原权重冻结），r = 0 原样返回（全参数）。TRL 的训练器直接收 peft_config。"""
+    if not args.lora_r:
+        return model
+    from peft import get_peft_model
 
-
-def encode(tok, texts, device, max_length: int):
-    tok.padding_side = "right"
-    return tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
-               add_special_tokens=False).to(device)
+    return get_peft_model(model, train.lora_config(args.lora_r, args.lora_alpha, task))
 
 
 def stage1_sft(actor, tok, pairs, args, rng, log):
     """阶段 1：在 prompt + chosen 上做监督微调（只在回答 token 上算损失）；返回合并后的 actor。"""
-    rows = [data.tokenize_chat(tok, p["prompt"] + [{"role": "assistant", "content": text_of(p["chosen"])}],
+    # tokenize_chat 把 prompt 部分的 labels 设成 -100：不然模型也在学复述用户的提问
+    rows = [data.tokenize_chat(tok, p["prompt"] + [{"role": "assistant", "content": p["chosen"][-1]["content"]}],
                                args.max_length) for p in pairs]
-    actor = train.with_lora(actor, args.lora_r, args.lora_alpha, "CAUSAL_LM")
+    actor = with_lora(actor, args, "CAUSAL_LM")
     opt = torch.optim.AdamW(train.trainable_params(actor), lr=args.sft_learning_rate)
     actor.train()
     for step in range(args.sft_steps):
-        b = rng.sample(rows, min(8, len(rows)))
-        n = max(len(r["input_ids"]) for r in b)
-        cols = {key: torch.tensor([r[key] + [v] * (n - len(r[key])) for r in b], device=actor.device)
-                for key, v in (("input_ids", tok.pad_token_id), ("attention_mask", 0), ("labels", -100))}
-        loss = train.optimizer_step(opt, actor(**cols).loss)
+        batch = lm.pad_right(rng.sample(rows, min(8, len(rows))), tok.pad_token_id)
+        loss = train.optimizer_step(opt, actor(**{k: v.to(actor.device) for k, v in batch.items()}).loss)
         if step % 10 == 0 or step == args.sft_steps - 1:
             log.info(f"[SFT] step {step + 1}/{args.sft_steps} loss {loss:.3f}")
+    # 合并：阶段 3 要把它复制成 ref、再挂一个新 adapter 当 actor；不合并，两层 adapter 叠在一起分不清谁在训练
     return train.merge_lora(actor)
 
 
-def pair_scores(rm, tok, pairs, max_length: int):
-    """RM 的输入：对话模板渲染的 prompt + 回答 + eos（与 PPO 生成的回答同一格式）；返回 (chosen 分, rejected 分)。"""
-    pt = [data.prompt_text(tok, p["prompt"]) for p in pairs]
-    texts = [a + text_of(p[key]) + tok.eos_token for key in ("chosen", "rejected") for a, p in zip(pt, pairs)]
-    enc = encode(tok, texts, rm.device, max_length)
-    return scoring.last_token_scores(rm, enc.input_ids, enc.attention_mask).chunk(2)
-
-
 def stage2_reward_model(rm, tok, train_pairs, eval_pairs, args, rng, log):
-    """阶段 2：成对损失 −log σ(r_c − r_r)（同 03，手写循环）；返回 (合并后的 RM, 留出准确率)。"""
-    rm = train.with_lora(rm, args.lora_r, args.lora_alpha, "SEQ_CLS")
+    """阶段 2：成对损失 −log σ(r_c − r_r)（Bradley–Terry，同 03，手写循环）；返回 (合并后的 RM, 留出准确率)。"""
+    rm = with_lora(rm, args, "SEQ_CLS")   # SEQ_CLS：打分头是新初始化的，PEFT 让它全参数训练（低秩增量学不出它）
     opt = torch.optim.AdamW(train.trainable_params(rm), lr=args.rm_learning_rate)
     rm.train()
     for step in range(args.rm_steps):
-        sc, sr = pair_scores(rm, tok, rng.sample(train_pairs, min(8, len(train_pairs))), args.max_length)
+        sc, sr = scoring.pair_scores(rm, tok, rng.sample(train_pairs, min(8, len(train_pairs))), args.max_length)
+        # 只有分差进损失：RM 分数的绝对值没有意义，所以阶段 3 要截断它、PPO 要白化优势
         loss = train.optimizer_step(opt, -torch.nn.functional.logsigmoid(sc - sr).mean())
         if step % 20 == 0 or step == args.rm_steps - 1:
             log.info(f"[RM] step {step + 1}/{args.rm_steps} loss {loss:.3f}")
-    return train.merge_lora(rm), rm_accuracy(rm, tok, eval_pairs, args.max_length)
-
-
-def rm_accuracy(rm, tok, pairs, max_length: int) -> float:
-    rm.eval()
-    with torch.no_grad():
-        hits = sum((torch.sub(*pair_scores(rm, tok, pairs[i:i + 16], max_length)) > 0).sum().item()
-                   for i in range(0, len(pairs), 16))
-    return hits / len(pairs)
+    return train.merge_lora(rm), scoring.rm_accuracy(rm, tok, eval_pairs, args.max_length)
 
 
 def rollout(actor, tok, prompts: list[str], max_new_tokens: int, greedy: bool = False):
     """actor 生成回答；返回 (序列, 掩码, prompt 长度)。回答掩码保留到第一个 eos（含）为止。"""
-    tok.padding_side = "left"
+    tok.padding_side = "left"   # 生成要左填充：右填充时新 token 会接在填充后面
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(actor.device)
     actor.eval()
     with torch.no_grad():
+        # top_k=0、top_p=1：从完整分布采样。截掉尾部的话，采样分布就不是 π，log π 算出的 ρ 与 KL 都有偏
         seq = actor.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy, top_k=0, top_p=1.0,
                              pad_token_id=tok.pad_token_id)
     start = enc.input_ids.shape[1]
@@ -140,7 +126,7 @@ def rollout(actor, tok, prompts: list[str], max_new_tokens: int, greedy: bool = 
 
 
 def mean_reward(actor, rm, tok, prompts, args) -> float:
-    """留出 prompt 上贪心回答的平均 RM 分数（PPO 前后用同一把尺子）。"""
+    """留出 prompt 上贪心回答的平均 RM 分数（PPO 前后用同一把尺子；贪心 = 没有采样噪声）。"""
     scores = []
     for i in range(0, len(prompts), 16):
         seq, mask, _ = rollout(actor, tok, prompts[i:i + 16], args.max_new_tokens, greedy=True)
@@ -158,12 +144,14 @@ def make_experience(actor, ref, critic, rm, tok, prompts, args) -> dict:
         ref_logp, _ = scoring.response_logprobs(ref, seq, mask, start)
         values = scoring.token_scores(critic, seq, mask)[:, start - 1:-1] * rmask   # V(前缀)：生成第 t 个 token 之前
         score = scoring.last_token_scores(rm, seq, mask)
+    # KL 惩罚逐 token 给（InstructGPT）：没有它，策略会漂到 RM 没见过、却恰好给高分的胡话上（奖励黑客）
     kl = (logp - ref_logp) * rmask
     rewards = -args.kl_coef * kl
     last = rmask.sum(1).long() - 1
     rewards[torch.arange(len(seq)), last] += score.clamp(-args.reward_clip, args.reward_clip)
     adv, gae = torch.zeros_like(rewards), torch.zeros(len(seq), device=seq.device)
-    for t in reversed(range(rewards.shape[1])):   # GAE 从后往前累加
+    # GAE（Schulman 2016）从后往前累加：λ=1 是蒙特卡洛回报（无偏、方差大），λ=0 只信 critic（方差小、有偏）
+    for t in reversed(range(rewards.shape[1])):
         next_v = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
         gae = rewards[:, t] + args.gamma * next_v - values[:, t] + args.gamma * args.lam * gae
         adv[:, t] = gae
@@ -182,14 +170,15 @@ def ppo_update(actor, critic, opt_a, opt_c, exp, args) -> tuple[float, float, fl
     critic.train()
     for _ in range(args.ppo_epochs):
         for idx in torch.randperm(n).split(args.mini_batch_size):
-            ids, mask, m = exp["seq"][idx], exp["mask"][idx], exp["rmask"][idx]
+            ids, mask, m, adv = exp["seq"][idx], exp["mask"][idx], exp["rmask"][idx], exp["adv"][idx]
             logp, ent = scoring.response_logprobs(actor, ids, mask, exp["start"])
             ratio = torch.exp((logp - exp["logp"][idx]) * m)
-            adv = exp["adv"][idx]
+            # 截断（Schulman 2017）：ρ 离开 [1−ε, 1+ε] 后梯度为 0，同一批经验反复用几轮也不会一步走太远
             pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
             pg_loss = train.optimizer_step(opt_a, (pg * m).sum() / m.sum(), actor.parameters())
             v = scoring.token_scores(critic, ids, mask)[:, exp["start"] - 1:-1]
             old_v, ret = exp["values"][idx], exp["returns"][idx]
+            # 价值也截断：critic 一步跳太远，下一批的优势全跟着抖
             v_clip = old_v + (v - old_v).clamp(-args.cliprange_value, args.cliprange_value)
             vf = 0.5 * (torch.max((v - ret) ** 2, (v_clip - ret) ** 2) * m).sum() / m.sum()
             vf_loss = train.optimizer_step(opt_c, vf, critic.parameters())
@@ -197,7 +186,13 @@ def ppo_update(actor, critic, opt_a, opt_c, exp, args) -> tuple[float, float, fl
     return pg_loss, vf_loss, sum(ents) / len(ents)
 
 
-def stage3_ppo(actor, ref, critic, rm, tok, prompts, args, rng, log) -> list[dict]:
+def stage3_ppo(actor, rm, tok, prompts, args, rng, log):
+    """阶段 3：PPO 的四个模型与迭代循环；返回 (训练后的 actor, 每次迭代的记录)。"""
+    # ref = SFT 后的冻结副本：KL 惩罚量的是"离 SFT 多远"，它一动，惩罚就失去了锚点
+    ref = copy.deepcopy(actor).eval().requires_grad_(False)
+    # critic 用 RM 初始化（DeepSpeed-Chat）：它已经会从隐状态读出"回答好不好"，比随机的价值头收敛快得多
+    critic = with_lora(copy.deepcopy(rm).requires_grad_(True), args, "SEQ_CLS")
+    actor = with_lora(actor, args, "CAUSAL_LM")
     opt_a = torch.optim.AdamW(train.trainable_params(actor), lr=args.learning_rate)
     opt_c = torch.optim.AdamW(train.trainable_params(critic), lr=args.critic_learning_rate)
     hist = []
@@ -208,26 +203,28 @@ def stage3_ppo(actor, ref, critic, rm, tok, prompts, args, rng, log) -> list[dic
         hist.append(dict(step=it + 1, reward=exp["score"], kl=exp["kl"], entropy=ent, policy_loss=pg, value_loss=vf))
         log.info(f"[PPO] iter {it + 1}/{args.ppo_steps} reward {exp['score']:.3f} KL {exp['kl']:.3f} "
                  f"entropy {ent:.2f} policy_loss {pg:.4f} value_loss {vf:.4f}")
-    return hist
+    return actor, hist
 
 
 def stage3_trl(algo, actor, tok, rm, prompts, args, out) -> list[dict]:
-    """对照：TRL 的 GRPO / RLOO，奖励函数就是同一个冻结 RM。"""
+    """对照：TRL 的 GRPO / RLOO，奖励函数就是同一个冻结 RM（不同的只有优势怎么估）。"""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     def rm_reward(prompts, completions, **_):
-        enc = encode(tok, [p + c + tok.eos_token for p, c in zip(prompts, completions)], rm.device, 512)
+        enc = scoring.encode(tok, [p + c + tok.eos_token for p, c in zip(prompts, completions)], rm.device, 512)
         with torch.no_grad():
             scores = scoring.last_token_scores(rm, enc.input_ids, enc.attention_mask)
-        return scores.clamp(-args.reward_clip, args.reward_clip).tolist()
+        return scores.clamp(-args.reward_clip, args.reward_clip).tolist()   # 与 PPO 同样截断，才算同一个奖励
 
     Config, Trainer = (GRPOConfig, GRPOTrainer) if algo == "grpo" else (RLOOConfig, RLOOTrainer)
+    # 批大小须是 num_generations 的整数倍：一个 prompt 的一组回答要落在同一批里才能互相比较
     bs = max(args.num_generations, args.rollout_batch // args.num_generations * args.num_generations)
     cfg = Config(output_dir=str(out.path("trainer")), seed=args.seed, max_steps=args.ppo_steps, beta=args.kl_coef,
                  learning_rate=args.learning_rate, per_device_train_batch_size=bs, num_generations=args.num_generations,
                  max_completion_length=args.max_new_tokens, logging_steps=1, save_strategy="no",
-                 report_to=out.trainer_report_to(), top_k=0, **train.trainer_flags(actor, log=False))
+                 report_to=out.trainer_report_to(), top_k=0,   # top_k=0：与 PPO 一样从完整分布采样
+                 **train.trainer_flags(actor, log=False))
     trainer = Trainer(model=actor, reward_funcs=rm_reward, args=cfg, processing_class=tok,
                       train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]))
     trainer.train()
@@ -235,58 +232,51 @@ def stage3_trl(algo, actor, tok, rm, prompts, args, out) -> list[dict]:
                  policy_loss=h.get("loss", 0.0)) for h in trainer.state.log_history if "reward" in h]
 
 
-def main(args: Args) -> dict:
-    from transformers import AutoModelForSequenceClassification
-
-    args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
-    rng = random.Random(args.seed)
-
-    # 0. 数据：偏好对切成训练 / 留出；PPO 只用 prompt
-    train_pairs, eval_pairs = map(data.preference_conversational,   # 统一成消息列表：prompt 是 user 消息
-                                  data.preference_split(args.data, args.val_fraction, args.seed, min_train=8))
-    actor, tok = models.load_args(args, for_training=True)
-
-    # 1. 阶段 1：SFT
-    actor = stage1_sft(actor, tok, train_pairs, args, rng, out.log) if args.sft_steps else actor
-
-    # 2. 阶段 2：奖励模型（同一个起点加打分头；或直接用 --reward-model）
-    rm_path = args.reward_model or models.resolve(out.model_name, args.source)
-    rm = AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1, dtype=actor.dtype,
-                                                            use_safetensors=True).to(actor.device)
-    rm.config.pad_token_id = tok.pad_token_id
-    if args.reward_model:
-        rm_acc = rm_accuracy(rm, tok, eval_pairs, args.max_length)
-    else:
-        rm, rm_acc = stage2_reward_model(rm, tok, train_pairs, eval_pairs, args, rng, out.log)
-    out.log.info(f"奖励模型留出准确率 {rm_acc:.3f}")
-    rm.eval().requires_grad_(False)
-
-    # 3. 阶段 3：PPO（或 GRPO / RLOO）。参考模型 = SFT 后的冻结副本；critic 用 RM 初始化（DeepSpeed-Chat 做法）
-    train_prompts = [data.prompt_text(tok, p["prompt"]) for p in train_pairs]
-    eval_prompts = [data.prompt_text(tok, p["prompt"]) for p in eval_pairs]
-    before = mean_reward(actor, rm, tok, eval_prompts, args)
-    out.log.info(f"PPO 前：留出 prompt 的平均奖励 {before:.3f}")
-    if args.algo == "ppo":
-        ref = copy.deepcopy(actor).eval().requires_grad_(False)
-        critic = train.with_lora(copy.deepcopy(rm).requires_grad_(True), args.lora_r, args.lora_alpha,
-                                 "SEQ_CLS")
-        actor = train.with_lora(actor, args.lora_r, args.lora_alpha, "CAUSAL_LM")
-        hist = stage3_ppo(actor, ref, critic, rm, tok, train_prompts, args, rng, out.log)
-    else:
-        hist = stage3_trl(args.algo, actor, tok, rm, train_prompts, args, out)
-    after = mean_reward(actor, rm, tok, eval_prompts, args)
-    out.log.info(f"{args.algo.upper()} 后：留出 prompt 的平均奖励 {after:.3f}")
-
-    # 4. 曲线：奖励、KL、熵
+def plot_curves(out, hist, title: str) -> None:
+    """reward 升、KL 有界、熵缓降才是健康的 PPO；熵塌到 0 说明策略只会说一句话了。"""
     fig, save = out.plot("ppo_curves.png")
     for i, key in enumerate(("reward", "kl", "entropy")):
         ax = fig.add_subplot(1, 3, i + 1)
         ax.plot([h["step"] for h in hist], [h[key] for h in hist], "o-", ms=3)
         ax.set_xlabel("iteration")
         ax.set_title(key)
-    fig.suptitle(f"{args.algo.upper()} on {out.model_name}: held-out reward {before:.2f} -> {after:.2f}")
+    fig.suptitle(title)
     save()
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+    rng = random.Random(args.seed)
+
+    # 0. 数据：偏好对切成训练 / 留出；PPO 只用 prompt。留出的 prompt 不进任何一个阶段，前后比的才不是背下来的
+    train_pairs, eval_pairs = map(data.preference_conversational,   # 统一成消息列表：prompt 是 user 消息
+                                  data.preference_split(args.data, args.val_fraction, args.seed, min_train=8))
+    actor, tok = models.load_args(args, for_training=True)
+
+    # 1. 阶段 1：SFT。PPO 只会在策略自己采得到的回答里挑好的；起点不会答，RM 再准也没有好回答可奖励
+    actor = stage1_sft(actor, tok, train_pairs, args, rng, out.log) if args.sft_steps else actor
+
+    # 2. 阶段 2：奖励模型（同一个起点加打分头；或直接用 --reward-model）
+    rm = scoring.load_reward_model(args.reward_model or models.resolve(out.model_name, args.source), actor, tok)
+    rm, rm_acc = ((rm, scoring.rm_accuracy(rm, tok, eval_pairs, args.max_length)) if args.reward_model
+                  else stage2_reward_model(rm, tok, train_pairs, eval_pairs, args, rng, out.log))
+    out.log.info(f"奖励模型留出准确率 {rm_acc:.3f}")
+    rm.eval().requires_grad_(False)   # 阶段 3 里 RM 只打分：它也跟着训练，actor 就能"说服"它给高分
+
+    # 3. 阶段 3：PPO（或 GRPO / RLOO）；前后用同一把尺子（留出 prompt 的贪心回答）量平均奖励
+    train_prompts, eval_prompts = ([data.prompt_text(tok, p["prompt"]) for p in ps] for ps in (train_pairs, eval_pairs))
+    before = mean_reward(actor, rm, tok, eval_prompts, args)
+    out.log.info(f"PPO 前：留出 prompt 的平均奖励 {before:.3f}")
+    if args.algo == "ppo":
+        actor, hist = stage3_ppo(actor, rm, tok, train_prompts, args, rng, out.log)
+    else:
+        hist = stage3_trl(args.algo, actor, tok, rm, train_prompts, args, out)
+    after = mean_reward(actor, rm, tok, eval_prompts, args)
+    out.log.info(f"{args.algo.upper()} 后：留出 prompt 的平均奖励 {after:.3f}")
+
+    # 4. 曲线与指标：只看 reward 会被奖励黑客骗过，KL 与熵要一起看
+    plot_curves(out, hist, f"{args.algo.upper()} on {out.model_name}: held-out reward {before:.2f} -> {after:.2f}")
     last = {k: round(v, 5) for k, v in hist[-1].items() if k in ("kl", "policy_loss", "value_loss", "entropy")}
     metrics = {"algo": args.algo, "rm_eval_accuracy": round(rm_acc, 4), "reward_before": round(before, 4),
                "reward_after": round(after, 4), **{f"{k}_final" if k in ("kl", "entropy") else f"{k}_last": v

@@ -11,7 +11,8 @@
      （否则模型/奖励模型会学到"越长越好"）；
   6. 类别平衡：类别 = category 字段，没有时按语言（zh/en）；每类最多 max_category_ratio × 最小类；
   7. 泄漏：按 pair 随机切分时，同一（或几乎相同的）prompt 会同时出现在训练和评估里——先数一遍；
-     再把精确/近似相同的 prompt 并成组（MinHash + 并查集）按组切分（同组只进一边），泄漏归零；--eval-data 给了外部评估集时，删掉训练里与之重合的 prompt。
+     再把精确/近似相同的 prompt 并成组（MinHash + 并查集）按组切分（同组只进一边），泄漏归零；
+     --eval-data 给了外部评估集时，删掉训练里与之重合的 prompt。
 输出：curation_report.md / .html、pairs_clean.jsonl、train.jsonl、eval.jsonl、removed.jsonl（每条带删除原因）。
 
 运行：
@@ -20,21 +21,24 @@
   python lesson4_alignment/06_dataset_curation/dataset_curation.py --data my_pairs.jsonl --extra-data "" \\
       --graded "" --eval-data my_eval.jsonl                                    # 自己的数据（不需要 GPU）
 
-你会看到（实测）：379 -> 356 对（训练 284 / 评估 72）；删除 有害 chosen 4、标注分歧 3、无信息对 2、精确重复 10、近似重复 4，翻转 1；
-长度偏置 0.46（在容差内）；随机切分时 7 个评估 prompt 泄漏，分组切分后 0。详见同目录 README.md。
+你会看到（实测）：379 -> 356 对（训练 284 / 评估 72）；删除 有害 chosen 4、标注分歧 3、无信息对 2、精确重复 10、
+近似重复 4，翻转 1；长度偏置 0.46（在容差内）；随机切分时 7 个评估 prompt 泄漏，分组切分后 0。详见 README.md。
 """
 
 import hashlib
 import json
 import random
 import re
-import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from common import cli, data, run
 from common.errors import UserError
+
+# 什么算"同一条"（规范化、MinHash、分组、泄漏计数）：放在旁边的 _similar.py，所有规则共用同一个定义
+similar = run.import_sibling(__file__, "_similar")
+norm = similar.norm
 
 # 不安全规则：中英关键词（真实流水线换成审核模型/分类器；规则的好处是每次删除都能解释）
 UNSAFE = [r"kill yourself", r"bypass .*(sensor|protection)", r"disable .*protection", r"make a bomb", r"炸弹",
@@ -43,7 +47,8 @@ UNSAFE = [r"kill yourself", r"bypass .*(sensor|protection)", r"disable .*protect
 
 @dataclass
 class Args(cli.CommonArgs):
-    extra_data: str = cli.arg("data/preference_raw/dirty_pairs.jsonl", "第二批偏好对（可带 votes/category）；空字符串 = 不用")
+    extra_data: str = cli.arg("data/preference_raw/dirty_pairs.jsonl",
+                              "第二批偏好对（可带 votes/category）；空字符串 = 不用")
     graded: str = cli.arg("data/preference_raw/graded.jsonl", "打分回答 {prompt, responses:[{text, score}]}；空 = 不用")
     eval_data: str = cli.arg(None, "外部评估集（偏好格式）：训练里与它重合的 prompt 会被删掉")
     min_score_gap: float = cli.arg(2.0, "打分回答组成偏好对所需的最小分差", min=0)
@@ -55,30 +60,29 @@ class Args(cli.CommonArgs):
     val_fraction: float = cli.arg(0.2, "评估集比例（按 prompt 分组切分）", min=0.01, max=0.9)
 
 
+# 冒烟：MinHash 位数减半就够测流水线；阈值附近的近似重复判断会更粗，所以默认用 128
 SMOKE = dict(num_perm=64)
 
 
-def norm(text) -> str:
-    """规范化：NFKC、小写、去掉空白和标点（"L5 门锁？" 与 "l5门锁?" 视为同一串）。"""
-    text = text if isinstance(text, str) else " ".join(m["content"] for m in text)
-    text = unicodedata.normalize("NFKC", text).lower()
-    return "".join(ch for ch in text if not ch.isspace() and not unicodedata.category(ch).startswith("P"))
-
-
 def load_graded(path: Path, gap: float) -> list[dict]:
-    """打分回答 -> 偏好对：同一 prompt 下分数高的当 chosen，分差够大才成对。"""
+    """打分回答 -> 偏好对：同一 prompt 下分数高的当 chosen，分差够大才成对。
+
+    分差小的两条（4 分对 3.5 分）谁更好，打分的人自己都拿不准；拿它们成对，教给模型的是标注噪声。
+    """
     pairs = []
     for no, r in data.read_records(path):
         resp = r.get("responses")
         if not isinstance(r.get("prompt"), str) or not isinstance(resp, list) or len(resp) < 2:
             raise UserError(f"{path}:{no}: 需要 'prompt'（字符串）和至少两个 'responses'")
         for i, x in enumerate(resp):
-            if not isinstance(x, dict) or not isinstance(x.get("text"), str) or not isinstance(x.get("score"), (int, float)):
+            if not isinstance(x, dict) or not isinstance(x.get("text"), str) \
+                    or not isinstance(x.get("score"), (int, float)):
                 raise UserError(f"{path}:{no}: responses[{i}] 需要 'text'（字符串）与 'score'（数字）")
         for a in resp:
             for b in resp:
                 if a["score"] - b["score"] >= gap:
-                    pairs.append({"prompt": r["prompt"], "chosen": a["text"], "rejected": b["text"], "source": "graded"})
+                    pairs.append({"prompt": r["prompt"], "chosen": a["text"], "rejected": b["text"],
+                                  "source": "graded"})
     return pairs
 
 
@@ -99,65 +103,149 @@ def load_pool(args: Args) -> list[dict]:
     return pool
 
 
-def minhash(text: str, num_perm: int):
-    """字符 3-gram 集合的 MinHash 签名（中英文都适用，不需要分词）。"""
-    from datasketch import MinHash
-
-    m = MinHash(num_perm=num_perm, seed=1)
-    m.update_batch([text[k:k + 3].encode() for k in range(max(1, len(text) - 2))])
-    return m
-
-
-def minhash_dups(items: list[tuple[int, str]], threshold: float, num_perm: int) -> set[int]:
-    """近似重复：MinHash + LSH；每组只留第一条，返回要删的下标。"""
-    from datasketch import MinHashLSH
-
-    lsh, drop = MinHashLSH(threshold=threshold, num_perm=num_perm), set()
-    for i, text in items:
-        m = minhash(text, num_perm)
-        if lsh.query(m):
-            drop.add(i)
-        else:
-            lsh.insert(str(i), m)
-    return drop
-
-
-def prompt_groups(prompts: list[str], threshold: float, num_perm: int) -> list[int]:
-    """把精确或近似相同的 prompt 并成一组（并查集）：切分时整组只进训练或评估一边。"""
-    from datasketch import MinHashLSH
-
-    parent = list(range(len(prompts)))
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    for i, text in enumerate(prompts):
-        m = minhash(text, num_perm)
-        for j in lsh.query(m):
-            parent[find(int(j))] = find(i)
-        lsh.insert(str(i), m)
-    return [find(i) for i in range(len(prompts))]
-
-
 def length_bias(pairs: list[dict]) -> float:
+    """chosen 比 rejected 长的比例：0.5 = 长度与好坏无关；0.8 = 奖励模型只看长度就能猜对八成。"""
     return sum(len(norm(p["chosen"])) > len(norm(p["rejected"])) for p in pairs) / max(len(pairs), 1)
 
 
-def leaks(train: list[dict], evals: list[dict], threshold: float, num_perm: int) -> int:
-    """评估集里有多少 prompt 在训练集里出现过（精确或近似）：LSH 里只放训练集，逐个查评估 prompt。"""
-    from datasketch import MinHashLSH
+def tag(p: dict, rule: str) -> dict:
+    """被删的对带上规则名：removed.jsonl 里每一条都能回答"为什么删了它"。"""
+    return {**p, "rule": rule}
 
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    exact = set()
-    for i, p in enumerate(train):
-        t = norm(p["prompt"])
-        exact.add(t)
-        lsh.insert(str(i), minhash(t, num_perm))
-    return sum(1 for p in evals if norm(p["prompt"]) in exact or lsh.query(minhash(norm(p["prompt"]), num_perm)))
+
+def apply_rules(pool: list[dict], args: Args) -> tuple[list[dict], list[dict], list[float], int]:
+    """规则 1-3：无信息对、不安全 chosen、标注一致性；返回 (留下的, 删掉的, 每条的多数票占比, 翻转条数)。
+
+    先做这三条、再去重：一条错标的对和它的"正确"副本去重时只留一条，先去重就可能留下错的那条。
+    """
+    unsafe = re.compile("|".join(UNSAFE), re.IGNORECASE)
+    kept, removed, agreements, flipped = [], [], [], 0
+    for p in pool:
+        if norm(p["chosen"]) == norm(p["rejected"]):
+            removed.append(tag(p, "identical_responses"))   # 两边一样：DPO 的梯度为 0，只占算力
+        # 规范化文本 + 原文都查：去掉空格标点后 "make a bomb" 变成 "makeabomb"，英文规则要在原文上匹配
+        elif unsafe.search(norm(p["chosen"]) + " " + (p["chosen"] if isinstance(p["chosen"], str) else "")):
+            removed.append(tag(p, "unsafe_chosen"))
+        elif p["votes"]:
+            top, count = Counter(p["votes"]).most_common(1)[0]
+            share = count / len(p["votes"])
+            agreements.append(share)
+            if share < args.min_agreement:   # 标注者自己都说不清哪个好：这条对只是噪声
+                removed.append(tag(p, "low_agreement"))
+            elif top == "rejected":   # 多数认为 rejected 更好：标签翻转
+                flipped += 1
+                kept.append({**p, "chosen": p["rejected"], "rejected": p["chosen"]})
+            else:
+                kept.append(p)
+        else:
+            kept.append(p)
+    return kept, removed, agreements, flipped
+
+
+def pair_key(p: dict) -> str:
+    """去重的键：prompt + 两个回答（不分顺序），所以翻转过的矛盾标签也算同一对。"""
+    return norm(p["prompt"]) + "|" + "|".join(sorted([norm(p["chosen"]), norm(p["rejected"])]))
+
+
+def dedupe(pairs: list[dict], args: Args) -> tuple[list[dict], list[dict]]:
+    """规则 4：精确去重（规范化后完全相同）再近似去重（MinHash LSH）；返回 (留下的, 删掉的)。
+
+    重复的对在损失里被算好几遍，等于悄悄加大了它的权重；精确的先用哈希去掉，近似的才值得花 MinHash 的钱。
+    """
+    seen, uniq, removed = set(), [], []
+    for p in pairs:
+        h = hashlib.md5(pair_key(p).encode()).hexdigest()
+        if h in seen:
+            removed.append(tag(p, "exact_duplicate"))
+        else:
+            seen.add(h)
+            uniq.append(p)
+    near = similar.minhash_dups(list(enumerate(pair_key(p) for p in uniq)), args.near_dup_threshold, args.num_perm)
+    removed += [tag(uniq[i], "near_duplicate") for i in sorted(near)]
+    return [p for i, p in enumerate(uniq) if i not in near], removed
+
+
+def rebalance_length(pairs: list[dict], tolerance: float, rng) -> tuple[list[dict], list[dict]]:
+    """规则 5：下采样多的一边，直到 chosen 更长的比例回到 0.5 ± tolerance；返回 (留下的, 删掉的)。
+
+    chosen 总是更长时，奖励模型最省事的解法就是"越长分越高"（Singhal 2023 测过 RLHF 的长度偏置）。
+    """
+    longer = [p for p in pairs if len(norm(p["chosen"])) > len(norm(p["rejected"]))]
+    other = [p for p in pairs if p not in longer]
+    rng.shuffle(longer)   # 随机删：从尾部删会系统性地删掉某个来源（数据按来源拼接）
+    rng.shuffle(other)
+    removed = []
+    while longer and other and abs(len(longer) / (len(longer) + len(other)) - 0.5) > tolerance:
+        removed.append(tag((longer if len(longer) > len(other) else other).pop(), "length_rebalance"))
+    return longer + other, removed
+
+
+def category_of(p: dict) -> str:
+    """类别 = category 字段；没有时按语言（zh/en）：中英混合的数据里，语言就是最明显的"类"。"""
+    return p["category"] or data.detect_lang(p["prompt"] if isinstance(p["prompt"], str) else norm(p["prompt"]))
+
+
+def cap_categories(pairs: list[dict], ratio: float) -> tuple[list[dict], list[dict], dict]:
+    """规则 6：每类最多 ratio × 最小类；返回 (留下的, 删掉的, 平衡前每类条数)。大类太多，模型只学会大类的口吻。"""
+    by_cat = defaultdict(list)
+    for p in pairs:
+        by_cat[category_of(p)].append(p)
+    before = {c: len(v) for c, v in by_cat.items()}
+    cap = int(min(before.values()) * ratio) if by_cat else 0
+    kept, removed = [], []
+    for _, v in sorted(by_cat.items()):   # 按类名排序：结果与输入里类别出现的先后无关
+        kept += v[:cap]
+        removed += [tag(p, "category_cap") for p in v[cap:]]
+    return kept, removed, before
+
+
+def drop_eval_leaks(pairs: list[dict], eval_data: str | None) -> tuple[list[dict], list[dict]]:
+    """规则 7 前半：删掉 prompt 出现在外部评估集里的对；评估集见过的题，分数量的是记忆不是能力。"""
+    if not eval_data:
+        return pairs, []
+    ext = {norm(p["prompt"]) for p in data.load_preference(eval_data)}
+    return ([p for p in pairs if norm(p["prompt"]) not in ext],
+            [tag(p, "eval_leak") for p in pairs if norm(p["prompt"]) in ext])
+
+
+def group_split(pairs: list[dict], args: Args) -> tuple[list[dict], list[dict]]:
+    """规则 7 后半：按 prompt 组切分（近似相同的 prompt 一组），同组只进训练或评估一边，泄漏归零。"""
+    if len(pairs) < 2:
+        raise UserError(f"清洗后只剩 {len(pairs)} 对：规则太严或数据太少（看 removed.jsonl）")
+    gid = similar.prompt_groups([norm(p["prompt"]) for p in pairs], args.near_dup_threshold, args.num_perm)
+    eval_groups = set(data.split(sorted(set(gid)), args.val_fraction, args.seed)[1])   # 切的是组，不是对
+    return [p for p, g in zip(pairs, gid) if g not in eval_groups], [p for p, g in zip(pairs, gid) if g in eval_groups]
+
+
+def dump(out, name: str, rows: list[dict]) -> None:
+    """JSONL，去掉值为 None 的字段：清洗后的文件能直接喂给 03 / 04（它们只认 prompt/chosen/rejected）。"""
+    with out.path(name).open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False) + "\n")
+
+
+def write_report(out, m: dict, cats_before: dict, n_votes: int, bias: tuple[float, float], agree: float) -> None:
+    """curation_report.md / .html：每条规则删了多少、治理前后的偏置与泄漏并排，审数据的人一眼能看出改了什么。
+
+    bias / agree 传未取整的值：metrics 里取到 4 位后再格式化成 3 位，会在 5 的边上多进一位。
+    """
+    md = [f"# Preference data curation report ({m['pairs_in']} -> {m['pairs_out']} pairs)", "",
+          "| rule | removed |", "|---|---|", *[f"| {k} | {v} |" for k, v in m["removed_by_rule"].items()], "",
+          "| check | before | after |", "|---|---|---|",
+          f"| chosen-longer fraction (0.5 = no length bias) | {bias[0]:.3f} | {bias[1]:.3f} |",
+          f"| eval prompts also in train | {m['leaked_prompts']} (random pair split) | "
+          f"{m['leaked_prompts_after']} (group split) |",
+          f"| categories | {cats_before} | {m['categories_after']} |", "",
+          f"Annotator agreement: {n_votes} pairs with votes, mean majority share {agree:.2f}, "
+          f"{m['flipped_by_votes']} flipped to the majority label.", "",
+          f"Pairs built from graded responses: {m['pairs_from_graded']}; train {m['train_pairs']}, "
+          f"eval {m['eval_pairs']}."]
+    out.path("curation_report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    import markdown
+
+    out.path("curation_report.html").write_text(
+        "<!doctype html><meta charset='utf-8'><title>curation report</title>"
+        + markdown.markdown("\n".join(md), extensions=["tables"]), encoding="utf-8")
 
 
 def main(args: Args) -> dict:
@@ -165,129 +253,46 @@ def main(args: Args) -> dict:
     out = run.start(__file__, args)
     rng = random.Random(args.seed)
 
-    # 0. 合并来源；先按 lesson 脚本的做法随机切一次，数一数泄漏
+    # 0. 合并来源；先按 lesson 脚本的做法随机切一次，数一数泄漏（后面分组切分要和这个数比）
     pool = load_pool(args)
-    pairs_in = len(pool)
     tr, ev = data.split(pool, args.val_fraction, args.seed)
-    leaked = leaks(tr, ev, args.near_dup_threshold, args.num_perm)
-    out.log.info(f"输入 {pairs_in} 对；按 pair 随机切分时评估集有 {leaked} 个 prompt 在训练集里出现过")
-    removed, kept = [], []
+    leaked = similar.leaks(tr, ev, args.near_dup_threshold, args.num_perm)
+    out.log.info(f"输入 {len(pool)} 对；按 pair 随机切分时评估集有 {leaked} 个 prompt 在训练集里出现过")
 
-    def drop(p, rule):
-        removed.append({**p, "rule": rule})
-
-    # 1-3. 逐条规则：无信息对、不安全、标注一致性
-    unsafe = re.compile("|".join(UNSAFE), re.IGNORECASE)
-    agreements, flipped = [], 0
-    for p in pool:
-        if norm(p["chosen"]) == norm(p["rejected"]):
-            drop(p, "identical_responses")
-        elif unsafe.search(norm(p["chosen"]) + " " + (p["chosen"] if isinstance(p["chosen"], str) else "")):
-            drop(p, "unsafe_chosen")
-        elif p["votes"]:
-            share = Counter(p["votes"]).most_common(1)[0][1] / len(p["votes"])
-            agreements.append(share)
-            if share < args.min_agreement:
-                drop(p, "low_agreement")
-            elif Counter(p["votes"]).most_common(1)[0][0] == "rejected":   # 多数认为 rejected 更好：标签翻转
-                flipped += 1
-                kept.append({**p, "chosen": p["rejected"], "rejected": p["chosen"]})
-            else:
-                kept.append(p)
-        else:
-            kept.append(p)
-
-    # 4. 精确去重（规范化后完全相同）与近似去重（MinHash LSH）；chosen/rejected 不分顺序，翻转的矛盾标签也算重复
-    key = lambda p: norm(p["prompt"]) + "|" + "|".join(sorted([norm(p["chosen"]), norm(p["rejected"])]))  # noqa: E731
-    seen, uniq = set(), []
-    for p in kept:
-        h = hashlib.md5(key(p).encode()).hexdigest()
-        if h in seen:
-            drop(p, "exact_duplicate")
-        else:
-            seen.add(h)
-            uniq.append(p)
-    near = minhash_dups(list(enumerate(key(p) for p in uniq)), args.near_dup_threshold, args.num_perm)
-    for i in sorted(near):
-        drop(uniq[i], "near_duplicate")
-    kept = [p for i, p in enumerate(uniq) if i not in near]
-
+    # 1-3. 逐条规则：无信息对、不安全、标注一致性（先修正/删除坏标签，再去重）
+    kept, removed, agreements, flipped = apply_rules(pool, args)
+    # 4. 精确去重与近似去重；chosen/rejected 不分顺序，翻转的矛盾标签也算重复
+    kept, dups = dedupe(kept, args)
     # 5. 长度偏置：下采样多的一边，直到 chosen 更长的比例回到 0.5 ± tolerance
     bias_before = length_bias(kept)
-    longer = [p for p in kept if len(norm(p["chosen"])) > len(norm(p["rejected"]))]
-    other = [p for p in kept if p not in longer]
-    rng.shuffle(longer)
-    rng.shuffle(other)
-    while longer and other and abs(len(longer) / (len(longer) + len(other)) - 0.5) > args.length_tolerance:
-        drop((longer if len(longer) > len(other) else other).pop(), "length_rebalance")
-    kept = longer + other
+    kept, too_long = rebalance_length(kept, args.length_tolerance, rng)
     bias_after = length_bias(kept)
-
     # 6. 类别平衡：每类最多 max_category_ratio × 最小类
-    by_cat = defaultdict(list)
-    for p in kept:
-        by_cat[p["category"] or data.detect_lang(p["prompt"] if isinstance(p["prompt"], str) else norm(p["prompt"]))].append(p)
-    cats_before = {c: len(v) for c, v in by_cat.items()}
-    cap = int(min(cats_before.values()) * args.max_category_ratio) if by_cat else 0
-    kept = []
-    for _, v in sorted(by_cat.items()):
-        kept += v[:cap]
-        for p in v[cap:]:
-            drop(p, "category_cap")
+    kept, capped, cats_before = cap_categories(kept, args.max_category_ratio)
     cats_after = dict(Counter(p["category"] or data.detect_lang(norm(p["prompt"])) for p in kept))
-
     # 7. 外部评估集去泄漏 + 按规范化 prompt 分组切分
-    if args.eval_data:
-        ext = {norm(p["prompt"]) for p in data.load_preference(args.eval_data)}
-        for p in [p for p in kept if norm(p["prompt"]) in ext]:
-            drop(p, "eval_leak")
-        kept = [p for p in kept if norm(p["prompt"]) not in ext]
-    if len(kept) < 2:
-        raise UserError(f"清洗后只剩 {len(kept)} 对：规则太严或数据太少（看 removed.jsonl）")
-    gid = prompt_groups([norm(p["prompt"]) for p in kept], args.near_dup_threshold, args.num_perm)
-    _, eval_groups = data.split(sorted(set(gid)), args.val_fraction, args.seed)
-    eval_groups = set(eval_groups)
-    train_out = [p for p, g in zip(kept, gid) if g not in eval_groups]
-    eval_out = [p for p, g in zip(kept, gid) if g in eval_groups]
-    leaked_after = leaks(train_out, eval_out, args.near_dup_threshold, args.num_perm)
+    kept, in_eval = drop_eval_leaks(kept, args.eval_data)
+    removed += dups + too_long + capped + in_eval   # 按规则的先后：removed.jsonl 读起来就是流水线的顺序
+    train_out, eval_out = group_split(kept, args)
+    leaked_after = similar.leaks(train_out, eval_out, args.near_dup_threshold, args.num_perm)
 
     # 8. 写文件与报告
-    def dump(name, rows):
-        with out.path(name).open("w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False) + "\n")
-    dump("pairs_clean.jsonl", kept)
-    dump("train.jsonl", train_out)
-    dump("eval.jsonl", eval_out)
-    dump("removed.jsonl", removed)
+    for name, rows in (("pairs_clean.jsonl", kept), ("train.jsonl", train_out), ("eval.jsonl", eval_out),
+                       ("removed.jsonl", removed)):
+        dump(out, name, rows)
     by_rule = dict(Counter(r["rule"] for r in removed))
     mean_agree = sum(agreements) / len(agreements) if agreements else 1.0
-    md = [f"# Preference data curation report ({pairs_in} -> {len(kept)} pairs)", "",
-          "| rule | removed |", "|---|---|", *[f"| {k} | {v} |" for k, v in by_rule.items()], "",
-          "| check | before | after |", "|---|---|---|",
-          f"| chosen-longer fraction (0.5 = no length bias) | {bias_before:.3f} | {bias_after:.3f} |",
-          f"| eval prompts also in train | {leaked} (random pair split) | {leaked_after} (group split) |",
-          f"| categories | {cats_before} | {cats_after} |", "",
-          f"Annotator agreement: {len(agreements)} pairs with votes, mean majority share {mean_agree:.2f}, "
-          f"{flipped} flipped to the majority label.", "",
-          f"Pairs built from graded responses: {sum(p.get('source') == 'graded' for p in pool)}; "
-          f"train {len(train_out)}, eval {len(eval_out)}."]
-    out.path("curation_report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    import markdown
-
-    out.path("curation_report.html").write_text(
-        "<!doctype html><meta charset='utf-8'><title>curation report</title>"
-        + markdown.markdown("\n".join(md), extensions=["tables"]), encoding="utf-8")
+    metrics = {
+        "pairs_in": len(pool), "pairs_out": len(kept), "length_bias_before": round(bias_before, 4),
+        "length_bias_after": round(bias_after, 4), "leaked_prompts": leaked,
+        "leaked_prompts_after": leaked_after, "removed_by_rule": by_rule, "flipped_by_votes": flipped,
+        "mean_agreement": round(mean_agree, 4), "pairs_from_graded": sum(p.get("source") == "graded" for p in pool),
+        "categories_after": cats_after, "train_pairs": len(train_out), "eval_pairs": len(eval_out)}
+    write_report(out, metrics, cats_before, len(agreements), (bias_before, bias_after), mean_agree)
     for k, v in by_rule.items():
         out.log.info(f"规则 {k}: 删除 {v}")
-    return out.finish({
-        "pairs_in": pairs_in, "pairs_out": len(kept), "length_bias_before": round(bias_before, 4),
-        "length_bias_after": round(bias_after, 4), "leaked_prompts": leaked, "leaked_prompts_after": leaked_after,
-        "removed_by_rule": by_rule, "flipped_by_votes": flipped, "mean_agreement": round(mean_agree, 4),
-        "pairs_from_graded": sum(p.get("source") == "graded" for p in pool), "categories_after": cats_after,
-        "train_pairs": len(train_out), "eval_pairs": len(eval_out),
-    }, summary=f"{pairs_in} -> {len(kept)} 对；删除 {by_rule}；长度偏置 {bias_before:.2f} -> {bias_after:.2f}；"
-               f"泄漏 {leaked} -> {leaked_after}")
+    return out.finish(metrics, summary=f"{len(pool)} -> {len(kept)} 对；删除 {by_rule}；长度偏置 {bias_before:.2f} -> "
+                                       f"{bias_after:.2f}；泄漏 {leaked} -> {leaked_after}")
 
 
 if __name__ == "__main__":

@@ -245,8 +245,10 @@ def main(args: Args) -> dict:
 
     # 2. LCEL 链：换后端（本地 / 服务）只换 llm 这一个组件，检索、提示词、解析一行不改
     chain, answer_chain, retriever, top = build_chain(args, chunks)
-    out.log.info(f"链：{' → '.join(n.name for n in chain.get_graph().nodes.values())}；模型 = "
-                 f"{'OpenAI 兼容服务 ' + args.base_url if args.base_url else '本地 ' + args.resolved_model()}")
+    # 地址可能带账号密码（http://user:pw@host）：日志里只写脱敏后的样子，和 config.json 一致
+    backend = (f"OpenAI 兼容服务 {safety.redact_url(args.base_url)}" if args.base_url
+               else f"本地 {args.resolved_model()}")
+    out.log.info(f"链：{' → '.join(n.name for n in chain.get_graph().nodes.values())}；模型 = {backend}")
 
     # 3. 批量跑问题（回调记录每步耗时），再用流式跑一题记首 token 时间，最后问一个会检索到注入段的问题
     results, step_ms = ask_all(chain, picked)

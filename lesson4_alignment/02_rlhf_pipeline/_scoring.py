@@ -1,0 +1,104 @@
+"""RLHF 三个阶段要在同一批 (input_ids, attention_mask) 上量的几个数：回答 token 的 log π 与熵、
+打分头在最后一个真实 token（奖励模型）/ 每个位置（critic 的价值 V）上的分数，以及 RM 在偏好对上的分数与准确率。
+
+只有 02 用到它们（03 用 TRL 的 RewardTrainer，04 用 TRL 的 DPOTrainer），所以放在本课旁边，不进 common/。
+生成时是左填充：位置编号必须从第一个真实 token 起算，否则同一句话换个填充长度，输出就变了——
+PPO 的 ρ = π_new/π_old 会因为填充而偏离 1，截断也就失去意义。
+"""
+from __future__ import annotations
+
+from common import data, lm
+
+
+def positions(mask):
+    """左填充批次的 position_ids：每行从第一个真实 token 起 0, 1, 2, ...（填充位钳到 0，反正被 mask 掉）。"""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _base(model):
+    """LoRA 包装（PeftModel）-> 里面注入了 adapter 的 transformers 模型；普通模型原样返回。"""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _hidden(model, ids, mask):
+    """序列分类模型的主干隐状态（不经过打分头）：要自己挑哪个位置的隐状态去打分。"""
+    model = _base(model)
+    return getattr(model, model.base_model_prefix)(input_ids=ids, attention_mask=mask, position_ids=positions(mask))[0]
+
+
+def last_token_scores(rm, ids, mask):
+    """奖励模型：主干隐状态 -> 最后一个真实 token -> score 头 = 每条序列一个标量。
+
+    不用 transformers 自带的"找 pad_token_id"：PPO 的回答在第一个 eos 后全是填充，而 eos 常常就是 pad，
+    那样会取错位置；这里直接用 attention_mask 找最后一个 1。
+    """
+    import torch
+
+    h = _hidden(rm, ids, mask)
+    last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
+    return _base(rm).score(h[torch.arange(len(ids)), last]).squeeze(-1).float()
+
+
+def token_scores(model, ids, mask):
+    """同一个打分头作用在每个位置上（PPO 的 critic：每个前缀的价值 V）。"""
+    return _base(model).score(_hidden(model, ids, mask)).squeeze(-1).float()
+
+
+def response_logprobs(model, ids, mask, start: int):
+    """从位置 start 起（回答部分）每个 token 的 log π 与分布的熵：位置 t 的 logits 预测 t+1 的 token。
+
+    熵要整个词表的分布，所以在 lm.token_logprobs 之外再做一次 log_softmax（同样先转 fp32）。
+    """
+    import torch
+
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, start - 1:-1]
+    logp_all = torch.log_softmax(logits.float(), -1)
+    return lm.token_logprobs(logits, ids[:, start:]), -(logp_all.exp() * logp_all).sum(-1)
+
+
+def load_reward_model(path, actor, tok):
+    """RM = 与 actor 同一个起点加一个标量打分头（DeepSpeed-Chat 做法）；path 也可以是 03 训练好的奖励模型。
+
+    同一个起点：RM 与 actor 共用分词器和表示，RM 读得懂 actor 写出来的每个 token。
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=actor.dtype,
+                                                            use_safetensors=True).to(actor.device)
+    rm.config.pad_token_id = tok.pad_token_id   # 分类前向靠它找末 token；存盘复用时须与分词器一致
+    return rm
+
+
+def text_of(x) -> str:
+    """回答可能是字符串或消息列表（对话格式）：RM 只要最后一条助手消息的正文。"""
+    return x if isinstance(x, str) else x[-1]["content"]
+
+
+def encode(tok, texts, device, max_length: int):
+    """RM 打分用右填充：last_token_scores 按 attention_mask 找最后一个真实 token，填充在哪边都不影响它。"""
+    tok.padding_side = "right"
+    return tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+               add_special_tokens=False).to(device)
+
+
+def pair_scores(rm, tok, pairs, max_length: int):
+    """RM 的输入：对话模板渲染的 prompt + 回答 + eos（与 PPO 生成的回答同一格式）；返回 (chosen 分, rejected 分)。
+
+    格式必须与阶段 3 一致：RM 训练时没见过的格式（比如少了 eos），打出的分数对 PPO 没有意义。
+    """
+    pt = [data.prompt_text(tok, p["prompt"]) for p in pairs]
+    # chosen 与 rejected 拼成一批：同一次前向，两半的填充长度一致，分数可比
+    texts = [a + text_of(p[key]) + tok.eos_token for key in ("chosen", "rejected") for a, p in zip(pt, pairs)]
+    enc = encode(tok, texts, rm.device, max_length)
+    return last_token_scores(rm, enc.input_ids, enc.attention_mask).chunk(2)
+
+
+def rm_accuracy(rm, tok, pairs, max_length: int) -> float:
+    """留出对里 r(chosen) > r(rejected) 的比例：0.5 是瞎猜；RM 排不对，PPO 优化的就是噪声。"""
+    import torch
+
+    rm.eval()
+    with torch.no_grad():
+        hits = sum((torch.sub(*pair_scores(rm, tok, pairs[i:i + 16], max_length)) > 0).sum().item()
+                   for i in range(0, len(pairs), 16))
+    return hits / len(pairs)

@@ -1,0 +1,85 @@
+"""什么算"同一条"：规范化文本、MinHash 近似重复、prompt 分组、训练/评估泄漏计数。
+
+dataset_curation.py 的去重、分组切分、泄漏统计都站在这几个函数上：同一个"相同"的定义用在所有地方，
+否则去重认为不同的两条，泄漏统计却认为相同，报告里的数字就对不上。只有 06 用，所以放在本课旁边，不进 common/。
+"""
+from __future__ import annotations
+
+import unicodedata
+
+
+def norm(text) -> str:
+    """规范化：NFKC、小写、去掉空白和标点（"L5 门锁？" 与 "l5门锁?" 视为同一串）。
+
+    NFKC 把全角数字、字母折成半角：中文输入法打出的 "Ｌ５" 与 "L5" 否则是两串不同的字节。
+    """
+    text = text if isinstance(text, str) else " ".join(m["content"] for m in text)
+    text = unicodedata.normalize("NFKC", text).lower()
+    return "".join(ch for ch in text if not ch.isspace() and not unicodedata.category(ch).startswith("P"))
+
+
+def minhash(text: str, num_perm: int):
+    """字符 3-gram 集合的 MinHash 签名（中英文都适用，不需要分词）。
+
+    seed 固定：签名要在不同的 LSH 之间可比（去重、分组、泄漏统计各建一个 LSH）。
+    """
+    from datasketch import MinHash
+
+    m = MinHash(num_perm=num_perm, seed=1)
+    m.update_batch([text[k:k + 3].encode() for k in range(max(1, len(text) - 2))])
+    return m
+
+
+def minhash_dups(items: list[tuple[int, str]], threshold: float, num_perm: int) -> set[int]:
+    """近似重复：MinHash + LSH；每组只留第一条，返回要删的下标。
+
+    两两比较是 O(n²)；LSH 把签名分桶，只和同桶的候选比，几十万条也是线性时间。
+    """
+    from datasketch import MinHashLSH
+
+    lsh, drop = MinHashLSH(threshold=threshold, num_perm=num_perm), set()
+    for i, text in items:
+        m = minhash(text, num_perm)
+        if lsh.query(m):
+            drop.add(i)
+        else:
+            lsh.insert(str(i), m)   # 只插入留下的：重复的那条不再当别人的"原件"
+    return drop
+
+
+def find(parent: list[int], i: int) -> int:
+    """并查集找根（路径减半：顺手把沿途节点挂到祖父上，下次找得更快）。"""
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def prompt_groups(prompts: list[str], threshold: float, num_perm: int) -> list[int]:
+    """把精确或近似相同的 prompt 并成一组（并查集）：切分时整组只进训练或评估一边。
+
+    要用并查集而不是"和第一条比"：A≈B、B≈C 时 A 与 C 可能不够像，但三条都得进同一边，否则 C 就把 A 的题漏给了评估。
+    """
+    from datasketch import MinHashLSH
+
+    parent = list(range(len(prompts)))
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    for i, text in enumerate(prompts):
+        m = minhash(text, num_perm)
+        for j in lsh.query(m):
+            parent[find(parent, int(j))] = find(parent, i)
+        lsh.insert(str(i), m)
+    return [find(parent, i) for i in range(len(prompts))]
+
+
+def leaks(train: list[dict], evals: list[dict], threshold: float, num_perm: int) -> int:
+    """评估集里有多少 prompt 在训练集里出现过（精确或近似）：LSH 里只放训练集，逐个查评估 prompt。"""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    exact = set()   # 精确匹配单独查：极短的 prompt 3-gram 太少，MinHash 估计的 Jaccard 不可靠
+    for i, p in enumerate(train):
+        t = norm(p["prompt"])
+        exact.add(t)
+        lsh.insert(str(i), minhash(t, num_perm))
+    return sum(1 for p in evals if norm(p["prompt"]) in exact or lsh.query(minhash(norm(p["prompt"]), num_perm)))
