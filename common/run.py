@@ -227,7 +227,7 @@ def start(script: str, args: Any, smoke_threads: int | None = 1) -> Run:
 
 
 def import_sibling(script: str | Path, name: str) -> Any:
-    """导入脚本旁边的 _name.py（只属于这一课的代码，如 lesson5 07 的 _serving.py）：按路径加载，不改 sys.path。
+    """导入脚本旁边的 _name.py（只属于这一课的代码，如 lesson1 03 的 _checkpoint.py）：按路径加载，不改 sys.path。
 
     课程文件夹名以数字开头，不能写成包的 import；同名模块只加载一次（登记在 sys.modules，键含文件夹路径）。
     """

@@ -1,5 +1,8 @@
-"""把一个服务（chroma run、mlflow server、课程的 chat_server……）作为真实子进程启动在本机空闲端口上，
-轮询直到它应答，并保证在任何退出路径上停掉它（with 语句 / atexit）。"""
+"""启动并看管子进程：把一个服务（chroma run、mlflow server、python -m common.serving……）起在本机空闲端口上。
+
+本模块只管进程（起、等就绪、停）；课程的聊天服务器本身在 common/serving.py。start() 轮询直到服务应答，
+并保证在任何退出路径上停掉它（with 语句 / atexit）：测试或脚本崩了，也不会留下占着端口的孤儿进程。
+"""
 from __future__ import annotations
 
 import atexit
@@ -20,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Service:
+class _Service:
     """一个正在运行的服务进程：.url、.port、.proc；stop() 先 SIGTERM，超时再 SIGKILL。"""
 
     def __init__(self, proc: subprocess.Popen, port: int, log_file: Path | None):
@@ -49,7 +52,7 @@ class Service:
                 self.proc.wait()
         atexit.unregister(self.stop)
 
-    def __enter__(self) -> Service:
+    def __enter__(self) -> _Service:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -57,8 +60,11 @@ class Service:
 
 
 def start(cmd: list[str], ready_path: str = "/health", log_file: str | Path | None = None,
-          deadline_s: float = 60.0, env: dict | None = None, port: int | None = None) -> Service:
-    """启动 cmd（其中的 "{port}" 换成空闲端口），轮询 GET ready_path 直到 2xx；超时或进程退出时抛 RuntimeError。"""
+          deadline_s: float = 60.0, env: dict | None = None, port: int | None = None) -> _Service:
+    """启动 cmd（其中的 "{port}" 换成空闲端口），轮询 GET ready_path 直到 2xx；超时或进程退出时抛 RuntimeError。
+
+    返回的服务对象有 .url、.port、.proc、.alive()、.stop()，也可以用作 with 语句。
+    """
     import httpx
 
     port = port or free_port()
@@ -71,14 +77,15 @@ def start(cmd: list[str], ready_path: str = "/health", log_file: str | Path | No
     finally:
         if log_path:
             fh.close()   # 子进程继承了文件描述符，父进程这边可以马上关
-    svc = Service(proc, port, log_path)
+    svc = _Service(proc, port, log_path)
     t0 = time.monotonic()
     while time.monotonic() - t0 < deadline_s:
         if proc.poll() is not None:
             break
         try:
             if httpx.get(svc.url + ready_path, timeout=2).is_success:
-                get_logger().info(f"{Path(argv[0]).name} 已就绪：{svc.url}（pid {proc.pid}，{time.monotonic() - t0:.1f} 秒）")
+                took = time.monotonic() - t0
+                get_logger().info(f"{Path(argv[0]).name} 已就绪：{svc.url}（pid {proc.pid}，{took:.1f} 秒）")
                 return svc
         except httpx.HTTPError:
             pass

@@ -1,4 +1,5 @@
-"""第 5 课 01：数据到上线一条龙。SFT 降损失、DPO 过闸门、注册进 MLflow（@champion）、服务经 API 应答；闸门不过就不上线。"""
+"""第 5 课 01：数据到上线一条龙。SFT 降损失、DPO 过闸门、注册进 MLflow（@champion）、服务经 API 应答；
+闸门不过就不上线。"""
 import json
 
 import pytest

@@ -1,4 +1,4 @@
-"""第 5 课 07：压测。动态批处理让 8 并发的吞吐明显高于顺序；只压本机；坏参数一行报错。"""
+"""第 5 课 07：压测。并发时请求被凑成批（服务自己的批大小计数，不看墙钟）、零失败；只压本机；坏参数一行报错。"""
 import json
 
 from tests.conftest import assert_user_error, load_script
@@ -6,18 +6,20 @@ from tests.conftest import assert_user_error, load_script
 SCRIPT = "lesson5_deployment_monitoring/07_serving/load_test.py"
 
 
-def test_load_test_batching_speedup(tmp_path, tiny_models):
+def test_load_test_batches_concurrent_requests(tmp_path, tiny_models):
     mod = load_script(SCRIPT)
     m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     for c in (1, 4, 8):
         r = saved[f"concurrency_{c}"]
-        for key in ("rps", "tokens_per_s", "p50_ms", "p95_ms", "ttft_p50_ms"):
+        for key in ("rps", "tokens_per_s", "p50_ms", "p95_ms", "ttft_p50_ms", "mean_batch_size"):
             assert key in r and r[key] > 0, (c, key, r)
         assert r["ok"] == 16 and r["errors"] == 0 and r["p95_ms"] >= r["p50_ms"] >= r["ttft_p50_ms"]
-    # 请求被凑成批：8 并发的吞吐是顺序的 ≥1.5 倍（忙碌的 2 核机上实测约 2.7-3.5 倍）
-    assert m["batching_speedup_8"] >= 1.5, m
-    assert saved["concurrency_8"]["tokens_per_s"] > saved["concurrency_1"]["tokens_per_s"]
+    assert m["errors"] == 0 and "batching_speedup_8" in m
+    # 基线：顺序发（1 并发）时每次 generate 只服务 1 个请求。8 并发：同一等待窗口里到达的请求被凑成批。
+    # 读的是服务 /metrics 的 chat_batch_size 增量，不是墙钟吞吐比（后者在忙碌的共享机上会起伏，见 README）
+    one, eight = saved["concurrency_1"]["mean_batch_size"], saved["concurrency_8"]["mean_batch_size"]
+    assert one == 1.0 and eight >= one + 1.0, (one, eight)
     assert (tmp_path / "load_test.png").stat().st_size > 0
 
 

@@ -1,4 +1,4 @@
-"""从数据到上线，一次跑完：数据接入 -> LoRA SFT -> DPO -> 评估闸门 -> 合并 -> 注册到 MLflow -> 起聊天服务 -> 经 API 冒烟。
+"""从数据到上线，一次跑完：数据接入 -> LoRA SFT -> DPO -> 评估闸门 -> 合并 -> 注册 MLflow -> 起聊天服务 -> API 冒烟。
 
 每一步都是真的：TRL SFTTrainer / DPOTrainer（PEFT LoRA），闸门阈值来自 YAML（configs/lesson5/
 qwen_alignment_workflow.yaml），不过闸门就不注册、不上线；过了就 merge_and_unload 存成普通 safetensors 模型、
@@ -43,14 +43,19 @@ class Args(cli.CommonArgs):
     smoke_model = "tiny-qwen2"
 
 
-# --smoke：极小模型用大学习率、少步数；DPO 步数够让留出偏好对的 accuracy 超过闸门
+# --smoke：极小模型用大学习率、少步数；DPO 步数够让留出偏好对的 accuracy 超过闸门；服务单线程（极小模型的
+# 矩阵太小，多线程同步比并行省下的还多）
 SMOKE = dict(sft_steps=12, dpo_steps=12, learning_rate=1e-2, dpo_learning_rate=5e-3, max_length=128,
              per_device_train_batch_size=8, max_tokens=16, serve_threads=1)
+# 上线冒烟只问一句训练数据里有的问题：要确认的是"服务能答"，不是模型答得多好（那是闸门的事）
 PROBE = "云帆 App 怎么修改绑定手机号？"
 
 
 def ingest(args: Args) -> dict:
-    """数据接入：读入并校验（格式错误一行报错，点名文件和行），切出留出集。"""
+    """数据接入：读入并校验（格式错误一行报错，点名文件和行），切出留出集。
+
+    留出集在最前面切好、之后每一步都用同一份：SFT 与 DPO 的评估都不能见过训练样本，闸门才有意义。
+    """
     sft_train, sft_eval = data.split(data.load_sft(args.data or data.DATA_DIR / "sft" / "chat.jsonl"), 0.1, args.seed)
     pairs = data.load_preference(args.preference_data or data.DATA_DIR / "preference" / "pairs.jsonl")
     pref_train, pref_eval = data.split(pairs, 0.1, args.seed)
@@ -58,6 +63,7 @@ def ingest(args: Args) -> dict:
 
 
 def lora(args: Args):
+    """SFT 与 DPO 各训一个新 LoRA、训完就合并：DPO 的参考模型就是合并后的 SFT 模型，不必另存一份。"""
     from peft import LoraConfig
 
     return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -69,6 +75,7 @@ def sft(args: Args, out, model, tok, d: dict) -> tuple[object, dict]:  # noqa: A
     from trl import SFTConfig, SFTTrainer
 
     ds = {k: Dataset.from_list([{"messages": c} for c in d[k]]) for k in ("sft_train", "sft_eval")}
+    # save_strategy="no"：中间检查点对一条龙演示没用，合并后的模型才是要上线的产物
     cfg = SFTConfig(output_dir=str(out.path("sft")), max_steps=args.sft_steps, learning_rate=args.learning_rate,
                     per_device_train_batch_size=args.per_device_train_batch_size, max_length=args.max_length,
                     assistant_only_loss=False, completion_only_loss=None, logging_steps=5, save_strategy="no",
@@ -76,11 +83,12 @@ def sft(args: Args, out, model, tok, d: dict) -> tuple[object, dict]:  # noqa: A
                     **train.trainer_flags(model, log=False))
     t = SFTTrainer(model=model, args=cfg, train_dataset=ds["sft_train"], eval_dataset=ds["sft_eval"],
                    processing_class=tok, peft_config=lora(args))
-    before = t.evaluate()["eval_loss"]
+    before = t.evaluate()["eval_loss"]   # 训练前先量：LoRA 的 B 初始化为 0，这就是原模型的损失
     t.train()
     after = t.evaluate()["eval_loss"]
     out.log.info(f"SFT eval_loss {before:.3f} -> {after:.3f}")
-    return t.model.merge_and_unload(), {"sft_eval_loss_before": round(before, 4), "sft_eval_loss_after": round(after, 4)}
+    m = {"sft_eval_loss_before": round(before, 4), "sft_eval_loss_after": round(after, 4)}
+    return t.model.merge_and_unload(), m
 
 
 def dpo(args: Args, out, model, tok, d: dict) -> tuple[object, dict]:  # noqa: ANN001
@@ -102,7 +110,7 @@ def dpo(args: Args, out, model, tok, d: dict) -> tuple[object, dict]:  # noqa: A
                    eval_dataset=Dataset.from_list([conv(p) for p in d["pref_eval"]]), processing_class=tok,
                    peft_config=lora(args))
     t.train()
-    ev = t.evaluate()
+    ev = t.evaluate()   # reward accuracy：留出偏好对里 chosen 的隐式奖励高于 rejected 的比例
     m = {"dpo_reward_accuracy": round(ev["eval_rewards/accuracies"], 4),
          "dpo_reward_margin": round(ev["eval_rewards/margins"], 4)}
     out.log.info(f"DPO 留出偏好对：reward accuracy {m['dpo_reward_accuracy']:.3f}，margin {m['dpo_reward_margin']:.3f}")
@@ -110,7 +118,10 @@ def dpo(args: Args, out, model, tok, d: dict) -> tuple[object, dict]:  # noqa: A
 
 
 def register(args: Args, out, merged_dir, metrics: dict) -> int:  # noqa: ANN001
-    """登记到 MLflow 模型注册表（SQLite 后端，无需服务器；第 04 节用真实服务器），别名 champion 指向新版本。"""
+    """登记到 MLflow 模型注册表（SQLite 后端，无需服务器；第 04 节用真实服务器），别名 champion 指向新版本。
+
+    上线按别名（@champion）取模型而不是按版本号：回滚只需把别名指回旧版本，服务的配置不用改。
+    """
     import mlflow
     from mlflow import MlflowClient
 
@@ -133,7 +144,10 @@ def register(args: Args, out, merged_dir, metrics: dict) -> int:  # noqa: ANN001
 
 
 def serve_and_ask(args: Args, out, merged_dir) -> str:  # noqa: ANN001
-    """用 common.serving 起服务（合并后的目录就是普通模型），经官方 openai 客户端问一句。"""
+    """用 common.serving 起服务（合并后的目录就是普通模型），经官方 openai 客户端问一句。
+
+    经真实的 HTTP 与官方客户端：模板、停止符、服务参数有任何一处不对，这里就会暴露，而不是在用户那里。
+    """
     import openai
 
     cmd = [sys.executable, "-m", "common.serving", "--model", str(merged_dir), "--served-model-name",
@@ -148,20 +162,20 @@ def serve_and_ask(args: Args, out, merged_dir) -> str:  # noqa: ANN001
 
 def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
+    out = run.start(__file__, args)
 
     # 1. 数据接入：校验 + 切分
     d = ingest(args)
     out.log.info("数据：" + "，".join(f"{k} {len(v)}" for k, v in d.items()))
     model, tok = models.load_args(args, for_training=True)
 
-    # 2. LoRA SFT -> 合并
+    # 2. LoRA SFT -> 合并：先教会回答的格式与内容，DPO 才有可比较的回答
     model, m_sft = sft(args, out, model, tok, d)
-    # 3. DPO（在 SFT 模型上）-> 合并
+    # 3. DPO（在 SFT 模型上）-> 合并：在两个回答里偏向更好的那个，不需要单独的奖励模型
     model, m_dpo = dpo(args, out, model, tok, d)
     metrics = {**m_sft, **m_dpo, "sft_gain": round(m_sft["sft_eval_loss_before"] - m_sft["sft_eval_loss_after"], 4)}
 
-    # 4. 评估闸门：阈值来自配置；不过闸门就停在这里，不注册、不上线
+    # 4. 评估闸门：阈值来自配置（谁改了阈值，git 里看得见）；不过闸门就停在这里，不注册、不上线
     checks = {"sft_gain": metrics["sft_gain"] >= args.gate_min_sft_gain,
               "dpo_reward_accuracy": metrics["dpo_reward_accuracy"] >= args.gate_min_dpo_accuracy}
     gate = all(checks.values())
@@ -182,8 +196,9 @@ def main(args: Args) -> dict:
     out.log.info(f"上线冒烟：{PROBE} -> {answer!r}")
     return out.finish({**metrics, "gate_passed": True, "gate_checks": checks, "registered_version": version,
                        "served_answer": answer},
-                      summary=f"SFT eval_loss {m_sft['sft_eval_loss_before']:.3f}->{m_sft['sft_eval_loss_after']:.3f}，"
-                              f"DPO acc {m_dpo['dpo_reward_accuracy']:.2f}，闸门通过，注册 v{version}，已上线并应答")
+                      summary=f"SFT eval_loss {m_sft['sft_eval_loss_before']:.3f}->"
+                              f"{m_sft['sft_eval_loss_after']:.3f}，DPO acc {m_dpo['dpo_reward_accuracy']:.2f}，"
+                              f"闸门通过，注册 v{version}，已上线并应答")
 
 
 if __name__ == "__main__":

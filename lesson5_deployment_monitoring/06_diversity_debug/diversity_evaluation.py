@@ -27,7 +27,9 @@ from dataclasses import dataclass
 
 from common import cli, data, models, run, train
 
-SETTINGS = {   # 名字 -> generate 的采样参数
+# 名字 -> generate 的采样参数。温度 0.7 与 1.0 对照"温度越高越散"；top-p / top-k 在温度 1.0 上截尾，看截掉长尾
+# 能否保住多样性又少出怪词；重复惩罚治的是单个回答内部的复读（repetition_rate），不是回答之间的雷同
+SETTINGS = {
     "greedy": dict(do_sample=False),
     "temp_0.7": dict(do_sample=True, temperature=0.7),
     "temp_1.0": dict(do_sample=True, temperature=1.0),
@@ -35,6 +37,7 @@ SETTINGS = {   # 名字 -> generate 的采样参数
     "top_k_20": dict(do_sample=True, temperature=1.0, top_k=20),
     "rep_penalty_1.3": dict(do_sample=True, temperature=0.7, repetition_penalty=1.3),
 }
+# 中文按字、英文按词：中文没有空格，按字切才能和英文的"词"放在同一把尺子上比 distinct-n
 _TOKEN = re.compile(r"[\u4e00-\u9fff]|[A-Za-z0-9']+")
 
 
@@ -58,15 +61,21 @@ SMOKE = dict(num_prompts=4, num_samples=4, max_new_tokens=16, dpo_steps=8, dpo_l
 
 
 def tokens(text: str) -> list[str]:
+    """小写后切成字/词：大小写不同不该算作"多样"。"""
     return _TOKEN.findall(text.lower())
 
 
 def distinct_n(texts: list[str], n: int) -> float:
+    """所有回答合起来，不同 n-gram 占全部 n-gram 的比例（Li et al. 2016）：1 = 没有任何重复的片段。"""
     grams = [tuple(t[i:i + n]) for t in map(tokens, texts) for i in range(len(t) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def self_bleu(texts: list[str]) -> float:
+    """每个回答以其余回答为参考算 BLEU，再平均（Zhu et al. 2018, Texygen）：回答彼此越像越接近 1。
+
+    tokenize="zh"：sacrebleu 的中文分词按字切、英文照常，中英混合的回答也能算。
+    """
     import sacrebleu
 
     scores = [sacrebleu.sentence_bleu(h, [r for j, r in enumerate(texts) if j != i], tokenize="zh").score / 100
@@ -75,16 +84,18 @@ def self_bleu(texts: list[str]) -> float:
 
 
 def repetition(text: str) -> float:
+    """单个回答内部重复出现的 3-gram 占比：抓"复读机"，这种坍缩在回答之间的指标里看不出来。"""
     g = [tuple(t) for t in zip(*[tokens(text)[i:] for i in range(3)])]
     return 1 - len(set(g)) / len(g) if g else 0.0
 
 
-def sample(model, tok, prompts: list[str], n: int, max_new_tokens: int, kw: dict, seed: int) -> list[list[str]]:  # noqa: ANN001
+def sample(model, tok, prompts: list[str], n: int, max_new_tokens: int, kw: dict,  # noqa: ANN001
+           seed: int) -> list[list[str]]:
     """每个提示采样 n 次（num_return_sequences），固定种子可复现。"""
     import torch
 
-    torch.manual_seed(seed)
-    tok.padding_side = "left"
+    torch.manual_seed(seed)   # 每个设置从同一个种子开始：设置之间的差别来自解码参数，而不是运气
+    tok.padding_side = "left"   # 左填充：生成的 token 接在每行最后一个真实 token 后面
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     with torch.no_grad():
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=n if kw["do_sample"] else 1,
@@ -97,13 +108,14 @@ def sample(model, tok, prompts: list[str], n: int, max_new_tokens: int, kw: dict
 
 
 def measure(groups: list[list[str]], embedder, args: Args) -> dict:  # noqa: ANN001
+    """五个指标都先在每个问题的一组回答内算，再对问题平均：不同问题的回答本来就该不同，不能混在一起算。"""
     import numpy as np
 
     from common import retrieval
 
     disp = []
     for g in groups:
-        v = retrieval.embed(embedder, [t or "(empty)" for t in g])
+        v = retrieval.embed(embedder, [t or "(empty)" for t in g])   # 向量已归一化：点积就是余弦相似度
         disp.append(float(np.mean([1 - float(v[i] @ v[j]) for i, j in itertools.combinations(range(len(g)), 2)])))
     m = {"distinct_1": float(np.mean([distinct_n(g, 1) for g in groups])),
          "distinct_2": float(np.mean([distinct_n(g, 2) for g in groups])),
@@ -128,6 +140,7 @@ def dpo_model(args: Args, out, model, tok):  # noqa: ANN001
     cfg = DPOConfig(output_dir=str(out.path("dpo")), max_steps=args.dpo_steps, learning_rate=args.dpo_learning_rate,
                     beta=args.beta, per_device_train_batch_size=8, max_length=192, logging_steps=5,
                     save_strategy="no", report_to=[], seed=args.seed, **train.trainer_flags(model, log=False))
+    # LoRA + 合并：参考模型就是关掉 adapter 的同一个模型，不必在内存里再放一份
     t = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
                    peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
     t.train()
@@ -135,6 +148,7 @@ def dpo_model(args: Args, out, model, tok):  # noqa: ANN001
 
 
 def plot(out, results: dict) -> None:  # noqa: ANN001
+    """三个指标并排画：distinct-2 与离散度越高越多样，self-BLEU 越高越雷同，坍缩的设置一眼可见。"""
     fig, save = out.plot("diversity.png")
     names = list(results)
     ax = fig.add_subplot(1, 1, 1)
@@ -147,42 +161,59 @@ def plot(out, results: dict) -> None:  # noqa: ANN001
     save()
 
 
-def main(args: Args) -> dict:
-    from common import retrieval
-
-    args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
+def load_prompts(args: Args, tok) -> list[str]:  # noqa: ANN001
+    """取对话数据里每段对话的第一个用户问题，套对话模板：与上线时模型看到的提示一致。"""
     convs = data.load_sft(args.data or data.DATA_DIR / "sft" / "chat.jsonl")
-    model, tok = models.load_args(args, for_training=args.dpo_steps > 0)
     questions = [[m for m in c if m["role"] == "user"][:1] for c in convs]
-    prompts = [data.prompt_text(tok, q) for q in questions if q][:args.num_prompts]
-    embedder = retrieval.load_embedder(None)
+    return [data.prompt_text(tok, q) for q in questions if q][:args.num_prompts]
 
-    # 1. 同一个模型，六种解码设置
+
+def sweep_settings(model, tok, prompts: list[str], embedder, args: Args, log) -> dict:  # noqa: ANN001
+    """同一个模型、同一批问题，逐个解码设置采样并打分。"""
     results = {}
     for name, kw in SETTINGS.items():
         groups = sample(model, tok, prompts, args.num_samples, args.max_new_tokens, kw, args.seed)
         results[name] = measure(groups, embedder, args)
-        out.log.info(f"{name:>16}: {results[name]}；例：{groups[0][0][:40]!r}")
+        log.info(f"{name:>16}: {results[name]}；例：{groups[0][0][:40]!r}")
+    return results
 
-    # 2. SFT vs DPO：同一解码设置下比较（DPO 学习率过大时常见坍缩）
+
+def compare_dpo(args: Args, out, model, tok, prompts: list[str], embedder) -> dict:  # noqa: ANN001
+    """DPO 后的模型用同一个解码设置、同一个种子再采样：差别只来自模型本身。"""
+    dpo = dpo_model(args, out, model, tok)
+    groups = sample(dpo, tok, prompts, args.num_samples, args.max_new_tokens, SETTINGS[args.compare_setting],
+                    args.seed)
+    m = measure(groups, embedder, args)
+    out.log.info(f"DPO @ {args.compare_setting}: {m}；例：{groups[0][0][:40]!r}")
+    return m
+
+
+def main(args: Args) -> dict:
+    from common import retrieval
+
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+    model, tok = models.load_args(args, for_training=args.dpo_steps > 0)
+    prompts = load_prompts(args, tok)
+    embedder = retrieval.load_embedder(None)
+
+    # 1. 同一个模型，六种解码设置：先分清"解码参数造成的雷同"，才能判断是不是模型本身坍缩了
+    results = sweep_settings(model, tok, prompts, embedder, args, out.log)
+
+    # 2. SFT vs DPO：同一解码设置下比较。DPO 把概率压向 chosen，学习率过大时常见坍缩
     models_cmp = {}
     if args.dpo_steps:
         models_cmp["sft"] = results[args.compare_setting]
-        dpo = dpo_model(args, out, model, tok)
-        groups = sample(dpo, tok, prompts, args.num_samples, args.max_new_tokens, SETTINGS[args.compare_setting],
-                        args.seed)
-        models_cmp["dpo"] = measure(groups, embedder, args)
-        results["dpo@" + args.compare_setting] = models_cmp["dpo"]
-        out.log.info(f"DPO @ {args.compare_setting}: {models_cmp['dpo']}；例：{groups[0][0][:40]!r}")
+        models_cmp["dpo"] = results["dpo@" + args.compare_setting] = compare_dpo(args, out, model, tok, prompts,
+                                                                                 embedder)
 
-    # 3. 结论
+    # 3. 结论：顶层 mode_collapse 说的是 DPO 模型（解码设置的坍缩列在 collapsed_settings 里）
     plot(out, results)
     collapsed = [n for n, r in results.items() if r["mode_collapse"]]
+    g, t = results["greedy"]["distinct_2"], results["temp_1.0"]["distinct_2"]
     return out.finish({**results, "models": models_cmp, "mode_collapse": bool(models_cmp.get("dpo", {}).get(
         "mode_collapse", False)), "collapsed_settings": collapsed},
-        summary=f"distinct-2：greedy {results['greedy']['distinct_2']:.2f} / temp_1.0 {results['temp_1.0']['distinct_2']:.2f}"
-                f"；坍缩：{collapsed or '无'}")
+        summary=f"distinct-2：greedy {g:.2f} / temp_1.0 {t:.2f}；坍缩：{collapsed or '无'}")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,13 @@ GET /v1/models、/health、/metrics、聊天网页 /；可选 Bearer API key；�
       --config configs/lesson5/chat_server_gpu.yaml   # GPU；真正的高并发请换 vLLM：vllm serve <model>（同一套 API）
 
 你会看到（smoke，tiny-qwen2，忙碌的共享 2 核机上实测）：普通与流式回答都通过官方 openai 客户端拿到；
-max_tokens 超限得到 400、模型名错得到 404；32 个并发请求只有 200/429（队列满时 429）、没有 5xx；/metrics 里的计数与发出的一致。
+max_tokens 超限得到 400、模型名错得到 404；32 个并发请求只有 200/429（队列满时 429）、没有 5xx；
+/metrics 里的计数与发出的一致。
 """
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -46,13 +48,17 @@ class Args(cli.CommonArgs):
     smoke_model = "tiny-qwen2"
 
 
-# --smoke：极小模型、短回答；队列上限小于突发数，429 一定会出现
+# --smoke：极小模型、短回答；队列上限 8 远小于 32 个并发，繁忙的机器上 429 一定会出现
 SMOKE = dict(max_tokens=16, burst=32, max_queue=8)
+# 中英各一问：中文检验增量解码不会把半个 UTF-8 字符发出去（中文常被切成几个字节 token）
 QUESTIONS = ["云帆 App 怎么修改绑定手机号？", "How do I reset my password?"]
 
 
 def server_cmd(args: Args, port: str = "{port}") -> list[str]:
-    """启动服务的命令行（与 python -m common.serving 完全相同，也是第 7 课的用法）。"""
+    """启动服务的命令行（与 python -m common.serving 完全相同，也是第 7 课的用法）。
+
+    服务放在子进程里：客户端与服务各占一个进程，和真实部署一样互不影响；"{port}" 由 services.start 换成空闲端口。
+    """
     cmd = [sys.executable, "-m", "common.serving", "--model", args.resolved_model(), "--source", args.source,
            "--port", port, "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
            "--max-queue", str(args.max_queue), "--device", args.device, "--dtype", args.dtype]
@@ -63,15 +69,18 @@ def server_cmd(args: Args, port: str = "{port}") -> list[str]:
     return cmd
 
 
-def ask(client, model: str, q: str, max_tokens: int) -> tuple[str, float]:
-    """普通（非流式）调用：返回 (回答, 毫秒)。"""
+def ask(client, model: str, q: str, max_tokens: int) -> tuple[str, float]:  # noqa: ANN001
+    """普通（非流式）调用：返回 (回答, 毫秒)。整段回答生成完才返回，延迟 = 全部 token 的时间。"""
     t0 = time.perf_counter()
     r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}], max_tokens=max_tokens)
     return r.choices[0].message.content, (time.perf_counter() - t0) * 1000
 
 
-def ask_stream(client, model: str, q: str, max_tokens: int) -> dict:
-    """流式调用：逐块收 token，量首 token 时间。"""
+def ask_stream(client, model: str, q: str, max_tokens: int) -> dict:  # noqa: ANN001
+    """流式调用：逐块收 token，量首 token 时间。
+
+    聊天界面看的是 TTFT（用户多久看到第一个字），不是总时间；贪心解码下拼起来的文本应与普通调用逐字相同。
+    """
     t0, ttft, parts = time.perf_counter(), None, []
     stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}],
                                             max_tokens=max_tokens, stream=True)
@@ -84,8 +93,11 @@ def ask_stream(client, model: str, q: str, max_tokens: int) -> dict:
             "total_ms": (time.perf_counter() - t0) * 1000}
 
 
-def bad_requests(client, model: str) -> dict:
-    """坏请求：服务应回 4xx 和 OpenAI 形状的错误（openai 客户端据此抛出对应异常）。"""
+def bad_requests(client, model: str) -> dict:  # noqa: ANN001
+    """坏请求：服务应回 4xx 和 OpenAI 形状的错误（openai 客户端据此抛出对应异常）。
+
+    挡在生成之前：超长的 max_tokens 不挡，一个请求就能占住生成线程几分钟。
+    """
     import openai
 
     codes = {}
@@ -103,7 +115,10 @@ def bad_requests(client, model: str) -> dict:
 
 
 async def burst(url: str, model: str, n: int, max_tokens: int, api_key: str | None) -> dict:
-    """n 个请求同时发出（httpx，不重试），统计状态码。"""
+    """n 个请求同时发出（httpx，不重试），统计状态码。
+
+    不用 openai 客户端：它遇到 429 会自动退避重试，就看不到服务"满了立刻拒绝"的行为了。
+    """
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -115,12 +130,15 @@ async def burst(url: str, model: str, n: int, max_tokens: int, api_key: str | No
 
         t0 = time.perf_counter()
         codes = await asyncio.gather(*[one(i) for i in range(n)])
-    return {"ok": codes.count(200), "rejected_429": codes.count(429),
+    return {"accepted_200": codes.count(200), "rejected_429": codes.count(429),
             "server_errors": sum(c >= 500 for c in codes), "seconds": time.perf_counter() - t0}
 
 
 def scrape(url: str) -> dict:
-    """读 /metrics（Prometheus 文本格式），取出课程关心的几个数。"""
+    """读 /metrics（Prometheus 文本格式），取出课程关心的几个数。
+
+    用 prometheus_client 自带的解析器读，和 Prometheus 服务器抓取时看到的是同一份文本。
+    """
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -137,21 +155,41 @@ def scrape(url: str) -> dict:
 
 
 def serve_forever(args: Args) -> None:
-    """--serve：在本进程里运行服务，直到 Ctrl-C。"""
-    from common import serving
+    """--serve：本进程换成服务进程（exec），一直运行到 Ctrl-C。
 
+    exec 而不是再起一个子进程：Ctrl-C / SIGTERM 直接交给服务自己处理（uvicorn 收尾最多 5 秒），不会留下孤儿进程。
+    """
     args = cli.with_smoke(args, SMOKE)
     port = str(args.port or 8000)
-    argv = server_cmd(args, port)[3:] + ["--host", args.host]
+    cmd = server_cmd(args, port) + ["--host", args.host]
     run.get_logger().info(f"聊天网页：http://{args.host}:{port}/   OpenAI base_url：http://{args.host}:{port}/v1")
-    serving.main(argv)
+    os.execve(sys.executable, cmd, {**os.environ, "PYTHONPATH": str(run.REPO_ROOT)})
+
+
+def demo_calls(args: Args, url: str, out) -> dict:  # noqa: ANN001
+    """官方 openai 客户端：普通两问、流式一问、三个坏请求，再发一次并发突发。"""
+    import openai
+
+    model = args.resolved_model()
+    # 换个 base_url 就能指向 vLLM / TGI / OpenAI：客户端代码一行不用改
+    client = openai.OpenAI(base_url=url + "/v1", api_key=args.api_key or "not-needed", max_retries=0, timeout=300)
+    answers = [ask(client, model, q, args.max_tokens) for q in QUESTIONS]
+    for q, (a, ms) in zip(QUESTIONS, answers):
+        out.log.info(f"{q} -> {a[:60]!r}（{ms:.0f} ms）")
+    st = ask_stream(client, model, QUESTIONS[0], args.max_tokens)
+    out.log.info(f"流式：{st['chunks']} 块，TTFT {st['ttft_ms']:.0f} ms，总 {st['total_ms']:.0f} ms")
+    codes = bad_requests(client, model)
+    out.log.info(f"坏请求状态码：{codes}")
+    # 队列放得下的排队等批处理，放不下的立刻 429；绝不 5xx，也不挂起
+    b = asyncio.run(burst(url, model, args.burst, args.max_tokens, args.api_key))
+    out.log.info(f"{args.burst} 个并发：200 ×{b['accepted_200']}，429 ×{b['rejected_429']}，"
+                 f"5xx ×{b['server_errors']}，{b['seconds']:.1f} 秒")
+    return {"answers": answers, "stream": st, "codes": codes, "burst": b}
 
 
 def main(args: Args) -> dict:
-    import openai
-
     args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
+    out = run.start(__file__, args)
     model = args.resolved_model()
 
     # 1. 真的启动服务子进程：PYTHONPATH 指向本仓库，子进程用的就是这份 common/serving.py
@@ -162,28 +200,15 @@ def main(args: Args) -> dict:
     except RuntimeError as e:
         raise UserError(f"--model {model}: 服务没能启动（{str(e).splitlines()[0][:300]}）") from None
     with svc:
-        client = openai.OpenAI(base_url=svc.url + "/v1", api_key=args.api_key or "not-needed", max_retries=0,
-                               timeout=300)
-        # 2. 官方 openai 客户端，普通调用：换个 base_url 就能指向 vLLM / TGI / OpenAI
-        answers = [ask(client, model, q, args.max_tokens) for q in QUESTIONS]
-        for q, (a, ms) in zip(QUESTIONS, answers):
-            out.log.info(f"{q} -> {a[:60]!r}（{ms:.0f} ms）")
-        # 3. 流式：SSE 一块块到达；首 token 时间（TTFT）是聊天界面"开始打字"的时刻
-        st = ask_stream(client, model, QUESTIONS[0], args.max_tokens)
-        out.log.info(f"流式：{st['chunks']} 块，TTFT {st['ttft_ms']:.0f} ms，总 {st['total_ms']:.0f} ms")
-        # 4. 坏请求 -> 4xx，服务不受影响
-        codes = bad_requests(client, model)
-        out.log.info(f"坏请求状态码：{codes}")
-        # 5. 并发突发：队列放得下的排队等批处理，放不下的立刻 429；绝不 5xx
-        b = asyncio.run(burst(svc.url, model, args.burst, args.max_tokens, args.api_key))
-        out.log.info(f"{args.burst} 个并发：200 ×{b['ok']}，429 ×{b['rejected_429']}，5xx ×{b['server_errors']}，"
-                     f"{b['seconds']:.1f} 秒")
-        # 6. 监控：/metrics 里的计数应与上面发出的请求一一对应
+        # 2.-5. 普通、流式、坏请求、并发突发：都经 HTTP，和任何外部客户端看到的一样
+        d = demo_calls(args, svc.url, out)
+        # 6. 监控：/metrics 里的计数应与上面发出的请求一一对应（数不对，告警和看板就不可信）
         prom = scrape(svc.url)
+    answers, st, codes, b = d["answers"], d["stream"], d["codes"], d["burst"]
     sent = len(QUESTIONS) + 1 + len(codes) + args.burst
     counted = sum(prom["chat_requests_by_code"].values())
     batches = prom.get("chat_batch_size_count", 0)
-    mean_batch = prom.get("chat_batch_size_sum", 0) / max(batches, 1)
+    mean_batch = prom.get("chat_batch_size_sum", 0) / max(batches, 1)   # > 1 说明并发请求真的被凑成了批
     out.log.info(f"/metrics：chat 请求 {counted}（发出 {sent}），按状态码 {prom['chat_requests_by_code']}；"
                  f"{batches:.0f} 次 generate，平均每批 {mean_batch:.2f} 个请求")
 
@@ -191,12 +216,12 @@ def main(args: Args) -> dict:
     return out.finish({
         "answer": answers[0][0], "answer_en": answers[1][0], "latency_ms": round(answers[0][1], 1),
         "stream_chunks": st["chunks"], "stream_answer": st["answer"], "ttft_ms": round(st["ttft_ms"], 1),
-        "bad_request_codes": codes, "burst_ok": b["ok"], "burst_429": b["rejected_429"],
+        "bad_request_codes": codes, "burst_200": b["accepted_200"], "burst_429": b["rejected_429"],
         "burst_5xx": b["server_errors"], "metrics_chat_requests": counted, "requests_sent": sent,
-        "metrics_by_code": prom["chat_requests_by_code"], "generated_tokens": prom.get("chat_generated_tokens_total", 0),
-        "mean_batch_size": round(mean_batch, 2)},
-        summary=f"服务应答正常；{args.burst} 并发 200×{b['ok']} 429×{b['rejected_429']} 5xx×{b['server_errors']}；"
-                f"TTFT {st['ttft_ms']:.0f} ms；平均每批 {mean_batch:.2f} 个请求")
+        "metrics_by_code": prom["chat_requests_by_code"],
+        "generated_tokens": prom.get("chat_generated_tokens_total", 0), "mean_batch_size": round(mean_batch, 2)},
+        summary=f"服务应答正常；{args.burst} 并发 200×{b['accepted_200']} 429×{b['rejected_429']} "
+                f"5xx×{b['server_errors']}；TTFT {st['ttft_ms']:.0f} ms；平均每批 {mean_batch:.2f} 个请求")
 
 
 if __name__ == "__main__":

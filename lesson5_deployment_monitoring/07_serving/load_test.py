@@ -9,6 +9,8 @@ usage（stream_options.include_usage）。它只说 OpenAI API，所以原样可
 只压本机（127.0.0.1 / localhost / ::1）：压测别人的服务等于攻击；远端机器请在那台机器上运行本脚本。
 
 batching_speedup_8 = 8 并发的吞吐（tokens/s）÷ 顺序（1 并发）的吞吐：动态批处理在 CPU 上带来多少。
+每档的 mean_batch_size 读自服务的 /metrics（chat_batch_size 直方图在这一档里的增量）：不受机器忙闲影响地说明
+请求确实被凑成了批（被压的是别家服务、没有这个指标时为 null）。
 
 运行：
   python lesson5_deployment_monitoring/07_serving/load_test.py            # 自己起服务（smollm2-135m），1,4,8 并发
@@ -29,6 +31,7 @@ from urllib.parse import urlparse
 from common import cli, data, run, services
 from common.errors import UserError
 
+# 只压本机：压测对别人的服务就是拒绝服务攻击，远端机器请登录到那台机器上运行
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -50,7 +53,7 @@ SMOKE = dict(requests_per_level=16, max_tokens=16)
 
 
 def parse_levels(text: str) -> list[int]:
-    """'1,4,8' -> [1, 4, 8]。"""
+    """'1,4,8' -> [1, 4, 8]；上限 256：再高就不是在量服务，而是在量客户端自己的协程调度。"""
     try:
         levels = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -61,7 +64,7 @@ def parse_levels(text: str) -> list[int]:
 
 
 def check_target(url: str) -> str:
-    """只允许本机地址。"""
+    """只允许本机地址；去掉末尾的 /v1，使 OpenAI 的 base_url 写法也能直接用。"""
     u = urlparse(url)
     if u.scheme not in ("http", "https") or u.hostname not in LOOPBACK:
         raise UserError(f"--base-url {url}: 只压本机服务（http://127.0.0.1:端口）；远端请在那台机器上运行")
@@ -69,14 +72,17 @@ def check_target(url: str) -> str:
 
 
 def percentile(xs: list[float], q: float) -> float:
-    """线性插值分位数（numpy 同口径）。"""
+    """线性插值分位数（numpy 同口径）；没有成功的请求时记 0，不让一档全失败就让整个压测崩掉。"""
     import numpy as np
 
     return float(np.percentile(xs, q)) if xs else 0.0
 
 
 async def one(client, model: str, prompt: str, max_tokens: int) -> dict:
-    """一个流式请求：总延迟、TTFT、completion token 数。"""
+    """一个流式请求：总延迟、TTFT、completion token 数。
+
+    失败不抛出：压测要数清楚失败了多少（429、超时），而不是在第一个失败处停下。
+    """
     import openai
 
     t0, ttft, tokens, chunks = time.perf_counter(), None, 0, 0
@@ -97,17 +103,19 @@ async def one(client, model: str, prompt: str, max_tokens: int) -> dict:
     return {"ok": True, "latency": time.perf_counter() - t0, "ttft": ttft or 0.0, "tokens": tokens or chunks}
 
 
-async def level(client, model: str, prompts: list[str], c: int, n: int, max_tokens: int) -> dict:
-    """一个并发档位：c 个协程闭环发 n 个请求。"""
-    todo = iter(range(n))
-    results: list[dict] = []
+async def level(client, model: str, prompts: list[str], c: int, n: int, max_tokens: int) -> dict:  # noqa: ANN001
+    """一个并发档位：c 个协程闭环发 n 个请求（发一个、等回来、再发下一个）。
 
-    async def worker() -> None:
-        for i in todo:   # 共享迭代器：协程之间自然分活，总数恰好 n
-            results.append(await one(client, model, prompts[i % len(prompts)], max_tokens))
+    闭环而不是按固定速率发：CPU 上的服务很容易被固定速率压垮，队列无限增长，量到的只是排队时间。
+    """
+    todo = iter(range(n))
+
+    async def worker() -> list[dict]:
+        # 共享迭代器：协程之间自然分活，总数恰好 n；每个协程返回自己的结果，不去改外层的列表
+        return [await one(client, model, prompts[i % len(prompts)], max_tokens) for i in todo]
 
     t0 = time.perf_counter()
-    await asyncio.gather(*[worker() for _ in range(c)])
+    results = [r for part in await asyncio.gather(*[worker() for _ in range(c)]) for r in part]
     wall = time.perf_counter() - t0
     ok = [r for r in results if r["ok"]]
     lat, ttft = [r["latency"] * 1000 for r in ok], [r["ttft"] * 1000 for r in ok]
@@ -117,7 +125,26 @@ async def level(client, model: str, prompts: list[str], c: int, n: int, max_toke
             "ok": len(ok), "errors": len(results) - len(ok), "seconds": round(wall, 2)}
 
 
+def batch_totals(url: str) -> tuple[float, float] | None:
+    """服务 /metrics 里 chat_batch_size 直方图的 (请求总数, generate 次数)；别家服务没有这个指标时返回 None。
+
+    两档之间各读一次、相减，就是这一档里平均每次 generate 服务了几个请求：批处理是否生效，不看墙钟也知道。
+    """
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+        found = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                 if s.name in ("chat_batch_size_sum", "chat_batch_size_count")}
+    except (httpx.HTTPError, ValueError):   # 没有 /metrics，或格式不是 Prometheus 文本
+        return None
+    # vLLM / TGI 的指标名不同：没有就说"不知道"（null），不猜
+    return (found["chat_batch_size_sum"], found["chat_batch_size_count"]) if len(found) == 2 else None
+
+
 async def sweep(url: str, args: Args, model: str, prompts: list[str], levels: list[int], log) -> dict:  # noqa: ANN001
+    """逐档压测；每档前后各读一次服务的批大小计数。"""
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=args.api_key or "not-needed", max_retries=0,
@@ -125,15 +152,21 @@ async def sweep(url: str, args: Args, model: str, prompts: list[str], levels: li
     await one(client, model, prompts[0], args.max_tokens)   # 预热：第一次请求含惰性初始化，不计入
     out = {}
     for c in levels:
+        before = batch_totals(url)
         out[c] = await level(client, model, prompts, c, args.requests_per_level, args.max_tokens)
+        after = batch_totals(url)
+        calls = after[1] - before[1] if before and after else 0
+        out[c]["mean_batch_size"] = round((after[0] - before[0]) / calls, 2) if calls else None
         r = out[c]
         log.info(f"并发 {c:>3}：{r['rps']:.2f} req/s，{r['tokens_per_s']:.1f} tok/s，p50 {r['p50_ms']:.0f} ms，"
-                 f"p95 {r['p95_ms']:.0f} ms，TTFT p50 {r['ttft_p50_ms']:.0f} ms，失败 {r['errors']}")
+                 f"p95 {r['p95_ms']:.0f} ms，TTFT p50 {r['ttft_p50_ms']:.0f} ms，每批 {r['mean_batch_size']} 个，"
+                 f"失败 {r['errors']}")
     await client.close()
     return out
 
 
 def plot(out, results: dict) -> None:  # noqa: ANN001
+    """左：吞吐随并发（批处理的收益）；右：延迟随并发（批处理的代价），两张并排看才知道取舍。"""
     fig, save = out.plot("load_test.png")
     cs = list(results)
     ax1 = fig.add_subplot(1, 2, 1)
@@ -147,15 +180,13 @@ def plot(out, results: dict) -> None:  # noqa: ANN001
     save()
 
 
-def main(args: Args) -> dict:
+def target(args: Args, out) -> tuple[str, str, object]:  # noqa: ANN001
+    """给了 --base-url 就压它（模型名从 /v1/models 读），否则自己起一个 common.serving。
+
+    返回 (url, 模型名, 自己起的服务或 None)：只有自己起的服务才由本脚本负责停掉。
+    """
     import httpx
 
-    args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
-    levels = parse_levels(args.concurrency)
-
-    # 1. 目标：给了 --base-url 就压它（模型名从 /v1/models 读），否则自己起一个 common.serving
-    svc = None
     if args.base_url:
         url = check_target(args.base_url)
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -163,27 +194,37 @@ def main(args: Args) -> dict:
             served = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
             raise UserError(f"--base-url {args.base_url}: 读不到 /v1/models（{type(e).__name__}）") from None
-        model = args.model or served
-    else:
-        model = args.resolved_model()
-        cmd = [sys.executable, "-m", "common.serving", "--model", model, "--source", args.source, "--port", "{port}",
-               "--max-batch-size", str(args.max_batch_size), "--max-queue", "512", "--device", args.device,
-               "--dtype", args.dtype]
-        svc = services.start(cmd, log_file=out.path("server.log"), deadline_s=300, env={"PYTHONPATH": str(run.REPO_ROOT)})
-        url = svc.url
+        return url, args.model or served, None
+    model = args.resolved_model()
+    # 队列上限 512：压测自己控制并发，不该被服务的 429 截断（那是 chat_server.py 演示的事）
+    cmd = [sys.executable, "-m", "common.serving", "--model", model, "--source", args.source, "--port", "{port}",
+           "--max-batch-size", str(args.max_batch_size), "--max-queue", "512", "--device", args.device,
+           "--dtype", args.dtype]
+    svc = services.start(cmd, log_file=out.path("server.log"), deadline_s=300,
+                         env={"PYTHONPATH": str(run.REPO_ROOT)})
+    return svc.url, model, svc
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+    levels = parse_levels(args.concurrency)
+
+    # 1. 目标：现成的服务，或自己起一个（进程独立，压测客户端不和服务抢同一个解释器）
+    url, model, svc = target(args, out)
     out.log.info(f"压测 {url}（模型 {model}），并发 {levels}，每档 {args.requests_per_level} 个请求")
 
-    # 2. 问题：知识库问答集里的真实问题（中英混合），每档用同一批
+    # 2. 问题：知识库问答集里的真实问题（中英混合），每档用同一批，档与档之间只差并发
     prompts = [r["question"] for r in data.load_qa(data.DATA_DIR / "kb" / "qa.jsonl")][:64]
 
-    # 3. 逐档压测
+    # 3. 逐档压测；无论成败都停掉自己起的服务
     try:
         results = asyncio.run(sweep(url, args, model, prompts, levels, out.log))
     finally:
         if svc:
             svc.stop()
 
-    # 4. 批处理加速比：并发 8（或最高档）对顺序的吞吐之比
+    # 4. 批处理加速比：并发 8（或最高档）对顺序的吞吐之比。墙钟比值随机器忙闲起伏，mean_batch_size 不会
     metrics = {f"concurrency_{c}": r for c, r in results.items()}
     top = 8 if 8 in results else levels[-1]
     speedup = results[top]["tokens_per_s"] / max(results[levels[0]]["tokens_per_s"], 1e-9)
@@ -193,7 +234,9 @@ def main(args: Args) -> dict:
     plot(out, results)
     return out.finish(metrics, summary=f"并发 {levels[0]}→{top}：{results[levels[0]]['tokens_per_s']:.1f}→"
                                        f"{results[top]['tokens_per_s']:.1f} tok/s（{speedup:.2f}×），p95 "
-                                       f"{results[levels[0]]['p95_ms']:.0f}→{results[top]['p95_ms']:.0f} ms")
+                                       f"{results[levels[0]]['p95_ms']:.0f}→{results[top]['p95_ms']:.0f} ms，"
+                                       f"每批 {results[levels[0]]['mean_batch_size']}→"
+                                       f"{results[top]['mean_batch_size']} 个请求")
 
 
 if __name__ == "__main__":
