@@ -134,10 +134,11 @@ def avg_response_logp(model, tok, prompt: list[dict], response: list[dict], max_
     ids_p = tok(data.prompt_text(tok, prompt), add_special_tokens=False).input_ids
     ids = (ids_p + tok(response[-1]["content"] + tok.eos_token, add_special_tokens=False).input_ids)[:max_length]
     x = torch.tensor([ids], device=model.device)
+    answer = torch.zeros_like(x)
+    answer[0, len(ids_p):] = 1   # 只数回答部分：提示的概率每种方法都一样，算进来只会冲淡差别
     with torch.no_grad():
-        # logits[t] 预测第 t+1 个 token：回答从第 len(ids_p) 个 token 起，所以从 len(ids_p) - 1 取
-        lp = lm.token_logprobs(model(input_ids=x).logits[0, :-1], x[0, 1:])[len(ids_p) - 1:]
-    return lp.mean().item()
+        total = lm.sequence_logprobs(model, x, mask=answer)
+    return (total / answer[0, 1:].sum()).item()
 
 
 def preference_eval(model, tok, pairs, max_length: int) -> tuple[float, float]:

@@ -23,12 +23,13 @@ batching_speedup_8 = 8 并发的吞吐（tokens/s）÷ 顺序（1 并发）的�
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from common import cli, data, run, services
+from common import cli, data, run, safety, services
 from common.errors import UserError
 
 # 只压本机：压测对别人的服务就是拒绝服务攻击，远端机器请登录到那台机器上运行
@@ -206,13 +207,15 @@ def target(args: Args, out) -> tuple[str, str, object]:  # noqa: ANN001
 
 
 def main(args: Args) -> dict:
-    args = cli.with_smoke(args, SMOKE)
+    # 秘密不落盘：--api-key 与 URL 里的账号密码在 run.start 写 argv.txt / config.json 之前拿走，之后只在内存里用
+    args, secret = safety.scrub(cli.with_smoke(args, SMOKE))
     out = run.start(__file__, args)
+    args = dataclasses.replace(args, **secret)
     levels = parse_levels(args.concurrency)
 
     # 1. 目标：现成的服务，或自己起一个（进程独立，压测客户端不和服务抢同一个解释器）
     url, model, svc = target(args, out)
-    out.log.info(f"压测 {url}（模型 {model}），并发 {levels}，每档 {args.requests_per_level} 个请求")
+    out.log.info(f"压测 {safety.redact_url(url)}（模型 {model}），并发 {levels}，每档 {args.requests_per_level} 个请求")
 
     # 2. 问题：知识库问答集里的真实问题（中英混合），每档用同一批，档与档之间只差并发
     prompts = [r["question"] for r in data.load_qa(data.DATA_DIR / "kb" / "qa.jsonl")][:64]
@@ -230,7 +233,7 @@ def main(args: Args) -> dict:
     speedup = results[top]["tokens_per_s"] / max(results[levels[0]]["tokens_per_s"], 1e-9)
     metrics[f"batching_speedup_{top}"] = round(speedup, 2)
     metrics["errors"] = sum(r["errors"] for r in results.values())
-    metrics["target"] = "self-started common.serving" if svc else url
+    metrics["target"] = "self-started common.serving" if svc else safety.redact_url(url)
     plot(out, results)
     return out.finish(metrics, summary=f"并发 {levels[0]}→{top}：{results[levels[0]]['tokens_per_s']:.1f}→"
                                        f"{results[top]['tokens_per_s']:.1f} tok/s（{speedup:.2f}×），p95 "
