@@ -1,22 +1,27 @@
-"""训练的公共机械：按设备选 TrainingArguments 开关（bf16 / use_cpu / 梯度检查点），以及测峰值内存。
+"""训练的公共机械：按设备选 TrainingArguments 开关、测峰值内存、LoRA、多 rank 启动，以及用自己的数据训练的那一套。
 
-用自己的数据训练时（第 1 课 05 起，第 2-4 课可复用；第 3 课的加速实验用同一套开关做并排对比）：
-  length_stats / describe_lengths / truncate   长度统计、超过 max_length 的条数与处理（截断 / 丢弃），一行说明
-  pack / PackedCollator / packed_vs_padded_loss padding-free 打包（BFD 装行、position_ids 标边界）与等价性核对
-  activation_gb / memory_budget_gb / auto_checkpointing   激活内存估计、预算、超预算自动开梯度检查点
-  measure_step / step_peak_mb                   实测一步前向 + 反向的时间与峰值内存（开 / 关检查点对比）
-  micro_batches / budget_steps                  一次前向的 token 上限 -> 梯度累积；时间预算内能跑几步
-  eval_interval / step_timer                    评估开销 ≤ 10% 的间隔；第 1 步计时估计总时长、训练吞吐
-按验证损失留最好的一步用 transformers 自带的 load_best_model_at_end + EarlyStoppingCallback（PEFT 下只存 / 装回 adapter）。
+学生把 --data 指向自己的文件时，每个训练脚本（第 1 课 05、2 课 02、3 课 06、4 课 03/04、5 课 02）做同样的事：
+  length_report / truncate / encode_pairs   训练前一行：条数、token 长度、几条超过 max_length、会怎样、怎么改
+  pack / PackedCollator / micro_batches     SFT：padding-free 打包；一次前向的 token 上限 -> 梯度累积
+  eval_schedule / best_step_args            评估开销 ≤ 10%、至少评估 2 次；按 eval_loss 留最好的一步
+  attach / eta_line / kept_step             第 1 步后的预计用时、时间预算（停前先评估 + 保存）、提前停；读回保留的步
 """
 from __future__ import annotations
 
+import ctypes
+import gc
+import json
 import math
+import os
+import resource
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from common.run import get_logger
+from common.run import REPO_ROOT, get_logger
 
 
 def device_of(model: Any):
@@ -48,15 +53,12 @@ def trainer_flags(model: Any, gradient_checkpointing: bool = False, log: bool = 
 class PeakMemory:
     """with PeakMemory() as m: ...；之后 m.peak_mb = 这段代码执行期间比开始时多用的峰值内存（MB）。
 
-    CUDA：torch.cuda.max_memory_allocated（精确）；CPU：后台线程每 2 ms 采一次进程 RSS，取最大值减去
-    开始时的 RSS（RSS 含 Python/库的缓存，所以比较同一进程里的两段代码时才有意义）。
-    """
+    CUDA：torch.cuda.max_memory_allocated（精确）；CPU：后台线程每 2 ms 采一次进程 RSS，取最大值减去开始时的 RSS
+    （RSS 含 Python/库的缓存，所以比较同一进程里的两段代码时才有意义）。"""
 
     def __init__(self, device: Any = "cpu", interval_s: float = 0.002):
-        self.cuda = str(device).startswith("cuda")
-        self.interval_s = interval_s
-        self.peak_mb = 0.0
-        self.peak_abs_mb = 0.0
+        self.cuda, self.interval_s = str(device).startswith("cuda"), interval_s
+        self.peak_mb = self.peak_abs_mb = 0.0
 
     def _sample(self) -> None:
         import psutil
@@ -67,18 +69,15 @@ class PeakMemory:
             time.sleep(self.interval_s)
 
     def __enter__(self) -> PeakMemory:
-        import gc
+        import psutil
+        import torch
 
         gc.collect()
         if self.cuda:
-            import torch
-
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self._start = torch.cuda.memory_allocated()
         else:
-            import psutil
-
             self._start = self._max = psutil.Process().memory_info().rss
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -86,14 +85,13 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.cuda:
-            import torch
+        import psutil
+        import torch
 
+        if self.cuda:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
         else:
-            import psutil
-
             self._stop.set()
             self._thread.join()
             peak = max(self._max, psutil.Process().memory_info().rss)
@@ -104,9 +102,6 @@ class PeakMemory:
 def release_memory() -> None:
     """gc + 把空闲的堆内存还给系统（glibc malloc_trim）：大张量释放后 glibc 常把内存留在进程里，RSS 不降，
     下一段代码的峰值就叠在上面。顺便固定 mmap 阈值（64 KB），之后的大块分配用完即还。非 glibc 平台什么也不做。"""
-    import ctypes
-    import gc
-
     gc.collect()
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -118,44 +113,40 @@ def release_memory() -> None:
 
 def peak_rss_mb() -> float:
     """本进程从启动到现在的最大常驻内存（MB；Linux ru_maxrss 以 KB 计）。"""
-    import resource
-    import sys
-
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 2**20 if sys.platform == "darwin" else r / 1024
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 用自己的数据训练时的机械（issue 16）：长度统计、padding-free 打包、激活内存估计、评估间隔、按验证损失留最好的一步
-# ---------------------------------------------------------------------------------------------------------------
+# ---- 用自己的数据训练：长度、打包、评估间隔、时间预算、按验证损失留最好的一步 ----------------------------------
 
-def length_stats(rows: list[dict], max_length: int) -> dict:
-    """已编码样本（input_ids 未截断、labels 里 -100 以外是回答）-> 长度统计与超长情况。
+def length_report(records: list, max_length: int, policy: str = "truncate", knob: str = "--max-length",
+                  drop_flag: str | None = "--over-length drop") -> dict:
+    """已编码、未截断的样本 {input_ids, labels}（-100 以外是回答）-> 长度统计，并打一行日志：几条超长、会怎样、怎么改。
 
-    超过 max_length 的样本被截断时，丢掉的是尾部——对 SFT 来说恰好是回答的结尾：模型永远学不到怎么收尾。
-    """
-    lens = sorted(len(r["input_ids"]) for r in rows)
-    over = [r for r in rows if len(r["input_ids"]) > max_length]
-    cut_answer = sum(sum(x != -100 for x in r["labels"][max_length:]) for r in over)
-    return {"records": len(rows), "tokens_mean": round(sum(lens) / max(1, len(lens)), 1),
-            "tokens_p90": lens[min(len(lens) - 1, int(len(lens) * 0.9))] if lens else 0,
-            "tokens_max": lens[-1] if lens else 0, "over_max_length": len(over),
-            "answer_tokens_cut": int(cut_answer), "answer_tokens": int(sum(sum(x != -100 for x in r["labels"])
-                                                                             for r in rows))}
-
-
-def describe_lengths(stats: dict, max_length: int, policy: str) -> str:
-    """一行中文：条数、token 平均 / p90 / 最大、多少条超过 --max-length、它们会怎样、怎么办。"""
-    s = stats
-    line = (f"训练数据 {s['records']} 条；token 平均 {s['tokens_mean']:.0f} / p90 {s['tokens_p90']} / "
-            f"最大 {s['tokens_max']}；超过 --max-length {max_length} 的 {s['over_max_length']} 条")
-    if not s["over_max_length"]:
-        return line + "（没有被截断的）"
-    if policy == "drop":
-        return line + "：已丢弃（--over-length drop）"
-    return line + (f"：截断，丢掉回答结尾 {s['answer_tokens_cut']} 个 token（占回答 token 的 "
-                   f"{s['answer_tokens_cut'] / max(1, s['answer_tokens']):.0%}）；要保留请调大 --max-length "
-                   f"{min(4096, 1 << (s['tokens_max'] - 1).bit_length())}，或 --over-length drop 丢掉这些样本")
+    偏好数据每条传 [chosen, rejected]，任一条超长就算这一对超长（TRL 的 RewardTrainer 整对丢掉，DPOTrainer 截尾）。
+    截掉的尾部恰好是回答的结尾，模型学不会收尾。knob：调长度的参数；drop_flag：改成丢弃的参数（没有就 None）。"""
+    groups = [r if isinstance(r, list) else [r] for r in records]
+    lens = sorted(max(len(s["input_ids"]) for s in g) for g in groups)
+    over = [g for g in groups if max(len(s["input_ids"]) for s in g) > max_length]
+    cut = sum(sum(x != -100 for x in s["labels"][max_length:]) for g in over for s in g)
+    total = sum(sum(x != -100 for x in s["labels"]) for g in groups for s in g)
+    stats = {"records": len(groups), "tokens_mean": round(sum(lens) / max(1, len(lens)), 1),
+             "tokens_p90": lens[min(len(lens) - 1, int(len(lens) * 0.9))] if lens else 0,
+             "tokens_max": lens[-1] if lens else 0, "over_max_length": len(over),
+             "answer_tokens_cut": int(cut), "answer_tokens": int(total)}
+    unit = "对" if any(isinstance(r, list) for r in records) else "条"
+    bigger = min(4096, 1 << max(0, stats["tokens_max"] - 1).bit_length())   # 装得下最长一条的 2 的幂
+    line = (f"训练数据 {len(groups)} {unit}；token 平均 {stats['tokens_mean']:.0f} / p90 {stats['tokens_p90']} / "
+            f"最大 {stats['tokens_max']}；超过 {knob} {max_length} 的 {len(over)} {unit}")
+    if not over:
+        line += "（没有被截断的）"
+    elif policy == "drop":
+        line += f"：整{unit}丢弃（占 {len(over) / len(groups):.0%}）；要保留请调大 {knob} {bigger}"
+    else:
+        line += (f"：截断，丢掉回答结尾 {cut} 个 token（占回答 token 的 {cut / max(1, total):.0%}）；要保留请调大 "
+                 f"{knob} {bigger}" + (f"，或 {drop_flag} 丢掉这些样本" if drop_flag else ""))
+    get_logger().info(line)
+    return stats
 
 
 def truncate(rows: list[dict], max_length: int, policy: str = "truncate") -> list[dict]:
@@ -166,11 +157,18 @@ def truncate(rows: list[dict], max_length: int, policy: str = "truncate") -> lis
     return [r for r in rows if any(x != -100 for x in r["labels"])]
 
 
-def pack(rows: list[dict], max_length: int):
-    """把样本按 Best-Fit-Decreasing 装进长度 ≤ max_length 的行（TRL 的 pack_dataset，"bfd"）。
+def encode_pairs(tok: Any, pairs: list[dict]) -> list[list[dict]]:
+    """偏好对（TRL 对话格式：prompt / chosen / rejected 都是消息列表）-> 每对 [chosen, rejected] 两条未截断的编码，
+    提示部分 labels = -100；交给 length_report 数清有多少对超过 max_length。"""
+    from common import data
 
-    每行记下各段长度 seq_lengths，PackedCollator 据此给出每段从 0 开始的 position_ids：模型靠它区分段落边界。
-    """
+    return [[data.tokenize_chat(tok, list(p["prompt"]) + list(p[k]), 10**9) for k in ("chosen", "rejected")]
+            for p in pairs]
+
+
+def pack(rows: list[dict], max_length: int):
+    """把样本按 Best-Fit-Decreasing 装进长度 ≤ max_length 的行（TRL 的 pack_dataset，"bfd"）。每行记下各段长度
+    seq_lengths，PackedCollator 据此给出每段从 0 开始的 position_ids：模型靠它区分段落边界。"""
     from datasets import Dataset
     from trl.data_utils import pack_dataset
 
@@ -181,12 +179,10 @@ def pack(rows: list[dict], max_length: int):
 class PackedCollator:
     """打包后的行 -> 批：input_ids / labels / position_ids，不给 attention_mask。
 
-    没有 attention_mask、position_ids 在段落边界处归零时，transformers 会自己识别"打包序列"：
-    sdpa / eager（CPU 也一样）构造块对角的因果掩码，flash-attention 用 position_ids 算出 cu_seqlens 走变长核；
-    两种情况下每段只看得见自己，和单独一条一条算完全等价。前提是模型不建 KV 缓存（model.config.use_cache = False，
-    否则 transformers 跳过打包识别、整行当成一段，悄悄算错）。每行第一个 token 的 label 置 -100：它在移位后
-    会被上一段的最后一个 token "预测"，那不是要学的东西。各行末尾补的少量 pad 也各自成段、不算损失。
-    """
+    没有 attention_mask、position_ids 在段落边界处归零时，transformers 自己识别"打包序列"：sdpa / eager（CPU 也一样）
+    构造块对角的因果掩码，flash-attention 用 position_ids 算 cu_seqlens 走变长核；每段只看得见自己，与逐条算等价。
+    前提是模型不建 KV 缓存（model.config.use_cache = False，否则整行被当成一段，悄悄算错）。每段第一个 token 的
+    label 置 -100：移位后它由上一段的最后一个 token "预测"，那不是要学的东西。行尾补的 pad 各自成段、不算损失。"""
 
     def __init__(self, pad_token_id: int):
         self.pad = pad_token_id
@@ -206,127 +202,6 @@ class PackedCollator:
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos)}
 
 
-def padded_batch(rows: list[dict], pad_token_id: int) -> dict:
-    """普通做法：右填充到批内最长，attention_mask 标出真实 token。"""
-    import torch
-
-    width = max(len(r["input_ids"]) for r in rows)
-    return {"input_ids": torch.tensor([r["input_ids"] + [pad_token_id] * (width - len(r["input_ids"])) for r in rows]),
-            "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
-                                            for r in rows]),
-            "labels": torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])}
-
-
-def packed_vs_padded_loss(model, rows: list[dict], pad_token_id: int) -> tuple[float, float]:
-    """同一批样本：填充成矩形算一次损失，首尾相接打包成一行再算一次。两者应相等（fp32 下差 ~1e-6）。"""
-    import torch
-
-    packed = PackedCollator(pad_token_id)([{"input_ids": sum((r["input_ids"] for r in rows), []),
-                                            "labels": sum((r["labels"] for r in rows), []),
-                                            "seq_lengths": [len(r["input_ids"]) for r in rows]}])
-    padded = padded_batch(rows, pad_token_id)
-    dev = device_of(model)
-    was_training = model.training
-    model.eval()   # 关掉 dropout：两次前向要可比
-    with torch.no_grad():
-        # use_cache=False：有 KV 缓存时 transformers 不会按 position_ids 识别打包（训练时也要关，见 PackedCollator）
-        a = model(**{k: v.to(dev) for k, v in padded.items()}, use_cache=False).loss.item()
-        b = model(**{k: v.to(dev) for k, v in packed.items()}, use_cache=False).loss.item()
-    model.train(was_training)
-    return a, b
-
-
-def activation_gb(config: Any, tokens: int, rows: int, width: int, checkpointing: bool = False,
-                  bytes_per: int = 4) -> float:
-    """一步前向 + 反向要留着的激活量的粗估（GB）：决定要不要开梯度检查点。
-
-    每层每 token 存约 10·hidden + 4·intermediate 个数（归一化输入、q/k/v、注意力输出、MLP 的 gate/up/激活/乘积…），
-    外加注意力分数 heads·width² 每行（带掩码时 CPU 的 sdpa 走显式实现，要存概率矩阵），再加 logits 及其梯度
-    约 3·tokens·vocab 个数。梯度检查点只保留每层的输入（hidden 个数/token），反向时一次重算一层。
-    """
-    c = config.get_text_config() if hasattr(config, "get_text_config") else config
-    h, layers = c.hidden_size, c.num_hidden_layers
-    inter = getattr(c, "intermediate_size", 4 * h) or 4 * h
-    heads = c.num_attention_heads
-    per_layer = tokens * (10 * h + 4 * inter) + 2 * rows * heads * width * width
-    logits = 3 * tokens * c.vocab_size
-    total = (layers * tokens * h + per_layer if checkpointing else layers * per_layer) + logits
-    return total * bytes_per / 2**30
-
-
-def memory_budget_gb(requested: float = 0.0) -> float:
-    """激活内存预算：用户给了就用；否则取本机当前可用内存（psutil）的四分之一——其余留给权重、优化器、
-    分配器碎片（实测 RSS 峰值约为激活估计的 1.2-1.5 倍）和同一台机器上的别的程序。"""
-    if requested and requested > 0:
-        return float(requested)
-    import psutil
-
-    return psutil.virtual_memory().available / 2**30 / 4
-
-
-def auto_checkpointing(config: Any, tokens: int, rows: int, width: int, budget_gb: float, requested: str = "auto",
-                       bytes_per: int = 4) -> tuple[bool, str]:
-    """按预算决定是否开梯度检查点；返回 (开不开, 一行说明)。requested：auto / on / off（用户强制时照办）。"""
-    full = activation_gb(config, tokens, rows, width, False, bytes_per)
-    ckpt = activation_gb(config, tokens, rows, width, True, bytes_per)
-    est = f"一步约 {tokens} token，激活内存估计 {full:.2f} GB（开检查点 {ckpt:.2f} GB），预算 {budget_gb:.1f} GB"
-    if requested in ("on", "off"):
-        state = "开" if requested == "on" else "关"
-        return requested == "on", f"{est} -> 梯度检查点{state}（--gradient-checkpointing {requested}）"
-    on = full > budget_gb
-    return on, f"{est} -> 梯度检查点{'自动打开：用约 30% 的重算换激活内存' if on else '不需要，关'}"
-
-
-def eval_interval(eval_tokens: int, step_tokens: int, max_fraction: float = 0.1) -> int:
-    """每隔几步评估一次，评估开销才 ≤ max_fraction：评估只有前向（≈ 训练一步同样 token 的 1/3 计算量）。"""
-    return max(1, math.ceil(eval_tokens / (3 * step_tokens * max_fraction)))
-
-
-def measure_step(model, batch: dict, checkpointing: bool, repeats: int = 1, loss_fn=None) -> tuple[float, float]:
-    """实测一次前向 + 反向：-> (秒, 峰值内存增量 MB)。repeats > 1 时先空跑几次（第一次有分配器、线程池的预热开销），
-    取最后一次。loss_fn(model, batch) 默认 model(**batch).loss；训练器的 compute_loss 也可以（见 trainer_step_seconds）。
-    开 / 关梯度检查点对比内存用它；训练前按它估计一步要多久、时间预算内能跑几步。"""
-    # transformers 5 把它改名为 activation_checkpointing_*（旧名仍可用但会告警）
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-    if checkpointing:
-        enable({"use_reentrant": False})
-    else:
-        disable()
-    was_training = model.training
-    model.train()
-    dev = device_of(model)
-    batch = {k: v.to(dev) for k, v in batch.items()}
-    for _ in range(repeats):
-        with PeakMemory(dev) as m:
-            t0 = time.perf_counter()
-            loss = loss_fn(model, dict(batch)) if loss_fn else model(**batch, use_cache=False).loss
-            loss.backward()
-            del loss
-            if m.cuda:
-                import torch
-
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-        model.zero_grad(set_to_none=True)
-    disable()
-    model.train(was_training)
-    return seconds, m.peak_mb
-
-
-def step_peak_mb(model, batch: dict, checkpointing: bool) -> float:
-    """在 CPU/GPU 上实测一次前向 + 反向的峰值内存增量（MB），对比开 / 关梯度检查点用。"""
-    return measure_step(model, batch, checkpointing)[1]
-
-
-def trainer_step_seconds(trainer, batch: dict, accum: int, checkpointing: bool) -> float:
-    """训练前实测训练器的一步（秒）：用它自己的 compute_loss（TRL 的分块 lm_head、token 级指标都在里面，
-    实测比裸的 model(**batch).loss 慢 10-30%）做两次前向 + 反向取后一次，乘以梯度累积次数。
-    量的是训练的第一个批次、参数还没更新，TRL 顺手记下的指标与第 1 步自己算的相同。"""
-    return measure_step(trainer.model, batch, checkpointing, repeats=2,
-                        loss_fn=lambda m, b: trainer.compute_loss(m, b))[0] * accum
-
-
 def micro_batches(rows_per_step: int, width: int, micro_batch_tokens: int) -> tuple[int, int]:
     """一步要看 rows_per_step 行（每行 ≤ width token）；一次前向最多 micro_batch_tokens 个 token
     -> (每次前向几行, 梯度累积几次)。累积不改变一步的梯度（损失按整步的有效 token 数归一），只把激活内存
@@ -336,71 +211,97 @@ def micro_batches(rows_per_step: int, width: int, micro_batch_tokens: int) -> tu
     return -(-rows_per_step // accum), accum
 
 
-def eval_interval_measured(eval_s: float, step_s: float, max_fraction: float = 0.1) -> int:
-    """按实测的一次评估秒数与一步训练秒数，评估开销 ≤ max_fraction 要隔几步（比按 token 数估更准：评估批次小、
-    TRL 还顺手算熵和 token 准确率，实测每 token 并不比训练便宜多少）。"""
-    return max(1, math.ceil(eval_s / (max_fraction * step_s)))
+def eval_schedule(steps: int, eval_tokens: int = 0, step_tokens: int = 1, interval: int = 0,
+                  round_steps: bool = False) -> tuple[int, int]:
+    """-> (步数, 评估间隔)：评估开销 ≤ 10%（评估只有前向，≈ 训练同样 token 的 1/3 计算量；给了实测的 interval 就用它），
+    且至少评估 2 次——只评估一次就无从"挑"。round_steps 时步数取间隔的整数倍：load_best_model_at_end 只在
+    评估点之间挑，最后一次评估之后多训的步会被白白丢掉。"""
+    interval = interval or math.ceil(eval_tokens / (3 * max(1, step_tokens) * 0.1))
+    n = max(2, steps // max(1, interval))
+    every = max(1, steps // n)
+    return (every * n if round_steps and steps >= n else steps), every
 
 
-def budget_steps(step_s: float, minutes: float, eval_fraction: float = 0.1) -> int:
-    """时间预算（分钟）内能跑几步：每步实测 step_s 秒，评估再占 eval_fraction。minutes <= 0 表示不限。"""
-    if minutes <= 0:
-        return 10**9
-    return max(1, int(minutes * 60 / (step_s * (1 + eval_fraction))))
+def best_step_args(every: int) -> dict:
+    """TrainingArguments 的键：每 every 步评估并保存一次（只存模型；最多留 2 份 = 最好的 + 最新的），结束时装回
+    eval_loss 最低的那一步。数据少、训得久时验证损失先降后升，最后一步往往已经在死记训练集。"""
+    return dict(eval_strategy="steps", eval_steps=every, save_strategy="steps", save_steps=every, save_total_limit=2,
+                save_only_model=True, load_best_model_at_end=True, metric_for_best_model="eval_loss")
 
 
-def step_timer(tokens_per_epoch: int, note: str = ""):
-    """训练回调：第 1 步结束时按实测时间估计总时长（一行日志），并记下评估花了多少时间。
+def eta_line(step_s: float, steps: int, minutes: float = 0.0, when: str = "第 1 步实测") -> str:
+    """一行中文：实测一步多久（when：第 1 步之后 / 训练前）-> 全部步数预计多久；超过时间预算时说大约停在第几步。"""
+    line = (f"{when} {step_s:.1f} 秒 -> 最多 {steps} 步，预计约 {step_s * steps / 60:.1f} 分钟"
+            f"（不含评估；提前停止会更短）")
+    if minutes > 0 and step_s * steps > minutes * 60:
+        line += (f"；超过 --max-train-minutes {minutes:g}：约在第 {max(1, int(minutes * 60 / step_s))} 步停下"
+                 f"（停前先评估 + 保存，仍留验证损失最低的一步）")
+    return line
 
-    tokens_per_epoch：训练集的真实 token 数（不含填充）；.tokens_per_s(epochs) = 训练过的真实 token / 训练墙钟时间。
-    """
-    from transformers import TrainerCallback
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.first_step_s = self.train_s = self.eval_s = 0.0
-            self.t0 = self.t_step = self.t_end = time.perf_counter()
+def attach(trainer: Any, minutes: float = 0.0, patience: int = 0, tokens: int = 0) -> Any:
+    """给 Trainer 挂上三件事，返回计时器（.first_step_s / .train_s / .eval_s / .hit / .tokens_per_s(epochs)）：
+    - 第 1 步后按实测时间说预计总时长（eta_line）：长数据一步可能要几十秒，开训一分钟内就该知道要等多久；
+    - 时间预算 minutes（0 = 不限）：训练墙钟（含评估）超过就停在这一步，停前先评估 + 保存，仍从评估过的步里挑最好的；
+    - patience > 0：连续 patience 次评估没有改善就提前停（transformers 的 EarlyStoppingCallback）。
+    训练中的评估不改变训练：评估后还原评估前的随机数状态——否则评估多消耗的随机数让之后的 dropout 掩码整体错位，
+    加不加评估、评估几次，训出的模型都不一样。tokens：一个 epoch 的真实 token 数（算吞吐用）。"""
+    import torch
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    class Clock(TrainerCallback):
+        hit, training, first_step_s, train_s, eval_s, rng = False, False, 0.0, 0.0, 0.0, None
 
         def on_train_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.t0 = self.t_end = time.perf_counter()
+            self.training = True
 
         def on_step_begin(self, args, state, control, **kw):
             self.t_step = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             self.t_end = time.perf_counter()
+            self.rng = (torch.random.get_rng_state(), torch.cuda.is_available() and torch.cuda.get_rng_state_all())
             if state.global_step == 1:
                 self.first_step_s = self.t_end - self.t_step
-                get_logger().info(f"{note}第 1 步实测 {self.first_step_s:.1f} 秒 -> 最多 {state.max_steps} 步，预计约 "
-                                  f"{self.first_step_s * state.max_steps / 60:.1f} 分钟（不含评估；提前停止会更短）")
+                get_logger().info(eta_line(self.first_step_s, state.max_steps, minutes))
+            if minutes > 0 and self.t_end - self.t0 > minutes * 60 and state.global_step < state.max_steps:
+                self.hit = control.should_training_stop = control.should_evaluate = control.should_save = True
+                get_logger().info(f"训练已用满 --max-train-minutes {minutes:g}：停在第 {state.global_step} 步"
+                                  f"（计划 {state.max_steps} 步），先评估 + 保存这一步再从最好的一步收尾")
 
         def on_evaluate(self, args, state, control, **kw):
-            self.eval_s += time.perf_counter() - self.t_end
+            if self.training:
+                self.eval_s += time.perf_counter() - self.t_end
+            if self.rng:   # 训练中的评估：还原随机数状态
+                torch.random.set_rng_state(self.rng[0])
+                if self.rng[1]:
+                    torch.cuda.set_rng_state_all(self.rng[1])
+                self.rng = None
 
         def on_train_end(self, args, state, control, **kw):
-            self.train_s = time.perf_counter() - self.t0
+            self.train_s, self.training, self.rng = time.perf_counter() - self.t0, False, None
 
         def tokens_per_s(self, epochs: float) -> float:
-            return tokens_per_epoch * epochs / max(self.train_s - self.eval_s, 1e-9)
+            return tokens * epochs / max(self.train_s - self.eval_s, 1e-9)
 
-    return StepTimer()
-
-
-def eval_schedule(steps: int, interval: int, round_steps: bool = True) -> tuple[int, int]:
-    """-> (步数, 评估间隔)：至少每 interval 步才评估一次（开销 ≤ 10%，见 eval_interval / eval_interval_measured），
-    且至少评估 2 次；round_steps 时步数取间隔的整数倍——load_best_model_at_end 只在评估点之间挑，最后一次评估之后
-    多训的步会被白白丢掉。"""
-    n = max(2, steps // max(1, interval))
-    every = max(1, steps // n)
-    return (every * n if round_steps and steps >= n else steps), every
+    trainer.add_callback(clock := Clock())
+    if patience:
+        trainer.add_callback(EarlyStoppingCallback(patience))
+    return clock
 
 
-def describe_budget(step_s: float, steps: int, planned: int, epochs: float, minutes: float, every: int) -> str:
-    """一行中文：实测一步多久、预计总时长（含 ≤10% 的评估）、是否因 --max-train-minutes 减了步数。"""
-    capped = (f"；{planned} 步要约 {planned * step_s * 1.1 / 60:.0f} 分钟，超过 --max-train-minutes {minutes:g}，"
-              f"减到 {steps} 步 ≈ {epochs:.2f} 个 epoch（要训满：加大它或换 GPU）" if steps < planned else "")
-    return (f"训练前实测一步 {step_s:.1f} 秒 -> {steps} 步预计约 {steps * step_s * 1.1 / 60:.1f} 分钟（含评估）{capped}"
-            f"；每 {every} 步评估一次")
+def kept_step(trainer: Any) -> dict:
+    """训练结束后读回：保留的是第几步（load_best_model_at_end 装回的检查点；没有检查点 = 最后一步）、训练到第几步、
+    每次训练中评估的 eval_loss、是提前停（连续没改善）还是用满了时间预算。"""
+    st = trainer.state
+    hit = any(getattr(c, "hit", False) for c in trainer.callback_handler.callbacks)
+    # 训练后再 evaluate() 也记在最后一步上：倒着读，同一步留最早的那次
+    history = {h["step"]: round(h["eval_loss"], 4) for h in reversed(st.log_history) if "eval_loss" in h and h["step"]}
+    best = st.best_model_checkpoint
+    return {"kept_step": int(Path(best).name.split("-")[-1]) if best else st.global_step, "steps": st.global_step,
+            "eval_history": [[s, v] for s, v in sorted(history.items())], "time_budget_hit": hit,
+            "stopped_early": st.global_step < st.max_steps and not hit}
 
 
 def lora_config(r: int, alpha: int, task: str = "CAUSAL_LM"):
@@ -412,15 +313,6 @@ def lora_config(r: int, alpha: int, task: str = "CAUSAL_LM"):
     return LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", task_type=task)
 
 
-def with_lora(model: Any, r: int, alpha: int, task: str = "CAUSAL_LM") -> Any:
-    """手写训练循环用：r > 0 时挂上 LoRA（原权重冻结），否则原样返回（全参数训练）。"""
-    if not r:
-        return model
-    from peft import get_peft_model
-
-    return get_peft_model(model, lora_config(r, alpha, task))
-
-
 def merge_lora(model: Any) -> Any:
     """LoRA 的增量 scale·B·A 合并进权重、去掉包装，返回普通模型（不是 LoRA 时原样返回）。"""
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
@@ -429,29 +321,6 @@ def merge_lora(model: Any) -> Any:
 def trainable_params(model: Any) -> list:
     """requires_grad 的参数（LoRA 时只有 adapter 与 modules_to_save）：交给优化器的就是它们。"""
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def time_budget(minutes: float):
-    """训练回调：训练墙钟（含评估）超过 minutes 分钟就在这一步停下，并在停之前评估 + 保存一次——
-    配合 load_best_model_at_end，最后装回的仍是验证损失最低的那一步。minutes <= 0 表示不限。
-    训练前按实测的一步估计步数（budget_steps）是主要手段；这是兜底：Trainer 的一步比单独实测的前向 + 反向
-    多出优化器、指标和调度的开销，机器忙起来时也会变慢。"""
-    from transformers import TrainerCallback
-
-    class TimeBudget(TrainerCallback):
-        hit = False
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if minutes > 0 and time.perf_counter() - self.t0 > minutes * 60 and state.global_step < state.max_steps:
-                self.hit = True
-                control.should_training_stop = control.should_evaluate = control.should_save = True
-                get_logger().info(f"训练已用满 --max-train-minutes {minutes:g}：停在第 {state.global_step} 步"
-                                  f"（计划 {state.max_steps} 步），先评估 + 保存这一步再从最好的一步收尾")
-
-    return TimeBudget()
 
 
 def optimizer_step(opt: Any, loss: Any, params: Any = None, max_norm: float = 1.0) -> float:
@@ -468,16 +337,7 @@ def optimizer_step(opt: Any, loss: Any, params: Any = None, max_norm: float = 1.
 
 def launch(cmd: list[str], log_path: Any, result_path: Any, what: str = "多进程训练") -> dict:
     """以子进程运行一个多 rank 启动命令（torchrun / deepspeed），输出进日志文件；返回 rank 0 写的结果 JSON。
-
-    每个 rank 只用 1 个线程（2 核上两个 rank 不互相抢），PYTHONPATH 指向本仓库，rank 里 import 的就是这份 common。
-    """
-    import json
-    import os
-    import subprocess
-    from pathlib import Path
-
-    from common.run import REPO_ROOT
-
+    每个 rank 只用 1 个线程（2 核上两个 rank 不互相抢），PYTHONPATH 指向本仓库，rank 里 import 的就是这份 common。"""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     log_path, result_path = Path(log_path), Path(result_path)
@@ -487,3 +347,34 @@ def launch(cmd: list[str], log_path: Any, result_path: Any, what: str = "多进�
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
         raise RuntimeError(f"{what}失败（退出码 {proc.returncode}），日志 {log_path}：\n" + "\n".join(tail))
     return json.loads(result_path.read_text(encoding="utf-8"))
+
+
+# DeepSpeed 认识、但不在 runtime.constants 里的顶层配置节（各由子模块解析）：少了它们，合法配置会被误报为未知键
+_DS_SECTIONS = {"zero_optimization", "activation_checkpointing", "flops_profiler", "tensorboard", "wandb",
+                "csv_monitor", "comms_logger", "aio", "autotuning", "elasticity", "checkpoint", "data_efficiency",
+                "compression_training", "nebula", "monitor_config"}
+
+
+def validate_ds_config(cfg: dict, world_size: int, where: str = "ds_config") -> None:
+    """交给 DeepSpeed 自己的解析器按目标卡数校验：各节的 pydantic 模型拒绝未知键，batch 断言按 world_size 检查。
+
+    顶层未知键 DeepSpeed 只会默默忽略——那正是"配了却没生效"的来源，所以这里先拒绝。"""
+    import json
+    from unittest import mock
+
+    from deepspeed.runtime import config as ds_config
+    from deepspeed.runtime import constants
+
+    from common.errors import UserError
+
+    known = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)} | _DS_SECTIONS
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise UserError(f"{where}: DeepSpeed 不认识的顶层键 {unknown}")
+    # 解析器从进程组读卡数；这里没有进程组，就告诉它目标集群有几张卡
+    with mock.patch.object(ds_config.dist, "get_world_size", return_value=world_size), \
+            mock.patch.object(ds_config.dist, "get_rank", return_value=0):
+        try:
+            ds_config.DeepSpeedConfig(json.loads(json.dumps(cfg)))
+        except (AssertionError, ValueError) as e:   # pydantic ValidationError 是 ValueError 的子类
+            raise UserError(f"{where}: DeepSpeed 拒绝了这份配置：{' '.join(str(e).split())[:300]}") from None

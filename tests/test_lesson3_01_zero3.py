@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from common import train
 from common.errors import UserError
 from tests.conftest import assert_user_error, load_script
 
@@ -28,7 +29,7 @@ def test_zero3_two_ranks_hold_half_the_params(tmp_path, tiny_models):
     # 生成的每份配置都能被 DeepSpeed 的解析器按目标卡数（8）接受，batch 三个数自洽
     for name in ("ds_zero1.json", "ds_zero2.json", "ds_zero3.json", "ds_config.json"):
         cfg = json.loads((tmp_path / name).read_text(encoding="utf-8"))
-        mod.validate_ds_config(cfg, 8, name)
+        train.validate_ds_config(cfg, 8, name)
         assert cfg["train_batch_size"] == cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * 8
     run_cfg = json.loads((tmp_path / "ds_config_run.json").read_text(encoding="utf-8"))
     assert run_cfg["zero_optimization"]["stage"] == 3 and "offload_param" in run_cfg["zero_optimization"]
@@ -60,15 +61,15 @@ def test_batch_rule_and_deepspeed_parser_reject_bad_configs():
         mod.build_config(args, world_size=8)
     good = mod.build_config(mod.Args(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=4), 8)
     assert good["train_batch_size"] == 128
-    mod.validate_ds_config(good, 8)
+    train.validate_ds_config(good, 8)
     with pytest.raises(UserError, match="拒绝"):   # 同一份配置换到 4 张卡：DeepSpeed 自己的 batch 断言
-        mod.validate_ds_config(good, 4)
+        train.validate_ds_config(good, 4)
     bad_zero = json.loads(json.dumps(good))
     bad_zero["zero_optimization"]["stage3_prefetch_bucket"] = 1   # 少了 _size：DeepSpeed 的 pydantic 模型拒绝
     with pytest.raises(UserError, match="stage3_prefetch_bucket"):
-        mod.validate_ds_config(bad_zero, 8)
+        train.validate_ds_config(bad_zero, 8)
     with pytest.raises(UserError, match="zero_optimisation"):   # 顶层拼错：DeepSpeed 会默默忽略，我们拒绝
-        mod.validate_ds_config({**good, "zero_optimisation": {"stage": 3}}, 8)
+        train.validate_ds_config({**good, "zero_optimisation": {"stage": 3}}, 8)
 
 
 def test_wrong_train_batch_size_is_one_line_error(tmp_path, run_script):
@@ -83,14 +84,13 @@ def test_shipped_deepspeed_configs_pass_deepspeed_parser():
 
     from tests.conftest import REPO
 
-    mod = load_script(SCRIPT)
     files = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
     assert len(files) >= 3
     for f in files:
         cfg = json.loads(f.read_text(encoding="utf-8"))
         world = int(m.group(1)) if (m := re.search(r"_(\d+)gpu", f.stem)) else 8
-        mod.validate_ds_config(cfg, world, f.name)
+        train.validate_ds_config(cfg, world, f.name)
         per_step = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"]
         assert cfg["train_batch_size"] == per_step * world
         with pytest.raises(UserError):   # 同一份配置换一个卡数就不成立：这正是公开仓库常犯的错
-            mod.validate_ds_config(cfg, world * 2, f.name)
+            train.validate_ds_config(cfg, world * 2, f.name)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from common import train
 from common.errors import UserError
 from tests.conftest import REPO, assert_user_error, load_script
 
@@ -38,7 +39,7 @@ def test_plans_for_671b_moe_and_70b_dense(tmp_path):
         p = plans[rec["plan"]]
         assert p["fits"]
         cfg = json.loads((tmp_path / rec["ds_config"]).read_text(encoding="utf-8"))
-        mod.validate_ds_config(cfg, p["gpus"], rec["ds_config"])
+        train.validate_ds_config(cfg, p["gpus"], rec["ds_config"])
         per_step = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"]
         assert cfg["train_batch_size"] == per_step * p["gpus"]
         acc = ClusterConfig.from_yaml_file(str(tmp_path / rec["accelerate"]))

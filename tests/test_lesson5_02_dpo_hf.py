@@ -1,4 +1,7 @@
-"""第 5 课 02：HF 平台方式的 DPO。TrlParser 读配方、留出偏好对 margin 由 0 变正、模型卡带元数据与指标、离线 --push 只写目录。"""
+"""第 5 课 02：HF 平台方式的 DPO。
+
+TrlParser 读配方、留出偏好对 margin 由 0 变正、模型卡带元数据与指标、离线 --push 只写目录。
+"""
 import json
 
 import yaml

@@ -181,7 +181,8 @@ def main() -> None:
     for key in ("answer_tokens", "tokens"):
         v = sorted(r[key] for r in kept)
         print(f"{key}: 平均 {sum(v) / len(v):.0f}，中位 {v[len(v) // 2]}，p90 {v[int(len(v) * 0.9)]}，最大 {v[-1]}")
-    print("整条超过 256 / 512 token 的：", sum(r["tokens"] > 256 for r in kept), "/", sum(r["tokens"] > 512 for r in kept))
+    over = [sum(r["tokens"] > n for r in kept) for n in (256, 512)]
+    print("整条超过 256 / 512 token 的：", over[0], "/", over[1])
     print(f"候选 {len(allrecs)} 条，保留 {len(rows)} 条（中 {zh} / 英 {len(rows) - zh}）：{kinds}；"
           f"{OUT.stat().st_size / 1024:.0f} KB -> {OUT}")
 

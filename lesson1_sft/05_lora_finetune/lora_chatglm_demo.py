@@ -13,18 +13,19 @@
       --config configs/lesson1/lora_chatglm_demo_gpu.yaml     # GPU，bf16（chatglm3-6b 这类再加 --trust-remote-code）
 
 你会看到（smollm2-135m，空闲 2 核 CPU）：默认 60 步，可训练参数 1.78%，留出身份问题准确率 0.00 -> 0.90，eval_loss
-3.35 -> 1.37，合并 vs adapter max|Δlogit| 1.7e-4。--data data/longform/sft_long.jsonl（198 条，平均 385 / p90 600 token，
-43 条超过 512 被截断）：78 步要 24 分钟 -> 按 6 分钟预算减到 18 步，eval_loss 1.94 -> 1.61，221 token/s，峰值 RSS
-3.6 GB，整个脚本 6 分 16 秒；没有身份准确率。--smoke：身份准确率 0.00 -> 0.60。图：loss_curve.png（竖线 = 保留的那一步）。
+3.35 -> 1.37，合并 vs adapter max|Δlogit| 1.7e-4。--data data/longform/sft_long.jsonl（198 条，平均 385 / p90 600
+token，43 条超过 512 被截断）：78 步要 24 分钟 -> 按 6 分钟预算减到 18 步，eval_loss 1.94 -> 1.61，221 token/s，
+峰值 RSS 3.6 GB，整个脚本 6 分 16 秒；没有身份准确率。--smoke：身份准确率 0.00 -> 0.70。
+图：loss_curve.png（竖线 = 保留的那一步）。
 """
 
 import shutil
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from common import cli, data, models, run, train
 from common.errors import UserError
+
+_plan = run.import_sibling(__file__, "_plan")   # 这一课独有的训练计划：步数、预算、梯度检查点、打包核对
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Args(cli.CommonArgs):
     lora_dropout: float = cli.arg(0.05, "adapter 输入上的 dropout：数据只有几百条，防止死记", min=0, max=1)
     target_modules: str = cli.arg("auto", "注入哪些层：auto（按架构选，见 TARGETS）/ all-linear / 逗号分隔的名字")
     learning_rate: float = cli.arg(1e-3, "LoRA 学习率：只训练从零开始的小矩阵，可比全参数微调大 10-100 倍", min=0)
-    max_steps: int = cli.arg(0, "优化器步数；0 = 自动：自带数据 60 步（约 2 个 epoch），--data 按 --num-train-epochs", min=0)
+    max_steps: int = cli.arg(0, "优化器步数；0 = 自动：自带数据 60 步（约 2 个 epoch），--data 按 epoch 数", min=0)
     num_train_epochs: float = cli.arg(3.0, "--data 时最多训练几个 epoch（验证损失不再下降会提前停）", min=0.01)
     per_device_train_batch_size: int = cli.arg(8, "每步约几条样本（打包时按 token 数换算成行数）", min=1)
     micro_batch_tokens: int = cli.arg(512, "一次前向最多多少 token（多了就梯度累积；省 token×词表的 logits）", min=16)
@@ -47,11 +48,12 @@ class Args(cli.CommonArgs):
     eval_steps: int = cli.arg(0, "每多少步评估一次；0 = 自动，使评估开销不超过训练的 1/10", min=0)
     early_stopping_patience: int = cli.arg(3, "连续几次评估没有改善就停；0 = 不提前停（仍然留下最好的一步）", min=0)
     val_fraction: float = cli.arg(0.1, "从训练数据里留出多少比例算 eval_loss", min=0, max=0.5)
-    identity_repeat: int = cli.arg(2, "身份数据重复几遍再和领域数据混合：几十条身份样本混在上百条领域样本里容易被淹没", min=1)
+    identity_repeat: int = cli.arg(2, "身份数据重复几遍再混入领域数据：几十条身份样本容易被上百条领域样本淹没", min=1)
     eval_data: str = cli.arg(None, "额外的验证集（alpaca/chat）；不给 --data 时默认 data/identity/eval.jsonl")
     identity_keywords: str = cli.arg("灵犀,Lingxi", "身份关键词（逗号分隔）：验证集的答案都含其一时才算身份准确率")
     max_new_tokens: int = cli.arg(40, "生成回答的最大长度（贪心解码）", min=1)
-    num_threads: int = cli.arg(0, "CPU 线程数；0 = torch 默认（= 核数）；机器很忙时 1 往往更快（--smoke 自动用 1）", min=0)
+    num_threads: int = cli.arg(0, "CPU 线程数；0 = torch 默认（= 核数）；机器很忙时 1 往往更快（--smoke 用 1）",
+                               min=0)
     gradient_checkpointing: str = cli.arg("auto", "梯度检查点：auto（估计的激活内存超过预算才开）/ on / off",
                                           choices=["auto", "on", "off"])
     memory_budget_gb: float = cli.arg(0.0, "激活内存预算（GB）；0 = 本机可用内存的 1/4", min=0)
@@ -60,11 +62,12 @@ class Args(cli.CommonArgs):
 
 
 # --smoke：tiny-glm 只有约 1M 参数，承受得住大学习率；步数刚好让身份关键词稳定地学会
-SMOKE = dict(max_train_minutes=0.0, learning_rate=1e-2, max_steps=120, eval_steps=30, lora_r=16, lora_alpha=32, max_length=256,
-             max_new_tokens=24, per_device_train_batch_size=16, identity_repeat=3, lora_dropout=0.0, warmup_steps=4)
+SMOKE = dict(max_train_minutes=0.0, learning_rate=1e-2, max_steps=120, eval_steps=30, lora_r=16, lora_alpha=32,
+             max_length=256, max_new_tokens=24, per_device_train_batch_size=16, identity_repeat=3, lora_dropout=0.0,
+             warmup_steps=4)
 # 按架构选注入层：注意力 + MLP 的全部投影（只挂 q/v 对"记住新事实"太弱）。名字来自各模型的实现
-_GLM4, _LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"], \
-    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_GLM4 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
+_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {"chatglm": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],  # ChatGLM2/3（自定义代码）
            "glm": _GLM4, "glm4": _GLM4, "llama": _LLAMA, "qwen2": _LLAMA}   # GLM-4 是 transformers 原生实现
 
@@ -83,13 +86,28 @@ def load_data(args: Args, keywords: list[str]):
         is_identity = identity_targets(train_convs, keywords) is not None   # 训练的就是身份数据
         ident = extra if identity_targets(extra, keywords) else (held if is_identity else [])
         return train_convs, held + extra, ident
+    # 领域数据留出一部分算 eval_loss；身份数据另有一份从没见过的问法
     domain_train, held = data.split(data.load_sft(data.DATA_DIR / "domain" / "sft.jsonl"), args.val_fraction,
-                                    args.seed)   # 领域数据留出一部分算 eval_loss；身份数据另有一份从没见过的问法
+                                    args.seed)
     train_convs = data.load_sft(data.DATA_DIR / "identity" / "train.jsonl") * args.identity_repeat + domain_train
     ident = data.load_sft(args.eval_data or data.DATA_DIR / "identity" / "eval.jsonl")
     if identity_targets(ident, keywords) is None:
         raise UserError(f"--eval-data {args.eval_data}: 不给 --data 时它应是身份问题，答案里要有 {keywords} 之一")
     return train_convs, held + ident, ident
+
+
+def prepare(args: Args, out, tok, train_convs, held_convs) -> tuple[list[dict], list[dict], dict, dict]:
+    """编码 -> 先不截断，数清几条超长（一行日志）-> 按 --over-length 处理 -> 训练计划（每步几行、几步、多久评估）。"""
+    encoded = [data.tokenize_chat(tok, c, 10**9) for c in train_convs]
+    stats = train.length_report(encoded, args.max_length, args.over_length)
+    rows = train.truncate(encoded, args.max_length, args.over_length)
+    eval_rows = train.truncate([data.tokenize_chat(tok, c, 10**9) for c in held_convs], args.max_length)
+    p = _plan.plan(args, rows, sum(len(r["input_ids"]) for r in eval_rows), bool(args.data))
+    # 截断后只剩提示的样本没有可学的 token，也一并去掉：条数变了要说出来，不然学生对不上自己的数据
+    gone = f"（{len(encoded) - len(rows)} 条被丢弃或截断后不剩回答 token）" if len(rows) < len(encoded) else ""
+    out.log.info(f"{len(rows)} 条{gone} -> {'打包' if args.packing else '填充'}，每步 {p['rows_per_fwd'] * p['accum']} "
+                 f"行（一次前向 {p['rows_per_fwd']} 行）× ≤{p['width']} token；验证 {len(eval_rows)} 条")
+    return rows, eval_rows, p, stats
 
 
 def add_lora(model, args: Args, log):
@@ -109,188 +127,171 @@ def add_lora(model, args: Args, log):
         raise UserError(f"--target-modules {args.target_modules}: {str(e).splitlines()[0][:200]}") from None
 
 
-def plan(args: Args, rows: list[dict], eval_tokens: int, own_data: bool, step_s: float = 0.0, eval_s: float = 0.0) -> dict:
-    """每步多少行、分几次前向（梯度累积）、总步数、评估间隔：打包时按 token 数换算，让一步看到的样本数与不打包时
-    相当。给了实测的每步秒数 step_s 时，自动步数不超过 --max-train-minutes 的预算（planned = 不限时的步数）；
-    再给了实测的一次评估秒数 eval_s，评估间隔按实测算（开销 ≤ 10%），否则按 token 数估。"""
-    mean = sum(len(r["input_ids"]) for r in rows) / len(rows)
-    n_rows = len(rows)
-    per_step = args.per_device_train_batch_size
-    if args.packing:
-        n_rows = len(train.pack(rows, args.max_length))
-        per_step = max(1, round(args.per_device_train_batch_size * mean / args.max_length))
-    per_fwd, accum = train.micro_batches(per_step, args.max_length, args.micro_batch_tokens)
-    steps_per_epoch = max(1, -(-n_rows // (per_fwd * accum)))
-    planned = args.max_steps or (round(steps_per_epoch * args.num_train_epochs) if own_data else 60)
-    steps = planned if args.max_steps or not step_s else min(planned, train.budget_steps(step_s, args.max_train_minutes))
-    fwd_tokens = min(sum(len(r["input_ids"]) for r in rows), round(per_fwd * (args.max_length if args.packing
-                                                                               else mean)))
-    interval = (train.eval_interval_measured(eval_s, step_s) if eval_s and step_s
-                else train.eval_interval(eval_tokens, fwd_tokens * accum))
-    steps, every = (steps, args.eval_steps) if args.eval_steps else train.eval_schedule(
-        steps, interval, round_steps=not args.max_steps)
-    return {"rows_per_fwd": per_fwd, "accum": accum, "steps": steps, "planned": planned, "epochs": steps / steps_per_epoch,
-            "eval_steps": every, "fwd_tokens": fwd_tokens, "width": args.max_length if args.packing else round(mean)}
+def build_trainer(args: Args, out, model, tok, rows: list[dict], eval_rows: list[dict], p: dict, ckpt: bool):
+    """SFTTrainer：按评估间隔保存 adapter，结束时装回验证损失最低的那一步；第 1 步后报预计用时，超时先评估再停。"""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as PadCollator  # --no-packing：右填充对照
+
+    collator = train.PackedCollator(tok.pad_token_id) if args.packing else PadCollator(pad_token_id=tok.pad_token_id)
+    cfg = SFTConfig(
+        output_dir=str(out.path("trainer")), seed=args.seed, data_seed=args.seed, max_steps=p["steps"],
+        learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=args.warmup_steps,
+        per_device_train_batch_size=p["rows_per_fwd"], gradient_accumulation_steps=p["accum"],
+        per_device_eval_batch_size=2 * p["rows_per_fwd"], max_length=None,   # 评估只前向，不存反向要的激活
+        logging_steps=1, report_to=out.trainer_report_to(), dataloader_num_workers=0, remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True}, **train.best_step_args(p["eval_steps"]),
+        **train.trainer_flags(model, ckpt, log=False))
+    trainer = SFTTrainer(model=model, args=cfg, processing_class=tok, data_collator=collator,
+                         train_dataset=train.pack(rows, args.max_length) if args.packing else Dataset.from_list(rows),
+                         eval_dataset=Dataset.from_list(eval_rows))
+    # 用了自带的步数（--max-steps）就不按预算减，超时兜底也关掉：要的就是那么多步
+    clock = train.attach(trainer, 0 if args.max_steps else args.max_train_minutes, args.early_stopping_patience,
+                         tokens=sum(len(r["input_ids"]) for r in rows))
+    return trainer, clock
+
+
+def train_and_keep(out, trainer, clock, before: float, step_s: float, p: dict) -> dict:
+    """训练；load_best_model_at_end 装回验证损失最低的那一步，再量一次 eval_loss（量的就是保留下来的那一步）。"""
+    with train.PeakMemory(train.device_of(trainer.model)) as mem:
+        trainer.train()
+    shutil.rmtree(out.path("trainer"), ignore_errors=True)   # 中间检查点：最好的那一步已经装回模型，不必留着
+    kept = train.kept_step(trainer)
+    after = trainer.evaluate()["eval_loss"]
+    tps = clock.tokens_per_s(trainer.state.epoch)
+    out.log.info(f"eval_loss {before:.4f} -> {after:.4f}；保留第 {kept['kept_step']} 步（验证损失最低"
+                 f"{'，之后没再改善，提前停止' if kept['stopped_early'] else ''}）；训练 {clock.train_s:.0f} 秒"
+                 f"（评估占 "
+                 f"{clock.eval_s / max(clock.train_s, 1e-9):.0%}），{tps:.0f} token/s，峰值内存 +{mem.peak_mb:.0f} MB"
+                 f"（进程峰值 RSS {train.peak_rss_mb():.0f} MB）")
+    return {"eval_loss_before": round(before, 4), "eval_loss_after": round(after, 4), **kept,
+            "planned_steps": p["steps"], "steps_before_time_budget": p["planned"],
+            "measured_step_seconds": round(step_s, 2), "gradient_accumulation_steps": p["accum"],
+            "epochs": round(trainer.state.epoch, 2), "train_tokens_per_s": round(tps, 1),
+            "train_seconds": round(clock.train_s, 1), "eval_seconds": round(clock.eval_s, 1),
+            "first_step_seconds": round(clock.first_step_s, 2), "peak_train_mem_mb": round(mem.peak_mb),
+            **({"cuda_peak_mb": round(mem.peak_abs_mb)} if mem.cuda else {})}
+
+
+def adapter_logits(args: Args, out, model, tok, probes):
+    """只存 adapter（几 MB）；记下训练中的模型在几条留出对话上的 logits，之后与重新加载、合并的模型逐一对比。"""
+    import torch
+
+    model.save_pretrained(out.path("adapter"))
+    probe = tok([data.prompt_text(tok, c) + c[-1]["content"] for c in probes[:8]], return_tensors="pt", padding=True,
+                truncation=True, max_length=min(128, args.max_length), add_special_tokens=False).to(model.device)
+    with torch.no_grad():   # 128 token 足以核对；logits 是 token 数 × 词表，长了很占内存
+        return probe, model.eval()(**probe).logits[probe["attention_mask"].bool()]
+
+
+def merge_and_check(args: Args, out, tok, probe, trained) -> tuple:
+    """部署的做法：新加载原模型 -> 装上 adapter -> merge_and_unload 把 scale·B·A 加进 W。logits 应与训练中的一致。"""
+    import torch
+    from peft import PeftModel
+
+    train.release_memory()   # 调用方已放掉训练中的模型：再加载一份新的原模型，峰值内存不叠加两份
+    adapter_dir = out.path("adapter")
+    reloaded = PeftModel.from_pretrained(models.load_args(args, for_training=True)[0], adapter_dir).eval()
+    mask = probe["attention_mask"].bool()
+    with torch.no_grad():
+        adapter = reloaded(**probe).logits[mask]
+        merged = reloaded.merge_and_unload()
+        merge_diff = (merged(**probe).logits[mask] - adapter).abs().max().item()
+    tol = 1e-3 if adapter.dtype == torch.float32 else 5e-2   # bf16 权重合并多一次舍入（~1e-2）
+    merged.save_pretrained(out.path("merged"), safe_serialization=True)
+    tok.save_pretrained(out.path("merged"))
+    check = {"merge_max_abs_logit_diff": merge_diff, "merge_matches_adapter": merge_diff < tol,
+             "adapter_reload_max_diff": (trained - adapter).abs().max().item(),
+             "adapter_mb": round(sum(f.stat().st_size for f in adapter_dir.iterdir()) / 2**20, 2)}
+    out.log.info(f"max |Δlogit|：重新加载 vs 训练中 {check['adapter_reload_max_diff']:.2e}；合并 vs adapter "
+                 f"{merge_diff:.2e}")
+    return merged, check
+
+
+def compare_answers(args: Args, out, tok, probes, id_convs, before: list[str], merged, keywords) -> dict:
+    """用合并好的模型（就是要部署的那个）回答同样的留出问题；身份数据上算准确率（回答里含期望的关键词即对）。"""
+    after = models.generate(merged, tok, [data.prompt_text(tok, c) for c in probes], args.max_new_tokens)
+    targets = identity_targets(id_convs, keywords)
+    acc = {f"identity_accuracy_{k}": sum(t.lower() in a.lower() for a, t in zip(ans, targets)) / len(targets)
+           for k, ans in (("before", before), ("after", after))} if targets else {}
+    picks = sorted({0, 1, len(probes) // 2, len(probes) - 1})   # 中文、英文各几条
+    samples = [{"question": probes[i][-2]["content"][:200], "before": before[i], "after": after[i]} for i in picks]
+    for s in samples:
+        out.log.info(f"{s['question'][:60]}\n  训练前: {s['before'][:80]}\n  训练后: {s['after'][:80]}")
+    return {**acc, "samples": samples}
+
+
+def plot_curve(out, args: Args, hist: list[dict], m: dict) -> None:
+    """训练损失 + 每次评估的验证损失；竖线 = 保留下来的那一步（不一定是最后一步）。"""
+    fig, save = out.plot("loss_curve.png")
+    ax = fig.add_subplot(111)
+    ax.plot([h["step"] for h in hist if "loss" in h], [h["loss"] for h in hist if "loss" in h], label="train loss")
+    ax.plot(*zip(*([(0, m["eval_loss_before"])] + [tuple(e) for e in m["eval_history"]])), "o-", label="eval loss")
+    ax.axvline(m["kept_step"], color="gray", linestyle="--", label=f"kept step {m['kept_step']}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (assistant tokens only)")   # 英文标签：不依赖系统里有中文字体（CI 与很多服务器没有）
+    ax.set_title(f"LoRA SFT: {out.model_name}, r={args.lora_r}" + (", identity accuracy {:.2f} -> {:.2f}".format(
+        m["identity_accuracy_before"], m["identity_accuracy_after"]) if "identity_accuracy_after" in m else ""))
+    ax.legend()
+    save()
 
 
 def main(args: Args) -> dict:
     import torch
-    from datasets import Dataset
-    from peft import PeftModel
-    from transformers import EarlyStoppingCallback
-    from trl import SFTConfig, SFTTrainer
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as PadCollator  # --no-packing：右填充对照
 
     args = cli.with_smoke(args, SMOKE)   # 冒烟：小规模超参数（只换你没改过的：--smoke --learning-rate 1e-2 仍生效）
-    out = run.start(__file__, args, smoke_threads=1)   # 极小模型的矩阵太小，单线程反而最快（见 common.run）
+    out = run.start(__file__, args)
     if args.num_threads > 0:   # 机器被别的进程占着时，torch 的多个线程互相等待，实测能慢几十倍：可手动改成 1
         torch.set_num_threads(args.num_threads)
 
-    # 1. 数据：训练 / 留出；身份问题只在数据真的是身份数据时才有
+    # 1. 数据：训练 / 留出（身份问题只在数据真的是身份数据时才有）；超长的先数清再截断，训练前一行说清
     keywords = [k.strip() for k in args.identity_keywords.split(",") if k.strip()]
     train_convs, held_convs, id_convs = load_data(args, keywords)
     model, tok = models.load_args(args, for_training=True)
     model.config.use_cache = False   # 训练不需要 KV 缓存；有缓存时 transformers 不按 position_ids 识别打包的段落
-
-    encoded = [data.tokenize_chat(tok, c, 10**9) for c in train_convs]   # 先不截断：要数清有多少条超长
-    stats = train.length_stats(encoded, args.max_length)
-    out.log.info(train.describe_lengths(stats, args.max_length, args.over_length))
-    rows = train.truncate(encoded, args.max_length, args.over_length)
-    eval_rows = train.truncate([data.tokenize_chat(tok, c, 10**9) for c in held_convs], args.max_length)
-    eval_tokens = sum(len(r["input_ids"]) for r in eval_rows)
-    p = plan(args, rows, eval_tokens, bool(args.data))
-    gone = f"（{len(encoded) - len(rows)} 条被丢弃或截断后不剩回答 token）" if len(rows) < len(encoded) else ""
-    out.log.info(f"{len(rows)} 条{gone} -> {'打包' if args.packing else '填充'}，每步 {p['rows_per_fwd'] * p['accum']} 行"
-                 f"（一次前向 {p['rows_per_fwd']} 行）× ≤{p['width']} token；验证 {len(eval_rows)} 条")
+    rows, eval_rows, p, m = prepare(args, out, tok, train_convs, held_convs)
 
     # 2. 训练前：原模型怎么回答留出的问题？（smollm2 会说自己是 SmolLM）
     probes = id_convs or held_convs[:3]
     answers_before = models.generate(model, tok, [data.prompt_text(tok, c) for c in probes], args.max_new_tokens)
 
     # 3. 注入 LoRA；核对打包与填充在同一批样本上的损失一致（段落边界处理错了，这里就对不上）
-    model, targets_mod = add_lora(model, args, out.log)
+    model, m["target_modules"] = add_lora(model, args, out.log)
     trainable, total = model.get_nb_trainable_parameters()
     out.log.info(f"可训练参数 {trainable:,d} / {total:,d} = {trainable / total:.2%}（r={args.lora_r}）")
-    loss_padded, loss_packed = train.packed_vs_padded_loss(model, rows[:4], tok.pad_token_id)
-    out.log.info(f"同一批 {min(4, len(rows))} 条：填充损失 {loss_padded:.6f}，打包损失 {loss_packed:.6f}")
+    padded, packed = _plan.packed_vs_padded_loss(model, rows[:4], tok.pad_token_id)
+    out.log.info(f"同一批 {min(4, len(rows))} 条：填充损失 {padded:.6f}，打包损失 {packed:.6f}")
 
     # 4. 内存：估计一步的激活内存，超过预算就开梯度检查点（CPU 上一样省内存，代价是多一次前向）
-    budget = train.memory_budget_gb(args.memory_budget_gb)
-    ckpt, why = train.auto_checkpointing(model.config, p["fwd_tokens"], p["rows_per_fwd"], p["width"], budget,
-                                         args.gradient_checkpointing)
+    budget = _plan.memory_budget_gb(args.memory_budget_gb)
+    ckpt, why = _plan.auto_checkpointing(model.config, p, budget, args.gradient_checkpointing)
     out.log.info(why)
 
-    # 5. 训练器：按评估间隔保存 adapter，结束时装回验证损失最低的那一步；连续 patience 次没改善就提前停
-    collator = train.PackedCollator(tok.pad_token_id)
-    train_ds = train.pack(rows, args.max_length) if args.packing else Dataset.from_list(rows)
-    cfg = SFTConfig(
-        output_dir=str(out.path("trainer")), seed=args.seed, data_seed=args.seed, max_steps=p["steps"],
-        learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=args.warmup_steps,
-        per_device_train_batch_size=p["rows_per_fwd"], gradient_accumulation_steps=p["accum"],
-        per_device_eval_batch_size=2 * p["rows_per_fwd"], max_length=None,   # 评估只前向，不存反向要的激活
-        eval_strategy="steps", eval_steps=p["eval_steps"], save_strategy="steps", save_steps=p["eval_steps"],
-        save_total_limit=2, save_only_model=True, load_best_model_at_end=True, metric_for_best_model="eval_loss",
-        logging_steps=1, report_to=out.trainer_report_to(), dataloader_num_workers=0, remove_unused_columns=False,
-        dataset_kwargs={"skip_prepare_dataset": True}, **train.trainer_flags(model, ckpt, log=False))
-    timer = train.step_timer(sum(len(r["input_ids"]) for r in rows))   # 一个 epoch 的真实 token 数（不含填充）
-    budget_cb = train.time_budget(0 if args.max_steps else args.max_train_minutes)
-    patience = [EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience else []
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=train_ds, eval_dataset=Dataset.from_list(eval_rows),
-                         processing_class=tok, data_collator=collator if args.packing else PadCollator(pad_token_id=tok.pad_token_id),
-                         callbacks=[timer, budget_cb, *patience])
+    # 5. 训练器 + 预算：开训前实测一步，按 --max-train-minutes 定步数（步数定了余弦学习率曲线，开训后不能再改）
+    trainer, clock = build_trainer(args, out, model, tok, rows, eval_rows, p, ckpt)
+    before, step_s, p = _plan.fit_budget(args, out, trainer, rows, eval_rows, p, ckpt)
 
-    # 6. 计时：训练前用训练器自己的损失实测一步，按 --max-train-minutes 定最多几步，说出预计用时
-    first = [train_ds[i] for i in range(min(p["rows_per_fwd"], len(train_ds)))]
-    step_s = train.trainer_step_seconds(trainer, collator(first) if args.packing else train.padded_batch(
-        first, tok.pad_token_id), p["accum"], ckpt)
-    t0 = time.perf_counter()
-    before = trainer.evaluate()["eval_loss"]   # 训练前的验证损失；顺便实测一次评估要多久，定评估间隔
-    p = plan(args, rows, eval_tokens, bool(args.data), step_s, time.perf_counter() - t0)
-    trainer.args.max_steps, trainer.args.eval_steps, trainer.args.save_steps = p["steps"], *[p["eval_steps"]] * 2
-    out.log.info(train.describe_budget(step_s, p["steps"], p["planned"], p["epochs"], args.max_train_minutes,
-                                       p["eval_steps"]))
-    with train.PeakMemory(train.device_of(model)) as mem:
-        trainer.train()
-    shutil.rmtree(out.path("trainer"), ignore_errors=True)   # 中间检查点：最好的那一步已经装回模型，不必留着
-    hist = list(trainer.state.log_history)
-    evals = [(h["step"], round(h["eval_loss"], 4)) for h in hist if "eval_loss" in h and h["step"] > 0]
-    after = trainer.evaluate()["eval_loss"]   # load_best_model_at_end：这里量的是保留下来的那一步
-    kept = int(Path(trainer.state.best_model_checkpoint).name.split("-")[-1]) if trainer.state.best_model_checkpoint \
-        else trainer.state.global_step
-    stopped = trainer.state.global_step < p["steps"] and not budget_cb.hit
-    tps = timer.tokens_per_s(trainer.state.epoch)
-    why_stop = f"，之后 {args.early_stopping_patience} 次评估没有改善，提前停在第 {trainer.state.global_step} 步" * stopped
-    out.log.info(f"eval_loss {before:.4f} -> {after:.4f}；保留第 {kept} 步（验证损失最低{why_stop}）；训练 "
-                 f"{timer.train_s:.0f} 秒（评估占 {timer.eval_s / max(timer.train_s, 1e-9):.0%}），{tps:.0f} token/s，"
-                 f"峰值内存 +{mem.peak_mb:.0f} MB（进程峰值 RSS {train.peak_rss_mb():.0f} MB）")
+    # 6. 训练：每次评估存一次 adapter，结束时装回验证损失最低的那一步（不是最后一步），不再改善就提前停
+    m.update(train_and_keep(out, trainer, clock, before, step_s, p))
+    hist = trainer.state.log_history
 
-    # 7. 只保存 adapter；部署时新加载原模型 -> 装上 adapter -> merge_and_unload 把 scale·B·A 加进 W
-    adapter_dir = out.path("adapter")
-    model.save_pretrained(adapter_dir)
-    size_mb = sum(f.stat().st_size for f in adapter_dir.iterdir()) / 2**20
-    probe = tok([data.prompt_text(tok, c) + c[-1]["content"] for c in probes[:8]], return_tensors="pt", padding=True,
-                truncation=True, max_length=min(128, args.max_length), add_special_tokens=False).to(model.device)
-    mask = probe["attention_mask"].bool()   # 128 token 足以核对；logits 是 token 数 × 词表，长了很占内存
-    with torch.no_grad():
-        logits_trained = model.eval()(**probe).logits[mask]
-    epochs, global_step = trainer.state.epoch, trainer.state.global_step
-    del trainer, model   # 先放掉训练中的模型与优化器，再加载一份新的原模型：峰值内存不叠加两份
-    train.release_memory()
-    base, _ = models.load_args(args, for_training=True)   # 与训练同精度
-    reloaded = PeftModel.from_pretrained(base, adapter_dir).eval()
-    with torch.no_grad():
-        logits_adapter = reloaded(**probe).logits[mask]
-        merged = reloaded.merge_and_unload()
-        logits_merged = merged(**probe).logits[mask]
-    reload_diff = (logits_trained - logits_adapter).abs().max().item()
-    merge_diff = (logits_merged - logits_adapter).abs().max().item()
-    merge_tol = 1e-3 if logits_adapter.dtype == torch.float32 else 5e-2   # bf16 权重合并多一次舍入（~1e-2）
-    out.log.info(f"max |Δlogit|：重新加载 vs 训练中 {reload_diff:.2e}；合并 vs adapter {merge_diff:.2e}")
-    merged.save_pretrained(out.path("merged"), safe_serialization=True)
-    tok.save_pretrained(out.path("merged"))
+    # 7. 只存 adapter；放掉训练器与模型，新加载原模型装回 adapter、合并，逐一核对 logits
+    probe, trained = adapter_logits(args, out, model, tok, probes)
+    del trainer, model
+    merged, check = merge_and_check(args, out, tok, probe, trained)
 
-    # 8. 训练后：用合并好的模型（就是要部署的那个）回答同样的留出问题
-    answers_after = models.generate(merged, tok, [data.prompt_text(tok, c) for c in probes], args.max_new_tokens)
-    targets = identity_targets(id_convs, keywords)
-    acc = {f"identity_accuracy_{k}": sum(t.lower() in a.lower() for a, t in zip(ans, targets)) / len(targets)
-           for k, ans in (("before", answers_before), ("after", answers_after))} if targets else {}   # 含关键词即对
-
-    # 9. 曲线：训练损失 + 每次评估的验证损失；竖线 = 保留下来的那一步
-    fig, save = out.plot("loss_curve.png")
-    ax = fig.add_subplot(111)
-    ax.plot([h["step"] for h in hist if "loss" in h], [h["loss"] for h in hist if "loss" in h], label="train loss")
-    ax.plot(*zip(*([(0, before)] + evals)), "o-", label="eval loss")
-    ax.axvline(kept, color="gray", linestyle="--", label=f"kept step {kept}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (assistant tokens only)")   # 英文标签：不依赖系统里有中文字体（CI 与很多服务器没有）
-    ax.set_title(f"LoRA SFT: {out.model_name}, r={args.lora_r}" + (", identity accuracy {:.2f} -> {:.2f}".format(
-        acc["identity_accuracy_before"], acc["identity_accuracy_after"]) if acc else ""))
-    ax.legend()
-    save()
-
-    picks = sorted({0, 1, len(probes) // 2, len(probes) - 1})   # 中文、英文各几条
-    samples = [{"question": probes[i][-2]["content"][:200], "before": answers_before[i], "after": answers_after[i]}
-               for i in picks]
-    for s in samples:
-        out.log.info(f"{s['question'][:60]}\n  训练前: {s['before'][:80]}\n  训练后: {s['after'][:80]}")
-    acc_line = f"身份准确率 {acc['identity_accuracy_before']:.2f} -> {acc['identity_accuracy_after']:.2f}，" if acc else ""
+    # 8. 训练后：合并好的模型回答同样的留出问题；9. 曲线（竖线 = 保留的那一步）
+    m.update(compare_answers(args, out, tok, probes, id_convs, answers_before, merged, keywords))
+    plot_curve(out, args, hist, m)
+    acc = (f"身份准确率 {m['identity_accuracy_before']:.2f} -> {m['identity_accuracy_after']:.2f}，"
+           if "identity_accuracy_after" in m else "")
     return out.finish({
-        "eval_loss_before": round(before, 4), "eval_loss_after": round(after, 4), **acc,
-        "kept_step": kept, "steps": global_step, "planned_steps": p["steps"],
-        "steps_before_time_budget": p["planned"], "measured_step_seconds": round(step_s, 2),
-        "gradient_accumulation_steps": p["accum"], "time_budget_hit": budget_cb.hit, "stopped_early": stopped,
-        "eval_history": evals, "epochs": round(epochs, 2), **stats,
-        "packing": args.packing, "packed_vs_padded_loss_diff": abs(loss_packed - loss_padded),
-        "train_tokens_per_s": round(tps, 1), "train_seconds": round(timer.train_s, 1),
-        "eval_seconds": round(timer.eval_s, 1), "first_step_seconds": round(timer.first_step_s, 2),
-        "gradient_checkpointing": ckpt, "memory_budget_gb": round(budget, 2), "peak_train_mem_mb": round(mem.peak_mb),
-        "peak_rss_mb": round(train.peak_rss_mb()), **({"cuda_peak_mb": round(mem.peak_abs_mb)} if mem.cuda else {}),
+        **m, **check, "packing": args.packing, "packed_vs_padded_loss_diff": abs(packed - padded),
+        "gradient_checkpointing": ckpt, "memory_budget_gb": round(budget, 2), "peak_rss_mb": round(train.peak_rss_mb()),
         "trainable_ratio": round(trainable / total, 5), "trainable_params": trainable, "total_params": total,
-        "merge_max_abs_logit_diff": merge_diff, "merge_matches_adapter": merge_diff < merge_tol,
-        "adapter_reload_max_diff": reload_diff, "target_modules": targets_mod, "adapter_mb": round(size_mb, 2),
-        "samples": samples,
-    }, summary=f"{acc_line}eval_loss {before:.3f} -> {after:.3f}（保留第 {kept}/{global_step} 步），"
-               f"{tps:.0f} token/s，峰值 RSS {train.peak_rss_mb():.0f} MB，合并 vs adapter max|Δlogit| {merge_diff:.1e}")
+    }, summary=f"{acc}eval_loss {m['eval_loss_before']:.3f} -> {m['eval_loss_after']:.3f}（保留第 {m['kept_step']}/"
+               f"{m['steps']} 步），{m['train_tokens_per_s']:.0f} token/s，峰值 RSS {train.peak_rss_mb():.0f} MB，"
+               f"合并 vs adapter max|Δlogit| {check['merge_max_abs_logit_diff']:.1e}")
 
 
 if __name__ == "__main__":

@@ -14,15 +14,15 @@ QLoRA 配方（Dettmers et al. 2023）的每一项都在这里：
   python lesson2_qlora_ptuning/02_qlora_pipeline/qlora_trainer.py --smoke    # tiny-llama 4-bit
   python lesson2_qlora_ptuning/02_qlora_pipeline/qlora_trainer.py --model Qwen/Qwen2.5-7B-Instruct --source hf \\
       --config configs/lesson2/qlora_trainer_gpu.yaml                          # GPU：7B QLoRA，单卡 24 GB 够用
-  --data my_sft.jsonl：你自己的 SFT 数据（alpaca 或 chat messages，格式见 data/README.md）
+  --data my_sft.jsonl：你自己的 SFT 数据（alpaca 或 chat messages，格式见 data/README.md）。训练前一行说清条数、长度、
+  几条超过 --max-length；第 1 步后报预计用时，超过 --max-train-minutes 先评估 + 保存再停；按验证损失留最好的一步。
 
 你会看到（实测）：smollm2-135m 的 4-bit 权重 106 MB，bf16 257 MB，fp32 513 MB（footprint_ratio_4bit = 0.207）。
---smoke（tiny-llama）：footprint 0.317，eval_loss 5.59 -> 5.02，峰值内存 +69 MB，adapter 0.30 MB 装回新 4-bit 底座后
-max|Δlogit| ≈ 1e-2。默认（smollm2，30 步，空闲 2 核 CPU 4 分钟）：eval_loss 3.76 -> 2.09，峰值内存 +926 MB，46 token/s，
-adapter 9.4 MB 装回新 4-bit 底座后 max|Δlogit| 6e-3。图：loss_curve.png。
+--smoke（tiny-llama）：footprint 0.317，eval_loss 5.59 -> 5.03（第 15 / 30 步评估，保留第 30 步），峰值内存 +69 MB，
+adapter 0.58 MB（fp32）装回新 4-bit 底座后与训练中逐位一致。默认（smollm2，30 步，空闲 2 核 CPU 4 分钟）：
+eval_loss 3.76 -> 2.09，峰值内存 +926 MB，46 token/s。图：loss_curve.png（竖线 = 保留的那一步）。
 """
 import math
-import time
 from dataclasses import dataclass
 
 from common import cli, data, models, run, train
@@ -36,10 +36,17 @@ class Args(cli.CommonArgs):
     lora_dropout: float = cli.arg(0.05, "adapter 输入上的 dropout", min=0, max=1)
     learning_rate: float = cli.arg(5e-4, "LoRA 学习率（QLoRA 论文：7B/13B 用 2e-4，模型越小可以越大）", min=0)
     max_steps: int = cli.arg(30, "优化器步数", min=1)
-    per_device_train_batch_size: int = cli.arg(4, "每步几条样本", min=1)
+    per_device_train_batch_size: int = cli.arg(4, "每步几条样本（打包时按 token 数换算成行数）", min=1)
     gradient_accumulation_steps: int = cli.arg(1, "梯度累积：显存不够放大 batch 时用", min=1)
+    micro_batch_tokens: int = cli.arg(1024, "一次前向最多多少 token，多了就拆成几次前向累积梯度（长数据省激活内存）",
+                                      min=16)
     max_length: int = cli.arg(256, "每条样本最多多少 token", min=8)
+    over_length: str = cli.arg("truncate", "超过 --max-length 的样本：truncate 截断（回答结尾丢失）/ drop 丢弃",
+                               choices=["truncate", "drop"])
+    packing: bool = cli.arg(False, "padding-free 打包（第 1 课 05）；默认关，与 QLoRA 论文的逐条填充一致")
     val_fraction: float = cli.arg(0.1, "留出多少比例算 eval_loss", min=0, max=1)
+    eval_steps: int = cli.arg(0, "每多少步评估并存一次 adapter；0 = 自动（评估开销 ≤ 训练的 1/10，至少 2 次）", min=0)
+    max_train_minutes: float = cli.arg(10.0, "训练时间预算（分钟，含评估）：超时先评估 + 保存再停；0 = 不限", min=0)
     gradient_checkpointing: bool = cli.arg(True, "梯度检查点：QLoRA 的标配，用重算换激活内存")
     optim: str = cli.arg("paged_adamw_8bit", "优化器；paged_* 只在 CUDA 上有，CPU 上自动换成 adamw_torch",
                          choices=["paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_8bit"])
@@ -106,10 +113,11 @@ def footprint(model) -> tuple[float, int]:
                 continue
             seen.add(id(p))
             if isinstance(m, bnb.nn.Linear4bit) and p is m.weight:
+                # 存的是打包的 4-bit 码（两个一字节）+ 每 64 个数一个 absmax：只数 numel 会把 4-bit 算成 8-bit
                 st = p.quant_state
                 params += math.prod(st.shape)
                 nbytes += p.numel() * p.element_size() + st.absmax.numel() * st.absmax.element_size()
-                if st.nested:
+                if st.nested:   # 双重量化：absmax 自己再量化成 8 bit，另存一组二级常数
                     nbytes += st.state2.absmax.numel() * 4 + 4
             else:
                 params += p.numel()
@@ -117,14 +125,107 @@ def footprint(model) -> tuple[float, int]:
     return nbytes, params
 
 
-def main(args: Args) -> dict:
-    import torch
+def encode(args: Args, tok, convs: list, path, report: bool = False) -> tuple[list[dict], dict]:
+    """对话 -> 只在助手回复上算损失的 token 行。先不截断：训练集先数清几条超过 --max-length（一行日志），再按
+    --over-length 截断或丢弃——截掉的是回答的结尾，模型学不会收尾，所以要让人看见。"""
+    encoded = [data.tokenize_chat(tok, c, 10**9) for c in convs]
+    stats = train.length_report(encoded, args.max_length, args.over_length) if report else {}
+    rows = train.truncate(encoded, args.max_length, args.over_length if report else "truncate")
+    if not rows:
+        raise UserError(f"{path}: 截断到 --max-length {args.max_length} 后没有一条样本还留着助手回复")
+    return rows, stats
+
+
+def qlora_model(model, args: Args, log):
+    """QLoRA 准备：冻结 4-bit 底座、非量化参数升 fp32、梯度检查点；LoRA 挂在所有 Linear 上。"""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False   # 打包时必须：有 KV 缓存时 transformers 不按 position_ids 识别段落边界
+    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info(f"可训练 {trainable:,d} / {total:,d} = {trainable / total:.2%}")
+    return model, trainable
+
+
+def build_trainer(args: Args, out, model, tok, rows: list[dict], eval_rows: list[dict]):
+    """SFTTrainer：一次前向 ≤ --micro-batch-tokens（多的梯度累积），评估开销 ≤ 10%，按 eval_loss 留最好的一步。"""
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
 
+    flags = train.trainer_flags(model, gradient_checkpointing=args.gradient_checkpointing)
+    # 分页优化器靠 CUDA 统一内存在显存尖峰时把优化器状态换页到 CPU；CPU 上没有这回事，换成普通 AdamW
+    optim = args.optim
+    if optim.startswith(("paged_", "adamw_8bit")) and flags["use_cpu"]:   # paged AdamW 只在 CUDA 上有
+        optim = "adamw_torch"
+        out.log.info(f"CPU：{args.optim} 需要 CUDA（分页内存 / 8-bit 优化器内核），改用 adamw_torch")
+    mean = sum(len(r["input_ids"]) for r in rows) / len(rows)
+    # 打包后一行装 max_length 个 token：按 token 数换算行数，一步看到的样本数与不打包时相当，学习率不用重调
+    per_step = max(1, round(args.per_device_train_batch_size * mean / args.max_length)) if args.packing \
+        else args.per_device_train_batch_size
+    width = args.max_length if args.packing else max(len(r["input_ids"]) for r in rows)
+    # 长回答数据一次前向的 logits 是 token 数 × 词表：超过 --micro-batch-tokens 就拆成几次前向、累积梯度，一步的梯度不变
+    per_fwd, accum = train.micro_batches(per_step, width, args.micro_batch_tokens)
+    every = args.eval_steps or train.eval_schedule(
+        args.max_steps, sum(len(r["input_ids"]) for r in eval_rows), round(per_step * mean))[1]
+    cfg = SFTConfig(output_dir=str(out.path("trainer")), seed=args.seed, data_seed=args.seed, max_steps=args.max_steps,
+                    learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=2, optim=optim,
+                    per_device_train_batch_size=per_fwd, per_device_eval_batch_size=8,
+                    gradient_accumulation_steps=accum * args.gradient_accumulation_steps,
+                    max_length=None if args.packing else args.max_length, logging_steps=1,
+                    report_to=out.trainer_report_to(), include_num_input_tokens_seen="non_padding",
+                    dataloader_num_workers=0, remove_unused_columns=not args.packing,
+                    dataset_kwargs={"skip_prepare_dataset": True} if args.packing else None,
+                    **train.best_step_args(every), **flags)
+    trainer = SFTTrainer(model=model, args=cfg, processing_class=tok, eval_dataset=Dataset.from_list(eval_rows),
+                         train_dataset=train.pack(rows, args.max_length) if args.packing else Dataset.from_list(rows),
+                         **({"data_collator": train.PackedCollator(tok.pad_token_id)} if args.packing else {}))
+    return trainer, optim
+
+
+def reload_check(args: Args, out, model, eval_rows: list[dict]) -> dict:
+    """只存 adapter，在新加载的 4-bit 底座上装回：输出应与训练中的模型一致（差异远小于 adapter 本身带来的变化）。"""
+    import torch
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    adapter_dir = out.path("adapter")
+    model.save_pretrained(adapter_dir)
+    base, _ = load_4bit(args, out.log)
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)   # 与训练时同样的精度
+    reloaded = PeftModel.from_pretrained(base, adapter_dir).eval()
+    probe = [r["input_ids"] for r in eval_rows[:4]]
+    with torch.no_grad():
+        model.eval()
+        ids = torch.tensor([p[:32] for p in probe if len(p) >= 32] or [probe[0]], device=train.device_of(model))
+        trained = model(input_ids=ids).logits.float()
+        diff = (trained - reloaded(input_ids=ids).logits.float()).abs().max().item()
+        with reloaded.disable_adapter():   # 同一个底座去掉 adapter：看 adapter 本身改变了多少
+            effect = (trained - reloaded(input_ids=ids).logits.float()).abs().max().item()
+    adapter_mb = sum(f.stat().st_size for f in adapter_dir.iterdir()) / 2**20
+    out.log.info(f"adapter {adapter_mb:.2f} MB；重新加载到新 4-bit 底座后 max|Δlogit| = {diff:.2e}"
+                 f"（adapter 本身带来的变化 {effect:.2f}）")
+    return {"adapter_mb": round(adapter_mb, 2), "reload_max_diff": diff, "adapter_effect_max_diff": effect}
+
+
+def plot_curve(out, hist: list[dict], m: dict, ratio: float) -> None:
+    """训练损失 + 训练前 / 每次评估的验证损失；竖线 = 装回的那一步。"""
+    fig, save = out.plot("loss_curve.png")
+    ax = fig.add_subplot(111)
+    ax.plot([h["step"] for h in hist if "loss" in h], [h["loss"] for h in hist if "loss" in h], label="train loss")
+    ax.plot(*zip(*([(0, m["eval_loss_before"])] + [tuple(e) for e in m["eval_history"]])), "o-", label="eval loss")
+    ax.axvline(m["kept_step"], color="gray", ls="--", label=f"kept step {m['kept_step']}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_title(f"QLoRA (NF4 base, LoRA all-linear): {out.model_name}, 4-bit/fp32 = {ratio:.2f}")
+    ax.legend()
+    save()
+
+
+def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
+    out = run.start(__file__, args)
 
     # 1. 数据：SFT（alpaca 或 chat），先读先校验（坏数据在加载模型前就报错），只在助手回复上算损失
     path = args.data or data.DATA_DIR / "domain" / "sft.jsonl"
@@ -140,86 +241,38 @@ def main(args: Args) -> dict:
     ratio = nbytes / fp32
     out.log.info(f"权重占用：4-bit {nbytes / 2**20:.1f} MB，bf16 {bf16 / 2**20:.1f} MB，fp32 {fp32 / 2**20:.1f} MB"
                  f"（4-bit / fp32 = {ratio:.3f}；没量化的 embedding 与 norm 占了剩下的大头）")
-
-    def encode(convs):
-        rows = [data.tokenize_chat(tok, c, args.max_length) for c in convs]
-        rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows if any(x != -100 for x in r["labels"])]
-        if not rows:
-            raise UserError(f"{path}: 截断到 --max-length {args.max_length} 后没有一条样本还留着助手回复")
-        return Dataset.from_list(rows)
-
-    train_ds, eval_ds = encode(train_convs), encode(eval_convs)
+    rows, stats = encode(args, tok, train_convs, path, report=True)   # 训练前一行：几条超长、会怎样、怎么改
+    eval_rows, _ = encode(args, tok, eval_convs, path)
 
     # 3. QLoRA 准备：冻结 4-bit 底座、非量化参数升 fp32、梯度检查点；LoRA 挂在所有 Linear 上
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules="all-linear", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
-    trainable, total = model.get_nb_trainable_parameters()
-    out.log.info(f"可训练 {trainable:,d} / {total:,d} = {trainable / total:.2%}")
+    model, trainable = qlora_model(model, args, out.log)
 
-    # 4. 训练：paged AdamW 只在 CUDA 上有
-    flags = train.trainer_flags(model, gradient_checkpointing=args.gradient_checkpointing)
-    optim = args.optim
-    if optim.startswith(("paged_", "adamw_8bit")) and flags["use_cpu"]:
-        optim = "adamw_torch"
-        out.log.info(f"CPU：{args.optim} 需要 CUDA（分页内存 / 8-bit 优化器内核），改用 adamw_torch")
-    cfg = SFTConfig(output_dir=str(out.path("trainer")), seed=args.seed, data_seed=args.seed, max_steps=args.max_steps,
-                    learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=2, optim=optim,
-                    per_device_train_batch_size=args.per_device_train_batch_size, per_device_eval_batch_size=8,
-                    gradient_accumulation_steps=args.gradient_accumulation_steps, max_length=args.max_length,
-                    logging_steps=1, eval_strategy="no", save_strategy="no", report_to=out.trainer_report_to(),
-                    include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, **flags)
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok)
+    # 4. 训练：第 1 步后报预计用时；超过 --max-train-minutes 先评估 + 保存再停；结束时装回验证损失最低的一步
+    trainer, optim = build_trainer(args, out, model, tok, rows, eval_rows)
+    clock = train.attach(trainer, args.max_train_minutes)
+    # 训练前量一次：LoRA 的 B 初始化为 0，这就是 4-bit 底座本身的 eval_loss（量化带来的损失也在里面）
     before = trainer.evaluate()["eval_loss"]
     with train.PeakMemory(train.device_of(model)) as mem:
-        t0 = time.perf_counter()
         trainer.train()
-        secs = time.perf_counter() - t0
-    after = trainer.evaluate()["eval_loss"]
-    tps = trainer.state.num_input_tokens_seen / secs
-    out.log.info(f"eval_loss {before:.4f} -> {after:.4f}；训练峰值内存 +{mem.peak_mb:.0f} MB；{tps:.0f} token/s")
+    kept = train.kept_step(trainer)
+    after = trainer.evaluate()["eval_loss"]   # load_best_model_at_end：量的是保留下来的那一步
+    tps = trainer.state.num_input_tokens_seen / max(clock.train_s - clock.eval_s, 1e-9)   # 真实 token，不含评估
+    out.log.info(f"eval_loss {before:.4f} -> {after:.4f}（保留第 {kept['kept_step']} 步）；训练峰值内存 "
+                 f"+{mem.peak_mb:.0f} MB；{tps:.0f} token/s")
 
     # 5. 只存 adapter，在新加载的 4-bit 底座上装回：输出应与训练中的模型一致
-    adapter_dir = out.path("adapter")
-    model.save_pretrained(adapter_dir)
-    adapter_mb = sum(f.stat().st_size for f in adapter_dir.iterdir()) / 2**20
-    base, _ = load_4bit(args, out.log)
-    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)   # 与训练时同样的精度
-    reloaded = PeftModel.from_pretrained(base, adapter_dir).eval()
-    probe = eval_ds[:4]["input_ids"]
-    with torch.no_grad():
-        model.eval()
-        ids = torch.tensor([p[:32] for p in probe if len(p) >= 32] or [probe[0]], device=train.device_of(model))
-        trained = model(input_ids=ids).logits.float()
-        diff = (trained - reloaded(input_ids=ids).logits.float()).abs().max().item()
-        with reloaded.disable_adapter():   # 同一个底座去掉 adapter：看 adapter 本身改变了多少
-            effect = (trained - reloaded(input_ids=ids).logits.float()).abs().max().item()
-    out.log.info(f"adapter {adapter_mb:.2f} MB；重新加载到新 4-bit 底座后 max|Δlogit| = {diff:.2e}"
-                 f"（adapter 本身带来的变化 {effect:.2f}）")
-
-    hist = trainer.state.log_history
-    fig, save = out.plot("loss_curve.png")
-    ax = fig.add_subplot(111)
-    ax.plot([h["step"] for h in hist if "loss" in h], [h["loss"] for h in hist if "loss" in h], label="train loss")
-    ax.axhline(before, color="C1", ls=":", label=f"eval loss before {before:.2f}")
-    ax.axhline(after, color="C2", ls="--", label=f"eval loss after {after:.2f}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (assistant tokens)")
-    ax.set_title(f"QLoRA (NF4 base, LoRA all-linear): {out.model_name}, 4-bit/fp32 = {ratio:.2f}")
-    ax.legend()
-    save()
+    check = reload_check(args, out, model, eval_rows)
+    m = {"eval_loss_before": round(before, 4), "eval_loss_after": round(after, 4), **kept}
+    plot_curve(out, trainer.state.log_history, m, ratio)
     return out.finish({
         "footprint_ratio_4bit": round(ratio, 4), "footprint_mb_4bit": round(nbytes / 2**20, 2),
-        "footprint_mb_bf16": round(bf16 / 2**20, 2), "footprint_mb_fp32": round(fp32 / 2**20, 2),
-        "eval_loss_before": round(before, 4), "eval_loss_after": round(after, 4),
-        "peak_mem_mb": round(mem.peak_mb, 1), "tokens_per_s": round(tps, 1), "optim": optim,
-        "trainable_params": trainable, "adapter_mb": round(adapter_mb, 2), "reload_max_diff": diff,
-        "adapter_effect_max_diff": effect,
-        "steps": trainer.state.global_step,
-    }, summary=f"4-bit 权重 = fp32 的 {ratio:.2f}；eval_loss {before:.3f} -> {after:.3f}；峰值内存 +{mem.peak_mb:.0f} MB；"
-               f"{tps:.0f} token/s")
+        "footprint_mb_bf16": round(bf16 / 2**20, 2), "footprint_mb_fp32": round(fp32 / 2**20, 2), **m, **stats,
+        "peak_mem_mb": round(mem.peak_mb, 1), "peak_rss_mb": round(train.peak_rss_mb()), "tokens_per_s": round(tps, 1),
+        "optim": optim,
+        "trainable_params": trainable, **check, "first_step_seconds": round(clock.first_step_s, 2),
+    }, summary=f"4-bit 权重 = fp32 的 {ratio:.2f}；eval_loss {before:.3f} -> {after:.3f}"
+               f"（保留第 {kept['kept_step']} 步）；"
+               f"峰值内存 +{mem.peak_mb:.0f} MB；{tps:.0f} token/s")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 from common import cli, data, models, run, services, train
 from common.errors import UserError
@@ -66,10 +65,6 @@ SMOKE = dict(learning_rate=1e-3, run_steps=6, max_length=96)
 # DeepSpeed 实现比论文多出的项（都按每个参数的字节数计）
 IMPL = {"fp32_grad_partition": 4,   # 优化器更新前把梯度分片转成 fp32：4Ψ/N（ZeRO-2/3 都有）
         "gathered_layer": 4}        # ZeRO-3 前向/反向时把一层的 fp16 权重 + 梯度临时聚齐：4·L（L = 最大一层）
-# DeepSpeed 认识、但不在 runtime.constants 里的顶层配置节
-DS_SECTIONS = {"zero_optimization", "activation_checkpointing", "flops_profiler", "tensorboard", "wandb",
-               "csv_monitor", "comms_logger", "aio", "autotuning", "elasticity", "checkpoint", "data_efficiency",
-               "compression_training", "nebula", "monitor_config"}
 
 
 def count_params(args: Args) -> tuple[int, int, str]:
@@ -151,24 +146,6 @@ def build_config(args: Args, world_size: int, stage: int | None = None) -> dict:
     return cfg
 
 
-def validate_ds_config(cfg: dict, world_size: int, where: str = "ds_config") -> None:
-    """交给 DeepSpeed 自己的解析器：各节的 pydantic 模型拒绝未知键，batch 断言按目标卡数检查。"""
-    from deepspeed.runtime import config as ds_config
-    from deepspeed.runtime import constants
-
-    known = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)} | DS_SECTIONS
-    unknown = sorted(set(cfg) - known)
-    if unknown:   # 顶层未知键 DeepSpeed 只会默默忽略：那正是"配了却没生效"的来源
-        raise UserError(f"{where}: DeepSpeed 不认识的顶层键 {unknown}")
-    # 解析器从进程组读卡数；这里没有进程组，就告诉它目标集群有几张卡
-    with mock.patch.object(ds_config.dist, "get_world_size", return_value=world_size), \
-            mock.patch.object(ds_config.dist, "get_rank", return_value=0):
-        try:
-            ds_config.DeepSpeedConfig(json.loads(json.dumps(cfg)))
-        except (AssertionError, ValueError) as e:   # pydantic ValidationError 是 ValueError 的子类
-            raise UserError(f"{where}: DeepSpeed 拒绝了这份配置：{' '.join(str(e).split())[:300]}") from None
-
-
 def launch(args: Args, out: run.Run, cfg: dict) -> dict:
     """用 torchrun 拉起 run_ranks 个进程跑 _zero3_worker.py；CPU 上每个进程 1 个线程（2 核机器正好一人一核）。"""
     cfg_path = out.path("ds_config_run.json")
@@ -217,10 +194,10 @@ def write_configs(args: Args, out: run.Run, world: int) -> dict:
     """三个阶段各一份（方便对照），外加本次选中的那份；每份都先过 DeepSpeed 的解析器再落盘。"""
     for stage in (1, 2, 3):
         c = build_config(args, world, stage)
-        validate_ds_config(c, world, f"ds_zero{stage}.json")
+        train.validate_ds_config(c, world, f"ds_zero{stage}.json")
         out.path(f"ds_zero{stage}.json").write_text(json.dumps(c, indent=2), encoding="utf-8")
     cfg = build_config(args, world)
-    validate_ds_config(cfg, world, "ds_config.json")
+    train.validate_ds_config(cfg, world, "ds_config.json")
     out.path("ds_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     out.log.info(f"train_batch_size = {args.train_micro_batch_size_per_gpu} × {args.gradient_accumulation_steps} × "
                  f"{world} = {cfg['train_batch_size']}；已通过 DeepSpeed 解析器校验")
@@ -235,7 +212,7 @@ def run_for_real(args: Args, out: run.Run) -> dict:
     small = Args(**{**vars(args), "train_micro_batch_size_per_gpu": args.run_micro_batch,
                     "gradient_accumulation_steps": args.run_grad_accum, "train_batch_size": 0})
     run_cfg = build_config(small, args.run_ranks)
-    validate_ds_config(run_cfg, args.run_ranks, "ds_config_run.json")
+    train.validate_ds_config(run_cfg, args.run_ranks, "ds_config_run.json")
     res = launch(args, out, run_cfg)
     per_rank = [r["params_local"] for r in sorted(res["per_rank"], key=lambda r: r["rank"])]
     ga = args.run_grad_accum   # worker 记的是每个微批的损失；每个优化器步 = ga 个微批，按步取平均

@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from unittest import mock
 
 import yaml
 
-from common import cli, run
+from common import cli, run, train
 from common.errors import UserError
 
 GB = 2**30
@@ -44,10 +43,6 @@ ARCHS = {
                                        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
                                        max_position_embeddings=8192, rope_theta=500000.0)),
 }
-# DeepSpeed 认识、但不在 runtime.constants 里的顶层配置节（各自由子模块解析）：少了它们，合法配置会被误报为未知键
-DS_SECTIONS = {"zero_optimization", "activation_checkpointing", "flops_profiler", "tensorboard", "wandb",
-               "csv_monitor", "comms_logger", "aio", "autotuning", "elasticity", "checkpoint", "data_efficiency",
-               "compression_training", "nebula", "monitor_config"}
 # offload 的三档（优化器状态, 参数）：顺序 = 从快到慢，选方案时"同节点数下 offload 最少"就按这个顺序比
 OFFLOADS = {"none": (False, False), "opt": (True, False), "opt+param": (True, True)}
 
@@ -144,31 +139,13 @@ def ds_config(args: Args, p: dict) -> dict:
             "bf16": {"enabled": True}, "zero_optimization": zero, "steps_per_print": 10, "wall_clock_breakdown": False}
 
 
-def validate_ds_config(cfg: dict, world_size: int, where: str) -> None:
-    """DeepSpeed 自己的解析器按目标卡数校验（未知键、batch 断言）；顶层未知键它只会忽略，这里拒绝。"""
-    from deepspeed.runtime import config as dsc
-    from deepspeed.runtime import constants
-
-    unknown = sorted(set(cfg) - ({v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)}
-                                 | DS_SECTIONS))
-    if unknown:
-        raise UserError(f"{where}: DeepSpeed 不认识的顶层键 {unknown}")
-    # 解析器从进程组读卡数；这里没有进程组，就告诉它目标集群有几张卡（batch 断言按它检查）
-    with mock.patch.object(dsc.dist, "get_world_size", return_value=world_size), \
-            mock.patch.object(dsc.dist, "get_rank", return_value=0):
-        try:
-            dsc.DeepSpeedConfig(json.loads(json.dumps(cfg)))
-        except (AssertionError, ValueError) as e:
-            raise UserError(f"{where}: DeepSpeed 拒绝了这份配置：{' '.join(str(e).split())[:300]}") from None
-
-
 def write_launch(args: Args, out: run.Run, name: str, p: dict) -> dict:
     """hostfile + accelerate YAML + 三种启动命令；DeepSpeed 与 accelerate 各自解析一遍。"""
     from accelerate.commands.config.config_args import ClusterConfig
 
     stem = f"{name}_{p['nodes']}n_{p['offload'].replace('+', '_')}"
     cfg = ds_config(args, p)
-    validate_ds_config(cfg, p["gpus"], f"{stem}.json")
+    train.validate_ds_config(cfg, p["gpus"], f"{stem}.json")
     ds_path = out.path(f"ds_{stem}.json")
     ds_path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     # hostfile 的第一行是主节点：deepspeed 启动器从它发起 pdsh，与 --master_addr 必须一致
@@ -187,12 +164,12 @@ def write_launch(args: Args, out: run.Run, name: str, p: dict) -> dict:
         ClusterConfig.from_yaml_file(str(acc_path))   # accelerate 拒绝未知键，缺键时报 TypeError
     except (ValueError, TypeError) as e:
         raise UserError(f"{acc_path}: accelerate 拒绝了这份配置：{e}") from None
-    train = "train.py --deepspeed " + ds_path.name
+    entry = "train.py --deepspeed " + ds_path.name
     cmds = {"deepspeed": f"deepspeed --hostfile hostfile_{stem} --num_nodes {p['nodes']} --num_gpus "
-                         f"{args.gpus_per_node} --master_addr {args.master_addr} {train}",
+                         f"{args.gpus_per_node} --master_addr {args.master_addr} {entry}",
             "torchrun": f"torchrun --nnodes {p['nodes']} --nproc_per_node {args.gpus_per_node} "
                         f"--node_rank $NODE_RANK "
-                        f"--rdzv_backend c10d --rdzv_endpoint {args.master_addr}:29500 {train}   # 每个节点各跑一次",
+                        f"--rdzv_backend c10d --rdzv_endpoint {args.master_addr}:29500 {entry}   # 每个节点各跑一次",
             "accelerate": f"accelerate launch --config_file {acc_path.name} --machine_rank $NODE_RANK train.py"}
     out.path(f"launch_{stem}.sh").write_text("#!/bin/bash\n# " + p["why"] + "\n" + "\n".join(
         f"# {k}\n{v}" for k, v in cmds.items()) + "\n", encoding="utf-8")

@@ -4,7 +4,8 @@
 
 领域 = 电动车电池与充电（data/domain/docs，可用 --docs 换成你的文档目录）；领域指令 = data/domain/sft.jsonl（--data）；
 通用文本 = data/sft/alpaca.jsonl 的常识问答（与领域无关）。困惑度都在没参与训练的留出文本上算：
-每篇领域文档每 5 段留 1 段，通用文本留 20%。
+每篇领域文档每 5 段留 1 段，通用文本留 20%。领域指令留出 --val-fraction 算 SFT 的验证损失：训练前一行说清几条超过
+--max-length（截掉的是回答结尾），SFT 阶段每隔几步评估一次、留验证损失最低的那一步；第 1 步后的预计用时写在 train.log。
 
 运行：
   python lesson3_distributed/06_vertical_case/domain_finetune_case.py           # smollm2-135m，2 个 gloo 进程
@@ -12,20 +13,19 @@
   python lesson3_distributed/06_vertical_case/domain_finetune_case.py --model Qwen/Qwen2.5-1.5B --source hf \\
       --ranks 8 --config configs/lesson3/domain_finetune_case_gpu.yaml   # GPU：同一个 worker，NCCL，bf16
 
-你会看到：领域困惑度下降（--smoke，tiny-llama，2 个 gloo 进程，CPT 15 步 + SFT 5 步：留出领域段落 ppl 577 -> 516）。
-遗忘要看模型：tiny-llama 本来就欠训练，只在领域上训时通用 ppl 也几乎不变（506 -> 502），混入 30% 通用文本后两边都更低
-（领域 503、通用 411）；同样的流程用学习率 2e-3、30 步，领域块被背下来，留出领域 ppl 反而升到 723、通用升到 1225
+你会看到：领域困惑度下降（--smoke，tiny-llama，2 个 gloo 进程，CPT 15 步 + SFT 5 步：留出领域段落 ppl 577 -> 511）。
+遗忘要看模型：tiny-llama 本来就欠训练，只在领域上训时通用 ppl 也只略降（506 -> 493），混入 30% 通用文本后两边都更低
+（领域 506、通用 407）；同样的流程用学习率 2e-3、30 步，领域块被背下来，留出领域 ppl 反而升到 723、通用升到 1225
 ——领域数据少时过拟合比遗忘来得更早。混合比例就是"学新"与"不忘旧"之间的旋钮。图：domain_vs_general.png。
 """
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import cli, data, models, run, services, train
+from common import cli, data, lm, models, run, services, train
 from common.errors import UserError
 
 HERE = Path(__file__).resolve().parent
@@ -42,6 +42,9 @@ class Args(cli.CommonArgs):
     micro_batch: int = cli.arg(2, "每个 rank 每步几个块/样本", min=1)
     block_size: int = cli.arg(128, "继续预训练的块长（token）", min=16)
     learning_rate: float = cli.arg(5e-5, "学习率（继续预训练一般比预训练末期略大，比 LoRA 小）", min=0)
+    max_length: int = cli.arg(0, "领域指令每条最多多少 token；0 = 2 × --block-size", min=0)
+    val_fraction: float = cli.arg(0.1, "领域指令留出多少比例算 SFT 的验证损失（按它留最好的一步）", min=0.01, max=0.5)
+    eval_steps: int = cli.arg(0, "SFT 每多少步评估一次；0 = 自动（评估开销 ≤ 训练的 1/10，至少 2 次）", min=0)
 
     smoke_model = "tiny-llama"
 
@@ -52,44 +55,51 @@ SMOKE = dict(cpt_steps=15, sft_steps=5, micro_batch=4, learning_rate=5e-4)
 
 
 def load_texts(args: Args) -> dict:
-    """领域文档按段落切，每 5 段留 1 段做评估；通用文本留 20%。"""
+    """领域文档按段落切，每 5 段留 1 段做评估；通用文本留 20%；领域指令留出 --val-fraction。"""
     docs = data.load_documents(args.docs or data.DATA_DIR / "domain" / "docs")
+    # 按段落切再隔 5 留 1：留出的段落与训练段落来自同一批文档（同分布），但模型一个字也没见过
     paras = [p.strip() for d in docs for p in d.text.split("\n\n") if len(p.strip()) > 20]
     if len(paras) < 5:
         raise UserError(f"--docs {args.docs}: 只有 {len(paras)} 个段落，至少需要 5 个（段落以空行分隔）")
     general = [" ".join(m["content"] for m in c) for c in data.load_sft(args.general or data.DATA_DIR / "sft" /
                                                                           "alpaca.jsonl")]
-    cut = int(len(general) * 0.8)
+    cut = int(len(general) * 0.8)   # 通用留出 20%：量"忘了多少"，要用训练时也没混进去的通用文本
+    # 领域指令也要留出：SFT 阶段按它的验证损失挑最好的一步，用训练过的样本挑，挑出来的只是背得最熟的一步
+    sft, sft_eval = data.split(data.load_sft(args.data or data.DATA_DIR / "domain" / "sft.jsonl"), args.val_fraction,
+                               args.seed)
     return {"domain": [p for i, p in enumerate(paras) if i % 5], "domain_eval": paras[::5],
-            "general": general[:cut], "general_eval": general[cut:],
-            "sft": data.load_sft(args.data or data.DATA_DIR / "domain" / "sft.jsonl")}
+            "general": general[:cut], "general_eval": general[cut:], "sft": sft, "sft_eval": sft_eval}
+
+
+def encode_sft(args: Args, tok, texts: dict) -> dict:
+    """领域指令 -> 只在回答上算损失的 token 行（rank 们直接用，不再各自分词）。先不截断：一行说清几条超过 --max-length
+    （截掉的是回答结尾，模型学不会收尾），再截断。"""
+    max_length = args.max_length or 2 * args.block_size
+    # 在主进程分词一次：每个 rank 各自分词既重复又可能因分词器版本不同而不一致
+    encoded = [data.tokenize_chat(tok, c, 10**9) for c in texts["sft"]]
+    stats = train.length_report(encoded, max_length, drop_flag=None)
+    texts["sft_rows"] = train.truncate(encoded, max_length)
+    texts["sft_eval_rows"] = train.truncate([data.tokenize_chat(tok, c, 10**9) for c in texts["sft_eval"]], max_length)
+    return stats
 
 
 def perplexity(path_or_name: str, texts: list[str], block: int, args: Args) -> float:
-    """留出文本首尾相连切成块，逐块算平均 token 损失，exp 后即困惑度。"""
-    import torch
-
+    """留出文本首尾相连（文档间插 EOS）切成块，按 token 平均负对数似然，exp 后即困惑度。"""
     model, tok = models.load(path_or_name, source="local" if Path(path_or_name).is_dir() else args.source,
                              device=args.device, dtype="float32")
-    model.eval()
     ids: list[int] = []
     for t in texts:
         ids += tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id]
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(ids) - 1, block):
-            x = torch.tensor([ids[i:i + block]], device=model.device)
-            if x.shape[1] < 2:
-                break
-            nll += model(x, labels=x).loss.item() * (x.shape[1] - 1)
-            n += x.shape[1] - 1
-    return math.exp(nll / n)
+    # 一块一批：块与块之间不填充，和训练时看到的上下文长度一致
+    return lm.perplexity(model, [{"input_ids": ids[i:i + block]} for i in range(0, len(ids) - 1, block)], 1,
+                         tok.pad_token_id)
 
 
 def launch(args: Args, out: run.Run, texts: dict) -> dict:
     """torchrun 拉起 ranks 个进程跑 _domain_worker.py（DeepSpeed ZeRO-2）。"""
     tpath, cfg_path, result = out.path("texts.json"), out.path("ds_config.json"), out.path("train_result.json")
-    tpath.write_text(json.dumps({k: texts[k] for k in ("domain", "general", "sft")}, ensure_ascii=False), encoding="utf-8")
+    tpath.write_text(json.dumps({k: texts[k] for k in ("domain", "general", "sft_rows", "sft_eval_rows")},
+                                ensure_ascii=False), encoding="utf-8")
     # ZeRO-2：切优化器状态与梯度，每个 rank 保留完整权重（方便 rank 0 直接 save_pretrained）
     cfg = {"train_batch_size": args.micro_batch * args.ranks, "train_micro_batch_size_per_gpu": args.micro_batch,
            "gradient_accumulation_steps": 1, "gradient_clipping": 1.0, "bf16": {"enabled": True},
@@ -101,42 +111,16 @@ def launch(args: Args, out: run.Run, texts: dict) -> dict:
            "127.0.0.1", "--master_port", str(services.free_port()), str(HERE / "_domain_worker.py"),
            "--texts", str(tpath), "--model-path", str(models.resolve(args.resolved_model(), args.source)),
            "--ds-config", str(cfg_path), "--mix", *map(str, args.mix), "--cpt-steps", str(args.cpt_steps),
-           "--sft-steps", str(args.sft_steps), "--block-size", str(args.block_size),
-           "--learning-rate", str(args.learning_rate), "--seed", str(args.seed), "--out", str(result)]
+           "--sft-steps", str(args.sft_steps), "--block-size", str(args.block_size), "--eval-steps",
+           str(args.eval_steps), "--learning-rate", str(args.learning_rate), "--seed", str(args.seed),
+           "--out", str(result)]
     out.log.info(f"启动 {args.ranks} 个进程（DeepSpeed ZeRO-2）：混合比例 {args.mix}，CPT {args.cpt_steps} 步 + "
-                 f"SFT {args.sft_steps} 步")
+                 f"SFT {args.sft_steps} 步；第 1 步后的预计用时、每步损失见 {out.path('train.log')}")
     return train.launch(cmd, out.path("train.log"), result)
 
 
-def main(args: Args) -> dict:
-    args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args)
-
-    # 1. 数据：领域文档 / 通用文本 各自留出评估部分
-    texts = load_texts(args)
-    out.log.info(f"领域段落 训练 {len(texts['domain'])} / 留出 {len(texts['domain_eval'])}；通用 训练 "
-                 f"{len(texts['general'])} / 留出 {len(texts['general_eval'])}；领域指令 {len(texts['sft'])} 条")
-
-    # 2. 训练前：原模型在两种留出文本上的困惑度
-    name = args.resolved_model()
-    dom0 = perplexity(name, texts["domain_eval"], args.block_size, args)
-    gen0 = perplexity(name, texts["general_eval"], args.block_size, args)
-    out.log.info(f"训练前：领域 ppl {dom0:.2f}，通用 ppl {gen0:.2f}")
-
-    # 3. 多进程训练：每个混合比例一个模型（CPT -> SFT）
-    res = launch(args, out, texts)
-
-    # 4. 训练后：同一把尺子再量一次
-    table = {}
-    for mix, r in res["runs"].items():
-        d, g = perplexity(r["path"], texts["domain_eval"], args.block_size, args), \
-            perplexity(r["path"], texts["general_eval"], args.block_size, args)
-        table[mix] = {"domain_ppl": round(d, 3), "general_ppl": round(g, 3), "general_blocks": r["general_blocks"],
-                      "cpt_loss_first": r["cpt"][0], "cpt_loss_last": r["cpt"][-1],
-                      "sft_loss_last": r["sft"][-1] if r["sft"] else None}
-        out.log.info(f"通用占比 {mix}：领域 ppl {dom0:.2f} -> {d:.2f}，通用 ppl {gen0:.2f} -> {g:.2f}")
-
-    # 5. 图：每个混合比例在（领域 ppl, 通用 ppl）平面上的位置
+def plot_mix(out, res: dict, dom0: float, gen0: float, table: dict) -> None:
+    """每个混合比例在（领域 ppl, 通用 ppl）平面上的位置：越靠左下越好，"before" 是起点。"""
     fig, save = out.plot("domain_vs_general.png")
     ax = fig.add_subplot(111)
     ax.plot([dom0], [gen0], "ks", label="before")
@@ -147,10 +131,47 @@ def main(args: Args) -> dict:
     ax.set_title(f"{out.model_name}: continued pretraining + SFT on {res['world_size']} ranks")
     ax.legend(fontsize=7)
     save()
+
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+
+    # 1. 数据：领域文档 / 通用文本 / 领域指令 各自留出评估部分；领域指令超长的先数清再截断
+    texts = load_texts(args)
+    stats = encode_sft(args, models.load_tokenizer(args.resolved_model(), args.source), texts)
+    out.log.info(f"领域段落 训练 {len(texts['domain'])} / 留出 {len(texts['domain_eval'])}；通用 训练 "
+                 f"{len(texts['general'])} / 留出 {len(texts['general_eval'])}；领域指令 训练 {len(texts['sft_rows'])}"
+                 f" / 留出 {len(texts['sft_eval_rows'])} 条")
+
+    # 2. 训练前：原模型在两种留出文本上的困惑度
+    name = args.resolved_model()
+    dom0 = perplexity(name, texts["domain_eval"], args.block_size, args)
+    gen0 = perplexity(name, texts["general_eval"], args.block_size, args)
+    out.log.info(f"训练前：领域 ppl {dom0:.2f}，通用 ppl {gen0:.2f}")
+
+    # 3. 多进程训练：每个混合比例一个模型（CPT -> SFT，SFT 留验证损失最低的一步）
+    # 第 1 步后的预计用时写在 train.log：rank 们的输出都重定向到那里，两个进程的进度条混在终端里读不出来
+    res = launch(args, out, texts)
+
+    # 4. 训练后：同一把尺子再量一次
+    table = {}   # 每个混合比例：困惑度 + CPT/SFT 的损失首尾 + SFT 保留的那一步（看遗忘与学新的权衡）
+    for mix, r in res["runs"].items():
+        d, g = perplexity(r["path"], texts["domain_eval"], args.block_size, args), \
+            perplexity(r["path"], texts["general_eval"], args.block_size, args)
+        table[mix] = {"domain_ppl": round(d, 3), "general_ppl": round(g, 3), "general_blocks": r["general_blocks"],
+                      "cpt_loss_first": r["cpt"][0], "cpt_loss_last": r["cpt"][-1],
+                      "sft_loss_last": r["sft"][-1] if r["sft"] else None,
+                      **{k: r[k] for k in ("kept_step", "eval_history")}}
+        out.log.info(f"通用占比 {mix}：领域 ppl {dom0:.2f} -> {d:.2f}，通用 ppl {gen0:.2f} -> {g:.2f}；SFT 保留第 "
+                     f"{r['kept_step']} 步（验证损失 {dict(r['eval_history']).get(r['kept_step'], float('nan')):.3f}）")
+
+    # 5. 图：每个混合比例在（领域 ppl, 通用 ppl）平面上的位置
+    plot_mix(out, res, dom0, gen0, table)
     first = table[f"{args.mix[0]:g}"]
     return out.finish({"domain_ppl_before": round(dom0, 3), "domain_ppl_after": first["domain_ppl"],
                        "general_ppl_before": round(gen0, 3), "general_ppl_after": first["general_ppl"],
-                       "mix": table, "world_size": res["world_size"]},
+                       "mix": table, "world_size": res["world_size"], **stats},
                       summary=f"领域 ppl {dom0:.2f} -> {first['domain_ppl']:.2f}，通用 ppl {gen0:.2f} -> "
                               f"{first['general_ppl']:.2f}（通用占比 {args.mix[0]:g}）；" + "，".join(
                                   f"占比 {k}: 通用 {v['general_ppl']:.2f}" for k, v in table.items()))

@@ -12,7 +12,8 @@ chosen/rejected 拼成一个批次（前一半 chosen、后一半 rejected）并
   python lesson4_alignment/03_reward_model_training/train_reward_model.py --smoke    # tiny-llama（满载时墙钟约 80 秒）
   python lesson4_alignment/03_reward_model_training/train_reward_model.py --model Qwen/Qwen2.5-7B-Instruct \\
       --source hf --config configs/lesson4/train_reward_model_gpu.yaml                # GPU，bf16 + LoRA
-  --data 自己的偏好文件（prompt/chosen/rejected，JSON/JSONL）：脚本自己切出留出集。
+  --data 自己的偏好文件（prompt/chosen/rejected，JSON/JSONL）：脚本自己切出留出集；训练前一行说清几对超过 --max-length
+  （TRL 会整对丢掉），第 1 步后报预计用时，超过 --max-train-minutes 先评估 + 保存再停，按留出损失留最好的一步。
 
 你会看到（默认，smollm2-135m + LoRA r=16，60 步，空闲 2 核 CPU 实测 495 秒）：留出准确率 0.50（随机打分头）-> 0.91，
 平均分差 3.14。--smoke（tiny-llama，全参数）：0.56 -> 0.90，平均分差 2.70；
@@ -26,16 +27,21 @@ from common import cli, data, models, run, train
 
 @dataclass
 class Args(cli.CommonArgs):
-    learning_rate: float = cli.arg(2e-4, "学习率：LoRA 只训练从零开始的小矩阵与新的打分头，可比全参数（~1e-5）大得多", min=0)
+    learning_rate: float = cli.arg(2e-4, "学习率：LoRA 只训练从零开始的小矩阵与新的打分头，可比全参数（~1e-5）大得多",
+                                   min=0)
     max_steps: int = cli.arg(60, "优化器步数", min=1)
     per_device_train_batch_size: int = cli.arg(8, "每步几对偏好（实际前向 2 倍条数：chosen + rejected）", min=1)
     max_length: int = cli.arg(256, "prompt+回答最多多少 token（更长的样本被 TRL 过滤掉）", min=8)
     val_fraction: float = cli.arg(0.2, "留出多少比例的偏好对做评估", min=0.01, max=0.9)
     warmup_steps: int = cli.arg(5, "学习率预热步数", min=0)
     center_rewards_coefficient: float = cli.arg(0.01, "把分数拉向 0 的正则系数（只影响绝对值，不影响排序）", min=0)
-    lora_r: int = cli.arg(16, "LoRA 秩（打分头仍全参数训练）；0 = 全参数训练主干（权重 + 梯度 + AdamW 状态约 4 倍权重）", min=0)
+    lora_r: int = cli.arg(16, "LoRA 秩（打分头仍全参数训练）；0 = 全参数训练主干（权重+梯度+AdamW 状态≈4 倍权重）",
+                          min=0)
     lora_alpha: int = cli.arg(32, "LoRA 缩放系数", min=1)
     gradient_checkpointing: bool = cli.arg(False, "用重算换显存（大模型 GPU 上打开）")
+    eval_steps: int = cli.arg(0, "每多少步在留出集上评估并保存一次；0 = 自动（评估开销 ≤ 训练的 1/10，至少 2 次）",
+                             min=0)
+    max_train_minutes: float = cli.arg(10.0, "训练时间预算（分钟，含评估）：超时先评估 + 保存再停；0 = 不限", min=0)
 
     smoke_model = "tiny-llama"
 
@@ -44,13 +50,13 @@ class Args(cli.CommonArgs):
 SMOKE = dict(lora_r=0, learning_rate=1e-3, max_steps=30, per_device_train_batch_size=16, max_length=160)
 
 
-
 def load_reward_model(args: Args, name: str):
     """因果 LM 主干 + 随机初始化的 1 维 score 头；pad_token_id 告诉它"最后一个真实 token"在哪。"""
     from transformers import AutoModelForSequenceClassification
 
     path = models.resolve(name, args.source)
     dev = models.pick_device(args.device)
+    # 打分头 score（hidden→1）在原模型里没有，transformers 随机初始化它并提示"newly initialized"：这是预期的
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, dtype=models.pick_dtype(args.dtype, dev, for_training=True), use_safetensors=True,
         trust_remote_code=args.trust_remote_code).to(dev)
@@ -64,7 +70,9 @@ def manual_scores(model, input_ids, attention_mask, pad_id: int):
     import torch
 
     model = model.get_base_model() if hasattr(model, "get_base_model") else model   # LoRA：拆掉 PeftModel 外壳
-    hidden = getattr(model, model.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    # 右填充时最后一个真实 token 的位置随样本变：位置 × 是否真实 token，取最大值的下标
     pos = torch.arange(input_ids.shape[1], device=input_ids.device)
     last = ((input_ids != pad_id).int() * pos).argmax(-1)   # 最右边的非 pad token
     return model.score(hidden[torch.arange(len(input_ids)), last]).squeeze(-1)
@@ -74,69 +82,61 @@ def score_pairs(trainer, dataset) -> tuple[list[float], list[float]]:
     """留出集每一对的 (r_chosen, r_rejected)：用训练器自己的 collator 组批（前一半 chosen，后一半 rejected）。"""
     import torch
 
-    model = trainer.model.eval()
+    model = trainer.model.eval()   # 关掉 dropout：同一对打两次分要一样
     rc, rr = [], []
     with torch.no_grad():
         for batch in trainer.get_eval_dataloader(dataset):
             scores = model(input_ids=batch["input_ids"].to(model.device),
                            attention_mask=batch["attention_mask"].to(model.device)).logits.squeeze(-1)
-            c, r = scores.float().chunk(2)
+            c, r = scores.float().chunk(2)   # collator 把一批拼成 [全部 chosen; 全部 rejected]，对半切回成对
             rc += c.tolist()
             rr += r.tolist()
     return rc, rr
 
 
-def main(args: Args) -> dict:
-    args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
-
-    # 1. 数据：偏好对，自己切出留出集（RM 的好坏只看它没见过的对）
-    train_pairs, eval_pairs = data.preference_split(args.data, args.val_fraction, args.seed)
-    out.log.info(f"偏好对：训练 {len(train_pairs)}，留出 {len(eval_pairs)}")
-    import torch  # 重的库在数据检查之后再导入：坏数据一秒内报错
+def build_trainer(args: Args, out, model, tok, train_pairs: list[dict], eval_pairs: list[dict]):
+    """TRL RewardTrainer：tokenize（套对话模板）、成对拼批、−log σ(r_c − r_r)；按留出损失留最好的一步。"""
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    # 2. 模型：因果 LM + 打分头
-    model, tok = load_reward_model(args, out.model_name)
-    # LoRA（--lora-r > 0）：SEQ_CLS 让 score 头保持全参数可训练（modules_to_save）；0 = 全参数
-    peft_config = train.lora_config(args.lora_r, args.lora_alpha, "SEQ_CLS")
-
-    # 3. TRL RewardTrainer：tokenize（套对话模板）、成对拼批、−log σ(r_c − r_r)
+    # 评估开销 ≤ 10%：留出对与训练对来自同一份数据，token 数与对数成正比，直接按对数算
+    every = args.eval_steps or train.eval_schedule(
+        args.max_steps, len(eval_pairs), args.per_device_train_batch_size)[1]
     cfg = RewardConfig(
         output_dir=str(out.path("trainer")), seed=args.seed, max_steps=args.max_steps,
         learning_rate=args.learning_rate, lr_scheduler_type="linear", warmup_steps=args.warmup_steps,
         per_device_train_batch_size=args.per_device_train_batch_size, per_device_eval_batch_size=16,
         max_length=args.max_length, center_rewards_coefficient=args.center_rewards_coefficient or None,
-        logging_steps=5, save_strategy="no", report_to=out.trainer_report_to(), disable_dropout=True,
-        **models_flags(model, args))
-    trainer = RewardTrainer(model=model, args=cfg, processing_class=tok, peft_config=peft_config,
-                            train_dataset=Dataset.from_list(data.preference_conversational(train_pairs)),
-                            eval_dataset=Dataset.from_list(data.preference_conversational(eval_pairs)))
-    before = trainer.evaluate()
-    out.log.info(f"训练前（score 头随机）：留出准确率 {before['eval_accuracy']:.3f}")
-    trainer.train()
-    after = trainer.evaluate()
-    out.log.info(f"训练后：留出准确率 {after['eval_accuracy']:.3f}，平均差 r_c − r_r = {after['eval_margin']:.3f}")
+        logging_steps=5, report_to=out.trainer_report_to(), disable_dropout=True, **train.best_step_args(every),
+        **train.trainer_flags(model, gradient_checkpointing=args.gradient_checkpointing))
+    # LoRA（--lora-r > 0）：SEQ_CLS 让 score 头保持全参数可训练（modules_to_save）；0 = 全参数
+    return RewardTrainer(model=model, args=cfg, processing_class=tok,
+                         peft_config=train.lora_config(args.lora_r, args.lora_alpha, "SEQ_CLS"),
+                         train_dataset=Dataset.from_list(data.preference_conversational(train_pairs)),
+                         eval_dataset=Dataset.from_list(data.preference_conversational(eval_pairs)))
 
-    # 4. 核对：同一批数据，亲手从隐状态算打分与损失，和训练器的 compute_loss 比
+
+def check_loss(args: Args, trainer, pad_id: int) -> dict:
+    """同一批数据：亲手从隐状态算打分与损失，和训练器的 compute_loss 比——两边对上，才说明上面的原理就是它在做的事。"""
+    import torch
+
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {k: v.to(trainer.model.device) for k, v in batch.items()}
     trainer.model.eval()
     with torch.no_grad():
         trl_loss = trainer.compute_loss(trainer.model, dict(batch)).item()
-        rc, rr = manual_scores(trainer.model, batch["input_ids"], batch["attention_mask"], tok.pad_token_id).chunk(2)
+        rc, rr = manual_scores(trainer.model, batch["input_ids"], batch["attention_mask"], pad_id).chunk(2)
         manual = -torch.nn.functional.logsigmoid(rc - rr).mean()
         if args.center_rewards_coefficient:   # TRL 的中心化正则：coef · mean((r_c + r_r)^2)
             manual = manual + args.center_rewards_coefficient * torch.mean((rc + rr) ** 2)
     diff = abs(manual.item() - trl_loss)
-    out.log.info(f"一个批次：手算损失 {manual.item():.6f}，TRL 损失 {trl_loss:.6f}，差 {diff:.2e}")
+    return {"manual_loss": round(manual.item(), 6), "trl_loss": round(trl_loss, 6), "manual_loss_abs_diff": diff,
+            "manual_loss_matches": bool(diff <= 1e-4)}
 
-    # 5. 留出集的分数分布与差值分布
-    eval_ds = trainer.eval_dataset
-    sc, sr = score_pairs(trainer, eval_ds)
+
+def plot_scores(out, sc: list[float], sr: list[float], acc: float) -> None:
+    """留出集的分数分布（chosen / rejected 两堆）与分差分布（0 右边 = 排对了）。"""
     margins = [c - r for c, r in zip(sc, sr)]
-    acc = sum(m > 0 for m in margins) / len(margins)
     fig, save = out.plot("score_hist.png")
     ax = fig.add_subplot(111)
     ax.hist(sc, bins=20, alpha=0.6, label="chosen")
@@ -155,24 +155,56 @@ def main(args: Args) -> dict:
     ax.set_title("Held-out margin: right of 0 = ranked correctly")
     save()
 
+
+def main(args: Args) -> dict:
+    args = cli.with_smoke(args, SMOKE)
+    out = run.start(__file__, args)
+
+    # 1. 数据：偏好对，自己切出留出集（RM 的好坏只看它没见过的对）
+    train_pairs, eval_pairs = data.preference_split(args.data, args.val_fraction, args.seed)
+    out.log.info(f"偏好对：训练 {len(train_pairs)}，留出 {len(eval_pairs)}")
+
+    # 2. 模型：因果 LM + 打分头；训练前一行说清几对超过 --max-length（TRL 会把它们整对丢掉，不是截断）
+    model, tok = load_reward_model(args, out.model_name)
+    # 按 TRL 的方式套对话模板再数：超长的判定与 RewardTrainer 过滤时用的是同一种 token 数
+    stats = train.length_report(train.encode_pairs(tok, data.preference_conversational(train_pairs)),
+                                args.max_length, "drop", drop_flag=None)
+
+    # 3. 训练：第 1 步后报预计用时；超过 --max-train-minutes 先评估 + 保存再停；结束时装回留出损失最低的一步
+    trainer = build_trainer(args, out, model, tok, train_pairs, eval_pairs)
+    train.attach(trainer, args.max_train_minutes)
+    before = trainer.evaluate()
+    out.log.info(f"训练前（score 头随机）：留出准确率 {before['eval_accuracy']:.3f}")
+    trainer.train()
+    kept = train.kept_step(trainer)
+    after = trainer.evaluate()
+    out.log.info(f"训练后（保留第 {kept['kept_step']} 步）：留出准确率 {after['eval_accuracy']:.3f}，"
+                 f"平均差 r_c − r_r = {after['eval_margin']:.3f}")
+
+    # 4. 核对：同一批数据，亲手从隐状态算打分与损失，和训练器的 compute_loss 比
+    check = check_loss(args, trainer, tok.pad_token_id)
+    out.log.info(f"一个批次：手算损失 {check['manual_loss']:.6f}，TRL 损失 {check['trl_loss']:.6f}，"
+                 f"差 {check['manual_loss_abs_diff']:.2e}")
+
+    # 5. 留出集的分数分布与差值分布
+    # 用训练器处理过的留出集（已按 max_length 过滤）：与 eval_accuracy 是同一批对，两个准确率可以直接比
+    sc, sr = score_pairs(trainer, trainer.eval_dataset)
+    margins = [c - r for c, r in zip(sc, sr)]
+    acc = sum(m > 0 for m in margins) / len(margins)
+    plot_scores(out, sc, sr, acc)
+
     # 6. 保存：02 的 PPO 可以直接拿它当冻结的奖励模型（LoRA 时先把 adapter 合并进权重，存成普通的序列分类模型）
-    rm_dir = out.path("reward_model")
+    rm_dir = out.path("reward_model")   # load_best_model_at_end 已装回留出损失最低的一步：存的就是它
     (trainer.model.merge_and_unload() if args.lora_r else trainer.model).save_pretrained(rm_dir)
     tok.save_pretrained(rm_dir)
     return out.finish({
         "eval_accuracy": round(acc, 4), "eval_accuracy_before": round(before["eval_accuracy"], 4),
-        "mean_margin": round(sum(margins) / len(margins), 4),
+        "mean_margin": round(sum(margins) / len(margins), 4), "eval_loss": round(after["eval_loss"], 4),
+        **check, **kept, **stats,
         "chosen_score_mean": round(sum(sc) / len(sc), 4), "rejected_score_mean": round(sum(sr) / len(sr), 4),
-        "manual_loss": round(manual.item(), 6), "trl_loss": round(trl_loss, 6), "manual_loss_abs_diff": diff,
-        "manual_loss_matches": bool(diff <= 1e-4), "train_pairs": len(train_pairs), "eval_pairs": len(eval_ds),
-        "steps": trainer.state.global_step,
+        "train_pairs": len(train_pairs), "eval_pairs": len(trainer.eval_dataset),
     }, summary=f"留出准确率 {before['eval_accuracy']:.2f} -> {acc:.2f}，平均分差 {sum(margins) / len(margins):.2f}，"
-               f"手算 vs TRL 损失差 {diff:.1e}")
-
-
-def models_flags(model, args: Args) -> dict:
-    """设备相关的训练开关（bf16 / use_cpu / 梯度检查点），见 common.train。"""
-    return train.trainer_flags(model, gradient_checkpointing=args.gradient_checkpointing)
+               f"手算 vs TRL 损失差 {check['manual_loss_abs_diff']:.1e}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@
   python lesson4_alignment/04_dpo/dpo_train.py --smoke    # tiny-qwen2（满载时墙钟约 2 分钟）
   python lesson4_alignment/04_dpo/dpo_train.py --model Qwen/Qwen2.5-7B-Instruct --source hf \\
       --config configs/lesson4/dpo_train_gpu.yaml          # GPU：bf16 + LoRA（参考模型 = 关掉 adapter 的同一个模型）
-  --data 自己的偏好文件（prompt/chosen/rejected）：脚本自己切出留出集。
+  --data 自己的偏好文件（prompt/chosen/rejected）：脚本自己切出留出集；训练前一行说清几对超过 --max-length（TRL 截掉
+  回答结尾），第 1 步后报预计用时，超过 --max-train-minutes 先评估 + 保存再停，每个 β 都留留出损失最低的一步。
 
 你会看到（默认，smollm2-135m + LoRA，每个 β 10 步，空闲 2 核 CPU 6.6 分钟）：留出隐式奖励准确率 0.875，β=0.03/0.1/0.5 的
 |log π/π_ref| 1.16/1.12/1.06（β 越小偏离参考越远）；手算与 TRL 的损失差 3.6e-7。--smoke（tiny-qwen2，全参数）：
@@ -25,21 +26,27 @@
 import copy
 from dataclasses import dataclass
 
-from common import cli, data, models, run, train
+from common import cli, data, lm, models, run, train
 
 
 @dataclass
 class Args(cli.CommonArgs):
     beta: float = cli.arg(0.1, "主实验的 β：KL 约束强度（隐式奖励 = β·log π/π_ref）", min=1e-6)
     betas: list[float] = cli.arg([0.03, 0.1, 0.5], "β 扫描的取值（主实验的 β 自动加入）", min=1e-6)
-    learning_rate: float = cli.arg(1e-4, "学习率：LoRA 的量级；全参数（--lora-r 0）要小得多（~5e-6），否则很快偏离参考、说胡话", min=0)
+    learning_rate: float = cli.arg(1e-4, "学习率：LoRA 的量级；全参数（--lora-r 0）要小得多（~5e-6），否则很快偏离参考",
+                                   min=0)
     max_steps: int = cli.arg(10, "每个 β 训练多少步（同一起点、同样步数才可比）", min=1)
     per_device_train_batch_size: int = cli.arg(4, "每步几对偏好", min=1)
     max_length: int = cli.arg(256, "prompt+回答最多多少 token", min=8)
     val_fraction: float = cli.arg(0.2, "留出多少比例的偏好对做评估", min=0.01, max=0.9)
-    lora_r: int = cli.arg(16, "LoRA 秩（参考模型 = 关掉 adapter，不另占一份权重）；0 = 全参数（参考模型是一份冻结副本）", min=0)
+    lora_r: int = cli.arg(16, "LoRA 秩（参考模型 = 关掉 adapter，不另占权重）；0 = 全参数（参考模型是一份冻结副本）",
+                          min=0)
     lora_alpha: int = cli.arg(32, "LoRA 缩放系数", min=1)
     gradient_checkpointing: bool = cli.arg(False, "用重算换显存（大模型 GPU 上打开）")
+    eval_steps: int = cli.arg(0, "每多少步在留出对上评估并保存一次；0 = 自动（评估开销 ≤ 训练的 1/10，至少 2 次）",
+                             min=0)
+    max_train_minutes: float = cli.arg(10.0, "每个 β 的训练时间预算（分钟，含评估）：超时先评估 + 保存再停；0 = 不限",
+                                       min=0)
 
     smoke_model = "tiny-qwen2"
 
@@ -48,14 +55,10 @@ class Args(cli.CommonArgs):
 SMOKE = dict(lora_r=0, learning_rate=5e-4, max_steps=12, per_device_train_batch_size=8, max_length=128, betas=[0.5])
 
 
-
 def sequence_logps(model, batch):
-    """回答部分每个 token 的 log π 之和：logits 左移一位对齐"下一个 token"，只在 completion_mask 上求和。"""
-    import torch
-
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    logp = torch.log_softmax(logits, -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-    return (logp * batch["completion_mask"][:, 1:]).sum(-1)
+    """回答部分每个 token 的 log π 之和（Δ 里的那一项）：只在 completion_mask 上求和——提示部分两个回答共享，
+    算进去也会在 Δ_c − Δ_r 里抵消，但会把数值放大、掩盖回答之间的差别。"""
+    return lm.sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], mask=batch["completion_mask"])
 
 
 def manual_dpo_loss(policy, ref, batch, beta: float):
@@ -73,28 +76,67 @@ def manual_dpo_loss(policy, ref, batch, beta: float):
 
 
 def train_one(args: Args, out, init_model, tok, beta: float, train_ds, eval_ds):
-    """从同一个起点（init_model 的副本）按给定 β 训练，返回 (trainer, 参考模型, 训练后的留出指标)。"""
+    """从同一个起点（init_model 的副本）按给定 β 训练，返回 (trainer, 参考模型, 保留那一步的留出指标)。"""
     from trl import DPOConfig, DPOTrainer
 
     model = copy.deepcopy(init_model)
     peft_config = train.lora_config(args.lora_r, args.lora_alpha)   # LoRA：参考模型 = 关掉 adapter
     # 全参数：冻结的参考模型 π_ref = 训练起点的一份副本
     ref = None if peft_config else copy.deepcopy(init_model).eval().requires_grad_(False)
+    # 评估开销 ≤ 10%：留出对与训练对来自同一份数据，token 数与对数成正比，直接按对数算
+    every = args.eval_steps or train.eval_schedule(
+        args.max_steps, len(eval_ds), args.per_device_train_batch_size)[1]
     cfg = DPOConfig(
         output_dir=str(out.path(f"trainer_beta{beta:g}")), seed=args.seed, beta=beta, max_steps=args.max_steps,
         learning_rate=args.learning_rate, lr_scheduler_type="linear", warmup_steps=0,
         per_device_train_batch_size=args.per_device_train_batch_size, per_device_eval_batch_size=16,
-        max_length=args.max_length, logging_steps=5, save_strategy="no", report_to=out.trainer_report_to(),
-        disable_dropout=True, **train.trainer_flags(model, args.gradient_checkpointing, log=False))
+        max_length=args.max_length, logging_steps=5, report_to=out.trainer_report_to(), disable_dropout=True,
+        **train.best_step_args(every), **train.trainer_flags(model, args.gradient_checkpointing, log=False))
     trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, processing_class=tok, peft_config=peft_config,
                          train_dataset=train_ds, eval_dataset=eval_ds)
+    train.attach(trainer, args.max_train_minutes)
     trainer.train()
-    return trainer, ref, trainer.evaluate()
+    return trainer, ref, {**trainer.evaluate(), **train.kept_step(trainer)}
+
+
+def sweep_betas(args: Args, out, init_model, tok, train_ds, eval_ds):
+    """β 扫描（主实验的 β 也在其中）：同一起点、同样步数；返回 (扫描表, 主实验的 trainer / 参考模型 / 指标)。"""
+    sweep, main_run = {}, None
+    for beta in sorted(set(args.betas) | {args.beta}):
+        trainer, ref, ev = train_one(args, out, init_model, tok, beta, train_ds, eval_ds)
+        # 隐式奖励 / β = log π/π_ref：策略离参考模型有多远
+        drift = (abs(ev["eval_rewards/chosen"]) + abs(ev["eval_rewards/rejected"])) / (2 * beta)
+        sweep[f"{beta:g}"] = {"rewards_accuracy": round(ev["eval_rewards/accuracies"], 4),
+                              "rewards_margin": round(ev["eval_rewards/margins"], 4),
+                              "mean_abs_logratio": round(drift, 4), "eval_loss": round(ev["eval_loss"], 4),
+                              "kept_step": ev["kept_step"]}
+        out.log.info(f"β={beta:g}: 留出隐式奖励准确率 {ev['eval_rewards/accuracies']:.3f}，"
+                     f"分差 {ev['eval_rewards/margins']:.3f}，|log π/π_ref| 平均 {drift:.2f}"
+                     f"（保留第 {ev['kept_step']} 步）")
+        if beta == args.beta:
+            main_run = (trainer, ref, ev)
+        else:
+            del trainer, ref   # 只留主实验的：下一个 β 训练时内存里不多压一份模型
+    return sweep, main_run
+
+
+def plot_sweep(out, args: Args, sweep: dict) -> None:
+    """不同 β 的留出准确率与偏离程度：β 越小，KL 约束越松，|log π/π_ref| 越大。"""
+    fig, save = out.plot("beta_sweep.png")
+    ax = fig.add_subplot(111)
+    xs = [float(b) for b in sweep]
+    ax.plot(xs, [v["rewards_accuracy"] for v in sweep.values()], "o-", label="held-out reward accuracy")
+    ax.plot(xs, [v["mean_abs_logratio"] for v in sweep.values()], "s-", label="mean |log pi/pi_ref| (drift)")
+    ax.set_xscale("log")
+    ax.set_xlabel("beta")
+    ax.set_title(f"DPO beta sweep: {out.model_name}, {args.max_steps} steps each")
+    ax.legend()
+    save()
 
 
 def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
+    out = run.start(__file__, args)
 
     # 1. 数据：偏好对 -> 训练 / 留出
     train_pairs, eval_pairs = data.preference_split(args.data, args.val_fraction, args.seed)
@@ -108,24 +150,11 @@ def main(args: Args) -> dict:
     # 2. 起点模型（也是参考模型）：smollm2 已经过指令微调，正是 DPO 的常规起点（SFT 之后）
     init_model, tok = models.load_args(args, for_training=True)
     train.trainer_flags(init_model, args.gradient_checkpointing)   # 只为打一行日志：用了什么精度
+    # 训练前一行：几对超过 --max-length（TRL 从尾部截断：被截掉的回答结尾不参与 log π，长回答的偏好信号变弱）
+    stats = train.length_report(train.encode_pairs(tok, list(train_ds)), args.max_length, drop_flag=None)
 
-    # 3. β 扫描（主实验的 β 也在其中）：同一起点、同样步数
-    betas = sorted(set(args.betas) | {args.beta})
-    sweep, main_run = {}, None
-    for beta in betas:
-        trainer, ref, ev = train_one(args, out, init_model, tok, beta, train_ds, eval_ds)
-        # 隐式奖励 / β = log π/π_ref：策略离参考模型有多远
-        drift = (abs(ev["eval_rewards/chosen"]) + abs(ev["eval_rewards/rejected"])) / (2 * beta)
-        sweep[f"{beta:g}"] = {"rewards_accuracy": round(ev["eval_rewards/accuracies"], 4),
-                              "rewards_margin": round(ev["eval_rewards/margins"], 4),
-                              "mean_abs_logratio": round(drift, 4), "eval_loss": round(ev["eval_loss"], 4)}
-        out.log.info(f"β={beta:g}: 留出隐式奖励准确率 {ev['eval_rewards/accuracies']:.3f}，"
-                     f"分差 {ev['eval_rewards/margins']:.3f}，|log π/π_ref| 平均 {drift:.2f}")
-        if beta == args.beta:
-            main_run = (trainer, ref, ev)
-        else:
-            del trainer, ref
-    trainer, ref, ev = main_run
+    # 3. β 扫描：同一起点、同样步数；每个 β 都留留出损失最低的那一步
+    sweep, (trainer, ref, ev) = sweep_betas(args, out, init_model, tok, train_ds, eval_ds)
 
     # 4. 核对：训练后（策略已偏离参考）在一个训练批次上亲手算 DPO 损失，和 TRL 的 compute_loss 比
     batch = next(iter(trainer.get_train_dataloader()))
@@ -137,24 +166,16 @@ def main(args: Args) -> dict:
     diff = abs(manual - trl_loss)
     out.log.info(f"一个批次：手算 DPO 损失 {manual:.6f}，TRL {trl_loss:.6f}，差 {diff:.2e}")
 
-    # 5. 图：不同 β 的留出准确率 / 分差 / 偏离程度
-    fig, save = out.plot("beta_sweep.png")
-    ax = fig.add_subplot(111)
-    xs = [float(b) for b in sweep]
-    ax.plot(xs, [v["rewards_accuracy"] for v in sweep.values()], "o-", label="held-out reward accuracy")
-    ax.plot(xs, [v["mean_abs_logratio"] for v in sweep.values()], "s-", label="mean |log pi/pi_ref| (drift)")
-    ax.set_xscale("log")
-    ax.set_xlabel("beta")
-    ax.set_title(f"DPO beta sweep: {out.model_name}, {args.max_steps} steps each")
-    ax.legend()
-    save()
+    # 5. 图：不同 β 的留出准确率 / 偏离程度；保存主实验的模型
+    plot_sweep(out, args, sweep)
     trainer.save_model(str(out.path("dpo_model")))
     acc, margin = ev["eval_rewards/accuracies"], ev["eval_rewards/margins"]
     return out.finish({
         "rewards_accuracy": round(acc, 4), "rewards_margin": round(margin, 4),
-        "eval_logps_chosen": round(ev["eval_logps/chosen"], 3), "eval_logps_rejected": round(ev["eval_logps/rejected"], 3),
+        "eval_logps_chosen": round(ev["eval_logps/chosen"], 3),
+        "eval_logps_rejected": round(ev["eval_logps/rejected"], 3),
         "manual_loss": round(manual, 6), "trl_loss": round(trl_loss, 6), "manual_vs_trl_abs_diff": diff,
-        "beta": args.beta, "beta_sweep": sweep, "steps": trainer.state.global_step,
+        "beta": args.beta, "beta_sweep": sweep, **{k: ev[k] for k in ("kept_step", "steps", "eval_history")}, **stats,
     }, summary=f"β={args.beta:g}：留出隐式奖励准确率 {acc:.2f}，分差 {margin:.3f}；手算 vs TRL 损失差 {diff:.1e}")
 
 

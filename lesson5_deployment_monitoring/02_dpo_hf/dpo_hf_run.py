@@ -13,6 +13,9 @@ Hub 仓库的目录（adapter + 分词器），再用 huggingface_hub 的 ModelC
   accelerate launch --config_file configs/lesson5/recipes/accelerate_single.yaml \\
       lesson5_deployment_monitoring/02_dpo_hf/dpo_hf_run.py --model Qwen/Qwen2.5-7B-Instruct --source hf --push  # GPU
 
+--data my_pairs.jsonl 换掉配方里的数据集：训练前一行说清几对超过配方的 max_length（TRL 截掉回答结尾），第 1 步后报
+预计用时，超过 --max-train-minutes 先评估 + 保存再停，按留出损失留最好的一步（配方里的 eval/save 策略由脚本接管）。
+
 你会看到：DPO 训练后 rewards/margins > 0、reward accuracy 上升；repo/README.md 模型卡（含指标表）；
 离线时 push_status=offline。实测数字见本目录 README.md。
 """
@@ -30,12 +33,16 @@ RECIPES = run.REPO_ROOT / "configs" / "lesson5" / "recipes"
 
 @dataclass
 class Args(cli.CommonArgs):
-    recipe: str = cli.arg(str(RECIPES / "dpo_hf.yaml"), "TRL 配方 YAML（ScriptArguments + DPOConfig + ModelConfig 的字段）")
+    recipe: str = cli.arg(str(RECIPES / "dpo_hf.yaml"),
+                          "TRL 配方 YAML（ScriptArguments + DPOConfig + ModelConfig 的字段）")
     accelerate_config: str = cli.arg(str(RECIPES / "accelerate_single.yaml"), "accelerate 启动配置（写进模型卡）")
     max_steps: int = cli.arg(0, "覆盖配方里的 max_steps（0 = 用配方的）", min=0)
     learning_rate: float = cli.arg(0.0, "覆盖配方里的学习率（0 = 用配方的）", min=0)
     push: bool = cli.arg(False, "训练完推到 Hub 的 hub_model_id（需联网与 HF_TOKEN；离线时只写目录）")
     hub_model_id: str = cli.arg(None, "覆盖配方里的 hub_model_id")
+    eval_steps: int = cli.arg(0, "每多少步在留出对上评估并保存一次；0 = 自动（评估开销 ≤ 训练的 1/10，至少 2 次）",
+                             min=0)
+    max_train_minutes: float = cli.arg(10.0, "训练时间预算（分钟，含评估）：超时先评估 + 保存再停；0 = 不限", min=0)
 
     smoke_model = "tiny-qwen2"
 
@@ -45,7 +52,8 @@ SMOKE = dict(max_steps=12, learning_rate=5e-3)
 
 
 def parse_recipe(args: Args, model_path: str, output_dir: Path, flags: dict):
-    """TrlParser：默认值 < 配方 YAML < 这里给的覆盖项（就像在命令行上追加 --max_steps 12）。"""
+    """TrlParser：默认值 < 配方 YAML < 这里给的覆盖项（就像在命令行上追加 --max_steps 12）。
+    覆盖项走同一条解析路径（而不是解析完再改属性）：TrainingArguments 在解析时才检查各项是否相容。"""
     from trl import DPOConfig, ModelConfig, ScriptArguments, TrlParser
 
     if not Path(args.recipe).is_file():
@@ -75,6 +83,7 @@ def load_pairs(script_args):  # noqa: ANN001
         ds = load_dataset("json", data_files=str(local), split="train")
     else:
         ds = load_dataset(name, script_args.dataset_config, split=script_args.dataset_train_split)
+    # 对话格式：TRL 按模型自己的对话模板拼 prompt 与回答（与训练后部署时一样）
     ds = ds.map(lambda p: {"prompt": [{"role": "user", "content": p["prompt"]}],
                            "chosen": [{"role": "assistant", "content": p["chosen"]}],
                            "rejected": [{"role": "assistant", "content": p["rejected"]}]})
@@ -135,32 +144,48 @@ def push(args: Args, out, repo: Path, repo_id: str) -> str:  # noqa: ANN001
     return "pushed"
 
 
+def configure(args: Args, out, model, tok):
+    """配方 -> (数据集, 数据集名, 训练配置, 模型配置, 长度统计)：先解析一次拿到数据与批大小，定好评估间隔，
+    再带着覆盖项解析一次。"""
+    base_path = str(models.resolve(args.resolved_model(), args.source))
+    # 设备开关（bf16 / use_cpu）按模型实际所在设备决定，像命令行参数一样追加在配方之后
+    flags = {k: v for k, v in train.trainer_flags(model, log=True).items() if isinstance(v, bool)}
+    script_args, tcfg, _ = parse_recipe(args, base_path, out.path("trainer"), flags)
+    script_args.dataset_name = args.data or script_args.dataset_name   # --data：自己的偏好对换掉配方里的数据集
+    ds, dataset = load_pairs(script_args)
+    # 训练前一行：几对超过 max_length（TRL 从尾部截断：截掉的回答结尾不参与 log π，长回答的偏好信号变弱）
+    stats = train.length_report(train.encode_pairs(tok, list(ds["train"])), tcfg.max_length,
+                                knob=f"配方 {Path(args.recipe).name} 的 max_length", drop_flag=None)
+    # 配方里的 eval/save 策略由脚本接管：评估开销 ≤ 10%（留出对与训练对同分布，按对数算），留留出损失最低的一步
+    every = args.eval_steps or train.eval_schedule(
+        args.max_steps or tcfg.max_steps, len(ds["test"]), tcfg.per_device_train_batch_size)[1]
+    _, tcfg, model_args = parse_recipe(args, base_path, out.path("trainer"), {**flags, **train.best_step_args(every)})
+    tcfg.report_to = out.trainer_report_to()
+    out.log.info(f"配方 {Path(args.recipe).name}：beta={tcfg.beta}，lr={tcfg.learning_rate}，steps={tcfg.max_steps}，"
+                 f"LoRA r={model_args.lora_r}；每 {every} 步评估一次")
+    return ds, dataset, tcfg, model_args, stats
+
+
 def main(args: Args) -> dict:
     from trl import DPOTrainer, get_peft_config
 
     args = cli.with_smoke(args, SMOKE)
-    out = run.start(__file__, args, smoke_threads=1)
+    out = run.start(__file__, args)
 
-    # 1. 配方：TrlParser 解析 YAML（模型名按课程的三档解析成本地路径）
-    #    配方里的 model_name_or_path 被 --model（或课程默认模型）覆盖，与其它课程脚本一致
-    #    设备开关（bf16 / use_cpu）按模型实际所在设备决定，像命令行参数一样追加在配方之后
+    # 1. 配方：TrlParser 解析 YAML；配方里的 model_name_or_path 被 --model（或课程默认模型）覆盖，与其它课程脚本一致
     base = args.resolved_model()
     model, tok = models.load_args(args, for_training=True)
-    flags = train.trainer_flags(model, log=True)
-    script_args, tcfg, model_args = parse_recipe(args, str(models.resolve(base, args.source)), out.path("trainer"),
-                                                 {k: v for k, v in flags.items() if isinstance(v, bool)})
-    tcfg.report_to = out.trainer_report_to()
-    out.log.info(f"配方 {Path(args.recipe).name}：beta={tcfg.beta}，lr={tcfg.learning_rate}，steps={tcfg.max_steps}，"
-                 f"LoRA r={model_args.lora_r}")
 
-    # 2. 数据：datasets 读取、转对话格式、切分
-    ds, dataset = load_pairs(script_args)
+    # 2. 数据：datasets 读取（--data 优先）、转对话格式、切分；训练前一行说清超长的对
+    ds, dataset, tcfg, model_args, stats = configure(args, out, model, tok)
 
-    # 3. DPO：参考模型 = 关掉 LoRA 的同一个模型
+    # 3. DPO：参考模型 = 关掉 LoRA 的同一个模型；第 1 步后报预计用时，超时先评估 + 保存再停，结束时装回最好的一步
     trainer = DPOTrainer(model=model, args=tcfg, train_dataset=ds["train"], eval_dataset=ds["test"],
                          processing_class=tok, peft_config=get_peft_config(model_args))
+    train.attach(trainer, args.max_train_minutes)
     before = trainer.evaluate()
     result = trainer.train()
+    kept = train.kept_step(trainer)
     after = trainer.evaluate()
     metrics = {"train_loss": result.training_loss,
                "eval_reward_accuracy_before": before["eval_rewards/accuracies"],
@@ -168,9 +193,10 @@ def main(args: Args) -> dict:
                "eval_reward_margin_before": before["eval_rewards/margins"],
                "eval_reward_margin": after["eval_rewards/margins"], "eval_loss": after["eval_loss"]}
     out.log.info(f"DPO：留出 margin {metrics['eval_reward_margin_before']:.3f} -> {metrics['eval_reward_margin']:.3f}，"
-                 f"accuracy {metrics['eval_reward_accuracy_before']:.2f} -> {metrics['eval_reward_accuracy']:.2f}")
+                 f"accuracy {metrics['eval_reward_accuracy_before']:.2f} -> {metrics['eval_reward_accuracy']:.2f}"
+                 f"（保留第 {kept['kept_step']} 步）")
 
-    # 4. Hub 仓库目录：adapter + 分词器 + 模型卡 + 配方
+    # 4. Hub 仓库目录：adapter（装回的那一步）+ 分词器 + 模型卡 + 配方
     repo = out.path("repo")
     trainer.save_model(str(repo))
     tok.save_pretrained(repo)
@@ -181,8 +207,9 @@ def main(args: Args) -> dict:
     # 5. 推送（--push；离线时说明）
     repo_id = args.hub_model_id or tcfg.hub_model_id or f"llm-course/{Path(base).name}-dpo"
     status = push(args, out, repo, repo_id)
-    return out.finish({**{k: round(float(v), 4) for k, v in metrics.items()}, "model_card_path": str(card),
-                       "repo_dir": str(repo), "push_status": status, "hub_model_id": repo_id},
+    return out.finish({**{k: round(float(v), 4) for k, v in metrics.items()}, **kept, **stats,
+                       "model_card_path": str(card), "repo_dir": str(repo), "push_status": status,
+                       "hub_model_id": repo_id},
                       summary=f"DPO 留出 margin {metrics['eval_reward_margin_before']:.3f}->"
                               f"{metrics['eval_reward_margin']:.3f}；模型卡 {card.name}；推送 {status}")
 
