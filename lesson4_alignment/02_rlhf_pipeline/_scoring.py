@@ -7,7 +7,7 @@ PPO 的 ρ = π_new/π_old 会因为填充而偏离 1，截断也就失去意义
 """
 from __future__ import annotations
 
-from common import data, lm
+from common import data
 
 
 def positions(mask):
@@ -47,13 +47,15 @@ def token_scores(model, ids, mask):
 def response_logprobs(model, ids, mask, start: int):
     """从位置 start 起（回答部分）每个 token 的 log π 与分布的熵：位置 t 的 logits 预测 t+1 的 token。
 
-    熵要整个词表的分布，所以在 lm.token_logprobs 之外再做一次 log_softmax（同样先转 fp32）。
+    熵要整个词表的分布：log_softmax 只做一次（先转 fp32），log π 与熵都从它取——PPO 每步都要算，
+    再调一次 lm.token_logprobs 等于把 (批 × 长度 × 词表) 的 log_softmax 重算一遍。
     """
     import torch
 
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, start - 1:-1]
     logp_all = torch.log_softmax(logits.float(), -1)
-    return lm.token_logprobs(logits, ids[:, start:]), -(logp_all.exp() * logp_all).sum(-1)
+    logp = logp_all.gather(-1, ids[:, start:, None]).squeeze(-1)
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
 def load_reward_model(path, actor, tok):
