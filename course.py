@@ -7,19 +7,29 @@
   python course.py --only lora           # 只跑路径里含 lora 的脚本（也可用通配符 '*rag*'）
   python course.py --report-only         # 不运行，只用已有结果重新生成报告
   python course.py --smoke --outputs /tmp/course   # 输出（每个脚本的目录、日志、报告）写到别处
+  python course.py --full --lesson 1     # 参考运行：默认模式，记录到 results/cpu-2core/（已记录且脚本没改的跳过）
+  python course.py --full --compare results/cpu-2core   # 与参考比：结论翻转、墙钟 > 1.5 倍、内存 > 1.25 倍 → 退出 1
+  python course.py --readme              # 用 results/ 重写 README 里标记的测量块（不手抄数字）
+  python course.py --smoke --strict      # 有结论（CLAIMS）不成立也算失败
 
-你会看到：每个脚本的通过/失败与用时表，以及一份自包含（图片内嵌）的 HTML 报告；有脚本失败时退出码非 0。
+你会看到：每个脚本的通过/失败、结论 ✓/总数、用时与峰值内存表，以及一份自包含（图片内嵌）的 HTML 报告，
+每个脚本的结论与参考运行并排；有脚本失败（--strict 时还有结论不成立）时退出码非 0。
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import fnmatch
+import hashlib
 import html
 import json
 import os
+import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +37,8 @@ from common import run as common_run
 
 REPO = Path(__file__).resolve().parent
 OUTPUTS = common_run.outputs_root()   # 默认 outputs/；--outputs 改它（并通过环境变量传给每个脚本）
+REFERENCE = REPO / "results" / "cpu-2core"   # 参考运行：空闲 2 核 CPU、默认模式、一次一个脚本
+SLOWER, FATTER = 1.5, 1.25   # --compare：墙钟超过参考 1.5 倍、峰值内存超过 1.25 倍算退步（同一台机器上的噪声远小于此）
 
 
 def discover(lessons: list[int] | None = None, only: str | None = None) -> list[Path]:
@@ -45,8 +57,30 @@ def discover(lessons: list[int] | None = None, only: str | None = None) -> list[
 
 
 def out_dir_of(script: Path, outputs: Path | None = None) -> Path:
-    """脚本的默认输出目录：就是脚本自己用的 common.run.default_output_dir（根目录 outputs）。"""
-    return common_run.default_output_dir(script, outputs or OUTPUTS)
+    """脚本的默认输出目录：<outputs>/<lesson>/<NN_topic>/，与 common.run.default_output_dir 相同。"""
+    return (outputs or OUTPUTS) / script.resolve().parent.relative_to(REPO.resolve())
+
+
+def _wait_with_rusage(proc: subprocess.Popen, timeout: int) -> tuple[int, float]:
+    """等子进程结束，返回 (退出码, 峰值 RSS MB)。wait4 的 ru_maxrss 含它已回收的子进程（服务、launcher）。
+
+    超时就杀掉整个进程组（脚本可能起了子进程），退出码记 124（与 coreutils timeout 一致）。
+    """
+    fired = threading.Event()
+
+    def kill() -> None:
+        fired.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    timer = threading.Timer(timeout, kill)
+    timer.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return (124 if fired.is_set() else proc.returncode), usage.ru_maxrss / 1024
 
 
 def run_one(script: Path, smoke: bool, timeout: int, outputs: Path | None = None) -> dict:
@@ -56,21 +90,24 @@ def run_one(script: Path, smoke: bool, timeout: int, outputs: Path | None = None
     log = outputs / "logs" / (rel.replace("/", "__") + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(script)] + (["--smoke"] if smoke else [])
-    t0 = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", common_run.OUTPUTS_ENV: str(outputs)}
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=timeout, env=env)
-        code, text = proc.returncode, proc.stdout
-    except subprocess.TimeoutExpired as e:
-        raw = e.stdout or ""
-        code, text = 124, raw.decode(errors="replace") if isinstance(raw, bytes) else raw
-        text += f"\n超时：超过 {timeout} 秒\n"
+    metrics_file = out_dir_of(script, outputs) / "metrics.json"
+    metrics_file.unlink(missing_ok=True)   # 失败的运行不能拿上一次的 metrics.json 冒充
+    t0 = time.perf_counter()
+    with log.open("w", encoding="utf-8") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        code, rss = _wait_with_rusage(proc, timeout)
     secs = time.perf_counter() - t0
-    log.write_text(text, encoding="utf-8")
+    if code == 124:
+        with log.open("a", encoding="utf-8") as f:
+            f.write(f"\n超时：超过 {timeout} 秒\n")
+    text = log.read_text(encoding="utf-8", errors="replace")
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return {"script": rel, "ok": code == 0, "code": code, "seconds": round(secs, 1),
-            "summary": lines[-1][:300] if lines else "", "log": str(log)}
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.exists() else {}
+    claims = metrics.get("claims", [])
+    return {"script": rel, "ok": code == 0, "code": code, "seconds": round(secs, 1), "peak_rss_mb": round(rss),
+            "summary": lines[-1][:300] if lines else "", "log": str(log), "claims": claims,
+            "claims_failed": sum(c["held"] is False for c in claims), "metrics": metrics}
 
 
 def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -92,6 +129,138 @@ def _fmt(v: object) -> str:
     return html.escape(str(v))
 
 
+def _script_sha(script: Path) -> str:
+    """脚本内容的指纹：脚本本身和它旁边只属于这一课的 _*.py（common 变了不算：那由 --compare 抓）。"""
+    h = hashlib.sha256()
+    for f in sorted([script, *script.parent.glob("_*.py")]):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _machine() -> dict:
+    """参考运行是在什么机器上量的：数字只在同样的硬件上可比。"""
+    from importlib.metadata import version
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+               platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": version("torch"), "python": platform.python_version()}
+
+
+def _commit() -> str:
+    """当前提交（工作区有未提交的改动时加 -dirty：这样的记录不能算数）。"""
+    git = ["git", "-C", str(REPO)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "lesson*", "common"], capture_output=True,
+                               text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (head or "unknown") + ("-dirty" if dirty else "")
+
+
+def record_path(ref: Path, rel: str) -> Path:
+    """results/cpu-2core/<lesson>/<topic>/<脚本名>.json（一个主题可以有几个脚本，如第 5 课 07）。"""
+    lesson, topic, name = Path(rel).parts
+    return ref / lesson / topic / f"{Path(name).stem}.json"
+
+
+def record(r: dict, script: Path, ref: Path) -> Path:
+    """把一次运行写成参考记录：结论、数值型指标、墙钟、峰值内存、吞吐、提交与机器（小文件，提交进仓库）。"""
+    flat = dict(_flatten({k: v for k, v in r["metrics"].items() if k != "claims"}))
+    numbers = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    rec = {"script": r["script"], "ok": r["ok"], "code": r["code"], "mode": r["metrics"].get("mode"),
+           "model": r["metrics"].get("model"), "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"],
+           "claims": r["claims"], "tokens_per_s": {k: v for k, v in numbers.items() if "tokens_per_s" in k},
+           "metrics": numbers, "script_sha": _script_sha(script), "commit": _commit(), "machine": _machine(),
+           "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    path = record_path(ref, r["script"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def load_record(ref: Path, rel: str) -> dict | None:
+    f = record_path(ref, rel)
+    return json.loads(f.read_text(encoding="utf-8")) if f.exists() else None
+
+
+def compare(results: list[dict], ref: Path) -> list[str]:
+    """与参考运行比：每条翻转的结论、墙钟超过 SLOWER 倍、峰值内存超过 FATTER 倍、参考通过而这次失败。"""
+    problems = []
+    for r in results:
+        old = load_record(ref, r["script"])
+        if old is None:
+            continue
+        before = {c["expr"]: c["held"] for c in old["claims"]}
+        for c in r["claims"]:
+            was = before.get(c["expr"])
+            if was is not None and c["held"] is not None and was != c["held"]:
+                arrow = "✓→✗" if was else "✗→✓"
+                problems.append(f"{r['script']}: 结论翻转 {arrow} {c['statement']}（{c['expr']} = {c['value']}）")
+        if r["seconds"] > SLOWER * old["seconds"]:
+            problems.append(f"{r['script']}: 墙钟 {r['seconds']} 秒 > {SLOWER} × 参考 {old['seconds']} 秒")
+        if old.get("peak_rss_mb") and r["peak_rss_mb"] > FATTER * old["peak_rss_mb"]:
+            problems.append(f"{r['script']}: 峰值内存 {r['peak_rss_mb']} MB > {FATTER} × 参考 {old['peak_rss_mb']} MB")
+        if old["ok"] and not r["ok"]:
+            problems.append(f"{r['script']}: 参考运行通过，这次失败（退出码 {r['code']}）")
+    return problems
+
+
+_BEGIN, _END = "<!-- results:", "<!-- /results -->"   # README 里由 --readme 生成的块：<!-- results:NAME --> … 结束标记
+_MARK = {True: "✓", False: "✗", None: "–"}
+_OPS = {">=": "≥", "<=": "≤", ">": ">", "<": "<"}
+
+
+def _held(rec: dict) -> str:
+    checked = [c for c in rec["claims"] if c["held"] is not None]
+    return f"{sum(c['held'] for c in checked)}/{len(checked)}"
+
+
+def _cost(rec: dict) -> str:
+    return f"{rec['seconds'] / 60:.1f} 分钟，{rec['peak_rss_mb'] / 1024:.1f} GB"
+
+
+def render_block(name: str, ref: Path = REFERENCE) -> str:
+    """一个生成块的内容。course = 全部脚本一张表；lessonN = 这一课每个脚本的结论与实测值。"""
+    scripts = [s.relative_to(REPO).as_posix() for s in discover([int(name[6:])] if name != "course" else None)]
+    lines = []
+    if name == "course":
+        lines += ["| 脚本 | 结论（成立/检查） | 2 核 CPU 墙钟，峰值内存 | 记录于 |", "|---|---|---|---|"]
+    for rel in scripts:
+        rec = load_record(ref, rel)
+        if name == "course":
+            lines.append(f"| `{rel}` | " + (f"{_held(rec)} | {_cost(rec)} | {rec['commit']} |" if rec
+                                           else "未记录 | | |"))
+            continue
+        lines.append(f"- `{rel}`：" + (f"{_cost(rec)}（{rec['model']}，{rec['mode']} 模式）" if rec else "未记录"))
+        for c in rec["claims"] if rec else []:
+            value = "—" if c["value"] is None else f"{c['value']:.4g}"
+            limit = f"{_OPS[c['op']]} {c['threshold']:g}" if c["threshold"] is not None else "不检查"
+            lines.append(f"  - {_MARK[c['held']]} {c['statement']}：`{c['expr']}` = {value}（{limit}）")
+    return "\n".join(lines)
+
+
+def rewrite_readmes(check: bool = False, ref: Path = REFERENCE) -> list[Path]:
+    """用 results/ 重写 README.md 与各课 README 里的生成块；check=True 只返回内容过期的文件。"""
+    stale = []
+    for f in [REPO / "README.md", *sorted(REPO.glob("lesson[0-9]_*/README.md"))]:
+        text = f.read_text(encoding="utf-8")
+        parts, pos = [], 0
+        while (i := text.find(_BEGIN, pos)) >= 0:
+            head_end = text.index("-->", i) + 3
+            end = text.index(_END, head_end)
+            name = text[i + len(_BEGIN):head_end - 3].strip()
+            parts += [text[pos:head_end], "\n" + render_block(name, ref) + "\n"]
+            pos = end
+        new = "".join(parts) + text[pos:]
+        if new != text:
+            stale.append(f)
+            if not check:
+                f.write_text(new, encoding="utf-8")
+    return stale
+
+
 CSS = """body{font-family:system-ui,'Noto Sans CJK SC',sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{border-bottom:2px solid #444}h2{margin-top:2em;border-bottom:1px solid #ccc}table{border-collapse:collapse;
 margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;vertical-align:top}th{background:#f2f2f2}
@@ -99,8 +268,33 @@ margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;vertica
 margin:.5em 0}code{background:#f5f5f5;padding:1px 4px}.metrics td:first-child{font-family:monospace}"""
 
 
-def write_report(results: list[dict], scripts: list[Path], path: Path, outputs: Path | None = None) -> Path:
-    """把每个脚本的 metrics.json 与 PNG 汇总成一个自包含的 HTML 页面。"""
+def _cell(c: dict | None) -> str:
+    if c is None:
+        return ""
+    value = "—" if c["value"] is None else f"{c['value']:.4g}"
+    return f"<span class='{'fail' if c['held'] is False else 'ok'}'>{_MARK[c['held']]}</span> {value}"
+
+
+def _claims_html(m: dict, rec: dict | None) -> str:
+    """结论表：本次运行与参考运行（2 核 CPU、默认模式、smollm2）并排，外加参考的墙钟与峰值内存。"""
+    ref_rows = {c["expr"]: c for c in rec["claims"]} if rec else {}
+    rows = m.get("claims") or (rec["claims"] if rec else [])
+    if not rows:
+        return ""
+    cost = "<p>还没有参考运行。</p>" if not rec else (
+        f"<p>参考运行（{html.escape(rec['machine']['cpu'])}，{rec['machine']['cores']} 核，{rec['mode']} 模式，"
+        f"{html.escape(str(rec['model']))}）：在 2 核笔记本上 {_cost(rec)}。</p>")
+    out = [cost, "<table><tr><th>结论</th><th>表达式</th><th>本次</th><th>参考</th></tr>"]
+    for c in rows:
+        now = _cell(c) if m.get("claims") else ""
+        out.append(f"<tr><td>{html.escape(c['statement'])}</td><td><code>{html.escape(c['expr'])}</code></td>"
+                   f"<td>{now}</td><td>{_cell(ref_rows.get(c['expr']))}</td></tr>")
+    return "\n".join(out + ["</table>"])
+
+
+def write_report(results: list[dict], scripts: list[Path], path: Path, outputs: Path | None = None,
+                 ref: Path = REFERENCE) -> Path:
+    """把每个脚本的 metrics.json、结论（与参考并排）与 PNG 汇总成一个自包含的 HTML 页面。"""
     by_script = {r["script"]: r for r in results}
     parts = [f"<!doctype html><html lang='zh'><meta charset='utf-8'><title>LLM 课程运行报告</title>"
              f"<style>{CSS}</style><h1>LLM 课程运行报告</h1>"
@@ -123,6 +317,8 @@ def write_report(results: list[dict], scripts: list[Path], path: Path, outputs: 
         d = out_dir_of(s, outputs)
         parts.append(f"<h2 id='{html.escape(rel)}'>{html.escape(rel)}</h2>")
         mfile = d / "metrics.json"
+        parts.append(_claims_html(json.loads(mfile.read_text(encoding="utf-8")) if mfile.exists() else {},
+                                  load_record(ref, rel)))
         if mfile.exists():
             m = json.loads(mfile.read_text(encoding="utf-8"))
             parts.append("<table class='metrics'><tr><th>指标</th><th>数值</th></tr>")
@@ -142,49 +338,91 @@ def write_report(results: list[dict], scripts: list[Path], path: Path, outputs: 
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """运行选中的脚本并生成报告；返回退出码（有失败则为 1）。"""
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="每个脚本都用 --smoke 运行")
+    ap.add_argument("--full", action="store_true",
+                    help="参考运行：默认模式，记录到 results/cpu-2core/（在空闲机器上、一次一个脚本）")
     ap.add_argument("--lesson", type=int, action="append", help="只跑第 N 课（可重复）")
     ap.add_argument("--only", help="只跑路径匹配的脚本（子串或通配符）")
     ap.add_argument("--timeout", type=int, default=1800, help="单个脚本的超时秒数")
     ap.add_argument("--report-only", action="store_true", help="不运行，只用已有结果生成报告")
     ap.add_argument("--outputs", help="输出根目录（默认 outputs/，或环境变量 LLM_COURSE_OUTPUTS）")
+    ap.add_argument("--record", help="把每次运行写成参考记录到这个目录（--full 默认 results/cpu-2core）")
+    ap.add_argument("--rerun", action="store_true", help="记录时连已记录、脚本没改过的也重跑")
+    ap.add_argument("--compare", help="与这个参考目录比：结论翻转、墙钟 > 1.5 倍、峰值内存 > 1.25 倍 → 退出码 1")
+    ap.add_argument("--strict", action="store_true", help="有结论（CLAIMS）不成立也算失败")
+    ap.add_argument("--readme", action="store_true", help="只用 results/ 重写 README 里的生成块，然后退出")
     args = ap.parse_args(argv)
-    outputs = Path(args.outputs).resolve() if args.outputs else OUTPUTS
+    if args.full and args.smoke:
+        ap.error("--full 是默认模式的参考运行，不能和 --smoke 一起用")
+    if args.full and not args.record and not args.compare:
+        args.record = str(REFERENCE)
+    return args
 
-    from rich.console import Console
+
+def _run_all(args: argparse.Namespace, scripts: list[Path], outputs: Path, console) -> list[dict]:
+    """一个接一个地跑（并排跑的两个脚本互相拖慢，量出的时间没有意义）；记录模式下跳过已记录且没改过的脚本。"""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    record_dir = Path(args.record) if args.record else None
+    results = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("课程", total=len(scripts))
+        for s in scripts:
+            rel = s.relative_to(REPO).as_posix()
+            old = load_record(record_dir, rel) if record_dir else None
+            if old and old["ok"] and old["script_sha"] == _script_sha(s) and not args.rerun:
+                bar.console.print(f"{rel}: 已记录（脚本没改过），跳过；--rerun 重跑")
+                bar.advance(task)
+                continue
+            bar.update(task, description=f"运行 {rel}")
+            r = run_one(s, args.smoke, args.timeout, outputs)
+            results.append(r)
+            if record_dir:
+                record(r, s, record_dir)
+            mark = "[green]通过[/]" if r["ok"] else f"[red]失败 ({r['code']})，日志 {r['log']}[/]"
+            claims = f"，结论 {len(r['claims']) - r['claims_failed']}/{len(r['claims'])}" if r["claims"] else ""
+            bar.console.print(f"{rel}: {mark} {r['seconds']} 秒，峰值 {r['peak_rss_mb']} MB{claims}")
+            bar.advance(task)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """运行选中的脚本并生成报告；返回退出码（有失败、--strict 时结论不成立、--compare 有退步则为 1）。"""
+    args = _parse(argv)
+    if args.readme:
+        for f in rewrite_readmes():
+            print(f"已重写 {f.relative_to(REPO)}")
+        return 0
+    outputs = Path(args.outputs).resolve() if args.outputs else OUTPUTS
+    from rich.console import Console
     from rich.table import Table
 
     console = Console()
     scripts = discover(args.lesson, args.only)
-    results: list[dict] = []
-    if not args.report_only:
-        if not scripts:
-            console.print("没有匹配的课程脚本（检查 --lesson / --only）。")
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console) as bar:
-            task = bar.add_task("课程", total=len(scripts))
-            for s in scripts:
-                bar.update(task, description=f"运行 {s.relative_to(REPO)}")
-                r = run_one(s, args.smoke, args.timeout, outputs)
-                results.append(r)
-                mark = "[green]通过[/]" if r["ok"] else f"[red]失败 ({r['code']})，日志 {r['log']}[/]"
-                bar.console.print(f"{r['script']}: {mark} {r['seconds']} 秒")
-                bar.advance(task)
-    report = write_report(results, discover(args.lesson, args.only), outputs / "report.html", outputs)
+    if not scripts:
+        console.print("没有匹配的课程脚本（检查 --lesson / --only）。")
+    results = [] if args.report_only else _run_all(args, scripts, outputs, console)
+    ref = Path(args.compare) if args.compare else REFERENCE
+    report = write_report(results, scripts, outputs / "report.html", outputs, ref)
     t = Table(title="课程运行结果")
-    for col in ("脚本", "状态", "秒"):
+    for col in ("脚本", "状态", "结论", "秒", "峰值 MB"):
         t.add_column(col)
     for r in results:
-        t.add_row(r["script"], "[green]通过[/]" if r["ok"] else "[red]失败[/]", f"{r['seconds']}")
+        t.add_row(r["script"], "[green]通过[/]" if r["ok"] else "[red]失败[/]",
+                  f"{len(r['claims']) - r['claims_failed']}/{len(r['claims'])}", f"{r['seconds']}",
+                  f"{r['peak_rss_mb']}")
     console.print(t)
-    failed = [r for r in results if not r["ok"]]
-    console.print(f"报告：{report}；{len(results) - len(failed)}/{len(results)} 通过，"
+    failed = [r for r in results if not r["ok"] or (args.strict and r["claims_failed"])]
+    problems = compare(results, ref) if args.compare else []
+    for line in problems:
+        console.print(f"[red]退步[/] {line}")
+    strict = "（--strict：结论不成立也算失败）" if args.strict else ""
+    console.print(f"报告：{report}；{len(results) - len(failed)}/{len(results)} 通过{strict}，"
                   f"共 {sum(r['seconds'] for r in results):.0f} 秒")
-    return 1 if failed else 0
+    return 1 if failed or problems else 0
 
 
 if __name__ == "__main__":

@@ -104,6 +104,53 @@ def _jsonable(o: Any) -> Any:
     return str(o)
 
 
+_OPS = {">=": lambda v, t: v >= t, "<=": lambda v, t: v <= t, ">": lambda v, t: v > t, "<": lambda v, t: v < t}
+_SHOW_OP = {">=": "≥", "<=": "≤", ">": ">", "<": "<"}
+# 表达式里能用的函数（没有 __import__、open 之类：表达式写在脚本里，但不该能做别的事）
+_EXPR_FUNCS = {"min": min, "max": max, "abs": abs, "len": len, "sum": sum, "all": all, "any": any, "round": round}
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """脚本教的一条效果，写成数据：一句中文结论 + 对本次 metrics 的表达式 + 比较方向 + 两种模式的门槛。
+
+    门槛为 None = 这个模式不检查（例：极小模型学不到语言，"LoRA 降低困惑度"只在默认模式检查）。
+    基线必须在同一次运行里测（"≤ 0.9 × 未训练模型"），不写"在某个范围内"或"不为空"。
+    """
+
+    statement: str
+    expr: str
+    op: str
+    smoke: float | None
+    default: float | None
+
+    def check(self, metrics: dict, mode: str) -> dict:
+        """在 metrics 上求值；表达式出错（缺指标）记为不成立并写明原因，从不让一次跑完的运行崩掉。"""
+        threshold = self.smoke if mode == "smoke" else self.default
+        row = {"statement": self.statement, "expr": self.expr, "op": self.op, "threshold": threshold}
+        try:
+            value = eval(self.expr, {"__builtins__": {}, **_EXPR_FUNCS, "m": metrics}, dict(metrics))  # noqa: S307
+            value = float(value)
+        except Exception as e:   # 缺键、除零、类型不对：都是"这条没被证明"
+            return {**row, "value": None, "held": False if threshold is not None else None,
+                    "error": f"{type(e).__name__}: {e}"}
+        held = None if threshold is None else bool(math.isfinite(value) and _OPS[self.op](value, threshold))
+        return {**row, "value": round(value, 6), "held": held}
+
+
+def _print_claims(rows: list[dict], mode: str) -> None:
+    """运行结束时的 ✓/✗ 块：学生一眼看到这节课的结论在这次运行里成立没有。"""
+    checked = [r for r in rows if r["held"] is not None]
+    print(f"\n这节课的结论（{mode} 模式的门槛）：", flush=True)
+    for r in rows:
+        mark = {True: "✓", False: "✗", None: "–"}[r["held"]]
+        value = "—" if r["value"] is None else _short(r["value"])
+        tail = f"{_SHOW_OP[r['op']]} {_short(r['threshold'])}" if r["threshold"] is not None else "（本模式不检查）"
+        why = f"  [{r['error']}]" if r.get("error") else ""
+        print(f"  {mark} {r['statement']}：{r['expr']} = {value} {tail}{why}", flush=True)
+    print(f"  {sum(r['held'] for r in checked)}/{len(checked)} 条成立", flush=True)
+
+
 class Run:
     """脚本的一次运行：run.start() 创建，out.finish(metrics) 收尾。"""
 
@@ -178,14 +225,17 @@ class Run:
 
         return fig, save
 
-    def finish(self, metrics: dict, summary: str | None = None) -> dict:
-        """写 metrics.json（加上 model / mode / seconds），打印结果表和一行总结。
+    def finish(self, metrics: dict, summary: str | None = None, claims: list[Claim] = ()) -> dict:
+        """写 metrics.json（加上 model / mode / seconds / claims），打印结果表、结论块和一行总结。
 
         NaN / inf 不是合法 JSON：换成 null 并在日志里点名是哪个指标（不整个拒绝：跑了很久的结果其余部分仍有用）。
+        结论不成立也照常写完（它是要给学生看的结果，不是错误）；course.py --strict 和冒烟测试据此失败。
         """
         bad: list[str] = []
-        metrics = _finite_or_none({**metrics, "model": self.model_name, "mode": self.mode,
-                                  "seconds": round(time.perf_counter() - self.t0, 2)}, bad=bad)
+        metrics = {**metrics, "model": self.model_name, "mode": self.mode,
+                   "seconds": round(time.perf_counter() - self.t0, 2)}
+        rows = [c.check(metrics, self.mode) for c in claims]
+        metrics = _finite_or_none({**metrics, **({"claims": rows} if rows else {})}, bad=bad)
         if bad:
             self.log.warning(f"指标 {bad} 不是有限的数（NaN/inf），metrics.json 里记为 null")
         if self._threads:
@@ -195,7 +245,9 @@ class Run:
         if _is_main_process():
             (self.dir / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2, allow_nan=False,
                                                               default=_jsonable), encoding="utf-8")
-            _print_table(metrics, self.script.name)
+            _print_table({k: v for k, v in metrics.items() if k != "claims"}, self.script.name)
+            if rows:
+                _print_claims(rows, self.mode)
             line = summary or ", ".join(f"{k}={_short(v)}" for k, v in metrics.items()
                                         if not isinstance(v, (dict, list)))
             print(f"[{self.script.stem}] {line}", flush=True)

@@ -60,3 +60,21 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     for n in needles:
         assert n in proc.stderr, f"stderr 里没有 {n!r}：{proc.stderr[-2000:]}"
+
+
+def assert_claims(metrics: dict | Path) -> list[dict]:
+    """脚本在 CLAIMS 里声明的结论，本次运行（按它的模式的门槛）每条都成立；不成立就点名哪条、值多少。
+
+    每个冒烟测试都调用它；测试自己的"方向 + 余量"断言照留（它们检查的是同一件事的另一面）。
+    """
+    import json
+
+    if not isinstance(metrics, dict):
+        metrics = json.loads(Path(metrics).read_text(encoding="utf-8"))
+    rows = metrics.get("claims") or []
+    assert rows, "metrics.json 里没有 claims：脚本要把 CLAIMS 传给 out.finish(..., claims=CLAIMS)"
+    failed = [f"{r['statement']}：{r['expr']} = {r['value']} 不满足 {r['op']} {r['threshold']}"
+              + (f"（{r['error']}）" if r.get("error") else "") for r in rows if r["held"] is False]
+    assert not failed, "结论不成立：\n" + "\n".join(failed)
+    assert any(r["held"] for r in rows), f"{metrics.get('mode')} 模式下一条结论都没检查"
+    return rows

@@ -1,4 +1,5 @@
 """course.py：能发现并运行脚本、失败时退出码非 0、生成自包含的 HTML 报告；运行过程中不联网；不写仓库的 outputs/。"""
+import json
 import os
 import subprocess
 import sys
@@ -48,3 +49,69 @@ def test_out_dir_is_the_scripts_own_default():
 
     for s in course.discover()[:3]:
         assert course.out_dir_of(s) == run.default_output_dir(s)
+
+
+_FAKE = '''import json, os, pathlib
+out = pathlib.Path(os.environ["LLM_COURSE_OUTPUTS"]) / "lesson9_demo" / "01_claim"
+out.mkdir(parents=True, exist_ok=True)
+row = {"statement": "训练后损失更低", "expr": "after / before", "op": "<=", "threshold": 0.9, "value": 0.95,
+       "held": False}
+(out / "metrics.json").write_text(json.dumps({"mode": "smoke", "model": "fake", "claims": [row]}))
+print("done")
+'''
+
+
+def _fake_course(tmp_path, monkeypatch):
+    d = tmp_path / "lesson9_demo" / "01_claim"
+    d.mkdir(parents=True)
+    (d / "claim.py").write_text(_FAKE, encoding="utf-8")
+    monkeypatch.setattr(course, "REPO", tmp_path)
+    return tmp_path / "outputs", tmp_path / "ref"
+
+
+def test_strict_fails_on_a_claim_that_does_not_hold(tmp_path, monkeypatch):
+    outputs, _ = _fake_course(tmp_path, monkeypatch)
+    assert course.main(["--smoke", "--outputs", str(outputs)]) == 0          # 结论不成立不是崩溃
+    assert course.main(["--smoke", "--strict", "--outputs", str(outputs)]) == 1
+    html = (outputs / "report.html").read_text(encoding="utf-8")
+    assert "训练后损失更低" in html and "✗" in html
+
+
+def test_compare_flags_a_planted_regression(tmp_path, monkeypatch, capsys):
+    outputs, ref = _fake_course(tmp_path, monkeypatch)
+    assert course.main(["--smoke", "--outputs", str(outputs), "--record", str(ref)]) == 0
+    rec_file = ref / "lesson9_demo" / "01_claim" / "claim.json"
+    rec = json.loads(rec_file.read_text(encoding="utf-8"))
+    assert rec["claims"][0]["held"] is False and rec["peak_rss_mb"] > 0 and rec["script_sha"]
+    # 同一份结果与自己的记录比：什么都不报
+    same = [{**rec, "metrics": {}, "claims_failed": 1}]
+    assert course.compare(same, ref) == []
+    # 种下退步：参考里这条结论成立、墙钟只有这次的 1/2.5
+    rec["claims"][0]["held"] = True
+    rec["seconds"] = rec["seconds"] / 2.5
+    rec_file.write_text(json.dumps(rec), encoding="utf-8")
+    capsys.readouterr()
+    assert course.main(["--smoke", "--outputs", str(outputs), "--compare", str(ref)]) == 1
+    out = capsys.readouterr().out
+    assert "结论翻转 ✓→✗" in out and "墙钟" in out
+
+
+def test_record_is_skipped_when_the_script_did_not_change(tmp_path, monkeypatch, capsys):
+    outputs, ref = _fake_course(tmp_path, monkeypatch)
+    course.main(["--smoke", "--outputs", str(outputs), "--record", str(ref)])
+    rec = json.loads((ref / "lesson9_demo" / "01_claim" / "claim.json").read_text(encoding="utf-8"))
+    rec["ok"] = True
+    (ref / "lesson9_demo" / "01_claim" / "claim.json").write_text(json.dumps(rec), encoding="utf-8")
+    capsys.readouterr()
+    course.main(["--smoke", "--outputs", str(outputs), "--record", str(ref)])
+    assert "已记录" in capsys.readouterr().out
+    (tmp_path / "lesson9_demo" / "01_claim" / "claim.py").write_text(_FAKE + "# changed\n", encoding="utf-8")
+    course.main(["--smoke", "--outputs", str(outputs), "--record", str(ref)])
+    assert "已记录" not in capsys.readouterr().out
+
+
+def test_readme_blocks_are_generated_from_results():
+    """README 与各课 README 里的测量块必须就是 results/ 生成的样子（改了结果没跑 --readme 就失败）。"""
+    assert course.rewrite_readmes(check=True) == [], "运行 python course.py --readme"
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "<!-- results:course -->" in text

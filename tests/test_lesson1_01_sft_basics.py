@@ -4,7 +4,7 @@ import json
 import pytest
 
 from common import data, models
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson1_sft/01_sft_basics/sft_theory_notebook.py"
 
@@ -69,6 +69,7 @@ def test_smoke_compares_both_objectives_on_same_ruler(tmp_path, tiny_models):
     assert m["assistant_only_eval_loss"] < m["eval_loss_before"] - 0.01, m
     assert m["full_sequence_eval_loss"] < m["eval_loss_before"], m
     assert (tmp_path / "curves.png").stat().st_size > 0
+    assert_claims(saved)
 
 
 def test_bad_data_line_is_one_line_error(tmp_path, run_script):

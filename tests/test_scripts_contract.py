@@ -143,3 +143,26 @@ def test_every_yaml_config_parses(cfg: Path):
     assert matches, f"{cfg} 找不到对应的脚本（文件名应以脚本名开头）"
     mod = load_script(matches[0])
     cli._load_config(mod.Args, str(cfg))
+
+
+# 训练或检索脚本至少声明 3 条结论（issue 21）：看源码里有没有训练循环 / Trainer / 检索
+_TRAINS_OR_RETRIEVES = ("Trainer(", ".backward(", "retrieval.", "BM25", "faiss")
+
+
+@pytest.mark.parametrize("rel", SCRIPTS)
+def test_claims_declared(rel):
+    """每个脚本把它教的效果写成 CLAIMS（run.Claim），交给 out.finish，且它的冒烟测试检查它们。"""
+    mod = load_script(rel)
+    text = (REPO / rel).read_text(encoding="utf-8")
+    claims = getattr(mod, "CLAIMS", None)
+    assert claims and all(isinstance(c, run.Claim) for c in claims), f"{rel}: 没有模块级 CLAIMS = [run.Claim(...)]"
+    need = 3 if any(k in text for k in _TRAINS_OR_RETRIEVES) else 1
+    assert len(claims) >= need, f"{rel}: 训练/检索脚本至少 {need} 条结论，现在 {len(claims)}"
+    for c in claims:
+        assert c.op in run._OPS and c.statement.strip() and c.expr.strip(), c
+        assert c.smoke is not None or c.default is not None, f"{rel}: {c.statement} 两个模式都不检查"
+    assert "claims=CLAIMS" in text, f"{rel}: out.finish(..., claims=CLAIMS) 没有把结论交给 run"
+    lesson, topic = Path(rel).parts[0], Path(rel).parts[1]
+    tests = [t.read_text(encoding="utf-8") for t in (REPO / "tests").glob(f"test_lesson{lesson[6]}_{topic[:2]}_*.py")]
+    assert any("assert_claims(" in t and Path(rel).stem in t for t in tests), \
+        f"{rel}: 冒烟测试里没有 assert_claims(...)"

@@ -56,6 +56,17 @@ class Args(cli.CommonArgs):
 SMOKE = dict(max_steps=10, learning_rate=1e-3, per_device_train_batch_size=8, max_length=128, eval_every=5,
              max_eval_samples=32)
 
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线都在同一次运行里测
+CLAIMS = [
+    run.Claim("assistant-only 训练降低留出集回复损失：训练后 / 训练前",
+              "assistant_only_eval_loss / eval_loss_before", "<=", 0.997, 0.95),
+    run.Claim("full-sequence 也学 prompt：它的 prompt 损失比 assistant-only 低（nat）",
+              "assistant_only_prompt_loss - full_sequence_prompt_loss", ">=", 0.05, 1.0),
+    run.Claim("assistant-only 只在回复上算损失：带损失 token 的比例",
+              "label_token_fraction", "<", 0.6, 0.6),
+]
+
 
 # %% [markdown]
 # ## 1. 对话模板与损失掩码
@@ -226,7 +237,8 @@ def main(args: Args) -> dict:
         "full_sequence_prompt_loss": round(f["prompt_loss"], 4),
         "steps": steps, "train_conversations": len(train_convs), "held_out_conversations": len(held_out),
     }, summary=f"留出集回复损失：assistant-only {a['response_loss']:.3f} vs full-sequence {f['response_loss']:.3f}"
-               f"（训练前 {a['curve']['response_loss'][0]:.3f}）；带损失 token 比例 {fraction:.1%}")
+               f"（训练前 {a['curve']['response_loss'][0]:.3f}）；带损失 token 比例 {fraction:.1%}",
+        claims=CLAIMS)
 
 
 # %%
