@@ -26,8 +26,9 @@ models: setup
 course: models
 	HF_HUB_OFFLINE=1 $(BIN)/python course.py --smoke
 
+# 参考运行：默认模式，一次一个脚本，记到 results/cpu-2core/（在空闲机器上跑；已记录且没改的脚本跳过）
 course-full: models
-	HF_HUB_OFFLINE=1 $(BIN)/python course.py
+	HF_HUB_OFFLINE=1 $(BIN)/python course.py --full
 
 # 冒烟脚本都单线程跑极小模型：两核上两个 pytest 进程并行，整套测试时间接近减半（同一文件的测试留在同一进程）
 test: models lint

@@ -130,10 +130,13 @@ def _fmt(v: object) -> str:
 
 
 def _script_sha(script: Path) -> str:
-    """脚本内容的指纹：脚本本身和它旁边只属于这一课的 _*.py（common 变了不算：那由 --compare 抓）。"""
+    """脚本内容的指纹：脚本本身和它旁边只属于这一课的 _*.py（common 变了不算：那由 --compare 抓）。
+
+    文档字符串里由 --readme 生成的块不算：重写它不该让参考记录作废。
+    """
     h = hashlib.sha256()
     for f in sorted([script, *script.parent.glob("_*.py")]):
-        h.update(f.read_bytes())
+        h.update(_without_blocks(f.read_text(encoding="utf-8")).encode())
     return h.hexdigest()[:16]
 
 
@@ -221,39 +224,59 @@ def _cost(rec: dict) -> str:
     return f"{rec['seconds'] / 60:.1f} 分钟，{rec['peak_rss_mb'] / 1024:.1f} GB"
 
 
-def render_block(name: str, ref: Path = REFERENCE) -> str:
-    """一个生成块的内容。course = 全部脚本一张表；lessonN = 这一课每个脚本的结论与实测值。"""
-    scripts = [s.relative_to(REPO).as_posix() for s in discover([int(name[6:])] if name != "course" else None)]
+def _claim_lines(rec: dict | None, indent: str = "") -> list[str]:
     lines = []
-    if name == "course":
-        lines += ["| 脚本 | 结论（成立/检查） | 2 核 CPU 墙钟，峰值内存 | 记录于 |", "|---|---|---|---|"]
+    for c in rec["claims"] if rec else []:
+        value = "—" if c["value"] is None else f"{c['value']:.4g}"
+        limit = f"{_OPS[c['op']]} {c['threshold']:g}" if c["threshold"] is not None else "不检查"
+        lines.append(f"{indent}{_MARK[c['held']]} {c['statement']}：{c['expr']} = {value}（{limit}）")
+    return lines
+
+
+def render_block(name: str, ref: Path = REFERENCE, script: str = "") -> str:
+    """生成块的内容。course = 全部脚本一张表；lessonN = 这一课每个脚本的结论与实测值；script = 文档字符串里那段。"""
+    if name == "script":
+        rec = load_record(ref, script)
+        head = (f"参考运行（{rec['model']}，{rec['machine']['cores']} 核 CPU）：{_cost(rec)}，结论 {_held(rec)} 成立"
+                if rec else "参考运行：还没有记录（python course.py --full --only <脚本名>）")
+        return "\n".join([head, *_claim_lines(rec, "  ")])
+    scripts = [s.relative_to(REPO).as_posix() for s in discover([int(name[6:])] if name != "course" else None)]
+    lines = ["| 脚本 | 结论（成立/检查） | 2 核 CPU 墙钟，峰值内存 | 记录于 |", "|---|---|---|---|"] \
+        if name == "course" else []
     for rel in scripts:
         rec = load_record(ref, rel)
         if name == "course":
             lines.append(f"| `{rel}` | " + (f"{_held(rec)} | {_cost(rec)} | {rec['commit']} |" if rec
                                            else "未记录 | | |"))
-            continue
-        lines.append(f"- `{rel}`：" + (f"{_cost(rec)}（{rec['model']}，{rec['mode']} 模式）" if rec else "未记录"))
-        for c in rec["claims"] if rec else []:
-            value = "—" if c["value"] is None else f"{c['value']:.4g}"
-            limit = f"{_OPS[c['op']]} {c['threshold']:g}" if c["threshold"] is not None else "不检查"
-            lines.append(f"  - {_MARK[c['held']]} {c['statement']}：`{c['expr']}` = {value}（{limit}）")
+        else:
+            lines.append(f"- `{rel}`：" + (f"{_cost(rec)}（{rec['model']}，{rec['mode']} 模式）" if rec else "未记录"))
+            lines += [f"  - {x}" for x in _claim_lines(rec)]
     return "\n".join(lines)
 
 
+def _without_blocks(text: str) -> str:
+    """去掉生成块的内容（保留标记）。"""
+    return _rewrite(text, lambda name: "")
+
+
+def _rewrite(text: str, fill) -> str:
+    """把每个 <!-- results:NAME --> … <!-- /results --> 之间换成 fill(NAME)。"""
+    parts, pos = [], 0
+    while (i := text.find(_BEGIN, pos)) >= 0:
+        head_end = text.index("-->", i) + 3
+        end = text.index(_END, head_end)
+        parts += [text[pos:head_end], "\n" + fill(text[i + len(_BEGIN):head_end - 3].strip()) + "\n"]
+        pos = end
+    return "".join(parts) + text[pos:]
+
+
 def rewrite_readmes(check: bool = False, ref: Path = REFERENCE) -> list[Path]:
-    """用 results/ 重写 README.md 与各课 README 里的生成块；check=True 只返回内容过期的文件。"""
+    """用 results/ 重写 README.md、各课 README 与脚本文档字符串里的生成块；check=True 只返回内容过期的文件。"""
     stale = []
-    for f in [REPO / "README.md", *sorted(REPO.glob("lesson[0-9]_*/README.md"))]:
+    for f in [REPO / "README.md", *sorted(REPO.glob("lesson[0-9]_*/README.md")), *discover()]:
         text = f.read_text(encoding="utf-8")
-        parts, pos = [], 0
-        while (i := text.find(_BEGIN, pos)) >= 0:
-            head_end = text.index("-->", i) + 3
-            end = text.index(_END, head_end)
-            name = text[i + len(_BEGIN):head_end - 3].strip()
-            parts += [text[pos:head_end], "\n" + render_block(name, ref) + "\n"]
-            pos = end
-        new = "".join(parts) + text[pos:]
+        rel = f.relative_to(REPO).as_posix()
+        new = _rewrite(text, lambda name, rel=rel: render_block(name, ref, rel))
         if new != text:
             stale.append(f)
             if not check:
