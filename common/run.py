@@ -97,11 +97,7 @@ def _finite_or_none(metrics: Any, path: str = "", bad: list[str] | None = None) 
 def _jsonable(o: Any) -> Any:
     if dataclasses.is_dataclass(o):
         return dataclasses.asdict(o)
-    if hasattr(o, "item") and callable(o.item):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
+    return o.item() if hasattr(o, "item") and callable(o.item) else str(o)   # numpy/torch 标量；Path 等写成字符串
 
 
 _OPS = {">=": lambda v, t: v >= t, "<=": lambda v, t: v <= t, ">": lambda v, t: v > t, "<": lambda v, t: v < t}
@@ -131,7 +127,9 @@ class Claim:
         try:
             value = eval(self.expr, {"__builtins__": {}, **_EXPR_FUNCS, "m": metrics}, dict(metrics))  # noqa: S307
             value = float(value)
-        except Exception as e:   # 缺键、除零、类型不对：都是"这条没被证明"
+        except (NameError, KeyError) as e:   # 这次没测这个指标（如 --methods 只选了一部分）：未检查，不算不成立
+            return {**row, "value": None, "held": None, "error": f"本次没有这个指标：{e}"}
+        except Exception as e:   # 除零、类型不对：这条没被证明
             return {**row, "value": None, "held": False if threshold is not None else None,
                     "error": f"{type(e).__name__}: {e}"}
         held = None if threshold is None else bool(math.isfinite(value) and _OPS[self.op](value, threshold))
@@ -272,17 +270,12 @@ def _print_table(metrics: dict, title: str) -> None:
 
 
 def start(script: str, args: Any, smoke_threads: int | None = 1) -> Run:
-    """开始一次运行：建输出目录、固定种子、保存 argv 与配置。
-
-    smoke_threads：冒烟时的 CPU 线程数（默认 1：极小模型的矩阵太小，多线程同步比并行省下的还多；None = 不改）。"""
+    """开始一次运行：建输出目录、固定种子、保存 argv 与配置；冒烟时用 smoke_threads 个线程（None = 不改）。"""
     return Run(script, args, smoke_threads)
 
 
 def import_sibling(script: str | Path, name: str) -> Any:
-    """导入脚本旁边的 _name.py（只属于这一课的代码，如 lesson1 03 的 _checkpoint.py）：按路径加载，不改 sys.path。
-
-    课程文件夹名以数字开头，不能写成包的 import；同名模块只加载一次（登记在 sys.modules，键含文件夹路径）。
-    """
+    """按路径导入脚本旁边的 _name.py（只属于这一课的代码）：文件夹名以数字开头，不能写成包的 import。"""
     import hashlib
     import importlib.util
 

@@ -1,15 +1,10 @@
 """课程的聊天服务器本身（被 services.start 当子进程启动的那个 HTTP 服务；本模块不启动别的进程）。
 
-FastAPI + uvicorn，说 OpenAI 的 /v1/chat/completions（普通 + SSE 流式）；还有 GET /v1/models、/health（模型加载完
-才 200）、Prometheus /metrics、聊天网页 /（common/chat_page.html）；可选 Bearer API key（hmac.compare_digest
-常数时间比较）；坏请求 4xx，错误体与 OpenAI 同形 {"error": {...}}；max_tokens 与提示长度有上限；等待队列有界，
-满了立刻 429（不崩、不挂起）。
-
-并发怎么在 CPU 上真正有用：动态批处理。调度协程从队列取第一个请求后再等 --batch-wait-ms，把这段时间里
-到达的（采样参数相同的）请求凑成一批，交给唯一的生成线程做一次 model.generate（左填充）；生成时每一步
-由一个 StoppingCriteria 读出各行的新 token、增量解码、推给各自的请求（流式就是这样一个个 token 出去的），
-行到了自己的 max_tokens / stop / EOS 就标记完成，整批都完成时 generate 提前结束。批越大，每个 token 的
-矩阵乘越"胖"，CPU 的吞吐越高；代价是先到的请求最多多等一个等待窗口。
+FastAPI + uvicorn，说 OpenAI 的 /v1/chat/completions（普通 + SSE 流式），还有 /v1/models、/health、Prometheus
+/metrics、聊天网页 /（common/chat_page.html）。坏请求 4xx，错误体与 OpenAI 同形；请求体、max_tokens、提示长度、
+等待队列都有上限，超了立刻 4xx/429，不崩、不挂起。CPU 上让并发真正有用的是动态批处理：一个窗口里到达的请求
+凑成一批，唯一的生成线程做一次 model.generate，StoppingCriteria 每步把新 token 推给各自的请求（原理和实测数字
+见 lesson5_deployment_monitoring/07_serving/README.md）。
 
 运行：
   python -m common.serving --port 8000                          # smollm2-135m
@@ -20,18 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import html
 import json
 import os
 import time
 import uuid
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import Request  # 路由函数的注解按模块全局解析（from __future__ import annotations）
-from pydantic import BaseModel, Field
+# 路由函数的注解按模块全局解析（from __future__ import annotations），所以 FastAPI 的名字都在模块顶层导入
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
 
 from common import cli
 
@@ -56,6 +56,7 @@ class _Args:
     max_tokens_limit: int = cli.arg(512, "单个请求的 max_tokens 上限", min=1)
     default_max_tokens: int = cli.arg(128, "请求没写 max_tokens 时（不超过 --max-tokens-limit）", min=1)
     max_prompt_tokens: int = cli.arg(1024, "提示（套模板后）的 token 上限", min=1)
+    max_body_bytes: int = cli.arg(1 << 20, "请求体字节上限：超了 413，解析 JSON 之前就拒绝", min=1)
     device: str = cli.arg("auto", "auto / cpu / cuda")
     dtype: str = cli.arg("auto", "auto：GPU bf16；CPU 上极小模型 fp32，其余按 models.pick_dtype")
     threads: int = cli.arg(0, "torch CPU 线程数（0 = 自动：极小模型 1，其余 torch 默认）")
@@ -72,7 +73,7 @@ class _Pending:
     temperature: float
     top_p: float
     stop: list[str]
-    loop: asyncio.AbstractEventLoop
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     t0: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
@@ -90,8 +91,6 @@ class _Metrics:
     """Prometheus 指标（每个应用一个 registry，同一进程里起多个应用也不冲突）。"""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
         r = self.registry = CollectorRegistry()
         self.requests = Counter("chat_http_requests", "HTTP requests by route and status code", ["route", "code"],
                                 registry=r)
@@ -123,11 +122,8 @@ class _Progress:
     def __call__(self, input_ids, scores, **kw):  # noqa: ANN001
         import torch
 
-        new = input_ids[:, -1].tolist()
-        for i, (p, t) in enumerate(zip(self.batch, new)):
-            if self.done[i]:
-                continue
-            if p.cancelled:   # 客户端断开：这一行不用再算了
+        for i, (p, t) in enumerate(zip(self.batch, input_ids[:, -1].tolist())):
+            if self.done[i] or p.cancelled:   # 客户端断开：这一行不用再算了
                 self.done[i] = True
                 continue
             if t in self.eos:
@@ -158,83 +154,66 @@ class _Engine:
     def __init__(self, model, tok, model_id: str, cfg: _Args):  # noqa: ANN001
         self.model, self.tok, self.model_id, self.cfg = model, tok, model_id, cfg
         self.metrics = _Metrics()
-        self.queue: asyncio.Queue | None = None
-        self.carry: deque[_Pending] = deque()   # 采样参数和当前批不同的请求，留到下一批
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=cfg.max_queue)   # 3.10 起队列用到时才绑定事件循环
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="generate")
         eos = getattr(model.generation_config, "eos_token_id", None) or tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        # 一个 token 至多盖住词表里最长那一项的字符数（字节级 BPE 一个字符记一个字节，只会多算）：数 token 的下界
+        self.max_token_chars = max(len(t) for t in tok.get_vocab())
         self.batches = 0
 
     def prompt(self, messages: list[dict]) -> tuple[str, int]:
-        """套对话模板，返回 (提示文本, token 数)。"""
+        """套对话模板并数 token，超过 --max-prompt-tokens 就 400。在线程里跑：大提示的分词要算好一阵。"""
+        limit = self.cfg.max_prompt_tokens
         text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text, len(self.tok(text, add_special_tokens=False)["input_ids"])
-
-    def submit(self, p: _Pending) -> bool:
-        """放进有界队列；满了返回 False（调用方回 429）。"""
-        try:
-            self.queue.put_nowait(p)
-        except asyncio.QueueFull:
-            return False
-        self.metrics.queue_depth.set(self.queue.qsize() + len(self.carry))
-        return True
-
-    async def _next(self, timeout: float | None) -> _Pending | None:
-        if self.carry:
-            return self.carry.popleft()
-        if timeout is None:
-            return await self.queue.get()
-        if timeout <= 0:
-            return self.queue.get_nowait() if not self.queue.empty() else None
-        try:
-            return await asyncio.wait_for(self.queue.get(), timeout)
-        except TimeoutError:
-            return None
+        # 字符多到下界已经超限就不分词：分词器的 Rust 代码持有 GIL，1 MB 的提示即使在线程里也让事件循环停近半秒
+        least = -(-len(text) // self.max_token_chars)
+        n = least if least > limit else len(self.tok(text, add_special_tokens=False)["input_ids"])
+        if n > limit:
+            raise _APIError(400, f"prompt has {f'at least {n}' if n == least else n} tokens, limit is {limit}",
+                            param="messages", code="context_length_exceeded")
+        return text, n
 
     async def scheduler(self) -> None:
-        """凑批循环：取一个请求，再在等待窗口内收同参数的请求，交给生成线程。"""
-        loop = asyncio.get_running_loop()
+        """凑批循环：等到一个请求，再等一个窗口让后来的到齐，按采样参数分组交给生成线程。"""
+        loop, cfg = asyncio.get_running_loop(), self.cfg
         while True:
-            first = await self._next(None)
-            if first.cancelled:
-                continue
-            batch, skipped = [first], []
-            deadline = loop.time() + self.cfg.batch_wait_ms / 1000
-            while len(batch) < self.cfg.max_batch_size:
-                p = await self._next(deadline - loop.time())
-                if p is None:
-                    break
-                if p.cancelled:
-                    continue
-                (batch if p.key() == first.key() else skipped).append(p)
-            self.carry.extend(skipped)
-            self.metrics.queue_depth.set(self.queue.qsize() + len(self.carry))
-            self.metrics.batch_size.observe(len(batch))
-            self.batches += 1
-            try:
-                await loop.run_in_executor(self.worker, self._generate, batch)
-            except RuntimeError as e:   # 线程池已关闭（服务正在停止）：告诉这批请求，别让它们挂着
-                for p in batch:
-                    p.emit("error", f"server shutting down: {e}")
+            waiting = [await self.queue.get()]
+            if self.queue.qsize() < cfg.max_batch_size - 1:   # 队列里已经够一批就不必等
+                await asyncio.sleep(cfg.batch_wait_ms / 1000)
+            while len(waiting) < cfg.max_batch_size and not self.queue.empty():
+                waiting.append(self.queue.get_nowait())
+            self.metrics.queue_depth.set(self.queue.qsize())
+            groups: dict[tuple, list[_Pending]] = {}
+            for p in waiting:
+                if not p.cancelled:   # 等的时候客户端已经断开：不算
+                    groups.setdefault(p.key(), []).append(p)
+            for batch in groups.values():   # generate 一次只收一组采样参数
+                self.metrics.batch_size.observe(len(batch))
+                self.batches += 1
+                try:
+                    await loop.run_in_executor(self.worker, self._generate, batch)
+                except RuntimeError as e:   # 线程池已关闭（服务正在停止）：告诉这批请求，别让它们挂着
+                    for p in batch:
+                        p.emit("error", f"server shutting down: {e}")
 
     def _generate(self, batch: list[_Pending]) -> None:
         """在生成线程里跑一次批量 generate；出错时每个请求都收到 error（→ 500），调度继续。"""
         import torch
         from transformers import StoppingCriteriaList
 
-        tok = self.tok
         try:
             # 左填充：每行的新 token 都接在自己最后一个真实 token 后面（按调用传，不改共用的 tokenizer）
-            enc = tok([p.prompt for p in batch], return_tensors="pt", padding=True, padding_side="left",
+            enc = self.tok([p.prompt for p in batch], return_tensors="pt", padding=True, padding_side="left",
                       add_special_tokens=False).to(self.model.device)
-            prog = _Progress(tok, batch, self.eos_ids, self.metrics)
+            prog = _Progress(self.tok, batch, self.eos_ids, self.metrics)
             first = batch[0]
             sample = dict(do_sample=True, temperature=first.temperature, top_p=first.top_p) \
                 if first.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
             self.metrics.prompt_tokens.inc(sum(p.prompt_tokens for p in batch))
             with torch.inference_mode():
                 self.model.generate(**enc, max_new_tokens=max(p.max_tokens for p in batch),
-                                    pad_token_id=tok.pad_token_id, stopping_criteria=StoppingCriteriaList([prog]),
+                                    pad_token_id=self.tok.pad_token_id, stopping_criteria=StoppingCriteriaList([prog]),
                                     **sample)
             for i in [i for i, done in enumerate(prog.done) if not done]:   # generate 到了长度上限而行还没完成
                 prog.finish(i, "length")
@@ -261,8 +240,12 @@ class _Message(BaseModel):
 
 
 class _ChatRequest(BaseModel):
-    """POST /v1/chat/completions 的请求体（OpenAI 字段；多余字段忽略）。"""
+    """POST /v1/chat/completions 的请求体（OpenAI 字段；多余字段忽略）。
 
+    strict：JSON 的 true 不当 1 用、"2" 不当 2 用（max_tokens: true 曾经 200）；NaN/inf 进不了采样参数。
+    """
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
     model: str
     messages: list[_Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -285,15 +268,14 @@ class _APIError(Exception):
 
 
 async def _as_openai_error(_req: Request, e: Exception):
-    """FastAPI 各种异常（校验失败、404、未捕获的 bug）统一成 OpenAI 的错误形状。"""
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from starlette.exceptions import HTTPException
-
-    if isinstance(e, RequestValidationError):
+    """各种异常（请求体校验失败、404、未捕获的 bug）统一成 OpenAI 的错误形状。"""
+    if isinstance(e, ValidationError):
         err = (e.errors() or [{}])[0]
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body" and not isinstance(x, int))
-        e = _APIError(400, f"{loc or 'body'}: {err.get('msg', 'invalid request')}", param=loc or None)
+        loc = ".".join(str(x) for x in err.get("loc", ()) if not isinstance(x, int))
+        got = err.get("input")
+        # 标量原样说出来（JSON 写法）：NaN 就说 NaN，true 就说 true，客户端一眼看出错在哪
+        got = f" (got {json.dumps(got)})" if isinstance(got, (bool, int, float)) else ""
+        e = _APIError(400, f"{loc or 'body'}: {err.get('msg', 'invalid request')}{got}", param=loc or None)
     elif isinstance(e, HTTPException):
         e = _APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
     elif not isinstance(e, _APIError):   # bug：只说类型，不把内部细节发给客户端
@@ -303,8 +285,6 @@ async def _as_openai_error(_req: Request, e: Exception):
 
 def _metrics_middleware(app, metrics: _Metrics):  # noqa: ANN001
     """纯 ASGI 中间件：按路由和状态码计数，计时到最后一个字节（流式响应也准）。"""
-    from contextlib import nullcontext
-
     async def wrapped(scope, receive, send):  # noqa: ANN001
         if scope["type"] != "http":
             return await app(scope, receive, send)
@@ -326,7 +306,23 @@ def _metrics_middleware(app, metrics: _Metrics):  # noqa: ANN001
     return wrapped
 
 
-def _admit(engine: _Engine, req: _ChatRequest) -> _Pending:
+async def _read_body(request: Request, limit: int) -> bytes:
+    """读请求体，超过 limit 字节就 413（先看 Content-Length；分块上传边读边数，超了就停读，余下的 uvicorn 丢掉）。
+
+    在任何解析之前查：否则一个 20 MB 的请求体要在事件循环里解析、套模板、分词，那几十秒里连 /health 都不应答。"""
+    too_big = _APIError(413, f"request body exceeds this server's limit of {limit} bytes (--max-body-bytes)",
+                        code="request_too_large")
+    if int(request.headers.get("content-length") or 0) > limit:   # 写得不对的 Content-Length 已被 uvicorn 拒绝
+        raise too_big
+    body = bytearray()   # bytearray：一字节一块的上传也是线性时间
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_big
+    return bytes(body)
+
+
+async def _admit(engine: _Engine, req: _ChatRequest) -> _Pending:
     """检查上限、套模板、入队；任何一步不行都是 4xx/429，模型一个 token 都不用算。"""
     cfg = engine.cfg
     if req.model != engine.model_id:
@@ -338,15 +334,16 @@ def _admit(engine: _Engine, req: _ChatRequest) -> _Pending:
                         param="max_tokens")
     msgs = [{"role": x.role, "content": x.content if isinstance(x.content, str)
              else "".join(part.text for part in x.content)} for x in req.messages]
-    prompt, n_prompt = engine.prompt(msgs)
-    if n_prompt > cfg.max_prompt_tokens:
-        raise _APIError(400, f"prompt has {n_prompt} tokens, limit is {cfg.max_prompt_tokens}",
-                        param="messages", code="context_length_exceeded")
+    # 套模板、分词放进线程：事件循环照常应答 /health、推送别的请求的 token
+    prompt, n_prompt = await asyncio.get_running_loop().run_in_executor(None, engine.prompt, msgs)
     stop = [req.stop] if isinstance(req.stop, str) else [s for s in (req.stop or []) if s]
-    p = _Pending(prompt, n_prompt, max_tokens, req.temperature, req.top_p, stop, asyncio.get_running_loop())
-    if not engine.submit(p):
+    p = _Pending(prompt, n_prompt, max_tokens, req.temperature, req.top_p, stop)
+    try:   # 有界队列：满了立刻 429，不堆积、不挂起
+        engine.queue.put_nowait(p)
+    except asyncio.QueueFull:
         raise _APIError(429, f"server busy: queue full ({cfg.max_queue} waiting); retry later",
-                        "rate_limit_exceeded", code="rate_limit_exceeded")
+                        "rate_limit_exceeded", code="rate_limit_exceeded") from None
+    engine.metrics.queue_depth.set(engine.queue.qsize())
     return p
 
 
@@ -376,19 +373,15 @@ async def _sse(p: _Pending, base: dict, usage: bool):
 
     try:
         yield chunk({"role": "assistant", "content": ""})
-        while True:
-            ev = await p.events.get()
-            if ev[0] == "delta":
-                yield chunk({"content": ev[1]})
-                continue
-            if ev[0] == "done":
-                yield chunk({}, ev[1])
-                if usage:
-                    yield chunk(None, usage={"prompt_tokens": p.prompt_tokens, "completion_tokens": ev[2],
-                                             "total_tokens": p.prompt_tokens + ev[2]})
-            else:   # 响应头已经发出 200，只能在流里报错
-                yield f"data: {json.dumps({'error': {'message': ev[1], 'type': 'server_error'}})}\n\n"
-            break
+        while (ev := await p.events.get())[0] == "delta":
+            yield chunk({"content": ev[1]})
+        if ev[0] == "done":
+            yield chunk({}, ev[1])
+            if usage:
+                yield chunk(None, usage={"prompt_tokens": p.prompt_tokens, "completion_tokens": ev[2],
+                                         "total_tokens": p.prompt_tokens + ev[2]})
+        else:   # 响应头已经发出 200，只能在流里报错
+            yield f"data: {json.dumps({'error': {'message': ev[1], 'type': 'server_error'}})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         p.cancelled = True   # 正常结束或客户端断开：都不再需要这一行
@@ -396,36 +389,26 @@ async def _sse(p: _Pending, base: dict, usage: bool):
 
 def _create_app(engine: _Engine):
     """把 Engine 包成 ASGI 应用（模型已加载好；uvicorn 开始监听时 /health 就是 200）。"""
-    from contextlib import asynccontextmanager
-
-    from fastapi import Depends, FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     cfg, m = engine.cfg, engine.metrics
-    page_html = _CHAT_PAGE.read_text(encoding="utf-8").replace("__MODEL__", engine.model_id)
+    # 模型名来自命令行，什么字符都可能有：转义后才进网页（页面的脚本从 DOM 读它，不拼进 JS 源码）
+    page_html = _CHAT_PAGE.read_text(encoding="utf-8").replace("__MODEL__", html.escape(engine.model_id))
 
     @asynccontextmanager
     async def lifespan(_app):  # noqa: ANN001
-        engine.queue = asyncio.Queue(maxsize=cfg.max_queue)
         task = asyncio.create_task(engine.scheduler())
         yield
         task.cancel()
         engine.worker.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="course chat server", lifespan=lifespan, docs_url=None, redoc_url=None)
-    for exc in (_APIError, RequestValidationError, StarletteHTTPException, Exception):
+    for exc in (_APIError, ValidationError, HTTPException, Exception):
         app.add_exception_handler(exc, _as_openai_error)
 
     def auth(request: Request) -> None:
-        if not cfg.api_key:
-            return
         got = request.headers.get("authorization", "")
         token = got[7:] if got.lower().startswith("bearer ") else ""
         # 常数时间比较：逐字节比较会在第一个不同字节处提前返回，响应时间泄露 key 的前缀
-        if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
+        if cfg.api_key and not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
             raise _APIError(401, "Incorrect API key provided (Authorization: Bearer <key>)", code="invalid_api_key")
 
     @app.get("/health")
@@ -446,8 +429,10 @@ def _create_app(engine: _Engine):
                                             "owned_by": "llm-course"}]}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
-    async def chat(req: _ChatRequest, request: Request):
-        p = _admit(engine, req)
+    async def chat(request: Request):
+        # 先鉴权（依赖项）、再按字节上限读、最后才解析：没带 key 的大请求体一个字节都不解析
+        req = _ChatRequest.model_validate_json(await _read_body(request, cfg.max_body_bytes))
+        p = await _admit(engine, req)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": engine.model_id}
         if req.stream:
             usage = bool((req.stream_options or {}).get("include_usage"))

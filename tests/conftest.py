@@ -76,5 +76,8 @@ def assert_claims(metrics: dict | Path) -> list[dict]:
     failed = [f"{r['statement']}：{r['expr']} = {r['value']} 不满足 {r['op']} {r['threshold']}"
               + (f"（{r['error']}）" if r.get("error") else "") for r in rows if r["held"] is False]
     assert not failed, "结论不成立：\n" + "\n".join(failed)
+    # 冒烟跑的是全套方法：本模式有门槛却没测到（表达式拼错了指标名）也算失败
+    missing = [f"{r['statement']}：{r['error']}" for r in rows if r["threshold"] is not None and r["value"] is None]
+    assert not missing, "结论没测到：\n" + "\n".join(missing)
     assert any(r["held"] for r in rows), f"{metrics.get('mode')} 模式下一条结论都没检查"
     return rows

@@ -4,7 +4,7 @@ import re
 from collections import Counter
 
 from common import data
-from tests.conftest import load_script
+from tests.conftest import assert_claims, load_script
 
 SCRIPT = "lesson1_sft/02_data_preprocess/data_pipeline.py"
 RULES = ("exact_duplicate", "too_short", "too_long", "boilerplate", "language", "near_duplicate")
@@ -41,6 +41,8 @@ def test_pipeline_on_shipped_dirty_data(tmp_path):
     card = (tmp_path / "data_card.md").read_text(encoding="utf-8")
     assert "near_duplicate" in card and str(m["records_out"]) in card
     assert (tmp_path / "funnel.png").stat().st_size > 0
+    assert m["pii_left_in_output"] == 0 and m["pii_masked_total"] > 0
+    assert_claims(tmp_path / "metrics.json")
 
 
 def test_cleaning_rules_unit():

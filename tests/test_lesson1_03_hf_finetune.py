@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py"
 
@@ -27,6 +27,7 @@ def test_eval_loss_falls_and_best_checkpoint_kept(uninterrupted):
     assert m["train_tokens_per_s"] > state["num_input_tokens_seen"] / m["seconds"], (m, state["num_input_tokens_seen"])
     assert m["best_checkpoint"] and m["best_eval_loss"] <= m["eval_loss_before"]
     assert (out / "best_model" / "config.json").is_file() and (out / "loss_curve.png").stat().st_size > 0
+    assert_claims(saved)
 
 
 @pytest.mark.slow   # 一次子进程训练 + 一次续训

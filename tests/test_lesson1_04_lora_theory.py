@@ -1,7 +1,7 @@
 """第 1 课 04：LoRA 为什么可行。全参数微调的 ΔW 能量集中在前几个奇异方向；LoRA 参数量随秩线性增长。"""
 import json
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson1_sft/04_lora_theory/lora_parameter_viz.py"
 
@@ -24,6 +24,7 @@ def test_delta_w_is_low_rank_and_lora_counts_match(tmp_path, tiny_models):
     assert lp[8] < 0.1 * m["full_params"]
     assert {"q_proj", "v_proj", "down_proj"} <= set(m["lora_target_modules"])
     assert (tmp_path / "delta_w_spectrum.png").stat().st_size > 0 and (tmp_path / "energy_vs_rank.png").is_file()
+    assert_claims(saved)
 
 
 def test_bad_data_line_is_one_line_error(tmp_path, run_script):

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests import test_own_data_trainers
-from tests.conftest import REPO, assert_user_error, load_script
+from tests.conftest import REPO, assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson1_sft/05_lora_finetune/lora_chatglm_demo.py"
 LONG = REPO / "data" / "longform" / "sft_long.jsonl"   # 学生式长回答数据（data/longform/build.py 生成）
@@ -42,6 +42,9 @@ def test_lora_identity_finetune_and_merge(tmp_path, tiny_models):
     assert not list((tmp_path / "merged").glob("adapter_*")), "合并后的模型不应再带 adapter"
     assert (tmp_path / "loss_curve.png").stat().st_size > 0
     assert all(s["before"] != s["after"] for s in m["samples"])
+    # adapter 确实改变了输出（否则"合并后一致"什么也说明不了），合并误差比这个改变小几个数量级
+    assert m["lora_logit_change"] > 1000 * m["merge_max_abs_logit_diff"], m
+    assert_claims(saved)
 
 
 def test_own_data_no_identity_and_over_length_counted(tmp_path, tiny_models, course_log):

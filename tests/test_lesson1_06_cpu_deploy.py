@@ -5,7 +5,7 @@ KV 缓存的墙钟加速比（脚本里 2 轮取中位数）在忙碌的 2 核�
 """
 import json
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson1_sft/06_cpu_deploy/cpu_inference_case.py"
 
@@ -24,6 +24,9 @@ def test_every_config_measured_and_int8_keeps_quality(tmp_path, tiny_models):
     # 批量生成：每个请求都拿到了同样多的新 token
     assert m["new_tokens"]["fp32_bs4"] == 4 * m["new_tokens"]["fp32"]
     assert (tmp_path / "cpu_inference.png").stat().st_size > 0
+    # 脚本自己也数前向 token（批 1、fp32）：不开缓存多算 10 倍以上
+    assert m["forward_tokens"]["no_kv_cache"] > 10 * m["forward_tokens"]["kv_cache"], m["forward_tokens"]
+    assert_claims(saved)
 
 
 def test_kv_cache_same_tokens_less_work(tiny_models):

@@ -1,7 +1,7 @@
 """第 2 课 01：NF4 从零实现。误差低于 int4、与 bitsandbytes 逐码一致、bit/参数 4.5 -> 4.127、梯度检查点省内存。"""
 import json
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson2_qlora_ptuning/01_qlora_intro/qlora_theory.py"
 
@@ -29,6 +29,7 @@ def test_nf4_from_scratch_matches_bitsandbytes(tmp_path, tiny_models):
     # 梯度检查点：同一步训练的峰值内存明显更低（tiny-llama batch 4×512 实测约 0.53 倍）
     assert m["grad_ckpt_peak_mem_ratio"] < 0.8, m
     assert (tmp_path / "nf4_levels.png").stat().st_size > 0
+    assert_claims(saved)
 
 
 def test_bad_blocksize_is_one_line_error(tmp_path, run_script):

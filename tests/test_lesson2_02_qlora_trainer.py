@@ -1,7 +1,7 @@
 """第 2 课 02：QLoRA（NF4 底座 + 全部 Linear 上的 LoRA）。权重占用 ≤ 0.35 倍 fp32、eval_loss 下降、adapter 可装回。"""
 import json
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson2_qlora_ptuning/02_qlora_pipeline/qlora_trainer.py"
 
@@ -23,6 +23,7 @@ def test_qlora_trains_on_4bit_base(tmp_path, tiny_models):
     assert m["reload_max_diff"] < 0.05 * m["adapter_effect_max_diff"], m
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "loss_curve.png").stat().st_size > 0
+    assert_claims(saved)
 
 
 def test_missing_data_file_is_one_line_error(tmp_path, run_script):

@@ -1,7 +1,7 @@
 """第 2 课 03：P-Tuning v2（每层前缀）在留出的情感数据上训练后准确率上升；与 v1 / LoRA 同表；坏输入一行报错。"""
 import json
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson2_qlora_ptuning/03_ptuning/ptuning_v2_demo.py"
 
@@ -21,6 +21,7 @@ def test_ptuning_v2_accuracy_rises(tmp_path, tiny_models):
     assert v2["trainable_params"] == 4 * 2 * 16 * 64
     assert v2["trainable_params"] < v1["trainable_params"] < lora["trainable_params"]
     assert (tmp_path / "methods.png").stat().st_size > 0
+    assert_claims(saved)
 
 
 def test_bad_label_file_is_one_line_error(tmp_path, run_script):

@@ -1,7 +1,7 @@
 """第 2 课 04：压缩实验台。剪枝/蒸馏/量化同表；蒸馏胜过同步数的纯交叉熵；量化变小；坏参数一行报错。"""
 import json
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson2_qlora_ptuning/04_model_compression/compression_lab.py"
 METHODS = ("fp32", "prune_unstructured_0.3", "prune_structured_0.3", "prune_unstructured_0.6", "prune_structured_0.6",
@@ -27,6 +27,7 @@ def test_compression_table(tmp_path, tiny_models):
     # 蒸馏：同样的学生、同样的批和步数，KD 的困惑度比纯交叉熵低（固定种子 367 vs 684，gain 1.87）
     assert m["distill_gain"] > 1.2, m
     assert (tmp_path / "ppl_vs_size.png").stat().st_size > 0
+    assert_claims(saved)
 
 
 def test_bad_sparsity_is_one_line_error(tmp_path, run_script):

@@ -1,7 +1,7 @@
 """第 2 课 05：量化推理并排比。DeepSpeed（CPU 不注入）与 fp32 完全一致；量化的一致性与困惑度关系；坏参数一行报错。"""
 import json
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson2_qlora_ptuning/05_deepspeed_quant/deepspeed_quant_deploy.py"
 
@@ -23,6 +23,7 @@ def test_quantized_inference_side_by_side(tmp_path, tiny_models):
     # 量化后仍大体复现 fp32 的回答
     assert min(m[v]["agreement"] for v in ("bnb_int8", "bnb_nf4")) > 0.5, m
     assert (tmp_path / "latency_vs_agreement.png").stat().st_size > 0
+    assert_claims(saved)
 
 
 def test_unknown_variant_is_one_line_error(tmp_path, run_script):

@@ -1,7 +1,7 @@
 """第 2 课 06：显存公式与实测峰值内存相差 ≤ 25%；典型情况的建议；坏参数一行报错。"""
 import json
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson2_qlora_ptuning/06_method_selection/method_selector.py"
 
@@ -26,6 +26,7 @@ def test_formula_matches_measured_peaks(tmp_path, tiny_models, run_script):
         assert e["qlora"] < e["lora"] < e["full"]
     # 你的情况（--smoke 的默认：7B、1×24 GB、5000 条、效果优先）与表里同样硬件的典型情况给出同一个建议
     assert m["your_case"]["method"] == recs["7B on 1x24GB"]["method"], (m["your_case"], recs["7B on 1x24GB"])
+    assert_claims(saved)
 
 
 def test_params_and_goal(tmp_path, tiny_models):

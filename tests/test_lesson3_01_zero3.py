@@ -5,7 +5,7 @@ import pytest
 
 from common import train
 from common.errors import UserError
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson3_distributed/01_distributed_training/zero3_configurator.py"
 
@@ -38,6 +38,7 @@ def test_zero3_two_ranks_hold_half_the_params(tmp_path, tiny_models):
     log_mod = load_script("lesson3_distributed/04_log_analysis/training_log_inspector.py")
     series = log_mod.read_deepspeed(tmp_path / "run.log")
     assert {s for s, _ in series["lr"]} >= set(range(1, 7)), series
+    assert_claims(saved)
 
 
 @pytest.mark.parametrize("psi,largest", [(7_000_000_000, 131_000_000), (70_000_000_000, 1_050_000_000),

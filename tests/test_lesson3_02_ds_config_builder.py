@@ -6,7 +6,7 @@ import pytest
 
 from common import train
 from common.errors import UserError
-from tests.conftest import REPO, assert_user_error, load_script
+from tests.conftest import REPO, assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson3_distributed/02_8gpu_config/ds_config_builder.py"
 
@@ -48,6 +48,7 @@ def test_plans_for_671b_moe_and_70b_dense(tmp_path):
         assert len(hostfile) == p["nodes"] and all(line.endswith("slots=8") for line in hostfile)
         assert all(k in rec["commands"] for k in ("deepspeed", "torchrun", "accelerate"))
     assert (tmp_path / "mem_per_gpu.png").stat().st_size > 0
+    assert_claims(json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8")))
 
 
 def test_shipped_accelerate_configs_parse():

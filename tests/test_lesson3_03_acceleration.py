@@ -1,7 +1,7 @@
 """第 3 课 03：训练加速实测。打包去掉填充且损失不变、梯度检查点降峰值内存、打包不串样本、MFU 有意义、坏参数一行报错。"""
 import json
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson3_distributed/03_training_acceleration/acceleration_tricks.py"
 
@@ -33,6 +33,7 @@ def test_packing_removes_padding_and_checkpointing_saves_memory(tmp_path, tiny_m
     # eager 注意力把 s×s 的分数矩阵存下来，sdpa 不存：eager 的峰值内存更高
     assert t["padded_eager"]["peak_mem_mb"] > t["padded"]["peak_mem_mb"], t
     assert (tmp_path / "acceleration_tricks.png").stat().st_size > 0
+    assert_claims(saved)
 
 
 def test_unknown_trick_and_bad_data_are_one_line_errors(tmp_path, run_script):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson3_distributed/04_log_analysis/training_log_inspector.py"
 N = 120
@@ -100,6 +100,9 @@ def test_smoke_real_training_log_is_clean(tmp_path, tiny_models):
     # 现训的 tiny-llama（真实 Trainer，40 步）：trainer_state.json 与 TensorBoard 都读到了，没有误报
     assert m["steps_read"] == 80 and len(m["sources"]) == 2
     assert m["n_anomalies"] == 0, m["anomalies"]
+    # 自检：同一份现训日志的副本里注入的故障（现训日志没有吞吐，所以是五种），每一个都在注入的步数被找到
+    assert m["planted_faults"] == 5 and m["planted_found"] == 5 and m["planted_false_alarms"] == 0, m["planted"]
+    assert_claims(m)
 
 
 def test_missing_logs_is_one_line_error(tmp_path, run_script):

@@ -2,7 +2,7 @@
 import csv
 import json
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson3_distributed/05_evaluation/evaluation_metrics.py"
 
@@ -42,6 +42,7 @@ def test_evaluation_suite_smoke(tmp_path, tiny_models):
     outs = models.generate(model, tok, [f"Review: {r['text']}\nSentiment:" for r in test], max_new_tokens=4)
     free = sum(o.strip().lower().startswith(r["label"]) for o, r in zip(outs, test)) / len(test)
     assert m["sentiment_accuracy_zero_shot"] > free, (m["sentiment_accuracy_zero_shot"], free, outs[:4])
+    assert_claims(saved)
 
 
 def test_jieba_rouge_and_bleu_on_chinese():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson3_distributed/06_vertical_case/domain_finetune_case.py"
 
@@ -28,6 +28,7 @@ def test_domain_ppl_falls_after_continued_pretraining(tmp_path, tiny_models):
         assert t["cpt_loss_last"] < t["cpt_loss_first"], t
     assert (tmp_path / "model_mix0" / "model.safetensors").is_file()
     assert (tmp_path / "domain_vs_general.png").stat().st_size > 0
+    assert_claims(saved)
 
 
 def test_too_few_paragraphs_is_one_line_error(tmp_path, run_script):

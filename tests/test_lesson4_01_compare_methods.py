@@ -3,7 +3,7 @@
 """
 import json
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson4_alignment/01_alignment_overview/compare_methods.py"
 
@@ -29,6 +29,7 @@ def test_four_methods_same_start(tmp_path, tiny_models):
         "四种方法结果完全相同：没有各自训练"
     assert (tmp_path / "results.md").read_text(encoding="utf-8").count("|") > 20
     assert (tmp_path / "compare_methods.png").stat().st_size > 0
+    assert_claims(saved)
 
 
 def test_lora_default_path(tmp_path, tiny_models):

@@ -4,7 +4,7 @@ GRPO 对照用同一个 RM 也提高平均奖励、坏参数一行报错。
 import json
 import math
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py"
 
@@ -21,6 +21,7 @@ def test_ppo_raises_reward_with_bounded_kl(tmp_path, tiny_models):
     # KL 惩罚让策略不至于跑飞：每条回答的 KL(actor‖ref) 停在几个 nat 以内（16 个 token）
     assert abs(m["kl_final"]) < 12, m
     assert (tmp_path / "ppo_curves.png").stat().st_size > 0
+    assert_claims(saved)
 
 
 def test_lora_default_path_runs_all_three_stages(tmp_path, tiny_models):
@@ -43,6 +44,7 @@ def test_grpo_with_same_reward_model(tmp_path, tiny_models):
     assert m["algo"] == "grpo" and "value_loss_last" not in m   # 没有 critic
     # 组内相对优势把策略推向 RM 打分高的回答（固定种子下 -2.72 -> -2.00，KL 0.39）
     assert m["reward_after"] > m["reward_before"] + 0.3, m
+    assert_claims(m)   # 同一份 CLAIMS：RM、奖励上升、KL、熵，对 GRPO 也成立
 
 
 def test_bad_algo_is_one_line_error(tmp_path, run_script):

@@ -1,7 +1,7 @@
 """第 4 课 03：奖励模型。留出准确率明显高于随机、chosen 分数高于 rejected、手算损失与 TRL 一致、坏数据一行报错。"""
 import json
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson4_alignment/03_reward_model_training/train_reward_model.py"
 
@@ -21,6 +21,7 @@ def test_reward_model_learns_preferences(tmp_path, tiny_models):
     assert m["manual_loss_matches"] is True and m["manual_loss_abs_diff"] <= 1e-4, m
     assert (tmp_path / "score_hist.png").stat().st_size > 0 and (tmp_path / "margin_hist.png").stat().st_size > 0
     assert (tmp_path / "reward_model" / "config.json").is_file()
+    assert_claims(saved)
 
 
 def test_lora_default_path_matches_manual_loss_and_saves_a_merged_model(tmp_path, tiny_models):

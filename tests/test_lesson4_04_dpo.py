@@ -1,7 +1,7 @@
 """第 4 课 04：DPO。留出隐式奖励准确率高于随机、手算损失与 TRL 一致、β 小偏离参考更远、坏参数一行报错。"""
 import json
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson4_alignment/04_dpo/dpo_train.py"
 
@@ -22,6 +22,7 @@ def test_dpo_matches_manual_loss_and_learns(tmp_path, tiny_models):
     assert set(sweep) == {"0.1", "0.5"}
     assert sweep["0.1"]["mean_abs_logratio"] > sweep["0.5"]["mean_abs_logratio"] * 1.1, sweep
     assert (tmp_path / "beta_sweep.png").stat().st_size > 0
+    assert_claims(saved)
 
 
 def test_lora_default_path_matches_manual_loss(tmp_path, tiny_models):

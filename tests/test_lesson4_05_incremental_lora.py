@@ -1,7 +1,7 @@
 """第 4 课 05：先学 A 再学 B。naive 遗忘明显，replay / 分开的 adapter / 合并 adapter 都遗忘更少；坏参数一行报错。"""
 import json
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson4_alignment/05_incremental_learning/incremental_lora.py"
 STRATEGIES = ("naive", "replay", "separate", "merge_linear", "merge_ties", "merge_dare_ties")
@@ -26,6 +26,7 @@ def test_forgetting_and_mitigations(tmp_path, tiny_models):
         assert m[combo]["task_a_score"] > m["naive"]["task_a_score"] + 0.2, (combo, m)
     assert (tmp_path / "incremental.png").stat().st_size > 0
     assert (tmp_path / "adapters" / "A" / "adapter_config.json").is_file()
+    assert_claims(saved)
 
 
 def test_bad_replay_fraction_is_one_line_error(tmp_path, run_script):

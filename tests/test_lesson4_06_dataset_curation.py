@@ -4,7 +4,7 @@
 import json
 import random
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson4_alignment/06_dataset_curation/dataset_curation.py"
 
@@ -63,6 +63,7 @@ def test_default_data_random_split_leaks(tmp_path):
     assert m["leaked_prompts"] > 0 and m["leaked_prompts_after"] == 0, m
     assert m["removed_by_rule"]["unsafe_chosen"] == 4 and m["flipped_by_votes"] == 1, m
     assert m["pairs_from_graded"] > 0 and m["pairs_out"] < m["pairs_in"]
+    assert_claims(m)
 
 
 def test_bad_graded_file_is_one_line_error(tmp_path, run_script):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -115,6 +117,81 @@ def test_bad_requests_get_4xx_in_openai_shape(server, case, status, code):
     err = r.json()["error"]
     assert err["message"] and err["type"] and (code is None or err["code"] == code), err
     assert httpx.get(server.url + "/health").status_code == 200   # 服务不受影响
+
+
+def health_during(url: str, send):
+    """send() 在另一个线程里跑的同时一直问 /health：返回 (send() 的结果, /health 最慢一次的秒数)。"""
+    with httpx.Client(timeout=60) as c, ThreadPoolExecutor(1) as pool:
+        c.get(url + "/health")   # 先把连接建好：量的是服务的应答，不是 TCP 握手
+        job, worst = pool.submit(send), 0.0
+        while True:   # 至少问一次；send 结束为止
+            t0 = time.perf_counter()
+            assert c.get(url + "/health").status_code == 200
+            worst = max(worst, time.perf_counter() - t0)
+            if job.done():
+                return job.result(), worst
+            time.sleep(0.005)
+
+
+@pytest.mark.parametrize("upload", ["content_length", "chunked", "long_prompt_under_limit"])
+def test_big_body_refused_while_health_keeps_answering(server, upload):
+    """issue 22：20 MB 的请求体（带 key）曾被在事件循环里解析、分词 33 秒才 400，其间 /health 不应答。
+    现在：按字节上限在解析之前 413（有 Content-Length 的先看它，分块上传边读边数）；没超字节上限的超长提示
+    在线程里套模板，字符数就够判它超限，不分词。三种情形下 /health 都在 100 ms 内应答。"""
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    size = 900_000 if upload == "long_prompt_under_limit" else 20_000_000
+    question = "How do I reset the Yunfan App? " * (size // 31)
+    body = json.dumps({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": question}]}).encode()
+    assert (len(body) < 1 << 20) == (upload == "long_prompt_under_limit")   # 服务默认上限 1 MiB
+
+    def send() -> httpx.Response:
+        chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))   # 生成器：httpx 用分块传输，没有长度
+        return httpx.post(server.url + "/v1/chat/completions", content=chunks if upload == "chunked" else body,
+                          headers=headers, timeout=120)
+
+    # 最多三次取最好的：忙的共享机上，空闲的服务偶尔也有 100 ms 的调度抖动；真的卡住（旧代码几十秒）则次次都卡
+    for _ in range(3):
+        r, worst = health_during(server.url, send)
+        err = r.json()["error"]
+        if upload == "long_prompt_under_limit":
+            assert r.status_code == 400 and err["code"] == "context_length_exceeded", r.text
+        else:
+            assert r.status_code == 413 and err["code"] == "request_too_large", r.text
+            assert "1048576 bytes" in err["message"] and "--max-body-bytes" in err["message"], err
+        if worst < 0.1:
+            break
+    assert worst < 0.1, f"/health 最慢 {worst * 1000:.0f} ms"
+
+
+@pytest.mark.parametrize("raw,field,said", [
+    ('"max_tokens": true', "max_tokens", "true"), ('"temperature": NaN', "temperature", "NaN"),
+    ('"temperature": true', "temperature", "true"), ('"top_p": Infinity', "top_p", "Infinity"),
+    ('"stream": 1', "stream", "1"), ('"max_tokens": 4.0', "max_tokens", "4.0"),
+])
+def test_strict_types_name_the_field_and_the_value(server, raw, field, said):
+    """布尔不当数字用（max_tokens: true 曾经 200）；NaN/inf 在消息里就叫 NaN/Infinity，不说成别的。"""
+    body = f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "hi"}}], {raw}}}'
+    r = httpx.post(server.url + "/v1/chat/completions", content=body.encode(),
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and err["message"].startswith(field + ":") and f"(got {said})" in err["message"], err
+
+
+def test_page_escapes_the_model_id(tiny_models, tmp_path):
+    """模型名（--served-model-name）原样拼进网页曾是 XSS：现在只以转义后的文本出现，脚本从 DOM 读它。"""
+    from common import services
+
+    evil = '</script><img src=x onerror="alert(1)">\'&'
+    cmd = [sys.executable, "-m", "common.serving", "--model", MODEL, "--served-model-name", evil, "--port", "{port}"]
+    with services.start(cmd, log_file=tmp_path / "server.log", deadline_s=300, env={"PYTHONPATH": str(REPO)}) as svc:
+        page = httpx.get(svc.url + "/").text
+        ids = [x["id"] for x in httpx.get(svc.url + "/v1/models").json()["data"]]
+    assert ids == [evil]   # API 里还是原来的名字
+    assert f"<title>Course chat · {html.escape(evil)}</title>" in page
+    assert f'<code id="model">{html.escape(evil)}</code>' in page
+    assert "<img" not in page and page.count("</script>") == 1 and "onerror=\"" not in page
+    assert "__MODEL__" not in page
 
 
 def test_32_concurrent_only_200_or_429_and_metrics_count_them(server):

@@ -265,7 +265,7 @@ def _fuzz_direct(modules, tmp_path, n):
 
 # ------------------------------------------- 4. 读数据的函数：任意内容 → 正常返回，或一行点名文件的 UserError
 READERS = {"read_records": data.read_records, "load_sft": data.load_sft, "load_preference": data.load_preference,
-           "load_kto": data._load_kto, "load_classification": data.load_classification, "load_qa": data.load_qa}
+           "load_classification": data.load_classification, "load_qa": data.load_qa}
 KEYS = ["instruction", "input", "output", "system", "messages", "role", "content", "prompt", "chosen", "rejected",
         "completion", "label", "text", "question", "answer", "doc_id", "gold_passage", "lang"]
 ODD_TEXT = st.text(st.characters(codec="utf-8") | st.sampled_from(["\u2028", "\u2029", "\x85", "\ufeff", "\x00",
@@ -414,7 +414,7 @@ def docs_folder(draw, root: Path) -> Path:
     for i in range(draw(st.integers(0, 5))):
         sub = draw(st.sampled_from(["", "sub/"]))
         name = f"{sub}f{i}{draw(st.sampled_from(['.md', '.txt', '.html', '.htm', '.pdf', '.MD', '.bin']))}"
-        kind = draw(st.sampled_from(["bytes", "text", "html", "pdf", "fifo", "link_out", "link_in", "dir"]))
+        kind = draw(st.sampled_from(["bytes", "text", "html", "pdf", "fifo", "link_out", "link_in", "loop", "dir"]))
         p = root / name
         if kind == "bytes":
             p.write_bytes(draw(st.binary(max_size=200)))
@@ -430,6 +430,8 @@ def docs_folder(draw, root: Path) -> Path:
             os.symlink("/etc/hostname" if draw(st.booleans()) else "/etc", p)
         elif kind == "link_in":
             os.symlink(root / draw(st.sampled_from(["ok.md", "sub", ".", "missing"])), p)
+        elif kind == "loop":   # 自己指向自己（符号链接成环：曾经让 f.resolve() 抛 RuntimeError）
+            os.symlink(p, p)
         else:
             p.mkdir()
     return root

@@ -52,7 +52,7 @@ def test_lone_surrogate_is_rejected_with_file_and_line(tmp_path):
     msg = user_error(data.load_sft, p)
     assert f"{p}:2:" in msg and "代理字符" in msg and "'output'" in msg
     p = write(tmp_path / "k.json", '[\n{"prompt": "a", "completion": "b", "label": true, "\\udc00": 1}\n]')
-    assert f"{p}:2:" in user_error(data._load_kto, p)      # 键名里的也算；JSON 数组报真实行号
+    assert f"{p}:2:" in user_error(data.read_records, p)      # 键名里的也算；JSON 数组报真实行号
 
 
 def test_utf8_bom_is_accepted(tmp_path):
@@ -167,6 +167,28 @@ def test_fifo_inside_docs_is_skipped_not_waited_on(tmp_path):
     skipped = []
     assert [d.id for d in data.load_documents(docs, skipped)] == ["a.md"]
     assert "FIFO" in dict(skipped)[str(docs / "pipe.md")]
+
+
+def test_symlink_loops_inside_docs_are_skipped_with_a_line_not_a_traceback(tmp_path):
+    """issue 22 第 7 项：--docs 里有成环的链接（a -> .、x.md -> y.md -> x.md、self.md -> self.md）曾以
+    RuntimeError: Symlink loop 结束（先 resolve 后判断成环）；应与其它读不了的条目一样：跳过并在日志里点名。"""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    write(docs / "real.md", "真正的内容")
+    os.symlink(".", docs / "a")                                 # 文件夹链接指回自己
+    os.symlink("y.md", docs / "x.md")
+    os.symlink("x.md", docs / "y.md")
+    os.symlink("self.md", docs / "self.md")
+    os.symlink("y", docs / "x")                                 # 不是文档后缀的环：和其它非文档文件一样不看
+    os.symlink("x", docs / "y")
+    skipped = []
+    assert [d.id for d in data.load_documents(docs, skipped)] == ["real.md"]
+    why = dict(skipped)
+    assert all("成环" in why[str(docs / n)] for n in ("x.md", "y.md", "self.md"))
+    assert "不重复入库" in why[str(docs / "a")]                  # a -> . 是文件夹内的别名，不是环
+    (docs / "real.md").unlink()                                 # 只剩环：一行"没有可用文档"，退出码 2
+    msg = user_error(data.load_documents, docs)
+    assert msg.startswith(f"{docs}: 没有找到可用的") and "跳过了 4 个" in msg
 
 
 def test_qa_fields_are_checked(tmp_path):

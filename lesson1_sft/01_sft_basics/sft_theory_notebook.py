@@ -45,7 +45,8 @@ class Args(cli.CommonArgs):
     max_steps: int = cli.arg(8, "每种做法训练的步数（--smoke 时为 10）", min=1)
     per_device_train_batch_size: int = cli.arg(4, "每步几条对话", min=1)
     learning_rate: float = cli.arg(5e-5, "学习率（--smoke 的极小模型用 1e-3：参数少、从头预训练不久，"
-                                         "容得下大步长）", min=0)
+                                         "容得下大步长）", max=0.01,
+                                   why="再大就发散：冒烟时 0.1 让留出损失从 5.6 升到 8-10，1e12 时损失全是 NaN")
     max_length: int = cli.arg(256, "每条对话最多多少 token（超出截断）", min=8)
     val_fraction: float = cli.arg(0.15, "留出多少对话做评估（不参与训练）", min=0.01, max=0.9)
     eval_every: int = cli.arg(4, "每隔多少步在留出集上量一次回复损失（画右图）", min=1)

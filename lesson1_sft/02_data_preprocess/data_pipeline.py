@@ -50,6 +50,19 @@ class Args(cli.CommonArgs):
 
 SMOKE = dict(count_tokens=False)   # 冒烟：流水线完全一样，只是不加载分词器数 token
 
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；两种模式跑的是同一份数据、同一条流水线，门槛相同
+CLAIMS = [
+    run.Claim("每条清洗规则都真删了段落：删得最少的那条规则删掉的段落数",
+              "min(removed_by_rule.values())", ">=", 1, 1),
+    run.Claim("漏斗对得上账：读入段落 − 各规则删除之和 − 输出记录，差几条",
+              "abs(records_in - sum(removed_by_rule.values()) - records_out)", "<=", 0, 0),
+    run.Claim("三类个人信息（手机号/邮箱/身份证号）都找到并遮盖：最少的那类的个数",
+              "min(pii_masked.values())", ">=", 1, 1),
+    run.Claim("脱敏后输出里不再有号码：写出的 train/val 里残留的号码数 / 脱敏前找到的号码数",
+              "pii_left_in_output / pii_masked_total", "<=", 0, 0),
+]
+
 
 # ---- 清洗规则：这些正则就是本课的内容 ----
 ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")   # 零宽空格/连接符、BOM、软连字符：看不见但会打断匹配
@@ -271,10 +284,13 @@ def main(args: Args) -> dict:
     # 8. 段落 → 指令记录 → chat messages，切 train/val 写 JSONL
     records = [to_record(it) for it in items]
     train, val = write_splits(out, records, funnel.audit, args.val_fraction, args.seed)
+    # 用同样的正则把写出的文件再扫一遍：脱敏是否干净，要在输出上量，不能只信"替换过了"
+    written = out.path("train.jsonl").read_text(encoding="utf-8") + out.path("val.jsonl").read_text(encoding="utf-8")
     # 9. 长度统计，数据卡与漏斗图
     metrics = {
         "records_in": len(paras), "records_out": len(records), "removed_by_rule": funnel.removed,
         "pii_masked": {k: pii[k] for k in MASK}, "pii_masked_total": sum(pii[k] for k in MASK),
+        "pii_left_in_output": sum(len(rx.findall(written)) for rx in PII.values()),
         "id_card_checksum_ok": pii["id_card_checksum_ok"], "normalized": norm, "documents": len(docs),
         "train_records": len(train), "val_records": len(val),
         "languages": dict(Counter(it["lang"] for it in items)),
@@ -285,7 +301,8 @@ def main(args: Args) -> dict:
     report.write_card(out, metrics, funnel.steps, records, folder)
     report.plot_funnel(out, funnel.steps)
     return out.finish(metrics, summary=f"{len(paras)} 段 → {len(records)} 条记录（train {len(train)} / val "
-                                       f"{len(val)}），删除 {funnel.removed}，脱敏 {metrics['pii_masked']}")
+                                       f"{len(val)}），删除 {funnel.removed}，脱敏 {metrics['pii_masked']}",
+                      claims=CLAIMS)
 
 
 if __name__ == "__main__":

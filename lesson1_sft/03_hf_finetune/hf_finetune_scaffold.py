@@ -35,7 +35,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "lesson1" / "
 @dataclass
 class Args(cli.CommonArgs):
     config: str = cli.arg(str(DEFAULT_CONFIG), "YAML 配置（默认就是 CPU 规模的那份）；键必须是本脚本的参数名")
-    learning_rate: float = cli.arg(5e-5, "峰值学习率：全参数微调要比 LoRA 小一个数量级，否则会冲掉预训练知识", min=0)
+    learning_rate: float = cli.arg(5e-5, "峰值学习率：全参数微调要比 LoRA 小一个数量级，否则会冲掉预训练知识")
     lr_scheduler_type: str = cli.arg("cosine", "学习率调度：cosine / linear / constant ...")
     warmup_steps: int = cli.arg(2, "预热步数：AdamW 的二阶矩估计刚开始不准，先用小步长", min=0)
     max_steps: int = cli.arg(12, "优化器步数；0 = 改按 num_train_epochs 训练", min=0)
@@ -59,6 +59,18 @@ class Args(cli.CommonArgs):
 # --smoke：极小模型上几秒钟能看到效果的规模；小网络承受得住大得多的学习率
 SMOKE = dict(learning_rate=2e-3, max_steps=12, eval_steps=4, max_length=128, per_device_train_batch_size=4,
              gradient_accumulation_steps=1, max_eval_samples=16, warmup_steps=1)
+
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线（训练前、各次评估、全程用时）在同一次运行里量
+CLAIMS = [
+    run.Claim("全参数 SFT 降低留出集损失：训练后 / 训练前 eval_loss", "eval_loss_after / eval_loss_before", "<=",
+              0.995, 0.93),
+    run.Claim("load_best_model_at_end 装回的是验证损失最低的检查点：装回后的 eval_loss − 训练中各次评估的最低值",
+              "eval_loss_after - min(e[1] for e in eval_history)", "<=", 0.001, 0.001),
+    # 冒烟只有 12 步、每次记录的是不同批次的损失，噪声比下降大：只在默认模式检查
+    run.Claim("优化器在训练集上起作用：最后一次记录的训练损失 / 第一次",
+              "train_loss_last / train_loss_first", "<=", None, 0.95),
+]
 
 
 def load_conversations(args: Args) -> list[list[dict]]:
@@ -220,13 +232,16 @@ def main(args: Args) -> dict:
     plot_losses(out, state, before, best)
     return out.finish({
         "eval_loss_before": round(before, 4), "eval_loss_after": round(after, 4),
+        "train_loss_first": round(train_losses[0], 4) if train_losses else None,
         "train_loss_last": round(train_losses[-1], 4) if train_losses else None,
         "train_tokens_per_s": round(speed.tokens / speed.seconds, 1) if speed.seconds else None,
-        "global_step": state.global_step, "best_checkpoint": best,
+        "train_tokens": speed.tokens, "global_step": state.global_step, "best_checkpoint": best,
+        # 训练中每次评估的 (步, eval_loss)；最后一条是上面训练后的那次 evaluate，去掉
+        "eval_history": [[h["step"], round(h["eval_loss"], 4)] for h in state.log_history if "eval_loss" in h][:-1],
         "best_eval_loss": round(state.best_metric, 4) if state.best_metric is not None else None,
         "resumed_from": Path(last_ckpt).name if last_ckpt else None, "report_to": out.report_to,
         "train_examples": len(train_ds), "eval_examples": len(eval_ds),
-    }, summary=f"eval_loss {before:.3f} -> {after:.3f}，{state.global_step} 步，best = {best}")
+    }, summary=f"eval_loss {before:.3f} -> {after:.3f}，{state.global_step} 步，best = {best}", claims=CLAIMS)
 
 
 if __name__ == "__main__":

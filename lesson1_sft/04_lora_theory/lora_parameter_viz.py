@@ -27,7 +27,7 @@ from common import cli, data, models, run, train
 @dataclass
 class Args(cli.CommonArgs):
     steps: int = cli.arg(8, "全参数微调多少步（只为得到一个真实的 ΔW，不追求训练好）", min=1)
-    learning_rate: float = cli.arg(5e-5, "全参数微调的学习率", min=0)
+    learning_rate: float = cli.arg(5e-5, "全参数微调的学习率")
     per_device_train_batch_size: int = cli.arg(4, "每步几条样本", min=1)
     max_length: int = cli.arg(192, "每条样本最多多少 token", min=8)
     max_rank: int = cli.arg(64, "LoRA 参数量清点到多大的秩（1, 2, 4, ... 直到它）", min=1)
@@ -36,6 +36,21 @@ class Args(cli.CommonArgs):
 
 
 SMOKE = dict(steps=10, learning_rate=1e-3, max_length=128)   # 极小模型：小网络承受得住大学习率
+
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；对照组（随机矩阵、W 本身、全量参数）都在同一次运行里量
+CLAIMS = [
+    run.Claim("ΔW 的能量集中在前 8 个方向，远超同形状随机矩阵：ΔW / 随机 的前 8 能量占比",
+              "delta_energy_top8 / random_energy_top8", ">=", 2.5, 4.0),
+    run.Claim("集中的是更新而不是预训练权重本身：ΔW / W 的前 8 能量占比",
+              "delta_energy_top8 / weight_energy_top8", ">=", 1.4, 2.5),
+    run.Claim("注意力矩阵的 ΔW 比 MLP 更集中：注意力 / MLP 的前 8 能量占比（各自平均）",
+              "delta_energy_top8_attention / delta_energy_top8_mlp", ">=", 1.08, 1.3),
+    run.Claim("LoRA r=8 只训练一小部分参数：PEFT 实数的可训练参数 / 全量参数",
+              'lora_params["8"] / full_params', "<=", 0.1, 0.025),
+    run.Claim("PEFT 实数的参数量与公式 r·(d_in + d_out) 逐秩相等：最大差几个参数",
+              'max(abs(m["lora_params"][r] - m["lora_params_formula"][r]) for r in lora_params)', "<=", 0, 0),
+]
 
 
 TOP_R = 8   # 报告前 8 个奇异值的能量：r=8 是 LoRA 最常用的秩
@@ -182,6 +197,8 @@ def main(args: Args) -> dict:
     # 按矩阵类型分开平均：注意力和 MLP 的集中程度不同，决定 target_modules 时有用
     by_kind = {k: round(sum(energy_top(s, TOP_R) for n, s in spectra.items() if n.endswith("." + k))
                         / sum(n.endswith("." + k) for n in spectra), 4) for k in kinds}
+    by_block = {b: round(mean_energy(sel, TOP_R), 4) if (sel := {n: s for n, s in spectra.items() if f".{b}." in n})
+                else None for b in ("self_attn", "mlp")}   # 注意力块与 MLP 块各自平均（名字里带 self_attn / mlp）
 
     # 5. 画图：中间一层的奇异值谱（首尾层紧挨嵌入与输出，不一定有代表性）+ 前 r 个方向捕获的能量
     mid = getattr(model.config, "num_hidden_layers", 2) // 2
@@ -196,14 +213,16 @@ def main(args: Args) -> dict:
         "random_energy_top8": round(mean_energy(rand_by_matrix, TOP_R), 4),
         "weight_energy_top8": round(mean_energy(weight_spectra, TOP_R), 4),
         "delta_energy_top8_by_module": by_kind,
+        "delta_energy_top8_attention": by_block["self_attn"], "delta_energy_top8_mlp": by_block["mlp"],
         "delta_energy_by_rank": dict(zip(map(str, ranks), [round(x, 4) for x in curve["ΔW"]])),
-        "lora_params": lora_params, "lora_params_match_formula": lora_params == analytic,
+        "lora_params": lora_params, "lora_params_formula": analytic,
+        "lora_params_match_formula": lora_params == analytic,
         "full_params": full_params, f"trainable_ratio_r{ref}": round(lora_params[ref] / full_params, 5),
         "lora_target_modules": kinds, "lora_injected_count": len(injected), "matrices_analyzed": len(spectra),
         "train_loss_first": round(losses[0], 4), "train_loss_last": round(losses[-1], 4),
     }, summary=f"ΔW top-{TOP_R} 能量 {mean_energy(spectra, TOP_R):.1%} vs 随机 "
                f"{mean_energy(rand_by_matrix, TOP_R):.1%}；LoRA r={ref} 参数 {lora_params[ref]:,d} = 全量的 "
-               f"{lora_params[ref] / full_params:.2%}")
+               f"{lora_params[ref] / full_params:.2%}", claims=CLAIMS)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,27 @@ class Args(cli.CommonArgs):
 # 默认运行才比较线程数
 SMOKE = dict(batch_sizes=[1, 4], ppl_samples=8, max_new_tokens=128, repeats=2)
 
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线（fp32、批 1、开缓存、全部线程）在同一次运行里量
+# 墙钟比值在共享的 2 核上会翻转：冒烟只检查差距 ≥ 3 倍的（批量吞吐）和与机器快慢无关的（前向 token 数、困惑度、体积）
+CLAIMS = [
+    run.Claim("KV 缓存省下前向计算：不开 / 开缓存时一次生成送进前向的 token 数",
+              'forward_tokens["no_kv_cache"] / forward_tokens["kv_cache"]', ">=", 10, 10),
+    run.Claim("KV 缓存提速：开 / 不开缓存的 tokens/s（轮流计时取中位数）", "kv_cache_speedup", ">=", None, 2.0),
+    run.Claim("bf16 几乎不损精度：bf16 / fp32 困惑度（同一批回复 token，逐 token 对着真实下文算）",
+              'perplexity["bf16"] / perplexity["fp32"]', "<=", 1.02, 1.02),
+    run.Claim("bf16 提速（CPU 有原生 bf16 时）：bf16 / fp32 的 tokens/s", "bf16_speedup", ">=", None, 1.3),
+    run.Claim("动态 int8 提速：int8 / fp32 的 tokens/s", "int8_speedup", ">=", None, 2.0),
+    run.Claim("动态 int8 权重变小：int8 / fp32 的权重体积", 'size_mb["int8"] / size_mb["fp32"]', "<=", 0.8, 0.6),
+    run.Claim("动态 int8 保住精度：int8 / fp32 困惑度（同一批回复 token）",
+              'perplexity["int8"] / perplexity["fp32"]', "<=", 1.05, 1.1),
+    run.Claim("批量提高总吞吐：最大批 / 批 1 的总 tokens/s", "batch_throughput_gain", ">=", 2.0, 2.5),
+    run.Claim("批量让每个请求的首 token 更晚：最大批 / 批 1 的首 token 延迟", "batch_first_token_slowdown", ">=",
+              None, 2.0),
+    run.Claim("逐 token 解码受内存带宽限制，多加线程帮助很小：全部 / 1 个线程的 tokens/s", "thread_speedup", "<=",
+              None, 1.5),
+]
+
 
 class FirstTokenTimer:
     """generate 的 streamer：第一次 put 是提示词，第二次 put 才是第一个新 token，记下那一刻。"""
@@ -73,6 +94,21 @@ def timed_generate(model, enc: dict, new_tokens: int, use_cache: bool) -> tuple[
     total = time.perf_counter() - t0
     n_new = (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
     return total, (streamer.first or time.perf_counter()) - t0, n_new
+
+
+def forward_tokens(model, enc: dict, new_tokens: int) -> dict[str, int]:
+    """数一次生成真正送进前向的 token（与机器快慢无关）：开缓存时每步只算 1 个新 token，不开时每步重算整段前文。"""
+    fed: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    counts = {}
+    try:
+        for name, use_cache in (("kv_cache", True), ("no_kv_cache", False)):
+            fed.clear()
+            timed_generate(model, dict(enc), new_tokens, use_cache)
+            counts[name] = sum(fed)
+    finally:
+        hook.remove()
+    return counts
 
 
 def load_baseline(args: Args, log):
@@ -205,6 +241,7 @@ def main(args: Args) -> dict:
     tps = {k: round(statistics.median(n / t for t, _, n in v), 2) for k, v in times.items()}
     ttft = {k: round(statistics.median(f for _, f, _ in v) * 1000, 1) for k, v in times.items()}
     new_tokens = {k: v[-1][2] for k, v in times.items()}
+    fed = forward_tokens(variants["fp32"], encs[1], args.max_new_tokens)   # 基线 fp32 一定有批 1 这一行
 
     # 5. 精度代价：同一批留出文本上的困惑度（快了多少要和差了多少一起看）+ 部署时要加载的权重体积
     ppl = perplexities(variants, tok, convs[: args.ppl_samples], args.max_length)
@@ -217,19 +254,20 @@ def main(args: Args) -> dict:
     return out.finish({
         "tokens_per_s": tps,
         "first_token_ms": ttft,
-        "new_tokens": new_tokens,
+        "new_tokens": new_tokens, "forward_tokens": fed,
         "kv_cache_speedup": round(tps["fp32"] / tps["fp32_no_kv"], 3),
         "int8_speedup": round(tps["int8"] / tps["fp32"], 3),
         "bf16_speedup": round(tps["bf16"] / tps["fp32"], 3),
         "thread_speedup": round(tps["fp32"] / tps["fp32_1thread"], 3) if "fp32_1thread" in tps else None,
         "batch_throughput_gain": round(tps[f"fp32_bs{top_bs}"] / tps["fp32"], 3) if top_bs > 1 else None,
+        "batch_first_token_slowdown": round(ttft[f"fp32_bs{top_bs}"] / ttft["fp32"], 3) if top_bs > 1 else None,
         "perplexity": ppl,
         "int8_ppl_delta": round(ppl["int8"] - ppl["fp32"], 4),
         "int8_ppl_delta_pct": round(100 * (ppl["int8"] / ppl["fp32"] - 1), 2),
         "size_mb": sizes,
     }, summary=f"KV 缓存 {tps['fp32'] / tps['fp32_no_kv']:.2f}x，int8 {tps['int8'] / tps['fp32']:.2f}x"
                f"（困惑度 {ppl['fp32']:.2f}→{ppl['int8']:.2f}），bf16 {tps['bf16'] / tps['fp32']:.2f}x，"
-               f"fp32 {tps['fp32']:.1f} tok/s，首 token {ttft['fp32']:.0f} ms")
+               f"fp32 {tps['fp32']:.1f} tok/s，首 token {ttft['fp32']:.0f} ms", claims=CLAIMS)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from common import cli, models, run, train
 from common.errors import UserError
 
+plots = run.import_sibling(__file__, "_plot")   # 图（nf4_levels.png）放在旁边，这里留下量化本身
+
 
 @dataclass
 class Args(cli.CommonArgs):
@@ -37,13 +39,28 @@ class Args(cli.CommonArgs):
     dq_blocksize: int = cli.arg(256, "双重量化时 absmax 常数的分块大小（论文：256 个一块量化成 8 bit）", min=2)
     max_matrices: int = cli.arg(0, "只取前多少个 Linear 权重算误差；0 = 全部", min=0)
     batch_size: int = cli.arg(2, "梯度检查点实验的批大小", min=1)
-    seq_len: int = cli.arg(256, "梯度检查点实验的序列长度：激活内存 ∝ 批 × 长度 × 层数", min=8)
+    seq_len: int = cli.arg(256, "梯度检查点实验的序列长度：激活内存 ∝ 批 × 长度 × 层数", min=8, max=4096,
+                           why="光 logits 就占 批 × 长度 × 词表 × 4 字节：smollm2 批 2 × 4096 已 1.6 GB，还没算激活")
 
     smoke_model = "tiny-llama"
 
 
 # 极小模型每层激活很小：加大批和长度，让激活在峰值里占大头，检查点的效果才量得出来
 SMOKE = dict(batch_size=4, seq_len=512)
+
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线都在同一次运行里、同一批权重上测
+CLAIMS = [
+    run.Claim("NF4 的分位数码值比等间距 int4 重建误差小：MSE NF4 / int4", "nf4_mse / int4_mse", "<=", 0.85, 0.8),
+    run.Claim("int8 的重建误差远小于 4-bit：MSE int8 / NF4", "int8_mse / nf4_mse", "<=", 0.05, 0.05),
+    run.Claim("从零写的 NF4 与 bitsandbytes 逐码一致：4-bit 码相同的比例", "code_agreement", ">=", 0.9999, 0.9999),
+    run.Claim("码相同处反量化值也与 bitsandbytes 一致：最大绝对差", "dequant_max_diff", "<=", 1e-5, 1e-5),
+    run.Claim("双重量化减少存储：4-bit 加载后实测 bit/参数，双重量化 / 不双重量化",
+              "measured_bits_per_param_double_quant / measured_bits_per_param", "<=", 0.93, 0.93),
+    run.Claim("公式与 4-bit 加载后数出的字节对得上：|实测 - 公式| bit/参数（双重量化）",
+              "abs(measured_bits_per_param_double_quant - bits_per_param_double_quant)", "<=", 0.01, 0.01),
+    run.Claim("梯度检查点降低峰值内存：一步训练 开 / 不开", "peak_mem_mb_ckpt / peak_mem_mb_no_ckpt", "<=", 0.8, 0.95),
+]
 
 
 def nf4_codebook():
@@ -175,7 +192,6 @@ def measured_bits(args: Args, double_quant: bool, log) -> float:
     return bits / params
 
 
-
 def step_peak(model, batch, ckpt: bool, device) -> float:
     """一个训练步（前向 + 反向，梯度写进 .grad）的峰值内存增量（MB）。优化器状态两种情况一样大，不放进来。"""
     if ckpt:   # 非重入实现：只存每层输入，反向时逐层重算前向
@@ -225,26 +241,6 @@ def grad_ckpt_peaks(model, tok, args: Args) -> tuple[float, float]:
     return peak_full, peak_ckpt
 
 
-def plot_levels(out, ws, code, mse: dict, blocksize: int) -> None:
-    """第一个 Linear 的归一化权重分布 + NF4 / int4 码值：一眼看出 NF4 在 0 附近更密，正是权重最多的地方。"""
-    import torch
-
-    blocks, absmax, _ = blockwise(ws[0][1], blocksize)
-    normed = (blocks / absmax).reshape(-1).numpy()
-    fig, save = out.plot("nf4_levels.png")
-    ax = fig.add_subplot(111)
-    ax.hist(normed, bins=120, density=True, color="#9bb", label=f"weights / block absmax ({ws[0][0]})")
-    for i, c in enumerate(code.tolist()):
-        ax.axvline(c, color="C3", lw=1, ls="-", label="NF4 levels" if i == 0 else None)
-    for i, c in enumerate(torch.arange(-7, 8).div(7).tolist()):
-        ax.axvline(c, color="C0", lw=1, ls=":", label="int4 levels" if i == 0 else None)
-    ax.set_xlabel("normalized weight")
-    ax.set_ylabel("density")
-    ax.set_title(f"NF4 MSE {mse['nf4']:.2e} vs int4 {mse['int4']:.2e} ({out.model_name})")
-    ax.legend(fontsize=8)
-    save()
-
-
 def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
@@ -279,7 +275,8 @@ def main(args: Args) -> dict:
                  f"开 {peak_ckpt:.0f} MB（{ratio:.2f} 倍）；{where}")
 
     # 6. 图：归一化后的权重分布 + NF4 / int4 码值
-    plot_levels(out, ws, code, mse, args.blocksize)
+    blocks, absmax, _ = blockwise(ws[0][1], args.blocksize)
+    plots.plot_levels(out, ws[0][0], (blocks / absmax).reshape(-1).cpu().numpy(), code, mse)
     return out.finish({
         "nf4_mse": mse["nf4"], "int4_mse": mse["int4"], "int8_mse": mse["int8"],
         "nf4_vs_int4_error_reduction": round(1 - mse["nf4"] / mse["int4"], 4),
@@ -291,7 +288,7 @@ def main(args: Args) -> dict:
         "codebook": [round(c, 6) for c in code.tolist()],
     }, summary=f"NF4 MSE {mse['nf4']:.2e} < int4 {mse['int4']:.2e}；与 bitsandbytes 一致={matches}；"
                f"bit/参数 {bpp:.3f} -> {bpp_dq:.3f}（实测 {meas:.3f} / {meas_dq:.3f}）；"
-               f"梯度检查点峰值内存 ×{ratio:.2f}")
+               f"梯度检查点峰值内存 ×{ratio:.2f}", claims=CLAIMS)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,26 @@ def latency_ms(model, tok, prompt: str, new_tokens: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def structured_size_mb(model) -> float:
+    """结构化剪枝后真正删掉全零行能剩下多少（fp32）。
+
+    只数 Linear 权重里非零的行；其它参数照数。按 id 去重：绑定的 embedding / lm_head 只存一份。
+    """
+    import torch
+
+    total, seen = 0, set()
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if isinstance(mod, torch.nn.Linear) and p is mod.weight and p.dim() == 2:
+                total += int((p.abs().sum(1) > 0).sum()) * p.shape[1]
+            else:
+                total += p.numel()
+    return total * 4 / 2**20
+
+
 @dataclass
 class Bench:
     """同一把尺子：留出文本的 token、测延迟的提示与生成长度都固定下来，每种方法调一次 measure 得到一行。"""

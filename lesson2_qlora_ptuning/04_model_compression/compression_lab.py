@@ -37,7 +37,7 @@ class Args(cli.CommonArgs):
     temperature: float = cli.arg(2.0, "蒸馏温度 T：越高，老师分布越平，非最大类的信息越多", min=0.1)
     kd_alpha: float = cli.arg(0.5, "蒸馏损失里 KL 的权重（其余是交叉熵）", min=0, max=1)
     distill_steps: int = cli.arg(30, "学生训练步数（KD 与纯交叉熵相同）", min=1)
-    learning_rate: float = cli.arg(1e-4, "学生的学习率", min=0)
+    learning_rate: float = cli.arg(1e-4, "学生的学习率")
     per_device_train_batch_size: int = cli.arg(4, "学生训练的批大小", min=1)
     max_length: int = cli.arg(128, "每条文本最多多少 token", min=8)
     eval_samples: int = cli.arg(24, "算困惑度的留出样本数", min=1)
@@ -50,6 +50,36 @@ class Args(cli.CommonArgs):
 # --smoke：1M 参数的学生承受得住大学习率；步数让两种训练拉开差距
 SMOKE = dict(sparsities=[0.3, 0.6], distill_steps=40, learning_rate=3e-3, per_device_train_batch_size=8,
              max_new_tokens=8, repeats=2)
+
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线（fp32、纯 CE 学生）都在同一次运行里用同一把尺子量
+# 剪枝的行名带比例（随 --sparsities 变）：表达式在 m 里按前缀找出这几行
+CLAIMS = [
+    run.Claim("蒸馏胜过同样步数的纯交叉熵：学生困惑度 纯 CE / KD",
+              'student_ce["ppl"] / student_kd["ppl"]', ">=", 1.2, 1.1),
+    run.Claim("NF4 把模型压小：大小 NF4 / fp32", 'bnb_nf4["size_mb"] / fp32["size_mb"]', "<=", 0.7, 0.4),
+    run.Claim("NF4 的困惑度代价有限：困惑度 NF4 / fp32", 'bnb_nf4["ppl"] / fp32["ppl"]', "<=", 1.05, 1.5),
+    run.Claim("bitsandbytes int8 把模型压小：大小 int8 / fp32",
+              'bnb_int8["size_mb"] / fp32["size_mb"]', "<=", 0.7, 0.5),
+    run.Claim("bitsandbytes int8（LLM.int8）几乎无损：困惑度 int8 / fp32",
+              'bnb_int8["ppl"] / fp32["ppl"]', "<=", 1.05, 1.05),
+    # 激活离群值只在真实模型上出现（tiny 上两者的困惑度都与 fp32 相同），冒烟不检查
+    run.Claim("LLM.int8 把离群维度留在高精度，胜过不做这件事的动态 int8：困惑度 动态 int8 / bnb int8",
+              'dynamic_int8["ppl"] / bnb_int8["ppl"]', ">=", None, 2.0),
+    run.Claim("动态 int8 把模型压小：大小 动态 int8 / fp32",
+              'dynamic_int8["size_mb"] / fp32["size_mb"]', "<=", 0.7, 0.5),
+    # 极小模型的延迟由 Python 开销主导（tiny 上动态 int8 比 fp32 还慢），冒烟不检查
+    run.Claim("动态 int8 生成更快（int8 GEMM）：每 token 延迟 动态 int8 / fp32",
+              'dynamic_int8["latency_ms"] / fp32["latency_ms"]', "<=", None, 0.8),
+    run.Claim("非结构化剪枝在稠密存储下一点不省：大小 剪枝后（最小的一行）/ fp32",
+              'min(m[k]["size_mb"] for k in m if k.startswith("prune_unstructured_")) / fp32["size_mb"]',
+              ">=", 0.999, 0.999),
+    run.Claim("结构化剪枝删掉整行真的变小：大小 剪得最多的一行 / fp32",
+              'min(m[k]["size_mb"] for k in m if k.startswith("prune_structured_")) / fp32["size_mb"]',
+              "<=", 0.85, 0.8),
+    run.Claim("结构化剪枝不重新训练就伤困惑度：困惑度 最差的一行 / fp32",
+              'max(m[k]["ppl"] for k in m if k.startswith("prune_structured_")) / fp32["ppl"]', ">=", 1.1, 10),
+]
 
 
 def texts_from(path) -> tuple[list[str], list[str]]:
@@ -89,26 +119,6 @@ def prune_copy(model, amount: float, structured: bool):
     return m
 
 
-def structured_size_mb(model) -> float:
-    """结构化剪枝后真正删掉全零行能剩下多少（fp32）。
-
-    只数 Linear 权重里非零的行；其它参数照数。按 id 去重：绑定的 embedding / lm_head 只存一份。
-    """
-    import torch
-
-    total, seen = 0, set()
-    for mod in model.modules():
-        for p in mod.parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            if isinstance(mod, torch.nn.Linear) and p is mod.weight and p.dim() == 2:
-                total += int((p.abs().sum(1) > 0).sum()) * p.shape[1]
-            else:
-                total += p.numel()
-    return total * 4 / 2**20
-
-
 def prune_rows(model, bench, sparsities: list[float]) -> dict:
     """每个剪枝比例两行：非结构化（稠密存储，大小不变）与结构化（删掉零行后的大小）。"""
     rows = {}
@@ -116,7 +126,8 @@ def prune_rows(model, bench, sparsities: list[float]) -> dict:
         rows[f"prune_unstructured_{s:g}"] = bench.measure(f"prune_unstructured_{s:g}",
                                                           prune_copy(model, s, structured=False))
         pm = prune_copy(model, s, structured=True)
-        rows[f"prune_structured_{s:g}"] = bench.measure(f"prune_structured_{s:g}", pm, structured_size_mb(pm))
+        rows[f"prune_structured_{s:g}"] = bench.measure(f"prune_structured_{s:g}", pm,
+                                                        bench_lib.structured_size_mb(pm))   # 删掉零行后的大小
     return rows
 
 
@@ -274,7 +285,8 @@ def main(args: Args) -> dict:
     return out.finish({**table, "distill_gain": round(gain, 4), "eval_samples": len(held)},
                       summary=f"fp32 ppl {table['fp32']['ppl']:.2f}/{table['fp32']['size_mb']:.1f} MB；"
                               f"nf4 {table['bnb_nf4']['ppl']:.2f}/{table['bnb_nf4']['size_mb']:.1f} MB；"
-                              f"int8 {table['dynamic_int8']['ppl']:.2f}；distill_gain {gain:.3f}；ppl×MB 最优 {best}")
+                              f"int8 {table['dynamic_int8']['ppl']:.2f}；distill_gain {gain:.3f}；ppl×MB 最优 {best}",
+                      claims=CLAIMS)
 
 
 if __name__ == "__main__":

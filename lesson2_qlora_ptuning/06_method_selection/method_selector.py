@@ -62,6 +62,28 @@ class Args(cli.CommonArgs):
 # --smoke：只在 tiny-llama 上实测；加大批和长度，让激活占峰值的大头（公式里最难估的一项也被检验到）
 SMOKE = dict(measure_models=["tiny-llama:8x256"])
 
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；公式的基线是同一次运行里实测的峰值内存
+_PEAK = 'max(r["measured_mb"] for r in measurements if r["method"] == "{}")'   # 某方法在最大的实测模型上的峰值
+CLAIMS = [
+    run.Claim("显存公式够用来选型：四种方法里公式与实测峰值相差最大的百分比",
+              "max(abs(e) for e in estimate_error_pct.values())", "<=", 25, 25),
+    run.Claim("公式不低估（放不下比浪费一点显存更糟）：四种方法最差误差里最小的一个（%）",
+              "min(estimate_error_pct.values())", ">=", -5, -5),
+    # 极小模型上激活占峰值的大头（8×256），几种方法的实测峰值只差几 MB，冒烟不检查
+    run.Claim("LoRA 只训练低秩增量，实测峰值远低于全参数：LoRA / 全参数",
+              f"{_PEAK.format('lora')} / {_PEAK.format('full')}", "<=", None, 0.6),
+    run.Claim("QLoRA 把底座压到 4 bit，实测峰值再低于 LoRA：QLoRA / LoRA",
+              f"{_PEAK.format('qlora')} / {_PEAK.format('lora')}", "<=", None, 0.8),
+    # 建议表的顺序即 CASES：[1] = 7B 单卡 80 GB，[3] = 70B 单卡 48 GB
+    run.Claim("7B 全参数微调单卡 80 GB 放不下：全参数估计显存 / 卡的显存",
+              'recommendations[1]["estimate_gb"]["full"] / recommendations[1]["gpu_mem_gb"]', ">=", 1.1, 1.1),
+    run.Claim("70B 单卡 48 GB 只有 QLoRA 放得下：QLoRA 估计显存 / 卡的显存",
+              'recommendations[3]["estimate_gb"]["qlora"] / recommendations[3]["gpu_mem_gb"]', "<=", 0.9, 0.9),
+    run.Claim("同一个 70B，LoRA 估计显存超过单卡 48 GB：LoRA 估计显存 / 卡的显存",
+              'recommendations[3]["estimate_gb"]["lora"] / recommendations[3]["gpu_mem_gb"]', ">=", 1.1, 1.1),
+]
+
 
 def shape_of(cfg) -> dict:
     """从 transformers config 取公式需要的维度（kv 维单算：GQA 模型的 K/V 投影比 Q 小，参数和前缀都按它算）。"""
@@ -240,7 +262,8 @@ def main(args: Args) -> dict:
     worst = {m: round(max(v, key=abs), 1) for m, v in errors.items()}
 
     # 2. 典型情况的建议表 + 你的情况（典型情况固定 10000 条数据，只看显存放不放得下）
-    recs = [{"case": c, "goal": "quality", **recommend(p, g, n, 10000, "quality", args)} for c, p, g, n in CASES]
+    recs = [{"case": c, "goal": "quality", "gpu_mem_gb": g, **recommend(p, g, n, 10000, "quality", args)}
+            for c, p, g, n in CASES]
     for r in recs:
         out.log.info(f"{r['case']:16s} -> {r['method']:10s} 估计显存 GB {r['estimate_gb']}")
     mine = recommend(args.params, args.gpu_mem_gb, args.gpus, args.data_size, args.goal, args)
@@ -254,7 +277,7 @@ def main(args: Args) -> dict:
                        "recommendations": recs, "your_case": {"params": args.params, "gpu_mem_gb": args.gpu_mem_gb,
                                                               "gpus": args.gpus, "goal": args.goal, **mine}},
                       summary="公式误差（最差）" + "，".join(f"{m} {e:+.0f}%" for m, e in worst.items())
-                              + "；" + "；".join(f"{r['case']} -> {r['method']}" for r in recs))
+                              + "；" + "；".join(f"{r['case']} -> {r['method']}" for r in recs), claims=CLAIMS)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,30 @@ class Args(cli.CommonArgs):
 
 SMOKE = dict(nodes=[1, 4, 16])
 
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线都在同一次运行里算：不 offload、1 节点、
+# 稠密模型、可用显存。账本是确定的计算（冒烟只少几个节点数），两种模式的值相同；
+# 8 节点不在冒烟的节点数里，那条只在默认模式检查
+CLAIMS = [
+    run.Claim("70B 单节点 ZeRO-3 不 offload 放不下：每卡显存 / 可用显存",
+              'plans["llama3-70b/1n/zero3+none"]["mem_per_gpu_gb"] / usable_gpu_gb', ">=", 2.0, 2.0),
+    run.Claim("放不下的主因是优化器分片：它占每卡显存的比例（70B，单节点不 offload）",
+              'plans["llama3-70b/1n/zero3+none"]["breakdown_gb"]["optimizer"]'
+              ' / plans["llama3-70b/1n/zero3+none"]["mem_per_gpu_gb"]', ">=", 0.6, 0.6),
+    run.Claim("offload 优化器让 70B 单节点放得下：每卡显存 / 可用显存",
+              'plans["llama3-70b/1n/zero3+opt"]["mem_per_gpu_gb"] / usable_gpu_gb', "<=", 0.6, 0.6),
+    run.Claim("ZeRO-3 在所有卡上切分：4 节点 / 1 节点 的每卡显存（70B，不 offload）",
+              'plans["llama3-70b/4n/zero3+none"]["mem_per_gpu_gb"]'
+              ' / plans["llama3-70b/1n/zero3+none"]["mem_per_gpu_gb"]', "<=", 0.4, 0.4),
+    run.Claim("MoE 把一层专家合成一个张量：ZeRO-3 聚齐一层的显存，DeepSeek-V3 / Llama-3-70B",
+              'plans["deepseek-v3-671b/16n/zero3+none"]["breakdown_gb"]["gathered_layer"]'
+              ' / plans["llama3-70b/16n/zero3+none"]["breakdown_gb"]["gathered_layer"]', ">=", 5.0, 5.0),
+    run.Claim("offload 的代价是节点内存：DeepSeek-V3 4 节点 offload 优化器时每节点内存 / 可用内存",
+              'plans["deepseek-v3-671b/4n/zero3+opt"]["cpu_per_node_gb"] / usable_node_gb', ">=", 1.2, 1.2),
+    run.Claim("DeepSeek-V3 8 节点 offload 优化器放得下：每卡显存 / 可用显存",
+              'plans["deepseek-v3-671b/8n/zero3+opt"]["mem_per_gpu_gb"] / usable_gpu_gb', "<=", None, 1.0),
+]
+
 
 def count(arch: str) -> tuple[int, int, dict]:
     """在 meta 设备上按真实架构建模型：总参数、最大一层（ZeRO-3 一次要聚齐的）、配置。"""
@@ -240,7 +264,10 @@ def main(args: Args) -> dict:
     n_fit = sum(p["fits"] for p in plans.values())
     return out.finish({"params": {k: v[0] for k, v in sizes.items()},
                        "largest_layer_params": {k: v[1] for k, v in sizes.items()}, "plans": plans,
-                       "recommended": best, "plans_fit": n_fit, "plans_total": len(plans)},
+                       "recommended": best, "plans_fit": n_fit, "plans_total": len(plans),
+                       # 放不放得下的基线：这台硬件扣掉余量后的可用显存 / 内存
+                       "usable_gpu_gb": args.gpu_memory_gb * args.headroom,
+                       "usable_node_gb": args.node_memory_gb * args.headroom}, claims=CLAIMS,
                       summary=f"{len(plans)} 个方案 {n_fit} 个放得下；推荐："
                               + "；".join(f"{k} {v['plan']}" for k, v in best.items()))
 

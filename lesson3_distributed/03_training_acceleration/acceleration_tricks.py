@@ -46,8 +46,9 @@ class Args(cli.CommonArgs):
     per_device_train_batch_size: int = cli.arg(4, "填充时每批几条样本；打包时每批的行数按相同 token 数折算", min=1)
     max_length: int = cli.arg(1024, "每条样本截断长度 = 打包行长度；要大于数据里大多数样本，否则截断抹平了长短差异，"
                                     "打包就没什么可省的（smollm2 分词下长回答 100-800 token）", min=16)
-    learning_rate: float = cli.arg(1e-5, "学习率（这里比速度，不比效果）", min=0)
-    matmul_size: int = cli.arg(1024, "测峰值用的方阵边长", min=64)
+    learning_rate: float = cli.arg(1e-5, "学习率（这里比速度，不比效果）")
+    matmul_size: int = cli.arg(1024, "测峰值用的方阵边长", min=64, max=16384,
+                               why="3 个 n×n fp32 矩阵共 12·n² 字节：16384 时 3.2 GB")
 
     smoke_model = "tiny-llama"
 
@@ -55,6 +56,27 @@ class Args(cli.CommonArgs):
 # 冒烟：极小模型 + 32 条；不测 compile（2 核上编译要几十秒）和单线程（冒烟本来就是单线程）
 SMOKE = dict(n_samples=32, per_device_train_batch_size=8, max_length=512,
              tricks=["padded", "packed", "packed_ckpt", "padding_free", "padded_eager", "packed_accum"])
+
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线是同一进程、同一批样本里的 padded / packed 那一招。
+# 每招只跑一遍，计时比值在繁忙的共享 CPU 上会翻转（冒烟实测的差距都不到 2 倍）：冒烟只查不随机器忙闲变的量
+# （数值、填充、前向位置数、峰值内存），吞吐与用时只在默认模式（空闲机器上录参考运行）检查。
+# CPU 上的峰值内存也随分配器的状态起伏（eager / sdpa 冒烟实测 1.26–1.82），门槛取低的那头再留余量
+CLAIMS = [
+    run.Claim("打包不改结果：同两条样本打包成一行 vs 填充成矩形的损失差",
+              "packed_vs_padded_loss_diff", "<=", 1e-5, 1e-4),
+    run.Claim("打包的样本互相看不见：拼成一行 vs 各自单独前向的 logits 最大差",
+              "packed_max_logit_diff", "<=", 1e-4, 1e-3),
+    run.Claim("打包去掉填充：打包 / 填充 的填充比例",
+              'tricks["packed"]["padding_fraction"] / tricks["padded"]["padding_fraction"]', "<=", 0.25, 0.5),
+    run.Claim("打包省下前向要算的位置：打包 / 填充 的前向位置数（真实 token 一样多）",
+              'tricks["packed"]["forward_tokens"] / tricks["padded"]["forward_tokens"]', "<=", 0.75, 0.8),
+    run.Claim("打包更快：打包 / 填充 的真实 token 吞吐", "packing_speedup", ">=", None, 1.1),
+    run.Claim("梯度检查点降低峰值内存：打包 + 检查点 / 打包", "ckpt_mem_ratio", "<=", 0.95, 0.8),
+    run.Claim("梯度检查点的代价是反向时重算：打包 + 检查点 / 打包 的用时", "ckpt_time_ratio", ">=", None, 1.05),
+    run.Claim("sdpa 不存 s×s 的注意力分数：eager / sdpa 的峰值内存（填充）",
+              'tricks["padded_eager"]["peak_mem_mb"] / tricks["padded"]["peak_mem_mb"]', ">=", 1.1, 1.1),
+]
 
 
 def load_rows(args: Args, tok) -> list[dict]:
@@ -286,7 +308,7 @@ def main(args: Args) -> dict:
     # 4. 表 + 图：吞吐与峰值内存并排
     plot(out, results, len(rows), peak)
     metrics = summarize(results, peak, exact, lens)
-    return out.finish(metrics, summary=(
+    return out.finish(metrics, claims=CLAIMS, summary=(
         f"打包/填充 吞吐 {metrics.get('packing_speedup', float('nan')):.2f}x，检查点峰值内存比 "
         f"{metrics.get('ckpt_mem_ratio', float('nan')):.2f}，MFU {metrics['mfu']:.2%}"
         f"（峰值 {peak / 1e9:.0f} GFLOP/s）"))

@@ -12,7 +12,8 @@
 
 你会看到：每个来源读到多少步，异常列表（kind, step, 来源, 说明），图 training_logs.png（异常处画红叉）。
 --smoke 现训的 tiny-llama 日志（40 步，真实 Trainer + TensorBoard）：0 个异常；
-测试往日志里注入六种故障，逐一在注入的步数被找到。
+自检：脚本在同一份日志的副本里按已知步数注入故障（现训日志没有吞吐，所以是五种），找到 5/5，都在注入的那一步，
+没有多出误报；测试再往一份 120 步的日志里注入六种故障，三种日志格式里逐一在注入的步数被找到。
 """
 from __future__ import annotations
 
@@ -56,6 +57,19 @@ class Args(cli.CommonArgs):
 
 # 冒烟：现训 40 步（够 5 次评估、足以画出曲线），不扫 outputs/——否则测试结果取决于这台机器之前跑过什么
 SMOKE = dict(demo_steps=40, scan_outputs=False)
+
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线是注入故障之前的同一份日志。
+# 默认模式读的是 outputs/ 下之前各课留下的真实日志：里面可能真有异常（那是要报的），"干净日志 0 误报"只在冒烟检查；
+# 默认时日志形状各异（有的训练损失不再下降，"验证损失背离"按定义不报），召回门槛留一种的余量
+CLAIMS = [
+    run.Claim("体检找到注入的每一种故障，且就在注入的那一步：找到 / 注入",
+              "planted_found / planted_faults", ">=", 1.0, 0.8),
+    run.Claim("注入故障不引出别的误报：注入后新增的、又不是注入的异常数",
+              "planted_false_alarms", "<=", 0, 1),
+    run.Claim("真实训练的干净日志不误报：每 100 步的异常数",
+              "100 * n_anomalies / steps_read", "<=", 0, None),
+]
 
 
 def read_trainer_state(path: Path) -> dict[str, list]:
@@ -197,6 +211,55 @@ def overfitting(ev: list, loss: list, tol: float) -> list[dict]:
     return []
 
 
+def plant_faults(s: dict[str, list], a: Args) -> tuple[dict[str, list], set]:
+    """在一份日志的副本里按已知步数注入故障（序列够长才注入），返回 (注入后的序列, {(kind, 步数)})。
+
+    体检准不准，要在同一份日志上量：注入前的原日志就是基线，新增的异常应当恰好是注入的那些。
+    训练损失类的故障放在后半段：验证损失背离的判据要比较前半段的训练损失，尖峰和 NaN 混进去会干扰它。
+    """
+    s, planted = {k: list(v) for k, v in s.items()}, set()
+    n_min = a.window + 4   # 之前至少要有一个完整的窗口可比
+
+    def past_median(vals: list, i: int) -> float:
+        return statistics.median(_past(vals, i, a.window) or [1.0])
+
+    if len(loss := s.get("loss", [])) >= n_min:
+        for frac, kind in ((0.75, "loss_spike"), (0.9, "nan_inf")):
+            i = int(frac * len(loss))
+            st = loss[i][0]
+            loss[i] = (st, 2 * a.spike_factor * past_median(loss, i) if kind == "loss_spike" else math.nan)
+            planted.add((kind, st))
+    for key, frac, kind, factor in (("grad_norm", 0.5, "grad_norm_explosion", 2 * a.grad_factor),
+                                    ("throughput", 0.6, "throughput_drop", a.drop_factor / 2)):
+        if len(vals := s.get(key, [])) >= n_min:
+            i = int(frac * len(vals))
+            vals[i] = (vals[i][0], factor * past_median(vals, i))
+            planted.add((kind, vals[i][0]))
+    # 调度器被重置：从 70% 处起学习率从峰值重新走一遍（要在已经开始衰减之后，恒定学习率的日志没法注入）
+    if len(lr := s.get("lr", [])) >= n_min:
+        k, peak = int(0.7 * len(lr)), max(range(len(lr)), key=lambda j: lr[j][1])
+        if peak < k and lr[k - 1][1] < 0.99 * lr[peak][1]:
+            s["lr"] = lr[:k] + [(st, lr[peak + j][1]) for j, (st, _) in enumerate(lr[k:])]
+            planted.add(("lr_schedule", lr[k][0]))
+    # 过拟合：前四分之一的某次评估之后验证损失一路上升（训练损失那时还在快速下降）
+    if len(ev := s.get("eval_loss", [])) >= 4 and loss:
+        b = max(0, len(ev) // 4 - 1)
+        best = min(v for _, v in ev[:b + 1])
+        s["eval_loss"] = ev[:b + 1] + [(st, best * (1.1 + 0.1 * j)) for j, (st, _) in enumerate(ev[b + 1:])]
+        planted.add(("eval_divergence", ev[b + 1][0]))
+    return s, planted
+
+
+def self_check(sources: dict[str, dict[str, list]], a: Args) -> dict:
+    """在记录最多的那个来源上注入故障再体检：找到几个、在不在注入的步数、有没有多出误报。"""
+    src = max(sources, key=lambda k: sum(len(v) for v in sources[k].values()))
+    clean = {(x["kind"], x["step"]) for x in detect(sources[src], a)}
+    series, planted = plant_faults(sources[src], a)
+    found = {(x["kind"], x["step"]) for x in detect(series, a)}
+    return {"planted_source": src, "planted": sorted(planted), "planted_faults": len(planted),
+            "planted_found": len(planted & found), "planted_false_alarms": len(found - planted - clean)}
+
+
 def demo_run(args: Args, out: run.Run) -> Path:
     """没有日志可读时现训一段：真实 Trainer，每步记录 loss/lr/grad_norm，定期评估，写 TensorBoard。
 
@@ -283,9 +346,16 @@ def main(args: Args) -> dict:
     # 3. 图：四个指标，异常处画红叉（只画第一个来源，多个来源时每个各画一张太挤）
     src0 = next(iter(sources))
     plot(out, sources[src0], {a["step"] for a in anomalies if a["source"] == src0})
+
+    # 4. 体检本身准不准：在同一份日志的副本里按已知步数注入故障，看它们是否恰好在那些步数被找到
+    check = self_check(sources, args)
+    out.log.info(f"自检：在 {check['planted_source']} 里注入 {check['planted_faults']} 个故障，"
+                 f"找到 {check['planted_found']} 个，多出的误报 {check['planted_false_alarms']} 个")
     return out.finish({"anomalies": [{"kind": a["kind"], "step": a["step"], "source": a["source"]} for a in anomalies],
-                       "n_anomalies": len(anomalies), "steps_read": sum(steps.values()), "sources": list(sources)},
-                      summary=f"读了 {len(sources)} 个日志共 {sum(steps.values())} 步，发现 {len(anomalies)} 个异常")
+                       "n_anomalies": len(anomalies), "steps_read": sum(steps.values()), "sources": list(sources),
+                       **check}, claims=CLAIMS,
+                      summary=f"读了 {len(sources)} 个日志共 {sum(steps.values())} 步，发现 {len(anomalies)} 个异常；"
+                              f"注入的 {check['planted_faults']} 个故障找到 {check['planted_found']} 个")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,20 @@ class Args(cli.CommonArgs):
 
 SMOKE = dict(ppl_window=64, ppl_stride=32, n_sentiment=24, n_qa=8, n_gen=8, max_new_tokens=24)
 
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线都在同一次运行里量（同一批文档 / 样本 / 答案）。
+# 少样本胜过零样本要模型读得懂示例：1M 参数的极小模型两边都接近瞎猜，只在默认模式检查
+CLAIMS = [
+    run.Claim("滑窗让每个 token 都有上文：滑窗 / 不重叠窗口 的困惑度（同一批文档、同样窗口长度）",
+              "ppl / ppl_no_overlap", "<=", 0.995, 0.98),
+    run.Claim("少样本提示里的示例帮模型分类：少样本 − 零样本 的情感分类准确率",
+              "sentiment_accuracy - sentiment_accuracy_zero_shot", ">=", None, 0.05),
+    run.Claim("中文必须先分词：同一批中文参考答案与自身的 ROUGE-L，默认分词器 / jieba",
+              "rougeL_default_tokenizer_zh_self / rougeL_jieba_zh_self", "<=", 0.8, 0.8),
+    run.Claim("交换位置揭示小模型评委的位置偏好：两种顺序下结论一致的比例",
+              "judge_position_consistency", "<=", 0.5, 0.75),
+]
+
 
 class JiebaTokenizer:
     """给 rouge-score 用的分词器：jieba 切中文，英文按词，去掉空白与标点。"""
@@ -202,11 +216,13 @@ def generation_scores(args: Args, model, tok) -> tuple[list[tuple[str, str, str]
     naive = rouge_scorer.RougeScorer(["rougeL"])
     zh_pairs = [(r, r) for r in refs if data.detect_lang(r) == "zh"]
     naive_zh_self = sum(naive.score(r, h)["rougeL"].fmeasure for r, h in zh_pairs) / max(len(zh_pairs), 1)
+    jieba_zh_self = sum(scorer.score(r, h)["rougeL"].fmeasure for r, h in zh_pairs) / max(len(zh_pairs), 1)
     # BLEU 同样用 jieba 分好的词、tokenize="none"：sacrebleu 自带的 13a 分词器不切中文，整句算一个"词"
     seg = lambda s: " ".join(zh.tokenize(s))   # noqa: E731
     bleu = sacrebleu.corpus_bleu([seg(h) for h in hyps], [[seg(r) for r in refs]], tokenize="none").score
     items = [(c[-2]["content"], r, h) for c, r, h in zip(convs, refs, hyps)]
-    return items, {"rougeL": rouge_l, "bleu": bleu, "rougeL_default_tokenizer_zh_self": naive_zh_self}
+    return items, {"rougeL": rouge_l, "bleu": bleu, "rougeL_default_tokenizer_zh_self": naive_zh_self,
+                   "rougeL_jieba_zh_self": jieba_zh_self}
 
 
 def main(args: Args) -> dict:
@@ -248,7 +264,9 @@ def main(args: Args) -> dict:
                        "sentiment_accuracy": acc, "sentiment_accuracy_zero_shot": acc0, "n_sentiment": len(test),
                        "em": em, "f1": round(f1, 4), "rougeL": round(gen["rougeL"], 4), "bleu": round(gen["bleu"], 3),
                        "rougeL_default_tokenizer_zh_self": gen["rougeL_default_tokenizer_zh_self"],
+                       "rougeL_jieba_zh_self": gen["rougeL_jieba_zh_self"],
                        "judge_win_rate": win, "judge_position_consistency": consistency, "samples": samples},
+                      claims=CLAIMS,
                       summary=f"ppl {ppl:.2f}（不重叠 {ppl_flat:.2f}），情感 {acc0:.2f}->{acc:.2f}（零->少样本），"
                               f"F1 {f1:.2f}，ROUGE-L {gen['rougeL']:.3f}，BLEU {gen['bleu']:.1f}，"
                               f"评委一致率 {consistency:.2f}")

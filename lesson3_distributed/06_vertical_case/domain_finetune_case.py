@@ -41,7 +41,7 @@ class Args(cli.CommonArgs):
     sft_steps: int = cli.arg(5, "SFT 步数", min=0)
     micro_batch: int = cli.arg(2, "每个 rank 每步几个块/样本", min=1)
     block_size: int = cli.arg(128, "继续预训练的块长（token）", min=16)
-    learning_rate: float = cli.arg(5e-5, "学习率（继续预训练一般比预训练末期略大，比 LoRA 小）", min=0)
+    learning_rate: float = cli.arg(5e-5, "学习率（继续预训练一般比预训练末期略大，比 LoRA 小）")
     max_length: int = cli.arg(0, "领域指令每条最多多少 token；0 = 2 × --block-size", min=0)
     val_fraction: float = cli.arg(0.1, "领域指令留出多少比例算 SFT 的验证损失（按它留最好的一步）", min=0.01, max=0.5)
     eval_steps: int = cli.arg(0, "SFT 每多少步评估一次；0 = 自动（评估开销 ≤ 训练的 1/10，至少 2 次）", min=0)
@@ -52,6 +52,21 @@ class Args(cli.CommonArgs):
 # 冒烟：极小模型承受得住更大的学习率。领域文档只有约 30 个 128-token 块：步数再多（或学习率 2e-3）就把训练块背下来，
 # 留出段落的困惑度反而升高（实测 577 -> 723）——领域数据少时，过拟合比遗忘来得更早
 SMOKE = dict(cpt_steps=15, sft_steps=5, micro_batch=4, learning_rate=5e-4)
+
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线都在同一次运行里量：训练前的原模型、
+# 只训领域的模型（--mix 的第一个比例）。smollm2 的默认值还没有实测，lr 5e-5、10 步的变化比冒烟小，门槛放宽
+CLAIMS = [
+    run.Claim("继续预训练 + SFT 学到了领域：训练后 / 训练前 的留出领域困惑度",
+              "domain_ppl_after / domain_ppl_before", "<=", 0.95, 0.98),
+    run.Claim("混入通用文本抑制遗忘：混入通用 / 只训领域 的留出通用困惑度",
+              "general_ppl_after_mixed / general_ppl_after", "<=", 0.95, 0.99),
+    run.Claim("混入通用文本不大牺牲领域：混入通用 / 只训领域 的留出领域困惑度",
+              "domain_ppl_after_mixed / domain_ppl_after", "<=", 1.05, 1.05),
+    # 每步只看几个块，单步损失噪声大：smollm2 用 lr 5e-5 训 10 步，首尾两步之差在噪声量级，默认模式不查这条
+    run.Claim("多个 rank 数据并行训练，训练损失下降：每个混合比例 CPT 最后一步 / 第一步（取最差的）",
+              'max(v["cpt_loss_last"] / v["cpt_loss_first"] for v in mix.values())', "<=", 0.97, None),
+]
 
 
 def load_texts(args: Args) -> dict:
@@ -168,10 +183,12 @@ def main(args: Args) -> dict:
 
     # 5. 图：每个混合比例在（领域 ppl, 通用 ppl）平面上的位置
     plot_mix(out, res, dom0, gen0, table)
-    first = table[f"{args.mix[0]:g}"]
+    # 第一个比例（默认 0 = 只训领域）是基线，最后一个（通用占比最大）与它比：混入通用文本换来了什么
+    first, last = table[f"{args.mix[0]:g}"], table[f"{args.mix[-1]:g}"]
     return out.finish({"domain_ppl_before": round(dom0, 3), "domain_ppl_after": first["domain_ppl"],
                        "general_ppl_before": round(gen0, 3), "general_ppl_after": first["general_ppl"],
-                       "mix": table, "world_size": res["world_size"], **stats},
+                       "domain_ppl_after_mixed": last["domain_ppl"], "general_ppl_after_mixed": last["general_ppl"],
+                       "mix": table, "world_size": res["world_size"], **stats}, claims=CLAIMS,
                       summary=f"领域 ppl {dom0:.2f} -> {first['domain_ppl']:.2f}，通用 ppl {gen0:.2f} -> "
                               f"{first['general_ppl']:.2f}（通用占比 {args.mix[0]:g}）；" + "，".join(
                                   f"占比 {k}: 通用 {v['general_ppl']:.2f}" for k, v in table.items()))

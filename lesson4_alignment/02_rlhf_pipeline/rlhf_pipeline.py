@@ -51,10 +51,10 @@ class Args(cli.CommonArgs):
     reward_clip: float = cli.arg(5.0, "RM 分数截断到 [−c, c]，防止奖励黑客拿到极端分数", min=0)
     gamma: float = cli.arg(1.0, "折扣因子 γ（回答很短，不打折）", min=0, max=1)
     lam: float = cli.arg(0.95, "GAE 的 λ：偏差-方差折中", min=0, max=1)
-    learning_rate: float = cli.arg(5e-5, "actor 学习率（LoRA；全参数 --lora-r 0 时用 ~1e-6）", min=0)
-    critic_learning_rate: float = cli.arg(1e-4, "critic 学习率（LoRA + 全参数的打分头；全参数时 ~5e-6）", min=0)
-    sft_learning_rate: float = cli.arg(2e-4, "阶段 1 学习率（LoRA；全参数 ~2e-5）", min=0)
-    rm_learning_rate: float = cli.arg(2e-4, "阶段 2 学习率（LoRA；全参数 ~5e-5）", min=0)
+    learning_rate: float = cli.arg(5e-5, "actor 学习率（LoRA；全参数 --lora-r 0 时用 ~1e-6）")
+    critic_learning_rate: float = cli.arg(1e-4, "critic 学习率（LoRA + 全参数的打分头；全参数时 ~5e-6）")
+    sft_learning_rate: float = cli.arg(2e-4, "阶段 1 学习率（LoRA；全参数 ~2e-5）")
+    rm_learning_rate: float = cli.arg(2e-4, "阶段 2 学习率（LoRA；全参数 ~5e-5）")
     lora_r: int = cli.arg(16, "LoRA 秩：阶段 1、2 训练后合并；阶段 3 actor、critic 各挂一个；0 = 全参数", min=0)
     lora_alpha: int = cli.arg(32, "LoRA 缩放系数", min=1)
     num_generations: int = cli.arg(4, "GRPO/RLOO：每个 prompt 采样几个回答互相比较", min=2)
@@ -68,6 +68,18 @@ class Args(cli.CommonArgs):
 SMOKE = dict(lora_r=0, sft_steps=20, rm_steps=30, ppo_steps=12, rollout_batch=16, mini_batch_size=8, max_new_tokens=16,
              learning_rate=3e-4, critic_learning_rate=1e-3, sft_learning_rate=1e-3, rm_learning_rate=1e-3,
              max_length=128)
+
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线都在同一次运行里测（新打分头、PPO 前的 actor）
+CLAIMS = [
+    run.Claim("奖励模型学会排序留出偏好对：准确率 阶段 2 训练后 − 训练前（新打分头）",
+              "rm_eval_accuracy - rm_eval_accuracy_before", ">=", 0.2, 0.25),
+    run.Claim("第 3 阶段（PPO，或 --algo 选的 GRPO / RLOO）提高留出 prompt 贪心回答的平均 RM 分数：之后 − 之前",
+              "reward_after - reward_before", ">=", 0.5, 0.4),
+    run.Claim("KL 惩罚把策略拴在 SFT 参考附近：最终每条回答的 KL(actor‖ref)（nat）", "kl_final", "<=", 10, 0.5),
+    run.Claim("策略的熵缓降而不塌掉（塌到 0 = 只会说一句话）：最后一次迭代的熵 / 第一次的",
+              "entropy_final / entropy_first", ">=", 0.5, 0.5),
+]
 
 
 def with_lora(model, args, task: str):
@@ -252,13 +264,17 @@ def main(args: Args) -> dict:
     # 0. 数据：偏好对切成训练 / 留出；PPO 只用 prompt。留出的 prompt 不进任何一个阶段，前后比的才不是背下来的
     train_pairs, eval_pairs = map(data.preference_conversational,   # 统一成消息列表：prompt 是 user 消息
                                   data.preference_split(args.data, args.val_fraction, args.seed, min_train=8))
+    # 现成的 RM 目录先查：不存在、没有权重，一行报错点名 --reward-model，而不是训完 SFT 才崩
+    rm_path = models.check_dir(args.reward_model, "--reward-model") if args.reward_model else None
     actor, tok = models.load_args(args, for_training=True)
 
     # 1. 阶段 1：SFT。PPO 只会在策略自己采得到的回答里挑好的；起点不会答，RM 再准也没有好回答可奖励
     actor = stage1_sft(actor, tok, train_pairs, args, rng, out.log) if args.sft_steps else actor
 
     # 2. 阶段 2：奖励模型（同一个起点加打分头；或直接用 --reward-model）
-    rm = scoring.load_reward_model(args.reward_model or models.resolve(out.model_name, args.source), actor, tok)
+    rm = scoring.load_reward_model(rm_path or models.resolve(out.model_name, args.source), actor, tok)
+    # 基线：新打分头（还没训练）的留出准确率，阶段 2 训练后要和它比；--reward-model 时 RM 已训练好，没有这个基线
+    rm_before = None if args.reward_model else scoring.rm_accuracy(rm, tok, eval_pairs, args.max_length)
     rm, rm_acc = ((rm, scoring.rm_accuracy(rm, tok, eval_pairs, args.max_length)) if args.reward_model
                   else stage2_reward_model(rm, tok, train_pairs, eval_pairs, args, rng, out.log))
     out.log.info(f"奖励模型留出准确率 {rm_acc:.3f}")
@@ -279,11 +295,14 @@ def main(args: Args) -> dict:
     plot_curves(out, hist, f"{args.algo.upper()} on {out.model_name}: held-out reward {before:.2f} -> {after:.2f}")
     last = {k: round(v, 5) for k, v in hist[-1].items() if k in ("kl", "policy_loss", "value_loss", "entropy")}
     metrics = {"algo": args.algo, "rm_eval_accuracy": round(rm_acc, 4), "reward_before": round(before, 4),
+               "rm_eval_accuracy_before": None if rm_before is None else round(rm_before, 4),
+               "entropy_first": round(hist[0]["entropy"], 5),
                "reward_after": round(after, 4), **{f"{k}_final" if k in ("kl", "entropy") else f"{k}_last": v
                                                    for k, v in last.items()},
                "rollout_reward_first": round(hist[0]["reward"], 4), "rollout_reward_last": round(hist[-1]["reward"], 4)}
     return out.finish(metrics, summary=f"RM 准确率 {rm_acc:.2f}；{args.algo.upper()} 留出平均奖励 {before:.3f} -> "
-                                       f"{after:.3f}，最终 KL {hist[-1]['kl']:.3f}")
+                                       f"{after:.3f}，最终 KL {hist[-1]['kl']:.3f}",
+                      claims=CLAIMS if rm_before is not None else CLAIMS[1:])   # 第 1 条讲阶段 2，用现成 RM 时不适用
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ class Args(cli.CommonArgs):
     steps_a: int = cli.arg(36, "任务 A 训练步数", min=1)
     steps_b: int = cli.arg(36, "任务 B 训练步数", min=1)
     batch_size: int = cli.arg(8, "每步几条样本", min=1)
-    learning_rate: float = cli.arg(5e-4, "LoRA 学习率", min=0)
+    learning_rate: float = cli.arg(5e-4, "LoRA 学习率")
     lora_r: int = cli.arg(8, "LoRA 秩", min=1)
     lora_alpha: int = cli.arg(16, "LoRA 缩放系数", min=1)
     replay_fraction: float = cli.arg(0.25, "replay：训 B 时每批里 A 旧样本的比例", min=0, max=0.9)
@@ -51,6 +51,24 @@ class Args(cli.CommonArgs):
 # 冒烟：极小模型要大学习率 + 大秩才能在 40 步里学会 A——学不会 A，也就谈不上"忘掉 A"
 SMOKE = dict(steps_a=40, steps_b=40, batch_size=16, learning_rate=2e-3, lora_r=16, lora_alpha=32)
 MERGES = ("linear", "ties", "dare_ties")
+
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线都在同一次运行里测（原模型、刚学完 A 时、naive）
+CLAIMS = [
+    run.Claim("LoRA 学会任务 A：A 的分数 学完 A − 原模型", "task_a_after_a - base_task_a", ">=", 0.4, 0.4),
+    run.Claim("naive 接着学 B 会忘掉 A（灾难性遗忘）：A 的分数 学完 A 时 − 学完 B 后", "forgetting", ">=", 0.3, 0.2),
+    run.Claim("回放旧样本减少遗忘：naive 的遗忘 − replay 的遗忘", 'forgetting - replay["forgetting"]', ">=", 0.25, 0.2),
+    run.Claim("回放几乎不耽误学 B：replay 的 B 分数 − naive 的 B 分数",
+              'replay["task_b_score"] - naive["task_b_score"]', ">=", -0.05, -0.05),
+    run.Claim("每个任务一个 adapter 不遗忘：naive 的遗忘 − separate 的遗忘",
+              'forgetting - separate["forgetting"]', ">=", 0.3, 0.2),
+    run.Claim("合并的 adapter 保住 A：三种合并里最低的 A 分数 − naive 的 A 分数",
+              'min(m[k]["task_a_score"] for k in ("merge_linear", "merge_ties", "merge_dare_ties"))'
+              ' - naive["task_a_score"]', ">=", 0.2, 0.2),
+    run.Claim("合并的代价是两个增量互相干扰：separate 的 B 分数 − 三种合并的平均 B 分数",
+              'separate["task_b_score"] - sum(m[k]["task_b_score"] for k in ("merge_linear", "merge_ties",'
+              ' "merge_dare_ties")) / 3', ">=", 0.03, 0.01),
+]
 
 
 def task_a_convs(path) -> list[list[dict]]:
@@ -210,7 +228,7 @@ def main(args: Args) -> dict:
         **results, "forgetting": forgetting, "task_a_after_a": round(a_after_a, 4),
         "task_b_after_a": round(b_after_a, 4), "base_task_a": round(base_a, 4), "base_task_b": round(base_b, 4),
     }, summary=f"学完 A：A {a_after_a:.2f}；naive 学完 B 后 A {results['naive']['task_a_score']:.2f}"
-               f"（遗忘 {forgetting:.2f}）；遗忘最少：{best}（{results[best]['forgetting']:+.2f}）")
+               f"（遗忘 {forgetting:.2f}）；遗忘最少：{best}（{results[best]['forgetting']:+.2f}）", claims=CLAIMS)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,21 @@ class Args(cli.CommonArgs):
 # 冒烟：MinHash 位数减半就够测流水线；阈值附近的近似重复判断会更粗，所以默认用 128
 SMOKE = dict(num_perm=64)
 
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线 = 同一份数据清洗前 / 按 pair 随机切分时
+PLANTED = ("unsafe_chosen", "low_agreement", "identical_responses", "exact_duplicate", "near_duplicate")
+CLAIMS = [
+    run.Claim("清洗删掉坏对与重复：输入 − 输出 的对数", "pairs_in - pairs_out", ">=", 15, 15),
+    run.Claim("埋下的每类问题都被对应规则删掉：有害 chosen / 标注分歧 / 无信息对 / 精确 / 近似重复里删得最少的一类",
+              f"min(m['removed_by_rule'].get(k, 0) for k in {PLANTED})", ">=", 1, 1),
+    run.Claim("多数票认为 rejected 更好的对被翻转：翻转条数", "flipped_by_votes", ">=", 1, 1),
+    run.Claim("随机切分会泄漏、按 prompt 分组切分不会：泄漏的评估 prompt 数 随机切分 − 分组切分",
+              "leaked_prompts - leaked_prompts_after", ">=", 3, 3),
+    run.Claim("分组切分后评估集里没有训练见过的 prompt：泄漏数", "leaked_prompts_after", "<=", 0, 0),
+    run.Claim("长度再平衡不会让偏置变大：|chosen 更长的比例 − 0.5| 之后 − 之前",
+              "abs(length_bias_after - 0.5) - abs(length_bias_before - 0.5)", "<=", 0, 0),
+]
+
 
 def load_graded(path: Path, gap: float) -> list[dict]:
     """打分回答 -> 偏好对：同一 prompt 下分数高的当 chosen，分差够大才成对。
@@ -292,7 +307,7 @@ def main(args: Args) -> dict:
     for k, v in by_rule.items():
         out.log.info(f"规则 {k}: 删除 {v}")
     return out.finish(metrics, summary=f"{len(pool)} -> {len(kept)} 对；删除 {by_rule}；长度偏置 {bias_before:.2f} -> "
-                                       f"{bias_after:.2f}；泄漏 {leaked} -> {leaked_after}")
+                                       f"{bias_after:.2f}；泄漏 {leaked} -> {leaked_after}", claims=CLAIMS)
 
 
 if __name__ == "__main__":
