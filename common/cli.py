@@ -1,9 +1,14 @@
-"""命令行：dataclass 参数 + HfArgumentParser，优先级 默认值 < --config YAML < 命令行。"""
+"""命令行：dataclass 参数 + HfArgumentParser，优先级 默认值 < --config YAML < 命令行。
+
+取值范围写在字段里（cli.arg(min=, max=, why=)），命令行、YAML 与直接构造的 Args 都由 validate() 检查。
+"""
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import math
+import re
 import sys
 import types
 import typing
@@ -16,22 +21,19 @@ import yaml
 from common.errors import UserError
 
 _T = TypeVar("_T")
+_OURS = ("min", "max", "why")   # argparse 不认识的 metadata 键：parse 时去掉，交给 validate() 检查
+# 名字像学习率、又没声明下限的参数必须 > 0：0 等于不训练，负数朝 loss 变大的方向走（0 另有含义的自己写 min=0）
+_LEARNING_RATE = re.compile(r"learning_rate|(^|_)lr$")
 
 
-_BOUNDS = ("min", "max")   # 取值范围写在 metadata 里；argparse 不认识它们，交给 validate() 检查
-
-
-def arg(default: Any, help: str, *, min: float | None = None, max: float | None = None, **kw: Any) -> Any:
+def arg(default: Any, help: str, *, min: float | None = None, max: float | None = None, why: str | None = None,
+        **kw: Any) -> Any:
     """一行声明一个参数：默认值 + 帮助文本 + 可选的取值范围（闭区间，列表参数逐个元素检查）。
 
-    例：cli.arg(60, "训练步数", min=1)；cli.arg(0.1, "留出比例", min=0, max=1)。
-    choices=[...] 原样交给 argparse。范围在命令行和 YAML 里都由 validate() 统一检查。
+    例：cli.arg(60, "训练步数", min=1)；cli.arg(256, "序列长度", min=8, max=65536, why="激活内存 ∝ 长度")。
+    why 说上限从哪来（多半是内存），越界时写进报错；choices=[...] 原样交给 argparse。
     """
-    meta = {"help": help, **kw}
-    if min is not None:
-        meta["min"] = min
-    if max is not None:
-        meta["max"] = max
+    meta = {k: v for k, v in dict(help=help, min=min, max=max, why=why, **kw).items() if v is not None}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -42,22 +44,29 @@ def _flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _allowed(name: str, meta: typing.Mapping) -> str:
+    """报错里的允许范围（区间写法，带上限的理由）：[8, 65536]（…内存…）、[1, +∞)、(0, 1.0]；没有范围时为空。"""
+    lo = f"[{meta['min']}" if "min" in meta else "(0" if _LEARNING_RATE.search(name) else "(-∞"
+    hi = f"{meta['max']}]" if "max" in meta else "+∞)"
+    if (lo, hi) == ("(-∞", "+∞)"):
+        return ""
+    return f"允许范围 {lo}, {hi}" + (f"（{meta['why']}）" if meta.get("why") else "")
+
+
 def validate(args: Any, where: str | None = None) -> Any:
-    """按每个字段声明的范围检查参数（NaN/inf 一律拒绝）；出错时 UserError 点名参数（或 YAML 的 文件: 键）。"""
+    """按字段声明的范围检查（NaN/inf 一律拒绝；学习率见 _LEARNING_RATE）；出错时 UserError 点名参数或 文件: 键。"""
     for f in dataclasses.fields(args):
-        v = getattr(args, f.name)
-        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        v, meta = getattr(args, f.name), f.metadata
         name = f"{where}: 键 {f.name}" if where else _flag_name(f.name)
+        positive = "min" not in meta and _LEARNING_RATE.search(f.name)
         for x in (v if isinstance(v, (list, tuple)) else [v]):
             if isinstance(x, bool) or not isinstance(x, (int, float)):
                 continue
             if isinstance(x, float) and not math.isfinite(x):
                 raise UserError(f"{name} {x}: 必须是有限的数")
-            if lo is not None and x < lo:
-                raise UserError(f"{name} {x}: 必须 ≥ {lo}")
-            if hi is not None and x > hi:
-                raise UserError(f"{name} {x}: 必须 ≤ {hi}")
-        choices = f.metadata.get("choices")
+            if x < meta.get("min", -math.inf) or x > meta.get("max", math.inf) or (positive and x <= 0):
+                raise UserError(f"{name} {x}: 超出{_allowed(f.name, meta)}")
+        choices = meta.get("choices")
         if choices and v is not None and not isinstance(v, (list, tuple)) and v not in choices:
             raise UserError(f"{name} {v}: 只能是 {' / '.join(map(str, choices))}")
     return args
@@ -73,7 +82,7 @@ class CommonArgs:
     smoke: bool = arg(False, "冒烟模式：极小模型 + 极少步数，约 30 秒跑完（CI 用）")
     data: str = arg(None, "用自己的数据文件（JSON/JSONL，格式见 data/README.md）代替内置数据")
     output_dir: str = arg(None, "输出目录；默认 outputs/<lesson>/<NN_topic>/")
-    seed: int = arg(42, "随机种子：同一种子同样结果")
+    seed: int = arg(42, "随机种子：同一种子同样结果", min=0, max=2**32 - 1, why="numpy 的种子是 32 位无符号整数")
     report_to: str = arg("none", "实验跟踪：none / tensorboard / mlflow / wandb（wandb 默认离线）",
                          choices=["none", "tensorboard", "mlflow", "wandb"])
     device: str = arg("auto", "auto / cpu / cuda", choices=["auto", "cpu", "cuda"])
@@ -87,58 +96,37 @@ class CommonArgs:
 
     def resolved_model(self) -> str:
         """没写 --model 时，按运行模式选默认模型。"""
-        if self.model:
-            return self.model
-        return self.smoke_model if self.smoke else self.default_model
+        return self.model or (self.smoke_model if self.smoke else self.default_model)
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    """字段名 -> 类型（脚本用了 from __future__ import annotations 时注解是字符串，要解析回类型）。"""
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:  # noqa: BLE001 - 解析不了就按默认值的类型猜
-        hints = {}
-    return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)}
+def _default(f: dataclasses.Field) -> Any:
+    """字段的默认值（列表参数的在 default_factory 里）。"""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _convert(value: Any, tp: Any, default: Any, where: str) -> Any:
     """把 YAML 里的一个值转成字段的类型，规则与命令行相同（'1e-4' 也算数）；转不了就 UserError 点名 文件: 键。"""
-    origin, targs = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):   # Optional[X] / X | None
-        tp = next((a for a in targs if a is not type(None)), str)
-        origin, targs = typing.get_origin(tp), typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):   # Optional[X] / X | None
+        tp = next((a for a in typing.get_args(tp) if a is not type(None)), str)
     if value is None:
         if default is None:
             return None
         raise UserError(f"{where}: 不能为空（默认值 {default!r}）")
-    if origin in (list, tuple) or tp in (list, tuple):
-        items = value if isinstance(value, list) else [value]
-        return [_convert(v, targs[0] if targs else str, 0, where) for v in items]
+    if typing.get_origin(tp) in (list, tuple) or tp in (list, tuple):
+        elem = (typing.get_args(tp) or (str,))[0]
+        return [_convert(v, elem, 0, where) for v in (value if isinstance(value, list) else [value])]
     if isinstance(value, (dict, list)):
         raise UserError(f"{where}: 应是一个{getattr(tp, '__name__', tp)}值，不是 {type(value).__name__}")
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "yes", "1", "false", "no", "0"):
-            return str(value).lower() in ("true", "yes", "1")
-        raise UserError(f"{where} {value!r}: 应是 true / false")
-    if tp is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise UserError(f"{where} {value!r}: 应是整数")
+        if str(value).lower() not in ("true", "yes", "1", "false", "no", "0"):
+            raise UserError(f"{where} {value!r}: 应是 true / false")
+        return str(value).lower() in ("true", "yes", "1")
+    if tp in (int, float):   # 先转成文本再转数，与命令行一字不差：true 不是数，2.0 / 1e3 不是整数
         try:
-            return int(value) if not isinstance(value, str) else int(value.strip())
-        except (TypeError, ValueError):
-            raise UserError(f"{where} {value!r}: 应是整数") from None
-    if tp is float:
-        if isinstance(value, bool):
-            raise UserError(f"{where} {value!r}: 应是数")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{where} {value!r}: 应是数") from None
-    if tp is str:
-        return str(value)
-    return value
+            return tp(str(value))
+        except ValueError:
+            raise UserError(f"{where} {value!r}: 应是{'整数' if tp is int else '数'}") from None
+    return str(value) if tp is str else value
 
 
 def _yaml_defaults(path: str, cls: type) -> dict:
@@ -160,14 +148,57 @@ def _yaml_defaults(path: str, cls: type) -> dict:
     unknown = sorted(str(k) for k in set(cfg) - set(fields))
     if unknown:
         raise UserError(f"{path}: 未知的键 {unknown}；可用的键：{sorted(set(fields) - {'config'})}")
-    types_ = _field_types(cls)
-    out = {}
-    for k, v in cfg.items():
-        f = fields[k]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        out[k] = _convert(v, types_[k], default, f"{path}: 键 {k}")
+    hints = typing.get_type_hints(cls)   # 脚本用了 from __future__ import annotations 时注解是字符串
+    out = {k: _convert(v, hints[k], _default(fields[k]), f"{path}: 键 {k}") for k, v in cfg.items()}
     validate(cls(**out), where=path)   # 范围与可选值：报错点名 文件: 键
     return out
+
+
+def _load_config(cls: type[_T], path: str) -> _T:
+    """把 YAML 配置解析成参数对象（测试用它检查每个 YAML 都合法）。"""
+    return cls(**_yaml_defaults(path, cls))
+
+
+def with_smoke(args: _T, overrides: dict) -> _T:
+    """--smoke 时换成脚本给的小规模参数；只替换用户没改过的（--smoke --learning-rate 1e-2 仍然生效）。"""
+    if not getattr(args, "smoke", False):
+        return args
+    defaults = {f.name: _default(f) for f in dataclasses.fields(args)}   # SMOKE 写错字段名：下面 getattr 就报错点名
+    return dataclasses.replace(args, **{k: v for k, v in overrides.items() if getattr(args, k) == defaults[k]})
+
+
+def _number(tp: type, name: str, meta: typing.Mapping):
+    """argparse 的 type：转不成数时（包括整数参数写成 1e12）报错带上允许范围，学生一次就知道该填多少。"""
+    def convert(text: str):
+        try:
+            return tp(text)
+        except ValueError:
+            span = _allowed(name, meta)
+            raise argparse.ArgumentTypeError(f"{text!r} 不是{'整数' if tp is int else '数'}"
+                                             + (f"；{span}" if span else "")) from None
+
+    return convert
+
+
+def _parser_class():
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        """HfArgumentParser 把 metadata 全部交给 add_argument：先去掉它不认识的键；数值参数换上 _number。"""
+
+        @staticmethod
+        def _parse_dataclass_field(parser, fld):  # noqa: ANN001
+            meta, fld = fld.metadata, copy.copy(fld)
+            fld.metadata = types.MappingProxyType({k: v for k, v in meta.items() if k not in _OURS})
+            HfArgumentParser._parse_dataclass_field(parser, fld)
+            action = next(a for a in parser._actions if a.dest == fld.name)
+            if action.type in (int, float):
+                action.type = _number(action.type, fld.name, meta)
+
+        def error(self, message: str):   # argparse 默认先打印整段 usage；这里只要一行（parse 打印、退出码 2）
+            raise UserError(re.sub(r"^argument (?:\S+/)?(\S+): ", r"\1 ", message))   # --a_b/--a-b: → --a-b
+
+    return Parser
 
 
 def _excepthook(exc_type, exc, tb):  # noqa: ANN001
@@ -177,65 +208,20 @@ def _excepthook(exc_type, exc, tb):  # noqa: ANN001
     sys.__excepthook__(exc_type, exc, tb)
 
 
-def _load_config(cls: type[_T], path: str, **overrides: Any) -> _T:
-    """把 YAML 配置解析成参数对象（测试用它检查每个 YAML 都合法）。"""
-    cfg = _yaml_defaults(path, cls)   # 类型转换 + 范围检查，报错点名 文件: 键
-    cfg.update(overrides)
-    return validate(cls(**cfg))
-
-
-def with_smoke(args: _T, overrides: dict) -> _T:
-    """--smoke 时换成脚本给的小规模参数；只替换用户没改过的（--smoke --learning-rate 1e-2 仍然生效）。"""
-    if not getattr(args, "smoke", False):
-        return args
-    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-                for f in dataclasses.fields(args)}   # 列表参数的默认值在 default_factory 里
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise KeyError(f"SMOKE 里有 Args 没有的字段：{unknown}")   # 脚本自己的 bug，不是用户错误
-    return dataclasses.replace(args, **{k: v for k, v in overrides.items() if getattr(args, k) == defaults[k]})
-
-
-def _parser_class():
-    from transformers import HfArgumentParser
-
-    class Parser(HfArgumentParser):
-        """HfArgumentParser 把 metadata 全部交给 add_argument；先去掉它不认识的 min/max。"""
-
-        @staticmethod
-        def _parse_dataclass_field(parser, fld):  # noqa: ANN001
-            fld = copy.copy(fld)
-            fld.metadata = types.MappingProxyType({k: v for k, v in fld.metadata.items() if k not in _BOUNDS})
-            HfArgumentParser._parse_dataclass_field(parser, fld)
-
-    return Parser
-
-
-def _description(cls: type) -> str | None:
-    """--help 的说明 = 定义 Args 的那个脚本的模块文档（进程内调用 parse 时也对；退而用 __main__ 的）。"""
-    mod = sys.modules.get(cls.__module__)
-    return (getattr(mod, "__doc__", None) or getattr(sys.modules.get("__main__"), "__doc__", None)) or None
-
-
 def parse(cls: type[_T], argv: list[str] | None = None) -> _T:
     """解析命令行；之后任何 UserError 都变成一行错误 + 退出码 2（不是 traceback）。"""
-    import argparse
-
-    _Parser = _parser_class()
     sys.excepthook = _excepthook
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _Parser(cls, description=_description(cls))
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    # --help 的说明 = 定义 Args 的那个脚本的模块文档（进程内调用 parse 时也对；退而用 __main__ 的）
+    doc = getattr(sys.modules.get(cls.__module__), "__doc__", None) or getattr(sys.modules["__main__"], "__doc__", None)
+    parser = _parser_class()(cls, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     try:
         # 先只取 --config，把 YAML 当作默认值，命令行再覆盖它
         pre, _ = parser.parse_known_args(argv)
         if getattr(pre, "config", None):
             parser.set_defaults(**_yaml_defaults(pre.config, cls))
-        try:
-            args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True,
-                                                            look_for_args_file=False)
-        except SystemExit as e:  # argparse 已经打印了哪一个参数错了；统一退出码为 2
-            raise SystemExit(2 if e.code else 0) from None
+        args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True,
+                                                        look_for_args_file=False)
         if rest:
             raise UserError(f"未知参数 {' '.join(rest)}（用 --help 查看可用参数）")
         return validate(args)

@@ -9,12 +9,12 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import time
 from pathlib import Path
 
+from common import safety
 from common.errors import UserError
 from common.run import get_logger
 from common.tiny import TINY_NAMES
@@ -30,9 +30,11 @@ def _cache_dir() -> Path:
 
 
 def _locked_build(target: Path, build, marker: str = "config.json") -> Path:
-    """多进程同时首次使用时只构建一次：文件锁 + 先写临时目录再原子改名。"""
+    """多进程同时首次使用时只构建一次：文件锁 + 先写临时目录再原子改名。已构建的不拿锁，直接返回。"""
     from filelock import FileLock
 
+    if (target / marker).exists():
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if (target / marker).exists():
@@ -49,12 +51,10 @@ def _tiny_path(name: str) -> Path:
     from common import tiny
 
     h = tiny.corpus_hash()
-    target = _cache_dir() / "tiny" / f"{name}-{h}"
-    if (target / "config.json").exists():
-        return target
     # 三个模型共用一个分词器：先（加锁）训练一次，再构建模型
     tok_dir = _locked_build(_cache_dir() / "tiny" / f"tokenizer-{h}", tiny.build_tokenizer, marker="tokenizer.json")
-    return _locked_build(target, lambda tmp: tiny.build(name, tmp, log=get_logger().info, tok_dir=tok_dir))
+    return _locked_build(_cache_dir() / "tiny" / f"{name}-{h}",
+                         lambda tmp: tiny.build(name, tmp, log=get_logger().info, tok_dir=tok_dir))
 
 
 def _smollm_gguf() -> Path:
@@ -70,9 +70,6 @@ def _smollm_gguf() -> Path:
 
 def _smollm_path() -> Path:
     """smollm2-135m 的 safetensors 缓存目录（首次从 GGUF 反量化转换，约 20 秒）。"""
-    target = _cache_dir() / _SMOLLM
-    if (target / "config.json").exists():
-        return target
 
     def convert(tmp: Path) -> None:
         import torch
@@ -94,7 +91,7 @@ def _smollm_path() -> Path:
         get_logger().info(f"smollm2-135m: 已从 {gguf.name} 反量化并缓存为 safetensors"
                           f"（{time.perf_counter() - t0:.1f} 秒）")
 
-    return _locked_build(target, convert)
+    return _locked_build(_cache_dir() / _SMOLLM, convert)
 
 
 def resolve(name: str, source: str = "auto") -> Path:
@@ -133,15 +130,31 @@ def _download(repo_id: str, source: str) -> Path:
         from modelscope import snapshot_download as ms_download
 
         return Path(ms_download(repo_id, allow_patterns=patterns))
-    except UserError:
-        raise
     except Exception as e:  # noqa: BLE001 - 网络/仓库错误统一成一行
         raise UserError(f"--model {repo_id} --source {source}: 下载失败（{type(e).__name__}: "
                         f"{str(e).splitlines()[0][:160] if str(e) else ''}）；离线时请改用本地目录") from None
 
 
+def check_dir(path: str | Path, flag: str = "--model", adapter: bool = False, trust_remote_code: bool = False) -> Path:
+    """加载前查一个本地模型（adapter=True：LoRA adapter）目录并返回它；不对就一行 UserError，点名参数和路径。
+
+    不先查，transformers / PEFT 把不存在的路径当成 hub id（"Repo id must be…"），没有权重的目录报一串 OSError，
+    服务脚本的错误更是只留在服务日志里。之后再做 safety 的检查：自定义代码没授权、只有 pickle 权重。"""
+    p = Path(path).expanduser()
+    what, config, weights = (("LoRA adapter", "adapter_config.json", "adapter_model.safetensors") if adapter
+                             else ("transformers 模型", "config.json", "*.safetensors"))
+    if not p.is_dir():
+        raise UserError(f"{flag} {path}: 不是一个存在的目录（要的是{what}目录）")
+    if not (p / config).is_file():
+        raise UserError(f"{flag} {path}: 目录里没有 {config}，不是{what}目录")
+    safety.check_model_dir(p, trust_remote_code, flag)
+    if not any(p.glob(weights)):
+        raise UserError(f"{flag} {path}: 有 {config} 却没有权重 {weights}（训练没跑完，还是只拷了配置？）")
+    return p
+
+
 def pick_device(device: str = "auto"):
-    """auto：有 CUDA 用 CUDA，否则 CPU；--device cuda 但没有 GPU 时说明并退回 CPU。"""
+    """auto：有 CUDA 用 CUDA，否则 CPU。"""
     import torch
 
     if device not in ("auto", "cpu", "cuda"):
@@ -180,8 +193,6 @@ def load_tokenizer(name: str, source: str = "auto", trust_remote_code: bool = Fa
     """只加载分词器。"""
     from transformers import AutoTokenizer
 
-    from common import safety
-
     path = resolve(name, source)
     safety.check_model_dir(path, trust_remote_code)   # 自定义代码没授权、只有 pickle 权重：一行拒绝
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -195,10 +206,7 @@ def load(name: str, source: str = "auto", device: str = "auto", dtype: str = "au
     """加载 (model, tokenizer)，并在日志里说明选了什么设备和精度。额外参数原样交给 from_pretrained。"""
     from transformers import AutoModelForCausalLM
 
-    from common import safety
-
-    path = resolve(name, source)
-    safety.check_model_dir(path, trust_remote_code)
+    path = check_dir(resolve(name, source), trust_remote_code=trust_remote_code)   # 没有权重、不可信：加载前一行拒绝
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev, for_training)
     t0 = time.perf_counter()
@@ -206,17 +214,11 @@ def load(name: str, source: str = "auto", device: str = "auto", dtype: str = "au
         tok = load_tokenizer(str(path), "local", trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code, **model_kwargs)
-    except ValueError as e:
-        msg = str(e).splitlines()[0]
-        if "trust_remote_code" in msg:
-            raise UserError(f"--model {name}: 这个模型带自定义代码，确认可信后加 --trust-remote-code") from None
-        raise UserError(f"--model {name}: 无法加载（{msg[:200]}）") from None
-    except OSError as e:
-        raise UserError(f"--model {name}: 无法加载（{str(e).splitlines()[0][:200]}；"
-                        "只接受 safetensors 权重）") from None
+    except (ValueError, OSError) as e:   # 缺权重、不可信的代码 check_dir 已经拒绝过；这里是文件坏了之类
+        raise UserError(f"--model {name}: 无法加载（{str(e).splitlines()[0][:200]}）") from None
     if "device_map" not in model_kwargs and "quantization_config" not in model_kwargs:
         model.to(dev)
-    why = "" if dtype != "auto" else ("（训练用 fp32 主权重）" if for_training and dev.type == "cpu" else "")
+    why = "（训练用 fp32 主权重）" if dtype == "auto" and for_training and dev.type == "cpu" else ""
     get_logger().info(f"模型 {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M 参数，"
                       f"{dev.type} {str(dt).replace('torch.', '')}{why}，加载 {time.perf_counter() - t0:.1f} 秒")
     return model, tok
@@ -225,25 +227,20 @@ def load(name: str, source: str = "auto", device: str = "auto", dtype: str = "au
 def load_args(args, name: str | None = None, for_training: bool = False, device: str | None = None,
               dtype: str | None = None, **model_kwargs):
     """按脚本参数（--model/--source/--device/--dtype/--trust-remote-code）加载 (model, tokenizer)。
-
-    device / dtype：脚本要固定设备或精度时覆盖参数（例如 CPU 推理课固定 cpu + float32 作基线）。
-    """
+    device / dtype：脚本要固定设备或精度时覆盖参数（例如 CPU 推理课固定 cpu + float32 作基线）。"""
     return load(name or args.resolved_model(), source=args.source, device=device or args.device,
                 dtype=dtype or args.dtype, trust_remote_code=args.trust_remote_code, for_training=for_training,
                 **model_kwargs)
 
 
-def generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 8,
-             max_prompt_tokens: int | None = None) -> list[str]:
+def generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 8) -> list[str]:
     """批量贪心生成，只返回新生成的文本；左填充（生成要接在最后一个真实 token 后面），结束后还原 padding_side。
-
-    prompts 是已经套好对话模板的字符串（data.prompt_text）；太长的提示从左边截掉，保留离回答最近的部分。
-    """
+    prompts 是已经套好对话模板的字符串（data.prompt_text）；太长的提示从左边截掉，保留离回答最近的部分。"""
     import torch
 
     side, tside = tok.padding_side, getattr(tok, "truncation_side", "right")
     tok.padding_side, tok.truncation_side = "left", "left"
-    limit = max_prompt_tokens or max(8, getattr(model.config, "max_position_embeddings", 4096) - max_new_tokens)
+    limit = max(8, getattr(model.config, "max_position_embeddings", 4096) - max_new_tokens)
     was_training, outs = model.training, []
     model.eval()
     try:
@@ -260,22 +257,7 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_siz
     return [o.strip() for o in outs]
 
 
-def _describe(name: str) -> dict:
-    """模型元信息（极小模型的构建记录）。"""
-    p = resolve(name)
-    f = p / "course_build.json"
-    return json.loads(f.read_text()) if f.exists() else {"name": name, "path": str(p)}
-
-
-def _prepare_all() -> None:
-    """预先构建全部内置模型（make models 调用），并打印每个用时。"""
-    from common.tiny import TINY_NAMES as names
-
-    for name in (*names, _SMOLLM):
-        t0 = time.perf_counter()
-        path = resolve(name)
-        print(f"{name}: {path}（{time.perf_counter() - t0:.1f} 秒）", flush=True)
-
-
-if __name__ == "__main__":
-    _prepare_all()
+if __name__ == "__main__":   # make models：预先构建全部内置模型，并打印每个用时
+    for _name in _BUILTIN:
+        _t0 = time.perf_counter()
+        print(f"{_name}: {resolve(_name)}（{time.perf_counter() - _t0:.1f} 秒）", flush=True)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import cli
+from common import cli, data
 from common.data import Document
 from common.errors import UserError
 
@@ -47,21 +48,17 @@ class Chunk:
         return self.start + len(self.text)
 
 
-def chunk_documents(docs: list[Document], chunk_size: int = 300, chunk_overlap: int = 50,
-                    separators: list[str] | None = None) -> list[Chunk]:
+def chunk_documents(docs: list[Document], chunk_size: int = 300, chunk_overlap: int = 50) -> list[Chunk]:
     """LangChain 的 RecursiveCharacterTextSplitter 切块，并记下每块在原文的起点（用于判定命中）。"""
     from langchain_text_splitters import RecursiveCharacterTextSplitter
 
     if chunk_overlap >= chunk_size:
         raise UserError(f"--chunk-overlap {chunk_overlap} 必须小于 --chunk-size {chunk_size}")
     splitter = RecursiveCharacterTextSplitter(chunk_size=chunk_size, chunk_overlap=chunk_overlap,
-                                              separators=separators or _SEPARATORS, keep_separator="end",
+                                              separators=_SEPARATORS, keep_separator="end",
                                               add_start_index=True, strip_whitespace=True)
-    chunks = []
-    for d in docs:
-        for i, lc in enumerate(splitter.create_documents([d.text])):
-            chunks.append(Chunk(f"{d.id}#{i}", d.id, lc.page_content, lc.metadata["start_index"]))
-    return chunks
+    return [Chunk(f"{d.id}#{i}", d.id, lc.page_content, lc.metadata["start_index"])
+            for d in docs for i, lc in enumerate(splitter.create_documents([d.text]))]
 
 
 def default_embedding_model() -> str:
@@ -78,19 +75,23 @@ def load_embedder(name: str | None = None, device: str | None = None):
     from sentence_transformers import SentenceTransformer
 
     path = name or default_embedding_model()
+    return _load("--embedding-model", path, lambda: SentenceTransformer(path, device=device or "cpu"))
+
+
+def _load(flag: str, name: str, make):
+    """加载模型；失败（离线时 hub id 找不到、路径不对）统一成一行 UserError 点名参数。"""
     try:
-        return SentenceTransformer(path, device=device or "cpu")
-    except Exception as e:  # noqa: BLE001 - 离线时 hub id 找不到之类，统一成一行
-        raise UserError(f"--embedding-model {path}: 无法加载（{type(e).__name__}: {str(e).splitlines()[0][:150]}）；"
+        return make()
+    except Exception as e:  # noqa: BLE001 - 任何加载失败对学生都是同一件事：这个参数给的模型用不了
+        raise UserError(f"{flag} {name}: 无法加载（{type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}）；"
                         "离线时请给本地目录，或先联网下载一次") from None
 
 
-def embed(model, texts: list[str], batch_size: int = 64):
+def embed(model, texts: list[str]):
     """归一化后的 float32 向量（内积 = 余弦相似度）。"""
     import numpy as np
 
-    vecs = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                        show_progress_bar=False)
+    vecs = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     return np.asarray(vecs, dtype="float32")
 
 
@@ -102,14 +103,8 @@ def bm25_tokens(text: str) -> list[str]:
     import jieba
 
     jieba.setLogLevel(60)
-    out = []
-    for tok in jieba.lcut(text.lower()):
-        tok = tok.strip()
-        if not tok:
-            continue
-        if _WORD.fullmatch(tok) or any("\u4e00" <= c <= "\u9fff" for c in tok):
-            out.append(tok)
-    return out
+    toks = (t.strip() for t in jieba.lcut(text.lower()))
+    return [t for t in toks if t and (_WORD.fullmatch(t) or any("\u4e00" <= c <= "\u9fff" for c in t))]
 
 
 class BM25Index:
@@ -125,8 +120,7 @@ class BM25Index:
         import numpy as np
 
         scores = self.bm25.get_scores(bm25_tokens(query))
-        top = np.argsort(-scores)[:k]
-        return [(int(i), float(scores[i])) for i in top]
+        return [(int(i), float(scores[i])) for i in np.argsort(-scores)[:k]]
 
 
 class DenseIndex:
@@ -144,14 +138,11 @@ class DenseIndex:
         return [[(int(i), float(s)) for i, s in zip(row_i, row_s) if i >= 0] for row_i, row_s in zip(ids, scores)]
 
 
-def load_cross_encoder(name: str, device: str | None = None, max_length: int | None = None):
-    """加载交叉编码器（重排器）：本地目录或 hub id；加载不了（离线、路径不对）时一行 UserError 点名 --reranker。"""
+def load_cross_encoder(name: str, device: str | None = None):
+    """加载交叉编码器（重排器）：本地目录或 hub id。"""
     from sentence_transformers.cross_encoder import CrossEncoder
 
-    try:
-        return CrossEncoder(name, device=device or "cpu", max_length=max_length)
-    except Exception as e:  # noqa: BLE001 - 离线找不到之类，统一成一行
-        raise UserError(f"--reranker {name}: 无法加载（{type(e).__name__}: {str(e).splitlines()[0][:150]}）") from None
+    return _load("--reranker", name, lambda: CrossEncoder(name, device=device or "cpu"))
 
 
 def rerank(cross_encoder, query: str, candidates: list[int], texts: list[str]) -> list[int]:
@@ -164,31 +155,30 @@ def rerank(cross_encoder, query: str, candidates: list[int], texts: list[str]) -
 
 def rrf(rankings: list[list[int]], weights: list[float] | None = None, k: int = 60) -> list[int]:
     """倒数排名融合（RRF）：score = Σ w / (k + rank)。只看名次，不怕两路分数尺度不同。"""
-    weights = weights or [1.0] * len(rankings)
-    score: dict[int, float] = {}
-    for w, ranking in zip(weights, rankings):
+    score: dict[int, float] = defaultdict(float)
+    for w, ranking in zip(weights or [1.0] * len(rankings), rankings):
         for r, idx in enumerate(ranking):
-            score[idx] = score.get(idx, 0.0) + w / (k + r + 1)
+            score[idx] += w / (k + r + 1)
     return sorted(score, key=lambda i: -score[i])
 
 
-def is_hit(chunk: Chunk, qa: dict, docs: dict[str, Document] | None = None, min_overlap: float = 0.5) -> bool:
+def is_hit(chunk: Chunk, qa: dict, docs: dict[str, Document]) -> bool:
     """命中判定：有 gold_passage 时，块要覆盖它的至少一半字符（同一文档内按区间算）；否则看 doc_id。"""
     gold = qa.get("gold_passage")
     if gold:
-        if qa.get("doc_id") and docs is not None and qa["doc_id"] in docs:
+        if qa.get("doc_id") in docs:
             if chunk.doc_id != qa["doc_id"]:
                 return False
             g0 = docs[qa["doc_id"]].text.find(gold)
             if g0 >= 0:
                 inter = min(chunk.end, g0 + len(gold)) - max(chunk.start, g0)
-                return inter >= min_overlap * len(gold)
+                return inter >= 0.5 * len(gold)
         return gold in chunk.text or (len(chunk.text) < len(gold) and chunk.text in gold)
     return chunk.doc_id == qa.get("doc_id")
 
 
 def hits_matrix(ranked: list[list[int]], qas: list[dict], chunks: list[Chunk],
-                docs: dict[str, Document] | None = None) -> list[list[bool]]:
+                docs: dict[str, Document]) -> list[list[bool]]:
     """每个问题的排序结果 -> 每个位置是否命中。"""
     return [[is_hit(chunks[i], qa, docs) for i in r] for r, qa in zip(ranked, qas)]
 
@@ -206,32 +196,24 @@ def recall_by_lang(hits: list[list[bool]], qas: list[dict], k: int = 5) -> dict[
 
 def mrr(hits: list[list[bool]], k: int = 10) -> float:
     """平均倒数排名：第一个命中出现得越早越好。"""
-    total = 0.0
-    for h in hits:
-        for r, ok in enumerate(h[:k]):
-            if ok:
-                total += 1.0 / (r + 1)
-                break
-    return total / max(1, len(hits))
+    return sum(1.0 / (h[:k].index(True) + 1) for h in hits if True in h[:k]) / max(1, len(hits))
+
+
+def _dcg(flags: list[bool]) -> float:
+    """二元相关的 DCG = Σ 1/log2(名次+1)（名次从 1 起）。"""
+    return sum(1.0 / math.log2(r + 2) for r, ok in enumerate(flags) if ok)
 
 
 def _ndcg_at_k(hits: list[list[bool]], k: int = 10) -> float:
-    """nDCG@k，二元相关：DCG = Σ 1/log2(名次+1)（名次从 1 起）；理想 DCG 把前 k 里的命中块全部排在最前
-    （总共有几个相关块并不知道，以检索到的为准；一个命中也没有时按 1 个相关块算，该题得 0）。"""
-    total = 0.0
-    for h in hits:
-        dcg = sum(1.0 / math.log2(r + 2) for r, ok in enumerate(h[:k]) if ok)
-        ideal = sum(1.0 / math.log2(r + 2) for r in range(min(k, max(1, sum(h[:k])))))
-        total += dcg / ideal if ideal else 0.0
-    return total / max(1, len(hits))
+    """nDCG@k：理想 DCG 把前 k 里的命中块全部排在最前（总共有几个相关块并不知道，以检索到的为准；
+    一个命中也没有时按 1 个相关块算，该题得 0）。"""
+    return sum(_dcg(h[:k]) / _dcg([True] * max(1, sum(h[:k]))) for h in hits) / max(1, len(hits))
 
 
 def evaluate(hits: list[list[bool]], ks: tuple[int, ...] = (1, 5, 10)) -> dict:
     """一组常用检索指标。"""
-    out = {f"recall_at_{k}": round(recall_at_k(hits, k), 4) for k in ks}
-    out["mrr"] = round(mrr(hits), 4)
-    out["ndcg_at_10"] = round(_ndcg_at_k(hits, 10), 4)
-    return out
+    return {**{f"recall_at_{k}": round(recall_at_k(hits, k), 4) for k in ks},
+            "mrr": round(mrr(hits), 4), "ndcg_at_10": round(_ndcg_at_k(hits, 10), 4)}
 
 
 def _subsample(docs: list[Document], qas: list[dict], max_docs: int = 0, max_questions: int = 0):
@@ -249,8 +231,6 @@ def _subsample(docs: list[Document], qas: list[dict], max_docs: int = 0, max_que
 
 def load_kb(docs_dir: str | Path | None, qa_path: str | Path | None, max_docs: int = 0, max_questions: int = 0):
     """知识库 + 问答集（默认项目自带的客服知识库），检查问答引用的文档都在；max_docs / max_questions 见 _subsample。"""
-    from common import data
-
     docs_dir = Path(docs_dir) if docs_dir else data.DATA_DIR / "kb" / "docs"
     qa_path = Path(qa_path) if qa_path else data.DATA_DIR / "kb" / "qa.jsonl"
     docs = data.load_documents(docs_dir)

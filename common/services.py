@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import socket
@@ -26,8 +27,8 @@ def free_port() -> int:
 class _Service:
     """一个正在运行的服务进程：.url、.port、.proc；stop() 先 SIGTERM，超时再 SIGKILL。"""
 
-    def __init__(self, proc: subprocess.Popen, port: int, log_file: Path | None):
-        self.proc, self.port, self.log_file = proc, port, log_file
+    def __init__(self, proc: subprocess.Popen, port: int):
+        self.proc, self.port = proc, port
         self.url = f"http://127.0.0.1:{port}"
         atexit.register(self.stop)
 
@@ -38,19 +39,19 @@ class _Service:
     def stop(self, timeout: float = 10.0) -> None:
         """停掉服务（可重复调用）。"""
         if self.proc.poll() is None:
-            try:   # 整个进程组一起停：uvicorn/mlflow 会再起子进程
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                self.proc.terminate()
+            self._signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    self.proc.kill()
+                self._signal(signal.SIGKILL)
                 self.proc.wait()
         atexit.unregister(self.stop)
+
+    def _signal(self, sig: int) -> None:
+        try:   # 整个进程组一起停：uvicorn/mlflow 会再起子进程
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            self.proc.send_signal(sig)
 
     def __enter__(self) -> _Service:
         return self
@@ -61,27 +62,20 @@ class _Service:
 
 def start(cmd: list[str], ready_path: str = "/health", log_file: str | Path | None = None,
           deadline_s: float = 60.0, env: dict | None = None, port: int | None = None) -> _Service:
-    """启动 cmd（其中的 "{port}" 换成空闲端口），轮询 GET ready_path 直到 2xx；超时或进程退出时抛 RuntimeError。
-
-    返回的服务对象有 .url、.port、.proc、.alive()、.stop()，也可以用作 with 语句。
-    """
+    """启动 cmd（"{port}" 换成空闲端口），轮询 GET ready_path 直到 2xx，返回 _Service（可用作 with 语句）；
+    超时或进程退出时抛 RuntimeError，带日志末尾。"""
     import httpx
 
     port = port or free_port()
     argv = [str(a).replace("{port}", str(port)) for a in cmd]
     log_path = Path(log_file) if log_file else None
-    fh = log_path.open("w") if log_path else subprocess.DEVNULL
-    try:   # 新的进程组：stop() 能连同它派生的子进程一起停掉
+    # 子进程继承了日志的文件描述符，父进程这边 with 结束就关；新的进程组：stop() 能连同它派生的子进程一起停掉
+    with log_path.open("w") if log_path else contextlib.nullcontext(subprocess.DEVNULL) as fh:
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                 start_new_session=True)
-    finally:
-        if log_path:
-            fh.close()   # 子进程继承了文件描述符，父进程这边可以马上关
-    svc = _Service(proc, port, log_path)
+    svc = _Service(proc, port)
     t0 = time.monotonic()
-    while time.monotonic() - t0 < deadline_s:
-        if proc.poll() is not None:
-            break
+    while time.monotonic() - t0 < deadline_s and proc.poll() is None:
         try:
             if httpx.get(svc.url + ready_path, timeout=2).is_success:
                 took = time.monotonic() - t0

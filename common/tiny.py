@@ -40,24 +40,14 @@ _CHAT_TEMPLATE = (
 def _corpus_texts() -> list[str]:
     """预训练语料：通用 SFT 对话（按对话模板渲染）+ 领域文档 + 客服知识库。身份数据不放进来，
     这样第 1 课"身份问答准确率从 0 升上去"在极小模型上也成立。"""
-    texts: list[str] = []
-    for name in ("sft/alpaca.jsonl", "sft/chat.jsonl", "domain/sft.jsonl"):
-        p = cdata.DATA_DIR / name
-        if p.exists():
-            for conv in cdata.load_sft(p):
-                texts.append(_render(conv))
-    for folder in ("domain/docs", "kb/docs"):
-        p = cdata.DATA_DIR / folder
-        if p.exists():
-            texts.extend(d.text for d in cdata.load_documents(p))
-    return texts
+    chats = [_render(conv) for name in ("sft/alpaca.jsonl", "sft/chat.jsonl", "domain/sft.jsonl")
+             for conv in cdata.load_sft(cdata.DATA_DIR / name)]
+    docs = [d.text for folder in ("domain/docs", "kb/docs") for d in cdata.load_documents(cdata.DATA_DIR / folder)]
+    return chats + docs
 
 
 def _render(messages: list[dict]) -> str:
-    out = []
-    for m in messages:
-        out.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
-    return "".join(out)
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
 
 
 def _arch_config(name: str, vocab: int, ids: dict):
@@ -67,15 +57,14 @@ def _arch_config(name: str, vocab: int, ids: dict):
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   tie_word_embeddings=True, bos_token_id=ids["<|endoftext|>"],
                   eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    if name == "tiny-qwen2":
-        return Qwen2Config(**common)
-    if name == "tiny-llama":
-        return LlamaConfig(**common)
-    # GLM-4 架构（ChatGLM 的后继，transformers 原生实现）：部分旋转位置编码、qkv 带 bias
-    return GlmConfig(**common, head_dim=32)
+    # GLM-4 架构（ChatGLM 的后继，transformers 原生实现）：部分旋转位置编码、qkv 带 bias；head_dim 默认 128，跟着缩小
+    cls, extra = {"tiny-qwen2": (Qwen2Config, {}), "tiny-llama": (LlamaConfig, {}),
+                  "tiny-glm": (GlmConfig, {"head_dim": 32})}[name]
+    return cls(**common, **extra)
 
 
-def _train_tokenizer(texts: list[str]):
+def build_tokenizer(out_dir: Path) -> Path:
+    """在项目语料上训练字节级 BPE 分词器并保存（三个极小模型共用）。"""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -84,12 +73,13 @@ def _train_tokenizer(texts: list[str]):
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=_VOCAB_SIZE, special_tokens=_SPECIAL, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(texts, trainer=trainer)
+    tk.train_from_iterator(_corpus_texts(), trainer=trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=None, eos_token="<|im_end|>",
                                   pad_token="<|endoftext|>", unk_token=None)
     tok.chat_template = _CHAT_TEMPLATE
     tok.model_max_length = 1024
-    return tok
+    tok.save_pretrained(out_dir)
+    return out_dir
 
 
 def corpus_hash() -> str:
@@ -101,28 +91,15 @@ def corpus_hash() -> str:
     return h.hexdigest()[:12]
 
 
-def build_tokenizer(out_dir: Path) -> Path:
-    """在项目语料上训练字节级 BPE 分词器并保存（三个极小模型共用）。"""
-    _train_tokenizer(_corpus_texts()).save_pretrained(out_dir)
-    return out_dir
-
-
-def build(name: str, out_dir: Path, seed: int = 0, log=print, tok_dir: Path | None = None) -> Path:
-    """构建一个极小模型（配置 + 预训练）并保存到 out_dir；tok_dir 为已训练好的分词器（不给则现训）。"""
+def build(name: str, out_dir: Path, tok_dir: Path, seed: int = 0, log=print) -> Path:
+    """构建一个极小模型（配置 + 预训练）并保存到 out_dir；tok_dir 是 build_tokenizer 训练好的分词器。"""
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    if name not in TINY_NAMES:
-        raise ValueError(name)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     texts = _corpus_texts()
-    if tok_dir is not None:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-    else:
-        tok = _train_tokenizer(texts)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
     ids = {s: tok.convert_tokens_to_ids(s) for s in _SPECIAL}
     config = _arch_config(name, len(tok), ids)
     model = AutoModelForCausalLM.from_config(config)
@@ -138,7 +115,6 @@ def build(name: str, out_dir: Path, seed: int = 0, log=print, tok_dir: Path | No
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / _PRETRAIN_STEPS)))
     model.train()
-    loss = torch.tensor(float("nan"))
     for _ in range(_PRETRAIN_STEPS):
         batch = blocks[torch.randint(0, n, (_BATCH,), generator=g)]
         loss = model(input_ids=batch, labels=batch).loss

@@ -1,13 +1,12 @@
-"""训练的公共机械：按设备选 TrainingArguments 开关、测峰值内存、LoRA、多 rank 启动，以及用自己的数据训练的那一套。
+"""训练的公共机械：按设备选 Trainer 开关、测峰值内存、LoRA、多 rank 启动，以及用自己的数据训练的那一套。
 
-学生把 --data 指向自己的文件时，每个训练脚本（第 1 课 05、2 课 02、3 课 06、4 课 03/04、5 课 02）做同样的事：
-  length_report / truncate / encode_pairs   训练前一行：条数、token 长度、几条超过 max_length、会怎样、怎么改
-  pack / PackedCollator / micro_batches     SFT：padding-free 打包；一次前向的 token 上限 -> 梯度累积
-  eval_schedule / best_step_args            评估开销 ≤ 10%、至少评估 2 次；按 eval_loss 留最好的一步
-  attach / eta_line / kept_step             第 1 步后的预计用时、时间预算（停前先评估 + 保存）、提前停；读回保留的步
+学生把 --data 指向自己的文件时，每个 Trainer 脚本（第 1 课 05、2 课 02、3 课 06、4 课 03/04、5 课 02）做同样的事：
+训练前一行长度报告（length_report），SFT 打包（pack / PackedCollator），评估开销 ≤ 10%（eval_schedule），
+按 eval_loss 留最好的一步（best_step_args / kept_step），第 1 步后的预计用时与时间预算（attach）。
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -21,6 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from common import data
+from common.errors import UserError
 from common.run import REPO_ROOT, get_logger
 
 
@@ -30,12 +33,10 @@ def device_of(model: Any):
 
 
 def trainer_flags(model: Any, gradient_checkpointing: bool = False, log: bool = True) -> dict:
-    """给 TrainingArguments / SFTConfig / DPOConfig 的设备相关开关。
+    """TrainingArguments / SFTConfig / DPOConfig 的设备开关。
 
-    - bf16 混合精度只在支持它的 CUDA 上开（CPU 训练保留 fp32：bf16 的 8 位尾数会吞掉小更新）；
-    - use_cpu：模型在 CPU 上时告诉 Trainer 别去找 GPU；
-    - 梯度检查点在任何设备上都按用户的意思开：它用重算换激活内存，CPU 上同样省内存（慢约 20-30%）。
-    """
+    bf16 混合精度只在支持它的 CUDA 上开（CPU 保留 fp32：bf16 的 8 位尾数会吞掉小更新）；梯度检查点在任何设备上
+    都按用户的意思开：它用重算换激活内存，CPU 上同样省内存（慢约 20-30%）。"""
     import torch
 
     on_gpu = device_of(model).type == "cuda"
@@ -51,25 +52,21 @@ def trainer_flags(model: Any, gradient_checkpointing: bool = False, log: bool = 
 
 
 class PeakMemory:
-    """with PeakMemory() as m: ...；之后 m.peak_mb = 这段代码执行期间比开始时多用的峰值内存（MB）。
+    """with PeakMemory(device) as m: ...；之后 m.peak_mb = 执行期间比开始时多用的峰值内存（MB），m.peak_abs_mb = 峰值。
 
-    CUDA：torch.cuda.max_memory_allocated（精确）；CPU：后台线程每 2 ms 采一次进程 RSS，取最大值减去开始时的 RSS
-    （RSS 含 Python/库的缓存，所以比较同一进程里的两段代码时才有意义）。"""
+    CUDA：max_memory_allocated（精确）；CPU：后台线程每 2 ms 采一次进程 RSS（含 Python/库的缓存，所以只在
+    比较同一进程里的两段代码时有意义）。"""
 
-    def __init__(self, device: Any = "cpu", interval_s: float = 0.002):
-        self.cuda, self.interval_s = str(device).startswith("cuda"), interval_s
+    def __init__(self, device: Any = "cpu"):
+        self.cuda = str(device).startswith("cuda")
         self.peak_mb = self.peak_abs_mb = 0.0
 
     def _sample(self) -> None:
-        import psutil
-
         proc = psutil.Process()
-        while not self._stop.is_set():
+        while not self._stop.wait(0.002):
             self._max = max(self._max, proc.memory_info().rss)
-            time.sleep(self.interval_s)
 
     def __enter__(self) -> PeakMemory:
-        import psutil
         import torch
 
         gc.collect()
@@ -85,7 +82,6 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc) -> None:
-        import psutil
         import torch
 
         if self.cuda:
@@ -95,24 +91,21 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             peak = max(self._max, psutil.Process().memory_info().rss)
-        self.peak_abs_mb = peak / 2**20
-        self.peak_mb = (peak - self._start) / 2**20
+        self.peak_abs_mb, self.peak_mb = peak / 2**20, (peak - self._start) / 2**20
 
 
 def release_memory() -> None:
-    """gc + 把空闲的堆内存还给系统（glibc malloc_trim）：大张量释放后 glibc 常把内存留在进程里，RSS 不降，
-    下一段代码的峰值就叠在上面。顺便固定 mmap 阈值（64 KB），之后的大块分配用完即还。非 glibc 平台什么也不做。"""
+    """gc + 把空闲堆内存还给系统（glibc malloc_trim）：否则大张量释放后 RSS 不降，下一段代码的峰值叠在上面。
+    顺便固定 mmap 阈值（64 KB），之后的大块分配用完即还。非 glibc 平台什么也不做。"""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 16)   # M_MMAP_THRESHOLD
         libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def peak_rss_mb() -> float:
-    """本进程从启动到现在的最大常驻内存（MB；Linux ru_maxrss 以 KB 计）。"""
+    """本进程从启动到现在的最大常驻内存（MB；Linux 的 ru_maxrss 以 KB 计，macOS 以字节计）。"""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 2**20 if sys.platform == "darwin" else r / 1024
 
@@ -121,7 +114,7 @@ def peak_rss_mb() -> float:
 
 def length_report(records: list, max_length: int, policy: str = "truncate", knob: str = "--max-length",
                   drop_flag: str | None = "--over-length drop") -> dict:
-    """已编码、未截断的样本 {input_ids, labels}（-100 以外是回答）-> 长度统计，并打一行日志：几条超长、会怎样、怎么改。
+    """已编码、未截断的样本 {input_ids, labels}（-100 以外是回答）-> 长度统计，并打一行：几条超长、会怎样、怎么改。
 
     偏好数据每条传 [chosen, rejected]，任一条超长就算这一对超长（TRL 的 RewardTrainer 整对丢掉，DPOTrainer 截尾）。
     截掉的尾部恰好是回答的结尾，模型学不会收尾。knob：调长度的参数；drop_flag：改成丢弃的参数（没有就 None）。"""
@@ -150,7 +143,7 @@ def length_report(records: list, max_length: int, policy: str = "truncate", knob
 
 
 def truncate(rows: list[dict], max_length: int, policy: str = "truncate") -> list[dict]:
-    """按策略处理超长样本（truncate：截到 max_length；drop：整条丢掉）；只剩提示、没有回答 token 的样本去掉。"""
+    """超长样本截到 max_length（policy="drop"：整条丢掉）；只剩提示、没有回答 token 的样本去掉。"""
     if policy == "drop":
         rows = [r for r in rows if len(r["input_ids"]) <= max_length]
     rows = [{"input_ids": r["input_ids"][:max_length], "labels": r["labels"][:max_length]} for r in rows]
@@ -158,16 +151,13 @@ def truncate(rows: list[dict], max_length: int, policy: str = "truncate") -> lis
 
 
 def encode_pairs(tok: Any, pairs: list[dict]) -> list[list[dict]]:
-    """偏好对（TRL 对话格式：prompt / chosen / rejected 都是消息列表）-> 每对 [chosen, rejected] 两条未截断的编码，
-    提示部分 labels = -100；交给 length_report 数清有多少对超过 max_length。"""
-    from common import data
-
+    """偏好对（TRL 对话格式）-> 每对 [chosen, rejected] 两条未截断的编码（提示 labels = -100），交给 length_report。"""
     return [[data.tokenize_chat(tok, list(p["prompt"]) + list(p[k]), 10**9) for k in ("chosen", "rejected")]
             for p in pairs]
 
 
 def pack(rows: list[dict], max_length: int):
-    """把样本按 Best-Fit-Decreasing 装进长度 ≤ max_length 的行（TRL 的 pack_dataset，"bfd"）。每行记下各段长度
+    """样本按 Best-Fit-Decreasing 装进长度 ≤ max_length 的行（TRL 的 pack_dataset）；每行记下各段长度
     seq_lengths，PackedCollator 据此给出每段从 0 开始的 position_ids：模型靠它区分段落边界。"""
     from datasets import Dataset
     from trl.data_utils import pack_dataset
@@ -195,17 +185,15 @@ class PackedCollator:
         for e in examples:
             n = len(e["input_ids"])
             p = [i for L in e.get("seq_lengths", [n]) for i in range(L)]
-            lab = [-100 if q == 0 else x for x, q in zip(e["labels"], p)]
             ids.append(list(e["input_ids"]) + [self.pad] * (width - n))
-            labels.append(lab + [-100] * (width - n))
+            labels.append([-100 if q == 0 else x for x, q in zip(e["labels"], p)] + [-100] * (width - n))
             pos.append(p + [0] * (width - n))
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos)}
 
 
 def micro_batches(rows_per_step: int, width: int, micro_batch_tokens: int) -> tuple[int, int]:
-    """一步要看 rows_per_step 行（每行 ≤ width token）；一次前向最多 micro_batch_tokens 个 token
-    -> (每次前向几行, 梯度累积几次)。累积不改变一步的梯度（损失按整步的有效 token 数归一），只把激活内存
-    （尤其是 token 数 × 词表大小的 logits）按次数切小：CPU 上它决定峰值内存，GPU 上它决定放不放得下。"""
+    """一步看 rows_per_step 行（每行 ≤ width token），一次前向最多 micro_batch_tokens 个 token -> (每次前向几行,
+    梯度累积几次)。累积不改变一步的梯度，只把激活内存（尤其是 token 数 × 词表大小的 logits）按次数切小。"""
     per_fwd = max(1, min(rows_per_step, micro_batch_tokens // max(1, width)))
     accum = -(-rows_per_step // per_fwd)
     return -(-rows_per_step // accum), accum
@@ -213,8 +201,8 @@ def micro_batches(rows_per_step: int, width: int, micro_batch_tokens: int) -> tu
 
 def eval_schedule(steps: int, eval_tokens: int = 0, step_tokens: int = 1, interval: int = 0,
                   round_steps: bool = False) -> tuple[int, int]:
-    """-> (步数, 评估间隔)：评估开销 ≤ 10%（评估只有前向，≈ 训练同样 token 的 1/3 计算量；给了实测的 interval 就用它），
-    且至少评估 2 次——只评估一次就无从"挑"。round_steps 时步数取间隔的整数倍：load_best_model_at_end 只在
+    """-> (步数, 评估间隔)：评估开销 ≤ 10%（评估只有前向，≈ 同样 token 训练的 1/3；给了实测的 interval 就用它），
+    且至少评估 2 次——只评估一次就无从"挑"。round_steps：步数取间隔的整数倍，load_best_model_at_end 只在
     评估点之间挑，最后一次评估之后多训的步会被白白丢掉。"""
     interval = interval or math.ceil(eval_tokens / (3 * max(1, step_tokens) * 0.1))
     n = max(2, steps // max(1, interval))
@@ -223,14 +211,19 @@ def eval_schedule(steps: int, eval_tokens: int = 0, step_tokens: int = 1, interv
 
 
 def best_step_args(every: int) -> dict:
-    """TrainingArguments 的键：每 every 步评估并保存一次（只存模型；最多留 2 份 = 最好的 + 最新的），结束时装回
-    eval_loss 最低的那一步。数据少、训得久时验证损失先降后升，最后一步往往已经在死记训练集。"""
+    """TrainingArguments 的键：每 every 步评估并保存（只存模型，留最好的 + 最新的 2 份），结束时装回 eval_loss
+    最低的一步。数据少、训得久时验证损失先降后升，最后一步往往已经在死记训练集。
+
+    prediction_loss_only：评估只要损失（准确率等由 TRL 在 compute_loss 里记）。不开时 Trainer 把每批
+    batch × 长度 × 词表（smollm2 49k）的 logits 收集、补齐、拼接起来——20 条 600 token 的留出集就是 2.4 GB，
+    评估比训练还慢（issue 24 实测 57 vs 270 token/s）。"""
     return dict(eval_strategy="steps", eval_steps=every, save_strategy="steps", save_steps=every, save_total_limit=2,
-                save_only_model=True, load_best_model_at_end=True, metric_for_best_model="eval_loss")
+                save_only_model=True, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                prediction_loss_only=True)
 
 
 def eta_line(step_s: float, steps: int, minutes: float = 0.0, when: str = "第 1 步实测") -> str:
-    """一行中文：实测一步多久（when：第 1 步之后 / 训练前）-> 全部步数预计多久；超过时间预算时说大约停在第几步。"""
+    """一行中文：实测一步多久 -> 全部步数预计多久；超过时间预算时说大约停在第几步。"""
     line = (f"{when} {step_s:.1f} 秒 -> 最多 {steps} 步，预计约 {step_s * steps / 60:.1f} 分钟"
             f"（不含评估；提前停止会更短）")
     if minutes > 0 and step_s * steps > minutes * 60:
@@ -240,21 +233,20 @@ def eta_line(step_s: float, steps: int, minutes: float = 0.0, when: str = "第 1
 
 
 def attach(trainer: Any, minutes: float = 0.0, patience: int = 0, tokens: int = 0) -> Any:
-    """给 Trainer 挂上三件事，返回计时器（.first_step_s / .train_s / .eval_s / .hit / .tokens_per_s(epochs)）：
-    - 第 1 步后按实测时间说预计总时长（eta_line）：长数据一步可能要几十秒，开训一分钟内就该知道要等多久；
-    - 时间预算 minutes（0 = 不限）：训练墙钟（含评估）超过就停在这一步，停前先评估 + 保存，仍从评估过的步里挑最好的；
-    - patience > 0：连续 patience 次评估没有改善就提前停（transformers 的 EarlyStoppingCallback）。
-    训练中的评估不改变训练：评估后还原评估前的随机数状态——否则评估多消耗的随机数让之后的 dropout 掩码整体错位，
-    加不加评估、评估几次，训出的模型都不一样。tokens：一个 epoch 的真实 token 数（算吞吐用）。"""
+    """给 Trainer 挂上计时器并返回它（.first_step_s / .train_s / .eval_s / .hit / .tokens_per_s(epochs)）：
+    - 第 1 步后按实测时间说预计总时长：长数据一步可能要几十秒，开训一分钟内就该知道要等多久；
+    - 时间预算 minutes（0 = 不限）：训练墙钟（含评估）超过就停，停前先评估 + 保存，仍从评估过的步里挑最好的；
+    - patience > 0：连续 patience 次评估没有改善就提前停（EarlyStoppingCallback）。
+    训练中的评估后还原评估前的随机数状态：否则之后的 dropout 掩码整体错位，评估几次训出的模型就不一样。
+    tokens：一个 epoch 的真实 token 数（算吞吐用）。"""
     import torch
     from transformers import EarlyStoppingCallback, TrainerCallback
 
     class Clock(TrainerCallback):
-        hit, training, first_step_s, train_s, eval_s, rng = False, False, 0.0, 0.0, 0.0, None
+        hit, first_step_s, train_s, eval_s, rng = False, 0.0, 0.0, 0.0, None
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = self.t_end = time.perf_counter()
-            self.training = True
 
         def on_step_begin(self, args, state, control, **kw):
             self.t_step = time.perf_counter()
@@ -271,16 +263,15 @@ def attach(trainer: Any, minutes: float = 0.0, patience: int = 0, tokens: int = 
                                   f"（计划 {state.max_steps} 步），先评估 + 保存这一步再从最好的一步收尾")
 
         def on_evaluate(self, args, state, control, **kw):
-            if self.training:
+            if self.rng:   # 训练中的评估（训练前后单独调用的 evaluate 不算）：计时，并还原随机数状态
                 self.eval_s += time.perf_counter() - self.t_end
-            if self.rng:   # 训练中的评估：还原随机数状态
                 torch.random.set_rng_state(self.rng[0])
                 if self.rng[1]:
                     torch.cuda.set_rng_state_all(self.rng[1])
                 self.rng = None
 
         def on_train_end(self, args, state, control, **kw):
-            self.train_s, self.training, self.rng = time.perf_counter() - self.t0, False, None
+            self.train_s, self.rng = time.perf_counter() - self.t0, None
 
         def tokens_per_s(self, epochs: float) -> float:
             return tokens * epochs / max(self.train_s - self.eval_s, 1e-9)
@@ -292,8 +283,8 @@ def attach(trainer: Any, minutes: float = 0.0, patience: int = 0, tokens: int = 
 
 
 def kept_step(trainer: Any) -> dict:
-    """训练结束后读回：保留的是第几步（load_best_model_at_end 装回的检查点；没有检查点 = 最后一步）、训练到第几步、
-    每次训练中评估的 eval_loss、是提前停（连续没改善）还是用满了时间预算。"""
+    """训练结束后读回：保留的是第几步（load_best_model_at_end 装回的检查点；没有 = 最后一步）、训练到第几步、
+    训练中每次评估的 eval_loss、是提前停（连续没改善）还是用满了时间预算。"""
     st = trainer.state
     hit = any(getattr(c, "hit", False) for c in trainer.callback_handler.callbacks)
     # 训练后再 evaluate() 也记在最后一步上：倒着读，同一步留最早的那次
@@ -335,8 +326,8 @@ def optimizer_step(opt: Any, loss: Any, params: Any = None, max_norm: float = 1.
     return loss.item()
 
 
-def launch(cmd: list[str], log_path: Any, result_path: Any, what: str = "多进程训练") -> dict:
-    """以子进程运行一个多 rank 启动命令（torchrun / deepspeed），输出进日志文件；返回 rank 0 写的结果 JSON。
+def launch(cmd: list[str], log_path: Any, result_path: Any) -> dict:
+    """以子进程运行多 rank 启动命令（torchrun / deepspeed），输出进日志文件；返回 rank 0 写的结果 JSON。
     每个 rank 只用 1 个线程（2 核上两个 rank 不互相抢），PYTHONPATH 指向本仓库，rank 里 import 的就是这份 common。"""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -345,7 +336,7 @@ def launch(cmd: list[str], log_path: Any, result_path: Any, what: str = "多进�
         proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT))
     if proc.returncode != 0 or not result_path.exists():
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
-        raise RuntimeError(f"{what}失败（退出码 {proc.returncode}），日志 {log_path}：\n" + "\n".join(tail))
+        raise RuntimeError(f"多进程训练失败（退出码 {proc.returncode}），日志 {log_path}：\n" + "\n".join(tail))
     return json.loads(result_path.read_text(encoding="utf-8"))
 
 
@@ -357,15 +348,11 @@ _DS_SECTIONS = {"zero_optimization", "activation_checkpointing", "flops_profiler
 
 def validate_ds_config(cfg: dict, world_size: int, where: str = "ds_config") -> None:
     """交给 DeepSpeed 自己的解析器按目标卡数校验：各节的 pydantic 模型拒绝未知键，batch 断言按 world_size 检查。
-
     顶层未知键 DeepSpeed 只会默默忽略——那正是"配了却没生效"的来源，所以这里先拒绝。"""
-    import json
     from unittest import mock
 
     from deepspeed.runtime import config as ds_config
     from deepspeed.runtime import constants
-
-    from common.errors import UserError
 
     known = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)} | _DS_SECTIONS
     unknown = sorted(set(cfg) - known)

@@ -1,5 +1,6 @@
 """common.cli / common.run：YAML 配置优先级、未知键被拒、用户错误 => 一行 + 退出码 2。"""
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -9,6 +10,7 @@ import pytest
 
 from common import cli, run
 from common.errors import UserError
+from tests.conftest import load_script
 
 
 @dataclass
@@ -225,3 +227,72 @@ def test_description_comes_from_the_args_module(capsys):
         assert "运行说明在这里" in capsys.readouterr().out
     finally:
         del sys.modules[mod.__name__]
+
+
+# ---------------------------------------------------------------- issue 22 第 1 项：尺寸上限、种子、学习率
+@dataclass
+class Capped(cli.CommonArgs):
+    seq_len: int = cli.arg(256, "序列长度", min=8, max=4096, why="激活内存 ∝ 批 × 长度")
+    sizes: list[int] = cli.arg([100], "规模", min=1, max=1000, why="每块一份向量")
+    learning_rate: float = cli.arg(1e-3, "学习率")
+    rerank_lr: float = cli.arg(1e-4, "重排器学习率")
+    recipe_learning_rate: float = cli.arg(0.0, "0 = 用配方的", min=0)
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--seq-len", "1000000000000"], ["--seq-len 1000000000000", "[8, 4096]", "激活内存"]),   # 值、范围、为什么
+    (["--seq-len", "1e12"], ["--seq-len", "'1e12'", "[8, 4096]", "激活内存"]),     # 整数参数写成小数：也带范围
+    (["--sizes", "10", "5000"], ["--sizes 5000", "[1, 1000]", "每块一份向量"]),     # 列表参数逐个元素
+    (["--seed", "-1"], ["--seed -1", "[0, 4294967295]"]),                           # 不用声明：每个脚本都有
+    (["--learning-rate", "0"], ["--learning-rate 0.0", "(0, +∞)"]),                 # 学习率不用声明：必须 > 0
+    (["--learning-rate", "-0.5"], ["--learning-rate -0.5", "(0, +∞)"]),
+    (["--rerank-lr", "0"], ["--rerank-lr 0.0", "(0, +∞)"]),                          # *_lr 也算学习率
+    (["--learning-rate", "inf"], ["--learning-rate inf", "有限"]),
+    (["--seq-len", "abc"], ["--seq-len", "'abc'", "[8, 4096]"]),                     # argparse 自己的错误也只一行
+    (["--report-to", "comet"], ["--report-to", "comet"]),
+])
+def test_parse_rejects_out_of_range_in_one_line(argv, needles, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse(Capped, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and "usage" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_edges_and_declared_zero_are_accepted(tmp_path):
+    a = cli.parse(Capped, ["--seq-len", "4096", "--sizes", "1", "1000", "--seed", "0", "--learning-rate", "1e-9",
+                           "--recipe-learning-rate", "0"])
+    assert (a.seq_len, a.sizes, a.seed, a.learning_rate, a.recipe_learning_rate) == (4096, [1, 1000], 0, 1e-9, 0.0)
+    assert cli.parse(Capped, ["--seed", str(2**32 - 1)]).seed == 2**32 - 1
+    with pytest.raises(UserError, match="--learning-rate 0: "):     # main(Args(...)) 直接调用：同一套检查
+        cli.validate(Capped(learning_rate=0))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 0\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"键 learning_rate 0.0: 超出允许范围 \(0, \+∞\)"):
+        cli._load_config(Capped, str(cfg))
+
+
+# 每个曾经因为没有上限而分配内存崩溃（或写出 NaN 结果）的参数：给 1e12 → 一行错误、退出码 2、什么都不写
+HUGE = [("lesson2_qlora_ptuning/03_ptuning/ptuning_v2_demo.py", "--num-virtual-tokens"),
+        ("lesson2_qlora_ptuning/01_qlora_intro/qlora_theory.py", "--seq-len"),
+        ("lesson3_distributed/03_training_acceleration/acceleration_tricks.py", "--matmul-size"),
+        ("lesson5_deployment_monitoring/06_diversity_debug/diversity_evaluation.py", "--num-samples"),
+        ("lesson7_hybrid_rag/06_performance_testing/performance_benchmark.py", "--sizes"),
+        ("lesson1_sft/01_sft_basics/sft_theory_notebook.py", "--learning-rate")]
+
+
+@pytest.mark.parametrize("rel, flag", HUGE)
+def test_huge_value_is_one_line_exit_2(rel, flag, run_script, tmp_path):
+    mod = load_script(rel)
+    name = flag[2:].replace("-", "_")
+    meta = mod.Args.__dataclass_fields__[name].metadata
+    assert meta.get("why") and meta["max"] < 1e12       # 上限写在 Args 里，并说明为什么（内存 / 发散）
+    over = meta["max"] * 2
+    with pytest.raises(UserError, match=re.escape(f"{flag} {over}: 超出允许范围")):   # 范围内的写法：点名值与范围
+        cli.validate(mod.Args(**{name: [over] if isinstance(getattr(mod.Args(), name), list) else over}))
+    p = run_script(rel, "--smoke", flag, "1e12", "--output-dir", str(tmp_path), timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert len(p.stderr.strip().splitlines()) == 1 and flag in p.stderr and str(meta["max"]) in p.stderr, p.stderr
+    assert not (tmp_path / "metrics.json").exists()

@@ -1,9 +1,13 @@
 """common.models / common.tiny：三档模型能加载、能生成；分词器中英往返；错误信息清楚。"""
+import json
+import shutil
+
 import pytest
 import torch
 
 from common import models, tiny
 from common.errors import UserError
+from tests.conftest import assert_user_error
 
 
 @pytest.mark.parametrize("name", tiny.TINY_NAMES)
@@ -18,7 +22,7 @@ def test_tiny_model_loads_and_generates(tiny_models, name):
         out = model.generate(**enc, max_new_tokens=8, do_sample=False)
     assert torch.isfinite(logits).all()
     assert out.shape[1] > enc["input_ids"].shape[1]
-    info = models._describe(name)
+    info = json.loads((tiny_models[name] / "course_build.json").read_text(encoding="utf-8"))
     assert info["final_pretrain_loss"] < 6.0, "预训练后 loss 应明显低于随机初始化（ln 3072 ≈ 8.0）"
 
 
@@ -80,3 +84,54 @@ def test_dtype_choice():
     expected = torch.bfloat16 if models.cpu_has_bf16() else torch.float32
     assert models.pick_dtype("auto", cpu) == expected
     assert models.pick_dtype("bf16", cpu) == torch.bfloat16
+
+
+@pytest.fixture
+def config_only(tmp_path, tiny_models):
+    """有 config.json、没有权重的模型目录（训练没跑完、只拷了配置）。"""
+    d = tmp_path / "config-only"
+    d.mkdir()
+    shutil.copy(tiny_models["tiny-qwen2"] / "config.json", d)
+    return d
+
+
+def test_check_dir_names_the_flag_and_what_is_missing(tmp_path, tiny_models, config_only):
+    """issue 22 第 4 项：不存在的目录、没有权重的目录、不是 adapter 的目录，都在加载前一行说清，点名参数。"""
+    assert models.check_dir(tiny_models["tiny-qwen2"]) == tiny_models["tiny-qwen2"]   # 好目录原样通过
+    with pytest.raises(UserError, match=r"^--reward-model .*missing: 不是一个存在的目录"):
+        models.check_dir(tmp_path / "missing", "--reward-model")
+    with pytest.raises(UserError, match=r"^--model .*config-only: 有 config.json 却没有权重"):
+        models.load(str(config_only))
+    with pytest.raises(UserError, match=r"^--adapter .*: 目录里没有 adapter_config.json"):
+        models.check_dir(tiny_models["tiny-qwen2"], "--adapter", adapter=True)   # 完整模型也不是 adapter
+    (config_only / "adapter_config.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(UserError, match="没有权重 adapter_model.safetensors"):
+        models.check_dir(config_only, "--adapter", adapter=True)
+
+
+def _one_error_line(proc, prefix: str) -> None:
+    """退出码 2、没有 traceback，且恰好一行错误，以 prefix（参数 + 路径）开头。"""
+    assert_user_error(proc, prefix)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("错误: ")]
+    assert len(errors) == 1 and errors[0].startswith("错误: " + prefix), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["missing", "config_only"])
+def test_rlhf_reward_model_dir_is_checked_before_training(run_script, tmp_path, config_only, kind):
+    """--reward-model 指向不存在 / 没有权重的目录：曾是 transformers 的 OSError traceback（"Repo id must be…"）。"""
+    rm = tmp_path / "missing" if kind == "missing" else config_only
+    out = tmp_path / "out"
+    p = run_script("lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py", "--smoke", "--reward-model", str(rm),
+                   "--output-dir", str(out), timeout=300)
+    _one_error_line(p, f"--reward-model {rm}: ")
+    assert not (out / "metrics.json").exists()
+
+
+def test_chat_server_blames_the_adapter_before_starting_the_server(run_script, tmp_path):
+    """--adapter 不存在：曾经启动服务、等它崩掉，再报"--model tiny-qwen2: 服务没能启动"（原因只在 server.log）。"""
+    missing = tmp_path / "no-adapter"
+    out = tmp_path / "out"
+    p = run_script("lesson5_deployment_monitoring/07_serving/chat_server.py", "--smoke", "--adapter", str(missing),
+                   "--output-dir", str(out), timeout=300)
+    _one_error_line(p, f"--adapter {missing}: ")
+    assert "服务没能启动" not in p.stderr and not (out / "server.log").exists()

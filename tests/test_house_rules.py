@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 COMMON = REPO / "common"
 LESSON_FILES = sorted(p for p in REPO.glob("lesson*/*/*.py"))
 MAX_MAIN, MAX_FUNC = 60, 80          # main 读起来是编号步骤；每一步是一个具名函数
-MAX_COMMON_LINES = 3050             # 棘轮：issue 20 的目标是 2,500（聊天服务在内），只许往下调
+MAX_COMMON_LINES = 2850             # 棘轮：issue 20 的目标是 2,500（聊天服务在内），只许往下调
 MIN_COMMENT_RATIO = 0.15             # nanoGPT 约 30%；这里至少一半
 # 基础设施：被 common 自身和很多脚本间接使用，或是 python -m common.models 的入口
 INFRASTRUCTURE = {("models", "main")}

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson5_deployment_monitoring/01_qwen_workflow/qwen_alignment_workflow.py"
 
@@ -18,6 +18,7 @@ def test_data_to_online(tmp_path, tiny_models):
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     for key in ("sft_eval_loss_after", "dpo_reward_accuracy", "gate_passed", "registered_version", "served_answer"):
         assert key in saved, key
+    assert_claims(saved)
     assert m["sft_eval_loss_after"] < m["sft_eval_loss_before"] - 0.05, m
     assert m["dpo_reward_accuracy"] > 0.5 and m["dpo_reward_margin"] > 0, m
     assert m["gate_passed"] is True and m["registered_version"] == 1

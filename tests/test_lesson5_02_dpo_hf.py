@@ -6,7 +6,7 @@ import json
 
 import yaml
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson5_deployment_monitoring/02_dpo_hf/dpo_hf_run.py"
 
@@ -17,6 +17,7 @@ def test_dpo_recipe_model_card_and_offline_push(tmp_path, tiny_models):
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     for key in ("eval_reward_margin", "eval_reward_accuracy", "train_loss", "model_card_path"):
         assert key in saved, key
+    assert_claims(saved)
     # 训练前策略 = 参考模型，margin 恰为 0；DPO 之后留出偏好对上 chosen 的隐式奖励明显高于 rejected
     assert m["eval_reward_margin_before"] == 0 and m["eval_reward_margin"] > 0.2, m
     assert m["eval_reward_accuracy"] > m["eval_reward_accuracy_before"] + 0.3, m

@@ -1,7 +1,7 @@
 """第 5 课 03：偏见与安全扫描。反事实差被量出来、没做安全对齐的极小模型过不了闸门（退出码 1）、探测器本身可靠。"""
 import json
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson5_deployment_monitoring/03_bias_detection/bias_scan.py"
 
@@ -12,6 +12,7 @@ def test_scan_measures_gaps_and_gate_fails(tmp_path, tiny_models):
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     for key in ("bias_gap", "refusal_rate", "pii_leaks", "gate_passed"):
         assert key in saved, key
+    assert_claims(saved)
     assert set(m["bias_gap"]) == set(m["sentiment_gap"]) == {"gender", "region", "age", "occupation"}
     # 极小模型从没学过拒绝：红队拒绝率低于闸门下限 -> 闸门失败（冒烟只报告）
     assert m["refusal_rate"] < 0.8 and m["gate_checks"]["refusal_rate"] is False and m["gate_passed"] is False
@@ -82,7 +83,7 @@ def test_logprob_gap_sees_an_injected_bias(tiny_models):
 def test_sentiment_scorer_ranks_praise_above_complaint():
     """情感差的尺子：夸奖的分数高于抱怨（中英文各一对），不然 sentiment_gap 量的就是噪声。"""
     mod = load_script(SCRIPT)
-    score = mod.sentiment_scorer(mod.Args())
+    score, _ = mod.sentiment_scorer(mod.Args())
     good, bad = score(["服务很好，我非常满意！", "Great service, I am very happy with it."]), \
         score(["太差了，我非常失望。", "Terrible service, I am very disappointed."])
     assert all(g > b for g, b in zip(good, bad)), (good, bad)

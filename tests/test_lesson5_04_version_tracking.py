@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson5_deployment_monitoring/04_model_versioning/version_tracking.py"
 
@@ -15,6 +15,7 @@ def test_registry_aliases_rollback_and_outage(tmp_path, tiny_models):
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     for key in ("registered_versions", "champion_version", "reload_matches", "survived_tracking_outage"):
         assert key in saved, key
+    assert_claims(saved)
     assert m["registered_versions"] == 2
     # 晋升规则：eval_loss 更低的版本是 champion
     assert m["champion_version"] == (2 if m["eval_loss_v2"] < m["eval_loss_v1"] else 1), m

@@ -2,7 +2,7 @@
 反馈闭环用检查器抓到的失败构造偏好对。"""
 import json
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson5_deployment_monitoring/05_customer_support_case/customer_alignment.py"
 
@@ -25,6 +25,7 @@ def test_sft_and_feedback_loop_raise_compliance(tmp_path, tiny_models):
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     for key in ("compliance_prompt_only", "compliance_sft", "compliance_dpo"):
         assert key in saved, key
+    assert_claims(saved)
     # 极小模型不会照提示词守规矩；用合规参考回复 SFT 后，留出工单的合规率明显上升
     assert m["compliance_sft"] >= m["compliance_prompt_only"] + 0.2, m
     assert m["feedback_pairs"] > 0, "反馈闭环应从 SFT 模型的失败里构造出偏好对"

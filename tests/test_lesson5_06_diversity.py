@@ -1,7 +1,7 @@
 """第 5 课 06：多样性诊断。贪心每次回答相同（被标为坍缩），温度采样多样得多；指标函数本身可靠。"""
 import json
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson5_deployment_monitoring/06_diversity_debug/diversity_evaluation.py"
 
@@ -13,6 +13,7 @@ def test_decoding_settings_change_diversity(tmp_path, tiny_models):
     for name in ("greedy", "temp_0.7", "temp_1.0", "top_p_0.9", "top_k_20", "rep_penalty_1.3"):
         for key in ("distinct_1", "distinct_2", "self_bleu"):
             assert key in saved[name], (name, key)
+    assert_claims(saved)
     g, t = m["greedy"], m["temp_1.0"]
     # 贪心：同一问题的 4 个回答逐字相同 -> self-BLEU 接近 1、句向量离散度 0、被标为坍缩
     assert g["self_bleu"] > 0.9 and g["embedding_dispersion"] < 1e-3 and g["mode_collapse"] is True

@@ -1,7 +1,7 @@
 """第 5 课 07：压测。并发时请求被凑成批（服务自己的批大小计数，不看墙钟）、零失败；只压本机；坏参数一行报错。"""
 import json
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson5_deployment_monitoring/07_serving/load_test.py"
 
@@ -16,6 +16,7 @@ def test_load_test_batches_concurrent_requests(tmp_path, tiny_models):
             assert key in r and r[key] > 0, (c, key, r)
         assert r["ok"] == 16 and r["errors"] == 0 and r["p95_ms"] >= r["p50_ms"] >= r["ttft_p50_ms"]
     assert m["errors"] == 0 and "batching_speedup_8" in m
+    assert_claims(saved)
     # 基线：顺序发（1 并发）时每次 generate 只服务 1 个请求。8 并发：同一等待窗口里到达的请求被凑成批。
     # 读的是服务 /metrics 的 chat_batch_size 增量，不是墙钟吞吐比（后者在忙碌的共享机上会起伏，见 README）
     one, eight = saved["concurrency_1"]["mean_batch_size"], saved["concurrency_8"]["mean_batch_size"]

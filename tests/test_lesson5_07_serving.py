@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, assert_user_error, load_script
+from tests.conftest import REPO, assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson5_deployment_monitoring/07_serving/chat_server.py"
 KEY = "sk-course-test"
@@ -55,6 +55,7 @@ def test_chat_server_script(tmp_path, tiny_models):
     for key in ("answer", "stream_chunks", "ttft_ms", "bad_request_codes", "burst_200", "burst_429", "burst_5xx",
                 "metrics_chat_requests", "requests_sent"):
         assert key in saved, key
+    assert_claims(saved)
     assert m["answer"].strip() and m["stream_chunks"] >= 2 and m["ttft_ms"] > 0
     # 贪心解码：流式拼起来的文本与普通调用的回答完全相同
     assert m["stream_answer"] == m["answer"]

@@ -17,6 +17,12 @@ PLANTED = "sk-planted-7f3a9c2e5b1d4f60"        # 假 key：足够特别，出现
 PLANTED_PW = "pw-planted-91c0e4d2aa"
 
 
+def _leaks(folder, secrets: list[str]) -> list[str]:
+    """在一个输出目录的所有文件里逐字节找秘密值；返回 "文件: 秘密前 4 位…" 列表。"""
+    files = [f for f in sorted(folder.rglob("*")) if f.is_file() and not f.is_symlink()]
+    return [f"{f}: {s[:4]}…" for f in files for s in secrets if s.encode() in f.read_bytes()]
+
+
 def test_redaction_helpers():
     argv = ["x.py", "--api-key", PLANTED, f"--hf-token={PLANTED}", "--lr", "1", "--config", "c.yaml"]
     assert safety.redact_argv(argv) == ["x.py", "--api-key", "***", "--hf-token=***", "--lr", "1", "--config",
@@ -53,7 +59,7 @@ def test_ragflow_key_from_flag_and_url_never_reach_the_outputs(tmp_path):
               "--ragflow-url", url, "--output-dir", str(out)], {}, tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert (out / "metrics.json").is_file() and (out / "argv.txt").is_file()
-    assert safety._leaks(out, [PLANTED, PLANTED_PW]) == []
+    assert _leaks(out, [PLANTED, PLANTED_PW]) == []
     assert PLANTED not in p.stdout + p.stderr and PLANTED_PW not in p.stdout + p.stderr
     assert "--api-key ***" in (out / "argv.txt").read_text(encoding="utf-8")
 
@@ -68,5 +74,5 @@ def test_tracking_keys_from_env_never_reach_the_outputs(tmp_path, tiny_models):
               "--report-to", "mlflow", "--output-dir", str(out)], env, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (out / "metrics.json").is_file() and (out / "mlflow.db").is_file()
-    assert safety._leaks(out, list(env.values())[:-1]) == []
+    assert _leaks(out, list(env.values())[:-1]) == []
     assert PLANTED not in p.stdout + p.stderr

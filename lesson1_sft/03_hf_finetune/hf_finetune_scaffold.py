@@ -117,6 +117,7 @@ def sft_config(args: Args, out: run.Run, model):
         eval_strategy="steps", eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.eval_steps,
         save_total_limit=args.save_total_limit, load_best_model_at_end=True, metric_for_best_model="eval_loss",
         greater_is_better=False, restore_callback_states_from_checkpoint=True,   # 早停计数也随检查点恢复
+        prediction_loss_only=True,   # 评估只要损失：否则每批 batch×长度×词表 的 logits 被收集拼接，评估比训练还慢
         logging_steps=args.logging_steps, report_to=out.trainer_report_to(),
         **train.trainer_flags(model, gradient_checkpointing=args.gradient_checkpointing),   # bf16 / use_cpu / 检查点
         # 只数非填充 token：吞吐按"真正学到的 token"算，批里填充多少不该让数字变好看

@@ -1,4 +1,4 @@
-"""第 1 课 05 的训练计划：每步几行、几次梯度累积、步数与时间预算、评估间隔、要不要开梯度检查点；核对打包。
+"""第 1 课 05 的训练计划：每步几行、几次梯度累积、步数与时间预算、评估间隔、要不要开梯度检查点；核对打包；损失曲线。
 
 只有这一课在开训前实测一步来定步数（其它脚本在第 1 步后报预计用时、超时兜底停下，见 common.train.attach）：
 这里的步数默认按 epoch 自动算，而步数决定了余弦学习率曲线的形状，只能在开训前定下来。
@@ -153,3 +153,18 @@ def packed_vs_padded_loss(model, rows: list[dict], pad_token_id: int) -> tuple[f
         b = model(**{k: v.to(dev) for k, v in packed.items()}, use_cache=False).loss.item()
     model.train(was_training)
     return a, b
+
+
+def plot_curve(out, args, hist: list[dict], m: dict) -> None:
+    """训练损失 + 每次评估的验证损失；竖线 = 保留下来的那一步（不一定是最后一步）。"""
+    fig, save = out.plot("loss_curve.png")
+    ax = fig.add_subplot(111)
+    ax.plot([h["step"] for h in hist if "loss" in h], [h["loss"] for h in hist if "loss" in h], label="train loss")
+    ax.plot(*zip(*([(0, m["eval_loss_before"])] + [tuple(e) for e in m["eval_history"]])), "o-", label="eval loss")
+    ax.axvline(m["kept_step"], color="gray", linestyle="--", label=f"kept step {m['kept_step']}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (assistant tokens only)")   # 英文标签：不依赖系统里有中文字体（CI 与很多服务器没有）
+    ax.set_title(f"LoRA SFT: {out.model_name}, r={args.lora_r}" + (", identity accuracy {:.2f} -> {:.2f}".format(
+        m["identity_accuracy_before"], m["identity_accuracy_after"]) if "identity_accuracy_after" in m else ""))
+    ax.legend()
+    save()

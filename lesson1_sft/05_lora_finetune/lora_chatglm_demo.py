@@ -249,21 +249,6 @@ def compare_answers(args: Args, out, tok, probes, id_convs, before: list[str], m
     return {**acc, "samples": samples}
 
 
-def plot_curve(out, args: Args, hist: list[dict], m: dict) -> None:
-    """训练损失 + 每次评估的验证损失；竖线 = 保留下来的那一步（不一定是最后一步）。"""
-    fig, save = out.plot("loss_curve.png")
-    ax = fig.add_subplot(111)
-    ax.plot([h["step"] for h in hist if "loss" in h], [h["loss"] for h in hist if "loss" in h], label="train loss")
-    ax.plot(*zip(*([(0, m["eval_loss_before"])] + [tuple(e) for e in m["eval_history"]])), "o-", label="eval loss")
-    ax.axvline(m["kept_step"], color="gray", linestyle="--", label=f"kept step {m['kept_step']}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (assistant tokens only)")   # 英文标签：不依赖系统里有中文字体（CI 与很多服务器没有）
-    ax.set_title(f"LoRA SFT: {out.model_name}, r={args.lora_r}" + (", identity accuracy {:.2f} -> {:.2f}".format(
-        m["identity_accuracy_before"], m["identity_accuracy_after"]) if "identity_accuracy_after" in m else ""))
-    ax.legend()
-    save()
-
-
 def main(args: Args) -> dict:
     import torch
 
@@ -310,7 +295,7 @@ def main(args: Args) -> dict:
 
     # 8. 训练后：合并好的模型回答同样的留出问题；9. 曲线（竖线 = 保留的那一步）
     m.update(compare_answers(args, out, tok, probes, id_convs, answers_before, merged, keywords))
-    plot_curve(out, args, hist, m)
+    _plan.plot_curve(out, args, hist, m)
     acc = (f"身份准确率 {m['identity_accuracy_before']:.2f} -> {m['identity_accuracy_after']:.2f}，"
            if "identity_accuracy_after" in m else "")
     return out.finish({

@@ -211,55 +211,6 @@ def overfitting(ev: list, loss: list, tol: float) -> list[dict]:
     return []
 
 
-def plant_faults(s: dict[str, list], a: Args) -> tuple[dict[str, list], set]:
-    """在一份日志的副本里按已知步数注入故障（序列够长才注入），返回 (注入后的序列, {(kind, 步数)})。
-
-    体检准不准，要在同一份日志上量：注入前的原日志就是基线，新增的异常应当恰好是注入的那些。
-    训练损失类的故障放在后半段：验证损失背离的判据要比较前半段的训练损失，尖峰和 NaN 混进去会干扰它。
-    """
-    s, planted = {k: list(v) for k, v in s.items()}, set()
-    n_min = a.window + 4   # 之前至少要有一个完整的窗口可比
-
-    def past_median(vals: list, i: int) -> float:
-        return statistics.median(_past(vals, i, a.window) or [1.0])
-
-    if len(loss := s.get("loss", [])) >= n_min:
-        for frac, kind in ((0.75, "loss_spike"), (0.9, "nan_inf")):
-            i = int(frac * len(loss))
-            st = loss[i][0]
-            loss[i] = (st, 2 * a.spike_factor * past_median(loss, i) if kind == "loss_spike" else math.nan)
-            planted.add((kind, st))
-    for key, frac, kind, factor in (("grad_norm", 0.5, "grad_norm_explosion", 2 * a.grad_factor),
-                                    ("throughput", 0.6, "throughput_drop", a.drop_factor / 2)):
-        if len(vals := s.get(key, [])) >= n_min:
-            i = int(frac * len(vals))
-            vals[i] = (vals[i][0], factor * past_median(vals, i))
-            planted.add((kind, vals[i][0]))
-    # 调度器被重置：从 70% 处起学习率从峰值重新走一遍（要在已经开始衰减之后，恒定学习率的日志没法注入）
-    if len(lr := s.get("lr", [])) >= n_min:
-        k, peak = int(0.7 * len(lr)), max(range(len(lr)), key=lambda j: lr[j][1])
-        if peak < k and lr[k - 1][1] < 0.99 * lr[peak][1]:
-            s["lr"] = lr[:k] + [(st, lr[peak + j][1]) for j, (st, _) in enumerate(lr[k:])]
-            planted.add(("lr_schedule", lr[k][0]))
-    # 过拟合：前四分之一的某次评估之后验证损失一路上升（训练损失那时还在快速下降）
-    if len(ev := s.get("eval_loss", [])) >= 4 and loss:
-        b = max(0, len(ev) // 4 - 1)
-        best = min(v for _, v in ev[:b + 1])
-        s["eval_loss"] = ev[:b + 1] + [(st, best * (1.1 + 0.1 * j)) for j, (st, _) in enumerate(ev[b + 1:])]
-        planted.add(("eval_divergence", ev[b + 1][0]))
-    return s, planted
-
-
-def self_check(sources: dict[str, dict[str, list]], a: Args) -> dict:
-    """在记录最多的那个来源上注入故障再体检：找到几个、在不在注入的步数、有没有多出误报。"""
-    src = max(sources, key=lambda k: sum(len(v) for v in sources[k].values()))
-    clean = {(x["kind"], x["step"]) for x in detect(sources[src], a)}
-    series, planted = plant_faults(sources[src], a)
-    found = {(x["kind"], x["step"]) for x in detect(series, a)}
-    return {"planted_source": src, "planted": sorted(planted), "planted_faults": len(planted),
-            "planted_found": len(planted & found), "planted_false_alarms": len(found - planted - clean)}
-
-
 def demo_run(args: Args, out: run.Run) -> Path:
     """没有日志可读时现训一段：真实 Trainer，每步记录 loss/lr/grad_norm，定期评估，写 TensorBoard。
 
@@ -348,7 +299,7 @@ def main(args: Args) -> dict:
     plot(out, sources[src0], {a["step"] for a in anomalies if a["source"] == src0})
 
     # 4. 体检本身准不准：在同一份日志的副本里按已知步数注入故障，看它们是否恰好在那些步数被找到
-    check = self_check(sources, args)
+    check = run.import_sibling(__file__, "_planted").self_check(sources, args, detect, _past)
     out.log.info(f"自检：在 {check['planted_source']} 里注入 {check['planted_faults']} 个故障，"
                  f"找到 {check['planted_found']} 个，多出的误报 {check['planted_false_alarms']} 个")
     return out.finish({"anomalies": [{"kind": a["kind"], "step": a["step"], "source": a["source"]} for a in anomalies],

@@ -26,8 +26,8 @@ from common import cli, data, models, run, services, train
 class Args(cli.CommonArgs):
     sft_steps: int = cli.arg(30, "SFT 步数", min=1)
     dpo_steps: int = cli.arg(20, "DPO 步数", min=1)
-    learning_rate: float = cli.arg(5e-4, "SFT 学习率（LoRA）", min=0)
-    dpo_learning_rate: float = cli.arg(5e-5, "DPO 学习率：比 SFT 小，DPO 只做偏好微调", min=0)
+    learning_rate: float = cli.arg(5e-4, "SFT 学习率（LoRA）")
+    dpo_learning_rate: float = cli.arg(5e-5, "DPO 学习率：比 SFT 小，DPO 只做偏好微调")
     beta: float = cli.arg(0.1, "DPO 的 beta：越大越贴近参考模型", min=0)
     per_device_train_batch_size: int = cli.arg(4, "每步几条样本", min=1)
     max_length: int = cli.arg(256, "每条样本最多多少 token", min=16)
@@ -49,6 +49,21 @@ SMOKE = dict(sft_steps=12, dpo_steps=12, learning_rate=1e-2, dpo_learning_rate=5
              per_device_train_batch_size=8, max_tokens=16, serve_threads=1)
 # 上线冒烟只问一句训练数据里有的问题：要确认的是"服务能答"，不是模型答得多好（那是闸门的事）
 PROBE = "云帆 App 怎么修改绑定手机号？"
+
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线都在同一次运行里测
+CLAIMS = [
+    run.Claim("LoRA SFT 降低留出对话的损失：训练后 / 训练前 eval_loss", "sft_eval_loss_after / sft_eval_loss_before",
+              "<=", 0.99, 0.95),
+    # 训练前策略 = 参考模型，隐式奖励全为 0（accuracy 0、margin 0）：DPO 之后 chosen 的奖励才高过 rejected
+    run.Claim("DPO 让留出偏好对的隐式奖励排对：reward accuracy 训练后 − 训练前",
+              "dpo_reward_accuracy - dpo_reward_accuracy_before", ">=", 0.55, 0.6),
+    run.Claim("DPO 拉开留出偏好对 chosen 与 rejected 的隐式奖励：margin 训练后 − 训练前",
+              "dpo_reward_margin - dpo_reward_margin_before", ">", 0.1, 0.0),
+    # 闸门不过就停：这一条在闸门未通过的运行里如实显示 ✗（没注册、没上线）
+    run.Claim("过了闸门的模型注册进 MLflow 并经 API 应答：闸门通过、有注册版本、回答非空，三者同时成立",
+              "gate_passed and registered_version >= 1 and len(served_answer.strip()) > 0", ">=", 1, 1),
+]
 
 
 def ingest(args: Args) -> dict:
@@ -109,9 +124,12 @@ def dpo(args: Args, out, model, tok, d: dict) -> tuple[object, dict]:  # noqa: A
     t = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list([conv(p) for p in d["pref_train"]]),
                    eval_dataset=Dataset.from_list([conv(p) for p in d["pref_eval"]]), processing_class=tok,
                    peft_config=lora(args))
+    before = t.evaluate()   # 训练前：策略 = 参考模型，隐式奖励全为 0，这就是 DPO 要超过的基线
     t.train()
     ev = t.evaluate()   # reward accuracy：留出偏好对里 chosen 的隐式奖励高于 rejected 的比例
-    m = {"dpo_reward_accuracy": round(ev["eval_rewards/accuracies"], 4),
+    m = {"dpo_reward_accuracy_before": round(before["eval_rewards/accuracies"], 4),
+         "dpo_reward_margin_before": round(before["eval_rewards/margins"], 4),
+         "dpo_reward_accuracy": round(ev["eval_rewards/accuracies"], 4),
          "dpo_reward_margin": round(ev["eval_rewards/margins"], 4)}
     out.log.info(f"DPO 留出偏好对：reward accuracy {m['dpo_reward_accuracy']:.3f}，margin {m['dpo_reward_margin']:.3f}")
     return t.model.merge_and_unload(), m
@@ -182,7 +200,7 @@ def main(args: Args) -> dict:
     out.log.info(f"闸门 {'通过' if gate else '未通过'}：{checks}")
     if not gate:
         return out.finish({**metrics, "gate_passed": False, "gate_checks": checks, "registered_version": 0,
-                           "served_answer": ""}, summary=f"闸门未通过 {checks}：不注册、不上线")
+                           "served_answer": ""}, summary=f"闸门未通过 {checks}：不注册、不上线", claims=CLAIMS)
 
     # 5. 合并后的模型存成普通 safetensors 目录（部署不再需要 PEFT）
     merged_dir = out.path("merged")
@@ -198,7 +216,7 @@ def main(args: Args) -> dict:
                        "served_answer": answer},
                       summary=f"SFT eval_loss {m_sft['sft_eval_loss_before']:.3f}->"
                               f"{m_sft['sft_eval_loss_after']:.3f}，DPO acc {m_dpo['dpo_reward_accuracy']:.2f}，"
-                              f"闸门通过，注册 v{version}，已上线并应答")
+                              f"闸门通过，注册 v{version}，已上线并应答", claims=CLAIMS)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,17 @@ class Args(cli.CommonArgs):
 # --smoke：极小模型承受大学习率；12 步足以让 rewards/margins 明显为正
 SMOKE = dict(max_steps=12, learning_rate=5e-3)
 
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线都在同一次运行里测（训练前策略 = 参考模型）
+CLAIMS = [
+    run.Claim("DPO 降低留出偏好对的损失：训练后 / 训练前（策略 = 参考模型时为 log 2）", "eval_loss / eval_loss_before",
+              "<=", 0.9, 0.95),
+    run.Claim("DPO 让留出偏好对的隐式奖励排对：reward accuracy 训练后 − 训练前",
+              "eval_reward_accuracy - eval_reward_accuracy_before", ">=", 0.5, 0.6),
+    run.Claim("DPO 拉开留出偏好对 chosen 与 rejected 的隐式奖励：margin 训练后 − 训练前",
+              "eval_reward_margin - eval_reward_margin_before", ">", 0.2, 0.0),
+]
+
 
 def parse_recipe(args: Args, model_path: str, output_dir: Path, flags: dict):
     """TrlParser：默认值 < 配方 YAML < 这里给的覆盖项（就像在命令行上追加 --max_steps 12）。
@@ -191,7 +202,8 @@ def main(args: Args) -> dict:
                "eval_reward_accuracy_before": before["eval_rewards/accuracies"],
                "eval_reward_accuracy": after["eval_rewards/accuracies"],
                "eval_reward_margin_before": before["eval_rewards/margins"],
-               "eval_reward_margin": after["eval_rewards/margins"], "eval_loss": after["eval_loss"]}
+               "eval_reward_margin": after["eval_rewards/margins"], "eval_loss_before": before["eval_loss"],
+               "eval_loss": after["eval_loss"]}
     out.log.info(f"DPO：留出 margin {metrics['eval_reward_margin_before']:.3f} -> {metrics['eval_reward_margin']:.3f}，"
                  f"accuracy {metrics['eval_reward_accuracy_before']:.2f} -> {metrics['eval_reward_accuracy']:.2f}"
                  f"（保留第 {kept['kept_step']} 步）")
@@ -211,7 +223,7 @@ def main(args: Args) -> dict:
                        "model_card_path": str(card), "repo_dir": str(repo), "push_status": status,
                        "hub_model_id": repo_id},
                       summary=f"DPO 留出 margin {metrics['eval_reward_margin_before']:.3f}->"
-                              f"{metrics['eval_reward_margin']:.3f}；模型卡 {card.name}；推送 {status}")
+                              f"{metrics['eval_reward_margin']:.3f}；模型卡 {card.name}；推送 {status}", claims=CLAIMS)
 
 
 if __name__ == "__main__":

@@ -56,8 +56,8 @@ PROMISES = {"zh": ["保证", "一定", "绝对", "终身", "免费换新", "全�
 class Args(cli.CommonArgs):
     sft_steps: int = cli.arg(40, "SFT 步数", min=1)
     dpo_steps: int = cli.arg(20, "DPO 步数", min=1)
-    learning_rate: float = cli.arg(5e-4, "SFT 学习率（LoRA）", min=0)
-    dpo_learning_rate: float = cli.arg(5e-5, "DPO 学习率", min=0)
+    learning_rate: float = cli.arg(5e-4, "SFT 学习率（LoRA）")
+    dpo_learning_rate: float = cli.arg(5e-5, "DPO 学习率")
     beta: float = cli.arg(0.1, "DPO beta", min=0)
     per_device_train_batch_size: int = cli.arg(8, "每步几条样本", min=1)
     max_new_tokens: int = cli.arg(64, "回答最多生成多少 token", min=1)
@@ -71,6 +71,18 @@ class Args(cli.CommonArgs):
 # --smoke：极小模型、大学习率；SFT 步数足够学会政策话术；回答截短到 24 token（政策话术都在前 24 个 token 里）
 SMOKE = dict(sft_steps=60, dpo_steps=10, learning_rate=1e-2, dpo_learning_rate=1e-3, max_new_tokens=24,
              feedback_tickets=48)
+
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线都在同一次运行里测（只靠提示词的同一个模型）
+CLAIMS = [
+    run.Claim("SFT 把政策写进权重：留出工单合规率 SFT − 只靠提示词",
+              "compliance_sft - compliance_prompt_only", ">=", 0.3, 0.3),
+    run.Claim("SFT 减少违规总次数（按规则计数）：SFT / 只靠提示词",
+              "sum(violations_sft.values()) / max(sum(violations_prompt_only.values()), 1)", "<=", 0.8, 0.7),
+    # 冒烟不查：极小模型听不懂工单，学不会按类型婉拒/转人工，DPO 10 步的变化在噪声量级（README 里一次 +0.03）
+    run.Claim("反馈闭环（检查器抓到的失败 -> 偏好对 -> DPO）修掉 SFT 剩下的部分违规：合规率 SFT+DPO − SFT",
+              "compliance_dpo - compliance_sft", ">", None, 0.0),
+]
 
 
 def build_tickets(args: Args) -> list[dict]:
@@ -233,7 +245,7 @@ def main(args: Args) -> dict:
                        "compliance_dpo": round(c2, 4), "feedback_pairs": len(pairs), "held_out": len(held),
                        "violations_prompt_only": dict(v0), "violations_sft": dict(v1), "violations_dpo": dict(v2)},
                       summary=f"留出工单合规率：提示词 {c0:.2f} -> SFT {c1:.2f} -> SFT+DPO {c2:.2f}"
-                              f"（反馈偏好对 {len(pairs)}）")
+                              f"（反馈偏好对 {len(pairs)}）", claims=CLAIMS)
 
 
 if __name__ == "__main__":

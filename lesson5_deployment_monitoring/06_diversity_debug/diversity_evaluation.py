@@ -44,11 +44,12 @@ _TOKEN = re.compile(r"[\u4e00-\u9fff]|[A-Za-z0-9']+")
 @dataclass
 class Args(cli.CommonArgs):
     num_prompts: int = cli.arg(8, "用多少个问题（取自 data/sft/chat.jsonl 的用户消息）", min=1)
-    num_samples: int = cli.arg(5, "每个问题采样几次", min=2)
+    num_samples: int = cli.arg(5, "每个问题采样几次", min=2, max=64,
+                               why="所有问题的样本一批生成：批 = 问题数 × 样本数，KV 缓存随批增长")
     max_new_tokens: int = cli.arg(48, "每个回答生成多少 token", min=1)
     compare_setting: str = cli.arg("temp_1.0", "SFT vs DPO 比较用哪个解码设置", choices=list(SETTINGS))
     dpo_steps: int = cli.arg(20, "DPO 训练步数（0 = 不比较模型）", min=0)
-    dpo_learning_rate: float = cli.arg(5e-5, "DPO 学习率", min=0)
+    dpo_learning_rate: float = cli.arg(5e-5, "DPO 学习率")
     beta: float = cli.arg(0.1, "DPO beta", min=0)
     collapse_distinct2: float = cli.arg(0.3, "distinct-2 低于它算坍缩", min=0, max=1)
     collapse_self_bleu: float = cli.arg(0.7, "self-BLEU 高于它算坍缩", min=0, max=1)
@@ -58,6 +59,22 @@ class Args(cli.CommonArgs):
 
 # --smoke：4 个问题 × 4 次采样、短回答；DPO 用大学习率几步（极小模型上足以看到分布变化）
 SMOKE = dict(num_prompts=4, num_samples=4, max_new_tokens=16, dpo_steps=8, dpo_learning_rate=5e-3)
+
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线都在同一次运行里测（同一模型的贪心解码）
+CLAIMS = [
+    run.Claim("温度采样比贪心多样：distinct-2 温度 1.0 − 贪心",
+              'm["temp_1.0"]["distinct_2"] - greedy["distinct_2"]', ">=", 0.3, 0.3),
+    run.Claim("贪心每次回答相同、采样不再雷同：self-BLEU 贪心 − 温度 1.0",
+              'greedy["self_bleu"] - m["temp_1.0"]["self_bleu"]', ">=", 0.5, 0.5),
+    run.Claim("采样的回答在语义上也分散开：句向量离散度 温度 1.0 − 贪心",
+              'm["temp_1.0"]["embedding_dispersion"] - greedy["embedding_dispersion"]', ">=", 0.3, 0.1),
+    run.Claim("温度越高越多样：distinct-2 温度 1.0 − 温度 0.7",
+              'm["temp_1.0"]["distinct_2"] - m["temp_0.7"]["distinct_2"]', ">", 0.0, 0.02),
+    # 学习率适中的几步 DPO 不该让模型坍缩（学习率过大才是常见的坍缩来源）；--dpo-steps 0 时没有可比的模型
+    run.Claim("这次 DPO 没有造成模式坍缩：同一解码设置下 distinct-2 DPO / SFT",
+              'models["dpo"]["distinct_2"] / models["sft"]["distinct_2"]', ">=", 0.8, 0.8),
+]
 
 
 def tokens(text: str) -> list[str]:
@@ -213,7 +230,7 @@ def main(args: Args) -> dict:
     g, t = results["greedy"]["distinct_2"], results["temp_1.0"]["distinct_2"]
     return out.finish({**results, "models": models_cmp, "mode_collapse": bool(models_cmp.get("dpo", {}).get(
         "mode_collapse", False)), "collapsed_settings": collapsed},
-        summary=f"distinct-2：greedy {g:.2f} / temp_1.0 {t:.2f}；坍缩：{collapsed or '无'}")
+        summary=f"distinct-2：greedy {g:.2f} / temp_1.0 {t:.2f}；坍缩：{collapsed or '无'}", claims=CLAIMS)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from common import cli, run, services
+from common import cli, models, run, services
 from common.errors import UserError
 
 
@@ -53,6 +53,23 @@ SMOKE = dict(max_tokens=16, burst=32, max_queue=8)
 # 中英各一问：中文检验增量解码不会把半个 UTF-8 字符发出去（中文常被切成几个字节 token）
 QUESTIONS = ["云帆 App 怎么修改绑定手机号？", "How do I reset my password?"]
 
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线都在同一次运行里测
+CLAIMS = [
+    run.Claim("流式与普通调用是同一个回答（贪心解码）：流式拼起来的文本 == 普通调用的回答",
+              "stream_answer == answer", ">=", 1, 1),
+    run.Claim("坏请求在生成之前就被挡下：超限 max_tokens、错模型名、空消息都得到客户端错误码",
+              "all(400 <= c < 500 for c in bad_request_codes.values())", ">=", 1, 1),
+    run.Claim("并发突发里每个请求要么被服务、要么队列满立刻被拒，没有服务端错误、没有挂起：(成功 + 拒绝) / 发出",
+              "(burst_200 + burst_429) / burst_sent", ">=", 1, 1),
+    run.Claim("监控计数可信：/metrics 数到的 chat 请求与客户端发出的相差", "abs(metrics_chat_requests - requests_sent)",
+              "<=", 0, 0),
+    # 顺序请求时每次 generate 只服务 1 个；同一等待窗口里到达的并发请求被凑成批
+    run.Claim("动态批处理把并发请求凑成批：平均每次 generate 服务的请求数", "mean_batch_size", ">=", 1.5, 1.5),
+    # 墙钟比值：极小模型一个 token 只要几毫秒，TTFT 与总时间差不到 3 倍、随机器忙闲起伏，冒烟不查
+    run.Claim("流式让用户先看到字：首 token 时间 / 流式总时间", "ttft_ms / stream_total_ms", "<=", None, 0.5),
+]
+
 
 def server_cmd(args: Args, port: str = "{port}") -> list[str]:
     """启动服务的命令行（与 python -m common.serving 完全相同，也是第 7 课的用法）。
@@ -62,7 +79,8 @@ def server_cmd(args: Args, port: str = "{port}") -> list[str]:
     cmd = [sys.executable, "-m", "common.serving", "--model", args.resolved_model(), "--source", args.source,
            "--port", port, "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
            "--max-queue", str(args.max_queue), "--device", args.device, "--dtype", args.dtype]
-    if args.adapter:
+    if args.adapter:   # 启动服务之前查：否则错误只在 server.log 里，这里只能说"服务没能启动"
+        models.check_dir(args.adapter, "--adapter", adapter=True)
         cmd += ["--adapter", args.adapter]
     if args.api_key:
         cmd += ["--api-key", args.api_key]
@@ -216,12 +234,14 @@ def main(args: Args) -> dict:
     return out.finish({
         "answer": answers[0][0], "answer_en": answers[1][0], "latency_ms": round(answers[0][1], 1),
         "stream_chunks": st["chunks"], "stream_answer": st["answer"], "ttft_ms": round(st["ttft_ms"], 1),
+        "stream_total_ms": round(st["total_ms"], 1), "burst_sent": args.burst,
         "bad_request_codes": codes, "burst_200": b["accepted_200"], "burst_429": b["rejected_429"],
         "burst_5xx": b["server_errors"], "metrics_chat_requests": counted, "requests_sent": sent,
         "metrics_by_code": prom["chat_requests_by_code"],
         "generated_tokens": prom.get("chat_generated_tokens_total", 0), "mean_batch_size": round(mean_batch, 2)},
         summary=f"服务应答正常；{args.burst} 并发 200×{b['accepted_200']} 429×{b['rejected_429']} "
-                f"5xx×{b['server_errors']}；TTFT {st['ttft_ms']:.0f} ms；平均每批 {mean_batch:.2f} 个请求")
+                f"5xx×{b['server_errors']}；TTFT {st['ttft_ms']:.0f} ms；平均每批 {mean_batch:.2f} 个请求",
+        claims=CLAIMS)
 
 
 if __name__ == "__main__":

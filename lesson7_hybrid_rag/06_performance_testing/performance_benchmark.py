@@ -30,11 +30,31 @@ from common.errors import UserError
 # 冒烟：两个规模足以看出"Flat / BM25 随规模变慢"；不起聊天服务（启动一次要几十秒，CI 里另有服务测试）
 SMOKE = dict(sizes=[1000, 4000], clients=[1, 4], requests=60, seconds_per_config=1.5, gen_tokens=16, doc_stride=4,
              serve=False)
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线（精确的 Flat、最小规模、单客户端）同一次运行里量
+CLAIMS = [
+    run.Claim("HNSW 找回精确检索的前十：各规模里最低的 recall@10（对同一次运行的 Flat）",
+              'min(v for k, v in recall_at_10.items() if k.startswith("hnsw"))', ">=", 0.9, 0.85),
+    run.Claim("IVF 只探测少数簇也找回大部分精确前十：各规模里最低的 recall@10（对 Flat）",
+              'min(v for k, v in recall_at_10.items() if k.startswith("ivf"))', ">=", 0.9, 0.8),
+    # 各量几十次、比最快的一次（机器忙只会变慢）：差距是两三个数量级，冒烟也翻不过来
+    run.Claim("纯 Python 打分的 BM25 比 FAISS Flat 慢一个数量级以上：最大规模、单客户端最快一次的延迟之比",
+              'at_largest["bm25"]["min_ms"] / at_largest["flat"]["min_ms"]', ">=", 10, 10),
+    # 冒烟的两个规模只差四倍、延迟在几十微秒：增长倍数之比在忙碌的共享机器上会翻，只在默认模式检查
+    run.Claim("HNSW 撑得住规模、Flat 线性变慢：最小到最大规模 HNSW 的 p50 增长倍数 / Flat 的",
+              'latency_growth["hnsw"] / latency_growth["flat"]', "<=", None, 0.5),
+    # 吞吐随并发涨到核数为止；冒烟的共享机器上核被别人占着，只在默认模式（空闲 2 核）检查
+    run.Claim("FAISS 查询时释放 GIL，并发客户端提高吞吐：最大规模上 Flat 最多客户端 / 单客户端的 req/s",
+              'throughput_gain["flat"]', ">=", None, 1.3),
+    run.Claim("端到端时间由生成决定：本地生成一条回答的时间（一批四条的平均）/ 一次 HNSW 检索的 p50",
+              'generation["local_batch_seconds"] * 1000 / 4 / at_largest["hnsw"]["p50_ms"]', ">=", 100, 100),
+]
 
 
 @dataclass
 class Args(retrieval.KBArgs):
-    sizes: list[int] = cli.arg([1000, 10000, 100000], "合成语料的规模（块数）", min=100)
+    sizes: list[int] = cli.arg([1000, 10000, 100000], "合成语料的规模（块数）", min=100, max=1_000_000,
+                               why="Flat / HNSW / IVF 各存一份向量：100 万块 × 384 维 float32 每份 1.5 GB")
     clients: list[int] = cli.arg([1, 4, 16], "并发客户端数", min=1, max=64)
     indexes: list[str] = cli.arg(["flat", "hnsw", "ivf", "bm25"], "要压的索引：flat / hnsw / ivf / bm25")
     requests: int = cli.arg(300, "每个配置最多请求数", min=10)
@@ -202,6 +222,18 @@ def bench_size(args, n: int, base, base_tokens, queries, rng, prng) -> tuple[dic
     return configs, recall, build_s
 
 
+def headline(args, configs: dict) -> dict:
+    """同一次运行里的比值：最大规模单客户端的各索引、最小 → 最大规模的 p50 增长倍数、最多客户端 / 单客户端的吞吐。"""
+    small, big, c0, c_max = min(args.sizes), max(args.sizes), args.clients[0], max(args.clients)
+    at = {k: configs[f"{k}_n{big}_c{c0}"] for k in args.indexes}
+    return {"at_largest": {k: {m: v[m] for m in ("p50_ms", "min_ms", "rps")} for k, v in at.items()},
+            # 分母下限 1 微秒：极小规模上 IVF 的 p50 可能落到计时精度以下
+            "latency_growth": {k: round(at[k]["p50_ms"] / max(configs[f"{k}_n{small}_c{c0}"]["p50_ms"], 1e-3), 2)
+                               for k in args.indexes},
+            "throughput_gain": {k: round(configs[f"{k}_n{big}_c{c_max}"]["rps"] / at[k]["rps"], 2)
+                                for k in args.indexes}}
+
+
 def plot_latency(out, args, configs: dict) -> None:
     """log-log：斜率 ≈ 1 是线性增长（Flat、BM25），接近水平是次线性（HNSW），一眼看出谁撑得住规模。"""
     fig, save = out.plot("latency_vs_size.png")
@@ -257,12 +289,13 @@ def main(args: Args) -> dict:
     plot_latency(out, args, configs)
     big, c0 = max(args.sizes), args.clients[0]
     return out.finish({"configs": configs, "recall_at_10": recall, "build_seconds": build_s, "generation": generation,
-                       "sizes": args.sizes, "clients": args.clients},
+                       "sizes": args.sizes, "clients": args.clients, **headline(args, configs)},
                       summary=f"n={big}：" + "，".join(f"{k} p95={configs[f'{k}_n{big}_c{c0}']['p95_ms']}ms"
                                                        for k in args.indexes)
                               + "；" + "，".join(f"{k} recall@10={v}" for k, v in recall.items()
                                                 if k.endswith(str(big)))
-                              + f"；本地生成 {generation['local_tokens_per_s']} tok/s")
+                              + f"；本地生成 {generation['local_tokens_per_s']} tok/s",
+                      claims=CLAIMS)
 
 
 if __name__ == "__main__":
