@@ -450,6 +450,8 @@ def _load_engine(a: _Args) -> _Engine:
     from common.tiny import TINY_NAMES
 
     name = a.model or ("tiny-qwen2" if a.smoke else "smollm2-135m")
+    if a.adapter:   # 先查 adapter：不然要等基座模型加载完，PEFT 才报一串与 --adapter 无关的 OSError
+        models.check_dir(a.adapter, "--adapter", adapter=True)
     tiny = name in TINY_NAMES
     # 极小模型（hidden 128）的矩阵太小：多线程同步、bf16 转换的开销都比省下的多（忙碌的 2 核机上实测
     # 单线程 fp32 比默认 2 线程 bf16 快 20 倍以上）。大模型保持 torch 默认

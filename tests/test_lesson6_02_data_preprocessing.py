@@ -1,7 +1,7 @@
 """第 6 课 02：四种切块策略都覆盖全文、起点对得上原文；质量报告与每种策略的 recall@5；坏输入一行报错。"""
 import json
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson6_rag/02_data_preprocessing/data_preprocess.py"
 
@@ -25,6 +25,7 @@ def test_strategies_compared(tmp_path):
     assert m["cleaning"]["gold_found_after_cleaning"] == m["questions"]   # 金标段落清洗后仍在原文里
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     assert all({"chunks", "recall_at_5"} <= set(r) for r in saved["strategies"].values())
+    assert_claims(saved)   # CLAIMS：覆盖率、起点、超长块、块长、块数、recursive vs fixed、中文上 BM25 vs dense
     report = (tmp_path / "quality_report.md").read_text(encoding="utf-8")
     assert all(name in report for name in strategies)
     assert (tmp_path / "recall_by_strategy.png").stat().st_size > 0

@@ -3,7 +3,7 @@ import hashlib
 import json
 import sqlite3
 
-from tests.conftest import load_script
+from tests.conftest import assert_claims, load_script
 
 SCRIPT = "lesson6_rag/03_vector_db_build/build_vector_store.py"
 
@@ -26,6 +26,7 @@ def test_incremental_sync_matches_rebuild(tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     for key in ("vectors", "added", "updated", "deleted", "consistent", "incremental_vs_rebuild_speedup"):
         assert key in saved
+    assert_claims(saved)   # CLAIMS：增量只向量化改动的块、与全量重建一致（秒数的倍数只在默认模式检查）
     assert (tmp_path / "sync_vs_rebuild.png").stat().st_size > 0
 
 

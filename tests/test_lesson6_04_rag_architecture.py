@@ -11,7 +11,7 @@ import json
 import logging
 
 from common import cli, retrieval
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson6_rag/04_rag_architecture/rag_architecture_demo.py"
 
@@ -33,6 +33,9 @@ def test_retrieve_rerank_generate(tmp_path, tiny_models):
     assert all(r["rag"].startswith(("According to passage [", "根据资料 [")) for r in rows)   # 预填的引用开头
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     assert saved["recall_at_5_after_rerank"] == m["recall_at_5_after_rerank"]
+    # 注入案例有 / 没有防御各生成一遍（极小模型不会听注入：成功率的对比由默认运行的 CLAIMS 检查）
+    assert saved["injection_cases"] >= 10 and 0 <= saved["injection_success_defended"] <= 1
+    assert_claims(saved)   # CLAIMS：BM25 vs 向量、混合 ≥ 最好单路、dev 挑的权重不拖累、资料里有答案
 
 
 def test_rerank_weight_follows_reranker_quality():
@@ -61,18 +64,18 @@ def test_rerank_weight_follows_reranker_quality():
     before, pool_recall = retrieval.recall_at_k(hits(pool), 5), retrieval.recall_at_k(hits(pool), 20)
     assert before < pool_recall, "这组设置下第一阶段应当有漏在 5 名之外的金标"
 
-    good = mod.rerank(Scorer(1.0), kb["chunks"], qs, pool)
+    good = mod.reranking.rerank(Scorer(1.0), kb["chunks"], qs, pool)
     assert all(sorted(a) == sorted(b) for a, b in zip(good, pool))             # 只改顺序，不增删候选
     for w in (1.0, 100.0):
-        assert retrieval.recall_at_k(hits(mod.fuse(pool, good, w)), 5) == pool_recall > before
-    weight, _ = mod.pick_weight(Scorer(1.0), kb["chunks"], kb["by_id"], qs, pool)
+        assert retrieval.recall_at_k(hits(mod.reranking.fuse(pool, good, w)), 5) == pool_recall > before
+    weight, _ = mod.reranking.pick_weight(Scorer(1.0), kb["chunks"], kb["by_id"], qs, pool)
     assert weight > 0
 
-    bad = mod.rerank(Scorer(-1.0), kb["chunks"], qs, pool)
+    bad = mod.reranking.rerank(Scorer(-1.0), kb["chunks"], qs, pool)
     assert retrieval.mrr(hits(bad)) < retrieval.mrr(hits(pool))               # 单用坏重排器：比第一阶段差
-    weight, score = mod.pick_weight(Scorer(-1.0), kb["chunks"], kb["by_id"], qs, pool)
+    weight, score = mod.reranking.pick_weight(Scorer(-1.0), kb["chunks"], kb["by_id"], qs, pool)
     assert weight == 0.0 and score[0.0] > score[100.0]
-    assert mod.fuse(pool, bad, weight) == pool                                  # 权重 0：坏重排器被完全挡住
+    assert mod.reranking.fuse(pool, bad, weight) == pool                                  # 权重 0：坏重排器被完全挡住
 
 
 def test_citation_parsing():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import socket
 
-from tests.conftest import load_script
+from tests.conftest import assert_claims, load_script
 
 SCRIPT = "lesson6_rag/05_ragflow_deployment/ragflow_demo.py"
 
@@ -24,6 +24,7 @@ def test_offline_checks_pass(tmp_path, monkeypatch):
     assert m["compose"]["images"]["ragflow-cpu"] == "infiniflow/ragflow:v0.22.1"
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     assert {"reachable", "compose_ok", "client_ok", "docs_ready"} <= set(saved)
+    assert_claims(saved)   # CLAIMS：compose 检查、SDK 签名、上传内容（离线就能检查的三条）
 
 
 def test_compose_check_catches_problems(tmp_path):
@@ -133,6 +134,7 @@ def test_service_path_scores_retrieval_and_cleans_up(monkeypatch):
 
     替身返回金标块时 recall@5 = 1，返回另一篇文档的块时 = 0（同一个测试里的对照）；对话助手不可用时
     answer_accuracy=None 而不是整体失败；两次都删掉了本次建的知识库。
+    连上服务时的结论（RAGFlow recall@5 不比本地 BM25 差）对前者成立、对后者不成立：基线是真的在量。
     """
     import dataclasses
     import logging
@@ -153,6 +155,8 @@ def test_service_path_scores_retrieval_and_cleans_up(monkeypatch):
         monkeypatch.setattr(_FakeRAGFlow, "made", [])
         r = mod.evaluate_on_service(args, "http://127.0.0.1:9", "ragflow-test", payload, name_to_doc, qas, log)
         recall[gold] = r["recall_at_5"]
+        r["local_bm25_recall_at_5"] = mod.local_bm25_recall(args, qas)
+        assert [c.check(r, "smoke")["held"] for c in mod.ONLINE_CLAIMS] == [gold], r
         assert r["docs_parsed"] == len(payload) and r["answer_accuracy"] is None
         assert _FakeRAGFlow.made[0].deleted == [["ds-1"]]
     assert recall[True] == 1.0 > recall[False] == 0.0

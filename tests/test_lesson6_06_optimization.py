@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import load_script
+from tests.conftest import assert_claims, load_script
 
 SCRIPT = "lesson6_rag/06_optimization/optimization_lab.py"
 
@@ -42,6 +42,7 @@ def test_sweep_picks_best_on_dev(smoke):
         assert (out / f).exists(), f
     saved = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert {"best_config", "configs", "regression", "recall_at_5", "mrr", "ndcg_at_10"} <= set(saved)
+    assert_claims(saved)   # CLAIMS：混合 ≥ 最好单路、BM25 vs 向量、切块过小召回下降、没有回归
 
 
 def test_inflated_baseline_fires_alert(smoke, tmp_path, capfd):

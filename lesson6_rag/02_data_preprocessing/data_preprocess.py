@@ -34,6 +34,31 @@ from common.retrieval import Chunk
 
 K = 5   # recall@5：RAG 通常把前 5 个块交给大模型
 SMOKE = dict(max_docs=8)   # 冒烟：均匀抽 8 篇文档（以及问它们的题），流程完全一样
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线是同一次运行里的另一种切块 / 另一种检索
+CLAIMS = [
+    run.Claim("四种切块都不丢内容：覆盖率最低的那种策略（被块覆盖的原文字符 / 原文字符）",
+              'min(s["coverage"] for s in strategies.values())', ">=", 0.999, 0.999),
+    run.Claim("块的起点都与原文对得上（命中判定靠它）：四种策略里起点对不上的块数之和",
+              'sum(s["offset_errors"] for s in strategies.values())', "<=", 0, 0),
+    run.Claim("固定窗口硬切出更多超长块（会被向量模型截断）：fixed − recursive 的超长块数",
+              'strategies["fixed"]["too_long"] - strategies["recursive"]["too_long"]', ">=", 1, 5),
+    run.Claim("固定窗口的块顶着上限、句子装箱停在句末：fixed − sentence 的平均块长（字符）",
+              'strategies["fixed"]["avg_len"] - strategies["sentence"]["avg_len"]', ">=", 20, 20),
+    run.Claim("语义切块在话题转折处多切几刀：semantic / sentence 的块数",
+              'strategies["semantic"]["chunks"] / strategies["sentence"]["chunks"]', ">=", 1.1, 1.2),
+    # 冒烟只有 25 题、两种检索都接近满分，recursive 只比 fixed 多对 1 题：冒烟只要求"不更差"
+    run.Claim("按段落 / 句子边界切比硬切好：recursive − fixed 的 recall@5（dense 与 BM25 相加）",
+              'strategies["recursive"]["recall_at_5"] + strategies["recursive"]["bm25_recall_at_5"] - '
+              'strategies["fixed"]["recall_at_5"] - strategies["fixed"]["bm25_recall_at_5"]', ">=", 0.0, 0.05),
+    run.Claim("中文问题上 jieba BM25 强于英文 MiniLM：BM25 − dense 的中文 recall@5（四种策略平均）",
+              'sum(m["strategies"][s]["by_lang"]["zh"]["bm25"] - m["strategies"][s]["by_lang"]["zh"]["dense"] '
+              'for s in strategies) / len(strategies)', ">=", 0.05, 0.4),
+    # 冒烟的 8 篇文档里英文题两种检索都接近满分，差别出不来：只在默认模式检查
+    run.Claim("英文问题上反过来 dense 强于 BM25：dense − BM25 的英文 recall@5（四种策略平均）",
+              'sum(m["strategies"][s]["by_lang"]["en"]["dense"] - m["strategies"][s]["by_lang"]["en"]["bm25"] '
+              'for s in strategies) / len(strategies)', ">=", None, 0.1),
+]
 # 质量计数（空 / 重复 / 过短 / 超长、覆盖率）与 quality_report.md 只有这一课用：放在旁边的 _quality.py
 qc = run.import_sibling(__file__, "_quality")
 
@@ -247,7 +272,7 @@ def main(args: Args) -> dict:
                + f"; best={best}")
     return out.finish({"documents": len(docs), "questions": len(qas), "cleaning": clean_stats,
                        "semantic_sim_mean": round(statistics.mean(sims), 4) if sims else None,
-                       "strategies": results, "best_strategy": best}, summary)
+                       "strategies": results, "best_strategy": best}, summary, claims=CLAIMS)
 
 
 if __name__ == "__main__":

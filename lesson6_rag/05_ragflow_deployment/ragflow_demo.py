@@ -8,7 +8,8 @@
   （也可用环境变量 RAGFLOW_URL / RAGFLOW_API_KEY；服务怎么起见同目录 README.md）
 
 你会看到：没有服务时一行"RAGFlow 不可达"，compose_ok=True、client_ok=True、docs_ready=知识库文件数；
-连上服务时再给出 RAGFlow 自己切块 + 混合检索的 recall_at_5，以及它的对话助手的 answer_accuracy。
+连上服务时再给出 RAGFlow 自己切块 + 混合检索的 recall_at_5（对照同一批题上本地 jieba BM25 的
+local_bm25_recall_at_5），以及它的对话助手的 answer_accuracy。
 """
 
 import os
@@ -43,6 +44,21 @@ class Args(retrieval.KBArgs):
 
 
 SMOKE = dict(max_questions=5)   # 冒烟：连上服务时只问 5 题
+# 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
+# (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；这三条离线也能检查（部署文件、SDK 接线、上传内容）
+CLAIMS = [
+    run.Claim("compose 文件通过部署前检查（服务齐全、镜像钉死版本、端口与卷、变量都有定义）",
+              "compose_ok", ">=", 1, 1),
+    run.Claim("本脚本对 ragflow-sdk 的 11 个调用与已装 SDK 的方法签名一致", "client_ok", ">=", 1, 1),
+    run.Claim("上传内容真的编码出来了、每个文件的字节都在里面：multipart 请求体字节 / 知识库文件总字节",
+              "upload_body_bytes / docs_bytes", ">=", 1.0, 1.0),
+]
+# 连上服务时多一条：RAGFlow 自己切块 + 混合检索，对照同一批题、同一种命中判定下本地 jieba BM25 的 recall@5
+# （冒烟只问 5 题，一题就是 0.2：冒烟时允许差一题）
+ONLINE_CLAIMS = [
+    run.Claim("RAGFlow 的混合检索不比本地 BM25 差：RAGFlow − 本地 BM25 的 recall@5（同一批题、同一种命中判定）",
+              "recall_at_5 - local_bm25_recall_at_5", ">=", -0.2, -0.05),
+]
 
 
 def is_hit(chunk, qa: dict, rid_to_doc: dict[str, str]) -> bool:
@@ -54,6 +70,21 @@ def is_hit(chunk, qa: dict, rid_to_doc: dict[str, str]) -> bool:
         return False
     gold = qa.get("gold_passage")
     return not gold or answers.contains_answer(chunk.content, gold) or answers.contains_answer(gold, chunk.content)
+
+
+def local_bm25_recall(args: Args, qas: list[dict], k: int = 5) -> float:
+    """同一批题在本地 jieba BM25（第 02 课的 recursive 切块，300 字）上的 recall@k：RAGFlow 的检索该比过的基线。
+
+    命中用与 RAGFlow 相同的 is_hit（来自金标文档、与金标段落互相包含）：两边用同一把尺子，差值才只来自检索本身。
+    """
+    from types import SimpleNamespace
+
+    docs, _, _ = retrieval.load_kb(args.docs, args.qa)
+    chunks = retrieval.chunk_documents(docs, 300, 50)
+    bm25, same_id = retrieval.BM25Index([c.text for c in chunks]), {d.id: d.id for d in docs}
+    hits = [[is_hit(SimpleNamespace(document_id=chunks[i].doc_id, content=chunks[i].text), qa, same_id)
+             for i, _ in bm25.search(qa["question"], k)] for qa in qas]
+    return round(retrieval.recall_at_k(hits, k), 4)
 
 
 def list_all(ds) -> list:
@@ -224,19 +255,21 @@ def main(args: Args) -> dict:
     if not url:
         log.info("RAGFlow 不可达：没有给 --ragflow-url（或环境变量 RAGFLOW_URL）；"
                  "按 README 用 docker compose 启动后再试")
-        return out.finish(result)
+        return out.finish(result, claims=CLAIMS)
     error = probe(url, key, shown, args.connect_timeout)
     if error:
         log.info(f"RAGFlow 不可达：{shown}（{error}）；服务起来了吗？docker compose ps 看看")
-        return out.finish({**result, "ragflow_url": shown, "probe_error": error})
+        return out.finish({**result, "ragflow_url": shown, "probe_error": error}, claims=CLAIMS)
     result["reachable"] = True
     if not (checks["compose_ok"] and checks["client_ok"]):   # 配置有错还连服务，只会得到更难懂的错误
         raise UserError("compose 或 ragflow-sdk 检查未通过（见上面的错误），先修好再连服务")
 
     # 4. 在服务上评测：建知识库、上传、解析，RAGFlow 自己的混合检索与对话助手，各自打分
     result.update(evaluate_on_service(args, url, key, payload, name_to_doc, qas, log))
-    return out.finish({**result, "ragflow_url": shown},
-                      summary=f"recall@5={result['recall_at_5']}, answer_accuracy={result['answer_accuracy']}, "
+    result["local_bm25_recall_at_5"] = local_bm25_recall(args, qas)   # 同一批题的本地基线
+    return out.finish({**result, "ragflow_url": shown}, claims=CLAIMS + ONLINE_CLAIMS,
+                      summary=f"recall@5={result['recall_at_5']}（本地 BM25 {result['local_bm25_recall_at_5']}）, "
+                              f"answer_accuracy={result['answer_accuracy']}, "
                               f"docs_parsed={result['docs_parsed']}/{len(payload)}")
 
 
