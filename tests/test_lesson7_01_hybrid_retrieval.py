@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson7_hybrid_rag/01_hybrid_retrieval/hybrid_retrieval.py"
 
@@ -48,6 +48,7 @@ def test_tuned_hybrid_beats_both_single_retrievers(smoke):
         assert m["rerank_gain_r1"] == 0 and dev[f"{fused}+rerank"] == dev[fused]
     saved = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert {"methods", "best_method", "fusion_weights", "dense_adapted_gain", "rerank_gain_r1"} <= set(saved)
+    assert_claims(saved)
     assert (out / "methods_test.png").stat().st_size > 0
 
 

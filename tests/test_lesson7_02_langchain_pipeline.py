@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson7_hybrid_rag/02_langchain_orchestration/langchain_rag_pipeline.py"
 
@@ -29,6 +29,7 @@ def test_lcel_chain_local_model(tmp_path, tiny_models):
     assert m["backend"] == "langchain-huggingface"
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     assert {"steps", "answers", "citation_accuracy"} <= set(saved)
+    assert_claims(saved)
 
 
 @pytest.mark.needs_service

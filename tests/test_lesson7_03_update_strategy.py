@@ -2,7 +2,7 @@
 import json
 
 from common import run
-from tests.conftest import REPO, assert_user_error
+from tests.conftest import REPO, assert_claims, assert_user_error
 
 SCRIPT = "lesson7_hybrid_rag/03_incremental_updates/update_strategy.py"
 KILL = run.import_sibling(REPO / SCRIPT, "_kill_child")
@@ -46,6 +46,7 @@ def test_incremental_and_crash_consistency(tmp_path, run_script):
     lines = [json.loads(x) for x in (tmp_path / "index_state" / "audit.jsonl").read_text().splitlines()]
     assert {"time", "doc_id", "action", "hash"} <= set(lines[0])
     assert [x["action"] for x in lines].count("commit") == 4
+    assert_claims(m)
 
 
 def test_bad_overlap_is_one_line_error(run_script, tmp_path):

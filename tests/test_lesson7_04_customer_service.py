@@ -1,5 +1,5 @@
 """第 7 课 04：客服路由（FAQ → RAG → 转人工）在留出的多轮对话上，转人工又准又全，追问改写让检索来源更准。"""
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson7_hybrid_rag/04_enterprise_case/customer_service_case.py"
 
@@ -17,6 +17,7 @@ def test_routing_handoff_and_condensing(tmp_path, tiny_models):
     # 多轮改写：追问的检索来源准确率明显高于不改写
     assert m["followup_source_accuracy"] >= m["followup_source_accuracy_no_condense"] + 0.2, m
     assert (tmp_path / "transcript.jsonl").stat().st_size > 0
+    assert_claims(m)
 
 
 def test_bad_dialogue_file_names_line(run_script, tmp_path):

@@ -1,7 +1,7 @@
 """第 7 课 05：服务中途被 SIGKILL，请求切到本地备用模型一个不丢；熔断器 断开 → 半开 → 重新闭合；库外问题拒答。"""
 import pytest
 
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson7_hybrid_rag/05_hybrid_inference/hybrid_inference.py"
 
@@ -22,6 +22,7 @@ def test_failover_and_circuit_breaker(tmp_path, tiny_models):
     assert m["breaker_reclosed"] is True and m["server_after_restart"] > 0
     # 置信度路由：库外问题至少有一半被拒答/转人工
     assert m["abstained_out_of_kb"] >= m["out_of_kb"] / 2, m["rows"]
+    assert_claims(m)
 
 
 def test_breaker_state_machine():

@@ -1,5 +1,5 @@
 """第 7 课 06：每个配置都报 p50/p95/p99 与吞吐；近似索引对精确检索的 recall@10 高，旋钮调大就更高；坏参数一行报错。"""
-from tests.conftest import assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson7_hybrid_rag/06_performance_testing/performance_benchmark.py"
 
@@ -23,6 +23,7 @@ def test_benchmark_reports_percentiles_per_config(tmp_path, tiny_models):
     assert bm25["min_ms"] > 10 * flat["min_ms"], (bm25, flat)
     assert "local_tokens_per_s" in m["generation"]
     assert (tmp_path / "latency_vs_size.png").stat().st_size > 0
+    assert_claims(m)
 
 
 def test_more_probes_and_candidates_find_more_of_the_exact_top10():
