@@ -165,7 +165,8 @@ def _need_str(p: Path, no: int, r: dict, key: str, optional: bool = False) -> st
     if key not in r or r[key] is None:
         if optional:
             return ""
-        raise UserError(f"{p}:{no}: 缺少字段 '{key}'（该格式需要: {', '.join(r.keys()) or '空记录'} 之外的 '{key}'）")
+        # 键用 repr：用户的键名可以含换行，原样拼进来错误就不是一行了（fuzz 找到的）
+        raise UserError(f"{p}:{no}: 缺少字段 '{key}'（这一行只有 {_short_repr(list(r)) if r else '空记录'}）")
     if not isinstance(r[key], str):
         raise UserError(f"{p}:{no}: 字段 '{key}' 应为字符串，得到 {type(r[key]).__name__}")
     if not optional and not r[key].strip():
