@@ -345,7 +345,8 @@ def write_report(results: list[dict], scripts: list[Path], path: Path, outputs: 
         if mfile.exists():
             m = json.loads(mfile.read_text(encoding="utf-8"))
             parts.append("<table class='metrics'><tr><th>指标</th><th>数值</th></tr>")
-            parts.extend(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in _flatten(m))
+            parts.extend(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>"
+                         for k, v in _flatten(m) if k != "claims")   # 结论已在上面的表里
             parts.append("</table>")
         else:
             parts.append("<p>没有 metrics.json。</p>")
