@@ -34,7 +34,6 @@ def device_of(model: Any):
 
 def trainer_flags(model: Any, gradient_checkpointing: bool = False, log: bool = True) -> dict:
     """TrainingArguments / SFTConfig / DPOConfig 的设备开关。
-
     bf16 混合精度只在支持它的 CUDA 上开（CPU 保留 fp32：bf16 的 8 位尾数会吞掉小更新）；梯度检查点在任何设备上
     都按用户的意思开：它用重算换激活内存，CPU 上同样省内存（慢约 20-30%）。"""
     import torch
@@ -53,7 +52,6 @@ def trainer_flags(model: Any, gradient_checkpointing: bool = False, log: bool = 
 
 class PeakMemory:
     """with PeakMemory(device) as m: ...；之后 m.peak_mb = 执行期间比开始时多用的峰值内存（MB），m.peak_abs_mb = 峰值。
-
     CUDA：max_memory_allocated（精确）；CPU：后台线程每 2 ms 采一次进程 RSS（含 Python/库的缓存，所以只在
     比较同一进程里的两段代码时有意义）。"""
 
@@ -114,10 +112,8 @@ def peak_rss_mb() -> float:
 
 def length_report(records: list, max_length: int, policy: str = "truncate", knob: str = "--max-length",
                   drop_flag: str | None = "--over-length drop") -> dict:
-    """已编码、未截断的样本 {input_ids, labels}（-100 以外是回答）-> 长度统计，并打一行：几条超长、会怎样、怎么改。
-
-    偏好数据每条传 [chosen, rejected]，任一条超长就算这一对超长（TRL 的 RewardTrainer 整对丢掉，DPOTrainer 截尾）。
-    截掉的尾部恰好是回答的结尾，模型学不会收尾。knob：调长度的参数；drop_flag：改成丢弃的参数（没有就 None）。"""
+    """已编码未截断的样本 -> 长度统计，并打一行：几条超长、会怎样、怎么改（knob 调长度，drop_flag 改成丢弃）。
+    偏好数据每条传 [chosen, rejected]，任一条超长就算整对超长；截掉的尾部恰是回答结尾，模型学不会收尾。"""
     groups = [r if isinstance(r, list) else [r] for r in records]
     lens = sorted(max(len(s["input_ids"]) for s in g) for g in groups)
     over = [g for g in groups if max(len(s["input_ids"]) for s in g) > max_length]
@@ -168,7 +164,6 @@ def pack(rows: list[dict], max_length: int):
 
 class PackedCollator:
     """打包后的行 -> 批：input_ids / labels / position_ids，不给 attention_mask。
-
     没有 attention_mask、position_ids 在段落边界处归零时，transformers 自己识别"打包序列"：sdpa / eager（CPU 也一样）
     构造块对角的因果掩码，flash-attention 用 position_ids 算 cu_seqlens 走变长核；每段只看得见自己，与逐条算等价。
     前提是模型不建 KV 缓存（model.config.use_cache = False，否则整行被当成一段，悄悄算错）。每段第一个 token 的
@@ -324,6 +319,21 @@ def optimizer_step(opt: Any, loss: Any, params: Any = None, max_norm: float = 1.
     opt.step()
     opt.zero_grad()
     return loss.item()
+
+
+def ds_init(on_gpu: bool) -> None:
+    """rank 里初始化进程组：GPU 用 NCCL；CPU 用 gloo，不 JIT 编译 DeepSpeed 的共享内存算子（新机器要编 2 分钟）。"""
+    import deepspeed.ops
+    if not on_gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+
+
+def ds_exit() -> None:
+    """结果已写、barrier 已过：直接退出，不走 C++ 析构（CI 见过析构时 abort：terminate called without ...）。"""
+    import torch.distributed as dist
+    dist.destroy_process_group(), sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(cmd: list[str], log_path: Any, result_path: Any) -> dict:

@@ -50,15 +50,16 @@ def parse_args() -> argparse.Namespace:
 
 def init_process_group(a: argparse.Namespace) -> tuple[int, int, dict]:
     """(rank, world, 本机可用的 DeepSpeed 配置)。GPU 用 NCCL；CPU 上 DeepSpeed 走 gloo（同一份 JSON，不改一个键）。"""
-    import deepspeed
     import torch
     import torch.distributed as dist
     from deepspeed.utils import logger as ds_logger
 
+    from common import train
+
     for h in [ds_logger, *ds_logger.handlers]:   # DeepSpeed 默认只打 WARNING；INFO 里有每步的 step/lr（3 课 04 读它）
         h.setLevel("INFO")
     on_gpu = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    train.ds_init(on_gpu)
     if on_gpu:   # 每个进程只用自己那张卡：不设的话所有 rank 都挤在 cuda:0 上
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.manual_seed(a.seed)   # 各 rank 同一个种子：初始权重一致，数据并行才是在训"同一个模型"
@@ -121,6 +122,8 @@ def main() -> None:
     import psutil
     import torch.distributed as dist
 
+    from common import train
+
     a = parse_args()
     # 1. 进程组：GPU 用 NCCL；CPU 上 DeepSpeed 走 gloo
     rank, world, cfg = init_process_group(a)
@@ -146,7 +149,7 @@ def main() -> None:
             "world_size": world, "stage": stage, "total_params": total, "per_rank": gathered, "losses": losses,
             "train_seconds": secs, "backend": dist.get_backend()}, indent=2), encoding="utf-8")
     dist.barrier()   # 等 rank 0 写完再一起退出：否则 torchrun 可能在文件写完前就收掉整组进程
-    dist.destroy_process_group()
+    train.ds_exit()
 
 
 if __name__ == "__main__":

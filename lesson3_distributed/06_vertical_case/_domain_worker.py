@@ -125,14 +125,15 @@ def train_one(a, mix: float, dom: list, gen: list, texts: dict, cfg: dict, pad_i
 
 def main() -> None:
     a = parse_args()
-    import deepspeed
     import torch
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
+    from common import train
+
     on_gpu = torch.cuda.is_available()
     # 同一个 worker 两种后端：GPU 上 NCCL 走 NVLink/IB，CPU 上 gloo 走本机回环，课程的 2 进程演示就能在笔记本上跑
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    train.ds_init(on_gpu)
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = json.loads(Path(a.ds_config).read_text(encoding="utf-8"))
     if not on_gpu:   # CPU：fp32 + torch AdamW（不 JIT 编译 DeepSpeedCPUAdam），同 01
@@ -155,7 +156,7 @@ def main() -> None:
     if rank == 0:
         Path(a.out).write_text(json.dumps({"world_size": world, "runs": result}, indent=2), encoding="utf-8")
     dist.barrier()
-    dist.destroy_process_group()
+    train.ds_exit()
 
 
 if __name__ == "__main__":
