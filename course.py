@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import base64
 import contextlib
 import fnmatch
@@ -130,13 +131,17 @@ def _fmt(v: object) -> str:
 
 
 def _script_sha(script: Path) -> str:
-    """脚本内容的指纹：脚本本身和它旁边只属于这一课的 _*.py（common 变了不算：那由 --compare 抓）。
+    """脚本代码的指纹：脚本本身和它旁边只属于这一课的 _*.py（common 变了不算：那由 --compare 抓）。
 
-    文档字符串里由 --readme 生成的块不算：重写它不该让参考记录作废。
+    模块文档字符串不算（改说明、重写 --readme 生成的块都不改变行为，不该让参考记录作废）。
     """
     h = hashlib.sha256()
     for f in sorted([script, *script.parent.glob("_*.py")]):
-        h.update(_without_blocks(f.read_text(encoding="utf-8")).encode())
+        text = f.read_text(encoding="utf-8")
+        body = ast.parse(text).body
+        if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+            text = "\n".join(text.splitlines()[body[0].end_lineno:])
+        h.update(text.encode())
     return h.hexdigest()[:16]
 
 
