@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 from pathlib import Path
 
 from common import run as common_run
@@ -238,13 +239,44 @@ def _claim_lines(rec: dict | None, indent: str = "") -> list[str]:
     return lines
 
 
+def declared_claims(script: Path) -> list:
+    """脚本模块级的 CLAIMS（run.Claim 列表）：导入脚本本身（不运行 main；重依赖都在 main 里才 import）。"""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_claims_{script.stem}", script)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod   # dataclass 解析字符串注解时按模块名找回它
+    spec.loader.exec_module(mod)
+    return list(getattr(mod, "CLAIMS", []))
+
+
+def _wrap(line: str, width: int = 116, indent: str = "    ") -> list[str]:
+    """按显示宽度折行（汉字占 2 列），生成块放进文档字符串也过得了 ruff 的 120 列。"""
+    out, cur, w = [], "", 0
+    for ch in line:
+        cw = 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+        if w + cw > width:
+            out.append(cur)
+            cur, w = indent, len(indent)
+        cur, w = cur + ch, w + cw
+    return [*out, cur]
+
+
 def render_block(name: str, ref: Path = REFERENCE, script: str = "") -> str:
     """生成块的内容。course = 全部脚本一张表；lessonN = 这一课每个脚本的结论与实测值；script = 文档字符串里那段。"""
     if name == "script":
         rec = load_record(ref, script)
-        head = (f"参考运行（{rec['model']}，{rec['machine']['cores']} 核 CPU）：{_cost(rec)}，结论 {_held(rec)} 成立"
-                if rec else "参考运行：还没有记录（python course.py --full --only <脚本名>）")
-        return "\n".join([head, *_claim_lines(rec, "  ")])
+        if not rec:   # 还没量：至少列出这个脚本承诺什么（默认模式的门槛），值等参考运行来填
+            return "\n".join(["参考运行：还没有记录（python course.py --full --only " + Path(script).name + "）",
+                              *[x for c in declared_claims(REPO / script)
+                                for x in _wrap(f"  – {c.statement}（默认模式 {_OPS[c.op]} {c.default:g}）"
+                                               if c.default is not None else f"  – {c.statement}（默认模式不检查）")]])
+        lines = [f"参考运行（{rec['model']}，{rec['machine']['cores']} 核 CPU）：{_cost(rec)}，结论 {_held(rec)} 成立"]
+        for c in rec["claims"]:   # 文档字符串里只放结论与数值（表达式在 metrics.json 和报告里）
+            value = "—" if c["value"] is None else f"{c['value']:.4g}"
+            limit = f"{_OPS[c['op']]} {c['threshold']:g}" if c["threshold"] is not None else "不检查"
+            lines += _wrap(f"  {_MARK[c['held']]} {c['statement']}：{value}（{limit}）")
+        return "\n".join(lines)
     scripts = [s.relative_to(REPO).as_posix() for s in discover([int(name[6:])] if name != "course" else None)]
     lines = ["| 脚本 | 结论（成立/检查） | 2 核 CPU 墙钟，峰值内存 | 记录于 |", "|---|---|---|---|"] \
         if name == "course" else []
@@ -254,8 +286,11 @@ def render_block(name: str, ref: Path = REFERENCE, script: str = "") -> str:
             lines.append(f"| `{rel}` | " + (f"{_held(rec)} | {_cost(rec)} | {rec['commit']} |" if rec
                                            else "未记录 | | |"))
         else:
-            lines.append(f"- `{rel}`：" + (f"{_cost(rec)}（{rec['model']}，{rec['mode']} 模式）" if rec else "未记录"))
-            lines += [f"  - {x}" for x in _claim_lines(rec)]
+            lines.append(f"- `{rel}`：" + (f"{_cost(rec)}（{rec['model']}，{rec['mode']} 模式）" if rec
+                                           else "未记录；它承诺（默认模式的门槛）："))
+            lines += [f"  - {x}" for x in _claim_lines(rec)] if rec else [
+                f"  - 待测：{c.statement}（{_OPS[c.op]} {c.default:g}）" if c.default is not None
+                else f"  - 默认模式不检查：{c.statement}" for c in declared_claims(REPO / rel)]
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@
 import ast
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,18 @@ def test_claims_declared(rel):
     tests = [t.read_text(encoding="utf-8") for t in (REPO / "tests").glob(f"test_lesson{lesson[6]}_{topic[:2]}_*.py")]
     assert any("assert_claims(" in t and Path(rel).stem in t for t in tests), \
         f"{rel}: 冒烟测试里没有 assert_claims(...)"
+
+
+@pytest.mark.parametrize("rel", SCRIPTS)
+def test_docstring_numbers_come_from_the_reference_run(rel):
+    """"你会看到"的实测数字由 course.py --readme 从 results/ 生成（<!-- results:script --> 块），不手写。
+
+    块外不许出现"实测"及带单位的测量值（秒、分钟、GB、MB、tokens/s；"≤ 10 分钟"这样的上限可以）：
+    手写的数字没人再核对，会悄悄过期。
+    """
+    doc = ast.get_docstring(ast.parse((REPO / rel).read_text(encoding="utf-8")), clean=False) or ""
+    assert "<!-- results:script -->" in doc and "<!-- /results -->" in doc, \
+        f"{rel}: 文档字符串里没有 <!-- results:script --> … <!-- /results --> 生成块（加上后运行 course.py --readme）"
+    outside = re.sub(r"<!-- results:script -->.*?<!-- /results -->", "", doc, flags=re.S)
+    typed = re.findall(r"实测|(?<![\d.,≤<])(?<![≤<] )\d[\d.,]*\s*(?:秒|分钟|GB|MB|tokens/s|token/s)", outside)
+    assert not typed, f"{rel}: 生成块外有手写的测量值 {typed[:5]}：删掉，或写成 CLAIMS 由参考运行生成"
