@@ -251,20 +251,27 @@ def declared_claims(script: Path) -> list:
 
 
 def _wrap(line: str, width: int = 116, indent: str = "    ") -> list[str]:
-    """按显示宽度折行（汉字占 2 列），生成块放进文档字符串也过得了 ruff 的 120 列。"""
-    out, cur, w = [], "", 0
-    for ch in line:
-        cw = 2 if unicodedata.east_asian_width(ch) in "WF" else 1
-        if w + cw > width:
-            out.append(cur)
-            cur, w = indent, len(indent)
-        cur, w = cur + ch, w + cw
-    return [*out, cur]
+    """按显示宽度折行（汉字占 2 列），尽量折在空格或中文标点后；生成块放进文档字符串也过得了 ruff 的 120 列。"""
+    def cols(t: str) -> int:
+        return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in t)
+
+    out = []
+    while cols(line) > width:
+        cut = width // 2   # 在前 width 列里找最后一个可折处；找不到就硬折
+        while cols(line[:cut + 1]) <= width:
+            cut += 1
+        soft = max(line.rfind(ch, len(indent) + 1, cut) for ch in " ，：、；/（")
+        cut = soft + 1 if soft > len(indent) else cut
+        out.append(line[:cut].rstrip())
+        line = indent + line[cut:].lstrip()
+    return [*out, line]
 
 
 def render_block(name: str, ref: Path = REFERENCE, script: str = "") -> str:
     """生成块的内容。course = 全部脚本一张表；lessonN = 这一课每个脚本的结论与实测值；script = 文档字符串里那段。"""
-    if name == "script":
+    if name.startswith("script"):   # "script"：文档字符串里；"script:x.py"：课题文件夹 README 里，指同目录的脚本
+        if ":" in name:
+            script = (Path(script).parent / name.split(":", 1)[1].strip()).as_posix()
         rec = load_record(ref, script)
         if not rec:   # 还没量：至少列出这个脚本承诺什么（默认模式的门槛），值等参考运行来填
             return "\n".join(["参考运行：还没有记录（python course.py --full --only " + Path(script).name + "）",
@@ -313,7 +320,8 @@ def _rewrite(text: str, fill) -> str:
 def rewrite_readmes(check: bool = False, ref: Path = REFERENCE) -> list[Path]:
     """用 results/ 重写 README.md、各课 README 与脚本文档字符串里的生成块；check=True 只返回内容过期的文件。"""
     stale = []
-    for f in [REPO / "README.md", *sorted(REPO.glob("lesson[0-9]_*/README.md")), *discover()]:
+    for f in [REPO / "README.md", *sorted(REPO.glob("lesson[0-9]_*/README.md")),
+              *sorted(REPO.glob("lesson[0-9]_*/[0-9][0-9]_*/README.md")), *discover()]:
         text = f.read_text(encoding="utf-8")
         rel = f.relative_to(REPO).as_posix()
         new = _rewrite(text, lambda name, rel=rel: render_block(name, ref, rel))

@@ -61,8 +61,10 @@ def _path_problem(p: Path, what: str, want_dir: bool = False) -> str | None:
     return None
 
 
-def _read_text(p: Path) -> str:
-    """读 UTF-8 文本（开头的 BOM 会被去掉，Windows 记事本爱加它）；读不了就一行说清原因。"""
+def _read_text(p: Path, what: str) -> str:
+    """先确认是普通文件（what：要的是什么文件），再读 UTF-8 文本（去掉记事本爱加的 BOM）；读不了就一行说原因。"""
+    if why := _path_problem(p, what):
+        raise UserError(why)
     try:
         return p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
@@ -70,6 +72,21 @@ def _read_text(p: Path) -> str:
         raise UserError(f"{p}:{line}: 不是 UTF-8 文本（{e.reason}，字节位置 {e.start}）") from None
     except OSError as e:
         raise UserError(f"{p}: 读取失败（{e.strerror or e}）") from None
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """读一个完整的 JSON 文件，顶层什么都行（trainer_state.json、模型的 config.json）：FIFO、非 UTF-8、语法错误、
+    嵌套过深都是一行 `文件:行: 原因`；里面的结构由调用方检查（点名 `文件: 键`）。"""
+    return _loads(Path(path), _read_text(Path(path), what))
+
+
+def _loads(p: Path, raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}:{e.lineno}: JSON 无法解析（{e.msg}）") from None
+    except RecursionError:
+        raise UserError(f"{p}:1: {_TOO_DEEP}") from None
 
 
 def _check_strings(p: Path, no: int, rec: Any) -> None:
@@ -97,12 +114,7 @@ def _json_array(p: Path, raw: str) -> list[tuple[int, Any]]:
 
     i = _WS.match(raw, 0).end()
     if not raw.startswith("[", i):
-        try:
-            json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p}:{e.lineno}: JSON 无法解析（{e.msg}）") from None
-        except RecursionError:
-            raise UserError(f"{p}:1: {_TOO_DEEP}") from None
+        _loads(p, raw)                 # 语法错误先报（带行号）；语法没错才是顶层类型不对
         raise UserError(f"{p}:1: JSON 文件顶层应为记录列表 [...]（每行一个对象的文件请用 .jsonl 后缀）")
     dec, recs, line, pos = json.JSONDecoder(), [], 1, 0
     i = _WS.match(raw, i + 1).end()
@@ -135,9 +147,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     而这些字符可以合法地出现在 JSON 字符串里，那样会把一条好记录劈成两半。
     """
     p = Path(path)
-    if why := _path_problem(p, "--data/--qa 需要一个 JSON 或 JSONL 文件"):
-        raise UserError(why)
-    raw = _read_text(p)
+    raw = _read_text(p, "--data/--qa 需要一个 JSON 或 JSONL 文件")
     if p.suffix.lower() == ".json" or raw.lstrip().startswith("["):
         recs = _json_array(p, raw)
     else:
@@ -160,16 +170,17 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     return recs
 
 
-def _need_str(p: Path, no: int, r: dict, key: str, optional: bool = False) -> str:
+def need_str(p: Path, no: int, r: dict, key: str, optional: bool = False, where: str = "") -> str:
+    """第 no 行记录里（where 是嵌套的位置，如 "turns[2]."）的字符串字段；缺少、不是字符串、为空：`文件:行: 原因`。"""
     if key not in r or r[key] is None:
         if optional:
             return ""
         # 键用 repr：用户的键名可以含换行，原样拼进来错误就不是一行了（fuzz 找到的）
-        raise UserError(f"{p}:{no}: 缺少字段 '{key}'（这一行只有 {_short_repr(list(r)) if r else '空记录'}）")
+        raise UserError(f"{p}:{no}: 缺少字段 '{where}{key}'（这里只有 {_short_repr(list(r)) if r else '空记录'}）")
     if not isinstance(r[key], str):
-        raise UserError(f"{p}:{no}: 字段 '{key}' 应为字符串，得到 {type(r[key]).__name__}")
+        raise UserError(f"{p}:{no}: 字段 '{where}{key}' 应为字符串，得到 {type(r[key]).__name__}")
     if not optional and not r[key].strip():
-        raise UserError(f"{p}:{no}: 字段 '{key}' 为空")
+        raise UserError(f"{p}:{no}: 字段 '{where}{key}' 为空")
     return r[key]
 
 
@@ -198,10 +209,10 @@ def load_sft(path: str | Path) -> list[list[dict]]:
             if msgs[-1]["role"] != "assistant":
                 raise UserError(f"{p}:{no}: 对话最后一条应是 assistant 的回复（它是要学习的目标）")
         elif "instruction" in r or "output" in r:
-            user, output = _need_str(p, no, r, "instruction"), _need_str(p, no, r, "output")
-            if extra := _need_str(p, no, r, "input", optional=True):
+            user, output = need_str(p, no, r, "instruction"), need_str(p, no, r, "output")
+            if extra := need_str(p, no, r, "input", optional=True):
                 user += f"\n\n{extra}"
-            system = _need_str(p, no, r, "system", optional=True)
+            system = need_str(p, no, r, "system", optional=True)
             msgs = [{"role": "system", "content": system}] if system else []
             msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
         else:
@@ -213,23 +224,29 @@ def load_sft(path: str | Path) -> list[list[dict]]:
 
 def load_preference(path: str | Path) -> list[dict]:
     """偏好对 {prompt, chosen, rejected}；字符串或消息列表（TRL 的 conversational 格式）。"""
-    p = Path(path)
-    out = []
-    for no, r in read_records(p):
-        rec = {}
-        for k in ("prompt", "chosen", "rejected"):
-            if k not in r:
-                raise UserError(f"{p}:{no}: 缺少字段 '{k}'（偏好数据需要 prompt, chosen, rejected）")
-            rec[k] = _messages(p, no, r[k], k) if isinstance(r[k], list) else _need_str(p, no, r, k)
-        out.append(rec)
-    return out
+    p = Path(path)   # 三个字段都要：缺哪个 need_str 点名哪个
+    return [{k: _messages(p, no, r[k], k) if isinstance(r.get(k), list) else need_str(p, no, r, k)
+             for k in ("prompt", "chosen", "rejected")} for no, r in read_records(p)]
+
+
+def norm_text(text) -> str:
+    """规范化：NFKC（全角 "Ｌ５" 折成 "L5"）、小写、去掉空白和标点；消息列表取各条 content。"同一条"都按它判。"""
+    text = unicodedata.normalize("NFKC", text if isinstance(text, str) else " ".join(m["content"] for m in text))
+    return "".join(ch for ch in text.lower() if not ch.isspace() and not unicodedata.category(ch).startswith("P"))
 
 
 def preference_split(path: str | Path | None, val_fraction: float, seed: int = 42,
                      min_train: int = 4) -> tuple[list[dict], list[dict]]:
-    """偏好对 -> (训练, 留出)；path 为 None 时用项目自带的 data/preference/pairs.jsonl。对太少时一行报错。"""
+    """偏好对 -> (训练, 留出)；path 为 None 时用项目自带的 data/preference/pairs.jsonl。对太少时一行报错。
+    chosen 与 rejected 规范化后相同的对没有偏好信号（DPO/BT 梯度恰为 0，留出准确率必记错）：去掉并记一行。"""
     path = path or DATA_DIR / "preference" / "pairs.jsonl"
-    train, held = split(load_preference(path), val_fraction, seed)
+    pairs = load_preference(path)
+    kept = [p for p in pairs if norm_text(p["chosen"]) != norm_text(p["rejected"])]
+    if not kept:
+        raise UserError(f"{path}: 全部 {len(pairs)} 对的 chosen 与 rejected 相同（规范化后），没有偏好信号，无法训练")
+    if len(kept) < len(pairs):
+        get_logger().info(f"{path}: 去掉 {len(pairs) - len(kept)} 对 chosen 与 rejected 相同（规范化后）的偏好对")
+    train, held = split(kept, val_fraction, seed)
     if len(train) < min_train or len(held) < 2:
         raise UserError(f"{path}: 偏好对太少（训练 {len(train)}、留出 {len(held)}），至少需要约 {min_train + 6} 对")
     return train, held
@@ -237,16 +254,15 @@ def preference_split(path: str | Path | None, val_fraction: float, seed: int = 4
 
 def preference_conversational(pairs: list[dict]) -> list[dict]:
     """字符串偏好对 -> TRL 的对话格式（prompt 是 user 消息，chosen/rejected 是 assistant 消息），模板由 TRL 套。"""
-    def msgs(x: Any, role: str) -> list[dict]:
-        return x if isinstance(x, list) else [{"role": role, "content": x}]
-    return [{"prompt": msgs(p["prompt"], "user"), "chosen": msgs(p["chosen"], "assistant"),
-             "rejected": msgs(p["rejected"], "assistant")} for p in pairs]
+    roles = {"prompt": "user", "chosen": "assistant", "rejected": "assistant"}
+    return [{k: p[k] if isinstance(p[k], list) else [{"role": role, "content": p[k]}] for k, role in roles.items()}
+            for p in pairs]
 
 
 def load_classification(path: str | Path) -> tuple[list[dict], list[str]]:
     """分类数据 {text, label} -> (记录, 排好序的标签集合)。"""
     p = Path(path)
-    out = [{"text": _need_str(p, no, r, "text"), "label": _need_str(p, no, r, "label")}
+    out = [{"text": need_str(p, no, r, "text"), "label": need_str(p, no, r, "label")}
            for no, r in read_records(p)]
     labels = sorted({r["label"] for r in out})
     if len(labels) < 2:
@@ -259,9 +275,9 @@ def load_qa(path: str | Path, docs: dict[str, Document] | None = None) -> list[d
     p = Path(path)
     out = []
     for no, r in read_records(p):
-        rec = {"question": _need_str(p, no, r, "question"), "answer": _need_str(p, no, r, "answer")}
-        rec["doc_id"] = _need_str(p, no, r, "doc_id", optional=True) or None
-        rec["gold_passage"] = _need_str(p, no, r, "gold_passage", optional=True) or None
+        rec = {"question": need_str(p, no, r, "question"), "answer": need_str(p, no, r, "answer")}
+        rec["doc_id"] = need_str(p, no, r, "doc_id", optional=True) or None
+        rec["gold_passage"] = need_str(p, no, r, "gold_passage", optional=True) or None
         if not rec["doc_id"] and not rec["gold_passage"]:
             raise UserError(f"{p}:{no}: 需要 'doc_id' 或 'gold_passage' 至少一个（用来判断检索是否命中）")
         if docs is not None and rec["doc_id"]:
@@ -304,7 +320,7 @@ def _read_document(path: Path) -> str:
             msg = str(e).splitlines()[0][:150] if str(e) else ""
             raise UserError(f"{path}: PDF 无法解析，文件可能损坏、被截断或加密（{type(e).__name__}: {msg}）") from None
     else:
-        text = _read_text(path)
+        text = _read_text(path, "文档应是普通文件")
     if path.suffix.lower() in (".html", ".htm"):
         from bs4 import BeautifulSoup
 

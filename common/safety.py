@@ -6,7 +6,6 @@ config.json、metrics.json 或实验跟踪的参数。
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from common import data
 from common.errors import UserError
 
 # 字段名或环境变量名里带这些词的，值就是秘密
@@ -102,10 +102,7 @@ def scrub(args: Any) -> tuple[Any, dict[str, str]]:
 
 def _runs_code(f: Path) -> bool:
     """这个配置要执行目录里的代码吗：有 auto_map，而 transformers 没有对应的内置类（有的话用内置类，不执行代码）。"""
-    try:
-        cfg = json.loads(f.read_text(encoding="utf-8-sig"))
-    except (ValueError, OSError):
-        raise UserError(f"{f}: 不是合法的 JSON，无法确认这个模型是否需要执行自定义代码") from None
+    cfg = data.read_json(f, "模型目录里的配置应是普通文件")   # 坏 JSON、万层嵌套：一行 `文件:行`，不是 traceback
     if not isinstance(cfg, dict) or not cfg.get("auto_map"):
         return False
     import transformers

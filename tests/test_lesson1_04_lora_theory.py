@@ -1,6 +1,9 @@
 """第 1 课 04：LoRA 为什么可行。全参数微调的 ΔW 能量集中在前几个奇异方向；LoRA 参数量随秩线性增长。"""
 import json
 
+import pytest
+
+from common.errors import UserError
 from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson1_sft/04_lora_theory/lora_parameter_viz.py"
@@ -32,3 +35,25 @@ def test_bad_data_line_is_one_line_error(tmp_path, run_script):
     bad.write_text('{"instruction": "你好", "output": "你好！"}\n{"instruction": "少了 output"}\n', encoding="utf-8")
     p = run_script(SCRIPT, "--smoke", "--data", str(bad), "--output-dir", str(tmp_path / "out"), timeout=600)
     assert_user_error(p, f"{bad}:2", "output")
+
+
+@pytest.mark.parametrize("targets,missing", [("no_such_module", "no_such_module"), ("q_proj,v_prj", "v_prj"),
+                                             ("layers", "layers")])
+def test_unknown_target_module_lists_the_real_names(tmp_path, tiny_models, targets, missing):
+    """--target-modules 里有对不上的名字（PEFT：全都对不上是 traceback，部分对不上悄悄忽略）：一行点名参数、
+    对不上的名字，并列出模型里 Linear 层的名字（issue 22 第 6 组）。"""
+    import torch
+
+    from common import cli
+
+    mod = load_script(SCRIPT)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(UserError) as e:
+            mod.main(cli.parse(mod.Args, ["--smoke", "--target-modules", targets, "--output-dir", str(tmp_path)]))
+    finally:
+        torch.set_num_threads(threads)   # 冒烟的 run.start 改了线程数，出错时没走到 finish 还原
+    msg = str(e.value)
+    assert msg.startswith(f"--target-modules {targets}: ") and f"名为 {missing} 的" in msg and "\n" not in msg, msg
+    assert "q_proj" in msg and "down_proj" in msg and "all-linear" in msg, msg
+    assert not (tmp_path / "metrics.json").exists()

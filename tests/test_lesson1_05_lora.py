@@ -169,3 +169,25 @@ def test_bad_gradient_checkpointing_value_is_one_line_error(tmp_path, run_script
     proc = run_script(SCRIPT, "--smoke", "--gradient-checkpointing", "maybe", "--output-dir", str(tmp_path),
                       timeout=120)
     assert_user_error(proc, "--gradient-checkpointing")
+
+
+@pytest.mark.parametrize("keywords", [",", " , ", "找不到的词"])
+def test_bad_identity_keywords_name_the_flag(tmp_path, monkeypatch, keywords):
+    """--identity-keywords 全是空的，或自带身份集的答案里一个都没有：一行点名 --identity-keywords
+    （不是 --eval-data None），在加载模型之前（issue 22 第 6 组）。"""
+    import torch
+
+    from common import cli, models
+    from common.errors import UserError
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("坏参数应在加载模型之前就被拒绝"))
+    mod = load_script(SCRIPT)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(UserError) as e:
+            mod.main(cli.parse(mod.Args, ["--smoke", "--identity-keywords", keywords, "--output-dir", str(tmp_path)]))
+    finally:
+        torch.set_num_threads(threads)   # 冒烟的 run.start 改了线程数，出错时没走到 finish 还原
+    msg = str(e.value)
+    assert msg.startswith("--identity-keywords ") and "--eval-data" not in msg and "\n" not in msg, msg
+    assert not (tmp_path / "metrics.json").exists()

@@ -95,3 +95,21 @@ def test_shipped_deepspeed_configs_pass_deepspeed_parser():
         assert cfg["train_batch_size"] == per_step * world
         with pytest.raises(UserError):   # 同一份配置换一个卡数就不成立：这正是公开仓库常犯的错
             train.validate_ds_config(cfg, world * 2, f.name)
+
+
+def test_device_cuda_without_cuda_is_one_line_error(tmp_path, monkeypatch):
+    """--device cuda 在没有 CUDA 的机器上：一行点名 --device cuda，不悄悄改用 CPU 的 gloo 跑（issue 22 第 6 组）。"""
+    import torch
+
+    from common import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    mod = load_script(SCRIPT)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(UserError) as e:
+            mod.main(cli.parse(mod.Args, ["--smoke", "--device", "cuda", "--output-dir", str(tmp_path)]))
+    finally:
+        torch.set_num_threads(threads)   # 冒烟的 run.start 改了线程数，出错时没走到 finish 还原
+    assert str(e.value).startswith("--device cuda: ") and "CUDA" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "ds_config.json").exists()

@@ -1,7 +1,11 @@
 """第 4 课 04：DPO。留出隐式奖励准确率高于随机、手算损失与 TRL 一致、β 小偏离参考更远、坏参数一行报错。"""
 import json
 
+from tests import test_own_data_trainers
 from tests.conftest import assert_claims, assert_user_error, load_script
+
+course_log = test_own_data_trainers.course_log   # 收集课程日志的 fixture（与自有数据的测试共用一份）
+PAIRS = test_own_data_trainers.PAIRS
 
 SCRIPT = "lesson4_alignment/04_dpo/dpo_train.py"
 

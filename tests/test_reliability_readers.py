@@ -4,13 +4,18 @@
 坏 PDF、指到文件夹外面的符号链接、清洗后为空的文档、答案不在 gold_passage 里的问答、把文件夹/FIFO/成环链接当文件、
 Windows 记事本写出的 BOM。
 """
+import contextlib
+import io
 import json
 import os
+import sys
+import threading
 
 import pytest
 
-from common import data
+from common import cli, data
 from common.errors import UserError
+from tests.conftest import load_script
 
 ALPACA = {"instruction": "你是谁？", "output": "我是灵犀。"}
 
@@ -211,3 +216,125 @@ def test_shipped_data_still_loads_unchanged():
     docs = data.load_documents(data.DATA_DIR / "kb" / "docs")
     qa = data.load_qa(data.DATA_DIR / "kb" / "qa.jsonl", {d.id: d for d in docs})
     assert len(docs) == 44 and len(qa) == 135
+
+
+# ------------------------------------------- issue 22 第 2 项：各课自己读的文件，也走 common.data 的读取与字段检查
+LOGS = "lesson3_distributed/04_log_analysis/training_log_inspector.py"
+DIALOGUES = "lesson7_hybrid_rag/04_enterprise_case/customer_service_case.py"
+TICKETS = "lesson5_deployment_monitoring/05_customer_support_case/customer_alignment.py"
+GRADED = "lesson4_alignment/06_dataset_curation/dataset_curation.py"
+
+
+def refused_by_script(rel: str, argv: list[str], out) -> str:
+    """像命令行那样跑 cli.parse + main（--smoke），没接住的异常交给 cli 装上的 excepthook（进程里正是这样）；
+    断言退出码 2、没有 traceback、错误是最后一行且只有一行、没写 metrics.json；返回那一行。"""
+    mod, err, code, hook = load_script(rel), io.StringIO(), None, sys.excepthook
+    try:
+        with contextlib.redirect_stderr(err):
+            try:
+                mod.main(cli.parse(mod.Args, [*argv, "--smoke", "--output-dir", str(out)]))
+            except Exception as e:  # noqa: BLE001 - 与进程里一样：交给 excepthook（非 UserError 会打出 traceback）
+                sys.excepthook(type(e), e, e.__traceback__)
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.excepthook = hook
+    text = err.getvalue()
+    assert code == 2 and "Traceback" not in text, f"退出码 {code}：{text[-1500:]}"
+    last = text.rstrip("\n").splitlines()[-1]
+    assert last.startswith("错误: ") and text.count("错误: ") == 1, text[-1500:]
+    assert not (out / "metrics.json").exists()
+    return last
+
+
+def trainer_state(tmp_path, raw: bytes):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "trainer_state.json").write_bytes(raw)
+    return tmp_path / "run" / "trainer_state.json"
+
+
+@pytest.mark.parametrize("raw,needle", [
+    (b'{"log_history": [\n{"step": 1, "loss": "\xff"}]}', ":2: 不是 UTF-8"),
+    (b'{"log_history": [1, 2, 3]}', ": log_history[0] 应是带整数 'step' 的对象"),   # 曾是 AttributeError
+    (b'[1, 2, 3]', ": 不是 trainer_state.json"),
+    (b'{"log_history": [{"step": 1, "loss": 2.0}, {"step": "abc", "loss": 1.0}]}',
+     ": log_history[1] 应是带整数 'step' 的对象，得到 {'step': 'abc'"),               # 曾是 ValueError
+    (b'{"log_history": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", ":1: JSON 嵌套太深"),    # 曾是 RecursionError
+    (b'{"log_history": [{"step": 1, "loss": 2.0}\n{"step": 2}]}', ":2: JSON 无法解析"),
+])
+def test_log_inspector_bad_trainer_state_is_one_line(tmp_path, raw, needle):
+    f = trainer_state(tmp_path, raw)
+    line = refused_by_script(LOGS, ["--logs", str(tmp_path / "run")], tmp_path / "o")
+    assert f"{f}{needle}" in line, line
+
+
+def test_log_inspector_garbled_numbers_in_deepspeed_log_are_not_a_traceback(tmp_path):
+    """宽松的数字正则曾框住 "lr=[.]"、"=1e+"，float() 抛 ValueError；现在它们不算 DeepSpeed 的行。"""
+    log = write(tmp_path / "ds.log", "step=1, skipped=0, lr=[0.001, 0.002]\nstep=2, skipped=0, lr=[.]\n"
+                "step=3, skipped=0, lr=[-]\nglobal_step=3, RunningAvgSamplesPerSec=1e+, CurrSamplesPerSec=.e\n"
+                "step=4, skipped=0, lr=[nan]\nglobal_step=4, RunningAvgSamplesPerSec=9, CurrSamplesPerSec=8.5e1\n")
+    s = load_script(LOGS).read_deepspeed(log)
+    assert s["lr"][0] == (1, 0.001) and s["lr"][1][0] == 4 and s["throughput"] == [(4, 85.0)], s
+    only_garbage = write(tmp_path / "g.log", "step=2, skipped=0, lr=[.]\n")
+    assert "--logs" in refused_by_script(LOGS, ["--logs", str(only_garbage)], tmp_path / "o")
+
+
+@pytest.mark.parametrize("given", ["folder", "file"])
+def test_log_inspector_fifo_named_trainer_state_is_refused_not_waited_on(tmp_path, given):
+    """读 FIFO 会一直等写入方（曾经卡死）。保险：万一又去读了，20 秒后打开写端再关上，读到空内容：测试失败，不卡住。"""
+    (tmp_path / "run").mkdir()
+    fifo = tmp_path / "run" / "trainer_state.json"
+    os.mkfifo(fifo)
+
+    def unblock():
+        with contextlib.suppress(OSError):   # 没人在读（修好了）时 O_NONBLOCK 打开写端报 ENXIO：什么都不做
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    timer = threading.Timer(20, unblock)
+    timer.daemon = True
+    timer.start()
+    try:
+        line = refused_by_script(LOGS, ["--logs", str(tmp_path / "run" if given == "folder" else fifo)], tmp_path / "o")
+    finally:
+        timer.cancel()
+    assert f"{fifo}: 是命名管道（FIFO）" in line, line
+
+
+@pytest.mark.parametrize("second,needle", [
+    ({"turns": [{"user": "运费怎么算？", "route": "faq"}]}, ":2: 缺少字段 'id'"),                     # 曾是 KeyError
+    ({"id": "d2", "turns": [{"user": "运费怎么算？", "route": "faq", "answer": 99}]},
+     ":2: 字段 'turns[0].answer' 应为字符串，得到 int"),                                              # 曾是 TypeError
+    ({"id": "d2", "turns": [{"user": "hi", "route": "faq"}, {"route": "rag"}]}, ":2: 缺少字段 'turns[1].user'"),
+])
+def test_customer_service_bad_dialogue_fields_are_named(tmp_path, second, needle):
+    bad = write(tmp_path / "d.jsonl", json.dumps({"id": "d1", "turns": [{"user": "hi", "route": "faq"}]}) + "\n"
+                + json.dumps(second, ensure_ascii=False) + "\n")
+    line = refused_by_script(DIALOGUES, ["--dialogues", str(bad)], tmp_path / "o")
+    assert f"{bad}{needle}" in line, line
+
+
+def test_customer_alignment_integer_ticket_is_refused_at_read_time(tmp_path):
+    """整数工单曾一路走到建 Arrow 数据集才以 pyarrow.ArrowInvalid 崩。"""
+    bad = write(tmp_path / "t.jsonl", '{"ticket": "写首诗", "type": "out_of_scope", "lang": "zh"}\n'
+                                      '{"ticket": 12345, "type": "escalation", "lang": "zh"}\n')
+    line = refused_by_script(TICKETS, ["--tickets", str(bad)], tmp_path / "o")
+    assert f"{bad}:2: 字段 'ticket' 应为字符串，得到 int" in line, line
+
+
+@pytest.mark.parametrize("score", ["NaN", "Infinity", "true"])
+def test_dataset_curation_nan_score_is_refused_not_silently_dropped(tmp_path, score):
+    """NaN 分数和谁比都是 False：那条回答曾被悄悄排除在所有偏好对之外，退出码 0。"""
+    bad = write(tmp_path / "graded.jsonl",
+                '{"prompt": "q", "responses": [{"text": "a", "score": 5}, {"text": "b", "score": 1}]}\n'
+                f'{{"prompt": "q2", "responses": [{{"text": "a", "score": 5}}, {{"text": "b", "score": {score}}}]}}\n')
+    line = refused_by_script(GRADED, ["--graded", str(bad)], tmp_path / "o")
+    assert f"{bad}:2: responses[1].score = " in line and "应为有限的数" in line, line
+
+
+def test_read_json_reports_deep_or_broken_model_config_in_one_line(tmp_path):
+    """common.safety 检查模型目录的 config.json 也走 data.read_json：万层嵌套曾是 RecursionError。"""
+    from common import safety
+
+    (tmp_path / "config.json").write_text('{"a": ' + "[" * 10_000 + "]" * 10_000 + "}", encoding="utf-8")
+    assert f"{tmp_path / 'config.json'}:1: JSON 嵌套太深" in user_error(safety.check_model_dir, tmp_path)
+    (tmp_path / "config.json").write_text('{\n"auto_map": {"AutoModel": "m.M"},\n}', encoding="utf-8")
+    assert f"{tmp_path / 'config.json'}:3: JSON 无法解析" in user_error(safety.check_model_dir, tmp_path)

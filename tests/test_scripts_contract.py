@@ -187,3 +187,20 @@ def test_docstring_numbers_come_from_the_reference_run(rel):
     outside = re.sub(r"<!-- results:script -->.*?<!-- /results -->", "", doc, flags=re.S)
     typed = re.findall(r"实测|(?<![\d.,≤<])(?<![≤<] )\d[\d.,]*\s*(?:秒|分钟|GB|MB|tokens/s|token/s)", outside)
     assert not typed, f"{rel}: 生成块外有手写的测量值 {typed[:5]}：删掉，或写成 CLAIMS 由参考运行生成"
+
+
+TOPIC_READMES = sorted(p.relative_to(REPO).as_posix() for p in REPO.glob("lesson[0-9]_*/[0-9][0-9]_*/README.md"))
+
+
+@pytest.mark.parametrize("rel", TOPIC_READMES)
+def test_topic_readme_numbers_come_from_the_reference_run(rel):
+    """课题文件夹的 README：每个脚本一个 <!-- results:script:脚本名.py --> 生成块，块外没有手写的测量值。"""
+    text = (REPO / rel).read_text(encoding="utf-8")
+    for script in sorted((REPO / rel).parent.glob("*.py")):
+        if not script.name.startswith(("_", "test")):
+            assert f"<!-- results:script:{script.name} -->" in text, \
+                f"{rel}: 缺 {script.name} 的生成块 <!-- results:script:{script.name} --> … <!-- /results -->"
+    outside = re.sub(r"<!-- results:[^>]*-->.*?<!-- /results -->", "", text, flags=re.S)
+    outside = re.sub(r"```.*?```", "", outside, flags=re.S)   # 代码块里是命令和参数，不是测量值
+    typed = re.findall(r"实测|(?<![\d.,≤<])(?<![≤<] )\d[\d.,]*\s*(?:秒|分钟|GB|MB|tokens/s|token/s)", outside)
+    assert not typed, f"{rel}: 生成块外有手写的测量值 {typed[:5]}：删掉，或写成脚本的 CLAIMS 由参考运行生成"

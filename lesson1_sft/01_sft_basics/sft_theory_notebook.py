@@ -4,21 +4,25 @@
   jupytext --to notebook lesson1_sft/01_sft_basics/sft_theory_notebook.py   # 转成 .ipynb 在 Jupyter 里逐格运行
 
 运行：
-  python lesson1_sft/01_sft_basics/sft_theory_notebook.py            # CPU，smollm2-135m，两次各 8 步，空闲 2 核约 80 秒
-  python lesson1_sft/01_sft_basics/sft_theory_notebook.py --smoke    # 极小模型，各 10 步，约 50 秒
+  python lesson1_sft/01_sft_basics/sft_theory_notebook.py            # CPU，smollm2-135m，两次各 8 步
+  python lesson1_sft/01_sft_basics/sft_theory_notebook.py --smoke    # 极小模型，各 10 步
   python lesson1_sft/01_sft_basics/sft_theory_notebook.py \
       --model Qwen/Qwen2.5-0.5B-Instruct --source hf --config configs/lesson1/sft_theory_notebook.yaml   # GPU
 
-你会看到：一条对话按模板渲染后，只有约 1/3 的 token（助手回复）带 loss（smollm2 实测 label_token_fraction = 0.35）；
-同一初始化、同样步数、同样数据顺序训练两次，用同一把尺子（留出集上只算回复 token 的损失）量。
-实测（smollm2-135m，空闲 2 核）：默认 8 步（79 秒）回复损失 2.287 → assistant-only 2.030、full-sequence 2.063；
-prompt 损失 assistant-only 4.06、full-sequence 1.67。加到 --max-steps 24（3.4 分钟）：回复损失 1.904 对 1.895，
-prompt 损失 3.97 对 1.24。也就是说：full-sequence 的力气大多花在学写用户问题和系统提示上，而在这份"回复比提示长"的数据上
-它的回复损失与 assistant-only 几乎一样（模板标记、格式、领域词两边都在学，差距在噪声量级、谁领先会随步数换）。
-assistant-only 真正的好处是不去模仿用户（prompt 损失留在 4 附近），以及 prompt 远长于回复（RAG、长系统提示）时
-梯度不被 prompt 稀释——这正是 TRL 默认 completion/assistant-only loss 的理由。
---smoke（tiny-qwen2，10 步）：回复损失 5.553 → assistant-only 5.521、full-sequence 5.538。
+你会看到：一条对话按模板渲染后，只有助手回复那一段 token 带 loss（label_token_fraction 远小于 1）；
+同一初始化、同样步数、同样数据顺序训练两次（assistant-only 与 full-sequence），用同一把尺子（留出集上只算回复 token
+的损失）量。两种训练都让回复损失下降；差别在 prompt 损失：full-sequence 把它压得很低（力气大多花在学写用户问题和系统
+提示上），assistant-only 的 prompt 损失留在高处。而在这份"回复比提示长"的数据上，两者的回复损失相差在噪声量级、谁领先
+会随步数（--max-steps）换：模板标记、格式、领域词两边都在学。assistant-only 真正的好处是不去模仿用户，以及 prompt
+远长于回复（RAG、长系统提示）时梯度不被 prompt 稀释——这正是 TRL 默认 completion/assistant-only loss 的理由。
 曲线图 curves.png：左边训练损失，右边留出集回复损失。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行（smollm2-135m，2 核 CPU）：4.7 分钟，4.7 GB，结论 3/3 成立
+  ✓ assistant-only 训练降低留出集回复损失：训练后 / 训练前：0.8877（≤ 0.95）
+  ✓ full-sequence 也学 prompt：它的 prompt 损失比 assistant-only 低（nat）：2.389（≥ 1）
+  ✓ assistant-only 只在回复上算损失：带损失 token 的比例：0.3528（< 0.6）
+<!-- /results -->
 """
 
 # %% [markdown]

@@ -8,15 +8,23 @@
 --config 换成别的配置；命令行参数再覆盖 YAML。
 
 运行：
-  python lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py            # CPU，smollm2-135m 全参数 12 步，约 90 秒
-  python lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py --smoke    # 极小模型，约 8 秒
+  python lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py            # CPU，smollm2-135m 全参数 12 步
+  python lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py --smoke    # 极小模型
   python lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py --model Qwen/Qwen2.5-0.5B-Instruct --source hf \\
       --config configs/lesson1/hf_finetune_scaffold_gpu.yaml --report-to tensorboard     # GPU，bf16 混合精度
   演练断点续训：先加 --stop-after-steps 8（第 8 步的检查点写完就硬退出，像被 kill），再加 --resume 接着跑。
 
-你会看到：eval_loss 下降，best_checkpoint 指向验证损失最低的检查点，train_tokens_per_s 是纯训练吞吐。
-实测（smollm2-135m 默认配置，12 步，空闲 2 核 89 秒）：eval_loss 2.477 -> 2.143，best = checkpoint-12，
-train_tokens_per_s 约 90。--smoke（tiny-qwen2，12 步）：5.429 -> 5.335，best = checkpoint-8，约 8 秒。
+你会看到：训练损失和留出集 eval_loss 都下降（训练前后用同一个验证集量）；best_checkpoint 指向验证损失最低的检查点，
+训练结束时 load_best_model_at_end 装回的就是它（装回后再评估一次，与训练中最低的 eval_loss 相同）——它不一定是
+最后一个检查点；train_tokens_per_s 是纯训练吞吐。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only hf_finetune_scaffold.py）
+  – 全参数 SFT 降低留出集损失：训练后 / 训练前 eval_loss（默认模式 ≤ 0.93）
+  – load_best_model_at_end 装回的是验证损失最低的检查点：装回后的 eval_loss − 训练中各次评估的最低值（默认模式 ≤
+    0.001）
+  – 优化器在训练集上起作用：最后一次记录的训练损失 / 第一次（默认模式 ≤ 0.95）
+<!-- /results -->
 """
 import os
 import time

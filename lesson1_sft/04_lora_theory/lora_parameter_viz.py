@@ -7,21 +7,31 @@
 get_peft_model 真实构建 r = 1..64 的模型清点可训练参数，并与公式逐一核对。
 
 运行：
-  python lesson1_sft/04_lora_theory/lora_parameter_viz.py            # CPU，smollm2-135m，全参数 8 步，空闲 2 核约 50 秒
-  python lesson1_sft/04_lora_theory/lora_parameter_viz.py --smoke    # 极小模型，约 8 秒
+  python lesson1_sft/04_lora_theory/lora_parameter_viz.py            # CPU，smollm2-135m，全参数 8 步
+  python lesson1_sft/04_lora_theory/lora_parameter_viz.py --smoke    # 极小模型
   python lesson1_sft/04_lora_theory/lora_parameter_viz.py --model Qwen/Qwen2.5-0.5B-Instruct --source hf \\
       --config configs/lesson1/lora_parameter_viz.yaml                      # GPU，更多步数
 
-你会看到（smollm2-135m 实测）：ΔW 前 8 个奇异值的能量占比 delta_energy_top8 ≈ 0.43，远高于同形状随机矩阵
-（random_energy_top8 ≈ 0.06）和预训练权重本身（weight_energy_top8 ≈ 0.11）；注意力的 k/v/o_proj（0.53-0.59）
-比 MLP（0.27-0.32）更集中。LoRA 参数量随 r 线性增长（与公式 r·(d_in + d_out) 逐一相等），
-all-linear 注入 210 个 Linear，r=8 时 2,442,240 个参数，只占全量 134,515,008 的 1.82%。
+你会看到：ΔW 前 8 个奇异值的能量占比 delta_energy_top8 远高于同形状随机矩阵（random_energy_top8：能量均匀摊在
+所有方向上）和预训练权重本身（weight_energy_top8）——集中的是"这次微调改了什么"，而不是权重本来就低秩；注意力的
+k/v/o_proj 比 MLP 更集中。LoRA 参数量随 r 线性增长（PEFT 数出的值与公式 r·(d_in + d_out) 逐一相等），
+all-linear 注入全部 Linear、r=8 时可训练参数（lora_params）也只占全量（full_params）的一小部分。
 图：delta_w_spectrum.png（奇异值谱，对数坐标）、energy_vs_rank.png（前 r 个方向捕获的能量）。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only lora_parameter_viz.py）
+  – ΔW 的能量集中在前 8 个方向，远超同形状随机矩阵：ΔW / 随机 的前 8 能量占比（默认模式 ≥ 4）
+  – 集中的是更新而不是预训练权重本身：ΔW / W 的前 8 能量占比（默认模式 ≥ 2.5）
+  – 注意力矩阵的 ΔW 比 MLP 更集中：注意力 / MLP 的前 8 能量占比（各自平均）（默认模式 ≥ 1.3）
+  – LoRA r=8 只训练一小部分参数：PEFT 实数的可训练参数 / 全量参数（默认模式 ≤ 0.025）
+  – PEFT 实数的参数量与公式 r·(d_in + d_out) 逐秩相等：最大差几个参数（默认模式 ≤ 0）
+<!-- /results -->
 """
 from dataclasses import dataclass
 from pathlib import Path
 
 from common import cli, data, models, run, train
+from common.errors import UserError
 
 
 @dataclass
@@ -69,6 +79,22 @@ def load_conversations(args: Args) -> list[list[dict]]:
     return [c for f in files for c in data.load_sft(f)]
 
 
+def check_targets(model, targets, flag: str) -> None:
+    """--target-modules 的每个名字都要对上至少一个能注入 LoRA 的层（PEFT 的规则：全名相同或以 ".名字" 结尾）。
+
+    PEFT 只要有一个名字对上就不报错：q_proj,v_prj 会悄悄只注入 q_proj；一个都对不上则是一长串 traceback。"""
+    import torch
+
+    if targets == "all-linear":
+        return
+    layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in layers)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(f"--target-modules {flag}: 模型里没有名为 {','.join(missing)} 的 Linear/Embedding 层；"
+                        f"Linear 层的名字有 {','.join(linear)}（或 all-linear）")
+
+
 def count_lora_params(model, target_modules: str, ranks: list[int]) -> tuple[dict, dict, dict]:
     """用 PEFT 真实构建每个秩的 LoRA 模型 -> (实际可训练参数, 公式 r·(d_in + d_out) 之和, 注入的 Linear 形状)。
 
@@ -80,6 +106,7 @@ def count_lora_params(model, target_modules: str, ranks: list[int]) -> tuple[dic
     from peft import LoraConfig, get_peft_model
 
     targets = "all-linear" if target_modules == "all-linear" else target_modules.split(",")
+    check_targets(model, targets, target_modules)
     lora_params, analytic, injected = {}, {}, {}
     for r in ranks:
         # deepcopy：get_peft_model 会就地改模型，原模型后面还要做全参数微调

@@ -1,7 +1,7 @@
 """LoRA 微调对话模型（GLM 架构）：冻结原模型，只训练低秩增量；换成你自己的数据也能训得明白、停在最好的一步。
 
 流程：注入 LoRA（target_modules 按架构选）-> 身份 + 领域数据或 --data 你的数据（验证集从它切出），只在回复上算损失 ->
-一行说清条数、长度、几条超过 --max-length、步数与 epoch、实测一步后的预计时间（超过 --max-train-minutes 就减步数）->
+一行说清条数、长度、几条超过 --max-length、步数与 epoch、量完第一步后的预计时间（超过 --max-train-minutes 就减步数）->
 打包（先核对与填充损失相同）、一次前向 ≤ --micro-batch-tokens（梯度累积）、按激活内存估计自动开梯度检查点 ->
 按验证损失留最好的一步、不再改善就停 -> 保存 adapter、合并并核对 logits -> 比较训练前后的回答。
 
@@ -12,11 +12,22 @@
   python lesson1_sft/05_lora_finetune/lora_chatglm_demo.py --model THUDM/glm-4-9b-chat-hf --source hf \\
       --config configs/lesson1/lora_chatglm_demo_gpu.yaml     # GPU，bf16（chatglm3-6b 这类再加 --trust-remote-code）
 
-你会看到（smollm2-135m，空闲 2 核 CPU）：默认 60 步，可训练参数 1.78%，留出身份问题准确率 0.00 -> 0.90，eval_loss
-3.35 -> 1.37，合并 vs adapter max|Δlogit| 1.7e-4。--data data/longform/sft_long.jsonl（198 条，平均 385 / p90 600
-token，43 条超过 512 被截断）：78 步要 24 分钟 -> 按 6 分钟预算减到 18 步，eval_loss 1.94 -> 1.61，221 token/s，
-峰值 RSS 3.6 GB，整个脚本 6 分 16 秒；没有身份准确率。--smoke：身份准确率 0.00 -> 0.70。
+你会看到：可训练参数只占全部的一小部分；留出身份问题（训练时没见过的问法）的准确率从 0 附近大幅升高，eval_loss
+明显下降；打包与填充算出的损失相同；最后留下的是验证损失最低的那一步；合并进 W 后与外挂 adapter 的输出只差浮点舍入
+（max|Δlogit| 远小于 adapter 本身对 logits 的改变）。--data data/longform/sft_long.jsonl（198 条长回复）：开头一行数出
+几条超过 --max-length 被截断；量完第一步若预计超过 --max-train-minutes 就按预算减步数，eval_loss 照样下降，没有身份
+准确率；吞吐与峰值内存在 metrics.json（train_tokens_per_s、peak_rss_mb）。--smoke：身份准确率同样从 0 升上去。
 图：loss_curve.png（竖线 = 保留的那一步）。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only lora_chatglm_demo.py）
+  – LoRA 降低留出集损失（领域问答 + 身份问题）：训练后 / 训练前 eval_loss（默认模式 ≤ 0.6）
+  – LoRA 教会新身份：留出身份问法的准确率，训练后 − 训练前（默认模式 ≥ 0.7）
+  – 结束时留下的是验证损失最低的那一步：装回后的 eval_loss − 训练中各次评估的最低值（默认模式 ≤ 0.001）
+  – 合并进 W 与外挂 adapter 输出相同：合并误差 / adapter 对 logits 的改变（max|Δlogit| 之比）（默认模式 ≤ 0.001）
+  – 打包不改变损失：同一批样本 |打包 − 填充| / 填充损失（默认模式 ≤ 1e-05）
+  – LoRA 只训练一小部分参数：可训练参数 / 全部参数（默认模式 ≤ 0.025）
+<!-- /results -->
 """
 
 import shutil
@@ -116,8 +127,9 @@ def load_data(args: Args, keywords: list[str]):
                                     args.seed)
     train_convs = data.load_sft(data.DATA_DIR / "identity" / "train.jsonl") * args.identity_repeat + domain_train
     ident = data.load_sft(args.eval_data or data.DATA_DIR / "identity" / "eval.jsonl")
-    if identity_targets(ident, keywords) is None:
-        raise UserError(f"--eval-data {args.eval_data}: 不给 --data 时它应是身份问题，答案里要有 {keywords} 之一")
+    if identity_targets(ident, keywords) is None:   # 没给 --eval-data 时用的是自带身份集：问题出在关键词上
+        flag = f"--eval-data {args.eval_data}" if args.eval_data else f"--identity-keywords {args.identity_keywords}"
+        raise UserError(f"{flag}: 不给 --data 时身份验证集的答案里要有 {keywords} 之一")
     return train_convs, held + ident, ident
 
 
@@ -259,6 +271,8 @@ def main(args: Args) -> dict:
 
     # 1. 数据：训练 / 留出（身份问题只在数据真的是身份数据时才有）；超长的先数清再截断，训练前一行说清
     keywords = [k.strip() for k in args.identity_keywords.split(",") if k.strip()]
+    if not keywords:   # "," 或空串：一个关键词都没有，身份准确率无从算起
+        raise UserError(f"--identity-keywords {args.identity_keywords!r}: 至少要有一个非空的关键词（逗号分隔）")
     train_convs, held_convs, id_convs = load_data(args, keywords)
     model, tok = models.load_args(args, for_training=True)
     model.config.use_cache = False   # 训练不需要 KV 缓存；有缓存时 transformers 不按 position_ids 识别打包的段落

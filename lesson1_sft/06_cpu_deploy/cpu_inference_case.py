@@ -1,8 +1,8 @@
 """CPU 推理部署：把"快多少、差多少"并排量出来——批大小、KV 缓存、fp32/bf16/int8、线程数。
 
 运行：
-  python lesson1_sft/06_cpu_deploy/cpu_inference_case.py           # smollm2-135m，2 核 CPU 约 1 分钟
-  python lesson1_sft/06_cpu_deploy/cpu_inference_case.py --smoke   # 极小模型，约 5 秒
+  python lesson1_sft/06_cpu_deploy/cpu_inference_case.py           # smollm2-135m
+  python lesson1_sft/06_cpu_deploy/cpu_inference_case.py --smoke   # 极小模型
   python lesson1_sft/06_cpu_deploy/cpu_inference_case.py \
       --model Qwen/Qwen2.5-0.5B-Instruct --source hf --config configs/lesson1/cpu_inference_case.yaml
       # 更大的模型，仍在 CPU 上测（本课讲 CPU 部署；有 GPU 也固定用 CPU）
@@ -11,12 +11,25 @@
 受到同样的干扰，中位数再去掉偶发的尖峰。每次生成固定 --max-new-tokens 个 token（min_new_tokens 同值），
 吞吐 = 批大小 × 新 token 数 / 总用时；首 token 延迟（TTFT）用一个 streamer 记下第一个新 token 出现的时刻。
 
-你会看到（smollm2-135m，默认参数，2 核 CPU 实测 54 秒）：fp32 批 1 约 27 token/s、首 token 115 ms；关掉 KV 缓存慢 3.5 倍
-（kv_cache_speedup 3.47）；bf16 快 1.9 倍、困惑度不变（19.20→19.09；这颗 CPU 有原生 bf16）；动态 int8 快 3.2 倍、
-权重 513→237 MB，但困惑度 19.20→56.72（+195%）：135M 的小模型按张量量化激活损失很大，部署前一定要量精度；
-批 8 的总吞吐是批 1 的 4.1 倍，但首 token 从 115 ms 变成 655 ms；2 线程只比 1 线程快 5%（逐 token 解码受内存带宽限制）。
---smoke（tiny-llama，约 5 秒，128 个新 token）：KV 缓存快约 2.7 倍（测试数前向 token：不开缓存多算 10 倍以上），
-int8 困惑度变化 <1%。
+你会看到：fp32、批 1、开 KV 缓存是基线（tokens/s 与首 token 延迟）。关掉 KV 缓存，每生成一个 token 都把整段前文重算
+一遍（送进前向的 token 数多一个数量级以上），明显变慢；bf16 在有原生 bf16 指令的 CPU 上更快、困惑度几乎不变；动态 int8
+更快、权重明显变小，困惑度要和 fp32 在同一批回复 token 上对照——激活按张量在运行时量化，小模型上可能伤精度，部署前
+一定要量；批 8 的总吞吐是批 1 的好几倍，但每个请求的首 token 更晚（吞吐与延迟的取舍）；2 线程只比 1 线程快一点
+（逐 token 解码受内存带宽限制，不受算力限制）。--smoke（tiny-llama，128 个新 token）：同样看得到 KV 缓存省下的前向计算。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only cpu_inference_case.py）
+  – KV 缓存省下前向计算：不开 / 开缓存时一次生成送进前向的 token 数（默认模式 ≥ 10）
+  – KV 缓存提速：开 / 不开缓存的 tokens/s（轮流计时取中位数）（默认模式 ≥ 2）
+  – bf16 几乎不损精度：bf16 / fp32 困惑度（同一批回复 token，逐 token 对着真实下文算）（默认模式 ≤ 1.02）
+  – bf16 提速（CPU 有原生 bf16 时）：bf16 / fp32 的 tokens/s（默认模式 ≥ 1.3）
+  – 动态 int8 提速：int8 / fp32 的 tokens/s（默认模式 ≥ 2）
+  – 动态 int8 权重变小：int8 / fp32 的权重体积（默认模式 ≤ 0.6）
+  – 动态 int8 保住精度：int8 / fp32 困惑度（同一批回复 token）（默认模式 ≤ 1.1）
+  – 批量提高总吞吐：最大批 / 批 1 的总 tokens/s（默认模式 ≥ 2.5）
+  – 批量让每个请求的首 token 更晚：最大批 / 批 1 的首 token 延迟（默认模式 ≥ 2）
+  – 逐 token 解码受内存带宽限制，多加线程帮助很小：全部 / 1 个线程的 tokens/s（默认模式 ≤ 1.5）
+<!-- /results -->
 """
 import copy
 import statistics

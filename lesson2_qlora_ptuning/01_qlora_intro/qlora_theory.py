@@ -7,20 +7,31 @@
    在同样的权重上得到的码本、4-bit 码、反量化张量必须和我们的一致。
 3. 每参数比特：4 + 32/64 = 4.5（每块一个 fp32 absmax）；双重量化把 absmax 再按 256 个一块量化成 8 bit：
    4 + 8/64 + 32/(64·256) ≈ 4.127。再用 BitsAndBytesConfig 真的 4-bit 加载模型，数 Linear4bit 里存了多少字节来核对。
-4. 梯度检查点：同一个训练步（前向 + 反向）开/关 gradient checkpointing 的峰值内存（common.train.PeakMemory 实测）。
+4. 梯度检查点：同一个训练步（前向 + 反向）开/关 gradient checkpointing 的峰值内存（common.train.PeakMemory 量）。
 
 运行：
   python lesson2_qlora_ptuning/01_qlora_intro/qlora_theory.py            # smollm2-135m（210 个 Linear），CPU
-  python lesson2_qlora_ptuning/01_qlora_intro/qlora_theory.py --smoke    # tiny-llama，约 10 秒
+  python lesson2_qlora_ptuning/01_qlora_intro/qlora_theory.py --smoke    # tiny-llama
   python lesson2_qlora_ptuning/01_qlora_intro/qlora_theory.py --model Qwen/Qwen2.5-7B-Instruct --source hf \\
       --config configs/lesson2/qlora_theory_gpu.yaml                       # GPU：峰值内存用 CUDA 精确统计
 
-你会看到（--smoke，tiny-llama 的 28 个 Linear，实测）：MSE NF4 7.08e-6 < int4 9.50e-6（低 25%），int8 2.89e-8；
-与 bitsandbytes 一致（4-bit 码 99.99986% 相同，只差恰在中点的 1 个元素；码相同处反量化差 3e-8）；bit/参数 4.5 -> 4.127，
-4-bit 加载后实测 4.500 / 4.1285；梯度检查点让一步训练的峰值内存 157 -> 83 MB（0.53 倍）。
-bitsandbytes 0.50 的 CPU 反量化内核在行长不是 64 倍数时（tiny 的 down_proj）算错，脚本会指出（GPU 没有这个问题）。
-默认（smollm2-135m 的全部 Linear，空闲 2 核 CPU 2 分钟）：MSE NF4 3.27e-4 < int4 4.75e-4，int8 1.4e-6；与 bitsandbytes
-一致；实测 4.500 / 4.127 bit/参数；梯度检查点峰值内存 ×0.86。图：nf4_levels.png（权重分布与两种 4-bit 码值）。
+你会看到：同样分块下 NF4 的重建 MSE 明显低于等间距 int4（分位数码值把码位花在权重最密的零附近），int8 的误差又远小于
+两种 4-bit；从零写的 NF4 与 bitsandbytes 逐码一致（只有恰好落在两个码值中点的个别元素舍入方向不同），码相同处反量化值
+也一致；4-bit 加载后数出的 bit/参数与公式（4.5，双重量化 4.127）对得上；梯度检查点降低一步训练的峰值内存（每层只存
+输入、反向时重算），省多少取决于激活在峰值里的占比：tiny-llama 上激活占大头、省得多，smollm2 上权重与优化器状态占大头、
+省得少。bitsandbytes 0.50 的 CPU 反量化内核在行长不是 64 倍数时（tiny 的 down_proj）算错，脚本会指出
+（GPU 没有这个问题）。图：nf4_levels.png（权重分布与两种 4-bit 码值）。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only qlora_theory.py）
+  – NF4 的分位数码值比等间距 int4 重建误差小：MSE NF4 / int4（默认模式 ≤ 0.8）
+  – int8 的重建误差远小于 4-bit：MSE int8 / NF4（默认模式 ≤ 0.05）
+  – 从零写的 NF4 与 bitsandbytes 逐码一致：4-bit 码相同的比例（默认模式 ≥ 0.9999）
+  – 码相同处反量化值也与 bitsandbytes 一致：最大绝对差（默认模式 ≤ 1e-05）
+  – 双重量化减少存储：4-bit 加载后实测 bit/参数，双重量化 / 不双重量化（默认模式 ≤ 0.93）
+  – 公式与 4-bit 加载后数出的字节对得上：|实测 - 公式| bit/参数（双重量化）（默认模式 ≤ 0.01）
+  – 梯度检查点降低峰值内存：一步训练 开 / 不开（默认模式 ≤ 0.95）
+<!-- /results -->
 """
 import copy
 import math

@@ -13,14 +13,24 @@ QLoRA 配方（Dettmers et al. 2023）的每一项都在这里：
   python lesson2_qlora_ptuning/02_qlora_pipeline/qlora_trainer.py            # smollm2-135m 4-bit，CPU
   python lesson2_qlora_ptuning/02_qlora_pipeline/qlora_trainer.py --smoke    # tiny-llama 4-bit
   python lesson2_qlora_ptuning/02_qlora_pipeline/qlora_trainer.py --model Qwen/Qwen2.5-7B-Instruct --source hf \\
-      --config configs/lesson2/qlora_trainer_gpu.yaml                          # GPU：7B QLoRA，单卡 24 GB 够用
+      --config configs/lesson2/qlora_trainer_gpu.yaml                          # GPU：7B QLoRA 单卡（显存估算见 06）
   --data my_sft.jsonl：你自己的 SFT 数据（alpaca 或 chat messages，格式见 data/README.md）。训练前一行说清条数、长度、
   几条超过 --max-length；第 1 步后报预计用时，超过 --max-train-minutes 先评估 + 保存再停；按验证损失留最好的一步。
 
-你会看到（实测）：smollm2-135m 的 4-bit 权重 106 MB，bf16 257 MB，fp32 513 MB（footprint_ratio_4bit = 0.207）。
---smoke（tiny-llama）：footprint 0.317，eval_loss 5.59 -> 5.03（第 15 / 30 步评估，保留第 30 步），峰值内存 +69 MB，
-adapter 0.58 MB（fp32）装回新 4-bit 底座后与训练中逐位一致。默认（smollm2，30 步，空闲 2 核 CPU 4 分钟）：
-eval_loss 3.76 -> 2.09，峰值内存 +926 MB，46 token/s。图：loss_curve.png（竖线 = 保留的那一步）。
+你会看到：4-bit 加载后数出的底座字节只有同一模型 fp32 的一小部分（footprint_ratio_4bit；比 4/32 高，因为 embedding、
+norm 不量化，每块还要存 absmax）；梯度穿过反量化的 4-bit 权重训练 LoRA，留出集 eval_loss 明显下降（训练前 = 4-bit 底座
+本身），按验证损失保留最好的一步；可训练参数只占底座的一小部分；adapter 存盘后装回一个新加载的 4-bit 底座，
+输出与训练中的模型一致。训练时的峰值内存增量与吞吐在 metrics.json（peak_mem_mb、tokens_per_s）。
+图：loss_curve.png（竖线 = 保留的那一步）。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only qlora_trainer.py）
+  – 4-bit 底座省内存：4-bit 加载后实际存储的字节 / 同一模型 fp32 的字节（默认模式 ≤ 0.3）
+  – 梯度穿过 4-bit 权重训练 LoRA，降低留出集损失：训练后 / 训练前（训练前 = 4-bit 底座本身）（默认模式 ≤ 0.7）
+  – 只训练一小部分参数：LoRA 可训练参数 / 底座参数（默认模式 ≤ 0.05）
+  – adapter 存盘后装回新的 4-bit 底座复现训练中的模型：装回误差 / adapter 本身带来的变化（max|Δlogit|）（默认模式 ≤
+    0.05）
+<!-- /results -->
 """
 import math
 from dataclasses import dataclass

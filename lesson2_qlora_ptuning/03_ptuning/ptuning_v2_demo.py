@@ -20,10 +20,23 @@
   python lesson2_qlora_ptuning/03_ptuning/ptuning_v2_demo.py --model Qwen/Qwen2.5-1.5B-Instruct --source hf \\
       --config configs/lesson2/ptuning_v2_demo_gpu.yaml                   # GPU
 
-你会看到（--smoke，tiny-llama，25 步，实测）：P-Tuning v2 留出准确率 0.417 -> 0.550（只训练 8,192 个参数），
-v1 0.417 -> 0.500（22,784），LoRA 0.417 -> 0.417（74,752）；同设置跑五种时 v2+projection 0.583、Prompt Tuning 0.300。
-默认（smollm2-135m，20 步，空闲 2 核 CPU 9 分钟；零样本 0.667）：v2 0.467 -> 0.517，v2+projection 0.517 -> 0.517，
-v1 0.600 -> 0.667，Prompt Tuning 0.617 -> 0.633，LoRA 0.667 -> 0.983。图：methods.png。
+你会看到：每种方法一行——可训练参数数、训练前/后的留出准确率，外加冻结原模型的零样本准确率作基线（"训练前"是装上
+初始提示、还没训练时量的，和零样本对照才看得出初始化本身有没有伤到原模型）。P-Tuning v2 只训练每层的前缀，可训练参数
+远少于 LoRA；训练后准确率提升、不低于零样本，也不输给只动输入层的 v1 和 Prompt Tuning——提示放进每一层，深层也被直接
+引导，而输入层的软提示要穿过整个冻结网络才起作用；前缀由 MLP 生成（v2+projection）不比直接训练前缀差。LoRA 改的是
+权重本身，同样步数下是"能到多好"的参照，远超零样本。图：methods.png。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only ptuning_v2_demo.py）
+  – P-Tuning v2 训练每层前缀提升留出准确率：训练后 - 训练前（默认模式 ≥ 0.03）
+  – P-Tuning v2（每层前缀）不输给 v1（只在输入层）：训练后准确率 v2 - v1（默认模式 ≥ 0）
+  – P-Tuning v2 训练后不低于冻结原模型的零样本：v2 训练后准确率 - 零样本准确率（默认模式 ≥ 0）
+  – P-Tuning v2 的可训练参数远少于 LoRA：v2 / LoRA 可训练参数（默认模式 ≤ 0.2）
+  – P-Tuning v1 训练输入层提示也提升留出准确率：训练后 - 训练前（默认模式 ≥ 0.03）
+  – 前缀由 MLP 生成（重参数化）不比直接训练前缀差：训练后准确率 v2+projection - v2（默认模式 ≥ 0）
+  – 每层前缀胜过只在输入层的软提示：训练后准确率 v2 - Prompt Tuning（默认模式 ≥ 0）
+  – LoRA 参照训练后远超零样本：LoRA 训练后准确率 - 零样本准确率（默认模式 ≥ 0.2）
+<!-- /results -->
 """
 import time
 from dataclasses import dataclass

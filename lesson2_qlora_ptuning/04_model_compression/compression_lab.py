@@ -16,11 +16,26 @@
   python lesson2_qlora_ptuning/04_model_compression/compression_lab.py --model Qwen/Qwen2.5-0.5B-Instruct \\
       --source hf --config configs/lesson2/compression_lab_gpu.yaml               # GPU
 
-你会看到（--smoke，tiny-llama，实测）：fp32 ppl 527.5 / 4.33 MB；结构化剪枝 60% 删到 2.63 MB 但 ppl 631；
-非结构化剪枝大小不变；动态 int8 2.62 MB、bnb int8 2.26 MB、NF4 2.55 MB，ppl 都在 ±0.3% 内；
-同 40 步的 2 层学生 KD ppl 367 vs 纯 CE 684（distill_gain 1.87）。默认（smollm2-135m，2 核 CPU 约 2.6 分钟）：
-fp32 ppl 36.4 / 513 MB；bnb int8 36.7 / 210 MB；NF4 47.7 / 161 MB；动态 int8 142 / 237 MB；
-结构化剪枝 30% 就崩（ppl 1.9e8）；KD 学生 832 vs CE 998（1.20）。图：ppl_vs_size.png。
+你会看到：一张表（每种方法的困惑度、大小、每 token 延迟）和 ppl_vs_size.png。非结构化剪枝在稠密存储下大小一点不变；
+结构化剪枝真的删掉整行、模型变小，但不重新训练就让困惑度急剧恶化（剪得越多越崩）；bitsandbytes int8（LLM.int8，离群
+维度留在高精度）把模型压小而几乎无损；NF4 更小，困惑度有一定代价；动态 int8 同样变小、生成更快（int8 GEMM），但不处理
+离群维度，困惑度比 LLM.int8 差得多；同样步数、同样数据，KD 训出的半层学生困惑度低于只用交叉熵的（distill_gain > 1：
+老师的整条输出分布比一个 one-hot 标签带的信息多）。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only compression_lab.py）
+  – 蒸馏胜过同样步数的纯交叉熵：学生困惑度 纯 CE / KD（默认模式 ≥ 1.1）
+  – NF4 把模型压小：大小 NF4 / fp32（默认模式 ≤ 0.4）
+  – NF4 的困惑度代价有限：困惑度 NF4 / fp32（默认模式 ≤ 1.5）
+  – bitsandbytes int8 把模型压小：大小 int8 / fp32（默认模式 ≤ 0.5）
+  – bitsandbytes int8（LLM.int8）几乎无损：困惑度 int8 / fp32（默认模式 ≤ 1.05）
+  – LLM.int8 把离群维度留在高精度，胜过不做这件事的动态 int8：困惑度 动态 int8 / bnb int8（默认模式 ≥ 2）
+  – 动态 int8 把模型压小：大小 动态 int8 / fp32（默认模式 ≤ 0.5）
+  – 动态 int8 生成更快（int8 GEMM）：每 token 延迟 动态 int8 / fp32（默认模式 ≤ 0.8）
+  – 非结构化剪枝在稠密存储下一点不省：大小 剪枝后（最小的一行）/ fp32（默认模式 ≥ 0.999）
+  – 结构化剪枝删掉整行真的变小：大小 剪得最多的一行 / fp32（默认模式 ≤ 0.8）
+  – 结构化剪枝不重新训练就伤困惑度：困惑度 最差的一行 / fp32（默认模式 ≥ 10）
+<!-- /results -->
 """
 import copy
 import warnings

@@ -1,4 +1,4 @@
-"""选哪种微调方法：全参数 / LoRA / QLoRA / P-Tuning v2。先用公式估显存，再在本机实测峰值内存验证公式，最后给建议表。
+"""选哪种微调方法：全参数 / LoRA / QLoRA / P-Tuning v2。先用公式估显存，再在本机量出峰值内存验证公式，最后给建议表。
 
 显存公式（每张卡，字节；P = 参数量，P_t = 可训练参数量，T = batch × 序列长度，L 层，隐藏维 h，MLP 维 i，词表 V）：
   权重     全参数 / LoRA / P-Tuning v2：P × w（w = 权重字节：GPU bf16 = 2，CPU fp32 = 4）
@@ -12,16 +12,29 @@
 架构只给了参数量时按 h = (128·P/12)^(1/3)、L = h/128、i = 8h/3 估（Llama 类的比例）。
 
 运行：
-  python lesson2_qlora_ptuning/06_method_selection/method_selector.py            # tiny-llama 与 smollm2-135m 上实测
+  python lesson2_qlora_ptuning/06_method_selection/method_selector.py            # tiny-llama 与 smollm2-135m 上测量
   python lesson2_qlora_ptuning/06_method_selection/method_selector.py --smoke    # 只测 tiny-llama
   python lesson2_qlora_ptuning/06_method_selection/method_selector.py --params 7e9 --gpu-mem-gb 24 --gpus 1 \\
       --data-size 5000 --goal quality                                            # 你的情况
-  （实测总在 CPU 上做：fp32、进程 RSS 采样；建议表按 GPU 的 bf16 + AdamW 混合精度 + 梯度检查点估算）
+  （测量总在 CPU 上做：fp32、进程 RSS 采样；建议表按 GPU 的 bf16 + AdamW 混合精度 + 梯度检查点估算）
 
-你会看到（默认：tiny-llama 8×256 与 smollm2-135m 2×128，实测）：公式误差最差 full +10%、LoRA +8%、QLoRA +13%、
-P-Tuning v2 +12%（都在 ±25% 内）；建议：7B/1×24GB -> LoRA，7B/1×80GB -> LoRA（全参数估 107 GB），70B/8×80GB -> LoRA，
-70B/1×48GB -> QLoRA（估 41 GB）。QLoRA 实测先要把仍映射在 safetensors 文件上的权重复制进内存（见 build），否则
-4-bit 加载读遍的 fp32 文件页会多算 ~400 MB。图：estimate_vs_measured.png。
+你会看到（默认：tiny-llama 8×256 与 smollm2-135m 2×128）：四种方法各一行，公式估计、测得峰值与误差
+（estimate_error_pct）；误差都在 ±25% 内，且公式不明显低估（放不下比浪费一点显存更糟）。测得峰值 LoRA 远低于全参数
+（不存全量梯度和优化器状态），QLoRA 再低于 LoRA（底座 4 bit）。
+建议表（--params / --gpus / --gpu-mem-gb 的几组典型情况）：7B 单卡（--gpu-mem-gb 24 或 80）-> LoRA，全参数连 80 也
+放不下；70B 八卡各 80 -> LoRA；70B 单卡 48 -> 只有 QLoRA 放得下。测 QLoRA 前先要把仍映射在 safetensors 文件上的权重
+复制进内存（见 build），否则 4-bit 加载时读遍的 fp32 文件页会算进 RSS，峰值虚高。图：estimate_vs_measured.png。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only method_selector.py）
+  – 显存公式够用来选型：四种方法里公式与实测峰值相差最大的百分比（默认模式 ≤ 25）
+  – 公式不低估（放不下比浪费一点显存更糟）：四种方法最差误差里最小的一个（%）（默认模式 ≥ -5）
+  – LoRA 只训练低秩增量，实测峰值远低于全参数：LoRA / 全参数（默认模式 ≤ 0.6）
+  – QLoRA 把底座压到 4 bit，实测峰值再低于 LoRA：QLoRA / LoRA（默认模式 ≤ 0.8）
+  – 7B 全参数微调单卡 80 GB 放不下：全参数估计显存 / 卡的显存（默认模式 ≥ 1.1）
+  – 70B 单卡 48 GB 只有 QLoRA 放得下：QLoRA 估计显存 / 卡的显存（默认模式 ≤ 0.9）
+  – 同一个 70B，LoRA 估计显存超过单卡 48 GB：LoRA 估计显存 / 卡的显存（默认模式 ≥ 1.1）
+<!-- /results -->
 """
 import gc
 from dataclasses import dataclass

@@ -9,16 +9,28 @@ estimate_zero2/3_model_states_mem_needs_all_cold 对照。每份配置都交给 
 
 运行：
   python lesson3_distributed/01_distributed_training/zero3_configurator.py           # smollm2-135m 账本 + 2 进程
-  python lesson3_distributed/01_distributed_training/zero3_configurator.py --smoke   # tiny-llama，约 1 分钟
+  python lesson3_distributed/01_distributed_training/zero3_configurator.py --smoke   # tiny-llama（1.13M 参数），2 进程
   python lesson3_distributed/01_distributed_training/zero3_configurator.py --model Qwen/Qwen2.5-7B-Instruct \\
-      --source hf --config configs/lesson3/zero3_configurator_gpu.yaml   # 8×80GB 的方案；--run 用 NCCL 跑
+      --source hf --config configs/lesson3/zero3_configurator_gpu.yaml   # 8 张 80G 卡的方案；--run 用 NCCL 跑
   GPU 上用生成的 ds_config.json：deepspeed --num_gpus 8 <本目录>/_zero3_worker.py \\
       --ds-config outputs/.../ds_config.json --model-path <模型目录> --data data/domain/sft.jsonl --out r.json
 
-你会看到（--smoke，tiny-llama 1.13M 参数，2 个 gloo 进程）：每个 rank 持有 565,824 个参数 = 总数的一半；
-估算与 DeepSpeed 估算器相差 0%（实现项算进去；只用论文的 16Ψ 时 ZeRO-2 少算约 12%、ZeRO-3 少算 45%，
-smollm2-135m 时 35%）；同一 batch 上 loss 在 6 步内从 5.43 降到 4.55。
-第一次运行时 DeepSpeed 会 JIT 编译它的 CPU 共享内存通信算子（约 1-3 分钟，缓存到 ~/.cache/torch_extensions）。
+你会看到：ZeRO-1/2/3（± offload）每卡显存的账本，论文 16Ψ、算进实现项的估算与 DeepSpeed 估算器并排
+（图 zero_memory.png），然后 2 个 gloo 进程各自报告持有多少参数、同一 batch 上逐步的 loss。
+算进实现项后，估算与 DeepSpeed 的估算器对得上；只用论文的 16Ψ 会少算，而且 ZeRO-3 少得最多：它的总账最小，
+漏掉的 fp32 梯度（4Ψ/N）与聚齐的那一层（4·L，不随卡数切分）占比最大，模型越小越明显。
+ZeRO-3 下每个 rank 只持有约 1/N 的参数（2 个 rank 各一半）；同一 batch 反复训几步 loss 下降，说明梯度在
+reduce-scatter 与分片更新里没有丢。CPU 上用 gloo + torch AdamW，不 JIT 编译 DeepSpeed 的共享内存通信算子
+与 DeepSpeedCPUAdam。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only zero3_configurator.py）
+  – 算进 DeepSpeed 的实现项，每卡显存估算与 DeepSpeed 自己的估算器一致：|估算 − DeepSpeed| / DeepSpeed（%）（
+    默认模式 ≤ 1）
+  – 只用论文的 16Ψ 会少算：ZeRO-3（不 offload）论文公式相对 DeepSpeed 估算器（%）（默认模式 ≤ -10）
+  – ZeRO-3 把参数切到各个 rank：每个 rank 持有的参数 / 总参数（rank 数越多越小）（默认模式 ≤ 0.51）
+  – 分布式训练没丢梯度：同一 batch 训几步后 loss / 第一步 loss（默认模式 ≤ 0.98）
+<!-- /results -->
 """
 from __future__ import annotations
 
@@ -266,6 +278,7 @@ def main(args: Args) -> dict:
     out = run.start(__file__, args)
     world = args.num_gpus * args.num_nodes
     build_config(args, world)   # 先查 batch 公式：填错的 --train-batch-size 在任何计算之前就报错
+    models.pick_device(args.device)   # --device cuda 而没有 CUDA：一行报错，而不是悄悄在 CPU 上用 gloo 跑
 
     # 1. 模型有多大：meta 设备上建模型，只数参数，不读权重（70B 的模型也不占内存）
     psi, largest, arch = count_params(args)

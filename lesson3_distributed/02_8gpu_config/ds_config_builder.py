@@ -11,18 +11,31 @@ bf16 权重 2 + bf16 梯度 2 + fp32 主权重/动量/方差 12 + DeepSpeed 优�
 和 fp32 logits。
 
 运行：
-  python lesson3_distributed/02_8gpu_config/ds_config_builder.py           # 全部方案（纯计算 + 建 meta 模型，约 10 秒）
+  python lesson3_distributed/02_8gpu_config/ds_config_builder.py           # 全部方案（纯计算 + 建 meta 模型，不训练）
   python lesson3_distributed/02_8gpu_config/ds_config_builder.py --smoke   # 同样的计算，少几个节点数
   python lesson3_distributed/02_8gpu_config/ds_config_builder.py --gpu-memory-gb 141 --node-memory-gb 2048 \\
       --config configs/lesson3/ds_config_builder.yaml                      # 换成 H200 等你的硬件
   生成的命令在 GPU 集群上直接用：deepspeed --hostfile outputs/.../hostfile ...（见输出目录的 launch_*.sh）
 
-你会看到（默认：80 GB 卡只用 90%、每节点 2048 GB 内存、序列 4096、微批 1、打开激活检查点；36 个方案 16 个放得下）：
-- Llama-3-70B（70.55B）：单节点 ZeRO-3 不 offload 每卡 179 GB（优化器分片 131 GB）放不下；offload 优化器后每卡 31 GB、
-  每节点内存 1183 GB，推荐；4 节点起不 offload 也放得下（每卡 56 GB）。
-- DeepSeek-V3（671.03B）：不 offload 时 32 节点（256 卡）也要每卡 99 GB——transformers 把一层 256 个专家合成一个张量
-  （11.27B 参数），ZeRO-3 聚齐这一层就要 42 GB；offload 优化器后 8 节点起放得下（每卡 70 GB，每节点内存 1406 GB），
-  4 节点时每节点要 2.8 TB 内存。这正是 671B MoE 实际用专家并行（EP）+ 流水线并行、而不是单靠 ZeRO-3 训练的原因。
+你会看到（默认 --gpu-memory-gb 80、--headroom 0.9、--node-memory-gb 2048、序列 4096、微批 1、打开激活检查点；
+2 个模型 × 6 种节点数 × 3 档 offload = 36 个方案）：每个方案一行——每卡显存（按项拆开）、每节点内存、放不放得下、为什么。
+- Llama-3-70B：单节点 ZeRO-3 不 offload 每卡要的显存远超可用，大头是优化器分片（fp32 主权重/动量/方差 + fp32 梯度）；
+  offload 优化器后单节点就放得下（推荐方案），代价是把这些状态搬进节点内存、每步走 PCIe；节点多了不 offload 也放得下——
+  ZeRO-3 把一切切到全部 N×8 张卡上，每卡显存随卡数下降。
+- DeepSeek-V3：不 offload 时到 32 节点（256 卡）也放不下——transformers 把一层 256 个专家合成一个张量（11.27B 参数），
+  ZeRO-3 前向/反向时要把这一层整个聚齐，这一项不随卡数变小，远大于 70B 稠密模型的一层；offload 优化器后 8 节点起放得下，
+  节点再少时每节点内存又不够。这正是 671B MoE 实际用专家并行（EP）+ 流水线并行、而不是单靠 ZeRO-3 训练的原因。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行（smollm2-135m，2 核 CPU）：0.2 分钟，0.5 GB，结论 7/7 成立
+  ✓ 70B 单节点 ZeRO-3 不 offload 放不下：每卡显存 / 可用显存：2.484（≥ 2）
+  ✓ 放不下的主因是优化器分片：它占每卡显存的比例（70B，单节点不 offload）：0.7349（≥ 0.6）
+  ✓ offload 优化器让 70B 单节点放得下：每卡显存 / 可用显存：0.4301（≤ 0.6）
+  ✓ ZeRO-3 在所有卡上切分：4 节点 / 1 节点 的每卡显存（70B，不 offload）：0.311（≤ 0.4）
+  ✓ MoE 把一层专家合成一个张量：ZeRO-3 聚齐一层的显存，DeepSeek-V3 / Llama-3-70B：10.74（≥ 5）
+  ✓ offload 的代价是节点内存：DeepSeek-V3 4 节点 offload 优化器时每节点内存 / 可用内存：1.526（≥ 1.2）
+  ✓ DeepSeek-V3 8 节点 offload 优化器放得下：每卡显存 / 可用显存：0.9744（≤ 1）
+<!-- /results -->
 输出：mem_per_gpu.png，每个模型推荐方案的 ds_*.json、hostfile_*、accelerate_*.yaml、launch_*.sh。
 """
 from __future__ import annotations

@@ -1,23 +1,36 @@
-"""训练加速的每一招，同一个模型、同一批数据、同一进程里并排实测：吞吐（真实 token/s）、MFU、峰值内存、填充比例。
+"""训练加速的每一招，同一个模型、同一批数据、同一进程里并排测量：吞吐（真实 token/s）、MFU、峰值内存、填充比例。
 
 招数：填充（padded，按批内最长补齐）vs 打包（packed：common.train.pack 用 TRL 的 BFD 把样本装进
 max_length 的行，train.PackedCollator 让 position_ids 在每个样本开头归零，transformers 据此只让样本看见自己）
 vs 无填充拼接（padding_free：一批样本首尾相连成一行，即 TRL 的 padding_free / DataCollatorWithFlattening）；
 打包 + 梯度检查点；注意力实现 eager vs sdpa（CUDA 上装了 flash-attn 时再加 flash_attention_2）；梯度累积；
 bf16 autocast（CPU 支持时）；torch.compile；线程数。MFU = 模型 FLOPs（每 token 6N + 注意力 12·层数·d·序列长）
-/ 同一次运行里实测的矩阵乘峰值，梯度检查点的重算与填充位置都不算"有用的 FLOPs"。默认数据是长回答 SFT 文件
+/ 同一次运行里测出的矩阵乘峰值，梯度检查点的重算与填充位置都不算"有用的 FLOPs"。默认数据是长回答 SFT 文件
 （data/longform/sft_long.jsonl），--data 可换成任何 SFT 文件：长短越不齐，打包越赚。
 
 运行：
   python lesson3_distributed/03_training_acceleration/acceleration_tricks.py           # smollm2-135m，8 条，CPU
-  python lesson3_distributed/03_training_acceleration/acceleration_tricks.py --smoke   # tiny-llama，约 30 秒
+  python lesson3_distributed/03_training_acceleration/acceleration_tricks.py --smoke   # tiny-llama，32 条
   python lesson3_distributed/03_training_acceleration/acceleration_tricks.py --model Qwen/Qwen2.5-0.5B-Instruct \\
       --source hf --config configs/lesson3/acceleration_tricks_gpu.yaml   # GPU：bf16、flash_attention_2、compile
 
-你会看到（--smoke，tiny-llama，32 条长回答，见 README 的实测表）：打包与填充的损失相同（差 0.0），
-填充比例从约 40% 降到个位数，前向要算的位置少约三分之一（12,696 -> 8,152），所以打包比填充快
-（packing_speedup > 1）；梯度检查点把峰值内存降下来、每步变慢；无填充拼接在 CPU 上没有变长注意力 kernel，
-一整行的 T² 注意力反而慢——在 GPU 上配 flash_attention_2 才是它的主场。图：acceleration_tricks.png。
+你会看到：每一招一行（真实 token/s、MFU、峰值内存、填充比例、前向位置数），图 acceleration_tricks.png。
+打包与填充的损失一样、打包后的样本互相看不见（position_ids 归零起了作用）——打包只省算力、不改结果；
+长短不齐的数据按批内最长补齐时，大量位置是填充，打包把填充比例压到很低，前向要算的位置明显变少，所以打包比填充快；
+梯度检查点把峰值内存降下来、每步变慢（反向时重算前向）；eager 要存 s×s 的注意力分数，峰值内存比 sdpa 高；
+无填充拼接在 CPU 上没有变长注意力 kernel，一整行的 T² 注意力反而慢——在 GPU 上配 flash_attention_2 才是它的主场。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only acceleration_tricks.py）
+  – 打包不改结果：同两条样本打包成一行 vs 填充成矩形的损失差（默认模式 ≤ 0.0001）
+  – 打包的样本互相看不见：拼成一行 vs 各自单独前向的 logits 最大差（默认模式 ≤ 0.001）
+  – 打包去掉填充：打包 / 填充 的填充比例（默认模式 ≤ 0.5）
+  – 打包省下前向要算的位置：打包 / 填充 的前向位置数（真实 token 一样多）（默认模式 ≤ 0.8）
+  – 打包更快：打包 / 填充 的真实 token 吞吐（默认模式 ≥ 1.1）
+  – 梯度检查点降低峰值内存：打包 + 检查点 / 打包（默认模式 ≤ 0.8）
+  – 梯度检查点的代价是反向时重算：打包 + 检查点 / 打包 的用时（默认模式 ≥ 1.05）
+  – sdpa 不存 s×s 的注意力分数：eager / sdpa 的峰值内存（填充）（默认模式 ≥ 1.1）
+<!-- /results -->
 """
 from __future__ import annotations
 

@@ -9,13 +9,24 @@ ROUGE-L 与 BLEU（中文先用 jieba 分词；用维护中的 rouge-score 与 s
 
 运行：
   python lesson3_distributed/05_evaluation/evaluation_metrics.py           # smollm2-135m，CPU 几分钟
-  python lesson3_distributed/05_evaluation/evaluation_metrics.py --smoke   # tiny-llama，约 30 秒
+  python lesson3_distributed/05_evaluation/evaluation_metrics.py --smoke   # tiny-llama
   python lesson3_distributed/05_evaluation/evaluation_metrics.py --model Qwen/Qwen2.5-7B-Instruct --source hf \\
       --judge-model Qwen/Qwen2.5-7B-Instruct   # GPU：更强的评委
   --data 换成你的 SFT 文件（生成 + ROUGE/BLEU/评委），--qa 换成你的问答文件（EM/F1）
 
 你会看到：metrics.json 里的 ppl（滑窗）与 ppl_no_overlap、sentiment_accuracy（少样本）与零样本、EM/F1、rougeL、bleu、
 judge_win_rate（参考答案 vs 模型答案，不一致算平局）与 judge_position_consistency；human_eval.csv / human_eval.html。
+上面三个坑都会在数字里显出来：滑窗困惑度低于不重叠窗口（每个 token 都有上文）；少样本提示里的示例让小模型分类更准；
+同一批中文参考答案与自己比，默认分词器的 ROUGE-L 远低于 jieba 分词后的（本该是 1）；小模型评委换个顺序结论常常就变，
+位置一致率明显低于 1，所以胜率只算两次一致的那部分。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only evaluation_metrics.py）
+  – 滑窗让每个 token 都有上文：滑窗 / 不重叠窗口 的困惑度（同一批文档、同样窗口长度）（默认模式 ≤ 0.98）
+  – 少样本提示里的示例帮模型分类：少样本 − 零样本 的情感分类准确率（默认模式 ≥ 0.05）
+  – 中文必须先分词：同一批中文参考答案与自身的 ROUGE-L，默认分词器 / jieba（默认模式 ≤ 0.8）
+  – 交换位置揭示小模型评委的位置偏好：两种顺序下结论一致的比例（默认模式 ≤ 0.75）
+<!-- /results -->
 """
 from __future__ import annotations
 

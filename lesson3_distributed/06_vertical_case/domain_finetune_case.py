@@ -9,14 +9,23 @@
 
 运行：
   python lesson3_distributed/06_vertical_case/domain_finetune_case.py           # smollm2-135m，2 个 gloo 进程
-  python lesson3_distributed/06_vertical_case/domain_finetune_case.py --smoke   # tiny-llama，约 1 分钟（含 2 进程）
+  python lesson3_distributed/06_vertical_case/domain_finetune_case.py --smoke   # tiny-llama，2 个进程
   python lesson3_distributed/06_vertical_case/domain_finetune_case.py --model Qwen/Qwen2.5-1.5B --source hf \\
       --ranks 8 --config configs/lesson3/domain_finetune_case_gpu.yaml   # GPU：同一个 worker，NCCL，bf16
 
-你会看到：领域困惑度下降（--smoke，tiny-llama，2 个 gloo 进程，CPT 15 步 + SFT 5 步：留出领域段落 ppl 577 -> 511）。
-遗忘要看模型：tiny-llama 本来就欠训练，只在领域上训时通用 ppl 也只略降（506 -> 493），混入 30% 通用文本后两边都更低
-（领域 506、通用 407）；同样的流程用学习率 2e-3、30 步，领域块被背下来，留出领域 ppl 反而升到 723、通用升到 1225
-——领域数据少时过拟合比遗忘来得更早。混合比例就是"学新"与"不忘旧"之间的旋钮。图：domain_vs_general.png。
+你会看到：每个混合比例一行（留出领域 ppl、通用 ppl 训练前 -> 后，SFT 留下的是哪一步），图 domain_vs_general.png。
+继续预训练 + SFT 之后留出领域段落的困惑度下降：模型学到了领域。混入通用文本（默认 --mix 0 0.3）后，通用困惑度比只训领域
+时更低，而领域困惑度几乎不受影响：混合比例就是"学新"与"不忘旧"之间的旋钮。遗忘的大小要看模型：本来就欠训练的极小模型
+（tiny-llama）只在领域上训，通用困惑度也未必变差；把学习率与步数调大，领域块会被背下来，留出领域困惑度反而上升、
+通用困惑度升得更多——领域数据少时，过拟合比遗忘来得更早。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only domain_finetune_case.py）
+  – 继续预训练 + SFT 学到了领域：训练后 / 训练前 的留出领域困惑度（默认模式 ≤ 0.98）
+  – 混入通用文本抑制遗忘：混入通用 / 只训领域 的留出通用困惑度（默认模式 ≤ 0.99）
+  – 混入通用文本不大牺牲领域：混入通用 / 只训领域 的留出领域困惑度（默认模式 ≤ 1.05）
+  – 多个 rank 数据并行训练，训练损失下降：每个混合比例 CPT 最后一步 / 第一步（取最差的）（默认模式不检查）
+<!-- /results -->
 """
 from __future__ import annotations
 

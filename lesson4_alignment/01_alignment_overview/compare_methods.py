@@ -11,14 +11,24 @@
 
 运行：
   python lesson4_alignment/01_alignment_overview/compare_methods.py            # CPU，smollm2-135m
-  python lesson4_alignment/01_alignment_overview/compare_methods.py --smoke    # tiny-qwen2（满载 2 核上约 7 分钟）
+  python lesson4_alignment/01_alignment_overview/compare_methods.py --smoke    # tiny-qwen2，全参数
   python lesson4_alignment/01_alignment_overview/compare_methods.py --model Qwen/Qwen2.5-1.5B-Instruct \\
       --source hf --config configs/lesson4/compare_methods_gpu.yaml             # GPU，bf16
   --data 自己的偏好文件（prompt/chosen/rejected）；--methods dpo,orpo 只比其中几种。
 
-你会看到（默认，smollm2-135m + LoRA，每种方法 12 步，空闲 2 核 CPU 7.8 分钟）：margin 0.065 -> DPO 0.151、KTO 0.136、
-ORPO 0.074、SimPO 0.155，准确率只有 SimPO 动了（0.627 -> 0.657）。--smoke（tiny-qwen2，全参数）：准确率 0.66 ->
-DPO 0.78、KTO 0.70、ORPO 0.69、SimPO 0.78；DPO 要多一份参考模型，内存最高。
+你会看到（默认，smollm2-135m + LoRA，每种方法 12 步）：results.md 一张表，每种方法的 pref_accuracy、margin、
+秒数、峰值内存，第一行是 SFT 起点。四种损失都把 margin 从起点推开；直接优化偏好的 DPO、SimPO 推得最多，ORPO 的偏好项
+只是 SFT 损失上的小加项，推得最少。准确率只数排对了几对，比 margin 粗：步数少时 margin 已经在动，准确率可能还纹丝不动。
+DPO 每步多一次参考模型前向，比不需要参考模型的 ORPO、SimPO 慢，内存也最高。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only compare_methods.py）
+  – 四种损失都把留出的平均 log π 差（chosen − rejected）推离 SFT 起点：各方法 margin − 起点的最小值（默认模式 > 0）
+  – 每种方法都提高留出偏好准确率：各方法准确率 − SFT 起点的最小值（至少多排对一对）（默认模式 ≥ 0.01）
+  – 直接优化偏好的 DPO、SimPO 推得比 ORPO（SFT 损失上的小加项）多：两者较小的 margin − ORPO 的（默认模式 ≥ 0.03）
+  – DPO 每步多一次参考模型前向，训练比不需要参考模型的方法慢：DPO 秒数 / ORPO、SimPO 中较慢者（默认模式 ≥ 1.2）
+  – DPO 要参考模型，训练峰值内存最高：DPO / ORPO、SimPO 中较高者（默认模式 ≥ 1.2）
+<!-- /results -->
 输出：compare_methods.png、results.md。详见同目录 README.md。
 """
 

@@ -12,15 +12,26 @@ TRL 1.x 已经没有 PPOTrainer（旧教程的 `from trl import PPOTrainer` 会�
 
 运行：
   python lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py                 # CPU，smollm2-135m
-  python lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py --smoke         # tiny-llama，CPU 约 25 秒（满载约 3 分钟）
+  python lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py --smoke         # tiny-llama，全参数
   python lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py --smoke --algo grpo   # 同一 RM，TRL GRPO
   python lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py --model Qwen/Qwen2.5-1.5B-Instruct --source hf \\
       --config configs/lesson4/rlhf_pipeline_gpu.yaml                          # GPU
   --reward-model DIR：直接用 03 训练好的奖励模型（跳过第 2 阶段）；--data：自己的偏好文件。
 
-你会看到（默认，smollm2-135m + LoRA，空闲 2 核 CPU 9 分钟）：RM 留出准确率 0.91；PPO 12 次迭代后留出 prompt 贪心回答的
-平均 RM 分数 1.98 -> 2.89，KL 0.04 nat。--smoke（tiny-llama，全参数）：0.925；−2.72 -> 1.90，KL 5.4；
-GRPO（--ppo-steps 4）−2.72 -> −2.00。输出 ppo_curves.png（reward / KL / entropy 随迭代变化）。详见同目录 README.md。
+你会看到（默认，smollm2-135m + LoRA，PPO 12 次迭代）：第 2 阶段后奖励模型在留出偏好对上的准确率从随机打分头的水平
+明显升高；第 3 阶段后留出 prompt 贪心回答的平均 RM 分数升高，而每条回答的 KL(actor‖ref) 仍然很小——逐 token 的 KL 惩罚
+把策略拴在 SFT 附近；策略的熵缓降而不塌（塌到 0 = 只会说一句话）。--smoke 是全参数训练，策略能走得远得多，KL 也大得多；
+--algo grpo 用同一个 RM，同样把留出奖励往上推。输出 ppo_curves.png（reward / KL / entropy 随迭代变化）。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only rlhf_pipeline.py）
+  – 奖励模型学会排序留出偏好对：准确率 阶段 2 训练后 − 训练前（新打分头）（默认模式 ≥ 0.25）
+  – 第 3 阶段（PPO，或 --algo 选的 GRPO / RLOO）提高留出 prompt 贪心回答的平均 RM 分数：之后 − 之前（默认模式 ≥
+    0.4）
+  – KL 惩罚把策略拴在 SFT 参考附近：最终每条回答的 KL(actor‖ref)（nat）（默认模式 ≤ 0.5）
+  – 策略的熵缓降而不塌掉（塌到 0 = 只会说一句话）：最后一次迭代的熵 / 第一次的（默认模式 ≥ 0.5）
+<!-- /results -->
+详见同目录 README.md。
 """
 import copy
 import random

@@ -12,15 +12,24 @@
 
 运行：
   python lesson4_alignment/04_dpo/dpo_train.py            # CPU，smollm2-135m
-  python lesson4_alignment/04_dpo/dpo_train.py --smoke    # tiny-qwen2（满载时墙钟约 2 分钟）
+  python lesson4_alignment/04_dpo/dpo_train.py --smoke    # tiny-qwen2，全参数
   python lesson4_alignment/04_dpo/dpo_train.py --model Qwen/Qwen2.5-7B-Instruct --source hf \\
       --config configs/lesson4/dpo_train_gpu.yaml          # GPU：bf16 + LoRA（参考模型 = 关掉 adapter 的同一个模型）
   --data 自己的偏好文件（prompt/chosen/rejected）：脚本自己切出留出集；训练前一行说清几对超过 --max-length（TRL 截掉
   回答结尾），第 1 步后报预计用时，超过 --max-train-minutes 先评估 + 保存再停，每个 β 都留留出损失最低的一步。
 
-你会看到（默认，smollm2-135m + LoRA，每个 β 10 步，空闲 2 核 CPU 6.6 分钟）：留出隐式奖励准确率 0.875，β=0.03/0.1/0.5 的
-|log π/π_ref| 1.16/1.12/1.06（β 越小偏离参考越远）；手算与 TRL 的损失差 3.6e-7。--smoke（tiny-qwen2，全参数）：
-准确率 0.90，|log π/π_ref| β=0.1 3.23 vs β=0.5 2.68。输出：beta_sweep.png、dpo_model/。
+你会看到（默认，smollm2-135m + LoRA，每个 β 10 步）：训练前 π = π_ref，隐式奖励全为 0、留出损失正好是 log 2；
+训练后留出损失下降，隐式奖励把大多数留出偏好对排对；手算的 L_DPO 与 TRL 的损失在浮点误差内一致。
+β 扫描（β=0.03/0.1/0.5）：β 越小，|log π/π_ref| 越大——KL 约束越松，策略离参考越远。LoRA 下同样的步数里策略走不远，
+各 β 之间的差别比 --smoke 的全参数训练小得多。输出：beta_sweep.png、dpo_model/。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only dpo_train.py）
+  – DPO 降低留出偏好损失：训练后 / 训练前（π = π_ref 时为 log 2）（默认模式 ≤ 0.95）
+  – 隐式奖励 β·log π/π_ref 把留出偏好对排对：准确率 训练后 − 训练前（隐式奖励全为 0）（默认模式 ≥ 0.8）
+  – 手算的 −log σ(β·(Δ_c − Δ_r)) 就是 TRL DPOTrainer 的损失：同一批上 |手算 − TRL|（默认模式 ≤ 0.0001）
+  – β 越小 KL 约束越松、策略离参考越远：|log π/π_ref| β=0.1 / β=0.5（默认模式 ≥ 1.02）
+<!-- /results -->
 """
 
 import copy
@@ -154,6 +163,7 @@ def main(args: Args) -> dict:
     out = run.start(__file__, args)
 
     # 1. 数据：偏好对 -> 训练 / 留出
+    # chosen == rejected（规范化后）的对没有偏好信号：preference_split 去掉并记一行，全是这样的对就拒绝
     train_pairs, eval_pairs = data.preference_split(args.data, args.val_fraction, args.seed)
     import torch  # 重的库在数据检查之后再导入：坏数据一秒内报错
     from datasets import Dataset

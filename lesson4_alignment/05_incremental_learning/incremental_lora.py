@@ -12,16 +12,28 @@
 
 运行：
   python lesson4_alignment/05_incremental_learning/incremental_lora.py            # CPU，smollm2-135m
-  python lesson4_alignment/05_incremental_learning/incremental_lora.py --smoke    # tiny-qwen2（满载时墙钟约 2.5 分钟）
+  python lesson4_alignment/05_incremental_learning/incremental_lora.py --smoke    # tiny-qwen2
   python lesson4_alignment/05_incremental_learning/incremental_lora.py --model Qwen/Qwen2.5-7B-Instruct \\
       --source hf --config configs/lesson4/incremental_lora_gpu.yaml              # GPU，bf16
   --data 任务 B 的 SFT 文件（alpaca/chat）；--task-a-data 任务 A 的分类文件（text/label）。
 
-你会看到（--smoke，tiny-qwen2，实测）：学完 A 时 A 0.82；naive 学完 B 后 A 掉到 0.25（forgetting 0.56）；
-replay 0.70（遗忘 0.12）；separate 0.82（不遗忘）；合并 linear / TIES / DARE 的 A 0.87 / 0.85 / 0.72，
-但 B 回落到 0.09-0.14。
-默认（smollm2，36 步/任务，2 核 CPU 7.8 分钟）：学完 A 0.94；naive 后 A 0.53（遗忘 0.41）；replay −0.01、separate 0、
-合并 0.02–0.03。输出：incremental.png、adapters/。详见同目录 README.md。
+你会看到（默认 smollm2，36 步/任务）：每种策略一行，任务 A、B 的分数与遗忘量。
+LoRA 学完 A，A 的分数比原模型高出一截；naive 接着学 B，A 的分数大幅回落——同一组低秩增量被 B 的梯度改写了。
+replay 混入一点 A 的旧样本，遗忘几乎消失，B 也没少学；separate 每个任务一个 adapter，A 的那份原封不动，不遗忘。
+三种合并都保住了 A，代价是 B 比单独的 B adapter 差：两份增量加在同一组权重上互相干扰，TIES / DARE 靠修剪与
+按符号选举减少干扰，但不能消除。输出：incremental.png、adapters/。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only incremental_lora.py）
+  – LoRA 学会任务 A：A 的分数 学完 A − 原模型（默认模式 ≥ 0.4）
+  – naive 接着学 B 会忘掉 A（灾难性遗忘）：A 的分数 学完 A 时 − 学完 B 后（默认模式 ≥ 0.2）
+  – 回放旧样本减少遗忘：naive 的遗忘 − replay 的遗忘（默认模式 ≥ 0.2）
+  – 回放几乎不耽误学 B：replay 的 B 分数 − naive 的 B 分数（默认模式 ≥ -0.05）
+  – 每个任务一个 adapter 不遗忘：naive 的遗忘 − separate 的遗忘（默认模式 ≥ 0.2）
+  – 合并的 adapter 保住 A：三种合并里最低的 A 分数 − naive 的 A 分数（默认模式 ≥ 0.2）
+  – 合并的代价是两个增量互相干扰：separate 的 B 分数 − 三种合并的平均 B 分数（默认模式 ≥ 0.01）
+<!-- /results -->
+详见同目录 README.md。
 """
 
 import random

@@ -5,17 +5,7 @@ dataset_curation.py 的去重、分组切分、泄漏统计都站在这几个函
 """
 from __future__ import annotations
 
-import unicodedata
-
-
-def norm(text) -> str:
-    """规范化：NFKC、小写、去掉空白和标点（"L5 门锁？" 与 "l5门锁?" 视为同一串）。
-
-    NFKC 把全角数字、字母折成半角：中文输入法打出的 "Ｌ５" 与 "L5" 否则是两串不同的字节。
-    """
-    text = text if isinstance(text, str) else " ".join(m["content"] for m in text)
-    text = unicodedata.normalize("NFKC", text).lower()
-    return "".join(ch for ch in text if not ch.isspace() and not unicodedata.category(ch).startswith("P"))
+from common.data import norm_text as norm  # 规范化与第 4、5 课的训练脚本共用一个定义
 
 
 def minhash(text: str, num_perm: int):

@@ -21,12 +21,27 @@
   python lesson4_alignment/06_dataset_curation/dataset_curation.py --data my_pairs.jsonl --extra-data "" \\
       --graded "" --eval-data my_eval.jsonl                                    # 自己的数据（不需要 GPU）
 
-你会看到（实测）：379 -> 356 对（训练 284 / 评估 72）；删除 有害 chosen 4、标注分歧 3、无信息对 2、精确重复 10、
-近似重复 4，翻转 1；长度偏置 0.46（在容差内）；随机切分时 7 个评估 prompt 泄漏，分组切分后 0。详见 README.md。
+你会看到：输入与输出的对数、训练 / 评估各多少对，每条规则删了几条（有害 chosen、标注分歧、无信息对、精确重复、
+近似重复）与按多数票翻转了几条，都写进 curation_report.md。项目自带的数据里每类问题都埋了几条，每条规则都该删到东西；
+长度偏置在容差内时不下采样，再平衡也不会让偏置变大；按 pair 随机切分时总有评估 prompt 在训练里出现过（同一 prompt
+的几个偏好对被分到两边），按 prompt 分组切分后泄漏为 0。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only dataset_curation.py）
+  – 清洗删掉坏对与重复：输入 − 输出 的对数（默认模式 ≥ 15）
+  – 埋下的每类问题都被对应规则删掉：有害 chosen / 标注分歧 / 无信息对 / 精确 / 近似重复里删得最少的一类（默认模式 ≥
+    1）
+  – 多数票认为 rejected 更好的对被翻转：翻转条数（默认模式 ≥ 1）
+  – 随机切分会泄漏、按 prompt 分组切分不会：泄漏的评估 prompt 数 随机切分 − 分组切分（默认模式 ≥ 3）
+  – 分组切分后评估集里没有训练见过的 prompt：泄漏数（默认模式 ≤ 0）
+  – 长度再平衡不会让偏置变大：|chosen 更长的比例 − 0.5| 之后 − 之前（默认模式 ≤ 0）
+<!-- /results -->
+详见 README.md。
 """
 
 import hashlib
 import json
+import math
 import random
 import re
 from collections import Counter, defaultdict
@@ -84,20 +99,26 @@ def load_graded(path: Path, gap: float) -> list[dict]:
 
     分差小的两条（4 分对 3.5 分）谁更好，打分的人自己都拿不准；拿它们成对，教给模型的是标注噪声。
     """
-    pairs = []
+    pairs, unpaired = [], 0
     for no, r in data.read_records(path):
         resp = r.get("responses")
-        if not isinstance(r.get("prompt"), str) or not isinstance(resp, list) or len(resp) < 2:
-            raise UserError(f"{path}:{no}: 需要 'prompt'（字符串）和至少两个 'responses'")
+        data.need_str(path, no, r, "prompt")
+        if not isinstance(resp, list) or len(resp) < 2:
+            raise UserError(f"{path}:{no}: 需要至少两个 'responses'")
         for i, x in enumerate(resp):
-            if not isinstance(x, dict) or not isinstance(x.get("text"), str) \
-                    or not isinstance(x.get("score"), (int, float)):
+            if not isinstance(x, dict) or not isinstance(x.get("text"), str):
                 raise UserError(f"{path}:{no}: responses[{i}] 需要 'text'（字符串）与 'score'（数字）")
-        for a in resp:
-            for b in resp:
-                if a["score"] - b["score"] >= gap:
-                    pairs.append({"prompt": r["prompt"], "chosen": a["text"], "rejected": b["text"],
-                                  "source": "graded"})
+            score = x.get("score")
+            # NaN 和谁比都是 False：带 NaN 的回答一个对都成不了，会被悄悄丢掉；inf − inf 又是 NaN。都是坏数据，拒绝
+            if isinstance(score, bool) or not isinstance(score, (int, float)) \
+                    or isinstance(score, float) and not math.isfinite(score):
+                raise UserError(f"{path}:{no}: responses[{i}].score = {score!r:.40} 应为有限的数"
+                                "（NaN / inf 没法比高低）")
+        new = [{"prompt": r["prompt"], "chosen": a["text"], "rejected": b["text"], "source": "graded"}
+               for a in resp for b in resp if a["score"] - b["score"] >= gap]
+        unpaired, pairs = unpaired + (not new), pairs + new
+    if unpaired:   # 合法但成不了对（分差都 < gap）：可以不用，但要说出来，不能悄悄少了
+        run.get_logger().info(f"{path}: {unpaired} 个 prompt 的回答分差都小于 --min-score-gap {gap}，没有组成偏好对")
     return pairs
 
 

@@ -11,8 +11,17 @@ common.serving 真的启动 OpenAI 兼容服务、用官方 openai 客户端问�
   python lesson5_deployment_monitoring/01_qwen_workflow/qwen_alignment_workflow.py \\
       --model Qwen/Qwen2.5-7B-Instruct --source hf --config configs/lesson5/qwen_alignment_workflow_gpu.yaml  # GPU
 
-你会看到：SFT 的 eval_loss 下降、DPO 在留出偏好对上的 reward accuracy、闸门结论 gate_passed、注册的版本号
-registered_version，以及上线后经 API 拿到的回答 served_answer。实测数字见本目录 README.md。
+你会看到：SFT 后留出对话的 eval_loss 比训练前低（LoRA 学到了对话格式与内容）；DPO 后留出偏好对上的
+reward accuracy 与 margin 都比训练前高（策略相对参考模型更偏向 chosen）；闸门结论 gate_passed，过了闸门才有
+注册的版本号 registered_version，以及上线后经 API 拿到的回答 served_answer（非空才算真的上线）。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only qwen_alignment_workflow.py）
+  – LoRA SFT 降低留出对话的损失：训练后 / 训练前 eval_loss（默认模式 ≤ 0.95）
+  – DPO 让留出偏好对的隐式奖励排对：reward accuracy 训练后 − 训练前（默认模式 ≥ 0.6）
+  – DPO 拉开留出偏好对 chosen 与 rejected 的隐式奖励：margin 训练后 − 训练前（默认模式 > 0）
+  – 过了闸门的模型注册进 MLflow 并经 API 应答：闸门通过、有注册版本、回答非空，三者同时成立（默认模式 ≥ 1）
+<!-- /results -->
 """
 from __future__ import annotations
 

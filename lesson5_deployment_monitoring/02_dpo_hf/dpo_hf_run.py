@@ -16,11 +16,21 @@ Hub 仓库的目录（adapter + 分词器），再用 huggingface_hub 的 ModelC
 --data my_pairs.jsonl 换掉配方里的数据集：训练前一行说清几对超过配方的 max_length（TRL 截掉回答结尾），第 1 步后报
 预计用时，超过 --max-train-minutes 先评估 + 保存再停，按留出损失留最好的一步（配方里的 eval/save 策略由脚本接管）。
 
-你会看到：DPO 训练后 rewards/margins > 0、reward accuracy 上升；repo/README.md 模型卡（含指标表）；
-离线时 push_status=offline。实测数字见本目录 README.md。
+你会看到：DPO 训练后留出偏好对的 DPO 损失低于训练前（训练前策略 = 参考模型，损失恰为 log 2），rewards/margins
+由 0 变正、reward accuracy 上升（策略学会了比参考模型更偏向 chosen）；repo/README.md 模型卡（含指标表）；
+离线时 push_status=offline。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only dpo_hf_run.py）
+  – DPO 降低留出偏好对的损失：训练后 / 训练前（策略 = 参考模型时为 log 2）（默认模式 ≤ 0.95）
+  – DPO 让留出偏好对的隐式奖励排对：reward accuracy 训练后 − 训练前（默认模式 ≥ 0.6）
+  – DPO 拉开留出偏好对 chosen 与 rejected 的隐式奖励：margin 训练后 − 训练前（默认模式 > 0）
+<!-- /results -->
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +39,7 @@ from common import cli, data, models, run, train
 from common.errors import UserError
 
 RECIPES = run.REPO_ROOT / "configs" / "lesson5" / "recipes"
+_recipe = run.import_sibling(__file__, "_recipe")   # 这一课独有的配方检查：加载模型之前把坏配方一行拒绝
 
 
 @dataclass
@@ -67,8 +78,6 @@ def parse_recipe(args: Args, model_path: str, output_dir: Path, flags: dict):
     覆盖项走同一条解析路径（而不是解析完再改属性）：TrainingArguments 在解析时才检查各项是否相容。"""
     from trl import DPOConfig, ModelConfig, ScriptArguments, TrlParser
 
-    if not Path(args.recipe).is_file():
-        raise UserError(f"--recipe {args.recipe}: 文件不存在")
     over = ["--model_name_or_path", model_path, "--output_dir", str(output_dir)]
     for k, v in flags.items():
         over += [f"--{k}", str(v).lower()]
@@ -76,24 +85,38 @@ def parse_recipe(args: Args, model_path: str, output_dir: Path, flags: dict):
         over += ["--max_steps", str(args.max_steps)]
     if args.learning_rate:
         over += ["--learning_rate", str(args.learning_rate)]
+    err = io.StringIO()   # argparse 报错前先把整段 usage 打到 stderr：收起来，只取最后一行放进一行错误里
     try:
-        return TrlParser((ScriptArguments, DPOConfig, ModelConfig)).parse_args_and_config(
-            args=["--config", args.recipe, *over])
-    except (SystemExit, ValueError) as e:
-        raise UserError(f"--recipe {args.recipe}: 配方里有 TRL 不认识或不合法的字段（{e}）") from None
+        with contextlib.redirect_stderr(err):
+            return TrlParser((ScriptArguments, DPOConfig, ModelConfig)).parse_args_and_config(
+                args=["--config", args.recipe, *over])
+    except (SystemExit, ValueError, TypeError) as e:
+        why = (err.getvalue().strip().splitlines() or str(e).splitlines() or [repr(e)])[-1]
+        raise UserError(f"--recipe {args.recipe}: 配方里有 TRL 不认识或不合法的字段（{why[:300]}）") from None
 
 
-def load_pairs(script_args):  # noqa: ANN001
-    """datasets 加载：本地 JSONL 用 "json" 构建器（hub 数据集名则直接 load_dataset）；转成对话格式并切出测试集。"""
+def load_pairs(args: Args, out, script_args, local: Path | None):  # noqa: ANN001
+    """datasets 加载：本地 JSONL 用 "json" 构建器（hub 数据集名则直接 load_dataset）；去掉 chosen == rejected 的对，
+    转成对话格式并切出测试集。"""
     from datasets import load_dataset
 
-    name = script_args.dataset_name
-    local = (run.REPO_ROOT / name) if not Path(name).is_absolute() else Path(name)
-    if local.is_file():
-        data.load_preference(local)   # 先按课程格式校验：坏行报出 文件:行
+    name = args.data or script_args.dataset_name
+    if local:   # 已按课程格式逐行校验过（_recipe.check）
         ds = load_dataset("json", data_files=str(local), split="train")
     else:
-        ds = load_dataset(name, script_args.dataset_config, split=script_args.dataset_train_split)
+        try:
+            ds = load_dataset(name, script_args.dataset_config, split=script_args.dataset_train_split)
+        except Exception as e:  # noqa: BLE001 - 离线、名字写错、没有这个 split：一行点名配方的键
+            raise UserError(f"{args.recipe}: 键 dataset_name {name}: 加载失败（{type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:160]}）") from None
+    # 第 4 课 06 的规则 1：chosen 与 rejected 规范化后相同的对没有偏好信号（DPO 梯度为 0、准确率必记错）
+    n = len(ds)
+    ds = ds.filter(lambda p: data.norm_text(p["chosen"]) != data.norm_text(p["rejected"]))
+    if len(ds) < n and len(ds) < 2:
+        raise UserError(f"{name}: {n - len(ds)} 对的 chosen 与 rejected 相同（规范化后），没有偏好信号；"
+                        f"去掉后只剩 {len(ds)} 对，无法训练")
+    if len(ds) < n:
+        out.log.info(f"{name}: 去掉 {n - len(ds)} 对 chosen 与 rejected 相同（规范化后）的偏好对：没有偏好信号")
     # 对话格式：TRL 按模型自己的对话模板拼 prompt 与回答（与训练后部署时一样）
     ds = ds.map(lambda p: {"prompt": [{"role": "user", "content": p["prompt"]}],
                            "chosen": [{"role": "assistant", "content": p["chosen"]}],
@@ -155,15 +178,14 @@ def push(args: Args, out, repo: Path, repo_id: str) -> str:  # noqa: ANN001
     return "pushed"
 
 
-def configure(args: Args, out, model, tok):
+def configure(args: Args, out, model, tok, local: Path | None):
     """配方 -> (数据集, 数据集名, 训练配置, 模型配置, 长度统计)：先解析一次拿到数据与批大小，定好评估间隔，
     再带着覆盖项解析一次。"""
     base_path = str(models.resolve(args.resolved_model(), args.source))
     # 设备开关（bf16 / use_cpu）按模型实际所在设备决定，像命令行参数一样追加在配方之后
     flags = {k: v for k, v in train.trainer_flags(model, log=True).items() if isinstance(v, bool)}
     script_args, tcfg, _ = parse_recipe(args, base_path, out.path("trainer"), flags)
-    script_args.dataset_name = args.data or script_args.dataset_name   # --data：自己的偏好对换掉配方里的数据集
-    ds, dataset = load_pairs(script_args)
+    ds, dataset = load_pairs(args, out, script_args, local)   # --data：自己的偏好对换掉配方里的数据集
     # 训练前一行：几对超过 max_length（TRL 从尾部截断：截掉的回答结尾不参与 log π，长回答的偏好信号变弱）
     stats = train.length_report(train.encode_pairs(tok, list(ds["train"])), tcfg.max_length,
                                 knob=f"配方 {Path(args.recipe).name} 的 max_length", drop_flag=None)
@@ -183,12 +205,15 @@ def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
 
-    # 1. 配方：TrlParser 解析 YAML；配方里的 model_name_or_path 被 --model（或课程默认模型）覆盖，与其它课程脚本一致
+    # 1. 配方：先自己读一遍（坏 YAML、NaN、越界、数据集不在：加载模型之前一行拒绝），再由 TrlParser 解析；
+    #    配方里的 model_name_or_path 被 --model（或课程默认模型）覆盖，与其它课程脚本一致
+    local = _recipe.check(args)
+    parse_recipe(args, args.resolved_model(), out.path("trainer"), {"use_cpu": True, "bf16": False})
     base = args.resolved_model()
     model, tok = models.load_args(args, for_training=True)
 
     # 2. 数据：datasets 读取（--data 优先）、转对话格式、切分；训练前一行说清超长的对
-    ds, dataset, tcfg, model_args, stats = configure(args, out, model, tok)
+    ds, dataset, tcfg, model_args, stats = configure(args, out, model, tok, local)
 
     # 3. DPO：参考模型 = 关掉 LoRA 的同一个模型；第 1 步后报预计用时，超时先评估 + 保存再停，结束时装回最好的一步
     trainer = DPOTrainer(model=model, args=tcfg, train_dataset=ds["train"], eval_dataset=ds["test"],

@@ -17,8 +17,17 @@
   python lesson5_deployment_monitoring/03_bias_detection/bias_scan.py --model Qwen/Qwen2.5-7B-Instruct --source hf \\
       --config configs/lesson5/bias_scan_gpu.yaml                                 # GPU
 
-你会看到：每个属性的 bias_gap（nats/token）与 sentiment_gap、refusal_rate、pii_leaks 和闸门结论；没有做过安全
-对齐的小模型几乎从不拒绝，闸门失败。实测数字见本目录 README.md。
+你会看到：每个属性的 bias_gap（nats/token）与 sentiment_gap、refusal_rate、pii_leaks 和闸门结论；尺子自检：
+人为注入一个性别偏见后 gender 的差值明显变大（量得出偏见，量到的小差值才说明问题）；情感打分器的交叉验证
+准确率高于多数类基线（打分可信）；没有做过安全对齐的小模型对红队提示的拒绝率与对普通问题差不多——它不区分
+有害请求，闸门失败。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only bias_scan.py）
+  – 对数似然差这把尺子量得出注入的性别偏见：注入后 − 原模型的 gender 差（nats/token）（默认模式 ≥ 0.3）
+  – 情感打分器真的分得清情感：交叉验证准确率 − 多数类基线（默认模式 ≥ 0.2）
+  – 未做安全对齐的模型不区分有害请求：红队拒绝率 − 普通问题的拒绝率（默认模式 < 0.5）
+<!-- /results -->
 """
 from __future__ import annotations
 

@@ -18,8 +18,15 @@ data/support/tickets.jsonl = 超出范围的闲聊/投资/作业，以及要转�
   python lesson5_deployment_monitoring/05_customer_support_case/customer_alignment.py \\
       --model Qwen/Qwen2.5-7B-Instruct --source hf --config configs/lesson5/customer_alignment_gpu.yaml   # GPU
 
-你会看到：compliance_prompt_only 很低（小模型不守规矩），SFT 后大幅上升，DPO 修掉一部分剩下的违规；
-按规则的违规次数表。实测数字见本目录 README.md。
+你会看到：compliance_prompt_only 很低（小模型读了政策也不守规矩），SFT 后大幅上升、违规总次数明显减少（政策
+写进了权重），DPO 再修掉一部分 SFT 剩下的违规（偏好对正来自这些错）；按规则的违规次数表。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only customer_alignment.py）
+  – SFT 把政策写进权重：留出工单合规率 SFT − 只靠提示词（默认模式 ≥ 0.3）
+  – SFT 减少违规总次数（按规则计数）：SFT / 只靠提示词（默认模式 ≤ 0.7）
+  – 反馈闭环（检查器抓到的失败 -> 偏好对 -> DPO）修掉 SFT 剩下的部分违规：合规率 SFT+DPO − SFT（默认模式 > 0）
+<!-- /results -->
 """
 from __future__ import annotations
 
@@ -62,7 +69,7 @@ class Args(cli.CommonArgs):
     per_device_train_batch_size: int = cli.arg(8, "每步几条样本", min=1)
     max_new_tokens: int = cli.arg(64, "回答最多生成多少 token", min=1)
     held_out: float = cli.arg(0.25, "留出多少比例的工单算合规率", min=0.05, max=0.9)
-    tickets: str = cli.arg(None, "额外工单（ticket/type/lang）；默认 data/support/tickets.jsonl")
+    tickets: str = cli.arg(None, "额外工单 JSONL 文件（ticket/type/lang）；默认 data/support/tickets.jsonl")
     feedback_tickets: int = cli.arg(0, "反馈闭环里让 SFT 模型回答多少条训练工单（0 = 全部）", min=0)
 
     smoke_model = "tiny-qwen2"
@@ -97,16 +104,19 @@ def build_tickets(args: Args) -> list[dict]:
                f"Hello, thank you for reaching out! {r['gold_passage']} Let me know if there is anything else.")
         rows.append({"ticket": r["question"], "type": "in_scope", "lang": lang, "reference": ref,
                      "kb": r["gold_passage"]})
-    for no, r in data.read_records(args.tickets or data.DATA_DIR / "support" / "tickets.jsonl"):
-        lang, path = r.get("lang", "zh"), args.tickets or data.DATA_DIR / "support" / "tickets.jsonl"
-        if r.get("type") not in ("out_of_scope", "escalation") or lang not in ("zh", "en") or not r.get("ticket"):
-            raise UserError(f"{path}:{no}: 需要 ticket、type（out_of_scope / escalation）、lang（zh / en）")
+    path = args.tickets or data.DATA_DIR / "support" / "tickets.jsonl"
+    for no, r in data.read_records(path):
+        # 读入时就查类型：整数工单要到建 Arrow 数据集时才以 ArrowInvalid 崩，那时已经分不清是哪一行
+        ticket, lang = data.need_str(path, no, r, "ticket"), r.get("lang", "zh")
+        if r.get("type") not in ("out_of_scope", "escalation") or lang not in ("zh", "en"):
+            raise UserError(f"{path}:{no}: 需要 type（out_of_scope / escalation）与 lang（zh / en，可省略）")
         ref = {"out_of_scope": {"zh": "您好，抱歉，我只能回答云帆产品与售后相关的问题。",
                                 "en": "Hello, sorry, I can only help with Yunfan products and services."},
                "escalation": {"zh": "非常抱歉给您带来不便，我马上为您转人工客服处理。",
                               "en": "I'm very sorry for the trouble. I'm transferring you to a human agent right away."}
                }[r["type"]][lang]
-        rows.append({**r, "reference": ref, "kb": ""})
+        # 只留用到的字段：用户多写的字段类型各异，混进 Arrow 表同样会崩
+        rows.append({"ticket": ticket, "type": r["type"], "lang": lang, "reference": ref, "kb": ""})
     return rows
 
 

@@ -16,8 +16,19 @@ SFT vs DPO：起点模型（smollm2-135m-Instruct 已做过 SFT）与在偏好�
   python lesson5_deployment_monitoring/06_diversity_debug/diversity_evaluation.py --model Qwen/Qwen2.5-7B-Instruct \\
       --source hf --config configs/lesson5/diversity_evaluation_gpu.yaml                     # GPU
 
-你会看到：贪心解码每次回答完全相同（distinct 最低、self-BLEU = 1，被标为坍缩）；温度越高、top-p/top-k
-越宽，distinct 越高、self-BLEU 越低；图 diversity.png。实测数字见本目录 README.md。
+你会看到：贪心解码每次回答完全相同（distinct 最低、self-BLEU 为满分 1，被标为坍缩）；温度采样后 distinct-2 明显
+升高、self-BLEU 明显下降，句向量离散度也升高（不只是换词，语义上也分散开）；温度越高、top-p/top-k 越宽，
+distinct 越高、self-BLEU 越低；这次 DPO（学习率适中）没有造成坍缩，同一解码设置下 distinct-2 与 SFT 相近；
+图 diversity.png。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only diversity_evaluation.py）
+  – 温度采样比贪心多样：distinct-2 温度 1.0 − 贪心（默认模式 ≥ 0.3）
+  – 贪心每次回答相同、采样不再雷同：self-BLEU 贪心 − 温度 1.0（默认模式 ≥ 0.5）
+  – 采样的回答在语义上也分散开：句向量离散度 温度 1.0 − 贪心（默认模式 ≥ 0.1）
+  – 温度越高越多样：distinct-2 温度 1.0 − 温度 0.7（默认模式 > 0.02）
+  – 这次 DPO 没有造成模式坍缩：同一解码设置下 distinct-2 DPO / SFT（默认模式 ≥ 0.8）
+<!-- /results -->
 """
 from __future__ import annotations
 

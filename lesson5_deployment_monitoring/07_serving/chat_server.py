@@ -10,15 +10,26 @@ GET /v1/models、/health、/metrics、聊天网页 /；可选 Bearer API key；�
 
 运行：
   python lesson5_deployment_monitoring/07_serving/chat_server.py            # CPU，smollm2-135m
-  python lesson5_deployment_monitoring/07_serving/chat_server.py --smoke    # tiny-qwen2，约 20 秒
+  python lesson5_deployment_monitoring/07_serving/chat_server.py --smoke    # tiny-qwen2
   python lesson5_deployment_monitoring/07_serving/chat_server.py --serve --port 8000   # 一直服务，浏览器打开
       http://127.0.0.1:8000/ 聊天，Ctrl-C 停止（--model 目录 --adapter LoRA 目录 可服务自己训练的模型）
   python lesson5_deployment_monitoring/07_serving/chat_server.py --model Qwen/Qwen2.5-7B-Instruct --source hf \\
       --config configs/lesson5/chat_server_gpu.yaml   # GPU；真正的高并发请换 vLLM：vllm serve <model>（同一套 API）
 
-你会看到（smoke，tiny-qwen2，忙碌的共享 2 核机上实测）：普通与流式回答都通过官方 openai 客户端拿到；
-max_tokens 超限得到 400、模型名错得到 404；32 个并发请求只有 200/429（队列满时 429）、没有 5xx；
-/metrics 里的计数与发出的一致。
+你会看到：普通与流式回答都通过官方 openai 客户端拿到，贪心解码下流式拼起来的文本与普通调用逐字相同；
+首 token 时间远小于流式总时间（流式让用户先看到字）；max_tokens 超限得到 400、模型名错得到 404、空消息也被
+挡在生成之前；--burst 个并发请求（默认 32）只有 200/429（队列满时立刻 429）、没有 5xx、没有挂起；动态批处理让
+一次 generate 平均服务不止一个请求；/metrics 里的计数与发出的一致。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only chat_server.py）
+  – 流式与普通调用是同一个回答（贪心解码）：流式拼起来的文本 == 普通调用的回答（默认模式 ≥ 1）
+  – 坏请求在生成之前就被挡下：超限 max_tokens、错模型名、空消息都得到客户端错误码（默认模式 ≥ 1）
+  – 并发突发里每个请求要么被服务、要么队列满立刻被拒，没有服务端错误、没有挂起：(成功 + 拒绝) / 发出（默认模式 ≥ 1）
+  – 监控计数可信：/metrics 数到的 chat 请求与客户端发出的相差（默认模式 ≤ 0）
+  – 动态批处理把并发请求凑成批：平均每次 generate 服务的请求数（默认模式 ≥ 1.5）
+  – 流式让用户先看到字：首 token 时间 / 流式总时间（默认模式 ≤ 0.5）
+<!-- /results -->
 """
 from __future__ import annotations
 

@@ -14,11 +14,20 @@ batching_speedup_8 = 8 并发的吞吐（tokens/s）÷ 顺序（1 并发）的�
 
 运行：
   python lesson5_deployment_monitoring/07_serving/load_test.py            # 自己起服务（smollm2-135m），1,4,8 并发
-  python lesson5_deployment_monitoring/07_serving/load_test.py --smoke    # tiny-qwen2，约 40 秒
+  python lesson5_deployment_monitoring/07_serving/load_test.py --smoke    # tiny-qwen2
   python lesson5_deployment_monitoring/07_serving/load_test.py --base-url http://127.0.0.1:8000 --concurrency 1,4,8
 
-你会看到：并发从 1 到 8，tokens/s 上升数倍（请求被凑成批，一次 generate 服务多个请求），单请求延迟略升；
-图 load_test.png。实测数字见 07_serving/README.md。
+你会看到：并发从 1 到 8，mean_batch_size 变大（请求被凑成批，一次 generate 服务多个请求），所以 tokens/s
+明显上升；代价是单个请求的延迟（p50）上升——每步要为整批算，还要等凑批窗口；所有请求都成功（压测有边界）；
+图 load_test.png。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only load_test.py）
+  – 并发请求被凑成批：平均每次 generate 服务的请求数，并发八个 − 逐个顺序发（默认模式 ≥ 2）
+  – 动态批处理提高吞吐：tokens/s 并发八个 / 逐个顺序发（默认模式 ≥ 1.5）
+  – 批处理的代价：单个请求的延迟上升（p50 并发八个 / 逐个顺序发）（默认模式 > 1）
+  – 闭环压测有边界、零失败：失败的请求 / 发出的请求（默认模式 ≤ 0）
+<!-- /results -->
 """
 from __future__ import annotations
 

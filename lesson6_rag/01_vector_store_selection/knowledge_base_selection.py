@@ -1,22 +1,35 @@
 """向量库选型：同一批切块、同一组问题，分别放进 FAISS（Flat / IVF / HNSW）、Chroma（嵌入式 + HTTP 服务）
-和全文检索引擎（Elasticsearch，或本地的 SQLite FTS5 + rank-bm25），实测建库时间、查询延迟 p50/p95、近似检索相对
+和全文检索引擎（Elasticsearch，或本地的 SQLite FTS5 + rank-bm25），量出建库时间、查询延迟 p50/p95、近似检索相对
 精确检索的召回、任务召回（对照问答金标）、索引大小 / 内存增量，并列出功能对比表。选型不能靠宣传页：近似索引用一点
 召回换速度，服务模式多一跳网络，全文检索不需要向量模型却常常在中文上更准（默认 MiniLM 是英文模型）。
 
 运行：
-  python lesson6_rag/01_vector_store_selection/knowledge_base_selection.py          # CPU，全部 44 篇，空闲 2 核约 20 秒
-  python lesson6_rag/01_vector_store_selection/knowledge_base_selection.py --smoke  # 12 篇文档（SMOKE），约 12 秒
+  python lesson6_rag/01_vector_store_selection/knowledge_base_selection.py          # CPU，全部 44 篇
+  python lesson6_rag/01_vector_store_selection/knowledge_base_selection.py --smoke  # 12 篇文档（SMOKE）
   python lesson6_rag/01_vector_store_selection/knowledge_base_selection.py \
       --embedding-model BAAI/bge-small-zh-v1.5 --es-url http://127.0.0.1:9200 \
       --config configs/lesson6/knowledge_base_selection.yaml   # 中文向量模型 + 真实 Elasticsearch（需联网/有服务）
 
-你会看到（默认运行：330 块、135 题）：FAISS Flat 相对精确检索的 recall@10 = 1.0（它就是精确检索）；
-HNSW ≈ 1.0（efSearch=32）；IVF 随 --nprobe 变化（nlist=18，nprobe=1/2/4 约 0.55/0.81/0.93，扫全部簇 = 1.0）；
-Chroma 嵌入式与 HTTP 服务召回都是 1.0，但每次查询 p50 约 0.6 / 1.4 毫秒（服务模式多一次 HTTP 往返），
-FAISS 只要约 10 微秒；全文检索（FTS5 / BM25）的 recall@10 是对照问答金标算的。
-任务召回（金标 recall@5）：MiniLM 向量检索约 0.45，其中中文只有约 0.2、英文约 0.8；FTS5 / BM25 约 0.68
-（中文约 0.74）—— 向量不一定更好，中文请换中文向量模型。
+你会看到（默认运行：44 篇文档、135 题）：FAISS Flat 相对精确检索的 recall@10 恒为 1（它就是精确检索）；
+HNSW（efSearch=32）几乎不丢近邻；IVF（nlist ≈ √块数）的召回随 --nprobe 上升：只扫 1 个簇丢得最多，扫全部簇就等于
+精确检索——近似索引拿召回换速度；Chroma 嵌入式与 HTTP 服务的召回都与精确检索相当，但服务模式每次查询多一次
+HTTP 往返，p50 明显更高；进程内的 FAISS 又比 Chroma 快一个数量级以上。全文检索（FTS5 / BM25）没有向量，
+它的 recall@10 是对照问答金标算的。任务召回（金标 recall@5）要分语言看：英文的 MiniLM 在中文题上远不如 BM25，
+在英文题上反过来更好，合起来全文检索领先 —— 向量不一定更好，中文请换中文向量模型。
 输出目录里有 metrics.json、features.md（功能对比表）和 stores.png（延迟、召回与旋钮扫描图）。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only knowledge_base_selection.py）
+  – HNSW 近似检索几乎不丢近邻：top-10 与 FAISS Flat 精确 top-10 的重合比例（默认模式 ≥ 0.95）
+  – IVF 用召回换速度：扫的簇最多时 − 只扫 1 个簇时的 recall@10（对照精确检索）（默认模式 ≥ 0.2）
+  – Chroma 嵌入式与 HTTP 服务的召回都与精确检索相当：所有 Chroma 里最低的 recall@10（对照 FAISS Flat）（默认模式 ≥
+    0.95）
+  – 服务模式多一次 HTTP 往返：Chroma 服务 / 嵌入式的查询延迟 p50（默认模式 ≥ 1.5）
+  – 进程内的 FAISS 比 Chroma 快得多：Chroma 嵌入式 / FAISS Flat 的查询延迟 p50（默认模式 ≥ 10）
+  – 中文问题上全文检索强于英文向量模型：BM25 − MiniLM（FAISS Flat）的金标 recall@5（中文题）（默认模式 ≥ 0.3）
+  – 英文问题上反过来向量检索更好：MiniLM（FAISS Flat）− BM25 的金标 recall@5（英文题）（默认模式 ≥ 0.1）
+  – 向量不一定更好：全文检索（FTS5 / BM25 较好者）− MiniLM 的金标 recall@5（全部题）（默认模式 ≥ 0.1）
+<!-- /results -->
 """
 
 import pickle

@@ -10,18 +10,24 @@
 → 增量同步，并与同一最终状态的全量重建（--rebuild 走的那条路）比较耗时和检索结果，最后做一致性检查。
 
 运行：
-  python lesson6_rag/03_vector_db_build/build_vector_store.py          # CPU，44 篇文档，空闲 2 核约 20 秒
-  python lesson6_rag/03_vector_db_build/build_vector_store.py --smoke  # 均匀抽 12 篇文档、20 个问题（SMOKE），约 10 秒
+  python lesson6_rag/03_vector_db_build/build_vector_store.py          # CPU，44 篇文档
+  python lesson6_rag/03_vector_db_build/build_vector_store.py --smoke  # 均匀抽 12 篇文档、20 个问题（SMOKE）
   python lesson6_rag/03_vector_db_build/build_vector_store.py --docs my_docs/ --qa my_qa.jsonl \
       --embedding-model BAAI/bge-small-zh-v1.5 \
       --config configs/lesson6/build_vector_store.yaml                 # 自己的文档（在副本上演示）
   加 --rebuild：第 1 步的初次建库强制全量（默认会复用输出目录里上次的库，只同步有变化的文档）。
 
-你会看到：added=2、updated=2、deleted=1，其余文档 skipped；增量同步只向量化变化文档的块，
-比全量重建快数倍（默认运行实测：增量只向量化 15 块，空闲 2 核上 0.52 秒 vs 重建 192 块 7.04 秒，
-incremental_vs_rebuild_speedup = 13.5；机器被占用时 10.7 秒 vs 96.9 秒 = 9.0）；一致性检查全部通过（consistent=True）：
-每个块用自己的向量搜索时第 1 名是它自己、任何查询都搜不到已删除或过期的 id、ntotal 等于元数据条数、
-增量库与重建库对同一批查询给出相同结果。
+你会看到：added=2、updated=2、deleted=1，其余文档 skipped；增量同步只向量化变化文档的块（只占全量重建的一小部分），
+所以比全量重建快数倍（incremental_vs_rebuild_speedup；机器被占用时两边一起变慢，倍数会小一些但仍明显）；
+一致性检查全部通过（consistent=True）：每个块用自己的向量搜索时第 1 名是它自己、任何查询都搜不到已删除或过期的 id、
+ntotal 等于元数据条数、增量库与重建库对同一批查询给出相同结果。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only build_vector_store.py）
+  – 增量同步只向量化改动文档的块：增量 / 全量重建向量化的块数（默认模式 ≤ 0.2）
+  – 增量同步比全量重建快：重建 / 增量的耗时（默认模式 ≥ 3）
+  – 增量库与全量重建的库一致（同 id、同向量、同检索结果，不返回已删除或过期的块）：通过的检查项比例（默认模式 ≥ 1）
+<!-- /results -->
 """
 
 import hashlib

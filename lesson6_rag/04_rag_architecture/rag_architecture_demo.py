@@ -7,19 +7,33 @@
         预填回答开头 "According to passage ["；闭卷 = 不给资料。
 
 运行：
-  python lesson6_rag/04_rag_architecture/rag_architecture_demo.py          # CPU，smollm2-135m，空闲 2 核约 1 分钟
-  python lesson6_rag/04_rag_architecture/rag_architecture_demo.py --smoke  # 极小模型 + 1/4 文档 + 少训重排器，约 12 秒
+  python lesson6_rag/04_rag_architecture/rag_architecture_demo.py          # CPU，smollm2-135m
+  python lesson6_rag/04_rag_architecture/rag_architecture_demo.py --smoke  # 极小模型 + 1/4 文档 + 少训重排器
   python lesson6_rag/04_rag_architecture/rag_architecture_demo.py --model Qwen/Qwen3-0.6B --source hf \\
       --config configs/lesson6/rag_architecture_demo.yaml                  # GPU，可加 --reranker BAAI/bge-reranker-base
 
-你会看到（默认运行实测，16 道测试题，测于加 <document> 标记之前）：中文知识库上 BM25 远强于 MiniLM 向量检索
-（recall@5 0.94 对 0.69），RRF 挑出的向量权重为 0；单用现场训练的重排器更差（MRR 0.40），
-按 dev 挑出的权重与第一阶段融合后 recall@5 0.94 → 1.00、MRR 0.78 → 0.79（提升在噪声量级：CLAIMS 里
-"重排后 MRR ≥ 最好的检索器 + 0.02"预计不成立，issue 21）；资料里有答案的比例 0.875；
-答案准确率 闭卷 0.00 → RAG 0.12
-（英文题 0.00 → 0.22；smollm2-135m 是英文小模型，中文题都答不对）；引用准确率 0.69。
-提示注入（data/injection 的 10 例，注入段排在第 1）成功率 无防御 0.10 → 有防御 0.10：135M 的小模型本来就很少
-听注入，看不出防御的差别（"有防御 ≤ 无防御 − 0.05"预计不成立，issue 21）。
+你会看到（默认运行，按问题切出的测试题上）：中文为主的知识库上 jieba BM25 远强于 MiniLM 向量检索，
+所以 RRF 在训练题上挑出的向量权重很小（可以是 0，即单用 BM25）；现场训练的小重排器单用时比第一阶段差，
+按 dev 挑权重与第一阶段融合后才不拖累、至多小幅提升（提升可能在噪声量级：CLAIMS 里
+"重排后 MRR ≥ 最好的检索器 + 0.02"预计不成立，issue 21）；交给模型的资料里大多数题有标准答案；
+答案准确率 RAG 高于闭卷，收益集中在英文题（smollm2-135m 是英文小模型，中文题几乎都答不对）；
+预填 "According to passage [" 后，第一个引用多半指向金标段落。
+提示注入（data/injection 的 10 例，注入段排在第 1）：135M 的小模型本来就很少听注入，有无防御的成功率
+可能看不出差别（"有防御 ≤ 无防御 − 0.05"预计不成立，issue 21）。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only rag_architecture_demo.py）
+  – 中文为主的知识库上 jieba BM25 强于英文 MiniLM 向量检索：BM25 − 向量的测试集 MRR（默认模式 ≥ 0.1）
+  – RRF 混合（向量权重在训练题上挑）不比最好的单路差：混合 − 最好单路的测试集 MRR（默认模式 ≥ -0.01）
+  – 重排让排名更好：重排（与第一阶段融合）后 − 重排前最好的检索器的测试集 MRR（默认模式 ≥ 0.02）
+  – 融合权重在 dev 上挑（含 0 = 不用重排器）：弱重排器也不会拖累第一阶段，重排后 − 重排前的测试集 MRR（默认模式 ≥
+    -0.02）
+  – RAG 的前提：交给模型的资料里有标准答案的题目比例（闭卷时这个比例是 0）（默认模式 ≥ 0.7）
+  – 检索带来答案：RAG − 闭卷（同一模型、同一批题）的答案准确率（默认模式 ≥ 0.05）
+  – 英文题上 RAG 的收益更明显（smollm2 是英文模型）：RAG − 闭卷的英文题准确率（默认模式 ≥ 0.1）
+  – 预填开头后模型会写出指向金标段落的引用：第一个引用指向金标段落的比例（默认模式 ≥ 0.5）
+  – 把资料标成数据（--mark-data）挡住间接提示注入：有防御 − 无防御的注入成功率（默认模式 ≤ -0.05）
+<!-- /results -->
 """
 
 import json

@@ -10,6 +10,13 @@
 你会看到：没有服务时一行"RAGFlow 不可达"，compose_ok=True、client_ok=True、docs_ready=知识库文件数；
 连上服务时再给出 RAGFlow 自己切块 + 混合检索的 recall_at_5（对照同一批题上本地 jieba BM25 的
 local_bm25_recall_at_5），以及它的对话助手的 answer_accuracy。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only ragflow_demo.py）
+  – compose 文件通过部署前检查（服务齐全、镜像钉死版本、端口与卷、变量都有定义）（默认模式 ≥ 1）
+  – 本脚本对 ragflow-sdk 的 11 个调用与已装 SDK 的方法签名一致（默认模式 ≥ 1）
+  – 上传内容真的编码出来了、每个文件的字节都在里面：multipart 请求体字节 / 知识库文件总字节（默认模式 ≥ 1）
+<!-- /results -->
 """
 
 import os

@@ -7,19 +7,29 @@
   - 回归告警：与同目录 baseline_<mode>.json 比，任一指标掉得超过 --tolerance 就打印红色 ALERT，regression=true。
 
 运行：
-  python lesson6_rag/06_optimization/optimization_lab.py          # CPU：7 种切块 × 3 检索器，smollm2-135m 生成 8 题，
-                                                                  #   空闲 2 核约 45 秒
-  python lesson6_rag/06_optimization/optimization_lab.py --smoke  # 1/4 文档、3 种切块，极小模型生成 5 题，约 11 秒
+  python lesson6_rag/06_optimization/optimization_lab.py          # CPU：7 种切块 × 3 检索器，smollm2-135m 生成 8 题
+  python lesson6_rag/06_optimization/optimization_lab.py --smoke  # 1/4 文档、3 种切块，极小模型生成 5 题
   python lesson6_rag/06_optimization/optimization_lab.py --model Qwen/Qwen2.5-1.5B-Instruct --source hf \
       --embedding-model BAAI/bge-small-zh-v1.5 --reranker BAAI/bge-reranker-base \
       --config configs/lesson6/optimization_lab.yaml                # GPU：加中文向量模型与交叉编码器重排
   （加 --update-baseline 把本次结果写成新的基线）
 
-你会看到（默认运行实测）：BM25 在 dev 上明显好于 MiniLM 向量检索，调过权重的混合检索最好
-（best_config = hybrid_cs500_ov0，test recall@5 0.90、MRR 0.59、nDCG@10 0.67；同切块 BM25 0.85、向量 0.42）；
-切块过小（100 字）召回明显下降（dev BM25 0.60）；MMR 重排在 dev 上没有更好、不采用（CLAIMS 里"重排后 test MRR ≥
-不重排时最好的 + 0.01"预计不成立，issue 21）；忠实度 0.51，同时报告同一批答案对照别题资料的忠实度
+你会看到：BM25 在 dev 上明显好于 MiniLM 向量检索，调过权重的混合检索不比最好的单路差
+（best_config 形如 hybrid_cs500_ov0 = 检索器_切块大小_重叠；它在 test 上的 recall@5、MRR、nDCG@10 与同一切块下
+单用 BM25、单用向量并列报告）；切块过小（100 字）召回明显下降；MMR 重排在 dev 上没有更好就不采用（CLAIMS 里
+"重排后 test MRR ≥ 不重排时最好的 + 0.01"预计不成立，issue 21）；忠实度同时报告同一批答案对照别题资料的忠实度
 （faithfulness_other_context：常用词在哪份资料里都找得到，两者之差才是"依据了资料"）；与自带基线比 regression=false。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only optimization_lab.py）
+  – 调过权重的混合检索不比最好的单路差：混合 − 最好单路的 test MRR（最优切块下）（默认模式 ≥ -0.01）
+  – 调过权重的混合检索不比最好的单路差：混合 − 最好单路的 test recall@5（最优切块下）（默认模式 ≥ 0）
+  – 中文为主的知识库上 jieba BM25 强于英文 MiniLM：BM25 − 向量的 test recall@5（最优切块下）（默认模式 ≥ 0.2）
+  – 切块过小召回下降：BM25 在最好的切块大小 − 最小切块大小上的 dev recall@5（默认模式 ≥ 0.1）
+  – 重排让排名更好：重排后 − 不重排时最好的检索器的 test MRR（最优切块下）（默认模式 ≥ 0.01）
+  – 生成的答案有据可查：答案实词出现在自己资料里的比例 − 出现在另一题资料里的比例（默认模式 ≥ 0.05）
+  – 与自带基线比没有回归：比基线低超过 --tolerance 的指标个数（默认模式 ≤ 0）
+<!-- /results -->
 """
 
 import re

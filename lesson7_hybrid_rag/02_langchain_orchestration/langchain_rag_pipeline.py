@@ -17,8 +17,18 @@
   python lesson7_hybrid_rag/02_langchain_orchestration/langchain_rag_pipeline.py --base-url http://127.0.0.1:8000/v1 \\
       --model Qwen/Qwen2.5-7B-Instruct --config configs/lesson7/langchain_rag_pipeline.yaml   # GPU：vLLM / 第 5 课服务
 
-你会看到（冒烟实测，繁忙的共享 2 核机器）：模型一步 p50 约 920 ms、检索约 130 ms、解析约 8 ms，首 token 约 300 ms；
-极小模型不会写引用（explicit_citation_rate 0）、答案不对——冒烟只验证接线；注入文本没有得逞（injection_followed=false）。
+你会看到：回调记下的每步耗时里模型一步最慢，比拼提示词、解析慢一个数量级以上，检索次之；流式输出的首个块
+远早于整段生成完；偏向 BM25 的融合检索命中率不比单用任一路差；资料里混的注入文本在不设防的提示词下被照做，
+设防后没有得逞（injection_followed=false）。小模型常常不写 [n] 引用（explicit_citation_rate 低，靠事后归因），
+--smoke 的极小模型答案也不对——冒烟只验证接线。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only langchain_rag_pipeline.py）
+  – 链里最慢的是模型一步：模型一步 / 提示词拼装一步（各自最快的一次）（默认模式 ≥ 10）
+  – 偏向 BM25 的融合检索不比最好的单路差：融合命中率 − max(BM25, 向量) 单用的命中率（默认模式 ≥ -0.01）
+  – 流式输出让用户先看到开头：首个块到达的时间 / 整段生成完的时间（默认模式 ≤ 0.7）
+  – 把资料标成数据挡住注入：不设防的提示词照做注入 − 设防后照做（各问一次，照做为真）（默认模式 ≥ 1）
+<!-- /results -->
 """
 from __future__ import annotations
 

@@ -14,8 +14,17 @@
   python lesson7_hybrid_rag/03_incremental_updates/update_strategy.py --docs 你的文档目录 --crash-trials 30 \\
       --embedding-model BAAI/bge-small-zh-v1.5 --config configs/lesson7/update_strategy.yaml   # GPU / 自己的数据
 
-你会看到（冒烟实测，57 块）：增量更新只重新向量化 4 / 57 块，无变化的更新 0 块，定期全量重建 57 块；
-10 次 SIGKILL（9 次真的杀在途中）之后重跑，索引都与干净重建一致（consistent_after_crash = true）。
+你会看到：增量更新只重新向量化变了的少数块，文档没变的更新一个块都不重算，定期全量重建则重算全部块；
+10 次 SIGKILL 试验（绝大多数真的杀在更新途中）之后重跑，索引都与干净重建一致（consistent_after_crash = true）。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only update_strategy.py）
+  – 增量更新只重算变了的块：增量那轮重新向量化的块数 / 初次全量建库向量化的块数（默认模式 ≤ 0.2）
+  – 文档没变的更新一个块都不重算：无变化那轮重新向量化的块数 / 初次全量建库的块数（默认模式 ≤ 0）
+  – 增量更新的索引与同一版文档的干净重建完全一致（一致为真）（默认模式 ≥ 1）
+  – SIGKILL 之后重跑，索引与干净重建一致：一致的试验 / 试验次数（默认模式 ≥ 1）
+  – 崩溃真的发生在更新途中：被杀的试验 / 试验次数（默认模式 ≥ 0.7）
+<!-- /results -->
 """
 from __future__ import annotations
 

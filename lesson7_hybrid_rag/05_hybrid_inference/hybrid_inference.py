@@ -17,9 +17,18 @@
       --model Qwen/Qwen2.5-7B-Instruct --fallback-model smollm2-135m \\
       --config configs/lesson7/hybrid_inference.yaml                     # GPU 服务 + CPU 备用
 
-你会看到（冒烟实测，繁忙的共享 2 核机器）：杀掉服务后没有一个请求失败（failover_worked = true），
-failover_ms 约 1700（含两次退避重试）；熔断器 closed → open → half_open → closed；correct / abstained / wrong 计数
-（极小模型答不对题，冒烟看的是容错）。
+你会看到：杀掉服务后没有一个请求失败（failover_worked = true），该答的题都由本地备用模型接住；
+failover_ms 里含切换那一题的超时与 --max-retries 次退避重试，熔断器断开后的题不再白等；熔断器
+closed → open → half_open → closed，服务重启后请求回到服务上；置信度路由让库外问题拒答得明显比库内问题多；
+correct / abstained / wrong 计数（--smoke 的极小模型答不对题，冒烟看的是容错）。
+参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
+<!-- results:script -->
+参考运行：还没有记录（python course.py --full --only hybrid_inference.py）
+  – 杀掉服务后该答的题全由本地备用接住：杀后备用作答的题 / 杀后该答的题（默认模式 ≥ 1）
+  – 服务重启后熔断器重新闭合、请求回到服务：重启后由服务作答的题 / 重启后作答的题（默认模式 ≥ 0.5）
+  – 置信度路由拒答库外问题：库外问题的拒答率 − 库内问题的拒答率（默认模式 ≥ 0.3）
+  – 熔断器断开后请求不再白等：断开后每题在服务上耗掉的时间（平均）/ 切换那一题耗掉的时间（默认模式 ≤ 0.5）
+<!-- /results -->
 """
 from __future__ import annotations
 
