@@ -29,7 +29,6 @@ _LEARNING_RATE = re.compile(r"learning_rate|(^|_)lr$")
 def arg(default: Any, help: str, *, min: float | None = None, max: float | None = None, why: str | None = None,
         **kw: Any) -> Any:
     """一行声明一个参数：默认值 + 帮助文本 + 可选的取值范围（闭区间，列表参数逐个元素检查）。
-
     例：cli.arg(60, "训练步数", min=1)；cli.arg(256, "序列长度", min=8, max=65536, why="激活内存 ∝ 长度")。
     why 说上限从哪来（多半是内存），越界时写进报错；choices=[...] 原样交给 argparse。
     """
@@ -132,12 +131,14 @@ def _convert(value: Any, tp: Any, default: Any, where: str) -> Any:
 def _yaml_defaults(path: str, cls: type) -> dict:
     """读 YAML 配置：只认 Args 的字段名，每个值按字段类型转换、按声明的范围检查（与命令行同一套规则）。"""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--config {path}: 文件不存在")
+    if not p.is_file():   # 文件夹、FIFO、断链、成环的链接都在这里拦下（FIFO 读了会一直等）
+        raise UserError(f"--config {path}: 不存在或不是普通文件（要的是 YAML 配置文件）")
     try:
         cfg = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as e:
         raise UserError(f"--config {path}: 不是 UTF-8 文本（第 {e.start} 字节）") from None
+    except RecursionError:
+        raise UserError(f"--config {path}: YAML 嵌套太深（正常的配置不会嵌套上千层）") from None
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f"{path}:{line + 1}" if line is not None else path

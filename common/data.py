@@ -142,7 +142,6 @@ def _json_array(p: Path, raw: str) -> list[tuple[int, Any]]:
 
 def read_records(path: str | Path) -> list[tuple[int, dict]]:
     """读取 JSON（对象列表）或 JSONL；返回 [(行号, 记录)]，坏行报 `文件:行: 原因`。
-
     JSONL 只按 \\n 分行（\\r\\n 也行）：str.splitlines 还会在 U+2028、\\x0b、\\x1c 等字符处断行，
     而这些字符可以合法地出现在 JSON 字符串里，那样会把一条好记录劈成两半。
     """
@@ -338,7 +337,6 @@ def _read_document(path: Path) -> str:
 
 def _skip_link(link: Path, root: Path, is_dir: bool) -> str | None:
     """文件夹里的符号链接：返回跳过它的原因（一行，进日志）；只有该跟随时返回 None。
-
     唯一跟随的：文件链接指向文件夹内、后缀不是文档因而不会按自己路径读入的普通文件（如 a.md -> a.markdown）。
     先 resolve(strict=True) 再做任何判断：成环的链接（a.md -> b.md -> a.md）在这里变成一条日志，不是 traceback。
     """
@@ -362,7 +360,6 @@ def _walk_error(e: OSError) -> None:
 
 def load_documents(folder: str | Path, skipped: list[tuple[str, str]] | None = None) -> list[Document]:
     """读取文件夹里所有文档（递归，按路径排序，id 为相对路径）。
-
     跳过并在日志里逐条说明（若给了 skipped，也把 (路径, 原因) 追加进去）：符号链接（见 _skip_link：指向文件夹
     之外的不跟随，否则 --docs 会把别处的文件读进知识库；之内的是别名，目标按自己的路径读入一次）、FIFO 与设备、
     清洗后是空的文档（入库只会产生空块）。其余读不了的（非 UTF-8、坏 PDF）直接报错退出：不悄悄丢数据。
@@ -415,7 +412,6 @@ def split(items: list, val_fraction: float = 0.1, seed: int = 42) -> tuple[list,
 
 def tokenize_chat(tok, messages: list[dict], max_length: int = 512) -> dict:
     """按对话模板编码，labels 只保留助手回复的 token（其余为 -100）。
-
     做法与模板无关：对第 i 条助手消息，分别渲染"到它之前 + 生成提示"和"到它为止"，
     两者 token 长度之差就是它的 token 区间。这对任何 chat template 都成立，不需要 {% generation %} 标记。
     """

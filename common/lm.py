@@ -11,7 +11,6 @@ from typing import Any
 
 def token_logprobs(logits: Any, targets: Any) -> Any:
     """logits[..., t, :] 是对第 t+1 个 token 的预测：调用方先对齐（logits[:, :-1] 配 ids[:, 1:]），这里取 log p。
-
     先转 fp32 再 log_softmax：bf16 的 8 位尾数在 5 万词表上求和时误差可达 1e-2，比要比的差还大。
     """
     import torch
@@ -22,7 +21,6 @@ def token_logprobs(logits: Any, targets: Any) -> Any:
 def sequence_logprobs(model: Any, input_ids: Any, attention_mask: Any = None, mask: Any = None,
                       **kwargs: Any) -> Any:
     """每条序列在 mask（与 input_ids 同形，1 = 要计入的 token，如回答部分）上的 log p 之和。
-
     mask 缺省 = attention_mask（整句，去掉填充）。第 0 个 token 没有上文，永远不计。
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits[:, :-1]
@@ -33,7 +31,6 @@ def sequence_logprobs(model: Any, input_ids: Any, attention_mask: Any = None, ma
 
 def pad_right(rows: list[dict], pad_token_id: int) -> dict:
     """[{input_ids, labels?}] -> 右填充到批内最长的张量批：input_ids / attention_mask /（有就带）labels（填 -100）。
-
     因果模型右填充不改变真实 token 的位置编号，前向结果与一条一条算相同；生成时才需要左填充（见 models.generate）。
     """
     import torch
@@ -50,7 +47,6 @@ def pad_right(rows: list[dict], pad_token_id: int) -> dict:
 
 def perplexity(model: Any, rows: list[dict], batch_size: int = 8, pad_token_id: int = 0) -> float:
     """exp(平均每 token 负对数似然)：rows = [{input_ids, labels?}]，labels 为 -100 的位置不计（如提示、滑窗的上文）。
-
     按 token 加权平均（不是按样本平均再平均）：长短样本混在一起时，这才是"每个 token 的"困惑度。
     """
     import torch

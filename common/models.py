@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import safety
+from common import data, safety
 from common.errors import UserError
 from common.run import get_logger
 from common.tiny import TINY_NAMES
@@ -137,7 +137,6 @@ def _download(repo_id: str, source: str) -> Path:
 
 def check_dir(path: str | Path, flag: str = "--model", adapter: bool = False, trust_remote_code: bool = False) -> Path:
     """加载前查一个本地模型（adapter=True：LoRA adapter）目录并返回它；不对就一行 UserError，点名参数和路径。
-
     不先查，transformers / PEFT 把不存在的路径当成 hub id（"Repo id must be…"），没有权重的目录报一串 OSError，
     服务脚本的错误更是只留在服务日志里。之后再做 safety 的检查：自定义代码没授权、只有 pickle 权重。"""
     p = Path(path).expanduser()
@@ -147,6 +146,8 @@ def check_dir(path: str | Path, flag: str = "--model", adapter: bool = False, tr
         raise UserError(f"{flag} {path}: 不是一个存在的目录（要的是{what}目录）")
     if not (p / config).is_file():
         raise UserError(f"{flag} {path}: 目录里没有 {config}，不是{what}目录")
+    if not isinstance(data.read_json(p / config, f"{flag} 的 {config}"), dict):   # 坏 JSON、嵌套过深也在这里一行报
+        raise UserError(f"{flag} {path}: {config} 的顶层应是 JSON 对象 {{...}}")
     safety.check_model_dir(p, trust_remote_code, flag)
     if not any(p.glob(weights)):
         raise UserError(f"{flag} {path}: 有 {config} 却没有权重 {weights}（训练没跑完，还是只拷了配置？）")

@@ -109,7 +109,6 @@ _EXPR_FUNCS = {"min": min, "max": max, "abs": abs, "len": len, "sum": sum, "all"
 @dataclasses.dataclass(frozen=True)
 class Claim:
     """脚本教的一条效果，写成数据：一句中文结论 + 对本次 metrics 的表达式 + 比较方向 + 两种模式的门槛。
-
     门槛为 None = 这个模式不检查（例：极小模型学不到语言，"LoRA 降低困惑度"只在默认模式检查）。
     基线必须在同一次运行里测（"≤ 0.9 × 未训练模型"），不写"在某个范围内"或"不为空"。
     """
@@ -225,7 +224,6 @@ class Run:
 
     def finish(self, metrics: dict, summary: str | None = None, claims: list[Claim] = ()) -> dict:
         """写 metrics.json（加上 model / mode / seconds / claims），打印结果表、结论块和一行总结。
-
         NaN / inf 不是合法 JSON：换成 null 并在日志里点名是哪个指标（不整个拒绝：跑了很久的结果其余部分仍有用）。
         结论不成立也照常写完（它是要给学生看的结果，不是错误）；course.py --strict 和冒烟测试据此失败。
         """

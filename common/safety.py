@@ -84,7 +84,6 @@ def redacted_config(args: Any) -> dict:
 
 def scrub(args: Any) -> tuple[Any, dict[str, str]]:
     """run.start 之前调用，argv.txt / config.json 里就不会有秘密：返回 (干净的参数, {字段名: 原值})，脚本用原值连服务。
-
     秘密字段变成 None，带账号密码的 URL 变成脱敏后的样子，sys.argv 就地脱敏。
     """
     found, clean = {}, {}
@@ -116,7 +115,6 @@ def _runs_code(f: Path) -> bool:
 
 def check_model_dir(path: str | Path, trust_remote_code: bool = False, flag: str = "--model") -> None:
     """加载本地模型目录（下载下来的 hub 模型也是）之前的安全检查，不过就一行 UserError 说明怎么办：
-
     - auto_map 指向目录里的 .py、transformers 又没有对应的内置类：加载就会执行它，要 --trust-remote-code；
     - 只有 pickle 权重（pytorch_model.bin 等）没有 .safetensors：torch.load 反序列化 pickle 能执行任意代码。
     """

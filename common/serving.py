@@ -14,6 +14,7 @@ FastAPI + uvicorn，说 OpenAI 的 /v1/chat/completions（普通 + SSE 流式）
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import html
 import json
@@ -32,6 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from common import cli
 
@@ -160,6 +162,9 @@ class _Engine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         # 一个 token 至多盖住词表里最长那一项的字符数（字节级 BPE 一个字符记一个字节，只会多算）：数 token 的下界
         self.max_token_chars = max(len(t) for t in tok.get_vocab())
+        # 生成线程专用一份分词器：fast tokenizer 的 padding 设置存在共享的 Rust 对象里，生成线程按批左填充、
+        # 线程池里 prompt() 不填充地数 token，两边同时用一个对象会互相改掉设置（批没被填充，整批 500）
+        self.gen_tok = copy.deepcopy(tok)
         self.batches = 0
 
     def prompt(self, messages: list[dict]) -> tuple[str, int]:
@@ -204,8 +209,8 @@ class _Engine:
 
         try:
             # 左填充：每行的新 token 都接在自己最后一个真实 token 后面（按调用传，不改共用的 tokenizer）
-            enc = self.tok([p.prompt for p in batch], return_tensors="pt", padding=True, padding_side="left",
-                      add_special_tokens=False).to(self.model.device)
+            enc = self.gen_tok([p.prompt for p in batch], return_tensors="pt", padding=True, padding_side="left",
+                               add_special_tokens=False).to(self.model.device)
             prog = _Progress(self.tok, batch, self.eos_ids, self.metrics)
             first = batch[0]
             sample = dict(do_sample=True, temperature=first.temperature, top_p=first.top_p) \
@@ -241,7 +246,6 @@ class _Message(BaseModel):
 
 class _ChatRequest(BaseModel):
     """POST /v1/chat/completions 的请求体（OpenAI 字段；多余字段忽略）。
-
     strict：JSON 的 true 不当 1 用、"2" 不当 2 用（max_tokens: true 曾经 200）；NaN/inf 进不了采样参数。
     """
 
@@ -308,17 +312,20 @@ def _metrics_middleware(app, metrics: _Metrics):  # noqa: ANN001
 
 async def _read_body(request: Request, limit: int) -> bytes:
     """读请求体，超过 limit 字节就 413（先看 Content-Length；分块上传边读边数，超了就停读，余下的 uvicorn 丢掉）。
-
     在任何解析之前查：否则一个 20 MB 的请求体要在事件循环里解析、套模板、分词，那几十秒里连 /health 都不应答。"""
     too_big = _APIError(413, f"request body exceeds this server's limit of {limit} bytes (--max-body-bytes)",
                         code="request_too_large")
     if int(request.headers.get("content-length") or 0) > limit:   # 写得不对的 Content-Length 已被 uvicorn 拒绝
         raise too_big
     body = bytearray()   # bytearray：一字节一块的上传也是线性时间
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_big
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_big
+    except ClientDisconnect:   # 请求体没传完客户端就走了：不是服务的错，记 499（nginx 的约定），不留 traceback
+        raise _APIError(499, "client closed the connection before sending the whole body",
+                        code="client_closed_request") from None
     return bytes(body)
 
 
