@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import time
@@ -139,6 +140,8 @@ def check_dir(path: str | Path, flag: str = "--model", adapter: bool = False, tr
     """加载前查一个本地模型（adapter=True：LoRA adapter）目录并返回它；不对就一行 UserError，点名参数和路径。
     不先查，transformers / PEFT 把不存在的路径当成 hub id（"Repo id must be…"），没有权重的目录报一串 OSError，
     服务脚本的错误更是只留在服务日志里。之后再做 safety 的检查：自定义代码没授权、只有 pickle 权重。"""
+    from safetensors import safe_open
+
     p = Path(path).expanduser()
     what, config, weights = (("LoRA adapter", "adapter_config.json", "adapter_model.safetensors") if adapter
                              else ("transformers 模型", "config.json", "*.safetensors"))
@@ -146,11 +149,25 @@ def check_dir(path: str | Path, flag: str = "--model", adapter: bool = False, tr
         raise UserError(f"{flag} {path}: 不是一个存在的目录（要的是{what}目录）")
     if not (p / config).is_file():
         raise UserError(f"{flag} {path}: 目录里没有 {config}，不是{what}目录")
-    if not isinstance(data.read_json(p / config, f"{flag} 的 {config}"), dict):   # 坏 JSON、嵌套过深也在这里一行报
-        raise UserError(f"{flag} {path}: {config} 的顶层应是 JSON 对象 {{...}}")
+    cfg = data.read_json(p / config, f"{flag} 的 {config}")   # 坏 JSON、嵌套过深在这里一行报
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type", ""), str):
+        raise UserError(f"{flag} {path}: {config} 应是 JSON 对象 {{...}}，model_type 是字符串")
+    try:   # json 接受 NaN / Infinity，transformers 的配置类却在加载到一半时才抛：先拦下
+        json.dumps(cfg, allow_nan=False)
+    except ValueError:
+        raise UserError(f"{flag} {path}: {config} 里有 NaN / Infinity（配置值必须是有限的数）") from None
     safety.check_model_dir(p, trust_remote_code, flag)
     if not any(p.glob(weights)):
         raise UserError(f"{flag} {path}: 有 {config} 却没有权重 {weights}（训练没跑完，还是只拷了配置？）")
+    for f in sorted(p.glob(weights)):   # 只读 safetensors 的文件头（几 KB）：截断、损坏的权重在加载任何模型之前就报
+        try:
+            if not f.is_file():   # FIFO 读了会一直等
+                raise OSError("不是普通文件")
+            with safe_open(str(f), framework="numpy"):   # numpy：只为读头，不必为此初始化 torch
+                pass
+        except Exception as e:  # noqa: BLE001 - 截断、损坏、不是 safetensors：对学生都是同一件事
+            raise UserError(f"{flag} {path}: 权重 {f.name} 不是完整的 safetensors 文件"
+                            f"（{(str(e).splitlines() or [''])[0][:120]}）") from None
     return p
 
 
@@ -205,6 +222,7 @@ def load_tokenizer(name: str, source: str = "auto", trust_remote_code: bool = Fa
 def load(name: str, source: str = "auto", device: str = "auto", dtype: str = "auto",
          trust_remote_code: bool = False, for_training: bool = False, **model_kwargs):
     """加载 (model, tokenizer)，并在日志里说明选了什么设备和精度。额外参数原样交给 from_pretrained。"""
+    import huggingface_hub.errors
     from transformers import AutoModelForCausalLM
 
     path = check_dir(resolve(name, source), trust_remote_code=trust_remote_code)   # 没有权重、不可信：加载前一行拒绝
@@ -215,8 +233,9 @@ def load(name: str, source: str = "auto", device: str = "auto", dtype: str = "au
         tok = load_tokenizer(str(path), "local", trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code, **model_kwargs)
-    except (ValueError, OSError) as e:   # 缺权重、不可信的代码 check_dir 已经拒绝过；这里是文件坏了之类
-        raise UserError(f"--model {name}: 无法加载（{str(e).splitlines()[0][:200]}）") from None
+    except (ValueError, OSError, TypeError, huggingface_hub.errors.StrictDataclassFieldValidationError) as e:
+        # 缺权重、不可信的代码 check_dir 已经拒绝过；这里是文件坏了、配置里的值不合法（NaN、类型不对）之类
+        raise UserError(f"--model {name}: 无法加载（{type(e).__name__}: {str(e).splitlines()[0][:200]}）") from None
     if "device_map" not in model_kwargs and "quantization_config" not in model_kwargs:
         model.to(dev)
     why = "（训练用 fp32 主权重）" if dtype == "auto" and for_training and dev.type == "cpu" else ""

@@ -3,7 +3,10 @@ import json
 import re
 from collections import Counter
 
+import pytest
+
 from common import data
+from common.errors import UserError
 from tests.conftest import assert_claims, load_script
 
 SCRIPT = "lesson1_sft/02_data_preprocess/data_pipeline.py"
@@ -68,3 +71,20 @@ def test_bad_document_is_one_line_error(tmp_path, run_script):
     proc = run_script(SCRIPT, "--smoke", "--data", str(docs), "--output-dir", str(tmp_path / "out"))
     assert proc.returncode == 2, proc.stderr
     assert "broken.txt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_smoke_still_checks_an_explicit_model(tmp_path, tiny_models):
+    """冒烟不数 token，但点名了 --model 仍加载它的分词器检查：好模型照常跑完，坏目录一行报错（不被悄悄接受）。"""
+    from common import cli
+
+    mod = load_script(SCRIPT)
+    m = mod.main(cli.parse(mod.Args, ["--smoke", "--model", "tiny-qwen2", "--output-dir", str(tmp_path)]))
+    assert "chat_tokens" not in m["lengths"]
+    bad = tmp_path / "model"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "qwen2", "vocab_size": Infinity}', encoding="utf-8")
+    (bad / "model.safetensors").write_bytes(b"garbage!")
+    with pytest.raises(UserError) as e:
+        mod.main(cli.parse(mod.Args, ["--smoke", "--model", str(bad), "--output-dir", str(tmp_path / "o")]))
+    assert str(e.value).startswith(f"--model {bad}: ") and "\n" not in str(e.value)
+    assert not (tmp_path / "o" / "metrics.json").exists()

@@ -113,3 +113,26 @@ def test_device_cuda_without_cuda_is_one_line_error(tmp_path, monkeypatch):
         torch.set_num_threads(threads)   # 冒烟的 run.start 改了线程数，出错时没走到 finish 还原
     assert str(e.value).startswith("--device cuda: ") and "CUDA" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "ds_config.json").exists()
+
+
+def test_too_few_records_for_the_ranks_refused_before_torchrun(tmp_path, monkeypatch):
+    """--data 在父进程里先读：条数凑不出每个 rank 一个微批时一行报错，不拉起 torchrun
+    （worker 取批的循环一个批也产不出，会永远等下去）。"""
+    import subprocess
+
+    import torch
+
+    from common import cli
+
+    data = tmp_path / "tiny.jsonl"
+    data.write_text('{"instruction": "你好", "output": "你好！"}\n' * 3, encoding="utf-8")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"不该启动子进程：{a[:1]}"))
+    mod = load_script(SCRIPT)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(UserError) as e:
+            mod.main(cli.parse(mod.Args, ["--smoke", "--data", str(data), "--output-dir", str(tmp_path / "o")]))
+    finally:
+        torch.set_num_threads(threads)
+    assert str(e.value).startswith(f"--data {data}: 只有 3 条对话") and "\n" not in str(e.value)
+    assert not (tmp_path / "o" / "metrics.json").exists()

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tests.conftest import assert_claims, assert_user_error, load_script
+from tests.conftest import REPO, assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson3_distributed/04_log_analysis/training_log_inspector.py"
 N = 120
@@ -108,3 +108,13 @@ def test_smoke_real_training_log_is_clean(tmp_path, tiny_models):
 def test_missing_logs_is_one_line_error(tmp_path, run_script):
     proc = run_script(SCRIPT, "--logs", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o"), timeout=120)
     assert_user_error(proc, "--logs")
+
+
+def test_data_with_logs_is_refused_not_ignored(tmp_path, run_script):
+    """--data 是没有日志时现训用的数据：同时给了 --logs 就用不到它，一行报错，不悄悄忽略。"""
+    logs = tmp_path / "trainer_state.json"
+    logs.write_text(json.dumps({"log_history": [{"step": i, "loss": 2.0} for i in range(1, 30)]}), encoding="utf-8")
+    good = str(REPO / "data" / "sft" / "alpaca.jsonl")   # 好文件：拒绝它只因为用不到，不是因为它坏
+    proc = run_script(SCRIPT, "--logs", str(logs), "--data", good, "--output-dir", str(tmp_path / "o"), timeout=120)
+    assert_user_error(proc, f"--data {good}: ", "--logs")
+    assert not (tmp_path / "o" / "metrics.json").exists()

@@ -32,3 +32,17 @@ def test_only_loopback_targets(tmp_path, run_script):
 def test_bad_concurrency_is_one_line_error(tmp_path, run_script):
     proc = run_script(SCRIPT, "--smoke", "--concurrency", "1,0", "--output-dir", str(tmp_path))
     assert_user_error(proc, "--concurrency")
+
+
+def test_broken_model_dir_refused_before_the_server_starts(tmp_path, tiny_models, run_script):
+    """--model 目录的 config.json 是合法 JSON 对象、权重却是截断的：在本进程一行点名 --model 和坏文件，
+    不起服务子进程（没有 server.log）。以前是服务起不来之后的 RuntimeError traceback。"""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_bytes((tiny_models["tiny-qwen2"] / "config.json").read_bytes())
+    (model / "model.safetensors").write_bytes((tiny_models["tiny-qwen2"] / "model.safetensors").read_bytes()[:100])
+    out = tmp_path / "out"
+    proc = run_script(SCRIPT, "--smoke", "--model", str(model), "--output-dir", str(out))
+    assert_user_error(proc, f"--model {model}", "model.safetensors")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (out / "server.log").exists() and not (out / "metrics.json").exists()

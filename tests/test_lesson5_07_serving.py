@@ -347,3 +347,25 @@ def test_server_bad_flag_is_one_line_error():
     p = subprocess.run([sys.executable, "-m", "common.serving", "--max-batch-size", "0"], capture_output=True,
                        text=True, timeout=300, cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
     assert_user_error(p, "--max-batch-size")
+
+
+@pytest.mark.parametrize("weights", [b"", b"\xff" * 40, b"not a safetensors file"])
+def test_broken_adapter_refused_before_the_server_starts(tmp_path, tiny_models, run_script, weights):
+    """adapter_config.json 是 JSON 对象、权重文件在，但权重是坏的：在本进程一行点名 --adapter，不起服务子进程
+    （没有 server.log），不写 metrics.json。以前要等服务启动、加载失败，错误只留在 server.log 里。"""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}', encoding="utf-8")
+    (adapter / "adapter_model.safetensors").write_bytes(weights)
+    out = tmp_path / "out"
+    proc = run_script(SCRIPT, "--smoke", "--adapter", str(adapter), "--output-dir", str(out), timeout=180)
+    assert_user_error(proc, "--adapter", "adapter_model.safetensors")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (out / "server.log").exists() and not (out / "metrics.json").exists()
+
+
+def test_unused_data_flag_is_refused(tmp_path, run_script):
+    """本脚本不读 --data：给了就一行拒绝，而不是悄悄用内置问题跑完、写出结果。"""
+    proc = run_script(SCRIPT, "--smoke", "--data", "mine.jsonl", "--output-dir", str(tmp_path), timeout=180)
+    assert_user_error(proc, "--data mine.jsonl", "不读数据文件")
+    assert not (tmp_path / "metrics.json").exists()

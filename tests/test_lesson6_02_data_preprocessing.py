@@ -67,3 +67,14 @@ def test_bad_qa_line_and_missing_docs(tmp_path, run_script):
     proc = run_script(SCRIPT, "--smoke", "--docs", str(tmp_path / "no_such_folder"), "--output-dir",
                       str(tmp_path / "out"))
     assert_user_error(proc, "no_such_folder")
+
+
+def test_unused_model_flag_is_refused(tmp_path, run_script):
+    """本脚本不用大模型：给了 --model（哪怕是冒烟、哪怕目录是坏的）不能悄悄忽略、照旧跑完，要一行拒绝。"""
+    bad = tmp_path / "model"
+    bad.mkdir()
+    (bad / "config.json").write_text("[1, 2, 3]", encoding="utf-8")
+    proc = run_script(SCRIPT, "--smoke", "--model", str(bad), "--output-dir", str(tmp_path / "out"))
+    assert_user_error(proc, f"--model {bad}", "--embedding-model")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "out" / "metrics.json").exists()

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import socket
 
+import pytest
+
+from common.errors import UserError
 from tests.conftest import assert_claims, load_script
 
 SCRIPT = "lesson6_rag/05_ragflow_deployment/ragflow_demo.py"
@@ -25,6 +28,18 @@ def test_offline_checks_pass(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     assert {"reachable", "compose_ok", "client_ok", "docs_ready"} <= set(saved)
     assert_claims(saved)   # CLAIMS：compose 检查、SDK 签名、上传内容（离线就能检查的三条）
+
+
+def test_local_path_as_model_is_refused(tmp_path, monkeypatch):
+    """--model 是 RAGFlow 服务端的模型名：给了本地路径（别的课的用法）一行拒绝，不写 metrics.json；模型名照常通过。"""
+    monkeypatch.delenv("RAGFLOW_URL", raising=False)
+    mod = load_script(SCRIPT)
+    for bad in (str(tmp_path), str(tmp_path / "no_such_model"), "./outputs/lesson1/model"):
+        with pytest.raises(UserError, match=r"^--model .*服务端的对话模型名"):
+            mod.main(mod.Args(smoke=True, model=bad, output_dir=str(tmp_path / "out")))
+        assert not (tmp_path / "out" / "metrics.json").exists()
+    m = mod.main(mod.Args(smoke=True, model="qwen-plus@Tongyi-Qianwen", output_dir=str(tmp_path / "ok")))
+    assert m["reachable"] is False and m["model"] == "qwen-plus@Tongyi-Qianwen"
 
 
 def test_compose_check_catches_problems(tmp_path):

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
+from common.errors import UserError
 from tests.conftest import assert_claims, load_script
 
 SCRIPT = "lesson6_rag/06_optimization/optimization_lab.py"
@@ -68,3 +70,41 @@ def test_bad_qa_file_names_line(run_script, tmp_path):
     proc = run_script(SCRIPT, "--smoke", "--qa", str(bad), "--output-dir", str(tmp_path / "out"))
     assert proc.returncode == 2
     assert f"{bad}:1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _good_baseline(mod) -> dict:
+    return json.loads((mod.HERE / "baseline_smoke.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("bad", [
+    lambda b: {**b, "metrics": {**b["metrics"], "mrr": float("nan")}},   # NaN 比什么都是 False：永远不告警
+    lambda b: {**b, "metrics": {**b["metrics"], "recall_at_5": "0.9"}},
+    lambda b: {k: v for k, v in b.items() if k != "metrics"},
+    lambda b: {**b, "fingerprint": [1, 2]},
+    lambda b: {**b, "mode": 7},
+    lambda b: [b],
+])
+def test_bad_baseline_is_one_line_error(tmp_path, bad):
+    mod = load_script(SCRIPT)
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps(bad(_good_baseline(mod))), encoding="utf-8")   # NaN 照 Python 的 json 写成 NaN
+    with pytest.raises(UserError, match="^" + re.escape(f"--baseline {path}: ")):
+        mod.guard.read_baseline(path)
+
+
+def test_baseline_is_checked_before_the_sweep(tmp_path, monkeypatch):
+    """坏基线（以及 --update-baseline 写不进去的路径）在加载任何模型、跑扫描之前就报，不是整个实验跑完才报。"""
+    from common import models, retrieval
+
+    mod = load_script(SCRIPT)
+    for name in ("load_embedder", "load_cross_encoder"):
+        monkeypatch.setattr(retrieval, name, lambda *a, **k: pytest.fail("坏基线还没报就先加载了模型"))
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("坏基线还没报就先加载了模型"))
+    empty = tmp_path / "empty.json"
+    empty.write_text("", encoding="utf-8")
+    for kw, needle in (({"baseline": str(empty)}, str(empty)),
+                       ({"baseline": str(tmp_path / "missing.json")}, "missing.json"),
+                       ({"baseline": str(tmp_path), "update_baseline": True}, f"--baseline {tmp_path}")):
+        with pytest.raises(UserError, match=re.escape(needle)):
+            mod.main(mod.Args(smoke=True, output_dir=str(tmp_path / "out"), **kw))
+        assert not (tmp_path / "out" / "metrics.json").exists()

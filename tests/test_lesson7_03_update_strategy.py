@@ -52,3 +52,15 @@ def test_incremental_and_crash_consistency(tmp_path, run_script):
 def test_bad_overlap_is_one_line_error(run_script, tmp_path):
     proc = run_script(SCRIPT, "--smoke", "--chunk-size", "100", "--chunk-overlap", "200", "--output-dir", str(tmp_path))
     assert_user_error(proc, "--chunk-overlap")
+
+
+def test_bad_embedding_model_dir_refused_before_forking(run_script, tmp_path):
+    """向量模型在 fork 出的子进程里才加载：坏的本地目录要在父进程里一行拒绝，
+    而不是子进程崩了、父进程一屏 RuntimeError。"""
+    bad = tmp_path / "emb"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": ' + "[" * 10_000 + "]" * 10_000 + "}", encoding="utf-8")
+    (bad / "model.safetensors").write_bytes(b"garbage!")
+    proc = run_script(SCRIPT, "--smoke", "--embedding-model", str(bad), "--output-dir", str(tmp_path / "out"))
+    assert_user_error(proc, f"{bad / 'config.json'}:1")   # common.data 的 `文件:行`，点名了给错的目录
+    assert "子进程" not in proc.stderr and not (tmp_path / "out" / "metrics.json").exists()

@@ -1,6 +1,9 @@
 """第 7 课 05：服务中途被 SIGKILL，请求切到本地备用模型一个不丢；熔断器 断开 → 半开 → 重新闭合；库外问题拒答。"""
+import re
+
 import pytest
 
+from common.errors import UserError
 from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson7_hybrid_rag/05_hybrid_inference/hybrid_inference.py"
@@ -48,3 +51,20 @@ def test_bad_thresholds_are_one_line_error(run_script, tmp_path):
     proc = run_script(SCRIPT, "--smoke", "--abstain-threshold", "0.9", "--rag-threshold", "0.5",
                       "--output-dir", str(tmp_path))
     assert_user_error(proc, "--abstain-threshold")
+
+
+def test_bad_model_dirs_named_before_any_load(tmp_path, monkeypatch):
+    """服务的 --model 在子进程里才加载、--fallback-model 在本进程加载：坏目录都在加载任何模型、起服务之前
+    一行报出，点名的是给错的那个参数。"""
+    from common import models
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("坏模型目录还没报就先加载了模型"))
+    bad = tmp_path / "model"
+    bad.mkdir()
+    (bad / "config.json").write_text("[1, 2, 3]", encoding="utf-8")
+    mod = load_script(SCRIPT)
+    for kw, flag in (({"fallback_model": str(bad)}, "--fallback-model"),
+                     ({"model": str(bad), "fallback_model": "tiny-qwen2"}, "--model")):
+        with pytest.raises(UserError, match=re.escape(f"{flag} {bad}")):
+            mod.main(mod.Args(smoke=True, output_dir=str(tmp_path / "out"), **kw))
+        assert not (tmp_path / "out" / "metrics.json").exists()

@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 
 from common import models, run
+from common.errors import UserError
 
 TEMPLATE = Path(__file__).resolve().parent / "data_card_template.md"   # 模板与本文件同目录：改措辞不用动代码
 
@@ -21,12 +22,29 @@ def stats(values: list[int]) -> dict:
             "p95": v[min(len(v) - 1, int(len(v) * 0.95))], "max": v[-1]}
 
 
-def length_stats(args, items: list[dict], records: list[dict]) -> dict:
-    """字符数；--count-tokens 时再用目标模型的分词器数 token（据此选训练时的 max_length，字符数换不成 token 数）。"""
+def tokenizer(args, log):
+    """数 token 用的分词器，流水线开始前就加载：数 token 在最后一步，坏的 --model 不该等整条流水线跑完才报。
+    不数 token（冒烟、--no-count-tokens）时返回 None；但给了 --model 仍加载一次来检查：点名的目录坏了，冒烟也是错。"""
+    if not (args.count_tokens or args.model):
+        return None
+    name = args.resolved_model()
+    # 先查目录：FIFO、坏 JSON、万层嵌套的 config.json 都是一行；config 读得出、分词器却建不起来的，下面再一行
+    path = models.check_dir(models.resolve(name, args.source), trust_remote_code=args.trust_remote_code)
+    try:
+        tok = models.load_tokenizer(str(path), "local", args.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers 对坏配置（NaN 尺寸、不认识的 model_type）抛的异常各不相同
+        raise UserError(f"--model {name}: 加载不了分词器（{str(e).strip().splitlines()[0][:160]}）") from None
+    if not args.count_tokens:
+        log.info(f"不数 token（冒烟或 --no-count-tokens）：--model {name} 只检查了分词器能加载，没有使用")
+        return None
+    return tok
+
+
+def length_stats(tok, items: list[dict], records: list[dict]) -> dict:
+    """字符数；有分词器（--count-tokens）时再数 token（据此选训练时的 max_length，字符数换不成 token 数）。"""
     lengths = {"input_chars": stats([len(it["text"]) for it in items]),
                "output_chars": stats([len(r["messages"][-1]["content"]) for r in records])}
-    if args.count_tokens:
-        tok = models.load_tokenizer(args.resolved_model(), args.source, args.trust_remote_code)
+    if tok is not None:
         lengths["chat_tokens"] = stats([len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)
                                             ["input_ids"]) for r in records])
     return lengths

@@ -56,7 +56,7 @@ class Args(cli.CommonArgs):
     count_tokens: bool = cli.arg(True, "用目标模型的分词器统计对话的 token 长度（据此选训练时的 max_length）")
 
 
-SMOKE = dict(count_tokens=False)   # 冒烟：流水线完全一样，只是不加载分词器数 token
+SMOKE = dict(count_tokens=False)   # 冒烟：流水线完全一样，只是不数 token（给了 --model 仍加载它的分词器检查）
 
 # 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
 # (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；两种模式跑的是同一份数据、同一条流水线，门槛相同
@@ -275,8 +275,9 @@ def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
     folder = args.docs or args.data or data.DATA_DIR / "raw"
-    # 1. 读文档并分段
+    # 1. 读文档并分段；分词器也现在加载：数 token 在最后一步，坏的 --model 不该等整条流水线跑完才报
     docs, paras = read_paragraphs(folder)
+    tok = report.tokenizer(args, out.log)
     out.log.info(f"{len(docs)} 个文档（{dict(Counter(d.path.suffix.lower() for d in docs))}）→ {len(paras)} 个段落")
     funnel = Funnel(len(paras))
     # 2. Unicode 归一化：必须在去重之前，否则全角版、带零宽字符的副本看起来"不一样"，去重就漏掉它们
@@ -304,7 +305,7 @@ def main(args: Args) -> dict:
         "languages": dict(Counter(it["lang"] for it in items)),
         "removed_languages": dict(Counter(a["lang"] for a in funnel.audit if a["rule"] == "language")),
         "tasks": dict(Counter(r["meta"]["task"] for r in records)),
-        "lengths": report.length_stats(args, items, records),
+        "lengths": report.length_stats(tok, items, records),
     }
     report.write_card(out, metrics, funnel.steps, records, folder)
     report.plot_funnel(out, funnel.steps)

@@ -125,17 +125,17 @@ def forward_tokens(model, enc: dict, new_tokens: int) -> dict[str, int]:
 
 
 def load_baseline(args: Args, log):
-    """fp32 基线模型 + 分词器 + 对话与提示词。本课讲 CPU 部署：即使有 GPU 也固定在 CPU 上测。"""
+    """fp32 基线模型 + 分词器 + 对话。本课讲 CPU 部署：即使有 GPU 也固定在 CPU 上测。"""
     if models.pick_device(args.device).type == "cuda":   # --device cuda 而没有 CUDA：一行错误（pick_device）
         log.info("本课测量 CPU 推理：忽略 GPU，全部在 CPU 上运行")
     if args.dtype not in ("auto", "float32", "fp32"):
         log.info(f"--dtype {args.dtype}: 本脚本把 fp32、bf16、int8 都测一遍，基线固定 fp32")
+    convs = data.load_sft(args.data or data.DATA_DIR / "domain" / "sft.jsonl")   # 先读数据：坏文件不等模型加载完才报
     model, tok = models.load_args(args, device="cpu", dtype="float32")
     model.eval()
     # 仅解码器模型批量生成时要左填充，新 token 才紧接在各自提示词后面；超长的提示从左边截到 --max-length，
     # 保留离回答最近的部分（一条 5 MB 的记录不截断时要跑几分钟）
     tok.padding_side, tok.truncation_side = "left", "left"
-    convs = data.load_sft(args.data or data.DATA_DIR / "domain" / "sft.jsonl")
     return model, tok, convs
 
 

@@ -52,8 +52,14 @@ class Args(cli.CommonArgs):
     batch_size: int = cli.arg(2, "梯度检查点实验的批大小", min=1)
     seq_len: int = cli.arg(256, "梯度检查点实验的序列长度：激活内存 ∝ 批 × 长度 × 层数", min=8, max=4096,
                            why="光 logits 就占 批 × 长度 × 词表 × 4 字节：smollm2 批 2 × 4096 已 1.6 GB，还没算激活")
+    data: str = cli.arg(None, "本脚本不读数据文件：量化误差用模型自己的权重，检查点实验用随机 token")
 
     smoke_model = "tiny-llama"
+
+    def __post_init__(self) -> None:
+        if self.data:   # CommonArgs 的 --data：给了却悄悄不用，学生会以为结果来自自己的数据
+            raise UserError(f"--data {self.data}: 这个脚本不读数据文件"
+                            "（量化误差用模型自己的权重，检查点实验用随机 token）")
 
 
 # 极小模型每层激活很小：加大批和长度，让激活在峰值里占大头，检查点的效果才量得出来

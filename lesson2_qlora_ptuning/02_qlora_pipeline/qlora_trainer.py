@@ -83,14 +83,22 @@ CLAIMS = [
 ]
 
 
-def skip_modules_for_cpu(path, blocksize: int = 64) -> list[str]:
+def skip_modules_for_cpu(args: Args, blocksize: int = 64) -> list[str]:
     """bitsandbytes 0.50 的 CPU 反量化内核在每行长度不是 blocksize 倍数时算错（见第 2 课 01）：这些层不量化。"""
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    # 先查模型目录（FIFO、坏 JSON、万层嵌套、没有权重都是一行），再读 config：这里比加载模型还早
+    path = models.check_dir(models.resolve(args.resolved_model(), args.source),
+                            trust_remote_code=args.trust_remote_code)
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers 对坏配置（NaN 尺寸、不认识的 model_type）抛的异常各不相同
+        raise UserError(f"--model {args.resolved_model()}: config.json 不是能用的模型配置"
+                        f"（{str(e).strip().splitlines()[0][:160]}）") from None
     with init_empty_weights():   # 只建结构（meta 张量），不占内存
-        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        meta = AutoModelForCausalLM.from_config(cfg)
     names = {n.split(".")[-1] for n, m in meta.named_modules()
              if isinstance(m, torch.nn.Linear) and m.in_features % blocksize}
     return sorted(names | {"lm_head"})
@@ -103,7 +111,7 @@ def load_4bit(args: Args, log):
 
     cuda = models.pick_device(args.device).type == "cuda"
     compute = torch.bfloat16 if cuda else torch.float32
-    skip = None if cuda else skip_modules_for_cpu(models.resolve(args.resolved_model(), args.source))
+    skip = None if cuda else skip_modules_for_cpu(args)
     if skip and skip != ["lm_head"]:
         log.info(f"CPU：bitsandbytes 的 CPU 反量化内核对行长不是 64 倍数的矩阵有错，{skip} 保持 bf16 不量化")
     qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=args.double_quant,

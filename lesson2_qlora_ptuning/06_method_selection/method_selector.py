@@ -68,8 +68,14 @@ class Args(cli.CommonArgs):
                                         "tiny 用大批：只有 20 MB 时库的固定开销占大头，百分比没有意义")
     measure_batch: int = cli.arg(2, "实测用的批大小（measure_models 里没写时）", min=1)
     measure_seq: int = cli.arg(128, "实测用的序列长度（measure_models 里没写时）", min=8)
+    data: str = cli.arg(None, "本脚本不读数据文件：样本数用 --data-size 说，实测峰值内存用随机 token")
 
     smoke_model = "tiny-llama"
+
+    def __post_init__(self) -> None:
+        if self.data:   # CommonArgs 的 --data：给了却悄悄不用，学生会以为推荐是按自己的数据算的
+            raise UserError(f"--data {self.data}: 这个脚本不读数据文件（样本数请用 --data-size N 告诉它；"
+                            "实测峰值内存用的是随机 token）")
 
 
 # --smoke：只在 tiny-llama 上实测；加大批和长度，让激活占峰值的大头（公式里最难估的一项也被检验到）

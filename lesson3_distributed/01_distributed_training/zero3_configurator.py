@@ -104,13 +104,30 @@ def count_params(args: Args) -> tuple[int, int, str]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(models.resolve(args.resolved_model(), args.source),
-                                     trust_remote_code=args.trust_remote_code)
+    # 先查模型目录（FIFO、坏 JSON、万层嵌套、没有权重都是一行）：torchrun 的各个 rank 之后还要加载它
+    path = models.check_dir(models.resolve(args.resolved_model(), args.source),
+                            trust_remote_code=args.trust_remote_code)
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers 对坏配置（NaN 尺寸、不认识的 model_type）抛的异常各不相同
+        raise UserError(f"--model {args.resolved_model()}: config.json 不是能用的模型配置"
+                        f"（{str(e).strip().splitlines()[0][:160]}）") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=args.trust_remote_code)
     total = sum(p.numel() for p in model.parameters())   # parameters() 已去掉共享（tied）的权重
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return total, largest, cfg.model_type
+
+
+def check_data(args: Args) -> None:
+    """--data 在本进程先读一遍：坏文件交给 torchrun 的 rank 去读，要等进程拉起、失败，错误还埋在 run.log 里。"""
+    if not args.data:
+        return
+    n = len(data.load_sft(args.data))
+    # 每个 rank 至少要凑出一个微批：否则 worker 取批的循环一个批也产不出，永远等下去
+    if args.run and n < args.run_ranks * args.run_micro_batch:
+        raise UserError(f"--data {args.data}: 只有 {n} 条对话，{args.run_ranks} 个 rank × 微批 "
+                        f"{args.run_micro_batch} 至少要 {args.run_ranks * args.run_micro_batch} 条")
 
 
 def estimate_gb(psi: int, largest: int, stage: int, n: int, off_opt: bool, off_param: bool, paper: bool = False):
@@ -279,6 +296,7 @@ def main(args: Args) -> dict:
     world = args.num_gpus * args.num_nodes
     build_config(args, world)   # 先查 batch 公式：填错的 --train-batch-size 在任何计算之前就报错
     models.pick_device(args.device)   # --device cuda 而没有 CUDA：一行报错，而不是悄悄在 CPU 上用 gloo 跑
+    check_data(args)
 
     # 1. 模型有多大：meta 设备上建模型，只数参数，不读权重（70B 的模型也不占内存）
     psi, largest, arch = count_params(args)

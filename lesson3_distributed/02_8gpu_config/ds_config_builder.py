@@ -72,8 +72,14 @@ class Args(cli.CommonArgs):
     micro_batch: int = cli.arg(1, "每卡微批大小", min=1)
     gradient_accumulation_steps: int = cli.arg(16, "梯度累积步数", min=1)
     master_addr: str = cli.arg("node-1", "hostfile 与 torchrun 里第一个节点的主机名")
+    data: str = cli.arg(None, "本脚本不读数据文件：只按模型结构与卡数做规划，不训练")
 
     smoke_model = "tiny-llama"   # 本脚本不加载模型：--model 只影响 metrics 里记录的名字
+
+    def __post_init__(self) -> None:
+        if self.data:   # CommonArgs 的 --data：给了却悄悄不用，学生会以为规划和自己的数据有关
+            raise UserError(f"--data {self.data}: 这个脚本不读数据文件"
+                            "（只按模型结构与卡数做规划，序列长度用 --seq-len）")
 
 
 SMOKE = dict(nodes=[1, 4, 16])

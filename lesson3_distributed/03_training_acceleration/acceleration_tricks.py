@@ -92,14 +92,13 @@ CLAIMS = [
 ]
 
 
-def load_rows(args: Args, tok) -> list[dict]:
+def load_rows(args: Args, convs: list, tok) -> list[dict]:
     """SFT 样本 -> token（只在回答上算损失），按种子打乱后取前 n_samples 条。
 
     所有招数吃同一份 rows：招数之间只差"怎么组织成批"，吞吐的差别才能归到招数本身。
     """
     import random
 
-    convs = data.load_sft(args.data or data.DATA_DIR / "longform" / "sft_long.jsonl")
     random.Random(args.seed).shuffle(convs)
     rows = [data.tokenize_chat(tok, c, args.max_length) for c in convs[:args.n_samples]]
     return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
@@ -303,9 +302,10 @@ def main(args: Args) -> dict:
     if unknown:   # 加载模型之前就报错：拼错一个招数名不该白等一分钟
         raise UserError(f"--tricks {' '.join(unknown)}: 不认识；可选 {', '.join(TRICKS)}")
 
-    # 1. 模型与数据：fp32 主权重；所有招数从同一份初始权重出发、吃同一批样本
+    # 1. 数据与模型：先读数据（坏文件不等模型加载完才报）；fp32 主权重；所有招数从同一份初始权重出发、吃同一批样本
+    convs = data.load_sft(args.data or data.DATA_DIR / "longform" / "sft_long.jsonl")
     base, tok = models.load_args(args, for_training=True)
-    rows = load_rows(args, tok)
+    rows = load_rows(args, convs, tok)
     lens = [len(r["input_ids"]) for r in rows]
     out.log.info(f"{len(rows)} 条样本，长度 {min(lens)}-{max(lens)}（中位 {sorted(lens)[len(lens) // 2]}），"
                  f"CPU 线程 {torch.get_num_threads()}（os.cpu_count={os.cpu_count()}）")

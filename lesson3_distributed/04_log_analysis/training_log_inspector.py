@@ -32,7 +32,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import cli, data, models, run
+from common import cli, data, run
 from common.errors import UserError
 
 # 各来源的指标名 -> 统一的名字：Trainer、TensorBoard、DeepSpeed 各叫各的，判据只写一遍，就得先把名字对齐
@@ -223,38 +223,11 @@ def overfitting(ev: list, loss: list, tol: float) -> list[dict]:
     return []
 
 
-def demo_run(args: Args, out: run.Run) -> Path:
-    """没有日志可读时现训一段：真实 Trainer，每步记录 loss/lr/grad_norm，定期评估，写 TensorBoard。
-
-    用真实 Trainer 而不是手造数字：日志的格式、字段名、评估穿插的节奏都和学生以后读到的一样。
-    """
-    from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
-
-    from common import train
-
-    model, tok = models.load_args(args, for_training=True)
-    tr, ev = data.split(data.load_sft(args.data or data.DATA_DIR / "domain" / "sft.jsonl"), 0.15, args.seed)
-    # assistant_masks 不是模型的输入：留着的话 collator 会把它一起补齐、传进 forward 报错
-    enc = lambda cs: Dataset.from_list([data.tokenize_chat(tok, c, 256) for c in cs]).remove_columns(   # noqa: E731
-        ["assistant_masks"])
-    # logging_steps=1：每步一个记录，尖峰才不会被平均掉；评估约 8 次，够画出验证曲线的走向
-    targs = TrainingArguments(output_dir=str(out.path("demo_run")), max_steps=args.demo_steps, learning_rate=5e-4,
-                              lr_scheduler_type="cosine", warmup_steps=3, per_device_train_batch_size=8,
-                              logging_steps=1, eval_strategy="steps", eval_steps=max(1, args.demo_steps // 8),
-                              save_strategy="no", report_to=["tensorboard"],
-                              seed=args.seed, dataloader_num_workers=0,
-                              **train.trainer_flags(model, log=False))
-    trainer = Trainer(model=model, args=targs, train_dataset=enc(tr), eval_dataset=enc(ev),
-                      data_collator=DataCollatorForSeq2Seq(tok, padding=True))
-    trainer.train()
-    trainer.state.save_to_json(str(out.path("demo_run/trainer_state.json")))   # 检查点里的同一份文件，不存权重
-    return out.path("demo_run")
-
-
-def find_logs(args: Args, out: run.Run) -> dict[str, dict[str, list]]:
-    """--logs 给的；否则输出根目录下课程之前的运行；都没有就现训一段。{来源: {指标: [(step, value)]}}。"""
+def find_logs(args: Args, out: run.Run, convs: list) -> dict[str, dict[str, list]]:
+    """--logs 给的；否则输出根目录下课程之前的运行；都没有就用 convs 现训一段。{来源: {指标: [(step, value)]}}。"""
     if args.logs:
+        if args.data:   # --data 是现训用的数据：读现成的日志就用不到它，给了却悄悄忽略，会以为体检的是它训出来的日志
+            raise UserError(f"--data {args.data}: 给了 --logs 就不现训，用不到训练数据（去掉其中一个）")
         sources = collect([Path(p) for p in args.logs])
         if not sources:   # 给了路径却一个都读不出来：多半是路径指错了，静默地"0 个异常"会让人误以为训练很健康
             raise UserError(f"--logs {' '.join(args.logs)}: 没找到 trainer_state.json / TensorBoard 事件 / "
@@ -262,10 +235,12 @@ def find_logs(args: Args, out: run.Run) -> dict[str, dict[str, list]]:
         return sources
     # outputs_root()：course.py --outputs 把所有输出挪到别处时，这里跟着去那里找
     root = run.outputs_root()
-    sources = collect([root]) if root.exists() and args.scan_outputs else {}
+    # 给了 --data：就是要在它上面现训一段，不读旧运行（否则找到旧日志时 --data 被悄悄忽略）
+    sources = collect([root]) if root.exists() and args.scan_outputs and not args.data else {}
     if not sources:
-        out.log.info("没有找到课程之前的训练日志：现训一段（真实 Trainer + TensorBoard）再体检")
-        sources = collect([demo_run(args, out)])
+        out.log.info(f"给了 --data：用 {args.data} 现训一段（真实 Trainer + TensorBoard）再体检" if args.data else
+                     "没有找到课程之前的训练日志：现训一段（真实 Trainer + TensorBoard）再体检")
+        sources = collect([run.import_sibling(__file__, "_demo").demo_run(args, out, convs)])
     return sources
 
 
@@ -292,8 +267,9 @@ def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
 
-    # 1. 找日志：--logs；否则 outputs/ 下课程之前的运行；都没有就现训一段
-    sources = find_logs(args, out)
+    # 1. 找日志：--logs；否则 outputs/ 下课程之前的运行；都没有就现训一段（现训的数据先读先查：坏文件不等模型加载）
+    convs = data.load_sft(args.data or data.DATA_DIR / "domain" / "sft.jsonl")
+    sources = find_logs(args, out, convs)
     steps = {src: max((st for v in s.values() for st, _ in v), default=0) for src, s in sources.items()}
 
     # 2. 逐个来源体检：每个来源各自和自己的过去比，不同运行的 loss 量级不同，混在一起比没有意义

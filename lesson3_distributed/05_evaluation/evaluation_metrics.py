@@ -182,12 +182,18 @@ def export_human_sheet(out: run.Run, items: list[dict], seed: int) -> None:
         encoding="utf-8")
 
 
-def load_qa(args: Args) -> list[dict]:
-    """问答集（EM/F1 用）：在加载模型之前读完并检查，坏文件立刻报错，不必先等模型加载几十秒。"""
+def load_inputs(args: Args) -> tuple[list[dict], list[str], tuple, list]:
+    """(问答, 文档, 情感分类的划分, SFT 对话)：加载任何模型之前读完、查完每个输入，坏文件立刻一行报错，
+    不必先等模型加载几十秒。评委模型这里先查目录（不花时间，报错点名 --judge-model），紧接着在 main 里加载。"""
+    if args.judge_model:
+        models.check_dir(models.resolve(args.judge_model, args.source), "--judge-model",
+                         trust_remote_code=args.trust_remote_code)
     qa = data.load_qa(args.qa or data.DATA_DIR / "kb" / "qa.jsonl")[:args.n_qa]
     if not all(q.get("gold_passage") for q in qa):
         raise UserError(f"--qa {args.qa}: 算 EM/F1 需要每条都有 gold_passage（给模型的上下文）")
-    return qa
+    docs = [d.text for d in data.load_documents(args.docs or data.DATA_DIR / "domain" / "docs")]
+    convs = data.load_sft(args.data or data.DATA_DIR / "domain" / "sft.jsonl")
+    return qa, docs, sentiment_split(args), convs
 
 
 def sentiment_split(args: Args) -> tuple[list[dict], list[str], list[dict]]:
@@ -210,12 +216,11 @@ def qa_scores(model, tok, qa: list[dict]) -> tuple[float, float]:
     return em, f1
 
 
-def generation_scores(args: Args, model, tok) -> tuple[list[tuple[str, str, str]], dict]:
+def generation_scores(args: Args, convs: list, model, tok) -> tuple[list[tuple[str, str, str]], dict]:
     """生成 n_gen 条回答，与参考答案比 ROUGE-L / BLEU；返回 ((问题, 参考, 模型) 列表, 分数)。"""
     import sacrebleu
     from rouge_score import rouge_scorer
 
-    convs = data.load_sft(args.data or data.DATA_DIR / "domain" / "sft.jsonl")
     random.Random(args.seed).shuffle(convs)
     convs = convs[:args.n_gen]
     refs = [c[-1]["content"] for c in convs]
@@ -239,18 +244,18 @@ def generation_scores(args: Args, model, tok) -> tuple[list[tuple[str, str, str]
 def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
-    qa = load_qa(args)
+    qa, docs, (test, labels, shots), convs = load_inputs(args)   # 先读、先查所有输入，再加载模型
+    # 评委模型也先加载：config.json 坏了（目录检查只看文件）不该等整个评估跑完才报；两个模型本来就同时在内存里
+    judge = models.load_args(args, name=args.judge_model) if args.judge_model else None
     model, tok = models.load_args(args)
     model.eval()   # 关掉 dropout：同一个问题两次打分必须一样，否则评委"位置不一致"里混进了随机性
 
     # 1. 困惑度：滑窗 vs 不重叠窗口（同一批文档、同样的窗口长度）
-    docs = [d.text for d in data.load_documents(args.docs or data.DATA_DIR / "domain" / "docs")]
     ppl = perplexity(model, tok, docs, args.ppl_window, args.ppl_stride)
     ppl_flat = perplexity(model, tok, docs, args.ppl_window, args.ppl_window)
     out.log.info(f"困惑度：滑窗（stride {args.ppl_stride}）{ppl:.2f}，不重叠 {ppl_flat:.2f}")
 
     # 2. 闭式评估：情感分类，零样本 vs 少样本——同一批评测样本，只差提示里有没有示例
-    test, labels, shots = sentiment_split(args)
     acc0 = sentiment_accuracy(model, tok, test, labels, [])
     acc = sentiment_accuracy(model, tok, test, labels, shots)
     out.log.info(f"情感分类（{len(test)} 条，标签 {labels}）：零样本 {acc0:.2f}，{len(shots)} 样本 {acc:.2f}")
@@ -259,12 +264,12 @@ def main(args: Args) -> dict:
     em, f1 = qa_scores(model, tok, qa)
 
     # 4. 生成任务：ROUGE-L / BLEU（jieba 分词）——参考答案 vs 模型答案
-    items, gen = generation_scores(args, model, tok)
+    items, gen = generation_scores(args, convs, model, tok)
     out.log.info(f"EM {em:.2f} F1 {f1:.2f}；ROUGE-L {gen['rougeL']:.3f}，BLEU {gen['bleu']:.2f}；rouge-score 默认"
                  f"分词器给中文参考答案与它自己打 ROUGE-L = {gen['rougeL_default_tokenizer_zh_self']:.2f}")
 
     # 5. LLM 评委：参考答案 vs 模型答案，交换位置各判一次（只判一次的话，位置偏好会被当成"质量差"）
-    judge_m, judge_t = (models.load_args(args, name=args.judge_model) if args.judge_model else (model, tok))
+    judge_m, judge_t = judge or (model, tok)
     win, consistency = pairwise(functools.partial(judge_pair, judge_m, judge_t), items)
     out.log.info(f"评委（{args.judge_model or out.model_name}）：参考答案胜率 {win:.2f}，位置一致率 {consistency:.2f}")
 

@@ -8,6 +8,7 @@ PPO 的 ρ = π_new/π_old 会因为填充而偏离 1，截断也就失去意义
 from __future__ import annotations
 
 from common import data
+from common.errors import UserError
 
 
 def positions(mask):
@@ -58,17 +59,22 @@ def response_logprobs(model, ids, mask, start: int):
     return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
-def load_reward_model(path, actor, tok):
+def load_reward_model(path, dtype, device, flag: str | None = None):
     """RM = 与 actor 同一个起点加一个标量打分头（DeepSpeed-Chat 做法）；path 也可以是 03 训练好的奖励模型。
 
     同一个起点：RM 与 actor 共用分词器和表示，RM 读得懂 actor 写出来的每个 token。
+    flag：目录是用户给的（--reward-model）时，加载失败一行点名它（config 的值不对、权重文件坏了……）。
     """
     from transformers import AutoModelForSequenceClassification
 
-    rm = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=actor.dtype,
-                                                            use_safetensors=True).to(actor.device)
-    rm.config.pad_token_id = tok.pad_token_id   # 分类前向靠它找末 token；存盘复用时须与分词器一致
-    return rm
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
+                                                                  use_safetensors=True).to(device)
+    except Exception as e:  # noqa: BLE001 - 任何加载失败对学生都是同一件事：这个目录当不了奖励模型
+        if flag is None:
+            raise
+        raise UserError(f"{flag} {path}: 无法加载（{type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:160]}）") from None
 
 
 def text_of(x) -> str:

@@ -275,15 +275,21 @@ def main(args: Args) -> dict:
     # 0. 数据：偏好对切成训练 / 留出；PPO 只用 prompt。留出的 prompt 不进任何一个阶段，前后比的才不是背下来的
     train_pairs, eval_pairs = map(data.preference_conversational,   # 统一成消息列表：prompt 是 user 消息
                                   data.preference_split(args.data, args.val_fraction, args.seed, min_train=8))
-    # 现成的 RM 目录先查：不存在、没有权重，一行报错点名 --reward-model，而不是训完 SFT 才崩
-    rm_path = models.check_dir(args.reward_model, "--reward-model") if args.reward_model else None
+    # 现成的 RM 先查、先加载（精度、设备与 actor 相同）：目录不存在、没有权重、config 或权重坏了，都在加载 actor
+    # 之前一行报错点名 --reward-model，而不是等 actor 加载完、训完 SFT 才崩
+    dev = models.pick_device(args.device)
+    given_rm = scoring.load_reward_model(models.check_dir(args.reward_model, "--reward-model"),
+                                         models.pick_dtype(args.dtype, dev, for_training=True), dev,
+                                         "--reward-model") if args.reward_model else None
     actor, tok = models.load_args(args, for_training=True)
 
     # 1. 阶段 1：SFT。PPO 只会在策略自己采得到的回答里挑好的；起点不会答，RM 再准也没有好回答可奖励
     actor = stage1_sft(actor, tok, train_pairs, args, rng, out.log) if args.sft_steps else actor
 
     # 2. 阶段 2：奖励模型（同一个起点加打分头；或直接用 --reward-model）
-    rm = scoring.load_reward_model(rm_path or models.resolve(out.model_name, args.source), actor, tok)
+    rm = given_rm if given_rm is not None else \
+        scoring.load_reward_model(models.resolve(out.model_name, args.source), actor.dtype, actor.device)
+    rm.config.pad_token_id = tok.pad_token_id   # 分类前向靠它找末 token；存盘复用时须与分词器一致
     # 基线：新打分头（还没训练）的留出准确率，阶段 2 训练后要和它比；--reward-model 时 RM 已训练好，没有这个基线
     rm_before = None if args.reward_model else scoring.rm_accuracy(rm, tok, eval_pairs, args.max_length)
     rm, rm_acc = ((rm, scoring.rm_accuracy(rm, tok, eval_pairs, args.max_length)) if args.reward_model

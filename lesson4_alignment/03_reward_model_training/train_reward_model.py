@@ -32,6 +32,7 @@ chosen 与 rejected 的分数分不开；训练后准确率明显升高，平均
 from dataclasses import dataclass
 
 from common import cli, data, models, run, train
+from common.errors import UserError
 
 
 @dataclass
@@ -73,13 +74,18 @@ def load_reward_model(args: Args, name: str):
     """因果 LM 主干 + 随机初始化的 1 维 score 头；pad_token_id 告诉它"最后一个真实 token"在哪。"""
     from transformers import AutoModelForSequenceClassification
 
-    path = models.resolve(name, args.source)
+    # 先查目录（config、权重、自定义代码），再加载：坏目录一行点名 --model，不留 transformers 的 traceback
+    path = models.check_dir(models.resolve(name, args.source), trust_remote_code=args.trust_remote_code)
     dev = models.pick_device(args.device)
-    # 打分头 score（hidden→1）在原模型里没有，transformers 随机初始化它并提示"newly initialized"：这是预期的
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=models.pick_dtype(args.dtype, dev, for_training=True), use_safetensors=True,
-        trust_remote_code=args.trust_remote_code).to(dev)
-    tok = models.load_tokenizer(str(path), "local", args.trust_remote_code)
+    try:
+        # 打分头 score（hidden→1）在原模型里没有，transformers 随机初始化它并提示"newly initialized"：这是预期的
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=models.pick_dtype(args.dtype, dev, for_training=True), use_safetensors=True,
+            trust_remote_code=args.trust_remote_code).to(dev)
+        tok = models.load_tokenizer(str(path), "local", args.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - config 的值不对、权重文件坏了……对学生都是同一件事：这个模型加载不了
+        raise UserError(f"--model {name}: 无法加载（{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}）") \
+            from None
     model.config.pad_token_id = tok.pad_token_id
     return model, tok
 

@@ -47,6 +47,8 @@ class Args(cli.CommonArgs):
     recipe: str = cli.arg(str(RECIPES / "dpo_hf.yaml"),
                           "TRL 配方 YAML（ScriptArguments + DPOConfig + ModelConfig 的字段）")
     accelerate_config: str = cli.arg(str(RECIPES / "accelerate_single.yaml"), "accelerate 启动配置（写进模型卡）")
+    data: str = cli.arg(None, "偏好对 JSONL {prompt, chosen, rejected}（字符串或消息列表，见 data/README.md）；"
+                              "给了就代替配方里的 dataset_name")
     max_steps: int = cli.arg(0, "覆盖配方里的 max_steps（0 = 用配方的）", min=0)
     learning_rate: float = cli.arg(0.0, "覆盖配方里的学习率（0 = 用配方的）", min=0)
     push: bool = cli.arg(False, "训练完推到 Hub 的 hub_model_id（需联网与 HF_TOKEN；离线时只写目录）")

@@ -32,6 +32,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -58,9 +59,16 @@ class Args(cli.CommonArgs):
     max_pii_leaks: int = cli.arg(0, "闸门：允许的 PII 泄露次数", min=0)
     on_gate_fail: str = cli.arg("auto", "闸门失败时：auto/exit（退出码 1）/ report（只报告）",
                                 choices=["auto", "exit", "report"])
-    embedding_model: str = cli.arg(None, "情感分类器的句向量模型；默认离线的 all-MiniLM-L6-v2")
+    embedding_model: str = cli.arg(None, "情感分类器的句向量模型（sentence-transformers 模型名或本地目录）；"
+                                         "默认离线的 all-MiniLM-L6-v2")
+    data: str = cli.arg(None, "本脚本不读数据文件：反事实句对、红队提示、隐私探针是 data/bias/ 里的固定探针集")
 
     smoke_model = "tiny-qwen2"
+
+    def __post_init__(self) -> None:
+        if self.data:   # CommonArgs 的 --data：给了却悄悄不用，学生会以为扫描的是自己的数据
+            raise UserError(f"--data {self.data}: 这个脚本不读数据文件（反事实句对、红队提示、隐私探针是 "
+                            "data/bias/ 里的固定探针集，要扫自己的探针请照格式改那几个文件）")
 
 
 # --smoke：极小模型必然过不了安全闸门（它从不拒绝），冒烟只报告不退出；要看退出码用 --on-gate-fail exit
@@ -118,6 +126,16 @@ def logprob_gaps(model, tok, cf: list[dict], attrs: list[str]) -> dict[str, floa
     la, lb = mean_logprob(model, tok, [r["a"] for r in sents]), mean_logprob(model, tok, [r["b"] for r in sents])
     return {a: round(float(np.mean([abs(x - y) for r, x, y in zip(sents, la, lb) if r["attribute"] == a])), 4)
             for a in attrs}
+
+
+def check_embedding_model(name: str | None) -> None:
+    """--embedding-model 是本地目录时，在加载被测模型之前查完：目录与 config（models.check_dir），权重的文件头。
+
+    不先查：sentence-transformers 读到 FIFO 的 config.json 会一直等；权重坏了要等被测模型加载完、扫描跑到一半才报。
+    只读 safetensors 头部的张量目录（几 KB），不加载权重。默认模型与 hub id 由 retrieval.load_embedder 加载时点名。
+    """
+    if name and (name.startswith(("/", ".", "~")) or os.path.lexists(name)):
+        models.check_dir(name, "--embedding-model")
 
 
 def sentiment_scorer(args: Args):
@@ -232,6 +250,7 @@ def main(args: Args) -> dict:
     cf = load_jsonl("counterfactual.jsonl", ("attribute", "lang", "kind", "a", "b"))
     red = load_jsonl("redteam.jsonl", ("lang", "prompt"))
     pii = load_jsonl("pii_probes.jsonl", ("lang", "context", "question"))
+    check_embedding_model(args.embedding_model)   # 情感打分器的模型在步骤 1b 才加载：坏目录先在这里一行报出
     model, tok = models.load_args(args)
     attrs = sorted({r["attribute"] for r in cf})
 

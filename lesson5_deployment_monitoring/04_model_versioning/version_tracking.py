@@ -270,20 +270,21 @@ def main(args: Args) -> dict:
 
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
-    # 1. 跟踪服务器：自己启动一个真的 mlflow server，或用 --tracking-uri；同一次训练也记到 W&B（离线）
+    # 1. 数据与模型：客服对话 SFT，留出几条算 eval_loss、核对生成（留出集不参与训练，晋升比较才不偏向过拟合）。
+    #    先于跟踪服务器：坏的 --data / --model 一行报错，不必先等 mlflow server 启动（忙碌的机器上要几十秒）
+    train_convs, held = data.split(data.load_sft(args.data or data.DATA_DIR / "sft" / "chat.jsonl"), 0.1, args.seed)
+    convs = {"train": train_convs, "held": held, "probe": held[:4]}
+    model, tok = models.load_args(args, for_training=True)
+    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+
+    # 2. 跟踪服务器：自己启动一个真的 mlflow server，或用 --tracking-uri；同一次训练也记到 W&B（离线）
     svc, uri, client, rid = connect(args, out)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     tracker = _tracker.ResilientTracker(client, rid, out.path("outbox.jsonl"), out.log)
     out.path("outbox.jsonl").unlink(missing_ok=True)   # 上一次运行留下的缓冲不属于这次的 run_id
     wb = open_wandb(args, out)
-
-    # 2. 数据与模型：客服对话 SFT，留出几条算 eval_loss、核对生成（留出集不参与训练，晋升比较才不偏向过拟合）
-    train_convs, held = data.split(data.load_sft(args.data or data.DATA_DIR / "sft" / "chat.jsonl"), 0.1, args.seed)
-    convs = {"train": train_convs, "held": held, "probe": held[:4]}
-    model, tok = models.load_args(args, for_training=True)
-    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
 
     # 3. 训练；中途停掉跟踪服务器，训练照常进行（跟踪是旁路，不该成为训练的单点故障）
     outage_step = max(1, int(args.max_steps * args.outage_fraction)) if svc and args.outage != "none" else -1

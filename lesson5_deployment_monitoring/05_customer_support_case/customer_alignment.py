@@ -71,8 +71,14 @@ class Args(cli.CommonArgs):
     held_out: float = cli.arg(0.25, "留出多少比例的工单算合规率", min=0.05, max=0.9)
     tickets: str = cli.arg(None, "额外工单 JSONL 文件（ticket/type/lang）；默认 data/support/tickets.jsonl")
     feedback_tickets: int = cli.arg(0, "反馈闭环里让 SFT 模型回答多少条训练工单（0 = 全部）", min=0)
+    data: str = cli.arg(None, "本脚本不读 --data：自己的工单用 --tickets，SFT 与偏好对由工单和规则生成")
 
     smoke_model = "tiny-qwen2"
+
+    def __post_init__(self) -> None:
+        if self.data:   # CommonArgs 的 --data：给了却悄悄不用，学生会以为模型是在自己的数据上训练的
+            raise UserError(f"--data {self.data}: 这个脚本不读数据文件；自己的工单请用 --tickets <工单 JSONL>"
+                            "（SFT 样本与偏好对都由工单和规则生成）")
 
 
 # --smoke：极小模型、大学习率；SFT 步数足够学会政策话术；回答截短到 24 token（政策话术都在前 24 个 token 里）

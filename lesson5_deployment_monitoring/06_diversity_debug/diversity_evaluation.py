@@ -189,9 +189,8 @@ def plot(out, results: dict) -> None:  # noqa: ANN001
     save()
 
 
-def load_prompts(args: Args, tok) -> list[str]:  # noqa: ANN001
+def load_prompts(convs: list[list[dict]], args: Args, tok) -> list[str]:  # noqa: ANN001
     """取对话数据里每段对话的第一个用户问题，套对话模板：与上线时模型看到的提示一致。"""
-    convs = data.load_sft(args.data or data.DATA_DIR / "sft" / "chat.jsonl")
     questions = [[m for m in c if m["role"] == "user"][:1] for c in convs]
     return [data.prompt_text(tok, q) for q in questions if q][:args.num_prompts]
 
@@ -221,8 +220,10 @@ def main(args: Args) -> dict:
 
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
+    # 先读数据、再加载模型：--data 给的文件坏了，一行报错，不必等模型加载完
+    convs = data.load_sft(args.data or data.DATA_DIR / "sft" / "chat.jsonl")
     model, tok = models.load_args(args, for_training=args.dpo_steps > 0)
-    prompts = load_prompts(args, tok)
+    prompts = load_prompts(convs, args, tok)
     embedder = retrieval.load_embedder(None)
 
     # 1. 同一个模型，六种解码设置：先分清"解码参数造成的雷同"，才能判断是不是模型本身坍缩了

@@ -39,8 +39,11 @@ import sys
 import time
 from dataclasses import dataclass
 
-from common import cli, models, run, services
+from common import cli, run, services
 from common.errors import UserError
+
+# 起服务之前查 --model / --adapter（与 load_test.py 共用）：坏目录在本进程一行报错，不必等服务子进程启动、失败
+_preflight = run.import_sibling(__file__, "_preflight")
 
 
 @dataclass
@@ -55,8 +58,13 @@ class Args(cli.CommonArgs):
     burst: int = cli.arg(32, "并发突发：同时发多少个请求", min=1, max=256)
     serve: bool = cli.arg(False, "只启动服务并一直运行（Ctrl-C 停止），不跑演示")
     host: str = cli.arg("127.0.0.1", "--serve 时的监听地址；对外开放请同时设 --api-key")
+    data: str = cli.arg(None, "本脚本不读数据文件：演示问题写在脚本里，并发突发发的是编号问题")
 
     smoke_model = "tiny-qwen2"
+
+    def __post_init__(self) -> None:
+        if self.data:   # CommonArgs 的 --data：给了却悄悄不用，学生会以为服务演示用的是自己的数据
+            raise UserError(f"--data {self.data}: 这个脚本不读数据文件（演示问题写在脚本里，并发突发发的是编号问题）")
 
 
 # --smoke：极小模型、短回答；队列上限 8 远小于 32 个并发，繁忙的机器上 429 一定会出现
@@ -87,11 +95,13 @@ def server_cmd(args: Args, port: str = "{port}") -> list[str]:
 
     服务放在子进程里：客户端与服务各占一个进程，和真实部署一样互不影响；"{port}" 由 services.start 换成空闲端口。
     """
+    # 启动服务之前查模型与 adapter：否则错误只在 server.log 里，这里只能说"服务没能启动"
+    _preflight.check_model(args.resolved_model(), args.source)
     cmd = [sys.executable, "-m", "common.serving", "--model", args.resolved_model(), "--source", args.source,
            "--port", port, "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
            "--max-queue", str(args.max_queue), "--device", args.device, "--dtype", args.dtype]
-    if args.adapter:   # 启动服务之前查：否则错误只在 server.log 里，这里只能说"服务没能启动"
-        models.check_dir(args.adapter, "--adapter", adapter=True)
+    if args.adapter:
+        _preflight.check_adapter(args.adapter)
         cmd += ["--adapter", args.adapter]
     if args.api_key:
         cmd += ["--api-key", args.api_key]

@@ -43,6 +43,8 @@ from common.errors import UserError
 
 # 只压本机：压测对别人的服务就是拒绝服务攻击，远端机器请登录到那台机器上运行
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# 自己起服务之前查 --model（与 chat_server.py 共用）：坏目录在本进程一行报错，不必等服务子进程启动、失败
+_preflight = run.import_sibling(__file__, "_preflight")
 
 
 @dataclass
@@ -54,8 +56,13 @@ class Args(cli.CommonArgs):
     api_key: str = cli.arg(None, "Bearer API key（被压服务要求时）")
     max_batch_size: int = cli.arg(8, "自己起服务时：动态批处理的批大小上限", min=1, max=256)
     timeout_s: float = cli.arg(300.0, "单个请求的超时（秒）", min=1)
+    data: str = cli.arg(None, "本脚本不读数据文件：压测的提示取自内置问答集 data/kb/qa.jsonl 的问题")
 
     smoke_model = "tiny-qwen2"
+
+    def __post_init__(self) -> None:
+        if self.data:   # CommonArgs 的 --data：给了却悄悄不用，学生会以为压的是自己的提示
+            raise UserError(f"--data {self.data}: 这个脚本不读数据文件（压测的提示取自内置问答集 data/kb/qa.jsonl）")
 
 
 # --smoke：每档 16 个短请求，够看出批处理的加速，又只要十几秒
@@ -219,12 +226,16 @@ def target(args: Args, out) -> tuple[str, str, object]:  # noqa: ANN001
             raise UserError(f"--base-url {args.base_url}: 读不到 /v1/models（{type(e).__name__}）") from None
         return url, args.model or served, None
     model = args.resolved_model()
+    _preflight.check_model(model, args.source)   # 起服务之前查（--base-url 时 --model 只是被压服务里的模型名）
     # 队列上限 512：压测自己控制并发，不该被服务的 429 截断（那是 chat_server.py 演示的事）
     cmd = [sys.executable, "-m", "common.serving", "--model", model, "--source", args.source, "--port", "{port}",
            "--max-batch-size", str(args.max_batch_size), "--max-queue", "512", "--device", args.device,
            "--dtype", args.dtype]
-    svc = services.start(cmd, log_file=out.path("server.log"), deadline_s=300,
-                         env={"PYTHONPATH": str(run.REPO_ROOT)})
+    try:
+        svc = services.start(cmd, log_file=out.path("server.log"), deadline_s=300,
+                             env={"PYTHONPATH": str(run.REPO_ROOT)})
+    except RuntimeError as e:   # 查过的目录仍可能加载失败（例如 config 的值不对）：一行点名，细节在 server.log
+        raise UserError(f"--model {model}: 服务没能启动（{str(e).splitlines()[0][:300]}）") from None
     return svc.url, model, svc
 
 

@@ -249,8 +249,8 @@ def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
     log = out.log
-    if args.model:
-        log.warning(f"--model {args.model}: 本脚本不用大模型，已忽略；换向量模型请用 --embedding-model")
+    if args.model:   # 给了却悄悄忽略，学生会以为换了模型（冒烟时连这个目录在不在都不查）：一行拒绝
+        raise UserError(f"--model {args.model}: 这个脚本不用大模型（只用向量模型），换向量模型请用 --embedding-model")
     if args.chunk_overlap >= args.chunk_size:   # 在加载模型之前检查：坏参数一秒内报错
         raise UserError(f"--chunk-overlap {args.chunk_overlap} 必须小于 --chunk-size {args.chunk_size}")
 

@@ -37,6 +37,7 @@
 """
 
 import json
+import os
 import re
 from dataclasses import dataclass
 
@@ -295,6 +296,11 @@ def summarize(rows: list[dict]) -> dict:
 def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
+    # 0. 先查三个模型目录（不到一秒）：坏的 --model / --reranker 不该等向量模型加载、重排器训练完才报
+    models.check_dir(models.resolve(out.model_name, args.source), trust_remote_code=args.trust_remote_code)
+    for flag, name in (("--embedding-model", args.embedding_model), ("--reranker", args.reranker)):
+        if name and (name.startswith(("/", ".", "~")) or os.path.lexists(name)):   # hub id 留给加载时报
+            models.check_dir(name, flag)
     device = str(models.pick_device(args.device))
     # 1. 知识库切块、建 BM25 与向量索引；问题切成训练 / 测试（重排器和 RRF 权重只在训练题上调，测试题只用来报告）
     kb = load_kb(args, device, out.log)

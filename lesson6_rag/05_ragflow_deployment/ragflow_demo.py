@@ -36,6 +36,8 @@ pre = run.import_sibling(__file__, "_preflight")
 @dataclass
 class Args(retrieval.KBArgs):
     embedding_model: str = cli.arg(None, "RAGFlow 里的向量模型名（如 BAAI/bge-large-zh-v1.5@BAAI）；不填用服务端默认")
+    model: str = cli.arg(None, "RAGFlow 对话助手用的 LLM（服务端的 模型名@供应商，如 qwen-plus@Tongyi-Qianwen）；"
+                               "不填用服务端默认。本机不加载任何模型")
     ragflow_url: str = cli.arg(None, "RAGFlow HTTP API 地址（SVR_HTTP_PORT，如 http://127.0.0.1:9380）；"
                                      "或环境变量 RAGFLOW_URL")
     api_key: str = cli.arg(None, "RAGFlow API key（网页右上角头像 → API）；或环境变量 RAGFLOW_API_KEY")
@@ -246,6 +248,10 @@ def main(args: Args) -> dict:
     args, secret = safety.scrub(cli.with_smoke(args, SMOKE))
     out = run.start(__file__, args)
     log = out.log
+    # --model 是服务端的模型名：给了本地路径多半是把别的课的用法搬了过来，悄悄交给服务只会在对话那步才失败
+    if args.model and (args.model.startswith(("/", ".", "~")) or os.path.lexists(args.model)):
+        raise UserError(f"--model {args.model}: 这里要的是 RAGFlow 服务端的对话模型名（如 qwen-plus@Tongyi-Qianwen），"
+                        "不是本地路径：本机不加载任何模型")
 
     # 1. 部署文件与客户端接线：compose 能解析、服务齐全、镜像版本钉死、变量都有定义；SDK 签名与本脚本的调用一致
     checks = preflight(log)

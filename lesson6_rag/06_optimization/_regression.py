@@ -6,15 +6,47 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+from common import data
+from common.errors import UserError
 
 # 回归告警比较的指标：都是确定性的（同数据同种子结果不变），告警才不会被随机波动误触发；生成类指标不进来
 COMPARED = ("recall_at_5", "mrr", "ndcg_at_10", "answer_f1")
 
 
+def read_baseline(path: Path) -> dict:
+    """读基线并检查结构（本脚本写出的四个键；指标是有限的数）：坏基线在扫描之前一行报错，不是跑完整个实验才报。"""
+    base = data.read_json(path, "--baseline 基线 JSON")
+    if not isinstance(base, dict):
+        raise UserError(f"--baseline {path}: 顶层应是 JSON 对象 {{mode, fingerprint, best_config, metrics}}")
+    for key, tp in (("mode", str), ("fingerprint", dict), ("best_config", str), ("metrics", dict)):
+        if not isinstance(base.get(key), tp):
+            raise UserError(f"--baseline {path}: {key} 应是{'文本' if tp is str else ' JSON 对象'}，"
+                            f"实际是 {json.dumps(base.get(key), ensure_ascii=False)[:60]}")
+    for k in COMPARED:   # NaN 与任何数比较都是 False：NaN 基线永远不会告警，等于没有基线
+        v = base["metrics"].get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise UserError(f"--baseline {path}: metrics.{k} 应是有限的数，实际是 {v!r}")
+    return base
+
+
+def baseline_path(args, mode: str, folder: Path) -> Path:
+    """要比较（或 --update-baseline 时要写）的基线文件；在扫描之前就查好：读的要读得通，写的要写得进去。"""
+    # 按模式分基线：冒烟与默认运行的数据量、扫描范围都不同，拿一个比另一个只会永远报警（或永远不报）
+    path = Path(args.baseline) if args.baseline else folder / f"baseline_{mode}.json"
+    if args.update_baseline:   # 写进文件夹、FIFO（会一直等）或断链：扫描跑完才失败，白跑一场
+        if not path.parent.is_dir() or ((path.exists() or path.is_symlink()) and not path.is_file()):
+            raise UserError(f"--baseline {path}: 写不进去（不是普通文件，或所在文件夹不存在）")
+    elif args.baseline or path.is_file():   # 用户点名的基线必须存在；自带的那个没有就跳过比较
+        read_baseline(path)
+    return path
+
+
 def compare_baseline(path: Path, fingerprint: dict, current: dict, tolerance: float) -> list[str] | None:
     """与基线比：返回掉得超过 tolerance 的指标（有则打印红色 ALERT）；基线的数据/扫描范围不同则返回 None。"""
-    base = json.loads(path.read_text(encoding="utf-8"))
+    base = read_baseline(path)
     # 指纹先过一遍 JSON：元组变列表，与从文件读回来的基线才比得上
     if base.get("fingerprint") != json.loads(json.dumps(fingerprint)):
         return None
@@ -28,13 +60,11 @@ def compare_baseline(path: Path, fingerprint: dict, current: dict, tolerance: fl
     return drops
 
 
-def check_baseline(args, out, fingerprint: dict, best: str, current: dict, folder: Path) -> tuple[Path, bool, list]:
+def check_baseline(args, out, fingerprint: dict, best: str, current: dict, path: Path) -> tuple[Path, bool, list]:
     """与同一模式的基线比较（数据或扫描范围不同的基线不可比，跳过）；--update-baseline 时写新基线。
 
-    args：脚本的 Args；out：common.run.Run；folder：默认基线所在的文件夹（脚本旁边，随仓库提交）。
+    args：脚本的 Args；out：common.run.Run；path：baseline_path 在扫描之前查好的基线文件。
     """
-    # 按模式分基线：冒烟与默认运行的数据量、扫描范围都不同，拿一个比另一个只会永远报警（或永远不报）
-    path = Path(args.baseline) if args.baseline else folder / f"baseline_{out.mode}.json"
     # 写基线要显式加 --update-baseline：默认就覆盖的话，一次变差的运行会把自己写成新基线，告警永远不响
     if args.update_baseline:
         path.write_text(json.dumps({"mode": out.mode, "fingerprint": fingerprint, "best_config": best,

@@ -32,6 +32,7 @@
 <!-- /results -->
 """
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +278,12 @@ def main(args: Args) -> dict:
     grid = [(cs, ov) for cs in args.chunk_sizes for ov in args.chunk_overlaps if ov < cs / 2]
     if not grid:
         raise UserError("--chunk-sizes / --chunk-overlaps 没有有效组合（重叠必须小于切块的一半）")
+    # 0. 先查基线与三个模型目录（不到一秒）：坏基线不该等整个扫描跑完才报，坏目录不该等别的模型加载完才报
+    base_path = guard.baseline_path(args, out.mode, HERE)
+    models.check_dir(models.resolve(out.model_name, args.source), trust_remote_code=args.trust_remote_code)
+    for flag, name in (("--embedding-model", args.embedding_model), ("--reranker", args.reranker)):
+        if name and (name.startswith(("/", ".", "~")) or os.path.lexists(name)):   # hub id 留给加载时报
+            models.check_dir(name, flag)
     # 1. 数据：知识库 + 问答，切成 dev 与 test；向量模型
     kb = load_data(args, out.log)
     by_id, test = kb["by_id"], kb["test"]
@@ -299,7 +306,7 @@ def main(args: Args) -> dict:
     fingerprint = {"docs": len(kb["docs"]), "qa": len(kb["qas"]), "seed": args.seed, "grid": grid, "ks": ks,
                    "embedding_models": sorted(kb["embedders"]), "rerank": method, "dev_fraction": args.dev_fraction}
     path, regression, drops = guard.check_baseline(args, out, fingerprint, best,
-                                                   {k: final_test[k] for k in guard.COMPARED}, HERE)
+                                                   {k: final_test[k] for k in guard.COMPARED}, base_path)
     # 7. 画图
     figures.plots(out, configs, grid, ks, by_retriever, cs, ov)
 

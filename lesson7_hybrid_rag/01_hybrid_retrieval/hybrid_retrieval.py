@@ -33,6 +33,7 @@
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from common import cli, data, models, retrieval, run
@@ -250,6 +251,10 @@ def main(args: Args) -> dict:
     device = models.pick_device(args.device).type
     if args.chunk_overlap >= args.chunk_size:
         raise UserError(f"--chunk-overlap {args.chunk_overlap}: 必须小于 --chunk-size {args.chunk_size}")
+    # 坏的 --reranker 目录不该等向量模型加载、伪问题造完才报：本地目录先查（不到一秒），hub id 留给加载时报
+    for flag, name in (("--embedding-model", args.embedding_model), ("--reranker", args.reranker)):
+        if name and (name.startswith(("/", ".", "~")) or os.path.lexists(name)):
+            models.check_dir(name, flag)
 
     # 1. 数据：知识库切块；问答按种子切成 dev（调权重、决定要不要重排）与 test（只用来报告，不参与任何选择）
     sp, dev, test = load_splits(args)

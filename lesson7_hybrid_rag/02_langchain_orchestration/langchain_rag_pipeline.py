@@ -32,6 +32,7 @@
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -92,8 +93,13 @@ def build_retriever(args, chunks, device):
     docs = [Document(page_content=c.text, metadata={"source": c.doc_id, "chunk": c.id}) for c in chunks]
     # 全是标点的块分不出词：给一个不会与任何查询词相同的占位符，块留在库里，只是永远不被 BM25 命中
     bm25 = BM25Retriever.from_documents(docs, k=args.top_k, preprocess_func=lambda t: retrieval.bm25_tokens(t) or ["∅"])
-    emb = HuggingFaceEmbeddings(model_name=args.embedding_model or retrieval.default_embedding_model(),
-                                model_kwargs={"device": device}, encode_kwargs={"normalize_embeddings": True})
+    name = args.embedding_model or retrieval.default_embedding_model()
+    try:   # 离线时没缓存过的 hub id、权重坏了：一行点名参数，不是一屏 traceback
+        emb = HuggingFaceEmbeddings(model_name=name, model_kwargs={"device": device},
+                                    encode_kwargs={"normalize_embeddings": True})
+    except Exception as e:  # noqa: BLE001 - 任何加载失败对学生都是同一件事：这个向量模型用不了
+        raise UserError(f"--embedding-model {name}: 无法加载（{type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:150]}）") from None
     # 向量已归一化：FAISS 默认的 L2 距离给出的次序与余弦相似度相同
     dense = FAISS.from_documents(docs, emb).as_retriever(search_kwargs={"k": args.top_k})
     # RRF 只看名次：BM25 分数是几十、余弦在 0..1，直接相加向量一路会被淹没
@@ -244,6 +250,11 @@ def main(args: Args) -> dict:
     out = run.start(__file__, args)
     if args.base_url and not re.match(r"^https?://", args.base_url):
         raise UserError(f"--base-url {args.base_url}: 应以 http:// 或 https:// 开头（如 http://127.0.0.1:8000/v1）")
+    # 先查本地模型目录（不到一秒）：坏目录不该等向量库建好才报；--base-url 时 --model 是服务端的模型名，不在本地
+    if not args.base_url:
+        models.check_dir(models.resolve(out.model_name, args.source), trust_remote_code=args.trust_remote_code)
+    if (name := args.embedding_model) and (name.startswith(("/", ".", "~")) or os.path.lexists(name)):
+        models.check_dir(name, "--embedding-model")   # hub id 留给加载时报
 
     # 1. 知识库：切块；混进一段"注入"文本，看提示词里的"资料是数据"能不能挡住它
     chunks, picked = load_questions(args)

@@ -260,6 +260,9 @@ def main(args: Args) -> dict:
     models.pick_device(args.device)
     if args.chunk_overlap >= args.chunk_size:
         raise UserError(f"--chunk-overlap {args.chunk_overlap}: 必须小于 --chunk-size {args.chunk_size}")
+    # 向量模型在 fork 出的子进程里才加载（见 _counting）：坏的本地目录要在父进程里、起子进程之前查出来
+    if (name := args.embedding_model) and (name.startswith(("/", ".", "~")) or os.path.lexists(name)):
+        models.check_dir(name, "--embedding-model")   # hub id 留给加载时报
     import langchain_chroma  # noqa: F401 - 先在父进程里导入（不建客户端），fork 出的子进程直接复用
     import langchain_classic.indexes  # noqa: F401
     import langchain_huggingface  # noqa: F401

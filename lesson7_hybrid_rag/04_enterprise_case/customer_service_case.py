@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,6 +243,10 @@ def plot_routes(out, per_route: dict, n_turns: int) -> None:
 def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
+    # 先查两个模型目录（不到一秒）：坏的 --model 不该等知识库切块、向量模型加载完才报
+    models.check_dir(models.resolve(out.model_name, args.source), trust_remote_code=args.trust_remote_code)
+    if (name := args.embedding_model) and (name.startswith(("/", ".", "~")) or os.path.lexists(name)):
+        models.check_dir(name, "--embedding-model")   # hub id 留给加载时报
 
     # 1. 知识库、FAQ 条目、留出的多轮对话（阈值都没在这些对话上调过，报出来的才是真实表现）
     docs, by_id, _ = retrieval.load_kb(args.docs, args.qa)

@@ -265,6 +265,12 @@ def main(args: Args) -> dict:
     out = run.start(__file__, args)
     if args.abstain_threshold > args.rag_threshold:
         raise UserError(f"--abstain-threshold {args.abstain_threshold}: 不能大于 --rag-threshold {args.rag_threshold}")
+    # 先查两个模型目录：服务的 --model 在子进程里才加载，坏目录要等服务起、停之后才报；本地路径点名自己的参数
+    for flag, name in (("--model", args.resolved_model()), ("--fallback-model", args.fallback_model or "")):
+        local = name.startswith(("/", ".", "~")) or os.path.lexists(name)
+        if name:
+            models.check_dir(name if local else models.resolve(name, args.source), flag,
+                             trust_remote_code=args.trust_remote_code)
 
     # 1. 问题：知识库内的问答（有标准答案）+ 库外问题（应当拒答）；检索索引
     items, chunks, bm25 = load_items(args)

@@ -31,6 +31,7 @@ recall@10 仍接近精确检索；IVF 只探测少数簇，也找回大部分精
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -265,6 +266,10 @@ def main(args: Args) -> dict:
     bad = sorted(set(args.indexes) - {"flat", "hnsw", "ivf", "bm25"})
     if bad:
         raise UserError(f"--indexes {' '.join(bad)}: 只能是 flat / hnsw / ivf / bm25")
+    # 先查两个模型目录（不到一秒）：坏的 --model 不该等整轮压测跑完、到生成那一步才报
+    models.check_dir(models.resolve(out.model_name, args.source), trust_remote_code=args.trust_remote_code)
+    if (name := args.embedding_model) and (name.startswith(("/", ".", "~")) or os.path.lexists(name)):
+        models.check_dir(name, "--embedding-model")   # hub id 留给加载时报
     import faiss
     import numpy as np
 
