@@ -208,12 +208,17 @@ def pick_dtype(dtype: str = "auto", device=None, for_training: bool = False):
 
 
 def load_tokenizer(name: str, source: str = "auto", trust_remote_code: bool = False):
-    """只加载分词器。"""
+    """只加载分词器（目录可以只有分词器文件，所以不走 check_dir；读不了的配置同样一行报）。"""
+    import huggingface_hub.errors
     from transformers import AutoTokenizer
 
     path = resolve(name, source)
     safety.check_model_dir(path, trust_remote_code)   # 自定义代码没授权、只有 pickle 权重：一行拒绝
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, TypeError, huggingface_hub.errors.StrictDataclassFieldValidationError) as e:
+        raise UserError(f"--model {name}: 无法加载分词器（{type(e).__name__}: {str(e).splitlines()[0][:160]}）") \
+            from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
