@@ -19,12 +19,12 @@ all-linear 注入全部 Linear、r=8 时可训练参数（lora_params）也只�
 图：delta_w_spectrum.png（奇异值谱，对数坐标）、energy_vs_rank.png（前 r 个方向捕获的能量）。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行：还没有记录（python course.py --full --only lora_parameter_viz.py）
-  – ΔW 的能量集中在前 8 个方向，远超同形状随机矩阵：ΔW / 随机 的前 8 能量占比（默认模式 ≥ 4）
-  – 集中的是更新而不是预训练权重本身：ΔW / W 的前 8 能量占比（默认模式 ≥ 2.5）
-  – 注意力矩阵的 ΔW 比 MLP 更集中：注意力 / MLP 的前 8 能量占比（各自平均）（默认模式 ≥ 1.3）
-  – LoRA r=8 只训练一小部分参数：PEFT 实数的可训练参数 / 全量参数（默认模式 ≤ 0.025）
-  – PEFT 实数的参数量与公式 r·(d_in + d_out) 逐秩相等：最大差几个参数（默认模式 ≤ 0）
+参考运行（smollm2-135m，2 核 CPU）：2.3 分钟，4.9 GB，结论 5/5 成立
+  ✓ ΔW 的能量集中在前 8 个方向，远超同形状随机矩阵：ΔW / 随机 的前 8 能量占比：7.576（≥ 4）
+  ✓ 集中的是更新而不是预训练权重本身：ΔW / W 的前 8 能量占比：3.962（≥ 2.5）
+  ✓ 注意力矩阵的 ΔW 比 MLP 更集中：注意力 / MLP 的前 8 能量占比（各自平均）：1.789（≥ 1.3）
+  ✓ LoRA r=8 只训练一小部分参数：PEFT 实数的可训练参数 / 全量参数：0.01816（≤ 0.025）
+  ✓ PEFT 实数的参数量与公式 r·(d_in + d_out) 逐秩相等：最大差几个参数：0（≤ 0）
 <!-- /results -->
 """
 from dataclasses import dataclass
