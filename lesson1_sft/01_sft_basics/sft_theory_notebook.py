@@ -18,7 +18,7 @@
 曲线图 curves.png：左边训练损失，右边留出集回复损失。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行（smollm2-135m，2 核 CPU）：4.7 分钟，4.7 GB，结论 3/3 成立
+参考运行（smollm2-135m，2 核 CPU）：5.4 分钟，4.7 GB，结论 3/3 成立
   ✓ assistant-only 训练降低留出集回复损失：训练后 / 训练前：0.8877（≤ 0.95）
   ✓ full-sequence 也学 prompt：它的 prompt 损失比 assistant-only 低（nat）：2.389（≥ 1）
   ✓ assistant-only 只在回复上算损失：带损失 token 的比例：0.3528（< 0.6）
