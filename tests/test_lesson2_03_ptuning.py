@@ -34,3 +34,22 @@ def test_bad_label_file_is_one_line_error(tmp_path, run_script):
 def test_unknown_method_is_one_line_error(tmp_path, run_script):
     proc = run_script(SCRIPT, "--smoke", "--methods", "p_tuning_v3", "--output-dir", str(tmp_path), timeout=180)
     assert_user_error(proc, "--methods")
+
+
+def test_single_token_labels_scored_in_one_forward_match_the_full_sequence(tiny_models):
+    """标签都是单 token 时一次前向读最后位置的分布（K 倍省算）：必须和"标签接在提示后整串算"的 log p 一样。"""
+    import torch
+
+    from common import lm, models
+
+    mod = load_script(SCRIPT)
+    model, tok = models.load("tiny-llama")
+    batch = [{"prompt": tok(t, add_special_tokens=False)["input_ids"], "y": 0}
+             for t in ("Review: great phone\nSentiment:", "Review: it broke after one day, awful\nSentiment:")]
+    labels = [[553], [1681], [2417]]
+    with torch.no_grad():
+        fast = mod.label_scores(model, batch, labels, tok.pad_token_id, 0)
+        full = torch.stack([lm.sequence_logprobs(model, torch.tensor([ex["prompt"] + lab]),
+                                                 mask=torch.tensor([[0] * len(ex["prompt"]) + [1]]))[0]
+                            for ex in batch for lab in labels]).view(2, 3)
+    assert torch.allclose(fast, full, atol=1e-4), (fast, full)

@@ -11,8 +11,13 @@
 - LoRA（参照）：在注意力与 MLP 的权重旁边加低秩增量。
 
 任务：情感三分类（data/classification/sentiment.jsonl，留出 20%；--data 换成你的 text/label 文件）。
-把每个标签当作续写（"Sentiment: positive"），取各标签整串的对数概率，最高者为预测（标签可以是多 token）；
-训练用这几个分数上的交叉熵。每种方法都从同一个冻结模型出发，训练同样步数，量训练前/后的留出准确率。
+把每个标签当作续写（"Sentiment: positive"），取各标签整串的对数概率，最高者为预测（标签可以是多 token；都是单 token
+时一次前向读最后一个位置的分布，省下 K 倍算量）；训练用这几个分数上的交叉熵。每种方法都从同一个冻结模型出发，训练同样
+步数，量训练前/后的留出准确率。
+初始化决定了前缀能不能学：PEFT 默认随机初始化前缀，它的 K/V 尺度和真实 token 差得远，一上来就把每层注意力拉偏，
+smollm2 上 20 步追不回零样本的水平。这里 v2 的前缀取原模型读一句任务说明时每层的 K/V（PEFT 的
+initialize_kv_prefix_from_text），Prompt Tuning 的软提示取同一句话的词嵌入（PEFT 的 TEXT 初始化）：训练从"一句真话"
+出发；v1 的编码器没有这种初始化，保持随机。
 
 运行：
   python lesson2_qlora_ptuning/03_ptuning/ptuning_v2_demo.py            # smollm2-135m，CPU
@@ -58,7 +63,7 @@ class Args(cli.CommonArgs):
     lora_learning_rate: float = cli.arg(1e-3, "LoRA 的学习率")
     lora_r: int = cli.arg(8, "LoRA 秩", min=1)
     lora_alpha: int = cli.arg(16, "LoRA 缩放系数", min=1)
-    max_steps: int = cli.arg(20, "每种方法的优化器步数（5 种方法在 2 核 CPU 上共约 9 分钟）", min=1)
+    max_steps: int = cli.arg(20, "每种方法的优化器步数", min=1)
     per_device_train_batch_size: int = cli.arg(8, "每步几条样本（每条要对所有标签各算一次）", min=1)
     max_length: int = cli.arg(96, "提示 + 标签最多多少 token", min=8)
     val_fraction: float = cli.arg(0.2, "留出比例（准确率在留出集上量）", min=0, max=1)
@@ -96,10 +101,23 @@ CLAIMS = [
 PROMPT = "Review: {text}\nSentiment:"
 
 
-def peft_config(method: str, args: Args):
+def init_text(labels: list[str], tok, n: int) -> str:
+    """前缀 / 软提示的初始文本：一句任务说明（由 --data 的标签生成，不针对某个数据集），不够 n 个 token 就重复。
+    随机初始化的前缀和真实的 K/V 尺度差得远，一上来就把注意力拉偏（smollm2 上零样本 0.67 掉到 0.5 以下，
+    20 步追不回来）；从一句真话的 K/V 出发，训练前就不伤零样本，训练只需把它往任务上推。"""
+    text = f"Read the review and answer with its sentiment, one of: {', '.join(labels)}.\n"
+    while len(tok(text, add_special_tokens=False)["input_ids"]) < n:
+        text += text
+    return text
+
+
+def peft_config(method: str, args: Args, text: str = ""):
     """每种方法对应的 PEFT 配置。
 
     task_type 都是 CAUSAL_LM：分类做成"续写标签"，四种方法用同一个打分函数，差别只剩可训练参数放在哪。
+    text：Prompt Tuning 的初始软提示取这句话的词嵌入（PEFT 自带的 TEXT 初始化）；v2 的前缀在 train_method 里
+    用 PEFT 的 initialize_kv_prefix_from_text 取它的每层 K/V。v1 的编码器没有文本初始化，保持随机
+    （这也是它和 v2 的差别之一）。
     """
     from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
@@ -113,7 +131,9 @@ def peft_config(method: str, args: Args):
         return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, encoder_reparameterization_type="MLP",
                                    encoder_hidden_size=args.encoder_hidden_size)
     if method == "prompt_tuning":     # 只在输入层：直接训练软提示向量
-        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prompt_tuning_init="TEXT",
+                                  prompt_tuning_init_text=text,
+                                  tokenizer_name_or_path=str(models.resolve(args.resolved_model(), args.source)))
     # LoRA 参照挂在全部 Linear 上（QLoRA 论文的做法）：只挂 q/v 时它和提示类方法的差距会被低估
     return LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha, target_modules="all-linear")
 
@@ -139,7 +159,15 @@ def label_scores(model, batch: list[dict], label_ids: list[list[int]], pad_id: i
     """
     from common import lm
 
-    # 提示位置的 labels 记为 -100：pad_right 给的 labels 同时就是"哪些位置是标签 token"的掩码
+    if all(len(lab) == 1 for lab in label_ids):   # 标签都是单个 token：一次前向读最后一个位置的分布，K 个标签免费
+        b = {k: v.to(next(model.parameters()).device)
+             for k, v in lm.pad_right([{"input_ids": ex["prompt"]} for ex in batch], pad_id).items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, n_virtual:]
+        last = logits[range(len(batch)), b["attention_mask"].sum(-1) - 1]   # 右填充：最后一个真实 token 的位置
+        return lm.token_logprobs(last.unsqueeze(1).expand(-1, len(label_ids), -1),
+                                 b["input_ids"].new_tensor([lab[0] for lab in label_ids]).expand(len(batch), -1))
+    # 多 token 标签：每个标签接在提示后各算一遍整串。提示位置的 labels 记为 -100：
+    # pad_right 给的 labels 同时就是"哪些位置是标签 token"的掩码
     rows = [{"input_ids": ex["prompt"] + lab, "labels": [-100] * len(ex["prompt"]) + lab}
             for ex in batch for lab in label_ids]
     b = {k: v.to(next(model.parameters()).device) for k, v in lm.pad_right(rows, pad_id).items()}
@@ -163,16 +191,18 @@ def accuracy(model, exs: list[dict], label_ids, pad_id: int, n_virtual: int, bs:
     return hit / len(exs)
 
 
-def train_method(method: str, args: Args, train_ex, eval_ex, label_ids, log) -> dict:
+def train_method(method: str, args: Args, train_ex, eval_ex, label_ids, text: str, log) -> dict:
     """新加载冻结模型 -> 套上这种方法 -> 量训练前 -> 训练 max_steps 步 -> 量训练后。"""
     import random
 
     import torch
-    from peft import get_peft_model
+    from peft import get_peft_model, initialize_kv_prefix_from_text
 
     torch.manual_seed(args.seed)   # 前缀 / 软提示 / LoRA 的随机初始化每种方法都从同一个种子开始，可以复现
     base, tok = models.load_args(args, for_training=True)   # 每种方法重新加载：上一种方法的改动不会带进来
-    model = get_peft_model(base, peft_config(method, args))
+    model = get_peft_model(base, peft_config(method, args, text))
+    if method == "ptuning_v2":   # 前缀 = 原模型读这句说明时每层的 K/V（直接训练的前缀才能这样初始化；MLP 生成的不能）
+        initialize_kv_prefix_from_text(model, tok, text=text, use_chat_template=False)
     cfg = model.peft_config["default"]
     # 输入层提示的方法会把虚拟 token 的位置也算进输出；前缀（v2）进的是每层的 K/V，不占输出位置
     n_virtual = cfg.num_virtual_tokens if method in ("ptuning_v1", "prompt_tuning") else 0
@@ -242,7 +272,8 @@ def main(args: Args) -> dict:
     out.log.info(f"原模型零样本准确率 {zero_shot:.3f}")
 
     # 3. 每种方法：同一个冻结模型、同样的数据与步数（步数不同就比不出"参数放在哪"的差别）
-    results = {m: train_method(m, args, train_ex, eval_ex, label_ids, out.log) for m in args.methods}
+    text = init_text(labels, tok, args.num_virtual_tokens)
+    results = {m: train_method(m, args, train_ex, eval_ex, label_ids, text, out.log) for m in args.methods}
 
     # 4. 一张表 + 一张图：损失曲线看得出学习率是否合适（不降反升时换学习率，而不是加步数）
     plot_curves(out, results, zero_shot)
