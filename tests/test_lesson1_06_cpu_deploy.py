@@ -5,6 +5,8 @@ KV 缓存的墙钟加速比（脚本里 2 轮取中位数）在忙碌的 2 核�
 """
 import json
 
+import pytest
+
 from tests.conftest import assert_claims, assert_user_error, load_script
 
 SCRIPT = "lesson1_sft/06_cpu_deploy/cpu_inference_case.py"
@@ -20,6 +22,10 @@ def test_every_config_measured_and_int8_keeps_quality(tmp_path, tiny_models):
     assert set(m["first_token_ms"]) == set(m["tokens_per_s"])
     # 动态 int8 只量化 Linear 权重：困惑度相对 fp32 的变化在 5% 以内，权重体积变小
     assert abs(m["int8_ppl_delta_pct"]) < 5, m["perplexity"]
+    # 逐类敏感度扫描覆盖每一类 Linear；留在 fp32 的正是单独量化时困惑度比超过门槛的那些
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= set(m["int8_sensitivity"])
+    assert m["int8_kept_fp32"] == [k for k, v in m["int8_sensitivity"].items() if v > 1.05]
+    assert "int8_all" in m["perplexity"]
     assert m["size_mb"]["int8"] < m["size_mb"]["fp32"] and m["size_mb"]["bf16"] < m["size_mb"]["fp32"]
     # 批量生成：每个请求都拿到了同样多的新 token
     assert m["new_tokens"]["fp32_bs4"] == 4 * m["new_tokens"]["fp32"]
@@ -68,3 +74,24 @@ def test_bad_data_line_is_one_line_error(tmp_path, run_script):
                    'not json at all\n', encoding="utf-8")
     p = run_script(SCRIPT, "--smoke", "--data", str(bad), "--output-dir", str(tmp_path / "out"), timeout=600)
     assert_user_error(p, f"{bad}:2")
+
+
+def test_sensitivity_scan_finds_the_layer_with_activation_outliers(tiny_models):
+    """造一个激活离群值：每层 up_proj 的第 0 个输出通道放大 1000 倍、down_proj 对应的输入列缩小 1000 倍——fp32 的函数
+    不变，但 down_proj 的输入多了一个巨大的通道。动态 int8 按整个张量取尺度，这一类必须被扫描抓出来、留在 fp32。"""
+    import torch
+
+    from common import lm, models
+
+    mod = load_script(SCRIPT)
+    model, tok = models.load("tiny-llama", device="cpu", dtype="float32")
+    rows = [{"input_ids": tok(t)["input_ids"]} for t in ("The quick brown fox jumps over the lazy dog.",
+                                                          "A model learns from data and forgets nothing.")]
+    base = lm.perplexity(model, rows, batch_size=1, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[0] *= 1000
+            layer.mlp.down_proj.weight[:, 0] /= 1000
+    assert lm.perplexity(model, rows, batch_size=1, pad_token_id=tok.pad_token_id) == pytest.approx(base, rel=1e-3)
+    scan = mod.int8_sensitivity(model, rows, tok.pad_token_id)
+    assert scan["down_proj"] > 1.05 and scan["q_proj"] < 1.05, scan

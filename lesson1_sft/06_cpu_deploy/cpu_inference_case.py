@@ -12,9 +12,11 @@
 吞吐 = 批大小 × 新 token 数 / 总用时；首 token 延迟（TTFT）用一个 streamer 记下第一个新 token 出现的时刻。
 
 你会看到：fp32、批 1、开 KV 缓存是基线（tokens/s 与首 token 延迟）。关掉 KV 缓存，每生成一个 token 都把整段前文重算
-一遍（送进前向的 token 数多一个数量级以上），明显变慢；bf16 在有原生 bf16 指令的 CPU 上更快、困惑度几乎不变；动态 int8
-更快、权重明显变小，困惑度要和 fp32 在同一批回复 token 上对照——激活按张量在运行时量化，小模型上可能伤精度，部署前
-一定要量；批 8 的总吞吐是批 1 的好几倍，但每个请求的首 token 更晚（吞吐与延迟的取舍）；2 线程只比 1 线程快一点
+一遍（送进前向的 token 数多一个数量级以上），明显变慢；bf16 权重减半、困惑度几乎不变，只在有原生 bf16 指令的 CPU 上
+更快（没有时是模拟的，反而慢：这一条那时记"未检查"）。动态 int8 的激活按整个张量在运行时量化：某一层输入里有离群值时
+就伤精度。脚本先逐类扫描（每次只量化一类 Linear，在校准样本上量困惑度比），把超过 --int8-sensitivity 的那类留在 fp32：
+smollm2 上是 MLP 的输出投影 down_proj（"全部量化"的对照行 int8_all 困惑度翻倍以上），留下它之后 int8 仍更快、权重
+变小、困惑度接近 fp32；批 8 的总吞吐是批 1 的好几倍，但每个请求的首 token 更晚（吞吐与延迟的取舍）；2 线程只比 1 线程快一点
 （逐 token 解码受内存带宽限制，不受算力限制）。--smoke（tiny-llama，128 个新 token）：同样看得到 KV 缓存省下的前向计算。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
@@ -48,6 +50,8 @@ class Args(cli.CommonArgs):
     repeats: int = cli.arg(2, "每个配置计时几轮，取中位数（另有 1 轮预热不计）", min=1)
     ppl_samples: int = cli.arg(24, "算困惑度用的样本条数（fp32 / bf16 / int8 用同一批）", min=1)
     max_length: int = cli.arg(256, "算困惑度时每条样本最多多少 token", min=8)
+    calib_samples: int = cli.arg(8, "int8 逐层敏感度扫描用的校准样本数（取在算困惑度的样本之后，不重叠）", min=1)
+    int8_sensitivity: float = cli.arg(1.05, "某类 Linear 单独量化后困惑度比超过它，这类就留在 fp32", min=1.0)
 
     smoke_model = "tiny-llama"
 
@@ -67,11 +71,20 @@ CLAIMS = [
     run.Claim("KV 缓存提速：开 / 不开缓存的 tokens/s（轮流计时取中位数）", "kv_cache_speedup", ">=", None, 2.0),
     run.Claim("bf16 几乎不损精度：bf16 / fp32 困惑度（同一批回复 token，逐 token 对着真实下文算）",
               'perplexity["bf16"] / perplexity["fp32"]', "<=", 1.02, 1.02),
-    run.Claim("bf16 提速（CPU 有原生 bf16 时）：bf16 / fp32 的 tokens/s", "bf16_speedup", ">=", None, 1.3),
-    run.Claim("动态 int8 提速：int8 / fp32 的 tokens/s", "int8_speedup", ">=", None, 2.0),
-    run.Claim("动态 int8 权重变小：int8 / fp32 的权重体积", 'size_mb["int8"] / size_mb["fp32"]', "<=", 0.8, 0.6),
-    run.Claim("动态 int8 保住精度：int8 / fp32 困惑度（同一批回复 token）",
+    # 没有原生 bf16 指令（AVX512_BF16 / AMX）的 CPU 上 bf16 是模拟的、比 fp32 慢：那时不出这个指标，这条记"未检查"
+    run.Claim("bf16 提速（仅在 CPU 有原生 bf16 时检查）：bf16 / fp32 的 tokens/s", "bf16_speedup_native", ">=",
+              None, 1.3),
+    run.Claim("bf16 权重减半：bf16 / fp32 的权重体积", 'size_mb["bf16"] / size_mb["fp32"]', "<=", 0.55, 0.55),
+    # 敏感的那类 Linear 留在 fp32 后，量化的权重少了，提速与体积都比"全部量化"小：门槛按混合精度的 int8 定
+    run.Claim("动态 int8（混合精度）提速：int8 / fp32 的 tokens/s", "int8_speedup", ">=", None, 1.2),
+    run.Claim("动态 int8（混合精度）权重变小：int8 / fp32 的权重体积", 'size_mb["int8"] / size_mb["fp32"]', "<=",
+              0.9, 0.8),
+    run.Claim("逐类扫描后的 int8 保住精度：int8 / fp32 困惑度（同一批回复 token，不用于扫描）",
               'perplexity["int8"] / perplexity["fp32"]', "<=", 1.05, 1.1),
+    # 对照：不扫描、全部 Linear 一起量化。smollm2 上一类层（MLP 输出投影）就把困惑度抬到两倍以上；极小模型的激活
+    # 没有这种离群值，冒烟不检查
+    run.Claim("不扫描、全部 Linear 量化会伤精度：全部量化 / 混合精度 int8 的困惑度",
+              'perplexity["int8_all"] / perplexity["int8"]', ">=", None, 1.3),
     run.Claim("批量提高总吞吐：最大批 / 批 1 的总 tokens/s", "batch_throughput_gain", ">=", 2.0, 2.5),
     run.Claim("批量让每个请求的首 token 更晚：最大批 / 批 1 的首 token 延迟", "batch_first_token_slowdown", ">=",
               None, 2.0),
@@ -139,8 +152,27 @@ def load_baseline(args: Args, log):
     return model, tok, convs
 
 
-def precision_variants(model, log) -> dict:
-    """fp32（基线）、bf16（权重和计算减半位宽）、动态 int8（Linear 权重 int8，激活运行时量化）。"""
+def int8_sensitivity(model, rows: list[dict], pad_id: int) -> dict[str, float]:
+    """逐类 Linear（q_proj、down_proj……按名字最后一段分类）单独做动态 int8、其余保持 fp32，量校准样本上的困惑度比。
+    动态 int8 的激活按整个张量取一个尺度：某一层的输入有离群值（小模型的 MLP 输出投影常见）时，其余数值全被压进
+    几个量化格子里——哪一层这样，量一量就知道，不用猜。"""
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    base = lm.perplexity(model, rows, batch_size=1, pad_token_id=pad_id)
+    scan = {}
+    for kind in sorted({n.rsplit(".", 1)[-1] for n in names}):
+        q = quantize_dynamic(copy.deepcopy(model), {n for n in names if n.rsplit(".", 1)[-1] == kind},
+                             dtype=torch.qint8)
+        scan[kind] = round(lm.perplexity(q, rows, batch_size=1, pad_token_id=pad_id) / base, 4)
+        del q
+    return scan
+
+
+def precision_variants(model, calib: list[dict], pad_id: int, limit: float, log) -> tuple[dict, dict, list[str]]:
+    """fp32（基线）、bf16（权重和计算减半位宽）、动态 int8（Linear 权重 int8，激活运行时量化）：
+    int8_all 把全部 Linear 量化；int8 先逐类扫描，单独量化就让困惑度涨过 limit 的那类留在 fp32（混合精度）。"""
     import torch
 
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
@@ -153,9 +185,16 @@ def precision_variants(model, log) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        int8 = quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+        int8_all = quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+        scan = int8_sensitivity(model, calib, pad_id)
+        keep = [k for k, v in scan.items() if v > limit]
+        names = {n for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] not in keep}
+        int8 = quantize_dynamic(copy.deepcopy(model), names, dtype=torch.qint8)
     log.info("int8：torch.ao.quantization.quantize_dynamic（已弃用但在 torch 2.13 可用；迁移目标是 torchao.quantize_）")
-    return {"fp32": model, "bf16": bf16, "int8": int8}
+    log.info(f"int8 逐类敏感度（单独量化这一类时的困惑度比，{len(calib)} 条校准样本）：{scan}；"
+             f"留在 fp32：{keep or '无'}")
+    return {"fp32": model, "bf16": bf16, "int8": int8, "int8_all": int8_all}, scan, keep
 
 
 def config_table(batch_sizes: list[int], max_threads: int) -> dict[str, tuple[str, int, bool, int]]:
@@ -242,7 +281,11 @@ def main(args: Args) -> dict:
     out.log.info(f"{len(convs)} 条对话；torch 默认 {max_threads} 个线程；CPU 原生 bf16：{models.cpu_has_bf16()}")
 
     # 2. 准备三种精度
-    variants = precision_variants(model, out.log)
+    calib = [{k: r[k] for k in ("input_ids", "labels")} for r in (data.tokenize_chat(tok, c, args.max_length) for c in
+             (convs[args.ppl_samples:][:args.calib_samples] or convs[:args.calib_samples]))]
+    if len(convs) <= args.ppl_samples:
+        out.log.warning(f"只有 {len(convs)} 条对话：校准样本与算困惑度的样本重叠，int8 的困惑度会偏乐观")
+    variants, scan, keep = precision_variants(model, calib, tok.pad_token_id, args.int8_sensitivity, out.log)
 
     # 3. 配置表：每行只改一个变量；每种批大小的输入只编码一次，各配置喂的是同一批 token
     configs = config_table(args.batch_sizes, max_threads)
@@ -271,11 +314,13 @@ def main(args: Args) -> dict:
         "kv_cache_speedup": round(tps["fp32"] / tps["fp32_no_kv"], 3),
         "int8_speedup": round(tps["int8"] / tps["fp32"], 3),
         "bf16_speedup": round(tps["bf16"] / tps["fp32"], 3),
+        **({"bf16_speedup_native": round(tps["bf16"] / tps["fp32"], 3)} if models.cpu_has_bf16() else {}),
         "thread_speedup": round(tps["fp32"] / tps["fp32_1thread"], 3) if "fp32_1thread" in tps else None,
         "batch_throughput_gain": round(tps[f"fp32_bs{top_bs}"] / tps["fp32"], 3) if top_bs > 1 else None,
         "batch_first_token_slowdown": round(ttft[f"fp32_bs{top_bs}"] / ttft["fp32"], 3) if top_bs > 1 else None,
         "perplexity": ppl,
         "int8_ppl_delta": round(ppl["int8"] - ppl["fp32"], 4),
+        "int8_sensitivity": scan, "int8_kept_fp32": keep,
         "int8_ppl_delta_pct": round(100 * (ppl["int8"] / ppl["fp32"] - 1), 2),
         "size_mb": sizes,
     }, summary=f"KV 缓存 {tps['fp32'] / tps['fp32_no_kv']:.2f}x，int8 {tps['int8'] / tps['fp32']:.2f}x"
