@@ -278,7 +278,8 @@ def render_block(name: str, ref: Path = REFERENCE, script: str = "") -> str:
                               *[x for c in declared_claims(REPO / script)
                                 for x in _wrap(f"  – {c.statement}（默认模式 {_OPS[c.op]} {c.default:g}）"
                                                if c.default is not None else f"  – {c.statement}（默认模式不检查）")]])
-        lines = [f"参考运行（{rec['model']}，{rec['machine']['cores']} 核 CPU）：{_cost(rec)}，结论 {_held(rec)} 成立"]
+        head = f"参考运行（{rec['model']}，{rec['machine']['cores']} 核 CPU）：{_cost(rec)}，结论 {_held(rec)} 成立"
+        lines = _wrap(head + _stale(rec, script))
         for c in rec["claims"]:   # 文档字符串里只放结论与数值（表达式在 metrics.json 和报告里）
             value = "—" if c["value"] is None else f"{c['value']:.4g}"
             limit = f"{_OPS[c['op']]} {c['threshold']:g}" if c["threshold"] is not None else "不检查"
@@ -290,15 +291,20 @@ def render_block(name: str, ref: Path = REFERENCE, script: str = "") -> str:
     for rel in scripts:
         rec = load_record(ref, rel)
         if name == "course":
-            lines.append(f"| `{rel}` | " + (f"{_held(rec)} | {_cost(rec)} | {rec['commit']} |" if rec
-                                           else "未记录 | | |"))
+            cells = f"{_held(rec)} | {_cost(rec)} | {rec['commit']}{_stale(rec, rel)} |" if rec else "未记录 | | |"
+            lines.append(f"| `{rel}` | {cells}")
         else:
-            lines.append(f"- `{rel}`：" + (f"{_cost(rec)}（{rec['model']}，{rec['mode']} 模式）" if rec
-                                           else "未记录；它承诺（默认模式的门槛）："))
+            lines.append(f"- `{rel}`：" + (f"{_cost(rec)}（{rec['model']}，{rec['mode']} 模式）" + _stale(rec, rel)
+                                           if rec else "未记录；它承诺（默认模式的门槛）："))
             lines += [f"  - {x}" for x in _claim_lines(rec)] if rec else [
                 f"  - 待测：{c.statement}（{_OPS[c.op]} {c.default:g}）" if c.default is not None
                 else f"  - 默认模式不检查：{c.statement}" for c in declared_claims(REPO / rel)]
     return "\n".join(lines)
+
+
+def _stale(rec: dict, rel: str) -> str:
+    """记录之后脚本代码又改过（指纹不同）：数字还是旧代码量的，照实标出来，直到重录。"""
+    return "" if rec.get("script_sha") == _script_sha(REPO / rel) else "；记录之后脚本改过，待重录"
 
 
 def _without_blocks(text: str) -> str:

@@ -106,7 +106,11 @@ def test_record_is_skipped_when_the_script_did_not_change(tmp_path, monkeypatch,
     capsys.readouterr()
     course.main(["--smoke", "--outputs", str(outputs), "--record", str(ref)])
     assert "已记录" in capsys.readouterr().out
+    rel = "lesson9_demo/01_claim/claim.py"
+    assert "待重录" not in course.render_block("script", ref, rel)
     (tmp_path / "lesson9_demo" / "01_claim" / "claim.py").write_text(_FAKE + "# changed\n", encoding="utf-8")
+    # 记录之后代码改过：生成块照实标出"待重录"，直到重录
+    assert "待重录" in course.render_block("script", ref, rel)
     course.main(["--smoke", "--outputs", str(outputs), "--record", str(ref)])
     assert "已记录" not in capsys.readouterr().out
 

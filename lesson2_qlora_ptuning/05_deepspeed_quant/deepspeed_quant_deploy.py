@@ -23,7 +23,7 @@ bitsandbytes int8 的困惑度代价很小，NF4 更大（4 bit 比 8 bit 粗）
 同前缀一致率才是"每一步有多少 token 选得和 fp32 一样"，int8 的 KL 比 NF4 小（8 bit 比 4 bit 细）。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行（smollm2-135m，2 核 CPU）：8.6 分钟，1.3 GB，结论 8/9 成立
+参考运行（smollm2-135m，2 核 CPU）：8.6 分钟，1.3 GB，结论 8/9 成立；记录之后脚本改过，待重录
   ✓ CPU 上的 DeepSpeed（不注入内核）就是原模型：贪心输出与 fp32 一致的比例：1（≥ 0.999）
   ✓ CPU 上的 DeepSpeed 困惑度与 fp32 相同：|DeepSpeed / fp32 - 1|：0（≤ 0.001）
   ✓ bf16 几乎不改变模型：|困惑度 bf16 / fp32 - 1|：0.004512（≤ 0.01）
