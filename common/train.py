@@ -227,15 +227,13 @@ def eta_line(step_s: float, steps: int, minutes: float = 0.0, when: str = "第 1
     return line
 
 
-def attach(trainer: Any, minutes: float = 0.0, patience: int = 0, tokens: int = 0, eval_tokens: int = 0) -> Any:
-    """给 Trainer 挂上计时器并返回它（.first_step_s / .train_s / .eval_s / .evals / .hit / .tokens_per_s(epochs)
-    / .eval_tokens_per_s()）：
+def attach(trainer: Any, minutes: float = 0.0, patience: int = 0, tokens: int = 0) -> Any:
+    """给 Trainer 挂上计时器并返回它（.first_step_s / .train_s / .eval_s / .evals / .hit / .tokens_per_s(epochs)）：
     - 第 1 步后按实测时间说预计总时长：长数据一步可能要几十秒，开训一分钟内就该知道要等多久；
     - 时间预算 minutes（0 = 不限）：训练墙钟（含评估）超过就停，停前先评估 + 保存，仍从评估过的步里挑最好的；
     - patience > 0：连续 patience 次评估没有改善就提前停（EarlyStoppingCallback）。
     训练中的评估后还原评估前的随机数状态：否则之后的 dropout 掩码整体错位，评估几次训出的模型就不一样。
-    tokens：一个 epoch 的真实 token 数，eval_tokens：验证集的真实 token 数（算训练 / 评估吞吐用：评估只有前向，
-    应比训练快 2 倍以上；慢了多半是在收集 logits，见 best_step_args）。"""
+    tokens：一个 epoch 的真实 token 数（算吞吐用）；.evals：训练中评估了几次（× 验证集 token / .eval_s = 评估吞吐）。"""
     import torch
     from transformers import EarlyStoppingCallback, TrainerCallback
 
@@ -261,8 +259,7 @@ def attach(trainer: Any, minutes: float = 0.0, patience: int = 0, tokens: int = 
 
         def on_evaluate(self, args, state, control, **kw):
             if self.rng:   # 训练中的评估（训练前后单独调用的 evaluate 不算）：计时，并还原随机数状态
-                self.eval_s += time.perf_counter() - self.t_end
-                self.evals += 1
+                self.eval_s, self.evals = self.eval_s + time.perf_counter() - self.t_end, self.evals + 1
                 torch.random.set_rng_state(self.rng[0])
                 if self.rng[1]:
                     torch.cuda.set_rng_state_all(self.rng[1])
@@ -273,9 +270,6 @@ def attach(trainer: Any, minutes: float = 0.0, patience: int = 0, tokens: int = 
 
         def tokens_per_s(self, epochs: float) -> float:
             return tokens * epochs / max(self.train_s - self.eval_s, 1e-9)
-
-        def eval_tokens_per_s(self) -> float:
-            return eval_tokens * self.evals / max(self.eval_s, 1e-9)
 
     trainer.add_callback(clock := Clock())
     if patience:

@@ -35,6 +35,7 @@ def plan(args, rows: list[dict], eval_tokens: int, own_data: bool, step_s: float
         steps, eval_tokens, fwd_tokens * accum, measured, round_steps=not args.max_steps)
     return {"rows_per_fwd": per_fwd, "accum": accum, "steps": steps, "planned": planned,
             "epochs": steps / steps_per_epoch, "eval_steps": every, "fwd_tokens": fwd_tokens,
+            "eval_tokens": eval_tokens,
             "width": args.max_length if args.packing else round(mean)}
 
 

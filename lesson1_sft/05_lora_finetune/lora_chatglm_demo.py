@@ -191,8 +191,7 @@ def build_trainer(args: Args, out, model, tok, rows: list[dict], eval_rows: list
                          eval_dataset=Dataset.from_list(eval_rows))
     # 用了自带的步数（--max-steps）就不按预算减，超时兜底也关掉：要的就是那么多步
     clock = train.attach(trainer, 0 if args.max_steps else args.max_train_minutes, args.early_stopping_patience,
-                         tokens=sum(len(r["input_ids"]) for r in rows),
-                         eval_tokens=sum(len(r["input_ids"]) for r in eval_rows))
+                         tokens=sum(len(r["input_ids"]) for r in rows))
     return trainer, clock
 
 
@@ -204,10 +203,11 @@ def train_and_keep(out, trainer, clock, before: float, step_s: float, p: dict) -
     kept = train.kept_step(trainer)
     after = trainer.evaluate()["eval_loss"]
     tps = clock.tokens_per_s(trainer.state.epoch)
+    eval_tps = p["eval_tokens"] * clock.evals / max(clock.eval_s, 1e-9)   # 训练中每次评估都过一遍整个验证集
     out.log.info(f"eval_loss {before:.4f} -> {after:.4f}；保留第 {kept['kept_step']} 步（验证损失最低"
                  f"{'，之后没再改善，提前停止' if kept['stopped_early'] else ''}）；训练 {clock.train_s:.0f} 秒"
                  f"（评估占 "
-                 f"{clock.eval_s / max(clock.train_s, 1e-9):.0%}，{clock.eval_tokens_per_s():.0f} token/s），"
+                 f"{clock.eval_s / max(clock.train_s, 1e-9):.0%}，{eval_tps:.0f} token/s），"
                  f"训练 {tps:.0f} token/s，峰值内存 +{mem.peak_mb:.0f} MB"
                  f"（进程峰值 RSS {train.peak_rss_mb():.0f} MB）")
     return {"eval_loss_before": round(before, 4), "eval_loss_after": round(after, 4), **kept,
@@ -215,7 +215,7 @@ def train_and_keep(out, trainer, clock, before: float, step_s: float, p: dict) -
             "measured_step_seconds": round(step_s, 2), "gradient_accumulation_steps": p["accum"],
             "epochs": round(trainer.state.epoch, 2), "train_tokens_per_s": round(tps, 1),
             "train_seconds": round(clock.train_s, 1), "eval_seconds": round(clock.eval_s, 1),
-            "eval_tokens_per_s": round(clock.eval_tokens_per_s(), 1),
+            "eval_tokens_per_s": round(eval_tps, 1),
             "first_step_seconds": round(clock.first_step_s, 2), "peak_train_mem_mb": round(mem.peak_mb),
             **({"cuda_peak_mb": round(mem.peak_abs_mb)} if mem.cuda else {})}
 
