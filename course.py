@@ -226,8 +226,14 @@ def _held(rec: dict) -> str:
     return f"{sum(c['held'] for c in checked)}/{len(checked)}"
 
 
+LAPTOP_MINUTES, LAPTOP_GB = 10, 8   # 学生笔记本的标准：默认运行 ≤ 10 分钟、≤ 8 GB（2 核）
+
+
 def _cost(rec: dict) -> str:
-    return f"{rec['seconds'] / 60:.1f} 分钟，{rec['peak_rss_mb'] / 1024:.1f} GB"
+    """墙钟与峰值内存；超过笔记本标准的照实标出（"超过 10 分钟"），不让学生课上才发现。"""
+    minutes, gb = rec["seconds"] / 60, rec["peak_rss_mb"] / 1024
+    over = [f"超过 {LAPTOP_MINUTES} 分钟"] * (minutes > LAPTOP_MINUTES) + [f"超过 {LAPTOP_GB} GB"] * (gb > LAPTOP_GB)
+    return f"{minutes:.1f} 分钟，{gb:.1f} GB" + (f"（{'、'.join(over)}）" if over else "")
 
 
 def _claim_lines(rec: dict | None, indent: str = "") -> list[str]:

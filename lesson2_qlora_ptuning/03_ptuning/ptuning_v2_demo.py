@@ -33,7 +33,7 @@ initialize_kv_prefix_from_text），Prompt Tuning 的软提示取同一句话的
 默认运行在 2 核上超过 10 分钟（5 种方法各训练一遍，见下面的参考运行）；只比其中几种用 --methods。图：methods.png。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行（smollm2-135m，2 核 CPU）：12.2 分钟，2.3 GB，结论 6/8 成立；记录之后脚本改过，待重录
+参考运行（smollm2-135m，2 核 CPU）：12.2 分钟，2.3 GB（超过 10 分钟），结论 6/8 成立；记录之后脚本改过，待重录
   ✓ P-Tuning v2 训练每层前缀提升留出准确率：训练后 - 训练前：0.1667（≥ 0.03）
   ✗ P-Tuning v2（每层前缀）不输给 v1（只在输入层）：训练后准确率 v2 - v1：-0.0333（≥ 0）
   ✓ P-Tuning v2 训练后不低于冻结原模型的零样本：v2 训练后准确率 - 零样本准确率：0.03333（≥ 0）

@@ -21,7 +21,7 @@ bf16 autocast（CPU 支持时）；torch.compile；线程数。MFU = 模型 FLOP
 无填充拼接在 CPU 上没有变长注意力 kernel，一整行的 T² 注意力反而慢——在 GPU 上配 flash_attention_2 才是它的主场。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行（smollm2-135m，2 核 CPU）：15.6 分钟，12.2 GB，结论 8/8 成立
+参考运行（smollm2-135m，2 核 CPU）：15.6 分钟，12.2 GB（超过 10 分钟、超过 8 GB），结论 8/8 成立
   ✓ 打包不改结果：同两条样本打包成一行 vs 填充成矩形的损失差：0（≤ 0.0001）
   ✓ 打包的样本互相看不见：拼成一行 vs 各自单独前向的 logits 最大差：0（≤ 0.001）
   ✓ 打包去掉填充：打包 / 填充 的填充比例：0.3746（≤ 0.5）
