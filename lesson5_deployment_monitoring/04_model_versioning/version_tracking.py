@@ -21,11 +21,11 @@ eval_loss 更低的版本（通常是训练更久的 v2，即原来的 challenge
 （服务器停机期间的步数全部补传；没有停机演练时没有这个键）。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行：还没有记录（python course.py --full --only version_tracking.py）
-  – LoRA 训练降低留出损失：champion 的 eval_loss / 训练前（默认模式 ≤ 0.95）
-  – 晋升规则：注册表里 @champion 指向留出损失更低的版本（从服务器读回）（默认模式 ≥ 1）
-  – 按别名加载的模型与训练时逐字相同、回滚后与另一版本逐字相同（两版本回答不同）（默认模式 ≥ 1）
-  – 跟踪服务器停机（指标进了缓冲）训练照常跑完、恢复后每一步都补传：MLflow 里的步数 / 训练步数（默认模式 ≥ 1）
+参考运行（smollm2-135m，2 核 CPU）：6.7 分钟，4.4 GB，结论 4/4 成立
+  ✓ LoRA 训练降低留出损失：champion 的 eval_loss / 训练前：0.8384（≤ 0.95）
+  ✓ 晋升规则：注册表里 @champion 指向留出损失更低的版本（从服务器读回）：1（≥ 1）
+  ✓ 按别名加载的模型与训练时逐字相同、回滚后与另一版本逐字相同（两版本回答不同）：1（≥ 1）
+  ✓ 跟踪服务器停机（指标进了缓冲）训练照常跑完、恢复后每一步都补传：MLflow 里的步数 / 训练步数：1（≥ 1）
 <!-- /results -->
 """
 from __future__ import annotations
