@@ -92,7 +92,8 @@ def run_one(script: Path, smoke: bool, timeout: int, outputs: Path | None = None
     log = outputs / "logs" / (rel.replace("/", "__") + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(script)] + (["--smoke"] if smoke else [])
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", common_run.OUTPUTS_ENV: str(outputs)}
+    # LLM_COURSE_RUNNER：脚本知道自己是被整门课调起的（如第 5 课 03 的安全闸门失败时只报告、不以退出码 1 结束）
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", common_run.OUTPUTS_ENV: str(outputs), "LLM_COURSE_RUNNER": "1"}
     metrics_file = out_dir_of(script, outputs) / "metrics.json"
     metrics_file.unlink(missing_ok=True)   # 失败的运行不能拿上一次的 metrics.json 冒充
     t0 = time.perf_counter()

@@ -30,7 +30,8 @@ initialize_kv_prefix_from_text），Prompt Tuning 的软提示取同一句话的
 远少于 LoRA；训练后准确率提升、不低于零样本，与只动输入层的 v1 打平（smollm2 上 60 条留出里差一两条，分不出高下；
 极小模型上 v2 明显领先），不输给同样从文本初始化的 Prompt Tuning。MLP 生成的前缀（v2+projection）只能随机初始化，
 同样步数下明显落后：初始化比重参数化更要紧。LoRA 改的是权重本身，同样步数下是"能到多好"的参照，远超零样本。
-5 种方法各训练一遍，默认运行在 2 核上超出笔记本标准的墙钟（见下面参考运行的用时）；只比其中几种用 --methods。图：methods.png。
+5 种方法各训练一遍，默认运行在 2 核上超出笔记本标准的墙钟（见下面参考运行的用时）；
+只比其中几种用 --methods。图：methods.png。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
 参考运行（smollm2-135m，2 核 CPU）：12.2 分钟，2.3 GB（超过 10 分钟），结论 6/8 成立；记录之后脚本改过，待重录
