@@ -64,3 +64,12 @@ def test_prompt_defuses_fake_document_boundaries():
 def test_bad_base_url_is_one_line_error(run_script, tmp_path):
     proc = run_script(SCRIPT, "--smoke", "--base-url", "ftp://x", "--output-dir", str(tmp_path))
     assert_user_error(proc, "--base-url")
+
+
+def test_unreachable_base_url_is_one_line_error_before_any_work(run_script, tmp_path):
+    """没有服务在听的端口：一行错误（地址里的密码脱敏），不建向量库、不写 metrics.json。"""
+    proc = run_script(SCRIPT, "--smoke", "--base-url", "http://u:secret@127.0.0.1:9/v1", "--timeout", "2",
+                      "--output-dir", str(tmp_path))
+    assert_user_error(proc, "--base-url")
+    assert "secret" not in proc.stderr + proc.stdout and "连不上" in proc.stderr
+    assert not list(tmp_path.rglob("metrics.json"))

@@ -48,9 +48,27 @@ def test_breaker_state_machine():
 
 
 def test_bad_thresholds_are_one_line_error(run_script, tmp_path):
-    proc = run_script(SCRIPT, "--smoke", "--abstain-threshold", "0.9", "--rag-threshold", "0.5",
-                      "--output-dir", str(tmp_path))
-    assert_user_error(proc, "--abstain-threshold")
+    proc = run_script(SCRIPT, "--smoke", "--abstain-quantile", "0.9", "--output-dir", str(tmp_path))
+    assert_user_error(proc, "--abstain-quantile")
+
+
+def test_abstain_threshold_is_the_calibration_quantile_and_separates_out_of_kb():
+    """阈值 = 校准题（库内、不参与评测）BM25 最高分的分位：库内约一成低于它，明显离题的库外问题低于它。"""
+    import numpy as np
+
+    mod = load_script(SCRIPT)
+    args = mod.Args(smoke=True)
+    items, _, bm25, calib = mod.load_items(args)
+    assert not {it["question"] for it in items} & set(calib)           # 校准题不参与评测
+    thr = mod.calibrate(args, bm25, calib)
+    scores = np.array([bm25.search(q, 1)[0][1] for q in calib])
+    assert abs((scores < thr).mean() - args.abstain_quantile) <= 0.02
+    off = [bm25.search(q, 1)[0][1] for q in ("今天上海的天气怎么样？", "帮我写一首关于秋天的诗。")]
+    assert max(off) < thr, (off, thr)
+    assert mod.route_of(args, thr - 0.01, thr, 1.0) == "abstain" and mod.route_of(args, thr, thr, 1.0) == "rag"
+    assert mod.route_of(args, thr, thr, args.rag_threshold - 0.01) == "closed_book"
+    with pytest.raises(UserError, match="--questions"):
+        mod.calibrate(args, bm25, calib[:5])
 
 
 def test_bad_model_dirs_named_before_any_load(tmp_path, monkeypatch):

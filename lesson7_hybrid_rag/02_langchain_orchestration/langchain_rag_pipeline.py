@@ -106,6 +106,20 @@ def build_retriever(args, chunks, device):
     return EnsembleRetriever(retrievers=[bm25, dense], weights=[1 - args.dense_weight, args.dense_weight])
 
 
+def check_service(args) -> None:
+    """--base-url 先问一次 /models（几毫秒）：连不上或 key 不对就一行说清，而不是跑到第一题才抛 openai 的 traceback。"""
+    import httpx
+
+    url, shown = args.base_url.rstrip("/") + "/models", safety.redact_url(args.base_url)
+    try:
+        r = httpx.get(url, headers={"Authorization": f"Bearer {args.api_key}"}, timeout=args.timeout)
+    except httpx.HTTPError as e:
+        raise UserError(f"--base-url {shown}: 连不上服务（{type(e).__name__}）；先启动第 5 课的 chat_server.py，"
+                        f"或去掉 --base-url 用本地模型") from None
+    if r.status_code in (401, 403):
+        raise UserError(f"--base-url {shown}: 服务拒绝了 --api-key（HTTP {r.status_code}）")
+
+
 def build_llm(args):
     """本地：ChatHuggingFace(HuggingFacePipeline)；--base-url：ChatOpenAI 指向 OpenAI 兼容服务。"""
     if args.base_url:
@@ -250,6 +264,8 @@ def main(args: Args) -> dict:
     out = run.start(__file__, args)
     if args.base_url and not re.match(r"^https?://", args.base_url):
         raise UserError(f"--base-url {args.base_url}: 应以 http:// 或 https:// 开头（如 http://127.0.0.1:8000/v1）")
+    if args.base_url:
+        check_service(args)
     # 先查本地模型目录（不到一秒）：坏目录不该等向量库建好才报；--base-url 时 --model 是服务端的模型名，不在本地
     if not args.base_url:
         models.check_dir(models.resolve(out.model_name, args.source), trust_remote_code=args.trust_remote_code)
