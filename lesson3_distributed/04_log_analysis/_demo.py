@@ -19,13 +19,20 @@ def demo_run(args, out: run.Run, convs: list) -> Path:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     model, tok = models.load_args(args, for_training=True)
+    if args.demo_lora_r:   # 只为造一份日志：LoRA + 短序列 + 小批，135M 模型在 2 核上几分钟（全参数 8×256 时每步 17 秒）
+        from peft import get_peft_model
+
+        model = get_peft_model(model, train.lora_config(args.demo_lora_r, 2 * args.demo_lora_r))
+    # 全参数（冒烟的极小模型）仍是 8 × 256：批小了损失太抖，注入的尖峰会淹没在噪声里
+    bs, seq = (4, 128) if args.demo_lora_r else (8, 256)
     tr, ev = data.split(convs, 0.15, args.seed)
     # assistant_masks 不是模型的输入：留着的话 collator 会把它一起补齐、传进 forward 报错
-    enc = lambda cs: Dataset.from_list([data.tokenize_chat(tok, c, 256) for c in cs]).remove_columns(   # noqa: E731
+    enc = lambda cs: Dataset.from_list([data.tokenize_chat(tok, c, seq) for c in cs]).remove_columns(   # noqa: E731
         ["assistant_masks"])
+    ev = ev[:24]   # 评估约 8 次，每次只要看出走向：24 条足够，多了评估比训练还慢
     # logging_steps=1：每步一个记录，尖峰才不会被平均掉；评估约 8 次，够画出验证曲线的走向
     targs = TrainingArguments(output_dir=str(out.path("demo_run")), max_steps=args.demo_steps, learning_rate=5e-4,
-                              lr_scheduler_type="cosine", warmup_steps=3, per_device_train_batch_size=8,
+                              lr_scheduler_type="cosine", warmup_steps=3, per_device_train_batch_size=bs,
                               logging_steps=1, eval_strategy="steps", eval_steps=max(1, args.demo_steps // 8),
                               save_strategy="no", report_to=["tensorboard"],
                               seed=args.seed, dataloader_num_workers=0,

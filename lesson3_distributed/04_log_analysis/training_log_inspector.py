@@ -58,13 +58,14 @@ class Args(cli.CommonArgs):
     overfit_tol: float = cli.arg(0.05, "验证损失比最低点高出这个比例、且训练损失还在降，算过拟合", min=0)
     scan_outputs: bool = cli.arg(True, "没给 --logs 时读 outputs/ 下课程之前的运行"
                                        "（--smoke 关掉：结果不随机器上已有的输出变）")
-    demo_steps: int = cli.arg(60, "没有日志时现训多少步（真实 Trainer，logging_steps=1）", min=5)
+    demo_steps: int = cli.arg(48, "没有日志时现训多少步（真实 Trainer，logging_steps=1）", min=5)
+    demo_lora_r: int = cli.arg(16, "现训用 LoRA 的秩（0 = 全参数）：只为造一份真实的日志", min=0, max=1024)
 
     smoke_model = "tiny-llama"
 
 
-# 冒烟：现训 40 步（够 5 次评估、足以画出曲线），不扫 outputs/——否则测试结果取决于这台机器之前跑过什么
-SMOKE = dict(demo_steps=40, scan_outputs=False)
+# 冒烟：现训 40 步（够 5 次评估、足以画出曲线），极小模型全参数；不扫 outputs/——否则测试结果取决于这台机器之前跑过什么
+SMOKE = dict(demo_steps=40, scan_outputs=False, demo_lora_r=0)
 
 # 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
 # (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线是注入故障之前的同一份日志。
