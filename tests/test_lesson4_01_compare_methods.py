@@ -15,11 +15,13 @@ def test_four_methods_same_start(tmp_path, tiny_models):
     start = m["sft_start"]["pref_accuracy"]
     for method in ("dpo", "kto", "orpo", "simpo"):
         r = saved[method]
-        for key in ("pref_accuracy", "margin", "seconds", "peak_mem_mb"):
+        for key in ("pref_accuracy", "margin", "toward_chosen", "seconds", "peak_mem_mb"):
             assert key in r, (method, key)
         # 四种损失都奖励"chosen 比 rejected 更可能"：留出的平均 log π 差都比 SFT 起点大
         # （固定种子下 0.28 -> DPO 0.46、KTO 0.39、ORPO 0.30、SimPO 0.46）
         assert r["margin"] > saved["sft_start"]["margin"], (method, saved)
+        # 逐对看：多数没见过的对比起点更偏向 chosen（均值变大也可能只是少数几对被推得很远）
+        assert r["toward_chosen"] > 0.5, (method, r)
     assert m["dpo"]["needs_ref_model"] and m["kto"]["needs_ref_model"]
     assert not m["orpo"]["needs_ref_model"] and not m["simpo"]["needs_ref_model"]
     # 偏好训练确实改变了策略：直接优化偏好的 DPO / SimPO 把留出准确率明显拉高
