@@ -11,6 +11,7 @@
   python course.py --full --compare results/cpu-2core   # 与参考比：结论翻转、墙钟 > 1.5 倍、内存 > 1.25 倍 → 退出 1
   python course.py --readme              # 用 results/ 重写 README 里标记的测量块（不手抄数字）
   python course.py --smoke --strict      # 有结论（CLAIMS）不成立也算失败
+  python course.py --smoke --device cuda # GPU 检查：每个脚本加 --device cuda；机器上缺库的脚本跳过并说明缺什么
 
 你会看到：每个脚本的通过/失败、结论 ✓/总数、用时与峰值内存表，以及一份自包含（图片内嵌）的 HTML 报告，
 每个脚本的结论与参考运行并排；有脚本失败（--strict 时还有结论不成立）时退出码非 0。
@@ -27,6 +28,7 @@ import html
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -85,13 +87,13 @@ def _wait_with_rusage(proc: subprocess.Popen, timeout: int) -> tuple[int, float]
     return (124 if fired.is_set() else proc.returncode), usage.ru_maxrss / 1024
 
 
-def run_one(script: Path, smoke: bool, timeout: int, outputs: Path | None = None) -> dict:
+def run_one(script: Path, smoke: bool, timeout: int, outputs: Path | None = None, extra: tuple = ()) -> dict:
     """在独立进程里运行一个脚本，日志写到 <outputs>/logs/；脚本的输出目录也在 outputs 下（经环境变量告诉它）。"""
     outputs = outputs or OUTPUTS
     rel = script.relative_to(REPO).as_posix()
     log = outputs / "logs" / (rel.replace("/", "__") + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(script)] + (["--smoke"] if smoke else [])
+    cmd = [sys.executable, str(script)] + (["--smoke"] if smoke else []) + list(extra)
     # LLM_COURSE_RUNNER：脚本知道自己是被整门课调起的（如第 5 课 03 的安全闸门失败时只报告、不以退出码 1 结束）
     env = {**os.environ, "PYTHONUNBUFFERED": "1", common_run.OUTPUTS_ENV: str(outputs), "LLM_COURSE_RUNNER": "1"}
     metrics_file = out_dir_of(script, outputs) / "metrics.json"
@@ -108,8 +110,10 @@ def run_one(script: Path, smoke: bool, timeout: int, outputs: Path | None = None
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.exists() else {}
     claims = metrics.get("claims", [])
+    missing = re.findall(r"No module named '([\w.]+)'", text) if code else []
     return {"script": rel, "ok": code == 0, "code": code, "seconds": round(secs, 1), "peak_rss_mb": round(rss),
             "summary": lines[-1][:300] if lines else "", "log": str(log), "claims": claims,
+            "missing_module": missing[-1] if missing else None,
             "claims_failed": sum(c["held"] is False for c in claims), "metrics": metrics}
 
 
@@ -438,10 +442,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--compare", help="与这个参考目录比：结论翻转、墙钟 > 1.5 倍、峰值内存 > 1.25 倍 → 退出码 1")
     ap.add_argument("--strict", action="store_true", help="有结论（CLAIMS）不成立也算失败")
     ap.add_argument("--readme", action="store_true", help="只用 results/ 重写 README 里的生成块，然后退出")
+    ap.add_argument("--device", choices=["cpu", "cuda"],
+                    help="给每个脚本加 --device（GPU 检查：--smoke --device cuda；缺库的脚本跳过并说明缺什么）")
     args = ap.parse_args(argv)
     if args.full and args.smoke:
         ap.error("--full 是默认模式的参考运行，不能和 --smoke 一起用")
-    if args.full and not args.record and not args.compare:
+    if args.device and args.record and Path(args.record).resolve() == REFERENCE:
+        ap.error(f"--device {args.device}: results/cpu-2core 只收空闲 2 核 CPU 上的参考运行，换个 --record 目录")
+    if args.full and not args.record and not args.compare and not args.device:
         args.record = str(REFERENCE)
     return args
 
@@ -463,7 +471,11 @@ def _run_all(args: argparse.Namespace, scripts: list[Path], outputs: Path, conso
                 bar.advance(task)
                 continue
             bar.update(task, description=f"运行 {rel}")
-            r = run_one(s, args.smoke, args.timeout, outputs)
+            r = run_one(s, args.smoke, args.timeout, outputs, ("--device", args.device) if args.device else ())
+            if args.device and r["missing_module"]:   # GPU 机器常常只装了一部分库：缺库不算脚本的错，跳过并说缺什么
+                bar.console.print(f"{rel}: 跳过，这台机器没装 {r['missing_module']}（pip install 后重跑）")
+                bar.advance(task)
+                continue
             results.append(r)
             if record_dir:
                 record(r, s, record_dir)
@@ -474,6 +486,12 @@ def _run_all(args: argparse.Namespace, scripts: list[Path], outputs: Path, conso
     return results
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv: list[str] | None = None) -> int:
     """运行选中的脚本并生成报告；返回退出码（有失败、--strict 时结论不成立、--compare 有退步则为 1）。"""
     args = _parse(argv)
@@ -481,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
         for f in rewrite_readmes():
             print(f"已重写 {f.relative_to(REPO)}")
         return 0
+    if args.device == "cuda" and not _cuda_available():   # 说清楚、退出 2：不悄悄在 CPU 上跑完冒充 GPU 检查
+        print("--device cuda: 这台机器没有可用的 CUDA；GPU 检查（python course.py --smoke --device cuda）"
+              "要在有 GPU 的机器上跑", file=sys.stderr)
+        return 2
     outputs = Path(args.outputs).resolve() if args.outputs else OUTPUTS
     from rich.console import Console
     from rich.table import Table

@@ -120,3 +120,32 @@ def test_readme_blocks_are_generated_from_results():
     assert course.rewrite_readmes(check=True) == [], "运行 python course.py --readme"
     text = (REPO / "README.md").read_text(encoding="utf-8")
     assert "<!-- results:course -->" in text
+
+
+def test_device_cuda_without_cuda_is_one_line_exit_2(monkeypatch, capsys):
+    monkeypatch.setattr(course, "_cuda_available", lambda: False)
+    assert course.main(["--smoke", "--device", "cuda", "--only", "does-not-exist-anywhere"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--device cuda" in err and "CUDA" in err
+
+
+def test_device_is_passed_on_and_a_missing_library_is_a_skip_not_a_failure(tmp_path, monkeypatch, capsys):
+    topic = tmp_path / "lesson9_demo" / "01_gpu"
+    topic.mkdir(parents=True)
+    # 一个脚本确认自己收到了 --device cuda；另一个在 GPU 机器上缺库（如那里没装 trl）
+    (topic / "a_ok.py").write_text(
+        "import sys\nassert '--device' not in sys.argv or sys.argv[-2:] == ['--device', 'cuda']\n", encoding="utf-8")
+    (topic / "b_missing.py").write_text("import no_such_lib_xyz  # noqa\n", encoding="utf-8")
+    monkeypatch.setattr(course, "REPO", tmp_path)
+    monkeypatch.setattr(course, "_cuda_available", lambda: True)
+    assert course.main(["--smoke", "--device", "cuda", "--outputs", str(tmp_path / "outputs")]) == 0
+    out = capsys.readouterr().out
+    assert "b_missing.py: 跳过，这台机器没装 no_such_lib_xyz" in out and "1/1 通过" in out
+    # 不带 --device 时缺库照常是失败：CPU 上的行为不变
+    assert course.main(["--smoke", "--outputs", str(tmp_path / "outputs")]) == 1
+
+
+def test_device_run_is_never_recorded_as_the_cpu_reference():
+    with pytest.raises(SystemExit) as e:
+        course.main(["--full", "--device", "cuda", "--record", str(course.REFERENCE)])
+    assert e.value.code == 2
