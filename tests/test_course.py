@@ -149,3 +149,13 @@ def test_device_run_is_never_recorded_as_the_cpu_reference():
     with pytest.raises(SystemExit) as e:
         course.main(["--full", "--device", "cuda", "--record", str(course.REFERENCE)])
     assert e.value.code == 2
+
+
+def test_scripts_over_the_laptop_limits_are_listed_with_the_reason(tmp_path):
+    assert "都在 10 分钟、8 GB 以内" in course.render_block("over", tmp_path)
+    rel = "lesson4_alignment/02_rlhf_pipeline/rlhf_pipeline.py"
+    course.record_path(tmp_path, rel).parent.mkdir(parents=True)
+    course.record_path(tmp_path, rel).write_text(json.dumps({"seconds": 300, "peak_rss_mb": 11 * 1024}),
+                                                 encoding="utf-8")
+    block = course.render_block("over", tmp_path)
+    assert rel in block and "超过 8 GB" in block and "超过 10 分钟" not in block and "四份权重" in block
