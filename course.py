@@ -139,15 +139,19 @@ def _fmt(v: object) -> str:
 def _script_sha(script: Path) -> str:
     """脚本代码的指纹：脚本本身和它旁边只属于这一课的 _*.py（common 变了不算：那由 --compare 抓）。
 
-    模块文档字符串不算（改说明、重写 --readme 生成的块都不改变行为，不该让参考记录作废）。
+    取的是语法树（去掉所有文档字符串）：改注释、改说明、重写 --readme 生成的块、换行排版都不改变行为，
+    不该让参考记录作废；改了一个数、一个名字、一行代码才算。
     """
     h = hashlib.sha256()
     for f in sorted([script, *script.parent.glob("_*.py")]):
-        text = f.read_text(encoding="utf-8")
-        body = ast.parse(text).body
-        if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
-            text = "\n".join(text.splitlines()[body[0].end_lineno:])
-        h.update(text.encode())
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        h.update(ast.dump(tree).encode())
     return h.hexdigest()[:16]
 
 
