@@ -74,6 +74,7 @@ CLAIMS = [
 
 # ---- 清洗规则：这些正则就是本课的内容 ----
 ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")   # 零宽空格/连接符、BOM、软连字符：看不见但会打断匹配
+# CJK 统一汉字基本区：常用汉字都在里面；扩展区的生僻字不在，但判断"这段是不是中文"够用
 HAN = "\u4e00-\u9fff"
 # NFKC 会把中文全角标点"，：；！？"也变成半角；挨着汉字的，还原成全角，中文读起来才自然
 CJK_PUNCT = {",": "，", ":": "：", ";": "；", "!": "！", "?": "？"}
@@ -88,18 +89,23 @@ PII = {
 MASK = {"id_card": "<ID_CARD>", "phone": "<PHONE>", "email": "<EMAIL>"}
 # 问答结构：Q:/A:、问：/答：，以及客服聊天记录里的"[10:02:11] 用户(尾号5678)：……客服小云：……"
 _TS = r"(?:\[\d{1,2}:\d{2}(?::\d{2})?\]\s*)?"
+# "用户(尾号5678)"的括号内容限 12 个字符以内：不设上限时，一个没闭合的括号会一路吞到后文
 _ASK = r"(?:Q|问|问题|用户(?:\([^)]{0,12}\))?)"
 _ANS = rf"(?:A|答|回答|客服[{HAN}]{{0,3}})"
+# 标记前不能紧挨字母数字：否则 "FAQ:" 里的 Q、"DNA:" 里的 A 也被当成问答标记；
+# 答案用非贪婪匹配，前瞻到下一个说话人（或结尾）为止：贪婪时第一条回答会吞掉后面整段对话
 QA = re.compile(rf"(?<![A-Za-z0-9]){_TS}{_ASK}\s*[:：]\s*(?P<q>.+?)\s*{_TS}(?<![A-Za-z0-9]){_ANS}\s*[:：]\s*(?P<a>.+?)"
                 rf"\s*(?=(?<![A-Za-z0-9]){_TS}(?:{_ASK}|{_ANS}|系统)\s*[:：]|$)", re.S)
 SENT_END = re.compile(r"(?<=[。！？])|(?<=[.!?])\s+(?=[A-Z\"“])")   # 英文句号后接大写才断句："1. 家用" 不断
 # 样板段落（C4 清洗规则的思路）：一个句末标点都没有的（导航、分页、标题、邮件头），或含典型样板词的
+# 英文句号后面要接空白或结尾才算句末：版本号 3.5、网址里的点不算
 HAS_SENTENCE = re.compile(r"[。！？!?]|\.(?:\s|$)")
 BOILERPLATE = re.compile(r"cookie|javascript|点击这里|click here|read more|【广告】|all rights reserved|版权所有", re.I)
 
 
 def id_checksum_ok(s: str) -> bool:
     """GB 11643 校验：前 17 位加权求和 mod 11 决定第 18 位。"""
+    # 第 i 位的权重是 2^(17-i) mod 11；余数 0..10 依次对应校验码 1,0,X,9,8,…,2（X 代表 10）
     weights = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
     return "10X98765432"[sum(int(c) * w for c, w in zip(s[:17], weights)) % 11] == s[17].upper()
 
@@ -109,6 +115,7 @@ def normalize(text: str) -> str:
     t = ZERO_WIDTH.sub("", unicodedata.normalize("NFKC", text))
     t = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", t)                # [文字](链接) → 文字
     t = re.sub(r"(?m)^\s*>\s?", "", t)                                # 邮件/Markdown 引用符号 >
+    # 段内换行也压成空格：段落此前已经按空行切好，段内的换行只是排版（中文行之间的空格下面再去掉）
     t = re.sub(r"\s+", " ", t).strip()
     t = re.sub(rf"(?<=[{HAN}])[,:;!?]+|[,:;!?]+(?=[{HAN}])", lambda m: "".join(CJK_PUNCT[c] for c in m.group()), t)
     wide = f"{HAN}\u3000-\u303f\uff01-\uff5e"                        # 汉字 + 中文标点
@@ -159,10 +166,12 @@ def to_record(para: dict) -> dict:
         user, answer, task = m.group("q"), m.group("a"), "qa"
     else:
         first = SENT_END.split(text, maxsplit=1)[0].strip()
+        # 指令跟着段落的语言走：英文段配中文指令，模型会学成问中答英、答非所问
         ask = ("请用一句话概括下面这段话的要点。" if lang == "zh"
                else "Summarize the following paragraph in one sentence.")
         user, answer, task = f"{ask}\n\n{text}", first, "summary"
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+            # meta 记下来源文档与任务类型：数据卡按它统计，出了问题能追回原文档
             "meta": {"source": para["source"], "task": task, "lang": lang}}
 
 
@@ -171,7 +180,9 @@ def minhash(text: str, args: Args):
     from datasketch import MinHash
 
     s = text.lower().replace(" ", "")
+    # 所有段用同一个 seed：seed 决定那组哈希函数，seed 不同的签名无从比较（datasketch 的 jaccard 直接报错）
     mh = MinHash(num_perm=args.num_perm, seed=args.seed)
+    # max(1, …)：比 n 还短的段也至少出一个 n-gram；空集的签名彼此全等，估出的 Jaccard 是 1，会被互判为重复
     mh.update_batch(s[i:i + args.shingle_size].encode("utf-8") for i in range(max(1, len(s) - args.shingle_size + 1)))
     return mh
 
@@ -238,6 +249,7 @@ def normalize_all(paras: list[dict]) -> dict:
     """就地归一化每段文本，返回改了多少（写进数据卡：读者要知道原文被动过哪些地方）。"""
     norm = Counter()
     for p in paras:
+        # 先数再改：归一化之后就数不出原文里有多少处被动过
         norm["nfkc_changed_paragraphs"] += unicodedata.normalize("NFKC", p["text"]) != p["text"]
         norm["zero_width_chars_removed"] += len(ZERO_WIDTH.findall(p["text"]))
         p["text"] = normalize(p["text"])
@@ -256,6 +268,7 @@ def filter_paragraphs(items: list[dict], args: Args, funnel: Funnel) -> list[dic
     # 语言：只留 --keep-langs；删掉的是什么语言也记下来，写进数据卡
     keep_langs = {x.strip() for x in args.keep_langs.split(",") if x.strip()}
     for it in items:
+        # 语言记在段上：下面按它过滤，to_record 按它选中/英文指令，数据卡按它统计
         it["lang"] = lang_of(it["text"])
     items = funnel.step("language", items, [it["lang"] in keep_langs for it in items], after="language")
     return near_dedup(items, args, funnel)
@@ -265,6 +278,7 @@ def write_splits(out: run.Run, records: list[dict], audit: list[dict], val_fract
     """切 train/val 写 JSONL；被删的段落写进 removed.jsonl 供抽查。-> (train, val)"""
     train, val = data.split(records, val_fraction, seed)
     for name, part in (("train.jsonl", train), ("val.jsonl", val), ("removed.jsonl", audit)):
+        # ensure_ascii=False：中文原样写出，抽查 JSONL 时直接能读，不是满屏 \uXXXX
         out.path(name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
     # 自检：用训练脚本同一个读取函数读回来，格式不对就在这里失败，而不是等到训练时
     assert len(data.load_sft(out.path("train.jsonl"))) + len(data.load_sft(out.path("val.jsonl"))) == len(records)
@@ -274,6 +288,7 @@ def write_splits(out: run.Run, records: list[dict], audit: list[dict], val_fract
 def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
+    # --data 是各脚本共有的参数：这里它指向文件夹时与 --docs 等价，--docs 优先
     folder = args.docs or args.data or data.DATA_DIR / "raw"
     # 1. 读文档并分段；分词器也现在加载：数 token 在最后一步，坏的 --model 不该等整条流水线跑完才报
     docs, paras = read_paragraphs(folder)
@@ -284,6 +299,7 @@ def main(args: Args) -> dict:
     norm = normalize_all(paras)
     # 3-6. 完全重复 → 长度与样板 → 语言 → 近重复（MinHash + LSH）
     items = filter_paragraphs(paras, args, funnel)
+    # 一段不剩时 data.split 只会说"不够切出验证集"：在这里就点名最可能设错的几个参数
     if not items:
         raise UserError(f"{folder}: 清洗后一个段落也没剩下；检查 --min-chars/--max-chars/--keep-langs")
     # 7. 个人信息脱敏：不删段落，把号码换成占位符（模型学到"这里有个电话"，而不是某个人的电话）

@@ -49,6 +49,7 @@ def _safetensors_problem(f: Path) -> str | None:
     if size < 8:
         return f"{f.name} 只有 {size} 字节"
     with f.open("rb") as fh:
+        # 格式规定：开头 8 字节是小端无符号 64 位整数，等于紧随其后的 JSON 头的字节数
         (n,) = struct.unpack("<Q", fh.read(8))
         if n > size - 8:
             return f"{f.name} 头长度 {n} 超出文件大小 {size}（文件被截断）"
@@ -78,6 +79,7 @@ def problem(ckpt: str | Path) -> str | None:
     # 目录名与记录的步数不符：多半是手工拷贝/改名弄混了，续训会从错误的步数接着数
     if m and step != int(m.group(1)):
         return f"trainer_state.json 记录第 {step} 步，与目录名不符"
+    # *.safetensors 也匹配 PEFT 的 adapter_model.safetensors：LoRA 训练的检查点一样查；分片的大模型另有 *.index.json
     weights = sorted(d.glob("*.safetensors"))
     if not weights and not any(d.glob("*.safetensors.index.json")):
         return "没有 .safetensors 权重"
@@ -120,6 +122,7 @@ def last_intact(run_dir: str | Path, log=None) -> str | None:
             continue
         final = run / f"{PREFIX}-{m.group(1)}"
         why = problem(p)
+        # 临时目录完整、同名正式目录却已存在：以已发布的那份为准，临时的丢掉（下面 else 分支）
         if why is None and not final.exists():
             os.rename(p, final)
             say(f"{p.name}: 保存已写完、只差最后的改名时被打断，补做改名为 {final.name}")
@@ -127,6 +130,7 @@ def last_intact(run_dir: str | Path, log=None) -> str | None:
             shutil.rmtree(p)
             say(f"{p.name}: 上次保存没写完（{why or '同名检查点已存在'}），已丢弃")
     # 2. 从新到旧找第一个完好的；坏的不删而是改名：留下证据好排查（磁盘满？被 kill？），又不会再被选中
+    # 按步号的数值排序而不是按名字：字符串排序里 checkpoint-10 排在 checkpoint-9 前面，会选错"最新"
     ckpts = sorted((p for p in run.iterdir() if _STEP.match(p.name) and p.is_dir()),
                    key=lambda p: int(_STEP.match(p.name).group(1)), reverse=True)
     for p in ckpts:
@@ -134,6 +138,7 @@ def last_intact(run_dir: str | Path, log=None) -> str | None:
         if why is None:
             return str(p)
         aside = run / f"damaged-{p.name}"
+        # 上次留下的同名 damaged- 目录先删掉：os.rename 不能覆盖一个非空目录
         _remove(aside)
         os.rename(p, aside)
         say(f"{p.name} 已损坏（{why}），跳过它、改用更早的检查点；原目录改名为 {aside.name} 留作排查")
@@ -160,15 +165,20 @@ def atomic(trainer_cls: type) -> type:
             # 多进程时各 rank 都往同一目录写、不在同一时刻结束，链接技巧会互相踩：退回原来的写法
             if self.args.world_size > 1 or not self.args.should_save:
                 return super()._save_checkpoint(model, trial)
+            # 与 Trainer 自己算的是同一个目录：超参搜索时是 output_dir/run-<trial> 子目录，
+            # 第一次保存前还不存在（下面 mkdir）
             run = Path(self._get_output_dir(trial=trial))
             final = run / f"{PREFIX}-{self.state.global_step}"
             staging = run / f"tmp-{final.name}"
             run.mkdir(parents=True, exist_ok=True)
+            # 上次在这一步保存到一半留下的临时目录：清掉重来，否则下面 mkdir 报 FileExistsError
             _remove(staging)
             _remove(final)                      # 同一步重存（续训后再次到达这一步）：新的替换旧的
             staging.mkdir()
             final.symlink_to(staging.name)      # 相对链接：整个输出目录挪走也不断
             try:
+                # Trainer 照旧往写死的 checkpoint-N 路径写，实际落进链接指向的临时目录；trainer_state.json 在最后写，
+                # 按 save_total_limit 删旧检查点也在这个调用里
                 super()._save_checkpoint(model, trial)
             except BaseException:
                 # 保存失败（磁盘满、Ctrl-C）：撤掉链接，留下的临时目录由下一次 last_intact 判断去留

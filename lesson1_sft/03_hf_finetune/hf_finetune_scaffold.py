@@ -83,6 +83,7 @@ CLAIMS = [
 
 def load_conversations(args: Args) -> list[list[dict]]:
     """默认：data/sft/*.jsonl + data/identity/train.jsonl；--data：用户自己的文件。"""
+    # sorted：glob 的顺序随文件系统而变；对话顺序固定，data.split 按 seed 切出的验证集才每次相同
     files = [Path(args.data)] if args.data else [*sorted((data.DATA_DIR / "sft").glob("*.jsonl")),
                                                  data.DATA_DIR / "identity" / "train.jsonl"]
     return [conv for f in files for conv in data.load_sft(f)]
@@ -119,16 +120,19 @@ def sft_config(args: Args, out: run.Run, model):
     return SFTConfig(
         output_dir=str(out.dir), run_name=out.dir.name, seed=args.seed, data_seed=args.seed,
         learning_rate=args.learning_rate, lr_scheduler_type=args.lr_scheduler_type, warmup_steps=args.warmup_steps,
+        # Trainer 的约定是 max_steps=-1（它的默认值）表示按 num_train_epochs 训练：本脚本的 0 翻译成它的写法
         max_steps=args.max_steps if args.max_steps > 0 else -1, num_train_epochs=args.num_train_epochs,
         per_device_train_batch_size=args.per_device_train_batch_size, per_device_eval_batch_size=8,
         gradient_accumulation_steps=args.gradient_accumulation_steps, max_length=args.max_length,
         eval_strategy="steps", eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.eval_steps,
+        # 按 eval_loss 挑最好的一步；save_total_limit 删旧检查点时 Trainer 会留下 best 那个，不会把它删掉
         save_total_limit=args.save_total_limit, load_best_model_at_end=True, metric_for_best_model="eval_loss",
         greater_is_better=False, restore_callback_states_from_checkpoint=True,   # 早停计数也随检查点恢复
         prediction_loss_only=True,   # 评估只要损失：否则每批 batch×长度×词表 的 logits 被收集拼接，评估比训练还慢
         logging_steps=args.logging_steps, report_to=out.trainer_report_to(),
         **train.trainer_flags(model, gradient_checkpointing=args.gradient_checkpointing),   # bf16 / use_cpu / 检查点
         # 只数非填充 token：吞吐按"真正学到的 token"算，批里填充多少不该让数字变好看
+        # dataloader_num_workers=0：数据已分词好放在内存里，开子进程取数据的开销比省下的还多
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, disable_tqdm=False,
     )
 
@@ -141,6 +145,8 @@ def throughput_meter():
         seconds, tokens = 0.0, 0
 
         def on_step_begin(self, a, state, control, **kw):
+            # num_input_tokens_seen 是累计值（sft_config 里打开 include_num_input_tokens_seen 才有）：
+            # 步前步后相减才是这一步的 token
             self.t, self.n = time.perf_counter(), state.num_input_tokens_seen
 
         def on_step_end(self, a, state, control, **kw):
@@ -168,12 +174,15 @@ def train_or_restore(trainer, last_ckpt: str | None, max_steps: int, log) -> Non
     """训练；--resume 时从检查点恢复权重、优化器、调度器、随机数与已跳过的数据。"""
     if last_ckpt:
         log.info(f"--resume：从 {last_ckpt} 续训")
+    # max_steps > 0 才能这样比；按 epoch 训练（-1）时总步数由 Trainer 算，照常交给它续训
     if last_ckpt and int(Path(last_ckpt).name.split("-")[1]) >= max_steps > 0:
         # 上次被杀在最后一步存盘之后（最终评估 / 保存时）：Trainer 从这样的检查点"续训"会多走一步，
         # 这里直接装回状态与最好的权重
         from transformers import TrainerState
 
         trainer.state = TrainerState.load_from_json(str(Path(last_ckpt) / "trainer_state.json"))
+        # 先装回最后一步的权重，再按 trainer_state 里记的 best_model_checkpoint 装回最好的一步，与正常跑完时
+        # load_best_model_at_end 的结果相同。两个都是 Trainer 的私有方法：升级 transformers 时先查这里
         trainer._load_from_checkpoint(last_ckpt)
         trainer._load_best_model()
     else:
@@ -207,6 +216,7 @@ def main(args: Args) -> dict:
 
     # 2. 数据：对话模板渲染，只在助手回复上算损失（labels 其余位置为 -100）
     convs = load_conversations(args)
+    # for_training=True：CPU 上保留 fp32 主权重（bf16 的 8 位尾数会吞掉 AdamW 的小更新，见 models.pick_dtype）
     model, tok = models.load_args(args, for_training=True)
     train_convs, eval_convs = data.split(convs, args.val_fraction, args.seed)
     train_ds = encode(tok, train_convs, args.max_length, out.log)
@@ -233,7 +243,9 @@ def main(args: Args) -> dict:
 
     # 6. 训练后：load_best_model_at_end 已把最好的检查点装回来，用同一把尺子再量一次
     after = trainer.evaluate()["eval_loss"]
+    # 此时模型已是装回的最好一步：另存一份权重 + 分词器、不带优化器与随机数状态的，部署时加载它
     trainer.save_model(str(out.path("best_model")))
+    # 只留目录名：绝对路径随机器而变，写进 metrics.json 就没法跨机器比
     best = Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None
     train_losses = [h["loss"] for h in state.log_history if "loss" in h]
 

@@ -68,12 +68,14 @@ TOP_R = 8   # 报告前 8 个奇异值的能量：r=8 是 LoRA 最常用的秩
 
 def energy_top(sv, r: int) -> float:
     """前 r 个奇异值的能量占比 sum(σ_i², i<r) / sum(σ_i²)：秩 r 近似能保留的 Frobenius 范数平方比例。"""
+    # 先转 float64 再平方：奇异值跨好几个数量级，fp32 里小奇异值的平方在求和时会被大项吞掉
     e = sv.double() ** 2
     return float(e[:r].sum() / e.sum())
 
 
 def load_conversations(args: Args) -> list[list[dict]]:
     """默认：data/sft/*.jsonl + data/identity/train.jsonl；--data：用户自己的文件。"""
+    # 文件按名字排好序再读：glob 的顺序随文件系统而变，固定顺序、固定 seed，两次运行的 ΔW 才可比
     files = [Path(args.data)] if args.data else [*sorted((data.DATA_DIR / "sft").glob("*.jsonl")),
                                                  data.DATA_DIR / "identity" / "train.jsonl"]
     return [c for f in files for c in data.load_sft(f)]
@@ -85,11 +87,14 @@ def check_targets(model, targets, flag: str) -> None:
     PEFT 只要有一个名字对上就不报错：q_proj,v_prj 会悄悄只注入 q_proj；一个都对不上则是一长串 traceback。"""
     import torch
 
+    # all-linear 由 PEFT 按层的类型自己去找，不存在名字对不上的问题
     if targets == "all-linear":
         return
+    # Embedding 也算：PEFT 的 LoRA 同样能注入 Embedding 层，点名 embed_tokens 不该被当成写错
     layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in layers)]
     if missing:
+        # 报错里只列名字的最后一段、去重：几百个全名列不下，学生要的是能直接填进 --target-modules 的短名
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise UserError(f"--target-modules {flag}: 模型里没有名为 {','.join(missing)} 的 Linear/Embedding 层；"
                         f"Linear 层的名字有 {','.join(linear)}（或 all-linear）")
@@ -110,13 +115,16 @@ def count_lora_params(model, target_modules: str, ranks: list[int]) -> tuple[dic
     lora_params, analytic, injected = {}, {}, {}
     for r in ranks:
         # deepcopy：get_peft_model 会就地改模型，原模型后面还要做全参数微调
+        # alpha、dropout 不改变参数量：这里只数参数、不训练，取常用的 alpha = 2r 即可
         pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
                                                              lora_dropout=0.0, task_type="CAUSAL_LM"))
         lora_params[str(r)] = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+        # 去掉 PEFT 包装加的前缀：名字才与原模型的 named_parameters 对得上（main 按它记下训练前的权重）
         injected = {n.removeprefix("base_model.model."): (m.in_features, m.out_features)
                     for n, m in pm.named_modules() if hasattr(m, "lora_A") and hasattr(m, "in_features")}
         # B: d_out×r，A: r×d_in -> 每个矩阵 r·(d_in + d_out)，与原矩阵的 d_in·d_out 相比是线性而非平方
         analytic[str(r)] = sum(r * (i + o) for i, o in injected.values())
+        # 每个秩都是一份完整的模型副本：用完就放掉，内存里同时只留一份
         del pm
     return lora_params, analytic, injected
 
@@ -148,7 +156,9 @@ def spectra_of(before: dict, params: dict, seed: int) -> tuple[dict, dict, dict]
     gen = torch.Generator().manual_seed(seed)
     spectra, rand_by_shape, weight_spectra = {}, {}, {}
     for n, w0 in before.items():
+        # params 是训练前从同一个模型取的 Parameter 对象：优化器就地更新它们，这里读到的已是训练后的值
         w1 = params[n + ".weight"].detach()
+        # 先转 fp32：torch.linalg 不支持 bf16，而 GPU 上训练时权重是 bf16
         spectra[n] = torch.linalg.svdvals((w1 - w0).float().cpu())   # svdvals 只算奇异值，比完整 SVD 快得多
         weight_spectra[n] = torch.linalg.svdvals(w0.float().cpu())
         if w0.shape not in rand_by_shape:   # 随机矩阵的谱只取决于形状，每种形状算一次
@@ -167,6 +177,7 @@ def plot_spectrum(out: run.Run, spectra: dict, rand_by_matrix: dict, layer_names
     ax = fig.add_subplot(111)
     for n in layer_names:
         s = spectra[n]
+        # 各除以自己的 σ_1：不同矩阵的尺度差得很远，归一化后比的才是谱的形状
         ax.semilogy(range(1, len(s) + 1), (s / s[0]).numpy(), label=f"ΔW {n.rsplit('.', 2)[-2]}.{n.rsplit('.', 1)[-1]}")
     s = rand_by_matrix[layer_names[0]]
     ax.semilogy(range(1, len(s) + 1), (s / s[0]).numpy(), "k--", label="random Gaussian")
@@ -185,6 +196,7 @@ def plot_energy(out: run.Run, ranks: list[int], curve: dict) -> None:
     ax = fig.add_subplot(111)
     for name, ys in curve.items():
         ax.plot(ranks, ys, "o-", label=name)
+    # 秩按 1, 2, 4, … 取：以 2 为底的对数坐标上这些点等距
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rank r")
     ax.set_ylabel("energy in top-r singular values (mean over matrices)")
@@ -201,6 +213,7 @@ def main(args: Args) -> dict:
     full_params = sum(p.numel() for p in model.parameters())   # parameters() 对共享（tied）权重只算一次
 
     # 1. 用 PEFT 真实构建 r = 1, 2, 4, ... 的 LoRA 模型，清点可训练参数，并与公式 r·(d_in + d_out) 核对
+    # 秩取 2 的幂：参数量随 r 线性增长，跨几个数量级看，每翻一倍一个点就够了
     ranks = [2 ** i for i in range(args.max_rank.bit_length()) if 2 ** i <= args.max_rank]
     lora_params, analytic, injected = count_lora_params(model, args.target_modules, ranks)
     kinds = sorted({n.rsplit(".", 1)[-1] for n in injected})
@@ -229,6 +242,7 @@ def main(args: Args) -> dict:
 
     # 5. 画图：中间一层的奇异值谱（首尾层紧挨嵌入与输出，不一定有代表性）+ 前 r 个方向捕获的能量
     mid = getattr(model.config, "num_hidden_layers", 2) // 2
+    # 层名里没有 ".layers.N." 的架构（命名方式不同）：退而取前几个矩阵画，图照样出
     layer_names = [n for n in spectra if f".layers.{mid}." in n] or list(spectra)[: len(kinds)]
     plot_spectrum(out, spectra, rand_by_matrix, layer_names,
                   f"ΔW singular values, layer {mid} ({out.model_name}, {args.steps} full-FT steps)")

@@ -107,6 +107,7 @@ OWN_DATA_CLAIMS = [
     *_MECHANICS,
 ]
 # 按架构选注入层：注意力 + MLP 的全部投影（只挂 q/v 对"记住新事实"太弱）。名字来自各模型的实现
+# GLM-4 的 MLP 把 gate 与 up 合成一个 gate_up_proj（transformers 的 Glm4 实现），Llama 式的名字在它身上对不上
 _GLM4 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
 _LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {"chatglm": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],  # ChatGLM2/3（自定义代码）
@@ -116,6 +117,7 @@ TARGETS = {"chatglm": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to
 def identity_targets(convs: list[list[dict]], keywords: list[str]) -> list[str] | None:
     """验证问题的答案都含某个身份关键词时，返回每条期望的关键词；否则 None（这不是身份数据，不算身份准确率）。"""
     hits = [[k for k in keywords if k.lower() in c[-1]["content"].lower()] for c in convs]
+    # 要求每条都含关键词：哪怕一条没有，它就无从判对错，这份数据不当身份集用
     return [h[0] for h in hits] if convs and all(hits) else None
 
 
@@ -125,6 +127,7 @@ def load_data(args: Args, keywords: list[str]):
         train_convs, held = data.split(data.load_sft(args.data), args.val_fraction, args.seed)
         extra = data.load_sft(args.eval_data) if args.eval_data else []
         is_identity = identity_targets(train_convs, keywords) is not None   # 训练的就是身份数据
+        # 身份准确率优先用 --eval-data；训练的本就是身份数据时用切出的留出集；都不是就只报 eval_loss
         ident = extra if identity_targets(extra, keywords) else (held if is_identity else [])
         return train_convs, held + extra, ident
     # 领域数据留出一部分算 eval_loss；身份数据另有一份从没见过的问法
@@ -140,9 +143,11 @@ def load_data(args: Args, keywords: list[str]):
 
 def prepare(args: Args, out, tok, train_convs, held_convs) -> tuple[list[dict], list[dict], dict, dict]:
     """编码 -> 先不截断，数清几条超长（一行日志）-> 按 --over-length 处理 -> 训练计划（每步几行、几步、多久评估）。"""
+    # 先不截断（10**9）：length_report 要数清真实长度、会被截掉多少回答 token，截了就数不出来
     encoded = [data.tokenize_chat(tok, c, 10**9) for c in train_convs]
     stats = train.length_report(encoded, args.max_length, args.over_length)
     rows = train.truncate(encoded, args.max_length, args.over_length)
+    # 验证集超长的一律截断、不整条丢：--over-length 只管训练数据，换策略时验证集不变，eval_loss 才可比
     eval_rows = train.truncate([data.tokenize_chat(tok, c, 10**9) for c in held_convs], args.max_length)
     p = _plan.plan(args, rows, sum(len(r["input_ids"]) for r in eval_rows), bool(args.data))
     # 截断后只剩提示的样本没有可学的 token，也一并去掉：条数变了要说出来，不然学生对不上自己的数据
@@ -182,6 +187,8 @@ def build_trainer(args: Args, out, model, tok, rows: list[dict], eval_rows: list
         per_device_train_batch_size=p["rows_per_fwd"], gradient_accumulation_steps=p["accum"],
         per_device_eval_batch_size=2 * p["rows_per_fwd"], max_length=None,   # 评估只前向，不存反向要的激活
         logging_steps=1, report_to=out.trainer_report_to(), dataloader_num_workers=0, remove_unused_columns=False,
+        # max_length=None + skip_prepare_dataset：数据已由本脚本分词、截断、打包好，不让 TRL 按它的默认
+        # （max_length=1024）再处理一遍
         dataset_kwargs={"skip_prepare_dataset": True}, **train.best_step_args(p["eval_steps"]),
         **train.trainer_flags(model, ckpt, log=False))
     trainer = SFTTrainer(model=model, args=cfg, processing_class=tok, data_collator=collator,
@@ -221,9 +228,12 @@ def adapter_logits(args: Args, out, model, tok, probes):
     import torch
 
     model.save_pretrained(out.path("adapter"))
+    # add_special_tokens=False：prompt_text 已由对话模板加好特殊 token；再加一次，有的分词器会多出一个 BOS，
+    # 与训练时的序列对不上
     probe = tok([data.prompt_text(tok, c) + c[-1]["content"] for c in probes[:8]], return_tensors="pt", padding=True,
                 truncation=True, max_length=min(128, args.max_length), add_special_tokens=False).to(model.device)
     with torch.no_grad():   # 128 token 足以核对；logits 是 token 数 × 词表，长了很占内存
+        # eval() 关掉 LoRA 的 dropout：这组 logits 要与重新加载的模型逐一比较，不能带随机性
         return probe, model.eval()(**probe).logits[probe["attention_mask"].bool()]
 
 
@@ -234,12 +244,14 @@ def merge_and_check(args: Args, out, tok, probe, trained) -> tuple:
 
     train.release_memory()   # 调用方已放掉训练中的模型：再加载一份新的原模型，峰值内存不叠加两份
     adapter_dir = out.path("adapter")
+    # 用与训练时相同的精度加载底座（CPU 上 fp32）：精度一变，logits 的差就不只是合并误差了
     reloaded = PeftModel.from_pretrained(models.load_args(args, for_training=True)[0], adapter_dir).eval()
     mask = probe["attention_mask"].bool()
     with torch.no_grad():
         adapter = reloaded(**probe).logits[mask]
         with reloaded.disable_adapter():   # 同一个底座去掉 adapter：合并误差要和 adapter 本身的改变比，才看得出大小
             base = reloaded(**probe).logits[mask]
+        # scale·B·A 加进 W 并去掉 LoRA 包装：部署时和原模型一样快，每个注入的 Linear 不再多算两次小矩阵乘
         merged = reloaded.merge_and_unload()
         merge_diff = (merged(**probe).logits[mask] - adapter).abs().max().item()
     tol = 1e-3 if adapter.dtype == torch.float32 else 5e-2   # bf16 权重合并多一次舍入（~1e-2）
@@ -285,6 +297,7 @@ def main(args: Args) -> dict:
     rows, eval_rows, p, m = prepare(args, out, tok, train_convs, held_convs)
 
     # 2. 训练前：原模型怎么回答留出的问题？（smollm2 会说自己是 SmolLM）
+    # --data 没有身份问题：从留出集取几条，训练前后照样能对比回答
     probes = id_convs or held_convs[:3]
     answers_before = models.generate(model, tok, [data.prompt_text(tok, c) for c in probes], args.max_new_tokens)
 

@@ -107,6 +107,7 @@ class FirstTokenTimer:
         if self.calls == 2:
             self.first = time.perf_counter()
 
+    # generate 结束时会调用 streamer.end()：接口要求有这个方法，计时不需要收尾
     def end(self) -> None:
         pass
 
@@ -117,10 +118,13 @@ def timed_generate(model, enc: dict, new_tokens: int, use_cache: bool) -> tuple[
 
     streamer = FirstTokenTimer()
     t0 = time.perf_counter()
+    # inference_mode 比 no_grad 更省：张量不记版本计数，计到的时间里不含 autograd 的簿记
     with torch.inference_mode():
+        # min_new_tokens 同值：遇到 EOS 也不提前停，各配置生成同样多的 token，吞吐才可比；贪心解码不引入随机性
         out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              use_cache=use_cache, streamer=streamer)
     total = time.perf_counter() - t0
+    # 批里每条都生成同样多的新 token（min_new_tokens 保证），所以新 token 数 × 批大小
     n_new = (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
     return total, (streamer.first or time.perf_counter()) - t0, n_new
 
@@ -128,6 +132,7 @@ def timed_generate(model, enc: dict, new_tokens: int, use_cache: bool) -> tuple[
 def forward_tokens(model, enc: dict, new_tokens: int) -> dict[str, int]:
     """数一次生成真正送进前向的 token（与机器快慢无关）：开缓存时每步只算 1 个新 token，不开时每步重算整段前文。"""
     fed: list[int] = []
+    # generate 用关键字参数调用 forward：要 with_kwargs=True 才拿得到 input_ids
     hook = model.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["input_ids"].shape[1]), with_kwargs=True)
     counts = {}
     try:
@@ -136,6 +141,7 @@ def forward_tokens(model, enc: dict, new_tokens: int) -> dict[str, int]:
             timed_generate(model, dict(enc), new_tokens, use_cache)
             counts[name] = sum(fed)
     finally:
+        # 钩子一定摘掉：否则之后计时的每次前向都多一次 Python 回调
         hook.remove()
     return counts
 
@@ -163,6 +169,7 @@ def int8_sensitivity(model, rows: list[dict], pad_id: int) -> dict[str, float]:
     from torch.ao.quantization import quantize_dynamic
 
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    # batch_size=1：动态 int8 的激活尺度按整个张量算，拼批会让样本互相影响（同 perplexities）
     base = lm.perplexity(model, rows, batch_size=1, pad_token_id=pad_id)
     scan = {}
     for kind in sorted({n.rsplit(".", 1)[-1] for n in names}):
@@ -178,6 +185,7 @@ def precision_variants(model, calib: list[dict], pad_id: int, limit: float, log)
     int8_all 把全部 Linear 量化；int8 先逐类扫描，单独量化就让困惑度涨过 limit 的那类留在 fp32（混合精度）。"""
     import torch
 
+    # 先 deepcopy：nn.Module.to() 就地改原模型并返回它自己，fp32 基线还要留着对比
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     if not models.cpu_has_bf16():
         log.warning("这颗 CPU 没有原生 bf16 指令：bf16 计算是模拟的，多半比 fp32 慢（内存减半仍成立）")
@@ -188,8 +196,10 @@ def precision_variants(model, calib: list[dict], pad_id: int, limit: float, log)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # 对照组：不扫描、全部 Linear 一起量化，量出"逐类扫描"到底省下多少精度
         int8_all = quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
         scan = int8_sensitivity(model, calib, pad_id)
+        # 只把超过 --int8-sensitivity 的那几类留在 fp32：放弃少数几类的提速，换回大部分精度
         keep = [k for k, v in scan.items() if v > limit]
         names = {n for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] not in keep}
@@ -223,6 +233,7 @@ def time_configs(args: Args, configs: dict, variants: dict, encs: dict, max_thre
     times: dict[str, list[tuple[float, float, int]]] = {k: [] for k in configs}
     for rnd in range(args.repeats + 1):
         for cname, (variant, bs, use_cache, threads) in configs.items():
+            # 线程数是进程全局的：每个配置测之前设好，一轮结束再恢复成全部线程
             torch.set_num_threads(threads)
             res = timed_generate(variants[variant], dict(encs[bs]), args.max_new_tokens, use_cache)
             if rnd > 0:   # 第 0 轮是预热：首次调用要分配内存、挑内核，比稳态慢得多
@@ -253,6 +264,7 @@ def report(out: run.Run, args: Args, configs: dict, tps: dict, ttft: dict) -> No
     for cname, (variant, bs, use_cache, threads) in configs.items():
         table.add_row(cname, variant, str(bs), "开" if use_cache else "关", str(threads), f"{tps[cname]:.1f}",
                       f"{ttft[cname]:.0f}", f"{tps[cname] / tps['fp32']:.2f}x")
+    # 固定 119 列：不固定时 rich 按当时的终端宽度排，输出重定向到文件时退回 80 列，8 列的表会被折乱
     Console(width=119).print(table)
 
     fig, save = out.plot("cpu_inference.png")
@@ -261,6 +273,7 @@ def report(out: run.Run, args: Args, configs: dict, tps: dict, ttft: dict) -> No
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     ax1.barh(names, [tps[k] for k in names], color="tab:blue")
     ax1.set_xlabel("tokens/s (higher is better)")
+    # barh 默认从下往上画：翻过来，条的顺序与终端表格一致（基线 fp32 在最上）
     ax1.invert_yaxis()
     ax2.barh(names, [ttft[k] for k in names], color="tab:orange")
     ax2.set_xlabel("first-token latency ms (lower is better)")
@@ -280,10 +293,13 @@ def main(args: Args) -> dict:
     # 1. 加载 fp32 基线与数据
     model, tok, convs = load_baseline(args, out.log)
     prompts = [data.prompt_text(tok, c) for c in convs]
+    # 在 run.start 之后读：冒烟时它已设成单线程，max_threads 就是 1，不出现 fp32_1thread 这一行
     max_threads = torch.get_num_threads()
     out.log.info(f"{len(convs)} 条对话；torch 默认 {max_threads} 个线程；CPU 原生 bf16：{models.cpu_has_bf16()}")
 
     # 2. 准备三种精度
+    # 校准样本取在算困惑度的样本之后：用同一批样本挑要留 fp32 的层再量困惑度，int8 的结果会偏乐观；
+    # 数据不够时才退回重叠的那几条（下面告警）
     calib = [{k: r[k] for k in ("input_ids", "labels")} for r in (data.tokenize_chat(tok, c, args.max_length) for c in
              (convs[args.ppl_samples:][:args.calib_samples] or convs[:args.calib_samples]))]
     if len(convs) <= args.ppl_samples:
@@ -292,11 +308,13 @@ def main(args: Args) -> dict:
 
     # 3. 配置表：每行只改一个变量；每种批大小的输入只编码一次，各配置喂的是同一批 token
     configs = config_table(args.batch_sizes, max_threads)
+    # 对话比批大小少时循环复用，批 8 也凑得满；padding 在左边（load_baseline 设的），新 token 紧接各自的提示
     encs = {bs: tok([prompts[i % len(prompts)] for i in range(bs)], return_tensors="pt", padding=True,
                     truncation=True, max_length=args.max_length) for bs in {c[1] for c in configs.values()}}
 
     # 4. 计时：预热后轮流测，取中位数（偶发的尖峰不影响中位数）
     times = time_configs(args, configs, variants, encs, max_threads, out.log)
+    # 每轮各算一个吞吐再取中位数：某一轮被别的进程拖慢，只影响那一个数
     tps = {k: round(statistics.median(n / t for t, _, n in v), 2) for k, v in times.items()}
     ttft = {k: round(statistics.median(f for _, f, _ in v) * 1000, 1) for k, v in times.items()}
     new_tokens = {k: v[-1][2] for k, v in times.items()}
@@ -318,6 +336,7 @@ def main(args: Args) -> dict:
         "int8_speedup": round(tps["int8"] / tps["fp32"], 3),
         "bf16_speedup": round(tps["bf16"] / tps["fp32"], 3),
         **({"bf16_speedup_native": round(tps["bf16"] / tps["fp32"], 3)} if models.cpu_has_bf16() else {}),
+        # 只有一个线程可用时 config_table 不出 fp32_1thread 这一行：没得比，记 None 而不是编一个 1.0
         "thread_speedup": round(tps["fp32"] / tps["fp32_1thread"], 3) if "fp32_1thread" in tps else None,
         "batch_throughput_gain": round(tps[f"fp32_bs{top_bs}"] / tps["fp32"], 3) if top_bs > 1 else None,
         "batch_first_token_slowdown": round(ttft[f"fp32_bs{top_bs}"] / ttft["fp32"], 3) if top_bs > 1 else None,

@@ -11,8 +11,11 @@ def plot_levels(out, name: str, normed, code, mse: dict) -> None:
 
     fig, save = out.plot("nf4_levels.png")
     ax = fig.add_subplot(111)
+    # density=True：纵轴是概率密度、与矩阵大小无关，换 --max-matrices 或换模型后图仍可直接对比
     ax.hist(normed, bins=120, density=True, color="#9bb", label=f"weights / block absmax ({name})")
     for i, c in enumerate(code.tolist()):
+        # 图例只挂在第一条线上，否则 16 条竖线各带标签、图例把 NF4 列 16 遍；
+        # NF4 实线、int4 点线：两组码值在 0 与 ±1 处完全重合，只靠颜色分不开
         ax.axvline(c, color="C3", lw=1, ls="-", label="NF4 levels" if i == 0 else None)
     for i, c in enumerate(torch.arange(-7, 8).div(7).tolist()):   # 等间距 int4：-7..7 除以 7
         ax.axvline(c, color="C0", lw=1, ls=":", label="int4 levels" if i == 0 else None)

@@ -45,8 +45,11 @@ plots = run.import_sibling(__file__, "_plot")   # 图（nf4_levels.png）放在�
 
 @dataclass
 class Args(cli.CommonArgs):
+    # choices 都在 bitsandbytes quantize_4bit 接受的分块大小之内：给别的值，第 3 步对账时它直接报 invalid blocksize
     blocksize: int = cli.arg(64, "分块大小：每块一个 absmax（QLoRA 论文与 bitsandbytes 默认 64）",
                              choices=[64, 128, 256, 512, 1024, 2048, 4096])
+    # 只进第 4 步的公式：bitsandbytes 的双重量化把 absmax 的分块写死为 256（quantize_4bit 里 blocksize=256），
+    # 改了它，实测的 bit/参数不会跟着变
     dq_blocksize: int = cli.arg(256, "双重量化时 absmax 常数的分块大小（论文：256 个一块量化成 8 bit）", min=2)
     max_matrices: int = cli.arg(0, "只取前多少个 Linear 权重算误差；0 = 全部", min=0)
     batch_size: int = cli.arg(2, "梯度检查点实验的批大小", min=1)
@@ -54,6 +57,8 @@ class Args(cli.CommonArgs):
                            why="光 logits 就占 批 × 长度 × 词表 × 4 字节：smollm2 批 2 × 4096 已 1.6 GB，还没算激活")
     data: str = cli.arg(None, "本脚本不读数据文件：量化误差用模型自己的权重，检查点实验用随机 token")
 
+    # tiny-llama 与 smollm2 同为 Llama 架构，冒烟与默认模式遇到的是同一套 Linear（q/k/v/o、gate/up/down）；
+    # 它的 intermediate_size 是 352，不是 64 的倍数，冒烟也会走到 bitsandbytes CPU 内核出错的那条分支
     smoke_model = "tiny-llama"
 
     def __post_init__(self) -> None:
@@ -76,6 +81,8 @@ CLAIMS = [
               "measured_bits_per_param_double_quant / measured_bits_per_param", "<=", 0.93, 0.93),
     run.Claim("公式与 4-bit 加载后数出的字节对得上：|实测 - 公式| bit/参数（双重量化）",
               "abs(measured_bits_per_param_double_quant - bits_per_param_double_quant)", "<=", 0.01, 0.01),
+    # 冒烟门槛反而更严（0.8 < 0.95）：tiny-llama 上激活占峰值的大头、检查点省得多；
+    # smollm2 上激活占比小，参考运行只到 0.89（见文档）
     run.Claim("梯度检查点降低峰值内存：一步训练 开 / 不开", "peak_mem_mb_ckpt / peak_mem_mb_no_ckpt", "<=", 0.8, 0.95),
 ]
 
@@ -90,9 +97,14 @@ def nf4_codebook():
 
     normal = torch.distributions.Normal(0.0, 1.0)
     offset = 0.9677083
+    # 分位数用 float64 算、最后才转 fp32：Φ⁻¹ 在尾部（offset 附近）斜率大，输入的舍入会被放大，
+    # 而第 3 步要求与 bitsandbytes 写死的码本差 < 1e-6。
+    # [:-1] 去掉 0.5 那一点：Φ⁻¹(0.5) = 0，精确的 0 在下面只放一次，否则 0 重复、码值不再是 16 个
     pos = normal.icdf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])   # 8 个正值
     neg = -normal.icdf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])  # 7 个负值
     v = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+    # 正负两端都是 ±Φ⁻¹(offset)，除以最大值后码本恰好铺满 [-1, 1]：
+    # 块内绝对值最大的那个元素（归一化后 = ±1）能被精确表示
     return (v / v.max()).float()
 
 
@@ -102,8 +114,10 @@ def blockwise(w, blocksize: int):
 
     flat = w.detach().float().reshape(-1)
     n = flat.numel()
+    # 末块补 0 而不是丢掉：0 不改变 absmax（取的是绝对值最大），返回的 n 让调用方把补的元素切掉
     pad = (-n) % blocksize
     blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, blocksize)
+    # clamp_min：全 0 的块（例如被剪成 0 的权重）absmax = 0，不夹住就是 0/0 = NaN，一路传进 MSE
     return blocks, blocks.abs().amax(dim=1, keepdim=True).clamp_min(1e-12), n
 
 
@@ -112,7 +126,10 @@ def quant_nf4(w, code, blocksize: int):
     import torch
 
     blocks, absmax, n = blockwise(w, blocksize)
+    # 暴力求最近码值：每个元素对 16 个码值各算一个距离，临时张量是这个矩阵的 16 倍；
+    # 逐矩阵调用，内存峰值只受最大的那个 Linear 限制
     idx = (blocks / absmax).unsqueeze(-1).sub(code).abs().argmin(dim=-1)   # 最近码值的下标 0..15
+    # [:n] 切掉补齐的元素才能 view_as(w) 还原形状；补的 0 在 NF4 里误差为 0，留着也会把 MSE 摊薄
     deq = (code[idx] * absmax).reshape(-1)[:n].view_as(w)
     return idx.reshape(-1)[:n].to(torch.uint8), absmax.reshape(-1), deq
 
@@ -120,6 +137,7 @@ def quant_nf4(w, code, blocksize: int):
 def quant_linear(w, bits: int, blocksize: int):
     """等间距对称整数量化（int4: -7..7，int8: -127..127），同样分块 absmax，返回反量化张量。"""
     blocks, absmax, n = blockwise(w, blocksize)
+    # 对称范围 ±qmax（int4 取 -7..7，不用 -8）：舍掉一个码位，换来 0 两侧对称、absmax 正好映射到端点
     qmax = 2 ** (bits - 1) - 1
     q = (blocks / absmax * qmax).round().clamp(-qmax, qmax)
     return (q / qmax * absmax).reshape(-1)[:n].view_as(w)
@@ -143,20 +161,26 @@ def compare_with_bnb(ws, code, blocksize: int, log) -> dict:
     same = total = kernel_bad = 0
     max_diff = absmax_diff = 0.0
     for name, w in ws:
+        # 与 quant_nf4 吃同一份 fp32 连续张量：bitsandbytes 的内核按连续内存读；
+        # 输入的 dtype 不同，量化前就多一层舍入，对不上账的原因会混在一起
         w = w.detach().float().contiguous()
         packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
         p = packed.reshape(-1)   # bitsandbytes 把两个 4-bit 码装进一个字节：前一个元素在高 4 位
+        # [:w.numel()]：元素个数为奇数时，最后一个字节的低 4 位是空的，要切掉
         bnb_idx = torch.stack([p >> 4, p & 0x0F], dim=1).reshape(-1)[:w.numel()]
         idx, absmax, deq = quant_nf4(w, code, blocksize)
         eq = bnb_idx == idx   # 不一致的只会是恰好落在两个码值中点上的元素（浮点舍入方向不同）
         same += eq.sum().item()
         total += w.numel()
+        # absmax 也要对：码相同而 absmax 不同，反量化值照样不同
         absmax_diff = max(absmax_diff, (state.absmax - absmax).abs().max().item())
         # 分块是在展平后的张量上连续切的；按 (块数, blocksize) 的形状反量化，就是逐块 code[i]·absmax
+        # 浅拷贝只为改 shape：原 state 在下面还要按原形状再反量化一次，不能就地改
         flat_state = copy.copy(state)
         if w.numel() % blocksize == 0:
             flat_state.shape = torch.Size([w.numel() // blocksize, blocksize])
         bnb_deq = bnbF.dequantize_4bit(packed, flat_state).reshape(w.shape)
+        # 只在码相同的位置比：码不同的个别元素差一整个码距，会把要查的'同码同值'淹没
         max_diff = max(max_diff, (bnb_deq - deq).reshape(-1)[eq.reshape(-1)].abs().max().item())
         # 按原形状反量化：bitsandbytes 0.50 的 CPU 内核假设每行长度是 blocksize 的整数倍（GPU 内核按展平处理）
         if (bnbF.dequantize_4bit(packed, state) - deq).abs().max().item() > 1e-5:
@@ -164,6 +188,7 @@ def compare_with_bnb(ws, code, blocksize: int, log) -> dict:
             if kernel_bad == 1:
                 log.info(f"注意：{name} {tuple(w.shape)} 每行 {w.shape[-1]} 个元素不是 {blocksize} 的整数倍，"
                          "bitsandbytes 的 CPU 反量化内核按行处理算错了（码与 absmax 都一致；按展平形状反量化则一致）")
+    # 码本对所有张量都一样（NF4 是写死的 16 个值），取循环里最后一个 state 的即可
     code_diff = (state.code.float() - code).abs().max().item()
     agree = same / total
     log.info(f"与 bitsandbytes 对账：码本最大差 {code_diff:.2e}，4-bit 码一致 {agree:.6%}，"
@@ -174,6 +199,8 @@ def compare_with_bnb(ws, code, blocksize: int, log) -> dict:
 
 def double_quant_bits(blocksize: int, dq_blocksize: int) -> tuple[float, float]:
     """每参数比特：4 bit 码 + 每块 fp32 absmax；双重量化后 absmax 变 8 bit，每 dq_blocksize 个再配一个 fp32 常数。"""
+    # 默认 64 / 256 时就是文档里的 4.5 与 ≈4.127。不含每张量一个的二级 offset（measured_bits 里
+    # 那 +4 字节）：摊到一个矩阵的全部参数上，远小于第 4 步 0.01 bit 的门槛
     return 4 + 32 / blocksize, 4 + 8 / blocksize + 32 / (blocksize * dq_blocksize)
 
 
@@ -183,8 +210,11 @@ def measured_bits(args: Args, double_quant: bool, log) -> float:
     import torch
     from transformers import BitsAndBytesConfig
 
+    # BitsAndBytesConfig 没有分块参数：加载总用 bitsandbytes 的默认 64（Params4bit），
+    # 所以下面要核对 st.blocksize，--blocksize 改了只会在日志里提醒
     qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
                               bnb_4bit_compute_dtype=torch.float32)
+    # 4-bit 在加载时逐层量化，设备只能由 device_map 在加载时给定（models.load 对量化模型不再 .to()）
     model, _ = models.load_args(args, quantization_config=qcfg,
                                 device_map="cuda" if torch.cuda.is_available() else "cpu")
     bits = params = consts = 0
@@ -193,6 +223,7 @@ def measured_bits(args: Args, double_quant: bool, log) -> float:
             st = m.weight.quant_state
             if st.blocksize != args.blocksize:
                 log.info(f"注意：bitsandbytes 加载用的分块是 {st.blocksize}（不是 --blocksize {args.blocksize}）")
+            # m.weight 存的是打包后的字节（两个码一字节），原参数个数要从 quant_state.shape 取，否则少算一半
             params += math.prod(st.shape)
             nbytes = m.weight.numel() * m.weight.element_size() + st.absmax.numel() * st.absmax.element_size()
             if st.nested:   # 二级：absmax 的 absmax（fp32）+ 减掉的均值 offset（1 个 fp32）
@@ -212,13 +243,18 @@ def measured_bits(args: Args, double_quant: bool, log) -> float:
 def step_peak(model, batch, ckpt: bool, device) -> float:
     """一个训练步（前向 + 反向，梯度写进 .grad）的峰值内存增量（MB）。优化器状态两种情况一样大，不放进来。"""
     if ckpt:   # 非重入实现：只存每层输入，反向时逐层重算前向
+        # transformers 5 的名字：旧的 gradient_checkpointing_enable 已是弃用别名（v6 删除），会打 FutureWarning
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.activation_checkpointing_disable()
     model.train()
+    # set_to_none 释放上一轮的 .grad：两种设置都从'没有梯度'开始，梯度的分配都算进这一轮的峰值
     model.zero_grad(set_to_none=True)
+    # 上一轮释放的堆先还给系统：否则这一轮的分配复用它们、RSS 不涨，CPU 上量出的增量偏小
     train.release_memory()
     with train.PeakMemory(device) as mem:
+        # labels 就是输入：模型内部移位算下一个 token 的损失。use_cache=False：训练用不到 KV 缓存，
+        # 开检查点时 transformers 也会强制关掉并警告；两种设置显式一致，比的只有检查点
         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
         del loss
@@ -251,6 +287,7 @@ def grad_ckpt_peaks(model, tok, args: Args) -> tuple[float, float]:
 
     dev = next(model.parameters()).device
     gen = torch.Generator().manual_seed(args.seed)   # 独立的生成器：批的内容不受前面步骤用掉多少随机数影响
+    # 先在 CPU 上生成再搬过去：上面的 Generator() 是 CPU 生成器，不能直接拿来在 CUDA 上采样
     batch = torch.randint(0, len(tok), (args.batch_size, args.seq_len), generator=gen).to(dev)
     step_peak(model, batch, True, dev)   # 预热一次：第一次前向会分配一次性的缓冲区，不算进对比
     peak_ckpt = step_peak(model, batch, True, dev)
@@ -276,22 +313,26 @@ def main(args: Args) -> dict:
 
     # 3. 与 bitsandbytes 对账：码本、每个 4-bit 码、反量化值。只比 MSE 证明不了"我们写的就是 QLoRA 的 NF4"
     check = compare_with_bnb(ws, code, args.blocksize, out.log)
+    # 门槛与 CLAIMS 一致；码的一致率不要求 100%：恰好落在两个码值中点的元素，两边浮点舍入方向可以不同
     matches = (check["codebook_max_diff"] < 1e-6 and check["code_agreement"] > 0.9999
                and check["absmax_max_diff"] < 1e-6 and check["dequant_max_diff"] < 1e-5)
 
     # 4. 每参数比特：公式 vs 4-bit 加载后实际存储（公式漏算一项常数，实测就对不上 4.127）
     bpp, bpp_dq = double_quant_bits(args.blocksize, args.dq_blocksize)
+    # 两次都从磁盘重新 4-bit 加载，与上面 fp32 的 model 无关：数的是 bitsandbytes 真正存下的字节
     meas, meas_dq = measured_bits(args, False, out.log), measured_bits(args, True, out.log)
     out.log.info(f"bit/参数：公式 {bpp:.3f} / 双重量化 {bpp_dq:.3f}；实测 {meas:.3f} / {meas_dq:.3f}")
 
     # 5. 梯度检查点：QLoRA 把权重压到 4 bit 之后，激活成了显存的大头，检查点省的正是它
     peak_full, peak_ckpt = grad_ckpt_peaks(model, tok, args)
     ratio = peak_ckpt / peak_full
+    # CPU 的 RSS 含分配器缓存，只在同一进程里前后比较才有意义；CUDA 的 max_memory_allocated 是精确值
     where = "CUDA 精确统计" if next(model.parameters()).device.type == "cuda" else "CPU 进程 RSS 采样"
     out.log.info(f"一步训练（batch {args.batch_size} × {args.seq_len}）峰值内存：不开检查点 {peak_full:.0f} MB，"
                  f"开 {peak_ckpt:.0f} MB（{ratio:.2f} 倍）；{where}")
 
     # 6. 图：归一化后的权重分布 + NF4 / int4 码值
+    # 画按块 absmax 归一化后的值：码值定义在 [-1, 1] 上，原始权重的刻度和码本对不上
     blocks, absmax, _ = blockwise(ws[0][1], args.blocksize)
     plots.plot_levels(out, ws[0][0], (blocks / absmax).reshape(-1).cpu().numpy(), code, mse)
     return out.finish({

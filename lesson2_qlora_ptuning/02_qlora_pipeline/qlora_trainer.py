@@ -42,6 +42,8 @@ from common.errors import UserError
 @dataclass
 class Args(cli.CommonArgs):
     lora_r: int = cli.arg(16, "LoRA 秩（QLoRA 论文用 64；小模型 16 足够）", min=1)
+    # alpha = 2r（缩放 2，与 06 里 lora_alpha=2·r 同一约定）：只改 r 不改 alpha，缩放 alpha/r 跟着变，
+    # 等于悄悄换了学习率
     lora_alpha: int = cli.arg(32, "缩放系数，实际缩放 alpha / r", min=1)
     lora_dropout: float = cli.arg(0.05, "adapter 输入上的 dropout", min=0, max=1)
     learning_rate: float = cli.arg(5e-4, "LoRA 学习率（QLoRA 论文：7B/13B 用 2e-4，模型越小可以越大）")
@@ -62,6 +64,7 @@ class Args(cli.CommonArgs):
                          choices=["paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_8bit"])
     double_quant: bool = cli.arg(True, "双重量化：absmax 常数再量化成 8 bit，每参数再省约 0.37 bit")
 
+    # tiny-llama 的 intermediate_size 是 352，不是 64 的倍数：冒烟时 skip_modules_for_cpu 的 down_proj 分支也被走到
     smoke_model = "tiny-llama"
 
 
@@ -71,6 +74,8 @@ SMOKE = dict(learning_rate=1e-2, max_steps=30, per_device_train_batch_size=8, ma
 # 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
 # (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线都在同一次运行里测
 CLAIMS = [
+    # 理想是 4.127/32 ≈ 0.13；embedding、norm（CPU 上还有跳过的 down_proj）不量化，门槛放到 0.3；
+    # 极小模型词表 3072 × 128 的 embedding 占全部参数的三分之一左右，冒烟再放宽到 0.35
     run.Claim("4-bit 底座省内存：4-bit 加载后实际存储的字节 / 同一模型 fp32 的字节",
               "footprint_mb_4bit / footprint_mb_fp32", "<=", 0.35, 0.3),
     run.Claim("梯度穿过 4-bit 权重训练 LoRA，降低留出集损失：训练后 / 训练前（训练前 = 4-bit 底座本身）",
@@ -99,8 +104,11 @@ def skip_modules_for_cpu(args: Args, blocksize: int = 64) -> list[str]:
                         f"（{str(e).strip().splitlines()[0][:160]}）") from None
     with init_empty_weights():   # 只建结构（meta 张量），不占内存
         meta = AutoModelForCausalLM.from_config(cfg)
+    # 只留最后一段名字（如 down_proj）：transformers 按后缀匹配 llm_int8_skip_modules，各层同名的 Linear 一起跳过；
+    # 看 in_features（每行的长度）：bitsandbytes CPU 内核按行反量化，行长不是 64 倍数的层才出错
     names = {n.split(".")[-1] for n, m in meta.named_modules()
              if isinstance(m, torch.nn.Linear) and m.in_features % blocksize}
+    # lm_head 一并列上：给了 llm_int8_skip_modules，transformers 就不再加它默认跳过的输出层，不写就会被量化
     return sorted(names | {"lm_head"})
 
 
@@ -120,6 +128,7 @@ def load_4bit(args: Args, log):
     model, tok = models.load(args.resolved_model(), source=args.source, device=args.device,
                              dtype="bfloat16" if args.dtype == "auto" else args.dtype,
                              trust_remote_code=args.trust_remote_code, quantization_config=qcfg,
+                             # device_map 必须在加载时给：bitsandbytes 边加载边量化，models.load 对量化模型不再 .to()
                              device_map={"": 0} if cuda else {"": "cpu"})
     if not cuda:
         # bitsandbytes 0.50 在 CPU 上第一次"推理式"前向（eval + no_grad，比如训练前的 evaluate）时会把权重永久改成
@@ -152,6 +161,7 @@ def footprint(model) -> tuple[float, int]:
                 if st.nested:   # 双重量化：absmax 自己再量化成 8 bit，另存一组二级常数
                     nbytes += st.state2.absmax.numel() * 4 + 4
             else:
+                # 非 4-bit 的参数（embedding、norm、跳过的层）按实际 dtype 的字节数算
                 params += p.numel()
                 nbytes += p.numel() * p.element_size()
     return nbytes, params
@@ -160,8 +170,10 @@ def footprint(model) -> tuple[float, int]:
 def encode(args: Args, tok, convs: list, path, report: bool = False) -> tuple[list[dict], dict]:
     """对话 -> 只在助手回复上算损失的 token 行。先不截断：训练集先数清几条超过 --max-length（一行日志），再按
     --over-length 截断或丢弃——截掉的是回答的结尾，模型学不会收尾，所以要让人看见。"""
+    # 10**9 当作不截断：length_report 要看到原始长度，才说得清几条超长、丢掉多少回答 token
     encoded = [data.tokenize_chat(tok, c, 10**9) for c in convs]
     stats = train.length_report(encoded, args.max_length, args.over_length) if report else {}
+    # 留出集只截断不丢：--over-length drop 是训练集的选择，留出集的条数不该跟着它变
     rows = train.truncate(encoded, args.max_length, args.over_length if report else "truncate")
     if not rows:
         raise UserError(f"{path}: 截断到 --max-length {args.max_length} 后没有一条样本还留着助手回复")
@@ -172,11 +184,13 @@ def qlora_model(model, args: Args, log):
     """QLoRA 准备：冻结 4-bit 底座、非量化参数升 fp32、梯度检查点；LoRA 挂在所有 Linear 上。"""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    # 非重入检查点：底座冻结、只有 LoRA 要梯度时，重入实现可能让梯度传不回 adapter（见 train.trainer_flags）
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False   # 打包时必须：有 KV 缓存时 transformers 不按 position_ids 识别段落边界
     model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
+    # PEFT 数 Params4bit 时把打包的字节数 ×2 还原成参数个数：total 与 fp32 模型的参数量同口径
     trainable, total = model.get_nb_trainable_parameters()
     log.info(f"可训练 {trainable:,d} / {total:,d} = {trainable / total:.2%}")
     return model, trainable
@@ -197,6 +211,7 @@ def build_trainer(args: Args, out, model, tok, rows: list[dict], eval_rows: list
     # 打包后一行装 max_length 个 token：按 token 数换算行数，一步看到的样本数与不打包时相当，学习率不用重调
     per_step = max(1, round(args.per_device_train_batch_size * mean / args.max_length)) if args.packing \
         else args.per_device_train_batch_size
+    # 不打包时按最长的一条估：批内右填充到最长，最长的那条决定一次前向的 token 数
     width = args.max_length if args.packing else max(len(r["input_ids"]) for r in rows)
     # 长回答数据一次前向的 logits 是 token 数 × 词表：超过 --micro-batch-tokens 就拆成几次前向、累积梯度，一步的梯度不变
     per_fwd, accum = train.micro_batches(per_step, width, args.micro_batch_tokens)
@@ -206,6 +221,10 @@ def build_trainer(args: Args, out, model, tok, rows: list[dict], eval_rows: list
                     learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=2, optim=optim,
                     per_device_train_batch_size=per_fwd, per_device_eval_batch_size=8,
                     gradient_accumulation_steps=accum * args.gradient_accumulation_steps,
+                    # 打包时 max_length=None：行已由 train.pack 装到 ≤ max_length，不必再截；只数非填充 token，
+                    # main 里的 tokens_per_s 才不被 padding 抬高；打包时 Trainer 不许删 seq_lengths 列
+                    # （remove_unused_columns=False），PackedCollator 要靠它给每段的 position_ids 归零；
+                    # skip_prepare_dataset：行已经是 token，别让 TRL 再分词一遍
                     max_length=None if args.packing else args.max_length, logging_steps=1,
                     report_to=out.trainer_report_to(), include_num_input_tokens_seen="non_padding",
                     dataloader_num_workers=0, remove_unused_columns=not args.packing,
@@ -229,7 +248,9 @@ def reload_check(args: Args, out, model, eval_rows: list[dict]) -> dict:
     reloaded = PeftModel.from_pretrained(base, adapter_dir).eval()
     probe = [r["input_ids"] for r in eval_rows[:4]]
     with torch.no_grad():
+        # eval 关掉 LoRA dropout：否则两次前向的差里混着随机的 dropout，量不出真正的装回误差
         model.eval()
+        # 都截成 32 个 token：等长才能堆成一个批、不用填充，填充位的 logits 不会混进 max|Δ|
         ids = torch.tensor([p[:32] for p in probe if len(p) >= 32] or [probe[0]], device=train.device_of(model))
         trained = model(input_ids=ids).logits.float()
         diff = (trained - reloaded(input_ids=ids).logits.float()).abs().max().item()
@@ -246,6 +267,7 @@ def plot_curve(out, hist: list[dict], m: dict, ratio: float) -> None:
     fig, save = out.plot("loss_curve.png")
     ax = fig.add_subplot(111)
     ax.plot([h["step"] for h in hist if "loss" in h], [h["loss"] for h in hist if "loss" in h], label="train loss")
+    # 训练前的 eval_loss 画在第 0 步：曲线从 4-bit 底座本身出发，看得出 LoRA 改了多少
     ax.plot(*zip(*([(0, m["eval_loss_before"])] + [tuple(e) for e in m["eval_history"]])), "o-", label="eval loss")
     ax.axvline(m["kept_step"], color="gray", ls="--", label=f"kept step {m['kept_step']}")
     ax.set_xlabel("step")
@@ -269,6 +291,7 @@ def main(args: Args) -> dict:
     # 2. 4-bit 加载，量权重占多少：4-bit vs 同一模型的 fp32 / bf16
     model, tok = load_4bit(args, out.log)
     nbytes, params = footprint(model)
+    # fp32 / bf16 按原参数个数 × 4 / 2 字节推算，不必再加载两遍：稠密存储没有别的开销
     fp32, bf16 = params * 4, params * 2
     ratio = nbytes / fp32
     out.log.info(f"权重占用：4-bit {nbytes / 2**20:.1f} MB，bf16 {bf16 / 2**20:.1f} MB，fp32 {fp32 / 2**20:.1f} MB"
@@ -284,6 +307,7 @@ def main(args: Args) -> dict:
     clock = train.attach(trainer, args.max_train_minutes)
     # 训练前量一次：LoRA 的 B 初始化为 0，这就是 4-bit 底座本身的 eval_loss（量化带来的损失也在里面）
     before = trainer.evaluate()["eval_loss"]
+    # 只包住 trainer.train()：加载和训练前评估不算，peak_mem_mb 是训练本身带来的增量
     with train.PeakMemory(train.device_of(model)) as mem:
         trainer.train()
     kept = train.kept_step(trainer)

@@ -112,6 +112,8 @@ def init_text(labels: list[str], tok, n: int) -> str:
     随机初始化的前缀和真实的 K/V 尺度差得远，一上来就把注意力拉偏（smollm2 上零样本 0.67 掉到 0.5 以下，
     20 步追不回来）；从一句真话的 K/V 出发，训练前就不伤零样本，训练只需把它往任务上推。"""
     text = f"Read the review and answer with its sentiment, one of: {', '.join(labels)}.\n"
+    # initialize_kv_prefix_from_text 要求文本至少 n 个 token（否则 ValueError: Need at least n cached tokens）；
+    # 一句说明常常不够，就整句成倍重复，不补 pad：pad 位置的 K/V 不是'一句真话'
     while len(tok(text, add_special_tokens=False)["input_ids"]) < n:
         text += text
     return text
@@ -137,6 +139,7 @@ def peft_config(method: str, args: Args, text: str = ""):
         return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, encoder_reparameterization_type="MLP",
                                    encoder_hidden_size=args.encoder_hidden_size)
     if method == "prompt_tuning":     # 只在输入层：直接训练软提示向量
+        # TEXT 初始化由 PEFT 自己加载分词器：给它本地解析好的目录，内置名（smollm2-135m）它在 hub 上找不到
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prompt_tuning_init="TEXT",
                                   prompt_tuning_init_text=text,
                                   tokenizer_name_or_path=str(models.resolve(args.resolved_model(), args.source)))
@@ -170,6 +173,7 @@ def label_scores(model, batch: list[dict], label_ids: list[list[int]], pad_id: i
              for k, v in lm.pad_right([{"input_ids": ex["prompt"]} for ex in batch], pad_id).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, n_virtual:]
         last = logits[range(len(batch)), b["attention_mask"].sum(-1) - 1]   # 右填充：最后一个真实 token 的位置
+        # 同一个分布复制 K 份、配上 K 个标签 token，走和多 token 路径同一个 token_logprobs（fp32 log_softmax）
         return lm.token_logprobs(last.unsqueeze(1).expand(-1, len(label_ids), -1),
                                  b["input_ids"].new_tensor([lab[0] for lab in label_ids]).expand(len(batch), -1))
     # 多 token 标签：每个标签接在提示后各算一遍整串。提示位置的 labels 记为 -100：
@@ -180,6 +184,7 @@ def label_scores(model, batch: list[dict], label_ids: list[list[int]], pad_id: i
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     logits = logits[:, n_virtual:]   # 输入层提示（v1 / prompt tuning）的虚拟 token 也出现在 logits 里，去掉
     logp = lm.token_logprobs(logits[:, :-1], b["input_ids"][:, 1:])
+    # rows 按 样本 × 标签 的顺序展开，view 成 (B, K) 时行列正好对上
     return (logp * (b["labels"][:, 1:] != -100)).sum(-1).view(len(batch), len(label_ids))
 
 
@@ -187,6 +192,7 @@ def accuracy(model, exs: list[dict], label_ids, pad_id: int, n_virtual: int, bs:
     """留出集准确率：分数最高的标签即预测（不生成文本，所以模型说出标签以外的词也不影响评分）。"""
     import torch
 
+    # eval 关掉模型里的 dropout：训练前、训练后和零样本要用同一把确定的尺子
     model.eval()
     hit = 0
     with torch.no_grad():
@@ -208,6 +214,8 @@ def train_method(method: str, args: Args, train_ex, eval_ex, label_ids, text: st
     base, tok = models.load_args(args, for_training=True)   # 每种方法重新加载：上一种方法的改动不会带进来
     model = get_peft_model(base, peft_config(method, args, text))
     if method == "ptuning_v2":   # 前缀 = 原模型读这句说明时每层的 K/V（直接训练的前缀才能这样初始化；MLP 生成的不能）
+        # use_chat_template=False：PEFT 默认把文本套成 system 消息再读；分类提示不走对话模板，
+        # 前缀就该来自同样的纯文本
         initialize_kv_prefix_from_text(model, tok, text=text, use_chat_template=False)
     cfg = model.peft_config["default"]
     # 输入层提示的方法会把虚拟 token 的位置也算进输出；前缀（v2）进的是每层的 K/V，不占输出位置
@@ -217,6 +225,8 @@ def train_method(method: str, args: Args, train_ex, eval_ex, label_ids, text: st
     before = accuracy(model, eval_ex, label_ids, pad, n_virtual)
     # 两组学习率：提示向量从随机初始化出发，需要的步长和 LoRA（B=0，从原模型出发）不同，共用一个会让一方吃亏
     lr = args.lora_learning_rate if method == "lora" else args.learning_rate
+    # weight_decay=0：torch 的 AdamW 默认 0.01，会把从一句真话初始化的前缀 / 软提示一点点往 0 拉，
+    # 对比里掺进了正则的差别
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng = random.Random(args.seed)   # 独立的随机源：每种方法看到的批次顺序完全一样
     order, losses, t0 = [], [], time.perf_counter()
@@ -234,6 +244,7 @@ def train_method(method: str, args: Args, train_ex, eval_ex, label_ids, text: st
         losses.append(loss.item())
     seconds = time.perf_counter() - t0
     after = accuracy(model, eval_ex, label_ids, pad, n_virtual)
+    # loss 报最后 5 步的平均：单步损失随批次抖动，一个数看不出收敛没有
     log.info(f"{method:16s} 可训练 {trainable:>9,d}  准确率 {before:.3f} -> {after:.3f}  loss {losses[0]:.3f} -> "
              f"{sum(losses[-5:]) / len(losses[-5:]):.3f}  训练 {seconds:.1f} 秒")
     return {"accuracy_before": round(before, 4), "accuracy_after": round(after, 4), "trainable_params": trainable,
@@ -264,9 +275,11 @@ def main(args: Args) -> dict:
     path = args.data or data.DATA_DIR / "classification" / "sentiment.jsonl"
     records, labels = data.load_classification(path)
     train_recs, eval_recs = data.split(records, args.val_fraction, args.seed)
+    # 这里只要分词器：模型由 train_method 每种方法各自重新加载，先把数据编码好
     tok = models.load_tokenizer(out.model_name, args.source, args.trust_remote_code)
     train_ex, label_ids = encode(tok, train_recs, labels, args.max_length)
     eval_ex, _ = encode(tok, eval_recs, labels, args.max_length)
+    # 多数类基线：留出集不均衡时全猜一类也有这个准确率，低于它的结果等于没学到东西
     majority = max(sum(ex["y"] == k for ex in eval_ex) for k in range(len(labels))) / len(eval_ex)
     out.log.info(f"{path}: 训练 {len(train_ex)} 条，留出 {len(eval_ex)} 条，标签 {labels}"
                  f"（token 数 {[len(x) for x in label_ids]}）；留出集多数类占 {majority:.2f}")
@@ -274,6 +287,7 @@ def main(args: Args) -> dict:
     # 2. 冻结的原模型不训练时的零样本准确率（基线）：随机初始化的提示可能先把它拉低，不量就看不出训练是在"追回"
     base, _ = models.load_args(args)
     zero_shot = accuracy(base, eval_ex, label_ids, tok.pad_token_id, 0)
+    # 释放原模型：后面每种方法各自再加载一份，两份同时留在内存里没有必要
     del base
     out.log.info(f"原模型零样本准确率 {zero_shot:.3f}")
 
@@ -283,6 +297,7 @@ def main(args: Args) -> dict:
 
     # 4. 一张表 + 一张图：损失曲线看得出学习率是否合适（不降反升时换学习率，而不是加步数）
     plot_curves(out, results, zero_shot)
+    # loss_curve 只进图、不进 metrics 表：每种方法每步一个数，会把结果表撑爆
     metrics = {m: {k: v for k, v in r.items() if k != "loss_curve"} for m, r in results.items()}
     best = max(metrics, key=lambda m: metrics[m]["accuracy_after"])
     summary = "；".join(f"{m} {r['accuracy_before']:.2f}->{r['accuracy_after']:.2f}" for m, r in metrics.items())

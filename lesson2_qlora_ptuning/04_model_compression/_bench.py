@@ -20,6 +20,7 @@ def latency_ms(model, tok, prompt: str, new_tokens: int, repeats: int) -> float:
     """
     import torch
 
+    # 分词放在计时之外：它与模型无关、各方法相同，算进去只会增加噪声
     enc = tok(prompt, return_tensors="pt").to(train.device_of(model))
     times = []
     with torch.no_grad():
@@ -28,6 +29,7 @@ def latency_ms(model, tok, prompt: str, new_tokens: int, repeats: int) -> float:
             model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                            pad_token_id=tok.pad_token_id)
             if i:   # 第 0 次是预热：首次调用要分配 KV 缓存、选内核，不代表稳态速度
+                # 除以 new_tokens 得每 token 延迟，但其中摊着一次提示的 prefill：new_tokens 很小时，prefill 占比会很大
                 times.append((time.perf_counter() - t0) * 1000 / new_tokens)
     return statistics.median(times)
 
@@ -46,9 +48,12 @@ def structured_size_mb(model) -> float:
                 continue
             seen.add(id(p))
             if isinstance(mod, torch.nn.Linear) and p is mod.weight and p.dim() == 2:
+                # 只删全 0 的输出行（× 每行 in_features 个元素），不算下一层随之可删的输入列：
+                # 这是真删之后大小的保守上界
                 total += int((p.abs().sum(1) > 0).sum()) * p.shape[1]
             else:
                 total += p.numel()
+    # × 4 字节：按 fp32 算，与默认的 fp32 基线同口径（--dtype 换了精度，这里不跟着变）
     return total * 4 / 2**20
 
 
@@ -66,6 +71,8 @@ class Bench:
         """一行：ppl / size_mb / latency_ms。size 给了就用它（结构化剪枝按删掉零行后的大小算）。"""
         # 困惑度按 token 加权（lm.perplexity）：长短文本混在一起时，按样本平均会让短文本的权重过大
         row = {"ppl": round(lm.perplexity(model, self.rows, batch_size=8, pad_token_id=self.tok.pad_token_id), 3),
+               # 没给 size 就序列化 state_dict 量字节（lm.size_mb）：int8 / NF4 的缩放常数、
+               # 剪枝留下的稠密 0 都如实算进去
                "size_mb": round(size or lm.size_mb(model), 2),
                "latency_ms": round(latency_ms(model, self.tok, self.prompt, self.max_new_tokens, self.repeats), 2)}
         self.log.info(f"{name:24s} ppl {row['ppl']:9.3f}  {row['size_mb']:8.2f} MB  {row['latency_ms']:7.2f} ms/token")
@@ -77,6 +84,8 @@ def plot_tradeoffs(out, table: dict) -> None:
     fig, save = out.plot("ppl_vs_size.png")
     ax = fig.add_subplot(111)
     for name, r in table.items():
+        # 每个点旁直接标名字而不用图例：matplotlib 默认的颜色循环只有 10 种，
+        # --sparsities 多给几个，颜色就重复、图例对不上
         ax.scatter(r["size_mb"], r["ppl"])
         ax.annotate(name, (r["size_mb"], r["ppl"]), fontsize=7)
     ax.set_xlabel("size (MB, serialized state_dict)")

@@ -59,6 +59,8 @@ class Args(cli.CommonArgs):
     max_new_tokens: int = cli.arg(16, "测延迟时生成的新 token 数", min=1)
     repeats: int = cli.arg(3, "延迟重复次数（取中位数）", min=1)
 
+    # tiny-llama 与 smollm2 同为 Llama 架构、都绑定 embedding 与 lm_head：make_student 的层号重映射、
+    # prune_copy 跳过 lm_head 的理由在冒烟里同样成立
     smoke_model = "tiny-llama"
 
 
@@ -72,6 +74,8 @@ SMOKE = dict(sparsities=[0.3, 0.6], distill_steps=40, learning_rate=3e-3, per_de
 CLAIMS = [
     run.Claim("蒸馏胜过同样步数的纯交叉熵：学生困惑度 纯 CE / KD",
               'student_ce["ppl"] / student_kd["ppl"]', ">=", 1.2, 1.1),
+    # 冒烟的大小门槛松（0.7 对默认的 0.4 / 0.5）：极小模型里不量化的 embedding 约占三分之一参数，
+    # CPU 上 NF4 还跳过了 down_proj（load_bnb）
     run.Claim("NF4 把模型压小：大小 NF4 / fp32", 'bnb_nf4["size_mb"] / fp32["size_mb"]', "<=", 0.7, 0.4),
     run.Claim("NF4 的困惑度代价有限：困惑度 NF4 / fp32", 'bnb_nf4["ppl"] / fp32["ppl"]', "<=", 1.05, 1.5),
     run.Claim("bitsandbytes int8 把模型压小：大小 int8 / fp32",
@@ -92,6 +96,7 @@ CLAIMS = [
     run.Claim("结构化剪枝删掉整行真的变小：大小 剪得最多的一行 / fp32",
               'min(m[k]["size_mb"] for k in m if k.startswith("prune_structured_")) / fp32["size_mb"]',
               "<=", 0.85, 0.8),
+    # 默认门槛 10 其实很宽：_bench 里记着 smollm2 结构化剪 30% 时 ppl 能到 1e8；冒烟只要求变差
     run.Claim("结构化剪枝不重新训练就伤困惑度：困惑度 最差的一行 / fp32",
               'max(m[k]["ppl"] for k in m if k.startswith("prune_structured_")) / fp32["ppl"]', ">=", 1.1, 10),
 ]
@@ -123,10 +128,12 @@ def prune_copy(model, amount: float, structured: bool):
     import torch
     from torch.nn.utils import prune
 
+    # 深拷贝：prune 就地给模块挂 mask、改权重，直接剪 model，后面每一行就都量在剪过的模型上了
     m = copy.deepcopy(model)
     for name, mod in m.named_modules():
         if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
             if structured:   # 按输出行的 L2 范数，整行去掉
+                # dim=0 是 nn.Linear.weight（out × in）的输出维：整行置 0 = 去掉这个输出神经元
                 prune.ln_structured(mod, "weight", amount=amount, n=2, dim=0)
             else:
                 prune.l1_unstructured(mod, "weight", amount=amount)
@@ -138,6 +145,7 @@ def prune_rows(model, bench, sparsities: list[float]) -> dict:
     """每个剪枝比例两行：非结构化（稠密存储，大小不变）与结构化（删掉零行后的大小）。"""
     rows = {}
     for s in sparsities:
+        # 非结构化不传 size：按 state_dict 的稠密字节量，那些 0 照样各占 4 字节，这正是要展示的'一点不省'
         rows[f"prune_unstructured_{s:g}"] = bench.measure(f"prune_unstructured_{s:g}",
                                                           prune_copy(model, s, structured=False))
         pm = prune_copy(model, s, structured=True)
@@ -156,6 +164,7 @@ def dynamic_int8(model):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # 只换 nn.Linear：embedding、norm 保持 fp32，这也是它的压缩比到不了 int8/fp32 = 0.25 的原因
         return quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
 
 
@@ -167,10 +176,12 @@ def make_student(teacher):
     import torch
 
     cfg = copy.deepcopy(teacher.config)
+    # 隔一层取一层（DistilBERT 的做法）：从浅到深每段都留一层，不像只取前一半那样把深层整段丢掉
     keep = list(range(0, cfg.num_hidden_layers, 2))
     cfg.num_hidden_layers = len(keep)
     if getattr(cfg, "layer_types", None):   # 新版 config 逐层记注意力类型，长度要跟着层数改
         cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    # 同一个类、只改层数：参数名与老师一致，下面按层号改个名字就能直接加载
     student = type(teacher)(cfg)
     sd = teacher.state_dict()
     remap = {}
@@ -199,6 +210,7 @@ def train_student(teacher, student, batches, args: Args, use_kd: bool) -> list[f
     student.train()
     losses = []
     for step in range(args.distill_steps):
+        # 步数多于批数时按顺序循环：KD 与纯 CE 两次训练看到的批次序列完全一样
         enc = batches[step % len(batches)]
         # 填充位不算交叉熵：否则批内短文本后面的一串填充也在被"学"，步数花在了不是文本的 token 上
         out = student(**enc, labels=enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100))
@@ -206,8 +218,10 @@ def train_student(teacher, student, batches, args: Args, use_kd: bool) -> list[f
         if use_kd:
             with torch.no_grad():   # 老师冻结：只要它的 logits，不为它建计算图、不存它的激活
                 t_logits = teacher(**enc).logits
+            # logits[m] 展平成 (真实 token 数, V)：batchmean 就成了按 token 平均，填充位不进 KL
             m = enc["attention_mask"].bool()
             T = args.temperature
+            # 老师也传 log 概率（log_target=True）：极小的概率 exp 后会下溢成 0，留在 log 空间里才保得住准确值
             kl = F.kl_div(F.log_softmax(out.logits[m] / T, -1), F.log_softmax(t_logits[m] / T, -1),
                           log_target=True, reduction="batchmean") * T * T
             loss = args.kd_alpha * kl + (1 - args.kd_alpha) * loss
@@ -225,6 +239,8 @@ def distill_rows(teacher, tok, train_texts: list[str], bench, args: Args) -> dic
     train_b = token_batches(tok, train_texts, args.per_device_train_batch_size, args.max_length)
     rows = {}
     for use_kd, name in ((True, "student_kd"), (False, "student_ce")):
+        # type(teacher)(cfg) 先随机初始化、再装老师的权重（strict=False，没装上的保持随机）：
+        # 每个学生前重设同一个种子，两次建出的学生逐位相同
         torch.manual_seed(args.seed)
         student = make_student(teacher)
         train_student(teacher, student, train_b, args, use_kd)
@@ -239,6 +255,8 @@ def load_bnb(args: Args, bits: int, log):
 
     cuda = models.pick_device(args.device).type == "cuda"
     if bits == 8:
+        # LLM.int8()：激活里超过阈值（BitsAndBytesConfig 默认 llm_int8_threshold=6.0）的离群维度
+        # 走高精度矩阵乘，其余 int8——这就是它胜过动态 int8 的地方
         q = BitsAndBytesConfig(load_in_8bit=True)
     else:
         skip = None
@@ -246,6 +264,7 @@ def load_bnb(args: Args, bits: int, log):
             from transformers import AutoConfig
 
             c = AutoConfig.from_pretrained(models.resolve(args.resolved_model(), args.source))
+            # lm_head 要自己写上：给了 llm_int8_skip_modules，transformers 就不再加它默认跳过的输出层
             skip = ["lm_head"] + (["down_proj"] if c.intermediate_size % 64 else [])
             if len(skip) > 1:
                 log.info("CPU：bitsandbytes 0.50 的 CPU 反量化对行长不是 64 倍数的矩阵有错，down_proj 保持不量化")
@@ -254,6 +273,7 @@ def load_bnb(args: Args, bits: int, log):
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
                                llm_int8_skip_modules=skip)
+    # bitsandbytes 边加载边量化：设备只能在加载时由 device_map 给定，models.load 对量化模型不再 .to()
     model, _ = models.load_args(args, dtype=fp32_unless_set(args), quantization_config=q,
                                 device_map={"": 0} if cuda else {"": "cpu"})
     return model
@@ -270,9 +290,11 @@ def main(args: Args) -> dict:
 
     # 1. 同一份留出文本（领域问答，或 --data 的 SFT 数据）与同一个 fp32 模型：每种方法都从它出发
     train_texts, held = texts_from(args.data or data.DATA_DIR / "domain" / "sft.jsonl")
+    # 只取前 eval_samples 条：十来行方法每行都要算一遍困惑度，CPU 上全量留出集太慢
     held = held[:args.eval_samples]
     model, tok = models.load_args(args, dtype=fp32_unless_set(args))
     rows = [{"input_ids": tok(t, truncation=True, max_length=args.max_length)["input_ids"]} for t in held]
+    # 测延迟的提示固定为第一条留出文本的前 200 个字符：每种方法同一条提示、同样的 prefill 长度
     bench = bench_lib.Bench(tok, rows, held[0][:200], args.max_new_tokens, args.repeats, out.log)
 
     # 2. 基线 fp32：后面每一行都和它比
@@ -290,6 +312,7 @@ def main(args: Args) -> dict:
 
     # 6. 蒸馏：同一个半深度学生、同样的批与步数，KD vs 纯交叉熵（只比一种训练会分不清是"蒸馏"还是"多训练了"的功劳）
     table.update(distill_rows(model, tok, train_texts, bench, args))
+    # 用比值而不是差：换模型时困惑度量级不同，比值仍可直接比较（门槛见 CLAIMS 第一条）
     gain = table["student_ce"]["ppl"] / table["student_kd"]["ppl"]
     out.log.info(f"蒸馏：学生困惑度 KD {table['student_kd']['ppl']:.2f} vs 纯 CE {table['student_ce']['ppl']:.2f}"
                  f"（distill_gain = {gain:.3f}，>1 表示 KD 更好）")

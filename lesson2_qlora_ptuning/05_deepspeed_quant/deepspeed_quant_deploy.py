@@ -51,11 +51,13 @@ VARIANTS = ("fp32", "bf16", "bnb_int8", "bnb_nf4", "deepspeed")
 @dataclass
 class Args(cli.CommonArgs):
     variants: list[str] = cli.arg(list(VARIANTS), "要比较的变体：" + " / ".join(VARIANTS))
+    # min=2：只有一条请求时 p50 与 p95 是同一个数，尾延迟无从谈起
     num_prompts: int = cli.arg(8, "请求条数（每条单独计时，取 p50/p95）", min=2)
     max_new_tokens: int = cli.arg(24, "每个请求生成的新 token 数", min=1)
     ppl_samples: int = cli.arg(24, "算困惑度的留出样本数", min=1)
     max_length: int = cli.arg(128, "算困惑度时每条最多多少 token", min=8)
 
+    # tiny-llama 的 intermediate_size 是 352，不是 64 的倍数：冒烟也会走到 NF4 跳过 down_proj 的分支
     smoke_model = "tiny-llama"
 
 
@@ -109,11 +111,14 @@ def load_variant(args: Args, variant: str, cuda: bool, log):
         skip = ["lm_head"]   # 输出层保持原精度（transformers 的 bitsandbytes 集成默认也如此）：它直接决定 argmax
         if not cuda and AutoConfig.from_pretrained(models.resolve(name, args.source)).intermediate_size % 64:
             skip.append("down_proj")   # bitsandbytes 0.50 CPU 反量化内核的限制（见 01）
+        # CPU 上计算精度用 fp32：与 fp32 基线同精度，NF4 一行的差只来自 4-bit 存储
         kw = dict(quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32, llm_int8_skip_modules=skip))
     if kw:   # bitsandbytes 在加载时逐层量化：放在哪台设备上要在加载时由 device_map 指定
         kw["device_map"] = {"": 0} if cuda else {"": "cpu"}
+    # bitsandbytes 变体的非量化部分（embedding、norm、lm_head）同样按 fp32 加载：
+    # 与 fp32 行的差别只剩被量化的那些 Linear
     model, tok = models.load(name, source=args.source, device=args.device, dtype=dtype,
                              trust_remote_code=args.trust_remote_code, **kw)
     model.eval()
@@ -126,6 +131,7 @@ def load_variant(args: Args, variant: str, cuda: bool, log):
             log.info("CPU：DeepSpeed 的内核注入（replace_with_kernel_inject）只有 CUDA 实现，这里不注入，"
                      "只用 InferenceEngine 包装 fp32 模型")
             engine = deepspeed.init_inference(model, dtype=torch.float32, replace_with_kernel_inject=False)
+        # 内核注入是就地替换 engine.module 里的层：取出它，后面按普通 HF 模型调 generate 与前向
         model = engine.module
     return model, tok
 
@@ -141,7 +147,9 @@ def generate_timed(model, tok, prompts: list[str], new_tokens: int) -> tuple[lis
     outs, times = [], []
     with torch.no_grad():
         for p in prompts:
+            # add_special_tokens=False：prompt_text 已套好对话模板，模板里自带的特殊 token 不能再加一遍
             enc = tok(p, return_tensors="pt", add_special_tokens=False).to(train.device_of(model))
+            # 计时从 generate 开始：分词与模型无关、各变体相同，算进去只添噪声
             t0 = time.perf_counter()
             ids = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
@@ -154,6 +162,7 @@ def pct(xs: list[float], q: float) -> float:
     """分位数（线性插值）。"""
     import numpy as np
 
+    # 线性插值：默认 8 条请求时 p95 落在最慢的两条之间，不等于最慢那一条
     return float(np.percentile(xs, q))
 
 
@@ -162,10 +171,13 @@ def next_token_logprobs(model, tok, prompts: list[str], conts: list[list[int]]) 
     import torch
 
     res = []
+    # inference_mode 比 no_grad 更省：不记版本计数，这些分布之后只做比较、不再参与求导
     with torch.inference_mode():
         for p, c in zip(prompts, conts):
             ids = tok(p, add_special_tokens=False)["input_ids"]
+            # 输入 = 提示 + 续写去掉最后一个：从位置 len(ids)-1 起，每个输出恰好预测续写的下一个 token
             x = torch.tensor([ids + c[:-1]], device=train.device_of(model))
+            # 转 fp32 再 log_softmax（bf16 的误差会混进 KL，见 lm.token_logprobs）；放 CPU：模型释放后分布还要留着比
             res.append(torch.log_softmax(model(input_ids=x).logits[0, len(ids) - 1:].float(), -1).cpu())
     return res
 
@@ -173,6 +185,8 @@ def next_token_logprobs(model, tok, prompts: list[str], conts: list[list[int]]) 
 def teacher_forced(logps: list, ref: list) -> tuple[float, float]:
     """-> (argmax 与 fp32 相同的位置比例, 平均 KL(fp32 ‖ 变体))：同一前缀上逐步比较，不受前面翻转的牵连。"""
     same = sum(int((a.argmax(-1) == r.argmax(-1)).sum()) for a, r in zip(logps, ref))
+    # KL(fp32 ‖ 变体) = Σ p_fp32 · (log p_fp32 − log p_变体)：以 fp32 为真分布，
+    # 量变体在 fp32 看重的 token 上丢了多少概率
     kl = sum(float((r.exp() * (r - a)).sum()) for a, r in zip(logps, ref))
     n = sum(len(r) for r in ref)
     return same / n, kl / n
@@ -197,6 +211,7 @@ def measure_variant(args: Args, v: str, cuda: bool, prompts: list[str], ppl_rows
     ppl = lm.perplexity(model, ppl_rows, batch_size=1, pad_token_id=tok.pad_token_id)
     logps = next_token_logprobs(model, tok, prompts, outs if ref_outs is None else ref_outs)
     memory = mem.peak_mb if cuda else (mem.peak_abs_mb * 2**20 - rss0) / 2**20
+    # 下一个变体加载前先放掉这一个：两份模型同时在内存里，下一个的峰值就被抬高
     del model
     row = {"latency_ms_p50": round(pct(times, 50), 1), "latency_ms_p95": round(pct(times, 95), 1),
            "memory_mb": round(memory, 1)}
@@ -209,6 +224,7 @@ def agreement(outs: list[list[int]], ref: list[list[int]]) -> float:
     第一次分歧后的 token 接在不同的上文后面，多半也不同：所以这个数也反映"多早偏离"。
     """
     same = sum(a == b for o, r in zip(outs, ref) for a, b in zip(o, r))
+    # 分母用参照的总长度：某个变体若提前停下，缺的位置按不一致算，一致率不会虚高
     return same / sum(len(r) for r in ref)
 
 
@@ -216,6 +232,7 @@ def plot_variants(out, table: dict, args: Args, cuda: bool) -> None:
     """延迟 vs 一致性（点的大小 = 内存）：右上角（又慢又不准）的变体没有理由部署。"""
     fig, save = out.plot("latency_vs_agreement.png")
     ax = fig.add_subplot(111)
+    # or 1：所有变体都量成 0（RSS 采样没涨）时免得除以 0
     top = max(r["memory_mb"] for r in table.values()) or 1
     for v, r in table.items():   # 内存可能量出负数（RSS 采样期间库释放了缓存），画图时按 0 算
         ax.scatter(r["latency_ms_p50"], r["agreement"], s=40 + 400 * max(r["memory_mb"], 0) / top)
@@ -244,14 +261,17 @@ def main(args: Args) -> dict:
     prompts = [data.prompt_text(tok, c[:-1]) for c in held[:args.num_prompts]]
     texts = ["\n".join(m["content"] for m in c) for c in held[:args.ppl_samples]]
     ppl_rows = [{"input_ids": tok(t, truncation=True, max_length=args.max_length)["input_ids"]} for t in texts]
+    # --data 的留出集太小：在这里一行报错，而不是算出 p50 = p95 的假分位数
     if len(prompts) < 2:
         raise UserError(f"--data {args.data}: 留出部分不足 2 条对话，无法计时")
 
     # 2. 每个变体：加载 -> 逐条生成计时 -> 困惑度；fp32 最先跑，作为一致性的参照
     table, ref, ref_logps = {}, None, None
+    # fp32 必须最先跑：ref 为 None 时 measure_variant 用它自己的续写作参照，后面的变体都和它比
     for v in ["fp32"] + [x for x in args.variants if x != "fp32"]:
         row, ppl, outs, logps = measure_variant(args, v, cuda, prompts, ppl_rows, ref, out.log)
         ref, ref_logps = (outs, logps) if ref is None else (ref, ref_logps)
+        # fp32 自己和自己比：一致率 = 1、KL = 0，留在表里作对照行
         same, (tf_same, kl) = agreement(outs, ref), teacher_forced(logps, ref_logps)
         table[v] = {**row, "agreement": round(same, 4), "tf_agreement": round(tf_same, 4), "kl": round(kl, 6),
                     "ppl": round(ppl, 3)}

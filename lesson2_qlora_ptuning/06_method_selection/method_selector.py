@@ -48,6 +48,7 @@ GOALS = ("quality", "memory", "multitask")
 CASES = [("7B on 1x24GB", 7e9, 24, 1), ("7B on 1x80GB", 7e9, 80, 1), ("70B on 8x80GB", 70e9, 80, 8),
          ("70B on 1x48GB", 70e9, 48, 1)]
 # 已知架构：Llama-2 7B / 70B 的 (h, L, i, V, kv 维)
+# 70B 的 kv 维 1024 = 8 个 KV 头 × 128（GQA）：按 h 算会把 K/V 投影和 P-Tuning 前缀高估 8 倍
 SHAPES = {7e9: (4096, 32, 11008, 32000, 4096), 70e9: (8192, 80, 28672, 32000, 1024)}
 
 
@@ -118,7 +119,11 @@ def shape_from_params(p: float) -> dict:
     if p in SHAPES:
         h, L, i, V, kv = SHAPES[p]
     else:
+        # Llama 类每层约 12h² 个参数（注意力 4h² + MLP 3·h·8h/3 = 8h²），L = h/128 时 P = 12h³/128，反解出 h；
+        # 取 128 的倍数：头维 128 是 Llama 的惯例，h 要能被头维整除
         h = int(round((128 * p / 12) ** (1 / 3) / 128) * 128) or 128
+        # L 用 P / (12h²) 反算而不是直接 h/128：h 取整之后总参数量仍对得上 P；
+        # kv = h 即按 MHA 估，遇到 GQA 模型会偏高——宁可高估，放不下比浪费一点更糟
         L, i, V, kv = max(1, round(p / (12 * h * h))), int(8 * h / 3), 32000, h
     return dict(h=h, L=L, i=i, V=V, kv=kv)
 
@@ -127,13 +132,17 @@ def estimate(s: dict, method: str, batch: int, seq: int, r: int, n_virtual: int,
              ckpt: bool = False) -> dict:
     """按文档里的公式估一个训练步的峰值内存（字节），分四项返回。"""
     h, L, i, V, kv = s["h"], s["L"], s["i"], s["V"], s["kv"]
+    # q/o 各 h×h、k/v 各 h×kv、gate/up/down 各 h×i；k/v 用 kv 而不是 h，GQA 模型才不被高估
     p_lin = L * (h * (2 * h + 2 * kv) + 3 * h * i)
     p_all = p_lin + V * h + L * 2 * h + h      # embedding 与 lm_head 绑定时只算一次
     w = 2 if gpu else 4   # GPU 按 bf16 估；CPU 实测用 fp32——公式和实测同口径，验证才有意义
+    # LoRA 每个 Linear 加 r × (in + out)：挂在全部 7 个 Linear 上（all-linear，与 02 一致）；
+    # P-Tuning v2 每层 K、V 各 n_virtual × kv（不带 projection 时前缀本身就是参数）
     trainable = {"full": p_all, "lora": L * r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3),
                  "qlora": L * r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3),
                  "ptuning_v2": L * 2 * n_virtual * kv}[method]
     weights = p_lin * 4.127 / 8 + (p_all - p_lin) * w if method == "qlora" else p_all * w
+    # 梯度只为可训练参数分配：冻结的底座 requires_grad=False，这是 LoRA 省内存的一大头
     grads = trainable * w
     optim = trainable * (12 if gpu else 8)   # AdamW 的 m、v 各一份 fp32；GPU 混合精度再加 fp32 主权重
     T = batch * seq
@@ -162,6 +171,7 @@ def build(name: str, method: str, args: Args):
                                                          bnb_4bit_use_double_quant=True,
                                                          bnb_4bit_compute_dtype=torch.float32,
                                                          llm_int8_skip_modules=skip), device_map={"": "cpu"})
+    # 实测固定 CPU fp32：validate_formula 的公式按 w = 4 写，换精度就不是在验证同一个公式
     model, _ = models.load(name, device="cpu", dtype="float32", **kw)
     # 仍映射在 safetensors 文件上的权重复制进进程内存：4-bit 加载时读遍了整个 fp32 文件，只要还有一个张量（绑定的
     # embedding）引用这个映射，文件的页就一直算在 RSS 里（实测多 ~400 MB 的 RssFile），那不是训练占用的内存
@@ -169,8 +179,10 @@ def build(name: str, method: str, args: Args):
         if p.dtype.is_floating_point:
             p.data = p.data.clone()
     if method == "qlora":
+        # 不开检查点：validate_formula 用的是 ckpt=False 的公式，实测也得同样设置
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if method in ("lora", "qlora"):
+        # lora_dropout=0：大于 0 时 PEFT 为每个 Linear 的输入另存一份 dropout 后的副本，公式里没有这项激活
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     if method == "ptuning_v2":
@@ -203,13 +215,18 @@ def measure(name: str, method: str, args: Args, batch_size: int, seq: int) -> fl
     rss0 = psutil.Process().memory_info().rss
     model = build(name, method, args)
     model.train()
+    # 建好模型再整理一次：加载时的临时副本（如 4-bit 量化前的 fp32）释放后还给系统，不垫高训练步的起点
     gc.collect()
     train.release_memory()
+    # 随机 token 就够：稠密模型一步训练的内存只由形状决定，与 token 内容无关
     batch = torch.randint(0, model.config.vocab_size, (batch_size, seq))
+    # foreach=False：foreach 实现一次为所有参数建临时张量（约多一份可训练参数大小），公式的 8 字节/参数没算它
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False)
+    # opt.step() 必须在量的范围里：AdamW 的 m、v 第一次 step 时才分配，不然优化器那一项量不到
     with train.PeakMemory("cpu") as mem:
         model(input_ids=batch, labels=batch).loss.backward()
         opt.step()
+    # 减的是加载前的 RSS 而不是 PeakMemory 的起点：常驻的权重要算进来，对应公式里的 weights 项
     peak = (mem.peak_abs_mb * 2**20 - rss0) / 2**20
     del model, opt
     gc.collect()
@@ -220,8 +237,11 @@ def measure(name: str, method: str, args: Args, batch_size: int, seq: int) -> fl
 def recommend(p: float, gpu_mem_gb: float, gpus: int, data_size: int, goal: str, args: Args) -> dict:
     """对每种方法估显存（GPU、bf16、梯度检查点），按目标的偏好顺序选第一个放得下的。"""
     s = shape_from_params(p)
+    # 建议表按 GPU 上的实际做法估：bf16 + 混合精度 AdamW + 梯度检查点（ckpt=True），
+    # 与上面在 CPU 上验证的是同一个公式，只换了口径
     est = {m: estimate(s, m, args.batch_size, args.seq_len, args.lora_r, args.num_virtual_tokens, gpu=True,
                        gpus=gpus, ckpt=True)["total"] / 1e9 for m in METHODS}
+    # multitask 先试 P-Tuning v2：每个任务只存一小份前缀，同一个底座服务所有任务
     order = {"quality": ["full", "lora", "qlora", "ptuning_v2"], "memory": ["qlora", "lora", "ptuning_v2", "full"],
              "multitask": ["ptuning_v2", "lora", "qlora", "full"]}[goal]
     if data_size < 1000 and goal == "quality":   # 数据太少：全参数微调容易过拟合，低秩约束反而是正则
@@ -245,6 +265,7 @@ def validate_formula(args: Args, log) -> tuple[list[dict], dict]:
     for name, b, t in specs:
         s = shape_of(AutoConfig.from_pretrained(models.resolve(name)))
         for m in METHODS:
+            # gpu=False：和实测同口径，权重、梯度按 fp32 的 4 字节，优化器 8 字节/参数（没有混合精度的主权重）
             est = estimate(s, m, b, t, args.lora_r, args.num_virtual_tokens, gpu=False)["total"] / 2**20
             meas = measure(name, m, args, b, t)
             err = (est - meas) / meas * 100   # 相对实测：公式偏大为正（宁可高估，放不下比浪费一点显存更糟）
@@ -278,6 +299,7 @@ def main(args: Args) -> dict:
 
     # 1. 用公式估，再在本机实测，比较每种方法的误差：没验证过的公式给出的建议不可信
     rows, errors = validate_formula(args, out.log)
+    # 每种方法取绝对值最大的那次、保留符号：CLAIMS 既要查偏差多大，也要查是不是低估
     worst = {m: round(max(v, key=abs), 1) for m, v in errors.items()}
 
     # 2. 典型情况的建议表 + 你的情况（典型情况固定 10000 条数据，只看显存放不放得下）

@@ -28,6 +28,8 @@ def batches(tok, path: str, micro: int, max_length: int, rank: int, world: int, 
     rows = [data.tokenize_chat(tok, c, max_length) for c in convs[rank::world]]
     rows = rows[:limit] if limit else rows
     while True:   # 数据比步数少时从头再来：这里要的是"跑满 N 步"，不是"过一遍数据"
+        # 只产出满的微批，凑不满的尾巴丢掉；所以 rows 少于 micro 条时一个批也产不出，while True 会空转——
+        # zero3_configurator 的 check_data 事先挡住了这种数据
         for i in range(0, len(rows) - micro + 1, micro):
             yield lm.pad_right(rows[i:i + micro], tok.pad_token_id)
 
@@ -83,11 +85,15 @@ def build_engine(a: argparse.Namespace, cfg: dict):
     # transformers 只用弱引用记住它：调用方要一直拿着，from_pretrained 与之后的 ZeRO-3 判断才看得到
     keep = HfDeepSpeedConfig(cfg) if cfg["zero_optimization"]["stage"] == 3 else None
     tok = AutoTokenizer.from_pretrained(a.model_path)
+    # 不少 base 模型的分词器没有 pad token，右填充又必须有个 id：借 eos；填充位 mask 为 0、labels 为 -100，不进损失
     tok.pad_token = tok.pad_token or tok.eos_token
+    # 按 fp32 加载：GPU 上的 bf16/fp16 由 DeepSpeed 按 JSON 统一转换，CPU 上混合精度节已在 init_process_group 里删掉
     model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32)
     if a.gradient_checkpointing:   # 激活检查点：反向时重算每层的前向，激活只存层边界
+        # use_reentrant=False：重入版要求段的输入带梯度，否则段内参数拿不到梯度；新版 torch 不显式指定还会告警
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
+    # JSON 里有 optimizer 节（GPU）就由 DeepSpeed 建优化器；CPU 上那一节已删，改交一个 torch AdamW
     client_opt = None if "optimizer" in cfg else torch.optim.AdamW(params, lr=a.learning_rate, weight_decay=0.0)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=client_opt, config=cfg)
     return engine, tok, keep
@@ -112,9 +118,10 @@ def train_steps(engine, it, steps: int, world: int) -> tuple[list[float], float]
         loss = engine(**batch).loss
         engine.backward(loss)
         engine.step()   # 只在累积满 gradient_accumulation_steps 个微批时真正更新
+        # all_reduce 原地改写张量，而 detach() 与 loss 共享存储：不 clone 会把 loss 本身也改成各 rank 之和
         avg = loss.detach().clone()
         dist.all_reduce(avg)   # 各 rank 的损失取平均，才是全局 batch 的损失（每个 rank 只看到自己那份数据）
-        losses.append(avg.item() / world)
+        losses.append(avg.item() / world)   # all_reduce 默认是求和（ReduceOp.SUM）：除以 world 才是平均
     return losses, time.perf_counter() - t0
 
 
@@ -137,6 +144,7 @@ def main() -> None:
 
     # 4. 训练几步；--fixed-batch 时每个 rank 反复训练同一个全局 batch，loss 必须降
     micro, ga = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    # limit = micro × ga：恰好一个优化器步的样本，每步都重训这一批
     it = batches(tok, a.data, micro, a.max_length, rank, world, a.seed, limit=micro * ga if a.fixed_batch else 0)
     losses, secs = train_steps(engine, it, a.steps, world)
 

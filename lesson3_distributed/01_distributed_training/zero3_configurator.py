@@ -43,7 +43,7 @@ from common import cli, data, models, run, services, train
 from common.errors import UserError
 
 HERE = Path(__file__).resolve().parent   # worker 按文件路径交给 torchrun：从任何工作目录运行都找得到
-GB = 2**30
+GB = 2**30   # DeepSpeed 估算器返回字节：三列都除以同一个 2**30，对照的百分比里才不会混进单位差
 
 
 @dataclass
@@ -59,6 +59,7 @@ class Args(cli.CommonArgs):
     train_micro_batch_size_per_gpu: int = cli.arg(4, "每张卡每个微批几条样本", min=1)
     gradient_accumulation_steps: int = cli.arg(4, "梯度累积步数", min=1)
     train_batch_size: int = cli.arg(0, "全局 batch；0 = 按公式推出；填了就必须等于 微批 × 累积 × 卡数", min=0)
+    # 5e8 就是 DeepSpeed ZeRO 配置里 reduce_bucket_size 的默认值；桶太小通信次数多、带宽吃不满
     reduce_bucket_size: float = cli.arg(5e8, "梯度通信桶大小（元素数）：大桶通信效率高，但要更多显存", min=1)
     activation_checkpointing: bool = cli.arg(True, "激活检查点：用重算换激活显存（长序列/大模型必开）；"
                                                    "transformers 模型用 gradient_checkpointing_enable() 打开")
@@ -115,6 +116,7 @@ def count_params(args: Args) -> tuple[int, int, str]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=args.trust_remote_code)
     total = sum(p.numel() for p in model.parameters())   # parameters() 已去掉共享（tied）的权重
+    # 与 DeepSpeed 的 model_to_params 同一算法（逐模块、recurse=False）：两边的 L 一致，4·L 这一项才对得上
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return total, largest, cfg.model_type
 
@@ -135,6 +137,7 @@ def estimate_gb(psi: int, largest: int, stage: int, n: int, off_opt: bool, off_p
     g32 = 0 if paper else IMPL["fp32_grad_partition"]
     live = 0 if paper else IMPL["gathered_layer"] * largest
     if stage == 1:
+        # ZeRO-1：fp16 权重与梯度每卡各一份完整的（4Ψ），只有优化器状态（和 fp32 梯度）被切成 1/N
         b = 2 * psi + 2 * psi + (0 if off_opt else (12 + g32) * psi / n)
     elif stage == 2:
         # offload 时梯度分片也搬到 CPU（优化器在 CPU 上更新），卡上只剩 fp16 权重
@@ -157,6 +160,7 @@ def deepspeed_gb(psi: int, largest: int, stage: int, n_gpu: int, n_node: int, of
     if stage == 2:
         _, gpu = estimate_zero2_model_states_mem_needs(psi, n_gpu, n_node, cpu_offload=off_opt)
     elif stage == 3:
+        # 估算器只在 cpu_offload 为真的分支里读 cpu_offload_params：这里按同样的规则传，与方案名的含义一致
         _, gpu, _ = estimate_zero3_model_states_mem_needs(psi, largest, n_gpu, n_node, cpu_offload=off_opt,
                                                           cpu_offload_params=off_opt and off_param)
     else:
@@ -167,28 +171,41 @@ def deepspeed_gb(psi: int, largest: int, stage: int, n_gpu: int, n_node: int, of
 def build_config(args: Args, world_size: int, stage: int | None = None) -> dict:
     """生成 DeepSpeed JSON：batch 三个数自洽，ZeRO 各阶段只放它认识的键。"""
     stage = stage or args.zero_stage
+    # DeepSpeed 初始化时断言 train_batch_size == 微批 × 累积 × world_size，不等直接抛 AssertionError；
+    # 在这里先算，报错就能指出该改哪个参数
     tbs = args.train_micro_batch_size_per_gpu * args.gradient_accumulation_steps * world_size
     if args.train_batch_size and args.train_batch_size != tbs:
         raise UserError(f"--train-batch-size {args.train_batch_size}: 必须等于 微批 "
                         f"{args.train_micro_batch_size_per_gpu} × 累积 {args.gradient_accumulation_steps} × 卡数 "
                         f"{world_size} = {tbs}（或填 0 自动推出）")
+    # overlap_comm 在 DeepSpeed 里默认只对 ZeRO-3 打开：显式写 True，ZeRO-1/2 的梯度通信也与反向计算重叠，
+    # 代价是通信桶要额外占一块显存缓冲
     zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
             "reduce_bucket_size": int(args.reduce_bucket_size)}
     if args.offload_optimizer:
+        # pin_memory：锁页内存让 CPU↔GPU 拷贝走异步 DMA，不锁页时每次拷贝要先过一道中转缓冲；
+        # 代价是这块主机内存不能被换出
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if stage == 3:
         # ZeRO-3 独有：预取下一层的桶、常驻阈值（小参数不切，省通信）、保存时把分片合成完整的 16 位权重
+        # 0.9 × 桶、10 × 4096 沿用 transformers 对 "auto" 的取法（0.9 × hidden²、10 × hidden_size），
+        # 4096 是 Llama-7B 这一档的 hidden_size；DeepSpeed 自己的默认值与模型大小无关
         zero.update(stage3_prefetch_bucket_size=int(0.9 * args.reduce_bucket_size),
                     stage3_param_persistence_threshold=int(10 * 4096), stage3_gather_16bit_weights_on_model_save=True)
         if args.offload_param:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     else:
+        # ZeRO-1/2 各卡更新完自己的分片后要 all-gather 回完整权重；ZeRO-3 按层现取参数，用的是上面的预取桶
         zero["allgather_bucket_size"] = int(args.reduce_bucket_size)
     cfg = {"train_batch_size": tbs, "train_micro_batch_size_per_gpu": args.train_micro_batch_size_per_gpu,
+           # gradient_clipping 1.0 与 HF Trainer 的 max_grad_norm 默认值相同：两边训练行为可比
            "gradient_accumulation_steps": args.gradient_accumulation_steps, "gradient_clipping": 1.0,
+           # bf16 的指数位与 fp32 一样多，小梯度不会下溢成 0，不需要 loss scaling；fp16 不缩放会丢掉小梯度
            args.precision: {"enabled": True} if args.precision == "bf16" else
            {"enabled": True, "loss_scale": 0, "initial_scale_power": 16},   # fp16：动态 loss scaling
+           # weight_decay 0：与 worker 在 CPU 上换用的 torch AdamW 一致，GPU/CPU 两条路径训的是同一个优化器
            "optimizer": {"type": "AdamW", "params": {"lr": args.learning_rate, "weight_decay": 0.0}},
+           # steps_per_print 100：集群上每步打印会刷屏；launch() 真跑时改成 1 以便第 3 课 04 读日志
            "zero_optimization": zero, "steps_per_print": 100, "wall_clock_breakdown": False}
     # 注意：JSON 里的 "activation_checkpointing" 节只对调用 deepspeed.checkpointing 的（Megatron 式）模型生效；
     # transformers 模型的激活检查点由 model.gradient_checkpointing_enable() 打开（worker 的 --gradient-checkpointing）
@@ -201,12 +218,15 @@ def launch(args: Args, out: run.Run, cfg: dict) -> dict:
     # 每步打印一次 step/lr：run.log 就是一份真实的 DeepSpeed 日志，第 3 课 04 的日志体检默认会读到它
     cfg_path.write_text(json.dumps({**cfg, "steps_per_print": 1}, indent=2), encoding="utf-8")
     result = out.path("run_result.json")
+    # 先删旧结果：否则这次 rank 0 没写出结果时，train.launch 会把上一次的文件当成这次的读回来
     result.unlink(missing_ok=True)
+    # 端口取随机空闲的：用 torchrun 默认的固定端口，两次运行或测试并行时会撞端口而启动失败
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.run_ranks),
            "--master_addr", "127.0.0.1", "--master_port", str(services.free_port()), str(HERE / "_zero3_worker.py"),
            "--ds-config", str(cfg_path), "--model-path", str(models.resolve(args.resolved_model(), args.source)),
            "--data", str(args.data or data.DATA_DIR / "domain" / "sft.jsonl"), "--steps", str(args.run_steps),
            "--max-length", str(args.max_length), "--learning-rate", str(args.learning_rate), "--seed", str(args.seed),
+           # --fixed-batch：每步训同一批，loss 下降才能归因到梯度同步正确（对应 CLAIMS 的最后一条）
            "--out", str(result), "--fixed-batch"]
     if args.activation_checkpointing:   # transformers 模型的检查点要在模型上打开，JSON 里的那一节管不到它
         cmd.append("--gradient-checkpointing")
@@ -219,6 +239,7 @@ def memory_table(args: Args, psi: int, largest: int, world: int, log) -> tuple[l
 
     三列一起看才知道差在哪：只用论文的 16Ψ，ZeRO-3 会少算聚齐的那一层和 fp32 梯度分片，上线后才 OOM。
     """
+    # (stage, offload 优化器, offload 参数)：参数 offload 只对 ZeRO-3 有意义，ZeRO-1/2 每卡本来就存完整的 fp16 权重
     table, plans = [], [(1, False, False), (2, False, False), (2, True, False), (3, False, False), (3, True, False),
                         (3, True, True)]
     for stage, oo, op in plans:
@@ -227,6 +248,7 @@ def memory_table(args: Args, psi: int, largest: int, world: int, log) -> tuple[l
         ds = deepspeed_gb(psi, largest, stage, args.num_gpus, args.num_nodes, oo, op)
         name = f"zero{stage}" + ("+offload_opt" if oo else "") + ("+offload_param" if op else "")
         table.append({"plan": name, "ours_gb": ours, "paper_gb": paper, "deepspeed_gb": ds,
+                      # 只比模型状态：激活、通信桶、显存碎片都不在账内，"fits" 为真也要留余量
                       "fits": ours < args.gpu_memory_gb,
                       "vs_deepspeed_pct": None if ds is None else 100 * (ours - ds) / ds,
                       "paper_vs_deepspeed_pct": None if ds is None else 100 * (paper - ds) / ds})
@@ -258,6 +280,8 @@ def run_for_real(args: Args, out: run.Run) -> dict:
 
     估算只是账本；真跑才能看到 ZeRO-3 真把参数切成了 1/N、梯度确实经过 reduce-scatter 让 loss 下降。
     """
+    # 规划用的是目标集群的微批/累积：换成 run_* 的小值；train_batch_size 置 0 按 run_ranks 重推，
+    # 否则会拿 8 卡的全局 batch 去过 2 个 rank 的断言
     small = Args(**{**vars(args), "train_micro_batch_size_per_gpu": args.run_micro_batch,
                     "gradient_accumulation_steps": args.run_grad_accum, "train_batch_size": 0})
     run_cfg = build_config(small, args.run_ranks)
@@ -280,6 +304,7 @@ def plot(args: Args, out: run.Run, table: list[dict], psi: int, world: int) -> N
     ax = fig.add_subplot(111)
     x = range(len(table))
     ax.bar([i - 0.2 for i in x], [t["ours_gb"] for t in table], 0.4, label="ours (paper + DeepSpeed impl. terms)")
+    # ZeRO-1 没有估算器（None）：画成 0，对数轴上这根柱就不显示（只剩"ours"一根）
     ax.bar([i + 0.2 for i in x], [t["deepspeed_gb"] or 0 for t in table], 0.4, label="DeepSpeed estimator")
     ax.axhline(args.gpu_memory_gb, color="red", ls="--", label=f"GPU memory {args.gpu_memory_gb:g} GB")
     ax.set_xticks(list(x), [t["plan"].replace("+", "\n+") for t in table], fontsize=7)
@@ -293,6 +318,7 @@ def plot(args: Args, out: run.Run, table: list[dict], psi: int, world: int) -> N
 def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
+    # 规划按目标集群的总卡数算，与本机真跑时起几个进程（run_ranks）无关
     world = args.num_gpus * args.num_nodes
     build_config(args, world)   # 先查 batch 公式：填错的 --train-batch-size 在任何计算之前就报错
     models.pick_device(args.device)   # --device cuda 而没有 CUDA：一行报错，而不是悄悄在 CPU 上用 gloo 跑
@@ -310,6 +336,7 @@ def main(args: Args) -> dict:
     metrics = {"total_params": psi, "largest_layer_params": largest, "plans": table,
                "estimate_vs_deepspeed_pct": chosen["vs_deepspeed_pct"], "chosen_plan": chosen["plan"],
                "mem_per_gpu_gb": chosen["ours_gb"], "train_batch_size": cfg["train_batch_size"],
+               # 固定拿不 offload 的 ZeRO-3 对照：offload 参数后论文公式里卡上什么都不剩（0 GB），相对误差没有意义
                "paper_vs_deepspeed_pct_zero3": next(t for t in table if t["plan"] == "zero3")["paper_vs_deepspeed_pct"]}
 
     # 4. 真的跑：CPU 上 2 个 gloo 进程，GPU 上 NCCL；同一份 JSON
@@ -320,6 +347,7 @@ def main(args: Args) -> dict:
     plot(args, out, table, psi, world)
     extra = f"，{metrics['world_size']} 个 rank 各持有 {metrics['params_per_rank'][0]:,d}/{psi:,d} 参数，" \
             f"loss {metrics['loss_first']:.3f} -> {metrics['loss_last']:.3f}" if args.run else ""
+    # --no-run 时没有 rank 的结果，只评不需要起进程的两条账本结论
     return out.finish(metrics, claims=CLAIMS if args.run else PLAN_CLAIMS,
                       summary=f"{chosen['plan']} 每卡 {chosen['ours_gb']:.3g} GB（DeepSpeed 估算差 "
                               f"{chosen['vs_deepspeed_pct']:+.1f}%）{extra}")

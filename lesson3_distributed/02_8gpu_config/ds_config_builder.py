@@ -48,10 +48,12 @@ import yaml
 from common import cli, run, train
 from common.errors import UserError
 
-GB = 2**30
+GB = 2**30   # 与第 3 课 01 同一单位（2**30）：两课的账本数字可以直接对照
 # 两个参考架构：字段名就是 transformers 配置类的参数名（DeepseekV3Config 的默认值即 DeepSeek-V3 的官方配置）
 ARCHS = {
     "deepseek-v3-671b": ("DeepseekV3Config", {}),
+    # LlamaConfig 的默认值是 7B 那一档（hidden 4096、32 层），70B 的尺寸必须逐项写全；
+    # num_key_value_heads=8 是 GQA：不写时默认等于注意力头数，K/V 投影的参数会多算
     "llama3-70b": ("LlamaConfig", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                                        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
                                        max_position_embeddings=8192, rope_theta=500000.0)),
@@ -70,6 +72,7 @@ class Args(cli.CommonArgs):
     headroom: float = cli.arg(0.9, "只用显存/内存的这个比例（CUDA 上下文、碎片、通信缓冲要留余量）", min=0.1, max=1)
     seq_len: int = cli.arg(4096, "训练序列长度", min=1)
     micro_batch: int = cli.arg(1, "每卡微批大小", min=1)
+    # 累积步数不进显存账本：激活按微批算，梯度在同一块缓冲里累加，它只让 train_batch_size 变大
     gradient_accumulation_steps: int = cli.arg(16, "梯度累积步数", min=1)
     master_addr: str = cli.arg("node-1", "hostfile 与 torchrun 里第一个节点的主机名")
     data: str = cli.arg(None, "本脚本不读数据文件：只按模型结构与卡数做规划，不训练")
@@ -82,7 +85,7 @@ class Args(cli.CommonArgs):
                             "（只按模型结构与卡数做规划，序列长度用 --seq-len）")
 
 
-SMOKE = dict(nodes=[1, 4, 16])
+SMOKE = dict(nodes=[1, 4, 16])   # 保留 1、4、16：CLAIMS 引用的 1n/4n/16n 方案都还在（8n 那条冒烟门槛为 None，不查）
 
 # 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
 # (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线都在同一次运行里算：不 offload、1 节点、
@@ -118,6 +121,7 @@ def count(arch: str) -> tuple[int, int, dict]:
     if arch not in ARCHS:
         raise UserError(f"--models {arch}: 只认识 {', '.join(ARCHS)}")
     cls, kw = ARCHS[arch]
+    # ARCHS 里只存类名字符串：模块顶层不必 import transformers，--help 与 YAML 校验不用等它加载
     cfg = getattr(transformers, cls)(**kw)
     # meta 设备：只建形状不分配内存，671B 的模型在笔记本上也能数清参数（真分配要 1.3 TB 的 bf16）
     with torch.device("meta"):
@@ -146,9 +150,13 @@ def plan(args: Args, psi: int, largest: int, cfg: dict, nodes: int, offload: str
     """一个方案每卡显存与每节点内存的明细，以及放不下的原因。"""
     n = nodes * args.gpus_per_node   # ZeRO-3 在所有卡上切分：节点翻倍，每卡的模型状态减半
     off_opt, off_param = OFFLOADS[offload]
+    # (12 + 4)：fp32 主权重/动量/方差 12，加 DeepSpeed 优化器前的 fp32 梯度 4（即第 3 课 01 IMPL 的那一项）
     weights, grads, optim = 2 * psi / n / GB, 2 * psi / n / GB, (12 + 4) * psi / n / GB
+    # offload 优化器时梯度分片也跟着去 CPU（在 CPU 上更新），与 DeepSpeed 估算器 cpu_offload 分支的卡上账目一致
     gpu = {"weights": 0.0 if off_param else weights, "grads": 0.0 if off_opt else grads,
+           # 4·L：聚齐的 bf16 权重 + 梯度各 2 字节，且不除以 n——这是加节点也压不下去的那一项
            "optimizer": 0.0 if off_opt else optim, "gathered_layer": 4 * largest / GB,
+           # 激活不随 ZeRO 切分：每卡算自己的微批，卡再多这一项也不变
            "activations": activations_gb(cfg, args.seq_len, args.micro_batch)}
     # offload 到 CPU 的东西不会凭空消失：搬走的每卡显存变成节点内存，8 卡的份额加起来常常超过 1 TB
     cpu_per_gpu = (weights if off_param else 0) + ((grads + optim) if off_opt else 0)
@@ -168,6 +176,9 @@ def plan(args: Args, psi: int, largest: int, cfg: dict, nodes: int, offload: str
 def ds_config(args: Args, p: dict) -> dict:
     """方案对应的 DeepSpeed JSON（train_batch_size 按 微批 × 累积 × 总卡数 推出）。"""
     off_opt, off_param = OFFLOADS[p["offload"]]
+    # 桶 5e8 与 stage3_max_live_parameters 1e9 都是 DeepSpeed 的默认值，预取 = 0.9 × 桶（transformers "auto" 的比例）；
+    # 常驻阈值 1e6 比默认 1e5 大：更多小参数（LayerNorm、偏置）不切分、每卡常驻，省下大量小通信，
+    # 账本里没算这部分常驻参数，它们远小于 headroom 留出的余量
     zero = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 500_000_000,
             "stage3_prefetch_bucket_size": 450_000_000, "stage3_param_persistence_threshold": 1_000_000,
             "stage3_max_live_parameters": 1_000_000_000, "stage3_gather_16bit_weights_on_model_save": True}
@@ -176,6 +187,7 @@ def ds_config(args: Args, p: dict) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if off_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    # 只开 bf16：账本里 2 字节的权重/梯度就是按它算的；不用 fp16，也就不需要 loss scaling
     return {"train_batch_size": args.micro_batch * args.gradient_accumulation_steps * p["gpus"],
             "train_micro_batch_size_per_gpu": args.micro_batch,
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "gradient_clipping": 1.0,
@@ -193,12 +205,16 @@ def write_launch(args: Args, out: run.Run, name: str, p: dict) -> dict:
     ds_path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     # hostfile 的第一行是主节点：deepspeed 启动器从它发起 pdsh，与 --master_addr 必须一致
     hosts = [f"node-{i + 1}" if i else args.master_addr for i in range(p["nodes"])]
+    # slots = 每节点卡数：deepspeed 启动器按 slots 决定在每台机器上起几个进程
     out.path(f"hostfile_{stem}").write_text("".join(f"{h} slots={args.gpus_per_node}\n" for h in hosts),
                                             encoding="utf-8")
+    # zero3_init_flag：from_pretrained 走 zero.Init 边读边切；不开则每个进程先在内存里放一份完整模型
     acc = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED", "mixed_precision": "bf16",
            "deepspeed_config": {"deepspeed_config_file": ds_path.name, "deepspeed_multinode_launcher": "pdsh",
                                 "deepspeed_hostfile": f"hostfile_{stem}", "zero3_init_flag": True},
+           # 29500 是 torchrun 的默认端口：三种启动命令用同一个，集群防火墙只需放行一个端口
            "machine_rank": 0, "main_process_ip": args.master_addr, "main_process_port": 29500,
+           # rdzv_backend "static" 是 accelerate 的默认：节点按 machine_rank 固定编号，不做弹性伸缩
            "num_machines": p["nodes"], "num_processes": p["gpus"], "rdzv_backend": "static", "same_network": True,
            "main_training_function": "main", "use_cpu": False}
     acc_path = out.path(f"accelerate_{stem}.yaml")
@@ -207,9 +223,12 @@ def write_launch(args: Args, out: run.Run, name: str, p: dict) -> dict:
         ClusterConfig.from_yaml_file(str(acc_path))   # accelerate 拒绝未知键，缺键时报 TypeError
     except (ValueError, TypeError) as e:
         raise UserError(f"{acc_path}: accelerate 拒绝了这份配置：{e}") from None
+    # train.py 是占位：换成你自己的训练脚本，它要接受 --deepspeed（HF TrainingArguments 自带这个参数）
     entry = "train.py --deepspeed " + ds_path.name
     cmds = {"deepspeed": f"deepspeed --hostfile hostfile_{stem} --num_nodes {p['nodes']} --num_gpus "
                          f"{args.gpus_per_node} --master_addr {args.master_addr} {entry}",
+            # torchrun 没有 hostfile：要在每个节点上各跑一次、靠 $NODE_RANK 区分；
+            # deepspeed 启动器则从主节点经 pdsh 一次拉起全部
             "torchrun": f"torchrun --nnodes {p['nodes']} --nproc_per_node {args.gpus_per_node} "
                         f"--node_rank $NODE_RANK "
                         f"--rdzv_backend c10d --rdzv_endpoint {args.master_addr}:29500 {entry}   # 每个节点各跑一次",
@@ -224,6 +243,7 @@ def recommend(args: Args, out: run.Run, name: str, plans: dict) -> dict | None:
 
     先比节点数：多一个节点就多 8 张卡的租金，而 offload 只是慢；两者都能放下时，少花卡比跑得快更常见的约束。
     """
+    # (节点数, offload 档位序号, 键) 直接取 min：先比节点数再比 offload，正好是 docstring 里的优先级
     ok = [(p["nodes"], list(OFFLOADS).index(p["offload"]), k) for k, p in plans.items()
           if k.startswith(name + "/") and p["fits"]]
     if not ok:
@@ -245,6 +265,8 @@ def plot(args: Args, out: run.Run, names: list[str], plans: dict) -> None:
                    if k.startswith(name + "/") and p["offload"] == off]
             ax.plot(*zip(*pts), "o-", label=f"{name} zero3+{off}")
     ax.axhline(args.gpu_memory_gb * args.headroom, color="red", ls="--", label="usable GPU memory")
+    # 默认节点数都是 2 的幂：log2 轴上等距；若每卡只有被切分的项，线会是直线，
+    # 越往右越平，说明不随卡数变小的聚齐层与激活开始主导
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel(f"nodes (x{args.gpus_per_node} GPUs)")

@@ -22,12 +22,13 @@ def matmul_peak_flops(n: int, device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()   # CUDA 是异步的：不同步的话计到的只是"发射内核"的时间
         t0 = time.perf_counter()
+        # 一次计时里连乘 4 次取平均：把计时本身的开销和偶发抖动摊薄
         for _ in range(4):
             a @ b
         if device.type == "cuda":
             torch.cuda.synchronize()
         best = min(best, (time.perf_counter() - t0) / 4)   # 取最快：别的进程抢走的 CPU 只会让它变慢
-    return 2 * n ** 3 / best
+    return 2 * n ** 3 / best   # 一次 n×n 矩阵乘 = n³ 次乘加 = 2n³ FLOPs：与 6N 同一口径（乘、加各算一次）
 
 
 def model_flops(model, rows: list[dict]) -> float:
@@ -36,7 +37,10 @@ def model_flops(model, rows: list[dict]) -> float:
     只按真实 token 数算：填充位和梯度检查点的重算也耗算力，但不算"有用"——这样 MFU 才会奖励不做无用功的招数。
     """
     cfg = model.config
+    # N 含词嵌入：权重共享（tied）时这份参数正好对应 lm_head 的矩阵乘；不共享时输入嵌入只是查表，6N 会略微高估
     n_params = sum(p.numel() for p in model.parameters())
+    # 头数 × head_dim 而不是 hidden_size：有的架构（如 Gemma）单独设定 head_dim，两者不相等
     d_attn = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
     lens = [len(r["input_ids"]) for r in rows]
+    # 注意力项按每条样本自己的长度平方算：打包后样本互相看不见，跨样本的那部分不是有用功
     return sum(6 * n_params * ell + 12 * cfg.num_hidden_layers * d_attn * ell * ell for ell in lens)

@@ -99,8 +99,11 @@ def load_rows(args: Args, convs: list, tok) -> list[dict]:
     """
     import random
 
+    # 先按种子打乱再取前 n_samples 条：不总是文件开头那几条（长短可能偏向一边），重跑又取到同一批
     random.Random(args.seed).shuffle(convs)
     rows = [data.tokenize_chat(tok, c, args.max_length) for c in convs[:args.n_samples]]
+    # 丢掉 attention_mask 等其余字段：打包/无填充拼接只有在"不给 attention_mask"时，
+    # transformers 才按 position_ids 认出样本边界
     return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
 
 
@@ -114,7 +117,9 @@ def batches(trick: str, rows: list[dict], args: Args, pad_id: int) -> list[dict]
         return [lm.pad_right(rows[i:i + b], pad_id) for i in range(0, len(rows), b)]
     if trick == "padding_free":
         # 一批 b 条首尾相连成一行：一个填充位都没有；用的是 transformers 自带的 collator（TRL 的 padding_free）
+        # 默认 separator_id=-100：每段第一个 token 的 label 置 -100，与 PackedCollator 同理，不学跨样本的"下一个 token"
         flat = DataCollatorWithFlattening(return_position_ids=True)
+        # 只留这三个键，与 PackedCollator 的输出同形：两招只差"怎么拼"；不给 attention_mask，边界全靠 position_ids
         return [{k: v for k, v in flat(rows[i:i + b]).items() if k in ("input_ids", "labels", "position_ids")}
                 for i in range(0, len(rows), b)]
     # 打包：train.pack 用 BFD（Best-Fit-Decreasing）把样本装进 max_length 的行，每行记下各段长度 seq_lengths；
@@ -130,6 +135,7 @@ def batches(trick: str, rows: list[dict], args: Args, pad_id: int) -> list[dict]
 def _has_flash_attn() -> bool:
     import importlib.util
 
+    # 只查包在不在、不 import：flash_attn 的导入要加载 CUDA 扩展，CPU 机器上可能直接报错
     return importlib.util.find_spec("flash_attn") is not None
 
 
@@ -156,6 +162,8 @@ def prepare(trick: str, base, out: run.Run):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # 有 KV 缓存时 transformers 不按 position_ids 识别打包边界，整行当成一段：样本互相看见，悄悄算错
     model.config.use_cache = False
+    # packing_is_exact 调过 base.eval()，deepcopy 会把这个状态带过来：
+    # 不切回 train，dropout 等训练期行为不生效，量的就不是真实训练
     model.train()
     return model
 
@@ -165,6 +173,7 @@ def train_step(step_fn, opt, batch: dict, dev, autocast: bool, accum: int, updat
     import torch
 
     batch = {k: v.to(dev) for k, v in batch.items()}
+    # autocast 只把矩阵乘等算子降到 bf16，参数与优化器状态仍是 fp32 主权重：这就是混合精度，不是纯 bf16 训练
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
         # 除以 accum：累积的是梯度之和，不除的话等效学习率放大 accum 倍
         loss = step_fn(**batch).loss / accum
@@ -172,7 +181,7 @@ def train_step(step_fn, opt, batch: dict, dev, autocast: bool, accum: int, updat
     if update:
         opt.step()
         opt.zero_grad(set_to_none=True)   # set_to_none：省一次清零写内存，也让峰值内存更低
-    return loss.item() * accum
+    return loss.item() * accum   # 乘回 accum：记下的是真实损失，各招的 loss_mean 才能直接比
 
 
 def measure(trick: str, base, rows: list[dict], args: Args, tok, out: run.Run) -> dict | None:
@@ -183,8 +192,10 @@ def measure(trick: str, base, rows: list[dict], args: Args, tok, out: run.Run) -
     if model is None:
         return None
     dev = train.device_of(model)
+    # compile 返回的包装模块与 model 共享参数：优化器建在 model.parameters() 上，更新对两者同时生效
     step_fn = torch.compile(model) if trick == "packed_compile" else model
     accum = 2 if trick == "packed_accum" else 1
+    # set_num_threads 是进程级的全局设置：先记下，测完恢复，否则后面的招数都变成单线程
     threads = torch.get_num_threads()
     if trick == "packed_1thread":
         torch.set_num_threads(1)
@@ -200,12 +211,15 @@ def measure(trick: str, base, rows: list[dict], args: Args, tok, out: run.Run) -
     train.release_memory()   # 把上一招释放的堆还给系统：各招的峰值内存从同一起点量
     with train.PeakMemory(dev) as mem:
         t0 = time.perf_counter()
+        # 最后一批也要 update：批数不是 accum 的倍数时，尾部累积的梯度不会悬着不用
         losses = [train_step(step_fn, opt, b, dev, autocast, accum, (i + 1) % accum == 0 or i == len(bs) - 1)
                   for i, b in enumerate(bs)]
+        # CUDA 是异步的：不同步的话计时截在内核还没跑完的时候，GPU 上的吞吐会虚高
         if dev.type == "cuda":
             torch.cuda.synchronize()
         secs = time.perf_counter() - t0
     torch.set_num_threads(threads)
+    # 真实 token 数只看 rows、与招数无关：吞吐的分子对所有招数相同，差别全落在用时上
     real = sum(len(r["input_ids"]) for r in rows)
     slots = sum(b["input_ids"].numel() for b in bs)   # 前向真正算了多少个位置（含填充）：填充的代价就在这里
     return {"tokens_per_s": real / secs, "seconds": secs, "peak_mem_mb": mem.peak_mb, "steps": len(bs),
@@ -227,6 +241,7 @@ def packing_is_exact(model, rows: list[dict], pad_id: int) -> tuple[float, float
     """
     import torch
 
+    # 比 logits 只取前 64 个 token：逐位置比较不需要长样本，两次前向都快
     short = [{"input_ids": r["input_ids"][:64], "labels": r["labels"][:64]} for r in rows[:2]]
     collate = train.PackedCollator(pad_id)
     model.eval()   # 关掉 dropout：两次前向要可比
@@ -237,6 +252,8 @@ def packing_is_exact(model, rows: list[dict], pad_id: int) -> tuple[float, float
         alone = torch.cat([model(input_ids=torch.tensor([r["input_ids"]], device=dev), use_cache=False).logits[0]
                            for r in short])
         row = collate([one_row(short)])
+        # 只给 position_ids、不给 attention_mask：transformers 只在这种情况（且无 KV 缓存）下
+        # 按 position_ids 切出块对角掩码
         together = model(input_ids=row["input_ids"].to(dev), position_ids=row["position_ids"].to(dev),
                          use_cache=False).logits[0]
         # 损失用整条样本：前 64 个 token 多半是提示，labels 全是 -100，没有可比的损失
@@ -252,6 +269,7 @@ def run_tricks(args: Args, base, rows: list[dict], tok, out: run.Run, flops: flo
         r = measure(trick, base, rows, args, tok, out)
         if r is None:
             continue
+        # flops 对每招都一样（只按真实 token 算）：MFU 的高低全由用时决定，检查点的重算、填充位都算不上有用功
         r["mfu"] = flops / r["seconds"] / peak
         # 只保留 4 位小数：metrics.json 是给人比的，7 位有效数字的计时噪声只会干扰阅读
         results[trick] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
@@ -268,6 +286,7 @@ def plot(out: run.Run, results: dict, n_rows: int, peak: float) -> None:
     ax1.barh(names, [results[n]["tokens_per_s"] for n in names], color="tab:blue")
     ax1.set_xlabel("trained tokens / s (non-pad)")
     ax2.barh(names, [results[n]["peak_mem_mb"] for n in names], color="tab:orange")
+    # PeakMemory 量的是相对进入 with 时的增量：模型权重与预热分配的状态不在里面，条形只比各招自己多用的内存
     ax2.set_xlabel("peak memory increase (MB)")
     ax2.set_yticks([])
     fig.suptitle(f"{out.model_name}: {n_rows} samples, matmul peak {peak / 1e9:.1f} GFLOP/s", fontsize=9)
@@ -284,6 +303,7 @@ def summarize(results: dict, peak: float, exact: tuple[float, float], lens: list
                "ckpt_mem_ratio": ratio("packed_ckpt", "packed", "peak_mem_mb"),
                "ckpt_time_ratio": ratio("packed_ckpt", "packed", "seconds"),
                "sdpa_vs_eager_speedup": ratio("padded", "padded_eager", "tokens_per_s"),
+               # 汇总的 MFU 取 packed（课程推荐的组织方式）；没选 packed 时退而取第一招，保证这个键总有值
                "mfu": results.get("packed", next(iter(results.values())))["mfu"],
                "matmul_peak_gflops": round(peak / 1e9, 2), "packed_max_logit_diff": exact[0],
                "packed_vs_padded_loss_diff": exact[1],
@@ -304,6 +324,8 @@ def main(args: Args) -> dict:
 
     # 1. 数据与模型：先读数据（坏文件不等模型加载完才报）；fp32 主权重；所有招数从同一份初始权重出发、吃同一批样本
     convs = data.load_sft(args.data or data.DATA_DIR / "longform" / "sft_long.jsonl")
+    # for_training=True：CPU 上即使有原生 bf16 也保留 fp32 主权重，
+    # bf16 的 8 位尾数会吞掉 AdamW 的小更新（见 models.pick_dtype）
     base, tok = models.load_args(args, for_training=True)
     rows = load_rows(args, convs, tok)
     lens = [len(r["input_ids"]) for r in rows]

@@ -31,6 +31,7 @@ def demo_run(args, out: run.Run, convs: list) -> Path:
         ["assistant_masks"])
     ev = ev[:24]   # 评估约 8 次，每次只要看出走向：24 条足够，多了评估比训练还慢
     # logging_steps=1：每步一个记录，尖峰才不会被平均掉；评估约 8 次，够画出验证曲线的走向
+    # cosine + 预热：lr 先升后降，_planted 注入"调度器被重置"要求日志里已开始衰减，恒定 lr 没法注入
     targs = TrainingArguments(output_dir=str(out.path("demo_run")), max_steps=args.demo_steps, learning_rate=5e-4,
                               lr_scheduler_type="cosine", warmup_steps=3, per_device_train_batch_size=bs,
                               logging_steps=1, eval_strategy="steps", eval_steps=max(1, args.demo_steps // 8),

@@ -43,6 +43,7 @@ ALIASES = {"loss": "loss", "train/loss": "loss", "eval_loss": "eval_loss", "eval
 # DeepSpeed 引擎每 steps_per_print 步打一行 step/lr；吞吐计时器（wall_clock_breakdown / 吞吐监控）打 SamplesPerSec。
 # nan|inf 也要匹配：日志里的 nan 正是要报的异常，漏掉就丢了最重要的一行；数字写严格（"lr=[.]" 不匹配，float 不抛错）
 _NUM = r"([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|nan|inf)"
+# skipped= 是 fp16 溢出后跳过的步数（DeepSpeed 的动态 loss scaling）；这里只取 step 与 lr
 DS_STEP = re.compile(rf"step=(\d+), skipped=(\d+), lr=\[{_NUM}")
 DS_TPUT = re.compile(rf"global_step=(\d+), RunningAvgSamplesPerSec={_NUM}, CurrSamplesPerSec={_NUM}")
 
@@ -93,7 +94,9 @@ def read_trainer_state(path: Path) -> dict[str, list]:
         step = rec.get("step", 0) if isinstance(rec, dict) else None
         if isinstance(step, bool) or not isinstance(step, int):   # Trainer 写的步数总是整数："abc"、1.5 都是坏文件
             raise UserError(f"{path}: log_history[{i}] 应是带整数 'step' 的对象，得到 {rec!r:.80}")
+        # 没有 step 键的汇总记录整行跳过：否则按默认的第 0 步混进曲线开头
         for k, v in rec.items() if "step" in rec else ():
+            # bool 是 int 的子类：不排除的话 True/False 会被当成 1.0/0.0 画进曲线
             if k in ALIASES and isinstance(v, (int, float)) and not isinstance(v, bool):
                 v = math.copysign(math.inf, v) if abs(v) >= 2 ** 1024 else float(v)   # 几百位的整数：记作 ±inf
                 series.setdefault(ALIASES[k], []).append((step, v))
@@ -116,6 +119,7 @@ def read_deepspeed(path: Path) -> dict[str, list]:
         if m := DS_STEP.search(line):   # 多个参数组时 lr=[a, b, ...]：取第一组
             series.setdefault("lr", []).append((int(m.group(1)), float(m.group(3))))
         if m := DS_TPUT.search(line):
+            # 取 CurrSamplesPerSec 而不是 RunningAvg：滑动平均会把骤降抹平，要找的异常正好被平均掉
             series.setdefault("throughput", []).append((int(m.group(1)), float(m.group(3))))
     return series
 
@@ -138,6 +142,7 @@ def collect(paths: list[Path]) -> dict[str, dict[str, list]]:
                 s = read_deepspeed(f)
                 if s:
                     found[str(f)] = s
+    # 只留至少有一个非空指标的来源：只有汇总行的 trainer_state.json 读出来是空的，不能算进"读了几个日志"
     return {k: v for k, v in found.items() if any(v.values())}
 
 
@@ -163,28 +168,34 @@ def is_spike(v: float, past: list, a: Args) -> bool:
     """既比近期中位数高 spike_factor 倍，又偏离 spike_mads 个 MAD：只用倍数的话，loss 本来就抖的小模型满屏误报；
     只用 MAD 的话，loss 平稳到几乎不动时（MAD≈0）一点点起伏都算尖峰。"""
     med = statistics.median(past)
+    # +1e-8：近期的值完全不变时 MAD = 0，不加就会除以 0
     mad = statistics.median(abs(x - med) for x in past) * 1.4826 + 1e-8   # 1.4826·MAD ≈ 正态的 σ
+    # 非有限值另由 nan_inf 报告：同一步不再重复报成尖峰
     return math.isfinite(v) and v > a.spike_factor * med and (v - med) / mad > a.spike_mads
 
 
 def detect(s: dict[str, list], a: Args) -> list[dict]:
     """六种异常，每个都带发生的步数（知道"第几步"才能回到那一步的数据和检查点去查原因）。"""
+    # NaN/inf 不用和过去比，出现一次就报：之后的参数往往已被污染成 NaN，那一步就是该回去查的起点
     found = [{"kind": "nan_inf", "step": step, "detail": f"{key} = {v}"}
              for key in ("loss", "grad_norm", "eval_loss", "lr") for step, v in s.get(key, []) if not math.isfinite(v)]
     loss = s.get("loss", [])
     found += [{"kind": "loss_spike", "step": st, "detail": f"loss {v:.3g}，近期中位数 {med:.3g}"}
               for st, v, med in vs_recent(loss, a.window, lambda v, past: is_spike(v, past, a))]
     # 梯度范数爆炸常在 loss 尖峰之前一两步出现：它是更早的警报（梯度裁剪会把它"藏"在 loss 曲线里）
+    # 只用倍数判：爆炸是成倍的跳变，不像 loss 尖峰那样需要 MAD 去区分小幅抖动
     found += [{"kind": "grad_norm_explosion", "step": st, "detail": f"grad_norm {v:.3g}，近期中位数 {med:.3g}"}
               for st, v, med in vs_recent(s.get("grad_norm", []), a.window,
                                           lambda v, past: math.isfinite(v)
                                           and v > a.grad_factor * statistics.median(past))]
     # 吞吐骤降：数据加载卡住、检查点写盘、别的进程抢卡——loss 看不出来，只有吞吐曲线能看出来
+    # 只看"低于"：吞吐变高（比如评估结束后恢复）不是问题
     found += [{"kind": "throughput_drop", "step": st, "detail": f"吞吐 {v:.3g}，近期中位数 {med:.3g}"}
               for st, v, med in vs_recent(s.get("throughput", []), a.window,
                                           lambda v, past: v < a.drop_factor * statistics.median(past))]
     found += lr_mistakes(s.get("lr", []))
     found += overfitting(s.get("eval_loss", []), loss, a.overfit_tol)
+    # 按步数排：同一步的几种异常（梯度爆炸、loss 尖峰）挨在一起，方便看谁先谁后
     return sorted(found, key=lambda x: (x["step"], x["kind"]))
 
 
@@ -194,13 +205,18 @@ def lr_mistakes(lr: list) -> list[dict]:
     out, decaying = [], False
     vals = [(s, v) for s, v in lr if math.isfinite(v)]
     for (_, v0), (s1, v1) in zip(vals, vals[1:]):
+        # 相对容差：常数段的 lr 在日志里也可能有末位的浮点抖动，不能一点点下降就算"开始衰减"
         if v1 < v0 * (1 - 1e-6):
             decaying = True
+        # 1% 的容差挡住日志打印的舍入；注意：有意用带重启的余弦调度（SGDR）时这里也会报，属于预期
         elif decaying and v1 > v0 * 1.01:
             out.append({"kind": "lr_schedule", "step": s1, "detail": f"衰减中学习率又升高 {v0:.3g} -> {v1:.3g}"})
+            # 报完重置：调度器被重置后会重新预热，一路升高的每一步不该各报一次
             decaying = False
     zeros = [i for i, (_, v) in enumerate(vals) if v == 0]
+    # i > 0：预热从 0 起步时第一个记录可能就是 0，那不是错；且要从 i 起到结尾全是 0，中途碰到 0 又回升的不算
     first = next((i for i in zeros if i > 0 and all(vals[j][1] == 0 for j in range(i, len(vals)))), None)
+    # 至少 3 个记录：线性/余弦衰减的最后一步本来就落到 0，只有一两个 0 不能算配错
     if first is not None and len(vals) - first >= 3:
         out.append({"kind": "lr_schedule", "step": vals[first][0],
                     "detail": f"学习率在第 {vals[first][0]} 步降到 0，之后 {len(vals) - first - 1} 个记录白训"})
@@ -216,6 +232,7 @@ def overfitting(ev: list, loss: list, tol: float) -> list[dict]:
         if v < best_v:
             best_s, best_v = step, v
         elif v > best_v * (1 + tol):
+            # 训练损失各取最近 3 个记录的平均：单步训练损失噪声大，一步的起伏会让"仍在降"的判断来回翻
             tr_then = [x for s, x in loss if s <= best_s][-3:]
             tr_now = [x for s, x in loss if s <= step][-3:]
             if tr_then and tr_now and statistics.mean(tr_now) < statistics.mean(tr_then):
@@ -275,6 +292,7 @@ def main(args: Args) -> dict:
     # 1. 找日志：--logs；否则 outputs/ 下课程之前的运行；都没有就现训一段（现训的数据先读先查：坏文件不等模型加载）
     convs = data.load_sft(args.data or data.DATA_DIR / "domain" / "sft.jsonl")
     sources = find_logs(args, out, convs)
+    # 每个来源读到的最大步数：claims 按"每 100 步的异常数"归一，长日志不会因为长而显得更不健康
     steps = {src: max((st for v in s.values() for st, _ in v), default=0) for src, s in sources.items()}
 
     # 2. 逐个来源体检：每个来源各自和自己的过去比，不同运行的 loss 量级不同，混在一起比没有意义
@@ -292,6 +310,7 @@ def main(args: Args) -> dict:
     plot(out, sources[src0], {a["step"] for a in anomalies if a["source"] == src0})
 
     # 4. 体检本身准不准：在同一份日志的副本里按已知步数注入故障，看它们是否恰好在那些步数被找到
+    # 传进 detect/_past 本身而不是在 _planted 里复制一份：自检量的必须是学生读到的那份判据
     check = run.import_sibling(__file__, "_planted").self_check(sources, args, detect, _past)
     out.log.info(f"自检：在 {check['planted_source']} 里注入 {check['planted_faults']} 个故障，"
                  f"找到 {check['planted_found']} 个，多出的误报 {check['planted_false_alarms']} 个")

@@ -47,6 +47,7 @@ class Args(cli.CommonArgs):
     classification: str = cli.arg(None, "情感分类文件（text/label）；默认 data/classification/sentiment.jsonl")
     judge_model: str = cli.arg(None, "评委模型；默认与被评模型相同（小模型当评委偏差很大，这正是要量的）")
     ppl_window: int = cli.arg(256, "困惑度窗口长度（token）", min=8)
+    # 默认取窗口的一半：除第一个窗口外，每个计分的 token 前面至少有 window − stride 个上文
     ppl_stride: int = cli.arg(128, "滑动步长：< 窗口时重叠部分只当上文不计损失", min=1)
     n_sentiment: int = cli.arg(80, "情感分类评多少条", min=4)
     n_shots: int = cli.arg(4, "少样本提示里放几条示例（每类至少一条）", min=1)
@@ -80,6 +81,8 @@ class JiebaTokenizer:
     def tokenize(self, text: str) -> list[str]:
         import jieba
 
+        # 只留含字母/数字/汉字的词（汉字的 isalnum 也为真）：标点算进 LCS 的话，两段话只凭标点位置相同就能白得分；
+        # 转小写与 rouge-score 默认分词器的行为一致
         return [w.lower() for w in jieba.lcut(text) if w.strip() and any(c.isalnum() for c in w)]
 
 
@@ -95,6 +98,7 @@ def sliding_windows(ids: list[int], window: int, stride: int) -> list[dict]:
         new = min(end - prev_end, end - begin)
         rows.append({"input_ids": ids[begin:end], "labels": [-100] * (end - begin - new) + ids[end - new:end]})
         prev_end = end
+        # 到文末就停：否则后面的 begin 还会切出只含旧 token、labels 全是 -100 的空窗口
         if end == len(ids):
             break
     return rows
@@ -102,6 +106,7 @@ def sliding_windows(ids: list[int], window: int, stride: int) -> list[dict]:
 
 def perplexity(model, tok, texts: list[str], window: int, stride: int) -> float:
     """滑窗困惑度：所有文档的窗口按 token 加权汇总（lm.perplexity），长文档不会被短文档"平均掉"。"""
+    # 整篇编码一次再按 token 切窗口：先切字符再编码，边界处会切出原文里不会出现的 token
     rows = [w for text in texts for w in sliding_windows(tok(text).input_ids, window, stride)]
     return lm.perplexity(model, rows, batch_size=8, pad_token_id=tok.pad_token_id)
 
@@ -113,21 +118,25 @@ def continuation_logprob(model, tok, prompt: str, cont: str) -> float:
     """
     import torch
 
+    # 不加 BOS 等特殊 token：prompt 已是完整文本（评委的已套过对话模板），cont 前面插一个 BOS 续写就断了
     p = tok(prompt, add_special_tokens=False).input_ids
     c = tok(cont, add_special_tokens=False).input_ids
     ids = torch.tensor([p + c], device=model.device)
     with torch.no_grad():
         # 第 len(p)-1 个位置的 logits 预测 cont 的第一个 token：左移一位对齐
         logits = model(ids).logits[0, len(p) - 1:-1]
+    # 对 cont 的各 token 求和而不是平均：候选切成的 token 数不同时短的天然占便宜，换标签词时要留意
     return lm.token_logprobs(logits, torch.tensor(c, device=model.device)).sum().item()
 
 
 def sentiment_accuracy(model, tok, rows: list[dict], labels: list[str], shots: list[dict]) -> float:
     """零样本（shots 为空）或少样本：对每个标签续写打分，取概率最大的。"""
+    # 示例与待测样本同一格式（Review/Sentiment）：少样本靠格式告诉模型"下一步该续写一个标签"
     demo = "".join(f"Review: {s['text']}\nSentiment: {s['label']}\n\n" for s in shots)
     right = 0
     for r in rows:
         prompt = f"{demo}Review: {r['text']}\nSentiment:"
+        # 标签前带空格：BPE 里 " positive" 与 "positive" 是不同的 token，紧跟 "Sentiment:" 的自然写法带空格
         scores = {lab: continuation_logprob(model, tok, prompt, " " + lab) for lab in labels}
         right += max(scores, key=scores.get) == r["label"]
     return right / len(rows)
@@ -140,6 +149,7 @@ def judge_pair(model, tok, question: str, a: str, b: str) -> str:
     prompt = data.prompt_text(tok, msg)
     # 只比下一个词是 A 还是 B 的概率：不让小模型自由生成，免得答案里根本找不到一个可解析的字母
     logp_a, logp_b = (continuation_logprob(model, tok, prompt, letter) for letter in "AB")
+    # 两者相等时判 A：交换位置判两次后，固定偏向 A 只会表现为"不一致"，不会被算成某一方胜
     return "A" if logp_a >= logp_b else "B"
 
 
@@ -153,6 +163,7 @@ def pairwise(judge, items: list[tuple[str, str, str]]) -> tuple[float, float]:
             consistent += 1
             wins += first
         else:
+            # 不一致算平局：位置偏好不该记成任何一方的胜利
             wins += 0.5
     return wins / len(items), consistent / len(items)
 
@@ -162,6 +173,7 @@ def export_human_sheet(out: run.Run, items: list[dict], seed: int) -> None:
     rnd = random.Random(seed)
     rows, key = [], []
     for i, it in enumerate(items):
+        # 每条独立抛硬币：固定把模型答案放在 A，评审很快就会猜出规律，盲评就不盲了
         flip = rnd.random() < 0.5
         a, b = (it["model"], it["reference"]) if flip else (it["reference"], it["model"])
         rows.append({"id": i, "question": it["question"], "A": a, "B": b, "better (A/B/tie)": "", "A score 1-5": "",
@@ -172,6 +184,7 @@ def export_human_sheet(out: run.Run, items: list[dict], seed: int) -> None:
             w = csv.DictWriter(f, fieldnames=list(recs[0]))
             w.writeheader()
             w.writerows(recs)
+    # 答案是模型生成的任意文本：不转义的话里面的 < > 会被浏览器当成标签，表格错乱，甚至执行脚本
     cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[k]))}</td>" for k in ("id", "question", "A", "B"))
                     + "<td><select><option></option><option>A</option><option>B</option><option>tie</option>"
                       "</select></td></tr>" for r in rows)
@@ -200,6 +213,7 @@ def sentiment_split(args: Args) -> tuple[list[dict], list[str], list[dict]]:
     """(评测集, 标签, 少样本示例)：示例每类至少一条，且不在评测集里——否则少样本就成了"偷看答案"。"""
     rows, labels = data.load_classification(args.classification
                                             or data.DATA_DIR / "classification" / "sentiment.jsonl")
+    # 固定种子打乱：示例与评测集每次相同，零样本/少样本的差别里不混进抽样差异
     random.Random(args.seed).shuffle(rows)
     shots = [next(r for r in rows if r["label"] == lab) for lab in labels]
     shots += [r for r in rows if r not in shots][:max(0, args.n_shots - len(shots))]
@@ -207,9 +221,11 @@ def sentiment_split(args: Args) -> tuple[list[dict], list[str], list[dict]]:
 
 
 def qa_scores(model, tok, qa: list[dict]) -> tuple[float, float]:
-    """(EM, F1)：给出含答案的段落让模型抽取。EM 对"多一个标点"也判错，所以总要和按词重叠的 F1 一起看。"""
+    """(EM, F1)：给出含答案的段落让模型抽取。EM 规范化（去标点、小写、去英文冠词）后逐词相同才算对，多说一个词
+    就判错，所以总要和按词重叠的 F1 一起看。"""
     prompts = [data.prompt_text(tok, [{"role": "user", "content": f"{q['gold_passage']}\n\n{q['question']}"
                                        " Answer briefly."}]) for q in qa]
+    # 抽取式答案很短，16 个 token 足够：放长了模型会接着解释，多出来的字让 EM 必错
     preds = models.generate(model, tok, prompts, max_new_tokens=16)
     em = sum(answers.exact_match(p, q["answer"]) for p, q in zip(preds, qa)) / len(qa)
     f1 = sum(answers.token_f1(p, q["answer"]) for p, q in zip(preds, qa)) / len(qa)
@@ -221,8 +237,10 @@ def generation_scores(args: Args, convs: list, model, tok) -> tuple[list[tuple[s
     import sacrebleu
     from rouge_score import rouge_scorer
 
+    # 固定种子抽 n_gen 条：换模型重跑时比的是同一批问题
     random.Random(args.seed).shuffle(convs)
     convs = convs[:args.n_gen]
+    # 参考答案是对话的最后一条助手回复；data.prompt_text 渲染提示时会去掉它，模型看不到答案
     refs = [c[-1]["content"] for c in convs]
     hyps = models.generate(model, tok, [data.prompt_text(tok, c) for c in convs], args.max_new_tokens)
     zh = JiebaTokenizer()
@@ -230,12 +248,16 @@ def generation_scores(args: Args, convs: list, model, tok) -> tuple[list[tuple[s
     rouge_l = sum(scorer.score(r, h)["rougeL"].fmeasure for r, h in zip(refs, hyps)) / len(refs)
     # 对照：默认分词器把中文当非法字符删掉——中文参考答案和它自己比都拿不到 1，说明分词器用错了
     naive = rouge_scorer.RougeScorer(["rougeL"])
+    # 参考答案与自身比：分词正确时 ROUGE-L 应为 1，偏离 1 的部分全是分词器造成的
     zh_pairs = [(r, r) for r in refs if data.detect_lang(r) == "zh"]
+    # 没有中文参考答案（换成英文数据）时分母取 1：两项都记 0，而不是抛 ZeroDivisionError
     naive_zh_self = sum(naive.score(r, h)["rougeL"].fmeasure for r, h in zh_pairs) / max(len(zh_pairs), 1)
     jieba_zh_self = sum(scorer.score(r, h)["rougeL"].fmeasure for r, h in zh_pairs) / max(len(zh_pairs), 1)
     # BLEU 同样用 jieba 分好的词、tokenize="none"：sacrebleu 自带的 13a 分词器不切中文，整句算一个"词"
     seg = lambda s: " ".join(zh.tokenize(s))   # noqa: E731
+    # corpus 级 BLEU：先汇总全部句子的 n-gram 再算；短句上的句级 BLEU 常因没有 4-gram 命中而为 0，没法比
     bleu = sacrebleu.corpus_bleu([seg(h) for h in hyps], [[seg(r) for r in refs]], tokenize="none").score
+    # 倒数第二条是用户的问题：评委与人工评估表都要看到题目才能判断答案好坏
     items = [(c[-2]["content"], r, h) for c, r, h in zip(convs, refs, hyps)]
     return items, {"rougeL": rouge_l, "bleu": bleu, "rougeL_default_tokenizer_zh_self": naive_zh_self,
                    "rougeL_jieba_zh_self": jieba_zh_self}
@@ -252,6 +274,7 @@ def main(args: Args) -> dict:
 
     # 1. 困惑度：滑窗 vs 不重叠窗口（同一批文档、同样的窗口长度）
     ppl = perplexity(model, tok, docs, args.ppl_window, args.ppl_stride)
+    # stride 取 window：窗口互不重叠，这就是"每个窗口开头没有上文"的对照组
     ppl_flat = perplexity(model, tok, docs, args.ppl_window, args.ppl_window)
     out.log.info(f"困惑度：滑窗（stride {args.ppl_stride}）{ppl:.2f}，不重叠 {ppl_flat:.2f}")
 
@@ -269,12 +292,14 @@ def main(args: Args) -> dict:
                  f"分词器给中文参考答案与它自己打 ROUGE-L = {gen['rougeL_default_tokenizer_zh_self']:.2f}")
 
     # 5. LLM 评委：参考答案 vs 模型答案，交换位置各判一次（只判一次的话，位置偏好会被当成"质量差"）
+    # 没给 --judge-model 就让被评模型自己当评委：小模型的位置偏好正是要量的（代价是它可能偏向像自己写的答案）
     judge_m, judge_t = judge or (model, tok)
     win, consistency = pairwise(functools.partial(judge_pair, judge_m, judge_t), items)
     out.log.info(f"评委（{args.judge_model or out.model_name}）：参考答案胜率 {win:.2f}，位置一致率 {consistency:.2f}")
 
     # 6. 人工评估表：自动指标都和人的判断有差距，最后一道尺子是人（盲评，防止偏向"自家模型"）
     export_human_sheet(out, [{"question": q, "reference": r, "model": h} for q, r, h in items], args.seed)
+    # metrics.json 里只放前 120 个字符：完整答案在 human_eval.csv，metrics 保持一眼能读完
     samples = [{"question": q, "reference": r[:120], "model": h[:120]} for q, r, h in items[:3]]
     return out.finish({"ppl": round(ppl, 3), "ppl_no_overlap": round(ppl_flat, 3),
                        "sentiment_accuracy": acc, "sentiment_accuracy_zero_shot": acc0, "n_sentiment": len(test),

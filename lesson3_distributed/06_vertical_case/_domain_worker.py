@@ -15,6 +15,7 @@ def blocks(tok, texts: list[str], size: int) -> list[list[int]]:
     ids: list[int] = []
     for t in texts:
         ids += tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    # 不足一块的尾巴丢掉：块全部等长才能直接 torch.tensor 成批，一个填充位都不需要
     return [ids[i:i + size] for i in range(0, len(ids) - size + 1, size)]
 
 
@@ -43,8 +44,11 @@ def sft_eval_loss(engine, rows: list[dict], pad_id: int, micro: int) -> float:
     from common import lm
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    # 每个 rank 评不同的一份（rank::world），合起来正好是全部留出样本，不重不漏
     shard, model = rows[rank::world], engine.module
+    # 放在 engine.device 上：NCCL 只能对 GPU 上的张量做 all_reduce；float64 累加逐批的 loss × token 数不丢精度
     total = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    # 关掉 dropout：验证损失里不含随机性，各次评估才可比；评完下面切回 train
     model.eval()
     with torch.no_grad():
         for i in range(0, len(shard), micro):
@@ -53,6 +57,7 @@ def sft_eval_loss(engine, rows: list[dict], pad_id: int, micro: int) -> float:
             total += torch.stack([model(**b).loss.double() * n, n.double()])
     model.train()
     dist.all_reduce(total)
+    # 留出样本里没有回答 token 时分母取 1，不除以 0
     return (total[0] / total[1].clamp(min=1)).item()
 
 
@@ -66,16 +71,19 @@ def sft_stage(engine, a, rows: list[dict], eval_rows: list[dict], pad_id: int, m
     rank, world = dist.get_rank(), dist.get_world_size()
     shard, losses, history = rows[rank::world], [], []
     mean = sum(len(r["input_ids"]) for r in rows) / max(1, len(rows))
+    # 没给 --eval-steps 时自动定间隔：评估开销约不超过训练的 1/10、至少评 2 次（见主脚本 --eval-steps 的说明）
     every = a.eval_steps or train.eval_schedule(
         a.sft_steps, sum(len(r["input_ids"]) for r in eval_rows), round(micro * world * mean))[1]
     best, best_state = float("inf"), None
     for step in range(1, a.sft_steps + 1):
         # 指令长短不一：右填充成批，填充位的 labels = -100 不算损失（因果模型右填充不改变真实 token 的位置）
+        # 下标取模：样本不够 sft_steps × micro 条时从头循环，而不是 IndexError
         b = lm.pad_right([shard[((step - 1) * micro + j) % len(shard)] for j in range(micro)], pad_id)
         loss = engine(**{k: v.to(engine.device) for k, v in b.items()}).loss
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
+        # 最后一步一定评估：否则最后几步的权重没量过，也就不可能被留下
         if eval_rows and (step % every == 0 or step == a.sft_steps):
             history.append([step, round(sft_eval_loss(engine, eval_rows, pad_id, micro), 4)])
             if history[-1][1] < best:   # ZeRO-2：每个 rank 都有完整权重，各自留一份（在 CPU 上，不占显存）
@@ -102,6 +110,7 @@ def train_one(a, mix: float, dom: list, gen: list, texts: dict, cfg: dict, pad_i
     cpt = dom + gen[:n_gen]
     random.Random(a.seed).shuffle(cpt)   # 领域块与通用块打散：不然前几十步只见领域、后几步只见通用
     torch.manual_seed(a.seed)   # 每个混合比例从同一个起点、同样的随机数出发：差别只来自数据配比
+    # 每个比例都从磁盘重新加载原模型：上一个比例训过的权重不能带进下一个
     model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32)
     # weight_decay=0：继续预训练只训几十步，衰减项只会把预训练学到的权重往 0 拉，等于多加一份遗忘
     opt = torch.optim.AdamW(model.parameters(), lr=a.learning_rate, weight_decay=0.0)
@@ -152,9 +161,11 @@ def main() -> None:
             tok.save_pretrained(target)
             result[f"{mix:g}"] = {"path": str(target), **res}
         dist.barrier()   # rank 0 存完再进下一个混合比例：否则别的 rank 先开始、抢占 rank 0 存盘要的内存
+        # 释放这个比例的引擎（优化器状态、梯度分片）：下一个比例还要建一份，不删内存就翻倍
         del engine
     if rank == 0:
         Path(a.out).write_text(json.dumps({"world_size": world, "runs": result}, indent=2), encoding="utf-8")
+    # 等 rank 0 写完结果再一起退出：否则 torchrun 可能在文件写完前就收掉进程组
     dist.barrier()
     train.ds_exit()
 

@@ -44,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 class Args(cli.CommonArgs):
     docs: str = cli.arg(None, "领域文档目录（.txt/.md/.html）；默认 data/domain/docs")
     general: str = cli.arg(None, "通用文本（SFT 格式文件，取问答文本）；默认 data/sft/alpaca.jsonl")
+    # 上限 0.9：mix → 1 时 worker 里要补的通用块数 mix / (1 − mix) × 领域块数会发散
     mix: list[float] = cli.arg([0.0, 0.3], "继续预训练数据里通用文本的占比，每个比例训一个模型", min=0, max=0.9)
     ranks: int = cli.arg(2, "进程数（CPU 上每个进程一个 rank，gloo；GPU 上每卡一个，NCCL）", min=1, max=16)
     cpt_steps: int = cli.arg(10, "继续预训练步数（CPU 默认规模：smollm2 在 2 核上每步几秒）", min=1)
@@ -82,15 +83,18 @@ def load_texts(args: Args) -> dict:
     """领域文档按段落切，每 5 段留 1 段做评估；通用文本留 20%；领域指令留出 --val-fraction。"""
     docs = data.load_documents(args.docs or data.DATA_DIR / "domain" / "docs")
     # 按段落切再隔 5 留 1：留出的段落与训练段落来自同一批文档（同分布），但模型一个字也没见过
+    # 20 个字符以下的段落（标题、残行）去掉：几乎不含领域知识，混进留出集只会让困惑度更抖
     paras = [p.strip() for d in docs for p in d.text.split("\n\n") if len(p.strip()) > 20]
     if len(paras) < 5:
         raise UserError(f"--docs {args.docs}: 只有 {len(paras)} 个段落，至少需要 5 个（段落以空行分隔）")
+    # 各轮问答拼成一段纯文本：继续预训练与困惑度只要文本，不要对话模板
     general = [" ".join(m["content"] for m in c) for c in data.load_sft(args.general or data.DATA_DIR / "sft" /
                                                                           "alpaca.jsonl")]
     cut = int(len(general) * 0.8)   # 通用留出 20%：量"忘了多少"，要用训练时也没混进去的通用文本
     # 领域指令也要留出：SFT 阶段按它的验证损失挑最好的一步，用训练过的样本挑，挑出来的只是背得最熟的一步
     sft, sft_eval = data.split(data.load_sft(args.data or data.DATA_DIR / "domain" / "sft.jsonl"), args.val_fraction,
                                args.seed)
+    # 下标不是 5 的倍数的进训练、是 5 的倍数的留出：两边互补，一段也不重叠
     return {"domain": [p for i, p in enumerate(paras) if i % 5], "domain_eval": paras[::5],
             "general": general[:cut], "general_eval": general[cut:], "sft": sft, "sft_eval": sft_eval}
 
@@ -100,7 +104,9 @@ def encode_sft(args: Args, tok, texts: dict) -> dict:
     （截掉的是回答结尾，模型学不会收尾），再截断。"""
     max_length = args.max_length or 2 * args.block_size
     # 在主进程分词一次：每个 rank 各自分词既重复又可能因分词器版本不同而不一致
+    # 10**9 = 先不截断：length_report 要看到原长，才数得出几条会被截、截掉多少回答 token
     encoded = [data.tokenize_chat(tok, c, 10**9) for c in texts["sft"]]
+    # drop_flag=None：本脚本没有"丢弃超长样本"的开关，提示里就不建议它
     stats = train.length_report(encoded, max_length, drop_flag=None)
     texts["sft_rows"] = train.truncate(encoded, max_length)
     texts["sft_eval_rows"] = train.truncate([data.tokenize_chat(tok, c, 10**9) for c in texts["sft_eval"]], max_length)
@@ -109,12 +115,16 @@ def encode_sft(args: Args, tok, texts: dict) -> dict:
 
 def perplexity(path_or_name: str, texts: list[str], block: int, args: Args) -> float:
     """留出文本首尾相连（文档间插 EOS）切成块，按 token 平均负对数似然，exp 后即困惑度。"""
+    # 训练后的模型是 rank 0 存下的本地目录：按 local 加载，不会去 hub 上找同名模型
+    # 固定 fp32：训练前后用同一精度量，困惑度的差别只来自训练，不混进精度差
     model, tok = models.load(path_or_name, source="local" if Path(path_or_name).is_dir() else args.source,
                              device=args.device, dtype="float32")
     ids: list[int] = []
     for t in texts:
+        # 与 worker 的 blocks() 同一切法（不加 BOS、文档间插 EOS）：评估文本的格式与训练时一致
         ids += tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id]
     # 一块一批：块与块之间不填充，和训练时看到的上下文长度一致
+    # 不足一块的尾巴也算（训练时丢掉）：留出文本本来就少，一个 token 也不浪费
     return lm.perplexity(model, [{"input_ids": ids[i:i + block]} for i in range(0, len(ids) - 1, block)], 1,
                          tok.pad_token_id)
 
@@ -122,16 +132,21 @@ def perplexity(path_or_name: str, texts: list[str], block: int, args: Args) -> f
 def launch(args: Args, out: run.Run, texts: dict) -> dict:
     """torchrun 拉起 ranks 个进程跑 _domain_worker.py（DeepSpeed ZeRO-2）。"""
     tpath, cfg_path, result = out.path("texts.json"), out.path("ds_config.json"), out.path("train_result.json")
+    # 只写 rank 们要用的四项：留出文本只在主进程评估，不交给训练进程，从根上杜绝拿它训练
     tpath.write_text(json.dumps({k: texts[k] for k in ("domain", "general", "sft_rows", "sft_eval_rows")},
                                 ensure_ascii=False), encoding="utf-8")
     # ZeRO-2：切优化器状态与梯度，每个 rank 保留完整权重（方便 rank 0 直接 save_pretrained）
+    # train_batch_size = 微批 × rank 数（累积 1）：DeepSpeed 初始化时断言三者自洽
     cfg = {"train_batch_size": args.micro_batch * args.ranks, "train_micro_batch_size_per_gpu": args.micro_batch,
+           # bf16 节给 GPU 用；CPU 上 worker 会删掉它改跑 fp32（见 _domain_worker.main）
            "gradient_accumulation_steps": 1, "gradient_clipping": 1.0, "bf16": {"enabled": True},
            "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
            "steps_per_print": 10}
     cfg_path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    # 删掉上次的结果：这次 rank 0 若没写出，train.launch 不会把旧文件当成这次的读回来
     result.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), "--master_addr",
+           # 随机空闲端口：torchrun 默认的固定端口在测试并行或上一次进程没退干净时会撞
            "127.0.0.1", "--master_port", str(services.free_port()), str(HERE / "_domain_worker.py"),
            "--texts", str(tpath), "--model-path", str(models.resolve(args.resolved_model(), args.source)),
            "--ds-config", str(cfg_path), "--mix", *map(str, args.mix), "--cpt-steps", str(args.cpt_steps),
@@ -163,6 +178,7 @@ def main(args: Args) -> dict:
 
     # 1. 数据：领域文档 / 通用文本 / 领域指令 各自留出评估部分；领域指令超长的先数清再截断
     texts = load_texts(args)
+    # 这里只加载分词器：先把数据分词、数清超长样本，坏数据不必等模型加载完才报
     stats = encode_sft(args, models.load_tokenizer(args.resolved_model(), args.source), texts)
     out.log.info(f"领域段落 训练 {len(texts['domain'])} / 留出 {len(texts['domain_eval'])}；通用 训练 "
                  f"{len(texts['general'])} / 留出 {len(texts['general_eval'])}；领域指令 训练 {len(texts['sft_rows'])}"

@@ -74,6 +74,7 @@ SMOKE = dict(lora_r=0, sft_steps=20, max_steps=12, learning_rate=5e-4, sft_learn
 # 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
 # (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线 = 同一次运行里的 SFT 起点或不需要参考模型的方法。
 # 前两条对 --methods 选出的任意几种都成立；后三条比较具体的方法，只在四种都跑时检查
+# 表达式里写死四个名字、再用 `if k in m` 跳过没跑的：--methods 只选几种时前两条照样能求值，不会 KeyError
 _ALL = '("dpo", "kto", "orpo", "simpo")'
 CLAIMS = [
     run.Claim("四种损失都把留出的平均 log π 差（chosen − rejected）推离 SFT 起点：各方法 margin − 起点的最小值",
@@ -97,6 +98,7 @@ CLAIMS = [
 def parse_methods(text: str) -> list[str]:
     """--methods 解析成列表；拼错的方法名在加载模型之前一行报错，而不是训练到一半才失败。"""
     methods = [m.strip() for m in text.split(",") if m.strip()]
+    # 空列表也要拒绝（如 --methods ,）：否则要等 SFT 起点训完，max() 在空的 results 上才报错
     if not methods or [m for m in methods if m not in METHODS]:
         raise UserError(f"--methods {text}: 只能从 {', '.join(METHODS)} 里选")
     return methods
@@ -110,8 +112,11 @@ def sft_start(model, tok, pairs, args, out):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    # prompt-completion 格式：SFTTrainer 的 completion_only_loss 默认（None）对这种格式只在 completion 上算损失
     ds = Dataset.from_list([{"prompt": p["prompt"], "completion": p["chosen"]}
                             for p in data.preference_conversational(pairs)])
+    # 批大小写死 8、不跟 --per-device-train-batch-size：那个旋钮是被比较的方法每步几对，改它不该连起点一起变；
+    # report_to=[]：起点不是比较对象，不往实验跟踪里多记一条运行
     cfg = SFTConfig(output_dir=str(out.path("sft")), seed=args.seed, max_steps=args.sft_steps,
                     learning_rate=args.sft_learning_rate, per_device_train_batch_size=8, max_length=args.max_length,
                     logging_steps=10, save_strategy="no", report_to=[], **train.trainer_flags(model, log=False))
@@ -131,7 +136,9 @@ def make_trainer(method: str, model, tok, pairs, args, out):
                   learning_rate=args.learning_rate, per_device_train_batch_size=args.per_device_train_batch_size,
                   max_length=args.max_length, logging_steps=5, save_strategy="no", report_to=out.trainer_report_to(),
                   disable_dropout=True, **train.trainer_flags(model, log=False))
+    # 对话格式（消息列表）交给 TRL 自己套 chat template：四个训练器按同一个模板渲染，输入格式一致
     ds = Dataset.from_list(data.preference_conversational(pairs))
+    # 起点已把 SFT 的 adapter 合并进权重：每种方法在它上面各挂一个全新的 adapter，互不继承
     peft = train.lora_config(args.lora_r, args.lora_alpha)
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
@@ -147,8 +154,10 @@ def make_trainer(method: str, model, tok, pairs, args, out):
         return KTOTrainer(model=model, ref_model=ref_copy(model, args), args=KTOConfig(beta=args.beta, **common),
                           train_dataset=Dataset.from_list(unpaired), processing_class=tok, peft_config=peft)
     if method == "orpo":
+        # TRL 1.x 把 ORPO / CPO 挪进了 trl.experimental：旧教程里的 from trl import ORPOTrainer 会 ImportError
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
+        # ORPO 没有参考模型：这里的 beta 是论文里的 λ（偏好项相对 SFT 损失的权重），不是 KL 约束的强度
         return ORPOTrainer(model=model, args=ORPOConfig(beta=args.beta, **common), train_dataset=ds,
                            processing_class=tok, peft_config=peft)
     from trl.experimental.cpo import CPOConfig, CPOTrainer
@@ -160,6 +169,7 @@ def make_trainer(method: str, model, tok, pairs, args, out):
 
 def ref_copy(model, args):
     """全参数训练时参考模型是起点的一份冻结副本；LoRA 时不需要（TRL 关掉 adapter 就是参考模型），返回 None。"""
+    # eval() + requires_grad_(False)：参考模型不带 dropout 噪声、不存梯度，只多占一份权重
     return None if args.lora_r else copy.deepcopy(model).eval().requires_grad_(False)
 
 
@@ -168,12 +178,15 @@ def avg_response_logp(model, tok, prompt: list[dict], response: list[dict], max_
     import torch
 
     ids_p = tok(data.prompt_text(tok, prompt), add_special_tokens=False).input_ids
+    # 提示已由对话模板渲染（特殊 token 都在文本里），add_special_tokens=False 免得再加一遍；
+    # 回答补上 eos：在哪里停下也是回答的一部分；截到训练用的同一个 max_length
     ids = (ids_p + tok(response[-1]["content"] + tok.eos_token, add_special_tokens=False).input_ids)[:max_length]
     x = torch.tensor([ids], device=model.device)
     answer = torch.zeros_like(x)
     answer[0, len(ids_p):] = 1   # 只数回答部分：提示的概率每种方法都一样，算进来只会冲淡差别
     with torch.no_grad():
         total = lm.sequence_logprobs(model, x, mask=answer)
+    # 分母从第 1 位数起：sequence_logprobs 不计第 0 个 token（它没有上文），分子分母要数同一批 token
     return (total / answer[0, 1:].sum()).item()
 
 
@@ -182,7 +195,7 @@ def preference_eval(model, tok, pairs, max_length: int) -> list[float]:
 
     与任何一种方法的训练目标都无关（DPO 的隐式奖励、SimPO 的间隔各有各的尺度），所以能横着比。
     """
-    model.eval()
+    model.eval()   # 关掉 dropout：同一个模型量两次结果相同，与起点的逐对差值才可比
     return [avg_response_logp(model, tok, p["prompt"], p["chosen"], max_length)
             - avg_response_logp(model, tok, p["prompt"], p["rejected"], max_length)
             for p in data.preference_conversational(pairs)]
@@ -192,6 +205,7 @@ def summarize(diffs: list[float], start: list[float] | None = None) -> dict:
     """准确率（排对的比例）、margin（平均差值）；给了起点的逐对差值时，再加"比起点更偏向 chosen 的对"的比例。"""
     r = {"pref_accuracy": round(sum(d > 0 for d in diffs) / len(diffs), 4), "margin": round(sum(diffs) / len(diffs), 4)}
     if start is not None:
+        # 逐对和起点比，而不是只比均值：margin 可能被少数几对的大幅变化撑起来，toward_chosen 数的是有多少对在变好
         r["toward_chosen"] = round(sum(d > s for d, s in zip(diffs, start)) / len(diffs), 4)
     return r
 
@@ -199,7 +213,7 @@ def summarize(diffs: list[float], start: list[float] | None = None) -> dict:
 def run_method(method: str, init_state: dict, tok, pairs: tuple, start: list[float], args, out) -> dict:
     """从同一起点的一份新副本训练一种方法，计时、量内存，再用同一把尺子评估。"""
     policy, _ = models.load_args(args, for_training=True)   # 新加载再装入起点权重：各方法互不影响
-    policy.load_state_dict(init_state)
+    policy.load_state_dict(init_state)   # load_state_dict 是拷贝：init_state 不被训练改动
     train_pairs, eval_pairs = pairs
     trainer = make_trainer(method, policy, tok, train_pairs, args, out)
     # 只把 trainer.train() 包进去：建训练器、分词这些一次性开销不算进"方法的成本"
@@ -228,6 +242,7 @@ def plot_results(out, results: dict, start_acc: float, max_steps: int) -> None:
     """准确率与训练秒数并排：颜色区分要不要参考模型，看"多一个模型"换来了什么。"""
     fig, save = out.plot("compare_methods.png")
     names = ["SFT"] + [m.upper() for m in results]
+    # SFT 那根柱子的秒数记 0：起点的训练开销由所有方法共摊，不算进任何一种方法的成本
     panels = (("held-out pref accuracy", [start_acc] + [r["pref_accuracy"] for r in results.values()]),
               ("train seconds", [0] + [r["seconds"] for r in results.values()]))
     for i, (key, vals) in enumerate(panels):
@@ -239,6 +254,7 @@ def plot_results(out, results: dict, start_acc: float, max_steps: int) -> None:
 
 
 def main(args: Args) -> dict:
+    # 先套冒烟参数再 run.start：config.json 记下的才是真正跑的参数
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
     methods = parse_methods(args.methods)
@@ -250,6 +266,7 @@ def main(args: Args) -> dict:
     model, tok = models.load_args(args, for_training=True)
     if args.sft_steps:
         model = sft_start(model, tok, train_pairs, args, out)
+    # 留着逐对差值（不只是均值）：每种方法的 toward_chosen 要逐对和起点比
     start_diffs = preference_eval(model, tok, eval_pairs, args.max_length)
     start = summarize(start_diffs)
     start_acc, start_margin = start["pref_accuracy"], start["margin"]
@@ -259,11 +276,14 @@ def main(args: Args) -> dict:
     del model
 
     # 3. 每种方法：从同一起点复制、训练、计时、测内存、同一把尺子评估
+    # 一种接一种地跑：共享 CPU 上并行会互相抢核，秒数就不再只属于一个方法；
+    # 先跑的方法会替后面的付掉进程的一次性内存开销（见文档字符串），所以内存一栏只列出、不作结论
     results = {m: run_method(m, init_state, tok, (train_pairs, eval_pairs), start_diffs, args, out) for m in methods}
 
     # 4. 表格与图
     write_table(out, results, start_acc, start_margin)
     plot_results(out, results, start_acc, args.max_steps)
+    # 按准确率挑“最好”只是摘要里的一句；结论看 CLAIMS 里的 margin 与 toward_chosen（准确率比 margin 粗，见文档字符串）
     best = max(results, key=lambda m: results[m]["pref_accuracy"])
     per_method = "，".join(f"{m.upper()} {r['pref_accuracy']:.2f}/{r['seconds']:.0f}s" for m, r in results.items())
     return out.finish({**results, "sft_start": start},

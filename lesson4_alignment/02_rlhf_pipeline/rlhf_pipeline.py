@@ -108,9 +108,11 @@ def stage1_sft(actor, tok, pairs, args, rng, log):
     rows = [data.tokenize_chat(tok, p["prompt"] + [{"role": "assistant", "content": p["chosen"][-1]["content"]}],
                                args.max_length) for p in pairs]
     actor = with_lora(actor, args, "CAUSAL_LM")
+    # 只把可训练参数交给 AdamW：LoRA 时冻结的原权重不占它的两份状态（一阶、二阶动量）
     opt = torch.optim.AdamW(train.trainable_params(actor), lr=args.sft_learning_rate)
     actor.train()
     for step in range(args.sft_steps):
+        # rng 是 main 里按 --seed 建的同一个 Random：三个阶段的抽样顺序都能复现
         batch = lm.pad_right(rng.sample(rows, min(8, len(rows))), tok.pad_token_id)
         loss = train.optimizer_step(opt, actor(**{k: v.to(actor.device) for k, v in batch.items()}).loss)
         if step % 10 == 0 or step == args.sft_steps - 1:
@@ -127,6 +129,7 @@ def stage2_reward_model(rm, tok, train_pairs, eval_pairs, args, rng, log):
     for step in range(args.rm_steps):
         sc, sr = scoring.pair_scores(rm, tok, rng.sample(train_pairs, min(8, len(train_pairs))), args.max_length)
         # 只有分差进损失：RM 分数的绝对值没有意义，所以阶段 3 要截断它、PPO 要白化优势
+        # logsigmoid 而不是 log(sigmoid(x))：分差很负时 sigmoid 下溢成 0，log 得到 −inf
         loss = train.optimizer_step(opt, -torch.nn.functional.logsigmoid(sc - sr).mean())
         if step % 20 == 0 or step == args.rm_steps - 1:
             log.info(f"[RM] step {step + 1}/{args.rm_steps} loss {loss:.3f}")
@@ -136,6 +139,7 @@ def stage2_reward_model(rm, tok, train_pairs, eval_pairs, args, rng, log):
 def rollout(actor, tok, prompts: list[str], max_new_tokens: int, greedy: bool = False):
     """actor 生成回答；返回 (序列, 掩码, prompt 长度)。回答掩码保留到第一个 eos（含）为止。"""
     tok.padding_side = "left"   # 生成要左填充：右填充时新 token 会接在填充后面
+    # 提示已由对话模板渲染（特殊 token 都在文本里）：再自动加一遍 BOS，就和 RM 训练时见到的格式不一样了
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(actor.device)
     actor.eval()
     with torch.no_grad():
@@ -144,6 +148,7 @@ def rollout(actor, tok, prompts: list[str], max_new_tokens: int, greedy: bool = 
                              pad_token_id=tok.pad_token_id)
     start = enc.input_ids.shape[1]
     is_eos = (seq[:, start:] == tok.eos_token_id).int()
+    # 掩码含第一个 eos 本身：“在这里停下”也是策略的一个动作，它的 log π 要进 ρ 与 KL
     resp_mask = ((is_eos.cumsum(1) - is_eos) == 0).long()   # 第一个 eos 之后的位置全是填充
     return seq, torch.cat([enc.attention_mask, resp_mask], 1), start
 
@@ -151,6 +156,7 @@ def rollout(actor, tok, prompts: list[str], max_new_tokens: int, greedy: bool = 
 def mean_reward(actor, rm, tok, prompts, args) -> float:
     """留出 prompt 上贪心回答的平均 RM 分数（PPO 前后用同一把尺子；贪心 = 没有采样噪声）。"""
     scores = []
+    # 每批 16 条：生成时的 KV 缓存随批大小线性增长，分批后留出集再大也不会撑爆内存
     for i in range(0, len(prompts), 16):
         seq, mask, _ = rollout(actor, tok, prompts[i:i + 16], args.max_new_tokens, greedy=True)
         with torch.no_grad():
@@ -163,6 +169,7 @@ def make_experience(actor, ref, critic, rm, tok, prompts, args) -> dict:
     seq, mask, start = rollout(actor, tok, prompts, args.max_new_tokens)
     rmask = mask[:, start:].float()
     with torch.no_grad():
+        # no_grad：这些是“旧策略”时的量，PPO 更新时当常数用（ρ 的分母、GAE 的基线），不能带梯度
         logp, _ = scoring.response_logprobs(actor, seq, mask, start)
         ref_logp, _ = scoring.response_logprobs(ref, seq, mask, start)
         values = scoring.token_scores(critic, seq, mask)[:, start - 1:-1] * rmask   # V(前缀)：生成第 t 个 token 之前
@@ -170,18 +177,23 @@ def make_experience(actor, ref, critic, rm, tok, prompts, args) -> dict:
     # KL 惩罚逐 token 给（InstructGPT）：没有它，策略会漂到 RM 没见过、却恰好给高分的胡话上（奖励黑客）
     kl = (logp - ref_logp) * rmask
     rewards = -args.kl_coef * kl
+    # RM 分数只在最后一个回答 token 上给一次（它评的是整条回答），其余位置只有 KL 惩罚
     last = rmask.sum(1).long() - 1
     rewards[torch.arange(len(seq)), last] += score.clamp(-args.reward_clip, args.reward_clip)
     adv, gae = torch.zeros_like(rewards), torch.zeros(len(seq), device=seq.device)
     # GAE（Schulman 2016）从后往前累加：λ=1 是蒙特卡洛回报（无偏、方差大），λ=0 只信 critic（方差小、有偏）
     for t in reversed(range(rewards.shape[1])):
+        # 最后一步之后没有下一状态，V 记 0；eos 之后的填充位 rewards、values 都已被 rmask 清零，
+        # δ = 0，不会把填充的“价值”倒灌回回答
         next_v = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
         gae = rewards[:, t] + args.gamma * next_v - values[:, t] + args.gamma * args.lam * gae
         adv[:, t] = gae
     returns = (adv + values) * rmask
+    # 均值、方差只在回答 token 上算：填充位的 0 混进来，会把均值拉向 0、方差算小
     mu = (adv * rmask).sum() / rmask.sum()
     var = (((adv - mu) * rmask) ** 2).sum() / rmask.sum()
     adv = (adv - mu) / (var.sqrt() + 1e-8) * rmask   # 白化：尺度稳定，学习率不必随奖励大小重调
+    # kl 按整条回答求和（nat/条）再对批平均：与 CLAIMS 里 kl_final 的单位一致
     return dict(seq=seq, mask=mask, start=start, rmask=rmask, logp=logp * rmask, values=values, returns=returns,
                 adv=adv, score=score.mean().item(), kl=kl.sum(1).mean().item())
 
@@ -192,12 +204,16 @@ def ppo_update(actor, critic, opt_a, opt_c, exp, args) -> tuple[float, float, fl
     actor.train()
     critic.train()
     for _ in range(args.ppo_epochs):
+        # 每轮重新打乱：minibatch 的组合每轮不同，不会按固定顺序反复朝同一个方向推
         for idx in torch.randperm(n).split(args.mini_batch_size):
             ids, mask, m, adv = exp["seq"][idx], exp["mask"][idx], exp["rmask"][idx], exp["adv"][idx]
             logp, ent = scoring.response_logprobs(actor, ids, mask, exp["start"])
+            # 先乘掩码再 exp：填充位的 ρ = exp(0) = 1，那里 log π 的任意值不会变成 inf / NaN
             ratio = torch.exp((logp - exp["logp"][idx]) * m)
             # 截断（Schulman 2017）：ρ 离开 [1−ε, 1+ε] 后梯度为 0，同一批经验反复用几轮也不会一步走太远
             pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
+            # 传入参数 = 梯度裁剪到范数 1.0（optimizer_step 的默认）：RL 的梯度偶有尖峰，一步就能把策略推垮；
+            # actor 与 critic 不共享参数（critic 是 RM 的副本），两个损失各自反传，不必加权相加
             pg_loss = train.optimizer_step(opt_a, (pg * m).sum() / m.sum(), actor.parameters())
             v = scoring.token_scores(critic, ids, mask)[:, exp["start"] - 1:-1]
             old_v, ret = exp["values"][idx], exp["returns"][idx]
@@ -235,6 +251,8 @@ def stage3_trl(algo, actor, tok, rm, prompts, args, out) -> list[dict]:
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     def rm_reward(prompts, completions, **_):
+        # 补上 eos：TRL 交给奖励函数的 completion 是 skip_special_tokens 解码的文本，没有 eos；
+        # RM 在阶段 2 见到的都是“回答 + eos”（pair_scores），缺了它分数就不可比
         enc = scoring.encode(tok, [p + c + tok.eos_token for p, c in zip(prompts, completions)], rm.device, 512)
         with torch.no_grad():
             scores = scoring.last_token_scores(rm, enc.input_ids, enc.attention_mask)
@@ -251,6 +269,7 @@ def stage3_trl(algo, actor, tok, rm, prompts, args, out) -> list[dict]:
     trainer = Trainer(model=actor, reward_funcs=rm_reward, args=cfg, processing_class=tok,
                       train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]))
     trainer.train()
+    # 只取带 reward 的记录：log_history 里还有训练结束时的汇总行（train_runtime 等），没有这些键
     return [dict(step=h["step"], reward=h.get("reward", 0.0), kl=h.get("kl", 0.0), entropy=h.get("entropy", 0.0),
                  policy_loss=h.get("loss", 0.0)) for h in trainer.state.log_history if "reward" in h]
 
@@ -268,6 +287,7 @@ def plot_curves(out, hist, title: str) -> None:
 
 
 def main(args: Args) -> dict:
+    # 先套冒烟参数再 run.start：config.json 记下的才是真正跑的参数
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
     rng = random.Random(args.seed)
@@ -310,6 +330,7 @@ def main(args: Args) -> dict:
 
     # 4. 曲线与指标：只看 reward 会被奖励黑客骗过，KL 与熵要一起看
     plot_curves(out, hist, f"{args.algo.upper()} on {out.model_name}: held-out reward {before:.2f} -> {after:.2f}")
+    # kl / entropy 记成 _final（CLAIMS 按这个名字读）；两个损失记成 _last：它们只是最后一个 minibatch 的值
     last = {k: round(v, 5) for k, v in hist[-1].items() if k in ("kl", "policy_loss", "value_loss", "entropy")}
     metrics = {"algo": args.algo, "rm_eval_accuracy": round(rm_acc, 4), "reward_before": round(before, 4),
                "rm_eval_accuracy_before": None if rm_before is None else round(rm_before, 4),

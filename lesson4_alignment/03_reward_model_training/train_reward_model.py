@@ -79,13 +79,17 @@ def load_reward_model(args: Args, name: str):
     dev = models.pick_device(args.device)
     try:
         # 打分头 score（hidden→1）在原模型里没有，transformers 随机初始化它并提示"newly initialized"：这是预期的
+        # for_training=True：CPU 上留 fp32 主权重，bf16 的 8 位尾数会吞掉 AdamW 的小更新（models.pick_dtype）
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, dtype=models.pick_dtype(args.dtype, dev, for_training=True), use_safetensors=True,
             trust_remote_code=args.trust_remote_code).to(dev)
+        # 从已解析的本地目录读分词器：不按名字再下载一次，分词器与权重一定是同一份
         tok = models.load_tokenizer(str(path), "local", args.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - config 的值不对、权重文件坏了……对学生都是同一件事：这个模型加载不了
         raise UserError(f"--model {name}: 无法加载（{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}）") \
             from None
+    # 不设它，transformers 的序列分类前向在批大小 > 1 时直接报错
+    # "Cannot handle batch sizes > 1 if no padding token is defined."
     model.config.pad_token_id = tok.pad_token_id
     return model, tok
 
@@ -96,6 +100,7 @@ def manual_scores(model, input_ids, attention_mask, pad_id: int):
 
     model = model.get_base_model() if hasattr(model, "get_base_model") else model   # LoRA：拆掉 PeftModel 外壳
     backbone = getattr(model, model.base_model_prefix)
+    # RewardTrainer 的 collator 右填充：真实 token 从位置 0 起，不必像 02 那样自己传 position_ids
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     # 右填充时最后一个真实 token 的位置随样本变：位置 × 是否真实 token，取最大值的下标
     pos = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -127,6 +132,9 @@ def build_trainer(args: Args, out, model, tok, train_pairs: list[dict], eval_pai
     # 评估开销 ≤ 10%：留出对与训练对来自同一份数据，token 数与对数成正比，直接按对数算
     every = args.eval_steps or train.eval_schedule(
         args.max_steps, len(eval_pairs), args.per_device_train_batch_size)[1]
+    # 预热 warmup_steps 步：打分头随机初始化，开头几步的梯度大而乱，一上来就用满学习率容易把主干带偏；
+    # center_rewards_coefficient 为 0 时传 None：TRL 只在它不是 None 时才加这一项（check_loss 同样用 if 判断）；
+    # disable_dropout：chosen 与 rejected 在同一批前向，两边不同的 dropout 掩码会给分差加噪声
     cfg = RewardConfig(
         output_dir=str(out.path("trainer")), seed=args.seed, max_steps=args.max_steps,
         learning_rate=args.learning_rate, lr_scheduler_type="linear", warmup_steps=args.warmup_steps,
@@ -145,10 +153,13 @@ def check_loss(args: Args, trainer, pad_id: int) -> dict:
     """同一批数据：亲手从隐状态算打分与损失，和训练器的 compute_loss 比——两边对上，才说明上面的原理就是它在做的事。"""
     import torch
 
+    # 取训练 dataloader 的一批：与训练时同一个 collator，拼批方式（前一半 chosen）完全一样
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {k: v.to(trainer.model.device) for k, v in batch.items()}
+    # eval()：TRL 一次、手算一次，两次前向必须是同一个确定的函数，差值才能落在 1e-4 以内
     trainer.model.eval()
     with torch.no_grad():
+        # 传副本：RewardTrainer.compute_loss 会往传入的字典里写 use_cache=False，batch 留给下面手算
         trl_loss = trainer.compute_loss(trainer.model, dict(batch)).item()
         rc, rr = manual_scores(trainer.model, batch["input_ids"], batch["attention_mask"], pad_id).chunk(2)
         manual = -torch.nn.functional.logsigmoid(rc - rr).mean()
@@ -182,6 +193,7 @@ def plot_scores(out, sc: list[float], sr: list[float], acc: float) -> None:
 
 
 def main(args: Args) -> dict:
+    # 先套冒烟参数再 run.start：config.json 记下的才是真正跑的参数
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
 
@@ -199,10 +211,12 @@ def main(args: Args) -> dict:
     # 3. 训练：第 1 步后报预计用时；超过 --max-train-minutes 先评估 + 保存再停；结束时装回留出损失最低的一步
     trainer = build_trainer(args, out, model, tok, train_pairs, eval_pairs)
     train.attach(trainer, args.max_train_minutes)
+    # 训练前先评估一次：随机打分头的准确率就是“没学”时的基线，训练后的数字只和它比
     before = trainer.evaluate()
     out.log.info(f"训练前（score 头随机）：留出准确率 {before['eval_accuracy']:.3f}")
     trainer.train()
     kept = train.kept_step(trainer)
+    # load_best_model_at_end 已装回留出损失最低的一步：这里量的是保留下来的模型，不一定是最后一步
     after = trainer.evaluate()
     out.log.info(f"训练后（保留第 {kept['kept_step']} 步）：留出准确率 {after['eval_accuracy']:.3f}，"
                  f"平均差 r_c − r_r = {after['eval_margin']:.3f}")
@@ -222,6 +236,7 @@ def main(args: Args) -> dict:
     # 6. 保存：02 的 PPO 可以直接拿它当冻结的奖励模型（LoRA 时先把 adapter 合并进权重，存成普通的序列分类模型）
     rm_dir = out.path("reward_model")   # load_best_model_at_end 已装回留出损失最低的一步：存的就是它
     (trainer.model.merge_and_unload() if args.lora_r else trainer.model).save_pretrained(rm_dir)
+    # 分词器一起存：目录自成一个完整的模型，AutoTokenizer / from_pretrained 都能直接从它加载
     tok.save_pretrained(rm_dir)
     return out.finish({
         "eval_accuracy": round(acc, 4), "eval_accuracy_before": round(before["eval_accuracy"], 4),

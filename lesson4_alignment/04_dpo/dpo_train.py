@@ -87,12 +87,14 @@ def manual_dpo_loss(policy, ref, batch, beta: float):
     import torch
 
     with torch.no_grad():
+        # DPOTrainer 的 collator 把 chosen、rejected 拼成一批（前一半 chosen）：按同样的顺序对半切回
         pc, pr = sequence_logps(policy, batch).chunk(2)
         if ref is None:   # LoRA：参考模型 = 同一个模型关掉 adapter
             with policy.disable_adapter():
                 rc, rr = sequence_logps(policy, batch).chunk(2)
         else:
             rc, rr = sequence_logps(ref, batch).chunk(2)
+    # logsigmoid 而不是 log(sigmoid(x))：差值很负时 sigmoid 下溢成 0、log 得 −inf；TRL 的 sigmoid 损失也这样写
     return -torch.nn.functional.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()
 
 
@@ -102,6 +104,7 @@ def train_one(args: Args, out, init_model, tok, beta: float, train_ds, eval_ds, 
     eval_start：训练前先在留出对上评估一次（π = π_ref），指标以 start/ 开头——训练后的数字要和它比。"""
     from trl import DPOConfig, DPOTrainer
 
+    # 必须拷贝：全参数训练就地改权重，LoRA 时 PEFT 也是就地往模型里注入 adapter；不拷贝，下一个 β 的起点就不是原模型
     model = copy.deepcopy(init_model)
     peft_config = train.lora_config(args.lora_r, args.lora_alpha)   # LoRA：参考模型 = 关掉 adapter
     # 全参数：冻结的参考模型 π_ref = 训练起点的一份副本
@@ -109,6 +112,8 @@ def train_one(args: Args, out, init_model, tok, beta: float, train_ds, eval_ds, 
     # 评估开销 ≤ 10%：留出对与训练对来自同一份数据，token 数与对数成正比，直接按对数算
     every = args.eval_steps or train.eval_schedule(
         args.max_steps, len(eval_ds), args.per_device_train_batch_size)[1]
+    # warmup_steps=0：每个 β 只训 --max-steps 步（默认 10），预热会占掉一大截；
+    # disable_dropout：训练前 π 与 π_ref 是同一个网络，log π/π_ref 应恰为 0、损失恰为 log 2，dropout 会让它带噪声
     cfg = DPOConfig(
         output_dir=str(out.path(f"trainer_beta{beta:g}")), seed=args.seed, beta=beta, max_steps=args.max_steps,
         learning_rate=args.learning_rate, lr_scheduler_type="linear", warmup_steps=0,
@@ -118,6 +123,7 @@ def train_one(args: Args, out, init_model, tok, beta: float, train_ds, eval_ds, 
     trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, processing_class=tok, peft_config=peft_config,
                          train_dataset=train_ds, eval_dataset=eval_ds)
     train.attach(trainer, args.max_train_minutes)
+    # 训练前评估只在主实验的 β 上做一次：π = π_ref 时的数字与 β 无关（隐式奖励全为 0），每个 β 都量是白花时间
     start = {f"start/{k}": v for k, v in trainer.evaluate().items()} if eval_start else {}
     trainer.train()
     return trainer, ref, {**trainer.evaluate(), **train.kept_step(trainer), **start}
@@ -126,9 +132,12 @@ def train_one(args: Args, out, init_model, tok, beta: float, train_ds, eval_ds, 
 def sweep_betas(args: Args, out, init_model, tok, train_ds, eval_ds):
     """β 扫描（主实验的 β 也在其中）：同一起点、同样步数；返回 (扫描表, 主实验的 trainer / 参考模型 / 指标)。"""
     sweep, main_run = {}, None
+    # 并成集合：主实验的 β 已在 --betas 里时不训练两次；排序后图上的折线按 β 从小到大连
     for beta in sorted(set(args.betas) | {args.beta}):
         trainer, ref, ev = train_one(args, out, init_model, tok, beta, train_ds, eval_ds, eval_start=beta == args.beta)
         # 隐式奖励 / β = log π/π_ref：策略离参考模型有多远
+        # TRL 记的 rewards/* 是 β·(log π − log π_ref) 的批平均：除以 β 还原成 log 比值，不同 β 才能放在一起比；
+        # 注意是先平均再取绝对值（TRL 只记均值），正负相抵时会低估偏离
         drift = (abs(ev["eval_rewards/chosen"]) + abs(ev["eval_rewards/rejected"])) / (2 * beta)
         sweep[f"{beta:g}"] = {"rewards_accuracy": round(ev["eval_rewards/accuracies"], 4),
                               "rewards_margin": round(ev["eval_rewards/margins"], 4),
@@ -151,7 +160,7 @@ def plot_sweep(out, args: Args, sweep: dict) -> None:
     xs = [float(b) for b in sweep]
     ax.plot(xs, [v["rewards_accuracy"] for v in sweep.values()], "o-", label="held-out reward accuracy")
     ax.plot(xs, [v["mean_abs_logratio"] for v in sweep.values()], "s-", label="mean |log pi/pi_ref| (drift)")
-    ax.set_xscale("log")
+    ax.set_xscale("log")   # β 的取值跨一个多数量级（默认 0.03 到 0.5）：对数横轴才不会把小 β 挤在一起
     ax.set_xlabel("beta")
     ax.set_title(f"DPO beta sweep: {out.model_name}, {args.max_steps} steps each")
     ax.legend()
@@ -159,6 +168,7 @@ def plot_sweep(out, args: Args, sweep: dict) -> None:
 
 
 def main(args: Args) -> dict:
+    # 先套冒烟参数再 run.start：config.json 记下的才是真正跑的参数
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
 
@@ -182,8 +192,10 @@ def main(args: Args) -> dict:
     sweep, (trainer, ref, ev) = sweep_betas(args, out, init_model, tok, train_ds, eval_ds)
 
     # 4. 核对：训练后（策略已偏离参考）在一个训练批次上亲手算 DPO 损失，和 TRL 的 compute_loss 比
+    # 取训练 dataloader 的一批：与 TRL 算损失时同一个 collator、同样的截断
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {k: v.to(trainer.model.device) for k, v in batch.items()}
+    # eval()：TRL 一次、手算一次，两次前向必须是同一个确定的函数，差值才能落在 1e-4 以内
     policy = trainer.model.eval()
     with torch.no_grad():
         trl_loss = trainer.compute_loss(policy, dict(batch)).item()
@@ -193,6 +205,7 @@ def main(args: Args) -> dict:
 
     # 5. 图：不同 β 的留出准确率 / 偏离程度；保存主实验的模型
     plot_sweep(out, args, sweep)
+    # LoRA 时只存 adapter（不含基座权重）：加载时要配同一个基座模型
     trainer.save_model(str(out.path("dpo_model")))
     acc, margin = ev["eval_rewards/accuracies"], ev["eval_rewards/margins"]
     return out.finish({

@@ -62,6 +62,7 @@ class Args(cli.CommonArgs):
 
 # 冒烟：极小模型要大学习率 + 大秩才能在 40 步里学会 A——学不会 A，也就谈不上"忘掉 A"
 SMOKE = dict(steps_a=40, steps_b=40, batch_size=16, learning_rate=2e-3, lora_r=16, lora_alpha=32)
+# PEFT add_weighted_adapter 的 combination_type 名：dare_ties = DARE 的随机丢弃 + TIES 的符号选举
 MERGES = ("linear", "ties", "dare_ties")
 
 # 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
@@ -86,6 +87,7 @@ CLAIMS = [
 def task_a_convs(path) -> list[list[dict]]:
     """分类 -> 对话：问情感，答标签。两个任务同一种对话格式，分数才能用同一把尺子量。"""
     recs, labels = data.load_classification(path)
+    # 把候选标签写进提问：答案只有这几个词，模型不用猜输出格式，分数量的是分类本身而不是措辞
     return [[{"role": "user", "content": f"Sentiment ({'/'.join(labels)})? {r['text']}"},
              {"role": "assistant", "content": r["label"]}] for r in recs]
 
@@ -99,6 +101,7 @@ def load_tasks(args: Args) -> tuple[list, list, list, list]:
     """两个任务的对话，各自留出一部分：(A 训练, A 留出, B 训练, B 留出)。在加载模型之前读，坏数据一秒内报错。"""
     a_path = args.task_a_data or data.DATA_DIR / "classification" / "sentiment.jsonl"
     b_path = args.data or data.DATA_DIR / "domain" / "sft.jsonl"
+    # 按 --seed 确定性地切分：重跑时留出集不变，两次运行的分数才可比（同一次运行里各策略本就共用这份留出集）
     a_train, a_eval = data.split(task_a_convs(a_path), args.val_fraction, args.seed)
     b_train, b_eval = data.split(data.load_sft(b_path), args.val_fraction, args.seed)
     return a_train, a_eval, b_train, b_eval
@@ -110,10 +113,12 @@ def train_adapter(model, tok, rows, steps: int, args: Args, rng, replay=None, lo
 
     # 每次新建优化器：可训练的只有当前激活的 adapter，换了 adapter 参数就换了；旧的 AdamW 动量也属于旧任务
     opt = torch.optim.AdamW(train.trainable_params(model), lr=args.learning_rate)
+    # 先 round 再 int：直接 int 会向下截断，比例乘出来不是整数时每批系统性地少放旧样本
     n_old = int(round(args.batch_size * args.replay_fraction)) if replay else 0
     model.train()
     for step in range(steps):
         # 每批固定混入 n_old 条旧样本（而不是整体按比例抽）：每一步的梯度里都有 A 的份，拉住 A 不被冲走
+        # min(…, len(rows))：random.sample 要的条数多于总数时直接抛 ValueError，小数据集也要跑得通
         batch = rng.sample(rows, min(args.batch_size - n_old, len(rows))) + (rng.sample(replay, n_old) if n_old else [])
         loss = train.optimizer_step(opt, model(**batchify(tok, batch, model.device)).loss)
         if log and (step + 1) % 20 == 0:
@@ -124,16 +129,18 @@ def score(model, tok, rows) -> float:
     """留出样本上助手 token 的 teacher-forcing 准确率：不生成，快且确定，同一个模型两次量结果一样。"""
     import torch
 
-    model.eval()
+    model.eval()   # 关掉 dropout：文档字符串说的“两次量结果一样”靠的就是它
     hit = tot = 0
     with torch.no_grad():
         for i in range(0, len(rows), 16):
             b = batchify(tok, rows[i:i + 16], model.device)
+            # 错开一位：位置 t 的 logits 预测第 t+1 个 token，所以 logits 去掉最后一位、labels 去掉第一位才对齐
             pred = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].argmax(-1)
             lab = b["labels"][:, 1:]
             m = lab != -100   # 只数助手回复的 token：提示词谁都能"预测"（它就在输入里）
             hit += (pred[m] == lab[m]).sum().item()
             tot += m.sum().item()
+    # max(…, 1)：回复全被 max_length 截掉时没有可数的 token，不能除零
     return hit / max(tot, 1)
 
 
@@ -147,7 +154,9 @@ def continue_on_b(model, tok, ad_dir, A, B, A_ev, B_ev, args, rng, log) -> dict:
     results = {}
     for name, replay in (("naive", None), ("replay", A)):
         # 从磁盘重新装 A（而不是接着上一个策略训）：两种策略的起点完全相同，差别才只来自回放
+        # is_trainable=True：load_adapter 默认按推理加载（冻结），这里是要接着训练的
         model.load_adapter(str(ad_dir / "A"), adapter_name=name, is_trainable=True)
+        # set_adapter 把它设为激活且可训练、其余 adapter 冻结（PEFT 默认 inference_mode=False）：优化器只拿到它的参数
         model.set_adapter(name)
         train_adapter(model, tok, B, args.steps_b, args, rng, replay=replay, log=log, name=name)
         results[name] = both(model, tok, A_ev, B_ev)
@@ -156,10 +165,12 @@ def continue_on_b(model, tok, ad_dir, A, B, A_ev, B_ev, args, rng, log) -> dict:
 
 def separate_adapter(model, tok, cfg, B, A_ev, B_ev, args, rng, log) -> dict:
     """separate：一个只学 B 的新 adapter；推理时按任务切换。A 的权重一个数都没动，所以不会遗忘。"""
+    # 新 adapter 按 LoRA 默认初始化（B 矩阵为 0）：刚加上时不改变模型输出，学 B 从原模型出发而不是从 A 出发
     model.add_adapter("B", cfg)
     model.set_adapter("B")
     train_adapter(model, tok, B, args.steps_b, args, rng, log=log, name="B")
     b_only = score(model, tok, B_ev)
+    # 量 A 时切回 adapter A：这就是“按任务路由”，separate 的前提是推理时知道当前是哪个任务
     model.set_adapter("A")
     return {"task_a_score": score(model, tok, A_ev), "task_b_score": b_only}
 
@@ -170,8 +181,10 @@ def merged_adapters(model, tok, A_ev, B_ev, args) -> dict:
     results = {}
     for combo in MERGES:
         name = f"merge_{combo}"
+        # linear 不收 density：只有修剪类的 TIES / DARE 按 density 决定保留多少参数
         kw = {} if combo == "linear" else {"density": args.merge_density}
         try:
+            # 权重都是 1：两个增量原样相加，不偏向任何一个任务；合并出的是新 adapter，A、B 本身不动
             model.add_weighted_adapter(["A", "B"], [1.0, 1.0], name, combination_type=combo, **kw)
         except ValueError as e:   # 例如 A、B 的 r 不同，linear 不能合并
             raise UserError(f"--lora-r {args.lora_r}: {combo} 合并失败（{e}）") from None
@@ -197,13 +210,16 @@ def plot_scores(out, results: dict, a_after_a: float) -> None:
 
 
 def main(args: Args) -> dict:
+    # 先套冒烟参数再 run.start：config.json 记下的才是真正跑的参数
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
+    # 一个按 --seed 建的 Random 贯穿各策略的抽样：同一个 --seed 重跑，每一批抽到的样本都一样
     rng = random.Random(args.seed)
 
     # 1. 两个任务的数据，各自留出一部分；先量原模型：学完 A 的分数要和它比，才知道 A 真的学会了
     convs = load_tasks(args)
     model, tok = models.load_args(args, for_training=True)
+    # tokenize_chat 只在助手回复上留 labels（其余 -100）：训练损失和 score 都只算回答，不算提问
     A, A_ev, B, B_ev = ([data.tokenize_chat(tok, c, args.max_length) for c in part] for part in convs)
     out.log.info(f"任务 A {len(A)}/{len(A_ev)} 条（训练/留出），任务 B {len(B)}/{len(B_ev)} 条")
     base_a, base_b = score(model, tok, A_ev), score(model, tok, B_ev)
@@ -212,6 +228,7 @@ def main(args: Args) -> dict:
     # 2. 先学任务 A（adapter "A"），存盘：后面的策略都从这个 adapter 出发
     from peft import get_peft_model
 
+    # 同一个 cfg 后面还用来建 adapter B：A、B 的秩相同，linear 合并才做得了（秩不同会报错，见 merged_adapters）
     cfg = train.lora_config(args.lora_r, args.lora_alpha)
     model = get_peft_model(model, cfg, adapter_name="A")   # 起名 "A"：后面要按名字切换、合并
     train_adapter(model, tok, A, args.steps_a, args, rng, log=out.log, name="A")
@@ -230,11 +247,13 @@ def main(args: Args) -> dict:
         r["task_a_score"], r["task_b_score"] = round(r["task_a_score"], 4), round(r["task_b_score"], 4)
         r["forgetting"] = round(a_after_a - r["task_a_score"], 4)   # 正数 = 忘了多少；负数 = 学 B 反而帮了 A
         out.log.info(f"{k:16s} A {r['task_a_score']:.3f}  B {r['task_b_score']:.3f}  遗忘 {r['forgetting']:+.3f}")
+    # 最后存下全部 adapter（A、naive、replay、B 与三个合并，各占一个子目录）：表里任何一行都能单独加载复现
     model.save_pretrained(ad_dir)
 
     # 6. 图：每种策略的 A / B 分数
     plot_scores(out, results, a_after_a)
     forgetting = results["naive"]["forgetting"]
+    # 排除 naive：它是被比较的基线，要找的是哪种缓解办法遗忘最少
     best = min((k for k in results if k != "naive"), key=lambda k: results[k]["forgetting"])
     return out.finish({
         **results, "forgetting": forgetting, "task_a_after_a": round(a_after_a, 4),

@@ -16,6 +16,8 @@ def minhash(text: str, num_perm: int):
     from datasketch import MinHash
 
     m = MinHash(num_perm=num_perm, seed=1)
+    # 不到 3 个字时整段当一个 gram：否则一个 gram 都没有，签名停在初始值，所有短文本的签名都相同、
+    # 会被当成彼此的重复；encode()：datasketch 对 bytes 求哈希
     m.update_batch([text[k:k + 3].encode() for k in range(max(1, len(text) - 2))])
     return m
 
@@ -27,9 +29,12 @@ def minhash_dups(items: list[tuple[int, str]], threshold: float, num_perm: int) 
     """
     from datasketch import MinHashLSH
 
+    # LSH 按 threshold 选分桶参数，query 返回的是同桶的候选、不是算过 Jaccard 的结果：阈值附近会有少量误判，
+    # 所以 num_perm 越大越准（见 dataset_curation 的 SMOKE）
     lsh, drop = MinHashLSH(threshold=threshold, num_perm=num_perm), set()
     for i, text in items:
         m = minhash(text, num_perm)
+        # 先查后插：只和已经留下的比，每组留下的是第一次出现的那条
         if lsh.query(m):
             drop.add(i)
         else:
@@ -57,8 +62,9 @@ def prompt_groups(prompts: list[str], threshold: float, num_perm: int) -> list[i
     for i, text in enumerate(prompts):
         m = minhash(text, num_perm)
         for j in lsh.query(m):
+            # 和每个候选的根都合并（不只是第一个）：一条 prompt 可能同时像两个已有的组，要把两组连成一组
             parent[find(parent, int(j))] = find(parent, i)
-        lsh.insert(str(i), m)
+        lsh.insert(str(i), m)   # 每条都插入（与去重不同）：组里任何一条都可能是后来者的近邻
     return [find(parent, i) for i in range(len(prompts))]
 
 
@@ -68,6 +74,7 @@ def leaks(train: list[dict], evals: list[dict], threshold: float, num_perm: int)
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     exact = set()   # 精确匹配单独查：极短的 prompt 3-gram 太少，MinHash 估计的 Jaccard 不可靠
+    # LSH 里只放训练集：问的是“评估 prompt 在训练里有没有近邻”，评估集内部的重复不算泄漏
     for i, p in enumerate(train):
         t = norm(p["prompt"])
         exact.add(t)

@@ -62,6 +62,7 @@ PROBE = "云帆 App 怎么修改绑定手机号？"
 # 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
 # (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线都在同一次运行里测
 CLAIMS = [
+    # 冒烟门槛只要比值 ≤ 0.99：极小模型 12 步只降一点，要的是方向；默认模式 ≤ 0.95 才说明真学到了东西
     run.Claim("LoRA SFT 降低留出对话的损失：训练后 / 训练前 eval_loss", "sft_eval_loss_after / sft_eval_loss_before",
               "<=", 0.99, 0.95),
     # 训练前策略 = 参考模型，隐式奖励全为 0（accuracy 0、margin 0）：DPO 之后 chosen 的奖励才高过 rejected
@@ -80,6 +81,7 @@ def ingest(args: Args) -> dict:
 
     留出集在最前面切好、之后每一步都用同一份：SFT 与 DPO 的评估都不能见过训练样本，闸门才有意义。
     """
+    # 按 --seed 确定性切分：同一种子每次切出同一份留出集，两次运行的 eval_loss 与闸门结论才能互相比较
     sft_train, sft_eval = data.split(data.load_sft(args.data or data.DATA_DIR / "sft" / "chat.jsonl"), 0.1, args.seed)
     pairs = data.load_preference(args.preference_data or data.DATA_DIR / "preference" / "pairs.jsonl")
     pref_train, pref_eval = data.split(pairs, 0.1, args.seed)
@@ -90,16 +92,21 @@ def lora(args: Args):
     """SFT 与 DPO 各训一个新 LoRA、训完就合并：DPO 的参考模型就是合并后的 SFT 模型，不必另存一份。"""
     from peft import LoraConfig
 
+    # "all-linear"：PEFT 自己找出全部线性层（不含输出层），不必按架构写模块名，tiny-qwen2、smollm2、Qwen2.5 共用一份
     return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
 def sft(args: Args, out, model, tok, d: dict) -> tuple[object, dict]:  # noqa: ANN001
-    """LoRA SFT（只在助手回复上算损失），合并后返回新模型。"""
+    """LoRA SFT（整段对话都算损失：SmolLM2 的对话模板没有 {% generation %} 标记，见下），合并后返回新模型。"""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     ds = {k: Dataset.from_list([{"messages": c} for c in d[k]]) for k in ("sft_train", "sft_eval")}
     # save_strategy="no"：中间检查点对一条龙演示没用，合并后的模型才是要上线的产物
+    # assistant_only_loss=False：它靠对话模板里的 {% generation %} 标记找助手回复，默认模型 SmolLM2 的模板没有
+    # （第 1 课 01），开了就报错；completion_only_loss=None 让 TRL 按数据格式决定，对 messages 数据即不开。
+    # 所以实际是整段对话都算损失。eval_strategy="no"：只在训练前后各量一次，训练中评估在 CPU 上白占时间
+    # trainer_flags：只在 CUDA 上开 bf16/fp16；CPU 保留 fp32（bf16 的 8 位尾数会吞掉 LoRA 的小更新）
     cfg = SFTConfig(output_dir=str(out.path("sft")), max_steps=args.sft_steps, learning_rate=args.learning_rate,
                     per_device_train_batch_size=args.per_device_train_batch_size, max_length=args.max_length,
                     assistant_only_loss=False, completion_only_loss=None, logging_steps=5, save_strategy="no",
@@ -112,6 +119,7 @@ def sft(args: Args, out, model, tok, d: dict) -> tuple[object, dict]:  # noqa: A
     after = t.evaluate()["eval_loss"]
     out.log.info(f"SFT eval_loss {before:.3f} -> {after:.3f}")
     m = {"sft_eval_loss_before": round(before, 4), "sft_eval_loss_after": round(after, 4)}
+    # 合并后交出去的是普通模型：下一步 DPO 挂的新 LoRA 关掉时，参考模型就正好是这个 SFT 模型
     return t.model.merge_and_unload(), m
 
 
@@ -125,6 +133,8 @@ def dpo(args: Args, out, model, tok, d: dict) -> tuple[object, dict]:  # noqa: A
                 "chosen": [{"role": "assistant", "content": p["chosen"]}],
                 "rejected": [{"role": "assistant", "content": p["rejected"]}]}
 
+    # 默认学习率比 SFT 小一个量级：DPO 只在 SFT 模型附近挪动偏好，步子大了会把刚学会的回答格式一起改坏；
+    # 评估批 16：评估只有前向、不存梯度和优化器状态，批可以比训练大，留出对一两批就量完
     cfg = DPOConfig(output_dir=str(out.path("dpo")), max_steps=args.dpo_steps, learning_rate=args.dpo_learning_rate,
                     beta=args.beta, per_device_train_batch_size=args.per_device_train_batch_size,
                     per_device_eval_batch_size=16, max_length=args.max_length, logging_steps=5, save_strategy="no",
@@ -136,6 +146,7 @@ def dpo(args: Args, out, model, tok, d: dict) -> tuple[object, dict]:  # noqa: A
     before = t.evaluate()   # 训练前：策略 = 参考模型，隐式奖励全为 0，这就是 DPO 要超过的基线
     t.train()
     ev = t.evaluate()   # reward accuracy：留出偏好对里 chosen 的隐式奖励高于 rejected 的比例
+    # 键名 = TRL DPOTrainer 记的 rewards/* 指标加上 evaluate() 的 eval_ 前缀；TRL 改名时这里先报 KeyError，不会悄悄记错
     m = {"dpo_reward_accuracy_before": round(before["eval_rewards/accuracies"], 4),
          "dpo_reward_margin_before": round(before["eval_rewards/margins"], 4),
          "dpo_reward_accuracy": round(ev["eval_rewards/accuracies"], 4),
@@ -153,7 +164,9 @@ def register(args: Args, out, merged_dir, metrics: dict) -> int:  # noqa: ANN001
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{out.path('mlflow.db')}"
+    # 第二个参数是 registry_uri：不显式给时 MLflow 先看 MLFLOW_REGISTRY_URI 环境变量，版本可能被登记到别的库里
     client = MlflowClient(uri, uri)
+    # artifact 位置写明在输出目录下：SQLite 后端默认用当前工作目录的 ./mlruns，换个目录运行模型文件就散落各处
     exp = client.get_experiment_by_name("lesson5-workflow") or \
         client.get_experiment(client.create_experiment("lesson5-workflow",
                                                        artifact_location=out.path("mlartifacts").as_uri()))
@@ -162,8 +175,10 @@ def register(args: Args, out, merged_dir, metrics: dict) -> int:  # noqa: ANN001
         client.log_metric(r.info.run_id, k, float(v))
     client.log_artifacts(r.info.run_id, str(merged_dir), "model")
     client.set_terminated(r.info.run_id)
+    # 名字已注册就复用：再跑一次是同一模型的新版本（版本号递增）；重复 create 会抛 RESOURCE_ALREADY_EXISTS
     if not client.search_registered_models(f"name='{args.registered_model}'"):
         client.create_registered_model(args.registered_model)
+    # 来源写 runs:/<run_id>/model：版本指回产生它的那次运行，上面记的指标就是它上线的凭据
     mv = client.create_model_version(args.registered_model, f"runs:/{r.info.run_id}/model", run_id=r.info.run_id)
     client.set_registered_model_alias(args.registered_model, "champion", mv.version)
     mlflow.set_tracking_uri(uri)
@@ -177,10 +192,15 @@ def serve_and_ask(args: Args, out, merged_dir) -> str:  # noqa: ANN001
     """
     import openai
 
+    # "{port}" 由 services.start 换成空闲端口：写死端口在 CI 上或同时跑两份时会撞车；
+    # 服务名用注册名而不是目录路径：客户端按名字请求，模型换了版本调用方不用改
     cmd = [sys.executable, "-m", "common.serving", "--model", str(merged_dir), "--served-model-name",
            args.registered_model, "--port", "{port}", "--threads", str(args.serve_threads), "--device", args.device]
+    # deadline 300 秒而不是默认的 60 秒：子进程要重新加载整个合并模型，忙碌的机器上慢得多；
+    # PYTHONPATH 指向本仓库：子进程 import 的是这份 common，没有 pip install -e 也能起
     with services.start(cmd, log_file=out.path("server.log"), deadline_s=300,
                         env={"PYTHONPATH": str(run.REPO_ROOT)}) as svc:
+        # max_retries=0：官方客户端默认会自动重试，冒烟要的是第一次就失败、把问题暴露出来
         client = openai.OpenAI(base_url=svc.url + "/v1", api_key="not-needed", max_retries=0, timeout=300)
         r = client.chat.completions.create(model=args.registered_model, max_tokens=args.max_tokens,
                                            messages=[{"role": "user", "content": PROBE}])
@@ -194,6 +214,7 @@ def main(args: Args) -> dict:
     # 1. 数据接入：校验 + 切分
     d = ingest(args)
     out.log.info("数据：" + "，".join(f"{k} {len(v)}" for k, v in d.items()))
+    # for_training=True：CPU 上保留 fp32 主权重（common.models.pick_dtype），bf16 会吞掉 AdamW 的小更新
     model, tok = models.load_args(args, for_training=True)
 
     # 2. LoRA SFT -> 合并：先教会回答的格式与内容，DPO 才有可比较的回答
@@ -213,7 +234,9 @@ def main(args: Args) -> dict:
 
     # 5. 合并后的模型存成普通 safetensors 目录（部署不再需要 PEFT）
     merged_dir = out.path("merged")
+    # safetensors 加载时不经 pickle、不执行代码；服务启动前的 models.check_dir 也只认 *.safetensors 权重
     model.save_pretrained(merged_dir, safe_serialization=True)
+    # 分词器（连同对话模板）随模型存：服务只拿到这个目录，模板一变，线上提示就和训练时的格式不一致
     tok.save_pretrained(merged_dir)
     # 6. 注册到 MLflow，别名 champion
     version = register(args, out, merged_dir, metrics)

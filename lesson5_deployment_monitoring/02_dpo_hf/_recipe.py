@@ -42,7 +42,9 @@ def read_yaml(flag: str, path: str) -> dict:
         raise UserError(f"{flag} {path}: YAML 嵌套太深（正常的配置不会嵌套上千层）") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
+        # ConstructorError = 写了 !!python/... 之类的标签：这是 safe_load 有意拒绝，不是 YAML 语法写错，要说明白
         hint = "；配方只按数据读，不构造 Python 对象" if isinstance(e, yaml.constructor.ConstructorError) else ""
+        # PyYAML 的行号从 0 数，编辑器从 1 数：+1 后学生按报错的行号就能直接跳到那一行
         raise UserError(f"{path}:{mark.line + 1 if mark else 1}: YAML 无法解析"
                         f"（{str(getattr(e, 'problem', None) or e).splitlines()[0]}{hint}）") from None
     if not isinstance(cfg, dict):
@@ -58,10 +60,12 @@ def _kinds(tp) -> set | None:  # noqa: ANN001
         origin = typing.get_origin(a) or a
         if a in (type(None), bool, int, float, str):
             out.add(a)
+        # 枚举字段在 YAML 里只能写成字符串，由 HfArgumentParser 按取值转成枚举
         elif isinstance(a, type) and issubclass(a, enum.Enum):
             out.add(str)
         elif origin is dict or (origin is list and typing.get_args(a) in ((), (str,))):
             out |= {origin, str}
+        # 认不出的注解（Literal、嵌套容器……）不猜：放行交给 TrlParser，宁可漏查也不误拒合法的配方
         else:
             return None
     return out
@@ -69,9 +73,11 @@ def _kinds(tp) -> set | None:  # noqa: ANN001
 
 def check_values(path: str, cfg: dict, classes: tuple) -> None:
     """每个键的值：类型与字段注解相符（整数字段不收 2.5，数值字段不收 true / 列表）、数是有限的、在 RANGES 之内。"""
+    # 几个 dataclass 的字段合在一起查：同一份配方同时填 ScriptArguments / DPOConfig / ModelConfig 的键
     hints = {k: v for c in classes for k, v in typing.get_type_hints(c).items()}
     for k, v in cfg.items():
         kinds = _kinds(hints[k]) if k in hints else None
+        # bool 是 int 的子类：不排除的话 beta: true 会被当成数 1 通过类型与范围检查
         num = isinstance(v, (int, float)) and not isinstance(v, bool)
         ok = kinds is None or type(v) in kinds or (isinstance(v, int) and num and float in kinds) or \
             (isinstance(v, str) and bool(kinds & {int, float, bool}))   # 字符串由 argparse 按类型转换、报错
@@ -82,7 +88,7 @@ def check_values(path: str, cfg: dict, classes: tuple) -> None:
             raise UserError(f"{path}: 键 {k} {str(v)[:60]}: 应是 {want}，不是 {type(v).__name__}")
         try:
             x = float(v) if num or isinstance(v, str) else None   # 与 argparse 一样：引号里的 "nan" 也是数
-        except ValueError:
+        except ValueError:   # 不是数的字符串（如调度器名 cosine）：没有数值范围可查
             continue
         except OverflowError:   # 几百位的整数
             x = math.inf
@@ -100,6 +106,8 @@ def check(args) -> Path | None:  # noqa: ANN001
 
     recipe = read_yaml("--recipe", args.recipe)
     check_values(args.recipe, recipe, (ScriptArguments, DPOConfig, ModelConfig))   # 不认识的键由 TrlParser 报
+    # 直接用 python 运行时 accelerate 根本不读这份配置（只抄进模型卡）：这里不查，坏键要等到换成
+    # accelerate launch 时才暴露，而那时模型卡里早已写着一份坏配置
     launch = read_yaml("--accelerate-config", args.accelerate_config)
     unknown = sorted(str(k) for k in launch if k not in typing.get_type_hints(ClusterConfig))
     if unknown:

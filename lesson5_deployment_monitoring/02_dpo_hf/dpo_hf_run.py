@@ -38,6 +38,7 @@ from pathlib import Path
 from common import cli, data, models, run, train
 from common.errors import UserError
 
+# 配方的默认路径按仓库根目录算，不按当前目录：脚本从任何目录运行都找得到
 RECIPES = run.REPO_ROOT / "configs" / "lesson5" / "recipes"
 _recipe = run.import_sibling(__file__, "_recipe")   # 这一课独有的配方检查：加载模型之前把坏配方一行拒绝
 
@@ -66,6 +67,7 @@ SMOKE = dict(max_steps=12, learning_rate=5e-3)
 # 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
 # (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线都在同一次运行里测（训练前策略 = 参考模型）
 CLAIMS = [
+    # 训练前策略 = 参考模型，每对的隐式奖励差为 0，损失 −log σ(0) = log 2：比值 < 1 才说明策略开始偏向 chosen
     run.Claim("DPO 降低留出偏好对的损失：训练后 / 训练前（策略 = 参考模型时为 log 2）", "eval_loss / eval_loss_before",
               "<=", 0.9, 0.95),
     run.Claim("DPO 让留出偏好对的隐式奖励排对：reward accuracy 训练后 − 训练前",
@@ -87,11 +89,14 @@ def parse_recipe(args: Args, model_path: str, output_dir: Path, flags: dict):
         over += ["--max_steps", str(args.max_steps)]
     if args.learning_rate:
         over += ["--learning_rate", str(args.learning_rate)]
+    # 覆盖项只追加在 --config 之后：TrlParser 里命令行参数优先于 YAML，配方文件本身一个字不改
     err = io.StringIO()   # argparse 报错前先把整段 usage 打到 stderr：收起来，只取最后一行放进一行错误里
     try:
         with contextlib.redirect_stderr(err):
             return TrlParser((ScriptArguments, DPOConfig, ModelConfig)).parse_args_and_config(
                 args=["--config", args.recipe, *over])
+    # argparse 出错走 sys.exit(2)（SystemExit）；TrainingArguments 在 __post_init__ 里发现不相容的组合抛
+    # ValueError：两种都换成点名配方的一行 UserError，而不是一整段 usage 或 traceback
     except (SystemExit, ValueError, TypeError) as e:
         why = (err.getvalue().strip().splitlines() or str(e).splitlines() or [repr(e)])[-1]
         raise UserError(f"--recipe {args.recipe}: 配方里有 TRL 不认识或不合法的字段（{why[:300]}）") from None
@@ -104,6 +109,7 @@ def load_pairs(args: Args, out, script_args, local: Path | None):  # noqa: ANN00
 
     name = args.data or script_args.dataset_name
     if local:   # 已按课程格式逐行校验过（_recipe.check）
+        # 本地文件没有预先分好的 split，datasets 把它整个放进 "train"；下面再自己切留出对
         ds = load_dataset("json", data_files=str(local), split="train")
     else:
         try:
@@ -114,6 +120,7 @@ def load_pairs(args: Args, out, script_args, local: Path | None):  # noqa: ANN00
     # 第 4 课 06 的规则 1：chosen 与 rejected 规范化后相同的对没有偏好信号（DPO 梯度为 0、准确率必记错）
     n = len(ds)
     ds = ds.filter(lambda p: data.norm_text(p["chosen"]) != data.norm_text(p["rejected"]))
+    # 少于 2 对就切不出训练与留出两份：与其在 train_test_split 里崩，不如说清是去重去掉的
     if len(ds) < n and len(ds) < 2:
         raise UserError(f"{name}: {n - len(ds)} 对的 chosen 与 rejected 相同（规范化后），没有偏好信号；"
                         f"去掉后只剩 {len(ds)} 对，无法训练")
@@ -123,6 +130,7 @@ def load_pairs(args: Args, out, script_args, local: Path | None):  # noqa: ANN00
     ds = ds.map(lambda p: {"prompt": [{"role": "user", "content": p["prompt"]}],
                            "chosen": [{"role": "assistant", "content": p["chosen"]}],
                            "rejected": [{"role": "assistant", "content": p["rejected"]}]})
+    # 切分种子写死为 42、不随 --seed：换种子只改训练的随机性，留出对不变，不同种子的指标才能放在一起比
     return ds.train_test_split(test_size=0.1, seed=42), name
 
 
@@ -130,6 +138,7 @@ def model_card(args: Args, out, repo: Path, base: str, dataset: str, tcfg, metri
     """huggingface_hub 的 ModelCardData（YAML 元数据）+ 正文：数据、配方、指标、预期用途与局限。"""
     from huggingface_hub import ModelCard, ModelCardData
 
+    # library_name="peft" + base_model：仓库里只有 adapter，Hub 据此把它挂到基座模型下、给出用 PEFT 加载的写法
     meta = ModelCardData(language=["zh", "en"], license="apache-2.0", library_name="peft", base_model=base,
                          tags=["trl", "dpo", "lora", "llm-course"], datasets=[dataset],
                          pipeline_tag="text-generation")
@@ -158,6 +167,7 @@ def model_card(args: Args, out, repo: Path, base: str, dataset: str, tcfg, metri
 ## 局限
 训练步数与数据都很少；不保证事实正确；没有做过安全对齐，不应直接面向公众。
 """
+    # 元数据必须放在开头两行 --- 之间的 YAML 头里：Hub 只从那里读 license、tags、datasets 来检索和展示
     card = ModelCard(f"---\n{meta.to_yaml()}\n---\n{body}")
     path = repo / "README.md"
     card.save(path)
@@ -175,6 +185,7 @@ def push(args: Args, out, repo: Path, repo_id: str) -> str:  # noqa: ANN001
     from huggingface_hub import HfApi
 
     api = HfApi()
+    # private=True：这个模型没做过安全对齐（见模型卡的“局限”），不该一推上去就公开；exist_ok：重跑时作为新提交
     api.create_repo(repo_id, exist_ok=True, private=True)
     api.upload_folder(repo_id=repo_id, folder_path=str(repo), commit_message="DPO (llm-course lesson 5)")
     return "pushed"
@@ -210,6 +221,8 @@ def main(args: Args) -> dict:
     # 1. 配方：先自己读一遍（坏 YAML、NaN、越界、数据集不在：加载模型之前一行拒绝），再由 TrlParser 解析；
     #    配方里的 model_name_or_path 被 --model（或课程默认模型）覆盖，与其它课程脚本一致
     local = _recipe.check(args)
+    # 这次解析的结果不用，只为在加载模型前让 TrlParser 报出它不认识或不相容的字段；设备开关先给 CPU 的，
+    # 查的是配方本身，与这台机器有没有 GPU 无关（真正的开关在 configure 里按模型所在设备再给）
     parse_recipe(args, args.resolved_model(), out.path("trainer"), {"use_cpu": True, "bf16": False})
     base = args.resolved_model()
     model, tok = models.load_args(args, for_training=True)
@@ -221,9 +234,11 @@ def main(args: Args) -> dict:
     trainer = DPOTrainer(model=model, args=tcfg, train_dataset=ds["train"], eval_dataset=ds["test"],
                          processing_class=tok, peft_config=get_peft_config(model_args))
     train.attach(trainer, args.max_train_minutes)
+    # 训练前先量：策略 = 参考模型，损失恰为 log 2、margin 为 0，这就是同一次运行里的基线
     before = trainer.evaluate()
     result = trainer.train()
     kept = train.kept_step(trainer)
+    # best_step_args 开了 load_best_model_at_end：这里量的是装回的留出损失最低的一步，不一定是最后一步
     after = trainer.evaluate()
     metrics = {"train_loss": result.training_loss,
                "eval_reward_accuracy_before": before["eval_rewards/accuracies"],
@@ -239,6 +254,7 @@ def main(args: Args) -> dict:
     repo = out.path("repo")
     trainer.save_model(str(repo))
     tok.save_pretrained(repo)
+    # 配方与启动配置随 adapter 一起上传：别人拿到仓库就能原样复现这次训练
     for f in (args.recipe, args.accelerate_config):
         (repo / Path(f).name).write_text(Path(f).read_text(encoding="utf-8"), encoding="utf-8")
     card = model_card(args, out, repo, base, dataset, tcfg, metrics)

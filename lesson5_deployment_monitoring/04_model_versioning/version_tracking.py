@@ -280,6 +280,7 @@ def main(args: Args) -> dict:
 
     # 2. 跟踪服务器：自己启动一个真的 mlflow server，或用 --tracking-uri；同一次训练也记到 W&B（离线）
     svc, uri, client, rid = connect(args, out)
+    # 全局 URI 给不经 client 的调用用：load_alias 里 mlflow.artifacts.download_artifacts 按 models:/ 别名下载
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     tracker = _tracker.ResilientTracker(client, rid, out.path("outbox.jsonl"), out.log)
@@ -287,6 +288,7 @@ def main(args: Args) -> dict:
     wb = open_wandb(args, out)
 
     # 3. 训练；中途停掉跟踪服务器，训练照常进行（跟踪是旁路，不该成为训练的单点故障）
+    # 只停自己起的服务器（svc 不为 None）：--tracking-uri 指向的是别人的服务，不能拿来做停机演练
     outage_step = max(1, int(args.max_steps * args.outage_fraction)) if svc and args.outage != "none" else -1
     with _tracker.fast_fail():
         snap, losses = train(args, out, model, tok, convs, tracker, wb, svc, outage_step)

@@ -106,6 +106,7 @@ def build_tickets(args: Args) -> list[dict]:
     rows = []
     for r in data.load_qa(data.DATA_DIR / "kb" / "qa.jsonl"):
         lang = "zh" if data.detect_lang(r["question"]) == "zh" else "en"
+        # 礼貌开头 + 照抄知识库原文：tone 规则必过，原文里的"保证"之类也不算越权（check 排除 kb 里有的词）
         ref = (f"您好，感谢您的咨询！{r['gold_passage']} 还有其他问题欢迎随时联系。" if lang == "zh" else
                f"Hello, thank you for reaching out! {r['gold_passage']} Let me know if there is anything else.")
         rows.append({"ticket": r["question"], "type": "in_scope", "lang": lang, "reference": ref,
@@ -122,6 +123,7 @@ def build_tickets(args: Args) -> list[dict]:
                               "en": "I'm very sorry for the trouble. I'm transferring you to a human agent right away."}
                }[r["type"]][lang]
         # 只留用到的字段：用户多写的字段类型各异，混进 Arrow 表同样会崩
+        # kb 为空：范围外与投诉工单没有知识库依据，回答里出现任何承诺词都算越权
         rows.append({"ticket": ticket, "type": r["type"], "lang": lang, "reference": ref, "kb": ""})
     return rows
 
@@ -132,6 +134,7 @@ def check(t: dict, answer: str) -> list[str]:
     规则检查而不是让大模型打分：确定、可复现、几微秒一条，能在每个回答上跑，也能当 DPO 数据的筛子。
     """
     a, lang, bad = answer.lower(), t["lang"], []
+    # 空回答单独记一条：否则它只违反 tone，看上去像"不够礼貌"，其实是根本没答
     if not answer.strip():
         return ["empty"]
     if not any(p in a for p in POLITE[lang]):
@@ -168,6 +171,7 @@ def lora():
     """SFT 与 DPO 各用一个新的 LoRA（训完就合并）：DPO 的参考模型就是合并后的 SFT 模型。"""
     from peft import LoraConfig
 
+    # alpha / r = 2：与本课其它脚本的 r=8、alpha=16 同一缩放比例，秩翻倍而每一步的更新幅度不变
     return LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
@@ -176,6 +180,8 @@ def sft(args: Args, out, model, tok, train_t: list[dict]):  # noqa: ANN001
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    # assistant_only_loss=False：它靠对话模板里的 {% generation %} 标记找助手回复，默认模型 SmolLM2 的模板
+    # 没有（第 1 课 01），开了就报错；所以系统提示与工单也算进损失
     cfg = SFTConfig(output_dir=str(out.path("sft")), max_steps=args.sft_steps, learning_rate=args.learning_rate,
                     per_device_train_batch_size=args.per_device_train_batch_size, max_length=256, logging_steps=10,
                     save_strategy="no", report_to=out.trainer_report_to(), seed=args.seed,
@@ -195,6 +201,7 @@ def dpo(args: Args, out, model, tok, pairs: list[dict]):  # noqa: ANN001
     from trl import DPOConfig, DPOTrainer
 
     # beta 越大越贴近 SFT 模型：偏好对只有几十条，贴近一些才不会为了修违规把业务回答也改坏
+    # max_length 与 SFT 同为 256：chosen 就是 SFT 学过的参考回复，那时放得下，这里也不会被截掉结尾
     cfg = DPOConfig(output_dir=str(out.path("dpo")), max_steps=args.dpo_steps, learning_rate=args.dpo_learning_rate,
                     beta=args.beta, per_device_train_batch_size=args.per_device_train_batch_size, max_length=256,
                     logging_steps=5, save_strategy="no", report_to=out.trainer_report_to(), seed=args.seed,
@@ -211,6 +218,7 @@ def split_tickets(tickets: list[dict], held_out: float, rng) -> tuple[list[dict]
     for kind in ("in_scope", "out_of_scope", "escalation"):
         group = [t for t in tickets if t["type"] == kind]
         rng.shuffle(group)
+        # 每类至少留 2 条：比例乘出来不足 1 时，这一类的合规率也有样本可算
         k = max(2, int(len(group) * held_out))
         held, train_t = held + group[:k], train_t + group[k:]
     return train_t, held
@@ -218,8 +226,11 @@ def split_tickets(tickets: list[dict], held_out: float, rng) -> tuple[list[dict]
 
 def feedback_pairs(model, tok, args: Args, train_t: list[dict], rng) -> list[dict]:  # noqa: ANN001
     """反馈闭环：SFT 模型在训练工单上的不合规回答 -> rejected，参考回复 -> chosen。"""
+    # 随机抽而不是取前 N 条：train_t 按类型排好（范围内在前），取前 N 条可能一条婉拒/转人工的都没有
     fb = rng.sample(train_t, min(args.feedback_tickets, len(train_t))) if args.feedback_tickets else train_t
     fb_ans = answer(model, tok, fb, args)
+    # prompt 含政策系统提示 + 工单：偏好要在和评估、上线时相同的提示下成立；
+    # 只有检查器判为不合规的回答才成对——合规的回答当 rejected，会教模型远离正确的做法
     return [{"prompt": c[:2], "chosen": [{"role": "assistant", "content": t["reference"]}],
              "rejected": [{"role": "assistant", "content": a}]}
             for t, a, c in zip(fb, fb_ans, convs(fb, False)) if check(t, a)]
@@ -231,10 +242,13 @@ def main(args: Args) -> dict:
 
     # 1. 工单与参考回复；按类型分层留出，三类都有留出样本
     tickets = build_tickets(args)
+    # 同一个 rng 先切分、再抽反馈工单：一个 --seed 决定整次运行，结果可复现
     rng = random.Random(args.seed)
     train_t, held = split_tickets(tickets, args.held_out, rng)
     out.log.info(f"工单：训练 {len(train_t)}，留出 {len(held)}（{Counter(t['type'] for t in held)}）")
+    # 参考回复既是 SFT 的目标又是 DPO 的 chosen：它本身不合规，检查器与训练目标就自相矛盾
     assert all(not check(t, t["reference"]) for t in tickets), "参考回复本身必须合规"
+    # for_training=True：后面要在同一个模型上 SFT、DPO，CPU 上保留 fp32 主权重（bf16 会吞掉 AdamW 的小更新）
     model, tok = models.load_args(args, for_training=True)
 
     # 2. 只靠提示词：政策写在系统提示里，小模型多半不照做——这是要超过的基线
@@ -254,6 +268,7 @@ def main(args: Args) -> dict:
     held_ans = answer(model, tok, held, args)
     c2, v2 = compliance(held, held_ans)
     out.log.info(f"SFT+DPO：合规率 {c2:.2f}，违规 {dict(v2)}")
+    # 留出回答与违规明细落盘：合规率变了，要能逐条看出是哪条规则、哪类工单变的
     out.path("held_out_answers.jsonl").write_text("\n".join(
         json.dumps({"ticket": t["ticket"], "type": t["type"], "answer": a, "violations": check(t, a)},
                    ensure_ascii=False) for t, a in zip(held, held_ans)), encoding="utf-8")

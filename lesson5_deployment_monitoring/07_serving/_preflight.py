@@ -11,9 +11,11 @@ from common import models
 
 def check_model(name: str, source: str) -> None:
     """--model：内置名、本地目录或 hub id 先解析成本地目录（需要时下载，子进程随后直接用缓存），再查目录与权重。"""
+    # 先 resolve 成本地目录：check_dir 只认目录，直接把 hub id 交给它会被当成"不存在的目录"拒绝
     models.check_dir(models.resolve(name, source))   # 目录、config、safetensors 文件头
 
 
 def check_adapter(name: str) -> None:
     """--adapter：adapter_config.json 是 JSON 对象、adapter_model.safetensors 在且读得出文件头。"""
+    # adapter=True：LoRA 目录里没有完整模型的 config.json，要查的是 adapter_config.json 与 adapter 权重
     models.check_dir(name, "--adapter", adapter=True)

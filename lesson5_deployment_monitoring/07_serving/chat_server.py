@@ -77,8 +77,10 @@ QUESTIONS = ["云帆 App 怎么修改绑定手机号？", "How do I reset my pas
 CLAIMS = [
     run.Claim("流式与普通调用是同一个回答（贪心解码）：流式拼起来的文本 == 普通调用的回答",
               "stream_answer == answer", ">=", 1, 1),
+    # 只要求落在 4xx、不绑定具体的码：要证明的是"挡在生成之前、是客户端的错"，不是某个校验层选了哪个码
     run.Claim("坏请求在生成之前就被挡下：超限 max_tokens、错模型名、空消息都得到客户端错误码",
               "all(400 <= c < 500 for c in bad_request_codes.values())", ">=", 1, 1),
+    # 比的是 200 与 429 之和：空闲的机器上生成线程来得及清队列，可能一个 429 都没有，那也是对的
     run.Claim("并发突发里每个请求要么被服务、要么队列满立刻被拒，没有服务端错误、没有挂起：(成功 + 拒绝) / 发出",
               "(burst_200 + burst_429) / burst_sent", ">=", 1, 1),
     run.Claim("监控计数可信：/metrics 数到的 chat 请求与客户端发出的相差", "abs(metrics_chat_requests - requests_sent)",
@@ -103,6 +105,7 @@ def server_cmd(args: Args, port: str = "{port}") -> list[str]:
     if args.adapter:
         _preflight.check_adapter(args.adapter)
         cmd += ["--adapter", args.adapter]
+    # 命令行上的 key 在本机 ps 里看得见：与别人共用机器时，让服务从环境变量 CHAT_API_KEY 读
     if args.api_key:
         cmd += ["--api-key", args.api_key]
     return cmd
@@ -111,6 +114,7 @@ def server_cmd(args: Args, port: str = "{port}") -> list[str]:
 def ask(client, model: str, q: str, max_tokens: int) -> tuple[str, float]:  # noqa: ANN001
     """普通（非流式）调用：返回 (回答, 毫秒)。整段回答生成完才返回，延迟 = 全部 token 的时间。"""
     t0 = time.perf_counter()
+    # 不传 temperature：本服务缺省用贪心（OpenAI 缺省是 1），流式与普通调用才可能逐字相同
     r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}], max_tokens=max_tokens)
     return r.choices[0].message.content, (time.perf_counter() - t0) * 1000
 
@@ -124,6 +128,7 @@ def ask_stream(client, model: str, q: str, max_tokens: int) -> dict:  # noqa: AN
     stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}],
                                             max_tokens=max_tokens, stream=True)
     for chunk in stream:
+        # choices 可能为空（只带 usage 的收尾块），delta 也可能只有 role 没有文字：这些都不算首 token
         delta = chunk.choices[0].delta.content if chunk.choices else None
         if delta:
             ttft = ttft or (time.perf_counter() - t0) * 1000
@@ -144,6 +149,7 @@ def bad_requests(client, model: str) -> dict:  # noqa: ANN001
              "unknown_model": dict(model="no-such-model", max_tokens=4),
              "empty_messages": dict(model=model, max_tokens=4, messages=[])}
     for name, kw in cases.items():
+        # 其余两例配一条正常消息：每个请求只坏一处，拿到的状态码才能归到那一处
         kw.setdefault("messages", [{"role": "user", "content": "hi"}])
         try:
             client.chat.completions.create(**kw)
@@ -161,6 +167,7 @@ async def burst(url: str, model: str, n: int, max_tokens: int, api_key: str | No
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    # 超时放宽到 300 秒：排在队尾的请求要等前面几批生成完，CPU 上可能很久；这样超时才真的意味着挂起
     async with httpx.AsyncClient(timeout=300, headers=headers) as c:
         async def one(i: int) -> int:
             r = await c.post(url + "/v1/chat/completions", json={
@@ -168,6 +175,7 @@ async def burst(url: str, model: str, n: int, max_tokens: int, api_key: str | No
             return r.status_code
 
         t0 = time.perf_counter()
+        # gather 让 n 个请求几乎同时到达：这样才能一下子填满有界队列，看到 429 和凑批
         codes = await asyncio.gather(*[one(i) for i in range(n)])
     return {"accepted_200": codes.count(200), "rejected_429": codes.count(429),
             "server_errors": sum(c >= 500 for c in codes), "seconds": time.perf_counter() - t0}
@@ -184,8 +192,12 @@ def scrape(url: str) -> dict:
     by_code, out = {}, {}
     for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
         for s in fam.samples:
+            # 服务注册的 Counter 叫 chat_http_requests，导出时 prometheus_client 自动加 _total 后缀；
+            # 只数聊天接口：就绪轮询 /health 与抓取 /metrics 本身也按 route 计数，混进来就和发出的对不上
             if s.name == "chat_http_requests_total" and s.labels["route"] == "/v1/chat/completions":
+                # 按状态码各一条样本：200、400、404、429 分开计，合起来才是总请求数
                 by_code[s.labels["code"]] = by_code.get(s.labels["code"], 0) + int(s.value)
+            # 直方图导出成 _sum / _count 两条：相除就是平均每次 generate 服务了几个请求
             elif s.name in ("chat_generated_tokens_total", "chat_batch_size_sum", "chat_batch_size_count",
                             "chat_time_to_first_token_seconds_count"):
                 out[s.name] = s.value
@@ -202,6 +214,7 @@ def serve_forever(args: Args) -> None:
     port = str(args.port or 8000)
     cmd = server_cmd(args, port) + ["--host", args.host]
     run.get_logger().info(f"聊天网页：http://{args.host}:{port}/   OpenAI base_url：http://{args.host}:{port}/v1")
+    # cmd[0] 就是 sys.executable：execve 的 argv 要含程序名本身；PYTHONPATH 让 -m common.serving 找到这份仓库
     os.execve(sys.executable, cmd, {**os.environ, "PYTHONPATH": str(run.REPO_ROOT)})
 
 
@@ -211,10 +224,13 @@ def demo_calls(args: Args, url: str, out) -> dict:  # noqa: ANN001
 
     model = args.resolved_model()
     # 换个 base_url 就能指向 vLLM / TGI / OpenAI：客户端代码一行不用改
+    # max_retries=0：官方客户端默认遇到 429/5xx 会自动重试，演示要看到服务第一次的原始应答；
+    # api_key 为 None 时客户端去读 OPENAI_API_KEY、读不到就报错：服务不校验时给一个占位值
     client = openai.OpenAI(base_url=url + "/v1", api_key=args.api_key or "not-needed", max_retries=0, timeout=300)
     answers = [ask(client, model, q, args.max_tokens) for q in QUESTIONS]
     for q, (a, ms) in zip(QUESTIONS, answers):
         out.log.info(f"{q} -> {a[:60]!r}（{ms:.0f} ms）")
+    # 流式问的是普通调用问过的第一问：贪心解码下两者应逐字相同，CLAIMS 第一条比的就是它
     st = ask_stream(client, model, QUESTIONS[0], args.max_tokens)
     out.log.info(f"流式：{st['chunks']} 块，TTFT {st['ttft_ms']:.0f} ms，总 {st['total_ms']:.0f} ms")
     codes = bad_requests(client, model)
@@ -236,7 +252,7 @@ def main(args: Args) -> dict:
     try:
         svc = services.start(server_cmd(args), ready_path="/health", log_file=out.path("server.log"),
                              deadline_s=300, env=env, port=args.port or None)
-    except RuntimeError as e:
+    except RuntimeError as e:   # 超时或子进程退出：services.start 抛的 RuntimeError 带日志末尾，只取第一行点名
         raise UserError(f"--model {model}: 服务没能启动（{str(e).splitlines()[0][:300]}）") from None
     with svc:
         # 2.-5. 普通、流式、坏请求、并发突发：都经 HTTP，和任何外部客户端看到的一样
@@ -244,6 +260,7 @@ def main(args: Args) -> dict:
         # 6. 监控：/metrics 里的计数应与上面发出的请求一一对应（数不对，告警和看板就不可信）
         prom = scrape(svc.url)
     answers, st, codes, b = d["answers"], d["stream"], d["codes"], d["burst"]
+    # 发出的 chat 请求 = 普通两问 + 流式一问 + 坏请求 + 突发：坏请求与 429 也经过计数中间件，都要算上
     sent = len(QUESTIONS) + 1 + len(codes) + args.burst
     counted = sum(prom["chat_requests_by_code"].values())
     batches = prom.get("chat_batch_size_count", 0)

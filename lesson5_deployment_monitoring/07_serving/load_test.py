@@ -76,6 +76,7 @@ CLAIMS = [
               'concurrency_8["mean_batch_size"] - concurrency_1["mean_batch_size"]', ">=", 2.0, 2.0),
     # 墙钟比值：忙碌的共享机上冒烟实测 1.99x–3.5x，不到稳定的 3 倍，冒烟不查
     run.Claim("动态批处理提高吞吐：tokens/s 并发八个 / 逐个顺序发", "batching_speedup_8", ">=", None, 1.5),
+    # 同样是墙钟比值、冒烟不查：每步要为整批算，还要等凑批窗口，空闲机器上 p50 应当上升
     run.Claim("批处理的代价：单个请求的延迟上升（p50 并发八个 / 逐个顺序发）",
               'concurrency_8["p50_ms"] / concurrency_1["p50_ms"]', ">", None, 1.0),
     run.Claim("闭环压测有边界、零失败：失败的请求 / 发出的请求", "errors / requests", "<=", 0, 0),
@@ -96,6 +97,7 @@ def parse_levels(text: str) -> list[int]:
 def check_target(url: str) -> str:
     """只允许本机地址；去掉末尾的 /v1，使 OpenAI 的 base_url 写法也能直接用。"""
     u = urlparse(url)
+    # 比解析出的 hostname 而不是字符串前缀：http://127.0.0.1.example.com 这类地址骗不过去
     if u.scheme not in ("http", "https") or u.hostname not in LOOPBACK:
         raise UserError(f"--base-url {url}: 只压本机服务（http://127.0.0.1:端口）；远端请在那台机器上运行")
     return url.rstrip("/").removesuffix("/v1")
@@ -119,6 +121,7 @@ async def one(client, model: str, prompt: str, max_tokens: int) -> dict:
     try:
         stream = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, stream=True,
+            # include_usage：最后一块带服务自己数的 completion token 数；一块不一定恰好是一个 token
             stream_options={"include_usage": True})
         async for ch in stream:
             if ch.choices and ch.choices[0].delta.content:
@@ -128,8 +131,9 @@ async def one(client, model: str, prompt: str, max_tokens: int) -> dict:
                 tokens = ch.usage.completion_tokens
     except openai.APIStatusError as e:
         return {"ok": False, "status": e.status_code}
-    except openai.APIError as e:
+    except openai.APIError as e:   # 超时、连接断开：没有状态码，记异常类名，同样算一次失败
         return {"ok": False, "status": type(e).__name__}
+    # 服务没给 usage（有的兼容实现不支持 include_usage）时，退而用收到的文字块数估计
     return {"ok": True, "latency": time.perf_counter() - t0, "ttft": ttft or 0.0, "tokens": tokens or chunks}
 
 
@@ -146,8 +150,10 @@ async def level(client, model: str, prompts: list[str], c: int, n: int, max_toke
 
     t0 = time.perf_counter()
     results = [r for part in await asyncio.gather(*[worker() for _ in range(c)]) for r in part]
+    # 吞吐按整档的墙钟算，不是各请求延迟之和：并发时请求在时间上重叠，求和会低估吞吐
     wall = time.perf_counter() - t0
     ok = [r for r in results if r["ok"]]
+    # 延迟与 TTFT 只统计成功的请求：429 几毫秒就回来，混进去会把 p50 拉低，看起来反而更快
     lat, ttft = [r["latency"] * 1000 for r in ok], [r["ttft"] * 1000 for r in ok]
     return {"rps": round(len(ok) / wall, 3), "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 2),
             "p50_ms": round(percentile(lat, 50), 1), "p95_ms": round(percentile(lat, 95), 1),
@@ -180,11 +186,13 @@ async def sweep(url: str, args: Args, model: str, prompts: list[str], levels: li
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=args.api_key or "not-needed", max_retries=0,
                                 timeout=args.timeout_s)
     await one(client, model, prompts[0], args.max_tokens)   # 预热：第一次请求含惰性初始化，不计入
+    # 档位从低到高逐个压、不并行：每档独占服务，量到的延迟与批大小只属于这一档的并发
     out = {}
     for c in levels:
         before = batch_totals(url)
         out[c] = await level(client, model, prompts, c, args.requests_per_level, args.max_tokens)
         after = batch_totals(url)
+        # 计数器从服务启动起累加（含预热与前几档）：只有前后两次读数之差才属于这一档
         calls = after[1] - before[1] if before and after else 0
         out[c]["mean_batch_size"] = round((after[0] - before[0]) / calls, 2) if calls else None
         r = out[c]
@@ -224,6 +232,7 @@ def target(args: Args, out) -> tuple[str, str, object]:  # noqa: ANN001
             served = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
             raise UserError(f"--base-url {args.base_url}: 读不到 /v1/models（{type(e).__name__}）") from None
+        # 没写 --model 就用服务自己报的名字：名字对不上，common.serving 与 vLLM 都会回 404
         return url, args.model or served, None
     model = args.resolved_model()
     _preflight.check_model(model, args.source)   # 起服务之前查（--base-url 时 --model 只是被压服务里的模型名）
@@ -248,6 +257,7 @@ def main(args: Args) -> dict:
 
     # 1. 目标：现成的服务，或自己起一个（进程独立，压测客户端不和服务抢同一个解释器）
     url, model, svc = target(args, out)
+    # 日志里的地址同样脱敏：日志会被贴进 issue、CI 记录，比 metrics.json 传得更远
     out.log.info(f"压测 {safety.redact_url(url)}（模型 {model}），并发 {levels}，每档 {args.requests_per_level} 个请求")
 
     # 2. 问题：知识库问答集里的真实问题（中英混合），每档用同一批，档与档之间只差并发
@@ -262,11 +272,14 @@ def main(args: Args) -> dict:
 
     # 4. 批处理加速比：并发 8（或最高档）对顺序的吞吐之比。墙钟比值随机器忙闲起伏，mean_batch_size 不会
     metrics = {f"concurrency_{c}": r for c, r in results.items()}
+    # 优先用并发 8 作分子：CLAIMS 按 batching_speedup_8 写门槛；没测 8 档时退而用最高档（键名随之变）
     top = 8 if 8 in results else levels[-1]
+    # 顺序档全失败时吞吐为 0：防除零，失败由 errors 如实报出，而不是让整个压测崩在这一行
     speedup = results[top]["tokens_per_s"] / max(results[levels[0]]["tokens_per_s"], 1e-9)
     metrics[f"batching_speedup_{top}"] = round(speedup, 2)
     metrics["errors"] = sum(r["errors"] for r in results.values())
     metrics["requests"] = sum(r["ok"] + r["errors"] for r in results.values())
+    # 被压地址脱敏后再写：URL 里的账号密码不该落进 metrics.json
     metrics["target"] = "self-started common.serving" if svc else safety.redact_url(url)
     plot(out, results)
     return out.finish(metrics, summary=f"并发 {levels[0]}→{top}：{results[levels[0]]['tokens_per_s']:.1f}→"

@@ -12,13 +12,14 @@ def report(out, bench, knobs: dict, hnsw_m: int) -> None:
     # 功能表写成 markdown 而不只是打日志：选型评审时贴进文档，"实测"两个字说明这一栏不是抄宣传页
 
     results, cols = bench.results, ["过滤", "持久化", "更新", "删除", "服务模式"]
+    # 第二行是分隔行，列数必须与表头相同（+1 是"库"那一列），否则 markdown 不把它渲染成表格
     md = ["| 库 | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     md += [f"| {name} | " + " | ".join(f[c] for c in cols) + " |" for name, f in bench.features.items()]
     out.path("features.md").write_text("# 功能对比（带“实测”的是本次运行真的调用过的）\n\n" + "\n".join(md) + "\n",
                                        encoding="utf-8")
     names, xs = list(results), np.arange(len(results))
     fig, save = out.plot("stores.png")
-    fig.set_size_inches(14, 4.4)
+    fig.set_size_inches(14, 4.4)   # run.plot 的默认画布（7×4.2 英寸）是给单图的：三张子图并排要加宽
     ax1, ax2, ax3 = fig.subplots(1, 3)
     ax1.bar(xs - 0.2, [results[s]["p50_ms"] for s in names], 0.4, label="p50")
     ax1.bar(xs + 0.2, [results[s]["p95_ms"] for s in names], 0.4, label="p95")
@@ -28,9 +29,9 @@ def report(out, bench, knobs: dict, hnsw_m: int) -> None:
     ax2.bar(xs - 0.2, [results[s]["recall_at_10"] for s in names], 0.4,
             label="recall@10 (vector: vs exact Flat; full-text: vs gold)")
     ax2.bar(xs + 0.2, [results[s]["recall_at_5_gold"] for s in names], 0.4, label="task recall@5 vs gold")
-    ax2.set(ylim=(0, 1.15), title="recall")
+    ax2.set(ylim=(0, 1.15), title="recall")   # 上限留到 1.15：召回为 1 的柱子不会顶到边框、被图例压住
     for ax in (ax1, ax2):
-        ax.set_xticks(xs, names, rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(xs, names, rotation=30, ha="right", fontsize=8)   # 库名长（chroma_embedded 等），横排会互相重叠
         ax.legend(fontsize=7)
     # 旋钮曲线：同一个索引只改查询参数，召回怎么随代价上升；横轴取对数，因为旋钮是按 2 的幂扫的
     ivf, hnsw = knobs["ivf_nprobe_sweep"], knobs["hnsw_ef_search_sweep"]

@@ -32,6 +32,7 @@ def _match_query(query: str) -> str:
 
     FTS5 默认 AND：一个问题十几个词全都要出现，几乎什么都搜不到；不加引号时 "-"、":" 会被当成查询语法而报错。
     """
+    # 词里自带的双引号要写成两个（SQL 字符串的转义规则），否则它会提前结束引号、整条 MATCH 报语法错误
     return " OR ".join('"' + w.replace('"', '""') + '"' for w in retrieval.bm25_tokens(query))
 
 
@@ -43,12 +44,14 @@ class FTS5Index:
 
         self.path = Path(db_path)
         self.path.unlink(missing_ok=True)   # 上次运行留下的库：不删会在旧表上再建一次而报错
+        # sqlite3 默认只许建连接的那个线程用它；关掉检查，别的线程拿到这个索引查询时不会抛 ProgrammingError
         self.con = sqlite3.connect(self.path, check_same_thread=False)
         self.con.execute("CREATE VIRTUAL TABLE fts USING fts5(text)")
         # FTS5 自带的分词器按空白/标点切，不认识中文词：先用 jieba 切好、空格拼接再写进去
+        # rowid 直接用块下标：MATCH 查回来的 rowid 就是块下标，和向量库的结果同一种编号，不用再建映射表
         self.con.executemany("INSERT INTO fts(rowid, text) VALUES (?, ?)",
                              ((i, " ".join(retrieval.bm25_tokens(t))) for i, t in enumerate(texts)))
-        self.con.commit()
+        self.con.commit()   # 不提交时写入可能还在内存里：下面 bytes 量的文件大小会偏小
 
     @property
     def bytes(self) -> int:
@@ -69,15 +72,18 @@ class ElasticIndex:
         import httpx
 
         self.http, self.name = httpx.Client(base_url=url.rstrip("/"), timeout=60), name   # 认证写进 URL
+        # 先 GET / 探活：地址或认证写错时这里就给一行点名 --es-url 的错误，而不是建索引时冒出 httpx 的长 traceback
         try:
             self.http.get("/").raise_for_status()
         except httpx.HTTPError as e:
             raise UserError(f"--es-url {url}: 连不上 Elasticsearch（{type(e).__name__}: {e}）") from None
         self.http.delete(f"/{name}")   # 上次留下的同名索引（不存在时 404，无妨）
+        # whitespace 分析器只按空格切、不转小写：bm25_tokens 已小写并分好词，ES 与 rank-bm25 看到的是同一串词
         # 1 个分片、0 个副本：单机演示，副本永远分配不出去，集群会一直是 yellow
         mappings = {"properties": {"text": {"type": "text", "analyzer": "whitespace"}}}
         self.http.put(f"/{name}", json={"settings": {"number_of_shards": 1, "number_of_replicas": 0},
                                         "mappings": mappings}).raise_for_status()
+        # _bulk 吃 NDJSON：一行动作一行文档、最后也要换行；ensure_ascii=False 让中文原样写入，不膨胀成 \uXXXX
         bulk = "".join(json.dumps({"index": {"_id": str(i)}}) + "\n" +
                        json.dumps({"text": " ".join(retrieval.bm25_tokens(t))}, ensure_ascii=False) + "\n"
                        for i, t in enumerate(texts))
@@ -97,6 +103,7 @@ class ElasticIndex:
 
     def search(self, query: str, k: int = 10) -> list[tuple[int, float]]:
         """match 查询取前 k。"""
+        # _source=False：只要 _id（即块下标），不回传原文，延迟里少一份序列化；match 默认按 OR 组合各词，与 FTS5 一致
         body = {"size": k, "_source": False, "query": {"match": {"text": " ".join(retrieval.bm25_tokens(query))}}}
         hits = self.http.post(f"/{self.name}/_search", json=body).json()["hits"]["hits"]
         return [(int(h["_id"]), float(h["_score"])) for h in hits]
@@ -112,6 +119,7 @@ def time_queries(search, n_queries: int, repeats: int) -> tuple[list[list[int]],
     lat = []
     for _ in range(repeats):
         for i in range(n_queries):
+            # perf_counter 单调且分辨率最高：FAISS 一次查询只有微秒级，time.time 还会被系统校时拨动
             t = time.perf_counter()
             search(i)
             lat.append((time.perf_counter() - t) * 1000)

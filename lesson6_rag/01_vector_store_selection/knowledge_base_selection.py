@@ -100,6 +100,9 @@ class Bench:
 
         向量库的召回对照精确检索而不是金标：近似索引丢的是"本该返回的近邻"，对照金标会把向量模型本身的错也算进来。
         """
+        # r 可能是 numpy 行（旋钮扫描直接传 search 的输出），先 list() 再切片；IVF 扫到的簇里凑不满 K 个点时
+        # faiss 用 -1 补位，-1 不在精确答案里，自然算作漏检。分母用 len(e) 而不是 K：库里不足 10 块时
+        # （--max-docs 很小），精确检索自己也返回不满 10 个，否则 Flat 对照自己都到不了 1
         overlap = [len(set(list(r)[:K]) & set(e)) / len(e) for r, e in zip(ranked, self.exact)]
         return round(sum(overlap) / len(ranked), 4)
 
@@ -108,12 +111,15 @@ class Bench:
         import numpy as np
 
         qas = self.kb["qas"]
+        # 命中按金标段落的字符区间判定（common.retrieval.is_hit：块覆盖金标至少一半），不看块 id：换切块参数不用重标问答
         hits = retrieval.hits_matrix(ranked, qas, self.kb["chunks"], self.kb["by_id"])
         gold10 = retrieval.recall_at_k(hits, K)
         # p95 与 p50 一起报：服务模式偶尔一次慢请求（GC、网络抖动）只看平均是看不出来的
         r = self.results[name] = {
             "build_s": round(build_s, 4), "p50_ms": round(float(np.percentile(lat, 50)), 3),
             "p95_ms": round(float(np.percentile(lat, 95)), 3),
+            # 全文检索没有向量，也就没有"精确近邻"可比：它的 recall@10 只能对照金标；
+            # recall_kind 写明口径，免得两种数混着比
             "recall_at_10": self.vs_exact(ranked) if vector else round(gold10, 4),
             "recall_kind": "vs_exact_faiss_flat" if vector else "gold_qa",
             "recall_at_10_gold": round(gold10, 4), "recall_at_5_gold": round(retrieval.recall_at_k(hits, 5), 4),
@@ -135,7 +141,7 @@ def load_and_embed(args: Args, log) -> dict:
     kb = {"docs": docs, "by_id": by_id, "qas": qas, "chunks": chunks,
           "vecs": retrieval.embed(embedder, [c.text for c in chunks]),
           "qvecs": retrieval.embed(embedder, [q["question"] for q in qas]),
-          "langs": [data.detect_lang(c.text) for c in chunks]}
+          "langs": [data.detect_lang(c.text) for c in chunks]}   # 块的语言只给 Chroma 的 where 元数据过滤实测用
     log.info("%d 篇文档 → %d 个块（%d 字符/块），%d 个问题，向量维度 %d", len(docs), len(chunks), args.chunk_size,
              len(qas), kb["vecs"].shape[1])
     return kb
@@ -168,12 +174,15 @@ def bench_faiss(args: Args, kb: dict, bench: Bench) -> dict:
                 "faiss_hnsw": lambda: faiss.IndexHNSWFlat(d, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)}
     indexes = {}
     for name, make in builders.items():
+        # 建库计时包含 IVF 的 k-means 训练：这是它比 Flat 多付的一次性代价，不算进去 IVF 就显得白捡了速度
         r0, t = stores.rss(), time.perf_counter()
         index = indexes[name] = make()
         if name == "faiss_ivf":
             index.train(vecs)   # 块数 < 39×nlist 时 faiss 会警告训练点不足：小库上 IVF 本就不划算，照实报告
+            # nprobe 超过 nlist 也只能扫全部簇：截断后 metrics 里记的 nprobe 才是实际生效的值
             index.nprobe = min(args.nprobe, nlist)
         if name == "faiss_hnsw":
+            # efSearch 只影响查询；图的密度由构造时传入的 M 决定，所以建好后随时可改，下面的旋钮扫描就靠这一点
             index.hnsw.efSearch = args.ef_search
         index.add(vecs)
         build_s, rss_delta = time.perf_counter() - t, stores.rss() - r0
@@ -181,7 +190,9 @@ def bench_faiss(args: Args, kb: dict, bench: Bench) -> dict:
         ranked, lat = stores.time_queries(lambda i, ix=index: ix.search(qvecs[i:i + 1], K)[1][0].tolist(), nq,
                                           args.repeats)
         if name == "faiss_flat":
+            # 库里块数不足 K 时 Flat 也会用 -1 补位：去掉，否则 -1 会被当成一个"标准答案"的近邻
             bench.exact = [[i for i in r if i >= 0] for r in ranked]
+        # 索引大小量序列化后的字节数（与 write_index 落盘同一格式）：三种索引同一把尺子，不受进程内存碎片影响
         bench.record(name, ranked, lat, build_s, faiss.serialize_index(index).nbytes, rss_delta, vector=True)
         bench.features[name] = faiss_features(faiss, index)
     # 旋钮扫描（放在计时之后）：近似索引的召回随 nprobe / efSearch 怎么变；nprobe = nlist 等于扫全部簇
@@ -189,7 +200,7 @@ def bench_faiss(args: Args, kb: dict, bench: Bench) -> dict:
     ivf_sweep, hnsw_sweep = {}, {}
     for v in [v for v in (1, 2, 4, 8, 16, 32) if v < nlist] + [nlist]:
         ivf.nprobe = v
-        ivf_sweep[str(v)] = bench.vs_exact(ivf.search(qvecs, K)[1])
+        ivf_sweep[str(v)] = bench.vs_exact(ivf.search(qvecs, K)[1])   # 这里只看召回不计时，整批查询一次完成
     for v in (4, 8, 16, 32, 64):   # 从比 K=10 还小扫起：候选队列越短，图上搜索越早停下，漏掉的近邻越多
         hnsw.hnsw.efSearch = v
         hnsw_sweep[str(v)] = bench.vs_exact(hnsw.search(qvecs, K)[1])
@@ -207,9 +218,11 @@ def bench_chroma_client(name: str, client, size_path: Path, server_pid: int | No
     proc = psutil.Process(server_pid) if server_pid else psutil.Process()
     r0, t = proc.memory_info().rss, time.perf_counter()
     # embedding_function=None：向量我们自己给（与 FAISS 同一批），否则 Chroma 会用它的默认模型再编码一遍
+    # Chroma 的 HNSW 默认距离是 l2；显式用 cosine，与 FAISS 的内积（向量已归一化）同一口径，召回差异才只来自索引本身
     col = client.create_collection("kb_chunks", configuration={"hnsw": {"space": "cosine"}}, embedding_function=None)
     step = client.get_max_batch_size()   # 单次 add 有上限（超了直接报错），大库要分批
     for s in range(0, len(chunks), step):
+        # Chroma 的 id 必须是字符串；用块下标当 id，查询结果 int() 回来就能与 FAISS 的 top-10 直接逐个比较
         col.add(ids=[str(i) for i in range(s, min(s + step, len(chunks)))], embeddings=vecs[s:s + step],
                 documents=[c.text for c in chunks[s:s + step]],
                 metadatas=[{"doc_id": c.doc_id, "lang": lg} for c, lg in zip(chunks[s:s + step], langs[s:s + step])])
@@ -223,6 +236,7 @@ def bench_chroma_client(name: str, client, size_path: Path, server_pid: int | No
     filtered = col.query(query_embeddings=qvecs[:1], n_results=3, where={"lang": langs[0]},
                          include=["metadatas"])["metadatas"][0]
     before = col.count()
+    # 删除放在计时和召回之后：删掉块 0 的集合已经和别的库不一样了，再测就不公平
     col.delete(ids=["0"])
     bench.features[name] = {"过滤": f"where 元数据过滤（实测 {len(filtered)} 条，lang 全部匹配："
                                     f"{all(m['lang'] == langs[0] for m in filtered)}）",
@@ -247,6 +261,7 @@ def bench_chroma(args: Args, out: run.Run, kb: dict, bench: Bench) -> None:
     if not exe:
         out.log.warning("找不到 chroma 命令行（应在 %s 旁边）：跳过 HTTP 服务模式，只测嵌入式 Chroma", sys.executable)
         return
+    # 服务模式也用全新目录：上次的集合留在里面，create_collection 同样会报"已存在"
     shutil.rmtree(srv_dir := out.path("chroma_server"), ignore_errors=True)
     try:   # common.services：空闲端口、轮询心跳直到就绪、任何退出路径上都停掉（不留孤儿服务）
         svc = services.start([exe, "run", "--path", str(srv_dir), "--host", "127.0.0.1", "--port", "{port}"],
@@ -288,11 +303,12 @@ def bench_fulltext(args: Args, out: run.Run, kb: dict, es, bench: Bench) -> None
         ranked, lat = stores.time_queries(lambda i, ix=index: [j for j, _ in ix.search(qas[i]["question"], K)],
                                           nq, args.repeats)
         bench.record(name, ranked, lat, build_s, size(index), rss_delta, vector=False)
+    # 只收这次真的测过的引擎：没给 --es-url 时，功能表里不该出现 elasticsearch 一行
     bench.features.update({k: v for k, v in stores.FULLTEXT_FEATURES.items() if k in bench.results})
 
 
 def main(args: Args) -> dict:
-    args = cli.with_smoke(args, SMOKE)
+    args = cli.with_smoke(args, SMOKE)   # 先换冒烟参数再 run.start：config.json 记下的才是真正跑的参数
     out = run.start(__file__, args)
 
     # 1. 读知识库、切块、向量化：所有库吃同一批块、同一批向量
@@ -309,10 +325,12 @@ def main(args: Args) -> dict:
     bench_fulltext(args, out, kb, es, bench)
     # 5. 功能对比表与图；"金标 recall@5 最高"只看任务召回，选型还要把延迟、运维（服务 / 嵌入式）一起权衡
     reporting.report(out, bench, knobs, args.hnsw_m)
+    # 最后一个 max 只按任务召回挑"最准"的库，不代表选型结论：延迟和运维代价要对照上面的表一起看
     results, best_gold = bench.results, max(bench.results, key=lambda s: bench.results[s]["recall_at_5_gold"])
     return out.finish({"stores": results, "features": bench.features, "chunks": len(kb["chunks"]),
                        "queries": len(kb["qas"]), **knobs, "nprobe": min(args.nprobe, knobs["nlist"]),
                        "hnsw_m": args.hnsw_m, "ef_search": args.ef_search,
+                       # 没给 --embedding-model 时记下默认模型名而不是 None：看结果时要知道"中文弱"说的是哪个模型
                        "embedding_model": args.embedding_model or "all-MiniLM-L6-v2", "best_gold_store": best_gold},
                       summary=", ".join(f"{s}: recall@10={r['recall_at_10']:.2f} p50={r['p50_ms']:.2f}ms"
                                         for s, r in results.items()) + f"; 金标 recall@5 最高：{best_gold}",

@@ -14,7 +14,8 @@ from common.retrieval import Chunk
 
 def lang_of(text: str) -> str:
     """按字符粗分 zh / en / mixed：汉字占（汉字 + 拉丁字母）的比例 ≥ 0.7 为 zh，≤ 0.1 为 en。"""
-    cjk = sum("\u4e00" <= c <= "\u9fff" for c in text)
+    cjk = sum("\u4e00" <= c <= "\u9fff" for c in text)   # 基本区汉字：区分中英文足够了
+    # 必须加 isascii：str.isalpha() 对汉字也返回 True，否则汉字会被算两遍
     lat = sum(c.isascii() and c.isalpha() for c in text)
     if cjk + lat == 0:   # 只有数字、标点的块（表格碎片）：不归任何一种语言
         return "mixed"
@@ -25,6 +26,7 @@ def lang_of(text: str) -> str:
 
 def coverage(docs, chunks: list[Chunk]) -> float:
     """文档里非空白字符被至少一个块覆盖的比例（切块不能丢内容：没进任何块的文字永远检索不到）。"""
+    # 每篇文档一张逐字符的标记表：重叠区被相邻两块重复标记也只算一次，覆盖率不会超过 1
     covered = {d.id: bytearray(len(d.text)) for d in docs}
     for c in chunks:
         covered[c.doc_id][c.start:c.end] = b"\x01" * len(c.text)
@@ -39,19 +41,22 @@ def coverage(docs, chunks: list[Chunk]) -> float:
 
 def quality(chunks: list[Chunk], tokenizer, max_tokens: int, min_chars: int) -> dict:
     """数据质量计数：空块、重复块、过短块、超过向量模型长度（会被截断）的块、语言分布、长度分布。"""
+    # 先把空白归一再判空/重复：只差换行或多几个空格的两块算同一块，纯空白的块算空块
     norm = [re.sub(r"\s+", " ", c.text).strip() for c in chunks]
     lens = [len(c.text) for c in chunks]
     # 用向量模型自己的分词器数 token：同样的字符数，中文（一字一 token）与英文（一词 1~2 个）差得很远
+    # add_special_tokens=True：[CLS]/[SEP] 也占 max_seq_length 的名额，不算进去会漏掉刚好超长的块；
+    # 不截断（tokenizer 默认如此）才数得出真实长度；verbose=False 关掉"超过模型上限"的警告，超长正是这里要数的
     enc = tokenizer([c.text for c in chunks], add_special_tokens=True, verbose=False)
     ntok = [len(ids) for ids in enc["input_ids"]]
     seen, dup = set(), 0
     for t in norm:
-        dup += t in seen and bool(t)
+        dup += t in seen and bool(t)   # 空块不算重复：它已单独计进 empty，否则一个空块会被数两次
         seen.add(t)
     langs = Counter(lang_of(c.text) for c in chunks)
     return {"chunks": len(chunks), "avg_len": round(statistics.mean(lens), 1), "max_len": max(lens),
             "empty": sum(not t for t in norm), "duplicate": dup,
-            "too_short": sum(0 < len(t) < min_chars for t in norm),
+            "too_short": sum(0 < len(t) < min_chars for t in norm),   # 下限 0 <：空块同理不重复计进过短
             "too_long": sum(n > max_tokens for n in ntok),
             "lang": {k: langs.get(k, 0) for k in ("zh", "en", "mixed")}}
 

@@ -91,23 +91,29 @@ class Args(retrieval.KBArgs):
 
 
 # ---- 清洗：NFKC 把全角字母数字、全角空格变成半角；中文标点再还原成全角，中文读起来才自然 ----
+# 零宽空格/连接符、BOM、软连字符：肉眼看不见，却会把一个词拆成两半，BM25 分词与金标字符串匹配都对不上
 ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
+# 跳过 \t（\x09）和 \n（\x0a）：制表符下一步合并成空格，换行是段落结构，recursive 切块要靠它
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# NFKC 会把全角的 ，：；！？ 变成半角；clean_text 只在紧挨汉字处换回全角，英文里的标点保持半角
 CJK_PUNCT = {",": "，", ":": "：", ";": "；", "!": "！", "?": "？"}
 
 
 def clean_text(text: str) -> str:
     """NFKC + 去零宽/控制字符 + 行内空白合并 + 最多保留一个空行（段落结构要留给 recursive 切块用）。"""
+    # 先把 \r\n 与 \r 统一成 \n：否则下面按 \n 断句、合并空行时都认不出这些换行
     t = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
     t = CONTROL.sub("", ZERO_WIDTH.sub("", t))
     t = re.sub(r"[ \t]+", " ", t)
-    t = re.sub(r" *\n *", "\n", t)
+    t = re.sub(r" *\n *", "\n", t)   # 去掉换行两侧的空格：否则空行里夹着空格，下一步的 \n{3,} 就认不出它是空行
     t = re.sub(r"\n{3,}", "\n\n", t)
+    # 只换紧挨汉字的半角标点：英文句子、数字里的千位逗号、时间里的冒号都必须保持半角
     t = re.sub(r"(?<=[\u4e00-\u9fff])[,:;!?]|[,:;!?](?=[\u4e00-\u9fff])", lambda m: CJK_PUNCT[m.group()], t)
     return t.strip()
 
 
 # ---- 断句：中文句末标点后直接断；英文句点要求后面是空白，才不会把 3.5 或 v1.2 切开；换行也是边界 ----
+# 句末标点后紧跟的右引号/右括号归到本句：否则下一句会以一个孤零零的 ” 或 ） 开头
 SENT_END = re.compile(r"[。！？；!?;]+[”’\"')）]*|\.(?=\s)|\n")
 
 
@@ -122,6 +128,7 @@ def split_sentences(text: str) -> list[tuple[int, int]]:
     for a, b in spans:
         seg = text[a:b]
         if seg.strip():
+            # 起点跳过前导空白、终点去掉尾部空白：块按 (start, end) 直接从原文切片，起点才与原文逐字对得上
             a += len(seg) - len(seg.lstrip())
             out.append((a, a + len(seg.strip())))
     return out
@@ -139,6 +146,7 @@ def pack(doc: data.Document, sents: list[tuple[int, int]], size: int, cut_before
             # 一句话就超过上限（长表格行、没有标点的段落）：只能硬切，否则这一块会被向量模型截断
             spans += [(s, min(b, s + size)) for s in range(a, b, size)]
             continue
+        # 块 = 原文中首句起点到末句终点的切片（句间空白原样保留），不是把句子拼起来：拼接会改动文本，起点就对不上
         cur = (cur[0] if cur else a, b)
     if cur:
         spans.append(cur)
@@ -149,6 +157,8 @@ def fixed_chunks(docs, size: int, overlap: int) -> list[Chunk]:
     """固定字符窗口：最简单，也最容易把一句话、一个数字切成两半。"""
     step = size - overlap
     return [Chunk(f"{d.id}#{i}", d.id, d.text[s:s + size], s)
+            # range 截到 len − overlap：再往后的窗口会整个落在上一块的重叠区里，纯属重复块；
+            # max(1, …) 让短于 overlap 的文档也至少切出一块，否则它的内容就丢了（coverage < 1）
             for d in docs for i, s in enumerate(range(0, max(1, len(d.text) - overlap), step))]
 
 
@@ -166,8 +176,11 @@ def semantic_chunks(docs, embedder, size: int, percentile: float, min_len: int):
         sims = (v[:-1] * v[1:]).sum(axis=1)          # sims[i] = sim(第 i 句, 第 i+1 句)
         # 阈值按文档各自算：不同文档（中/英、FAQ/手册）的相似度基线不同，用全局阈值会让某些文档切不动
         cut = set()
+        # 只有一句的文档没有相邻句对：不求阈值，整篇只按长度装箱
         if len(sims):
+            # 按本文档的第 p 百分位取阈值，大约 p% 的句间位置会成为候选切点（再受 min_len 约束）
             thr = float(np.percentile(sims, percentile))
+            # sims[i] 低 = 第 i+1 句另起话题：记成"在第 i+1 句之前切"，正是 pack 的 cut_before
             cut = {i + 1 for i, s in enumerate(sims) if s < thr}
             all_sims.extend(float(s) for s in sims)
         # 标题与正文的相似度往往也低：不设最短长度，标题会被单独切成一个过短块
@@ -178,10 +191,13 @@ def semantic_chunks(docs, embedder, size: int, percentile: float, min_len: int):
 def evaluate_strategy(name: str, chunks: list[Chunk], args: Args, out: run.Run, docs, by_id, qas, qvecs,
                       embedder) -> dict:
     """一种切块策略：质量计数、覆盖率与起点核对、dense / BM25 的 recall@5（分语言），以及长度直方图。"""
+    # 用向量模型自己的分词器与 max_seq_length 判超长：上限随模型而变，docstring 里的 256 token 就是 MiniLM 的
     rep = qc.quality(chunks, embedder.tokenizer, embedder.max_seq_length, args.min_chunk_chars)
     rep["coverage"] = round(qc.coverage(docs, chunks), 4)
+    # 逐块核对原文切片 == 块文本：is_hit 按 (start, end) 区间算与金标的重叠，起点错了命中判定就整体偏移
     rep["offset_errors"] = sum(by_id[c.doc_id].text[c.start:c.end] != c.text for c in chunks)
     texts = [c.text for c in chunks]
+    # 每种策略各建一个索引（块不同，向量就不同）；问题向量 qvecs 在 main 里只编码一次，四种策略共用
     dense = retrieval.DenseIndex(retrieval.embed(embedder, texts))
     dense_ranked = [[i for i, _ in r] for r in dense.search_vectors(qvecs, K)]
     bm25 = retrieval.BM25Index(texts)
@@ -191,6 +207,7 @@ def evaluate_strategy(name: str, chunks: list[Chunk], args: Args, out: run.Run, 
     rep["recall_at_5"] = round(retrieval.recall_at_k(hits["dense"], K), 4)
     rep["bm25_recall_at_5"] = round(retrieval.recall_at_k(hits["bm25"], K), 4)
     per_kind = {kind: retrieval.recall_by_lang(hs, qas, K) for kind, hs in hits.items()}
+    # 转成 {语言: {dense, bm25}}：同一语言的两种检索并排，看得出各自擅长哪种语言
     rep["by_lang"] = {lang: {kind: per_kind[kind][lang] for kind in hits} for lang in per_kind["dense"]}
     out.log.info(f"{name:9s} dense recall@{K}={rep['recall_at_5']:.3f}  bm25={rep['bm25_recall_at_5']:.3f}  "
                  f"{rep['by_lang']}")
@@ -198,6 +215,7 @@ def evaluate_strategy(name: str, chunks: list[Chunk], args: Args, out: run.Run, 
     fig, save = out.plot(f"length_hist_{name}.png")
     ax = fig.gca()
     ax.hist([len(c.text) for c in chunks], bins=30, color="#4C72B0")
+    # 虚线是上限：fixed 的柱子贴着它，sentence / semantic 落在它左边
     ax.axvline(args.chunk_size, color="gray", ls="--", label=f"chunk_size={args.chunk_size}")
     ax.set(title=f"{name}: {len(chunks)} chunks, avg {rep['avg_len']} chars", xlabel="chunk length (chars)",
            ylabel="count")
@@ -212,9 +230,11 @@ def clean_kb(raw_docs, qas: list[dict]) -> tuple[list, dict, list[dict], dict]:
     金标段落必须用同一个函数清洗：文档里的全角逗号变了、金标里没变，区间判定就再也找不到它，recall 会假性归零。
     """
     nfkc_changed = sum(unicodedata.normalize("NFKC", c) != c for d in raw_docs for c in d.text)
+    # 保留原文档 id：问答的 doc_id 指向它，换了 id 命中判定就找不到文档
     docs = [data.Document(d.id, clean_text(d.text), d.path) for d in raw_docs]
     by_id = {d.id: d for d in docs}
     qas = [{**q, "gold_passage": clean_text(q["gold_passage"]) if q["gold_passage"] else None} for q in qas]
+    # 清洗后金标仍能在文档里原样找到的题数：比有金标的题数少，就说明两边没被洗成一样
     gold_found = sum(q["gold_passage"] in by_id[q["doc_id"]].text for q in qas if q["gold_passage"] and q["doc_id"])
     clean_stats = {"chars_before": sum(len(d.text) for d in raw_docs), "chars_after": sum(len(d.text) for d in docs),
                    "nfkc_changed_chars": nfkc_changed, "gold_found_after_cleaning": gold_found}
@@ -255,6 +275,7 @@ def main(args: Args) -> dict:
         raise UserError(f"--chunk-overlap {args.chunk_overlap} 必须小于 --chunk-size {args.chunk_size}")
 
     # 1. 加载：txt/md/html/pdf 统一成纯文本（common.data.load_documents）；问答集检查 gold_passage 确在原文里
+    # load_kb 给的 by_id 指向清洗前的文本，丢掉不用：offset 核对和命中判定都要拿清洗后的 by_id（见下一步）
     raw_docs, _, qas = retrieval.load_kb(args.docs, args.qa, args.max_docs, args.max_questions)
     log.info(f"加载 {len(raw_docs)} 篇文档、{len(qas)} 个问题：{dict(Counter(d.path.suffix for d in raw_docs))}")
 
@@ -263,6 +284,7 @@ def main(args: Args) -> dict:
     log.info(f"清洗：{clean_stats}")
 
     # 3. 切块：四种策略，同一个长度上限（上限不同，比的就是块长而不是策略）
+    # 向量模型在切块之前加载：semantic 切块要用它给句子编码
     embedder = retrieval.load_embedder(args.embedding_model, str(models.pick_device(args.device)))
     strategies, sims = chunk_all(docs, embedder, args)
     log.info("块数：" + ", ".join(f"{k}={len(v)}" for k, v in strategies.items()))
@@ -283,6 +305,7 @@ def main(args: Args) -> dict:
                                                  f"bm25={r['bm25_recall_at_5']:.2f}" for k, r in results.items())
                + f"; best={best}")
     return out.finish({"documents": len(docs), "questions": len(qas), "cleaning": clean_stats,
+                       # 全是单句文档时没有相邻句相似度：statistics.mean 对空列表会抛 StatisticsError，记为 None
                        "semantic_sim_mean": round(statistics.mean(sims), 4) if sims else None,
                        "strategies": results, "best_strategy": best}, summary, claims=CLAIMS)
 

@@ -33,12 +33,14 @@ def edit_copy(work: Path, src: list) -> tuple[list, object]:
     """
     # 只改纯文本：往 PDF / HTML 里写字会破坏格式，解析出的文本就不只是"多了一段"
     editable = [d for d in src if d.path.suffix.lower() in (".md", ".txt")] or src
+    # reversed 再建 dict：同一语言后写的覆盖先写的，留下的就是每种语言在原顺序里的第一篇
     first_per_lang = list({data.detect_lang(d.text): d for d in reversed(editable)}.values())   # 中英文各改一篇
     edited = (first_per_lang + [d for d in editable if d not in first_per_lang])[:2]
     removed = next(d for d in reversed(src) if d not in edited)   # 删的和改的不能是同一篇，否则两种情形混在一起
     for i, d in enumerate(edited):
         note = EDIT[data.detect_lang(d.text)]
         text = (work / d.id).read_text(encoding="utf-8")
+        # 第 0 篇末尾追加（只有最后几块变）、第 1 篇开头插入（所有块错位）：两种修改各演示一次
         (work / d.id).write_text(text.rstrip() + "\n\n" + note + "\n" if i == 0 else note + "\n\n" + text,
                                  encoding="utf-8")
     (work / removed.id).unlink()

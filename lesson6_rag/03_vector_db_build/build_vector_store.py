@@ -69,6 +69,8 @@ edits = run.import_sibling(__file__, "_edits")
 
 def chunk_key(chunk_id: str) -> int:
     """稳定的 int64 id：sha1("文档id#块序号") 前 8 字节，截成 63 位非负数（FAISS 与 SQLite 都能存）。"""
+    # 截成 63 位：FAISS 的 id 和 SQLite 的 INTEGER 都是有符号 int64，首位为 1 就成了负数，
+    # 而 FAISS 用 -1 表示"没有结果"；字节序（big）定了就不能再改：改了 id 全变，旧库里的每一块都对不上号
     return int.from_bytes(hashlib.sha1(chunk_id.encode("utf-8")).digest()[:8], "big") & (2**63 - 1)
 
 
@@ -90,10 +92,13 @@ def sync(docs_dir: Path, store: Path, embedder, args: Args, rebuild: bool, log) 
     t0 = time.perf_counter()
     store.mkdir(parents=True, exist_ok=True)
     index_path, model_name = store / "index.faiss", args.embedding_model or "all-MiniLM-L6-v2"
+    # 哈希算在解析后的文本上而不是文件字节上：PDF / HTML 只改了元数据、正文没变时，不必重算向量
     current = {d.id: (d, hashlib.sha256(d.text.encode("utf-8")).hexdigest()) for d in data.load_documents(docs_dir)}
     con = sqlite3.connect(store / "meta.sqlite")
+    # doc_hash 存在每一行块上：不另建文档表，下面一句 SELECT DISTINCT doc_id, doc_hash 就取回每篇上次的哈希
     con.execute("CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY, doc_id TEXT NOT NULL, "
                 "chunk_no INTEGER NOT NULL, text TEXT NOT NULL, doc_hash TEXT NOT NULL)")
+    # info 记着向量模型名与配套索引文件的 sha256：下面靠这两项判断旧索引还能不能接着用
     con.execute("CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT)")
     info = dict(con.execute("SELECT key, value FROM info"))
     # 两阶段提交（见函数末尾）：元数据里记着"配套的索引文件"的 sha256。上次在提交之后、换文件之前被杀：
@@ -102,7 +107,7 @@ def sync(docs_dir: Path, store: Path, embedder, args: Args, rebuild: bool, log) 
     if tmp.exists():
         if info.get("index_sha256") == file_sha256(tmp):
             log.info("上次同步已提交、但换索引文件前中断：补做改名")
-            os.replace(tmp, index_path)
+            os.replace(tmp, index_path)   # 同一文件系统上 os.replace 是原子的：不会留下写了一半的 index.faiss
         else:
             tmp.unlink()
     index = faiss.read_index(str(index_path)) if index_path.exists() and not rebuild else None
@@ -114,7 +119,9 @@ def sync(docs_dir: Path, store: Path, embedder, args: Args, rebuild: bool, log) 
            else f"索引 {index.ntotal} 条 ≠ 元数据 {count} 条" if index.ntotal != count else None)
     if why:
         log.info("%s：全量构建 %s", why, store.name)
+        # 全量重建时元数据一起清空：否则下面按哈希比对会把旧文档都当成"没变"跳过，新索引里就缺了它们
         con.execute("DELETE FROM chunks")
+        # IndexIDMap2 比 IndexIDMap 多一张 id → 位置的反查表：reconstruct(id) 靠它（一致性检查要按 id 取回向量）
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(embedder.get_embedding_dimension()))
     stored = dict(con.execute("SELECT DISTINCT doc_id, doc_hash FROM chunks"))
     new = [d for d in current if d not in stored]
@@ -124,12 +131,15 @@ def sync(docs_dir: Path, store: Path, embedder, args: Args, rebuild: bool, log) 
     # 删：已删除文档和已修改文档的旧块，一起按 id 从索引和元数据里拿掉
     for doc_id in deleted + changed:
         ids = np.array([r[0] for r in con.execute("SELECT id FROM chunks WHERE doc_id = ?", (doc_id,))], "int64")
+        # 索引和元数据必须一起删：只删元数据，旧向量还会被搜出来却查不到文本；只删索引，下次同步会以为这篇还在
         index.remove_ids(ids)
         con.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
     # 加：只有新文档和修改过的文档需要切块、向量化（这是最贵的一步，也是增量省下的时间）
     todo = retrieval.chunk_documents([current[d][0] for d in changed + new], args.chunk_size, args.chunk_overlap)
+    # 块数不到 100 时不显示进度条：增量同步通常只有几块，一闪而过的进度条只会刷屏
     for s in tqdm(range(0, len(todo), args.batch_size), desc=f"向量化 {store.name}", disable=len(todo) < 100):
         batch = todo[s:s + args.batch_size]
+        # id 由"文档 id#块序号"算出：修改过的文档块序号不变 → id 不变，所以上面必须先删旧块再加，否则 id 重复
         ids = np.array([chunk_key(c.id) for c in batch], dtype="int64")
         index.add_with_ids(retrieval.embed(embedder, [c.text for c in batch]), ids)
         con.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?)",
@@ -175,9 +185,11 @@ def copy_kb(args: Args, work: Path) -> tuple[list, list[str]]:
         queries = [q["question"] for q in qas]
     else:                          # 只给了 --docs：用每篇文档的开头当查询
         src = every_nth(data.load_documents(args.docs), args.max_docs)
+        # 取每篇开头 80 字当查询：它一定出自某篇文档；一致性检查只需要增量库与重建库"对同一批查询"比结果，用不着金标
         queries = [d.text[:80] for d in src][: args.max_questions or None]
     if len(src) < 3:
         raise UserError(f"--docs {args.docs}: 演示要修改 2 篇、删除 1 篇，至少需要 3 篇文档（现在 {len(src)} 篇）")
+    # 每次从干净的副本开始：上次运行改过的副本若还在，演示的"新增 / 修改"就不再是变化
     shutil.rmtree(work, ignore_errors=True)
     for d in src:
         (work / d.id).parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +206,7 @@ def check_consistency(store: Path, rebuilt: Path, old_meta: dict, removed_id: st
     index_full, meta_full = load_store(rebuilt)
     live = np.array(sorted(meta), dtype="int64")
     own = np.stack([index.reconstruct(int(i)) for i in live])
+    # 取前 2 名：第 2 名用来识别"另一块文本完全相同、分数并列"的情形
     scores, top = index.search(own, 2)
     # 第 1 名应是它自己；若另有一块文本完全相同（向量相同、分数并列），也算对
     self_top1 = all(t[0] == i or abs(s[0] - s[1]) < 1e-6 and i in t for i, t, s in zip(live, top, scores))
@@ -203,14 +216,17 @@ def check_consistency(store: Path, rebuilt: Path, old_meta: dict, removed_id: st
     s_inc, i_inc = index.search(qvecs, 10)
     s_full, i_full = index_full.search(qvecs, 10)
     returned = {int(i) for i in i_inc.ravel() if i >= 0}
+    # id 集合不同时逐一比向量没有意义，而且 reconstruct 一个重建库里没有的 id 会直接报错：记为 None，该项判失败
     own_full = np.stack([index_full.reconstruct(int(i)) for i in live]) if set(meta) == set(meta_full) else None
     checks = {
         "ntotal_equals_metadata": index.ntotal == len(meta) == index_full.ntotal == len(meta_full),
         "self_search_top1": bool(self_top1),
         "no_stale_ids_returned": not (returned & stale) and returned <= set(meta),
         "same_ids_as_rebuild": set(meta) == set(meta_full),
+        # 容差 1e-4：增量与重建的分批组成不同，同一段文本两次编码可能有浮点级的微小差别
         "same_vectors_as_rebuild": own_full is not None and bool(np.allclose(own, own_full, atol=1e-4)),
         "same_results_as_rebuild": bool(np.allclose(s_inc, s_full, atol=1e-4))
+        # 只比 top-5 的 id 集合、不比顺序：分数并列的块谁先谁后没有保证
         and all(set(a) == set(b) for a, b in zip(i_inc[:, :5].tolist(), i_full[:, :5].tolist())),
         "deleted_doc_gone": all(doc != removed_id for doc, _ in meta.values()),
     }
@@ -256,7 +272,7 @@ def main(args: Args) -> dict:
     # 3. 增量同步 vs 同一最终状态的全量重建（--rebuild 那条路），同一个向量模型、同样的写盘
     inc = sync(work, store, embedder, args, False, log)
     full = sync(work, rebuilt, embedder, args, True, log)
-    speedup = full["seconds"] / max(inc["seconds"], 1e-9)
+    speedup = full["seconds"] / max(inc["seconds"], 1e-9)   # 分母兜底：增量快到计时为 0 时不除零
     log.info("增量同步 %.2fs（向量化 %d 块） vs 全量重建 %.2fs（向量化 %d 块）：快 %.1f 倍", inc["seconds"],
              inc["chunks_embedded"], full["seconds"], full["chunks_embedded"], speedup)
 
@@ -278,6 +294,7 @@ def main(args: Args) -> dict:
         "incremental_s": inc["seconds"], "rebuild_s": full["seconds"], "initial_build_s": initial["seconds"],
         "incremental_vs_rebuild_speedup": round(speedup, 2), "chunks_embedded_incremental": inc["chunks_embedded"],
         "chunks_embedded_rebuild": full["chunks_embedded"], "stale_ids": len(stale), "queries": len(queries),
+        # 记下 faiss 版本：索引文件是 faiss 的二进制格式，拿结果复现或换机器读库时要知道是哪一版写的
         "index_bytes": (store / "index.faiss").stat().st_size, "faiss_version": faiss.__version__,
         "embedding_model": args.embedding_model or "all-MiniLM-L6-v2"},
         summary=f"+{inc['added']} ~{inc['updated']} -{inc['deleted']} 篇，{inc['vectors']} 个向量；"

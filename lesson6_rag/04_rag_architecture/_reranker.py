@@ -20,6 +20,7 @@ def training_pairs(train_q: list[dict], ranked: list[list[int]], chunks, by_id, 
     for q, rank in zip(train_q, ranked):
         # 正例不在候选里也从整个库里找出来：第一阶段漏掉的金标，正是重排器最该学会认出的
         pos = [c for c in chunks if retrieval.is_hit(c, q, by_id)][:2]
+        # 候选里也可能有金标（重叠切块时相邻两块都覆盖了它）：排除掉，否则同一段文字既当正例又当负例
         neg = [chunks[i] for i in rank if not retrieval.is_hit(chunks[i], q, by_id)][:negatives]
         for c, y in [(c, 1.0) for c in pos] + [(c, 0.0) for c in neg]:
             for k, v in zip(("query", "passage", "label"), (q["question"], c.text, y)):
@@ -45,12 +46,16 @@ def train_reranker(args, out, train_q: list[dict], ranked: list[list[int]], chun
     cache = out.path("reranker")
     if (cache / "fingerprint.txt").exists() and (cache / "fingerprint.txt").read_text() == key:
         out.log.info(f"重排器：训练数据与参数未变，直接加载缓存 {cache}")
+        # 缓存命中时训练对数记 0、没有损失曲线：metrics 里看得出这次没有真的训练
         return CrossEncoder(str(cache), max_length=max_length, device=device), 0, None
     n_pos = sum(rows["label"])
     out.log.info(f"重排器：从 MiniLM 初始化，训练对 {len(rows['label'])} 个（正 {n_pos:.0f} / 负 "
                  f"{len(rows['label']) - n_pos:.0f}），{epochs} 轮")
+    # num_labels=1：输出一个相关度分数，配下面的二分类 BCE 损失，而不是多类 softmax
     model = CrossEncoder(base, num_labels=1, max_length=max_length, device=device)
     # 冻结词嵌入和底层：底层学的是通用的词法/句法，小数据上主要靠上层学"问题与段落是否匹配"
+    # 按 BERT 结构的参数名匹配（embeddings.* 与 encoder.layer.{i}.*），末尾带点，layer.1. 不会误配 layer.10.；
+    # 换成别的结构的基座，这里可能一个参数也冻不住
     frozen = ("embeddings.",) + tuple(f"layer.{i}." for i in range(args.rerank_freeze_layers))
     for name, p in model.model.named_parameters():
         if any(f in name for f in frozen):
@@ -59,12 +64,15 @@ def train_reranker(args, out, train_q: list[dict], ranked: list[list[int]], chun
     loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor((len(rows["label"]) - n_pos) / max(1.0, n_pos)))
     targs = CrossEncoderTrainingArguments(
         output_dir=str(out.path("reranker_ckpt")), num_train_epochs=epochs, learning_rate=args.rerank_lr,
+        # warmup_steps=0.1：transformers 把小于 1 的值当作总步数的比例；save_strategy="no"：不存中间检查点，
+        # 训完只在下面 save_pretrained 一次；设备与精度开关由 common.train.trainer_flags 统一给（CPU fp32）
         per_device_train_batch_size=16, warmup_steps=0.1, save_strategy="no", logging_steps=5, seed=args.seed,
         report_to=out.trainer_report_to(), **train.trainer_flags(model))
     trainer = CrossEncoderTrainer(model=model, args=targs, train_dataset=Dataset.from_dict(rows), loss=loss)
     result = trainer.train()
     # 每 logging_steps 步记一次的损失；步数太少没记到时，用整轮的平均损失
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [result.training_loss]
+    # 先存模型、最后写指纹：训练或保存中途被打断时没有指纹，下次不会把半成品当缓存加载
     model.save_pretrained(str(cache))
     (cache / "fingerprint.txt").write_text(key)
     return model, len(rows["label"]), losses
@@ -90,6 +98,8 @@ def pick_weight(reranker, chunks, by_id, dev_q: list[dict], dev_first: list[list
     权重网格含 0 = 不用重排器：小数据训出的重排器可能不如 BM25（冒烟时单用它 MRR 只有约 0.2），不能默认它更好。
     """
     dev_rr = rerank(reranker, chunks, dev_q, dev_first)
+    # 权重 100 ≈ 只信重排器：重排相邻名次的分差放大 100 倍后，远大于第一阶段名次能造成的分差，
+    # 融合结果就是重排器的顺序
     dev_score = {w: (round(retrieval.mrr(h), 4), round(retrieval.recall_at_k(h, 5), 4)) for w, h in
                  ((w, retrieval.hits_matrix(fuse(dev_first, dev_rr, w), dev_q, chunks, by_id))
                   for w in (0.0, 0.5, 1.0, 2.0, 100.0))}

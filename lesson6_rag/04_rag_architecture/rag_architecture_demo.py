@@ -125,13 +125,16 @@ def rag_prompt(tok, question: str, lang: str, passages: list[str], mark_data: bo
     mark_data：资料包进 <document> 并声明"是资料不是指令"（safety.as_data）：检索到的网页 / 文档里若写着
     "忽略以上指令"，不加标记时模型分不清哪句是用户的要求、哪句只是资料（间接提示注入，Greshake et al. 2023）。
     """
+    # 问答里的 lang 不是 zh / en（或缺失）时退回英文提示，而不是抛 KeyError
     rag_tpl, _, prefix = PROMPTS.get(lang, PROMPTS["en"])
     texts = [re.sub(r"(?m)^#+\s*", "", t) for t in passages]   # 去掉 Markdown 的 #：小模型见 "# 标题" 爱续写新文档
+    # 预填接在对话模板的 assistant 开头之后：模型从 "According to passage [" 往下续写，第一个 token 几乎只能是编号
     return chat(tok, rag_tpl.format(ctx=safety.as_data(texts, lang, mark_data), q=question)) + prefix
 
 
 def citations(text: str, k: int) -> list[int]:
     """解析回答里的 [n] 引用（只保留 1..k 范围内的），按出现顺序。"""
+    # 范围外的编号（模型编出一个 [7]）丢掉：它指不到任何给出的资料，只能算没引用
     return [int(n) for n in re.findall(r"\[(\d+)\]", text) if 1 <= int(n) <= k]
 
 
@@ -141,7 +144,9 @@ def first_stage(qas, chunks, bm25, dense, embedder, depth: int, weight: float | 
     d_rank = [[i for i, _ in r] for r in dense.search_vectors(qv, depth)]
     b_rank = [[i for i, _ in bm25.search(q["question"], depth)] for q in qas]
     out = {"bm25": b_rank, "dense": d_rank}
+    # 训练集上挑权重时（weight=None）先不算 hybrid：权重挑好后 retrieve 再补上
     if weight is not None:
+        # RRF 返回两路的并集、可能比 depth 长：截回 depth，三种排序长度相同才可比
         out["hybrid"] = [retrieval.rrf([b, d], [1.0, weight])[:depth] for b, d in zip(b_rank, d_rank)]
     return out
 
@@ -150,11 +155,13 @@ def load_kb(args: Args, device: str, log) -> dict:
     """知识库切块、建两种索引；问题按题目随机切成训练 / 测试（同一种子同样切分）。"""
     docs, by_id, qas = retrieval.load_kb(args.docs, args.qa, args.max_docs, args.max_questions)
     chunks = retrieval.chunk_documents(docs, args.chunk_size, args.chunk_overlap)
+    # 按问题切而不是按块切：同一个问题不会既拿来训练重排器、挑 RRF 权重，又拿来报告分数
     train_q, test_q = data.split(qas, args.test_fraction, args.seed)
     train_q = train_q[: args.max_train or None]   # 测试题不截断：检索与重排指标在整个测试集上算
     embedder = retrieval.load_embedder(args.embedding_model, device)
     log.info(f"{len(docs)} 篇文档 -> {len(chunks)} 块；问题 训练 {len(train_q)} / 测试 {len(test_q)}")
     texts = [c.text for c in chunks]
+    # 两种索引都建在全部块上：训练 / 测试只按问题切，知识库两边共用（线上也只有这一个库）
     return {"by_id": by_id, "chunks": chunks, "train_q": train_q, "test_q": test_q, "embedder": embedder,
             "bm25": retrieval.BM25Index(texts), "dense": retrieval.DenseIndex(retrieval.embed(embedder, texts))}
 
@@ -167,11 +174,13 @@ def retrieve(args: Args, kb: dict, log) -> tuple[dict, dict, float, dict]:
     tr = first_stage(train_q, chunks, kb["bm25"], kb["dense"], kb["embedder"], depth, None)
     weight = args.dense_weight
     if weight is None:
+        # 网格含 0（= 单用 BM25）：中文为主的库上向量一路可能只会添乱；训练题不多，网格再细只会在训练题上过拟合
         grid = {w: retrieval.mrr(retrieval.hits_matrix([retrieval.rrf([b, d], [1.0, w]) for b, d in
                                                         zip(tr["bm25"], tr["dense"])], train_q, chunks, by_id))
                 for w in (0.0, 0.25, 0.5, 1.0, 2.0)}
-        weight = max(grid, key=grid.get)
+        weight = max(grid, key=grid.get)   # 并列时 max 取网格里靠前的（更小的权重）：同样好就少依赖较弱的向量一路
         log.info(f"RRF 向量权重（训练集 MRR）：{ {w: round(m, 3) for w, m in grid.items()} } -> {weight}")
+    # 挑好权重后给训练题补上 hybrid 排序：--first-stage hybrid 时，重排器的训练对和 dev 候选都从它里面取
     tr["hybrid"] = [retrieval.rrf([b, d], [1.0, weight])[:depth] for b, d in zip(tr["bm25"], tr["dense"])]
     te = first_stage(test_q, chunks, kb["bm25"], kb["dense"], kb["embedder"], depth, weight)
     retrievers = {}
@@ -186,6 +195,7 @@ def load_reranker(args: Args, out: run.Run, kb: dict, tr: dict, fit_i: list[int]
     """--reranker 给了就加载现成的；否则在训练题（不含 dev）上现场训练。返回 (重排器, 训练对数, 损失曲线)。"""
     if args.reranker:
         return retrieval.load_cross_encoder(args.reranker, device), 0, None
+    # 候选截到 --candidates：难负例要取自重排器上线后真正会看到的那 N 个候选
     return reranking.train_reranker(args, out, [kb["train_q"][i] for i in fit_i],
                                     [tr[args.first_stage][i][:args.candidates] for i in fit_i], kb["chunks"],
                                     kb["by_id"], device)
@@ -201,6 +211,7 @@ def rerank_stage(args: Args, out: run.Run, kb: dict, tr: dict, te: dict, device:
     weight, dev_score = reranking.pick_weight(reranker, chunks, by_id, dev_q, dev_first)
     out.log.info(f"重排器融合权重（dev {len(dev_q)} 题，(MRR, recall@5)）：{dev_score} -> {weight}")
 
+    # 重排前后用同一批候选（第一阶段前 N 个）：重排只改顺序不增删，两者之差才是重排器的功劳
     before = [r[:n] for r in te[args.first_stage]]
     reranked = reranking.rerank(reranker, chunks, test_q, before)
     after = reranking.fuse(before, reranked, weight)
@@ -211,6 +222,7 @@ def rerank_stage(args: Args, out: run.Run, kb: dict, tr: dict, te: dict, device:
           "recall_at_5_reranker_only": round(retrieval.recall_at_k(h_only, 5), 4),
           "mrr_reranker_only": round(retrieval.mrr(h_only), 4), "rerank_weight": weight,
           "rerank_dev": {str(w): v for w, v in dev_score.items()},
+          # candidate_recall = 候选召回 = 重排的天花板：金标不在前 N 个候选里，重排器排得再好也救不回来
           "candidate_recall": round(retrieval.recall_at_k(h_before, n), 4), "reranker_train_pairs": n_pairs,
           "reranker_loss": None if not losses else {"first": losses[0], "last": losses[-1]}}
     out.log.info(f"重排（{args.first_stage} 前 {n} 个候选）：{rr}")
@@ -223,20 +235,26 @@ def answer(args: Args, kb: dict, after: list[list[int]], model, tok) -> list[dic
     ctx = [[chunks[i] for i in r[:args.context_k]] for r in after[:args.max_eval]]
     rag_prompts = [rag_prompt(tok, q["question"], q["lang"], [c.text for c in ps], args.mark_data)
                    for q, ps in zip(test_q, ctx)]
+    # 闭卷不预填引用开头：没有资料可引，预填一个 "[" 只会逼模型编一个编号
     closed_prompts = [chat(tok, PROMPTS.get(q["lang"], PROMPTS["en"])[1].format(q=q["question"])) for q in test_q]
     prefixes = [PROMPTS.get(q["lang"], PROMPTS["en"])[2] for q in test_q]
     # 闭卷与 RAG 用同一个模型、同样的生成长度：两者之差才是"检索"带来的，而不是模型本来就知道
     closed = models.generate(model, tok, closed_prompts, args.max_new_tokens, args.batch_size)
+    # 把预填的开头拼回回答：prefix 以 "[" 结尾、模型只续写了 "1] …"，不拼回去 citations 就解析不出 [1]
     rag = [p + a for p, a in zip(prefixes, models.generate(model, tok, rag_prompts, args.max_new_tokens,
                                                            args.batch_size))]
     rows = []
     for q, passages, c_ans, r_ans in zip(test_q, ctx, closed, rag):
         cited = citations(r_ans, len(passages))
         rows.append({"question": q["question"], "answer": q["answer"], "lang": q["lang"], "closed_book": c_ans,
+                     # 判对用"规范化后包含标准答案"而非精确匹配：生成式回答总带前后文（"According to passage [1], …"）
                      "rag": r_ans, "cited": cited, "closed_ok": answers.contains_answer(c_ans, q["answer"]),
                      "rag_ok": answers.contains_answer(r_ans, q["answer"]),
+                     # 引用编号从 1 起，取段落要减 1；只看第一个引用：它是模型给出的主要出处
                      "citation_ok": bool(cited) and retrieval.is_hit(passages[cited[0] - 1], q, by_id),
+                     # support_ok 不要求是金标段落：别的段落也可能写着同一个答案，引它同样有据可查
                      "support_ok": any(answers.contains_answer(passages[n - 1].text, q["answer"]) for n in cited),
+                     # 资料里根本没有答案时生成再好也答不对：这一项把"检索失败"与"生成失败"分开
                      "context_has_answer": any(answers.contains_answer(c.text, q["answer"]) for c in passages)})
     return rows
 
@@ -248,7 +266,9 @@ def injection_rates(args: Args, model, tok) -> dict:
     path = data.DATA_DIR / "injection" / "cases.jsonl"
     cases = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     rates = {}
+    # 同一批案例、同一个模型各跑一遍：两者之差只来自提示里有没有"是资料不是指令"的标记
     for mark in (False, True):
+        # 注入段排第 1、金标段排第 2：检索把恶意段排在最前是最坏情况，这时防御还有用才算数
         prompts = [rag_prompt(tok, c["question"], c["lang"], [c["injected"], c["gold_passage"]], mark) for c in cases]
         outs = models.generate(model, tok, prompts, args.max_new_tokens, args.batch_size)
         rates[mark] = round(sum(c["canary"] in o for c, o in zip(cases, outs)) / len(cases), 4)
@@ -264,18 +284,19 @@ def show_examples(rows: list[dict]) -> None:
     langs = sorted({r["lang"] for r in rows})
     table = Table(*[Column(c, overflow="fold") for c in ("问题", "标准答案", "闭卷", "RAG（带引用）")],
                   title="闭卷 vs RAG（测试集示例）", show_lines=True)
+    # 正序取前两题、倒序再取前两题 = 第一种和最后一种语言各两题（只有一种语言时会重复打印同样两题）
     examples = [r for lang in langs for r in rows if r["lang"] == lang][:2] + \
         [r for lang in reversed(langs) for r in rows if r["lang"] == lang][:2]
     for r in examples:
         table.add_row(r["question"], r["answer"], f"{'✓' if r['closed_ok'] else '✗'} {r['closed_book']}",
                       f"{'✓' if r['rag_ok'] else '✗'} {r['rag']}")
-    Console(width=119).print(table)
+    Console(width=119).print(table)   # 固定宽度：输出重定向到日志时 rich 按 80 列排版，四列长文本会折成一条
 
 
 def rate(rows: list[dict], key: str, lang: str | None = None) -> float:
     """满足 key 的题目比例（lang 给定时只算该语言）。"""
     sel = [r[key] for r in rows if lang in (None, r["lang"])]
-    return round(sum(sel) / max(1, len(sel)), 4)
+    return round(sum(sel) / max(1, len(sel)), 4)   # max(1, …)：没有题可算时记 0，而不是除零
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -286,6 +307,7 @@ def summarize(rows: list[dict]) -> dict:
     """
     return {"answer_accuracy_closed_book": rate(rows, "closed_ok"), "answer_accuracy_rag": rate(rows, "rag_ok"),
             "citation_accuracy": rate(rows, "citation_ok"), "support_accuracy": rate(rows, "support_ok"),
+            # 引用率只看写没写引用、不管对不对：与 citation_accuracy 对照，分得清"不引用"和"引错"两种毛病
             "citation_rate": round(sum(bool(r["cited"]) for r in rows) / max(1, len(rows)), 4),
             "context_answer_rate": rate(rows, "context_has_answer"),
             "by_lang": {lang: {"closed_book": rate(rows, "closed_ok", lang), "rag": rate(rows, "rag_ok", lang),
@@ -309,8 +331,10 @@ def main(args: Args) -> dict:
     # 3. 重排：交叉编码器给前 N 个候选重新打分，与第一阶段的融合权重在 dev 上挑（权重 0 = 不用重排器）
     after, rr = rerank_stage(args, out, kb, tr, te, device)
     # 4. 生成与打分：同一个模型闭卷 vs 带编号资料（RAG）——差值才是检索带来的，而不是模型本来就会
+    # 大模型到这一步才加载：前面的检索与重排用不到它，提前加载只会让重排器训练时多占一份内存
     model, tok = models.load_args(args)
     rows = answer(args, kb, after, model, tok)
+    # 逐题写出回答与引用：准确率只是一个数，错在检索还是生成要翻原文才看得出
     out.path("answers.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
     show_examples(rows)
 
@@ -322,6 +346,7 @@ def main(args: Args) -> dict:
     # 6. 汇总：准确率、引用准确率，按语言分开
     m = {**rr, **summarize(rows), **injection,
          "retrievers": retrievers, "first_stage": args.first_stage, "dense_weight": weight,
+         # 记下用的是哪个重排器：现场训练的与 bge-reranker 这类现成的，结论可能完全不同
          "reranker": args.reranker or "MiniLM cross-encoder (trained here)",
          "train_questions": len(kb["train_q"]), "test_questions": len(kb["test_q"]), "chunks": len(kb["chunks"])}
     summary = (f"recall@5 {rr['recall_at_5_before_rerank']:.2f}->{rr['recall_at_5_after_rerank']:.2f}, "

@@ -40,12 +40,15 @@ def read_env(path: Path) -> dict[str, str]:
             raise UserError(f"{path}:{no}: 应为 KEY=VALUE")
         k, v = line.split("=", 1)
         # 按出现顺序展开：后面的变量可以引用前面的（.env.example 里 ${SVR_HTTP_PORT} 之类），与 compose 一致
+        # .env 里的值可以带引号：compose 会去掉外层引号，这里也去掉，否则 "9380" 带着引号就不是数字端口
         env[k.strip()] = expand(v.strip().strip("'\""), env)
     return env
 
 
 def expand(text: str, env: dict[str, str]) -> str:
     """展开 ${NAME} 与 ${NAME:-默认值}（未定义或为空都取默认值；严格说 ${NAME-默认值} 只在未定义时取，这里不区分）。"""
+    # lstrip(":-") 去掉 :- 或 - 前缀；代价是以 - 开头的默认值（${X:--1}）会丢掉负号，
+    # 本目录的 compose 与 .env 没有这种写法
     return VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) or "").lstrip(":-"), text)
 
 
@@ -54,19 +57,22 @@ def check_compose(folder: Path) -> tuple[list[str], dict]:
     import yaml
 
     compose_path, env_path = folder / "docker-compose.yml", folder / ".env.example"
+    # safe_load 只构造普通的 dict / list，不执行 YAML 里的任意 Python 标签
     compose = yaml.safe_load(compose_path.read_text(encoding="utf-8"))
     env = read_env(env_path)
     problems = [f"缺少服务 {s}" for s in REQUIRED_SERVICES if s not in compose.get("services", {})]
     # 逐行扫变量（而不是解析后的 YAML）：报错时能给出行号；没有默认值又不在 .env 里的变量，compose 会静默换成空串
     for no, line in enumerate(compose_path.read_text(encoding="utf-8").splitlines(), 1):
+        # 整行注释和行尾注释里的 ${X} 不算：注释里举例的变量 compose 不会展开
         for m in VAR.finditer(line.split(" #")[0] if not line.lstrip().startswith("#") else ""):
-            if m.group(2) is None and m.group(1) not in env:
+            if m.group(2) is None and m.group(1) not in env:   # 带默认值（:- 或 -）的变量不要求在 .env 里
                 problems.append(f"{compose_path.name}:{no}: ${{{m.group(1)}}} 不在 .env.example 里")
     declared = set(compose.get("volumes") or {})
     images = {}
     for name, svc in compose.get("services", {}).items():
         image = expand(svc.get("image", ""), env)
         images[name] = image
+        # 只在最后一段里找冒号：registry 地址自带的端口（host:5000/img）不会被误当成标签
         tag = image.rsplit("/", 1)[-1].partition(":")[2]
         if not tag or tag in FLOATING_TAGS:
             problems.append(f"{name}: 镜像 {image!r} 没有钉死版本")
@@ -82,6 +88,7 @@ def check_compose(folder: Path) -> tuple[list[str], dict]:
                     problems.append(f"{name}: 挂载的 {src} 不存在")
             elif src not in declared:   # 没声明的命名卷 compose 直接拒绝启动
                 problems.append(f"{name}: 命名卷 {src} 没在顶层 volumes 里声明")
+        # compose 按 env_file 把变量交给容器：写成别的文件名，按 README 从 .env.example 复制出的 .env 就不会被读到
         if svc.get("env_file", ".env") != ".env":
             problems.append(f"{name}: env_file 应为 .env（由 .env.example 复制）")
     # SDK 连的是 HTTP API（9380），不是网页端口（80）：没映射出来，网页能打开、脚本却连不上
@@ -110,6 +117,7 @@ def check_client() -> tuple[list[str], str]:
         if fn is None:
             problems.append(f"{cls}.{meth} 不存在")
             continue
+        # 只查参数名、不查类型：本脚本按关键字传参，参数改名才是到运行时才炸的那种变化
         missing = [p for p in params if p not in inspect.signature(fn).parameters]
         if missing:
             problems.append(f"{cls}.{meth} 缺少参数 {missing}")

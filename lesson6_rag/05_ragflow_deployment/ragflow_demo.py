@@ -75,9 +75,12 @@ def is_hit(chunk, qa: dict, rid_to_doc: dict[str, str]) -> bool:
 
     不能用 common.retrieval.is_hit 的字符区间判定：RAGFlow 自己切块，不告诉我们块在原文里的起点。
     """
+    # 有 doc_id 时先看块出自哪篇：金标段落可能是一句常见话，别的文档里碰巧出现同一句不算命中
     if qa.get("doc_id") and rid_to_doc.get(chunk.document_id) != qa["doc_id"]:
         return False
     gold = qa.get("gold_passage")
+    # 没有金标段落的题只按文档判；"互相包含"是因为 RAGFlow 的块可能包住金标（块更长），
+    # 也可能只是金标的一部分（金标被切开）
     return not gold or answers.contains_answer(chunk.content, gold) or answers.contains_answer(gold, chunk.content)
 
 
@@ -89,8 +92,11 @@ def local_bm25_recall(args: Args, qas: list[dict], k: int = 5) -> float:
     from types import SimpleNamespace
 
     docs, _, _ = retrieval.load_kb(args.docs, args.qa)
+    # 切块参数写死成 300 / 50（与 02、04 课的默认一致）：本脚本没有 --chunk-size，RAGFlow 那边的切块由服务端决定
     chunks = retrieval.chunk_documents(docs, 300, 50)
+    # 本地块的 document_id 就是 doc_id：给 is_hit 一张恒等映射，两边才能共用同一个命中判定
     bm25, same_id = retrieval.BM25Index([c.text for c in chunks]), {d.id: d.id for d in docs}
+    # SimpleNamespace 假扮 RAGFlow 的 Chunk：is_hit 只用到 document_id 与 content 两个属性
     hits = [[is_hit(SimpleNamespace(document_id=chunks[i].doc_id, content=chunks[i].text), qa, same_id)
              for i, _ in bm25.search(qa["question"], k)] for qa in qas]
     return round(retrieval.recall_at_k(hits, k), 4)
@@ -100,6 +106,7 @@ def list_all(ds) -> list:
     """分页列出知识库里的全部文档（解析状态在 run / progress 上）：只取第一页，文档多于一页时永远"解析不完"。"""
     out, page = [], 1
     while True:
+        # page_size 与下面 len(batch) < 100 的 100 必须是同一个数：一页没装满，才说明这是最后一页
         batch = ds.list_documents(page=page, page_size=100)
         out += batch
         if len(batch) < 100:
@@ -130,8 +137,10 @@ def build_upload(args: Args, log) -> tuple[list[dict], dict, list[dict], dict]:
 
     docs, _, qas = retrieval.load_kb(args.docs, args.qa, max_questions=args.max_questions)
     # RAGFlow 的文档名不能带 "/"：子文件夹的相对路径换成 "__"，再用 name_to_doc 换回金标里的 doc_id
+    # 上传原始字节而不是解析后的文本：PDF / HTML 的版面分析交给 RAGFlow 自己做，这正是要评测的一部分
     payload = [{"display_name": d.id.replace("/", "__"), "blob": d.path.read_bytes()} for d in docs]
     name_to_doc = {p["display_name"]: d.id for p, d in zip(payload, docs)}
+    # .invalid 是保留域名（RFC 2606），永远解析不到：这里只 prepare() 出请求体量字节数，不会真的发出去
     body = requests.Request("POST", "http://ragflow.invalid/api/v1/datasets/x/documents",
                             files=[("file", (p["display_name"], p["blob"])) for p in payload]).prepare().body
     log.info(f"知识库 {len(payload)} 个文件 {sum(len(p['blob']) for p in payload)} 字节"
@@ -155,6 +164,7 @@ def probe(url: str, key: str | None, shown: str, timeout: float) -> str | None:
     if u.scheme not in ("http", "https") or not u.hostname:
         raise UserError(f"--ragflow-url {shown!r}: 应形如 http://127.0.0.1:9380")
     try:
+        # 列 1 个知识库就够：这个接口要鉴权，一次请求同时验证了"地址可达"和"key 有效"
         resp = requests.get(f"{url}/api/v1/datasets", params={"page_size": 1}, timeout=timeout,
                             headers={"Authorization": f"Bearer {key or ''}"})
     except requests.RequestException as e:
@@ -175,17 +185,19 @@ def upload_and_parse(ds, payload: list[dict], name_to_doc: dict, timeout: float,
     uploaded = []
     for i in range(0, len(payload), 8):        # 分批上传，单个请求不至于太大
         uploaded += ds.upload_documents(payload[i:i + 8])
+    # RAGFlow 给每个文档另发一个 id：映射回知识库的 doc_id，命中判定才对得上金标
     rid_to_doc = {d.id: name_to_doc.get(d.name, d.name) for d in uploaded}
     ds.async_parse_documents([d.id for d in uploaded])
     # 解析（版面分析、切块、向量化）在服务端的任务队列里异步跑，CPU 上可能要几分钟：轮询 + 截止时间，不死等
     t0, deadline = time.monotonic(), time.monotonic() + timeout
     while True:
         states = {d.id: (str(d.run).upper(), float(d.progress or 0)) for d in list_all(ds)}
+        # 失败、取消也算结束：只等 DONE 的话，一篇解析失败就会一直等到 --parse-timeout
         finished = [i for i, (r, p) in states.items() if r in ("DONE", "FAIL", "CANCEL") or p >= 1.0]
         if len(finished) >= len(uploaded) or time.monotonic() > deadline:
             break
         log.info(f"解析中 {len(finished)}/{len(uploaded)} …")
-        time.sleep(3)
+        time.sleep(3)   # 每 3 秒查一次：解析以分钟计，查得更勤只会给服务端添负担
     parsed = sum(r == "DONE" or p >= 1.0 for r, p in states.values())
     if len(finished) < len(uploaded):   # 超时不报错：用已解析的部分评测，日志里说清楚
         log.warning(f"解析超过 --parse-timeout {timeout:.0f} 秒：只用已解析的 {parsed} 篇评测")
@@ -197,6 +209,7 @@ def eval_retrieval(rag, ds, qas: list[dict], rid_to_doc: dict, top_k: int) -> di
     hits = []
     for qa in qas:
         # similarity_threshold=0：不让服务端先按分数滤掉块，否则 recall 量的是"阈值"而不是检索排序
+        # top_k 是服务端参与相似度计算的候选数（SDK 默认值就是 1024），page_size 才是返回的块数
         chunks = rag.retrieve(dataset_ids=[ds.id], question=qa["question"], page_size=top_k,
                               similarity_threshold=0.0, top_k=1024)
         hits.append([is_hit(c, qa, rid_to_doc) for c in chunks[:top_k]])
@@ -212,6 +225,7 @@ def eval_chat(rag, ds, qas: list[dict], model: str | None, keep: bool, log) -> f
         llm = Chat.LLM(rag, {"model_name": model}) if model else None
         chat = rag.create_chat(name=f"{ds.name}-chat", dataset_ids=[ds.id], llm=llm)
         session = chat.create_session("course-eval")
+        # Session.ask 的函数体里有 yield：stream=False 时也返回一个生成器（只产出一条完整回答），next 取出它
         replies = [next(iter(session.ask(qa["question"], stream=False))).content for qa in qas]
         return round(sum(answers.contains_answer(a, qa["answer"]) for qa, a in zip(qas, replies)) / max(1, len(qas)),
                      4)
@@ -230,6 +244,7 @@ def evaluate_on_service(args: Args, url: str, key: str, payload: list[dict], nam
 
     rag, ds = RAGFlow(api_key=key, base_url=url), None
     try:
+        # chunk_method="naive" 是 RAGFlow 的通用切块（按长度与分隔符），与本地的 recursive 切块最接近，比较才公平
         ds = rag.create_dataset(name=f"{args.dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                 embedding_model=args.embedding_model, chunk_method="naive")
         rid_to_doc, parse_stats = upload_and_parse(ds, payload, name_to_doc, args.parse_timeout, log)
@@ -262,6 +277,7 @@ def main(args: Args) -> dict:
               "ragflow_sdk": checks["ragflow_sdk"], "compose": checks["compose"]}
 
     # 3. 服务可达吗？没给地址 / 连不上：一行说明，退出码 0（离线也能跑完这一课的检查部分）
+    # 先取 safety.scrub 收走的原值：args 里的 key 已是 None、带账号密码的 URL 已脱敏成 ***，直接用会连不上
     url = (secret.get("ragflow_url") or args.ragflow_url or os.environ.get("RAGFLOW_URL") or "").rstrip("/")
     key = secret.get("api_key") or os.environ.get("RAGFLOW_API_KEY")
     shown = safety.redact_url(url)   # http://user:密码@host 里的账号密码同样是秘密：日志和 metrics 只写 ***

@@ -7,6 +7,7 @@ def plots(out, configs: dict, grid: list, ks: list[int], by_retriever: dict, cs:
 
     out：common.run.Run；cs / ov：最优配置的切块与重叠。图内文字用英文：很多机器没有中文字体，中文会画成方框。
     """
+    # 保持首次出现的顺序（bm25、dense、hybrid…）：三张图里检索器的顺序与颜色一致
     retrievers = list(dict.fromkeys(v["retriever"] for v in configs.values()))
     fig, save = out.plot("recall_vs_chunk_size.png")
     ax = fig.add_subplot(111)
@@ -24,12 +25,14 @@ def plots(out, configs: dict, grid: list, ks: list[int], by_retriever: dict, cs:
     cols = [f"{cs}/{ov}" for cs, ov in grid]
     # 热力图画的是 dev 分数（选配置用的那份），与日志里的选型过程一一对应；test 只在最后一张图出现
     mat = [[configs[f"{retr}_cs{cs}_ov{ov}"]["recall_at_5"] for cs, ov in grid] for retr in retrievers]
+    # 色标固定在 0~1：不同运行的热力图颜色可以直接对比，不会按本次的最小最大值重新拉伸
     im = ax.imshow(mat, cmap="viridis", aspect="auto", vmin=0, vmax=1)
     for i, row in enumerate(mat):
         for j, v in enumerate(row):
             # 深色格子配白字、浅色配黑字：viridis 在 0.6 附近由深变浅
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
     ax.set(xticks=range(len(cols)), yticks=range(len(retrievers)), title="dev recall@5: retriever x size/overlap")
+    # 格子多（默认 7 种切块）时横轴标签要斜放，否则挤在一起
     ax.set_xticklabels(cols, rotation=60, fontsize=7), ax.set_yticklabels(retrievers)
     fig.colorbar(im)
     save()

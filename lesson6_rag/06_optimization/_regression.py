@@ -27,6 +27,7 @@ def read_baseline(path: Path) -> dict:
                             f"实际是 {json.dumps(base.get(key), ensure_ascii=False)[:60]}")
     for k in COMPARED:   # NaN 与任何数比较都是 False：NaN 基线永远不会告警，等于没有基线
         v = base["metrics"].get(k)
+        # bool 是 int 的子类：true / false 会被当成 1 / 0 混过类型检查，要先单独排除
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise UserError(f"--baseline {path}: metrics.{k} 应是有限的数，实际是 {v!r}")
     return base
@@ -37,6 +38,7 @@ def baseline_path(args, mode: str, folder: Path) -> Path:
     # 按模式分基线：冒烟与默认运行的数据量、扫描范围都不同，拿一个比另一个只会永远报警（或永远不报）
     path = Path(args.baseline) if args.baseline else folder / f"baseline_{mode}.json"
     if args.update_baseline:   # 写进文件夹、FIFO（会一直等）或断链：扫描跑完才失败，白跑一场
+        # 断链单独用 is_symlink 判：exists() 会跟随链接，断链时返回 False，只看它会当成"还不存在、可以写"
         if not path.parent.is_dir() or ((path.exists() or path.is_symlink()) and not path.is_file()):
             raise UserError(f"--baseline {path}: 写不进去（不是普通文件，或所在文件夹不存在）")
     elif args.baseline or path.is_file():   # 用户点名的基线必须存在；自带的那个没有就跳过比较
@@ -51,10 +53,12 @@ def compare_baseline(path: Path, fingerprint: dict, current: dict, tolerance: fl
     if base.get("fingerprint") != json.loads(json.dumps(fingerprint)):
         return None
     # 只报"下降超过容差"：指标上升是改进，不该让 CI 变红
+    # k in base["metrics"]：旧基线里没有的指标跳过，而不是 KeyError
     drops = [f"{k}: {base['metrics'][k]} → {current[k]}" for k in COMPARED
              if k in base["metrics"] and current[k] < base["metrics"][k] - tolerance]
     if drops:
         from rich.console import Console
+        # 告警打到 stderr：stdout 被重定向到文件或管道时，红字仍直接出现在终端上
         Console(stderr=True).print(f"ALERT 回归：比基线 {path.name} 下降超过 {tolerance}：" + "；".join(drops),
                                    style="bold red")
     return drops
@@ -67,6 +71,7 @@ def check_baseline(args, out, fingerprint: dict, best: str, current: dict, path:
     """
     # 写基线要显式加 --update-baseline：默认就覆盖的话，一次变差的运行会把自己写成新基线，告警永远不响
     if args.update_baseline:
+        # 缩进 + 末尾换行：基线存在仓库里，更新时 git diff 一目了然
         path.write_text(json.dumps({"mode": out.mode, "fingerprint": fingerprint, "best_config": best,
                                     "metrics": current}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         out.log.info(f"已把本次结果写成基线：{path}")

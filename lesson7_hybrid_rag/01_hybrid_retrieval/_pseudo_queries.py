@@ -18,6 +18,7 @@ def pseudo_queries(chunks, per_chunk: int, limit: int, seed: int) -> list[tuple[
     for i, c in enumerate(chunks):
         # 按中英句末标点切句；短于 12 字符的句子（标题、"是的。"）信息太少，当问题只会教模型猜
         sents = [s.strip() for s in re.split(r"(?<=[。！？!?\n])|(?<=[.;])\s+", c.text) if len(s.strip()) >= 12]
+        # min：只有一两句够长的块也能取；rng.sample 要的个数多于总数会抛 ValueError
         for s in rng.sample(sents, min(per_chunk, len(sents))):
             out.append((s, i))
     rng.shuffle(out)   # 先打乱再截断：--max-pseudo 小时伪问题仍来自整个语料，而不只是前几篇文档
@@ -26,20 +27,27 @@ def pseudo_queries(chunks, per_chunk: int, limit: int, seed: int) -> list[tuple[
 
 def ict_positive(text: str, sent: str, rng: random.Random) -> str:
     """正例通常去掉那句话本身（90%）：逼模型学"语义相关"而不是"原句照抄"。"""
+    # 换成空格而不是直接删掉：前后两句的英文单词不会粘成一个原文没有的词
     rest = text.replace(sent, " ").strip()
+    # 10% 保留原句是 ORQA 的做法：全删掉的话模型学不到"字面重合也算相关"，而真问题常与原文共享关键词；
+    # 这句就是整块时 rest 为空，只能用原文
     return rest if rest and rng.random() < 0.9 else text
 
 
 def freeze(model, n: int) -> None:
     """冻结词嵌入与底下 n 层：底层是通用的词法/句法，小数据上主要靠上层学"什么算相关"。"""
+    # 末尾带点：换成 12 层的模型时 "layer.1." 不会误配 "layer.10."；
+    # 按子串匹配：向量模型与交叉编码器的参数名前缀不同，同一个函数两边都能用
     frozen = ("embeddings.",) + tuple(f"layer.{i}." for i in range(n))
     for name, p in model.named_parameters():
+        # n = 0 时连词嵌入也不冻：--freeze-layers 0 就是全参数微调
         if n and any(f in name for f in frozen):
             p.requires_grad = False
 
 
 def adapt_embedder(args, out, pairs, chunks, device):
     """用伪问题 + 批内负例（MultipleNegativesRankingLoss）微调向量模型。"""
+    # 在函数里导入：这几个包要拉起 torch/transformers，导入很慢；--help 和只导入脚本的测试不必付这个代价
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.losses import MultipleNegativesRankingLoss
@@ -49,13 +57,16 @@ def adapt_embedder(args, out, pairs, chunks, device):
     model.max_seq_length = args.max_length   # CPU 上训练时间随序列长度增长：截到 --max-length（MiniLM 默认 256）
     freeze(model, args.freeze_layers)
     rng = random.Random(args.seed)
+    # 列的顺序就是损失的输入顺序：MultipleNegativesRankingLoss 把第一列当查询、第二列当正例
     ds = Dataset.from_dict({"anchor": [q for q, _ in pairs],
                             "positive": [ict_positive(chunks[i].text, q, rng) for q, i in pairs]})
     targs = SentenceTransformerTrainingArguments(
         output_dir=str(out.path("adapt_ckpt")), num_train_epochs=args.adapt_epochs, learning_rate=args.adapt_lr,
         # NO_DUPLICATES：同一批里不放重复的文本，否则"批内其它块当负例"会把正例本身当成负例
+        # warmup_steps 小于 1 时 transformers 按总步数的比例算：总共才几步（256 个伪问题、批 32），写死整数会超过总步数
         per_device_train_batch_size=args.batch_size, warmup_steps=0.1, save_strategy="no", logging_steps=5,
         seed=args.seed, report_to=out.trainer_report_to(), batch_sampler=BatchSamplers.NO_DUPLICATES,
+        # CPU 上没有 GPU 可拷，pin memory 只会多打一条警告
         use_cpu=device == "cpu", dataloader_pin_memory=False)
     trainer = SentenceTransformerTrainer(model=model, args=targs, train_dataset=ds,
                                          loss=MultipleNegativesRankingLoss(model))
@@ -85,6 +96,7 @@ def train_reranker(args, out, pairs, chunks, first_stage, device):
     n_pos = sum(rows["label"])
     loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor((len(rows["label"]) - n_pos) / max(1.0, n_pos)))
     targs = CrossEncoderTrainingArguments(
+        # 学习率比向量适配（--adapt-lr）大：打分头是新初始化的随机权重，要从零学起，3e-5 在这几步里几乎学不动它
         output_dir=str(out.path("rerank_ckpt")), num_train_epochs=args.rerank_epochs, learning_rate=1e-4,
         per_device_train_batch_size=16, warmup_steps=0.1, save_strategy="no", logging_steps=5, seed=args.seed,
         report_to=out.trainer_report_to(), use_cpu=device == "cpu", dataloader_pin_memory=False)

@@ -65,6 +65,7 @@ CLAIMS = [
     run.Claim("融合结果主要靠 BM25：融合第一名与 BM25 第一名相同的比例 − 与向量相同的比例",
               '2 * top1_agreement["bm25"] - sum(top1_agreement.values())', ">=", 0.1, 0.2),
 ]
+# 步长 0.1、共 11 个点：dev 只有几十题，权重挑得越细，越容易挑中 dev 上的偶然起伏而不是真差别
 GRID = [round(x * 0.1, 1) for x in range(11)]           # 0 = 只用 BM25，1 = 只用向量
 # 伪问题（Inverse Cloze Task）与用它训练向量模型 / 重排器：只有本节用到，放在旁边的 _pseudo_queries.py
 ict = run.import_sibling(__file__, "_pseudo_queries")
@@ -75,7 +76,9 @@ class Args(retrieval.KBArgs):
     chunk_size: int = cli.arg(300, "切块长度（字符）", min=50)
     chunk_overlap: int = cli.arg(50, "相邻块重叠（字符）", min=0)
     dev_fraction: float = cli.arg(0.5, "问答集中划给 dev（调权重）的比例，其余为 test（报告）", min=0.1, max=0.9)
+    # depth：某块不在一路的前 depth 名里，融合时这一路就给它 0 分；取太浅，两路互补（一路找到、另一路漏掉）的好处就没了
     depth: int = cli.arg(50, "每一路取前多少个候选参与融合", min=10)
+    # k = 60 沿用 RRF 原文（Cormack et al. 2009）：k 越大，第 1 名与第 10 名的得分差越小，单路的一次失误不至于一票否决
     rrf_k: int = cli.arg(60, "RRF 的平滑常数 k：score = Σ w / (k + rank)", min=1)
     doc_stride: int = cli.arg(1, "每隔几篇取一篇文档（1 = 全部；--smoke 时 2）", min=1)
     pseudo_per_chunk: int = cli.arg(2, "每块造几个伪问题（领域适配与重排器训练共用）", min=1, max=5)
@@ -83,6 +86,7 @@ class Args(retrieval.KBArgs):
     max_length: int = cli.arg(128, "领域适配与重排器训练/打分时的最多 token 数（中文一字一 token；CPU 耗时与它成正比）",
                               min=32)
     adapt_epochs: int = cli.arg(1, "向量模型领域适配的轮数（0 = 不适配）", min=0)
+    # 学习率取小：几百个伪问题上学习率一大，就会冲掉 MiniLM 预训练学到的通用语义（灾难性遗忘），适配反而变差
     adapt_lr: float = cli.arg(3e-5, "领域适配学习率")
     batch_size: int = cli.arg(32, "适配时的批大小：批内其它块就是负例，批越大负例越多", min=2)
     reranker: str = cli.arg(None, "现成的交叉编码器（本地目录或 hub id，如 BAAI/bge-reranker-base）；"
@@ -101,8 +105,10 @@ def convex(bm25_run, dense_run, w: float) -> list[int]:
         if not r:
             return {}
         lo, hi = min(s for _, s in r), max(s for _, s in r)
+        # hi == lo（只有一个候选或分数全相同）时直接除会除零：记 1.0，即这一路认为它们一样好
         return {i: (s - lo) / (hi - lo) if hi > lo else 1.0 for i, s in r}
     b, d = norm(bm25_run), norm(dense_run)
+    # 只在一路前 depth 名里出现的块，另一路记 0（归一化后的最低分）而不是丢掉：融合的收益正来自这种互补
     score = {i: w * d.get(i, 0.0) + (1 - w) * b.get(i, 0.0) for i in (*b, *d)}
     return sorted(score, key=lambda i: -score[i])
 
@@ -129,12 +135,15 @@ class Splits:
 def load_splits(args: Args) -> tuple[Splits, list, list]:
     """知识库切块；问答按种子切成 dev（调权重、决定要不要重排）与 test（报告）。返回 (splits, dev, test)。"""
     docs, by_id, qas = retrieval.load_kb(args.docs, args.qa)
+    # 隔篇抽而不是取前一半：文档按路径排序（faq/、manuals/、policies/…），取前一半会让后面整类文档都不见了
     docs = docs[::args.doc_stride]
     by_id = {d.id: d for d in docs}
     # 抽掉一半文档后，问被抽掉文档的题答不出来：只留答案在所选文档里的题
     qas = [q for q in qas if (q["doc_id"] in by_id if q["doc_id"] else any(q["gold_passage"] in d.text for d in docs))]
+    # 在这里先拦下并说清原因；否则 data.split 只会说"不够切出验证集"，学生看不出是 --doc-stride 抽掉了文档
     if len(qas) < 4:
         raise UserError(f"--qa: 只有 {len(qas)} 个问题能在所选文档里找到答案，不够切 dev/test")
+    # data.split 返回 (其余, 抽出的 dev_fraction 那份)：先写 test 不是笔误；同一 --seed 切分不变，多次运行才可比
     test, dev = data.split(qas, args.dev_fraction, args.seed)
     chunks = retrieval.chunk_documents(docs, args.chunk_size, args.chunk_overlap)
     return Splits({"dev": dev, "test": test}, chunks, by_id), dev, test
@@ -150,8 +159,10 @@ def dense_runs(model, sp: Splits, depth: int) -> dict:
 def single_retrievers(args: Args, out, sp: Splits, depth: int, device: str):
     """BM25、MiniLM 向量、（可选）伪问题适配后的向量：各自检索，返回 (BM25 索引, 伪问题, 带分数的结果)。"""
     bm25 = retrieval.BM25Index([c.text for c in sp.chunks])
+    # 保留分数而不只留名次：凸组合要用原始分数归一化，RRF 才只看名次
     scored = {"bm25": {name: [bm25.search(q["question"], depth) for q in qs] for name, qs in sp.questions.items()},
               "dense": dense_runs(retrieval.load_embedder(args.embedding_model, device), sp, depth)}
+    # 伪问题无论 --adapt-epochs 是不是 0 都要造：重排器的现场训练也靠它
     pairs = ict.pseudo_queries(sp.chunks, args.pseudo_per_chunk, args.max_pseudo, args.seed)
     if args.adapt_epochs:
         out.log.info(f"领域适配：{len(pairs)} 个伪问题，批大小 {args.batch_size}，{args.adapt_epochs} 轮")
@@ -161,7 +172,9 @@ def single_retrievers(args: Args, out, sp: Splits, depth: int, device: str):
 
 def tune_fusion(args: Args, out, sp: Splits, scored: dict, ranked: dict, single: dict):
     """向量一路取 dev 上更好的那个（原始 / 适配后），RRF 与凸组合的权重都在 dev 上从 0..1 网格挑。"""
+    # 向量一路也只按 dev 挑：用 test 挑就等于在考题上调参，test 上报的数会虚高
     dense_side = max((m for m in single if m.startswith("dense")), key=lambda m: dev_key(single[m]["dev"]))
+    # 两种融合里 w 都是向量一路的权重（1 - w 给 BM25）：dev_recall_at_5_by_weight 的两条曲线才能对着看
     fusers = {"rrf": lambda name, i, w: retrieval.rrf([ranked[dense_side][name][i], ranked["bm25"][name][i]],
                                                       [w, 1 - w], args.rrf_k),
               "convex": lambda name, i, w: convex(scored["bm25"][name][i], scored[dense_side][name][i], w)}
@@ -172,6 +185,7 @@ def tune_fusion(args: Args, out, sp: Splits, scored: dict, ranked: dict, single:
         w = max(GRID, key=lambda g: (dev_key(dev_scores[g]), -abs(g - 0.5)))   # 并列时取更居中的权重
         fusion_weights[fname] = {"dense": w, "bm25": round(1 - w, 1), "dense_side": dense_side,
                                  "dev_recall_at_5_by_weight": {str(g): dev_scores[g]["recall_at_5"] for g in GRID}}
+        # 权重定下来之后才在 test 上跑：test 只被用来报告，从不参与挑选
         methods_runs[f"hybrid_{fname}"] = {name: [fuse(name, i, w) for i in range(len(qs))]
                                            for name, qs in sp.questions.items()}
         out.log.info(f"{fname} 融合：dev 选出向量权重 {w}（{dense_side}），dev R@5 {dev_scores[w]['recall_at_5']:.3f}")
@@ -181,6 +195,7 @@ def tune_fusion(args: Args, out, sp: Splits, scored: dict, ranked: dict, single:
 def with_rerank(ce_rank: list[int], first: list[int], n: int, w: float, k: int) -> list[int]:
     """重排名次与第一阶段名次做 RRF（w = 重排的权重），前 n 名之后的候选原样接在后面。"""
     # 融合而不是直接换成重排名次：伪问题训练的重排器可能不如第一阶段，信它几分交给 dev 上挑的 w
+    # first[n:] 原样接在后面：--smoke 只重排前 5 个，不接上的话 recall@10、nDCG@10 会因为候选变少而平白下降
     return retrieval.rrf([ce_rank, first[:n]], [w, 1 - w], k) + first[n:]
 
 
@@ -200,10 +215,13 @@ def tune_rerank(args: Args, sp: Splits, ce, first: dict, depth: int) -> tuple[di
 
     返回 (重排后的结果, 权重, n)。
     """
+    # 交叉编码器对每个 (问题, 候选) 都要做一次完整前向，CPU 上耗时与 n 成正比：只重排前 n 个，
+    # 且 n 不超过第一阶段取回的 depth 个
     n = min(args.rerank_candidates, depth)
     texts = [c.text for c in sp.chunks]
     ce_rank = {name: [retrieval.rerank(ce, q["question"], cands[:n], texts) for q, cands in zip(qs, first[name])]
                for name, qs in sp.questions.items()}
+    # 交叉编码器只打一次分（上面的 ce_rank）：11 个权重只是重新组合名次，不必重跑模型
     rr_dev = {w: sp.score({"dev": [with_rerank(ce_rank["dev"][i], first["dev"][i], n, w, args.rrf_k)
                                    for i in range(len(first["dev"]))]})["dev"] for w in GRID}
     w_rr = max(GRID, key=lambda g: (dev_key(rr_dev[g]), -g))     # 并列时取更小的重排权重（更省）
@@ -219,6 +237,7 @@ def plot_methods(out, methods: dict, n_test: int) -> None:
     names = list(methods)
     for j, k in enumerate(("recall_at_1", "recall_at_5", "mrr")):
         ax.bar([x + j * 0.27 for x in range(len(names))], [methods[m][k] for m in names], width=0.27, label=k)
+    # 三根柱子各宽 0.27、合计不到 1：相邻方法之间留出空隙；刻度对准中间那根
     ax.set_xticks([x + 0.27 for x in range(len(names))])
     ax.set_xticklabels(names, rotation=20, fontsize=7)
     ax.set(ylabel="test score", title=f"retrievers on the test split ({n_test} questions)")
@@ -234,10 +253,13 @@ def summarize(all_scores: dict, methods_runs: dict, ranked: dict, best_fusion: s
     best_method = max(all_scores, key=lambda m: (dev_key(all_scores[m]["dev"]), "+" not in m, m.startswith("hybrid")))
     # 谁撑起了融合结果：test 上融合的第 1 名与哪一路的第 1 名相同的比例更高
     n_test = len(ranked["bm25"]["test"])
+    # 比 [:1] 切片而不是 [0]：某一路对某题一个结果也没有时不会 IndexError，只算不一致
     agree = {m: round(sum(f[:1] == r[:1] for f, r in zip(methods_runs[best_fusion]["test"], ranked[m]["test"]))
                       / n_test, 4) for m in ("bm25", dense_side)}
+    # --adapt-epochs 0 时没有 dense_adapted：增益记 0，而不是 KeyError 让跑完的结果全丢
     adapted_gain = (round(methods["dense_adapted"]["recall_at_5"] - methods["dense"]["recall_at_5"], 4)
                     if "dense_adapted" in methods else 0.0)
+    # dev 选出权重 0 时，重排结果与第一阶段逐位相同（重排一路的 RRF 贡献全是 0），这里正好是 0
     rerank_gain = round(methods[f"{best_fusion}+rerank"]["recall_at_1"] - methods[best_fusion]["recall_at_1"], 4)
     return {"methods": methods, "best_method": best_method, "best_fusion": best_fusion,
             "dense_adapted_gain": adapted_gain, "rerank_gain_r1": rerank_gain, "carried_by": max(agree, key=agree.get),
@@ -246,8 +268,10 @@ def summarize(all_scores: dict, methods_runs: dict, ranked: dict, best_fusion: s
 
 
 def main(args: Args) -> dict:
+    # 先套 SMOKE 再 run.start：config.json 记下的是实际跑的参数，不是命令行默认值
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
+    # 取 .type 字符串：load_embedder 与 _pseudo_queries 的 use_cpu=device == "cpu" 都按字符串用
     device = models.pick_device(args.device).type
     if args.chunk_overlap >= args.chunk_size:
         raise UserError(f"--chunk-overlap {args.chunk_overlap}: 必须小于 --chunk-size {args.chunk_size}")
@@ -261,8 +285,10 @@ def main(args: Args) -> dict:
     out.log.info(f"{len(sp.by_id)} 篇文档 → {len(sp.chunks)} 块；问答 dev {len(dev)} / test {len(test)}")
 
     # 2. 单路检索：BM25（jieba 分词）与 MiniLM 向量；3. 离线领域适配：语料自己造伪问题，问答集一条都不用
+    # 知识库很小时块数可能少于 --depth：k 超过索引大小时 FAISS 会用 -1 补位，先截到块数
     depth = min(args.depth, len(sp.chunks))
     bm25, pairs, scored = single_retrievers(args, out, sp, depth, device)
+    # 去掉分数只留块下标：RRF 与所有评测指标只看名次
     ranked = {m: {name: [[i for i, _ in r] for r in rs] for name, rs in v.items()} for m, v in scored.items()}
     single = {m: sp.score(r) for m, r in ranked.items()}
     for m, s in single.items():
@@ -272,6 +298,7 @@ def main(args: Args) -> dict:
     # 4. 融合：权重网格含 0 和 1 两个端点（= 单用一路），所以 dev 上融合不可能比最好的单路差
     dense_side, fusion_weights, methods_runs = tune_fusion(args, out, sp, scored, ranked, single)
     fused = {m: sp.score(methods_runs[m]) for m in ("hybrid_rrf", "hybrid_convex")}
+    # 两种融合之间也只按 dev 挑；test 上两者的数照样都报，学生能看到选得对不对
     best_fusion = max(fused, key=lambda m: dev_key(fused[m]["dev"]))
 
     # 5. 重排：交叉编码器给前 N 个候选打分，再与第一阶段名次 RRF；dev 上没有提升就选权重 0（不重排）

@@ -16,9 +16,11 @@ class StepTimer:
                 self.t0, self.ms = {}, {}
 
             def _start(self, run_id, step):
+                # 按 run_id 配对而不是按步骤名：同一步可能嵌套（EnsembleRetriever 里套着两个检索器），按名字配对会串台
                 self.t0[run_id] = (step, time.perf_counter())
 
             def _end(self, run_id):
+                # 所有 Runnable 的结束都走 on_chain_end，没有 _start 过的胶水步骤也会来：查不到 run_id 就忽略
                 if run_id in self.t0:
                     step, t = self.t0.pop(run_id)
                     self.ms.setdefault(step, []).append((time.perf_counter() - t) * 1000)
@@ -31,6 +33,7 @@ class StepTimer:
             def on_retriever_end(self, documents, *, run_id, **kw):
                 self._end(run_id)
 
+            # 聊天模型开始时发 chat_model_start，结束却走 on_llm_end：LangChain 回调就是这样不对称，两个都要接
             def on_chat_model_start(self, serialized, messages, *, run_id, **kw):
                 self._start(run_id, "llm")
 
@@ -47,6 +50,7 @@ class StepTimer:
                 self._end(run_id)
 
             on_prompt_end = on_chain_end
+        # __new__ 返回的不是 StepTimer 的实例，Python 就不再调 StepTimer.__init__：调用方拿到的就是真正的回调处理器
         return _Timer()
 
 
@@ -54,5 +58,6 @@ def step_stats(step_ms: dict) -> dict:
     """每步 p50 / p95 / 最快一次：最快那次最不受机器忙闲影响，比较两步谁慢看它。"""
     import numpy as np
 
+    # 冒烟只有 4 题：np.percentile 线性插值下 p95 几乎就是最大值，这时比快慢要看 min_ms
     return {s: {"p50_ms": round(float(np.percentile(v, 50)), 2), "p95_ms": round(float(np.percentile(v, 95)), 2),
                 "min_ms": round(min(v), 2), "calls": len(v)} for s, v in step_ms.items()}

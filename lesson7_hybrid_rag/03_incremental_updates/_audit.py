@@ -22,6 +22,7 @@ def read(path: Path) -> tuple[list[dict], dict[str, str]]:
     if not path.exists():
         return [], {}
     recs = []
+    # 逐行解析、坏行跳过：崩溃只可能弄坏正在写的那一行，前面 fsync 过的记录不受影响
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             recs.append(json.loads(line))
@@ -30,10 +31,12 @@ def read(path: Path) -> tuple[list[dict], dict[str, str]]:
     # 没有 commit 行的更新被当作没发生过：它的索引写入可能只做了一半，下次更新会把它再做一遍
     committed = {r["update"] for r in recs if r["action"] == "commit"}
     state: dict[str, str] = {}
+    # 必须按日志顺序回放：同一篇先改后删、删了又加，顺序一换回放出的状态就不同
     for r in recs:
         if r["update"] in committed and r["action"] in ("add", "modify"):
             state[r["doc_id"]] = r["hash"]
         elif r["update"] in committed and r["action"] == "delete":
+            # pop 带默认值：全量重建那次的 rebuild 行先清空了状态，排在后面的 delete 行要删的文档已经不在里面
             state.pop(r["doc_id"], None)
         elif r["update"] in committed and r["action"] == "rebuild":
             state = {}   # 重建清空了索引：它之前的已提交状态不再算数，只看它之后的动作
@@ -45,6 +48,7 @@ def append(path: Path, rec: dict) -> None:
     # O_APPEND：每次 write 都落在文件末尾，不会覆盖前面的记录；不 fsync 的话断电时操作系统缓存里的几行会一起丢
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        # 一次 write 写整行（含换行）：分几次写的话，被杀在两次之间就留下半行
         os.write(fd, (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
         os.fsync(fd)
     finally:
@@ -56,6 +60,7 @@ def plan_actions(committed: dict[str, str], current: dict[str, str], rebuild: bo
 
     比的是"已提交状态"而不是磁盘上的索引：索引可能停在被杀的那一半，日志回放出的状态才可信。
     """
+    # rebuild 行排在最前：回放到它时清空状态，后面逐篇的 add 才不会被它一起清掉
     return (([("rebuild", "*", "")] if rebuild else [])
             + [("add" if d not in committed else "modify", d, h) for d, h in current.items()
                if rebuild or committed.get(d) != h]

@@ -22,13 +22,17 @@ def run_in_child(fn, *a, kill_after: float | None = None, hang_s: float = 600) -
     参数对象，不必可 pickle；代价是父进程里不能先建 Chroma 客户端或 torch 线程池（fork 后别的线程持有的锁
     不会被释放，子进程会死锁）。
     """
+    # 结果文件由父进程先建好：子进程只在 fn 完整返回后才写它，被杀时留下的是空文件。
+    # 注意 mkstemp 返回的 fd 这里没关：每次调用漏一个文件描述符，几十次试验无妨，调用极多时会撞上 ulimit
     res = Path(tempfile.mkstemp(suffix=".json")[1])
     p = mp.get_context("fork").Process(target=_write_result, args=(res, fn, a))
     p.start()
     p.join(kill_after if kill_after is not None else hang_s)
     if p.is_alive():   # 到点（或卡死超过 hang_s 秒）就杀掉，绝不无限等
         os.kill(p.pid, signal.SIGKILL)
+        # 杀完还要 join：回收僵尸进程，并拿到 exitcode（-SIGKILL）
         p.join()
+        # 按时长杀是试验本意，不算错；没给 kill_after 却等到了 hang_s 才是真卡死
         if kill_after is None:
             raise RuntimeError(f"子进程 {hang_s:.0f} 秒没有结束（fork 前进程里若有别的线程持锁，子进程可能死锁）")
     text = res.read_text(encoding="utf-8")
@@ -41,6 +45,8 @@ def run_in_child(fn, *a, kill_after: float | None = None, hang_s: float = 600) -
 
 def _write_result(res: Path, fn, a: tuple) -> None:
     """子进程的入口：结果只在 fn 完整返回后才写出，被杀的子进程留下的是空文件。"""
+    # 结果走 JSON：fn 的返回值只能是 dict/list/数字这类（numpy 要先转，见 snapshot）；
+    # 被杀在写结果途中时文件只有半截，但那时退出码是 -SIGKILL，父进程不会去解析它
     res.write_text(json.dumps(fn(*a)), encoding="utf-8")
 
 
@@ -57,7 +63,9 @@ class KillSwitch:
     def tick(self) -> None:
         """记一次写；到点就杀。SIGKILL 不能被捕获，之后的代码（包括 finally）一行都不会运行。"""
         self.ops += 1
+        # 用 == 而不是 >=：只在第 crash_at 次杀；crash_at = 0 时 ops 从 1 数起，永远等不到，即只数不杀
         if self.ops == self.crash_at:
+            # 用 SIGKILL 而不是 raise / sys.exit：后者会跑 finally 与析构，Chroma、SQLite 有机会收尾，测的就不是真崩溃了
             os.kill(os.getpid(), signal.SIGKILL)
 
     def guard(self, obj, names: tuple[str, ...]) -> None:
@@ -66,5 +74,6 @@ class KillSwitch:
             setattr(obj, n, functools.partial(self._guarded, getattr(obj, n)))
 
     def _guarded(self, write, *a, **k):
+        # 先 tick 再写：杀在这次写之前，磁盘上正好是"前 N-1 次写完"的状态
         self.tick()
         return write(*a, **k)

@@ -38,6 +38,7 @@ from pathlib import Path
 from common import cli, data, models, retrieval, run
 from common.errors import UserError
 
+# 冒烟只取 1/4 文档：崩溃试验次数不减（结论要看 --crash-trials 次都一致），省的是每次建库的向量化时间
 SMOKE = dict(doc_stride=4)
 # 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
 # (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线（初次全量建库、干净重建）都在同一次运行里做
@@ -86,9 +87,11 @@ def open_store(state: Path, embeddings):
     from langchain_chroma import Chroma
     from langchain_classic.indexes import SQLRecordManager
 
+    # persist_directory：索引落在磁盘上，被杀的子进程写到哪一步，重跑的子进程就从哪一步看起——崩溃试验要的正是这个
     vs = Chroma(collection_name="kb_chunks", embedding_function=embeddings, persist_directory=str(state / "chroma"))
     # 记录表记下每个块 id（内容哈希）属于哪篇文档、何时写入：index() 靠它判断跳过、新增还是清理
     rm = SQLRecordManager("chroma/kb_chunks", db_url=f"sqlite:///{state / 'records.db'}")
+    # create_schema 用 SQLAlchemy 的 create_all，表已存在就跳过：每次打开都调用也无害
     rm.create_schema()
     return vs, rm
 
@@ -111,10 +114,14 @@ def update(args: Args, docs_dir: Path, state: Path, embed, rebuild: bool = False
     actions = audit_log.plan_actions(committed, {d.id: audit_log.sha(d.text) for d in docs}, rebuild)
     for act, doc_id, h in actions:   # 先写"要做什么"再动索引（预写日志）：被杀时日志里看得出做到哪一步
         audit_log.append(audit, {"time": time.time(), "update": uid, "doc_id": doc_id, "action": act, "hash": h})
+        # 每写一行审计也算一次写：杀点可以落在两行审计之间（动作只记下一半）
         switch.tick()
     vs, rm = open_store(state, embed.for_index())
     switch.guard(vs, VECTOR_WRITES)   # 向量库与记录表的每次真正写盘之前，都可能被杀
     switch.guard(rm, RECORD_WRITES)
+    # 记录表也要清：只删向量不删记录，index() 会以为块都还在而全部跳过；
+    # delete_collection 之后 langchain_chroma 把集合句柄置空，旧的 vs 再用就报错，所以重新打开；
+    # 重开的两个对象没有再 guard：崩溃试验只跑 rebuild=False，重建这一轮不设杀点
     if rebuild:
         vs.delete_collection()
         rm.delete_keys(rm.list_keys())
@@ -122,7 +129,10 @@ def update(args: Args, docs_dir: Path, state: Path, embed, rebuild: bool = False
     chunks = retrieval.chunk_documents(docs, args.chunk_size, args.chunk_overlap)
     # source 是文档 id：cleanup="full" 据此删掉"这次没出现的文档"的旧块，改了的文档旧块也随之清理
     lc_docs = [Document(page_content=c.text, metadata={"source": c.doc_id}) for c in chunks]
+    # 取差值：count 是对象上的累计值（fork 时连同父进程里的数一起继承），只算这次更新新增的
     before = embed.count
+    # cleanup="full"：这次没出现的文档的块全删；"incremental" 只清理本批出现过的 source，被删的文档会一直留在库里。
+    # key_encoder="sha256"：默认 sha1 会警告不抗碰撞；块 id 就是这个哈希，中途换算法等于所有块都要重算
     res = index(lc_docs, rm, vs, cleanup="full", source_id_key="source", batch_size=args.batch_size,
                 key_encoder="sha256")
     audit_log.append(audit, {"time": time.time(), "update": uid, "doc_id": "*", "action": "commit", "hash": ""})
@@ -137,6 +147,7 @@ def snapshot(state: Path) -> dict:
     vs, rm = open_store(state, counting.CountingEmbeddings(None).for_index())   # 只读，不会真的加载模型
     got = vs.get(include=["documents", "metadatas", "embeddings"])
     rows = sorted([i, m["source"], audit_log.sha(t)] for i, t, m in zip(got["ids"], got["documents"], got["metadatas"]))
+    # 转成 Python float：Chroma 给的是 numpy 数组，快照要经 JSON 从子进程带回父进程，numpy 类型序列化不了
     vecs = {i: [float(x) for x in e] for i, e in zip(got["ids"], got["embeddings"])}
     return {"rows": rows, "vectors": vecs, "record_keys": sorted(rm.list_keys())}
 
@@ -155,6 +166,7 @@ def rerun_and_snapshot(args, docs_dir: Path, state: Path, embed) -> dict:
 
 def apply_changes(live: Path) -> dict:
     """第一次更新的改动：新增 2 篇、改 2 篇（改一个数字、补一段）、删 1 篇。"""
+    # 排序后固定取第一、中间、最后一篇来改：每次运行改的是同样几篇，重算块数可复现
     files = sorted(p for p in live.rglob("*") if p.is_file())
     for rel, text in NEW_DOCS.items():
         (live / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -174,6 +186,7 @@ def prepare_versions(args: Args, out) -> tuple[Path, Path, dict]:
     docs, _, _ = retrieval.load_kb(args.docs, args.qa)
     v0, v1 = out.path("kb_v0"), out.path("kb_v1")
     for d in (v0, v1):
+        # 重跑同一 --output-dir 时先清掉上次的副本：copytree 的目标已存在会报 FileExistsError
         shutil.rmtree(d, ignore_errors=True)
     for doc in docs[::args.doc_stride]:
         (v0 / doc.id).parent.mkdir(parents=True, exist_ok=True)
@@ -187,10 +200,13 @@ def update_rounds(args: Args, out, v0: Path, v1: Path, state: Path) -> list[dict
     counting = run.import_sibling(__file__, "_counting")
     plain = counting.CountingEmbeddings(args.embedding_model)   # 不带缓存：数出来的就是真实的向量化次数
     history = []
+    # CLAIMS 把 rounds[2] 当"无变化"那轮：--full-rebuild-every 设成 1 或 2 时它会变成全量重建，那条结论就不成立；
+    # 默认 3 时第 4 轮（again）正好是定期重建
     for n, (name, folder) in enumerate([("initial", v0), ("incremental", v1), ("no_change", v1), ("again", v1)], 1):
         # 定期全量重建：防止长期漂移（比如换了切块参数、手工改过库），代价是这一轮全部重算
         rebuild = n > 1 and (n - 1) % args.full_rebuild_every == 0
         name = "scheduled_rebuild" if rebuild else name
+        # 每轮都在新的子进程里跑：和崩溃试验走同一条路径，向量模型也只在子进程里加载（见 _counting）
         r = kill.run_in_child(update, args, folder, state, plain, rebuild)
         history.append({"round": name, "rebuild": rebuild, **r})
         out.log.info(f"更新 {n}（{name}{'，全量重建' if rebuild else ''}）：新增 {r['num_added']}、"
@@ -218,11 +234,13 @@ def crash_trial(args: Args, out, t: int, point, v1: Path, pristine: Path, cached
     recs, committed = audit_log.read(d / "audit.jsonl")
     # 审计日志回放出的状态必须等于磁盘上的文档：否则下次更新会漏掉（或重复）某篇的改动
     audit_ok = committed == {doc.id: audit_log.sha(doc.text) for doc in data.load_documents(v1)}
+    # 块 id 有重复 = 同一块写了两次；记录表的键必须正好是这些 id：多了是删不掉的孤儿记录，少了下次更新会重复写
     ids = [r[0] for r in snap["rows"]]
     ok = (same_index(snap, want) and len(ids) == len(set(ids)) and snap["record_keys"] == sorted(ids)
           and audit_ok)
     out.log.info(f"崩溃试验 {t}：{f'第 {point} 次写' if t % 2 == 0 else f'{point:.2f} 秒'} "
                  f"{'被杀' if killed else '（已跑完）'} → 重跑后{'一致' if ok else '不一致！'}")
+    # 试验做完就删：每份都是完整的 Chroma + SQLite 拷贝，--crash-trials 调大时会一直占着磁盘
     shutil.rmtree(d, ignore_errors=True)
     return {"trial": t, "kind": "op" if t % 2 == 0 else "timer", "point": point, "killed": killed,
             "consistent": ok, "chunks": len(ids), "audit_lines": len(recs)}
@@ -232,12 +250,14 @@ def crash_trials(args: Args, out, v1: Path, pristine: Path, cached, want: dict) 
     """先完整跑一次数出写动作总数与用时，再按种子抽杀点：偶数次按"第几次写"，奇数次按"多少秒"。"""
     rng = random.Random(args.seed)
     t0 = time.perf_counter()
+    # 先在一份拷贝上完整跑一次，只为数出写动作总数与用时：pristine 本身不能被改动，每次试验都从它出发
     total_ops = kill.run_in_child(update, args, v1, trial_dir(out, -1, pristine), cached)["ops"]
     full_s = time.perf_counter() - t0                                    # 一次完整更新（含子进程启动）的用时
     shutil.rmtree(out.path("trial_-1"), ignore_errors=True)
     trials = []
     for t in range(args.crash_trials):
         # 时长取完整用时的 20%..100%：太早只会杀在启动阶段（什么都还没写），看不出写了一半的问题
+        # randint 两端都含：杀点可以落在 commit 那行审计写完之后（索引已完整，只是进程没正常退出）
         point = rng.randint(1, total_ops) if t % 2 == 0 else round(rng.uniform(0.2, 1.0) * full_s, 3)
         trials.append(crash_trial(args, out, t, point, v1, pristine, cached, want))
     return trials, total_ops
@@ -257,6 +277,7 @@ def plot_rounds(out, history: list[dict]) -> None:
 def main(args: Args) -> dict:
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
+    # 只为尽早校验 --device：向量模型在子进程里由 HuggingFaceEmbeddings 按默认设备加载
     models.pick_device(args.device)
     if args.chunk_overlap >= args.chunk_size:
         raise UserError(f"--chunk-overlap {args.chunk_overlap}: 必须小于 --chunk-size {args.chunk_size}")
@@ -273,11 +294,13 @@ def main(args: Args) -> dict:
 
     # 2. 初次建库 → 增量更新 → 无变化的更新 → 定期全量重建：只有变了的块才重新向量化
     state = out.path("index_state")
+    # state 残留上次运行的索引时，"初次建库"会变成一次增量更新，rounds[0] 就不再是全量的基线
     shutil.rmtree(state, ignore_errors=True)
     history = update_rounds(args, out, v0, v1, state)
     incr = history[1]
 
     # 3. 干净重建：同样的 v1 从零建一个索引，作为崩溃试验的"标准答案"；增量更新的结果也要与它一致
+    # 都先清空；缓存的 namespace 固定为 minilm，换了 --embedding-model 还留着旧缓存，就会读到别的模型的向量
     cache, pristine, clean = out.path("embed_cache"), out.path("state_v0"), out.path("state_clean")
     for d in (cache, pristine, clean):
         shutil.rmtree(d, ignore_errors=True)
@@ -285,6 +308,8 @@ def main(args: Args) -> dict:
     kill.run_in_child(update, args, v0, pristine, cached)
     kill.run_in_child(update, args, v1, clean, cached)
     want = kill.run_in_child(snapshot, clean)
+    # 坑：默认 --full-rebuild-every 3 时最后一轮就是全量重建，这里比的 state 已是重建后的索引，
+    # 相等主要说明重建正确；增量那轮的正确性另由崩溃试验（从 v0 增量更新到 v1 再比）检验
     same_as_rebuild = same_index(kill.run_in_child(snapshot, state), want)
 
     # 4. 崩溃试验：从 v0 的索引出发更新到 v1，在随机点 SIGKILL，重跑，再与干净重建比

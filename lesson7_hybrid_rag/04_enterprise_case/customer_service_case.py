@@ -37,6 +37,7 @@ from pathlib import Path
 from common import answers, cli, data, models, retrieval, run
 from common.errors import UserError
 
+# 冒烟只缩短生成：路由、FAQ、检索都不经过模型，对话一轮都不能少，否则下面那几条结论就没有样本可比
 SMOKE = dict(max_new_tokens=16)
 # 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
 # (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线（不改写的对照、"全猜最多的那条路"、
@@ -48,13 +49,16 @@ CLAIMS = [
               "routing_accuracy - max(gold_route_share.values())", ">=", 0.3, 0.3),
     run.Claim("转人工又准又全：精确率与召回率中较小的 − 转人工的基础比例（随便猜的精确率）",
               'min(handoff_precision, handoff_recall) - gold_route_share["handoff"]', ">=", 0.5, 0.5),
+    # 冒烟门槛反而更高：极小模型生成的 RAG 回答几乎从不包含标准答案，两路的差距只会更大
     run.Claim("FAQ 直答比模型生成稳：FAQ 一路的准确率 − RAG 一路的准确率",
               'routes["faq"]["accuracy"] - routes["rag"]["accuracy"]', ">=", 0.5, 0.3),
 ]
 # 转人工意图：投诉、要人工、钱的纠纷——这些对话里答得再准也不如尽快交给人
+# 用关键词规则而不是模型判意图：漏转人工的代价最高，规则可审计、可逐条补，也不受小模型能力的影响
 HANDOFF = re.compile(r"投诉|人工|经理|退款.*投诉|报警|律师|赔偿|到底管不管|human|agent|complain|manager|lawyer|"
                      r"charged twice|refund.*now|bank", re.I)
 # 追问的样子：代词 / "那…" 开头、"…呢？" 结尾（省略了主语，单独拿去检索会找错）
+# 英文词用 \b 限定边界：否则 item、hand 里的 it、and 也会把普通问题当成追问
 ELLIPSIS = re.compile(r"^(那|它|这个|整机|一般|锁定)|呢[？?]?$|\b(it|that|and|what about|this one)\b", re.I)
 ROUTES = ("faq", "rag", "handoff")
 
@@ -100,11 +104,13 @@ def parse_faq(docs) -> list[dict]:
         q, ans = None, []
         for line in d.text.splitlines() + ["## END?"]:   # 末尾补一个假问题行：最后一条问答也能在循环里收进来
             s = line.strip().lstrip("#").strip()
+            # 短于 80 字符才算问题行：答案段落里偶尔也有以问号结尾的长句（反问），不能把它切成新问题
             if s.endswith(("？", "?")) and len(s) < 80:
                 if q and ans:   # 去掉"一、"之类的编号：它不是问题的一部分，留着会拉低与用户问题的 Jaccard
                     entries.append({"question": re.sub(r"^[一二三四五六七八九十]+、", "", q), "answer": " ".join(ans),
                                     "doc_id": d.id})
                 q, ans = s, []
+            # q 为空时（第一个问题之前的标题、导语）不收进任何答案
             elif q and s:
                 ans.append(s)
     return entries
@@ -113,6 +119,7 @@ def parse_faq(docs) -> list[dict]:
 def jaccard(a: str, b: str) -> float:
     """两个问题的词重合度：BM25 只排先后，"最像的一条"可能根本不是同一个问题，直答前要一个绝对的门槛。"""
     x, y = set(retrieval.bm25_tokens(a)), set(retrieval.bm25_tokens(b))
+    # max(1, …)：两边都分不出词（全是标点）时分母为 0
     return len(x & y) / max(1, len(x | y))
 
 
@@ -132,6 +139,7 @@ class ServiceDesk:
         self.args, self.faq = args, faq
         # FAQ 为空时放一个占位问题：BM25Okapi 不接受空语料，respond() 里也会因 faq 为空而跳过这一路
         self.faq_bm25 = retrieval.BM25Index([f["question"] for f in faq] or ["∅"])
+        # 切块参数与第 01 节的默认（300 / 50）一致：本节讲路由与多轮，不再开切块参数
         self.chunks = retrieval.chunk_documents(docs, 300, 50)
         self.bm25 = retrieval.BM25Index([c.text for c in self.chunks])
         self.embedder = retrieval.load_embedder(args.embedding_model, models.pick_device(args.device).type)
@@ -140,19 +148,24 @@ class ServiceDesk:
 
     def retrieve(self, q: str) -> list[int]:
         """BM25 与向量各取 30 个，按权重 RRF 融合后留前 top_k 块。"""
+        # 各取 30 个再融合而不是只取 top_k：一路排第 4、另一路排第 1 的块若被提前截掉，就进不了融合
         b = [i for i, _ in self.bm25.search(q, 30)]
         d = [i for i, _ in self.dense.search_vectors(retrieval.embed(self.embedder, [q]), 30)[0]]
+        # rrf 的 k 用默认 60（与第 01 节 --rrf-k 相同）；向量权重小的原因见模块 docstring
         return retrieval.rrf([b, d], [1 - self.args.dense_weight, self.args.dense_weight])[:self.args.top_k]
 
     def ask_llm(self, prompt: str) -> str:
         """贪心生成一个回答（批大小 1：一轮一问，客服场景本来就是逐条来的）。"""
+        # 先套模型自己的对话模板：models.generate 只收套好模板的字符串，指令模型看到裸文本会当成要续写的正文
         chat = [data.prompt_text(self.tok, [{"role": "user", "content": prompt}])]
         return models.generate(self.model, self.tok, chat, self.args.max_new_tokens, 1)[0]
 
     def standalone(self, history: list[str], q: str, condense: str) -> str:
         """把追问改写成独立问题：--condense llm 让模型改写（大模型才改得好），rules 用规则，none 不改。"""
         if condense == "llm" and history:
+            # 只给最近两轮上文：上文越长，小模型越容易把旧话题当成主语，提示词也更长更慢
             return self.ask_llm("把追问改写成一个独立、完整的问题，只输出问题。\n上文：" + " / ".join(history[-2:])
+                                # 模型输出空串时退回原问题：拿空查询去检索什么也找不到
                                 + f"\n追问：{q}") or q
         return condense_rules(history, q) if condense == "rules" else q
 
@@ -166,14 +179,17 @@ class ServiceDesk:
             if jaccard(q, self.faq[j]["question"]) >= self.args.faq_threshold:
                 return {"route": "faq", "answer": self.faq[j]["answer"], "sources": [self.faq[j]["doc_id"]],
                         "standalone": q}
+        # 转人工与 FAQ 两步都按原话判：追问（"那它的电池呢？"）在这两步不会命中，只有走到 RAG 才被改写
         standalone = self.standalone(history, q, condense)
         top = self.retrieve(standalone)
         words = set(retrieval.bm25_tokens(standalone))
+        # 只看融合后的首个块：它是最可信的一块，连它都与问题不沾边，后面的更不用说
         shared = words & set(retrieval.bm25_tokens(self.chunks[top[0]].text))
         # 首个块与问题几乎没有共同词：知识库里多半没有答案，让模型硬答只会编，不如转人工
         if len(shared) < self.args.min_overlap * max(1, len(words)):
             return {"route": "handoff", "reason": "low_confidence", "standalone": standalone}
         # 来源按检索名次报全部 top_k 篇：客服要能点开核对，不只看模型最后用了哪段
+        # 这里没像第 02 节那样把资料包成"数据"（safety.as_data）：防注入不是本节重点，资料里的指令文字模型可能照做
         ctx = "\n".join(f"[{n}] {self.chunks[i].text}" for n, i in enumerate(top, 1))
         answer = self.ask_llm(f"只根据下面的资料回答客户的问题，简短作答。\n{ctx}\n\n问题：{standalone}")
         return {"route": "rag", "answer": answer, "sources": [self.chunks[i].doc_id for i in top],
@@ -211,6 +227,7 @@ def route_metrics(turns: list[dict]) -> dict:
         mine = [t for t in turns if t["route"] == route]
         per_route[route] = {"share": round(len(mine) / len(turns), 4),
                             "accuracy": round(sum(map(correct, mine)) / max(1, len(mine)), 4),
+                            # 转人工没有来源，记 None 而不是 0：0 会被读成"全找错了"
                             "source_accuracy": round(sum(t["gold_doc"] in t.get("sources", []) for t in mine)
                                                      / max(1, len(mine)), 4) if route != "handoff" else None,
                             "turns": len(mine)}
@@ -218,6 +235,7 @@ def route_metrics(turns: list[dict]) -> dict:
     pred_h = [t["route"] == "handoff" for t in turns]
     gold_h = [t["gold_route"] == "handoff" for t in turns]
     tp = sum(p and g for p, g in zip(pred_h, gold_h))
+    # 只评金标为 RAG 的追问：FAQ 直答与转人工轮的来源与改写无关，混进来只会冲淡差别
     follow = [t for t in turns if t["turn"] > 0 and t["gold_route"] == "rag"]
     return {"routes": per_route, "handoff_precision": round(tp / max(1, sum(pred_h)), 4),
             # 金标路由的分布：路由准确率要胜过"全猜最多的那条路"，转人工精确率要胜过它的基础比例
@@ -236,6 +254,7 @@ def plot_routes(out, per_route: dict, n_turns: int) -> None:
     ax = fig.add_subplot(111)
     ax.bar([r + " share" for r in ROUTES], [per_route[r]["share"] for r in ROUTES])
     ax.bar([r + " acc" for r in ROUTES], [per_route[r]["accuracy"] for r in ROUTES])
+    # 占比与准确率都在 0..1：固定纵轴，不同运行的图可以直接对比
     ax.set(ylim=(0, 1), title=f"routing on {n_turns} held-out dialogue turns")
     save()
 
@@ -249,6 +268,7 @@ def main(args: Args) -> dict:
         models.check_dir(name, "--embedding-model")   # hub id 留给加载时报
 
     # 1. 知识库、FAQ 条目、留出的多轮对话（阈值都没在这些对话上调过，报出来的才是真实表现）
+    # 问答集在这里用不上（评测用多轮对话），但 load_kb 仍会检查问答引用的文档都在知识库里
     docs, by_id, _ = retrieval.load_kb(args.docs, args.qa)
     dialogues = load_dialogues(Path(args.dialogues) if args.dialogues else data.DATA_DIR / "kb" / "dialogues.jsonl")
     faq = parse_faq(docs)

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from common import answers, cli, data, models, retrieval, run, services
 from common.errors import UserError
 
+# 冒烟把冷却缩到 1 秒：题少、每题快，冷却太长的话服务重启后的几题都落在冷却期里，看不到半开 → 闭合
 SMOKE = dict(questions=12, max_new_tokens=12, reset_timeout=1.0)
 # 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
 # (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线（该答的题、库内问题、切换那一题）都在同一次运行里
@@ -57,8 +58,10 @@ CLAIMS = [
               "server_after_restart / after_restart_answered", ">=", 0.5, 0.5),
     # 原先用"词覆盖率 < 0.3"拒答：库内问题的覆盖率中位数只有 0.31（问法与文档措辞不同），库内一半被误拒。
     # 现在用 BM25 最高分 + 校准阈值（库内 135 题对 6 道库外题：AUROC 0.82，覆盖率只有 0.61）
+    # 冒烟门槛放宽：12 题里库外只有 3 道（questions // 4），一道题就差三成多
     run.Claim("校准过的拒答挡住库外问题：库外问题的拒答率 − 库内问题的拒答率",
               "abstain_rate_out_of_kb - abstain_rate_in_kb", ">=", 0.2, 0.3),
+    # 冒烟库内只剩 6 题，误拒一题就是 0.17：门槛比默认宽
     run.Claim("阈值在校准题上定，误拒受控：库内问题的拒答率 − --abstain-quantile",
               "abstain_rate_in_kb - abstain_quantile", "<=", 0.25, 0.15),
     # 时间之比：分母是切换那一题（连续失败加两次退避，种子固定），分子是断开后其余备用回答在服务上的耗时；
@@ -66,6 +69,7 @@ CLAIMS = [
     run.Claim("熔断器断开后请求不再白等：断开后每题在服务上耗掉的时间（平均）/ 切换那一题耗掉的时间",
               "open_wait_ms / failover_wait_ms", "<=", None, 0.5),
 ]
+# 库外题中英各半，还故意放了两道提到"云帆"的：词面信号拦不住它们（见 docstring），评测里要让这个边界露出来
 OUT_OF_KB = ["云帆智能的股票代码是多少？", "今天上海的天气怎么样？", "帮我写一首关于秋天的诗。",
              "Who won the football world cup in 1998?", "What is the CEO of Yunfan's home address?",
              "Can you recommend a good pizza place nearby?"]
@@ -80,6 +84,7 @@ class Args(retrieval.KBArgs):
     abstain_threshold: float = cli.arg(None, "直接给拒答阈值（BM25 分数，尺度随知识库变）；不给就按分位校准", min=0)
     base_url: str = cli.arg(None, "已在运行的 OpenAI 兼容服务；不填则自己启动第 5 课的服务（common.serving）")
     fallback_model: str = cli.arg(None, "本地备用模型；默认与服务的模型相同")
+    # 超时要比一次正常的 CPU 生成长得多：太短会把慢而正常的请求当成失败，误触熔断
     timeout: float = cli.arg(20.0, "单次调用超时（秒）", min=0.1)
     max_retries: int = cli.arg(2, "失败后重试次数（指数退避 + 抖动）", min=0)
     backoff: float = cli.arg(0.2, "第一次重试前等待的秒数，之后每次翻倍", min=0)
@@ -104,8 +109,10 @@ class CircuitBreaker:
 
     def allow(self) -> bool:
         """能不能发请求：断开时不发（不再白等超时）；冷却期一过转为半开，放一个试探请求。"""
+        # 不开定时器：下次有人调 allow() 时才看冷却期过没过，熔断器不需要后台线程
         if self.state == "open" and time.monotonic() - self.opened_at >= self.reset_timeout:
             self._to("half_open")
+        # 半开时这里每次都放行：本脚本逐题串行，同一时刻只有一个试探；多线程客户端要另加"只放一个"的锁
         return self.state != "open"
 
     def success(self) -> None:
@@ -118,6 +125,7 @@ class CircuitBreaker:
         """半开时的试探失败立刻再断开：服务还没好，不能把整批请求放过去再等一轮超时。"""
         self.failures += 1
         if self.state == "half_open" or self.failures >= self.threshold:
+            # 用 monotonic 而不是 time.time：系统校时会让墙钟跳变，冷却期可能被算成负数或一下子过完
             self.opened_at = time.monotonic()
             if self.state != "open":
                 self._to("open")
@@ -127,18 +135,23 @@ def call_server(url: str, model: str, messages: list[dict], args, breaker: Circu
     """带超时与指数退避重试的一次调用；熔断器断开时不发请求，直接返回 None（交给备用模型）。"""
     import httpx
 
+    # 每次尝试前都问熔断器：重试途中一旦断开，剩下的重试也不再发
     for attempt in range(args.max_retries + 1):
         if not breaker.allow():
             return None
         try:
+            # 直接用 httpx 而不是 openai 客户端：后者自带重试（默认 2 次），会和这里的重试、熔断计数叠在一起
             r = httpx.post(url.rstrip("/") + "/v1/chat/completions", timeout=args.timeout, json={
                 "model": model, "messages": messages, "max_tokens": args.max_new_tokens, "temperature": 0})
+            # 4xx/5xx 也算失败：服务进程还活着却在报错，不能当成答上了
             r.raise_for_status()
             breaker.success()
+            # content 可能是 null：记成空串，因为 None 在这里表示"服务不可用"，会让调用方去叫备用模型
             return r.json()["choices"][0]["message"]["content"] or ""
         except (httpx.HTTPError, KeyError, ValueError):   # 回答格式不对也算失败：返回错误页的服务和挂掉没区别
             breaker.failure()
             if attempt < args.max_retries:   # 指数退避 + 抖动：避免所有客户端同时重试把刚恢复的服务再压垮
+                # 抖动系数在 0.5..1.5；rng 有种子，退避时长可复现，CLAIMS 里"切换那一题"的耗时才稳定
                 time.sleep(args.backoff * 2 ** attempt * (0.5 + rng.random()))
     return None
 
@@ -146,6 +159,8 @@ def call_server(url: str, model: str, messages: list[dict], args, breaker: Circu
 def confidence(bm25: retrieval.BM25Index, q: str, top: list[int]) -> float:
     """idf 加权的问题词覆盖率：问题里"有信息量"的词，在最匹配的那一块里出现了多少（语料里没有的词按高 idf 计）。"""
     words = set(retrieval.bm25_tokens(q))
+    # rank-bm25 把出现在一半以上块里的词（idf 为负）改成 0.25 × 平均 idf；极小语料上平均 idf 本身
+    # 可能为负，所以下面还要截到 0
     idf = bm25.bm25.idf
     # 语料里没出现过的词按最高 idf 计：问"股票代码"时，知识库里压根没有的"股票"恰恰是最说明问题的词
     unseen = max(idf.values()) if idf else 1.0
@@ -153,17 +168,21 @@ def confidence(bm25: retrieval.BM25Index, q: str, top: list[int]) -> float:
     total = sum(weight.values())
     if not total:
         return 0.0
+    # 取前几块里最好的那一块而不是把几块合起来算：几块各沾一点词，合起来覆盖率会虚高，其实没有哪一块像答案
     return max((sum(weight[w] for w in words & set(bm25.tokens[i])) / total for i in top), default=0.0)
 
 
 def load_items(args: Args) -> tuple[list[dict], list, retrieval.BM25Index, list[str]]:
     """知识库内的问答（有标准答案）+ 库外问题（应当拒答），打乱；知识库切块建 BM25；其余库内问题留作校准题。"""
     docs, by_id, qas = retrieval.load_kb(args.docs, args.qa)
+    # 第一份留作校准、第二份评测，两者不重叠：阈值不是在考题上定的。注意这里减的是全部 6 道库外题，
+    # 下面实际只加 questions // 4 道：--questions 不是 24 时总题数会少于它（冒烟 12 → 9 题）
     calib, picked = data.split(qas, min(0.99, max(1, args.questions - len(OUT_OF_KB)) / len(qas)), args.seed)
     # 库外问题约占四分之一：太少看不出拒答是否可靠，太多则服务 / 备用模型的切换演示没几题可看
     items = [{"question": q["question"], "gold": q["answer"]} for q in picked] + \
             [{"question": q, "gold": None} for q in OUT_OF_KB[:max(1, args.questions // 4)]]
     random.Random(args.seed).shuffle(items)   # 打乱：杀服务的时刻不会总落在同一类问题上
+    # 切块参数与第 01 节的默认（300 / 50）一致
     chunks = retrieval.chunk_documents(docs, 300, 50)
     bm25 = retrieval.BM25Index([c.text for c in chunks])
     bm25.tokens = [retrieval.bm25_tokens(c.text) for c in chunks]   # 置信度要看每块有哪些词
@@ -177,9 +196,11 @@ def calibrate(args: Args, bm25: retrieval.BM25Index, calib: list[str]) -> float:
 
     if args.abstain_threshold is not None:
         return args.abstain_threshold
+    # 少于 10 题时分位数只由一两道题决定（0.1 分位几乎就是最小值），阈值会随抽样乱跳
     if len(calib) < 10:
         raise UserError(f"--qa 评测用掉 {args.questions} 题后只剩 {len(calib)} 道校准题（至少 10）："
                         "调小 --questions，或直接给 --abstain-threshold")
+    # 每道校准题只取最高分：route_of 比较的也是最高分，尺子要一致
     return float(np.quantile([bm25.search(q, 1)[0][1] for q in calib], args.abstain_quantile))
 
 
@@ -207,6 +228,7 @@ def ask(args: Args, url: str, fallback, item: dict, route: str, ctx: str, breake
 def kill_server(svc, log, i: int) -> float:
     """SIGKILL 整个服务进程组（连同它派生的子进程）：模拟 OOM / 宕机，进程来不及做任何收尾。"""
     os.killpg(svc.proc.pid, signal.SIGKILL)
+    # 等它真的退出后再记时刻：failover_ms 从服务确实不在了算起
     svc.proc.wait()
     log.info(f"第 {i} 题前：SIGKILL 服务进程 pid {svc.proc.pid}")
     return time.perf_counter()
@@ -217,6 +239,7 @@ def answer_all(args: Args, out, items, kb, fallback, cmd) -> tuple[list[dict], d
     svc, url = None, args.base_url
     chunks, bm25, threshold = kb
     if not url:
+        # deadline_s 给 180：服务要先在 CPU 上加载模型，services.start 默认的 60 秒可能不够
         svc = services.start(cmd, log_file=out.path("server.log"), deadline_s=180)
         url = svc.url
     breaker, rng = CircuitBreaker(args.failure_threshold, args.reset_timeout), random.Random(args.seed)
@@ -250,6 +273,7 @@ def answer_all(args: Args, out, items, kb, fallback, cmd) -> tuple[list[dict], d
             out.log.info(f"[{i:2d}] bm25={hits[0][1]:5.1f} conf={conf:.2f} {route:11s} {row['served_by'] or '-':8s} "
                          f"{it['question'][:40]}")
     finally:
+        # finally 里停服务：中途异常或 Ctrl-C 也不会留下占着端口的服务进程（stop 可重复调用）
         if svc:
             svc.stop()
     return rows, {"kill_i": kill_i, "restart_i": restart_i, "failover_ms": failover_ms,
@@ -264,6 +288,7 @@ def summarize(rows: list[dict], run_info: dict) -> dict:
     abstained = sum(r["route"] == "abstain" for r in rows)
     n_out = sum(r["gold"] is None for r in rows)
     ab_out = sum(r["route"] == "abstain" and r["gold"] is None for r in rows)
+    # restart_i 为 None 时切片到末尾：不重启就看杀掉之后的全部题
     after_kill = rows[kill_i:restart_i] if kill_i is not None else []
     answered_after = [r for r in after_kill if r["route"] != "abstain"]
     # 切换成功 = 杀掉之后该答的题一个不漏，而且确实有题是备用模型答的（否则说明根本没测到切换）
@@ -278,6 +303,7 @@ def summarize(rows: list[dict], run_info: dict) -> dict:
             "abstain_rate_in_kb": round((abstained - ab_out) / max(len(rows) - n_out, 1), 4),
             "routes": {k: sum(r["route"] == k for r in rows) for k in ("rag", "closed_book", "abstain")},
             "failover_worked": failover_worked, "failover_ms": run_info["failover_ms"] or 0.0,
+            # 先看 "open" in states：从没断开过时 states 是空列表，states[-1] 会 IndexError，也不该算"重新闭合"
             "breaker_states": states, "breaker_reclosed": "open" in states and states[-1] == "closed",
             "served_by": {k: sum(r["served_by"] == k for r in rows) for k in ("server", "fallback")},
             "server_after_restart": back.count("server"), "after_restart_answered": len(back),
@@ -305,7 +331,9 @@ def main(args: Args) -> dict:
                                                    if args.abstain_threshold is None else "--abstain-threshold）"))
 
     # 2. 本地备用模型（预先加载，切换时不用等加载）；服务是第 5 课的聊天服务，作为真实子进程启动
+    # 备用默认与服务同一个模型：用户看不出切换；真实部署里备用常是更小的 CPU 模型（见运行示例的 --fallback-model）
     fallback = models.load_args(args, name=args.fallback_model)
+    # "{port}" 由 services.start 换成空闲端口；重启时传回同一个端口，客户端地址不变
     cmd = [sys.executable, "-m", "common.serving", "--model", args.resolved_model(), "--port", "{port}"]
 
     # 3. 逐题：检索 → 置信度路由 → 调服务（重试/熔断）→ 失败则本地备用；中途 SIGKILL 服务再重启

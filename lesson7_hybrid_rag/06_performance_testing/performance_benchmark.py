@@ -48,6 +48,7 @@ SMOKE = dict(sizes=[1000, 4000], clients=[1, 4], requests=60, seconds_per_config
 CLAIMS = [
     run.Claim("HNSW 找回精确检索的前十：各规模里最低的 recall@10（对同一次运行的 Flat）",
               'min(v for k, v in recall_at_10.items() if k.startswith("hnsw"))', ">=", 0.85, 0.85),
+    # 冒烟门槛反而更高：4000 块时 nlist = 4·√N ≈ 250，nprobe 8 探测到的簇占比比 100k 块（≈ 1260 簇）大得多
     run.Claim("IVF 只探测少数簇也找回大部分精确前十：各规模里最低的 recall@10（对 Flat）",
               'min(v for k, v in recall_at_10.items() if k.startswith("ivf"))', ">=", 0.9, 0.8),
     # 各量几十次、比最快的一次（机器忙只会变慢）；冒烟的 4000 块上差距约一个数量级，门槛取三倍留余量
@@ -74,6 +75,7 @@ class Args(retrieval.KBArgs):
     seconds_per_config: float = cli.arg(4.0, "每个配置最多压多少秒（有上限的压测）", min=0.2)
     doc_stride: int = cli.arg(1, "真实种子文档每隔几篇取一篇（--smoke 时 4：少向量化一些）", min=1)
     noise: float = cli.arg(0.6, "合成向量相对真实向量的噪声强度", min=0)
+    # M 越大图越密、召回越高；FAISS 的 HNSW 底层每个节点存 2·M 个邻居，内存与建索引时间也随之增长
     hnsw_m: int = cli.arg(32, "HNSW 每个节点的邻居数 M", min=4)
     hnsw_ef_search: int = cli.arg(64, "HNSW 查询时的候选数 efSearch（越大越准越慢）", min=10)
     ivf_nprobe: int = cli.arg(8, "IVF 查询时探测的簇数 nprobe", min=1)
@@ -88,9 +90,12 @@ def synth_vectors(base, n: int, noise: float, rng):
     """在真实块向量周围加噪声得到 n 个单位向量：保留真实语料的簇结构。"""
     import numpy as np
 
+    # 每个合成向量以一个真实块为中心，而不是纯随机向量：高维随机向量两两几乎正交，没有近邻结构，
+    # HNSW / IVF 的召回会失真
     idx = rng.integers(0, len(base), n)
     # 噪声按 1/√d 缩放：不论维度多少，noise 都是"偏离真实向量的相对幅度"，近邻结构不会被噪声完全抹掉
     v = base[idx] + noise * rng.standard_normal((n, base.shape[1]), dtype="float32") / np.sqrt(base.shape[1])
+    # 归一化成单位向量：内积索引（IndexFlatIP 等）的分数才等于余弦，与真实向量同一把尺
     return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype("float32")
 
 
@@ -102,11 +107,15 @@ def build(kind: str, vecs, token_lists, args):
     if kind == "flat":
         index = faiss.IndexFlatIP(d)   # 暴力内积：每次查询扫全部 N 个向量，精确但 O(N)
     elif kind == "hnsw":
+        # 要显式给 METRIC_INNER_PRODUCT：IndexHNSWFlat 默认按 L2 距离建图
         index = faiss.IndexHNSWFlat(d, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = args.hnsw_ef_search   # 图上贪心搜索：查询代价约 O(log N)，换来少量召回损失
     elif kind == "ivf":
         nlist = max(4, int(4 * len(vecs) ** 0.5))          # 常用经验值：簇数 ≈ 4·√N
+        # 量化器（给每个向量找最近的簇中心）本身就是一个 Flat 索引
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        # IVF 必须先 train（k-means 学出 nlist 个簇中心）才能 add；FAISS 希望每簇至少 39 个训练点，
+        # 1k、10k 块时点数不够，会打印聚类警告——对这里的压测无害
         index.train(vecs)
         index.nprobe = args.ivf_nprobe   # 只扫最近的 nprobe 个簇：nprobe = nlist 时退化为精确检索
     else:
@@ -116,6 +125,7 @@ def build(kind: str, vecs, token_lists, args):
         bm25 = BM25Okapi(token_lists)   # get_scores 每个查询词都在 Python 里遍历全部文档：O(N) 且常数大
         return lambda q_tokens, q_vec: list(np.argsort(-bm25.get_scores(q_tokens))[:10])
     index.add(vecs)
+    # FAISS 只收 (查询数, 维度) 的二维矩阵：单个查询也要加一维
     return lambda q_tokens, q_vec: list(index.search(q_vec[None, :], 10)[1][0])
 
 
@@ -124,6 +134,7 @@ def load_test(search, queries, clients: int, max_requests: int, max_seconds: flo
     import numpy as np
 
     stop = time.perf_counter() + max_seconds
+    # 请求总数平均分给各客户端：不同并发下总请求数相同，吞吐才可比
     per_client = max(1, max_requests // clients)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as ex:
@@ -168,6 +179,7 @@ class ChatClient:
 
         c, q = pair
         try:
+            # 超时给 180 秒：CPU 上的服务一次生成就要几秒，两个客户端排队时更久，超时太短会把"慢"记成"错"
             r = httpx.post(self.url + "/v1/chat/completions", timeout=180, json={
                 "model": self.model, "max_tokens": self.max_tokens, "temperature": 0,
                 "messages": [{"role": "user", "content": f"资料：{c[:300]}\n问题：{q}"}]})
@@ -193,6 +205,7 @@ def bench_generation(args, out, contexts: list[str], questions: list[str]) -> di
         import sys
 
         from common import services
+        # deadline_s 给 180：服务要先在 CPU 上加载模型，services.start 默认的 60 秒可能不够
         svc = services.start([sys.executable, "-m", "common.serving", "--model", args.resolved_model(), "--port",
                               "{port}"], log_file=out.path("server.log"), deadline_s=180)
         url = svc.url
@@ -224,8 +237,10 @@ def bench_size(args, n: int, base, base_tokens, queries, rng, prng) -> tuple[dic
         build_s[f"{kind}_n{n}"] = round(time.perf_counter() - t, 2)
         if kind == "flat":   # 精确检索的前 10 个是近似索引的标准答案
             exact = [set(search(qt, qv)) for qt, qv in queries]
+        # exact 为 None（--indexes 里没有 flat，或 flat 排在后面）时没有标准答案：不报召回，而不是和空集比出 0
         elif kind in ("hnsw", "ivf") and exact is not None:
             got = [set(search(qt, qv)) for qt, qv in queries]
+            # 除以 10 而不是 len(e)：规模至少 100（--sizes 的下限），Flat 总能返回满 10 个
             recall[f"{kind}_n{n}"] = round(float(np.mean([len(g & e) / 10 for g, e in zip(got, exact)])), 4)
         for c in args.clients:
             m = load_test(search, queries, c, args.requests, args.seconds_per_config, args.omp_threads)
@@ -237,6 +252,7 @@ def bench_size(args, n: int, base, base_tokens, queries, rng, prng) -> tuple[dic
 
 def headline(args, configs: dict) -> dict:
     """同一次运行里的比值：最大规模单客户端的各索引、最小 → 最大规模的 p50 增长倍数、最多客户端 / 单客户端的吞吐。"""
+    # 以 --clients 的第一个当"单客户端"基线：默认与冒烟都是 1；改了顺序，这些比值的含义也跟着变
     small, big, c0, c_max = min(args.sizes), max(args.sizes), args.clients[0], max(args.clients)
     at = {k: configs[f"{k}_n{big}_c{c0}"] for k in args.indexes}
     return {"at_largest": {k: {m: v[m] for m in ("p50_ms", "min_ms", "rps")} for k, v in at.items()},
@@ -280,6 +296,7 @@ def main(args: Args) -> dict:
     chunks = retrieval.chunk_documents(docs[::args.doc_stride], 300, 50)
     embedder = retrieval.load_embedder(args.embedding_model, models.pick_device(args.device).type)
     base = retrieval.embed(embedder, [c.text for c in chunks])
+    # 问题也按同样步长抽，只为少向量化一些：这里的召回是对 Flat 比，不需要问题与抽中的文档对应
     qas = qas[::args.doc_stride]
     qvecs = retrieval.embed(embedder, [q["question"] for q in qas])
     base_tokens = [retrieval.bm25_tokens(c.text) for c in chunks]
@@ -299,6 +316,7 @@ def main(args: Args) -> dict:
                          + (f"，recall@10 {recall[f'{kind}_n{n}']}" if f"{kind}_n{n}" in recall else ""))
 
     # 3. 生成速度（本地模型），以及可选的经聊天服务的端到端 RAG：检索再快，端到端也由生成决定
+    # 每个问题配上与它最相似的真实块当资料：生成测的是真实长度的 RAG 提示词，而不是空上下文
     ctx = [chunks[int(np.argmax(base @ v))].text for v in qvecs[:8]]
     generation = bench_generation(args, out, ctx, [q["question"] for q in qas[:8]])
 
