@@ -80,11 +80,12 @@ def _functions(tree: ast.AST):
 
 
 def test_functions_read_as_steps():
-    """main ≤ 60 行、其它函数 ≤ 80 行（含文档字符串与注释）。"""
+    """main ≤ 60 行、其它函数 ≤ 80 行（含文档字符串；整行注释不计：说"为什么"的注释不该拿来和行数上限交换）。"""
     long = []
     for p in LESSON_FILES:
-        for fn in _functions(ast.parse(p.read_text(encoding="utf-8"))):
-            n = fn.end_lineno - fn.lineno + 1
+        src = p.read_text(encoding="utf-8").splitlines()
+        for fn in _functions(ast.parse("\n".join(src))):
+            n = sum(not ln.lstrip().startswith("#") for ln in src[fn.lineno - 1:fn.end_lineno])
             limit = MAX_MAIN if fn.name == "main" else MAX_FUNC
             if n > limit:
                 long.append(f"{p.relative_to(REPO)}:{fn.lineno} {fn.name} {n} 行 > {limit}")
