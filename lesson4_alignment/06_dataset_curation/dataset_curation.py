@@ -56,6 +56,7 @@ similar = run.import_sibling(__file__, "_similar")
 norm = similar.norm
 
 # 不安全规则：中英关键词（真实流水线换成审核模型/分类器；规则的好处是每次删除都能解释）
+# 每条是一个正则片段：`.*` 允许中间插词，“绕过人脸验证”也能命中“绕过.*验证”
 UNSAFE = [r"kill yourself", r"bypass .*(sensor|protection)", r"disable .*protection", r"make a bomb", r"炸弹",
           r"信用卡号", r"撬开", r"绕过.*(验证|保护)", r"强磁铁干扰", r"自杀"]
 
@@ -103,6 +104,7 @@ def load_graded(path: Path, gap: float) -> list[dict]:
     for no, r in data.read_records(path):
         resp = r.get("responses")
         data.need_str(path, no, r, "prompt")
+        # 少于两个回答组不成任何一对：一行报错点名行号，而不是悄悄产出 0 对
         if not isinstance(resp, list) or len(resp) < 2:
             raise UserError(f"{path}:{no}: 需要至少两个 'responses'")
         for i, x in enumerate(resp):
@@ -114,6 +116,8 @@ def load_graded(path: Path, gap: float) -> list[dict]:
                     or isinstance(score, float) and not math.isfinite(score):
                 raise UserError(f"{path}:{no}: responses[{i}].score = {score!r:.40} 应为有限的数"
                                 "（NaN / inf 没法比高低）")
+        # 两两组合：同一 prompt 的一条好回答会出现在好几对里，所以规则 7 要按 prompt 分组切分；
+        # --min-score-gap 0 时回答会和自己配成一对（差 0 ≥ 0），这种 chosen == rejected 的对由规则 1 删掉
         new = [{"prompt": r["prompt"], "chosen": a["text"], "rejected": b["text"], "source": "graded"}
                for a in resp for b in resp if a["score"] - b["score"] >= gap]
         unpaired, pairs = unpaired + (not new), pairs + new
@@ -125,16 +129,23 @@ def load_graded(path: Path, gap: float) -> list[dict]:
 def load_pool(args: Args) -> list[dict]:
     """合并所有来源；保留 votes / category 这些额外字段（common.data 只校验三个必需字段）。"""
     pool = []
+    # filter(None, …)：--extra-data "" 表示不用这一批（见文档字符串的运行示例），空串在这里被跳过
     for src in filter(None, [args.data or str(data.DATA_DIR / "preference" / "pairs.jsonl"), args.extra_data]):
+        # 先按当前目录找，找不到再按仓库根：默认值是相对仓库根的路径，脚本从任何目录运行都找得到
         path = Path(src) if Path(src).is_absolute() or Path(src).exists() else run.REPO_ROOT / src
         extra = [r for _, r in data.read_records(path)]
+        # 读两遍再逐条配对：load_preference 校验并规范三个必需字段，原始记录里才有 votes / category；
+        # 它不丢记录（坏记录直接报错），两边一一对应，zip 不会错位
         for rec, raw in zip(data.load_preference(path), extra):
             votes = raw.get("votes")
+            # 拼错一票（如 "chose"）会被 Counter 当成第三个选项，多数票占比就算错了：一行报错
             if votes is not None and (not isinstance(votes, list) or not set(votes) <= {"chosen", "rejected"}):
                 raise UserError(f"{path}: votes 应为 'chosen'/'rejected' 组成的列表，得到 {votes!r}")
+            # 记下来源文件名：removed.jsonl 里能追到每条坏数据来自哪一批
             pool.append({**rec, "votes": votes, "category": raw.get("category"), "source": path.name})
     if args.graded:
         path = Path(args.graded) if Path(args.graded).exists() else run.REPO_ROOT / args.graded
+        # 打分数据没有投票与类别：补上 None，后面的规则不必分情况判断键在不在
         pool += [{**p, "votes": None, "category": None} for p in load_graded(path, args.min_score_gap)]
     return pool
 
@@ -154,6 +165,7 @@ def apply_rules(pool: list[dict], args: Args) -> tuple[list[dict], list[dict], l
 
     先做这三条、再去重：一条错标的对和它的"正确"副本去重时只留一条，先去重就可能留下错的那条。
     """
+    # 拼成一个正则、只编译一次：每对只扫一遍；IGNORECASE：“Make a Bomb” 也要命中
     unsafe = re.compile("|".join(UNSAFE), re.IGNORECASE)
     kept, removed, agreements, flipped = [], [], [], 0
     for p in pool:
@@ -163,8 +175,11 @@ def apply_rules(pool: list[dict], args: Args) -> tuple[list[dict], list[dict], l
         elif unsafe.search(norm(p["chosen"]) + " " + (p["chosen"] if isinstance(p["chosen"], str) else "")):
             removed.append(tag(p, "unsafe_chosen"))
         elif p["votes"]:
+            # 平票时 share = 0.5，低于默认的 --min-agreement 0.7 而被删；若设成 0.5，平票保留，
+            # 方向取 most_common 的并列规则：先出现的那一票
             top, count = Counter(p["votes"]).most_common(1)[0]
             share = count / len(p["votes"])
+            # 删与不删之前先记下：报告里的平均一致率反映原始标注的质量，而不只是留下来的那些
             agreements.append(share)
             if share < args.min_agreement:   # 标注者自己都说不清哪个好：这条对只是噪声
                 removed.append(tag(p, "low_agreement"))
@@ -190,6 +205,7 @@ def dedupe(pairs: list[dict], args: Args) -> tuple[list[dict], list[dict]]:
     """
     seen, uniq, removed = set(), [], []
     for p in pairs:
+        # md5 只当指纹（不涉安全）：集合里存定长的摘要，而不是拼起来的长文本
         h = hashlib.md5(pair_key(p).encode()).hexdigest()
         if h in seen:
             removed.append(tag(p, "exact_duplicate"))
@@ -197,6 +213,7 @@ def dedupe(pairs: list[dict], args: Args) -> tuple[list[dict], list[dict]]:
             seen.add(h)
             uniq.append(p)
     near = similar.minhash_dups(list(enumerate(pair_key(p) for p in uniq)), args.near_dup_threshold, args.num_perm)
+    # 按下标排序：removed.jsonl 里的顺序跟输入一致，两次运行能逐行比对
     removed += [tag(uniq[i], "near_duplicate") for i in sorted(near)]
     return [p for i, p in enumerate(uniq) if i not in near], removed
 
@@ -207,10 +224,12 @@ def rebalance_length(pairs: list[dict], tolerance: float, rng) -> tuple[list[dic
     chosen 总是更长时，奖励模型最省事的解法就是"越长分越高"（Singhal 2023 测过 RLHF 的长度偏置）。
     """
     longer = [p for p in pairs if len(norm(p["chosen"])) > len(norm(p["rejected"]))]
+    # `not in` 对 dict 按值比较、逐个扫 longer：O(n²)；去重后没有两条相同的对，所以分得准，只是数据很大时慢
     other = [p for p in pairs if p not in longer]
     rng.shuffle(longer)   # 随机删：从尾部删会系统性地删掉某个来源（数据按来源拼接）
     rng.shuffle(other)
     removed = []
+    # 每次只从多的一边删一条，回到容差内就停：删得最少；任一边为空就不动（全是 chosen 更长时删多少都回不到 0.5）
     while longer and other and abs(len(longer) / (len(longer) + len(other)) - 0.5) > tolerance:
         removed.append(tag((longer if len(longer) > len(other) else other).pop(), "length_rebalance"))
     return longer + other, removed
@@ -221,15 +240,17 @@ def category_of(p: dict) -> str:
     return p["category"] or data.detect_lang(p["prompt"] if isinstance(p["prompt"], str) else norm(p["prompt"]))
 
 
-def cap_categories(pairs: list[dict], ratio: float) -> tuple[list[dict], list[dict], dict]:
+def cap_categories(pairs: list[dict], ratio: float, rng) -> tuple[list[dict], list[dict], dict]:
     """规则 6：每类最多 ratio × 最小类；返回 (留下的, 删掉的, 平衡前每类条数)。大类太多，模型只学会大类的口吻。"""
     by_cat = defaultdict(list)
     for p in pairs:
         by_cat[category_of(p)].append(p)
     before = {c: len(v) for c, v in by_cat.items()}
-    cap = int(min(before.values()) * ratio) if by_cat else 0
+    cap = int(min(before.values()) * ratio) if by_cat else 0   # 没有数据时 min() 对空序列会报错，所以先判断 by_cat
     kept, removed = [], []
     for _, v in sorted(by_cat.items()):   # 按类名排序：结果与输入里类别出现的先后无关
+        # 随机留：上一步 rebalance_length 返回的是"chosen 更长"在前，按顺序截会先删另一边，把长度偏置又推回去
+        rng.shuffle(v)
         kept += v[:cap]
         removed += [tag(p, "category_cap") for p in v[cap:]]
     return kept, removed, before
@@ -239,6 +260,7 @@ def drop_eval_leaks(pairs: list[dict], eval_data: str | None) -> tuple[list[dict
     """规则 7 前半：删掉 prompt 出现在外部评估集里的对；评估集见过的题，分数量的是记忆不是能力。"""
     if not eval_data:
         return pairs, []
+    # 外部评估集只按规范化后的 prompt 精确比对：与它只是近似相同的训练 prompt 不会被删（分组切分管的只是内部两边）
     ext = {norm(p["prompt"]) for p in data.load_preference(eval_data)}
     return ([p for p in pairs if norm(p["prompt"]) not in ext],
             [tag(p, "eval_leak") for p in pairs if norm(p["prompt"]) in ext])
@@ -248,6 +270,7 @@ def group_split(pairs: list[dict], args: Args) -> tuple[list[dict], list[dict]]:
     """规则 7 后半：按 prompt 组切分（近似相同的 prompt 一组），同组只进训练或评估一边，泄漏归零。"""
     if len(pairs) < 2:
         raise UserError(f"清洗后只剩 {len(pairs)} 对：规则太严或数据太少（看 removed.jsonl）")
+    # 近似判断用与去重同一个阈值和 num_perm：去重认为不同、分组却认为相同，报告里的数字就对不上（见 _similar.py）
     gid = similar.prompt_groups([norm(p["prompt"]) for p in pairs], args.near_dup_threshold, args.num_perm)
     eval_groups = set(data.split(sorted(set(gid)), args.val_fraction, args.seed)[1])   # 切的是组，不是对
     return [p for p, g in zip(pairs, gid) if g not in eval_groups], [p for p, g in zip(pairs, gid) if g in eval_groups]
@@ -257,6 +280,7 @@ def dump(out, name: str, rows: list[dict]) -> None:
     """JSONL，去掉值为 None 的字段：清洗后的文件能直接喂给 03 / 04（它们只认 prompt/chosen/rejected）。"""
     with out.path(name).open("w", encoding="utf-8") as f:
         for r in rows:
+            # ensure_ascii=False：中文原样写出，打开文件能直接读，而不是满屏 \uXXXX
             f.write(json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False) + "\n")
 
 
@@ -279,14 +303,17 @@ def write_report(out, m: dict, cats_before: dict, n_votes: int, bias: tuple[floa
     out.path("curation_report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     import markdown
 
+    # extensions=["tables"]：Python-Markdown 默认不认 | 表格 | 语法，不开就渲染成一段纯文本
     out.path("curation_report.html").write_text(
         "<!doctype html><meta charset='utf-8'><title>curation report</title>"
         + markdown.markdown("\n".join(md), extensions=["tables"]), encoding="utf-8")
 
 
 def main(args: Args) -> dict:
+    # 先套冒烟参数再 run.start：config.json 记下的才是真正跑的参数
     args = cli.with_smoke(args, SMOKE)
     out = run.start(__file__, args)
+    # 只有长度再平衡用随机数：给它一个按 --seed 建的独立 Random，别处的改动不会改变它删哪几条
     rng = random.Random(args.seed)
 
     # 0. 合并来源；先按 lesson 脚本的做法随机切一次，数一数泄漏（后面分组切分要和这个数比）
@@ -302,14 +329,16 @@ def main(args: Args) -> dict:
     # 5. 长度偏置：下采样多的一边，直到 chosen 更长的比例回到 0.5 ± tolerance
     bias_before = length_bias(kept)
     kept, too_long = rebalance_length(kept, args.length_tolerance, rng)
-    bias_after = length_bias(kept)
     # 6. 类别平衡：每类最多 max_category_ratio × 最小类
-    kept, capped, cats_before = cap_categories(kept, args.max_category_ratio)
+    kept, capped, cats_before = cap_categories(kept, args.max_category_ratio, rng)
     cats_after = dict(Counter(p["category"] or data.detect_lang(norm(p["prompt"])) for p in kept))
     # 7. 外部评估集去泄漏 + 按规范化 prompt 分组切分
     kept, in_eval = drop_eval_leaks(kept, args.eval_data)
+    # 长度偏置在所有删减之后量：后面的类别上限、去泄漏也会删对，只在第 5 步后量会漏掉它们把偏置推回去
+    bias_after = length_bias(kept)
     removed += dups + too_long + capped + in_eval   # 按规则的先后：removed.jsonl 读起来就是流水线的顺序
     train_out, eval_out = group_split(kept, args)
+    # 同一个 leaks()、同一阈值与 num_perm 再量一次：前后两个泄漏数才是同一把尺子量的
     leaked_after = similar.leaks(train_out, eval_out, args.near_dup_threshold, args.num_perm)
 
     # 8. 写文件与报告
@@ -317,6 +346,7 @@ def main(args: Args) -> dict:
                        ("removed.jsonl", removed)):
         dump(out, name, rows)
     by_rule = dict(Counter(r["rule"] for r in removed))
+    # 没有任何带票的对时记 1.0（无分歧可言），而不是除零
     mean_agree = sum(agreements) / len(agreements) if agreements else 1.0
     metrics = {
         "pairs_in": len(pool), "pairs_out": len(kept), "length_bias_before": round(bias_before, 4),
