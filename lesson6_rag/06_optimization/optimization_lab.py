@@ -73,7 +73,6 @@ class Args(retrieval.KBArgs):
 SMOKE = dict(max_docs=11, chunk_sizes=[200, 500], chunk_overlaps=[0, 100], gen_questions=5)
 # 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
 # (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线都在同一次运行里测（同一切块下的单路检索等）
-_TEST = 'test_by_retriever["{}"]["{}"]'.format
 CLAIMS = [
     run.Claim("调过权重的混合检索不比最好的单路差：混合 − 最好单路的 test MRR（最优切块下）",
               'test_by_retriever["hybrid"]["mrr"] - '
@@ -104,8 +103,10 @@ def extract_answer(question: str, chunk_text: str) -> str:
 
     不用 LLM 是故意的：它确定、几毫秒一题，几十种配置都能算 EM/F1；答案质量的差异因此只来自检索。
     """
+    # 中文句末标点后零宽切开（标点留在句尾）；英文的 . ; 要求后面有空白，3.5、v1.2 这类数字版本号不会被切开
     sents = [s.strip() for s in re.split(r"(?<=[。！？!?\n])|(?<=[.;])\s+", chunk_text) if s.strip()]
     q = set(retrieval.bm25_tokens(question))
+    # 块里切不出句子时退回整块；并列时 max 取第一个，即靠前的句子
     return max(sents or [chunk_text], key=lambda s: len(q & set(retrieval.bm25_tokens(s))))
 
 
@@ -125,6 +126,7 @@ def better(a: dict, b: dict | None) -> bool:
 
     recall@5 优先：前 5 块会整体交给 LLM，金标在第 1 还是第 4 对生成影响小，漏掉则无论如何答不对。
     """
+    # 元组按字典序比：recall@5 相同才看 MRR，再看 nDCG@10；严格大于，所以完全并列时保留先扫到的配置
     return b is None or (a["recall_at_5"], a["mrr"], a["ndcg_at_10"]) > (b["recall_at_5"], b["mrr"], b["ndcg_at_10"])
 
 
@@ -133,14 +135,16 @@ def mmr(cands: list[int], vecs, lam: float, k: int) -> list[int]:
 
     用名次而不是原始分数当相关性：混合检索的 RRF 分数与余弦不在一个尺度上，直接相减没有意义。
     """
+    # 名次线性映射到 (0, 1]，与下面的余弦相似度同一量级：lam 才真是"相关性占几成"
     rel = {c: 1 - i / len(cands) for i, c in enumerate(cands)}
     chosen, rest = [], list(cands)
     while rest and len(chosen) < k:
+        # 还没选任何块时多样性惩罚取 0：第一个选中的总是第一阶段的第 1 名
         best = max(rest, key=lambda c: lam * rel[c] - (1 - lam) * max((float(vecs[c] @ vecs[s]) for s in chosen),
                                                                     default=0.0))
         chosen.append(best)
         rest.remove(best)
-    return chosen + rest
+    return chosen + rest   # 选满 k 个后其余按原顺序接上：排序长度不变，recall@10 等指标才能与不重排时比
 
 
 def sweep(args: Args, kb: dict, grid: list, ks: list[int], log) -> tuple[dict, dict, str]:
@@ -155,21 +159,24 @@ def sweep(args: Args, kb: dict, grid: list, ks: list[int], log) -> tuple[dict, d
         # 每个向量模型各自与 BM25 融合：融合权重是 (向量模型, 切块) 的属性，换了任何一个都要在 dev 上重新挑
         for name in kb["embedders"]:
             index = retrieval.DenseIndex(kb["vectors"](name, [c.text for c in chunks]))
+            # 块比 depth 少时（冒烟、大切块）只要这么多：多要的名额 faiss 只会用 -1 补位
             rank[name] = {sp: [[i for i, _ in r] for r in index.search_vectors(
                 kb["vectors"](name, [q["question"] for q in qs]), min(depth, len(chunks)))]
                 for sp, qs in (("dev", dev), ("test", test))}
+            # 两路权重写成 w 与 1 − w：只有一个自由度，网格扫的就是"向量一路占多少"
             fused = {w: [retrieval.rrf([d, b], [w, 1 - w]) for d, b in zip(rank[name]["dev"], rank["bm25"]["dev"])]
                      for w in args.fusion_weights}
             w_best = max(args.fusion_weights, key=lambda w: tuple(score(fused[w], dev, chunks, by_id, ks)[k]
                                                                   for k in ("recall_at_5", "mrr")))
             test_fused = [retrieval.rrf([d, b], [w_best, 1 - w_best]) for d, b in zip(rank[name]["test"],
                                                                                       rank["bm25"]["test"])]
+            # dense → hybrid、dense-<slug> → hybrid-<slug>：每个向量模型各有一条自己的混合检索，名字一一对应
             rank[name.replace("dense", "hybrid")] = {"dev": fused[w_best], "test": test_fused, "weight": w_best}
         for retr, r in rank.items():
             key = f"{retr}_cs{cs}_ov{ov}"
             configs[key] = {**score(r["dev"], dev, chunks, by_id, ks), "retriever": retr, "chunk_size": cs,
                             "chunk_overlap": ov, **({"fusion_weight_dense": r["weight"]} if "weight" in r else {})}
-            runs[key] = (chunks, r)
+            runs[key] = (chunks, r)   # 留下块与排序：选完配置后直接拿来算 test，不必重新切块、建索引
             if better(configs[key], configs.get(best)):
                 best = key
         log.info(f"切块 {cs}/{ov}（{len(chunks)} 块）：" + "，".join(
@@ -210,6 +217,8 @@ def faithfulness(args: Args, kb: dict, chunks, ranked: list[list[int]]) -> tuple
     for i, (answer, context, (_, qa)) in enumerate(zip(replies, contexts, items)):
         words = [w for w in retrieval.bm25_tokens(answer) if w not in STOP]
         if words:
+            # 子串匹配而不是分词后比对：资料整段交给 jieba 时可能切得与答案不同；
+            # 答案词已被 bm25_tokens 小写，资料也要转小写
             faith.append(sum(w in context.lower() for w in words) / len(words))
             other_context = contexts[(i + 1) % len(contexts)].lower()   # 只有 1 题时就是自己：差值为 0，不会虚高
             other.append(sum(w in other_context for w in words) / len(words))
@@ -238,6 +247,7 @@ class VectorCache:
         """用名为 name 的向量模型编码 texts（按顺序堆成矩阵），没见过的文本才真的送进模型。"""
         import numpy as np
 
+        # dict.fromkeys 去重且保序：同一批里重复的文本（相同的块、相同的问题）只编码一次
         todo = [t for t in dict.fromkeys(texts) if (name, t) not in self.cache]
         for t, v in zip(todo, retrieval.embed(self.embedders[name], todo) if todo else []):
             self.cache[name, t] = v
@@ -247,11 +257,13 @@ class VectorCache:
 def load_data(args: Args, log) -> dict:
     """知识库 + 问答（--max-docs 均匀抽样），按种子切成 dev（选配置）与 test（报告）；向量模型与向量缓存。"""
     docs, by_id, qas = retrieval.load_kb(args.docs, args.qa, args.max_docs, args.max_questions)
+    # data.split 返回 (剩下的, 切出的那份)：切出的 dev_fraction 那份才是 dev，所以左边的顺序是 test, dev
     test, dev = data.split(qas, args.dev_fraction, args.seed)
     # 向量模型：默认 MiniLM，--embedding-model 再加一个（不是替换：两者并排比，才知道换模型值不值）
     device = models.pick_device(args.device).type
     embedders = {"dense": retrieval.load_embedder(None, device)}
     if args.embedding_model:
+        # slug 只留小写字母、数字和 -：它会进配置名与基线指纹；下划线也换掉，因为配置名靠 split("_cs") 拆出检索器名
         slug = re.sub(r"[^a-z0-9]+", "-", Path(args.embedding_model).name.lower()).strip("-")
         embedders[f"dense-{slug}"] = retrieval.load_embedder(args.embedding_model, device)
     log.info(f"{len(docs)} 篇文档，问答 dev {len(dev)} / test {len(test)}")
@@ -293,11 +305,13 @@ def main(args: Args) -> dict:
     chunks, r = runs[best]
     cs, ov = configs[best]["chunk_size"], configs[best]["chunk_overlap"]
     best_test = score(r["test"], test, chunks, by_id, ks)
+    # 同一切块下各检索器的 test 成绩：只有切块相同，"混合比单路好多少"才只反映检索器本身
     by_retriever = {k.split("_cs")[0]: score(runs[k][1]["test"], test, chunks, by_id, ks)
                     for k in configs if k.endswith(f"_cs{cs}_ov{ov}")}
     out.log.info(f"最优配置（dev）：{best}；test recall@5={best_test['recall_at_5']}, MRR={best_test['mrr']}")
     # 4. 重排一轴：dev 上更好才采用——重排多一次模型调用，不更好就是白花的延迟
     method, use_rerank, rr_dev, rr_test, rr = rerank_step(args, kb, chunks, r, configs[best], ks, out.log)
+    # 重排没被采用时，忠实度和回归比较都用不重排的排序：报告的必须是真正会上线的那套配置
     final, final_test = (rr, rr_test) if use_rerank else (r, best_test)
     # 5. 忠实度：LLM 依据检索到的资料生成答案；检索指标好不等于答案有据可查，要单独量
     faith, faith_other, gen_f1, n_gen = faithfulness(args, kb, chunks, final["test"])
@@ -305,6 +319,7 @@ def main(args: Args) -> dict:
     # 6. 回归告警：与同一模式的基线比较；指纹记下数据与扫描范围，范围变了的基线不拿来比
     fingerprint = {"docs": len(kb["docs"]), "qa": len(kb["qas"]), "seed": args.seed, "grid": grid, "ks": ks,
                    "embedding_models": sorted(kb["embedders"]), "rerank": method, "dev_fraction": args.dev_fraction}
+    # 只拿 COMPARED 里的检索与抽取式指标与基线比：忠实度取决于 --model，而指纹里没有模型，换个模型就会误报"回归"
     path, regression, drops = guard.check_baseline(args, out, fingerprint, best,
                                                    {k: final_test[k] for k in guard.COMPARED}, base_path)
     # 7. 画图
