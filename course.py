@@ -259,6 +259,52 @@ _WHY_OVER = {
 }
 
 
+# 效率一览：每个比值都来自同一个脚本、同一次参考运行里并排量的两个数（同一进程、同一批数据），旁边是目标。
+# (脚本, 比的是什么, 分子的指标键, 分母的指标键或 None, 目标方向, 目标值)；目标取自 issue 24，没定目标的只要求方向对
+_EFFICIENCY = [
+    ("lesson1_sft/05_lora_finetune/lora_chatglm_demo.py", "LoRA 训练：评估 tokens/s ÷ 训练 tokens/s",
+     "eval_tokens_per_s", "train_tokens_per_s", ">=", 2.0),
+    ("lesson1_sft/05_lora_finetune/lora_chatglm_demo.py", "LoRA 训练：评估时间 ÷ 训练时间",
+     "eval_seconds", "train_seconds", "<=", 0.1),
+    ("lesson3_distributed/03_training_acceleration/acceleration_tricks.py",
+     "打包训练的 MFU（分母是同一进程实测的 fp32 矩阵乘峰值）", "tricks.packed.mfu", None, ">=", 0.4),
+    ("lesson3_distributed/03_training_acceleration/acceleration_tricks.py", "打包 ÷ 填充：训练 tokens/s",
+     "tricks.packed.tokens_per_s", "tricks.padded.tokens_per_s", ">", 1.0),
+    ("lesson3_distributed/03_training_acceleration/acceleration_tricks.py", "打包 + 重算 ÷ 打包：训练峰值内存",
+     "tricks.packed_ckpt.peak_mem_mb", "tricks.packed.peak_mem_mb", "<", 1.0),
+    ("lesson1_sft/06_cpu_deploy/cpu_inference_case.py", "生成：KV 缓存开 ÷ 关的 tokens/s",
+     "kv_cache_speedup", None, ">", 1.0),
+    ("lesson1_sft/06_cpu_deploy/cpu_inference_case.py", "生成：批 8 ÷ 批 1 的总 tokens/s",
+     "batch_throughput_gain", None, ">", 1.0),
+    ("lesson1_sft/06_cpu_deploy/cpu_inference_case.py", "生成：int8 ÷ fp32 的 tokens/s",
+     "int8_speedup", None, ">", 1.0),
+    ("lesson1_sft/06_cpu_deploy/cpu_inference_case.py", "生成：bf16 ÷ fp32 的 tokens/s（CPU 没有原生 bf16 时 < 1）",
+     "bf16_speedup", None, None, None),
+    ("lesson5_deployment_monitoring/07_serving/load_test.py", "聊天服务：并发 8 ÷ 逐个顺序的 tokens/s（动态批处理）",
+     "batching_speedup_8", None, ">=", 2.0),
+    ("lesson7_hybrid_rag/06_performance_testing/performance_benchmark.py",
+     "检索：BM25 ÷ FAISS Flat 的延迟（最大规模、单客户端最快一次）", "at_largest.bm25.min_ms", "at_largest.flat.min_ms",
+     ">", 1.0),
+    ("lesson7_hybrid_rag/06_performance_testing/performance_benchmark.py",
+     "检索：FAISS Flat 多客户端 ÷ 单客户端的 req/s（最大规模）", "throughput_gain.flat", None, ">", 1.0),
+]
+_CHECK = {">=": lambda v, t: v >= t, "<=": lambda v, t: v <= t, ">": lambda v, t: v > t, "<": lambda v, t: v < t}
+
+
+def render_efficiency(ref: Path = REFERENCE) -> str:
+    """效率一览表：比值、目标、达到没有、出自哪个脚本；脚本还没记录的照实写"未记录"。"""
+    lines = ["| 比的是什么 | 参考运行 | 目标 | 达到 | 出自 |", "|---|---|---|---|---|"]
+    for rel, what, num, den, op, goal in _EFFICIENCY:
+        rec = load_record(ref, rel)
+        m = rec["metrics"] if rec else {}
+        value = m.get(num) / m[den] if m.get(num) is not None and m.get(den) else None if den else m.get(num)
+        target = f"{_OPS[op]} {goal:g}" if op else "—"
+        held = "—" if value is None or not op else _MARK[_CHECK[op](value, goal)]
+        shown = f"{value:.3g}" if value is not None else ("未记录" if not rec else "—")
+        lines.append(f"| {what} | {shown} | {target} | {held} | `{Path(rel).parent.name}/{Path(rel).name}` |")
+    return "\n".join(lines)
+
+
 def render_over(ref: Path = REFERENCE) -> str:
     """超过笔记本标准（默认运行 > 10 分钟或 > 8 GB）的脚本，逐个说为什么、笔记本上怎么办；都没超就说都没超。"""
     lines = []
@@ -310,9 +356,11 @@ def _wrap(line: str, width: int = 116, indent: str = "    ") -> list[str]:
 
 def render_block(name: str, ref: Path = REFERENCE, script: str = "") -> str:
     """生成块的内容。course = 全部脚本一张表；lessonN = 这一课每个脚本的结论与实测值；script = 文档字符串里那段；
-    over = 超过笔记本标准的脚本。"""
+    over = 超过笔记本标准的脚本；efficiency = 效率一览。"""
     if name == "over":
         return render_over(ref)
+    if name == "efficiency":
+        return render_efficiency(ref)
     if name.startswith("script"):   # "script"：文档字符串里；"script:x.py"：课题文件夹 README 里，指同目录的脚本
         if ":" in name:
             script = (Path(script).parent / name.split(":", 1)[1].strip()).as_posix()

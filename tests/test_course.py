@@ -164,3 +164,14 @@ def test_scripts_over_the_laptop_limits_are_listed_with_the_reason(tmp_path):
                                                  encoding="utf-8")
     block = course.render_block("over", tmp_path)
     assert rel in block and "超过 8 GB" in block and "超过 10 分钟" not in block and "四份权重" in block
+
+
+def test_efficiency_table_divides_the_same_runs_numbers_and_checks_the_goal(tmp_path):
+    rel = "lesson1_sft/05_lora_finetune/lora_chatglm_demo.py"
+    assert "| 未记录 | ≥ 2 | — |" in course.render_block("efficiency", tmp_path)
+    course.record_path(tmp_path, rel).parent.mkdir(parents=True)
+    metrics = {"eval_tokens_per_s": 150.0, "train_tokens_per_s": 50.0, "eval_seconds": 30.0, "train_seconds": 100.0}
+    course.record_path(tmp_path, rel).write_text(json.dumps({"metrics": metrics}), encoding="utf-8")
+    block = course.render_block("efficiency", tmp_path)
+    # 评估 3 倍于训练（≥ 2 ✓），评估时间 0.3 倍（≤ 0.1 ✗）
+    assert "| 3 | ≥ 2 | ✓ |" in block and "| 0.3 | ≤ 0.1 | ✗ |" in block
