@@ -23,8 +23,10 @@ def run_in_child(fn, *a, kill_after: float | None = None, hang_s: float = 600) -
     不会被释放，子进程会死锁）。
     """
     # 结果文件由父进程先建好：子进程只在 fn 完整返回后才写它，被杀时留下的是空文件。
-    # 注意 mkstemp 返回的 fd 这里没关：每次调用漏一个文件描述符，几十次试验无妨，调用极多时会撞上 ulimit
-    res = Path(tempfile.mkstemp(suffix=".json")[1])
+    # mkstemp 返回的 fd 立刻关掉：不关的话每次调用漏一个文件描述符，调用多了会撞上 ulimit
+    fd, name = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    res = Path(name)
     p = mp.get_context("fork").Process(target=_write_result, args=(res, fn, a))
     p.start()
     p.join(kill_after if kill_after is not None else hang_s)

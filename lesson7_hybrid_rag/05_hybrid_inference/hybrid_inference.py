@@ -27,7 +27,7 @@ closed → open → half_open → closed，服务重启后请求回到服务上�
 correct / abstained / wrong 计数（--smoke 的极小模型答不对题，冒烟看的是容错）。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行（smollm2-135m，2 核 CPU）：0.8 分钟，1.3 GB，结论 5/5 成立
+参考运行（smollm2-135m，2 核 CPU）：0.8 分钟，1.3 GB，结论 5/5 成立；记录之后脚本改过，待重录
   ✓ 杀掉服务后该答的题全由本地备用接住：杀后备用作答的题 / 杀后该答的题：1（≥ 1）
   ✓ 服务重启后熔断器重新闭合、请求回到服务：重启后由服务作答的题 / 重启后作答的题：1（≥ 0.5）
   ✓ 校准过的拒答挡住库外问题：库外问题的拒答率 − 库内问题的拒答率：0.5（≥ 0.3）
@@ -175,12 +175,12 @@ def confidence(bm25: retrieval.BM25Index, q: str, top: list[int]) -> float:
 def load_items(args: Args) -> tuple[list[dict], list, retrieval.BM25Index, list[str]]:
     """知识库内的问答（有标准答案）+ 库外问题（应当拒答），打乱；知识库切块建 BM25；其余库内问题留作校准题。"""
     docs, by_id, qas = retrieval.load_kb(args.docs, args.qa)
-    # 第一份留作校准、第二份评测，两者不重叠：阈值不是在考题上定的。注意这里减的是全部 6 道库外题，
-    # 下面实际只加 questions // 4 道：--questions 不是 24 时总题数会少于它（冒烟 12 → 9 题）
-    calib, picked = data.split(qas, min(0.99, max(1, args.questions - len(OUT_OF_KB)) / len(qas)), args.seed)
-    # 库外问题约占四分之一：太少看不出拒答是否可靠，太多则服务 / 备用模型的切换演示没几题可看
+    # 库外问题约占四分之一（最多 6 道）：太少看不出拒答是否可靠，太多则服务 / 备用模型的切换演示没几题可看
+    n_out = min(len(OUT_OF_KB), max(1, args.questions // 4))
+    # 第一份留作校准、第二份评测，两者不重叠：阈值不是在考题上定的；库内题数 + 库外题数 = --questions
+    calib, picked = data.split(qas, min(0.99, max(1, args.questions - n_out) / len(qas)), args.seed)
     items = [{"question": q["question"], "gold": q["answer"]} for q in picked] + \
-            [{"question": q, "gold": None} for q in OUT_OF_KB[:max(1, args.questions // 4)]]
+            [{"question": q, "gold": None} for q in OUT_OF_KB[:n_out]]
     random.Random(args.seed).shuffle(items)   # 打乱：杀服务的时刻不会总落在同一类问题上
     # 切块参数与第 01 节的默认（300 / 50）一致
     chunks = retrieval.chunk_documents(docs, 300, 50)
