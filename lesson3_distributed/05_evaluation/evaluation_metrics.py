@@ -16,7 +16,8 @@ ROUGE-L 与 BLEU（中文先用 jieba 分词；用维护中的 rouge-score 与 s
 
 你会看到：metrics.json 里的 ppl（滑窗）与 ppl_no_overlap、sentiment_accuracy（少样本）与零样本、EM/F1、rougeL、bleu、
 judge_win_rate（参考答案 vs 模型答案，不一致算平局）与 judge_position_consistency；human_eval.csv / human_eval.html。
-上面三个坑都会在数字里显出来：滑窗困惑度低于不重叠窗口（每个 token 都有上文）；少样本提示里的示例让小模型分类更准；
+上面的坑都会在数字里显出来：滑窗困惑度低于不重叠窗口（每个 token 都有上文）；少样本示例该让模型分类更准——但
+135M 的 smollm2 在参考运行里零样本与少样本一样准（下方 ✗ 那条）：读懂示例要更大的模型，别拿小模型的"示例没用"当结论；
 同一批中文参考答案与自己比，默认分词器的 ROUGE-L 远低于 jieba 分词后的（本该是 1）；小模型评委换个顺序结论常常就变，
 位置一致率明显低于 1，所以胜率只算两次一致的那部分。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
