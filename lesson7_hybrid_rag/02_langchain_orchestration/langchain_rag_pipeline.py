@@ -18,9 +18,10 @@
       --model Qwen/Qwen2.5-7B-Instruct --config configs/lesson7/langchain_rag_pipeline.yaml   # GPU：vLLM / 第 5 课服务
 
 你会看到：回调记下的每步耗时里模型一步最慢，比拼提示词、解析慢一个数量级以上，检索次之；流式输出的首个块
-远早于整段生成完；偏向 BM25 的融合检索命中率不比单用任一路差；资料里混的注入文本在不设防的提示词下被照做，
-设防后没有得逞（injection_followed=false）。小模型常常不写 [n] 引用（explicit_citation_rate 低，靠事后归因），
---smoke 的极小模型答案也不对——冒烟只验证接线。
+远早于整段生成完；偏向 BM25 的融合检索命中率不比单用任一路差；资料里混的注入文本，设防与不设防的提示词各问一次：
+不设防照做、设防没照做才算挡住——smollm2 的参考运行里两边结果相同（下方 ✗，照实留着：135M 模型对这条注入
+本来就不一定照做，一次问答的对照也只是演示，要量防御效果得用一批攻击算成功率）。小模型常常不写 [n] 引用
+（explicit_citation_rate 低，靠事后归因），--smoke 的极小模型答案也不对——冒烟只验证接线。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
 参考运行：还没有记录（python course.py --full --only langchain_rag_pipeline.py）
