@@ -74,14 +74,17 @@ class Args(retrieval.KBArgs):
     rerank_freeze_layers: int = cli.arg(3, "冻结 MiniLM 词嵌入与最底下 N 层（共 6 层）：反向传播只走上面几层，"
                                            "CPU 上快近一倍", min=0, max=6)
     context_k: int = cli.arg(2, "交给大模型的段落数（CPU 上提示越长生成越慢）", min=1)
-    max_new_tokens: int = cli.arg(32, "生成长度上限：答案要简短", min=1)
+    # 80 而不是 32：smollm2 的英文分词器上一个汉字占两三个 token，32 个只够十来个字，中文回答写到一半就被截断；
+    # 参考运行在 32 时 RAG 与闭卷的答案准确率都是 0，80 时 RAG 才在英文题上答出闭卷答不出的
+    max_new_tokens: int = cli.arg(80, "生成长度上限：答案要简短", min=1)
     batch_size: int = cli.arg(4, "生成的批大小", min=1)
     mark_data: bool = cli.arg(True, "把检索到的文字标成资料而非指令（防提示注入）；"
                                     "--mark-data false 对比不设防的提示")
 
 
 # 冒烟：1/4 的文档（及问它们的题）、少量训练 / 测试题；重排器每题 2 个负例、输入截到 64 token，十几秒训完
-SMOKE = dict(max_docs=11, max_train=24, max_eval=10, candidates=8, rerank_negatives=2, rerank_max_length=64)
+SMOKE = dict(max_docs=11, max_train=24, max_eval=10, candidates=8, rerank_negatives=2, rerank_max_length=64,
+             max_new_tokens=32)   # 极小模型答不出内容，短一点只为冒烟快
 # 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
 # (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线都在同一次运行、同一批测试题上测
 CLAIMS = [
