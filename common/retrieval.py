@@ -194,9 +194,31 @@ def recall_by_lang(hits: list[list[bool]], qas: list[dict], k: int = 5) -> dict[
             for lang in sorted({q.get("lang") for q in qas if q.get("lang")})}
 
 
+def _reciprocal_ranks(hits: list[list[bool]], k: int = 10) -> list[float]:
+    """每题的倒数排名（前 k 里没命中记 0）：均值就是 MRR；逐题留着，才能做配对比较。"""
+    return [1.0 / (h[:k].index(True) + 1) if True in h[:k] else 0.0 for h in hits]
+
+
 def mrr(hits: list[list[bool]], k: int = 10) -> float:
     """平均倒数排名：第一个命中出现得越早越好。"""
-    return sum(1.0 / (h[:k].index(True) + 1) for h in hits if True in h[:k]) / max(1, len(hits))
+    return sum(_reciprocal_ranks(hits, k)) / max(1, len(hits))
+
+
+def clearly_better(candidate: list[list[bool]], baseline: list[list[bool]], n_boot: int = 2000,
+                   seed: int = 0) -> bool:
+    """同一批 dev 题上，candidate 的 MRR 高过 baseline 超出噪声了吗：逐题倒数排名之差做配对自助法
+    （paired bootstrap，重抽题目 n_boot 次），差的均值的第 5 百分位仍 > 0 才算。
+
+    dev 只有几十题时，权重网格上"最好"的那一格常常只是偶然起伏：拿它上线，test 上反而输给最好的单路
+    （参考运行里第 6 课 04 的重排、06 的混合都这样输过）。过不了这一关就用基线，并在日志里说为什么。
+    """
+    import numpy as np
+
+    diff = np.array(_reciprocal_ranks(candidate)) - np.array(_reciprocal_ranks(baseline))
+    if not len(diff) or diff.mean() <= 0:
+        return False
+    boot = np.random.default_rng(seed).choice(diff, (n_boot, len(diff))).mean(axis=1)
+    return bool(np.percentile(boot, 5) > 0)
 
 
 def _dcg(flags: list[bool]) -> float:

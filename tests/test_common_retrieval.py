@@ -75,3 +75,14 @@ def test_load_kb_subsamples_and_refuses_empty(tmp_path):
     assert len(retrieval.load_kb(tmp_path / "docs", qa)[2]) == 1
     with pytest.raises(UserError, match="--max-docs"):   # 抽到的文档没有任何问答：一行报错，而不是跑出空指标
         retrieval.load_kb(tmp_path / "docs", qa, max_docs=1)
+
+
+def test_clearly_better_needs_a_gain_beyond_noise():
+    first = [[True, False]] * 20                     # 基线：每题第 1 名命中，MRR 1
+    second = [[False, True]] * 20                    # 每题第 2 名命中，MRR 0.5
+    # 30 题里只有一题变好：均值高一点，但配对自助法的下界不过 0
+    one_better = [[False, True]] * 29 + [[True, False]]
+    assert retrieval.clearly_better(first, second) and not retrieval.clearly_better(second, first)
+    assert not retrieval.clearly_better(one_better, [[False, True]] * 30)
+    assert not retrieval.clearly_better(first, first)   # 一样好不算胜过：平手留基线
+    assert retrieval.mrr(one_better) == (29 * 0.5 + 1) / 30

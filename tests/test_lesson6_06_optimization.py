@@ -32,10 +32,12 @@ def test_sweep_picks_best_on_dev(smoke):
     # 设计文档的实测结论：中文为主的知识库上 BM25 明显强于英文 MiniLM 向量检索
     cs = m["best_config"].split("_", 1)[1]
     assert configs[f"bm25_{cs}"]["recall_at_5"] > configs[f"dense_{cs}"]["recall_at_5"]
-    # 重排一轴只有在 dev 上更好时才采用；最终 test 成绩来自被采用的那条路
+    # 重排一轴只有在 dev 上更好（而且好出噪声：配对自助法）时才采用；dev 上不更好就一定不采用；
+    # 最终 test 成绩来自被采用的那条路
     used = m["rerank"]["used"]
-    assert used == (tuple(m["rerank"]["dev"][k] for k in ("recall_at_5", "mrr", "ndcg_at_10")) >
-                    tuple(m["best_dev"][k] for k in ("recall_at_5", "mrr", "ndcg_at_10")))
+    dev_better = (tuple(m["rerank"]["dev"][k] for k in ("recall_at_5", "mrr", "ndcg_at_10")) >
+                  tuple(m["best_dev"][k] for k in ("recall_at_5", "mrr", "ndcg_at_10")))
+    assert dev_better or not used
     assert m["best_test"] == (m["rerank"]["test"] if used else m["test_by_retriever"][m["best_config"].split("_cs")[0]])
     # 生成只看检索到的资料：极小模型的答案里也有一部分实词抄自资料（实测约 0.42；资料为空时是 0）
     assert m["faithfulness"] > 0.2 and m["gen_questions"] == 5
