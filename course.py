@@ -254,6 +254,10 @@ _WHY_OVER = {
         "PPO 同时放着 actor、ref、critic、奖励模型四份权重；先跑 03、再用 --reward-model 跳过阶段 2 可以少一份",
     "lesson5_deployment_monitoring/06_diversity_debug/diversity_evaluation.py":
         "六种解码设置各采样一批，再训几步 DPO 比较模型；笔记本上用 --dpo-steps 0 只比解码设置",
+    "lesson4_alignment/01_alignment_overview/compare_methods.py":
+        "四种偏好损失各从同一个 SFT 起点训一遍、再用同一把尺子评估；笔记本上用 --methods dpo,simpo 只比两种",
+    "lesson4_alignment/03_reward_model_training/train_reward_model.py":
+        "奖励模型每步同时前向 chosen 与 rejected；笔记本上减小 --per-device-train-batch-size 或 --max-steps",
     "lesson2_qlora_ptuning/03_ptuning/ptuning_v2_demo.py":
         "四种参数高效方法各训一遍再各评估一遍；笔记本上用 --methods 挑两种比",
 }
