@@ -19,11 +19,10 @@
 最后一个检查点；train_tokens_per_s 是纯训练吞吐。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行：还没有记录（python course.py --full --only hf_finetune_scaffold.py）
-  – 全参数 SFT 降低留出集损失：训练后 / 训练前 eval_loss（默认模式 ≤ 0.93）
-  – load_best_model_at_end 装回的是验证损失最低的检查点：装回后的 eval_loss − 训练中各次评估的最低值（默认模式 ≤
-    0.001）
-  – 优化器在训练集上起作用：最后一次记录的训练损失 / 第一次（默认模式 ≤ 0.95）
+参考运行（smollm2-135m，2 核 CPU）：1.4 分钟，5.1 GB，结论 2/3 成立
+  ✓ 全参数 SFT 降低留出集损失：训练后 / 训练前 eval_loss：0.865（≤ 0.93）
+  ✓ load_best_model_at_end 装回的是验证损失最低的检查点：装回后的 eval_loss − 训练中各次评估的最低值：0（≤ 0.001）
+  ✗ 优化器在训练集上起作用：最后一次记录的训练损失 / 第一次：0.9982（≤ 0.95）
 <!-- /results -->
 """
 import os

@@ -24,12 +24,11 @@ norm 不量化，每块还要存 absmax）；梯度穿过反量化的 4-bit 权�
 图：loss_curve.png（竖线 = 保留的那一步）。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行：还没有记录（python course.py --full --only qlora_trainer.py）
-  – 4-bit 底座省内存：4-bit 加载后实际存储的字节 / 同一模型 fp32 的字节（默认模式 ≤ 0.3）
-  – 梯度穿过 4-bit 权重训练 LoRA，降低留出集损失：训练后 / 训练前（训练前 = 4-bit 底座本身）（默认模式 ≤ 0.7）
-  – 只训练一小部分参数：LoRA 可训练参数 / 底座参数（默认模式 ≤ 0.05）
-  – adapter 存盘后装回新的 4-bit 底座复现训练中的模型：装回误差 / adapter 本身带来的变化（max|Δlogit|）（默认模式 ≤
-    0.05）
+参考运行（smollm2-135m，2 核 CPU）：2.5 分钟，2.8 GB，结论 4/4 成立
+  ✓ 4-bit 底座省内存：4-bit 加载后实际存储的字节 / 同一模型 fp32 的字节：0.2072（≤ 0.3）
+  ✓ 梯度穿过 4-bit 权重训练 LoRA，降低留出集损失：训练后 / 训练前（训练前 = 4-bit 底座本身）：0.5545（≤ 0.7）
+  ✓ 只训练一小部分参数：LoRA 可训练参数 / 底座参数：0.03631（≤ 0.05）
+  ✓ adapter 存盘后装回新的 4-bit 底座复现训练中的模型：装回误差 / adapter 本身带来的变化（max|Δlogit|）：0（≤ 0.05）
 <!-- /results -->
 """
 import math

@@ -16,11 +16,11 @@ reward accuracy 与 margin 都比训练前高（策略相对参考模型更偏�
 注册的版本号 registered_version，以及上线后经 API 拿到的回答 served_answer（非空才算真的上线）。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行：还没有记录（python course.py --full --only qwen_alignment_workflow.py）
-  – LoRA SFT 降低留出对话的损失：训练后 / 训练前 eval_loss（默认模式 ≤ 0.95）
-  – DPO 让留出偏好对的隐式奖励排对：reward accuracy 训练后 − 训练前（默认模式 ≥ 0.6）
-  – DPO 拉开留出偏好对 chosen 与 rejected 的隐式奖励：margin 训练后 − 训练前（默认模式 > 0）
-  – 过了闸门的模型注册进 MLflow 并经 API 应答：闸门通过、有注册版本、回答非空，三者同时成立（默认模式 ≥ 1）
+参考运行（smollm2-135m，2 核 CPU）：6.0 分钟，6.2 GB，结论 4/4 成立
+  ✓ LoRA SFT 降低留出对话的损失：训练后 / 训练前 eval_loss：0.6225（≤ 0.95）
+  ✓ DPO 让留出偏好对的隐式奖励排对：reward accuracy 训练后 − 训练前：0.9792（≥ 0.6）
+  ✓ DPO 拉开留出偏好对 chosen 与 rejected 的隐式奖励：margin 训练后 − 训练前：0.0881（> 0）
+  ✓ 过了闸门的模型注册进 MLflow 并经 API 应答：闸门通过、有注册版本、回答非空，三者同时成立：1（≥ 1）
 <!-- /results -->
 """
 from __future__ import annotations
