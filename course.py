@@ -258,6 +258,8 @@ _WHY_OVER = {
         "四种偏好损失各从同一个 SFT 起点训一遍、再用同一把尺子评估；笔记本上用 --methods dpo,simpo 只比两种",
     "lesson4_alignment/03_reward_model_training/train_reward_model.py":
         "奖励模型每步同时前向 chosen 与 rejected；笔记本上减小 --per-device-train-batch-size 或 --max-steps",
+    "lesson4_alignment/04_dpo/dpo_train.py":
+        "β 扫描：每个 β 从同一起点训一遍、再在留出对上用策略与参考各评估一遍；笔记本上用 --betas 0.1 只跑主实验",
     "lesson2_qlora_ptuning/03_ptuning/ptuning_v2_demo.py":
         "四种参数高效方法各训一遍再各评估一遍；笔记本上用 --methods 挑两种比",
 }
