@@ -260,6 +260,10 @@ _WHY_OVER = {
         "奖励模型每步同时前向 chosen 与 rejected；笔记本上减小 --per-device-train-batch-size 或 --max-steps",
     "lesson4_alignment/04_dpo/dpo_train.py":
         "β 扫描：每个 β 从同一起点训一遍、再在留出对上用策略与参考各评估一遍；笔记本上用 --betas 0.1 只跑主实验",
+    "lesson5_deployment_monitoring/02_dpo_hf/dpo_hf_run.py":
+        "按上 GPU 的同一份配方训 40 步、每步 8 对（chosen + rejected 各一遍前向，再加参考前向），峰值是这些激活；"
+        "笔记本上复制 configs/lesson5/recipes/dpo_hf.yaml，调小 per_device_train_batch_size 与 max_steps，"
+        "再用 --recipe 指给它",
     "lesson2_qlora_ptuning/03_ptuning/ptuning_v2_demo.py":
         "四种参数高效方法各训一遍再各评估一遍；笔记本上用 --methods 挑两种比",
 }
