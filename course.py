@@ -264,6 +264,9 @@ _WHY_OVER = {
         "按上 GPU 的同一份配方训 40 步、每步 8 对（chosen + rejected 各一遍前向，再加参考前向），峰值是这些激活；"
         "笔记本上复制 configs/lesson5/recipes/dpo_hf.yaml，调小 per_device_train_batch_size 与 max_steps，"
         "再用 --recipe 指给它",
+    "lesson5_deployment_monitoring/05_customer_support_case/customer_alignment.py":
+        "一条龙：SFT 40 步、让 SFT 模型回答全部训练工单、再 DPO 20 步，每一段之后都在留出工单上生成评估；"
+        "笔记本上用 --feedback-tickets 40 --dpo-steps 10",
     "lesson2_qlora_ptuning/03_ptuning/ptuning_v2_demo.py":
         "四种参数高效方法各训一遍再各评估一遍；笔记本上用 --methods 挑两种比",
 }
