@@ -43,7 +43,7 @@ def test_single_token_labels_scored_in_one_forward_match_the_full_sequence(tiny_
     from common import lm, models
 
     mod = load_script(SCRIPT)
-    model, tok = models.load("tiny-llama")
+    model, tok = models.load("tiny-llama", dtype="float32")   # bf16 默认会让两条路径差 1e-2：比的是算法不是精度
     batch = [{"prompt": tok(t, add_special_tokens=False)["input_ids"], "y": 0}
              for t in ("Review: great phone\nSentiment:", "Review: it broke after one day, awful\nSentiment:")]
     labels = [[553], [1681], [2417]]

@@ -21,7 +21,9 @@ TRL 1.x 已经没有 PPOTrainer（旧教程的 `from trl import PPOTrainer` 会�
 你会看到（默认，smollm2-135m + LoRA，PPO 12 次迭代）：第 2 阶段后奖励模型在留出偏好对上的准确率从随机打分头的水平
 明显升高；第 3 阶段后留出 prompt 贪心回答的平均 RM 分数升高，而每条回答的 KL(actor‖ref) 仍然很小——逐 token 的 KL 惩罚
 把策略拴在 SFT 附近；策略的熵缓降而不塌（塌到 0 = 只会说一句话）。--smoke 是全参数训练，策略能走得远得多，KL 也大得多；
---algo grpo 用同一个 RM，同样把留出奖励往上推。输出 ppo_curves.png（reward / KL / entropy 随迭代变化）。
+--algo grpo 用同一个 RM、同一条 CLAIMS（参考运行只录了 PPO；GRPO 是否同样推高留出奖励，跑一次看 ✓/✗）。
+冒烟只查 RM 准确率、KL 与熵：玩具模型上几步 RL 的奖励变化随种子正负摆动。
+输出 ppo_curves.png（reward / KL / entropy 随迭代变化）。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
 参考运行（smollm2-135m，2 核 CPU）：10.2 分钟，10.6 GB（超过 10 分钟、超过 8 GB），结论 4/4 成立
@@ -81,11 +83,13 @@ SMOKE = dict(lora_r=0, sft_steps=20, rm_steps=30, ppo_steps=12, rollout_batch=16
 
 # 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
 # (一句结论, 对本次 metrics 的表达式, 方向, 冒烟门槛, 默认门槛)；基线都在同一次运行里测（新打分头、PPO 前的 actor）
+# 奖励上升只在默认模式检查：1.1M 参数的随机玩具上 12 步 RL，奖励变化随种子和 CPU 在 -0.3 … +1.7 之间摆动
+# （实测 PPO / GRPO 各 3-4 个种子，Intel 与 AMD 各一台），冒烟时它证明不了什么；smollm2 上的默认运行才检查
 CLAIMS = [
     run.Claim("奖励模型学会排序留出偏好对：准确率 阶段 2 训练后 − 训练前（新打分头）",
               "rm_eval_accuracy - rm_eval_accuracy_before", ">=", 0.2, 0.25),
     run.Claim("第 3 阶段（PPO，或 --algo 选的 GRPO / RLOO）提高留出 prompt 贪心回答的平均 RM 分数：之后 − 之前",
-              "reward_after - reward_before", ">=", 0.5, 0.4),
+              "reward_after - reward_before", ">=", None, 0.4),
     run.Claim("KL 惩罚把策略拴在 SFT 参考附近：最终每条回答的 KL(actor‖ref)（nat）", "kl_final", "<=", 10, 0.5),
     run.Claim("策略的熵缓降而不塌掉（塌到 0 = 只会说一句话）：最后一次迭代的熵 / 第一次的",
               "entropy_final / entropy_first", ">=", 0.5, 0.5),
