@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup models course course-full test test-fast lint clean
+.PHONY: setup models course course-full bench test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ course: models
 # 参考运行：默认模式，一次一个脚本，记到 results/cpu-2core/（在空闲机器上跑；已记录且没改的脚本跳过）
 course-full: models
 	HF_HUB_OFFLINE=1 $(BIN)/python course.py --full
+
+# 效率基准：训练 / 评估 / 生成 / 服务（对照 llama.cpp 的 llama-server）/ 检索，写 results/bench-cpu-2core.json
+# 空闲的机器上跑（约 20 分钟）；只有这一条会联网（下载 llama-cpp-python 的源码包编 llama-server）
+bench: models
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py
 
 # 冒烟脚本都单线程跑极小模型：两核上两个 pytest 进程并行，整套测试时间接近减半（同一文件的测试留在同一进程）
 # 浸泡测试（64 个并发客户端、/health p99 < 200 ms）量的是延迟：等并行部分跑完，在空闲的机器上单独跑

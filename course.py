@@ -318,6 +318,22 @@ def render_efficiency(ref: Path = REFERENCE) -> str:
     return "\n".join(lines)
 
 
+def render_bench(path: Path = REPO / "results" / "bench-cpu-2core.json") -> str:
+    """make bench 的表：每行一个量、目标、达到没有、出自哪个脚本；没测到的行写原因（如 llama-server 没编成）。"""
+    if not path.exists():
+        return "还没有记录：在空闲的机器上运行 make bench（约 20 分钟），再 python course.py --readme。"
+    b = json.loads(path.read_text(encoding="utf-8"))
+    m = b["machine"]
+    lines = [f"{m['cpu']}，{m['cores']} 核，torch {m['torch']}；{b['recorded_at']}，提交 {b['commit']}，"
+             f"共 {b['seconds'] / 60:.1f} 分钟", "", "| 量 | 实测 | 目标 | 达到 | 出自 |", "|---|---|---|---|---|"]
+    for r in b["rows"]:
+        shown = f"{r['value']:.4g}" if r["value"] is not None else f"没有测（{r['why_missing']}）"
+        target = f"{_OPS[r['op']]} {r['goal']:g}" if r["op"] else "—"
+        held = "—" if r["held"] is None else _MARK[r["held"]]
+        lines.append(f"| {r['what']} | {shown} | {target} | {held} | `{Path(r['source']).name}` |")
+    return "\n".join(lines)
+
+
 def render_over(ref: Path = REFERENCE) -> str:
     """超过笔记本标准（默认运行 > 10 分钟或 > 8 GB）的脚本，逐个说为什么、笔记本上怎么办；都没超就说都没超。"""
     lines = []
@@ -374,6 +390,8 @@ def render_block(name: str, ref: Path = REFERENCE, script: str = "") -> str:
         return render_over(ref)
     if name == "efficiency":
         return render_efficiency(ref)
+    if name == "bench":
+        return render_bench()
     if name.startswith("script"):   # "script"：文档字符串里；"script:x.py"：课题文件夹 README 里，指同目录的脚本
         if ":" in name:
             script = (Path(script).parent / name.split(":", 1)[1].strip()).as_posix()
