@@ -23,9 +23,13 @@ def test_tuned_hybrid_beats_both_single_retrievers(smoke):
         assert set(v) == {"recall_at_1", "recall_at_5", "mrr", "ndcg_at_10"}
     # 设计文档的实测结论：中文为主的知识库上 BM25 远强于英文 MiniLM
     assert methods["bm25"]["recall_at_5"] > methods["dense"]["recall_at_5"] + 0.1
-    # dev 上选出的方法是融合（含 0/1 端点的网格保证 dev 上不差于单路），在 test 上同时胜过两路
-    best = m["best_method"]
+    # dev 调权选出的融合（含 0/1 端点的网格保证 dev 上不差于单路）在 test 上同时胜过两路
+    best = m["best_fusion"]
     assert best.startswith("hybrid"), best
+    # 上线的方法：融合要在 dev 上比最好的单路好出噪声才用，否则就是 dev 上最好的单路（冒烟的 dev 只有十几题，
+    # 实测落回 bm25——这条规则在小 dev 上保守，代价是 test 上少拿融合那点增益，日志说明了为什么）
+    assert m["best_method"] in {best, f"{best}+rerank", m["best_single"]}, m["best_method"]
+    assert m["best_single"] in {"bm25", "dense", "dense_adapted"}
     for single in ("bm25", "dense"):
         assert methods[best]["recall_at_5"] > methods[single]["recall_at_5"], (best, methods)
         assert methods[best]["mrr"] > methods[single]["mrr"], (best, methods)
