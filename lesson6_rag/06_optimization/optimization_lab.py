@@ -14,7 +14,9 @@
       --config configs/lesson6/optimization_lab.yaml                # GPU：加中文向量模型与交叉编码器重排
   （加 --update-baseline 把本次结果写成新的基线）
 
-你会看到：BM25 在 dev 上明显好于 MiniLM 向量检索，调过权重的混合检索不比最好的单路差
+你会看到：BM25 在 dev 上明显好于 MiniLM 向量检索；调过权重的混合检索 test recall@5 不比最好的单路差，但参考运行里
+它的 test MRR 比单用 BM25 低（下方 ✗，照实留着）：选型先看 recall@5（前 5 块整体交给模型），混合把更多金标块拉进
+前 5，也把一部分 BM25 排第 1 的挤到了后面——两个指标各说了一半，别只报对自己有利的那个
 （best_config 形如 hybrid_cs500_ov0 = 检索器_切块大小_重叠；它在 test 上的 recall@5、MRR、nDCG@10 与同一切块下
 单用 BM25、单用向量并列报告）；切块过小（100 字）召回明显下降；MMR 重排在 dev 上没有更好就不采用（CLAIMS 里
 "重排后 test MRR ≥ 不重排时最好的 + 0.01"预计不成立，issue 21）；忠实度同时报告同一批答案对照别题资料的忠实度
