@@ -409,12 +409,21 @@ def render_block(name: str, ref: Path = REFERENCE, script: str = "") -> str:
             lines += _wrap(f"  {_MARK[c['held']]} {c['statement']}：{value}（{limit}）")
         return "\n".join(lines)
     scripts = [s.relative_to(REPO).as_posix() for s in discover([int(name[6:])] if name != "course" else None)]
-    lines = ["| 脚本 | 结论（成立/检查） | 2 核 CPU 墙钟，峰值内存 | 记录于 |", "|---|---|---|---|"] \
+    if name == "course":   # 记录不全在同一种 CPU 上：墙钟只在同样的硬件上可比，所以先说各是在哪种上量的
+        cpus: dict[str, int] = {}
+        for rel in scripts:
+            if rec := load_record(ref, rel):
+                cpus[rec["machine"]["cpu"]] = cpus.get(rec["machine"]["cpu"], 0) + 1
+        where = "；".join(f"{cpu}：{n} 个脚本" for cpu, n in sorted(cpus.items(), key=lambda x: -x[1]))
+        head = [f"记录所在的 CPU（都是 2 核）——{where}", ""] if cpus else []
+    lines = [*head, "| 脚本 | 结论（成立/检查） | 2 核 CPU 墙钟，峰值内存 | 记录于 |", "|---|---|---|---|"] \
         if name == "course" else []
     for rel in scripts:
         rec = load_record(ref, rel)
         if name == "course":
-            cells = f"{_held(rec)} | {_cost(rec)} | {rec['commit']}{_stale(rec, rel)} |" if rec else "未记录 | | |"
+            cpu = next((v for v in ("AMD", "Intel", "Apple") if v in rec["machine"]["cpu"]), "") if rec else ""
+            cells = (f"{_held(rec)} | {_cost(rec)} | {rec['commit']}{'，' + cpu if cpu else ''}{_stale(rec, rel)} |"
+                     if rec else "未记录 | | |")
             lines.append(f"| `{rel}` | {cells}")
         else:
             lines.append(f"- `{rel}`：" + (f"{_cost(rec)}（{rec['model']}，{rec['mode']} 模式）" + _stale(rec, rel)

@@ -25,7 +25,7 @@
 此时 CLAIMS 里"重排挣到了位置"就不成立）。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行（smollm2-135m，2 核 CPU）：1.8 分钟，2.1 GB，结论 5/6 成立
+参考运行（smollm2-135m，2 核 CPU）：1.8 分钟，2.1 GB，结论 5/6 成立；记录之后脚本改过，待重录
   ✓ 中文为主的知识库上 BM25 远强于英文 MiniLM：BM25 − 向量（recall@5 与 MRR 两项差值取较小的）：0.1869（≥ 0.1）
   ✓ dev 调权的融合在 test 上不差于最好的单路：融合 MRR − 最好单路的 MRR：0.0753（≥ -0.01）
   ✓ 融合在 test 上胜过最好的单路：融合 recall@5 − 最好单路的 recall@5：0.0746（≥ 0.02）
