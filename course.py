@@ -291,7 +291,7 @@ _EFFICIENCY = [
      "batch_throughput_gain", None, ">", 1.0),
     ("lesson1_sft/06_cpu_deploy/cpu_inference_case.py", "生成：int8 ÷ fp32 的 tokens/s",
      "int8_speedup", None, ">", 1.0),
-    ("lesson1_sft/06_cpu_deploy/cpu_inference_case.py", "生成：bf16 ÷ fp32 的 tokens/s（CPU 没有原生 bf16 时 < 1）",
+    ("lesson1_sft/06_cpu_deploy/cpu_inference_case.py", "生成：bf16 ÷ fp32 的 tokens/s（CPU 没有 AMX 时 < 1）",
      "bf16_speedup", None, None, None),
     ("lesson5_deployment_monitoring/07_serving/load_test.py", "聊天服务：并发 8 ÷ 逐个顺序的 tokens/s（动态批处理）",
      "batching_speedup_8", None, ">=", 2.0),

@@ -14,7 +14,8 @@
 
 运行（空闲的机器上，别的训练和测试都停掉；约 15-20 分钟，首次另加编译 llama-server 的几分钟）：
   make bench                                 # = python benchmarks/bench.py
-  python benchmarks/bench.py --only serve    # 只跑一部分（train / eval / generate / serve / retrieval）
+  python benchmarks/bench.py --only serve    # 只重跑几步（train / eval / generate / serve / llama_cpp / retrieval），
+                                             # 其余步骤沿用 results/ 里上一次的数（同一种 CPU 时；每步记着提交与时间）
   python benchmarks/bench.py --smoke         # 极小模型把流程走一遍（约 2 分钟），结果写到 outputs/bench/，不进 results/
 
 llama-server 从 PyPI 上 llama-cpp-python 的源码包里编出来（包里带着 llama.cpp 的源码；只编 llama-server 这一个
@@ -79,7 +80,7 @@ ROWS = [
      ">=", 2.0),
     ("生成：KV 缓存开 ÷ 关 tokens/s", "generate", "kv_cache_speedup", None, ">", 1.0),
     ("生成：批 8 ÷ 批 1 的总 tokens/s", "generate", "batch_throughput_gain", None, ">", 1.0),
-    ("生成：bf16 ÷ fp32 tokens/s（CPU 没有原生 bf16 时 < 1）", "generate", "bf16_speedup", None, None, None),
+    ("生成：bf16 ÷ fp32 tokens/s（CPU 没有 AMX 时 < 1）", "generate", "bf16_speedup", None, None, None),
     ("服务（本课）：1 并发 tokens/s", "serve", "concurrency_1.tokens_per_s", None, None, None),
     ("服务（本课）：8 并发 tokens/s", "serve", "concurrency_8.tokens_per_s", None, None, None),
     ("服务（本课）：32 并发 tokens/s", "serve", "concurrency_32.tokens_per_s", None, None, None),
@@ -171,6 +172,17 @@ def run_llama_cpp(outputs: Path, log) -> dict:
     return r
 
 
+def _used(step: str, metrics: dict) -> dict:
+    """只留表里用到的键（展平后）：结果文件小、可读，--only 重跑几步时其余步骤的数也从这里接着用。"""
+    flat = dict(course._flatten(metrics))
+    keys = {k for _, st, k, _, _, _ in ROWS if st == step} | {d[1] for _, _, _, d, _, _ in ROWS if d and d[0] == step}
+    return {k: flat[k] for k in sorted(keys) if k in flat}
+
+
+def _stamp() -> dict:
+    return {"commit": course._commit(), "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="极小模型走一遍流程，写到 outputs/bench/，不进 results/")
@@ -179,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     log = run.get_logger()
     outputs = run.outputs_root() / ("bench-smoke" if a.smoke else "bench")
     chosen = {s.strip() for s in a.only.split(",") if s.strip()} or {s for s, _, _ in STEPS} | {"llama_cpp"}
-    found, why, steps, t0 = {}, {}, {}, time.perf_counter()
+    found, why, steps = {}, {}, {}
+    # --only 只重跑几步：其余步骤沿用 results/ 里上一次的（同一种 CPU 才沿用，每步记着自己的提交与时间）
+    old = json.loads(RESULT.read_text(encoding="utf-8")) if a.only and not a.smoke and RESULT.exists() else None
+    if old and old["machine"]["cpu"] == course._machine()["cpu"]:
+        steps = {k: v for k, v in old["steps"].items() if k not in chosen}
+        found = {k: v["metrics"] for k, v in steps.items() if v.get("ok") and "metrics" in v}
     # 一次一个进程：并排比的两边都在同一个进程里，但两个进程同时跑会互相抢 2 个核，谁的数都不对
     for name, rel, extra in STEPS:
         if name not in chosen:
@@ -187,17 +204,17 @@ def main(argv: list[str] | None = None) -> int:
         log.info(f"[{name}] {rel} {' '.join(extra)}")
         r = course.run_one(REPO / rel, a.smoke, 1800, outputs=outputs / name, extra=tuple(extra))
         steps[name] = {"script": rel, "args": extra, "ok": r["ok"], "seconds": r["seconds"],
-                       "peak_rss_mb": r["peak_rss_mb"]}
+                       "peak_rss_mb": r["peak_rss_mb"], **_stamp()}
         if r["ok"]:
-            found[name] = dict(course._flatten(r["metrics"]))
+            found[name] = steps[name]["metrics"] = _used(name, r["metrics"])
         else:
             why[name] = f"{rel} 退出码 {r['code']}（日志 {r['log']}）"
     if "llama_cpp" in chosen and not a.smoke:
         try:
             r = run_llama_cpp(outputs, log)
-            found["llama_cpp"] = dict(course._flatten(r["metrics"]))
             steps["llama_cpp"] = {"script": f"llama-server（llama-cpp-python {LLAMA_CPP_VERSION} 源码包）+ {L5_07}",
-                                  "ok": True, "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"]}
+                                  "ok": True, "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"], **_stamp()}
+            found["llama_cpp"] = steps["llama_cpp"]["metrics"] = _used("llama_cpp", r["metrics"])
         except (RuntimeError, subprocess.SubprocessError, OSError, StopIteration) as e:
             why["llama_cpp"] = f"llama-server 没有测：{str(e).splitlines()[0][:200]}"
             log.warning(why["llama_cpp"])
@@ -205,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         why["llama_cpp"] = "冒烟模式不编、不起 llama-server"
     table = rows(found, why)
     result = {"machine": course._machine(), "commit": course._commit(), "mode": "smoke" if a.smoke else "default",
-              "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.perf_counter() - t0, 1),
-              "steps": steps, "rows": table}
-    path = outputs / "bench.json" if a.smoke or a.only else RESULT
+              "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "seconds": round(sum(v["seconds"] for v in steps.values()), 1), "steps": steps, "rows": table}
+    path = outputs / "bench.json" if a.smoke else RESULT
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     for row in table:

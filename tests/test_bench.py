@@ -43,3 +43,11 @@ def test_recorded_result_has_every_row():
     assert [r["what"] for r in b["rows"]] == [r[0] for r in bench.ROWS]
     for r in b["rows"]:   # 每行要么有数，要么写明为什么没有
         assert r["value"] is not None or r["why_missing"], r
+
+
+def test_result_keeps_only_the_keys_the_table_uses():
+    """结果文件只存表里用到的指标（分子与分母都算）：--only 重跑几步时，其余步骤从这里接着算比值。"""
+    used = bench._used("llama_cpp", {"concurrency_1": {"tokens_per_s": 60.0, "p50_ms": 9.0}, "target": "x",
+                                     "concurrency_8": {"tokens_per_s": 150.0}})
+    assert used == {"concurrency_1.tokens_per_s": 60.0, "concurrency_8.tokens_per_s": 150.0}
+    assert "tricks.padded.tokens_per_s" in bench._used("train", {"tricks": {"padded": {"tokens_per_s": 1.0}}})

@@ -280,7 +280,7 @@ def load_bnb(args: Args, bits: int, log):
 
 
 def fp32_unless_set(args: Args) -> str:
-    """基线统一 fp32：auto 在 GPU（和有原生 bf16 的 CPU）上会选 bf16，"量化前"就已丢了精度，表里的差被低估。"""
+    """基线统一 fp32：auto 在 GPU（和有 AMX 的 CPU）上会选 bf16，"量化前"就已丢了精度，表里的差被低估。"""
     return "float32" if args.dtype == "auto" else args.dtype
 
 
