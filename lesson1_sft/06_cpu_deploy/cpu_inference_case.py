@@ -23,7 +23,7 @@ smollm2 上是 MLP 的输出投影 down_proj（"全部量化"的对照行 int8_a
 --smoke（tiny-llama，128 个新 token）：同样看得到 KV 缓存省下的前向计算。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行（smollm2-135m，2 核 CPU）：5.4 分钟，3.3 GB，结论 11/11 成立
+参考运行（smollm2-135m，2 核 CPU）：5.4 分钟，3.3 GB，结论 11/11 成立；记录之后脚本改过，待重录
   ✓ KV 缓存省下前向计算：不开 / 开缓存时一次生成送进前向的 token 数：27.36（≥ 10）
   ✓ KV 缓存提速：开 / 不开缓存的 tokens/s（轮流计时取中位数）：4.592（≥ 2）
   ✓ bf16 几乎不损精度：bf16 / fp32 困惑度（同一批回复 token，逐 token 对着真实下文算）：0.9952（≤ 1.02）
