@@ -36,6 +36,8 @@ def test_lora_identity_finetune_and_merge(tmp_path, tiny_models):
     # 打包（position_ids 标边界、没有 attention_mask）与填充在同一批上损失相同
     assert m["packing"] and m["packed_vs_padded_loss_diff"] <= 1e-4
     assert m["peak_rss_mb"] > 100 and m["train_tokens_per_s"] > 0
+    # 评估只做前向、只收损失（prediction_loss_only）：每 token 至少比训练（前向 + 反向 + 优化器）快 1.5 倍
+    assert m["eval_tokens_per_s"] >= 1.5 * m["train_tokens_per_s"], m
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert list((tmp_path / "merged").glob("*.safetensors")) and (tmp_path / "merged" / "config.json").is_file()
