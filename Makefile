@@ -31,7 +31,7 @@ course-full: models
 	HF_HUB_OFFLINE=1 $(BIN)/python course.py --full
 
 # 效率基准：训练 / 评估 / 生成 / 服务（对照 llama.cpp 的 llama-server）/ 检索，写 results/bench-cpu-2core.json
-# 空闲的机器上跑（约 20 分钟）；只有这一条会联网（下载 llama-cpp-python 的源码包编 llama-server）
+# 空闲的机器上跑（实测用时写在结果里）；只有这一条会联网（下载 llama-cpp-python 的源码包编 llama-server）
 bench: models
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py
 

@@ -321,7 +321,7 @@ def render_efficiency(ref: Path = REFERENCE) -> str:
 def render_bench(path: Path = REPO / "results" / "bench-cpu-2core.json") -> str:
     """make bench 的表：每行一个量、目标、达到没有、出自哪个脚本；没测到的行写原因（如 llama-server 没编成）。"""
     if not path.exists():
-        return "还没有记录：在空闲的机器上运行 make bench（约 20 分钟），再 python course.py --readme。"
+        return "还没有记录：在空闲的机器上运行 make bench，再 python course.py --readme。"
     b = json.loads(path.read_text(encoding="utf-8"))
     m = b["machine"]
     lines = [f"{m['cpu']}，{m['cores']} 核，torch {m['torch']}；{b['recorded_at']}，提交 {b['commit']}，"

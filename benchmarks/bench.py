@@ -12,14 +12,14 @@
   服务（第 5 课 07）：1 / 8 / 32 并发的 req/s、tokens/s、p50/p95、TTFT；同样的压测打 llama-server
   检索（第 7 课 06）：FAISS Flat / HNSW 与 BM25 在 1 万与 10 万块上的 QPS 与 p95
 
-运行（空闲的机器上，别的训练和测试都停掉；约 15-20 分钟，首次另加编译 llama-server 的几分钟）：
+运行（空闲的机器上，别的训练和测试都停掉；实测用时写在结果与 README 表头，首次另加编译 llama-server 的几分钟）：
   make bench                                 # = python benchmarks/bench.py
   python benchmarks/bench.py --only serve    # 只重跑几步（train / eval / generate / serve / llama_cpp / retrieval），
                                              # 其余步骤沿用 results/ 里上一次的数（同一种 CPU 时；每步记着提交与时间）
   python benchmarks/bench.py --smoke         # 极小模型把流程走一遍（约 2 分钟），结果写到 outputs/bench/，不进 results/
 
 llama-server 从 PyPI 上 llama-cpp-python 的源码包里编出来（包里带着 llama.cpp 的源码；只编 llama-server 这一个
-目标，需要 cmake 与 C++ 编译器，2 核约 5 分钟，缓存在 ~/.cache/llm-course/llama.cpp/）。编不出来（没网、
+目标，需要 cmake 与 C++ 编译器，2 核上几分钟，缓存在 ~/.cache/llm-course/llama.cpp/）。编不出来（没网、
 没编译器）时那几行写"没有测"和原因，其余照常。这是全课唯一会联网的命令，只为这一个参照，只在 make bench 里。
 
 你会看到：results/bench-cpu-2core.json 与 README 里 <!-- results:bench --> 那张表（python course.py --readme
@@ -141,7 +141,7 @@ def build_llama_server(log) -> Path:
         with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tar:
             tar.extractall(tmp, filter="data")
         src = next(Path(tmp).glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
-        log.info("编译 llama-server（2 核约 5 分钟，只这一次）……")
+        log.info("编译 llama-server（2 核上几分钟，只这一次）……")
         # 关掉 curl（不联网下模型）与 Web UI；GGML_NATIVE：按本机指令集编（AVX2/AVX-512），参照才公平
         subprocess.run(["cmake", "-S", str(src), "-B", f"{tmp}/build", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
                         "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
