@@ -9,7 +9,8 @@
                      矩阵乘峰值，每 token 6N + 注意力 FLOPs）
   评估（第 1 课 05）：评估 tokens/s ÷ 训练 tokens/s（评估只做前向，应 ≥ 2 倍）
   生成（第 1 课 06）：KV 缓存开 / 关、批 1 / 批 8、fp32 / bf16 的 tokens/s
-  服务（第 5 课 07）：1 / 8 / 32 并发的 req/s、tokens/s、p50/p95、TTFT；同样的压测打 llama-server
+  服务（第 5 课 07）：1 / 8 / 32 并发的 req/s、tokens/s、p50/p95、TTFT，fp 权重与 --weights int8（只量化权重）
+                     各一遍；同样的压测打 llama-server
   检索（第 7 课 06）：FAISS Flat / HNSW 与 BM25 在 1 万与 10 万块上的 QPS 与 p95
 
 运行（空闲的机器上，别的训练和测试都停掉；实测用时写在结果与 README 表头，首次另加编译 llama-server 的几分钟）：
@@ -60,6 +61,7 @@ STEPS = [
     ("eval", L1_05, ["--max-steps", "24", "--eval-steps", "8", "--early-stopping-patience", "0"]),
     ("generate", L1_06, ["--batch-sizes", "1", "8", "--ppl-samples", "4", "--calib-samples", "2"]),
     ("serve", L5_07, ["--concurrency", "1,8,32", "--requests-per-level", "32"]),
+    ("serve_int8", L5_07, ["--concurrency", "1,8,32", "--requests-per-level", "32", "--server-weights", "int8"]),
     ("retrieval", L7_06, ["--sizes", "10000", "100000", "--indexes", "flat", "hnsw", "bm25", "--clients", "1", "4",
                           "--serve", "false"]),
 ]
@@ -81,6 +83,9 @@ ROWS = [
     ("生成：KV 缓存开 ÷ 关 tokens/s", "generate", "kv_cache_speedup", None, ">", 1.0),
     ("生成：批 8 ÷ 批 1 的总 tokens/s", "generate", "batch_throughput_gain", None, ">", 1.0),
     ("生成：bf16 ÷ fp32 tokens/s（CPU 没有 AMX 时 < 1）", "generate", "bf16_speedup", None, None, None),
+    ("生成：只量化权重的 int8 ÷ fp32 tokens/s", "generate", "int8w_speedup", None, ">", 1.0),
+    ("生成：只量化权重的 int8 ÷ fp32 困惑度", "generate", "perplexity.int8w", ("generate", "perplexity.fp32"),
+     "<=", 1.05),
     ("服务（本课）：1 并发 tokens/s", "serve", "concurrency_1.tokens_per_s", None, None, None),
     ("服务（本课）：8 并发 tokens/s", "serve", "concurrency_8.tokens_per_s", None, None, None),
     ("服务（本课）：32 并发 tokens/s", "serve", "concurrency_32.tokens_per_s", None, None, None),
@@ -95,6 +100,12 @@ ROWS = [
     ("本课服务 ÷ llama-server：1 并发 tokens/s", "serve", "concurrency_1.tokens_per_s",
      ("llama_cpp", "concurrency_1.tokens_per_s"), ">=", 0.7),
     ("本课服务 ÷ llama-server：8 并发 tokens/s", "serve", "concurrency_8.tokens_per_s",
+     ("llama_cpp", "concurrency_8.tokens_per_s"), ">=", 1.0),
+    ("服务（--weights int8）：1 并发 tokens/s", "serve_int8", "concurrency_1.tokens_per_s", None, None, None),
+    ("服务（--weights int8）：8 并发 tokens/s", "serve_int8", "concurrency_8.tokens_per_s", None, None, None),
+    ("服务（--weights int8）÷ llama-server：1 并发 tokens/s", "serve_int8", "concurrency_1.tokens_per_s",
+     ("llama_cpp", "concurrency_1.tokens_per_s"), ">=", 0.7),
+    ("服务（--weights int8）÷ llama-server：8 并发 tokens/s", "serve_int8", "concurrency_8.tokens_per_s",
      ("llama_cpp", "concurrency_8.tokens_per_s"), ">=", 1.0),
     ("检索：Flat 1 万块 QPS（1 客户端）", "retrieval", "configs.flat_n10000_c1.rps", None, None, None),
     ("检索：Flat 10 万块 QPS", "retrieval", "configs.flat_n100000_c1.rps", None, None, None),
@@ -186,7 +197,7 @@ def _stamp() -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="极小模型走一遍流程，写到 outputs/bench/，不进 results/")
-    p.add_argument("--only", default="", help="逗号分隔的步骤：train,eval,generate,serve,llama_cpp,retrieval")
+    p.add_argument("--only", default="", help="只重跑这些步骤（逗号分隔，名字见 STEPS 与 llama_cpp）")
     a = p.parse_args(argv)
     log = run.get_logger()
     outputs = run.outputs_root() / ("bench-smoke" if a.smoke else "bench")

@@ -62,6 +62,8 @@ class _Args:
     device: str = cli.arg("auto", "auto / cpu / cuda")
     dtype: str = cli.arg("auto", "auto：GPU bf16；CPU 上极小模型 fp32，其余按 models.pick_dtype")
     threads: int = cli.arg(0, "torch CPU 线程数（0 = 自动：极小模型 1，其余 torch 默认）")
+    weights: str = cli.arg("fp", "线性层权重：fp = 按 --dtype；int8 = 只量化权重、激活 bf16（CPU），逐 token 解码读的"
+                           "字节约 1/4；贪心输出会与 fp32 有出入（第 1 课 06 量困惑度差多少）", choices=["fp", "int8"])
     smoke: bool = cli.arg(False, "极小模型 tiny-qwen2")
 
 
@@ -454,6 +456,8 @@ def _create_app(engine: _Engine):
 def _load_engine(a: _Args) -> _Engine:
     """加载模型（可选 LoRA adapter，合并后服务）并建 Engine。"""
     from common import models
+    from common.errors import UserError
+    from common.run import get_logger
     from common.tiny import TINY_NAMES
 
     name = a.model or ("tiny-qwen2" if a.smoke else "smollm2-135m")
@@ -472,6 +476,11 @@ def _load_engine(a: _Args) -> _Engine:
         from peft import PeftModel
 
         mdl = PeftModel.from_pretrained(mdl, a.adapter).merge_and_unload()   # 合并后推理没有额外开销
+    if a.weights == "int8":   # 先合并 adapter 再量化：量化后的层不再是 nn.Linear，PEFT 合并不了
+        if mdl.device.type != "cpu":
+            raise UserError("--weights int8: 只在 CPU 上（GPU 上用 --dtype bfloat16 或 GPU 的量化核心）")
+        n = models.int8_weight_only(mdl)
+        get_logger().info(f"--weights int8：{n} 个线性层换成 int8 权重，激活 {mdl.dtype}")
     mdl.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

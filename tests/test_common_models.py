@@ -143,3 +143,26 @@ def test_chat_server_blames_the_adapter_before_starting_the_server(run_script, t
                    "--output-dir", str(out), timeout=300)
     _one_error_line(p, f"--adapter {missing}: ")
     assert "服务没能启动" not in p.stderr and not (out / "server.log").exists()
+
+
+def test_int8_weight_only_keeps_outputs_and_shrinks_weights(tiny_models):
+    """只量化权重：每个 Linear 都换掉、权重变成 int8，输出与原模型（同样是 bf16 激活）几乎一样。"""
+    import copy
+
+    import torch
+
+    from common import lm
+
+    model, tok = models.load("tiny-llama", dtype="float32")
+    ref = copy.deepcopy(model).to(torch.bfloat16)
+    q = copy.deepcopy(model)
+    n = models.int8_weight_only(q)
+    assert n == sum(isinstance(m, torch.nn.Linear) for m in model.modules()) and n > 0
+    assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
+    assert lm.size_mb(q) < 0.7 * lm.size_mb(model)
+    ids = torch.tensor([tok("Review: great phone, works well", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        a, b = ref(input_ids=ids).logits.float(), q(input_ids=ids).logits.float()
+    # 逐输出通道的 int8：相对误差在 1% 量级（bf16 本身的舍入就有 0.4%）；贪心的下一个 token 多数相同
+    assert (a - b).norm() / a.norm() < 0.05, (a - b).norm() / a.norm()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8

@@ -27,6 +27,9 @@ def test_every_config_measured_and_int8_keeps_quality(tmp_path, tiny_models):
     assert m["int8_kept_fp32"] == [k for k, v in m["int8_sensitivity"].items() if v > 1.05]
     assert "int8_all" in m["perplexity"]
     assert m["size_mb"]["int8"] < m["size_mb"]["fp32"] and m["size_mb"]["bf16"] < m["size_mb"]["fp32"]
+    # 只量化权重（激活 bf16）：不碰激活，困惑度与 fp32 差不到 1%；权重体积比 fp32 小（极小模型里词嵌入占大头，省得少）
+    assert "int8w" in m["tokens_per_s"] and m["perplexity"]["int8w"] / m["perplexity"]["fp32"] < 1.01, m["perplexity"]
+    assert m["size_mb"]["int8w"] < 0.7 * m["size_mb"]["fp32"], m["size_mb"]
     # 批量生成：每个请求都拿到了同样多的新 token
     assert m["new_tokens"]["fp32_bs4"] == 4 * m["new_tokens"]["fp32"]
     assert (tmp_path / "cpu_inference.png").stat().st_size > 0

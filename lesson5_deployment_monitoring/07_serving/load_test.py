@@ -22,7 +22,7 @@ batching_speedup_8 = 8 并发的吞吐（tokens/s）÷ 顺序（1 并发）的�
 图 load_test.png。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行（smollm2-135m，2 核 CPU）：1.3 分钟，1.2 GB，结论 4/4 成立
+参考运行（smollm2-135m，2 核 CPU）：1.3 分钟，1.2 GB，结论 4/4 成立；记录之后脚本改过，待重录
   ✓ 并发请求被凑成批：平均每次 generate 服务的请求数，并发八个 − 逐个顺序发：5.4（≥ 2）
   ✓ 动态批处理提高吞吐：tokens/s 并发八个 / 逐个顺序发：3.46（≥ 1.5）
   ✓ 批处理的代价：单个请求的延迟上升（p50 并发八个 / 逐个顺序发）：2.171（> 1）
@@ -55,6 +55,8 @@ class Args(cli.CommonArgs):
     max_tokens: int = cli.arg(32, "每个请求生成多少 token", min=1, max=2048)
     api_key: str = cli.arg(None, "Bearer API key（被压服务要求时）")
     max_batch_size: int = cli.arg(8, "自己起服务时：动态批处理的批大小上限", min=1, max=256)
+    server_weights: str = cli.arg("fp", "自己起服务时的 --weights：fp / int8（只量化权重，见 common.serving）",
+                                  choices=["fp", "int8"])
     timeout_s: float = cli.arg(300.0, "单个请求的超时（秒）", min=1)
     data: str = cli.arg(None, "本脚本不读数据文件：压测的提示取自内置问答集 data/kb/qa.jsonl 的问题")
 
@@ -239,7 +241,7 @@ def target(args: Args, out) -> tuple[str, str, object]:  # noqa: ANN001
     # 队列上限 512：压测自己控制并发，不该被服务的 429 截断（那是 chat_server.py 演示的事）
     cmd = [sys.executable, "-m", "common.serving", "--model", model, "--source", args.source, "--port", "{port}",
            "--max-batch-size", str(args.max_batch_size), "--max-queue", "512", "--device", args.device,
-           "--dtype", args.dtype]
+           "--dtype", args.dtype, "--weights", args.server_weights]
     try:
         svc = services.start(cmd, log_file=out.path("server.log"), deadline_s=300,
                              env={"PYTHONPATH": str(run.REPO_ROOT)})
