@@ -62,9 +62,8 @@ class _Args:
     device: str = cli.arg("auto", "auto / cpu / cuda")
     dtype: str = cli.arg("auto", "auto：GPU bf16；CPU 上极小模型 fp32，其余按 models.pick_dtype")
     threads: int = cli.arg(0, "torch CPU 线程数（0 = 自动：极小模型 1，其余 torch 默认）")
-    weights: str = cli.arg("fp", "线性层权重：fp = 按 --dtype；int8 = 只量化权重、激活 bf16（CPU）：读的字节约 1/4，"
-                           "但在本服务的生成线程里实测反而更慢（见 make bench）；贪心输出与 fp32 有出入",
-                           choices=["fp", "int8"])
+    weights: str = cli.arg("fp", "线性层权重：fp = 按 --dtype；int8 = 只量化权重、激活 bf16（CPU；在本服务的生成线程里"
+                           "反而更慢，见 make bench；贪心输出与 fp32 有出入）", choices=["fp", "int8"])
     smoke: bool = cli.arg(False, "极小模型 tiny-qwen2")
 
 
