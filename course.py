@@ -1,7 +1,7 @@
 """跑完整门课：按顺序运行每个课程脚本（各自一个进程），汇总 metrics.json 与图片到 outputs/report.html。
 
 运行：
-  python course.py --smoke               # 全部脚本的冒烟模式（极小模型），CI 与课前检查用
+  python course.py --smoke               # 全部脚本的冒烟模式（极小模型，每个 1 线程、两个并排跑），课前检查用
   python course.py                       # 默认模式（smollm2-135m，CPU 上每个脚本几分钟）
   python course.py --lesson 1 --smoke    # 只跑第 1 课
   python course.py --only lora           # 只跑路径里含 lora 的脚本（也可用通配符 '*rag*'）
@@ -563,6 +563,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--compare", help="与这个参考目录比：结论翻转、墙钟 > 1.5 倍、峰值内存 > 1.25 倍 → 退出码 1")
     ap.add_argument("--strict", action="store_true", help="有结论（CLAIMS）不成立也算失败")
     ap.add_argument("--readme", action="store_true", help="只用 results/ 重写 README 里的生成块，然后退出")
+    ap.add_argument("--jobs", type=int,
+                    help="并排跑几个脚本（只用于 --smoke：默认 = CPU 核数，最多 2；记录 / 比较与默认模式 1）")
     ap.add_argument("--device", choices=["cpu", "cuda"],
                     help="给每个脚本加 --device（GPU 检查：--smoke --device cuda；缺库的脚本跳过并说明缺什么）")
     args = ap.parse_args(argv)
@@ -572,39 +574,51 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--device {args.device}: results/cpu-2core 只收空闲 2 核 CPU 上的参考运行，换个 --record 目录")
     if args.full and not args.record and not args.compare and not args.device:
         args.record = str(REFERENCE)
+    if args.jobs is not None and args.jobs < 1:
+        ap.error(f"--jobs {args.jobs}: 至少 1")
+    measured = not args.smoke or args.record or args.compare   # 要记录 / 比较墙钟与内存：并排跑量出的数没有意义
+    if args.jobs and args.jobs > 1 and measured:
+        ap.error(f"--jobs {args.jobs}: 只有不记录、不比较的 --smoke 能并排跑；其余一次一个脚本")
+    args.jobs = args.jobs or (1 if measured else min(2, os.cpu_count() or 1))
     return args
 
 
 def _run_all(args: argparse.Namespace, scripts: list[Path], outputs: Path, console) -> list[dict]:
-    """一个接一个地跑（并排跑的两个脚本互相拖慢，量出的时间没有意义）；记录模式下跳过已记录且没改过的脚本。"""
+    """默认 / 记录模式一个接一个地跑（并排跑的两个脚本互相拖慢，量出的时间没有意义）；冒烟模式每个脚本只用
+    1 个线程，--jobs 个脚本并排跑（默认 = CPU 核数，最多 2）。记录模式下跳过已记录且没改过的脚本。"""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     record_dir = Path(args.record) if args.record else None
-    results = []
+    done: dict[Path, dict] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("课程", total=len(scripts))
-        for s in scripts:
+
+        def one(s: Path) -> tuple[Path, dict | None, str]:
             rel = s.relative_to(REPO).as_posix()
             old = load_record(record_dir, rel) if record_dir else None
             if old and old["ok"] and old["script_sha"] == _script_sha(s) and not args.rerun:
-                bar.console.print(f"{rel}: 已记录（脚本没改过），跳过；--rerun 重跑")
-                bar.advance(task)
-                continue
+                return s, None, f"{rel}: 已记录（脚本没改过），跳过；--rerun 重跑"
             bar.update(task, description=f"运行 {rel}")
             r = run_one(s, args.smoke, args.timeout, outputs, ("--device", args.device) if args.device else ())
             if args.device and r["missing_module"]:   # GPU 机器常常只装了一部分库：缺库不算脚本的错，跳过并说缺什么
-                bar.console.print(f"{rel}: 跳过，这台机器没装 {r['missing_module']}（pip install 后重跑）")
-                bar.advance(task)
-                continue
-            results.append(r)
+                return s, None, f"{rel}: 跳过，这台机器没装 {r['missing_module']}（pip install 后重跑）"
             if record_dir:
                 record(r, s, record_dir)
             mark = "[green]通过[/]" if r["ok"] else f"[red]失败 ({r['code']})，日志 {r['log']}[/]"
             claims = f"，结论 {len(r['claims']) - r['claims_failed']}/{len(r['claims'])}" if r["claims"] else ""
-            bar.console.print(f"{rel}: {mark} {r['seconds']} 秒，峰值 {r['peak_rss_mb']} MB{claims}")
-            bar.advance(task)
-    return results
+            return s, r, f"{rel}: {mark} {r['seconds']} 秒，峰值 {r['peak_rss_mb']} MB{claims}"
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for fut in as_completed([pool.submit(one, s) for s in scripts]):
+                s, r, line = fut.result()
+                bar.console.print(line)
+                bar.advance(task)
+                if r is not None:
+                    done[s] = r
+    return [done[s] for s in scripts if s in done]   # 报告按课程顺序，不按完成顺序
 
 
 def _cuda_available() -> bool:

@@ -12,11 +12,13 @@
   服务（第 5 课 07）：1 / 8 / 32 并发的 req/s、tokens/s、p50/p95、TTFT，fp 权重与 --weights int8（只量化权重）
                      各一遍；同样的压测打 llama-server
   检索（第 7 课 06）：FAISS Flat / HNSW 与 BM25 在 1 万与 10 万块上的 QPS 与 p95
+  自有数据（第 1 课 05）：学生式 220 条长回答数据的完整默认运行：总用时（目标 ≤ 10 分钟）、评估占比（≤ 10%）
 
 运行（空闲的机器上，别的训练和测试都停掉；实测用时写在结果与 README 表头，首次另加编译 llama-server 的几分钟）：
   make bench                                 # = python benchmarks/bench.py
-  python benchmarks/bench.py --only serve    # 只重跑几步（train / eval / generate / serve / llama_cpp / retrieval），
-                                             # 其余步骤沿用 results/ 里上一次的数（同一种 CPU 时；每步记着提交与时间）
+  python benchmarks/bench.py --only serve    # 只重跑几步（train / eval / generate / serve / llama_cpp / retrieval
+                                             # / own_data），其余步骤沿用 results/ 里上一次的数
+                                             # （同一种 CPU 时；每步记着提交与时间）
   python benchmarks/bench.py --smoke         # 极小模型把流程走一遍（约 2 分钟），结果写到 outputs/bench/，不进 results/
 
 llama-server 从 PyPI 上 llama-cpp-python 的源码包里编出来（包里带着 llama.cpp 的源码；只编 llama-server 这一个
@@ -53,6 +55,7 @@ L1_06 = "lesson1_sft/06_cpu_deploy/cpu_inference_case.py"
 L3_03 = "lesson3_distributed/03_training_acceleration/acceleration_tricks.py"
 L5_07 = "lesson5_deployment_monitoring/07_serving/load_test.py"
 L7_06 = "lesson7_hybrid_rag/06_performance_testing/performance_benchmark.py"
+LONG_DATA = "data/longform/sft_long.jsonl"   # 220 条多轮长回答（回答 100-800 token），学生自带数据的样子
 
 # 每一步：(名字, 脚本, 默认模式的参数)。参数比各脚本的默认运行小（整套 ≤ 20 分钟），但比的东西不变：
 # 每个比值的两边仍在同一个进程、同一批数据上量
@@ -64,6 +67,8 @@ STEPS = [
     ("serve_int8", L5_07, ["--concurrency", "1,8,32", "--requests-per-level", "32", "--server-weights", "int8"]),
     ("retrieval", L7_06, ["--sizes", "10000", "100000", "--indexes", "flat", "hnsw", "bm25", "--clients", "1", "4",
                           "--serve", "false"]),
+    # 学生拿自己的长回答数据来跑：第 1 课 05 的完整默认运行（训练预算 6 分钟、自动评估间隔），量总用时与评估占比
+    ("own_data", L1_05, ["--data", LONG_DATA]),
 ]
 
 # 表里的每一行：(说的是什么, 步骤, 指标键, 分母的步骤与键或 None, 目标方向, 目标)。目标取自 issue 24；
@@ -104,6 +109,10 @@ ROWS = [
        ("llama_cpp", f"concurrency_{c}.tokens_per_s"), ">=", goal)
       for step, name in (("serve", "本课服务 "), ("serve_int8", "服务（--weights int8）"))
       for c, goal in ((1, 0.7), (8, 1.0))],
+    ("自有长数据（sft_long.jsonl 220 条）：第 1 课 05 默认运行总秒数", "own_data", "seconds", None, "<=", 600),
+    ("自有长数据：评估用时 ÷ 总用时", "own_data", "eval_seconds", ("own_data", "seconds"), "<=", 0.1),
+    ("自有长数据：评估 tokens/s ÷ 训练 tokens/s", "own_data", "eval_tokens_per_s", ("own_data", "train_tokens_per_s"),
+     ">=", 2.0),
     ("检索：Flat 1 万块 QPS（1 客户端）", "retrieval", "configs.flat_n10000_c1.rps", None, None, None),
     ("检索：Flat 10 万块 QPS", "retrieval", "configs.flat_n100000_c1.rps", None, None, None),
     ("检索：Flat 10 万块 p95 ms", "retrieval", "configs.flat_n100000_c1.p95_ms", None, None, None),

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -37,6 +38,22 @@ def test_course_reports_failure(tmp_path, monkeypatch):
     assert course.main(["--smoke", "--outputs", str(tmp_path / "outputs")]) == 1
     html = (tmp_path / "outputs" / "report.html").read_text(encoding="utf-8")
     assert "失败 (3)" in html and "boom" in html
+
+
+def test_smoke_runs_scripts_side_by_side_and_reports_in_course_order(tmp_path, monkeypatch):
+    """冒烟模式两个脚本并排跑（每个 1 线程）：两个各睡 1.5 秒的脚本共用时 < 2.5 秒；报告仍按课程顺序。"""
+    for name in ("01_a", "02_b"):
+        d = tmp_path / "lesson9_demo" / name
+        d.mkdir(parents=True)
+        (d / "s.py").write_text(f"import time\ntime.sleep(1.5)\nprint('{name} done')\n", encoding="utf-8")
+    monkeypatch.setattr(course, "REPO", tmp_path)
+    t0 = time.perf_counter()
+    assert course.main(["--smoke", "--jobs", "2", "--outputs", str(tmp_path / "outputs")]) == 0
+    assert time.perf_counter() - t0 < 2.5
+    html = (tmp_path / "outputs" / "report.html").read_text(encoding="utf-8")
+    assert html.index("01_a") < html.index("02_b")
+    with pytest.raises(SystemExit):   # 记录 / 比较墙钟的运行不能并排
+        course.main(["--smoke", "--jobs", "2", "--record", str(tmp_path / "ref")])
 
 
 def test_course_with_no_matching_scripts_still_runs(tmp_path):
