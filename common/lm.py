@@ -18,8 +18,7 @@ def token_logprobs(logits: Any, targets: Any) -> Any:
     return torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def sequence_logprobs(model: Any, input_ids: Any, attention_mask: Any = None, mask: Any = None,
-                      **kwargs: Any) -> Any:
+def sequence_logprobs(model: Any, input_ids: Any, attention_mask: Any = None, mask: Any = None, **kwargs: Any) -> Any:
     """每条序列在 mask（与 input_ids 同形，1 = 要计入的 token，如回答部分）上的 log p 之和。
     mask 缺省 = attention_mask（整句，去掉填充）。第 0 个 token 没有上文，永远不计。
     """

@@ -62,8 +62,8 @@ class _Args:
     device: str = cli.arg("auto", "auto / cpu / cuda")
     dtype: str = cli.arg("auto", "auto：GPU bf16；CPU 上极小模型 fp32，其余按 models.pick_dtype")
     threads: int = cli.arg(0, "torch CPU 线程数（0 = 自动：极小模型 1，其余 torch 默认）")
-    weights: str = cli.arg("fp", "线性层权重：fp = 按 --dtype；int8 = 只量化权重、激活 bf16（CPU；在本服务的生成线程里"
-                           "反而更慢，见 make bench；贪心输出与 fp32 有出入）", choices=["fp", "int8"])
+    weights: str = cli.arg("fp", "线性层权重：fp = 按 --dtype；int8 = 只量化权重、激活 bf16（CPU，逐 token 解码更快，"
+                           "见 make bench；贪心输出与 fp32 有出入）", choices=["fp", "int8"])
     smoke: bool = cli.arg(False, "极小模型 tiny-qwen2")
 
 
@@ -155,11 +155,10 @@ class _Progress:
 class _Engine:
     """模型 + 有界队列 + 动态批处理调度器（一个协程凑批，一个线程生成）。"""
 
-    def __init__(self, model, tok, model_id: str, cfg: _Args):  # noqa: ANN001
-        self.model, self.tok, self.model_id, self.cfg = model, tok, model_id, cfg
+    def __init__(self, model, tok, model_id: str, cfg: _Args, worker: ThreadPoolExecutor):  # noqa: ANN001
+        self.model, self.tok, self.model_id, self.cfg, self.worker = model, tok, model_id, cfg, worker
         self.metrics = _Metrics()
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=cfg.max_queue)   # 3.10 起队列用到时才绑定事件循环
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="generate")
         eos = getattr(model.generation_config, "eos_token_id", None) or tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         # 一个 token 至多盖住词表里最长那一项的字符数（字节级 BPE 一个字符记一个字节，只会多算）：数 token 的下界
@@ -453,8 +452,8 @@ def _create_app(engine: _Engine):
     return _metrics_middleware(app, m)
 
 
-def _load_engine(a: _Args) -> _Engine:
-    """加载模型（可选 LoRA adapter，合并后服务）并建 Engine。"""
+def _load_engine(a: _Args, worker: ThreadPoolExecutor) -> _Engine:
+    """加载模型（可选 LoRA adapter，合并后服务）并建 Engine；在生成线程 worker 里调用。"""
     from common import models
     from common.errors import UserError
     from common.run import get_logger
@@ -484,7 +483,7 @@ def _load_engine(a: _Args) -> _Engine:
     mdl.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return _Engine(mdl, tok, a.served_model_name or name, a)
+    return _Engine(mdl, tok, a.served_model_name or name, a, worker)
 
 
 def _main(argv: list[str] | None = None) -> None:
@@ -500,7 +499,9 @@ def _main(argv: list[str] | None = None) -> None:
     log = get_logger()
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         log.warning(f"监听 {a.host} 且没有 --api-key：同网段任何人都能调用")
-    engine = _load_engine(a)   # 模型加载的 UserError 由 cli.parse 装的钩子变成一行错误、退出码 2
+    # 在生成线程里加载（torch 的 OpenMP 线程池每个调用线程一个：有两个池时闲着那个空转抢核，解码慢一半，见 make bench）
+    worker = ThreadPoolExecutor(1, thread_name_prefix="generate")
+    engine = worker.submit(_load_engine, a, worker).result()   # UserError 经 cli.parse 的钩子变成一行错误、退出码 2
     log.info(f"动态批处理：每批 ≤ {a.max_batch_size}，等待窗口 {a.batch_wait_ms} ms，队列上限 {a.max_queue}；"
              f"API key {'开' if a.api_key else '关'}；CPU 线程 {torch.get_num_threads()}")
     # 停止时最多等 5 秒让进行中的请求收尾（CPU 上一个长回答可能要几十秒，不能让 SIGTERM 挂住）
