@@ -50,6 +50,10 @@ def test_tuned_hybrid_beats_both_single_retrievers(smoke):
     # dev 上选出重排权重 0 = 不重排：重排后的结果与第一阶段完全相同，增益为 0
     if m["fusion_weights"]["rerank"]["reranker"] == 0:
         assert m["rerank_gain_r1"] == 0 and dev[f"{fused}+rerank"] == dev[fused]
+    # 离线读中文的向量检索：只用知识库拟合的 LSA 在中文问题上与 BM25 相当，英文 MiniLM 远不及；LSA 只报告、不进融合
+    zh = m["zh_recall_at_5"]
+    assert zh["dense_lsa"] >= 0.8 * zh["bm25"] > 0 and zh["dense"] <= 0.5 * zh["bm25"], zh
+    assert set(m["lsa"]) == {"recall_at_1", "recall_at_5", "mrr", "ndcg_at_10"} and "dense_lsa" not in methods
     saved = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert {"methods", "best_method", "fusion_weights", "dense_adapted_gain", "rerank_gain_r1"} <= set(saved)
     assert_claims(saved)
@@ -59,3 +63,15 @@ def test_tuned_hybrid_beats_both_single_retrievers(smoke):
 def test_bad_overlap_is_one_line_error(run_script, tmp_path):
     proc = run_script(SCRIPT, "--smoke", "--chunk-size", "100", "--chunk-overlap", "100", "--output-dir", str(tmp_path))
     assert_user_error(proc, "--chunk-overlap")
+
+
+def test_lsa_encoder_reads_chinese_and_reduces_dimensions():
+    """LSA 只用语料拟合：中文问题按字面找回对的那段；维度被截到块数 − 1（维度 ≥ 块数就不是降维了）。"""
+    mod = load_script(SCRIPT)
+    texts = ["退保需要在犹豫期内提交申请，保费全额退还。", "理赔材料包括身份证、保单和医院发票。",
+             "客服热线每天九点到晚上九点服务。", "The warranty covers parts and labour for two years."]
+    enc = mod.lsa_encoder(texts, 64, seed=0)
+    vecs = enc.encode(texts)
+    assert vecs.shape == (4, 3)
+    q = enc.encode(["理赔要交哪些材料？"], normalize_embeddings=True)
+    assert int((vecs @ q[0]).argmax()) == 1

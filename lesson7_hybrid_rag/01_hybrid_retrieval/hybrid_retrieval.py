@@ -8,6 +8,8 @@
     用 sentence-transformers 的 MultipleNegativesRankingLoss（批内其它块当负例）微调向量模型，报告适配前后的召回；
   - 重排要挣到自己的位置：交叉编码器同样用伪问题训练（第一阶段召回的非正例块做难负例），
     再把重排名次与第一阶段名次做 RRF（权重在 dev 上挑，0 = 不重排）；dev 上没有更好就不用，并如实报告增益；
+  - 不联网、没有中文向量模型时，向量检索能不能读中文：LSA（字 1-3 元 TF-IDF + 截断 SVD，只用知识库拟合，
+    scikit-learn）单独报告中文问题上的 recall@5，与 BM25、MiniLM 并排；它和 BM25 一样看字面，所以不进融合；
   - 上线哪一个（best_method）：融合或重排要在 dev 上比最好的单路 / 不重排好出噪声才采用（逐题倒数排名的
     配对自助法，第 5 百分位 > 0，common.retrieval.clearly_better，第 6 课 04/06 同一条规则），否则用最好的单路，
     日志说为什么：dev 只有几十题，"网格上最好的一格"常常只是偶然起伏，换一个数据集 test 上就输给 BM25。
@@ -21,7 +23,8 @@
 
 你会看到（整个 test 切分上）：BM25 的 recall@5 与 MRR 都远高于 MiniLM；dev 调权的融合（RRF 或凸组合）在 test 上
 不差于最好的单路、recall@5 还更高，融合后的第一名大多与 BM25 的相同——主要靠 BM25；伪问题适配（只用语料本身，
-没有人工标注）让向量检索的召回小幅上升；重排要在 dev 上挣到提升才采用，否则选出权重 0（rerank_gain_r1 = 0，
+没有人工标注）让向量检索的召回小幅上升，但 MiniLM 在中文问题上仍远不及 BM25，而只用知识库拟合的 LSA 在中文
+问题上与 BM25 相当；重排要在 dev 上挣到提升才采用，否则选出权重 0（rerank_gain_r1 = 0，
 此时 CLAIMS 里"重排挣到了位置"就不成立）。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
@@ -69,6 +72,11 @@ CLAIMS = [
     run.Claim("重排挣到了位置：重排后 − 重排前的 recall@1（接在 dev 选出的融合之后）",
               'methods[best_fusion + "+rerank"]["recall_at_1"] - methods[best_fusion]["recall_at_1"]', ">=",
               None, 0.01),
+    # 英文 MiniLM 的词表里汉字很少，中文里很多字被切成 [UNK]：不是"向量检索不行"，是这个模型读不了中文
+    run.Claim("英文 MiniLM 读不了中文：中文问题上 MiniLM 的 recall@5 ÷ BM25 的",
+              'zh_recall_at_5["dense"] / zh_recall_at_5["bm25"]', "<=", 0.5, 0.5),
+    run.Claim("离线也有能读中文的向量检索：LSA（字 1-3 元 TF-IDF + 截断 SVD，只用知识库拟合）中文 recall@5 ÷ BM25 的",
+              'zh_recall_at_5["dense_lsa"] / zh_recall_at_5["bm25"]', ">=", 0.8, 0.8),
     run.Claim("融合结果主要靠 BM25：融合第一名与 BM25 第一名相同的比例 − 与向量相同的比例",
               '2 * top1_agreement["bm25"] - sum(top1_agreement.values())', ">=", 0.1, 0.2),
 ]
@@ -93,6 +101,8 @@ class Args(retrieval.KBArgs):
     max_length: int = cli.arg(128, "领域适配与重排器训练/打分时的最多 token 数（中文一字一 token；CPU 耗时与它成正比）",
                               min=32)
     adapt_epochs: int = cli.arg(1, "向量模型领域适配的轮数（0 = 不适配）", min=0)
+    # 维度取块数的量级以下才是"降维"：维度 ≥ 块数时 SVD 不丢信息，LSA 与 TF-IDF 余弦逐题相同
+    lsa_dim: int = cli.arg(64, "LSA 向量的维度（0 = 不做这一路）；不超过块数 − 1", min=0, max=4096)
     # 学习率取小：几百个伪问题上学习率一大，就会冲掉 MiniLM 预训练学到的通用语义（灾难性遗忘），适配反而变差
     adapt_lr: float = cli.arg(3e-5, "领域适配学习率")
     batch_size: int = cli.arg(32, "适配时的批大小：批内其它块就是负例，批越大负例越多", min=2)
@@ -163,6 +173,49 @@ def dense_runs(model, sp: Splits, depth: int) -> dict:
     index = retrieval.DenseIndex(retrieval.embed(model, [c.text for c in sp.chunks]))
     return {name: index.search_vectors(retrieval.embed(model, [q["question"] for q in qs]), depth)
             for name, qs in sp.questions.items()}
+
+
+def lsa_encoder(texts: list[str], dim: int, seed: int):
+    """LSA（潜在语义索引，Deerwester et al. 1990）：字 1-3 元 TF-IDF → 截断 SVD 到 dim 维 → 归一化。
+
+    不需要任何预训练模型、不联网，只用知识库自己的文字拟合，所以任何语言都能用；SVD 把常一起出现的字串
+    压到同一个方向上（"退保"与"解除合同"共现多了就靠近）。代价：它只认识这份语料里出现过的字串，知识库一变就要
+    重新拟合，也学不到真正的改写（那要 bge-small-zh 这样的模型，--embedding-model，需联网下载一次）。
+    """
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import Normalizer
+
+    # char_wb：在词边界内取字 n-gram，中文不用分词（jieba 切错的词 BM25 就匹配不上，字 n-gram 没有这个问题）；
+    # sublinear_tf：词频取对数，一块里重复十次的字不比出现一次重要十倍
+    tfidf = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 3), sublinear_tf=True).fit(texts)
+    dim = min(dim, len(texts) - 1, len(tfidf.vocabulary_) - 1)
+    pipe = make_pipeline(tfidf, TruncatedSVD(dim, random_state=seed), Normalizer()).fit(texts)
+
+    class LSA:   # 与 SentenceTransformer.encode 同样的调用方式：dense_runs（retrieval.embed）原样可用
+        def encode(self, batch, **_):  # noqa: ANN001
+            return pipe.transform(batch)
+
+    return LSA()
+
+
+def lsa_side(args: Args, sp: Splits, ranked: dict, depth: int) -> tuple[dict, dict]:
+    """LSA 一路单独报告：test 上的四项指标，与各单路在中文问题（含汉字）上的 recall@5。
+
+    它不进融合、不参与上线选择：它和 BM25 一样看字面，两路常错在同一批题上，融合挣的是互补（语义模型找回字面
+    对不上的题）；这里回答的是另一个问题——不联网、没有中文模型时，向量检索能不能读中文。
+    按字判语言：学生自己的 --qa 没有 lang 字段也能算。
+    """
+    runs = {**ranked}
+    if args.lsa_dim:
+        scored = dense_runs(lsa_encoder([c.text for c in sp.chunks], args.lsa_dim, args.seed), sp, depth)
+        runs["dense_lsa"] = {name: [[i for i, _ in r] for r in rs] for name, rs in scored.items()}
+    zh = [any("\u4e00" <= ch <= "\u9fff" for ch in q["question"]) for q in sp.questions["test"]]
+    zh_r5 = {m: round(retrieval.recall_at_k([h for h, z in zip(sp.hits("test", r["test"]), zh) if z], 5), 4)
+             for m, r in runs.items()} if any(zh) else {}
+    test = sp.score(runs["dense_lsa"])["test"] if args.lsa_dim else None
+    return ({k: test[k] for k in ("recall_at_1", "recall_at_5", "mrr", "ndcg_at_10")} if test else {}), zh_r5
 
 
 def single_retrievers(args: Args, out, sp: Splits, depth: int, device: str):
@@ -338,8 +391,11 @@ def main(args: Args) -> dict:
     res = summarize({**single, **fused}, methods_runs, ranked, best_fusion, dense_side,
                     lambda run: sp.hits("dev", run))
     methods, best = res["methods"], res["best_method"]
-    plot_methods(out, methods, len(test))
+    # 7. LSA：不联网也能读中文的向量检索（只报告，不进融合与上线选择）
+    lsa_test, zh_r5 = lsa_side(args, sp, ranked, depth)
+    plot_methods(out, {**methods, **({"dense_lsa": lsa_test} if lsa_test else {})}, len(test))
     return out.finish({**res, "fusion_weights": fusion_weights, "pseudo_queries": len(pairs),
+                       "lsa": lsa_test, "zh_recall_at_5": zh_r5,
                        "rerank_pairs": n_pairs, "chunks": len(sp.chunks), "dev_questions": len(dev),
                        "test_questions": len(test)},
                       summary=f"best={best}（dev 选出），test R@5={methods[best]['recall_at_5']}、"
