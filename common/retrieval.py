@@ -95,6 +95,29 @@ def embed(model, texts: list[str]):
     return np.asarray(vecs, dtype="float32")
 
 
+def lsa_encoder(texts: list[str], dim: int = 64, seed: int = 0):
+    """LSA（潜在语义索引，Deerwester et al. 1990）：字 1-3 元 TF-IDF → 截断 SVD 到 dim 维 → 归一化（第 7 课 01、06）。
+    不要预训练模型、不联网，只用知识库自己的文字拟合，任何语言都能用；SVD 把常一起出现的字串压到同一个方向上。
+    代价：只认识这份语料里的字串，知识库一变就要重新拟合；学不到真正的改写（那要 bge-small-zh 这样的模型）。
+    返回的对象与 SentenceTransformer 一样有 encode()，embed() 原样可用。"""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import Normalizer
+
+    # char_wb：词边界内取字 n-gram，中文不用分词（jieba 切错的词 BM25 匹配不上）；sublinear_tf：词频取对数
+    tfidf = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 3), sublinear_tf=True).fit(texts)
+    # 维度 ≥ 块数时 SVD 不丢信息，就不是降维了（LSA 与 TF-IDF 余弦逐题相同）：截到块数 − 1
+    pipe = make_pipeline(tfidf, TruncatedSVD(min(dim, len(texts) - 1, len(tfidf.vocabulary_) - 1), random_state=seed),
+                         Normalizer()).fit(texts)
+
+    class LSA:
+        def encode(self, batch, **_):  # noqa: ANN001
+            return pipe.transform(batch)
+
+    return LSA()
+
+
 _WORD = re.compile(r"[A-Za-z0-9]+(?:['.-][A-Za-z0-9]+)*")
 
 

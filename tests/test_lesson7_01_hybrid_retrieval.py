@@ -67,10 +67,11 @@ def test_bad_overlap_is_one_line_error(run_script, tmp_path):
 
 def test_lsa_encoder_reads_chinese_and_reduces_dimensions():
     """LSA 只用语料拟合：中文问题按字面找回对的那段；维度被截到块数 − 1（维度 ≥ 块数就不是降维了）。"""
-    mod = load_script(SCRIPT)
+    from common import retrieval
+
     texts = ["退保需要在犹豫期内提交申请，保费全额退还。", "理赔材料包括身份证、保单和医院发票。",
              "客服热线每天九点到晚上九点服务。", "The warranty covers parts and labour for two years."]
-    enc = mod.lsa_encoder(texts, 64, seed=0)
+    enc = retrieval.lsa_encoder(texts, 64, seed=0)
     vecs = enc.encode(texts)
     assert vecs.shape == (4, 3)
     q = enc.encode(["理赔要交哪些材料？"], normalize_embeddings=True)

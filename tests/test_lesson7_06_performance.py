@@ -23,6 +23,9 @@ def test_benchmark_reports_percentiles_per_config(tmp_path, tiny_models):
     assert bm25["min_ms"] > 10 * flat["min_ms"], (bm25, flat)
     assert "local_tokens_per_s" in m["generation"]
     assert (tmp_path / "latency_vs_size.png").stat().st_size > 0
+    # 查询编码：两种编码器各逐个编码几十个真实问题，LSA（一次稀疏乘法）比 MiniLM（一次 Transformer 前向）快
+    enc = m["query_encode"]
+    assert set(enc) == {"dense", "lsa"} and 0 < enc["lsa"]["p50_ms"] < enc["dense"]["p50_ms"], enc
     assert_claims(m)
 
 

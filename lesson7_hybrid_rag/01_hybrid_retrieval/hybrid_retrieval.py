@@ -104,7 +104,6 @@ class Args(retrieval.KBArgs):
     max_length: int = cli.arg(128, "领域适配与重排器训练/打分时的最多 token 数（中文一字一 token；CPU 耗时与它成正比）",
                               min=32)
     adapt_epochs: int = cli.arg(1, "向量模型领域适配的轮数（0 = 不适配）", min=0)
-    # 维度取块数的量级以下才是"降维"：维度 ≥ 块数时 SVD 不丢信息，LSA 与 TF-IDF 余弦逐题相同
     lsa_dim: int = cli.arg(64, "LSA 向量的维度（0 = 不做这一路）；不超过块数 − 1", min=0, max=4096)
     # 学习率取小：几百个伪问题上学习率一大，就会冲掉 MiniLM 预训练学到的通用语义（灾难性遗忘），适配反而变差
     adapt_lr: float = cli.arg(3e-5, "领域适配学习率")
@@ -178,31 +177,6 @@ def dense_runs(model, sp: Splits, depth: int) -> dict:
             for name, qs in sp.questions.items()}
 
 
-def lsa_encoder(texts: list[str], dim: int, seed: int):
-    """LSA（潜在语义索引，Deerwester et al. 1990）：字 1-3 元 TF-IDF → 截断 SVD 到 dim 维 → 归一化。
-
-    不需要任何预训练模型、不联网，只用知识库自己的文字拟合，所以任何语言都能用；SVD 把常一起出现的字串
-    压到同一个方向上（"退保"与"解除合同"共现多了就靠近）。代价：它只认识这份语料里出现过的字串，知识库一变就要
-    重新拟合，也学不到真正的改写（那要 bge-small-zh 这样的模型，--embedding-model，需联网下载一次）。
-    """
-    from sklearn.decomposition import TruncatedSVD
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import Normalizer
-
-    # char_wb：在词边界内取字 n-gram，中文不用分词（jieba 切错的词 BM25 就匹配不上，字 n-gram 没有这个问题）；
-    # sublinear_tf：词频取对数，一块里重复十次的字不比出现一次重要十倍
-    tfidf = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 3), sublinear_tf=True).fit(texts)
-    dim = min(dim, len(texts) - 1, len(tfidf.vocabulary_) - 1)
-    pipe = make_pipeline(tfidf, TruncatedSVD(dim, random_state=seed), Normalizer()).fit(texts)
-
-    class LSA:   # 与 SentenceTransformer.encode 同样的调用方式：dense_runs（retrieval.embed）原样可用
-        def encode(self, batch, **_):  # noqa: ANN001
-            return pipe.transform(batch)
-
-    return LSA()
-
-
 def lsa_side(args: Args, sp: Splits, ranked: dict, depth: int) -> tuple[dict, dict]:
     """LSA 一路单独报告：test 上的四项指标，与各单路在中文问题（含汉字）上的 recall@5。
 
@@ -212,7 +186,7 @@ def lsa_side(args: Args, sp: Splits, ranked: dict, depth: int) -> tuple[dict, di
     """
     runs = {**ranked}
     if args.lsa_dim:
-        scored = dense_runs(lsa_encoder([c.text for c in sp.chunks], args.lsa_dim, args.seed), sp, depth)
+        scored = dense_runs(retrieval.lsa_encoder([c.text for c in sp.chunks], args.lsa_dim, args.seed), sp, depth)
         runs["dense_lsa"] = {name: [[i for i, _ in r] for r in rs] for name, rs in scored.items()}
     zh = [any("\u4e00" <= ch <= "\u9fff" for ch in q["question"]) for q in sp.questions["test"]]
     zh_r5 = {m: round(retrieval.recall_at_k([h for h, z in zip(sp.hits("test", r["test"]), zh) if z], 5), 4)
