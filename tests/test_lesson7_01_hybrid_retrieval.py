@@ -47,6 +47,9 @@ def test_tuned_hybrid_beats_both_single_retrievers(smoke):
     fused = next(k for k in methods if k.endswith("+rerank")).split("+")[0]     # 重排接在 dev 上更好的融合之后
     r1 = methods[f"{fused}+rerank"]["recall_at_1"] - methods[fused]["recall_at_1"]
     assert m["rerank_gain_r1"] == pytest.approx(r1, abs=1e-4)
+    # 完美重排的上限 = 第一阶段前 n 个候选的召回：重排只改顺序，任何重排器的 R@1 都到不了它上面
+    oracle = m["fusion_weights"]["rerank"]["oracle_recall_at_1"]
+    assert methods[f"{fused}+rerank"]["recall_at_1"] <= oracle <= 1 and oracle >= methods[fused]["recall_at_5"] - 1e-9
     # dev 上选出重排权重 0 = 不重排：重排后的结果与第一阶段完全相同，增益为 0
     if m["fusion_weights"]["rerank"]["reranker"] == 0:
         assert m["rerank_gain_r1"] == 0 and dev[f"{fused}+rerank"] == dev[fused]

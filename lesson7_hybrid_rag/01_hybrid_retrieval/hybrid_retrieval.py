@@ -252,7 +252,7 @@ def load_or_train_reranker(args: Args, out, bm25, pairs, chunks, device: str):
 def tune_rerank(args: Args, sp: Splits, ce, first: dict, depth: int) -> tuple[dict, float, int]:
     """交叉编码器给前 n 个候选打分；与第一阶段名次 RRF 的权重在 dev 上挑（0 = 不重排）。
 
-    返回 (重排后的结果, 权重, n)。
+    返回 (重排后的结果, 权重, n, 完美重排的 test R@1 上限)。
     """
     # 交叉编码器对每个 (问题, 候选) 都要做一次完整前向，CPU 上耗时与 n 成正比：只重排前 n 个，
     # 且 n 不超过第一阶段取回的 depth 个
@@ -272,7 +272,11 @@ def tune_rerank(args: Args, sp: Splits, ce, first: dict, depth: int) -> tuple[di
         w_rr = 0.0
     runs = {name: [with_rerank(ce_rank[name][i], first[name][i], n, w_rr, args.rrf_k) for i in range(len(qs))]
             for name, qs in sp.questions.items()}
-    return runs, w_rr, n
+    # 重排的上限：完美的重排器把前 n 个候选里的金标排到第一，test R@1 = 第一阶段的 recall@n——差距就是可挣的空间
+    # （sp.hits 只看前 10 名，候选可能多于 10 个：这里按前 n 个算命中）
+    oracle = retrieval.recall_at_k(retrieval.hits_matrix([r[:n] for r in first["test"]], sp.questions["test"],
+                                                         sp.chunks, sp.by_id), n)
+    return runs, w_rr, n, round(oracle, 4)
 
 
 def plot_methods(out, methods: dict, n_test: int) -> None:
@@ -358,11 +362,14 @@ def main(args: Args) -> dict:
 
     # 5. 重排：交叉编码器给前 N 个候选打分，再与第一阶段名次 RRF；dev 上没有提升就选权重 0（不重排）
     ce, n_pairs = load_or_train_reranker(args, out, bm25, pairs, sp.chunks, device)
-    rr_runs, w_rr, n = tune_rerank(args, sp, ce, methods_runs[best_fusion], depth)
+    rr_runs, w_rr, n, oracle = tune_rerank(args, sp, ce, methods_runs[best_fusion], depth)
     methods_runs[f"{best_fusion}+rerank"] = rr_runs
     fused[f"{best_fusion}+rerank"] = sp.score(rr_runs)
-    fusion_weights["rerank"] = {"reranker": w_rr, "first_stage": round(1 - w_rr, 1), "candidates": n}
-    out.log.info(f"重排：dev 选出重排权重 {w_rr}" + ("（= 不重排：在 dev 上没有带来提升）" if w_rr == 0 else ""))
+    fusion_weights["rerank"] = {"reranker": w_rr, "first_stage": round(1 - w_rr, 1), "candidates": n,
+                                "oracle_recall_at_1": oracle}
+    out.log.info(f"重排：dev 选出重排权重 {w_rr}" + ("（= 不重排：在 dev 上没有带来提升）" if w_rr == 0 else "")
+                 + f"；完美重排前 {n} 个候选的上限 test R@1 = {oracle}"
+                 f"（现在 {fused[best_fusion]['test']['recall_at_1']}）")
 
     # 6. 汇总：test 上报告；best_method 按 dev 选出（不偷看 test）
     res = summarize({**single, **fused}, methods_runs, ranked, best_fusion, dense_side,
