@@ -108,8 +108,8 @@ def lsa_encoder(texts: list[str], dim: int = 64, seed: int = 0):
     # char_wb：词边界内取字 n-gram，中文不用分词（jieba 切错的词 BM25 匹配不上）；sublinear_tf：词频取对数
     tfidf = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 3), sublinear_tf=True).fit(texts)
     # 维度 ≥ 块数时 SVD 不丢信息，就不是降维了（LSA 与 TF-IDF 余弦逐题相同）：截到块数 − 1
-    pipe = make_pipeline(tfidf, TruncatedSVD(min(dim, len(texts) - 1, len(tfidf.vocabulary_) - 1), random_state=seed),
-                         Normalizer()).fit(texts)
+    k = max(1, min(dim, len(texts) - 1, len(tfidf.vocabulary_) - 1))   # 至少 1 维：只有一块的知识库也能跑
+    pipe = make_pipeline(tfidf, TruncatedSVD(k, random_state=seed), Normalizer()).fit(texts)
 
     class LSA:
         def encode(self, batch, **_):  # noqa: ANN001

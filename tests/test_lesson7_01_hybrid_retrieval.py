@@ -79,3 +79,4 @@ def test_lsa_encoder_reads_chinese_and_reduces_dimensions():
     assert vecs.shape == (4, 3)
     q = enc.encode(["理赔要交哪些材料？"], normalize_embeddings=True)
     assert int((vecs @ q[0]).argmax()) == 1
+    assert retrieval.lsa_encoder(["只有一块的知识库"]).encode(["一块"]).shape == (1, 1)   # 至少 1 维，不崩
