@@ -185,7 +185,7 @@ def pick_device(device: str = "auto"):
 
 def cpu_has_bf16() -> bool:
     """CPU 有没有让 bf16 真正变快的矩阵单元（AMX，Sapphire Rapids 起）。只有 AVX512-BF16 点积指令不算：
-    make bench 在这样的 2 核 Xeon 上量到 bf16 生成只有 fp32 的 0.82 倍（oneDNN 的小矩阵 bf16 核心不如 fp32 的），
+    在这样的 2 核 Xeon 上 bf16 生成比 fp32 慢（make bench 表里的 bf16 ÷ fp32；oneDNN 的小矩阵 bf16 核心不如 fp32 的），
     没有这两种指令的老 CPU 上 bf16 是模拟的，更慢。"""
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -285,18 +285,12 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_siz
     return [o.strip() for o in outs]
 
 
-if __name__ == "__main__":   # make models：预先构建全部内置模型，并打印每个用时
-    for _name in _BUILTIN:
-        _t0 = time.perf_counter()
-        print(f"{_name}: {resolve(_name)}（{time.perf_counter() - _t0:.1f} 秒）", flush=True)
-
-
 def int8_weight_only(model: Any) -> int:
     """把模型里每个 nn.Linear 换成"只量化权重"的 int8 版本（逐输出通道的对称 scale），激活用 bf16；就地修改，
     返回换掉了几层。与第 1 课 06 的动态 int8（激活在运行时量化）不同：不碰激活的取值范围，就没有激活离群值那一伤；
     省的是逐 token 解码里最贵的那件事——读权重（int8 是 fp32 的 1/4 字节）。
     矩阵乘走 torch 的 _weight_int8pack_mm（CPU 上"int8 权重 × 浮点激活"的核心，torchao 也用它）。激活必须是 bf16：
-    这个核心只为 bf16 优化，同一个 576×1536 的矩阵乘，fp32 激活比 bf16 慢 10 倍以上，也比不量化的 fp32 慢。
+    这个核心只为 bf16 优化，同一个 576×1536 的矩阵乘，fp32 激活比 bf16 慢一个数量级，也比不量化的 fp32 慢。
     """
     import torch
 
@@ -322,3 +316,9 @@ def int8_weight_only(model: Any) -> int:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, Int8Linear(lin))
     return len(targets)
+
+
+if __name__ == "__main__":   # make models：预先构建全部内置模型，并打印每个用时
+    for _name in _BUILTIN:
+        _t0 = time.perf_counter()
+        print(f"{_name}: {resolve(_name)}（{time.perf_counter() - _t0:.1f} 秒）", flush=True)

@@ -21,7 +21,7 @@ int8w 只量化权重、激活用 bf16（common.models.int8_weight_only，第 5 
 在校准样本上量困惑度比），把超过 --int8-sensitivity 的那类留在 fp32：
 smollm2 上是 MLP 的输出投影 down_proj（"全部量化"的对照行 int8_all 困惑度翻倍以上），留下它之后 int8 仍更快、权重
 变小、困惑度接近 fp32；批 8 的总吞吐是批 1 的好几倍，但每个请求的首 token 更晚（吞吐与延迟的取舍）；
-2 线程比 1 线程快得远不到 2 倍（逐 token 解码有一部分受内存带宽限制：AMD EPYC 上几乎不快，Xeon 上约 1.6 倍）。
+2 线程比 1 线程快得远不到 2 倍（逐 token 解码有一部分受内存带宽限制；快多少随机器的内存带宽变，见下面的参考运行）。
 --smoke（tiny-llama，128 个新 token）：同样看得到 KV 缓存省下的前向计算。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
@@ -80,14 +80,14 @@ CLAIMS = [
     run.Claim("KV 缓存提速：开 / 不开缓存的 tokens/s（轮流计时取中位数）", "kv_cache_speedup", ">=", None, 2.0),
     run.Claim("bf16 几乎不损精度：bf16 / fp32 困惑度（同一批回复 token，逐 token 对着真实下文算）",
               'perplexity["bf16"] / perplexity["fp32"]', "<=", 1.02, 1.02),
-    # 没有 AMX 的 CPU 上 bf16 不比 fp32 快：只有 AVX512_BF16 点积指令的 2 核 Xeon 上实测 0.82 倍，更老的 CPU 上
+    # 没有 AMX 的 CPU 上 bf16 不比 fp32 快：只有 AVX512_BF16 的 2 核 Xeon 上也更慢（make bench 表），更老的 CPU 上
     # bf16 是模拟的、更慢。那时不出这个指标，这条记"未检查"（bf16_speedup 照样报，学生看得到是几倍）
     run.Claim("bf16 提速（仅在 CPU 有 AMX 时检查）：bf16 / fp32 的 tokens/s", "bf16_speedup_native", ">=",
               None, 1.3),
     run.Claim("bf16 权重减半：bf16 / fp32 的权重体积", 'size_mb["bf16"] / size_mb["fp32"]', "<=", 0.55, 0.55),
     # 敏感的那类 Linear 留在 fp32 后，量化的权重少了，提速与体积都比"全部量化"小：门槛按混合精度的 int8 定
-    # 门槛 1.05 而不是 1.2：两台 2 核机器上实测 1.12（Xeon）与 1.22（AMD EPYC），逐 token 解码里 int8 省下的读权重
-    # 时间被运行时量化激活的开销吃掉一部分
+    # 门槛 1.05 而不是 1.2：两台 2 核机器（Xeon、AMD EPYC）的参考运行里 Xeon 上的比值低得多，
+    # 逐 token 解码里 int8 省下的读权重时间被运行时量化激活的开销吃掉一部分
     run.Claim("动态 int8（混合精度）提速：int8 / fp32 的 tokens/s", "int8_speedup", ">=", None, 1.05),
     run.Claim("只量化权重的 int8（激活 bf16）提速：int8w / fp32 的 tokens/s", "int8w_speedup", ">=", None, 1.15),
     run.Claim("只量化权重的 int8 几乎不损精度：int8w / fp32 困惑度", 'perplexity["int8w"] / perplexity["fp32"]', "<=",
@@ -103,7 +103,7 @@ CLAIMS = [
     run.Claim("批量提高总吞吐：最大批 / 批 1 的总 tokens/s", "batch_throughput_gain", ">=", 2.0, 2.5),
     run.Claim("批量让每个请求的首 token 更晚：最大批 / 批 1 的首 token 延迟", "batch_first_token_slowdown", ">=",
               None, 2.0),
-    # 线性加速是 2 倍（2 核）。实测 AMD EPYC 1.06 倍、Xeon 1.65 倍：带宽富余的机器上线程仍有用，但都到不了线性
+    # 线性加速是 2 倍（2 核）。两台机器的参考运行差得很远（AMD EPYC 几乎不快，Xeon 快一半多）：都到不了线性
     run.Claim("逐 token 解码部分受内存带宽限制，加线程的收益低于线性：全部 / 1 个线程的 tokens/s（2 核）",
               "thread_speedup", "<=", None, 1.85),
 ]
@@ -201,7 +201,7 @@ def precision_variants(model, calib: list[dict], pad_id: int, limit: float, log)
     # 先 deepcopy：nn.Module.to() 就地改原模型并返回它自己，fp32 基线还要留着对比
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     if not models.cpu_has_bf16():
-        log.warning("这颗 CPU 没有 AMX：bf16 矩阵乘不比 fp32 快（只有 AVX512_BF16 时实测约 0.8 倍，更老的 CPU 上是"
+        log.warning("这颗 CPU 没有 AMX：bf16 矩阵乘不比 fp32 快（只有 AVX512_BF16 时也更慢，更老的 CPU 上是"
                     "模拟的），内存减半仍成立")
     # torch 2.10 起 torch.ao.quantization 被标记为弃用，官方建议迁移到 torchao 的 quantize_(...)；
     # 但 torchao 的 int8 在 CPU 上要配合 torch.compile 才快，eager 模式下比 fp32 慢一个数量级（见 README）。

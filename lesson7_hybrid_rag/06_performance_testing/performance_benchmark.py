@@ -96,6 +96,8 @@ class Args(retrieval.KBArgs):
 
 def encode_latency(encoders: dict, questions: list[str], n: int = 50) -> dict:
     """问题 → 向量这一步每个请求都要做：逐个编码至多 n 个真实问题，报 p50 / p95 毫秒（先编一次预热，不计）。"""
+    # 在主线程里量，不借 load_test 的客户端线程：torch 在每个调用它的线程里各建一个 OpenMP 线程池，
+    # 多出来的池空转抢核，MiniLM 会被量慢（第 5 课 07 的聊天服务就是这样慢了一半）
     import numpy as np
 
     res = {}
