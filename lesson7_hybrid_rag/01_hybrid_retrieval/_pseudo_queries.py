@@ -2,7 +2,8 @@
 
 从块里抽一句当"问题"，它所在的块就是正例（Lee et al. 2019, ORQA 的预训练任务）。问答集一条都不碰：
 dev/test 上报的增益才不是"在考题上训练"得来的。向量模型用批内负例（MultipleNegativesRankingLoss），
-交叉编码器用第一阶段召回的难负例（BinaryCrossEntropyLoss）。只有 01 用到，所以放在本节旁边。
+交叉编码器用第一阶段召回的难负例（BinaryCrossEntropyLoss；可选：--rerank-epochs > 0 才训练，分数作为学出来的重排器的
+一个特征）。只有 01 用到，所以放在本节旁边。
 """
 from __future__ import annotations
 
@@ -102,3 +103,17 @@ def train_reranker(args, out, pairs, chunks, first_stage, device):
         report_to=out.trainer_report_to(), use_cpu=device == "cpu", dataloader_pin_memory=False)
     CrossEncoderTrainer(model=model, args=targs, train_dataset=Dataset.from_dict(rows), loss=loss).train()
     return model, len(rows["label"])
+
+
+def cross_encoder(args, out, bm25, pairs, chunks, device: str):
+    """交叉编码器是可选特征：--reranker 给了就加载现成的；--rerank-epochs > 0 就用伪问题现场训练（难负例来自 BM25
+    的前 8 名）；都没有返回 (None, 0)，重排器只用第一阶段已有的证据。"""
+    if args.reranker:
+        return retrieval.load_cross_encoder(args.reranker, device), 0
+    if not args.rerank_epochs:
+        return None, 0
+    # 难负例取 BM25 的前 8 名：和真问题的第一阶段候选一样"看起来相关"，重排器才学得到细分
+    pseudo_first = [[i for i, _ in bm25.search(q, 8)] for q, _ in pairs]
+    ce, n_pairs = train_reranker(args, out, pairs, chunks, pseudo_first, device)
+    out.log.info(f"交叉编码器：伪问题训练对 {n_pairs} 个（正例 + 第一阶段召回的难负例）")
+    return ce, n_pairs
