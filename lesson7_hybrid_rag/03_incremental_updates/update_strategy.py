@@ -287,11 +287,11 @@ def main(args: Args) -> dict:
     # 向量模型在 fork 出的子进程里才加载（见 _counting）：坏的本地目录要在父进程里、起子进程之前查出来
     if (name := args.embedding_model) and (name.startswith(("/", ".", "~")) or os.path.lexists(name)):
         models.check_dir(name, "--embedding-model")   # hub id 留给加载时报
-    import langchain_chroma  # noqa: F401 - 先在父进程里导入（不建客户端），fork 出的子进程直接复用
+    # 这些库先在父进程里导入，fork 出的子进程直接复用（sentence-transformers 连带 torch、transformers，每个子进程
+    # 省下约 3 秒）。只导入：不建 Chroma 客户端、不加载模型——导入不起 torch 的线程池，fork 才安全（见 _counting）
+    import langchain_chroma  # noqa: F401
     import langchain_classic.indexes  # noqa: F401
     import langchain_huggingface  # noqa: F401
-    # sentence-transformers（连带 torch、transformers）也在父进程里先导入：每个子进程省下约 3 秒的导入。
-    # 只导入、不加载模型：导入不起 torch 的线程池，fork 才安全（模型仍在子进程里加载，见 _counting）
     import sentence_transformers  # noqa: F401
 
     # 1. 准备一份"活的"知识库副本（v0），以及它的改动版本（v1）
