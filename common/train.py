@@ -290,6 +290,13 @@ def kept_step(trainer: Any) -> dict:
             "stopped_early": st.global_step < st.max_steps and not hit}
 
 
+def kept_metrics(trainer: Any) -> dict:
+    """保留那一步在训练中评估时记下的指标（与 evaluate() 同样的键）：load_best_model_at_end 装回的就是它，不必再完整
+    评估一遍（issue 24）。那一步没评估过（没开评估、恢复的旧状态里没有）才真的 evaluate()。"""
+    st = [h for h in trainer.state.log_history if h.get("step") == kept_step(trainer)["kept_step"] and "eval_loss" in h]
+    return {k: v for k, v in st[0].items() if k.startswith("eval_") or k == "epoch"} if st else trainer.evaluate()
+
+
 def lora_config(r: int, alpha: int, task: str = "CAUSAL_LM"):
     """r > 0 -> PEFT LoraConfig（所有线性层；task="SEQ_CLS" 时打分头 score 仍全参数训练）；r = 0 -> None（全参数）。"""
     if not r:

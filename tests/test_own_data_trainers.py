@@ -235,3 +235,21 @@ def test_kept_step_reads_best_checkpoint_and_history():
     assert k["stopped_early"] and not k["time_budget_hit"]
     trainer.state.best_model_checkpoint = None   # 没有评估 / 检查点：保留的就是最后一步
     assert train.kept_step(trainer)["kept_step"] == 10
+
+
+def test_kept_metrics_reads_the_logged_evaluation_instead_of_evaluating_again():
+    """保留那一步训练中评估过：直接读那次记录（同样的 eval_* 键），evaluate() 一次都不调；没评估过才真的评估。"""
+    from common import train
+
+    calls = []
+    log = [{"eval_loss": 3.0, "step": 0}, {"eval_loss": 2.0, "eval_rewards/accuracies": 0.75, "eval_runtime": 1.5,
+                                           "epoch": 0.5, "step": 5}, {"loss": 1.9, "step": 6}]
+    trainer = SimpleNamespace(state=SimpleNamespace(log_history=log, best_model_checkpoint="/x/checkpoint-5",
+                                                    global_step=10, max_steps=10),
+                              callback_handler=SimpleNamespace(callbacks=[]),
+                              evaluate=lambda: calls.append(1) or {"eval_loss": 9.9})
+    assert train.kept_metrics(trainer) == {"eval_loss": 2.0, "eval_rewards/accuracies": 0.75, "eval_runtime": 1.5,
+                                           "epoch": 0.5}
+    assert not calls
+    trainer.state.best_model_checkpoint = None        # 保留最后一步（第 10 步），而它没评估过：只能评估
+    assert train.kept_metrics(trainer) == {"eval_loss": 9.9} and calls == [1]

@@ -248,8 +248,8 @@ def main(args: Args) -> dict:
     if state.global_step < (args.max_steps if args.max_steps > 0 else state.max_steps):
         out.log.info(f"早停：第 {state.global_step} 步停下（验证损失连续 {args.early_stopping_patience} 次没有变好）")
 
-    # 6. 训练后：load_best_model_at_end 已把最好的检查点装回来，用同一把尺子再量一次
-    after = trainer.evaluate()["eval_loss"]
+    # 6. 训练后：load_best_model_at_end 已把最好的检查点装回来；它在训练中用同一把尺子量过，读那次的记录
+    after = train.kept_metrics(trainer)["eval_loss"]
     # 此时模型已是装回的最好一步：另存一份权重 + 分词器、不带优化器与随机数状态的，部署时加载它
     trainer.save_model(str(out.path("best_model")))
     # 只留目录名：绝对路径随机器而变，写进 metrics.json 就没法跨机器比

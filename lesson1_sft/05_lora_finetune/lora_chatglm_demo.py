@@ -206,7 +206,7 @@ def train_and_keep(out, trainer, clock, before: float, step_s: float, p: dict) -
         trainer.train()
     shutil.rmtree(out.path("trainer"), ignore_errors=True)   # 中间检查点：最好的那一步已经装回模型，不必留着
     kept = train.kept_step(trainer)
-    after = trainer.evaluate()["eval_loss"]
+    after = train.kept_metrics(trainer)["eval_loss"]   # 保留那一步训练中已评估过：读记录，不再评估一遍
     tps, eval_tps = clock.tokens_per_s(trainer.state.epoch), p["eval_tokens"] * clock.evals / max(clock.eval_s, 1e-9)
     out.log.info(f"eval_loss {before:.4f} -> {after:.4f}；保留第 {kept['kept_step']} 步（验证损失最低"
                  f"{'，之后没再改善，提前停止' if kept['stopped_early'] else ''}）；训练 {clock.train_s:.0f} 秒（评估 "

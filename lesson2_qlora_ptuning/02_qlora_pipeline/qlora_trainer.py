@@ -310,7 +310,7 @@ def main(args: Args) -> dict:
     with train.PeakMemory(train.device_of(model)) as mem:
         trainer.train()
     kept = train.kept_step(trainer)
-    after = trainer.evaluate()["eval_loss"]   # load_best_model_at_end：量的是保留下来的那一步
+    after = train.kept_metrics(trainer)["eval_loss"]   # 保留下来的那一步训练中评估时的记录，不再评估一遍
     tps = trainer.state.num_input_tokens_seen / max(clock.train_s - clock.eval_s, 1e-9)   # 真实 token，不含评估
     out.log.info(f"eval_loss {before:.4f} -> {after:.4f}（保留第 {kept['kept_step']} 步）；训练峰值内存 "
                  f"+{mem.peak_mb:.0f} MB；{tps:.0f} token/s")

@@ -217,8 +217,8 @@ def main(args: Args) -> dict:
     out.log.info(f"训练前（score 头随机）：留出准确率 {before['eval_accuracy']:.3f}")
     trainer.train()
     kept = train.kept_step(trainer)
-    # load_best_model_at_end 已装回留出损失最低的一步：这里量的是保留下来的模型，不一定是最后一步
-    after = trainer.evaluate()
+    # load_best_model_at_end 已装回留出损失最低的一步（不一定是最后一步）：读它训练中评估时的记录，不再评估一遍
+    after = train.kept_metrics(trainer)
     out.log.info(f"训练后（保留第 {kept['kept_step']} 步）：留出准确率 {after['eval_accuracy']:.3f}，"
                  f"平均差 r_c − r_r = {after['eval_margin']:.3f}")
 

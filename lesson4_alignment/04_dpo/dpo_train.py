@@ -126,7 +126,8 @@ def train_one(args: Args, out, init_model, tok, beta: float, train_ds, eval_ds, 
     # 训练前评估只在主实验的 β 上做一次：π = π_ref 时的数字与 β 无关（隐式奖励全为 0），每个 β 都量是白花时间
     start = {f"start/{k}": v for k, v in trainer.evaluate().items()} if eval_start else {}
     trainer.train()
-    return trainer, ref, {**trainer.evaluate(), **train.kept_step(trainer), **start}
+    # 保留那一步的留出指标读训练中的评估记录（load_best_model_at_end 装回的就是它），不再完整评估一遍
+    return trainer, ref, {**train.kept_metrics(trainer), **train.kept_step(trainer), **start}
 
 
 def sweep_betas(args: Args, out, init_model, tok, train_ds, eval_ds):

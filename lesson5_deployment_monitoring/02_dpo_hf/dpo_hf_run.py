@@ -238,8 +238,8 @@ def main(args: Args) -> dict:
     before = trainer.evaluate()
     result = trainer.train()
     kept = train.kept_step(trainer)
-    # best_step_args 开了 load_best_model_at_end：这里量的是装回的留出损失最低的一步，不一定是最后一步
-    after = trainer.evaluate()
+    # best_step_args 开了 load_best_model_at_end：装回的是留出损失最低的一步（不一定是最后一步），读它训练中的评估记录
+    after = train.kept_metrics(trainer)
     metrics = {"train_loss": result.training_loss,
                "eval_reward_accuracy_before": before["eval_rewards/accuracies"],
                "eval_reward_accuracy": after["eval_rewards/accuracies"],
