@@ -24,7 +24,7 @@
 各 β 之间的差别比 --smoke 的全参数训练小得多。输出：beta_sweep.png、dpo_model/。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行（smollm2-135m，2 核 CPU）：19.8 分钟，7.8 GB（超过 10 分钟），结论 4/4 成立
+参考运行（smollm2-135m，2 核 CPU）：11.9 分钟，7.6 GB（超过 10 分钟），结论 4/4 成立
   ✓ DPO 降低留出偏好损失：训练后 / 训练前（π = π_ref 时为 log 2）：0.8777（≤ 0.95）
   ✓ 隐式奖励 β·log π/π_ref 把留出偏好对排对：准确率 训练后 − 训练前（隐式奖励全为 0）：0.875（≥ 0.8）
   ✓ 手算的 −log σ(β·(Δ_c − Δ_r)) 就是 TRL DPOTrainer 的损失：同一批上 |手算 − TRL|：0（≤ 0.0001）
