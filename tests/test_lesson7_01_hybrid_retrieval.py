@@ -113,7 +113,7 @@ def test_learned_reranker_learns_the_signal_and_refuses_a_blind_fold():
 
 def test_learned_reranker_features_split_by_question_language():
     """同一个特征在中文题、英文题上是两列：中文题的英文列全 0，反之亦然。"""
-    from common import retrieval, run
+    from common import data, retrieval, run
     from tests.conftest import REPO
 
     ltr = run.import_sibling(str(REPO / SCRIPT), "_learned_rerank")
@@ -123,6 +123,6 @@ def test_learned_reranker_features_split_by_question_language():
         x = ltr.features(q, [0, 1, 2], {"bm25": bm25.search(q, 3)}, bm25, texts)
         assert x.shape == (3, 2 * (5 + 2)), x.shape      # 5 个字面/名次特征 + 每路 2 个，按语言拆成两组
         zh_part, other_part = x[:, :7], x[:, 7:]
-        assert (other_part == 0).all() if ltr.has_han(q) else (zh_part == 0).all()
+        assert (other_part == 0).all() if data.detect_lang(q) == "zh" else (zh_part == 0).all()
     x = ltr.features("怎么退保？", [0, 1, 2], {"bm25": bm25.search("怎么退保？", 3)}, bm25, texts)
     assert x[0, 1] > x[1, 1] and x[0, 1] > x[2, 1]     # IDF 覆盖率：含"退保"的块最高

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 
-from common import retrieval
+from common import data, retrieval
 
 CS = (0.1, 0.3, 1.0, 3.0)    # 正则强度候选：C 越小权重越收敛，dev 只有几十题时偏小的 C 更稳
 FOLDS = 5
@@ -36,11 +36,6 @@ def _grams(text: str, n: int) -> set[str]:
     """去掉空白后的字 n 元组（中文不用分词，英文也能用）。"""
     t = re.sub(r"\s+", "", text.lower())
     return {t[i:i + n] for i in range(len(t) - n + 1)}
-
-
-def has_han(text: str) -> bool:
-    """问题里有没有汉字：按字判，学生自己的 --qa 没有 lang 字段也能用。"""
-    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
 
 
 def features(question: str, cands: list[int], runs: dict, bm25, texts: list[str], ce: dict | None = None):
@@ -64,7 +59,7 @@ def features(question: str, cands: list[int], runs: dict, bm25, texts: list[str]
         rows.append([1 / (1 + k), cover, *overlap, math.log1p(len(texts[c]))]
                     + [v for r in per_run for v in r[k]] + ([ce[c]] if ce is not None else []))
     x = np.array(rows, dtype="float64")
-    zh = float(has_han(question))
+    zh = float(data.detect_lang(question) == "zh")   # 按字判（含汉字即中文）：学生的 --qa 没有 lang 字段也能用
     # 按语言拆成两组列：同一个特征在中文题、英文题上可以有不同的权重
     return np.hstack([x * zh, x * (1 - zh)])
 

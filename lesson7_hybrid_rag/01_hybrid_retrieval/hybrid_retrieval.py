@@ -33,7 +33,7 @@
 （没被采用时 CLAIMS 里"重排挣到了位置"就不成立）。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行（smollm2-135m，2 核 CPU）：0.5 分钟，2.0 GB，结论 9/9 成立
+参考运行（smollm2-135m，2 核 CPU）：0.5 分钟，2.1 GB，结论 9/9 成立
   ✓ 中文为主的知识库上 BM25 远强于英文 MiniLM：BM25 − 向量（recall@5 与 MRR 两项差值取较小的）：0.1869（≥ 0.1）
   ✓ dev 调权的融合在 test 上不差于最好的单路：融合 MRR − 最好单路的 MRR：0.0753（≥ -0.01）
   ✓ 上线的方法（dev 上好出噪声才换成融合 / 重排）在 test 上不差于最好的单路：它的 MRR − 最好单路的：0.1374（≥
@@ -200,7 +200,7 @@ def lsa_side(sp: Splits, ranked: dict, lsa: dict | None) -> tuple[dict, dict]:
     """
     runs = {**ranked, **({"dense_lsa": {name: [[i for i, _ in r] for r in rs] for name, rs in lsa.items()}}
                          if lsa else {})}
-    zh = [ltr.has_han(q["question"]) for q in sp.questions["test"]]
+    zh = [data.detect_lang(q["question"]) == "zh" for q in sp.questions["test"]]
     zh_r5 = {m: round(retrieval.recall_at_k([h for h, z in zip(sp.hits("test", r["test"]), zh) if z], 5), 4)
              for m, r in runs.items()} if any(zh) else {}
     test = sp.score({"test": runs["dense_lsa"]["test"]})["test"] if lsa else None
