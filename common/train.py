@@ -41,9 +41,9 @@ def trainer_flags(model: Any, gradient_checkpointing: bool = False, log: bool = 
     on_gpu = device_of(model).type == "cuda"
     bf16 = on_gpu and torch.cuda.is_bf16_supported()
     flags = dict(bf16=bf16, fp16=on_gpu and not bf16, use_cpu=not on_gpu, dataloader_pin_memory=on_gpu,
-                 gradient_checkpointing=gradient_checkpointing)
+                 activation_checkpointing=gradient_checkpointing)   # transformers 5 的名字：旧名 v6 删除
     if gradient_checkpointing:   # 非重入实现：和 LoRA/冻结参数一起用时梯度也能正确回传
-        flags["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        flags["activation_checkpointing_kwargs"] = {"use_reentrant": False}
     if log:
         get_logger().info(("CUDA 训练：" + ("bf16 混合精度" if bf16 else "fp16 混合精度")) if on_gpu else
                           "CPU 训练：fp32（不开混合精度）" + ("，梯度检查点开" if gradient_checkpointing else ""))

@@ -91,7 +91,7 @@ def build_engine(a: argparse.Namespace, cfg: dict):
     model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32)
     if a.gradient_checkpointing:   # 激活检查点：反向时重算每层的前向，激活只存层边界
         # use_reentrant=False：重入版要求段的输入带梯度，否则段内参数拿不到梯度；新版 torch 不显式指定还会告警
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     # JSON 里有 optimizer 节（GPU）就由 DeepSpeed 建优化器；CPU 上那一节已删，改交一个 torch AdamW
     client_opt = None if "optimizer" in cfg else torch.optim.AdamW(params, lr=a.learning_rate, weight_decay=0.0)

@@ -62,7 +62,7 @@ class Args(cli.CommonArgs):
     # 5e8 就是 DeepSpeed ZeRO 配置里 reduce_bucket_size 的默认值；桶太小通信次数多、带宽吃不满
     reduce_bucket_size: float = cli.arg(5e8, "梯度通信桶大小（元素数）：大桶通信效率高，但要更多显存", min=1)
     activation_checkpointing: bool = cli.arg(True, "激活检查点：用重算换激活显存（长序列/大模型必开）；"
-                                                   "transformers 模型用 gradient_checkpointing_enable() 打开")
+                                                   "transformers 模型用 activation_checkpointing_enable() 打开")
     run: bool = cli.arg(True, "真的启动多进程跑几步（CPU 上 gloo，GPU 上 NCCL）；--no-run 只生成配置")
     run_ranks: int = cli.arg(2, "真实运行的进程数（CPU 上每个进程一个 rank）", min=1, max=16)
     run_steps: int = cli.arg(4, "真实运行的优化器步数", min=1)
@@ -208,7 +208,7 @@ def build_config(args: Args, world_size: int, stage: int | None = None) -> dict:
            # steps_per_print 100：集群上每步打印会刷屏；launch() 真跑时改成 1 以便第 3 课 04 读日志
            "zero_optimization": zero, "steps_per_print": 100, "wall_clock_breakdown": False}
     # 注意：JSON 里的 "activation_checkpointing" 节只对调用 deepspeed.checkpointing 的（Megatron 式）模型生效；
-    # transformers 模型的激活检查点由 model.gradient_checkpointing_enable() 打开（worker 的 --gradient-checkpointing）
+    # transformers 模型的激活检查点由 model.activation_checkpointing_enable() 打开（worker 的 --gradient-checkpointing）
     return cfg
 
 

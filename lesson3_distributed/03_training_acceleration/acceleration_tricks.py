@@ -159,7 +159,7 @@ def prepare(trick: str, base, out: run.Run):
     model.set_attn_implementation(attn)   # 同一份权重，只换注意力实现
     if trick == "packed_ckpt":
         # 非重入实现：重入版在输入不需要梯度时会悄悄不回传（见 torch.utils.checkpoint 文档）
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # 有 KV 缓存时 transformers 不按 position_ids 识别打包边界，整行当成一段：样本互相看见，悄悄算错
     model.config.use_cache = False
     # packing_is_exact 调过 base.eval()，deepcopy 会把这个状态带过来：
