@@ -41,6 +41,33 @@ def run_script():
     return _run
 
 
+class SharedSmoke:
+    """一次 pytest 运行里各 worker 共用的冒烟结果：课程测试进程内跑完 --smoke 后把 metrics.json 登记在这里，
+    可复现测试（test_reliability_determinism）拿它当两次运行里的一次，只需再起一个进程（省掉 12 次冒烟运行）。
+    目录在本次 pytest 的临时根目录下（xdist 的各 worker 共用），不会读到上一次运行留下的旧结果。"""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path(self, rel: str) -> Path:
+        return self.root / (rel.replace("/", "__") + ".json")
+
+    def share(self, rel: str, out_dir: Path) -> None:
+        """out_dir 里是 rel 用默认冒烟参数（只给 --smoke 与 --output-dir）跑出的结果。先写临时文件再改名：读的一方
+        要么看不到，要么看到完整的文件。"""
+        tmp = self.path(rel).with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes((Path(out_dir) / "metrics.json").read_bytes())
+        tmp.replace(self.path(rel))
+
+
+@pytest.fixture(scope="session")
+def shared_smoke(tmp_path_factory) -> SharedSmoke:
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-smoke"
+    root.mkdir(exist_ok=True)
+    return SharedSmoke(root)
+
+
 def load_script(rel: str):
     """按路径导入一个课程脚本模块（文件夹名以数字开头，不能直接 import）。"""
     import importlib.util

@@ -57,9 +57,10 @@ def test_heldout_losses_match_cross_entropy(tiny_models):
     assert prompt == pytest.approx(sums[1] / counts[1], rel=1e-4)
 
 
-def test_smoke_compares_both_objectives_on_same_ruler(tmp_path, tiny_models):
+def test_smoke_compares_both_objectives_on_same_ruler(tmp_path, tiny_models, shared_smoke):
     mod = load_script(SCRIPT)
     m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
+    shared_smoke.share(SCRIPT, tmp_path)   # 可复现测试拿它当两次运行里的一次
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     for key in ("assistant_only_eval_loss", "full_sequence_eval_loss", "label_token_fraction"):
         assert key in saved

@@ -9,11 +9,13 @@ SCRIPT = "lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py"
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_models):
+def uninterrupted(tmp_path_factory, tiny_models, shared_smoke):
     """不中断的参照运行（--smoke：12 步，每 4 步评估 + 存检查点）。"""
     out = tmp_path_factory.mktemp("full")
     mod = load_script(SCRIPT)
-    return mod.main(mod.Args(smoke=True, output_dir=str(out))), out
+    m = mod.main(mod.Args(smoke=True, output_dir=str(out)))
+    shared_smoke.share(SCRIPT, out)   # 可复现测试拿它当两次运行里的一次
+    return m, out
 
 
 def test_eval_loss_falls_and_best_checkpoint_kept(uninterrupted):

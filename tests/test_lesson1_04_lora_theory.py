@@ -9,9 +9,10 @@ from tests.conftest import assert_claims, assert_user_error, load_script
 SCRIPT = "lesson1_sft/04_lora_theory/lora_parameter_viz.py"
 
 
-def test_delta_w_is_low_rank_and_lora_counts_match(tmp_path, tiny_models):
+def test_delta_w_is_low_rank_and_lora_counts_match(tmp_path, tiny_models, shared_smoke):
     mod = load_script(SCRIPT)
     m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
+    shared_smoke.share(SCRIPT, tmp_path)   # 可复现测试拿它当两次运行里的一次
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     for key in ("delta_energy_top8", "lora_params", "full_params"):
         assert key in saved

@@ -15,9 +15,10 @@ LONG = REPO / "data" / "longform" / "sft_long.jsonl"   # 学生式长回答数�
 course_log = test_own_data_trainers.course_log   # 收集课程日志的 fixture（与自有数据的测试共用一份）
 
 
-def test_lora_identity_finetune_and_merge(tmp_path, tiny_models):
+def test_lora_identity_finetune_and_merge(tmp_path, tiny_models, shared_smoke):
     mod = load_script(SCRIPT)
     m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
+    shared_smoke.share(SCRIPT, tmp_path)   # 可复现测试拿它当两次运行里的一次
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     for key in ("eval_loss_before", "eval_loss_after", "identity_accuracy_before", "identity_accuracy_after",
                 "trainable_ratio", "merge_max_abs_logit_diff", "merge_matches_adapter", "samples", "peak_rss_mb",

@@ -12,9 +12,10 @@ from tests.conftest import assert_claims, assert_user_error, load_script
 SCRIPT = "lesson1_sft/06_cpu_deploy/cpu_inference_case.py"
 
 
-def test_every_config_measured_and_int8_keeps_quality(tmp_path, tiny_models):
+def test_every_config_measured_and_int8_keeps_quality(tmp_path, tiny_models, shared_smoke):
     mod = load_script(SCRIPT)
     m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
+    shared_smoke.share(SCRIPT, tmp_path)   # 可复现测试拿它当两次运行里的一次
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     for key in ("tokens_per_s", "kv_cache_speedup", "int8_speedup", "int8_ppl_delta"):
         assert key in saved

@@ -10,9 +10,10 @@ SCRIPT = "lesson6_rag/01_vector_store_selection/knowledge_base_selection.py"
 
 
 @pytest.mark.needs_service   # 会真的启动 `chroma run` 子进程（回环地址、空闲端口），测完停掉
-def test_all_stores_measured(tmp_path):
+def test_all_stores_measured(tmp_path, shared_smoke):
     mod = load_script(SCRIPT)
     m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
+    shared_smoke.share(SCRIPT, tmp_path)   # 可复现测试拿它当两次运行里的一次
     stores = m["stores"]
     for name in ("faiss_flat", "faiss_ivf", "faiss_hnsw", "chroma_embedded", "chroma_server", "sqlite_fts5",
                  "rank_bm25"):

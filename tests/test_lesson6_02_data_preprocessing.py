@@ -6,9 +6,10 @@ from tests.conftest import assert_claims, assert_user_error, load_script
 SCRIPT = "lesson6_rag/02_data_preprocessing/data_preprocess.py"
 
 
-def test_strategies_compared(tmp_path):
+def test_strategies_compared(tmp_path, shared_smoke):
     mod = load_script(SCRIPT)
     m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
+    shared_smoke.share(SCRIPT, tmp_path)   # 可复现测试拿它当两次运行里的一次
     strategies = m["strategies"]
     assert set(strategies) == {"fixed", "recursive", "sentence", "semantic"}
     for name, r in strategies.items():

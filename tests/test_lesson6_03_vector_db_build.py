@@ -8,9 +8,10 @@ from tests.conftest import assert_claims, load_script
 SCRIPT = "lesson6_rag/03_vector_db_build/build_vector_store.py"
 
 
-def test_incremental_sync_matches_rebuild(tmp_path):
+def test_incremental_sync_matches_rebuild(tmp_path, shared_smoke):
     mod = load_script(SCRIPT)
     m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
+    shared_smoke.share(SCRIPT, tmp_path)   # 可复现测试拿它当两次运行里的一次
     assert (m["added"], m["updated"], m["deleted"]) == (2, 2, 1)   # 演示里新增 2、修改 2、删除 1
     assert m["consistent"] is True and all(m["checks"].values())
     # 省下的是计算量（与机器快慢无关）：增量只向量化改动文档的块，重建要把全部块重新向量化

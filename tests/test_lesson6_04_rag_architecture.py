@@ -16,9 +16,10 @@ from tests.conftest import assert_claims, assert_user_error, load_script
 SCRIPT = "lesson6_rag/04_rag_architecture/rag_architecture_demo.py"
 
 
-def test_retrieve_rerank_generate(tmp_path, tiny_models):
+def test_retrieve_rerank_generate(tmp_path, tiny_models, shared_smoke):
     mod = load_script(SCRIPT)
     m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
+    shared_smoke.share(SCRIPT, tmp_path)   # 可复现测试拿它当两次运行里的一次
     # 融合权重是 dev 网格上 (MRR, recall@5) 最好的那个（并列取更信重排器的）
     dev = {float(w): tuple(v) for w, v in m["rerank_dev"].items()}
     assert m["rerank_weight"] == max(dev, key=lambda w: (dev[w], w))

@@ -13,11 +13,13 @@ SCRIPT = "lesson6_rag/06_optimization/optimization_lab.py"
 
 
 @pytest.fixture(scope="module")
-def smoke(tiny_models, tmp_path_factory):
+def smoke(tiny_models, tmp_path_factory, shared_smoke):
     """跑一次冒烟扫描（与自带的 baseline_smoke.json 比较），供下面几个测试共用。"""
     out = tmp_path_factory.mktemp("opt")
     mod = load_script(SCRIPT)
-    return mod, mod.main(mod.Args(smoke=True, output_dir=str(out))), out
+    m = mod.main(mod.Args(smoke=True, output_dir=str(out)))
+    shared_smoke.share(SCRIPT, out)   # 可复现测试拿它当两次运行里的一次
+    return mod, m, out
 
 
 def test_sweep_picks_best_on_dev(smoke):
