@@ -65,6 +65,9 @@ STEPS = [
     ("generate", L1_06, ["--batch-sizes", "1", "8", "--ppl-samples", "4", "--calib-samples", "2"]),
     ("serve", L5_07, ["--concurrency", "1,8,32", "--requests-per-level", "32"]),
     ("serve_int8", L5_07, ["--concurrency", "1,8,32", "--requests-per-level", "32", "--server-weights", "int8"]),
+    # 同样的 int8 权重再加 --compile（torch.compile 解码那一步）：两行之差就是编译换来的
+    ("serve_compiled", L5_07, ["--concurrency", "1,8,32", "--requests-per-level", "32", "--server-weights", "int8",
+                               "--server-compile"]),
     ("retrieval", L7_06, ["--sizes", "10000", "100000", "--indexes", "flat", "hnsw", "bm25", "--clients", "1", "4",
                           "--serve", "false"]),
     # 学生拿自己的长回答数据来跑：第 1 课 05 的完整默认运行（训练预算 6 分钟、自动评估间隔），量总用时与评估占比
@@ -104,11 +107,19 @@ ROWS = [
     ("llama-server：32 并发 tokens/s", "llama_cpp", "concurrency_32.tokens_per_s", None, None, None),
     ("服务（--weights int8）：1 并发 tokens/s", "serve_int8", "concurrency_1.tokens_per_s", None, None, None),
     ("服务（--weights int8）：8 并发 tokens/s", "serve_int8", "concurrency_8.tokens_per_s", None, None, None),
-    # 两种权重各与 llama-server 比：单路目标 0.7，8 并发目标 1.0（issue 24）
+    ("服务（int8 + --compile）：1 并发 tokens/s", "serve_compiled", "concurrency_1.tokens_per_s", None, None, None),
+    ("服务（int8 + --compile）：8 并发 tokens/s", "serve_compiled", "concurrency_8.tokens_per_s", None, None, None),
+    ("服务（int8 + --compile）：1 并发 TTFT p50 ms", "serve_compiled", "concurrency_1.ttft_p50_ms", None, None, None),
+    # 各种服务方式与 llama-server 比：单路目标 0.7，8 并发目标 1.0（issue 24）
     *[(f"{name}÷ llama-server：{c} 并发 tokens/s", step, f"concurrency_{c}.tokens_per_s",
        ("llama_cpp", f"concurrency_{c}.tokens_per_s"), ">=", goal)
-      for step, name in (("serve", "本课服务 "), ("serve_int8", "服务（--weights int8）"))
+      for step, name in (("serve", "本课服务 "), ("serve_int8", "服务（--weights int8）"),
+                         ("serve_compiled", "服务（int8 + --compile）"))
       for c, goal in ((1, 0.7), (8, 1.0))],
+    # 速度换来的差别：前 8 个问题的贪心回答与 fp32 服务（serve）逐字相同的比例（只报数：int8 本来就会在某处分岔）
+    *[(f"{name}：贪心回答与 fp32 服务逐字相同的比例（8 个问题）", step, "greedy_same_as_fp32", None, None, None)
+      for step, name in (("serve_int8", "服务（--weights int8）"), ("serve_compiled", "服务（int8 + --compile）"),
+                         ("llama_cpp", "llama-server（Q4_1）"))],
     ("自有长数据（sft_long.jsonl 220 条）：第 1 课 05 默认运行总秒数", "own_data", "seconds", None, "<=", 600),
     ("自有长数据：评估用时 ÷ 总用时", "own_data", "eval_seconds", ("own_data", "seconds"), "<=", 0.1),
     ("自有长数据：评估 tokens/s ÷ 训练 tokens/s", "own_data", "eval_tokens_per_s", ("own_data", "train_tokens_per_s"),
@@ -190,10 +201,20 @@ def run_llama_cpp(outputs: Path, log) -> dict:
 
 
 def _used(step: str, metrics: dict) -> dict:
-    """只留表里用到的键（展平后）：结果文件小、可读，--only 重跑几步时其余步骤的数也从这里接着用。"""
+    """只留表里用到的键（展平后）：结果文件小、可读，--only 重跑几步时其余步骤的数也从这里接着用。
+    压测的贪心回答原文（greedy）整段留着：不同步骤之间逐字比要用它。"""
     flat = dict(course._flatten(metrics))
     keys = {k for _, st, k, _, _, _ in ROWS if st == step} | {d[1] for _, _, _, d, _, _ in ROWS if d and d[0] == step}
-    return {k: flat[k] for k in sorted(keys) if k in flat}
+    kept = {k: flat[k] for k in sorted(keys) if k in flat}
+    return {**kept, "greedy": metrics["greedy"]} if isinstance(metrics.get("greedy"), list) else kept
+
+
+def greedy_agreement(found: dict[str, dict], reference: str = "serve") -> None:
+    """每个带贪心回答的步骤：与 reference（fp32 服务）逐字相同的比例，写成该步骤的 greedy_same_as_fp32。"""
+    ref = found.get(reference, {}).get("greedy")
+    for m in found.values():
+        if ref and isinstance(m.get("greedy"), list) and len(m["greedy"]) == len(ref):
+            m["greedy_same_as_fp32"] = sum(a == b for a, b in zip(m["greedy"], ref)) / len(ref)
 
 
 def _stamp() -> dict:
@@ -237,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             log.warning(why["llama_cpp"])
     elif a.smoke:
         why["llama_cpp"] = "冒烟模式不编、不起 llama-server"
+    greedy_agreement(found)
     table = rows(found, why)
     result = {"machine": course._machine(), "commit": course._commit(), "mode": "smoke" if a.smoke else "default",
               "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -64,6 +64,8 @@ class _Args:
     threads: int = cli.arg(0, "torch CPU 线程数（0 = 自动：极小模型 1，其余 torch 默认）")
     weights: str = cli.arg("fp", "线性层权重：fp = 按 --dtype；int8 = 只量化权重、激活 bf16（CPU，逐 token 解码更快，"
                            "见 make bench；贪心输出与 fp32 有出入）", choices=["fp", "int8"])
+    compile: bool = cli.arg(False, "torch.compile 解码那一步（静态 KV 缓存）：启动时先编译（2 核 CPU 上约 1-2 分钟，"
+                            "要 C++ 编译器），之后逐 token 更快；见 make bench")
     smoke: bool = cli.arg(False, "极小模型 tiny-qwen2")
 
 
@@ -217,6 +219,8 @@ class _Engine:
             sample = dict(do_sample=True, temperature=first.temperature, top_p=first.top_p) \
                 if first.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
             self.metrics.prompt_tokens.inc(sum(p.prompt_tokens for p in batch))
+            if self.cfg.compile:   # 编译过的解码步只在静态 KV 缓存上用（形状固定，才编译得了）
+                sample["cache_implementation"] = "static"
             with torch.inference_mode():
                 self.model.generate(**enc, max_new_tokens=max(p.max_tokens for p in batch),
                                     pad_token_id=self.tok.pad_token_id, stopping_criteria=StoppingCriteriaList([prog]),
@@ -483,7 +487,35 @@ def _load_engine(a: _Args, worker: ThreadPoolExecutor) -> _Engine:
     mdl.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if a.compile:
+        _compile_decode(mdl, tok)
     return _Engine(mdl, tok, a.served_model_name or name, a, worker)
+
+
+def _compile_decode(mdl, tok) -> None:  # noqa: ANN001
+    """--compile：transformers 的 generate 用静态 KV 缓存时把解码那一步交给 torch.compile（预填充照旧 eager）。
+    启动时按两种提示长度、两种批大小各生成几个 token：首次编译和"形状变了 → 按动态形状重编译"都发生在 /health
+    就绪之前，而不是让第一批用户等半分钟。之后形状再变也不重编译。"""
+    import torch
+    from transformers import CompileConfig
+
+    from common.errors import UserError
+    from common.run import get_logger
+
+    cc = CompileConfig(mode="default")   # 默认的 reduce-overhead 是 CUDA graphs，CPU 上没有
+    cc._compile_all_devices = True   # transformers 5.23 只在 CUDA 上自动编译；这个开关（它的内部字段）让 CPU 也编译
+    mdl.generation_config.compile_config = cc
+    t0 = time.perf_counter()
+    try:
+        for texts in (["Hi"], ["Warm up the compiled decode step, please"], ["Hi", "A second, longer row"]):
+            enc = tok(texts, return_tensors="pt", padding=True, padding_side="left").to(mdl.device)
+            with torch.inference_mode():
+                mdl.generate(**enc, max_new_tokens=4, do_sample=False, temperature=None, top_p=None, top_k=None,
+                             cache_implementation="static", pad_token_id=tok.pad_token_id)
+    except Exception as e:  # noqa: BLE001 —— inductor 的失败（没有 C++ 编译器、不支持的算子）五花八门
+        raise UserError(f"--compile: 编译失败（{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}）；"
+                        "去掉 --compile 即可照常服务") from None
+    get_logger().info(f"--compile：解码一步已编译（{time.perf_counter() - t0:.0f} 秒）")
 
 
 def _main(argv: list[str] | None = None) -> None:

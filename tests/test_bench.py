@@ -51,3 +51,17 @@ def test_result_keeps_only_the_keys_the_table_uses():
                                      "concurrency_8": {"tokens_per_s": 150.0}})
     assert used == {"concurrency_1.tokens_per_s": 60.0, "concurrency_8.tokens_per_s": 150.0}
     assert "tricks.padded.tokens_per_s" in bench._used("train", {"tricks": {"padded": {"tokens_per_s": 1.0}}})
+
+
+def test_greedy_answers_are_compared_word_for_word_with_the_fp32_server():
+    """速度换来的差别要量出来：每个压测步骤的贪心回答与 fp32 服务（serve）逐字比，相同的比例进表。"""
+    used = bench._used("serve_compiled", {"concurrency_1": {"tokens_per_s": 70.0}, "greedy": ["a", "b", "c", "d"]})
+    assert used["greedy"] == ["a", "b", "c", "d"]   # 原文整段留着：不同步骤之间要逐字比
+    found = {"serve": {"greedy": ["a", "b", "c", "d"]}, "serve_compiled": used,
+             "llama_cpp": {"greedy": ["a", "x", "y", "d"]}, "train": {"matmul_peak_gflops": 1.0}}
+    bench.greedy_agreement(found)
+    assert found["serve_compiled"]["greedy_same_as_fp32"] == 1.0
+    assert found["llama_cpp"]["greedy_same_as_fp32"] == 0.5
+    assert "greedy_same_as_fp32" not in found["train"]
+    table = {r["what"]: r for r in bench.rows(found, {})}
+    assert table["llama-server（Q4_1）：贪心回答与 fp32 服务逐字相同的比例（8 个问题）"]["value"] == 0.5

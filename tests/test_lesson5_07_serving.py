@@ -369,3 +369,25 @@ def test_unused_data_flag_is_refused(tmp_path, run_script):
     proc = run_script(SCRIPT, "--smoke", "--data", "mine.jsonl", "--output-dir", str(tmp_path), timeout=180)
     assert_user_error(proc, "--data mine.jsonl", "不读数据文件")
     assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_same_greedy_tokens(tiny_models):
+    """--compile：静态 KV 缓存 + torch.compile 的解码步（启动时先编译），fp32 极小模型上两行左填充的批，
+    贪心 token 与不编译时逐个相同——编译只换执行方式，不换算的是什么。"""
+    import torch
+
+    from common import cli, serving
+
+    engines = [serving._load_engine(cli.parse(serving._Args, ["--smoke", *flag]), ThreadPoolExecutor(1))
+               for flag in ([], ["--compile"])]
+    tok = engines[0].tok
+    enc = tok(["Hello there", "A longer prompt for the second row of the batch"], return_tensors="pt",
+              padding=True, padding_side="left")
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.inference_mode():
+        eager = engines[0].model.generate(**enc, **kw)
+        compiled = engines[1].model.generate(**enc, **kw, cache_implementation="static")
+    # 真的走了编译过的调用（transformers 把它存在 _compiled_call）：条件不满足时 generate 会静悄悄退回 eager
+    assert hasattr(engines[1].model, "_compiled_call") and not hasattr(engines[0].model, "_compiled_call")
+    assert torch.equal(eager, compiled), (eager, compiled)

@@ -57,6 +57,7 @@ class Args(cli.CommonArgs):
     max_batch_size: int = cli.arg(8, "自己起服务时：动态批处理的批大小上限", min=1, max=256)
     server_weights: str = cli.arg("fp", "自己起服务时的 --weights：fp / int8（只量化权重，见 common.serving）",
                                   choices=["fp", "int8"])
+    server_compile: bool = cli.arg(False, "自己起服务时加 --compile（编译解码一步；启动多 1-2 分钟）")
     timeout_s: float = cli.arg(300.0, "单个请求的超时（秒）", min=1)
     data: str = cli.arg(None, "本脚本不读数据文件：压测的提示取自内置问答集 data/kb/qa.jsonl 的问题")
 
@@ -163,6 +164,22 @@ async def level(client, model: str, prompts: list[str], c: int, n: int, max_toke
             "ok": len(ok), "errors": len(results) - len(ok), "seconds": round(wall, 2)}
 
 
+async def greedy_answers(client, model: str, prompts: list[str], max_tokens: int) -> list[str]:  # noqa: ANN001
+    """贪心（temperature 0）逐个问几个问题、记下回答原文：换了权重精度、编译了解码步之后，make bench 拿它和
+    fp32 服务的回答逐字比（速度换来的差别要量出来，不能只说"几乎不变"）。出错的问题记空串。"""
+    import openai
+
+    out = []
+    for p in prompts:
+        try:
+            r = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": p}],
+                                                     max_tokens=max_tokens, temperature=0)
+            out.append(r.choices[0].message.content or "")
+        except openai.APIError:
+            out.append("")
+    return out
+
+
 def batch_totals(url: str) -> tuple[float, float] | None:
     """服务 /metrics 里 chat_batch_size 直方图的 (请求总数, generate 次数)；别家服务没有这个指标时返回 None。
 
@@ -201,6 +218,7 @@ async def sweep(url: str, args: Args, model: str, prompts: list[str], levels: li
         log.info(f"并发 {c:>3}：{r['rps']:.2f} req/s，{r['tokens_per_s']:.1f} tok/s，p50 {r['p50_ms']:.0f} ms，"
                  f"p95 {r['p95_ms']:.0f} ms，TTFT p50 {r['ttft_p50_ms']:.0f} ms，每批 {r['mean_batch_size']} 个，"
                  f"失败 {r['errors']}")
+    out["greedy"] = await greedy_answers(client, model, prompts[:8], args.max_tokens)
     await client.close()
     return out
 
@@ -241,7 +259,7 @@ def target(args: Args, out) -> tuple[str, str, object]:  # noqa: ANN001
     # 队列上限 512：压测自己控制并发，不该被服务的 429 截断（那是 chat_server.py 演示的事）
     cmd = [sys.executable, "-m", "common.serving", "--model", model, "--source", args.source, "--port", "{port}",
            "--max-batch-size", str(args.max_batch_size), "--max-queue", "512", "--device", args.device,
-           "--dtype", args.dtype, "--weights", args.server_weights]
+           "--dtype", args.dtype, "--weights", args.server_weights] + (["--compile"] if args.server_compile else [])
     try:
         svc = services.start(cmd, log_file=out.path("server.log"), deadline_s=300,
                              env={"PYTHONPATH": str(run.REPO_ROOT)})
@@ -273,7 +291,9 @@ def main(args: Args) -> dict:
             svc.stop()
 
     # 4. 批处理加速比：并发 8（或最高档）对顺序的吞吐之比。墙钟比值随机器忙闲起伏，mean_batch_size 不会
+    greedy = results.pop("greedy")
     metrics = {f"concurrency_{c}": r for c, r in results.items()}
+    metrics["greedy"] = greedy   # 前 8 个问题的贪心回答原文（见 greedy_answers）
     # 优先用并发 8 作分子：CLAIMS 按 batching_speedup_8 写门槛；没测 8 档时退而用最高档（键名随之变）
     top = 8 if 8 in results else levels[-1]
     # 顺序档全失败时吞吐为 0：防除零，失败由 errors 如实报出，而不是让整个压测崩在这一行
