@@ -10,6 +10,7 @@ FastAPI + uvicorn，说 OpenAI 的 /v1/chat/completions（普通 + SSE 流式）
   python -m common.serving --port 8000                          # smollm2-135m
   python -m common.serving --smoke --port 8000                  # tiny-qwen2
   python -m common.serving --model DIR --adapter LORA_DIR --api-key sk-xxx --port 8000
+  python -m common.serving --weights int8 --compile --port 8000    # CPU 上单路最快：int8 权重 + 编译解码步
 """
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ class _Args:
     threads: int = cli.arg(0, "torch CPU 线程数（0 = 自动：极小模型 1，其余 torch 默认）")
     weights: str = cli.arg("fp", "线性层权重：fp = 按 --dtype；int8 = 只量化权重、激活 bf16（CPU，逐 token 解码更快，"
                            "见 make bench；贪心输出与 fp32 有出入）", choices=["fp", "int8"])
-    compile: bool = cli.arg(False, "torch.compile 解码那一步（静态 KV 缓存）：启动时先编译（2 核 CPU 上约 1-2 分钟，"
-                            "要 C++ 编译器），之后逐 token 更快；见 make bench")
+    compile: bool = cli.arg(False, "torch.compile 解码那一步（静态 KV 缓存）：启动时先编译（要等一阵、要 C++ 编译器），"
+                            "之后逐 token 更快；见 make bench")
     smoke: bool = cli.arg(False, "极小模型 tiny-qwen2")
 
 

@@ -22,10 +22,10 @@ batching_speedup_8 = 8 并发的吞吐（tokens/s）÷ 顺序（1 并发）的�
 图 load_test.png。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行（smollm2-135m，2 核 CPU）：1.2 分钟，1.0 GB，结论 4/4 成立
+参考运行（smollm2-135m，2 核 CPU）：1.1 分钟，1.0 GB，结论 4/4 成立
   ✓ 并发请求被凑成批：平均每次 generate 服务的请求数，并发八个 − 逐个顺序发：5.4（≥ 2）
-  ✓ 动态批处理提高吞吐：tokens/s 并发八个 / 逐个顺序发：2.94（≥ 1.5）
-  ✓ 批处理的代价：单个请求的延迟上升（p50 并发八个 / 逐个顺序发）：2.462（> 1）
+  ✓ 动态批处理提高吞吐：tokens/s 并发八个 / 逐个顺序发：3.09（≥ 1.5）
+  ✓ 批处理的代价：单个请求的延迟上升（p50 并发八个 / 逐个顺序发）：2.29（> 1）
   ✓ 闭环压测有边界、零失败：失败的请求 / 发出的请求：0（≤ 0）
 <!-- /results -->
 """
@@ -57,7 +57,7 @@ class Args(cli.CommonArgs):
     max_batch_size: int = cli.arg(8, "自己起服务时：动态批处理的批大小上限", min=1, max=256)
     server_weights: str = cli.arg("fp", "自己起服务时的 --weights：fp / int8（只量化权重，见 common.serving）",
                                   choices=["fp", "int8"])
-    server_compile: bool = cli.arg(False, "自己起服务时加 --compile（编译解码一步；启动多 1-2 分钟）")
+    server_compile: bool = cli.arg(False, "自己起服务时加 --compile（编译解码一步；启动时多等一阵）")
     timeout_s: float = cli.arg(300.0, "单个请求的超时（秒）", min=1)
     data: str = cli.arg(None, "本脚本不读数据文件：压测的提示取自内置问答集 data/kb/qa.jsonl 的问题")
 
