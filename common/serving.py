@@ -63,8 +63,9 @@ class _Args:
     device: str = cli.arg("auto", "auto / cpu / cuda")
     dtype: str = cli.arg("auto", "auto：GPU bf16；CPU 上极小模型 fp32，其余按 models.pick_dtype")
     threads: int = cli.arg(0, "torch CPU 线程数（0 = 自动：极小模型 1，其余 torch 默认）")
-    weights: str = cli.arg("fp", "线性层权重：fp = 按 --dtype；int8 = 只量化权重、激活 bf16（CPU，逐 token 解码更快，"
-                           "见 make bench；贪心输出与 fp32 有出入）", choices=["fp", "int8"])
+    weights: str = cli.arg("fp", "线性层权重：fp = 按 --dtype；int8 = 解码用只量化权重的 int8、提示的预填充用留着的"
+                           " fp32（CPU；多占一份 fp32 权重的内存，逐 token 解码更快，见 make bench；贪心输出与 fp32"
+                           "有出入）", choices=["fp", "int8"])
     compile: bool = cli.arg(False, "torch.compile 解码那一步（静态 KV 缓存）：启动时先编译（要等一阵、要 C++ 编译器），"
                             "之后逐 token 更快；见 make bench")
     smoke: bool = cli.arg(False, "极小模型 tiny-qwen2")
@@ -483,8 +484,10 @@ def _load_engine(a: _Args, worker: ThreadPoolExecutor) -> _Engine:
     if a.weights == "int8":   # 先合并 adapter 再量化：量化后的层不再是 nn.Linear，PEFT 合并不了
         if mdl.device.type != "cpu":
             raise UserError("--weights int8: 只在 CPU 上（GPU 上用 --dtype bfloat16 或 GPU 的量化核心）")
-        n = models.int8_weight_only(mdl)
-        get_logger().info(f"--weights int8：{n} 个线性层换成 int8 权重，激活 {mdl.dtype}")
+        # 预填充一次几十上百行，torch 的 int8 核心按行循环、比 fp32 GEMM 慢一倍：留一份 fp32 权重给它（第 1 课 06
+        # 量 int8 的困惑度时不留，量的就是纯 int8）
+        n = models.int8_weight_only(mdl, float_prefill=True)
+        get_logger().info(f"--weights int8：{n} 个线性层解码用 int8 权重、预填充用 fp32 权重，激活 {mdl.dtype}")
     mdl.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -166,3 +166,24 @@ def test_int8_weight_only_keeps_outputs_and_shrinks_weights(tiny_models):
     # 逐输出通道的 int8：相对误差在 1% 量级（bf16 本身的舍入就有 0.4%）；贪心的下一个 token 多数相同
     assert (a - b).norm() / a.norm() < 0.05, (a - b).norm() / a.norm()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
+
+
+def test_int8_float_prefill_uses_float_weights_only_for_the_prompt(tiny_models):
+    """float_prefill（聊天服务的 --weights int8）：一次多个位置的前向（提示的预填充）走 fp32 权重，与 fp32 模型一致；
+    一次一个位置的解码走 int8 核心，和不留 fp32 副本时逐位相同。"""
+    import copy
+
+    import torch
+
+    model, tok = models.load("tiny-llama", dtype="float32")
+    q, hybrid = copy.deepcopy(model), copy.deepcopy(model)
+    models.int8_weight_only(q)
+    models.int8_weight_only(hybrid, float_prefill=True)
+    ids = torch.tensor([tok("Review: great phone, works well", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        ref, pure, mixed = (m(input_ids=ids).logits.float() for m in (model, q, hybrid))
+        # 预填充：没有了 int8 的量化误差，只剩 bf16 激活的舍入（极小模型上舍入占大头），所以离 fp32 更近
+        assert not torch.equal(mixed, pure) and (mixed - ref).norm() < (pure - ref).norm()
+        # 解码（序列长 1）：与纯 int8 的输出逐位相同——用的是同一个 int8 核心
+        last = ids[:, -1:]
+        assert torch.equal(q(input_ids=last).logits, hybrid(input_ids=last).logits)
