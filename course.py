@@ -580,6 +580,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.jobs and args.jobs > 1 and measured:
         ap.error(f"--jobs {args.jobs}: 只有不记录、不比较的 --smoke 能并排跑；其余一次一个脚本")
     args.jobs = args.jobs or (1 if measured else min(2, os.cpu_count() or 1))
+    if args.jobs > 1:   # 并排跑的冒烟脚本各用 1 个线程（run.start 按这个上限；单独跑时有的脚本用 2 个）
+        os.environ[common_run.SMOKE_THREADS_ENV] = "1"
     return args
 
 

@@ -47,6 +47,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+SMOKE_THREADS_ENV = "LLM_COURSE_SMOKE_THREADS"   # 冒烟线程数的上限：几个冒烟运行并排跑时设成 1
 OUTPUTS_ENV = "LLM_COURSE_OUTPUTS"   # course.py --outputs 用它把每个脚本的默认输出目录整体挪到别处
 
 
@@ -151,7 +152,7 @@ def _print_claims(rows: list[dict], mode: str) -> None:
 class Run:
     """脚本的一次运行：run.start() 创建，out.finish(metrics) 收尾。"""
 
-    def __init__(self, script: str, args: Any, smoke_threads: int | None = 1):
+    def __init__(self, script: str, args: Any, smoke_threads: int | None = 2):
         from common import cli
 
         self.script = Path(script)
@@ -168,12 +169,16 @@ class Run:
         _seed_everything(getattr(args, "seed", 42))
         self._threads = None
         if self.mode == "smoke" and smoke_threads:
-            # 极小模型（hidden 128）的矩阵太小，多线程同步的开销比并行省下的还多；核被别的进程占着时
-            # 实测能慢几倍到几十倍。冒烟时用 smoke_threads 个线程，finish() 时还原（同一进程里接着跑的测试不受影响）
+            # 冒烟至多 smoke_threads 个线程，finish() 时还原。空闲 2 核上单独跑时 2 线程快（第 5 课 05：33 -> 22 秒）；
+            # 两个冒烟并排跑（course.py --jobs 2、pytest -n 2）时 4 个线程抢 2 核能慢几倍：SMOKE_THREADS_ENV 压到 1
             import torch
 
+            from common import train
+
+            train.keep_freed_memory()   # 极小模型每步分配又释放同样的大张量：留着释放的堆复用
             self._threads = torch.get_num_threads()
-            torch.set_num_threads(smoke_threads)
+            cap = int(os.environ.get(SMOKE_THREADS_ENV) or self._threads)
+            torch.set_num_threads(max(1, min(smoke_threads, cap, self._threads)))
         if _is_main_process():
             # 记录命令行与解析后的配置：结果可以原样复现
             from common import safety  # 秘密（--api-key、URL 里的密码、环境变量里的 token）不落盘
@@ -267,8 +272,8 @@ def _print_table(metrics: dict, title: str) -> None:
     Console(width=119).print(t)
 
 
-def start(script: str, args: Any, smoke_threads: int | None = 1) -> Run:
-    """开始一次运行：建输出目录、固定种子、保存 argv 与配置；冒烟时用 smoke_threads 个线程（None = 不改）。"""
+def start(script: str, args: Any, smoke_threads: int | None = 2) -> Run:
+    """开始一次运行：建输出目录、固定种子、保存 argv 与配置；冒烟时用至多 smoke_threads 个线程（None = 不改）。"""
     return Run(script, args, smoke_threads)
 
 

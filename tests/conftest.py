@@ -17,6 +17,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):   # 两个 pytest 进程分两个核：冒烟运行各用 1 个线程（common.run）
+    os.environ["LLM_COURSE_SMOKE_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")

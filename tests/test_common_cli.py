@@ -115,6 +115,48 @@ def test_with_smoke_keeps_user_choices_and_threads_restore(tmp_path):
     assert torch.get_num_threads() == before
 
 
+
+def test_smoke_threads_default_two_capped_when_runs_share_cores(tmp_path, monkeypatch):
+    """单独跑的冒烟至多 2 个线程；并排跑的（course.py --jobs 2、pytest -n 2）经环境变量压到 1 个，结束时还原。"""
+    import torch
+
+    torch.set_num_threads(2)
+    monkeypatch.delenv(run.SMOKE_THREADS_ENV, raising=False)
+    out = run.start(str(tmp_path / "demo.py"), DemoArgs(smoke=True, output_dir=str(tmp_path)))
+    assert torch.get_num_threads() == 2
+    out.finish({"x": 1})
+    monkeypatch.setenv(run.SMOKE_THREADS_ENV, "1")
+    out = run.start(str(tmp_path / "demo.py"), DemoArgs(smoke=True, output_dir=str(tmp_path)))
+    assert torch.get_num_threads() == 1
+    out.finish({"x": 1})
+    assert torch.get_num_threads() == 2
+
+
+def test_smoke_keeps_freed_heap_and_peak_memory_still_measures(tmp_path):
+    """冒烟（run.start）让 glibc 留着释放的堆：反复分配同样大小的张量不再每次缺页；PeakMemory 照样量得到增量。"""
+    import resource
+
+    import torch
+
+    from common import train
+
+    def page_faults() -> int:
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(30):
+            torch.ones(2_000_000).sum()   # 8 MB：默认阈值下单独 mmap、用完 munmap，下次重新缺页
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+    train.release_memory()              # 量内存的模式：64 KB 以上的分配用完即还
+    returned = page_faults()
+    run.start(str(tmp_path / "demo.py"), DemoArgs(smoke=True, output_dir=str(tmp_path))).finish({"x": 1})
+    kept = page_faults()
+    assert kept * 5 < returned, (kept, returned)
+    with train.PeakMemory() as m:
+        x = torch.ones(50_000_000)      # 200 MB
+        del x
+    assert m.peak_mb > 150, m.peak_mb
+    assert page_faults() * 5 < returned   # 量完回到留着堆的快模式
+
 def test_with_smoke_replaces_list_defaults():
     @dataclass
     class B(cli.CommonArgs):

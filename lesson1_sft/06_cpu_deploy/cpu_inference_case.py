@@ -67,8 +67,8 @@ class Args(cli.CommonArgs):
 
 # 冒烟：少几种批大小、少几条困惑度样本；极小模型每步开销以 Python 调度为主，要生成 128 个新 token，
 # 不开 KV 缓存时"每步重算整段前文"的平方级代价才压过固定开销（24 个 token 时只快约 1.5 倍）。
-# 冒烟时 run.start 默认单线程（极小模型多线程反而慢）：max_threads 就是 1，不出现 fp32_1thread 这一行；
-# 默认运行才比较线程数
+# 冒烟时 run.start 至多用 2 个线程；并排跑（course.py、pytest）时压到 1 个：max_threads 就是 1，不出现 fp32_1thread
+# 这一行。默认运行才检查线程的结论
 SMOKE = dict(batch_sizes=[1, 4], ppl_samples=8, max_new_tokens=128, repeats=2)
 
 # 这节课教的效果，写成数据（run.finish 逐条求值，结尾打印 ✓/✗，写进 metrics.json 的 claims）：
@@ -311,7 +311,7 @@ def main(args: Args) -> dict:
     # 1. 加载 fp32 基线与数据
     model, tok, convs = load_baseline(args, out.log)
     prompts = [data.prompt_text(tok, c) for c in convs]
-    # 在 run.start 之后读：冒烟时它已设成单线程，max_threads 就是 1，不出现 fp32_1thread 这一行
+    # 在 run.start 之后读：冒烟并排跑时它已设成单线程，max_threads 就是 1，不出现 fp32_1thread 这一行
     max_threads = torch.get_num_threads()
     out.log.info(f"{len(convs)} 条对话；torch 默认 {max_threads} 个线程；有 AMX：{models.cpu_has_bf16()}")
 
