@@ -120,6 +120,7 @@ def test_smoke_threads_default_two_capped_when_runs_share_cores(tmp_path, monkey
     """单独跑的冒烟至多 2 个线程；并排跑的（course.py --jobs 2、pytest -n 2）经环境变量压到 1 个，结束时还原。"""
     import torch
 
+    before = torch.get_num_threads()
     torch.set_num_threads(2)
     monkeypatch.delenv(run.SMOKE_THREADS_ENV, raising=False)
     out = run.start(str(tmp_path / "demo.py"), DemoArgs(smoke=True, output_dir=str(tmp_path)))
@@ -130,6 +131,7 @@ def test_smoke_threads_default_two_capped_when_runs_share_cores(tmp_path, monkey
     assert torch.get_num_threads() == 1
     out.finish({"x": 1})
     assert torch.get_num_threads() == 2
+    torch.set_num_threads(before)
 
 
 def test_smoke_keeps_freed_heap_and_peak_memory_still_measures(tmp_path):
