@@ -87,7 +87,8 @@ def _wait_with_rusage(proc: subprocess.Popen, timeout: int) -> tuple[int, float]
     return (124 if fired.is_set() else proc.returncode), usage.ru_maxrss / 1024
 
 
-def run_one(script: Path, smoke: bool, timeout: int, outputs: Path | None = None, extra: tuple = ()) -> dict:
+def run_one(script: Path, smoke: bool, timeout: int, outputs: Path | None = None, extra: tuple = (),
+            threads: int | None = None) -> dict:
     """在独立进程里运行一个脚本，日志写到 <outputs>/logs/；脚本的输出目录也在 outputs 下（经环境变量告诉它）。"""
     outputs = outputs or OUTPUTS
     rel = script.relative_to(REPO).as_posix()
@@ -96,6 +97,8 @@ def run_one(script: Path, smoke: bool, timeout: int, outputs: Path | None = None
     cmd = [sys.executable, str(script)] + (["--smoke"] if smoke else []) + list(extra)
     # LLM_COURSE_RUNNER：脚本知道自己是被整门课调起的（如第 5 课 03 的安全闸门失败时只报告、不以退出码 1 结束）
     env = {**os.environ, "PYTHONUNBUFFERED": "1", common_run.OUTPUTS_ENV: str(outputs), "LLM_COURSE_RUNNER": "1"}
+    if threads:   # 并排跑的冒烟：每个进程 threads 个线程（run.start 只降不升），两个脚本不抢同一个核
+        env["OMP_NUM_THREADS"] = str(threads)
     metrics_file = out_dir_of(script, outputs) / "metrics.json"
     metrics_file.unlink(missing_ok=True)   # 失败的运行不能拿上一次的 metrics.json 冒充
     t0 = time.perf_counter()
@@ -580,8 +583,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.jobs and args.jobs > 1 and measured:
         ap.error(f"--jobs {args.jobs}: 只有不记录、不比较的 --smoke 能并排跑；其余一次一个脚本")
     args.jobs = args.jobs or (1 if measured else min(2, os.cpu_count() or 1))
-    if args.jobs > 1:   # 并排跑的冒烟脚本各用 1 个线程（run.start 按这个上限；单独跑时有的脚本用 2 个）
-        os.environ[common_run.SMOKE_THREADS_ENV] = "1"
     return args
 
 
@@ -604,7 +605,8 @@ def _run_all(args: argparse.Namespace, scripts: list[Path], outputs: Path, conso
             if old and old["ok"] and old["script_sha"] == _script_sha(s) and not args.rerun:
                 return s, None, f"{rel}: 已记录（脚本没改过），跳过；--rerun 重跑"
             bar.update(task, description=f"运行 {rel}")
-            r = run_one(s, args.smoke, args.timeout, outputs, ("--device", args.device) if args.device else ())
+            r = run_one(s, args.smoke, args.timeout, outputs, ("--device", args.device) if args.device else (),
+                        threads=1 if args.jobs > 1 else None)
             if args.device and r["missing_module"]:   # GPU 机器常常只装了一部分库：缺库不算脚本的错，跳过并说缺什么
                 return s, None, f"{rel}: 跳过，这台机器没装 {r['missing_module']}（pip install 后重跑）"
             if record_dir:

@@ -47,7 +47,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-SMOKE_THREADS_ENV = "LLM_COURSE_SMOKE_THREADS"   # 冒烟线程数的上限：几个冒烟运行并排跑时设成 1
 OUTPUTS_ENV = "LLM_COURSE_OUTPUTS"   # course.py --outputs 用它把每个脚本的默认输出目录整体挪到别处
 
 
@@ -170,15 +169,14 @@ class Run:
         self._threads = None
         if self.mode == "smoke" and smoke_threads:
             # 冒烟至多 smoke_threads 个线程，finish() 时还原。空闲 2 核上单独跑时 2 线程快（第 5 课 05：33 -> 22 秒）；
-            # 两个冒烟并排跑（course.py --jobs 2、pytest -n 2）时 4 个线程抢 2 核能慢几倍：SMOKE_THREADS_ENV 压到 1
+            # 并排跑的（course.py --jobs 2、pytest -n 2）用 OMP_NUM_THREADS=1 起进程，torch 默认 1 个：这里只降不升
             import torch
 
             from common import train
 
             train.keep_freed_memory()   # 极小模型每步分配又释放同样的大张量：留着释放的堆复用
             self._threads = torch.get_num_threads()
-            cap = int(os.environ.get(SMOKE_THREADS_ENV) or self._threads)
-            torch.set_num_threads(max(1, min(smoke_threads, cap, self._threads)))
+            torch.set_num_threads(min(smoke_threads, self._threads))
         if _is_main_process():
             # 记录命令行与解析后的配置：结果可以原样复现
             from common import safety  # 秘密（--api-key、URL 里的密码、环境变量里的 token）不落盘

@@ -18,9 +18,8 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # 两个 pytest 进程分两个核：每个进程（和它起的子进程）只用 1 个线程。冒烟运行由 common.run 压到 1；默认模型的测试、
-    # 服务子进程本来按核数开 2 个，两个进程就是 4 个线程抢 2 个核（OpenMP 线程空转等同伴，白占 CPU）
-    os.environ["LLM_COURSE_SMOKE_THREADS"] = "1"
+    # 两个 pytest 进程分两个核：每个进程（和它起的子进程）只用 1 个线程（冒烟的 run.start 只降不升）。不设时默认模型的
+    # 测试、服务子进程按核数开 2 个，两个进程就是 4 个线程抢 2 个核（OpenMP 线程空转等同伴，白占 CPU）
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
