@@ -38,11 +38,11 @@ bench: models
 # 冒烟脚本都单线程跑极小模型：两核上两个 pytest 进程并行，整套测试时间接近减半（同一文件的测试留在同一进程）
 # 浸泡测试（64 个并发客户端、/health p99 < 200 ms）量的是延迟：等并行部分跑完，在空闲的机器上单独跑
 test: models lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not soak"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not soak"
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m soak
 
 test-fast: models
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow and not needs_service"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow and not needs_service"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -23,6 +23,27 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
+# make test 的排队顺序（xdist --dist loadfile --no-loadscope-reorder：按这里的文件顺序，谁空了谁取下一个文件）。
+# xdist 默认按测试个数从多到少排：可复现测试（13 个）排在多数课程测试（2–5 个）前面，拿不到课程测试共享的那次
+# 冒烟结果，12 个脚本各起两个进程（实测 205 秒 CPU）；几个一分钟以上的文件排到最后，另一个进程干等
+RUN_ORDER = (
+    ("test_lesson1_", "test_lesson6_"),                      # 1. 给可复现测试共享冒烟结果的课程测试
+    ("test_reliability_kill_resume", "test_reliability_fuzz"),   # 2. 单个文件就要一两分钟的，早开始
+    ("test_reliability_determinism",),                       # 3. 这时第 1、6 课的冒烟结果都已登记
+    ("test_",),                                              # 4. 其余（按文件名）
+    ("test_common_", "test_house_rules", "test_bench", "test_scripts_contract", "test_reliability_readers"),
+)                                                            # 5. 几秒一个的进程内测试：最后填平两个进程的收尾
+
+
+def _run_rank(item) -> int:
+    name = Path(str(item.fspath)).name
+    return max(i for i, prefixes in enumerate(RUN_ORDER) if name.startswith(prefixes))
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=_run_rank)    # 稳定排序：同一组里保持文件名顺序、文件内保持定义顺序
+
+
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
     """三个极小模型（首次构建约 30 秒，之后读缓存）。"""

@@ -1,15 +1,17 @@
 """第 2 课 01：NF4 从零实现。误差低于 int4、与 bitsandbytes 逐码一致、bit/参数 4.5 -> 4.127、梯度检查点省内存。"""
 import json
 
-from tests.conftest import assert_claims, assert_user_error, load_script
+from tests.conftest import assert_claims, assert_user_error
 
 SCRIPT = "lesson2_qlora_ptuning/01_qlora_intro/qlora_theory.py"
 
 
-def test_nf4_from_scratch_matches_bitsandbytes(tmp_path, tiny_models):
-    mod = load_script(SCRIPT)
-    m = mod.main(mod.Args(smoke=True, output_dir=str(tmp_path)))
-    saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
+def test_nf4_from_scratch_matches_bitsandbytes(tmp_path, tiny_models, run_script):
+    # 像学生那样在新进程里跑：CPU 上的峰值内存是进程 RSS 的增量，只在干净的进程里有意义。pytest worker 里先跑过的
+    # 测试留下的堆（空闲块、被 malloc_trim 还掉又要重新缺页的页）会让同一步训练的增量差出几十 MB：实测跑过
+    # 第 4 课 04 之后，检查点的比值从 0.51 漂到 0.63–0.95
+    run_script(SCRIPT, "--smoke", "--output-dir", str(tmp_path), timeout=300, check=True)
+    saved = m = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     for key in ("nf4_mse", "int4_mse", "int8_mse", "matches_bitsandbytes", "bits_per_param",
                 "bits_per_param_double_quant", "grad_ckpt_peak_mem_ratio"):
         assert key in saved, key
