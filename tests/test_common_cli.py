@@ -32,7 +32,7 @@ def test_unknown_yaml_key_rejected(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("steps: 5\nlearning_rat: 1\n", encoding="utf-8")
     with pytest.raises(UserError, match="learning_rat"):
-        cli._load_config(DemoArgs, str(cfg))
+        DemoArgs(**cli._yaml_defaults(str(cfg), DemoArgs))
 
 
 SCRIPT = textwrap.dedent('''
@@ -204,7 +204,7 @@ def test_yaml_values_get_cli_types_and_ranges(tmp_path, text, needle):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text, encoding="utf-8")
     with pytest.raises(UserError) as e:
-        cli._load_config(Bounded, str(cfg))
+        Bounded(**cli._yaml_defaults(str(cfg), Bounded))
     assert f"{cfg}: " in str(e.value) and needle in str(e.value)
 
 
@@ -212,7 +212,7 @@ def test_yaml_values_are_converted_like_the_cli(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     # PyYAML 把 1e-1 读成字符串（YAML 1.1 要求有小数点），命令行的 --frac 1e-1 却是数：两边结果应一样
     cfg.write_text("frac: 1e-1\nsteps: '7'\nks: 3\nname: 123\nflag: yes\n", encoding="utf-8")
-    a = cli._load_config(Bounded, str(cfg))
+    a = Bounded(**cli._yaml_defaults(str(cfg), Bounded))
     assert (a.frac, a.steps, a.ks, a.name, a.flag) == (0.1, 7, [3], "123", True)
     b = cli.parse(Bounded, ["--config", str(cfg), "--steps", "9"])
     assert (b.frac, b.steps, b.ks) == (0.1, 9, [3])
@@ -311,7 +311,7 @@ def test_edges_and_declared_zero_are_accepted(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("learning_rate: 0\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"键 learning_rate 0.0: 超出允许范围 \(0, \+∞\)"):
-        cli._load_config(Capped, str(cfg))
+        Capped(**cli._yaml_defaults(str(cfg), Capped))
 
 
 # 每个曾经因为没有上限而分配内存崩溃（或写出 NaN 结果）的参数：给 1e12 → 一行错误、退出码 2、什么都不写

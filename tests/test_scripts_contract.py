@@ -150,7 +150,7 @@ def test_every_yaml_config_parses(cfg: Path):
     matches = [s for s in SCRIPTS if Path(s).stem == stem or stem.startswith(Path(s).stem)]
     assert matches, f"{cfg} 找不到对应的脚本（文件名应以脚本名开头）"
     mod = load_script(matches[0])
-    cli._load_config(mod.Args, str(cfg))
+    mod.Args(**cli._yaml_defaults(str(cfg), mod.Args))
 
 
 # 训练或检索脚本至少声明 3 条结论（issue 21）：看源码里有没有训练循环 / Trainer / 检索
