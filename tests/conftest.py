@@ -44,6 +44,18 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=_run_rank)    # 稳定排序：同一组里保持文件名顺序、文件内保持定义顺序
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """一个测试改过的环境变量不带进同一 worker 的下一个测试。mlflow.set_tracking_uri 会把 URI 写进 os.environ
+    （好让子进程继承）：第 5 课 01/04 在进程内跑完后，后面的测试起的训练子进程就去连已经停掉的 MLflow 服务，
+    按退避重试好几分钟（run.start 只在用户没设时才把 URI 指向本地 sqlite）。"""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
     """三个极小模型（首次构建约 30 秒，之后读缓存）。"""
