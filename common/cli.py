@@ -135,7 +135,8 @@ def _yaml_defaults(path: str, cls: type) -> dict:
         raise UserError(f"--config {path}: 不存在或不是普通文件（要的是 YAML 配置文件）")
     try:
         # libyaml 的 C 解析器（有就用）：纯 Python 的扫描器遇到上万层嵌套、超长的一行要几秒，C 版几毫秒
-        cfg = yaml.load(p.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+        t = p.read_text(encoding="utf-8")
+        cfg = (yaml.load(t, Loader=yaml.CSafeLoader) if yaml.__with_libyaml__ else yaml.safe_load(t)) or {}
     except UnicodeDecodeError as e:
         raise UserError(f"--config {path}: 不是 UTF-8 文本（第 {e.start} 字节）") from None
     except RecursionError:

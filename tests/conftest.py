@@ -36,8 +36,10 @@ RUN_ORDER = (
 
 
 def _run_rank(item) -> int:
+    """文件名落在哪一组：按最长的匹配前缀算（test_lesson1_ 比 test_ 具体）。"""
     name = Path(str(item.fspath)).name
-    return max(i for i, prefixes in enumerate(RUN_ORDER) if name.startswith(prefixes))
+    longest, group = max((len(p), i) for i, prefixes in enumerate(RUN_ORDER) for p in prefixes if name.startswith(p))
+    return group
 
 
 def pytest_collection_modifyitems(config, items):
