@@ -35,7 +35,8 @@ course-full: models
 bench: models
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py
 
-# 冒烟脚本都单线程跑极小模型：两核上两个 pytest 进程并行，整套测试时间接近减半（同一文件的测试留在同一进程）
+# 冒烟脚本都单线程跑极小模型：两核上两个 pytest 进程并行，整套测试时间接近减半（同一文件的测试留在同一进程；
+# 文件的排队顺序见 tests/conftest.py 的 RUN_ORDER）
 # 浸泡测试（64 个并发客户端、/health p99 < 200 ms）量的是延迟：等并行部分跑完，在空闲的机器上单独跑
 test: models lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not soak"

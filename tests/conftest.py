@@ -38,8 +38,7 @@ RUN_ORDER = (
 def _run_rank(item) -> int:
     """文件名落在哪一组：按最长的匹配前缀算（test_lesson1_ 比 test_ 具体）。"""
     name = Path(str(item.fspath)).name
-    longest, group = max((len(p), i) for i, prefixes in enumerate(RUN_ORDER) for p in prefixes if name.startswith(p))
-    return group
+    return max((len(p), i) for i, prefixes in enumerate(RUN_ORDER) for p in prefixes if name.startswith(p))[1]
 
 
 def pytest_collection_modifyitems(config, items):
