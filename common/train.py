@@ -51,8 +51,7 @@ def trainer_flags(model: Any, gradient_checkpointing: bool = False, log: bool = 
 
 class PeakMemory:
     """with PeakMemory(device) as m: ...；之后 m.peak_mb = 执行期间比开始时多用的峰值内存（MB），m.peak_abs_mb = 峰值。
-    CUDA：max_memory_allocated（精确）；CPU：后台线程每 2 ms 采一次进程 RSS（含 Python/库的缓存，所以只在
-    比较同一进程里的两段代码时有意义）。"""
+    CUDA：max_memory_allocated（精确）；CPU：后台线程每 2 ms 采一次进程 RSS（含库的缓存，只宜比较同一进程的两段）。"""
 
     def __init__(self, device: Any = "cpu"):
         self.cuda = str(device).startswith("cuda")
@@ -67,6 +66,8 @@ class PeakMemory:
         import torch
 
         gc.collect()
+        if _KEEP_FREED["on"]:   # 冒烟留着的空闲堆先还给系统：块内分配若复用已驻留的页，RSS 不涨，峰值会量成 0
+            ctypes.CDLL("libc.so.6").malloc_trim(0)   # 只还页，不改调用方（release_memory）设的阈值
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -109,9 +110,8 @@ def _mallopt(mmap_bytes: int, trim_bytes: int = 0) -> Any:
 
 
 def keep_freed_memory() -> None:
-    """冒烟：释放的堆留在进程里复用。极小模型每步分配又释放同样大的张量（15 万词表的 logits），glibc 默认大块
-    单独 mmap、用完即还，下次内核要重新清零页面（缺页）。实测 make test 的 sys 时间 295 -> 73 秒，第 5 课 05 冒烟
-    44 -> 35 秒。"""
+    """冒烟：释放的堆留在进程里复用。极小模型每步分配又释放同样大的张量（15 万词表的 logits），glibc 默认大块单独
+    mmap、用完即还，下次要重新缺页清零。实测 make test 的 sys 时间 295 -> 73 秒，第 5 课 05 冒烟 44 -> 35 秒。"""
     _KEEP_FREED["on"] = _mallopt(32 << 20, 1 << 30) is not None
 
 
