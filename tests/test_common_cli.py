@@ -131,31 +131,36 @@ def test_smoke_threads_at_most_two_never_more_than_the_process_has(tmp_path):
 
 
 def test_smoke_keeps_freed_heap_and_peak_memory_still_measures(tmp_path):
-    """冒烟（run.start）让 glibc 留着释放的堆：反复分配同样大小的张量不再每次缺页；PeakMemory 照样量得到增量。"""
-    import resource
+    """冒烟（run.start）让 glibc 留着释放的堆：反复分配同样大小的张量不再每次缺页；PeakMemory 照样量得到增量。
+    在新进程里量：pytest worker 里先跑的测试留下的碎堆会让"用完即还"也复用驻留的页（CI 上缺页数只剩 1/30）。"""
+    code = textwrap.dedent(f"""
+        import resource
+        import torch
+        from common import run, train
+        from tests.test_common_cli import DemoArgs
 
-    import torch
+        def page_faults() -> int:
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(30):
+                torch.ones(2_000_000).sum()   # 8 MB：默认阈值下单独 mmap、用完 munmap，下次重新缺页
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 
-    from common import train
+        train.release_memory()              # 量内存的模式：64 KB 以上的分配用完即还
+        returned = page_faults()
+        run.start("{tmp_path}/demo.py", DemoArgs(smoke=True, output_dir="{tmp_path}")).finish({{"x": 1}})
+        kept = page_faults()
+        assert kept * 5 < returned, (kept, returned)
+        held = [torch.ones(5_000_000) for _ in range(12)]   # 240 MB 的 20 MB 块：留着堆时释放后仍驻留
+        del held                            # （CI 上 PeakMemory 曾只量到 200 MB 里的 144 MB）
+        with train.PeakMemory() as m:
+            x = torch.ones(50_000_000)      # 200 MB：不先把空闲堆还给系统，会复用上面的页，增量量成 0.1 MB
+            del x
+        assert m.peak_mb > 150, m.peak_mb
+        assert page_faults() * 5 < returned, returned   # 量完回到留着堆的快模式
+        """)
+    p = subprocess.run([sys.executable, "-c", code], cwd=run.REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
 
-    def page_faults() -> int:
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(30):
-            torch.ones(2_000_000).sum()   # 8 MB：默认阈值下单独 mmap、用完 munmap，下次重新缺页
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-
-    train.release_memory()              # 量内存的模式：64 KB 以上的分配用完即还
-    returned = page_faults()
-    run.start(str(tmp_path / "demo.py"), DemoArgs(smoke=True, output_dir=str(tmp_path))).finish({"x": 1})
-    kept = page_faults()
-    assert kept * 5 < returned, (kept, returned)
-    held = [torch.ones(5_000_000) for _ in range(12)]   # 240 MB 的 20 MB 块：留着堆时释放后仍驻留
-    del held                            # （pytest worker 里先跑的冒烟课就留下这样的堆；CI 曾只量到 144 MB）
-    with train.PeakMemory() as m:
-        x = torch.ones(50_000_000)      # 200 MB：不先把空闲堆还给系统，会复用上面的页，增量量成 0.1 MB
-        del x
-    assert m.peak_mb > 150, m.peak_mb
-    assert page_faults() * 5 < returned   # 量完回到留着堆的快模式
 
 def test_with_smoke_replaces_list_defaults():
     @dataclass
