@@ -21,6 +21,9 @@ def test_every_config_measured_and_int8_keeps_quality(tmp_path, tiny_models, sha
         assert key in saved
     assert {"fp32", "fp32_no_kv", "bf16", "int8", "fp32_bs4"} <= set(m["tokens_per_s"])
     assert set(m["first_token_ms"]) == set(m["tokens_per_s"])
+    # bf16 的两段速度分开报：预填充（首 token）与批 1 解码；"加快预填充"这条只在有 AMX 的 CPU 上出指标、才检查
+    assert m["bf16_prefill_speedup"] == round(m["first_token_ms"]["fp32"] / m["first_token_ms"]["bf16"], 3)
+    assert ("bf16_prefill_speedup_native" in m) == mod.models.cpu_has_bf16()
     # 动态 int8 只量化 Linear 权重：困惑度相对 fp32 的变化在 5% 以内，权重体积变小
     assert abs(m["int8_ppl_delta_pct"]) < 5, m["perplexity"]
     # 逐类敏感度扫描覆盖每一类 Linear；留在 fp32 的正是单独量化时困惑度比超过门槛的那些
