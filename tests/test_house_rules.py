@@ -16,6 +16,8 @@ MAX_COMMON_LINES = 3045             # 棘轮：issue 20 的目标是 2,500；只
 #   （2981 → 3024：serving 的 --compile（编译解码步，启动时预热）与 int8_weight_only(float_prefill=)（预填充用
 #    fp32 权重），issue 24 的"compiled decode step、lower-precision weights"；聊天服务是第 5 课 01/07、第 7 课 05/06
 #    共用的，新机制）
+#   （3044 → 3045：--config 用 libyaml 的 C 解析器读（没有 libyaml 时 safe_load）：纯 Python 扫描器读上万层嵌套的
+#    坏配置是平方级的，模糊测试里共 8 秒；--config 是所有脚本共用的）
 #   （3024 → 3048：冒烟的 train.keep_freed_memory 与冒烟至多 2 线程：每个冒烟运行都用，make test 的
 #    并行部分 877 → 662 秒、sys 时间 295 → 73 秒；issue 24 的"make test ≤ 10 分钟"）
 #   （2974 → 2981：train.kept_metrics，issue 24 的"保留那一步的损失已知就不再完整评估一遍"，第 1 课 03/05、2 课 02、
