@@ -67,16 +67,27 @@ def tiny_models() -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def run_script():
-    """以子进程运行一个课程脚本（像学生那样），返回 CompletedProcess。"""
+    """以子进程运行一个课程脚本（像学生那样），返回 CompletedProcess。
+
+    子进程从预热启动器 fork 出来（tests/_prefork.py：大库已导入，省下每次 1–7 秒的导入；其余与新解释器一样）；
+    本测试改过环境变量、或设了 LLM_COURSE_TEST_FRESH=1 时照旧起全新的解释器。"""
+    from tests._prefork import Launcher
+
+    launcher = None if os.environ.get("LLM_COURSE_TEST_FRESH") == "1" else Launcher()
 
     def _run(rel: str, *args: str, timeout: int = 600, check: bool = False) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, str(REPO / rel), *args], capture_output=True, text=True,
-                              timeout=timeout, cwd=str(REPO / "tests"))   # 故意不在仓库根目录运行
+        cwd = str(REPO / "tests")   # 故意不在仓库根目录运行
+        proc = launcher and launcher.run([str(REPO / rel), *args], cwd=cwd, timeout=timeout)
+        if proc is None:
+            proc = subprocess.run([sys.executable, str(REPO / rel), *args], capture_output=True, text=True,
+                                  timeout=timeout, cwd=cwd)
         if check and proc.returncode != 0:
             raise AssertionError(f"{rel} 退出码 {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return proc
 
-    return _run
+    yield _run
+    if launcher:
+        launcher.close()
 
 
 class SharedSmoke:

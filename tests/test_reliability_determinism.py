@@ -2,7 +2,8 @@
 
 两次运行是两个独立进程，并且 PYTHONHASHSEED 不同：如果哪里的结果依赖 set/dict 里字符串的遍历顺序，
 这里就会露馅。第一次运行用课程测试已经做过的那次（pytest worker 进程里、默认冒烟参数，见 conftest.SharedSmoke），
-这里只再起一个全新进程：比两次都新起进程还多查一件事——进程里先跑过别的测试，结果也不变。课程测试还没跑到
+这里只再起一个进程（从哈希种子不同的预热启动器 fork 出来，见 tests/_prefork.py；LLM_COURSE_TEST_FRESH=1 时起全新
+解释器）：比两次都新起进程还多查一件事——进程里先跑过别的测试，结果也不变。课程测试还没跑到
 （xdist 把它分给了另一个 worker、或只选了本文件）时，照旧起两个进程同时跑（计时类指标本来就排除在外）。
 会变的键只有计时类（秒、吞吐、加速比、延迟）与内存类（峰值、按本机空闲内存定的预算），由 TIMING 正则排除；
 其余任何一个键不同都算失败，
@@ -16,6 +17,7 @@ import sys
 
 import pytest
 
+from tests._prefork import Launcher
 from tests.conftest import REPO
 
 SCRIPTS = sorted(p.relative_to(REPO).as_posix() for d in ("lesson1_sft", "lesson6_rag")
@@ -52,15 +54,30 @@ def test_timing_filter_only_drops_timing_keys():
     assert differing_keys(a, b) == {"eval_loss": (2.0, 2.5), "claims.0.value": (2.0, 2.5)}
 
 
+@pytest.fixture(scope="module")
+def fresh_seed_launcher():
+    """第二次运行的进程：从哈希种子与本进程（pytest worker）不同的预热启动器 fork 出来（tests/_prefork.py：
+    大库已导入，省下每个脚本 5–7 秒的导入；字符串哈希的顺序由启动器的 PYTHONHASHSEED 决定，与新解释器一样）。"""
+    fresh = "2" if os.environ.get("PYTHONHASHSEED") != "2" else "3"
+    launcher = None if os.environ.get("LLM_COURSE_TEST_FRESH") == "1" else Launcher(PYTHONHASHSEED=fresh)
+    yield fresh, launcher
+    if launcher:
+        launcher.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("rel", SCRIPTS)
-def test_same_seed_same_metrics(rel, tmp_path, tiny_models, shared_smoke):
-    # 新起的进程的哈希种子与本进程（pytest worker）的一定不同
-    fresh = "2" if os.environ.get("PYTHONHASHSEED") != "2" else "3"
+def test_same_seed_same_metrics(rel, tmp_path, tiny_models, shared_smoke, fresh_seed_launcher):
+    fresh, launcher = fresh_seed_launcher
     earlier = shared_smoke.path(rel)
     procs, metrics = [], []
     if earlier.exists():
         metrics.append(json.loads(earlier.read_text(encoding="utf-8")))
+        argv = [str(REPO / rel), "--smoke", "--output-dir", str(tmp_path / "b")]
+        done = launcher and launcher.run(argv, cwd=str(tmp_path), timeout=900)
+        if done:
+            assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+            metrics.append(json.loads((tmp_path / "b" / "metrics.json").read_text(encoding="utf-8")))
     for run, hashseed in (("a", "1"), ("b", fresh))[len(metrics):]:
         env = {**os.environ, "PYTHONHASHSEED": hashseed}
         out = tmp_path / run

@@ -1,0 +1,152 @@
+"""run_script 的预热启动器：先把 torch / transformers / peft 等大库导入好，每个请求 fork 一个子进程跑课程脚本。
+
+为什么：make test 里约 130 次"像学生那样"起进程跑脚本（坏输入的一行错误、--help、几个完整冒烟），每次新解释器
+光导入 torch 就 1.3 秒、peft 5 秒、sentence-transformers 7 秒，两核上合计约 2 分钟 CPU，比多数脚本自己的活还多。
+fork 出来的子进程与 `python 脚本.py` 看到的一样：sys.argv、sys.path[0]（脚本所在目录）、当前目录、环境变量、
+stdin 是 /dev/null、stdout / stderr 各进一个文件、`__name__ == "__main__"`；未捕获的异常走 sys.excepthook
+（cli.parse 装的那个把 UserError 变成一行 + 退出码 2），退出前与解释器一样等非守护线程、跑 atexit、刷缓冲。
+差别只有一个：大库已经导入了（导入本身的副作用——读环境变量——发生在启动器启动时；所以环境变量与启动器
+启动时不同的请求，conftest 不走这里，照旧起全新进程）。
+
+协议（一次一个请求）：stdin 一行 JSON {"argv", "cwd", "env", "stdout", "stderr"} → stdout 先回 {"pid"}、
+子进程结束后回 {"rc"}；rc 与 subprocess 的 returncode 同义（被信号杀死是 -信号号）。
+"""
+import atexit
+import json
+import locale
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+
+# 只预热第三方大库（课程自己的 common/ 照旧由脚本自己导入，改了就生效）
+PRELOAD = ("torch", "transformers", "peft", "datasets", "trl", "sentence_transformers", "numpy", "faiss",
+           "matplotlib.pyplot", "langchain_core", "openai")
+
+
+def _exit_code(exc: SystemExit) -> int:
+    """与解释器处理 SystemExit 一样：None → 0，整数照用，其它打印到 stderr、退出码 1。"""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def _child(req: dict) -> None:
+    """在 fork 出的子进程里把自己变成 `python argv[0] argv[1:]`，跑完按解释器的收尾顺序退出（从不返回）。"""
+    null = os.open(os.devnull, os.O_RDONLY)
+    out = os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    err = os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    for src, dst in ((null, 0), (out, 1), (err, 2)):
+        os.dup2(src, dst)
+        os.close(src)
+    os.chdir(req["cwd"])
+    os.environ.clear()
+    os.environ.update(req["env"])
+    script = os.path.abspath(req["argv"][0])
+    sys.argv = [script, *req["argv"][1:]]
+    sys.path[0] = os.path.dirname(script)       # python 脚本.py 的 sys.path[0] 就是脚本所在目录
+    try:
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = _exit_code(e)
+        except BaseException:                   # noqa: BLE001 —— 解释器对未捕获异常做的事：交给 excepthook，退出码 1
+            etype, exc, tb = sys.exc_info()
+            while tb is not None and tb.tb_frame.f_code.co_filename != script:
+                tb = tb.tb_next                 # traceback 从脚本那一帧开始，像解释器打印的那样（不含 runpy 的帧）
+            try:
+                sys.excepthook(etype, exc.with_traceback(tb or exc.__traceback__), tb or exc.__traceback__)
+                code = 1
+            except SystemExit as e:             # cli 的 excepthook 自己 sys.exit(2)
+                code = _exit_code(e)
+        threading._shutdown()                   # 与解释器退出一样：先等非守护线程
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:                   # noqa: BLE001 —— 关掉了的流：解释器退出时同样忽略
+                pass
+    os._exit(code)
+
+
+def serve() -> None:
+    proto_in, proto_out = os.fdopen(os.dup(0), "r"), os.dup(1)   # 协议用复制出的描述符：子进程的 0/1/2 另有去处
+    os.dup2(2, 1)                               # 库导入时往 stdout 打印的话（bitsandbytes 会）不能混进协议
+    for name in PRELOAD:
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+    sys.stdout.flush()                          # 缓冲区里剩的东西不能让子进程继承、写进它的输出
+    os.write(proto_out, b'{"ready": true}\n')
+    for line in proto_in:
+        req = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            proto_in.close()
+            os.close(proto_out)
+            try:
+                _child(req)
+            finally:
+                os._exit(70)                    # _child 自己出了错（不会发生在脚本里）：不让子进程回到这个循环
+        os.write(proto_out, json.dumps({"pid": pid}).encode() + b"\n")
+        _, status = os.waitpid(pid, 0)
+        os.write(proto_out, json.dumps({"rc": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
+
+
+def _environ() -> dict:
+    """要比较的环境变量：pytest 每个测试阶段都改写的 PYTEST_CURRENT_TEST 不算（只是测试名，库不读它）。"""
+    return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+
+
+class Launcher:
+    """测试进程一侧：按需起一个启动器（每个 pytest worker 一个），run() 的返回与 subprocess.run(capture_output=True,
+    text=True) 相同；超时就杀掉那个子进程、抛 TimeoutExpired。环境变量与启动器启动时不同的调用返回 None（调用方
+    自己起全新进程）。"""
+
+    def __init__(self, **overrides: str):
+        # 启动器用创建时（会话开始）的环境变量，加上 overrides（可复现测试用它给子进程换 PYTHONHASHSEED）
+        self.overrides = overrides
+        self.proc, self.env = None, {**_environ(), **overrides}
+
+    def run(self, argv: list[str], cwd: str, timeout: float) -> subprocess.CompletedProcess | None:
+        if {**_environ(), **self.overrides} != self.env:
+            return None
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True, bufsize=1, env=self.env)
+            assert json.loads(self.proc.stdout.readline()).get("ready"), "启动器没起来"
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+            req = {"argv": argv, "cwd": cwd, "env": {**os.environ, **self.overrides}, "stdout": out, "stderr": err}
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            pid = json.loads(self.proc.stdout.readline())["pid"]
+            killed = []
+            timer = threading.Timer(timeout, lambda: killed.append(os.kill(pid, signal.SIGKILL)))
+            timer.start()
+            try:
+                rc = json.loads(self.proc.stdout.readline())["rc"]
+            finally:
+                timer.cancel()
+            # 与 subprocess.run(text=True) 同样的解码（本地首选编码、通用换行）
+            texts = [open(f, encoding=locale.getpreferredencoding(False)).read() for f in (out, err)]
+        if killed:
+            raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, *texts)
+        return subprocess.CompletedProcess([sys.executable, *argv], rc, *texts)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    serve()

@@ -1,0 +1,55 @@
+"""run_script 的预热启动器（tests/_prefork.py）与新解释器看到的一样：同一个探针脚本两种方式跑，输出逐字相同。"""
+import subprocess
+import sys
+
+import pytest
+
+from tests._prefork import Launcher
+
+# 探针：把脚本能看到的进程状态都打印出来，再按参数正常退出 / 抛 UserError / 抛普通异常 / 睡过超时
+PROBE = r'''
+import atexit, os, sys, threading, time
+print("argv", sys.argv[1:], "path0", sys.path[0] == os.path.dirname(os.path.abspath(__file__)))
+print("cwd", os.getcwd(), "name", __name__, "stdin", repr(sys.stdin.read()))
+atexit.register(lambda: print("atexit"))
+threading.Thread(target=lambda: (time.sleep(0.2), print("thread"))).start()
+if "user-error" in sys.argv:
+    from common import cli
+    from common.errors import UserError
+    sys.excepthook = cli._excepthook
+    raise UserError("坏输入 x.jsonl:3")
+if "boom" in sys.argv:
+    raise ValueError("boom")
+if "sleep" in sys.argv:
+    time.sleep(60)
+print("中文输出")
+sys.exit(int(sys.argv[1]))
+'''
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    one = Launcher()
+    yield one
+    one.close()
+
+
+@pytest.mark.parametrize("args", [["0"], ["3"], ["user-error"], ["boom"]])
+def test_forked_run_equals_a_fresh_interpreter(args, launcher, tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE, encoding="utf-8")
+    fresh = subprocess.run([sys.executable, str(probe), *args], capture_output=True, text=True, cwd=tmp_path,
+                           timeout=60)
+    forked = launcher.run([str(probe), *args], cwd=str(tmp_path), timeout=60)
+    assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+    assert "thread" in fresh.stdout and "atexit" in fresh.stdout
+
+
+def test_timeout_kills_and_changed_environment_falls_back(launcher, tmp_path, monkeypatch):
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE, encoding="utf-8")
+    with pytest.raises(subprocess.TimeoutExpired):
+        launcher.run([str(probe), "sleep"], cwd=str(tmp_path), timeout=1)
+    assert launcher.run([str(probe), "0"], cwd=str(tmp_path), timeout=60).returncode == 0   # 超时后照常可用
+    monkeypatch.setenv("LLM_COURSE_PROBE", "1")      # 导入时读环境变量的库会看到旧值：改过环境的调用不走启动器
+    assert launcher.run([str(probe), "0"], cwd=str(tmp_path), timeout=60) is None
