@@ -39,12 +39,13 @@ def _exit_code(exc: SystemExit) -> int:
 
 def _child(req: dict) -> None:
     """在 fork 出的子进程里把自己变成 `python argv[0] argv[1:]`，跑完按解释器的收尾顺序退出（从不返回）。"""
-    null = os.open(os.devnull, os.O_RDONLY)
-    out = os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    err = os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    mode = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if req.get("append") else os.O_TRUNC)
+    null, out = os.open(os.devnull, os.O_RDONLY), os.open(req["stdout"], mode, 0o644)
+    err = out if req["stderr"] == req["stdout"] else os.open(req["stderr"], mode, 0o644)   # 同一个文件 = 2>&1
     for src, dst in ((null, 0), (out, 1), (err, 2)):
         os.dup2(src, dst)
-        os.close(src)
+    for fd in {null, out, err}:
+        os.close(fd)
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
@@ -107,40 +108,76 @@ def _environ() -> dict:
     return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
 
 
+class Forked:
+    """spawn() 的返回：用法同 subprocess.Popen 的 pid / poll / wait / send_signal（子进程结束时启动器回报退出码）。"""
+
+    def __init__(self, launcher: "Launcher", pid: int):
+        self.pid, self.returncode = pid, None
+        self._reader = threading.Thread(target=self._read_rc, args=(launcher,), daemon=True)
+        self._reader.start()
+
+    def _read_rc(self, launcher: "Launcher") -> None:
+        rc = json.loads(launcher.proc.stdout.readline())["rc"]
+        launcher.busy = False            # 先放开启动器，再让 poll() 看到退出码：看到了就能马上 spawn 下一个
+        self.returncode = rc
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._reader.join(timeout)
+        if self._reader.is_alive():
+            raise subprocess.TimeoutExpired(str(self.pid), timeout)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:      # 已经结束（pid 可能已被复用）就不发
+            os.kill(self.pid, sig)
+
+
 class Launcher:
-    """测试进程一侧：按需起一个启动器（每个 pytest worker 一个），run() 的返回与 subprocess.run(capture_output=True,
-    text=True) 相同；超时就杀掉那个子进程、抛 TimeoutExpired。环境变量与启动器启动时不同的调用返回 None（调用方
-    自己起全新进程）。"""
+    """测试进程一侧：按需起一个启动器（每个 pytest worker 一个）。run() 的返回与 subprocess.run(capture_output=True,
+    text=True) 相同（超时就杀掉那个子进程、抛 TimeoutExpired），spawn() 像 subprocess.Popen；一次只跑一个脚本。
+    环境变量与启动器启动时不同的调用返回 None（调用方自己起全新进程）。"""
 
     def __init__(self, **overrides: str):
         # 启动器用创建时（会话开始）的环境变量，加上 overrides（可复现测试用它给子进程换 PYTHONHASHSEED）
         self.overrides = overrides
-        self.proc, self.env = None, {**_environ(), **overrides}
+        self.proc, self.env, self.busy = None, {**_environ(), **overrides}, False
 
-    def run(self, argv: list[str], cwd: str, timeout: float) -> subprocess.CompletedProcess | None:
+    def spawn(self, argv: list[str], cwd: str, stdout: str, stderr: str, append: bool = False) -> Forked | None:
+        """stdout / stderr 是文件路径（同一个路径 = 2>&1）；append：接在文件末尾写（几次运行共用一个日志）。"""
         if {**_environ(), **self.overrides} != self.env:
             return None
+        assert not self.busy, "启动器一次只跑一个脚本：先 wait() 上一个"
         if self.proc is None or self.proc.poll() is not None:
             self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.DEVNULL, text=True, bufsize=1, env=self.env)
             assert json.loads(self.proc.stdout.readline()).get("ready"), "启动器没起来"
+        req = {"argv": argv, "cwd": cwd, "env": {**os.environ, **self.overrides}, "stdout": stdout, "stderr": stderr,
+               "append": append}
+        self.busy = True
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        return Forked(self, json.loads(self.proc.stdout.readline())["pid"])
+
+    def run(self, argv: list[str], cwd: str, timeout: float) -> subprocess.CompletedProcess | None:
         with tempfile.TemporaryDirectory() as tmp:
             out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
-            req = {"argv": argv, "cwd": cwd, "env": {**os.environ, **self.overrides}, "stdout": out, "stderr": err}
-            self.proc.stdin.write(json.dumps(req) + "\n")
-            pid = json.loads(self.proc.stdout.readline())["pid"]
-            killed = []
-            timer = threading.Timer(timeout, lambda: killed.append(os.kill(pid, signal.SIGKILL)))
-            timer.start()
+            child = self.spawn(argv, cwd, out, err)
+            if child is None:
+                return None
             try:
-                rc = json.loads(self.proc.stdout.readline())["rc"]
-            finally:
-                timer.cancel()
+                child.wait(timeout)
+                killed = False
+            except subprocess.TimeoutExpired:
+                child.send_signal(signal.SIGKILL)
+                child.wait()
+                killed = True
             # 与 subprocess.run(text=True) 同样的解码（本地首选编码、通用换行）
             texts = [open(f, encoding=locale.getpreferredencoding(False)).read() for f in (out, err)]
         if killed:
             raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, *texts)
-        return subprocess.CompletedProcess([sys.executable, *argv], rc, *texts)
+        return subprocess.CompletedProcess([sys.executable, *argv], child.returncode, *texts)
 
     def close(self) -> None:
         if self.proc is not None:

@@ -53,3 +53,20 @@ def test_timeout_kills_and_changed_environment_falls_back(launcher, tmp_path, mo
     assert launcher.run([str(probe), "0"], cwd=str(tmp_path), timeout=60).returncode == 0   # 超时后照常可用
     monkeypatch.setenv("LLM_COURSE_PROBE", "1")      # 导入时读环境变量的库会看到旧值：改过环境的调用不走启动器
     assert launcher.run([str(probe), "0"], cwd=str(tmp_path), timeout=60) is None
+
+
+def test_spawn_is_a_popen_a_signal_can_kill(launcher, tmp_path):
+    """spawn：像 Popen（poll / wait / send_signal），stdout 与 stderr 同一个文件 = 2>&1，append 接着写。"""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE, encoding="utf-8")
+    log = tmp_path / "runs.log"
+    first = launcher.spawn([str(probe), "3"], cwd=str(tmp_path), stdout=str(log), stderr=str(log), append=True)
+    assert first.wait(timeout=60) == 3 and first.poll() == 3
+    sleeper = launcher.spawn([str(probe), "sleep"], cwd=str(tmp_path), stdout=str(log), stderr=str(log), append=True)
+    assert sleeper.poll() is None
+    with pytest.raises(subprocess.TimeoutExpired):
+        sleeper.wait(timeout=0.5)
+    sleeper.send_signal(9)
+    assert sleeper.wait(timeout=60) == -9                     # 与 Popen 一样：被信号杀死是负的信号号
+    text = log.read_text(encoding="utf-8")
+    assert text.count("argv") == 2 and "中文输出" in text       # 两次运行都在，第一次的没被截掉

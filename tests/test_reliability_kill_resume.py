@@ -16,6 +16,7 @@ import time
 import pytest
 
 from common import run
+from tests._prefork import Forked, Launcher
 from tests.conftest import REPO, load_script
 
 SCRIPT = "lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py"
@@ -33,9 +34,30 @@ def reference(tmp_path_factory, tiny_models):
     return mod.main(mod.Args(smoke=True, output_dir=str(out), save_total_limit=3)), out
 
 
-def _spawn(out, resume: bool, log):
-    cmd = [sys.executable, str(REPO / SCRIPT), "--smoke", "--output-dir", str(out)] + (["--resume"] if resume else [])
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(out.parent))
+@pytest.fixture(scope="module")
+def launcher():
+    """被杀的进程从预热启动器 fork 出来（tests/_prefork.py）：每次省下 5 秒导入，同样是一个能被 SIGKILL 的独立进程；
+    LLM_COURSE_TEST_FRESH=1 时每次起全新解释器。"""
+    one = None if os.environ.get("LLM_COURSE_TEST_FRESH") == "1" else Launcher()
+    yield one
+    if one:
+        one.close()
+
+
+def _spawn(out, resume: bool, log, launcher=None):
+    """起一次训练（log：几次运行共用的日志文件，接在末尾写）。"""
+    argv = [str(REPO / SCRIPT), "--smoke", "--output-dir", str(out)] + (["--resume"] if resume else [])
+    forked = launcher and launcher.spawn(argv, cwd=str(out.parent), stdout=str(log), stderr=str(log), append=True)
+    if forked:
+        return forked
+    with open(log, "ab") as fh:
+        return subprocess.Popen([sys.executable, *argv], stdout=fh, stderr=subprocess.STDOUT, cwd=str(out.parent))
+
+
+# 各种时刻从哪个时间窗里抽（秒）。"启动中"：新解释器先花约 5 秒导入 torch / transformers / peft，1–8 秒落在导入与
+# 建模型之间；fork 出来的进程大库已导入，约 2.5 秒就存第一个检查点，0.2–2 秒才是它的启动阶段
+WINDOWS = {"save": (0, 0.03), "train": (0, 3), "startup": (1, 8)}
+FORKED_STARTUP = (0.2, 2)
 
 
 def _staging(out) -> set[str]:
@@ -47,8 +69,10 @@ def _published(out) -> set[str]:
 
 
 def _kill_at(proc, out, moment, deadline: float = 600) -> str:
-    """按 moment 等到那一刻再 SIGKILL；返回实际杀在哪儿（'save' = 保存途中）或 'finished'。"""
-    kind, delay = moment
+    """按 moment（种类, 窗口里的位置 0–1）等到那一刻再 SIGKILL；返回实际杀在哪儿（'save' = 保存途中）或 'finished'。"""
+    kind, u = moment
+    lo, hi = FORKED_STARTUP if kind == "startup" and isinstance(proc, Forked) else WINDOWS[kind]
+    delay = lo + (hi - lo) * u
     t0 = time.monotonic()
     seen_tmp, seen_pub = _staging(out), _published(out)
     while proc.poll() is None and time.monotonic() - t0 < deadline:
@@ -70,35 +94,34 @@ def _kill_at(proc, out, moment, deadline: float = 600) -> str:
 
 
 @pytest.mark.slow
-def test_sigkill_at_seeded_moments_then_resume_matches_uninterrupted(reference, tmp_path):
+def test_sigkill_at_seeded_moments_then_resume_matches_uninterrupted(reference, tmp_path, launcher):
     ref, _ = reference
     rng = random.Random(SEED)
-    # 按种子抽时刻：保存途中（等 0–30 ms）、刚存完后的训练/评估中（等 0–3 s）、启动阶段（1–8 s）。
+    # 按种子抽时刻：保存途中（等 0–30 ms）、刚存完后的训练/评估中（等 0–3 s）、启动阶段（见 WINDOWS）。
     # 机器快慢不同，有的时刻会落在运行结束之后（'finished'）：那就换一个新目录从头再来，直到真正杀中 KILLS 次
     kinds = ["save", "train", "save", "startup", "save", "train", "save"]
-    out, where, log = tmp_path / "run0", [], open(tmp_path / "runs.log", "wb")
+    out, where, log = tmp_path / "run0", [], tmp_path / "runs.log"
     for attempt in range(4 * KILLS):
         if sum(w != "finished" for w in where) >= KILLS - 2:   # 至少 5 次真正杀中
             break
         k = kinds[attempt % len(kinds)]
-        moment = (k, rng.uniform(0, 0.03) if k == "save" else rng.uniform(0, 3) if k == "train" else rng.uniform(1, 8))
+        moment = (k, rng.uniform(0, 1))
         # 有检查点（或保存到一半的临时目录）就 --resume，交给脚本自己收拾；一个完好的都没有时脚本报错退出 2，改为从头跑
         resume = bool(_published(out) or _staging(out))
-        w = _kill_at(_spawn(out, resume, log), out, moment)
+        w = _kill_at(_spawn(out, resume, log, launcher), out, moment)
         if w == "finished" and resume and checkpoints.last_intact(out) is None:
-            w = _kill_at(_spawn(out, False, log), out, moment)
+            w = _kill_at(_spawn(out, False, log, launcher), out, moment)
         where.append(w)
         if w == "finished":   # 这一轮已经跑完：换新目录，后面的 kill 才有意义
             out = tmp_path / f"run{attempt + 1}"
     # 最后一次不杀：从最新的完好检查点续训到底
     resume = bool(_published(out) or _staging(out))
-    p = _spawn(out, resume, log)
+    p = _spawn(out, resume, log, launcher)
     rc = p.wait(timeout=600)
     if rc == 2 and resume and checkpoints.last_intact(out) is None:
         # 只剩保存到一半的临时目录：脚本清理后按约定报错退出 2（不是崩溃），学生照提示去掉 --resume 从头跑
-        rc = _spawn(out, False, log).wait(timeout=600)
-    assert rc == 0, (tmp_path / "runs.log").read_text(errors="replace")[-3000:]
-    log.close()
+        rc = _spawn(out, False, log, launcher).wait(timeout=600)
+    assert rc == 0, log.read_text(errors="replace")[-3000:]
     m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     print(f"\n{len(where)} 次尝试 SIGKILL：{where}；最终 step {m['global_step']}，eval_loss {m['eval_loss_after']} "
           f"vs 不中断 {ref['eval_loss_after']}（差 {abs(m['eval_loss_after'] / ref['eval_loss_after'] - 1):.3%}）")
