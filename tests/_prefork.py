@@ -6,7 +6,7 @@ fork 出来的子进程与 `python 脚本.py` 看到的一样：sys.argv、sys.p
 stdin 是 /dev/null、stdout / stderr 各进一个文件、`__name__ == "__main__"`；未捕获的异常走 sys.excepthook
 （cli.parse 装的那个把 UserError 变成一行 + 退出码 2），退出前与解释器一样等非守护线程、跑 atexit、刷缓冲。
 差别只有一个：大库已经导入了（导入本身的副作用——读环境变量——发生在启动器启动时；所以环境变量与启动器
-启动时不同的请求，conftest 不走这里，照旧起全新进程）。
+启动时不同的请求不走这里，调用方照旧起全新进程；设了 LLM_COURSE_TEST_FRESH=1 时 maybe() 不给启动器）。
 
 协议（一次一个请求）：stdin 一行 JSON {"argv", "cwd", "env", "stdout", "stderr"} → stdout 先回 {"pid"}、
 子进程结束后回 {"rc"}；rc 与 subprocess 的 returncode 同义（被信号杀死是 -信号号）。
@@ -143,13 +143,15 @@ class Launcher:
     def __init__(self, **overrides: str):
         # 启动器用创建时（会话开始）的环境变量，加上 overrides（可复现测试用它给子进程换 PYTHONHASHSEED）
         self.overrides = overrides
-        self.proc, self.env, self.busy = None, {**_environ(), **overrides}, False
+        self.proc, self.env, self.busy, self.last = None, {**_environ(), **overrides}, False, None
 
     def spawn(self, argv: list[str], cwd: str, stdout: str, stderr: str, append: bool = False) -> Forked | None:
         """stdout / stderr 是文件路径（同一个路径 = 2>&1）；append：接在文件末尾写（几次运行共用一个日志）。"""
         if {**_environ(), **self.overrides} != self.env:
             return None
-        assert not self.busy, "启动器一次只跑一个脚本：先 wait() 上一个"
+        if self.busy:                    # 一次只跑一个：上一个测试失败时留下的子进程先杀掉
+            self.last.send_signal(signal.SIGKILL)
+            self.last.wait()
         if self.proc is None or self.proc.poll() is not None:
             self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.DEVNULL, text=True, bufsize=1, env=self.env)
@@ -158,7 +160,8 @@ class Launcher:
                "append": append}
         self.busy = True
         self.proc.stdin.write(json.dumps(req) + "\n")
-        return Forked(self, json.loads(self.proc.stdout.readline())["pid"])
+        self.last = Forked(self, json.loads(self.proc.stdout.readline())["pid"])
+        return self.last
 
     def run(self, argv: list[str], cwd: str, timeout: float) -> subprocess.CompletedProcess | None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -183,6 +186,11 @@ class Launcher:
         if self.proc is not None:
             self.proc.stdin.close()
             self.proc.wait(timeout=30)
+
+
+def maybe(**overrides: str) -> Launcher | None:
+    """测试用的启动器；LLM_COURSE_TEST_FRESH=1 时返回 None（每次起全新解释器）。"""
+    return None if os.environ.get("LLM_COURSE_TEST_FRESH") == "1" else Launcher(**overrides)
 
 
 if __name__ == "__main__":

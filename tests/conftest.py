@@ -66,14 +66,21 @@ def tiny_models() -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def run_script():
-    """以子进程运行一个课程脚本（像学生那样），返回 CompletedProcess。
+def launcher():
+    """本 worker 的预热启动器（tests/_prefork.py：大库已导入，fork 出的子进程省下每次 1–7 秒的导入，其余与新解释器
+    一样）；设了 LLM_COURSE_TEST_FRESH=1 时是 None（每次起全新的解释器）。"""
+    from tests._prefork import maybe
 
-    子进程从预热启动器 fork 出来（tests/_prefork.py：大库已导入，省下每次 1–7 秒的导入；其余与新解释器一样）；
-    本测试改过环境变量、或设了 LLM_COURSE_TEST_FRESH=1 时照旧起全新的解释器。"""
-    from tests._prefork import Launcher
+    one = maybe()
+    yield one
+    if one:
+        one.close()
 
-    launcher = None if os.environ.get("LLM_COURSE_TEST_FRESH") == "1" else Launcher()
+
+@pytest.fixture(scope="session")
+def run_script(launcher):
+    """以子进程运行一个课程脚本（像学生那样），返回 CompletedProcess。子进程从 launcher fork 出来；本测试改过
+    环境变量、或没有启动器时起全新的解释器。"""
 
     def _run(rel: str, *args: str, timeout: int = 600, check: bool = False) -> subprocess.CompletedProcess:
         cwd = str(REPO / "tests")   # 故意不在仓库根目录运行
@@ -85,9 +92,7 @@ def run_script():
             raise AssertionError(f"{rel} 退出码 {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return proc
 
-    yield _run
-    if launcher:
-        launcher.close()
+    return _run
 
 
 class SharedSmoke:

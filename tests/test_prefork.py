@@ -70,3 +70,13 @@ def test_spawn_is_a_popen_a_signal_can_kill(launcher, tmp_path):
     assert sleeper.wait(timeout=60) == -9                     # 与 Popen 一样：被信号杀死是负的信号号
     text = log.read_text(encoding="utf-8")
     assert text.count("argv") == 2 and "中文输出" in text       # 两次运行都在，第一次的没被截掉
+
+
+def test_a_leftover_child_is_killed_before_the_next_spawn(launcher, tmp_path):
+    """上一个测试失败、没等它的子进程结束：下一次 spawn 先杀掉它，不会卡住也不会串了协议。"""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE, encoding="utf-8")
+    leftover = launcher.spawn([str(probe), "sleep"], cwd=str(tmp_path), stdout=str(tmp_path / "a"),
+                              stderr=str(tmp_path / "a"))
+    assert launcher.run([str(probe), "5"], cwd=str(tmp_path), timeout=60).returncode == 5
+    assert leftover.poll() == -9

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from tests._prefork import Launcher
+from tests._prefork import maybe
 from tests.conftest import REPO
 
 SCRIPTS = sorted(p.relative_to(REPO).as_posix() for d in ("lesson1_sft", "lesson6_rag")
@@ -59,7 +59,7 @@ def fresh_seed_launcher():
     """第二次运行的进程：从哈希种子与本进程（pytest worker）不同的预热启动器 fork 出来（tests/_prefork.py：
     大库已导入，省下每个脚本 5–7 秒的导入；字符串哈希的顺序由启动器的 PYTHONHASHSEED 决定，与新解释器一样）。"""
     fresh = "2" if os.environ.get("PYTHONHASHSEED") != "2" else "3"
-    launcher = None if os.environ.get("LLM_COURSE_TEST_FRESH") == "1" else Launcher(PYTHONHASHSEED=fresh)
+    launcher = maybe(PYTHONHASHSEED=fresh)
     yield fresh, launcher
     if launcher:
         launcher.close()

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from common import run
-from tests._prefork import Forked, Launcher
+from tests._prefork import Forked
 from tests.conftest import REPO, load_script
 
 SCRIPT = "lesson1_sft/03_hf_finetune/hf_finetune_scaffold.py"
@@ -34,18 +34,9 @@ def reference(tmp_path_factory, tiny_models):
     return mod.main(mod.Args(smoke=True, output_dir=str(out), save_total_limit=3)), out
 
 
-@pytest.fixture(scope="module")
-def launcher():
-    """被杀的进程从预热启动器 fork 出来（tests/_prefork.py）：每次省下 5 秒导入，同样是一个能被 SIGKILL 的独立进程；
-    LLM_COURSE_TEST_FRESH=1 时每次起全新解释器。"""
-    one = None if os.environ.get("LLM_COURSE_TEST_FRESH") == "1" else Launcher()
-    yield one
-    if one:
-        one.close()
-
-
 def _spawn(out, resume: bool, log, launcher=None):
-    """起一次训练（log：几次运行共用的日志文件，接在末尾写）。"""
+    """起一次训练（log：几次运行共用的日志文件，接在末尾写）。被杀的进程从 conftest 的预热启动器 fork 出来：每次省下
+    5 秒导入，同样是一个能被 SIGKILL 的独立进程；没有启动器时起全新解释器。"""
     argv = [str(REPO / SCRIPT), "--smoke", "--output-dir", str(out)] + (["--resume"] if resume else [])
     forked = launcher and launcher.spawn(argv, cwd=str(out.parent), stdout=str(log), stderr=str(log), append=True)
     if forked:
