@@ -9,8 +9,8 @@
                      矩阵乘峰值，每 token 6N + 注意力 FLOPs）
   评估（第 1 课 05）：评估 tokens/s ÷ 训练 tokens/s（评估只做前向，应 ≥ 2 倍）
   生成（第 1 课 06）：KV 缓存开 / 关、批 1 / 批 8、fp32 / bf16 的 tokens/s
-  服务（第 5 课 07）：1 / 8 / 32 并发的 req/s、tokens/s、p50/p95、TTFT，fp 权重与 --weights int8（只量化权重）
-                     各一遍；同样的压测打 llama-server
+  服务（第 5 课 07）：1 / 8 / 32 并发的 req/s、tokens/s、p50/p95、TTFT，fp 权重、--weights int8（只量化权重）、
+                     int8 + --compile、int4 + --compile 各一遍；同样的压测打 llama-server
   检索（第 7 课 06）：FAISS Flat / HNSW 与 BM25 在 1 万与 10 万块上的 QPS 与 p95
   自有数据（第 1 课 05）：学生式 220 条长回答数据的完整默认运行：总用时（目标 ≤ 10 分钟）、评估占比（≤ 10%）
 
@@ -68,6 +68,10 @@ STEPS = [
     # 同样的 int8 权重再加 --compile（torch.compile 解码那一步）：两行之差就是编译换来的
     ("serve_compiled", L5_07, ["--concurrency", "1,8,32", "--requests-per-level", "32", "--server-weights", "int8",
                                "--server-compile"]),
+    # int4 权重（每 32 个一组，与 GGUF 的 Q4_1 同一种格子；输出层留 int8）+ --compile：每个 token 读的权重字节
+    # 与 llama-server 读的 Q4_1 文件相当，单路差距就只剩实现
+    ("serve_int4", L5_07, ["--concurrency", "1,8,32", "--requests-per-level", "32", "--server-weights", "int4",
+                           "--server-compile"]),
     ("retrieval", L7_06, ["--sizes", "10000", "100000", "--indexes", "flat", "hnsw", "bm25", "--clients", "1", "4",
                           "--serve", "false"]),
     # 学生拿自己的长回答数据来跑：第 1 课 05 的完整默认运行（训练预算 6 分钟、自动评估间隔），量总用时与评估占比
@@ -110,16 +114,18 @@ ROWS = [
     ("服务（int8 + --compile）：1 并发 tokens/s", "serve_compiled", "concurrency_1.tokens_per_s", None, None, None),
     ("服务（int8 + --compile）：8 并发 tokens/s", "serve_compiled", "concurrency_8.tokens_per_s", None, None, None),
     ("服务（int8 + --compile）：1 并发 TTFT p50 ms", "serve_compiled", "concurrency_1.ttft_p50_ms", None, None, None),
+    ("服务（int4 + --compile）：1 并发 tokens/s", "serve_int4", "concurrency_1.tokens_per_s", None, None, None),
+    ("服务（int4 + --compile）：8 并发 tokens/s", "serve_int4", "concurrency_8.tokens_per_s", None, None, None),
     # 各种服务方式与 llama-server 比：单路目标 0.7，8 并发目标 1.0（issue 24）
     *[(f"{name}÷ llama-server：{c} 并发 tokens/s", step, f"concurrency_{c}.tokens_per_s",
        ("llama_cpp", f"concurrency_{c}.tokens_per_s"), ">=", goal)
       for step, name in (("serve", "本课服务 "), ("serve_int8", "服务（--weights int8）"),
-                         ("serve_compiled", "服务（int8 + --compile）"))
+                         ("serve_compiled", "服务（int8 + --compile）"), ("serve_int4", "服务（int4 + --compile）"))
       for c, goal in ((1, 0.7), (8, 1.0))],
     # 速度换来的差别：前 8 个问题的贪心回答与 fp32 服务（serve）逐字相同的比例（只报数：int8 本来就会在某处分岔）
     *[(f"{name}：贪心回答与 fp32 服务逐字相同的比例（8 个问题）", step, "greedy_same_as_fp32", None, None, None)
       for step, name in (("serve_int8", "服务（--weights int8）"), ("serve_compiled", "服务（int8 + --compile）"),
-                         ("llama_cpp", "llama-server（Q4_1）"))],
+                         ("serve_int4", "服务（int4 + --compile）"), ("llama_cpp", "llama-server（Q4_1）"))],
     ("自有长数据（sft_long.jsonl 220 条）：第 1 课 05 默认运行总秒数", "own_data", "seconds", None, "<=", 600),
     ("自有长数据：评估用时 ÷ 总用时", "own_data", "eval_seconds", ("own_data", "seconds"), "<=", 0.1),
     ("自有长数据：评估 tokens/s ÷ 训练 tokens/s", "own_data", "eval_tokens_per_s", ("own_data", "train_tokens_per_s"),

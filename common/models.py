@@ -285,43 +285,59 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_siz
     return [o.strip() for o in outs]
 
 
-def int8_weight_only(model: Any, float_prefill: bool = False) -> int:
-    """把模型里每个 nn.Linear 换成"只量化权重"的 int8 版本（逐输出通道的对称 scale），激活用 bf16；就地修改，
-    返回换掉了几层。与第 1 课 06 的动态 int8（激活在运行时量化）不同：不碰激活的取值范围，就没有激活离群值那一伤；
-    省的是逐 token 解码里最贵的那件事——读权重（int8 是 fp32 的 1/4 字节）。
-    矩阵乘走 torch 的 _weight_int8pack_mm（CPU 上"int8 权重 × 浮点激活"的核心，torchao 也用它）。激活必须是 bf16：
-    这个核心只为 bf16 优化，同一个 576×1536 的矩阵乘，fp32 激活比 bf16 慢一个数量级，也比不量化的 fp32 慢。
+def weight_only(model: Any, bits: int = 8, float_prefill: bool = False) -> int:
+    """把模型里每个 nn.Linear 换成"只量化权重"的版本，激活用 bf16；就地修改，返回换掉了几层。
+    与第 1 课 06 的动态 int8（激活在运行时量化）不同：不碰激活的取值范围，就没有激活离群值那一伤；
+    省的是逐 token 解码里最贵的那件事——读权重（int8 是 fp32 的 1/4 字节，int4 是 1/8）。
+    bits=8：逐输出通道的对称 scale，走 torch 的 _weight_int8pack_mm（CPU 上"int8 权重 × bf16 激活"的核心，torchao
+    也用它；这个核心只为 bf16 优化，fp32 激活比 bf16 慢一个数量级）。
+    bits=4：每 32 个输入一组、组内 min/max 非对称（与 GGUF 的 Q4_1 同一种格子：SmolLM2 的 Q4_1 层按这个规则量回
+    int4 时每组都落回原来的 16 个值，只差 scale 存成 bf16 的舍入），走 _weight_int4pack_mm_for_cpu。输出层
+    （lm_head，它的误差直接挪动 logits）和形状不合核心要求的层留在 int8——llama.cpp 的 Q4_1 文件里输出层也是 8 位。
     """
     import torch
 
     # 先收集再替换：边遍历 named_modules 边改会漏掉或重复；lm_head 与词嵌入共享权重时，换掉的只是 lm_head 这一份
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    # float_prefill：另留一份 fp32 权重给提示的预填充（一次几十上百行）。这个核心按行循环：65 行时比 fp32 GEMM 慢一倍
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # float_prefill：另留一份 fp32 权重给提示的预填充（一次几十上百行）。量化核心按行循环：65 行时比 fp32 GEMM 慢一倍
     # （576×1536：939 对 473 µs），解码的 1-8 行时不输；代价是内存里多一份原权重。普通属性，model.to() 不碰它
     dense = {name: lin.weight.detach().float().clone() for name, lin in targets} if float_prefill else {}
-    model.to(torch.bfloat16)   # 其余的层（RMSNorm、注意力、词嵌入）随之用 bf16：激活在层与层之间不再来回转换
 
-    class Int8Linear(torch.nn.Module):
-        def __init__(self, lin: torch.nn.Linear, dense: Any):
+    class QuantLinear(torch.nn.Module):
+        def __init__(self, lin: torch.nn.Linear, dense: Any, bits: int):
             super().__init__()
-            w = lin.weight.detach().float()
-            scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)   # 每个输出通道一个 scale：一行一个量级
-            self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-            self.register_buffer("scale", scale.to(lin.weight.dtype))
+            w, (n, k) = lin.weight.detach().float(), lin.weight.shape   # 从原精度的权重量化（还没转 bf16）
+            self.bits = 4 if bits == 4 and k % 32 == 0 and n % 16 == 0 and lin is not head else 8
+            if self.bits == 8:
+                scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)   # 每个输出通道一个 scale：一行一个量级
+                self.register_buffer("weight_q", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+                self.register_buffer("scale", scale)
+            else:   # 核心的反量化是 (q - 8) * scale + zero：zero 是组的中点，先舍入成 bf16 再算 q，两边用同一个格子
+                g = w.reshape(n, k // 32, 32)
+                lo, hi = g.amin(-1), g.amax(-1)
+                scale = ((hi - lo) / 15).clamp(min=1e-12).to(torch.bfloat16)
+                zero = (lo + 8 * scale.float()).to(torch.bfloat16)
+                q = torch.round((g - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)
+                self.register_buffer("weight_q", torch._convert_weight_to_int4pack_for_cpu(q.reshape(n, k).int(), 1))
+                self.register_buffer("scale", torch.stack([scale.t(), zero.t()], -1).contiguous())
             self.bias, self.dense = lin.bias, dense
 
         def forward(self, x):  # noqa: ANN001
             x2 = x.reshape(-1, x.shape[-1])
             if self.dense is not None and x.dim() > 2 and x.shape[-2] > 1:   # (批, 序列>1, 隐藏)：预填充
                 y = (x2.float() @ self.dense.t()).to(x.dtype)
+            elif self.bits == 8:
+                y = torch._weight_int8pack_mm(x2.contiguous(), self.weight_q, self.scale)
             else:
-                y = torch._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale)
+                y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight_q, 32, self.scale)
             y = y.reshape(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
 
     for name, lin in targets:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, Int8Linear(lin, dense.get(name)))
+        setattr(model.get_submodule(parent) if parent else model, child, QuantLinear(lin, dense.get(name), bits))
+    model.to(torch.bfloat16)   # 其余的层（RMSNorm、注意力、词嵌入）与 scale、bias 用 bf16：激活在层与层之间不再来回转换
     return len(targets)
 
 

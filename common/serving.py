@@ -10,7 +10,7 @@ FastAPI + uvicorn，说 OpenAI 的 /v1/chat/completions（普通 + SSE 流式）
   python -m common.serving --port 8000                          # smollm2-135m
   python -m common.serving --smoke --port 8000                  # tiny-qwen2
   python -m common.serving --model DIR --adapter LORA_DIR --api-key sk-xxx --port 8000
-  python -m common.serving --weights int8 --compile --port 8000    # CPU 上单路最快：int8 权重 + 编译解码步
+  python -m common.serving --weights int4 --compile --port 8000    # CPU 上单路最快：int4 权重 + 编译解码步
 """
 from __future__ import annotations
 
@@ -63,9 +63,10 @@ class _Args:
     device: str = cli.arg("auto", "auto / cpu / cuda")
     dtype: str = cli.arg("auto", "auto：GPU bf16；CPU 上极小模型 fp32，其余按 models.pick_dtype")
     threads: int = cli.arg(0, "torch CPU 线程数（0 = 自动：极小模型 1，其余 torch 默认）")
-    weights: str = cli.arg("fp", "线性层权重：fp = 按 --dtype；int8 = 解码用只量化权重的 int8、提示的预填充用留着的"
-                           " fp32（CPU；多占一份 fp32 权重的内存，逐 token 解码更快，见 make bench；贪心输出与 fp32"
-                           "有出入）", choices=["fp", "int8"])
+    weights: str = cli.arg("fp", "线性层权重：fp = 按 --dtype；int8 / int4 = 解码用只量化权重的 int8 / int4"
+                           "（int4 每 32 个一组、输出层留 int8），提示的预填充用留着的 fp32（CPU；多占一份 fp32 权重的"
+                           "内存，逐 token 解码更快，见 make bench；贪心输出与 fp32 有出入）",
+                           choices=["fp", "int8", "int4"])
     compile: bool = cli.arg(False, "torch.compile 解码那一步（静态 KV 缓存）：启动时先编译（要等一阵、要 C++ 编译器），"
                             "之后逐 token 更快；见 make bench")
     smoke: bool = cli.arg(False, "极小模型 tiny-qwen2")
@@ -481,13 +482,14 @@ def _load_engine(a: _Args, worker: ThreadPoolExecutor) -> _Engine:
         from peft import PeftModel
 
         mdl = PeftModel.from_pretrained(mdl, a.adapter).merge_and_unload()   # 合并后推理没有额外开销
-    if a.weights == "int8":   # 先合并 adapter 再量化：量化后的层不再是 nn.Linear，PEFT 合并不了
+    if a.weights != "fp":   # 先合并 adapter 再量化：量化后的层不再是 nn.Linear，PEFT 合并不了
         if mdl.device.type != "cpu":
-            raise UserError("--weights int8: 只在 CPU 上（GPU 上用 --dtype bfloat16 或 GPU 的量化核心）")
-        # 预填充一次几十上百行，torch 的 int8 核心按行循环、比 fp32 GEMM 慢一倍：留一份 fp32 权重给它（第 1 课 06
+            raise UserError(f"--weights {a.weights}: 只在 CPU 上（GPU 上用 --dtype bfloat16 或 GPU 的量化核心）")
+        # 预填充一次几十上百行，torch 的量化核心按行循环、比 fp32 GEMM 慢一倍：留一份 fp32 权重给它（第 1 课 06
         # 量 int8 的困惑度时不留，量的就是纯 int8）
-        n = models.int8_weight_only(mdl, float_prefill=True)
-        get_logger().info(f"--weights int8：{n} 个线性层解码用 int8 权重、预填充用 fp32 权重，激活 {mdl.dtype}")
+        n = models.weight_only(mdl, bits=int(a.weights[3:]), float_prefill=True)
+        get_logger().info(f"--weights {a.weights}：{n} 个线性层解码用 {a.weights} 权重（int4 时输出层 int8）、"
+                          f"预填充用 fp32 权重，激活 {mdl.dtype}")
     mdl.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

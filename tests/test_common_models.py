@@ -145,7 +145,7 @@ def test_chat_server_blames_the_adapter_before_starting_the_server(run_script, t
     assert "服务没能启动" not in p.stderr and not (out / "server.log").exists()
 
 
-def test_int8_weight_only_keeps_outputs_and_shrinks_weights(tiny_models):
+def test_weight_only_int8_keeps_outputs_and_shrinks_weights(tiny_models):
     """只量化权重：每个 Linear 都换掉、权重变成 int8，输出与原模型（同样是 bf16 激活）几乎一样。"""
     import copy
 
@@ -156,7 +156,7 @@ def test_int8_weight_only_keeps_outputs_and_shrinks_weights(tiny_models):
     model, tok = models.load("tiny-llama", dtype="float32")
     ref = copy.deepcopy(model).to(torch.bfloat16)
     q = copy.deepcopy(model)
-    n = models.int8_weight_only(q)
+    n = models.weight_only(q)
     assert n == sum(isinstance(m, torch.nn.Linear) for m in model.modules()) and n > 0
     assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
     assert lm.size_mb(q) < 0.7 * lm.size_mb(model)
@@ -168,6 +168,63 @@ def test_int8_weight_only_keeps_outputs_and_shrinks_weights(tiny_models):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
 
 
+def test_weight_only_int4_reads_half_the_bytes_of_int8_and_keeps_the_output_layer_at_int8(tiny_models):
+    """bits=4（聊天服务的 --weights int4）：能用 int4 核心的层是 int4（权重字节约 int8 的一半），lm_head 留 int8；
+    输出离 bf16 参照比 int8 远，但贪心的下一个 token 多数仍相同。"""
+    import copy
+
+    import torch
+
+    model, tok = models.load("tiny-llama", dtype="float32")
+    ref, q8, q4 = copy.deepcopy(model).to(torch.bfloat16), copy.deepcopy(model), copy.deepcopy(model)
+    models.weight_only(q8)
+    assert models.weight_only(q4, bits=4) == models.weight_only(copy.deepcopy(model), bits=4) > 0
+    head = q4.get_output_embeddings()
+    bits = [m.bits for m in q4.modules() if hasattr(m, "weight_q") and m is not head]
+    assert head.bits == 8 and bits.count(4) >= len(bits) // 2, bits
+    layers8 = {n: m for n, m in q8.named_modules() if hasattr(m, "weight_q")}
+    four = [(m, layers8[n]) for n, m in q4.named_modules() if getattr(m, "bits", 8) == 4]
+    assert sum(m.weight_q.nbytes for m, _ in four) * 2 == sum(m8.weight_q.nbytes for _, m8 in four)
+    ids = torch.tensor([tok("Review: great phone, works well", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        a, b8, b4 = (m(input_ids=ids).logits.float() for m in (ref, q8, q4))
+    e8, e4 = (a - b8).norm() / a.norm(), (a - b4).norm() / a.norm()
+    assert e8 < e4 < 0.1, (e8, e4)
+    assert (a.argmax(-1) == b4.argmax(-1)).float().mean() > 0.6
+
+
+def test_weight_only_int4_recovers_weights_already_on_a_q4_1_grid():
+    """SmolLM2 的 GGUF 层是 Q4_1（每 32 个一组，w = d·q + m）：这样的权重按组 min/max 量回 int4 时落回原来的格子，
+    int4 核心算出的就是原权重的矩阵乘（scale、zero 都能用 bf16 精确表示时逐位相同，只剩 bf16 激活的舍入）。"""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 64, 128
+    d = torch.tensor([2.0 ** e for e in torch.randint(-9, -6, (n * k // 32,), generator=g).tolist()])
+    q = torch.randint(0, 16, (n * k // 32, 32), generator=g)
+    q[:, 0], q[:, 1] = 0, 15    # 每组都用到最小和最大的格点（min/max 才能认出格子）
+    m = -8 * d                   # 组的中点 0：zero = m + 8d 正好是 bf16 能表示的
+    w = (q * d[:, None] + m[:, None]).reshape(n, k)
+    lin = torch.nn.Linear(k, n, bias=False)
+    lin.weight.data = w.clone()
+    net = torch.nn.Sequential(lin, torch.nn.Identity())
+    models.weight_only(net, bits=4)
+    assert net[0].bits == 4
+    x = torch.randn(3, k, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        y = net(x).float()
+    exact = x.float() @ w.t()
+    assert (y - exact).abs().max() < 0.02 * exact.abs().max(), (y - exact).abs().max()
+    # 对照：int8 在同一批权重上做不到（它的格子是逐行对称的 255 级，不是原来的 16 级）
+    lin8 = torch.nn.Linear(k, n, bias=False)
+    lin8.weight.data = w.clone()
+    net8 = torch.nn.Sequential(lin8)
+    models.weight_only(net8)
+    with torch.no_grad():
+        y8 = net8(x).float()
+    assert (y - exact).abs().mean() < (y8 - exact).abs().mean()
+
+
 def test_int8_float_prefill_uses_float_weights_only_for_the_prompt(tiny_models):
     """float_prefill（聊天服务的 --weights int8）：一次多个位置的前向（提示的预填充）走 fp32 权重，与 fp32 模型一致；
     一次一个位置的解码走 int8 核心，和不留 fp32 副本时逐位相同。"""
@@ -177,8 +234,8 @@ def test_int8_float_prefill_uses_float_weights_only_for_the_prompt(tiny_models):
 
     model, tok = models.load("tiny-llama", dtype="float32")
     q, hybrid = copy.deepcopy(model), copy.deepcopy(model)
-    models.int8_weight_only(q)
-    models.int8_weight_only(hybrid, float_prefill=True)
+    models.weight_only(q)
+    models.weight_only(hybrid, float_prefill=True)
     ids = torch.tensor([tok("Review: great phone, works well", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         ref, pure, mixed = (m(input_ids=ids).logits.float() for m in (model, q, hybrid))

@@ -391,3 +391,21 @@ def test_compiled_decode_gives_the_same_greedy_tokens(tiny_models):
     # 真的走了编译过的调用（transformers 把它存在 _compiled_call）：条件不满足时 generate 会静悄悄退回 eager
     assert hasattr(engines[1].model, "_compiled_call") and not hasattr(engines[0].model, "_compiled_call")
     assert torch.equal(eager, compiled), (eager, compiled)
+
+
+def test_int4_weights_serve_with_a_float_prefill_and_an_int8_output_layer(tiny_models):
+    """--weights int4：解码层是 int4、输出层留 int8、预填充走留着的 fp32；贪心生成照常结束（长度或 EOS）。"""
+    import torch
+
+    from common import cli, serving
+
+    engine = serving._load_engine(cli.parse(serving._Args, ["--smoke", "--weights", "int4"]), ThreadPoolExecutor(1))
+    model, tok = engine.model, engine.tok
+    layers = [m for m in model.modules() if hasattr(m, "weight_q")]
+    assert model.get_output_embeddings().bits == 8 and {m.bits for m in layers} == {4, 8}
+    assert all(m.dense is not None for m in layers)
+    enc = tok(["Hello there"], return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 6

@@ -17,7 +17,7 @@
 CPU 上两个比值都在 metrics.json 的 bf16_prefill_speedup 与 bf16_speedup，课程 README 的效率表列着参考运行的值）。
 只有 AVX512_BF16 点积指令的 CPU 上 bf16 两段都比 fp32 慢（make bench 的表里有比值），更老的 CPU 上是模拟的，
 更慢——没有 AMX 时"bf16 加快预填充"这一条记"未检查"，两个比值照实报。
-int8w 只量化权重、激活用 bf16（common.models.int8_weight_only，第 5 课聊天服务的 --weights int8）：逐 token 解码
+int8w 只量化权重、激活用 bf16（common.models.weight_only，第 5 课聊天服务的 --weights int8）：逐 token 解码
 读的权重字节少了大半，所以比 fp32 快，困惑度几乎不变；贪心输出仍会在某个 token 处与 fp32 分岔。
 动态 int8 的激活按整个张量在运行时量化：某一层输入里有离群值时就伤精度。脚本先逐类扫描（每次只量化一类 Linear，
 在校准样本上量困惑度比），把超过 --int8-sensitivity 的那类留在 fp32：
@@ -226,7 +226,7 @@ def precision_variants(model, calib: list[dict], pad_id: int, limit: float, log)
              f"留在 fp32：{keep or '无'}")
     # 只量化权重（激活不动）：逐 token 解码读的权重字节约 1/4，没有激活离群值的问题；第 5 课聊天服务的 --weights int8
     int8w = copy.deepcopy(model)
-    models.int8_weight_only(int8w)
+    models.weight_only(int8w)
     return {"fp32": model, "bf16": bf16, "int8": int8, "int8_all": int8_all, "int8w": int8w}, scan, keep
 
 

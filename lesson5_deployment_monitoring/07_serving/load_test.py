@@ -55,8 +55,8 @@ class Args(cli.CommonArgs):
     max_tokens: int = cli.arg(32, "每个请求生成多少 token", min=1, max=2048)
     api_key: str = cli.arg(None, "Bearer API key（被压服务要求时）")
     max_batch_size: int = cli.arg(8, "自己起服务时：动态批处理的批大小上限", min=1, max=256)
-    server_weights: str = cli.arg("fp", "自己起服务时的 --weights：fp / int8（只量化权重，见 common.serving）",
-                                  choices=["fp", "int8"])
+    server_weights: str = cli.arg("fp", "自己起服务时的 --weights：fp / int8 / int4（只量化权重，见 common.serving）",
+                                  choices=["fp", "int8", "int4"])
     server_compile: bool = cli.arg(False, "自己起服务时加 --compile（编译解码一步；启动时多等一阵）")
     timeout_s: float = cli.arg(300.0, "单个请求的超时（秒）", min=1)
     data: str = cli.arg(None, "本脚本不读数据文件：压测的提示取自内置问答集 data/kb/qa.jsonl 的问题")
