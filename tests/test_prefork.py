@@ -55,6 +55,17 @@ def test_timeout_kills_and_changed_environment_falls_back(launcher, tmp_path, mo
     assert launcher.run([str(probe), "0"], cwd=str(tmp_path), timeout=60) is None
 
 
+def test_defaults_that_imported_libraries_add_still_fork_and_reach_the_child(launcher, tmp_path, monkeypatch):
+    """测试进程里导入 deepspeed、用过 inductor 之后环境里多出的默认值：不算"环境变了"（还是 fork），子进程也看得到。"""
+    probe = tmp_path / "env.py"
+    probe.write_text("import os; print(os.environ.get('PYTORCH_NVML_BASED_CUDA_CHECK'), "
+                     "os.environ.get('TORCHINDUCTOR_CACHE_DIR'))", encoding="utf-8")
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    forked = launcher.run([str(probe)], cwd=str(tmp_path), timeout=60)
+    assert forked is not None and forked.stdout.split() == ["1", str(tmp_path / "inductor")]
+
+
 def test_spawn_is_a_popen_a_signal_can_kill(launcher, tmp_path):
     """spawn：像 Popen（poll / wait / send_signal），stdout 与 stderr 同一个文件 = 2>&1，append 接着写。"""
     probe = tmp_path / "probe.py"
