@@ -487,7 +487,11 @@ def _load_engine(a: _Args, worker: ThreadPoolExecutor) -> _Engine:
             raise UserError(f"--weights {a.weights}: 只在 CPU 上（GPU 上用 --dtype bfloat16 或 GPU 的量化核心）")
         # 预填充一次几十上百行，torch 的量化核心按行循环、比 fp32 GEMM 慢一倍：留一份 fp32 权重给它（第 1 课 06
         # 量 int8 的困惑度时不留，量的就是纯 int8）
-        n = models.weight_only(mdl, bits=int(a.weights[3:]), float_prefill=True)
+        try:
+            n = models.weight_only(mdl, bits=int(a.weights[3:]), float_prefill=True)
+        except (RuntimeError, NotImplementedError) as e:   # 这版 torch 在这种 CPU 上没有对应的量化核心
+            why = str(e).splitlines()[0][:150] if str(e) else type(e).__name__
+            raise UserError(f"--weights {a.weights}: 量化失败（{why}）；换 --weights fp") from None
         get_logger().info(f"--weights {a.weights}：{n} 个线性层解码用 {a.weights} 权重（int4 时输出层 int8）、"
                           f"预填充用 fp32 权重，激活 {mdl.dtype}")
     mdl.eval()

@@ -12,10 +12,10 @@ REPO = Path(__file__).resolve().parent.parent
 COMMON = REPO / "common"
 LESSON_FILES = sorted(p for p in REPO.glob("lesson*/*/*.py"))
 MAX_MAIN, MAX_FUNC = 60, 80          # main 读起来是编号步骤；每一步是一个具名函数
-MAX_COMMON_LINES = 3063             # 棘轮：issue 20 的目标是 2,500；只在机制从 ≥2 课搬进来、全仓行数下降时上调
-#   （3045 → 3063：models.weight_only(bits=4) 与聊天服务 --weights int4：每 32 个一组的 int4 权重，与 GGUF Q4_1
-#    同一种格子、输出层留 int8；issue 24 的"单路 ≥ llama.cpp 的 70%"——int8 每 token 读的字节是 Q4_1 的约 2 倍；
-#    第 1 课 06 与聊天服务共用，新机制）
+MAX_COMMON_LINES = 3067             # 棘轮：issue 20 的目标是 2,500；只在机制从 ≥2 课搬进来、全仓行数下降时上调
+#   （3045 → 3067：models.weight_only(bits=4) 与聊天服务 --weights int4（没有核心时一行错误）：每 32 个一组的
+#    int4 权重，与 GGUF Q4_1 同一种格子、输出层留 int8；issue 24 的"单路 ≥ llama.cpp 的 70%"——int8 每 token
+#    读的字节是 Q4_1 的约 2 倍；第 1 课 06 与聊天服务共用，新机制）
 #   （2981 → 3024：serving 的 --compile（编译解码步，启动时预热）与 int8_weight_only(float_prefill=)（预填充用
 #    fp32 权重），issue 24 的"compiled decode step、lower-precision weights"；聊天服务是第 5 课 01/07、第 7 课 05/06
 #    共用的，新机制）

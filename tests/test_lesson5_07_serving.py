@@ -409,3 +409,18 @@ def test_int4_weights_serve_with_a_float_prefill_and_an_int8_output_layer(tiny_m
         out = model.generate(**enc, max_new_tokens=6, min_new_tokens=6, do_sample=False,
                              pad_token_id=tok.pad_token_id)
     assert out.shape[1] == enc["input_ids"].shape[1] + 6
+
+
+def test_a_missing_int4_kernel_is_a_one_line_error(tiny_models, monkeypatch):
+    """这版 torch 在这种 CPU 上没有 int4 核心（如某些 ARM 构建）：--weights int4 是一行 UserError，不是 traceback。"""
+    import torch
+
+    from common import cli, serving
+    from common.errors import UserError
+
+    def missing(*_a, **_k):
+        raise NotImplementedError("Could not run '_convert_weight_to_int4pack_for_cpu' with arguments from CPU")
+
+    monkeypatch.setattr(torch, "_convert_weight_to_int4pack_for_cpu", missing)
+    with pytest.raises(UserError, match=r"^--weights int4: 量化失败（Could not run .*）；换 --weights fp$"):
+        serving._load_engine(cli.parse(serving._Args, ["--smoke", "--weights", "int4"]), ThreadPoolExecutor(1))
