@@ -18,7 +18,8 @@ CPU 上两个比值都在 metrics.json 的 bf16_prefill_speedup 与 bf16_speedup
 只有 AVX512_BF16 点积指令的 CPU 上 bf16 两段都比 fp32 慢（make bench 的表里有比值），更老的 CPU 上是模拟的，
 更慢——没有 AMX 时"bf16 加快预填充"这一条记"未检查"，两个比值照实报。
 int8w 只量化权重、激活用 bf16（common.models.weight_only，第 5 课聊天服务的 --weights int8）：逐 token 解码
-读的权重字节少了大半，所以比 fp32 快，困惑度几乎不变；贪心输出仍会在某个 token 处与 fp32 分岔。
+读的权重字节少了大半，所以比 fp32 快，困惑度几乎不变；贪心输出仍会在某个 token 处与 fp32 分岔。int4w 每 32 个一组
+（与 GGUF 的 Q4_1 同一种格子，输出层留 int8，聊天服务的 --weights int4）：读的字节再减一半，困惑度仍贴近 fp32。
 动态 int8 的激活按整个张量在运行时量化：某一层输入里有离群值时就伤精度。脚本先逐类扫描（每次只量化一类 Linear，
 在校准样本上量困惑度比），把超过 --int8-sensitivity 的那类留在 fp32：
 smollm2 上是 MLP 的输出投影 down_proj（"全部量化"的对照行 int8_all 困惑度翻倍以上），留下它之后 int8 仍更快、权重
@@ -95,6 +96,12 @@ CLAIMS = [
     run.Claim("只量化权重的 int8（激活 bf16）提速：int8w / fp32 的 tokens/s", "int8w_speedup", ">=", None, 1.15),
     run.Claim("只量化权重的 int8 几乎不损精度：int8w / fp32 困惑度", 'perplexity["int8w"] / perplexity["fp32"]', "<=",
               1.05, 1.05),
+    # int4 的码与 SmolLM2 GGUF 里 Q4_1 的码逐个相同（只差 scale 的 bf16 舍入）：困惑度应与 int8w 一样贴近 fp32。
+    # 极小模型的权重不在这个格子上，冒烟不检查
+    run.Claim("只量化权重的 int4（每 32 个一组，输出层 int8）不损精度：int4w / fp32 困惑度",
+              'perplexity["int4w"] / perplexity["fp32"]', "<=", None, 1.05),
+    run.Claim("int4 比 int8 快（每个 token 读的权重字节约一半）：int4w / int8w 的 tokens/s", "int4w_vs_int8w_speedup",
+              ">=", None, 1.05),
     run.Claim("动态 int8（混合精度）权重变小：int8 / fp32 的权重体积", 'size_mb["int8"] / size_mb["fp32"]', "<=",
               0.9, 0.8),
     run.Claim("逐类扫描后的 int8 保住精度：int8 / fp32 困惑度（同一批回复 token，不用于扫描）",
@@ -225,9 +232,11 @@ def precision_variants(model, calib: list[dict], pad_id: int, limit: float, log)
     log.info(f"int8 逐类敏感度（单独量化这一类时的困惑度比，{len(calib)} 条校准样本）：{scan}；"
              f"留在 fp32：{keep or '无'}")
     # 只量化权重（激活不动）：逐 token 解码读的权重字节约 1/4，没有激活离群值的问题；第 5 课聊天服务的 --weights int8
-    int8w = copy.deepcopy(model)
+    int8w, int4w = copy.deepcopy(model), copy.deepcopy(model)
     models.weight_only(int8w)
-    return {"fp32": model, "bf16": bf16, "int8": int8, "int8_all": int8_all, "int8w": int8w}, scan, keep
+    # int4：每 32 个一组、组内 min/max（GGUF Q4_1 的格子），输出层留 int8；读的字节再减一半（聊天服务的 --weights int4）
+    models.weight_only(int4w, bits=4)
+    return {"fp32": model, "bf16": bf16, "int8": int8, "int8_all": int8_all, "int8w": int8w, "int4w": int4w}, scan, keep
 
 
 def config_table(batch_sizes: list[int], max_threads: int) -> dict[str, tuple[str, int, bool, int]]:
@@ -235,7 +244,7 @@ def config_table(batch_sizes: list[int], max_threads: int) -> dict[str, tuple[st
     同时改两样，快慢就分不清该归功于谁。"""
     configs = {"fp32": ("fp32", 1, True, max_threads), "fp32_no_kv": ("fp32", 1, False, max_threads),
                "bf16": ("bf16", 1, True, max_threads), "int8": ("int8", 1, True, max_threads),
-               "int8w": ("int8w", 1, True, max_threads)}
+               "int8w": ("int8w", 1, True, max_threads), "int4w": ("int4w", 1, True, max_threads)}
     for bs in batch_sizes:
         if bs > 1:
             configs[f"fp32_bs{bs}"] = ("fp32", bs, True, max_threads)
@@ -356,6 +365,7 @@ def main(args: Args) -> dict:
         "kv_cache_speedup": round(tps["fp32"] / tps["fp32_no_kv"], 3),
         "int8_speedup": round(tps["int8"] / tps["fp32"], 3),
         "int8w_speedup": round(tps["int8w"] / tps["fp32"], 3),
+        "int4w_vs_int8w_speedup": round(tps["int4w"] / tps["int8w"], 3),
         "bf16_speedup": round(tps["bf16"] / tps["fp32"], 3),   # 批 1 解码：AMX 也不加速，见文件头
         "bf16_prefill_speedup": round(ttft["fp32"] / ttft["bf16"], 3),
         **({"bf16_prefill_speedup_native": round(ttft["fp32"] / ttft["bf16"], 3)} if models.cpu_has_bf16() else {}),
