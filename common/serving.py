@@ -488,7 +488,7 @@ def _load_engine(a: _Args, worker: ThreadPoolExecutor) -> _Engine:
         # 预填充一次几十上百行，torch 的量化核心按行循环、比 fp32 GEMM 慢一倍：留一份 fp32 权重给它（第 1 课 06
         # 量 int8 的困惑度时不留，量的就是纯 int8）
         try:
-            n = models.weight_only(mdl, bits=int(a.weights[3:]), float_prefill=True)
+            n = models.weight_only(mdl, bits={"int8": 8, "int4": 4}[a.weights], float_prefill=True)
         except (RuntimeError, NotImplementedError) as e:   # 这版 torch 在这种 CPU 上没有对应的量化核心
             why = str(e).splitlines()[0][:150] if str(e) else type(e).__name__
             raise UserError(f"--weights {a.weights}: 量化失败（{why}）；换 --weights fp") from None
