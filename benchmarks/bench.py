@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 import course  # noqa: E402  (仓库根目录加进 sys.path 之后才能导入)
 from common import run, services  # noqa: E402
+from common.errors import brief  # noqa: E402
 
 RESULT = REPO / "results" / "bench-cpu-2core.json"
 LLAMA_CPP_VERSION = "0.3.36"   # llama-cpp-python 的版本：源码包里带的 llama.cpp 就是被比的那一版
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "ok": True, "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"], **_stamp()}
             found["llama_cpp"] = steps["llama_cpp"]["metrics"] = _used("llama_cpp", r["metrics"])
         except (RuntimeError, subprocess.SubprocessError, OSError, StopIteration) as e:
-            why["llama_cpp"] = f"llama-server 没有测：{str(e).splitlines()[0][:200]}"
+            why["llama_cpp"] = f"llama-server 没有测：{brief(e, 200)}"
             log.warning(why["llama_cpp"])
     elif a.smoke:
         why["llama_cpp"] = "冒烟模式不编、不起 llama-server"

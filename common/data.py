@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import UserError
+from common.errors import UserError, brief
 from common.run import get_logger
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -316,8 +316,8 @@ def _read_document(path: Path) -> str:
         try:
             text = "\n".join(page.extract_text() or "" for page in PdfReader(path).pages)
         except Exception as e:  # noqa: BLE001 - pypdf 对坏文件抛的异常五花八门（PdfReadError、KeyError、ValueError……）
-            msg = str(e).splitlines()[0][:150] if str(e) else ""
-            raise UserError(f"{path}: PDF 无法解析，文件可能损坏、被截断或加密（{type(e).__name__}: {msg}）") from None
+            why = f"{type(e).__name__}: {brief(e, 150)}"
+            raise UserError(f"{path}: PDF 无法解析，文件可能损坏、被截断或加密（{why}）") from None
     else:
         text = _read_text(path, "文档应是普通文件")
     if path.suffix.lower() in (".html", ".htm"):

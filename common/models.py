@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from common import data, safety
-from common.errors import UserError
+from common.errors import UserError, brief
 from common.run import get_logger
 from common.tiny import TINY_NAMES
 
@@ -134,7 +134,7 @@ def _download(repo_id: str, source: str) -> Path:
         return Path(ms_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # noqa: BLE001 - 网络/仓库错误统一成一行
         raise UserError(f"--model {repo_id} --source {source}: 下载失败（{type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:160] if str(e) else ''}）；离线时请改用本地目录") from None
+                        f"{brief(e)}）；离线时请改用本地目录") from None
 
 
 def check_dir(path: str | Path, flag: str = "--model", adapter: bool = False, trust_remote_code: bool = False) -> Path:
@@ -167,8 +167,7 @@ def check_dir(path: str | Path, flag: str = "--model", adapter: bool = False, tr
             with safe_open(str(f), framework="numpy"):   # numpy：只为读头，不必为此初始化 torch
                 pass
         except Exception as e:  # noqa: BLE001 - 截断、损坏、不是 safetensors：对学生都是同一件事
-            raise UserError(f"{flag} {path}: 权重 {f.name} 不是完整的 safetensors 文件"
-                            f"（{(str(e).splitlines() or [''])[0][:120]}）") from None
+            raise UserError(f"{flag} {path}: 权重 {f.name} 不是完整的 safetensors 文件（{brief(e, 120)}）") from None
     return p
 
 
@@ -220,8 +219,7 @@ def load_tokenizer(name: str, source: str = "auto", trust_remote_code: bool = Fa
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, TypeError, huggingface_hub.errors.StrictDataclassFieldValidationError) as e:
-        raise UserError(f"--model {name}: 无法加载分词器（{type(e).__name__}: {str(e).splitlines()[0][:160]}）") \
-            from None
+        raise UserError(f"--model {name}: 无法加载分词器（{type(e).__name__}: {brief(e)}）") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -243,7 +241,7 @@ def load(name: str, source: str = "auto", device: str = "auto", dtype: str = "au
                                                      trust_remote_code=trust_remote_code, **model_kwargs)
     except (ValueError, OSError, TypeError, huggingface_hub.errors.StrictDataclassFieldValidationError) as e:
         # 缺权重、不可信的代码 check_dir 已经拒绝过；这里是文件坏了、配置里的值不合法（NaN、类型不对）之类
-        raise UserError(f"--model {name}: 无法加载（{type(e).__name__}: {str(e).splitlines()[0][:200]}）") from None
+        raise UserError(f"--model {name}: 无法加载（{type(e).__name__}: {brief(e, 200)}）") from None
     if "device_map" not in model_kwargs and "quantization_config" not in model_kwargs:
         model.to(dev)
     why = "（训练用 fp32 主权重）" if dtype == "auto" and for_training and dev.type == "cpu" else ""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from common import cli, data
 from common.data import Document
-from common.errors import UserError
+from common.errors import UserError, brief
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _load(flag: str, name: str, make):
     try:
         return make()
     except Exception as e:  # noqa: BLE001 - 任何加载失败对学生都是同一件事：这个参数给的模型用不了
-        raise UserError(f"{flag} {name}: 无法加载（{type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}）；"
+        raise UserError(f"{flag} {name}: 无法加载（{type(e).__name__}: {brief(e, 150)}）；"
                         "离线时请给本地目录，或先联网下载一次") from None
 
 

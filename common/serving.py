@@ -462,7 +462,7 @@ def _create_app(engine: _Engine):
 def _load_engine(a: _Args, worker: ThreadPoolExecutor) -> _Engine:
     """加载模型（可选 LoRA adapter，合并后服务）并建 Engine；在生成线程 worker 里调用。"""
     from common import models
-    from common.errors import UserError
+    from common.errors import UserError, brief
     from common.run import get_logger
     from common.tiny import TINY_NAMES
 
@@ -490,8 +490,7 @@ def _load_engine(a: _Args, worker: ThreadPoolExecutor) -> _Engine:
         try:
             n = models.weight_only(mdl, bits={"int8": 8, "int4": 4}[a.weights], float_prefill=True)
         except (RuntimeError, NotImplementedError) as e:   # 这版 torch 在这种 CPU 上没有对应的量化核心
-            why = str(e).splitlines()[0][:150] if str(e) else type(e).__name__
-            raise UserError(f"--weights {a.weights}: 量化失败（{why}）；换 --weights fp") from None
+            raise UserError(f"--weights {a.weights}: 量化失败（{brief(e, 150)}）；换 --weights fp") from None
         get_logger().info(f"--weights {a.weights}：{n} 个线性层解码用 {a.weights} 权重（int4 时输出层 int8）、"
                           f"预填充用 fp32 权重，激活 {mdl.dtype}")
     mdl.eval()
@@ -509,7 +508,7 @@ def _compile_decode(mdl, tok) -> None:  # noqa: ANN001
     import torch
     from transformers import CompileConfig
 
-    from common.errors import UserError
+    from common.errors import UserError, brief
     from common.run import get_logger
 
     cc = CompileConfig(mode="default")   # 默认的 reduce-overhead 是 CUDA graphs，CPU 上没有
@@ -523,7 +522,7 @@ def _compile_decode(mdl, tok) -> None:  # noqa: ANN001
                 mdl.generate(**enc, max_new_tokens=4, do_sample=False, temperature=None, top_p=None, top_k=None,
                              cache_implementation="static", pad_token_id=tok.pad_token_id)
     except Exception as e:  # noqa: BLE001 —— inductor 的失败（没有 C++ 编译器、不支持的算子）五花八门
-        raise UserError(f"--compile: 编译失败（{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}）；"
+        raise UserError(f"--compile: 编译失败（{type(e).__name__}: {brief(e, 150)}）；"
                         "去掉 --compile 即可照常服务") from None
     get_logger().info(f"--compile：解码一步已编译（{time.perf_counter() - t0:.0f} 秒）")
 

@@ -343,3 +343,14 @@ def test_huge_value_is_one_line_exit_2(rel, flag, run_script, tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert len(p.stderr.strip().splitlines()) == 1 and flag in p.stderr and str(meta["max"]) in p.stderr, p.stderr
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_brief_is_one_line_even_when_the_library_says_nothing():
+    """库异常的消息可能为空（不带文字的 assert）或以空行开头：原来的 str(e).splitlines()[0] 在前者抛 IndexError，
+    在后者给出空原因。brief 给第一个非空行，为空时给类型名，并截断。"""
+    from common.errors import brief
+
+    assert brief(AssertionError()) == "AssertionError"
+    assert brief(ValueError("\n   \n  vocab_size must be finite \nTraceback detail")) == "vocab_size must be finite"
+    assert brief(OSError("x" * 500), 20) == "x" * 20
+    assert brief("problem text") == "problem text"

@@ -88,3 +88,18 @@ def test_smoke_still_checks_an_explicit_model(tmp_path, tiny_models):
         mod.main(cli.parse(mod.Args, ["--smoke", "--model", str(bad), "--output-dir", str(tmp_path / "o")]))
     assert str(e.value).startswith(f"--model {bad}: ") and "\n" not in str(e.value)
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_tokenizer_failure_without_message_is_one_line(tmp_path, tiny_models, monkeypatch):
+    """分词器加载抛出不带文字的异常（transformers 里的裸 assert）：仍是一行 UserError 点名 --model，不是 IndexError。"""
+    from common import cli, models
+
+    mod = load_script(SCRIPT)
+
+    def broken(*a, **kw):
+        raise AssertionError()
+
+    monkeypatch.setattr(models, "load_tokenizer", broken)
+    with pytest.raises(UserError) as e:
+        mod.main(cli.parse(mod.Args, ["--smoke", "--model", "tiny-qwen2", "--output-dir", str(tmp_path)]))
+    assert str(e.value) == "--model tiny-qwen2: 加载不了分词器（AssertionError）"

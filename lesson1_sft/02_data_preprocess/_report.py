@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 
 from common import models, run
-from common.errors import UserError
+from common.errors import UserError, brief
 
 TEMPLATE = Path(__file__).resolve().parent / "data_card_template.md"   # 模板与本文件同目录：改措辞不用动代码
 
@@ -36,7 +36,7 @@ def tokenizer(args, log):
         # 传上一行解析好的本地目录 + "local"：不再按名字走一遍下载 / 构建的逻辑
         tok = models.load_tokenizer(str(path), "local", args.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers 对坏配置（NaN 尺寸、不认识的 model_type）抛的异常各不相同
-        raise UserError(f"--model {name}: 加载不了分词器（{str(e).strip().splitlines()[0][:160]}）") from None
+        raise UserError(f"--model {name}: 加载不了分词器（{brief(e)}）") from None
     if not args.count_tokens:
         log.info(f"不数 token（冒烟或 --no-count-tokens）：--model {name} 只检查了分词器能加载，没有使用")
         return None

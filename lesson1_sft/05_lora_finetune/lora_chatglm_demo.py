@@ -36,7 +36,7 @@ import shutil
 from dataclasses import dataclass
 
 from common import cli, data, models, run, train
-from common.errors import UserError
+from common.errors import UserError, brief
 
 _plan = run.import_sibling(__file__, "_plan")   # 这一课独有的训练计划：步数、预算、梯度检查点、打包核对
 
@@ -171,7 +171,7 @@ def add_lora(model, args: Args, log):
         return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, task_type="CAUSAL_LM",
                                                 lora_dropout=args.lora_dropout, target_modules=mods)), mods
     except ValueError as e:   # 名字写错时 PEFT 的报错很长，这里说清是哪个参数
-        raise UserError(f"--target-modules {args.target_modules}: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"--target-modules {args.target_modules}: {brief(e, 200)}") from None
 
 
 def build_trainer(args: Args, out, model, tok, rows: list[dict], eval_rows: list[dict], p: dict, ckpt: bool):

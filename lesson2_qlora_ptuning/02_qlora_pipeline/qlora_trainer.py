@@ -35,7 +35,7 @@ import math
 from dataclasses import dataclass
 
 from common import cli, data, models, run, train
-from common.errors import UserError
+from common.errors import UserError, brief
 
 
 @dataclass
@@ -100,7 +100,7 @@ def skip_modules_for_cpu(args: Args, blocksize: int = 64) -> list[str]:
         cfg = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - transformers 对坏配置（NaN 尺寸、不认识的 model_type）抛的异常各不相同
         raise UserError(f"--model {args.resolved_model()}: config.json 不是能用的模型配置"
-                        f"（{str(e).strip().splitlines()[0][:160]}）") from None
+                        f"（{brief(e)}）") from None
     with init_empty_weights():   # 只建结构（meta 张量），不占内存
         meta = AutoModelForCausalLM.from_config(cfg)
     # 只留最后一段名字（如 down_proj）：transformers 按后缀匹配 llm_int8_skip_modules，各层同名的 Linear 一起跳过；

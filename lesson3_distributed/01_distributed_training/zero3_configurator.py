@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import cli, data, models, run, services, train
-from common.errors import UserError
+from common.errors import UserError, brief
 
 HERE = Path(__file__).resolve().parent   # worker 按文件路径交给 torchrun：从任何工作目录运行都找得到
 GB = 2**30   # DeepSpeed 估算器返回字节：三列都除以同一个 2**30，对照的百分比里才不会混进单位差
@@ -112,7 +112,7 @@ def count_params(args: Args) -> tuple[int, int, str]:
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers 对坏配置（NaN 尺寸、不认识的 model_type）抛的异常各不相同
         raise UserError(f"--model {args.resolved_model()}: config.json 不是能用的模型配置"
-                        f"（{str(e).strip().splitlines()[0][:160]}）") from None
+                        f"（{brief(e)}）") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=args.trust_remote_code)
     total = sum(p.numel() for p in model.parameters())   # parameters() 已去掉共享（tied）的权重

@@ -8,7 +8,7 @@ PPO 的 ρ = π_new/π_old 会因为填充而偏离 1，截断也就失去意义
 from __future__ import annotations
 
 from common import data
-from common.errors import UserError
+from common.errors import UserError, brief
 
 
 def positions(mask):
@@ -87,8 +87,7 @@ def load_reward_model(path, dtype, device, flag: str | None = None):
     except Exception as e:  # noqa: BLE001 - 任何加载失败对学生都是同一件事：这个目录当不了奖励模型
         if flag is None:
             raise
-        raise UserError(f"{flag} {path}: 无法加载（{type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:160]}）") from None
+        raise UserError(f"{flag} {path}: 无法加载（{type(e).__name__}: {brief(e)}）") from None
 
 
 def text_of(x) -> str:

@@ -32,7 +32,7 @@ chosen 与 rejected 的分数分不开；训练后准确率明显升高，平均
 from dataclasses import dataclass
 
 from common import cli, data, models, run, train
-from common.errors import UserError
+from common.errors import UserError, brief
 
 
 @dataclass
@@ -87,8 +87,7 @@ def load_reward_model(args: Args, name: str):
         # 从已解析的本地目录读分词器：不按名字再下载一次，分词器与权重一定是同一份
         tok = models.load_tokenizer(str(path), "local", args.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - config 的值不对、权重文件坏了……对学生都是同一件事：这个模型加载不了
-        raise UserError(f"--model {name}: 无法加载（{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}）") \
-            from None
+        raise UserError(f"--model {name}: 无法加载（{type(e).__name__}: {brief(e)}）") from None
     # 不设它，transformers 的序列分类前向在批大小 > 1 时直接报错
     # "Cannot handle batch sizes > 1 if no padding token is defined."
     model.config.pad_token_id = tok.pad_token_id

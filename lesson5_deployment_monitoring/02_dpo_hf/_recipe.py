@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 
 from common import data, run
-from common.errors import UserError
+from common.errors import UserError, brief
 
 # 配方里的数值：闭区间 + 理由；NaN / inf 不论哪个键都拒绝
 _BATCH = (1, 1024, "激活内存 ∝ 批大小 × 长度")
@@ -46,7 +46,7 @@ def read_yaml(flag: str, path: str) -> dict:
         hint = "；配方只按数据读，不构造 Python 对象" if isinstance(e, yaml.constructor.ConstructorError) else ""
         # PyYAML 的行号从 0 数，编辑器从 1 数：+1 后学生按报错的行号就能直接跳到那一行
         raise UserError(f"{path}:{mark.line + 1 if mark else 1}: YAML 无法解析"
-                        f"（{str(getattr(e, 'problem', None) or e).splitlines()[0]}{hint}）") from None
+                        f"（{brief(getattr(e, 'problem', None) or e, 300)}{hint}）") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{flag} {path}: 顶层必须是 键: 值 映射")
     return cfg

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import cli, data, models, run, train
-from common.errors import UserError
+from common.errors import UserError, brief
 
 # 配方的默认路径按仓库根目录算，不按当前目录：脚本从任何目录运行都找得到
 RECIPES = run.REPO_ROOT / "configs" / "lesson5" / "recipes"
@@ -115,8 +115,8 @@ def load_pairs(args: Args, out, script_args, local: Path | None):  # noqa: ANN00
         try:
             ds = load_dataset(name, script_args.dataset_config, split=script_args.dataset_train_split)
         except Exception as e:  # noqa: BLE001 - 离线、名字写错、没有这个 split：一行点名配方的键
-            raise UserError(f"{args.recipe}: 键 dataset_name {name}: 加载失败（{type(e).__name__}: "
-                            f"{(str(e).splitlines() or [''])[0][:160]}）") from None
+            raise UserError(f"{args.recipe}: 键 dataset_name {name}: 加载失败（{type(e).__name__}: {brief(e)}）") \
+                from None
     # 第 4 课 06 的规则 1：chosen 与 rejected 规范化后相同的对没有偏好信号（DPO 梯度为 0、准确率必记错）
     n = len(ds)
     ds = ds.filter(lambda p: data.norm_text(p["chosen"]) != data.norm_text(p["rejected"]))

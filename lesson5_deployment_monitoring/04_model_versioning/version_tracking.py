@@ -36,7 +36,7 @@ import sys
 from dataclasses import dataclass
 
 from common import cli, data, lm, models, run, services
-from common.errors import UserError
+from common.errors import UserError, brief
 
 # 跟踪旁路（断路器 + 落盘 + 补传）与训练期间的快速失败设置，在旁边的 _tracker.py
 _tracker = run.import_sibling(__file__, "_tracker")
@@ -111,7 +111,7 @@ def connect(args: Args, out):  # noqa: ANN001
         exp = client.get_experiment_by_name("lesson5-versioning") or \
             client.get_experiment(client.create_experiment("lesson5-versioning"))
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"--tracking-uri {uri}: 连不上 MLflow（{str(e).splitlines()[0][:200]}）") from None
+        raise UserError(f"--tracking-uri {uri}: 连不上 MLflow（{brief(e, 200)}）") from None
     rid = client.create_run(exp.experiment_id, run_name=f"lora-{out.model_name}").info.run_id
     # 超参数记在运行上：半年后看注册表里的某个版本，还能查到它是怎么训出来的
     for k, v in {"model": out.model_name, "lr": args.learning_rate, "steps": args.max_steps, "lora_r": args.lora_r,

@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 
 from common import cli, run, services
-from common.errors import UserError
+from common.errors import UserError, brief
 
 # 起服务之前查 --model / --adapter（与 load_test.py 共用）：坏目录在本进程一行报错，不必等服务子进程启动、失败
 _preflight = run.import_sibling(__file__, "_preflight")
@@ -253,7 +253,7 @@ def main(args: Args) -> dict:
         svc = services.start(server_cmd(args), ready_path="/health", log_file=out.path("server.log"),
                              deadline_s=300, env=env, port=args.port or None)
     except RuntimeError as e:   # 超时或子进程退出：services.start 抛的 RuntimeError 带日志末尾，只取第一行点名
-        raise UserError(f"--model {model}: 服务没能启动（{str(e).splitlines()[0][:300]}）") from None
+        raise UserError(f"--model {model}: 服务没能启动（{brief(e, 300)}）") from None
     with svc:
         # 2.-5. 普通、流式、坏请求、并发突发：都经 HTTP，和任何外部客户端看到的一样
         d = demo_calls(args, svc.url, out)

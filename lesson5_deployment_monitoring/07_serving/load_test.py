@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from common import cli, data, run, safety, services
-from common.errors import UserError
+from common.errors import UserError, brief
 
 # 只压本机：压测对别人的服务就是拒绝服务攻击，远端机器请登录到那台机器上运行
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -264,7 +264,7 @@ def target(args: Args, out) -> tuple[str, str, object]:  # noqa: ANN001
         svc = services.start(cmd, log_file=out.path("server.log"), deadline_s=300,
                              env={"PYTHONPATH": str(run.REPO_ROOT)})
     except RuntimeError as e:   # 查过的目录仍可能加载失败（例如 config 的值不对）：一行点名，细节在 server.log
-        raise UserError(f"--model {model}: 服务没能启动（{str(e).splitlines()[0][:300]}）") from None
+        raise UserError(f"--model {model}: 服务没能启动（{brief(e, 300)}）") from None
     return svc.url, model, svc
 
 

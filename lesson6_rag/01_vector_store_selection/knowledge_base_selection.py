@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import cli, data, models, retrieval, run, services
-from common.errors import UserError
+from common.errors import UserError, brief
 
 
 @dataclass
@@ -267,7 +267,7 @@ def bench_chroma(args: Args, out: run.Run, kb: dict, bench: Bench) -> None:
         svc = services.start([exe, "run", "--path", str(srv_dir), "--host", "127.0.0.1", "--port", "{port}"],
                              ready_path="/api/v2/heartbeat", log_file=out.path("chroma_server.log"))
     except RuntimeError as e:
-        out.log.warning("chroma run 没有就绪，只测嵌入式 Chroma：%s", str(e).splitlines()[0])
+        out.log.warning("chroma run 没有就绪，只测嵌入式 Chroma：%s", brief(e, 300))
         return
     with svc:
         bench_chroma_client("chroma_server", chromadb.HttpClient(host="127.0.0.1", port=svc.port), srv_dir,

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 
 from common import answers, cli, data, models, retrieval, run, safety
-from common.errors import UserError
+from common.errors import UserError, brief
 
 # 冒烟只验证接线（docstring 里说了极小模型答案也不对）：4 题、短生成、每 4 篇取一篇，省下的是生成与建库时间
 SMOKE = dict(questions=4, max_new_tokens=16, doc_stride=4)
@@ -104,8 +104,7 @@ def build_retriever(args, chunks, device):
         emb = HuggingFaceEmbeddings(model_name=name, model_kwargs={"device": device},
                                     encode_kwargs={"normalize_embeddings": True})
     except Exception as e:  # noqa: BLE001 - 任何加载失败对学生都是同一件事：这个向量模型用不了
-        raise UserError(f"--embedding-model {name}: 无法加载（{type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:150]}）") from None
+        raise UserError(f"--embedding-model {name}: 无法加载（{type(e).__name__}: {brief(e, 150)}）") from None
     # 向量已归一化：FAISS 默认的 L2 距离给出的次序与余弦相似度相同
     dense = FAISS.from_documents(docs, emb).as_retriever(search_kwargs={"k": args.top_k})
     # RRF 只看名次：BM25 分数是几十、余弦在 0..1，直接相加向量一路会被淹没
