@@ -3,9 +3,9 @@
 
 流程：启动 `mlflow server`（SQLite + 本地 artifact，空闲端口；或 --tracking-uri 用现成的）-> 手写 LoRA 训练循环，
 一半时存 adapter 快照 v1、结束时存 v2 -> 中途停掉服务器（--outage kill：SIGTERM；freeze：SIGSTOP，请求超时），
-失败的记录进本地缓冲 outbox.jsonl，训练不停 -> 服务器恢复后补传、核对每一步都在 -> 两个快照注册成版本 1、2，
-v1 = champion、v2 = challenger，eval_loss 更低的上位 -> 按别名 models:/name@champion 下载装回基座，生成与训练时
-逐字相同 -> 回滚演练 -> 同一次训练也用 W&B 离线模式记录。
+失败的记录进本地缓冲 outbox.jsonl，训练不停 -> 服务器恢复后补传、核对每一步都在 -> 两个快照注册成两个新版本
+（第一次运行是 1、2；注册表里已有版本时接着往后编号），v1 = champion、v2 = challenger，eval_loss 更低的上位
+-> 按别名 models:/name@champion 下载装回基座，生成与训练时逐字相同 -> 回滚演练 -> 同一次训练也用 W&B 离线模式记录。
 
 运行：
   python lesson5_deployment_monitoring/04_model_versioning/version_tracking.py           # CPU，smollm2-135m
@@ -72,7 +72,7 @@ CLAIMS = [
     run.Claim("LoRA 训练降低留出损失：champion 的 eval_loss / 训练前",
               "min(eval_loss_v1, eval_loss_v2) / eval_loss_before", "<=", 0.995, 0.95),
     run.Claim("晋升规则：注册表里 @champion 指向留出损失更低的版本（从服务器读回）",
-              "champion_version == (2 if eval_loss_v2 < eval_loss_v1 else 1)", ">=", 1, 1),
+              "champion_version == (v2_version if eval_loss_v2 < eval_loss_v1 else v1_version)", ">=", 1, 1),
     # 两个版本的回答不同，"加载后一致"才不是平凡成立
     run.Claim("按别名加载的模型与训练时逐字相同、回滚后与另一版本逐字相同（两版本回答不同）",
               "reload_matches and rollback_matches and v1_v2_answers_differ", ">=", 1, 1),
@@ -184,7 +184,7 @@ def train(args: Args, out, model, tok, convs: dict, tracker, wb, svc, outage_ste
 
 
 def register(args: Args, out, client, rid: str, snap: dict) -> tuple[dict, int]:  # noqa: ANN001
-    """两个快照上传、注册成同一模型的版本 1、2；v1=champion、v2=challenger，留出损失更低的上位。"""
+    """两个快照上传、注册成同一模型的两个新版本；v1=champion、v2=challenger，留出损失更低的上位。"""
     name = args.registered_model
     if not client.search_registered_models(f"name='{name}'"):
         client.create_registered_model(name, description="课程第 5 课：客服 LoRA adapter")
@@ -301,7 +301,8 @@ def main(args: Args) -> dict:
     # 没演练停机就不声称"扛住了"：结果里干脆没有这个键，而不是放一个不是布尔值的占位
     outage = {"survived_tracking_outage": rec["survived"]} if outage_step > 0 else {}
 
-    # 5. 上传两个快照、注册为版本 1、2，设别名；6. 按别名加载核对、回滚演练
+    # 5. 上传两个快照、注册成两个新版本，设别名；6. 按别名加载核对、回滚演练
+    # 版本号由注册表发：再跑一次（或 --tracking-uri 指向团队的服务器）是 3、4……，结论按本次注册的版本号判
     versions, champion = register(args, out, client, rid, snap)
     out.log.info(f"注册版本 {versions}；eval_loss v1 {snap['v1']['eval_loss']:.3f} / v2 {snap['v2']['eval_loss']:.3f}"
                  f" -> champion = v{champion}")
@@ -313,7 +314,8 @@ def main(args: Args) -> dict:
     if svc:
         svc.stop()
     return out.finish({
-        "registered_versions": len(versions), "champion_version": champion, "reload_matches": reload_ok,
+        "registered_versions": len(versions), "v1_version": versions["v1"], "v2_version": versions["v2"],
+        "champion_version": champion, "reload_matches": reload_ok,
         "rollback_matches": rollback_ok, **outage, "outage_failed_logs": tracker.failures,
         "outage_buffered_metrics": rec["buffered"], "metric_steps_in_mlflow": rec["steps"],
         "v1_v2_answers_differ": snap["v1"]["answers"] != snap["v2"]["answers"],
