@@ -24,7 +24,7 @@ reduce-scatter 与分片更新里没有丢。CPU 上用 gloo + torch AdamW，不
 与 DeepSpeedCPUAdam。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行（smollm2-135m，2 核 CPU）：1.5 分钟，5.4 GB，结论 4/4 成立
+参考运行（smollm2-135m，2 核 CPU）：1.3 分钟，5.2 GB，结论 4/4 成立
   ✓ 算进 DeepSpeed 的实现项，每卡显存估算与 DeepSpeed 自己的估算器一致：|估算 − DeepSpeed| / DeepSpeed（%）：0（≤
     1）
   ✓ 只用论文的 16Ψ 会少算：ZeRO-3（不 offload）论文公式相对 DeepSpeed 估算器（%）：-35.31（≤ -10）

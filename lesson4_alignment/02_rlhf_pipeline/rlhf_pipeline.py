@@ -26,7 +26,7 @@ TRL 1.x 已经没有 PPOTrainer（旧教程的 `from trl import PPOTrainer` 会�
 输出 ppo_curves.png（reward / KL / entropy 随迭代变化）。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行（smollm2-135m，2 核 CPU）：10.2 分钟，10.6 GB（超过 10 分钟、超过 8 GB），结论 4/4 成立
+参考运行（smollm2-135m，2 核 CPU）：11.8 分钟，10.2 GB（超过 10 分钟、超过 8 GB），结论 4/4 成立
   ✓ 奖励模型学会排序留出偏好对：准确率 阶段 2 训练后 − 训练前（新打分头）：0.4179（≥ 0.25）
   ✓ 第 3 阶段（PPO，或 --algo 选的 GRPO / RLOO）提高留出 prompt 贪心回答的平均 RM 分数：之后 − 之前：0.9068（≥ 0.4）
   ✓ KL 惩罚把策略拴在 SFT 参考附近：最终每条回答的 KL(actor‖ref)（nat）：0.04445（≤ 0.5）

@@ -21,7 +21,7 @@ chosen 与 rejected 的分数分不开；训练后准确率明显升高，平均
 输出：score_hist.png、margin_hist.png（训练后留出集的分数与分差分布，0 右边 = 排对了）、reward_model/（可被 02 复用）。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行（smollm2-135m，2 核 CPU）：4.4 分钟，4.8 GB，结论 3/3 成立
+参考运行（smollm2-135m，2 核 CPU）：5.6 分钟，5.0 GB，结论 3/3 成立
   ✓ RM 学会排序留出偏好对：准确率 训练后 − 训练前（随机打分头）：0.3997（≥ 0.25）
   ✓ RM 给 chosen 的分数高于 rejected：留出平均分差 r_c − r_r 训练后 − 训练前：2.537（≥ 1.5）
   ✓ 手算的 −log σ(r_c − r_r) 就是 TRL RewardTrainer 的损失：同一批上 |手算 − TRL|：0（≤ 0.0001）

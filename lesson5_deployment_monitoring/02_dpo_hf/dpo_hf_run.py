@@ -21,10 +21,10 @@ Hub 仓库的目录（adapter + 分词器），再用 huggingface_hub 的 ModelC
 离线时 push_status=offline。
 参考运行（默认模式，2 核 CPU）的测量值由 python course.py --readme 从 results/ 生成：
 <!-- results:script -->
-参考运行（smollm2-135m，2 核 CPU）：12.0 分钟，13.9 GB（超过 10 分钟、超过 8 GB），结论 3/3 成立
-  ✓ DPO 降低留出偏好对的损失：训练后 / 训练前（策略 = 参考模型时为 log 2）：0.6865（≤ 0.95）
+参考运行（smollm2-135m，2 核 CPU）：12.2 分钟，13.6 GB（超过 10 分钟、超过 8 GB），结论 3/3 成立
+  ✓ DPO 降低留出偏好对的损失：训练后 / 训练前（策略 = 参考模型时为 log 2）：0.6816（≤ 0.95）
   ✓ DPO 让留出偏好对的隐式奖励排对：reward accuracy 训练后 − 训练前：0.9167（≥ 0.6）
-  ✓ DPO 拉开留出偏好对 chosen 与 rejected 的隐式奖励：margin 训练后 − 训练前：0.9027（> 0）
+  ✓ DPO 拉开留出偏好对 chosen 与 rejected 的隐式奖励：margin 训练后 − 训练前：0.9217（> 0）
 <!-- /results -->
 """
 from __future__ import annotations
